@@ -1,0 +1,1 @@
+"""Analysis over plans and results: audit findings, reports, comparisons."""

@@ -1,0 +1,1 @@
+"""Pure cost models: compute time, collective time, memory per GPU."""

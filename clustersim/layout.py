@@ -1,0 +1,172 @@
+"""Parallel layout: rank <-> coordinates, process groups, node placement, layer and expert split.
+
+Megatron-Core order "tp-cp-ep-dp-pp" (first varies fastest) with MoE parallel folding:
+
+* dense/attention layers decompose a rank as ``rank = tp + t*(cp + c*(dp + d*pp))``;
+* expert layers refold the same ranks of a stage as ``rank = etp + e_t*(ep + e*(edp + x*pp))``,
+
+so the two decompositions share the pipeline coordinate and differ inside a stage. Expert
+folding needs ``ep * etp`` to divide ``tp * cp * dp``; :attr:`Layout.expert_folding_ok` says
+whether it does, and the expert groups are empty when it does not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from clustersim.spec.schema import Plan
+
+GROUP_KINDS = ("tp", "cp", "dp", "pp", "ep", "etp", "edp")
+
+
+@dataclass(frozen=True)
+class Coords:
+    """Where one rank sits: node, and its coordinate in every parallel dimension."""
+
+    rank: int
+    node: int
+    local_rank: int
+    tp: int
+    cp: int
+    dp: int
+    pp: int
+    etp: int | None
+    ep: int | None
+    edp: int | None
+
+
+class Layout:
+    """The parallel layout of a plan. Pure arithmetic; no validation beyond what it needs."""
+
+    def __init__(self, plan: Plan):
+        par, hw = plan.parallel, plan.hardware
+        self.plan = plan
+        self.tp, self.cp, self.dp, self.pp = par.tp, par.cp, par.dp, par.pp
+        self.etp, self.ep = par.expert_tp, par.ep
+        self.world_size = par.world_size
+        self.gpus_per_node = hw.gpus_per_node
+        self.cluster_gpus = hw.num_gpus
+        ranks_per_stage = self.tp * self.cp * self.dp
+        self.expert_folding_ok = ranks_per_stage % (self.ep * self.etp) == 0
+        self.edp = ranks_per_stage // (self.ep * self.etp) if self.expert_folding_ok else None
+
+    # ---- coordinates ---------------------------------------------------------------------
+    def coords(self, rank: int) -> Coords:
+        """Coordinates of ``rank`` (0 <= rank < world_size)."""
+        if not 0 <= rank < self.world_size:
+            raise IndexError(f"rank {rank} outside world of {self.world_size}")
+        tp, rest = rank % self.tp, rank // self.tp
+        cp, rest = rest % self.cp, rest // self.cp
+        dp, pp = rest % self.dp, rest // self.dp
+        etp = ep = edp = None
+        if self.expert_folding_ok:
+            etp, rest = rank % self.etp, rank // self.etp
+            ep, rest = rest % self.ep, rest // self.ep
+            edp = rest % self.edp
+        node, local = divmod(rank, self.gpus_per_node)
+        return Coords(rank, node, local, tp, cp, dp, pp, etp, ep, edp)
+
+    def rank_of(self, tp: int = 0, cp: int = 0, dp: int = 0, pp: int = 0) -> int:
+        """The rank at dense coordinates (inverse of :meth:`coords`)."""
+        return tp + self.tp * (cp + self.cp * (dp + self.dp * pp))
+
+    # ---- groups --------------------------------------------------------------------------
+    @cached_property
+    def _dense_grid(self) -> np.ndarray:
+        return np.arange(self.world_size).reshape(self.pp, self.dp, self.cp, self.tp)
+
+    @cached_property
+    def _expert_grid(self) -> np.ndarray | None:
+        if not self.expert_folding_ok:
+            return None
+        return np.arange(self.world_size).reshape(self.pp, self.edp, self.ep, self.etp)
+
+    def groups(self, kind: str) -> list[list[int]]:
+        """All process groups of one kind (``tp``, ``cp``, ``dp``, ``pp``, ``ep``, ``etp``, ``edp``)."""
+        dense_axes = {"pp": 0, "dp": 1, "cp": 2, "tp": 3}
+        expert_axes = {"edp": 1, "ep": 2, "etp": 3}
+        if kind in dense_axes:
+            grid, axis = self._dense_grid, dense_axes[kind]
+        elif kind in expert_axes:
+            if self._expert_grid is None:
+                return []
+            grid, axis = self._expert_grid, expert_axes[kind]
+        else:
+            raise ValueError(f"unknown group kind {kind!r}; valid: {', '.join(GROUP_KINDS)}")
+        moved = np.moveaxis(grid, axis, -1)
+        return moved.reshape(-1, grid.shape[axis]).tolist()
+
+    def group_of(self, kind: str, rank: int) -> list[int]:
+        """The group of ``kind`` that contains ``rank``."""
+        for group in self.groups(kind):
+            if rank in group:
+                return group
+        raise IndexError(f"rank {rank} is in no {kind} group")
+
+    def crosses_nodes(self, kind: str) -> bool:
+        """Whether any group of this kind spans more than one node."""
+        return any(
+            len({r // self.gpus_per_node for r in group}) > 1 for group in self.groups(kind)
+        )
+
+    # ---- layers and experts --------------------------------------------------------------
+    @cached_property
+    def stage_layers(self) -> list[list[int]]:
+        """0-based layer indices held by each pipeline stage (all its virtual chunks)."""
+        num_layers = self.plan.model.num_layers
+        par = self.plan.parallel
+        if par.layers_per_stage is not None:
+            bounds = np.cumsum([0, *par.layers_per_stage]).tolist()
+            return [list(range(bounds[s], bounds[s + 1])) for s in range(len(par.layers_per_stage))]
+        chunks = self.pp * par.virtual_stages
+        per_chunk = num_layers // chunks
+        stages: list[list[int]] = [[] for _ in range(self.pp)]
+        for chunk in range(chunks):
+            stages[chunk % self.pp] += range(chunk * per_chunk, (chunk + 1) * per_chunk)
+        # Layers that do not divide evenly go to the last stage (the audit flags this).
+        stages[-1] += range(chunks * per_chunk, num_layers)
+        return stages
+
+    @property
+    def layers_per_stage(self) -> list[int]:
+        """Number of layers on each pipeline stage."""
+        return [len(layers) for layers in self.stage_layers]
+
+    @property
+    def moe_layers_per_stage(self) -> list[int]:
+        """Number of MoE layers on each pipeline stage."""
+        model = self.plan.model
+        return [sum(model.is_moe_layer(i) for i in layers) for layers in self.stage_layers]
+
+    @property
+    def experts_per_gpu_per_layer(self) -> float:
+        """Routed experts one GPU holds in one MoE layer (E / EP); 0 for dense models."""
+        moe = self.plan.model.moe
+        return moe.num_experts / self.ep if moe else 0.0
+
+    @property
+    def experts_per_gpu_by_stage(self) -> list[float]:
+        """Routed experts one GPU holds over all its MoE layers, per pipeline stage."""
+        return [self.experts_per_gpu_per_layer * n for n in self.moe_layers_per_stage]
+
+    @property
+    def experts_per_gpu(self) -> float:
+        """Routed experts held by the most-loaded GPU, all its layers together."""
+        return max(self.experts_per_gpu_by_stage)
+
+    def experts_of(self, rank: int) -> range:
+        """Expert indices (within one MoE layer) held by ``rank``; empty for dense models."""
+        moe = self.plan.model.moe
+        c = self.coords(rank)
+        if moe is None or c.ep is None:
+            return range(0)
+        per = moe.num_experts // self.ep
+        return range(c.ep * per, (c.ep + 1) * per)
+
+    @property
+    def ep_groups(self) -> int:
+        """Number of expert-parallel groups in the whole cluster."""
+        return self.world_size // self.ep if self.expert_folding_ok else 0

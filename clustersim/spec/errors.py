@@ -1,0 +1,54 @@
+"""The one error type for unusable input, carrying what a user needs to fix it."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PlanIssue:
+    """One problem in a plan file: where it is, what was there, what would be valid."""
+
+    path: str
+    message: str
+    value: object = None
+    valid: str = ""
+
+    def render(self) -> str:
+        """One line: ``field: message (got X; valid: Y)``."""
+        text = f"{self.path or '<top level>'}: {self.message}"
+        details = []
+        if self.value is not None:
+            details.append(f"got {self.value!r}")
+        if self.valid:
+            details.append(f"valid: {self.valid}")
+        if details:
+            text += f" ({'; '.join(details)})"
+        return text
+
+
+class PlanError(Exception):
+    """A plan (or trace) file that cannot be used. The CLI prints it and exits with code 2."""
+
+    def __init__(self, source: str, issues: Iterable[PlanIssue] | str):
+        if isinstance(issues, str):
+            issues = [PlanIssue(path="", message=issues)]
+        self.source = source
+        self.issues = list(issues)
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        """The message: the file, then one line per issue."""
+        if len(self.issues) == 1:
+            return f"{self.source}: {self.issues[0].render()}"
+        lines = [f"{self.source}: {len(self.issues)} problems"]
+        lines += [f"  - {issue.render()}" for issue in self.issues]
+        return "\n".join(lines)
+
+
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    """A ``did you mean 'x'?`` hint, or an empty string when nothing is close."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else ""

@@ -1,0 +1,147 @@
+"""Presets for GPUs and models, with their public sources.
+
+A plan names a preset (``hardware.gpu: H100-SXM``, ``model.preset: mixtral-8x7b``) and may
+override any field of it. Figures are vendor or model-card numbers; achieved bandwidth and
+FLOP/s are lower and are handled by efficiency fields, not by lowering these.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Vendor figures (reference.md, "Hardware"). Link bandwidths are per GPU, per direction.
+# Inter-node: one 400 Gb/s NDR NIC per GPU (50 GB/s) on Hopper; 200 Gb/s HDR (25 GB/s) on A100.
+GPU_PRESETS: dict[str, dict[str, Any]] = {
+    "A100-40GB": {
+        "memory_gib": 40,
+        "peak_tflops": 312,
+        "hbm_bandwidth_gbps": 1555,
+        "intra_node": {"bandwidth_gbps": 300, "latency_us": 3},
+        "inter_node": {"bandwidth_gbps": 25, "latency_us": 8},
+    },
+    "A100-80GB": {
+        "memory_gib": 80,
+        "peak_tflops": 312,
+        "hbm_bandwidth_gbps": 2039,
+        "intra_node": {"bandwidth_gbps": 300, "latency_us": 3},
+        "inter_node": {"bandwidth_gbps": 25, "latency_us": 8},
+    },
+    "H100-SXM": {
+        "memory_gib": 80,
+        "peak_tflops": 989,
+        "hbm_bandwidth_gbps": 3350,
+        "intra_node": {"bandwidth_gbps": 450, "latency_us": 3},
+        "inter_node": {"bandwidth_gbps": 50, "latency_us": 8},
+    },
+    "H200": {
+        "memory_gib": 141,
+        "peak_tflops": 989,
+        "hbm_bandwidth_gbps": 4800,
+        "intra_node": {"bandwidth_gbps": 450, "latency_us": 3},
+        "inter_node": {"bandwidth_gbps": 50, "latency_us": 8},
+    },
+    # H800: NVLink cut to 400 GB/s bidirectional; ~160 GB/s achievable per direction (DeepEP).
+    "H800": {
+        "memory_gib": 80,
+        "peak_tflops": 989,
+        "hbm_bandwidth_gbps": 3350,
+        "intra_node": {"bandwidth_gbps": 160, "latency_us": 3},
+        "inter_node": {"bandwidth_gbps": 50, "latency_us": 8},
+    },
+}
+# Vendor memory is quoted in GB (10^9); the plan speaks GiB. 80 GB cards expose ~79.6 GiB to
+# CUDA, so the preset keeps the nominal figure and the memory check leaves headroom via
+# hardware.memory_reserved_gib.
+
+
+def _gpt(heads: int, hidden: int, layers: int) -> dict[str, Any]:
+    """A GPT shape of Narayanan et al. 2021, Table 1 (GeLU MLP of 4h, vocabulary 51,200)."""
+    return {
+        "num_layers": layers,
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "ffn_hidden_size": 4 * hidden,
+        "vocab_size": 51200,
+        "activation": "gelu",
+        "tie_embeddings": True,
+    }
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # mistralai/Mixtral-8x7B-v0.1 config.json: 46.7 B parameters.
+    "mixtral-8x7b": {
+        "num_layers": 32,
+        "hidden_size": 4096,
+        "num_attention_heads": 32,
+        "num_kv_heads": 8,
+        "ffn_hidden_size": 14336,
+        "vocab_size": 32000,
+        "moe": {"num_experts": 8, "top_k": 2},
+    },
+    # mistralai/Mixtral-8x22B-v0.1 config.json: 141 B parameters.
+    "mixtral-8x22b": {
+        "num_layers": 56,
+        "hidden_size": 6144,
+        "num_attention_heads": 48,
+        "num_kv_heads": 8,
+        "ffn_hidden_size": 16384,
+        "vocab_size": 32768,
+        "moe": {"num_experts": 8, "top_k": 2},
+    },
+    # deepseek-ai/DeepSeek-V3 config.json: 671 B parameters (+14 B MTP module, not modelled).
+    "deepseek-v3": {
+        "num_layers": 61,
+        "hidden_size": 7168,
+        "num_attention_heads": 128,
+        "ffn_hidden_size": 2048,
+        "dense_ffn_hidden_size": 18432,
+        "vocab_size": 129280,
+        "mla": {
+            "q_lora_rank": 1536,
+            "kv_lora_rank": 512,
+            "qk_nope_head_dim": 128,
+            "qk_rope_head_dim": 64,
+            "v_head_dim": 128,
+        },
+        "moe": {
+            "num_experts": 256,
+            "top_k": 8,
+            "first_k_dense": 3,
+            "num_shared_experts": 1,
+            "max_nodes_per_token": 4,
+        },
+    },
+    # Qwen/Qwen3-30B-A3B config.json: 30.5 B parameters.
+    "qwen3-30b-a3b": {
+        "num_layers": 48,
+        "hidden_size": 2048,
+        "num_attention_heads": 32,
+        "num_kv_heads": 4,
+        "head_dim": 128,
+        "ffn_hidden_size": 768,
+        "vocab_size": 151936,
+        "moe": {"num_experts": 128, "top_k": 8},
+    },
+    # Qwen/Qwen3-235B-A22B config.json: 235 B parameters.
+    "qwen3-235b-a22b": {
+        "num_layers": 94,
+        "hidden_size": 4096,
+        "num_attention_heads": 64,
+        "num_kv_heads": 4,
+        "head_dim": 128,
+        "ffn_hidden_size": 1536,
+        "vocab_size": 151936,
+        "moe": {"num_experts": 128, "top_k": 8},
+    },
+    # Dense GPT shapes of shared/validation/narayanan2021_table1.csv.
+    "gpt-1.7b": _gpt(24, 2304, 24),
+    "gpt-3.6b": _gpt(32, 3072, 30),
+    "gpt-7.5b": _gpt(32, 4096, 36),
+    "gpt-18.4b": _gpt(48, 6144, 40),
+    "gpt-39.1b": _gpt(64, 8192, 48),
+    "gpt-76.1b": _gpt(80, 10240, 60),
+    "gpt-145.6b": _gpt(96, 12288, 80),
+    "gpt-310.1b": _gpt(128, 16384, 96),
+    "gpt-529.6b": _gpt(128, 20480, 105),
+    "gpt-1t": _gpt(160, 25600, 128),
+}

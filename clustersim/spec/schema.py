@@ -1,0 +1,271 @@
+"""The plan-file schema: frozen, validated pydantic models.
+
+Field names follow the input contract in the design document. Every field carries its unit in
+its name (``_gib``, ``_gbps``, ``_us``, ``_ms``, ``_pct``). Presets are merged in by the loader
+(``spec.load``) before these models validate, so every model here describes a fully resolved
+plan.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+class _Strict(BaseModel):
+    """Base: unknown keys are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MoESpec(_Strict):
+    """Mixture-of-Experts part of a model (absent for dense models)."""
+
+    num_experts: PositiveInt = Field(description="Routed experts per MoE layer.")
+    top_k: PositiveInt = Field(2, description="Experts each token is routed to.")
+    capacity_factor: PositiveFloat | None = Field(
+        None, description="Capacity = ceil(T*k/E*cf) per expert; null = dropless."
+    )
+    layer_freq: PositiveInt = Field(1, description="Every k-th layer (after first_k_dense) is MoE.")
+    first_k_dense: int = Field(0, ge=0, description="Leading layers that stay dense.")
+    router_skew: float = Field(0.0, ge=0, description="0 = uniform expert popularity.")
+    num_shared_experts: int = Field(0, ge=0, description="Always-active experts per MoE layer.")
+    shared_expert_ffn_hidden_size: PositiveInt | None = Field(
+        None, description="FFN width of a shared expert; default = the model's ffn_hidden_size."
+    )
+    drop_policy: Literal["probs", "position"] = "probs"
+    pad_to_capacity: bool = False
+    max_nodes_per_token: PositiveInt | None = Field(
+        None, description="Node-limited routing: a token's experts lie on at most M nodes."
+    )
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> MoESpec:
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})"
+            )
+        return self
+
+
+class MLASpec(_Strict):
+    """Multi-head latent attention (DeepSeek-V2/V3): low-rank query and key/value projections."""
+
+    q_lora_rank: PositiveInt | None = Field(None, description="null = full-rank query.")
+    kv_lora_rank: PositiveInt
+    qk_nope_head_dim: PositiveInt
+    qk_rope_head_dim: PositiveInt
+    v_head_dim: PositiveInt
+
+
+class ModelSpec(_Strict):
+    """Transformer shape. ``ffn_hidden_size`` is per expert for MoE layers."""
+
+    name: str = "custom"
+    num_layers: PositiveInt
+    hidden_size: PositiveInt
+    num_attention_heads: PositiveInt
+    num_kv_heads: PositiveInt | None = Field(None, description="Default: num_attention_heads.")
+    head_dim: PositiveInt | None = Field(None, description="Default: hidden/heads.")
+    ffn_hidden_size: PositiveInt
+    dense_ffn_hidden_size: PositiveInt | None = Field(
+        None, description="FFN width of the dense layers of an MoE model; default ffn_hidden_size."
+    )
+    vocab_size: PositiveInt
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    tie_embeddings: bool = False
+    mla: MLASpec | None = Field(None, description="Latent attention instead of GQA/MHA.")
+    moe: MoESpec | None = None
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (grouped-query attention), defaulting to the attention heads."""
+        return self.num_kv_heads or self.num_attention_heads
+
+    @property
+    def head_size(self) -> int:
+        """Size of one attention head."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def dense_ffn(self) -> int:
+        """FFN width of a dense (non-MoE) layer."""
+        return self.dense_ffn_hidden_size or self.ffn_hidden_size
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether 0-based ``layer`` is an MoE layer."""
+        if self.moe is None or layer < self.moe.first_k_dense:
+            return False
+        return (layer - self.moe.first_k_dense) % self.moe.layer_freq == 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        """MoE layers in the whole model."""
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+
+class LinkSpec(_Strict):
+    """A link class: per-GPU, per-direction bandwidth and per-message latency."""
+
+    bandwidth_gbps: PositiveFloat
+    latency_us: float = Field(ge=0)
+
+
+class HardwareSpec(_Strict):
+    """The cluster: GPU figures (from a preset, overridable) and its size."""
+
+    gpu: str = "custom"
+    num_nodes: PositiveInt
+    gpus_per_node: PositiveInt
+    memory_gib: PositiveFloat
+    peak_tflops: PositiveFloat
+    hbm_bandwidth_gbps: PositiveFloat
+    intra_node: LinkSpec
+    inter_node: LinkSpec
+    compute_efficiency: float = Field(
+        0.6, gt=0, le=1, description="Achieved fraction of peak on large GEMMs."
+    )
+    memory_reserved_gib: float = Field(
+        0.0, ge=0, description="Memory not available to the model (CUDA context, allocator)."
+    )
+
+    @property
+    def num_gpus(self) -> int:
+        """GPUs the cluster has."""
+        return self.num_nodes * self.gpus_per_node
+
+
+class ParallelSpec(_Strict):
+    """Parallel degrees and training-system options."""
+
+    tp: PositiveInt
+    pp: PositiveInt
+    dp: PositiveInt
+    cp: PositiveInt = 1
+    ep: PositiveInt = 1
+    etp: PositiveInt | None = Field(None, description="Expert tensor parallel size; default = tp.")
+    micro_batch_size: PositiveInt = 1
+    num_microbatches: PositiveInt = Field(1, description="Gradient accumulation steps.")
+    schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
+    virtual_stages: PositiveInt = 1
+    layers_per_stage: list[PositiveInt] | None = Field(
+        None, description="Explicit layer split over pipeline stages; default even."
+    )
+    sequence_parallel: bool = False
+    flash_attention: bool = True
+    recompute: Literal["none", "selective", "full"] = "none"
+    distributed_optimizer: bool = False
+    overlap_communication: bool = True
+    grad_bucket_mb: PositiveFloat = 40.0
+
+    @property
+    def expert_tp(self) -> int:
+        """ETP, defaulting to TP as in Megatron-Core."""
+        return self.etp if self.etp is not None else self.tp
+
+    @property
+    def world_size(self) -> int:
+        """GPUs the plan uses: TP x CP x DP x PP."""
+        return self.tp * self.cp * self.dp * self.pp
+
+
+class LengthSpec(_Strict):
+    """A distribution of token counts (sequence, prompt or output lengths)."""
+
+    dist: Literal["fixed", "uniform", "lognormal", "empirical"] = "fixed"
+    value: PositiveInt | None = Field(None, description="fixed: the length.")
+    min: PositiveInt | None = None
+    max: PositiveInt | None = None
+    mean: PositiveFloat | None = Field(None, description="lognormal: mean length.")
+    sigma: PositiveFloat | None = Field(None, description="lognormal: sigma of log-length.")
+    file: str | None = Field(None, description="empirical: CSV or Arrow file of lengths.")
+    column: str | None = Field(None, description="empirical: column name.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> LengthSpec:
+        need = {
+            "fixed": ["value"],
+            "uniform": ["min", "max"],
+            "lognormal": ["mean", "sigma", "max"],
+            "empirical": ["file", "column"],
+        }[self.dist]
+        missing = [f for f in need if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"dist '{self.dist}' needs {', '.join(missing)}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is larger than max ({self.max})")
+        return self
+
+    @property
+    def longest(self) -> int | None:
+        """The longest length the distribution can produce (None if only a file knows)."""
+        return self.value if self.dist == "fixed" else self.max
+
+
+class RequestsSpec(_Strict):
+    """Inference request stream."""
+
+    num: PositiveInt = 1000
+    arrival: Literal["poisson", "uniform", "trace"] = "poisson"
+    rate_per_s: PositiveFloat = 20.0
+    trace: str | None = None
+    prompt_len: LengthSpec = LengthSpec(dist="fixed", value=1024)
+    output_len: LengthSpec = LengthSpec(dist="fixed", value=128)
+    max_batch_size: PositiveInt = 64
+
+
+class WorkloadSpec(_Strict):
+    """What the plan runs: training iterations or an inference request stream."""
+
+    mode: Literal["training", "inference"] = "training"
+    seq_len: LengthSpec = LengthSpec(dist="fixed", value=4096)
+    requests: RequestsSpec = RequestsSpec()
+
+
+class TargetsSpec(_Strict):
+    """Requirements the plan must meet; each is optional."""
+
+    latency_ms_max: PositiveFloat | None = None
+    ttft_ms_max: PositiveFloat | None = None
+    tpot_ms_max: PositiveFloat | None = None
+    throughput_tokens_per_ms_min: PositiveFloat | None = None
+    comm_overhead_pct_max: float | None = Field(None, ge=0)
+    load_balance_pct_min: float | None = Field(None, ge=0, le=100)
+    gpu_utilization_pct_min: float | None = Field(None, ge=0, le=100)
+    memory_per_gpu_gib_max: PositiveFloat | None = None
+
+
+class ClaimsSpec(_Strict):
+    """Numbers the plan's authors assert; each is checked against the computed value."""
+
+    total_gpus: PositiveInt | None = None
+    total_experts: PositiveInt | None = None
+    ep_groups: PositiveInt | None = None
+    experts_per_gpu: float | None = Field(None, gt=0)
+    experts_per_gpu_per_layer: float | None = Field(None, gt=0)
+    layers_per_stage: PositiveInt | list[PositiveInt] | None = None
+    memory_per_gpu_gib: PositiveFloat | None = None
+    params_gib: PositiveFloat | None = None
+    optimizer_gib: PositiveFloat | None = None
+    activations_gib: PositiveFloat | None = None
+    latency_ms: PositiveFloat | None = None
+    ttft_ms: PositiveFloat | None = None
+    tpot_ms: PositiveFloat | None = None
+    throughput_tokens_per_ms: PositiveFloat | None = None
+    comm_overhead_pct: float | None = Field(None, ge=0)
+    load_balance_pct: float | None = Field(None, ge=0, le=100)
+    gpu_utilization_pct: float | None = Field(None, ge=0, le=100)
+
+
+class Plan(_Strict):
+    """A whole deployment plan: model, cluster, parallel strategy, workload, targets, claims."""
+
+    name: str = "plan"
+    seed: int = Field(0, ge=0)
+    model: ModelSpec
+    hardware: HardwareSpec
+    parallel: ParallelSpec
+    workload: WorkloadSpec = WorkloadSpec()
+    targets: TargetsSpec = TargetsSpec()
+    claims: ClaimsSpec = ClaimsSpec()
