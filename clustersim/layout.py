@@ -85,7 +85,7 @@ class Layout:
         return np.arange(self.world_size).reshape(self.pp, self.edp, self.ep, self.etp)
 
     def groups(self, kind: str) -> list[list[int]]:
-        """All process groups of one kind (``tp``, ``cp``, ``dp``, ``pp``, ``ep``, ``etp``, ``edp``)."""
+        """All process groups of one kind (one of ``GROUP_KINDS``), each a list of ranks."""
         dense_axes = {"pp": 0, "dp": 1, "cp": 2, "tp": 3}
         expert_axes = {"edp": 1, "ep": 2, "etp": 3}
         if kind in dense_axes:

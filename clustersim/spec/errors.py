@@ -18,7 +18,7 @@ class PlanIssue:
 
     def render(self) -> str:
         """One line: ``field: message (got X; valid: Y)``."""
-        text = f"{self.path or '<top level>'}: {self.message}"
+        text = f"{self.path}: {self.message}" if self.path else self.message
         details = []
         if self.value is not None:
             details.append(f"got {self.value!r}")
@@ -49,6 +49,14 @@ class PlanError(Exception):
 
 
 def did_you_mean(word: str, options: Iterable[str]) -> str:
-    """A ``did you mean 'x'?`` hint, or an empty string when nothing is close."""
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f"did you mean '{close[0]}'?" if close else ""
+    """A ``did you mean 'x'?`` hint, or an empty string when nothing is close.
+
+    Case-insensitive; an option that starts with ``word`` wins (``H100`` -> ``H100-SXM``).
+    """
+    by_lower = {o.lower(): o for o in options}
+    low = word.lower()
+    prefixed = [o for lo, o in by_lower.items() if low and lo.startswith(low)]
+    if len(prefixed) == 1:
+        return f"did you mean '{prefixed[0]}'?"
+    close = difflib.get_close_matches(low, list(by_lower), n=1, cutoff=0.6)
+    return f"did you mean '{by_lower[close[0]]}'?" if close else ""

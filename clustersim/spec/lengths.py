@@ -49,5 +49,6 @@ def _read_arrow_column(path: Path, column: str) -> np.ndarray:
     except pa.ArrowInvalid as exc:
         raise ValueError(f"not a readable Arrow IPC file: {exc}") from None
     if column not in table.column_names:
-        raise ValueError(f"no column '{column}' in the file (columns: {', '.join(table.column_names)})")
+        have = ", ".join(table.column_names)
+        raise ValueError(f"no column '{column}' in the file (columns: {have})")
     return table.column(column).to_numpy().astype(np.float64)

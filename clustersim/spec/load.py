@@ -48,7 +48,7 @@ def plan_from_dict(raw: dict[str, Any], source: str, base_dir: Path | None = Non
     try:
         return Plan.model_validate(resolved)
     except ValidationError as exc:
-        raise PlanError(source, [_issue_from_pydantic(e) for e in exc.errors()]) from None
+        raise PlanError(source, _issues_from_pydantic(exc.errors())) from None
 
 
 def _read(path: Path) -> str:
@@ -66,7 +66,8 @@ def _parse(text: str, source: str, suffix: str) -> dict[str, Any]:
     try:
         data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as exc:
-        raise PlanError(source, f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")
+        where = f"line {exc.lineno}, column {exc.colno}"
+        raise PlanError(source, f"malformed JSON at {where}: {exc.msg}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -84,7 +85,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str) 
     for item in overrides:
         path, sep, text = item.partition("=")
         if not sep or not path.strip():
-            raise PlanError(source, [PlanIssue("--set", "expected PATH=VALUE", item, "e.g. parallel.tp=4")])
+            issue = PlanIssue("--set", "expected PATH=VALUE", item, "e.g. parallel.tp=4")
+            raise PlanError(source, [issue])
         node = raw
         keys = path.strip().split(".")
         for key in keys[:-1]:
@@ -107,7 +109,7 @@ def _lookup_preset(name: Any, table: dict[str, dict[str, Any]]) -> dict[str, Any
 def _merge_presets(raw: dict[str, Any], source: str) -> dict[str, Any]:
     model = raw.get("model")
     if isinstance(model, dict) and "preset" in model:
-        name = model.pop("preset")
+        name = model["preset"]
         preset = _lookup_preset(name, MODEL_PRESETS)
         if preset is None:
             raise PlanError(source, [_unknown_preset("model.preset", name, MODEL_PRESETS)])
@@ -169,8 +171,37 @@ def _resolve_length_files(raw: dict[str, Any], base_dir: Path, source: str) -> N
         spec.setdefault("max", int(lengths.max()))
 
 
-def _issue_from_pydantic(err: dict[str, Any]) -> PlanIssue:
-    loc = tuple(err["loc"])
+def _issues_from_pydantic(errors: list[Any]) -> list[PlanIssue]:
+    """One issue per field: a union field fails once per member, so merge those messages."""
+    merged: dict[str, PlanIssue] = {}
+    for err in errors:
+        issue = _issue_from_pydantic(err)
+        if issue.path in merged:
+            first = merged[issue.path]
+            value = first.value if first.value is not None else issue.value
+            message = f"{first.message}, or {issue.message}"
+            issue = PlanIssue(issue.path, message, value, first.valid or issue.valid)
+        merged[issue.path] = issue
+    return list(merged.values())
+
+
+def _field_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``loc`` without pydantic's union-member tags (``list[constrained-int]`` and the like)."""
+    out: list[Any] = []
+    cls: type[BaseModel] | None = Plan
+    for part in loc:
+        if isinstance(part, int):
+            out.append(part)
+        elif cls is not None:
+            out.append(part)  # a field, or an unknown key (always the last part)
+            field = cls.model_fields.get(str(part))
+            cls = _model_in(field.annotation) if field else None
+        # else: below a non-model field, strings are union tags, not fields
+    return tuple(out)
+
+
+def _issue_from_pydantic(err: Any) -> PlanIssue:
+    loc = _field_loc(tuple(err["loc"]))
     path = ".".join(str(p) for p in loc)
     kind = err["type"]
     if kind == "extra_forbidden":

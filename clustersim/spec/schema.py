@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
+
 class _Strict(BaseModel):
     """Base: unknown keys are errors, instances are immutable."""
 
@@ -62,6 +63,7 @@ class ModelSpec(_Strict):
     """Transformer shape. ``ffn_hidden_size`` is per expert for MoE layers."""
 
     name: str = "custom"
+    preset: str | None = Field(None, description="Model preset the fields below override.")
     num_layers: PositiveInt
     hidden_size: PositiveInt
     num_attention_heads: PositiveInt
@@ -240,6 +242,7 @@ class ClaimsSpec(_Strict):
     """Numbers the plan's authors assert; each is checked against the computed value."""
 
     total_gpus: PositiveInt | None = None
+    gpus_per_stage: PositiveInt | None = None
     total_experts: PositiveInt | None = None
     ep_groups: PositiveInt | None = None
     experts_per_gpu: float | None = Field(None, gt=0)

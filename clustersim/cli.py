@@ -1,0 +1,175 @@
+"""Command line: thin typer commands over the library (parse, call one function, print).
+
+Library modules are imported inside the commands so that ``clustersim --help`` starts fast.
+Unusable input (PlanError) prints one message and exits with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    help=(
+        "Audit and simulate parallel deployment plans (TP / EP / PP / DP) of Mixture-of-Experts "
+        "models on GPU clusters.\n\nGive a plan file (YAML or JSON); without one, commands use "
+        "the embedded default plan (Mixtral-8x7B on 16 x H100-SXM). Start with "
+        "`clustersim check PLAN` and `clustersim plan layout PLAN`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+plan_app = typer.Typer(help="Inspect plan files: resolved values, GPU layout, JSON Schema.")
+app.add_typer(plan_app, name="plan")
+
+PlanArg = Annotated[
+    Path | None,
+    typer.Argument(help="Plan file (.yaml/.yml/.json). Omit for the embedded default plan."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a field: --set parallel.tp=4 (repeatable)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
+
+
+class CheckFormat(StrEnum):
+    """Output formats of ``check``."""
+
+    table = "table"
+    markdown = "markdown"
+    json = "json"
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+def _load(path: Path | None, overrides: list[str] | None):
+    from clustersim.spec import PlanError, load_plan
+
+    try:
+        return load_plan(path, overrides or ())
+    except PlanError as exc:
+        raise _fail(exc.render()) from None
+
+
+def _print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+@app.command(help="Audit a plan: GPU count, divisibility, layers per stage, experts per GPU, "
+             "memory per GPU, and every number in its `claims` section. Exit code 0: no errors; "
+             "1: the plan needs modification; 2: the input is unusable.")
+def check(
+    plan_file: PlanArg = None,
+    set_: SetOpt = None,
+    json_out: JsonOpt = False,
+    fmt: Annotated[
+        CheckFormat,
+        typer.Option("--format", "-f", help="table, markdown (a review document) or json."),
+    ] = CheckFormat.table,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the report to this file.")
+    ] = None,
+) -> None:
+    """Audit a plan and print its findings."""
+    from clustersim.analysis.audit import audit
+    from clustersim.analysis.render import audit_markdown
+
+    plan = _load(plan_file, set_)
+    report = audit(plan)
+    if json_out:
+        fmt = CheckFormat.json
+    if fmt is CheckFormat.json:
+        text = json.dumps(report.to_dict(), indent=2, default=str)
+    elif fmt is CheckFormat.markdown:
+        text = audit_markdown(report)
+    else:
+        text = None
+    if output is not None:
+        if text is None:
+            text = audit_markdown(report)
+        output.write_text(text + "\n")
+        typer.echo(f"wrote {output}", err=True)
+    elif text is not None:
+        typer.echo(text)
+    else:
+        from clustersim.cli_tables import print_audit
+
+        print_audit(report)
+    raise typer.Exit(code=1 if report.has_errors else 0)
+
+
+@plan_app.command("show")
+def plan_show(plan_file: PlanArg = None, set_: SetOpt = None, json_out: JsonOpt = False) -> None:
+    """Print the fully resolved plan: presets merged, defaults filled in (YAML, or --json)."""
+    plan = _load(plan_file, set_)
+    data = plan.model_dump(mode="json")
+    if json_out:
+        _print_json(data)
+        return
+    import yaml
+
+    typer.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
+
+
+@plan_app.command(
+    "layout",
+    help="Print the GPU map: each GPU's node, pipeline stage, TP/DP/EP ranks, layers and experts, "
+    "and every process group with whether it crosses node boundaries. Large layouts are "
+    "summarised per stage (use --all for every GPU).",
+)
+def plan_layout(
+    plan_file: PlanArg = None,
+    set_: SetOpt = None,
+    json_out: JsonOpt = False,
+    all_gpus: Annotated[
+        bool, typer.Option("--all", help="List every GPU even when large.")
+    ] = False,
+) -> None:
+    """Print the GPU map of a plan."""
+    from clustersim.analysis.render import MAX_GPU_ROWS, gpu_rows, group_rows, stage_rows
+    from clustersim.layout import Layout
+
+    layout = Layout(_load(plan_file, set_))
+    full = all_gpus or layout.world_size <= MAX_GPU_ROWS
+    if json_out:
+        out = {"groups": group_rows(layout), "stages": stage_rows(layout)}
+        out["gpus"] = gpu_rows(layout) if full else None
+        _print_json(out)
+        return
+    from clustersim.cli_tables import print_layout
+
+    print_layout(layout, full)
+
+
+@plan_app.command("schema")
+def plan_schema() -> None:
+    """Print the JSON Schema of plan files (for editor completion and validation)."""
+    from clustersim.spec.schema import Plan
+
+    schema = Plan.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "clustersim plan"
+    _print_json(schema)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

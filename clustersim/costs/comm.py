@@ -1,0 +1,350 @@
+"""Analytic collective times: the alpha-beta model of nccl-tests ``doc/PERFORMANCE.md``.
+
+A collective over ``n`` GPUs moves a buffer of ``size_bytes`` (``S``) through links of bandwidth
+``B`` (GB/s = 1e9 B/s, per GPU, per direction) with a per-step latency ``alpha`` (µs):
+
+- ring all-reduce:                2(n-1)/n · S/B + 2(n-1) · alpha
+- double-binary-tree all-reduce:  2 · S/B + 2 · ceil(log2 n) · alpha
+- reduce-scatter, all-gather:     (n-1)/n · S/B + (n-1) · alpha   (S = the full buffer)
+- all-to-all, uniform:            (n-1)/n · S/B + (n-1) · alpha   (S = one rank's send buffer)
+- point-to-point:                 S/B + alpha
+
+The tree line is the pipelined two-tree model (Sanders, Speck, Träff 2009; NCCL's double binary
+tree): each half of the buffer is reduced up one tree and broadcast down it; every rank is an
+inner node of one tree and a leaf of the other, so it sends and receives about ``S`` per phase
+whatever ``n`` is, and a chunk needs ``ceil(log2 n)`` steps per phase. Tree beats ring only on
+latency (large ``n``, small ``S``).
+
+Topology: a *flat* algorithm over a group that spans nodes runs at the group's slowest link
+(:func:`link_for_group`), the conservative single-ring view. The *hierarchical* variants model
+one NIC per GPU used in parallel: all-reduce = intra-node reduce-scatter + inter-node
+all-reduce of ``S/g`` + intra-node all-gather (``g`` = GPUs of the group per node); all-to-all
+charges every rank's intra- and inter-node traffic to the matching port (see
+:func:`all_to_all_v_cost`). A group of one GPU costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from clustersim.spec.schema import HardwareSpec, LinkSpec
+
+OPS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "p2p")
+ALGORITHMS = ("ring", "tree", "hierarchical", "auto")
+
+
+class CollectiveCost(NamedTuple):
+    """Time of one collective and the bytes the busiest GPU sends (per direction).
+
+    ``inter_node_bytes_per_gpu`` is the part of ``bytes_per_gpu`` the model charges to the
+    inter-node link (all of it for a flat algorithm over a group that spans nodes).
+    """
+
+    time_ms: float
+    bytes_per_gpu: float
+    inter_node_bytes_per_gpu: float = 0.0
+
+
+ZERO_COST = CollectiveCost(0.0, 0.0, 0.0)
+
+
+class GroupLink(NamedTuple):
+    """The bottleneck link of a group: bandwidth (GB/s), latency (µs), whether it spans nodes."""
+
+    bandwidth_gbps: float
+    latency_us: float
+    crosses_nodes: bool
+
+
+# ---- primitives (one link class) ---------------------------------------------------------
+
+
+def transfer_ms(size_bytes: float, bandwidth_gbps: float) -> float:
+    """Time to push ``size_bytes`` through a link of ``bandwidth_gbps`` (GB/s), in ms."""
+    return size_bytes / (bandwidth_gbps * 1e6)
+
+
+def ring_all_reduce_ms(
+    size_bytes: float, n: int, bandwidth_gbps: float, latency_us: float
+) -> float:
+    """Ring all-reduce: 2(n-1)/n · S/B + 2(n-1) · alpha; 0 for n <= 1."""
+    if n <= 1:
+        return 0.0
+    steps = n - 1
+    return 2 * steps / n * transfer_ms(size_bytes, bandwidth_gbps) + 2 * steps * latency_us * 1e-3
+
+
+def tree_all_reduce_ms(
+    size_bytes: float, n: int, bandwidth_gbps: float, latency_us: float
+) -> float:
+    """Pipelined double-binary-tree all-reduce: 2 · S/B + 2·ceil(log2 n) · alpha; 0 for n <= 1."""
+    if n <= 1:
+        return 0.0
+    depth = math.ceil(math.log2(n))
+    return 2 * transfer_ms(size_bytes, bandwidth_gbps) + 2 * depth * latency_us * 1e-3
+
+
+def reduce_scatter_ms(size_bytes: float, n: int, bandwidth_gbps: float, latency_us: float) -> float:
+    """Ring reduce-scatter of a full buffer of S bytes: (n-1)/n · S/B + (n-1) · alpha."""
+    if n <= 1:
+        return 0.0
+    steps = n - 1
+    return steps / n * transfer_ms(size_bytes, bandwidth_gbps) + steps * latency_us * 1e-3
+
+
+def all_gather_ms(size_bytes: float, n: int, bandwidth_gbps: float, latency_us: float) -> float:
+    """Ring all-gather into a full buffer of S bytes: (n-1)/n · S/B + (n-1) · alpha."""
+    return reduce_scatter_ms(size_bytes, n, bandwidth_gbps, latency_us)
+
+
+def all_to_all_ms(size_bytes: float, n: int, bandwidth_gbps: float, latency_us: float) -> float:
+    """Uniform all-to-all, S = one rank's whole send buffer (S/n per peer, self included).
+
+    (n-1)/n · S/B + (n-1) · alpha: the S/n kept locally costs nothing.
+    """
+    return reduce_scatter_ms(size_bytes, n, bandwidth_gbps, latency_us)
+
+
+def p2p_ms(size_bytes: float, bandwidth_gbps: float, latency_us: float) -> float:
+    """Point-to-point send/receive: S/B + alpha."""
+    return transfer_ms(size_bytes, bandwidth_gbps) + latency_us * 1e-3
+
+
+def all_to_all_v_ms(send_bytes: np.ndarray, bandwidth_gbps: float, latency_us: float) -> float:
+    """All-to-all-v over one link class; ``send_bytes[i, j]`` = bytes rank i sends to rank j.
+
+    Time = max over ranks of max(bytes sent, bytes received) / B + (n-1) · alpha: every rank has
+    one port per direction, all pairs proceed concurrently, so the busiest port sets the time.
+    The diagonal (a rank's own share) is a local copy and costs nothing.
+    """
+    matrix = _off_diagonal(send_bytes)
+    n = matrix.shape[0]
+    if n <= 1:
+        return 0.0
+    busiest = max(matrix.sum(axis=1).max(), matrix.sum(axis=0).max())
+    return transfer_ms(float(busiest), bandwidth_gbps) + (n - 1) * latency_us * 1e-3
+
+
+def _off_diagonal(send_bytes: np.ndarray) -> np.ndarray:
+    matrix = np.array(send_bytes, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"send_bytes must be a square matrix, got shape {matrix.shape}")
+    np.fill_diagonal(matrix, 0.0)
+    return matrix
+
+
+# ---- topology ----------------------------------------------------------------------------
+
+
+def _nodes(ranks: Sequence[int], gpus_per_node: int) -> dict[int, int]:
+    """GPUs of the group on each node."""
+    counts: dict[int, int] = {}
+    for rank in ranks:
+        node = rank // gpus_per_node
+        counts[node] = counts.get(node, 0) + 1
+    return counts
+
+
+def link_for_group(ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec) -> GroupLink:
+    """The slowest link a group uses: intra-node inside one node, else the worse of the two."""
+    intra, inter = hw.intra_node, hw.inter_node
+    if min(ranks) // gpus_per_node == max(ranks) // gpus_per_node:
+        return GroupLink(intra.bandwidth_gbps, intra.latency_us, False)
+    bandwidth_gbps = min(intra.bandwidth_gbps, inter.bandwidth_gbps)
+    return GroupLink(bandwidth_gbps, max(intra.latency_us, inter.latency_us), True)
+
+
+def hierarchical_all_reduce_ms(
+    size_bytes: float, ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec
+) -> float:
+    """Intra-node reduce-scatter + inter-node ring all-reduce of S/g + intra-node all-gather.
+
+    ``g`` GPUs of the group per node run ``g`` inter-node rings in parallel, each on its own NIC
+    (at the group's slowest link). If nodes hold different numbers of the group's GPUs, the
+    intra stages use the largest count and the inter stage the smallest (largest shard).
+    """
+    return _hierarchical_ms(size_bytes, ranks, gpus_per_node, hw, reduce=True, gather=True)
+
+
+def hierarchical_reduce_scatter_ms(
+    size_bytes: float, ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec
+) -> float:
+    """Intra-node reduce-scatter of S, then inter-node reduce-scatter of S/g."""
+    return _hierarchical_ms(size_bytes, ranks, gpus_per_node, hw, reduce=True, gather=False)
+
+
+def hierarchical_all_gather_ms(
+    size_bytes: float, ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec
+) -> float:
+    """Inter-node all-gather of S/g, then intra-node all-gather of S (mirror of reduce-scatter)."""
+    return _hierarchical_ms(size_bytes, ranks, gpus_per_node, hw, reduce=False, gather=True)
+
+
+def _hierarchical_ms(
+    size_bytes: float,
+    ranks: Sequence[int],
+    gpus_per_node: int,
+    hw: HardwareSpec,
+    *,
+    reduce: bool,
+    gather: bool,
+) -> float:
+    counts = _nodes(ranks, gpus_per_node).values()
+    num_nodes, g_max, g_min = len(counts), max(counts), min(counts)
+    intra = hw.intra_node
+    slow = link_for_group(ranks, gpus_per_node, hw)
+    intra_ms = reduce_scatter_ms(size_bytes, g_max, intra.bandwidth_gbps, intra.latency_us)
+    shard_bytes = size_bytes / g_min
+    if reduce and gather:
+        inter_ms = ring_all_reduce_ms(shard_bytes, num_nodes, slow.bandwidth_gbps, slow.latency_us)
+    else:
+        inter_ms = reduce_scatter_ms(shard_bytes, num_nodes, slow.bandwidth_gbps, slow.latency_us)
+    return intra_ms * (reduce + gather) + inter_ms
+
+
+def _uniform_all_to_all_cost(
+    size_bytes: float, ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec
+) -> CollectiveCost:
+    """Port model of a uniform all-to-all without building the n x n matrix."""
+    n = len(ranks)
+    per_peer = size_bytes / n
+    slow = link_for_group(ranks, gpus_per_node, hw)
+    worst_intra = worst_inter = 0.0
+    for count in _nodes(ranks, gpus_per_node).values():
+        worst_intra = max(worst_intra, (count - 1) * per_peer)
+        worst_inter = max(worst_inter, (n - count) * per_peer)
+    return _port_cost(worst_intra, worst_inter, n, slow, hw.intra_node)
+
+
+def _port_cost(
+    intra_bytes: float, inter_bytes: float, n: int, slow: GroupLink, intra: LinkSpec
+) -> CollectiveCost:
+    """Busiest intra- and inter-node port bytes -> time; the two port classes work in parallel."""
+    time_ms = max(
+        transfer_ms(intra_bytes, intra.bandwidth_gbps),
+        transfer_ms(inter_bytes, slow.bandwidth_gbps),
+    )
+    time_ms += (n - 1) * slow.latency_us * 1e-3
+    return CollectiveCost(time_ms, intra_bytes + inter_bytes, inter_bytes)
+
+
+def all_to_all_v_cost(
+    send_bytes: np.ndarray, ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec
+) -> CollectiveCost:
+    """All-to-all-v over a group that may span nodes; ``send_bytes[i, j]``: ranks[i] -> ranks[j].
+
+    Each rank has an intra-node port (NVLink) and an inter-node port (NIC), each per direction.
+    Time = max over ranks and port classes of max(bytes sent, bytes received) / that port's
+    bandwidth, plus (n-1) · alpha of the group's slowest link. The bytes reported are the
+    busiest rank's (sent or received, whichever is larger) on each port class.
+    """
+    matrix = _off_diagonal(send_bytes)
+    n = len(ranks)
+    if matrix.shape[0] != n:
+        raise ValueError(f"send_bytes is {matrix.shape[0]}x{matrix.shape[0]} for {n} ranks")
+    if n <= 1:
+        return ZERO_COST
+    node = np.asarray(ranks) // gpus_per_node
+    same_node = node[:, None] == node[None, :]
+    intra, inter = np.where(same_node, matrix, 0.0), np.where(same_node, 0.0, matrix)
+    intra_bytes = max(intra.sum(axis=1).max(), intra.sum(axis=0).max())
+    inter_bytes = max(inter.sum(axis=1).max(), inter.sum(axis=0).max())
+    slow = link_for_group(ranks, gpus_per_node, hw)
+    return _port_cost(float(intra_bytes), float(inter_bytes), n, slow, hw.intra_node)
+
+
+# ---- entry point -------------------------------------------------------------------------
+
+
+def collective_cost(
+    op: str,
+    size_bytes: float,
+    ranks: Sequence[int],
+    gpus_per_node: int,
+    hw: HardwareSpec,
+    algorithm: str = "ring",
+) -> CollectiveCost:
+    """Cost of collective ``op`` (one of :data:`OPS`) of ``size_bytes`` over ``ranks``.
+
+    ``algorithm``: ``ring`` (flat, at the group's slowest link), ``tree`` (all-reduce only),
+    ``hierarchical`` (two-level, see the module docstring; for ``p2p`` the same as ``ring``) or
+    ``auto`` (the fastest of those that apply, as NCCL's tuner would pick). ``size_bytes`` is
+    the full buffer (all-reduce, reduce-scatter input, all-gather output), one rank's whole send
+    buffer (all-to-all) or the message (p2p, ``ranks`` = [src, dst]).
+    """
+    if op not in OPS:
+        raise ValueError(f"unknown collective {op!r}; valid: {', '.join(OPS)}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; valid: {', '.join(ALGORITHMS)}")
+    if size_bytes < 0:
+        raise ValueError(f"size_bytes must be >= 0, got {size_bytes}")
+    n = len(ranks)
+    if n <= 1 or (op == "p2p" and ranks[0] == ranks[-1]):
+        return ZERO_COST
+    if algorithm == "auto":
+        options = (
+            ("ring", "tree", "hierarchical") if op == "all_reduce" else ("ring", "hierarchical")
+        )
+        costs = [collective_cost(op, size_bytes, ranks, gpus_per_node, hw, a) for a in options]
+        return min(costs, key=lambda c: c.time_ms)
+    if algorithm == "tree" and op != "all_reduce":
+        raise ValueError(f"algorithm 'tree' applies to all_reduce only, not {op!r}")
+    if algorithm == "hierarchical" and op != "p2p":
+        return _hierarchical_cost(op, size_bytes, ranks, gpus_per_node, hw)
+    return _flat_cost(op, size_bytes, n, link_for_group(ranks, gpus_per_node, hw), algorithm)
+
+
+def collective_time_ms(
+    op: str,
+    size_bytes: float,
+    ranks: Sequence[int],
+    gpus_per_node: int,
+    hw: HardwareSpec,
+    algorithm: str = "ring",
+) -> float:
+    """Time in ms of :func:`collective_cost`."""
+    return collective_cost(op, size_bytes, ranks, gpus_per_node, hw, algorithm).time_ms
+
+
+_FLAT_MS = {
+    "all_reduce": ring_all_reduce_ms,
+    "reduce_scatter": reduce_scatter_ms,
+    "all_gather": all_gather_ms,
+    "all_to_all": all_to_all_ms,
+}
+
+
+def _flat_cost(
+    op: str, size_bytes: float, n: int, link: GroupLink, algorithm: str
+) -> CollectiveCost:
+    bw, lat = link.bandwidth_gbps, link.latency_us
+    if op == "p2p":
+        time_ms, sent = p2p_ms(size_bytes, bw, lat), size_bytes
+    elif algorithm == "tree":
+        time_ms, sent = tree_all_reduce_ms(size_bytes, n, bw, lat), 2.0 * size_bytes
+    else:
+        time_ms = _FLAT_MS[op](size_bytes, n, bw, lat)
+        sent = (2 if op == "all_reduce" else 1) * (n - 1) / n * size_bytes
+    return CollectiveCost(time_ms, sent, sent if link.crosses_nodes else 0.0)
+
+
+def _hierarchical_cost(
+    op: str, size_bytes: float, ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec
+) -> CollectiveCost:
+    if op == "all_to_all":
+        return _uniform_all_to_all_cost(size_bytes, ranks, gpus_per_node, hw)
+    counts = _nodes(ranks, gpus_per_node).values()
+    num_nodes, g_max, g_min = len(counts), max(counts), min(counts)
+    phases = 2 if op == "all_reduce" else 1
+    intra_sent = phases * (g_max - 1) / g_max * size_bytes
+    inter_sent = phases * (num_nodes - 1) / num_nodes * size_bytes / g_min
+    time_ms = {
+        "all_reduce": hierarchical_all_reduce_ms,
+        "reduce_scatter": hierarchical_reduce_scatter_ms,
+        "all_gather": hierarchical_all_gather_ms,
+    }[op](size_bytes, ranks, gpus_per_node, hw)
+    return CollectiveCost(time_ms, intra_sent + inter_sent, inter_sent)
