@@ -154,7 +154,7 @@ def stage_params_per_gpu(
     """Parameters one GPU of ``stage`` holds: (dense and replicated, routed experts)."""
     model, t = plan.model, layout.tp
     num_stages = len(layout.stage_layers)
-    sums = counts.layers(layout.stage_layers[stage])
+    sums = counts.layers(_layers_of(plan, layout, stage))
     kv_shards = min(t, model.kv_heads)
     sharded = sums.attention - sums.attention_kv + sums.dense_mlp + sums.shared_experts
     replicated = sums.norms + sums.router
@@ -169,6 +169,12 @@ def stage_params_per_gpu(
     return dense, sums.routed_experts / (layout.etp * layout.ep)
 
 
+def _layers_of(plan: Plan, layout: Layout, stage: int) -> list[int]:
+    """Layers of ``stage`` that the model has (an explicit split past the last layer, which the
+    audit reports, does not invent layers)."""
+    return [i for i in layout.stage_layers[stage] if i < plan.model.num_layers]
+
+
 def _expert_dp(layout: Layout) -> int:
     """Expert data-parallel size; 1 (no optimizer sharding, conservative) if folding fails."""
     return layout.edp or 1
@@ -178,7 +184,7 @@ def _expert_dp(layout: Layout) -> int:
 
 
 def layer_activation_bytes(
-    model: ModelSpec, par: ParallelSpec, layer: int, seq_len_tokens: int, batch: int,
+    model: ModelSpec, par: ParallelSpec, layer: int, seq_len_tokens: float, batch: int,
     recompute: str | None = None,
 ) -> float:  # fmt: skip
     """Activation bytes one GPU stores for one layer and one micro-batch (Korthikanti Table 2).
@@ -265,8 +271,8 @@ def _stage_activation_bytes(plan: Plan, layout: Layout, stage: int, inflight: fl
     s, b, h = _train_seq_len(plan) / par.cp, par.micro_batch_size, model.hidden_size
     sp_div = par.tp if par.sequence_parallel else 1
     scale = DTYPE_BYTES[model.dtype] / 2
-    layers = sum(layer_activation_bytes(model, par, i, s, b) for i in layout.stage_layers[stage])
-    total = inflight * layers
+    layers = _layers_of(plan, layout, stage)
+    total = inflight * sum(layer_activation_bytes(model, par, i, s, b) for i in layers)
     if stage == 0:
         total += inflight * scale * 2 * s * b * h / sp_div
     if stage == len(layout.stage_layers) - 1:
@@ -280,7 +286,7 @@ def _inference_activation_bytes(plan: Plan, layout: Layout, stage: int) -> float
     model, par = plan.model, plan.parallel
     req = plan.workload.requests
     prompt = _prompt_len(plan) / par.cp
-    layers = layout.stage_layers[stage]
+    layers = _layers_of(plan, layout, stage)
     working = max(
         (layer_activation_bytes(model, par, i, prompt, req.max_batch_size, "none") for i in layers),
         default=0.0,
@@ -302,14 +308,15 @@ def kv_cache_bytes(plan: Plan, layout: Layout, stage: int) -> float:
         per_token_layer = model.mla.kv_lora_rank + model.mla.qk_rope_head_dim
     else:
         per_token_layer = 2 * max(1.0, model.kv_heads / par.tp) * model.head_size
-    return len(layout.stage_layers[stage]) * per_token_layer * tokens * DTYPE_BYTES[model.dtype]
+    num_layers = len(_layers_of(plan, layout, stage))
+    return num_layers * per_token_layer * tokens * DTYPE_BYTES[model.dtype]
 
 
 def _buffer_bytes(plan: Plan, layout: Layout, stage: int, inference: bool) -> float:
     """Gradient buckets (training, reduced over > 1 rank) and MoE all-to-all buffers."""
     model, par = plan.model, plan.parallel
     total = 0.0
-    has_moe = any(model.is_moe_layer(i) for i in layout.stage_layers[stage])
+    has_moe = any(model.is_moe_layer(i) for i in _layers_of(plan, layout, stage))
     reduced = par.dp * par.cp > 1 or (has_moe and _expert_dp(layout) > 1)
     if not inference and reduced:
         total += 2 * par.grad_bucket_mb * MIB
@@ -352,7 +359,7 @@ def _stage_memory(
         kv_b = 0.0
     return StageMemory(
         stage=stage,
-        num_layers=len(layout.stage_layers[stage]),
+        num_layers=len(_layers_of(plan, layout, stage)),
         inflight_microbatches=inflight,
         params_per_gpu=dense + experts,
         params_gib=params_b / GIB,
