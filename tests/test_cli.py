@@ -48,7 +48,8 @@ def test_check_json_follows_contract():
 
 def test_check_exit_1_and_markdown_document(tmp_path):
     out = tmp_path / "review.md"
-    result = invoke("check", str(SEEDS / "002_current.yaml"), "--format", "markdown", "-o", str(out))
+    plan = str(SEEDS / "002_current.yaml")
+    result = invoke("check", plan, "--format", "markdown", "-o", str(out))
     assert result.exit_code == 1
     text = out.read_text()
     assert text.startswith("# Nodes that need modification")
