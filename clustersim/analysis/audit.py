@@ -109,7 +109,9 @@ def audit(plan: Plan) -> AuditReport:
 def _memory_for(plan: Plan, layout: Layout) -> tuple[MemoryReport | None, str]:
     """Memory of the plan; when expert folding is impossible only because of ETP, memory of the
     plan with ``etp: 1`` (the fix the audit proposes), and a note saying so."""
-    if layout.expert_folding_ok and not _layer_split_broken(plan):
+    # A dense model has no expert layers, so an EP that cannot fold does not affect its memory.
+    folds = layout.expert_folding_ok or plan.model.moe is None
+    if folds and not _layer_split_broken(plan):
         return memory_per_gpu(plan, layout), ""
     fixed = folding_fix(plan)
     if fixed is not None and not _layer_split_broken(plan):
@@ -191,12 +193,18 @@ def check_layers(ctx: AuditContext) -> list[Finding]:
         return []
     if num_layers % (pp * v):
         chunks = f"PP {pp} x {v} virtual stages" if v > 1 else f"PP {pp}"
-        ok = [d for d in divisors(num_layers) if d <= ctx.layout.world_size and d > 1]
+        # PP values that split the layers into PP x v equal chunks.
+        ok = [d for d in divisors(num_layers)
+              if 1 < d <= ctx.layout.world_size and num_layers % (d * v) == 0]  # fmt: skip
+        if v > 1:  # an explicit split cannot be combined with virtual stages
+            vs = [x for x in divisors(num_layers // pp) if x > 1] if num_layers % pp == 0 else []
+            alt = f" or parallel.virtual_stages from {vs}" if vs else ""
+        else:
+            alt = " or give parallel.layers_per_stage"
         return [Finding("parallel.pp", "error",
                         f"{num_layers} layers do not split evenly over {chunks} "
                         f"({num_layers} / {pp * v} = {num_layers / (pp * v):.2f})",
-                        f"choose parallel.pp from {ok[:8]} or give parallel.layers_per_stage",
-                        pp, None)]  # fmt: skip
+                        f"choose parallel.pp from {ok[:8]}{alt}", pp, None)]  # fmt: skip
     return []
 
 
@@ -289,10 +297,15 @@ def check_parallel_options(ctx: AuditContext) -> list[Finding]:
                            "set parallel.sequence_parallel: true", False, True))
     if ctx.layout.crosses_nodes("tp"):
         gpn = plan.hardware.gpus_per_node
+        # TP groups stay inside a node only when TP divides the GPUs of a node (TP <= gpn is
+        # not enough: TP 4 on nodes of 6 puts ranks 4-7 on two nodes).
+        heads = plan.model.num_attention_heads
+        ok = [d for d in divisors(gpn) if heads % d == 0]
         out.append(Finding("parallel.tp", "warning",
                            f"TP {par.tp} spans nodes of {gpn} GPUs: every layer's TP collectives "
                            f"cross the {plan.hardware.inter_node.bandwidth_gbps:g} GB/s network",
-                           f"keep parallel.tp <= {gpn}", par.tp, gpn))
+                           f"choose parallel.tp from {ok} (dividing the {gpn} GPUs of a node)",
+                           par.tp, max(d for d in ok if d <= par.tp)))  # fmt: skip
     return out
 
 
