@@ -1,0 +1,121 @@
+"""Metrics of a simulated training iteration, computed from the engine's event rows.
+
+Definitions (all means are over GPUs; every GPU of a lane shares its timeline except for the
+per-rank expert GEMM time):
+
+* ``gpu_utilization_pct``: compute-busy time / iteration time;
+* ``comm_overhead_pct``: communication time not hidden behind compute on the same GPU
+  (|compute ∪ comm| − |compute|) / iteration time;
+* ``comm_to_compute_pct``: all communication time / all compute time (durations summed,
+  a collective counted from a GPU's arrival to its release);
+* ``bubble_pct``: idle time of the compute stream (neither computing nor in a blocking
+  collective) inside the pipeline phase [0, end of the last backward] / that phase;
+* ``mfu_pct``: model FLOPs (no recompute; Korthikanti Eq. 7 / Megatron's MoE count) /
+  (iteration time x GPUs x peak);
+* ``load_balance_pct``: mean over routed (group, layer, micro-batch) of mean / max expert
+  load x 100; ``dropped_tokens_pct``: dropped / routed token copies x 100.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from clustersim.costs.compute import model_flops_per_iteration
+from clustersim.engine.recorder import Kind, Op, Recorder
+from clustersim.engine.training import SimResult
+from clustersim.spec.schema import Plan
+
+
+def union_length_by_lane(
+    lanes: np.ndarray, starts: np.ndarray, ends: np.ndarray, num_lanes: int
+) -> np.ndarray:
+    """Length of the union of intervals, per lane (vectorised sweep)."""
+    if len(lanes) == 0:
+        return np.zeros(num_lanes)
+    span = float(max(ends.max(), 0.0)) + 1.0
+    offset = lanes.astype(np.float64) * span  # lanes occupy disjoint ranges of one axis
+    s, e = starts + offset, ends + offset
+    order = np.argsort(s, kind="stable")
+    s, e, ln = s[order], e[order], lanes[order]
+    reach = np.maximum.accumulate(e)
+    before = np.concatenate(([-np.inf], reach[:-1]))
+    gained = np.maximum(0.0, e - np.maximum(s, before))
+    return np.bincount(ln, weights=gained, minlength=num_lanes)
+
+
+def training_metrics(plan: Plan, rec: Recorder, res: SimResult) -> dict[str, Any]:
+    """The output contract's ``metrics`` for a training iteration."""
+    cols = rec.columns()
+    lanes, kind = cols["lane"], cols["kind"]
+    start, end = cols["start_ms"], cols["end_ms"]
+    n, wall = len(res.lanes), res.iteration_time_ms
+    comp, comm = kind == Kind.COMPUTE, kind != Kind.COMPUTE
+    compute_union = union_length_by_lane(lanes[comp], start[comp], end[comp], n)
+    all_union = union_length_by_lane(lanes, start, end, n)
+    exposed = all_union - compute_union
+    stream = kind != Kind.COMM_ASYNC
+    t_pipe = res.pipeline_end_ms or wall
+    busy_pipe = union_length_by_lane(
+        lanes[stream], np.minimum(start[stream], t_pipe), np.minimum(end[stream], t_pipe), n
+    )
+    rank_busy = np.repeat(compute_union, plan.parallel.tp) - _idle_by_lane_rank(rec, res)
+    durations = end - start
+    compute_total, comm_total = durations[comp].sum(), durations[comm].sum()
+    routed = sum(d.routed_tokens for d in res.dispatches)
+    return {
+        "iteration_time_ms": wall,
+        "latency_ms": wall,
+        "latency_ms_p99": None,
+        "ttft_ms_p50": None,
+        "ttft_ms_p99": None,
+        "tpot_ms_p50": None,
+        "throughput_tokens_per_ms": res.tokens / wall,
+        "throughput_tokens_per_s": res.tokens / wall * 1e3,
+        "mfu_pct": mfu_pct(plan, res),
+        "comm_overhead_pct": 100 * float(exposed.mean()) / wall,
+        "comm_to_compute_pct": 100 * comm_total / compute_total if compute_total else 0.0,
+        "bubble_pct": 100 * float((t_pipe - busy_pipe).mean()) / t_pipe,
+        "gpu_utilization_pct": 100 * float(rank_busy.mean()) / wall,
+        "load_balance_pct": load_balance_pct(res) if res.dispatches else None,
+        "dropped_tokens_pct": (
+            100 * sum(d.dropped_tokens for d in res.dispatches) / routed if routed else None
+        ),
+    }
+
+
+def _idle_by_lane_rank(rec: Recorder, res: SimResult) -> np.ndarray:
+    """Per-rank expert idle time, in lane order (lane 0's ranks, lane 1's ranks, ...)."""
+    return np.concatenate([rec.rank_idle_ms[lane.ranks] for lane in res.lanes])
+
+
+def load_balance_pct(res: SimResult) -> float:
+    """Mean over routed (group, layer, micro-batch) of mean / max expert load, in %."""
+    ratios = [
+        d.tokens_per_expert.mean() / d.tokens_per_expert.max()
+        for d in res.dispatches
+        if d.tokens_per_expert.max() > 0
+    ]
+    return 100 * float(np.mean(ratios)) if ratios else 100.0
+
+
+def mfu_pct(plan: Plan, res: SimResult) -> float:
+    """Model FLOPs utilisation of the iteration (recompute not counted)."""
+    lengths = np.concatenate([np.concatenate(mbs) for mbs in res.seq_lens])
+    values, counts = np.unique(lengths, return_counts=True)
+    flops = sum(
+        model_flops_per_iteration(plan.model, int(c), int(s))
+        for s, c in zip(values.tolist(), counts.tolist(), strict=True)
+    )
+    peak = plan.hardware.peak_tflops * 1e12 * plan.parallel.world_size
+    return 100 * flops / (res.iteration_time_ms / 1e3 * peak)
+
+
+def time_breakdown(rec: Recorder, res: SimResult) -> dict[str, float]:
+    """Mean time per lane spent in each op (ms), for reports."""
+    cols = rec.columns()
+    durations = cols["end_ms"] - cols["start_ms"]
+    sums = np.bincount(cols["op"], weights=durations, minlength=len(Op))
+    lanes = max(len(res.lanes), 1)
+    return {op.name.lower(): float(sums[op]) / lanes for op in Op if sums[op] > 0}

@@ -1,0 +1,144 @@
+"""Run a plan through the engine and judge the result: metrics, targets, simulated claims.
+
+This is the library entry point behind ``clustersim run`` (and the simulated part of
+``clustersim check``): audit, sample the workload, simulate, compute metrics, compare.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from clustersim.analysis.audit import AuditReport, audit
+from clustersim.analysis.findings import Finding
+from clustersim.analysis.metrics import time_breakdown, training_metrics
+from clustersim.engine.moe import EvenSplit, RoutingSource
+from clustersim.engine.recorder import Recorder
+from clustersim.engine.training import EngineError, TrainingSim
+from clustersim.engine.workload import microbatch_lengths
+from clustersim.spec.schema import Plan
+
+# Simulated claims: relative tolerance for times and rates, absolute points for percentages.
+CLAIM_TOLERANCE_REL = 0.10
+CLAIM_TOLERANCE_PCT_POINTS = 5.0
+# target field -> (metric, "max" or "min")
+TARGETS = {
+    "latency_ms_max": ("latency_ms", "max"),
+    "ttft_ms_max": ("ttft_ms_p50", "max"),
+    "tpot_ms_max": ("tpot_ms_p50", "max"),
+    "throughput_tokens_per_ms_min": ("throughput_tokens_per_ms", "min"),
+    "comm_overhead_pct_max": ("comm_overhead_pct", "max"),
+    "load_balance_pct_min": ("load_balance_pct", "min"),
+    "gpu_utilization_pct_min": ("gpu_utilization_pct", "min"),
+}
+CLAIMS = {
+    "latency_ms": "latency_ms",
+    "ttft_ms": "ttft_ms_p50",
+    "tpot_ms": "tpot_ms_p50",
+    "throughput_tokens_per_ms": "throughput_tokens_per_ms",
+    "comm_overhead_pct": "comm_overhead_pct",
+    "load_balance_pct": "load_balance_pct",
+    "gpu_utilization_pct": "gpu_utilization_pct",
+}
+
+
+@dataclass
+class RunReport:
+    """An audited and simulated plan."""
+
+    audit: AuditReport
+    metrics: dict[str, Any]
+    breakdown: dict[str, float]
+    findings: list[Finding] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
+    events: int = 0
+    wall_s: float = 0.0
+    recorder: Recorder | None = None
+
+    @property
+    def has_errors(self) -> bool:
+        """Whether the plan fails a constraint, a claim or a target."""
+        return any(f.severity == "error" for f in self.findings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of the output contract."""
+        out = self.audit.to_dict()
+        out["metrics"] = self.metrics
+        out["findings"] = [f.to_dict() for f in self.findings]
+        out["unchecked"] = self.unchecked
+        out["breakdown_ms"] = self.breakdown
+        out["simulation"] = {"events": self.events, "wall_s": self.wall_s}
+        return out
+
+
+def routing_for(plan: Plan) -> tuple[RoutingSource | None, bool]:
+    """The routing source for a plan and whether it is deterministic (replica-symmetric)."""
+    moe = plan.model.moe
+    if moe is None:
+        return None, True
+    return EvenSplit(moe, plan.parallel.ep), True
+
+
+def simulate(plan: Plan, progress: Callable[[float], None] | None = None) -> RunReport:
+    """Audit and simulate one training iteration of ``plan``.
+
+    Raises :class:`EngineError` when the plan cannot be simulated (the audit says why).
+    """
+    report = audit(plan)
+    if plan.workload.mode != "training":
+        raise EngineError("only training plans are simulated so far (workload.mode: training)")
+    rng = np.random.default_rng([plan.seed, 1])
+    seq_lens = microbatch_lengths(plan, rng)
+    routing, deterministic = routing_for(plan)
+    symmetric = deterministic and plan.workload.seq_len.dist == "fixed"
+    rec = Recorder(plan.parallel.world_size)
+    started = time.perf_counter()
+    sim = TrainingSim(plan, rec, seq_lens, routing, symmetric, progress)
+    result = sim.run()
+    wall_s = time.perf_counter() - started
+    metrics = training_metrics(plan, rec, result)
+    findings = list(report.findings) + judge(plan, metrics)
+    unchecked = [u for u in report.unchecked if _still_unchecked(u, metrics)]
+    return RunReport(report, metrics, time_breakdown(rec, result), findings, unchecked,
+                     result.events, wall_s, rec)  # fmt: skip
+
+
+def judge(plan: Plan, metrics: dict[str, Any]) -> list[Finding]:
+    """Findings for the targets and simulated claims that the metrics decide."""
+    out = []
+    for target, (metric, sense) in TARGETS.items():
+        limit, value = getattr(plan.targets, target), metrics.get(metric)
+        if limit is None or value is None:
+            continue
+        if (value > limit) if sense == "max" else (value < limit):
+            word = "above the maximum" if sense == "max" else "below the minimum"
+            out.append(Finding(f"targets.{target}", "error",
+                               f"simulated {metric} is {value:.4g}, {word} of {limit:g}",
+                               "see `clustersim search` for plans that meet it, or relax the "
+                               "target", limit, round(value, 4)))  # fmt: skip
+    for claim, metric in CLAIMS.items():
+        claimed, value = getattr(plan.claims, claim), metrics.get(metric)
+        if claimed is None or value is None:
+            continue
+        if metric.endswith("_pct"):
+            ok = abs(claimed - value) <= CLAIM_TOLERANCE_PCT_POINTS
+            tol = f"{CLAIM_TOLERANCE_PCT_POINTS:g} points"
+        else:
+            ok = abs(claimed - value) <= CLAIM_TOLERANCE_REL * abs(value)
+            tol = f"{100 * CLAIM_TOLERANCE_REL:g}%"
+        if not ok:
+            out.append(Finding(f"claims.{claim}", "error",
+                               f"simulated {metric} is {value:.4g}, not {claimed:g} (more than "
+                               f"{tol} apart)", f"set claims.{claim}: {value:.4g}", claimed,
+                               round(value, 4)))  # fmt: skip
+    return out
+
+
+def _still_unchecked(item: str, metrics: dict[str, Any]) -> bool:
+    section, name = item.split(".", 1)
+    metric = TARGETS[name][0] if section == "targets" else CLAIMS[name]
+    return metrics.get(metric) is None

@@ -1,0 +1,1 @@
+"""SimPy discrete-event engine: lanes of GPUs, collectives, pipeline schedules, training."""

@@ -1,0 +1,50 @@
+"""Where the engine gets token counts per expert: one interface, two implementations.
+
+:class:`EvenSplit` spreads every rank's tokens evenly over all experts (no sampling); the
+sampled router of ``clustersim.routing`` plugs in through :class:`SampledRouting`. Both return
+a :class:`Dispatch` for one EP group, layer and micro-batch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+from clustersim.spec.schema import MoESpec
+
+
+class Dispatch(NamedTuple):
+    """Routing outcome of one EP group for one layer and micro-batch (tokens, not bytes)."""
+
+    a2a_tokens: np.ndarray  # (n, n) token copies sent from member i to member j
+    received_tokens: np.ndarray  # (n,) token copies each member's experts compute
+    active_experts: np.ndarray  # (n,) experts with at least one token on each member
+    tokens_per_expert: np.ndarray  # (E,)
+    dropped_tokens: float
+    routed_tokens: float
+
+
+class RoutingSource(Protocol):
+    """Anything that can route one EP group's tokens."""
+
+    def dispatch(self, layer: int, key: int, tokens_per_member: np.ndarray) -> Dispatch:
+        """Route ``tokens_per_member[i]`` tokens of each member; ``key`` is unique per call site."""
+        ...
+
+
+class EvenSplit:
+    """Every token's k copies spread evenly over the E experts (perfect balance, no drops)."""
+
+    def __init__(self, moe: MoESpec, ep: int):
+        self.moe, self.ep = moe, ep
+
+    def dispatch(self, layer: int, key: int, tokens_per_member: np.ndarray) -> Dispatch:
+        """Even split: member i sends T_i * k / ep copies to every member."""
+        k, ep, experts = self.moe.top_k, self.ep, self.moe.num_experts
+        copies = tokens_per_member.astype(np.float64) * k
+        a2a = np.repeat((copies / ep)[:, None], ep, axis=1)
+        received = a2a.sum(axis=0)
+        per_expert = np.full(experts, copies.sum() / experts)
+        active = np.full(ep, experts // ep if copies.sum() > 0 else 0)
+        return Dispatch(a2a, received, active, per_expert, 0.0, float(copies.sum()))

@@ -1,0 +1,474 @@
+"""One training iteration as a SimPy simulation.
+
+Processes: one per *lane* (a TP group of one pipeline stage and one data-parallel replica; its
+TP ranks work in lockstep, so one process drives them all) plus one communication stream per
+lane for the data-parallel gradient buckets. Lanes meet in :class:`Rendezvous` collectives for
+the MoE all-to-alls (EP groups may span lanes) and the gradient reductions (DP/EDP groups).
+Pipeline transfers are point-to-point events between lanes of neighbouring stages.
+
+Per step (one chunk of one micro-batch, forward or backward) and layer the lane issues at most
+one SimPy timeout per compute block and one wait per collective; sub-ops inside a block are
+written as separate rows with their own start and end.
+
+Link sharing rule: collectives of one lane run one at a time on its communication stream
+(FIFO, each at the full link bandwidth), which gives the same completion time for the last of a
+set of transfers as fair sharing of the link; pipeline sends use separate send/receive queues
+(full duplex) and never contend with each other.
+
+Replica symmetry: when every data-parallel replica provably does the same work (fixed
+sequence length and deterministic, even routing), only replica 0 is simulated and the metrics
+fan out to all GPUs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+from clustersim.costs.comm import all_to_all_v_cost, collective_time_ms
+from clustersim.costs.compute import BACKWARD_FACTOR, DTYPE_BYTES
+from clustersim.costs.memory import stage_params_per_gpu
+from clustersim.costs.params import count_params
+from clustersim.engine.moe import Dispatch, RoutingSource
+from clustersim.engine.optimes import (
+    GRAD_BYTES,
+    ExpertTimer,
+    MicrobatchCosts,
+    optimizer_ms,
+    p2p_time_ms,
+)
+from clustersim.engine.recorder import Kind, Op, Recorder
+from clustersim.engine.rendezvous import Rendezvous
+from clustersim.engine.schedules import stage_steps
+from clustersim.layout import Layout
+from clustersim.spec.schema import Plan
+
+MIB = 2**20
+
+
+class EngineError(ValueError):
+    """A plan the engine cannot simulate (the message says why)."""
+
+
+@dataclass
+class Lane:
+    """A TP group of one stage and one data-parallel replica."""
+
+    index: int
+    stage: int
+    dp: int
+    ranks: list[int]
+    ep_groups: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SimResult:
+    """What one simulated iteration produced, besides the recorder's rows."""
+
+    iteration_time_ms: float
+    pipeline_end_ms: float
+    lanes: list[Lane]
+    simulated_dp: int
+    events: int
+    tokens: int
+    seq_lens: list[list[np.ndarray]]
+    dispatches: list[Dispatch]
+
+
+class TrainingSim:
+    """Simulates one training iteration of ``plan``; rows go to ``recorder``."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        recorder: Recorder,
+        seq_lens: list[list[np.ndarray]],
+        routing: RoutingSource | None,
+        symmetric: bool,
+        progress: Callable[[float], None] | None = None,
+    ):
+        self.plan, self.rec, self.routing = plan, recorder, routing
+        self.layout = Layout(plan)
+        self.par, self.model, self.hw = plan.parallel, plan.model, plan.hardware
+        _check_supported(plan, self.layout)
+        self.env = simpy.Environment()
+        self.rv = Rendezvous(self.env)
+        self.simulated_dp = 1 if symmetric else self.par.dp
+        self.seq_lens = seq_lens
+        self.lanes = self._make_lanes()
+        self.lane_at = {(ln.stage, ln.dp): ln for ln in self.lanes}
+        self.costs = {
+            (d, i): MicrobatchCosts(plan, self.lanes[0].ranks, lens)
+            for d, mbs in enumerate(seq_lens[: self.simulated_dp])
+            for i, lens in enumerate(mbs)
+        }
+        self.expert_timer = ExpertTimer(plan) if self.model.moe else None
+        self.events = 0
+        self.dispatches: list[Dispatch] = []
+        self._routes: dict[tuple, tuple] = {}
+        self._ready: dict[tuple, simpy.Event] = {}
+        self._progress = progress
+        self._steps_total = sum(len(self._steps(ln)) for ln in self.lanes)
+        self._steps_done = 0
+        self._pipeline_end = 0.0
+        self._counts = count_params(self.model)
+
+    # ---- construction ----------------------------------------------------------------------
+    def _make_lanes(self) -> list[Lane]:
+        lay, lanes = self.layout, []
+        for stage in range(self.par.pp):
+            for dp in range(self.simulated_dp):
+                ranks = [lay.rank_of(tp=t, dp=dp, pp=stage) for t in range(self.par.tp)]
+                lanes.append(Lane(len(lanes), stage, dp, ranks))
+        if self.model.moe is not None:
+            self._ep_groups = lay.groups("ep")
+            lane_of = {r: ln.index for ln in lanes for r in ln.ranks}
+            self._group_lanes = {}
+            for gid, group in enumerate(self._ep_groups):
+                members = sorted({lane_of[r] for r in group if r in lane_of})
+                self._group_lanes[gid] = len(members)
+                for lane_index in members:
+                    lanes[lane_index].ep_groups.append(gid)
+        return lanes
+
+    def _steps(self, lane: Lane):
+        return stage_steps(self.par.schedule, self.par.pp, self.par.num_microbatches,
+                           lane.stage, self.par.virtual_stages)  # fmt: skip
+
+    def _chunk_layers(self, stage: int, chunk: int) -> list[int]:
+        layers = self.layout.stage_layers[stage]
+        per_chunk = len(layers) // self.par.virtual_stages
+        return layers[chunk * per_chunk : (chunk + 1) * per_chunk]
+
+    # ---- running ---------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        """Simulate the iteration; return its end time and bookkeeping."""
+        finals = [self.env.process(self._lane(ln)) for ln in self.lanes]
+        self.env.run()
+        if self.rv.pending or not all(p.triggered for p in finals):
+            raise RuntimeError("simulation deadlocked: a collective never completed")
+        tokens = int(sum(int(x.sum()) for mbs in self.seq_lens for x in mbs))
+        return SimResult(self.env.now, self._pipeline_end, self.lanes, self.simulated_dp,
+                         self.events + self.rv.completed, tokens, self.seq_lens,
+                         self.dispatches)  # fmt: skip
+
+    def _event(self, key: tuple) -> simpy.Event:
+        ev = self._ready.get(key)
+        if ev is None:
+            ev = self._ready[key] = self.env.event()
+        return ev
+
+    def _wait(self, duration_ms: float):
+        self.events += 1
+        return self.env.timeout(duration_ms)
+
+    def _lane(self, lane: Lane):
+        steps = self._steps(lane)
+        num_vstages = self.par.pp * self.par.virtual_stages
+        last_b = {st.chunk: i for i, st in enumerate(steps) if st.kind == "B"}
+        buckets = simpy.Store(self.env)
+        comm = self.env.process(self._grad_stream(lane, buckets))
+        grad_state = {"bytes": 0.0, "expert_bytes": 0.0, "layers": []}
+        if self.par.distributed_optimizer and self.par.overlap_communication:
+            self._param_gather(lane, blocking=False)
+        for i, step in enumerate(steps):
+            vstage = step.chunk * self.par.pp + lane.stage
+            layers = self._chunk_layers(lane.stage, step.chunk)
+            costs = self.costs[(lane.dp, step.microbatch)]
+            if step.kind == "F":
+                if vstage > 0:
+                    yield self._event(("act", lane.dp, vstage, step.microbatch))
+                yield from self._forward(lane, step.microbatch, layers, costs,
+                                         vstage == num_vstages - 1)  # fmt: skip
+                if vstage < num_vstages - 1:
+                    self._send(lane, vstage + 1, step.microbatch, costs.p2p_bytes, "act")
+            else:
+                if vstage < num_vstages - 1:
+                    yield self._event(("grad", lane.dp, vstage, step.microbatch))
+                is_last = last_b[step.chunk] == i
+                yield from self._backward(lane, step.microbatch, layers, costs,
+                                          vstage == num_vstages - 1,
+                                          buckets if is_last else None, grad_state)  # fmt: skip
+                if vstage > 0:
+                    self._send(lane, vstage - 1, step.microbatch, costs.p2p_bytes, "grad")
+                self._pipeline_end = max(self._pipeline_end, self.env.now)
+            self._tick()
+        self._flush_bucket(lane, buckets, grad_state, final=True)
+        yield comm
+        yield from self._optimizer(lane)
+
+    def _tick(self) -> None:
+        self._steps_done += 1
+        if self._progress and self._steps_done % max(1, self._steps_total // 100) == 0:
+            self._progress(self._steps_done / self._steps_total)
+
+    # ---- forward / backward of a chunk -----------------------------------------------------
+    def _forward(self, lane: Lane, mb: int, layers: list[int], costs: MicrobatchCosts, last):
+        rec, lid = self.rec, lane.index
+        for layer in layers:
+            moe = self.model.is_moe_layer(layer)
+            lt = costs.moe if moe else costs.dense
+            t0 = self.env.now
+            yield self._wait(lt.attn_fwd_ms + lt.mlp_fwd_ms + lt.tp_comm_ms)
+            t1 = t0 + lt.attn_fwd_ms
+            rec.add(lid, Kind.COMPUTE, Op.ATTN_FWD, t0, t1, layer, mb)
+            t2 = self._tp_rows(lid, t1, lt.tp_comm_ms, layer, mb, costs, moe)
+            if not moe:
+                rec.add(lid, Kind.COMPUTE, Op.MLP_FWD, t2, t2 + lt.mlp_fwd_ms, layer, mb)
+            else:
+                yield from self._moe_block(lane, layer, mb, costs, backward=False)
+        if last:
+            t0 = self.env.now
+            yield self._wait(costs.logits_fwd_ms)
+            rec.add(lid, Kind.COMPUTE, Op.LOGITS_FWD, t0, self.env.now, -1, mb)
+
+    def _backward(self, lane, mb, layers, costs: MicrobatchCosts, last, buckets, grad_state):
+        rec, lid = self.rec, lane.index
+        if last:
+            t0 = self.env.now
+            yield self._wait(BACKWARD_FACTOR * costs.logits_fwd_ms)
+            rec.add(lid, Kind.COMPUTE, Op.LOGITS_BWD, t0, self.env.now, -1, mb)
+        for layer in reversed(layers):
+            moe = self.model.is_moe_layer(layer)
+            lt = costs.moe if moe else costs.dense
+            if moe:
+                yield from self._moe_block(lane, layer, mb, costs, backward=True)
+            t0 = self.env.now
+            yield self._wait(lt.recompute_ms + lt.mlp_bwd_ms + lt.attn_bwd_ms + lt.tp_comm_ms)
+            t = t0
+            if lt.recompute_ms:
+                rec.add(lid, Kind.COMPUTE, Op.RECOMPUTE, t, t + lt.recompute_ms, layer, mb)
+                t += lt.recompute_ms
+            if lt.mlp_bwd_ms:
+                rec.add(lid, Kind.COMPUTE, Op.MLP_BWD, t, t + lt.mlp_bwd_ms, layer, mb)
+                t += lt.mlp_bwd_ms
+            t = self._tp_rows(lid, t, lt.tp_comm_ms, layer, mb, costs, moe)
+            rec.add(lid, Kind.COMPUTE, Op.ATTN_BWD, t, t + lt.attn_bwd_ms, layer, mb)
+            if buckets is not None:
+                self._add_layer_grads(lane, layer, buckets, grad_state)
+
+    def _tp_rows(self, lid, t, total_ms, layer, mb, costs, moe) -> float:
+        """TP collective rows (one for an MoE layer, two for a dense one); returns end time."""
+        if not total_ms:
+            return t
+        size = costs.tokens * self.model.hidden_size * DTYPE_BYTES[self.model.dtype]
+        parts = 1 if moe else 2
+        for _ in range(parts):
+            self.rec.add(lid, Kind.COMM, Op.TP_COMM, t, t + total_ms / parts, layer, mb, size)
+            t += total_ms / parts
+        return t
+
+    # ---- MoE: dispatch, experts, combine ---------------------------------------------------
+    def _moe_block(self, lane: Lane, layer: int, mb: int, costs, backward: bool):
+        first_op, second_op = (Op.A2A_COMBINE, Op.A2A_DISPATCH) if backward else (
+            Op.A2A_DISPATCH, Op.A2A_COMBINE)  # fmt: skip
+        routes = yield from self._a2a(lane, layer, mb, first_op, backward)
+        expert_ms, rank_ms, etp_ms = self._expert_times(lane, routes)
+        factor = BACKWARD_FACTOR + (1.0 if self.par.recompute == "full" else 0.0)
+        if backward:
+            expert_ms, rank_ms = expert_ms * factor, rank_ms * factor
+        t0 = self.env.now
+        yield self._wait(expert_ms + 2 * etp_ms)
+        t = t0
+        if etp_ms:
+            self.rec.add(lane.index, Kind.COMM, Op.ETP_COMM, t, t + etp_ms, layer, mb)
+            t += etp_ms
+        op = Op.EXPERT_BWD if backward else Op.EXPERT_FWD
+        self.rec.add(lane.index, Kind.COMPUTE, op, t, t + expert_ms, layer, mb)
+        self.rec.rank_idle_ms[lane.ranks] += expert_ms - rank_ms
+        if etp_ms:
+            t += expert_ms
+            self.rec.add(lane.index, Kind.COMM, Op.ETP_COMM, t, t + etp_ms, layer, mb)
+        yield from self._a2a(lane, layer, mb, second_op, backward)
+
+    def _a2a(self, lane: Lane, layer: int, mb: int, op: Op, backward: bool):
+        """All-to-all over every EP group the lane's ranks belong to (concurrently)."""
+        events = []
+        for gid in lane.ep_groups:
+            key = (int(op), backward, gid, layer, mb)
+            expected = self._group_lanes[gid]
+            events.append(self.rv.arrive(key, expected, lane, self._a2a_timing(gid, layer, mb)))
+        t0 = self.env.now
+        self.events += 1
+        results = yield self.env.all_of(events)
+        routes, end, nbytes = [], t0, 0.0
+        for ev in events:
+            _start, stop, (dispatch, size) = results[ev]
+            routes.append((ev, dispatch))
+            end, nbytes = max(end, stop), nbytes + size
+        self.rec.add(lane.index, Kind.COMM, op, t0, end, layer, mb, nbytes)
+        return [(gid, d) for gid, (_ev, d) in zip(lane.ep_groups, routes, strict=True)]
+
+    def _a2a_timing(self, gid: int, layer: int, mb: int):
+        def timing(_payloads):
+            key = (gid, layer, mb)
+            if key not in self._routes:
+                self._routes[key] = self._route(gid, layer, mb)
+            dispatch, time_ms, size = self._routes[key]
+            return time_ms, (dispatch, size)
+
+        return timing
+
+    def _route(self, gid: int, layer: int, mb: int):
+        group = self._ep_groups[gid]
+        tokens = np.array([self._rank_tokens(r, mb) for r in group], dtype=np.int64)
+        key = mb * len(self._ep_groups) + gid
+        dispatch = self.routing.dispatch(layer, key, tokens)
+        self.dispatches.append(dispatch)
+        bpe = DTYPE_BYTES[self.model.dtype]
+        send = dispatch.a2a_tokens * self.model.hidden_size * bpe
+        cost = all_to_all_v_cost(send, group, self.hw.gpus_per_node, self.hw)
+        return dispatch, cost.time_ms, float(send.sum() - np.trace(send))
+
+    def _rank_tokens(self, rank: int, mb: int) -> int:
+        """Tokens a rank dispatches: its lane's micro-batch, split over TP by sequence
+        parallelism and gathered back over ETP (Megatron's token dispatcher)."""
+        dp = self.layout.coords(rank).dp % self.simulated_dp
+        tokens = int(self.seq_lens[dp][mb].sum())
+        return tokens * self.par.expert_tp // self.par.tp
+
+    def _expert_times(self, lane: Lane, routes):
+        """Lane expert time (its slowest rank), per-rank times, ETP collective time."""
+        received = {}
+        active = {}
+        for gid, dispatch in routes:
+            for i, rank in enumerate(self._ep_groups[gid]):
+                received[rank] = dispatch.received_tokens[i]
+                active[rank] = dispatch.active_experts[i]
+        etp = self.par.expert_tp
+        ranks = lane.ranks
+        # Each ETP group gathers its members' tokens; members compute them at ffn / etp.
+        tokens = np.array([sum(received.get(r - r % etp + e, 0.0) for e in range(etp))
+                           for r in ranks])  # fmt: skip
+        acts = np.array([active.get(r, 0) for r in ranks], dtype=np.float64)
+        rank_ms = self.expert_timer.forward_ms(tokens, acts)
+        etp_ms = 0.0
+        if etp > 1:
+            size = float(tokens.max()) * self.model.hidden_size * DTYPE_BYTES[self.model.dtype]
+            group = ranks[: etp]
+            etp_ms = collective_time_ms("all_gather", size, group, self.hw.gpus_per_node, self.hw)
+        return float(rank_ms.max()), rank_ms, etp_ms
+
+    # ---- pipeline transfers ----------------------------------------------------------------
+    def _send(self, lane: Lane, to_vstage: int, mb: int, nbytes: float, what: str) -> None:
+        to_stage = to_vstage % self.par.pp
+        peer = self.lane_at[(to_stage, lane.dp)]
+        duration = p2p_time_ms(self.plan, lane.ranks[0], peer.ranks[0], nbytes)
+        target = self._event((what, lane.dp, to_vstage, mb))
+        t0 = self.env.now
+        self.events += 1
+        done = self.env.timeout(duration)
+        done.callbacks.append(lambda _e: target.succeed())
+        self.rec.add(lane.index, Kind.COMM_ASYNC, Op.P2P_SEND, t0, t0 + duration, -1, mb, nbytes)
+
+    # ---- data-parallel gradients and the optimizer -----------------------------------------
+    def _layer_grad_bytes(self, lane: Lane, layer: int) -> tuple[float, float]:
+        sums = self._counts.layers([layer])
+        t, kv = self.par.tp, min(self.par.tp, self.model.kv_heads)
+        dense = ((sums.attention - sums.attention_kv + sums.dense_mlp + sums.shared_experts) / t
+                 + sums.attention_kv / kv + sums.norms + sums.router)  # fmt: skip
+        expert = sums.routed_experts / (self.par.expert_tp * self.par.ep)
+        return dense * GRAD_BYTES, expert * GRAD_BYTES
+
+    def _add_layer_grads(self, lane: Lane, layer: int, buckets, state) -> None:
+        dense, expert = self._layer_grad_bytes(lane, layer)
+        state["bytes"] += dense
+        state["expert_bytes"] += expert
+        if not self.par.overlap_communication:
+            return
+        if state["bytes"] + state["expert_bytes"] >= self.par.grad_bucket_mb * MIB:
+            self._flush_bucket(lane, buckets, state, final=False)
+
+    def _flush_bucket(self, lane: Lane, buckets, state, final: bool) -> None:
+        if final:  # embedding / output layer gradients join the last bucket
+            dense, _ = stage_params_per_gpu(self.plan, self.layout, self._counts, lane.stage)
+            state["bytes"] = max(state["bytes"], 0.0) + self._non_layer_grads(lane, dense)
+        if state["bytes"] or state["expert_bytes"]:
+            buckets.put((state["bytes"], state["expert_bytes"]))
+        state["bytes"] = state["expert_bytes"] = 0.0
+        if final:
+            buckets.put(None)
+
+    def _non_layer_grads(self, lane: Lane, dense_params: float) -> float:
+        layer_dense = sum(self._layer_grad_bytes(lane, i)[0]
+                          for i in self.layout.stage_layers[lane.stage])  # fmt: skip
+        return max(0.0, dense_params * GRAD_BYTES - layer_dense)
+
+    def _grad_stream(self, lane: Lane, buckets: simpy.Store):
+        """The lane's communication stream: gradient buckets, one at a time (FIFO)."""
+        dp_group = self.layout.group_of("dp", lane.ranks[0])
+        edp_group = self.layout.group_of("edp", lane.ranks[0]) if self.model.moe else []
+        index = 0
+        while True:
+            self.events += 1
+            item = yield buckets.get()
+            if item is None:
+                return
+            dense_bytes, expert_bytes = item
+            for group, size, op in ((dp_group, dense_bytes, Op.GRAD_REDUCE),
+                                    (edp_group, expert_bytes, Op.EXPERT_GRAD_REDUCE)):  # fmt: skip
+                if len(group) > 1 and size > 0:
+                    yield from self._dp_collective(lane, group, size, op, index)
+            index += 1
+
+    def _dp_collective(self, lane: Lane, group: list[int], size: float, op: Op, index: int):
+        kind = "reduce_scatter" if self.par.distributed_optimizer else "all_reduce"
+        hw, gpn = self.hw, self.hw.gpus_per_node
+        duration = collective_time_ms(kind, size, group, gpn, hw, "hierarchical")
+        expected = len({ln.index for ln in self.lanes for r in group if r in ln.ranks})
+        key = (int(op), lane.stage, group[0], index)
+        t0 = self.env.now
+        self.events += 1
+        yield self.rv.arrive(key, expected, lane, lambda _p: (duration, None))
+        kind_row = Kind.COMM_ASYNC if self.par.overlap_communication else Kind.COMM
+        self.rec.add(lane.index, kind_row, op, t0, self.env.now, -1, -1, size)
+
+    def _param_gather(self, lane: Lane, blocking: bool) -> float:
+        """Distributed optimizer: all-gather the updated bf16 parameters over DP (and EDP)."""
+        dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, lane.stage)
+        bpe = DTYPE_BYTES[self.model.dtype]
+        hw, gpn, total = self.hw, self.hw.gpus_per_node, 0.0
+        for kind, params in (("dp", dense), ("edp", expert)):
+            if kind == "edp" and not self.model.moe:
+                continue
+            group = self.layout.group_of(kind, lane.ranks[0])
+            if len(group) > 1 and params > 0:
+                total += collective_time_ms("all_gather", params * bpe, group, gpn, hw,
+                                            "hierarchical")  # fmt: skip
+        if total:
+            t0 = self.env.now
+            self.rec.add(lane.index, Kind.COMM if blocking else Kind.COMM_ASYNC,
+                         Op.PARAM_GATHER, t0, t0 + total, -1, -1)  # fmt: skip
+        return total
+
+    def _optimizer(self, lane: Lane):
+        dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, lane.stage)
+        if self.par.distributed_optimizer:
+            dense /= self.par.dp * self.par.cp
+            expert /= self.layout.edp or 1
+        t0 = self.env.now
+        yield self._wait(optimizer_ms(self.plan, dense + expert))
+        self.rec.add(lane.index, Kind.COMPUTE, Op.OPTIMIZER, t0, self.env.now)
+        if self.par.distributed_optimizer and not self.par.overlap_communication:
+            yield self._wait(self._param_gather(lane, blocking=True))
+
+
+def _check_supported(plan: Plan, layout: Layout) -> None:
+    par = plan.parallel
+    if plan.workload.mode != "training":
+        raise EngineError("the training engine needs workload.mode: training")
+    if par.cp > 1:
+        raise EngineError("context parallelism (parallel.cp > 1) is not simulated yet")
+    if plan.model.moe is not None and not layout.expert_folding_ok:
+        raise EngineError("EP x ETP does not fold into the ranks of a stage (run `check`)")
+    if par.tp % par.expert_tp:
+        raise EngineError(f"ETP {par.expert_tp} must divide TP {par.tp} for the simulation")
+    if par.virtual_stages > 1 and par.schedule != "interleaved":
+        raise EngineError("virtual_stages > 1 needs schedule: interleaved")
+    if len(layout.stage_layers) != par.pp or sum(layout.layers_per_stage) != plan.model.num_layers:
+        raise EngineError("the layers do not split over the pipeline stages")
+    if par.virtual_stages > 1 and any(n % par.virtual_stages for n in layout.layers_per_stage):
+        raise EngineError("layers per stage must divide evenly into virtual stages")
