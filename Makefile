@@ -16,7 +16,7 @@ $(VENV)/.test-extras: $(BIN)/clustersim
 	touch $@
 
 run: $(BIN)/clustersim
-	$(BIN)/clustersim check
+	$(BIN)/clustersim run
 
 test: $(VENV)/.test-extras
 	$(BIN)/ruff check clustersim tests benchmarks

@@ -36,6 +36,9 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a field: --set parallel.tp=4 (repeatable)."),
 ]
+DEFAULT_VALIDATION_CSV = (
+    Path(__file__).resolve().parent.parent / "configs" / "validation" / "narayanan2021_table1.csv"
+)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
 
 
@@ -106,6 +109,76 @@ def check(
 
         print_audit(report)
     raise typer.Exit(code=1 if report.has_errors else 0)
+
+
+@app.command(
+    help="Simulate one training iteration of a plan (SimPy engine: every GPU, link and pipeline "
+    "stage) and print latency, throughput, communication overhead, bubble, utilisation, MFU, "
+    "expert load balance and memory, with the plan's targets and claims checked. Exit code 0: "
+    "no errors; 1: the plan fails a constraint, target or claim; 2: unusable input."
+)
+def run(plan_file: PlanArg = None, set_: SetOpt = None, json_out: JsonOpt = False) -> None:
+    """Simulate a plan and print its metrics."""
+    from clustersim.analysis.simulate import simulate
+    from clustersim.cli_tables import ProgressBar, print_run
+    from clustersim.engine.training import EngineError
+
+    plan = _load(plan_file, set_)
+    try:
+        with ProgressBar("simulating") as bar:
+            report = simulate(plan, progress=bar.update)
+    except EngineError as exc:
+        from clustersim.analysis.audit import audit
+
+        findings = audit(plan)
+        if findings.has_errors and not json_out:
+            from clustersim.cli_tables import print_audit
+
+            print_audit(findings)
+        raise _fail(f"cannot simulate {plan_file or 'the default plan'}: {exc}") from None
+    if json_out:
+        _print_json(report.to_dict())
+    else:
+        print_run(report)
+    raise typer.Exit(code=1 if report.has_errors else 0)
+
+
+@app.command(
+    help="Calibration check: simulate every row of Narayanan et al. 2021 Table 1 (Megatron-LM "
+    "GPT 1.7B-1T on up to 3072 A100s) and print predicted vs published TFLOP/s per GPU and "
+    "the error per row. --set overrides apply to every row (e.g. hardware.compute_efficiency=0.6)."
+)
+def validate(
+    csv_file: Annotated[
+        Path | None, typer.Argument(help="Table to simulate (default: the shipped copy).")
+    ] = None,
+    set_: SetOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Simulate the published measurements and report the error per row."""
+    from clustersim.analysis.validation import validate as run_validation
+    from clustersim.cli_tables import print_validation
+    from clustersim.spec.load import apply_overrides
+
+    path = csv_file or DEFAULT_VALIDATION_CSV
+    if not path.is_file():
+        raise _fail(f"{path}: file not found")
+    overrides = _flat_overrides(apply_overrides({}, set_ or [], "--set"))
+    rows = list(run_validation(path, overrides))
+    if json_out:
+        _print_json([r.to_dict() for r in rows])
+    else:
+        print_validation(rows)
+
+
+def _flat_overrides(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and prefix == "":
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 @plan_app.command("show")

@@ -60,3 +60,113 @@ def print_layout(layout: Layout, full: bool) -> None:
     else:
         console.print(_table("Pipeline stages (use --all for every GPU)", stage_rows(layout)))
     console.print(_table("Process groups", group_rows(layout)))
+
+
+class ProgressBar:
+    """A progress bar on stderr that appears only once a run has taken more than a second."""
+
+    def __init__(self, label: str, delay_s: float = 1.0):
+        self.label, self.delay_s = label, delay_s
+        self._progress = None
+        self._task = None
+        self._started = 0.0
+
+    def __enter__(self) -> ProgressBar:
+        import time
+
+        self._started = time.perf_counter()
+        return self
+
+    def update(self, fraction: float) -> None:
+        """Report progress in [0, 1]."""
+        import time
+
+        if self._progress is None:
+            if time.perf_counter() - self._started < self.delay_s:
+                return
+            from rich.progress import Progress
+
+            self._progress = Progress(console=Console(stderr=True), transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task(self.label, total=1.0)
+        self._progress.update(self._task, completed=fraction)
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+METRIC_ROWS = (
+    ("iteration_time_ms", "iteration time", "ms", "latency_ms_max", "latency_ms"),
+    ("throughput_tokens_per_ms", "throughput", "tokens/ms", "throughput_tokens_per_ms_min",
+     "throughput_tokens_per_ms"),
+    ("mfu_pct", "MFU", "%", None, None),
+    ("comm_overhead_pct", "communication overhead (exposed)", "%", "comm_overhead_pct_max",
+     "comm_overhead_pct"),
+    ("comm_to_compute_pct", "communication / compute", "%", None, None),
+    ("bubble_pct", "pipeline bubble", "%", None, None),
+    ("gpu_utilization_pct", "GPU utilisation", "%", "gpu_utilization_pct_min",
+     "gpu_utilization_pct"),
+    ("load_balance_pct", "expert load balance", "%", "load_balance_pct_min", "load_balance_pct"),
+    ("dropped_tokens_pct", "dropped tokens", "%", None, None),
+)  # fmt: skip
+
+
+def print_run(report) -> None:
+    """Metrics table (with targets and claims), time breakdown, then the findings."""
+    console = Console(width=max(Console().width, 120))
+    plan = report.audit.plan
+    targets, claims = plan.targets, plan.claims
+    table = Table(title=f"{plan.name}: one training iteration (seed {plan.seed})",
+                  title_justify="left")  # fmt: skip
+    for col in ("metric", "value", "unit", "target", "claimed"):
+        table.add_column(col)
+    for key, label, unit, target, claim in METRIC_ROWS:
+        value = report.metrics.get(key)
+        table.add_row(label, "-" if value is None else f"{value:.4g}", unit,
+                      fmt_value(getattr(targets, target)) if target else "",
+                      fmt_value(getattr(claims, claim)) if claim else "")  # fmt: skip
+    mem = report.audit.memory
+    if mem is not None:
+        table.add_row("memory per GPU (peak)", f"{mem.memory_per_gpu_gib:.4g}", "GiB",
+                      fmt_value(targets.memory_per_gpu_gib_max),
+                      fmt_value(claims.memory_per_gpu_gib))  # fmt: skip
+    console.print(table)
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(report.breakdown.items(),
+                                                       key=lambda kv: -kv[1]))  # fmt: skip
+    console.print(f"time per GPU by op (ms, summed over the iteration): {parts}")
+    console.print(f"{report.events} events simulated in {report.wall_s:.2f} s")
+    if report.findings:
+        findings = Table(show_lines=True)
+        for col in ("node", "severity", "claimed", "computed", "why", "fix"):
+            findings.add_column(col, overflow="fold")
+        for f in report.findings:
+            style = "red" if f.severity == "error" else "yellow"
+            findings.add_row(f.node, f"[{style}]{f.severity}[/{style}]", fmt_value(f.claimed),
+                             fmt_value(f.computed), f.message, f.fix)  # fmt: skip
+        console.print(findings)
+    else:
+        console.print("[green]no findings: the plan meets its constraints, targets and claims"
+                      "[/green]")  # fmt: skip
+    if report.unchecked:
+        console.print("not decided by this simulation: " + ", ".join(report.unchecked))
+
+
+def print_validation(rows) -> None:
+    """Predicted vs published TFLOP/s per GPU, with the error of each row and the summary."""
+    console = Console(width=max(Console().width, 110))
+    table = Table(title="Narayanan et al. 2021, Table 1 (A100 80GB): simulated vs published",
+                  title_justify="left")  # fmt: skip
+    for col in ("params (B)", "GPUs", "TP", "PP", "v", "published TFLOP/s", "simulated TFLOP/s",
+                "error %", "bubble %", "exposed comm %"):  # fmt: skip
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(f"{r.params_billion:g}", str(r.num_gpus), str(r.tp), str(r.pp),
+                      str(r.virtual_stages), f"{r.published_tflops:.0f}",
+                      f"{r.predicted_tflops:.1f}", f"{r.error_pct:+.1f}", f"{r.bubble_pct:.1f}",
+                      f"{r.comm_overhead_pct:.1f}")  # fmt: skip
+    console.print(table)
+    errors = [abs(r.error_pct) for r in rows]
+    if errors:
+        console.print(f"mean absolute error {sum(errors) / len(errors):.1f}%, "
+                      f"largest {max(errors):.1f}% ({len(rows)} rows)")  # fmt: skip

@@ -55,6 +55,18 @@ class OpCost:
 ZERO_OP = OpCost(0.0, 0.0)
 
 
+# Kernels a layer launches per forward pass (Megatron with fused bias/dropout/activation):
+# attention block: layernorm, QKV GEMM, scores, softmax, dropout, context, output GEMM,
+# bias-dropout-add; MLP block: layernorm, FC1, activation, FC2, bias-dropout-add; an MoE
+# layer's experts: router, top-k, permute, two grouped GEMMs, activation, unpermute.
+KERNELS_PER_FORWARD = {"attention": 8, "mlp": 5, "experts": 7}
+
+
+def kernel_overhead_ms(num_kernels: float, hw: HardwareSpec) -> float:
+    """Fixed launch and framework time of ``num_kernels`` kernels, in ms."""
+    return num_kernels * hw.kernel_overhead_us / 1e3
+
+
 def op_time_ms(flops: float, hbm_bytes: float, hw: HardwareSpec) -> float:
     """Roofline: max(flops / (peak · efficiency), bytes / HBM bandwidth), in ms."""
     compute_s = flops / (hw.peak_tflops * 1e12 * hw.compute_efficiency)
@@ -220,6 +232,26 @@ def router(tokens: float, model: ModelSpec) -> OpCost:
 def logits(tokens: float, model: ModelSpec, tp: int = 1) -> OpCost:
     """Output layer: 2·tokens·h·V/tp FLOPs."""
     return gemm(tokens, model.vocab_size / tp, model.hidden_size, _bpe(model))
+
+
+def elementwise(
+    tokens: float, model: ModelSpec, tp: int = 1, sequence_parallel: bool = False, mlp: bool = True
+) -> OpCost:
+    """Memory-bound element-wise kernels of one layer's forward (no FLOPs counted).
+
+    Per token (Megatron's fused kernels): two layernorms (read + write h each), two
+    bias-dropout-residual adds (read 2h, write h, 1-byte mask: ~3.5h each), and the MLP
+    activation (GeLU: read + write ffn/tp; SwiGLU: read 2 ffn/tp, write ffn/tp). Without
+    sequence parallelism the h-wide kernels run on the whole sequence on every TP rank; with it
+    each rank runs 1/tp of them. ``mlp=False`` leaves out the MLP activation (MoE layers count
+    theirs inside the expert GEMMs). These kernels cannot hide behind GEMMs, so their time adds
+    to the GEMMs' (see :func:`op_time_ms`).
+    """
+    h_passes = 2 * 2 + 2 * 3.5
+    h_elements = h_passes * model.hidden_size / (tp if sequence_parallel else 1)
+    ffn = model.dense_ffn / tp
+    act_passes = {"gelu": 2, "swiglu": 3}[model.activation] if mlp else 0
+    return OpCost(0.0, tokens * (h_elements + act_passes * ffn) * _bpe(model))
 
 
 # ---- a whole layer and the whole model ---------------------------------------------------

@@ -34,7 +34,8 @@ class LayerTimes:
     attn_fwd_ms: float
     mlp_fwd_ms: float  # dense MLP; 0 for MoE layers (experts are timed per rank)
     tp_comm_ms: float  # the layer's TP collectives, per direction
-    recompute_ms: float  # added to the backward
+    recompute_ms: float  # compute added to the backward
+    recompute_comm_ms: float = 0.0  # TP collectives of a full recompute
 
     @property
     def attn_bwd_ms(self) -> float:
@@ -94,16 +95,23 @@ class MicrobatchCosts:
 
     def _layer(self, moe_layer: bool) -> LayerTimes:
         hw, model = self.plan.hardware, self.plan.model
-        attn = self._attention_cost(moe_layer).time_ms(hw)
-        mlp = 0.0 if moe_layer else cc.dense_mlp(self.tokens, model, self._tp).time_ms(hw)
-        recompute = self.plan.parallel.recompute
-        if recompute == "full":
-            extra = attn + mlp  # experts' recompute is added per rank by the engine
+        sp = self.plan.parallel.sequence_parallel
+        elementwise = cc.elementwise(self.tokens, model, self._tp, sp, mlp=not moe_layer)
+        attn = self._attention_cost(moe_layer).time_ms(hw) + elementwise.time_ms(hw)
+        attn += cc.kernel_overhead_ms(cc.KERNELS_PER_FORWARD["attention"], hw)
+        mlp = 0.0
+        if not moe_layer:
+            mlp = cc.dense_mlp(self.tokens, model, self._tp).time_ms(hw)
+            mlp += cc.kernel_overhead_ms(cc.KERNELS_PER_FORWARD["mlp"], hw)
+        recompute, tp_comm = self.plan.parallel.recompute, self._tp_comm_ms(moe_layer)
+        extra_comm = 0.0
+        if recompute == "full":  # the forward again, TP collectives included
+            extra, extra_comm = attn + mlp, tp_comm  # experts: added per rank by the engine
         elif recompute == "selective":
             extra = self._core_attention().time_ms(hw)
         else:
             extra = 0.0
-        return LayerTimes(attn, mlp, self._tp_comm_ms(moe_layer), extra)
+        return LayerTimes(attn, mlp, tp_comm, extra, extra_comm)
 
     @cached_property
     def dense(self) -> LayerTimes:
@@ -143,12 +151,13 @@ class ExpertTimer:
         per_token_bytes = two.hbm_bytes - one.hbm_bytes
         self.ms_per_token_memory = per_token_bytes / byte_rate * 1e3
         self.ms_per_expert_weights = (one.hbm_bytes - per_token_bytes) / byte_rate * 1e3
+        self.overhead_ms = cc.kernel_overhead_ms(cc.KERNELS_PER_FORWARD["experts"], hw)
 
     def forward_ms(self, tokens: np.ndarray, active_experts: np.ndarray) -> np.ndarray:
         """Forward time of each rank's expert GEMMs for its token count."""
         compute = tokens * self.ms_per_token_compute
         memory = tokens * self.ms_per_token_memory + active_experts * self.ms_per_expert_weights
-        return np.where(tokens > 0, np.maximum(compute, memory), 0.0)
+        return np.where(tokens > 0, np.maximum(compute, memory) + self.overhead_ms, 0.0)
 
 
 def p2p_time_ms(plan: Plan, src: int, dst: int, size_bytes: float) -> float:

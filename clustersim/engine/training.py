@@ -198,6 +198,12 @@ class TrainingSim:
             self._tick()
         self._flush_bucket(lane, buckets, grad_state, final=True)
         yield comm
+        # Megatron's optimizer step starts with the gradient-norm (clip_grad) all-reduce over
+        # the model-parallel group, pipeline stages included: no stage updates its weights
+        # before every stage has finished its backward and gradient reduction. A barrier
+        # (the tiny all-reduce's latency is not charged).
+        self.events += 1
+        yield self.rv.arrive(("optimizer_barrier",), len(self.lanes), lane, lambda _p: (0.0, None))
         yield from self._optimizer(lane)
 
     def _tick(self) -> None:
@@ -237,11 +243,13 @@ class TrainingSim:
             if moe:
                 yield from self._moe_block(lane, layer, mb, costs, backward=True)
             t0 = self.env.now
-            yield self._wait(lt.recompute_ms + lt.mlp_bwd_ms + lt.attn_bwd_ms + lt.tp_comm_ms)
+            yield self._wait(lt.recompute_ms + lt.recompute_comm_ms + lt.mlp_bwd_ms
+                             + lt.attn_bwd_ms + lt.tp_comm_ms)  # fmt: skip
             t = t0
             if lt.recompute_ms:
                 rec.add(lid, Kind.COMPUTE, Op.RECOMPUTE, t, t + lt.recompute_ms, layer, mb)
-                t += lt.recompute_ms
+                t = self._tp_rows(lid, t + lt.recompute_ms, lt.recompute_comm_ms, layer, mb,
+                                  costs, moe)  # fmt: skip
             if lt.mlp_bwd_ms:
                 rec.add(lid, Kind.COMPUTE, Op.MLP_BWD, t, t + lt.mlp_bwd_ms, layer, mb)
                 t += lt.mlp_bwd_ms

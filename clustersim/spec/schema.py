@@ -125,8 +125,12 @@ class HardwareSpec(_Strict):
     hbm_bandwidth_gbps: PositiveFloat
     intra_node: LinkSpec
     inter_node: LinkSpec
+    # Calibrated on Narayanan et al. 2021, Table 1 (VALIDATION.md): two parameters.
     compute_efficiency: float = Field(
-        0.6, gt=0, le=1, description="Achieved fraction of peak on large GEMMs."
+        0.62, gt=0, le=1, description="Achieved fraction of peak on large GEMMs."
+    )
+    kernel_overhead_us: float = Field(
+        18.0, ge=0, description="Fixed time per GPU kernel (launch and framework overhead)."
     )
     memory_reserved_gib: float = Field(
         0.0, ge=0, description="Memory not available to the model (CUDA context, allocator)."
