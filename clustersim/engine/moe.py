@@ -36,6 +36,8 @@ class RoutingSource(Protocol):
 class EvenSplit:
     """Every token's k copies spread evenly over the E experts (perfect balance, no drops)."""
 
+    deterministic = True  # the same tokens always give the same dispatch
+
     def __init__(self, moe: MoESpec, ep: int):
         self.moe, self.ep = moe, ep
 

@@ -153,6 +153,14 @@ class ExpertTimer:
         self.ms_per_expert_weights = (one.hbm_bytes - per_token_bytes) / byte_rate * 1e3
         self.overhead_ms = cc.kernel_overhead_ms(cc.KERNELS_PER_FORWARD["experts"], hw)
 
+    def forward_ms_one(self, tokens: float, active_experts: float) -> float:
+        """Forward time of one rank's expert GEMMs (scalar version of :meth:`forward_ms`)."""
+        if tokens <= 0:
+            return 0.0
+        compute = tokens * self.ms_per_token_compute
+        memory = tokens * self.ms_per_token_memory + active_experts * self.ms_per_expert_weights
+        return (compute if compute > memory else memory) + self.overhead_ms
+
     def forward_ms(self, tokens: np.ndarray, active_experts: np.ndarray) -> np.ndarray:
         """Forward time of each rank's expert GEMMs for its token count."""
         compute = tokens * self.ms_per_token_compute

@@ -58,12 +58,20 @@ _COLUMNS = {
 
 
 class Recorder:
-    """Append-only numpy columns of event rows, plus per-rank compute adjustments."""
+    """Append-only event rows: tuples in a list, frozen into numpy column chunks of
+    ``chunk_rows`` rows (one list append per row is the cheapest thing Python can do)."""
 
-    def __init__(self, world_size: int, capacity: int = 1 << 14):
-        self._cols = {name: np.empty(capacity, dtype) for name, dtype in _COLUMNS.items()}
-        self.size = 0
+    def __init__(self, world_size: int, chunk_rows: int = 1 << 16):
+        self._rows: list[tuple] = []
+        self._chunks: list[dict[str, np.ndarray]] = []
+        self._chunk_rows = chunk_rows
+        self._frozen = 0
         self.rank_idle_ms = np.zeros(world_size)  # lane compute time a rank spent waiting
+
+    @property
+    def size(self) -> int:
+        """Rows recorded."""
+        return self._frozen + len(self._rows)
 
     def add(
         self,
@@ -77,26 +85,27 @@ class Recorder:
         nbytes: float = 0.0,
     ) -> None:
         """Append one row."""
-        i = self.size
-        if i == len(self._cols["lane"]):
-            self._grow()
-        cols = self._cols
-        cols["lane"][i] = lane
-        cols["kind"][i] = kind
-        cols["op"][i] = op
-        cols["start_ms"][i] = start_ms
-        cols["end_ms"][i] = end_ms
-        cols["layer"][i] = layer
-        cols["microbatch"][i] = microbatch
-        cols["bytes"][i] = nbytes
-        self.size = i + 1
+        rows = self._rows
+        rows.append((lane, kind, op, start_ms, end_ms, layer, microbatch, nbytes))
+        if len(rows) >= self._chunk_rows:
+            self._freeze()
 
-    def _grow(self) -> None:
-        for name, col in self._cols.items():
-            bigger = np.empty(2 * len(col), col.dtype)
-            bigger[: len(col)] = col
-            self._cols[name] = bigger
+    def _freeze(self) -> None:
+        if not self._rows:
+            return
+        table = np.array(self._rows, dtype=np.float64)
+        self._chunks.append(
+            {name: table[:, i].astype(dtype) for i, (name, dtype) in enumerate(_COLUMNS.items())}
+        )
+        self._frozen += len(self._rows)
+        self._rows = []
 
     def columns(self) -> dict[str, np.ndarray]:
-        """Views of the filled part of every column."""
-        return {name: col[: self.size] for name, col in self._cols.items()}
+        """Every row so far, one numpy array per column."""
+        self._freeze()
+        if not self._chunks:
+            return {name: np.empty(0, dtype) for name, dtype in _COLUMNS.items()}
+        if len(self._chunks) > 1:
+            merged = {name: np.concatenate([c[name] for c in self._chunks]) for name in _COLUMNS}
+            self._chunks = [merged]
+        return self._chunks[0]

@@ -14,8 +14,11 @@ class Rendezvous:
     """Meeting points keyed by collective instance (op, group, layer, micro-batch, ...).
 
     ``arrive`` returns an event that fires when the collective ends; its value is
-    ``(start_ms, end_ms, info)`` where ``start_ms`` is the last arrival (the slowest member gates
-    everyone) and ``info`` whatever ``timing`` returned besides the duration.
+    ``(start_ms, end_ms, info)`` where ``start_ms`` is the latest ``ready_at`` of the members
+    (the slowest member gates everyone) and ``info`` whatever ``timing`` returned besides the
+    duration. A member may arrive *before* it is ready (``ready_at`` > now) — a lane that knows
+    its compute will end at ``ready_at`` joins at once instead of waiting for a timeout, which
+    saves an event per collective; the collective still starts only when everyone is ready.
     """
 
     def __init__(self, env: simpy.Environment):
@@ -27,23 +30,24 @@ class Rendezvous:
         self,
         key: Any,
         expected: int,
-        payload: Any,
-        timing: Callable[[list[Any]], tuple[float, Any]],
+        ready_at: float,
+        timing: Callable[..., tuple[float, Any]],
+        *args: Any,
     ) -> simpy.Event:
-        """Join collective ``key`` of ``expected`` members; ``timing(payloads)`` gives
+        """Join collective ``key`` of ``expected`` members; ``timing(payloads, *args)`` gives
         ``(duration_ms, info)`` once everyone is there."""
         entry = self._open.get(key)
         if entry is None:
             entry = (self.env.event(), [], expected)
             self._open[key] = entry
-        done, payloads, _ = entry
-        payloads.append(payload)
-        if len(payloads) == expected:
+        done, ready, _ = entry
+        ready.append(ready_at)
+        if len(ready) == expected:
             del self._open[key]
-            duration_ms, info = timing(payloads)
-            start = self.env.now
+            duration_ms, info = timing(ready, *args)
+            start = max(max(ready), self.env.now)
             value = (start, start + duration_ms, info)
-            release = self.env.timeout(duration_ms)
+            release = self.env.timeout(start - self.env.now + duration_ms)
             release.callbacks.append(lambda _event: done.succeed(value))
             self.completed += 1
         return done

@@ -62,6 +62,7 @@ class Lane:
     dp: int
     ranks: list[int]
     ep_groups: list[int] = field(default_factory=list)
+    member_slots: list[tuple[int, int]] = field(default_factory=list)  # (ep_groups slot, index)
 
 
 @dataclass
@@ -98,6 +99,9 @@ class TrainingSim:
         self.rv = Rendezvous(self.env)
         self.simulated_dp = 1 if symmetric else self.par.dp
         self.seq_lens = seq_lens
+        self._mb_tokens = np.array([[int(x.sum()) for x in mbs] for mbs in seq_lens])
+        self._deterministic = bool(getattr(routing, "deterministic", False))
+        self._route_cache: dict[tuple, tuple] = {}
         self.lanes = self._make_lanes()
         self.lane_at = {(ln.stage, ln.dp): ln for ln in self.lanes}
         self.costs = {
@@ -126,12 +130,19 @@ class TrainingSim:
         if self.model.moe is not None:
             self._ep_groups = lay.groups("ep")
             lane_of = {r: ln.index for ln in lanes for r in ln.ranks}
+            slot_of = {r: (gid, i) for gid, grp in enumerate(self._ep_groups)
+                       for i, r in enumerate(grp)}  # fmt: skip
             self._group_lanes = {}
+            self._group_dp = [np.array([lay.coords(r).dp for r in g]) for g in self._ep_groups]
+            self._groups_per_stage = len(self._ep_groups) // self.par.pp
             for gid, group in enumerate(self._ep_groups):
                 members = sorted({lane_of[r] for r in group if r in lane_of})
                 self._group_lanes[gid] = len(members)
                 for lane_index in members:
                     lanes[lane_index].ep_groups.append(gid)
+            for ln in lanes:
+                ln.member_slots = [(ln.ep_groups.index(slot_of[r][0]), slot_of[r][1])
+                                   for r in ln.ranks]  # fmt: skip
         return lanes
 
     def _steps(self, lane: Lane):
@@ -151,8 +162,9 @@ class TrainingSim:
         if self.rv.pending or not all(p.triggered for p in finals):
             raise RuntimeError("simulation deadlocked: a collective never completed")
         tokens = int(sum(int(x.sum()) for mbs in self.seq_lens for x in mbs))
+        # Events = rows recorded: one per compute op or collective step of a lane.
         return SimResult(self.env.now, self._pipeline_end, self.lanes, self.simulated_dp,
-                         self.events + self.rv.completed, tokens, self.seq_lens,
+                         self.rec.size, tokens, self.seq_lens,
                          self.dispatches)  # fmt: skip
 
     def _event(self, key: tuple) -> simpy.Event:
@@ -203,7 +215,7 @@ class TrainingSim:
         # before every stage has finished its backward and gradient reduction. A barrier
         # (the tiny all-reduce's latency is not charged).
         self.events += 1
-        yield self.rv.arrive(("optimizer_barrier",), len(self.lanes), lane, lambda _p: (0.0, None))
+        yield self.rv.arrive(("optimizer_barrier",), len(self.lanes), self.env.now, _fixed, 0.0)
         yield from self._optimizer(lane)
 
     def _tick(self) -> None:
@@ -218,14 +230,14 @@ class TrainingSim:
             moe = self.model.is_moe_layer(layer)
             lt = costs.moe if moe else costs.dense
             t0 = self.env.now
-            yield self._wait(lt.attn_fwd_ms + lt.mlp_fwd_ms + lt.tp_comm_ms)
             t1 = t0 + lt.attn_fwd_ms
             rec.add(lid, Kind.COMPUTE, Op.ATTN_FWD, t0, t1, layer, mb)
             t2 = self._tp_rows(lid, t1, lt.tp_comm_ms, layer, mb, costs, moe)
             if not moe:
                 rec.add(lid, Kind.COMPUTE, Op.MLP_FWD, t2, t2 + lt.mlp_fwd_ms, layer, mb)
-            else:
-                yield from self._moe_block(lane, layer, mb, costs, backward=False)
+                yield self._wait(t2 + lt.mlp_fwd_ms - t0)
+            else:  # joins the dispatch at once, ready when attention ends (no extra event)
+                yield from self._moe_block(lane, layer, mb, costs, False, ready_at=t2)
         if last:
             t0 = self.env.now
             yield self._wait(costs.logits_fwd_ms)
@@ -241,7 +253,7 @@ class TrainingSim:
             moe = self.model.is_moe_layer(layer)
             lt = costs.moe if moe else costs.dense
             if moe:
-                yield from self._moe_block(lane, layer, mb, costs, backward=True)
+                yield from self._moe_block(lane, layer, mb, costs, True, self.env.now)
             t0 = self.env.now
             yield self._wait(lt.recompute_ms + lt.recompute_comm_ms + lt.mlp_bwd_ms
                              + lt.attn_bwd_ms + lt.tp_comm_ms)  # fmt: skip
@@ -270,95 +282,95 @@ class TrainingSim:
         return t
 
     # ---- MoE: dispatch, experts, combine ---------------------------------------------------
-    def _moe_block(self, lane: Lane, layer: int, mb: int, costs, backward: bool):
+    def _moe_block(self, lane: Lane, layer: int, mb: int, costs, backward: bool, ready_at):
+        """Dispatch, experts, combine (reversed in the backward). The lane joins each
+        all-to-all as soon as it knows when its preceding compute ends (``ready_at``)."""
         first_op, second_op = (Op.A2A_COMBINE, Op.A2A_DISPATCH) if backward else (
             Op.A2A_DISPATCH, Op.A2A_COMBINE)  # fmt: skip
-        routes = yield from self._a2a(lane, layer, mb, first_op, backward)
+        routes = yield from self._a2a(lane, layer, mb, first_op, backward, ready_at)
         expert_ms, rank_ms, etp_ms = self._expert_times(lane, routes)
         factor = BACKWARD_FACTOR + (1.0 if self.par.recompute == "full" else 0.0)
         if backward:
-            expert_ms, rank_ms = expert_ms * factor, rank_ms * factor
-        t0 = self.env.now
-        yield self._wait(expert_ms + 2 * etp_ms)
-        t = t0
+            expert_ms, rank_ms = expert_ms * factor, [ms * factor for ms in rank_ms]
+        t = self.env.now
         if etp_ms:
             self.rec.add(lane.index, Kind.COMM, Op.ETP_COMM, t, t + etp_ms, layer, mb)
             t += etp_ms
         op = Op.EXPERT_BWD if backward else Op.EXPERT_FWD
         self.rec.add(lane.index, Kind.COMPUTE, op, t, t + expert_ms, layer, mb)
-        self.rec.rank_idle_ms[lane.ranks] += expert_ms - rank_ms
+        t += expert_ms
+        if len(rank_ms) > 1:
+            idle = self.rec.rank_idle_ms
+            for r, ms in zip(lane.ranks, rank_ms, strict=True):
+                idle[r] += expert_ms - ms
         if etp_ms:
-            t += expert_ms
             self.rec.add(lane.index, Kind.COMM, Op.ETP_COMM, t, t + etp_ms, layer, mb)
-        yield from self._a2a(lane, layer, mb, second_op, backward)
+            t += etp_ms
+        yield from self._a2a(lane, layer, mb, second_op, backward, t)
 
-    def _a2a(self, lane: Lane, layer: int, mb: int, op: Op, backward: bool):
-        """All-to-all over every EP group the lane's ranks belong to (concurrently)."""
-        events = []
-        for gid in lane.ep_groups:
-            key = (int(op), backward, gid, layer, mb)
-            expected = self._group_lanes[gid]
-            events.append(self.rv.arrive(key, expected, lane, self._a2a_timing(gid, layer, mb)))
-        t0 = self.env.now
+    def _a2a(self, lane: Lane, layer: int, mb: int, op: Op, backward: bool, ready_at: float):
+        """All-to-all over every EP group the lane's ranks belong to (concurrently); the lane
+        is ready to send at ``ready_at`` and waits (in the collective) until it ends."""
+        events = [
+            self.rv.arrive((op, backward, gid, layer, mb), self._group_lanes[gid], ready_at,
+                           self._a2a_timing, gid, layer, mb)
+            for gid in lane.ep_groups
+        ]  # fmt: skip
+        t0 = ready_at
         self.events += 1
-        results = yield self.env.all_of(events)
-        routes, end, nbytes = [], t0, 0.0
-        for ev in events:
-            _start, stop, (dispatch, size) = results[ev]
-            routes.append((ev, dispatch))
-            end, nbytes = max(end, stop), nbytes + size
+        if len(events) == 1:
+            _start, end, (dispatch, nbytes) = yield events[0]
+            routes = [dispatch]
+        else:
+            results = yield self.env.all_of(events)
+            values = [results[ev] for ev in events]
+            routes = [v[2][0] for v in values]
+            end, nbytes = max(v[1] for v in values), sum(v[2][1] for v in values)
         self.rec.add(lane.index, Kind.COMM, op, t0, end, layer, mb, nbytes)
-        return [(gid, d) for gid, (_ev, d) in zip(lane.ep_groups, routes, strict=True)]
+        return routes
 
-    def _a2a_timing(self, gid: int, layer: int, mb: int):
-        def timing(_payloads):
-            key = (gid, layer, mb)
-            if key not in self._routes:
-                self._routes[key] = self._route(gid, layer, mb)
-            dispatch, time_ms, size = self._routes[key]
-            return time_ms, (dispatch, size)
-
-        return timing
+    def _a2a_timing(self, _payloads, gid: int, layer: int, mb: int):
+        """Duration of an EP group's all-to-all (routing once per group, layer, micro-batch)."""
+        key = (gid, layer, mb)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._routes[key] = self._route(gid, layer, mb)
+        dispatch, time_ms, size = route
+        return time_ms, (dispatch, size)
 
     def _route(self, gid: int, layer: int, mb: int):
-        group = self._ep_groups[gid]
-        tokens = np.array([self._rank_tokens(r, mb) for r in group], dtype=np.int64)
-        key = mb * len(self._ep_groups) + gid
-        dispatch = self.routing.dispatch(layer, key, tokens)
+        """Route one EP group's tokens and time its all-to-all (cached when deterministic)."""
+        tokens = self._mb_tokens[self._group_dp[gid], mb] * self.par.expert_tp // self.par.tp
+        cache_key = (gid % self._groups_per_stage, tokens.tobytes())
+        if self._deterministic and cache_key in self._route_cache:
+            found = self._route_cache[cache_key]
+            self.dispatches.append(found[0])
+            return found
+        dispatch = self.routing.dispatch(layer, mb * len(self._ep_groups) + gid, tokens)
         self.dispatches.append(dispatch)
-        bpe = DTYPE_BYTES[self.model.dtype]
-        send = dispatch.a2a_tokens * self.model.hidden_size * bpe
+        send = dispatch.a2a_tokens * (self.model.hidden_size * DTYPE_BYTES[self.model.dtype])
+        group = self._ep_groups[gid]
         cost = all_to_all_v_cost(send, group, self.hw.gpus_per_node, self.hw)
-        return dispatch, cost.time_ms, float(send.sum() - np.trace(send))
+        found = (dispatch, cost.time_ms, float(send.sum() - np.trace(send)))
+        if self._deterministic:
+            self._route_cache[cache_key] = found
+        return found
 
-    def _rank_tokens(self, rank: int, mb: int) -> int:
-        """Tokens a rank dispatches: its lane's micro-batch, split over TP by sequence
-        parallelism and gathered back over ETP (Megatron's token dispatcher)."""
-        dp = self.layout.coords(rank).dp % self.simulated_dp
-        tokens = int(self.seq_lens[dp][mb].sum())
-        return tokens * self.par.expert_tp // self.par.tp
-
-    def _expert_times(self, lane: Lane, routes):
+    def _expert_times(self, lane: Lane, routes: list[Dispatch]):
         """Lane expert time (its slowest rank), per-rank times, ETP collective time."""
-        received = {}
-        active = {}
-        for gid, dispatch in routes:
-            for i, rank in enumerate(self._ep_groups[gid]):
-                received[rank] = dispatch.received_tokens[i]
-                active[rank] = dispatch.active_experts[i]
         etp = self.par.expert_tp
-        ranks = lane.ranks
-        # Each ETP group gathers its members' tokens; members compute them at ffn / etp.
-        tokens = np.array([sum(received.get(r - r % etp + e, 0.0) for e in range(etp))
-                           for r in ranks])  # fmt: skip
-        acts = np.array([active.get(r, 0) for r in ranks], dtype=np.float64)
-        rank_ms = self.expert_timer.forward_ms(tokens, acts)
+        timer = self.expert_timer
+        received = [float(routes[slot].received_tokens[i]) for slot, i in lane.member_slots]
+        active = [float(routes[slot].active_experts[i]) for slot, i in lane.member_slots]
+        if etp > 1:  # each ETP group (inside the lane) gathers its members' tokens
+            received = [sum(received[j - j % etp : j - j % etp + etp]) for j in range(len(active))]
+        rank_ms = [timer.forward_ms_one(t, a) for t, a in zip(received, active, strict=True)]
         etp_ms = 0.0
         if etp > 1:
-            size = float(tokens.max()) * self.model.hidden_size * DTYPE_BYTES[self.model.dtype]
-            group = ranks[: etp]
-            etp_ms = collective_time_ms("all_gather", size, group, self.hw.gpus_per_node, self.hw)
-        return float(rank_ms.max()), rank_ms, etp_ms
+            size = max(received) * self.model.hidden_size * DTYPE_BYTES[self.model.dtype]
+            etp_ms = collective_time_ms("all_gather", size, lane.ranks[:etp],
+                                        self.hw.gpus_per_node, self.hw)  # fmt: skip
+        return max(rank_ms), rank_ms, etp_ms
 
     # ---- pipeline transfers ----------------------------------------------------------------
     def _send(self, lane: Lane, to_vstage: int, mb: int, nbytes: float, what: str) -> None:
@@ -430,7 +442,7 @@ class TrainingSim:
         key = (int(op), lane.stage, group[0], index)
         t0 = self.env.now
         self.events += 1
-        yield self.rv.arrive(key, expected, lane, lambda _p: (duration, None))
+        yield self.rv.arrive(key, expected, self.env.now, _fixed, duration)
         kind_row = Kind.COMM_ASYNC if self.par.overlap_communication else Kind.COMM
         self.rec.add(lane.index, kind_row, op, t0, self.env.now, -1, -1, size)
 
@@ -462,6 +474,11 @@ class TrainingSim:
         self.rec.add(lane.index, Kind.COMPUTE, Op.OPTIMIZER, t0, self.env.now)
         if self.par.distributed_optimizer and not self.par.overlap_communication:
             yield self._wait(self._param_gather(lane, blocking=True))
+
+
+def _fixed(_payloads, duration_ms: float) -> tuple[float, None]:
+    """Rendezvous timing of a collective whose duration is known in advance."""
+    return duration_ms, None
 
 
 def _check_supported(plan: Plan, layout: Layout) -> None:

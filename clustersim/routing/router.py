@@ -1,0 +1,279 @@
+"""Routing one MoE layer's tokens for one micro-batch: the interface the engine calls.
+
+:class:`Router` samples each token's experts (gating law in :mod:`clustersim.routing.gating`),
+applies Megatron's capacity per expert and per source rank (dropless when
+``capacity_factor`` is None), optionally pads every expert to capacity, and returns the counts
+the engine needs as a :class:`RoutingOutcome`: tokens each expert and each EP rank computes and
+the source-rank x destination-rank all-to-all matrix. :func:`uniform_outcome` is the same
+outcome for a perfectly even split, without sampling.
+
+Determinism: ``route(layer, microbatch, tokens, step=s)`` draws from
+``SeedSequence([seed, layer, microbatch, s])``; ``step=0`` is the same stream as
+``SeedSequence([seed, layer, microbatch])``. The result depends on nothing else, so calls may
+come in any order.
+
+Memory: tokens are routed in chunks of whole source ranks of at most ~4M token-expert
+assignments, drawing their uniforms in order from the one generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from clustersim.routing import metrics
+from clustersim.routing.dispatch import (
+    DEFAULT_MAX_REJECTIONS,
+    TopkSampler,
+    count_by_source,
+    dispatch_matrix,
+    keep_mask,
+    megatron_capacity,
+    token_offsets_of,
+)
+from clustersim.routing.gating import expert_popularity
+from clustersim.spec.schema import MoESpec
+
+_MAX_ASSIGNMENTS_PER_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True, eq=False)
+class RoutingOutcome:
+    """Counts of one (layer, micro-batch) after routing; arrays are read-only int64.
+
+    ``tokens_per_expert`` (E,): tokens each expert computes (after drops, padding included).
+    ``tokens_per_rank`` (ep,): tokens the experts of each EP rank compute.
+    ``a2a_tokens`` (ep, ep): ``[src, dst]`` token-expert assignments sent from source rank
+    ``src`` to the rank holding the expert; the diagonal stays on its rank. Row sums are the
+    assignments each source rank keeps (plus padding), column sums are ``tokens_per_rank``.
+    ``dropped_tokens``: assignments dropped by capacity; ``routed_tokens``: T_total x k.
+    ``capacity``: per expert per source rank (the largest over source ranks), None = dropless;
+    ``capacity_per_source_rank`` (ep,) the capacity of each source rank.
+    ``fully_dropped_tokens``: tokens that lost all k assignments (depends on the drop policy).
+    """
+
+    tokens_per_expert: np.ndarray
+    tokens_per_rank: np.ndarray
+    a2a_tokens: np.ndarray
+    dropped_tokens: int
+    routed_tokens: int
+    capacity: int | None
+    capacity_per_source_rank: np.ndarray | None = None
+    fully_dropped_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("tokens_per_expert", "tokens_per_rank", "a2a_tokens"):
+            getattr(self, name).setflags(write=False)
+        if self.capacity_per_source_rank is not None:
+            self.capacity_per_source_rank.setflags(write=False)
+
+    @property
+    def load_balance_pct(self) -> float:
+        """Mean / max tokens per expert x 100."""
+        return metrics.load_balance_pct(self.tokens_per_expert)
+
+    @property
+    def max_to_mean_load(self) -> float:
+        """Max / mean tokens per expert (the busiest expert's slowdown over a balanced one)."""
+        return metrics.max_to_mean_load(self.tokens_per_expert)
+
+    @property
+    def dropped_tokens_pct(self) -> float:
+        """Dropped assignments as a share of routed ones, in %."""
+        return metrics.dropped_tokens_pct(self.dropped_tokens, self.routed_tokens)
+
+
+def _as_token_counts(tokens_per_source_rank: np.ndarray, ep: int) -> np.ndarray:
+    tokens = np.asarray(tokens_per_source_rank)
+    if tokens.shape != (ep,):
+        raise ValueError(f"tokens_per_source_rank must have shape ({ep},), got {tokens.shape}")
+    whole = tokens.dtype.kind in "iu" or bool(np.all(tokens == np.floor(tokens)))
+    if not whole or (tokens.size and tokens.min() < 0):
+        raise ValueError("tokens_per_source_rank must hold whole numbers >= 0")
+    return tokens.astype(np.int64)
+
+
+def _outcome(
+    counts: np.ndarray, capacity: np.ndarray | None, pad: bool, fully_dropped: int
+) -> RoutingOutcome:
+    """Outcome from assignments per (source rank, expert) and each source rank's capacity."""
+    ep = counts.shape[0]
+    routed = int(counts.sum())
+    if capacity is None:
+        computed, dropped = counts, 0
+    else:
+        kept = np.minimum(counts, capacity[:, None])
+        dropped = routed - int(kept.sum())
+        computed = np.broadcast_to(capacity[:, None], counts.shape) if pad else kept
+    a2a = dispatch_matrix(computed, ep)
+    return RoutingOutcome(
+        tokens_per_expert=computed.sum(axis=0),
+        tokens_per_rank=a2a.sum(axis=0),
+        a2a_tokens=a2a,
+        dropped_tokens=dropped,
+        routed_tokens=routed,
+        capacity=None if capacity is None else int(capacity.max(initial=0)),
+        capacity_per_source_rank=capacity,
+        fully_dropped_tokens=fully_dropped,
+    )
+
+
+def uniform_outcome(
+    num_experts: int, ep: int, top_k: int, tokens_per_source_rank: np.ndarray
+) -> RoutingOutcome:
+    """Perfectly even routing without sampling or capacity (a baseline for tests and plans).
+
+    Each source rank's ``T_s * k`` assignments are split over the experts as evenly as
+    possible; remainders go round-robin, continuing where the previous source rank stopped.
+    """
+    if num_experts % ep or not 1 <= top_k <= num_experts:
+        raise ValueError(f"need ep | E and 1 <= k <= E, got E={num_experts} ep={ep} k={top_k}")
+    tokens = _as_token_counts(tokens_per_source_rank, ep)
+    counts = np.empty((ep, num_experts), np.int64)
+    start = 0
+    for s, assignments in enumerate(tokens * top_k):
+        base, rest = divmod(int(assignments), num_experts)
+        counts[s] = base
+        counts[s, (start + np.arange(rest)) % num_experts] += 1
+        start = (start + rest) % num_experts
+    return _outcome(counts, None, False, 0)
+
+
+def _source_chunks(tokens: np.ndarray, top_k: int) -> Iterator[tuple[int, int]]:
+    """Consecutive source-rank ranges [lo, hi) of at most the chunk size (or one rank)."""
+    if tokens.sum() * top_k <= _MAX_ASSIGNMENTS_PER_CHUNK:
+        yield 0, tokens.size
+        return
+    lo, size = 0, 0
+    for s, count in enumerate(tokens * top_k):
+        if s > lo and size + count > _MAX_ASSIGNMENTS_PER_CHUNK:
+            yield lo, s
+            lo, size = s, 0
+        size += int(count)
+    yield lo, tokens.size
+
+
+class Router:
+    """Samples token-to-expert routing for an EP group of ``ep`` ranks.
+
+    ``moe`` gives E, k, capacity factor, drop policy, padding, skew and node limit.
+    ``gpus_per_node_in_ep``: EP ranks per node, needed for ``max_nodes_per_token``; ranks
+    ``[n*g, (n+1)*g)`` form node n. ``seed`` drives every draw (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        moe: MoESpec,
+        ep: int,
+        seed: int,
+        gpus_per_node_in_ep: int | None = None,
+        *,
+        max_rejections: int = DEFAULT_MAX_REJECTIONS,
+    ) -> None:
+        if ep < 1 or moe.num_experts % ep:
+            raise ValueError(f"num_experts ({moe.num_experts}) must split over ep = {ep} ranks")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if moe.pad_to_capacity and moe.capacity_factor is None:
+            raise ValueError("pad_to_capacity needs a capacity_factor (as in Megatron)")
+        self.moe = moe
+        self.ep = ep
+        self.seed = seed
+        self.max_rejections = max_rejections
+        self.experts_per_rank = moe.num_experts // ep
+        self._group_of, self._nodes_per_token = self._node_groups(gpus_per_node_in_ep)
+        self._samplers: dict[int, TopkSampler] = {}
+
+    def _node_groups(self, gpus_per_node: int | None) -> tuple[np.ndarray | None, int]:
+        """Expert -> node map and nodes per token, or (None, 0) when no limit applies."""
+        limit = self.moe.max_nodes_per_token
+        if limit is None:
+            return None, 0
+        if gpus_per_node is None or gpus_per_node < 1:
+            raise ValueError("max_nodes_per_token needs gpus_per_node_in_ep (EP ranks per node)")
+        if gpus_per_node >= self.ep:
+            return None, 0
+        if self.ep % gpus_per_node:
+            raise ValueError(f"ep ({self.ep}) is not a multiple of {gpus_per_node} ranks per node")
+        experts_per_node = self.experts_per_rank * gpus_per_node
+        if limit >= self.ep // gpus_per_node:
+            return None, 0
+        if limit * experts_per_node < self.moe.top_k:
+            raise ValueError(
+                f"max_nodes_per_token = {limit} nodes hold {limit * experts_per_node} experts, "
+                f"fewer than top_k = {self.moe.top_k}"
+            )
+        return np.arange(self.moe.num_experts) // experts_per_node, limit
+
+    def popularity(self, layer: int) -> np.ndarray:
+        """Expert popularity (E,) of ``layer`` (see :mod:`clustersim.routing.gating`)."""
+        return expert_popularity(self.moe.num_experts, self.moe.router_skew, self.seed, layer)
+
+    def _sampler(self, layer: int) -> TopkSampler:
+        """The sampling tables of ``layer``, built on first use."""
+        if layer not in self._samplers:
+            self._samplers[layer] = TopkSampler.build(self.popularity(layer), self._group_of)
+        return self._samplers[layer]
+
+    def route(
+        self, layer: int, microbatch: int, tokens_per_source_rank: np.ndarray, *, step: int = 0
+    ) -> RoutingOutcome:
+        """Route the tokens of each source rank of the EP group for (layer, micro-batch, step)."""
+        if min(layer, microbatch, step) < 0:
+            raise ValueError("layer, microbatch and step must be >= 0")
+        tokens = _as_token_counts(tokens_per_source_rank, self.ep)
+        moe = self.moe
+        seq = np.random.SeedSequence([self.seed, layer, microbatch, step])
+        rng = np.random.default_rng(seq)
+        capacity = None
+        if moe.capacity_factor is not None:
+            capacity = megatron_capacity(tokens, moe.top_k, moe.num_experts, moe.capacity_factor)
+        counts = np.zeros((self.ep, moe.num_experts), np.int64)
+        fully_dropped = 0
+        for lo, hi in _source_chunks(tokens, moe.top_k):
+            chunk_capacity = None if capacity is None else capacity[lo:hi]
+            counts[lo:hi], dropped = self._route_chunk(
+                self._sampler(layer), rng, tokens[lo:hi], chunk_capacity
+            )
+            fully_dropped += dropped
+        return _outcome(counts, capacity, moe.pad_to_capacity, fully_dropped)
+
+    def _route_chunk(
+        self,
+        sampler: TopkSampler,
+        rng: np.random.Generator,
+        tokens: np.ndarray,
+        capacity: np.ndarray | None,
+    ) -> tuple[np.ndarray, int]:
+        """Counts (S, E) of a chunk of source ranks and its tokens that lost every expert."""
+        moe = self.moe
+        num_tokens = int(tokens.sum())
+        offsets = token_offsets_of(tokens)
+        group_uniforms = None
+        if self._nodes_per_token:
+            group_uniforms = rng.random((num_tokens, self._nodes_per_token))
+        want_keys = capacity is not None and moe.drop_policy == "probs"
+        experts, keys = sampler.sample(
+            rng.random((num_tokens, moe.top_k)),
+            group_uniforms,
+            max_rejections=self.max_rejections,
+            want_keys=want_keys,
+        )
+        counts = count_by_source(experts, offsets, moe.num_experts)
+        if capacity is None or not np.any(counts > capacity[:, None]):
+            return counts, 0
+        kept = keep_mask(
+            experts,
+            offsets,
+            capacity,
+            policy=moe.drop_policy,
+            num_experts=moe.num_experts,
+            keys=keys,
+            counts=counts,
+        )
+        survives = kept[:, 0].copy()
+        for j in range(1, moe.top_k):  # column by column: 10x faster than kept.any(axis=1)
+            survives |= kept[:, j]
+        return counts, num_tokens - int(np.count_nonzero(survives))
