@@ -408,6 +408,7 @@ def test_replica_symmetry_matches_full_simulation(model):
     parallel = {"tp": 2, "pp": 2, "dp": 4, "num_microbatches": 4, "sequence_parallel": True}
     if "moe" in model:
         parallel.update(ep=8, etp=1)
+        model = {**model, "moe": {**model["moe"], "routing": "even"}}
     plan = make_plan(model, parallel)
     lengths = microbatch_lengths(plan, np.random.default_rng(0))
     times = []

@@ -16,10 +16,11 @@ import numpy as np
 from clustersim.analysis.audit import AuditReport, audit
 from clustersim.analysis.findings import Finding
 from clustersim.analysis.metrics import time_breakdown, training_metrics
-from clustersim.engine.moe import EvenSplit, RoutingSource
+from clustersim.engine.moe import EvenSplit, RoutingSource, SampledRouting
 from clustersim.engine.recorder import Recorder
 from clustersim.engine.training import EngineError, TrainingSim
 from clustersim.engine.workload import microbatch_lengths
+from clustersim.layout import Layout
 from clustersim.spec.schema import Plan
 
 # Simulated claims: relative tolerance for times and rates, absolute points for percentages.
@@ -80,7 +81,20 @@ def routing_for(plan: Plan) -> tuple[RoutingSource | None, bool]:
     moe = plan.model.moe
     if moe is None:
         return None, True
-    return EvenSplit(moe, plan.parallel.ep), True
+    if moe.routing == "even":
+        return EvenSplit(moe, plan.parallel.ep), True
+    return SampledRouting(moe, plan.parallel.ep, plan.seed, _ep_ranks_per_node(plan)), False
+
+
+def _ep_ranks_per_node(plan: Plan) -> int | None:
+    """EP ranks of one group per node when groups are node-contiguous blocks (for node-limited
+    routing), else None."""
+    group = Layout(plan).groups("ep")[0]
+    gpn = plan.hardware.gpus_per_node
+    first_node = [r for r in group if r // gpn == group[0] // gpn]
+    per_node = len(first_node)
+    contiguous = all(group.index(r) // per_node == r // gpn - group[0] // gpn for r in group)
+    return per_node if contiguous and len(group) % per_node == 0 else None
 
 
 def simulate(plan: Plan, progress: Callable[[float], None] | None = None) -> RunReport:

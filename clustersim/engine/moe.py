@@ -50,3 +50,29 @@ class EvenSplit:
         per_expert = np.full(experts, copies.sum() / experts)
         active = np.full(ep, experts // ep if copies.sum() > 0 else 0)
         return Dispatch(a2a, received, active, per_expert, 0.0, float(copies.sum()))
+
+
+class SampledRouting:
+    """Token-level sampled routing (``clustersim.routing.Router``): per-layer skewed expert
+    popularity, top-k without replacement, capacity and drops."""
+
+    deterministic = False
+
+    def __init__(self, moe: MoESpec, ep: int, seed: int, gpus_per_node_in_ep: int | None):
+        from clustersim.routing.router import Router
+
+        self.router = Router(moe, ep, seed, gpus_per_node_in_ep)
+        self.ep = ep
+
+    def dispatch(self, layer: int, key: int, tokens_per_member: np.ndarray) -> Dispatch:
+        """Route by sampling; ``key`` selects the random stream (with the plan's seed)."""
+        out = self.router.route(layer, key, tokens_per_member)
+        per_rank = out.tokens_per_expert.reshape(self.ep, -1)
+        return Dispatch(
+            out.a2a_tokens.astype(np.float64),
+            out.tokens_per_rank.astype(np.float64),
+            np.count_nonzero(per_rank, axis=1),
+            out.tokens_per_expert,
+            float(out.dropped_tokens),
+            float(out.routed_tokens),
+        )

@@ -34,6 +34,11 @@ class MoESpec(_Strict):
     shared_expert_ffn_hidden_size: PositiveInt | None = Field(
         None, description="FFN width of a shared expert; default = the model's ffn_hidden_size."
     )
+    routing: Literal["sampled", "even"] = Field(
+        "sampled",
+        description="sampled: each token's experts drawn from the skewed popularity (default); "
+        "even: every token's copies spread evenly (no sampling, perfect balance).",
+    )
     drop_policy: Literal["probs", "position"] = "probs"
     pad_to_capacity: bool = False
     max_nodes_per_token: PositiveInt | None = Field(
