@@ -69,8 +69,10 @@ def _print_json(obj: Any) -> None:
 
 
 @app.command(help="Audit a plan: GPU count, divisibility, layers per stage, experts per GPU, "
-             "memory per GPU, and every number in its `claims` section. Exit code 0: no errors; "
-             "1: the plan needs modification; 2: the input is unusable.")
+             "memory per GPU, and every number in its `claims` section; claims and targets "
+             "that need timing (latency, throughput, overheads, load balance) are settled by "
+             "simulating the plan unless --static. Exit code 0: no errors; 1: the plan needs "
+             "modification; 2: the input is unusable.")
 def check(
     plan_file: PlanArg = None,
     set_: SetOpt = None,
@@ -82,13 +84,18 @@ def check(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write the report to this file.")
     ] = None,
+    static: Annotated[
+        bool, typer.Option("--static", help="Audit only; do not simulate claims and targets.")
+    ] = False,
 ) -> None:
     """Audit a plan and print its findings."""
-    from clustersim.analysis.audit import audit
     from clustersim.analysis.render import audit_markdown
+    from clustersim.analysis.simulate import check_plan
+    from clustersim.cli_tables import ProgressBar
 
     plan = _load(plan_file, set_)
-    report = audit(plan)
+    with ProgressBar("simulating claims and targets") as bar:
+        report = check_plan(plan, simulate_claims=not static, progress=bar.update)
     if json_out:
         fmt = CheckFormat.json
     if fmt is CheckFormat.json:

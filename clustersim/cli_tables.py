@@ -46,8 +46,10 @@ def print_audit(report: AuditReport) -> None:
         console.print(table)
         console.print(f"{len(report.errors)} error(s), "
                       f"{len(report.findings) - len(report.errors)} warning(s)")
+    if report.simulation_note:
+        console.print(report.simulation_note)
     if report.unchecked:
-        console.print("needs simulation (clustersim run): " + ", ".join(report.unchecked))
+        console.print("not decided (needs a simulation): " + ", ".join(report.unchecked))
 
 
 def print_layout(layout: Layout, full: bool) -> None:

@@ -56,6 +56,8 @@ class AuditReport:
     findings: list[Finding] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
     memory_note: str = ""
+    metrics: dict[str, Any] | None = None  # filled when the plan was also simulated
+    simulation_note: str = ""
 
     @property
     def errors(self) -> list[Finding]:
@@ -90,7 +92,8 @@ class AuditReport:
             "layout": self.layout_dict(),
             "memory": self.memory.to_dict() if self.memory else None,
             "memory_note": self.memory_note or None,
-            "metrics": dict.fromkeys(METRIC_KEYS),
+            "metrics": self.metrics or dict.fromkeys(METRIC_KEYS),
+            "simulation_note": self.simulation_note or None,
             "findings": [f.to_dict() for f in self.findings],
             "unchecked": self.unchecked,
         }

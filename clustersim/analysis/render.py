@@ -64,10 +64,11 @@ def audit_markdown(report: AuditReport) -> str:
             "",
         ]
     if report.unchecked:
+        why = f" ({report.simulation_note})" if report.simulation_note else ""
         lines += [
-            "## Needs simulation",
+            "## Not decided",
             "",
-            "Checked by `clustersim run`, not by the static audit: "
+            f"These need a simulation of a valid plan{why}: "
             + ", ".join(f"`{u}`" for u in report.unchecked),
             "",
         ]

@@ -16,9 +16,10 @@ import numpy as np
 from clustersim.analysis.audit import AuditReport, audit
 from clustersim.analysis.findings import Finding
 from clustersim.analysis.metrics import time_breakdown, training_metrics
+from clustersim.analysis.suggest import folding_fix
 from clustersim.engine.moe import EvenSplit, RoutingSource, SampledRouting
 from clustersim.engine.recorder import Recorder
-from clustersim.engine.training import EngineError, TrainingSim
+from clustersim.engine.training import EngineError, TrainingSim, check_supported
 from clustersim.engine.workload import microbatch_lengths
 from clustersim.layout import Layout
 from clustersim.spec.schema import Plan
@@ -105,6 +106,7 @@ def simulate(plan: Plan, progress: Callable[[float], None] | None = None) -> Run
     report = audit(plan)
     if plan.workload.mode != "training":
         raise EngineError("only training plans are simulated so far (workload.mode: training)")
+    check_supported(plan, report.layout)
     rng = np.random.default_rng([plan.seed, 1])
     seq_lens = microbatch_lengths(plan, rng)
     routing, deterministic = routing_for(plan)
@@ -132,8 +134,9 @@ def judge(plan: Plan, metrics: dict[str, Any]) -> list[Finding]:
             word = "above the maximum" if sense == "max" else "below the minimum"
             out.append(Finding(f"targets.{target}", "error",
                                f"simulated {metric} is {value:.4g}, {word} of {limit:g}",
-                               "see `clustersim search` for plans that meet it, or relax the "
-                               "target", limit, round(value, 4)))  # fmt: skip
+                               "change the plan (parallel degrees, micro-batches, overlap, "
+                               "recompute) or relax the target", limit,
+                               round(value, 4)))  # fmt: skip
     for claim, metric in CLAIMS.items():
         claimed, value = getattr(plan.claims, claim), metrics.get(metric)
         if claimed is None or value is None:
@@ -156,3 +159,27 @@ def _still_unchecked(item: str, metrics: dict[str, Any]) -> bool:
     section, name = item.split(".", 1)
     metric = TARGETS[name][0] if section == "targets" else CLAIMS[name]
     return metrics.get(metric) is None
+
+
+def check_plan(
+    plan: Plan, simulate_claims: bool = True, progress: Callable[[float], None] | None = None
+) -> AuditReport:
+    """The audit, plus the simulated claims and targets when the plan has some and the engine
+    can run it (``clustersim check``)."""
+    report = audit(plan)
+    if not simulate_claims or not report.unchecked:
+        return report
+    target, note = plan, ""
+    repaired = folding_fix(plan)
+    if not report.layout.expert_folding_ok and repaired is not None:
+        target, note = repaired, "simulated with parallel.etp: 1"
+    try:
+        run = simulate(target, progress)
+    except EngineError as exc:
+        report.simulation_note = f"not simulated: {exc}"
+        return report
+    judged = [f for f in run.findings if f.node.startswith(("claims.", "targets."))]
+    static_nodes = {(f.node, f.message) for f in report.findings}
+    report.findings += [f for f in judged if (f.node, f.message) not in static_nodes]
+    report.unchecked, report.metrics, report.simulation_note = run.unchecked, run.metrics, note
+    return report

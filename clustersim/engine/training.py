@@ -94,7 +94,7 @@ class TrainingSim:
         self.plan, self.rec, self.routing = plan, recorder, routing
         self.layout = Layout(plan)
         self.par, self.model, self.hw = plan.parallel, plan.model, plan.hardware
-        _check_supported(plan, self.layout)
+        check_supported(plan, self.layout)
         self.env = simpy.Environment()
         self.rv = Rendezvous(self.env)
         self.simulated_dp = 1 if symmetric else self.par.dp
@@ -481,14 +481,15 @@ def _fixed(_payloads, duration_ms: float) -> tuple[float, None]:
     return duration_ms, None
 
 
-def _check_supported(plan: Plan, layout: Layout) -> None:
+def check_supported(plan: Plan, layout: Layout) -> None:
+    """Raise :class:`EngineError` when the engine cannot simulate ``plan``."""
     par = plan.parallel
     if plan.workload.mode != "training":
         raise EngineError("the training engine needs workload.mode: training")
     if par.cp > 1:
         raise EngineError("context parallelism (parallel.cp > 1) is not simulated yet")
     if plan.model.moe is not None and not layout.expert_folding_ok:
-        raise EngineError("EP x ETP does not fold into the ranks of a stage (run `check`)")
+        raise EngineError("EP x ETP does not fold into the ranks of a pipeline stage")
     if par.tp % par.expert_tp:
         raise EngineError(f"ETP {par.expert_tp} must divide TP {par.tp} for the simulation")
     if par.virtual_stages > 1 and par.schedule != "interleaved":

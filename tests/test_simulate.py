@@ -1,0 +1,61 @@
+"""Targets and simulated claims: judged against the simulated metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from clustersim.analysis.simulate import check_plan, judge, simulate
+from clustersim.engine.training import EngineError
+from clustersim.spec import load_plan
+
+SEEDS = Path(__file__).resolve().parent.parent / "configs" / "seeds"
+
+
+def _plan(*overrides: str):
+    return load_plan(None, ["workload.seq_len={dist: fixed, value: 1024}", *overrides])
+
+
+def test_judge_targets_and_claims_by_hand():
+    plan = _plan("targets.latency_ms_max=100", "targets.load_balance_pct_min=90",
+                 "claims.latency_ms=120", "claims.comm_overhead_pct=10")  # fmt: skip
+    metrics = {"latency_ms": 110.0, "load_balance_pct": 95.0, "comm_overhead_pct": 14.0}
+    nodes = {f.node: f for f in judge(plan, metrics)}
+    # 110 ms > 100 ms maximum: fails; 95% >= 90% minimum: passes.
+    assert "targets.latency_ms_max" in nodes and "targets.load_balance_pct_min" not in nodes
+    # |120 - 110| = 10 <= 10% of 110 = 11: the latency claim holds.
+    assert "claims.latency_ms" not in nodes
+    # |10 - 14| = 4 points <= 5 points: holds; 8 would be 6 points off.
+    assert "claims.comm_overhead_pct" not in nodes
+    plan = _plan("claims.comm_overhead_pct=8")
+    assert {f.node for f in judge(plan, metrics)} == {"claims.comm_overhead_pct"}
+
+
+def test_check_simulates_claims_of_a_valid_plan():
+    run = simulate(_plan())
+    latency = run.metrics["iteration_time_ms"]
+    report = check_plan(_plan(f"claims.latency_ms={latency * 2}"))
+    finding = next(f for f in report.findings if f.node == "claims.latency_ms")
+    assert finding.computed == pytest.approx(latency, rel=1e-3)  # same plan, same seed
+    assert report.unchecked == [] and report.metrics["latency_ms"] == pytest.approx(latency)
+
+
+def test_check_static_leaves_claims_unchecked():
+    report = check_plan(_plan("claims.latency_ms=1"), simulate_claims=False)
+    assert report.unchecked == ["claims.latency_ms"] and report.metrics is None
+
+
+def test_seed_000_is_simulated_with_the_etp_fix():
+    report = check_plan(load_plan(SEEDS / "000_current.yaml"))
+    assert report.simulation_note == "simulated with parallel.etp: 1"
+    nodes = {f.node for f in report.errors}
+    # A 524,288-token iteration (32 x 2048 x 8) cannot take the claimed 129 ms.
+    assert {"parallel.etp", "claims.latency_ms", "targets.latency_ms_max"} <= nodes
+
+
+def test_inference_plans_are_not_simulated_yet():
+    with pytest.raises(EngineError):
+        simulate(load_plan(SEEDS / "004_current.yaml"))
+    report = check_plan(load_plan(SEEDS / "004_current.yaml"))
+    assert report.simulation_note.startswith("not simulated") and report.unchecked
