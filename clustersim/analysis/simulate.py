@@ -59,6 +59,7 @@ class RunReport:
     unchecked: list[str] = field(default_factory=list)
     events: int = 0
     wall_s: float = 0.0
+    routing_s: float = 0.0
     recorder: Recorder | None = None
 
     @property
@@ -73,7 +74,8 @@ class RunReport:
         out["findings"] = [f.to_dict() for f in self.findings]
         out["unchecked"] = self.unchecked
         out["breakdown_ms"] = self.breakdown
-        out["simulation"] = {"events": self.events, "wall_s": self.wall_s}
+        out["simulation"] = {"events": self.events, "wall_s": self.wall_s,
+                             "routing_s": self.routing_s}  # fmt: skip
         return out
 
 
@@ -119,8 +121,9 @@ def simulate(plan: Plan, progress: Callable[[float], None] | None = None) -> Run
     metrics = training_metrics(plan, rec, result)
     findings = list(report.findings) + judge(plan, metrics)
     unchecked = [u for u in report.unchecked if _still_unchecked(u, metrics)]
+    routing_s = getattr(routing, "elapsed_s", 0.0)
     return RunReport(report, metrics, time_breakdown(rec, result), findings, unchecked,
-                     result.events, wall_s, rec)  # fmt: skip
+                     result.events, wall_s, routing_s, rec)  # fmt: skip
 
 
 def judge(plan: Plan, metrics: dict[str, Any]) -> list[Finding]:

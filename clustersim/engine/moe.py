@@ -7,6 +7,7 @@ a :class:`Dispatch` for one EP group, layer and micro-batch.
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -63,10 +64,13 @@ class SampledRouting:
 
         self.router = Router(moe, ep, seed, gpus_per_node_in_ep)
         self.ep = ep
+        self.elapsed_s = 0.0  # wall time spent routing (for the benchmark's routing share)
 
     def dispatch(self, layer: int, key: int, tokens_per_member: np.ndarray) -> Dispatch:
         """Route by sampling; ``key`` selects the random stream (with the plan's seed)."""
+        started = time.perf_counter()
         out = self.router.route(layer, key, tokens_per_member)
+        self.elapsed_s += time.perf_counter() - started
         per_rank = out.tokens_per_expert.reshape(self.ep, -1)
         return Dispatch(
             out.a2a_tokens.astype(np.float64),
