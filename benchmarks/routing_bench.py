@@ -5,13 +5,14 @@ Usage: python benchmarks/routing_bench.py [--tokens 1000000] [--repeat 3] [--ske
 For E in {8, 64, 256} and k in {1, 2, 8}, both route the same number of tokens with the same
 popularity (``router_skew``) and count tokens per expert, dropless:
 
-- clustersim: ``Router.route`` over an EP group of 8 ranks (T/8 tokens each): uniforms, the
-  numba top-k sampler, counts per source rank and expert, the all-to-all matrix.
+- clustersim: ``Router.route(mode="tokens")`` over an EP group of 8 ranks (T/8 tokens each):
+  uniforms, the numba top-k sampler, counts per source rank and expert, the all-to-all matrix.
 - baseline: explicit logits (T x E standard normal + log popularity), ``np.argpartition``
   top-k, ``np.bincount``; in chunks of 2^22 logits to bound memory.
 
-Each is warmed up once, then timed ``--repeat`` times; the table shows medians. Extra rows at
-E = 64, k = 2 time the router with capacity and drops, and with node-limited routing.
+Each is warmed up once, then timed ``--repeat`` times; the table shows medians. Extra rows
+time the router with capacity and drops, with node-limited routing, and in its default
+``mode="auto"``, which samples multinomial counts of k-subsets instead of tokens when cheaper.
 Results go in BENCHMARKS.md ("Routing").
 """
 
@@ -59,9 +60,11 @@ def numpy_baseline(popularity: np.ndarray, k: int, num_tokens: int, seed: int) -
     return counts
 
 
-def router_run(moe: MoESpec, num_tokens: int, gpus_per_node: int | None = None) -> Callable:
+def router_run(
+    moe: MoESpec, num_tokens: int, gpus_per_node: int | None = None, mode: str = "tokens"
+) -> Callable:
     """A closure routing ``num_tokens`` over EP ranks, a new micro-batch index per call."""
-    router = Router(moe, EP, seed=0, gpus_per_node_in_ep=gpus_per_node)
+    router = Router(moe, EP, seed=0, gpus_per_node_in_ep=gpus_per_node, mode=mode)
     tokens = np.full(EP, num_tokens // EP)
     calls = iter(range(1_000_000))
     return lambda: router.route(0, next(calls), tokens)
@@ -92,21 +95,26 @@ def main() -> None:
                 flush=True,
             )
     print()
-    print("| E = 64, k = 2, variant | clustersim (M tokens/s) |")
-    print("|---|---|")
+    print("| variant | E | k | clustersim (M tokens/s) |")
+    print("|---|---|---|---|")
     variants = {
-        "dropless": ({}, None),
-        "capacity 1.25, drop policy probs": ({"capacity_factor": 1.25}, None),
-        "capacity 1.25, drop policy position": (
+        "tokens, dropless": (64, {}, None, "tokens"),
+        "tokens, capacity 1.25, drop policy probs": (64, {"capacity_factor": 1.25}, None, "tokens"),
+        "tokens, capacity 1.25, drop policy position": (
+            64,
             {"capacity_factor": 1.25, "drop_policy": "position"},
             None,
+            "tokens",
         ),
-        "node-limited, 2 of 4 nodes": ({"max_nodes_per_token": 2}, 2),
+        "tokens, node-limited, 2 of 4 nodes": (64, {"max_nodes_per_token": 2}, 2, "tokens"),
+        "auto (counts), dropless": (64, {}, None, "auto"),
+        "auto (counts), capacity 1.25": (64, {"capacity_factor": 1.25}, None, "auto"),
+        "auto (counts), dropless, E = 8": (8, {}, None, "auto"),
     }
-    for name, (fields, gpus_per_node) in variants.items():
-        moe = MoESpec(num_experts=64, top_k=2, router_skew=args.skew, **fields)
-        seconds = median_s(router_run(moe, num_tokens, gpus_per_node), args.repeat)
-        print(f"| {name} | {num_tokens / seconds / 1e6:.1f} |", flush=True)
+    for name, (num_experts, fields, gpus_per_node, mode) in variants.items():
+        moe = MoESpec(num_experts=num_experts, top_k=2, router_skew=args.skew, **fields)
+        seconds = median_s(router_run(moe, num_tokens, gpus_per_node, mode), args.repeat)
+        print(f"| {name} | {num_experts} | 2 | {num_tokens / seconds / 1e6:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Each function takes plain lists or arrays and returns lists; the kernels must agree with them
 exactly on the same inputs (the same drawn uniforms). They follow the documented algorithms
-step by step, with no attention to speed. Also here: exact probabilities of ordered top-k
-picks, by enumeration, for the statistical tests.
+step by step, with no attention to speed. Also here, for the statistical tests: exact
+probabilities of ordered top-k picks by enumeration, and a chi-square p-value.
 """
 
 from __future__ import annotations
@@ -205,3 +205,46 @@ def node_limited_pick_probabilities(weights, node_of, m, k) -> dict[tuple[int, .
         for order, p in ordered_pick_probabilities(weights, k, allowed).items():
             probs[order] = probs.get(order, 0.0) + p_nodes * p
     return probs
+
+
+def chi2_sf(statistic: float, dof: int) -> float:
+    """P(X > statistic) for X ~ chi-square(dof): regularised upper incomplete gamma Q(dof/2, x/2).
+
+    Series for x < a + 1, Lentz's continued fraction otherwise (Numerical Recipes 6.2).
+    """
+    a, x = dof / 2, statistic / 2
+    if x <= 0:
+        return 1.0
+    log_front = -x + a * math.log(x) - math.lgamma(a)
+    if x < a + 1:
+        term = total = 1 / a
+        ap = a
+        while abs(term) > abs(total) * 1e-15:
+            ap += 1
+            term *= x / ap
+            total += term
+        return 1 - total * math.exp(log_front)
+    tiny = 1e-300
+    b = x + 1 - a
+    c, d = 1 / tiny, 1 / b
+    h = d
+    for i in range(1, 1000):
+        an = -i * (i - a)
+        b += 2
+        d = an * d + b
+        d = 1 / (d if abs(d) > tiny else tiny)
+        c = b + an / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return math.exp(log_front) * h
+
+
+def chi_square_p(observed: dict, expected_probs: dict, draws: int) -> float:
+    """p-value of observed category counts against expected probabilities."""
+    assert set(observed) <= set(expected_probs)
+    statistic = sum(
+        (observed.get(c, 0) - draws * p) ** 2 / (draws * p) for c, p in expected_probs.items()
+    )
+    return chi2_sf(statistic, len(expected_probs) - 1)

@@ -73,9 +73,12 @@ def test_sample_topk_matches_reference(num_experts, k, skew, max_rejections, gro
     assert experts.tolist() == ref_experts
     np.testing.assert_allclose(keys, ref_keys, rtol=1e-12)
     no_keys_experts, no_keys = dispatch.sample_topk(
-        popularity, uniforms, group_of=group_of, group_uniforms=group_uniforms,
+        popularity,
+        uniforms,
+        group_of=group_of,
+        group_uniforms=group_uniforms,
         max_rejections=max_rejections,
-    )  # fmt: skip
+    )
     assert no_keys is None
     assert np.array_equal(no_keys_experts, experts)
 
@@ -111,9 +114,11 @@ def test_node_limited_picks_stay_within_m_groups():
     rng = np.random.default_rng(3)
     group_of, group_uniforms = group_inputs(rng, 32, 2000, 4, 2)
     experts, _ = dispatch.sample_topk(
-        random_popularity(rng, 32, 1.0), rng.random((2000, 4)),
-        group_of=group_of, group_uniforms=group_uniforms,
-    )  # fmt: skip
+        random_popularity(rng, 32, 1.0),
+        rng.random((2000, 4)),
+        group_of=group_of,
+        group_uniforms=group_uniforms,
+    )
     groups_used = [len(set(group_of[row])) for row in experts]
     assert max(groups_used) <= 2
 
@@ -144,10 +149,13 @@ def test_counts_capacity_and_dispatch_match_reference(seed):
     assert highest.tolist() == expected
     for kept in (first, highest):  # both keep min(count, capacity) per source and expert
         kept_counts = naive.count_by_source(
-            [[e for e, ok in zip(row, keep, strict=True) if ok] for row, keep in
-             zip(experts.tolist(), kept.tolist(), strict=True)],
-            offsets.tolist(), 8,
-        )  # fmt: skip
+            [
+                [e for e, ok in zip(row, keep, strict=True) if ok]
+                for row, keep in zip(experts.tolist(), kept.tolist(), strict=True)
+            ],
+            offsets.tolist(),
+            8,
+        )
         assert np.array_equal(kept_counts, np.minimum(counts, capacity[:, None]))
     matrix = dispatch.dispatch_matrix(counts, ep)
     assert matrix.tolist() == naive.dispatch_matrix(counts.tolist(), ep)
@@ -166,9 +174,13 @@ def test_zero_capacity_drops_everything():
     experts = np.array([[0, 1], [1, 0]], np.int32)
     for policy in ("probs", "position"):
         kept = dispatch.keep_mask(
-            experts, np.array([0, 2]), np.array([0]), policy=policy, num_experts=2,
+            experts,
+            np.array([0, 2]),
+            np.array([0]),
+            policy=policy,
+            num_experts=2,
             keys=np.ones((2, 2)),
-        )  # fmt: skip
+        )
         assert not kept.any()
 
 
@@ -208,8 +220,9 @@ def test_count_and_keep_reject_bad_input():
     with pytest.raises(ValueError, match="policy"):
         dispatch.keep_mask(experts, np.array([0, 4]), np.array([1]), policy="x", num_experts=2)
     with pytest.raises(ValueError, match="capacity"):
-        dispatch.keep_mask(experts, np.array([0, 4]), np.array([1, 1]), policy="position",
-                           num_experts=2)  # fmt: skip
+        dispatch.keep_mask(
+            experts, np.array([0, 4]), np.array([1, 1]), policy="position", num_experts=2
+        )
     with pytest.raises(ValueError, match="split"):
         dispatch.dispatch_matrix(np.zeros((2, 6)), 4)
 
@@ -222,7 +235,8 @@ out = []
 for cf, policy, limit in [(None, "probs", None), (0.9, "probs", 1), (1.1, "position", None)]:
     moe = MoESpec(num_experts=8, top_k=2, capacity_factor=cf, drop_policy=policy,
                   router_skew=0.7, max_nodes_per_token=limit)
-    o = Router(moe, ep=4, seed=5, gpus_per_node_in_ep=2).route(1, 2, np.array([40, 0, 25, 31]))
+    router = Router(moe, ep=4, seed=5, gpus_per_node_in_ep=2, mode="tokens")
+    o = router.route(1, 2, np.array([40, 0, 25, 31]))
     out.append([o.a2a_tokens.tolist(), o.dropped_tokens, o.fully_dropped_tokens])
 print(json.dumps(out))
 """
@@ -231,9 +245,13 @@ print(json.dumps(out))
 def run_script(disable_jit: bool) -> list:
     env = {**os.environ, "NUMBA_DISABLE_JIT": "1" if disable_jit else "0"}
     done = subprocess.run(
-        [sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, "-c", _SCRIPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
         check=True,
-    )  # fmt: skip
+    )
     return json.loads(done.stdout)
 
 

@@ -6,8 +6,6 @@ probability 0.001 per seed, and the seeds are fixed, so the tests are determinis
 
 from __future__ import annotations
 
-import math
-
 import naive_routing as naive
 import numpy as np
 import pytest
@@ -19,54 +17,11 @@ from clustersim.spec.schema import MoESpec
 EULER_GAMMA = 0.5772156649015329
 
 
-def chi2_sf(statistic: float, dof: int) -> float:
-    """P(X > statistic) for X ~ chi-square(dof): regularised upper incomplete gamma Q(dof/2, x/2).
-
-    Series for x < a + 1, Lentz's continued fraction otherwise (Numerical Recipes 6.2).
-    """
-    a, x = dof / 2, statistic / 2
-    if x <= 0:
-        return 1.0
-    log_front = -x + a * math.log(x) - math.lgamma(a)
-    if x < a + 1:
-        term = total = 1 / a
-        ap = a
-        while abs(term) > abs(total) * 1e-15:
-            ap += 1
-            term *= x / ap
-            total += term
-        return 1 - total * math.exp(log_front)
-    tiny = 1e-300
-    b = x + 1 - a
-    c, d = 1 / tiny, 1 / b
-    h = d
-    for i in range(1, 1000):
-        an = -i * (i - a)
-        b += 2
-        d = an * d + b
-        d = 1 / (d if abs(d) > tiny else tiny)
-        c = b + an / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        if abs(d * c - 1) < 1e-15:
-            break
-    return math.exp(log_front) * h
-
-
 def test_chi2_sf_matches_tables():
-    assert chi2_sf(3.841459, 1) == pytest.approx(0.05, rel=1e-5)
-    assert chi2_sf(18.307038, 10) == pytest.approx(0.05, rel=1e-5)
-    assert chi2_sf(9.487729, 4) == pytest.approx(0.05, rel=1e-5)
-    assert chi2_sf(50.892181, 30) == pytest.approx(0.01, rel=1e-4)
-
-
-def chi_square_p(observed: dict, expected_probs: dict, draws: int) -> float:
-    """p-value of observed category counts against expected probabilities."""
-    assert set(observed) <= set(expected_probs)
-    statistic = sum(
-        (observed.get(c, 0) - draws * p) ** 2 / (draws * p) for c, p in expected_probs.items()
-    )
-    return chi2_sf(statistic, len(expected_probs) - 1)
+    assert naive.chi2_sf(3.841459, 1) == pytest.approx(0.05, rel=1e-5)
+    assert naive.chi2_sf(18.307038, 10) == pytest.approx(0.05, rel=1e-5)
+    assert naive.chi2_sf(9.487729, 4) == pytest.approx(0.05, rel=1e-5)
+    assert naive.chi2_sf(50.892181, 30) == pytest.approx(0.01, rel=1e-4)
 
 
 def ordered_counts(experts: np.ndarray) -> dict[tuple[int, ...], int]:
@@ -74,8 +29,9 @@ def ordered_counts(experts: np.ndarray) -> dict[tuple[int, ...], int]:
     return {tuple(r): int(c) for r, c in zip(rows.tolist(), counts.tolist(), strict=True)}
 
 
-def test_skew_zero_load_balance_tends_to_100_pct():
-    router = Router(MoESpec(num_experts=8, top_k=2), ep=1, seed=0)
+@pytest.mark.parametrize("mode", ["tokens", "counts"])
+def test_skew_zero_load_balance_tends_to_100_pct(mode):
+    router = Router(MoESpec(num_experts=8, top_k=2), ep=1, seed=0, mode=mode)
     small = router.route(0, 0, np.array([1_000])).load_balance_pct
     large = router.route(0, 1, np.array([1_000_000])).load_balance_pct
     assert large > 99.0  # std of a count is ~0.2% of its mean at T = 1e6
@@ -88,7 +44,7 @@ def test_top1_frequencies_match_popularity():
     rng = np.random.default_rng(0)
     experts, _ = dispatch.sample_topk(popularity, rng.random((draws, 1)))
     observed = dict(enumerate(np.bincount(experts[:, 0], minlength=16).tolist()))
-    assert chi_square_p(observed, dict(enumerate(popularity)), draws) > 0.001
+    assert naive.chi_square_p(observed, dict(enumerate(popularity)), draws) > 0.001
 
 
 @pytest.mark.parametrize(
@@ -107,7 +63,7 @@ def test_ordered_picks_match_exact_probabilities(weights, k, max_rejections):
         np.array(weights), rng.random((draws, k)), max_rejections=max_rejections
     )
     expected = naive.ordered_pick_probabilities(weights, k)
-    assert chi_square_p(ordered_counts(experts), expected, draws) > 0.001
+    assert naive.chi_square_p(ordered_counts(experts), expected, draws) > 0.001
 
 
 def test_inclusion_probabilities_match_enumeration():
@@ -130,11 +86,13 @@ def test_node_limited_picks_match_exact_probabilities():
     draws = 200_000
     rng = np.random.default_rng(7)
     experts, _ = dispatch.sample_topk(
-        np.array(weights), rng.random((draws, 2)),
-        group_of=np.array(node_of), group_uniforms=rng.random((draws, 2)),
-    )  # fmt: skip
+        np.array(weights),
+        rng.random((draws, 2)),
+        group_of=np.array(node_of),
+        group_uniforms=rng.random((draws, 2)),
+    )
     expected = naive.node_limited_pick_probabilities(weights, node_of, m=2, k=2)
-    assert chi_square_p(ordered_counts(experts), expected, draws) > 0.001
+    assert naive.chi_square_p(ordered_counts(experts), expected, draws) > 0.001
 
 
 def test_keys_are_distributed_like_explicit_gumbel_top_k():
@@ -159,20 +117,24 @@ def test_keys_are_distributed_like_explicit_gumbel_top_k():
         assert logits[experts[:, 0] == e, 0].mean() == pytest.approx(EULER_GAMMA, abs=0.03)
 
 
+@pytest.mark.parametrize("mode", ["tokens", "counts"])
 @pytest.mark.parametrize("skew", [0.2, 0.5, 1.0])
-def test_top1_imbalance_matches_the_skew_law(skew):
-    router = Router(MoESpec(num_experts=64, top_k=1, router_skew=skew), ep=8, seed=0)
+def test_top1_imbalance_matches_the_skew_law(skew, mode):
+    moe = MoESpec(num_experts=64, top_k=1, router_skew=skew)
+    router = Router(moe, ep=8, seed=0, mode=mode)
     out = router.route(0, 0, np.full(8, 50_000))
     measured = out.tokens_per_expert.max() / out.tokens_per_expert.mean()
     assert measured == pytest.approx(max_to_mean_load(64, skew), rel=0.03)
 
 
-def test_load_balance_falls_as_skew_rises():
+@pytest.mark.parametrize("mode", ["tokens", "counts"])
+def test_load_balance_falls_as_skew_rises(mode):
     tokens = np.full(8, 20_000)
     balance = [
-        Router(MoESpec(num_experts=64, top_k=2, router_skew=s), 8, 0).route(0, 0, tokens)
+        Router(MoESpec(num_experts=64, top_k=2, router_skew=s), 8, 0, mode=mode)
+        .route(0, 0, tokens)
         .load_balance_pct
         for s in (0.0, 0.2, 0.5, 1.0)
-    ]  # fmt: skip
+    ]
     assert balance == sorted(balance, reverse=True)
     assert balance[0] > 90 > balance[2]

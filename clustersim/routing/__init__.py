@@ -1,8 +1,9 @@
 """Token routing to experts: sequence lengths, sampled top-k gating, capacity, dispatch counts.
 
 The engine calls :class:`Router` once per (layer, micro-batch); :mod:`.gating` documents the
-popularity law, :mod:`.kernels` the sampler (numba, imported only when routing runs),
-:mod:`.lengths` the sequence-length distributions and micro-batch packing.
+popularity law, :mod:`.kernels` the per-token sampler (numba, imported only when routing
+runs), :mod:`.subsets` the equivalent count-level sampler, :mod:`.dispatch` the validating
+kernel wrappers, :mod:`.lengths` the sequence-length distributions and micro-batch packing.
 """
 
 from clustersim.routing.lengths import pack_microbatches, sample_lengths

@@ -213,8 +213,8 @@ def keep_mask(
 
     ``capacity`` (S,) is per expert, per source rank (Megatron drops locally). Policy
     "position" keeps each expert's earliest tokens; "probs" keeps its highest ``keys`` (the
-    perturbed logits from :func:`sample_topk`; ties keep the earlier token). ``counts`` may
-    pass :func:`count_by_source` of the same arguments, already computed.
+    priority keys of :func:`sample_topk`, ordered like the perturbed logits; ties keep the
+    earlier token). ``counts`` may pass :func:`count_by_source` of the same arguments.
     """
     experts = _as_experts(experts)
     token_offsets = _as_offsets(token_offsets, experts.shape[0])

@@ -224,6 +224,7 @@ def _sample_topk(
             for g in range(num_groups):
                 group_chosen[g] = False
         arrival = 0.0
+        w = 0.0
         if by_scan:  # pool of the allowed experts; a pick is replaced by the pool's last one
             m = 0
             mass = 0.0
@@ -247,10 +248,18 @@ def _sample_topk(
                 m -= 1
                 pool_w[i] = pool_w[m]
                 pool_id[i] = pool_id[m]
-            else:
-                e, w = _draw(table, uniforms[t, j], chosen, group_of, group_ok, max_rejections)
-                if e < 0:
-                    e, w = _scan_draw(table, w, chosen, group_of, group_ok)
+            else:  # the first alias draw inline; _draw repeats it only on a rejection
+                x = uniforms[t, j] * n
+                i = min(int(x), n - 1)
+                f = x - i
+                keep = table[1, i]
+                e = i if f < keep else int(table[2, i])
+                if _blocked(e, chosen, group_of, group_ok):
+                    e, w = _draw(table, uniforms[t, j], chosen, group_of, group_ok, max_rejections)
+                    if e < 0:
+                        e, w = _scan_draw(table, w, chosen, group_of, group_ok)
+                elif want_keys:
+                    w = _unit(f / keep) if f < keep else _unit((f - keep) / (1.0 - keep))
                 chosen[e] = True
                 width = _width(table, e)
             experts_out[t, j] = e

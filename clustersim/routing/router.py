@@ -12,6 +12,14 @@ Determinism: ``route(layer, microbatch, tokens, step=s)`` draws from
 ``SeedSequence([seed, layer, microbatch])``. The result depends on nothing else, so calls may
 come in any order.
 
+Two ways to sample, with the same distribution of counts: per token (``mode="tokens"``: each
+token's k experts drawn by the numba kernels, see :mod:`clustersim.routing.kernels`) or per
+source rank (``mode="counts"``: multinomial counts of the k-subsets of experts, see
+:mod:`clustersim.routing.subsets`; needs C(E, k) <= 8192 and no node limit; which tokens a
+capacity drops entirely is then unknown). ``mode="auto"`` (default) takes counts when that is
+possible and cheaper (e.g. Mixtral's E = 8, k = 2), tokens otherwise. Different modes draw
+different samples from the same seed.
+
 Memory: tokens are routed in chunks of whole source ranks of at most ~4M token-expert
 assignments, drawing their uniforms in order from the one generator.
 """
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -34,6 +43,7 @@ from clustersim.routing.dispatch import (
     token_offsets_of,
 )
 from clustersim.routing.gating import expert_popularity
+from clustersim.routing.subsets import MAX_SUBSETS, SubsetSampler, counts_are_cheaper, num_subsets
 from clustersim.spec.schema import MoESpec
 
 _MAX_ASSIGNMENTS_PER_CHUNK = 1 << 22
@@ -51,7 +61,8 @@ class RoutingOutcome:
     ``dropped_tokens``: assignments dropped by capacity; ``routed_tokens``: T_total x k.
     ``capacity``: per expert per source rank (the largest over source ranks), None = dropless;
     ``capacity_per_source_rank`` (ep,) the capacity of each source rank.
-    ``fully_dropped_tokens``: tokens that lost all k assignments (depends on the drop policy).
+    ``fully_dropped_tokens``: tokens that lost all k assignments (depends on the drop policy);
+    None when routed by counts and a capacity dropped something (per-token data unknown).
     """
 
     tokens_per_expert: np.ndarray
@@ -61,7 +72,7 @@ class RoutingOutcome:
     routed_tokens: int
     capacity: int | None
     capacity_per_source_rank: np.ndarray | None = None
-    fully_dropped_tokens: int = 0
+    fully_dropped_tokens: int | None = 0
 
     def __post_init__(self) -> None:
         for name in ("tokens_per_expert", "tokens_per_rank", "a2a_tokens"):
@@ -96,7 +107,7 @@ def _as_token_counts(tokens_per_source_rank: np.ndarray, ep: int) -> np.ndarray:
 
 
 def _outcome(
-    counts: np.ndarray, capacity: np.ndarray | None, pad: bool, fully_dropped: int
+    counts: np.ndarray, capacity: np.ndarray | None, pad: bool, fully_dropped: int | None
 ) -> RoutingOutcome:
     """Outcome from assignments per (source rank, expert) and each source rank's capacity."""
     ep = counts.shape[0]
@@ -160,7 +171,8 @@ class Router:
 
     ``moe`` gives E, k, capacity factor, drop policy, padding, skew and node limit.
     ``gpus_per_node_in_ep``: EP ranks per node, needed for ``max_nodes_per_token``; ranks
-    ``[n*g, (n+1)*g)`` form node n. ``seed`` drives every draw (see the module docstring).
+    ``[n*g, (n+1)*g)`` form node n. ``seed`` drives every draw and ``mode`` picks per-token or
+    count-level sampling (see the module docstring).
     """
 
     def __init__(
@@ -171,6 +183,7 @@ class Router:
         gpus_per_node_in_ep: int | None = None,
         *,
         max_rejections: int = DEFAULT_MAX_REJECTIONS,
+        mode: Literal["auto", "tokens", "counts"] = "auto",
     ) -> None:
         if ep < 1 or moe.num_experts % ep:
             raise ValueError(f"num_experts ({moe.num_experts}) must split over ep = {ep} ranks")
@@ -184,7 +197,27 @@ class Router:
         self.max_rejections = max_rejections
         self.experts_per_rank = moe.num_experts // ep
         self._group_of, self._nodes_per_token = self._node_groups(gpus_per_node_in_ep)
+        self.mode = self._check_mode(mode)
         self._samplers: dict[int, TopkSampler] = {}
+        self._subset_samplers: dict[int, SubsetSampler] = {}
+
+    def _check_mode(self, mode: str) -> str:
+        if mode not in ("auto", "tokens", "counts"):
+            raise ValueError(f"mode must be 'auto', 'tokens' or 'counts', got {mode!r}")
+        if mode == "counts" and self._nodes_per_token:
+            raise ValueError("mode 'counts' does not model node-limited routing; use 'tokens'")
+        if mode == "counts" and num_subsets(self.moe.num_experts, self.moe.top_k) > MAX_SUBSETS:
+            raise ValueError(f"mode 'counts' needs C(E, k) <= {MAX_SUBSETS}; use 'tokens'")
+        return mode
+
+    def _by_counts(self, num_tokens: int) -> bool:
+        """Whether this call samples counts rather than tokens."""
+        if self.mode != "auto":
+            return self.mode == "counts"
+        moe = self.moe
+        return not self._nodes_per_token and counts_are_cheaper(
+            moe.num_experts, moe.top_k, self.ep, num_tokens
+        )
 
     def _node_groups(self, gpus_per_node: int | None) -> tuple[np.ndarray | None, int]:
         """Expert -> node map and nodes per token, or (None, 0) when no limit applies."""
@@ -217,6 +250,13 @@ class Router:
             self._samplers[layer] = TopkSampler.build(self.popularity(layer), self._group_of)
         return self._samplers[layer]
 
+    def _subset_sampler(self, layer: int) -> SubsetSampler:
+        """The k-subset probabilities of ``layer``, built on first use."""
+        if layer not in self._subset_samplers:
+            sampler = SubsetSampler(self.popularity(layer), self.moe.top_k)
+            self._subset_samplers[layer] = sampler
+        return self._subset_samplers[layer]
+
     def route(
         self, layer: int, microbatch: int, tokens_per_source_rank: np.ndarray, *, step: int = 0
     ) -> RoutingOutcome:
@@ -230,6 +270,10 @@ class Router:
         capacity = None
         if moe.capacity_factor is not None:
             capacity = megatron_capacity(tokens, moe.top_k, moe.num_experts, moe.capacity_factor)
+        if self._by_counts(int(tokens.sum())):
+            counts = self._subset_sampler(layer).sample_counts(rng, tokens)
+            binding = capacity is not None and np.any(counts > capacity[:, None])
+            return _outcome(counts, capacity, moe.pad_to_capacity, None if binding else 0)
         counts = np.zeros((self.ep, moe.num_experts), np.int64)
         fully_dropped = 0
         for lo, hi in _source_chunks(tokens, moe.top_k):

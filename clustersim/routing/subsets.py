@@ -1,0 +1,81 @@
+"""Count-level routing: tokens per (source rank, expert) without drawing each token.
+
+Under the gating model every token independently gets a k-subset ``S`` of the experts with
+probability ``P(S)`` (the top-k of Gumbel-perturbed log-popularities; order does not matter for
+counts). So the number of tokens of source rank ``s`` that get each subset is exactly
+``Multinomial(T_s, P)``, and the assignments per expert are sums of those counts. When the
+number of subsets ``C(E, k)`` is small (Mixtral: E = 8, k = 2 gives 28) this costs
+O(ranks x C) instead of O(T x k) and has exactly the distribution of per-token sampling.
+
+``P(S)`` sums, over the k! orders of S, the product of sequential pick probabilities
+``p_e / (1 - mass already picked)``; it is computed by dynamic programming over the 2^k
+partial sets of every subset at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+MAX_SUBSETS = 8192  # largest C(E, k) sampled by counts
+_NS_PER_SUBSET_DRAW = 80  # rough cost of one multinomial category per source rank
+_NS_PER_TOKEN_PICK = 20  # rough cost of one per-token pick (uniform + kernel)
+
+
+def num_subsets(num_experts: int, top_k: int) -> int:
+    """C(E, k): the k-subsets of E experts."""
+    return math.comb(num_experts, top_k)
+
+
+def counts_are_cheaper(num_experts: int, top_k: int, num_sources: int, num_tokens: int) -> bool:
+    """Whether count-level sampling is feasible and cheaper than per-token sampling."""
+    subsets = num_subsets(num_experts, top_k)
+    if subsets > MAX_SUBSETS:
+        return False
+    return num_sources * subsets * _NS_PER_SUBSET_DRAW < num_tokens * top_k * _NS_PER_TOKEN_PICK
+
+
+def subset_probabilities(popularity: np.ndarray, subsets: np.ndarray) -> np.ndarray:
+    """P(a token's top-k set is each row of ``subsets`` (C, k)), for popularity (E,) > 0."""
+    p = np.asarray(popularity, dtype=np.float64)
+    p = p / p.sum()
+    members = p[subsets]  # (C, k)
+    k = subsets.shape[1]
+    reach = np.zeros((1 << k, subsets.shape[0]))  # reach[mask]: P(first picks = that part)
+    reach[0] = 1.0
+    for mask in range(1 << k):
+        picked = [j for j in range(k) if mask >> j & 1]
+        if len(picked) == k:
+            continue
+        left = 1.0 - members[:, picked].sum(axis=1)
+        for j in range(k):
+            if not mask >> j & 1:
+                reach[mask | 1 << j] += reach[mask] * members[:, j] / left
+    return reach[-1]
+
+
+class SubsetSampler:
+    """The k-subsets of E experts and their probabilities under one popularity vector."""
+
+    def __init__(self, popularity: np.ndarray, top_k: int) -> None:
+        num_experts = np.asarray(popularity).size
+        if num_subsets(num_experts, top_k) > MAX_SUBSETS:
+            raise ValueError(
+                f"C({num_experts}, {top_k}) subsets exceed {MAX_SUBSETS}; sample tokens instead"
+            )
+        self.num_experts = num_experts
+        combos = itertools.combinations(range(num_experts), top_k)
+        self.subsets = np.array(list(combos), dtype=np.int64).reshape(-1, top_k)
+        probs = subset_probabilities(popularity, self.subsets)
+        self.probabilities = probs / probs.sum()
+
+    def sample_counts(self, rng: np.random.Generator, tokens: np.ndarray) -> np.ndarray:
+        """Assignments (S, E) int64 of each source rank's ``tokens[s]`` tokens to each expert."""
+        per_subset = rng.multinomial(tokens, self.probabilities)  # (S, C)
+        sources, k = per_subset.shape[0], self.subsets.shape[1]
+        flat = (np.arange(sources)[:, None, None] * self.num_experts + self.subsets).ravel()
+        weights = np.repeat(per_subset, k, axis=1).ravel()
+        counts = np.bincount(flat, weights=weights, minlength=sources * self.num_experts)
+        return np.rint(counts).astype(np.int64).reshape(sources, self.num_experts)
