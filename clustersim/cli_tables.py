@@ -137,6 +137,14 @@ def print_run(report) -> None:
     parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(report.breakdown.items(),
                                                        key=lambda kv: -kv[1]))  # fmt: skip
     console.print(f"time per GPU by op (ms, summed over the iteration): {parts}")
+    if report.expert_load:
+        rows = report.expert_load
+        worst = max(rows, key=lambda row: row["max_to_mean_mean"])
+        single = max(r["max_to_mean_worst"] for r in rows)
+        console.print(f"expert load: busiest expert / mean, averaged per layer, from "
+                      f"{min(r['max_to_mean_mean'] for r in rows):.2f} to "
+                      f"{worst['max_to_mean_mean']:.2f} (layer {worst['layer']}); worst "
+                      f"single micro-batch {single:.2f}")  # fmt: skip
     console.print(f"{report.events} events simulated in {report.wall_s:.2f} s")
     if report.findings:
         findings = Table(show_lines=True)

@@ -59,3 +59,25 @@ def test_inference_plans_are_not_simulated_yet():
         simulate(load_plan(SEEDS / "004_current.yaml"))
     report = check_plan(load_plan(SEEDS / "004_current.yaml"))
     assert report.simulation_note.startswith("not simulated") and report.unchecked
+
+
+def test_router_skew_slows_the_iteration_and_lowers_balance():
+    """Skewed expert popularity concentrates tokens on a few experts: the busiest EP rank
+    gates every MoE layer, so the iteration is slower and load balance lower."""
+    results = []
+    for skew in (0.0, 0.8):
+        report = simulate(_plan(f"model.moe.router_skew={skew}", "model.moe.capacity_factor=null"))
+        results.append(report)
+    plain, skewed = (r.metrics for r in results)
+    assert skewed["iteration_time_ms"] > plain["iteration_time_ms"]
+    assert skewed["load_balance_pct"] < plain["load_balance_pct"] - 10
+    # Per-layer statistics agree: max/mean >= 1 everywhere, larger with skew.
+    assert all(row["max_to_mean_mean"] >= 1.0 for row in results[0].expert_load)
+    worst = [max(row["max_to_mean_mean"] for row in r.expert_load) for r in results]
+    assert worst[1] > worst[0]
+
+
+def test_even_routing_is_perfectly_balanced():
+    report = simulate(_plan("model.moe.routing=even"))
+    assert report.metrics["load_balance_pct"] == pytest.approx(100.0)
+    assert report.metrics["dropped_tokens_pct"] == 0.0

@@ -119,3 +119,18 @@ def time_breakdown(rec: Recorder, res: SimResult) -> dict[str, float]:
     sums = np.bincount(cols["op"], weights=durations, minlength=len(Op))
     lanes = max(len(res.lanes), 1)
     return {op.name.lower(): float(sums[op]) / lanes for op in Op if sums[op] > 0}
+
+
+def expert_load_by_layer(res: SimResult) -> list[dict[str, float]]:
+    """Per MoE layer: mean and worst max/mean expert load over its routed micro-batches and
+    EP groups, and the mean load balance (mean / max x 100)."""
+    by_layer: dict[int, list[float]] = {}
+    for layer, d in zip(res.dispatch_layers, res.dispatches, strict=True):
+        top = float(d.tokens_per_expert.max())
+        if top > 0:
+            by_layer.setdefault(layer, []).append(top / float(d.tokens_per_expert.mean()))
+    return [
+        {"layer": layer, "max_to_mean_mean": float(np.mean(r)), "max_to_mean_worst": max(r),
+         "load_balance_pct": 100 * float(np.mean([1 / x for x in r]))}
+        for layer, r in sorted(by_layer.items())
+    ]  # fmt: skip

@@ -15,7 +15,7 @@ import numpy as np
 
 from clustersim.analysis.audit import AuditReport, audit
 from clustersim.analysis.findings import Finding
-from clustersim.analysis.metrics import time_breakdown, training_metrics
+from clustersim.analysis.metrics import expert_load_by_layer, time_breakdown, training_metrics
 from clustersim.analysis.suggest import folding_fix
 from clustersim.engine.moe import EvenSplit, RoutingSource, SampledRouting
 from clustersim.engine.recorder import Recorder
@@ -60,6 +60,7 @@ class RunReport:
     events: int = 0
     wall_s: float = 0.0
     routing_s: float = 0.0
+    expert_load: list[dict[str, float]] = field(default_factory=list)
     recorder: Recorder | None = None
 
     @property
@@ -74,6 +75,7 @@ class RunReport:
         out["findings"] = [f.to_dict() for f in self.findings]
         out["unchecked"] = self.unchecked
         out["breakdown_ms"] = self.breakdown
+        out["expert_load_by_layer"] = self.expert_load
         out["simulation"] = {"events": self.events, "wall_s": self.wall_s,
                              "routing_s": self.routing_s}  # fmt: skip
         return out
@@ -123,7 +125,8 @@ def simulate(plan: Plan, progress: Callable[[float], None] | None = None) -> Run
     unchecked = [u for u in report.unchecked if _still_unchecked(u, metrics)]
     routing_s = getattr(routing, "elapsed_s", 0.0)
     return RunReport(report, metrics, time_breakdown(rec, result), findings, unchecked,
-                     result.events, wall_s, routing_s, rec)  # fmt: skip
+                     result.events, wall_s, routing_s, expert_load_by_layer(result),
+                     rec)  # fmt: skip
 
 
 def judge(plan: Plan, metrics: dict[str, Any]) -> list[Finding]:

@@ -77,6 +77,7 @@ class SimResult:
     tokens: int
     seq_lens: list[list[np.ndarray]]
     dispatches: list[Dispatch]
+    dispatch_layers: list[int]
 
 
 class TrainingSim:
@@ -112,6 +113,7 @@ class TrainingSim:
         self.expert_timer = ExpertTimer(plan) if self.model.moe else None
         self.events = 0
         self.dispatches: list[Dispatch] = []
+        self.dispatch_layers: list[int] = []
         self._routes: dict[tuple, tuple] = {}
         self._ready: dict[tuple, simpy.Event] = {}
         self._progress = progress
@@ -165,7 +167,7 @@ class TrainingSim:
         # Events = rows recorded: one per compute op or collective step of a lane.
         return SimResult(self.env.now, self._pipeline_end, self.lanes, self.simulated_dp,
                          self.rec.size, tokens, self.seq_lens,
-                         self.dispatches)  # fmt: skip
+                         self.dispatches, self.dispatch_layers)  # fmt: skip
 
     def _event(self, key: tuple) -> simpy.Event:
         ev = self._ready.get(key)
@@ -345,9 +347,11 @@ class TrainingSim:
         if self._deterministic and cache_key in self._route_cache:
             found = self._route_cache[cache_key]
             self.dispatches.append(found[0])
+            self.dispatch_layers.append(layer)
             return found
         dispatch = self.routing.dispatch(layer, mb * len(self._ep_groups) + gid, tokens)
         self.dispatches.append(dispatch)
+        self.dispatch_layers.append(layer)
         send = dispatch.a2a_tokens * (self.model.hidden_size * DTYPE_BYTES[self.model.dtype])
         group = self._ep_groups[gid]
         cost = all_to_all_v_cost(send, group, self.hw.gpus_per_node, self.hw)
