@@ -133,7 +133,7 @@ def _hand_run():
     ]
     lanes = [Lane(0, 0, 0, [0]), Lane(1, 1, 0, [1])]
     seq_lens = [[np.array([1024])]]
-    result = SimResult(8.0, 6.0, lanes, 1, 0, 1024, seq_lens, dispatches)
+    result = SimResult(8.0, 6.0, lanes, 1, 0, 1024, seq_lens, dispatches, [0] * len(dispatches))
     return plan, rec, result
 
 
