@@ -194,14 +194,18 @@ class TrainingSim:
             costs = self.costs[(lane.dp, step.microbatch)]
             if step.kind == "F":
                 if vstage > 0:
-                    yield self._event(("act", lane.dp, vstage, step.microbatch))
+                    key = ("act", lane.dp, vstage, step.microbatch)
+                    yield self._event(key)
+                    del self._ready[key]
                 yield from self._forward(lane, step.microbatch, layers, costs,
                                          vstage == num_vstages - 1)  # fmt: skip
                 if vstage < num_vstages - 1:
                     self._send(lane, vstage + 1, step.microbatch, costs.p2p_bytes, "act")
             else:
                 if vstage < num_vstages - 1:
-                    yield self._event(("grad", lane.dp, vstage, step.microbatch))
+                    key = ("grad", lane.dp, vstage, step.microbatch)
+                    yield self._event(key)
+                    del self._ready[key]
                 is_last = last_b[step.chunk] == i
                 yield from self._backward(lane, step.microbatch, layers, costs,
                                           vstage == num_vstages - 1,
@@ -315,7 +319,7 @@ class TrainingSim:
         is ready to send at ``ready_at`` and waits (in the collective) until it ends."""
         events = [
             self.rv.arrive((op, backward, gid, layer, mb), self._group_lanes[gid], ready_at,
-                           self._a2a_timing, gid, layer, mb)
+                           self._a2a_timing, gid, layer, mb, backward and op == Op.A2A_DISPATCH)
             for gid in lane.ep_groups
         ]  # fmt: skip
         t0 = ready_at
@@ -331,12 +335,15 @@ class TrainingSim:
         self.rec.add(lane.index, Kind.COMM, op, t0, end, layer, mb, nbytes)
         return routes
 
-    def _a2a_timing(self, _payloads, gid: int, layer: int, mb: int):
-        """Duration of an EP group's all-to-all (routing once per group, layer, micro-batch)."""
+    def _a2a_timing(self, _payloads, gid: int, layer: int, mb: int, last_use: bool):
+        """Duration of an EP group's all-to-all (routing once per group, layer, micro-batch;
+        forgotten after its last use, the backward dispatch)."""
         key = (gid, layer, mb)
-        route = self._routes.get(key)
+        route = self._routes.pop(key, None) if last_use else self._routes.get(key)
         if route is None:
-            route = self._routes[key] = self._route(gid, layer, mb)
+            route = self._route(gid, layer, mb)
+            if not last_use:
+                self._routes[key] = route
         dispatch, time_ms, size = route
         return time_ms, (dispatch, size)
 
