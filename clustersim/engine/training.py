@@ -104,6 +104,7 @@ class TrainingSim:
         self._deterministic = bool(getattr(routing, "deterministic", False))
         self._route_cache: dict[tuple, tuple] = {}
         self.lanes = self._make_lanes()
+        self._lane_of = {r: ln.index for ln in self.lanes for r in ln.ranks}
         self.lane_at = {(ln.stage, ln.dp): ln for ln in self.lanes}
         self.costs = {
             (d, i): MicrobatchCosts(plan, self.lanes[0].ranks, lens)
@@ -449,7 +450,7 @@ class TrainingSim:
         kind = "reduce_scatter" if self.par.distributed_optimizer else "all_reduce"
         hw, gpn = self.hw, self.hw.gpus_per_node
         duration = collective_time_ms(kind, size, group, gpn, hw, "hierarchical")
-        expected = len({ln.index for ln in self.lanes for r in group if r in ln.ranks})
+        expected = len({self._lane_of[r] for r in group if r in self._lane_of})
         key = (int(op), lane.stage, group[0], index)
         t0 = self.env.now
         self.events += 1
