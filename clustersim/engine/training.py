@@ -105,6 +105,7 @@ class TrainingSim:
         self._route_cache: dict[tuple, tuple] = {}
         self.lanes = self._make_lanes()
         self._lane_of = {r: ln.index for ln in self.lanes for r in ln.ranks}
+        self._p2p_ms: dict[tuple, float] = {}
         self.lane_at = {(ln.stage, ln.dp): ln for ln in self.lanes}
         self.costs = {
             (d, i): MicrobatchCosts(plan, self.lanes[0].ranks, lens)
@@ -388,7 +389,10 @@ class TrainingSim:
     def _send(self, lane: Lane, to_vstage: int, mb: int, nbytes: float, what: str) -> None:
         to_stage = to_vstage % self.par.pp
         peer = self.lane_at[(to_stage, lane.dp)]
-        duration = p2p_time_ms(self.plan, lane.ranks[0], peer.ranks[0], nbytes)
+        key = (lane.ranks[0], peer.ranks[0], nbytes)
+        duration = self._p2p_ms.get(key)
+        if duration is None:  # same pair, same size: the same time (cached)
+            duration = self._p2p_ms[key] = p2p_time_ms(self.plan, key[0], key[1], nbytes)
         target = self._event((what, lane.dp, to_vstage, mb))
         t0 = self.env.now
         self.events += 1
