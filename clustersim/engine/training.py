@@ -233,39 +233,40 @@ class TrainingSim:
 
     # ---- forward / backward of a chunk -----------------------------------------------------
     def _forward(self, lane: Lane, mb: int, layers: list[int], costs: MicrobatchCosts, last):
+        """Forward of a chunk. Compute and TP collectives advance a lane-local clock ``t``;
+        the lane yields only to meet other lanes (all-to-alls) and once at the end."""
         rec, lid = self.rec, lane.index
+        t = self.env.now
         for layer in layers:
             moe = self.model.is_moe_layer(layer)
             lt = costs.moe if moe else costs.dense
-            t0 = self.env.now
-            t1 = t0 + lt.attn_fwd_ms
-            rec.add(lid, Kind.COMPUTE, Op.ATTN_FWD, t0, t1, layer, mb)
-            t2 = self._tp_rows(lid, t1, lt.tp_comm_ms, layer, mb, costs, moe)
+            rec.add(lid, Kind.COMPUTE, Op.ATTN_FWD, t, t + lt.attn_fwd_ms, layer, mb)
+            t = self._tp_rows(lid, t + lt.attn_fwd_ms, lt.tp_comm_ms, layer, mb, costs, moe)
             if not moe:
-                rec.add(lid, Kind.COMPUTE, Op.MLP_FWD, t2, t2 + lt.mlp_fwd_ms, layer, mb)
-                yield self._wait(t2 + lt.mlp_fwd_ms - t0)
-            else:  # joins the dispatch at once, ready when attention ends (no extra event)
-                yield from self._moe_block(lane, layer, mb, costs, False, ready_at=t2)
+                rec.add(lid, Kind.COMPUTE, Op.MLP_FWD, t, t + lt.mlp_fwd_ms, layer, mb)
+                t += lt.mlp_fwd_ms
+            else:  # joins the dispatch at once, ready when attention ends
+                t = yield from self._moe_block(lane, layer, mb, costs, False, ready_at=t)
         if last:
-            t0 = self.env.now
-            yield self._wait(costs.logits_fwd_ms)
-            rec.add(lid, Kind.COMPUTE, Op.LOGITS_FWD, t0, self.env.now, -1, mb)
+            rec.add(lid, Kind.COMPUTE, Op.LOGITS_FWD, t, t + costs.logits_fwd_ms, -1, mb)
+            t += costs.logits_fwd_ms
+        if t > self.env.now:
+            yield self._wait(t - self.env.now)
 
     def _backward(self, lane, mb, layers, costs: MicrobatchCosts, last, buckets, grad_state):
+        """Backward of a chunk (lane-local clock as in :meth:`_forward`); on the chunk's last
+        micro-batch each layer's gradients go to the bucket queue when they are ready."""
         rec, lid = self.rec, lane.index
+        t = self.env.now
         if last:
-            t0 = self.env.now
-            yield self._wait(BACKWARD_FACTOR * costs.logits_fwd_ms)
-            rec.add(lid, Kind.COMPUTE, Op.LOGITS_BWD, t0, self.env.now, -1, mb)
+            logits_bwd = BACKWARD_FACTOR * costs.logits_fwd_ms
+            rec.add(lid, Kind.COMPUTE, Op.LOGITS_BWD, t, t + logits_bwd, -1, mb)
+            t += logits_bwd
         for layer in reversed(layers):
             moe = self.model.is_moe_layer(layer)
             lt = costs.moe if moe else costs.dense
             if moe:
-                yield from self._moe_block(lane, layer, mb, costs, True, self.env.now)
-            t0 = self.env.now
-            yield self._wait(lt.recompute_ms + lt.recompute_comm_ms + lt.mlp_bwd_ms
-                             + lt.attn_bwd_ms + lt.tp_comm_ms)  # fmt: skip
-            t = t0
+                t = yield from self._moe_block(lane, layer, mb, costs, True, ready_at=t)
             if lt.recompute_ms:
                 rec.add(lid, Kind.COMPUTE, Op.RECOMPUTE, t, t + lt.recompute_ms, layer, mb)
                 t = self._tp_rows(lid, t + lt.recompute_ms, lt.recompute_comm_ms, layer, mb,
@@ -275,8 +276,11 @@ class TrainingSim:
                 t += lt.mlp_bwd_ms
             t = self._tp_rows(lid, t, lt.tp_comm_ms, layer, mb, costs, moe)
             rec.add(lid, Kind.COMPUTE, Op.ATTN_BWD, t, t + lt.attn_bwd_ms, layer, mb)
+            t += lt.attn_bwd_ms
             if buckets is not None:
-                self._add_layer_grads(lane, layer, buckets, grad_state)
+                self._add_layer_grads(lane, layer, buckets, grad_state, t)
+        if t > self.env.now:
+            yield self._wait(t - self.env.now)
 
     def _tp_rows(self, lid, t, total_ms, layer, mb, costs, moe) -> float:
         """TP collective rows (one for an MoE layer, two for a dense one); returns end time."""
@@ -315,6 +319,7 @@ class TrainingSim:
             self.rec.add(lane.index, Kind.COMM, Op.ETP_COMM, t, t + etp_ms, layer, mb)
             t += etp_ms
         yield from self._a2a(lane, layer, mb, second_op, backward, t)
+        return self.env.now
 
     def _a2a(self, lane: Lane, layer: int, mb: int, op: Op, backward: bool, ready_at: float):
         """All-to-all over every EP group the lane's ranks belong to (concurrently); the lane
@@ -409,21 +414,22 @@ class TrainingSim:
         expert = sums.routed_experts / (self.par.expert_tp * self.par.ep)
         return dense * GRAD_BYTES, expert * GRAD_BYTES
 
-    def _add_layer_grads(self, lane: Lane, layer: int, buckets, state) -> None:
+    def _add_layer_grads(self, lane: Lane, layer: int, buckets, state, ready_at: float) -> None:
         dense, expert = self._layer_grad_bytes(lane, layer)
         state["bytes"] += dense
         state["expert_bytes"] += expert
         if not self.par.overlap_communication:
             return
         if state["bytes"] + state["expert_bytes"] >= self.par.grad_bucket_mb * MIB:
-            self._flush_bucket(lane, buckets, state, final=False)
+            self._flush_bucket(lane, buckets, state, final=False, ready_at=ready_at)
 
-    def _flush_bucket(self, lane: Lane, buckets, state, final: bool) -> None:
+    def _flush_bucket(self, lane: Lane, buckets, state, final: bool, ready_at=None) -> None:
         if final:  # embedding / output layer gradients join the last bucket
             dense, _ = stage_params_per_gpu(self.plan, self.layout, self._counts, lane.stage)
             state["bytes"] = max(state["bytes"], 0.0) + self._non_layer_grads(lane, dense)
         if state["bytes"] or state["expert_bytes"]:
-            buckets.put((state["bytes"], state["expert_bytes"]))
+            when = self.env.now if ready_at is None else ready_at
+            buckets.put((state["bytes"], state["expert_bytes"], when))
         state["bytes"] = state["expert_bytes"] = 0.0
         if final:
             buckets.put(None)
@@ -443,22 +449,24 @@ class TrainingSim:
             item = yield buckets.get()
             if item is None:
                 return
-            dense_bytes, expert_bytes = item
+            dense_bytes, expert_bytes, ready_at = item
             for group, size, op in ((dp_group, dense_bytes, Op.GRAD_REDUCE),
                                     (edp_group, expert_bytes, Op.EXPERT_GRAD_REDUCE)):  # fmt: skip
                 if len(group) > 1 and size > 0:
-                    yield from self._dp_collective(lane, group, size, op, index)
+                    yield from self._dp_collective(lane, group, size, op, index, ready_at)
+                    ready_at = self.env.now
             index += 1
 
-    def _dp_collective(self, lane: Lane, group: list[int], size: float, op: Op, index: int):
+    def _dp_collective(self, lane: Lane, group: list[int], size: float, op: Op, index: int,
+                       ready_at: float):  # fmt: skip
         kind = "reduce_scatter" if self.par.distributed_optimizer else "all_reduce"
         hw, gpn = self.hw, self.hw.gpus_per_node
         duration = collective_time_ms(kind, size, group, gpn, hw, "hierarchical")
         expected = len({self._lane_of[r] for r in group if r in self._lane_of})
         key = (int(op), lane.stage, group[0], index)
-        t0 = self.env.now
+        t0 = max(ready_at, self.env.now)  # the bucket's last gradient is ready at ready_at
         self.events += 1
-        yield self.rv.arrive(key, expected, self.env.now, _fixed, duration)
+        yield self.rv.arrive(key, expected, t0, _fixed, duration)
         kind_row = Kind.COMM_ASYNC if self.par.overlap_communication else Kind.COMM
         self.rec.add(lane.index, kind_row, op, t0, self.env.now, -1, -1, size)
 
