@@ -45,6 +45,7 @@ def plan_from_dict(raw: dict[str, Any], source: str, base_dir: Path | None = Non
     """Validate a plan given as nested dicts (presets not yet merged)."""
     resolved = _merge_presets(copy.deepcopy(raw), source)
     _resolve_length_files(resolved, base_dir or Path.cwd(), source)
+    _resolve_request_trace(resolved, base_dir or Path.cwd())
     try:
         return Plan.model_validate(resolved)
     except ValidationError as exc:
@@ -169,6 +170,15 @@ def _resolve_length_files(raw: dict[str, Any], base_dir: Path, source: str) -> N
             raise PlanError(source, [PlanIssue(f"{path}.file", str(exc), str(file))]) from None
         spec.setdefault("min", int(lengths.min()))
         spec.setdefault("max", int(lengths.max()))
+
+
+def _resolve_request_trace(raw: dict[str, Any], base_dir: Path) -> None:
+    """Make ``workload.requests.trace`` absolute, relative to the plan file (as length files)."""
+    workload = raw.get("workload")
+    requests = workload.get("requests") if isinstance(workload, dict) else None
+    if isinstance(requests, dict) and isinstance(requests.get("trace"), str):
+        file = Path(requests["trace"])
+        requests["trace"] = str(file if file.is_absolute() else (base_dir / file).resolve())
 
 
 def _issues_from_pydantic(errors: list[Any]) -> list[PlanIssue]:

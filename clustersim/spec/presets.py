@@ -133,6 +133,15 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         "vocab_size": 151936,
         "moe": {"num_experts": 128, "top_k": 8},
     },
+    # meta-llama/Llama-2-7b-hf config.json: 6.7 B parameters, dense (the 7B-class serving shape).
+    "llama-2-7b": {
+        "num_layers": 32,
+        "hidden_size": 4096,
+        "num_attention_heads": 32,
+        "num_kv_heads": 32,
+        "ffn_hidden_size": 11008,
+        "vocab_size": 32000,
+    },
     # Dense GPT shapes of shared/validation/narayanan2021_table1.csv.
     "gpt-1.7b": _gpt(24, 2304, 24),
     "gpt-3.6b": _gpt(32, 3072, 30),

@@ -215,15 +215,56 @@ class LengthSpec(_Strict):
 
 
 class RequestsSpec(_Strict):
-    """Inference request stream."""
+    """Inference request stream, and how each replica schedules it (vLLM-like defaults).
 
-    num: PositiveInt = 1000
-    arrival: Literal["poisson", "uniform", "trace"] = "poisson"
+    Arrivals: ``poisson`` (exponential gaps), ``gamma`` (gamma gaps with coefficient of
+    variation ``arrival_cv``: 1 = Poisson, > 1 burstier), ``uniform`` (evenly spaced) at
+    ``rate_per_s``, or ``trace``: a CSV or Arrow IPC file with one request per row and the
+    columns ``arrived_at`` (seconds), ``num_prefill_tokens`` and ``num_decode_tokens`` (the
+    format of the Splitwise/Azure traces, ``traces/README.md``); every row is used unless
+    ``num`` is given explicitly.
+    """
+
+    num: PositiveInt = Field(
+        1000, description="Requests to simulate (arrival: trace: the first num rows if set)."
+    )
+    arrival: Literal["poisson", "gamma", "uniform", "trace"] = "poisson"
     rate_per_s: PositiveFloat = 20.0
-    trace: str | None = None
+    arrival_cv: PositiveFloat = Field(
+        1.0, description="gamma: coefficient of variation of the gaps between arrivals."
+    )
+    trace: str | None = Field(
+        None, description="arrival: trace: CSV or Arrow file (arrived_at, num_prefill_tokens, "
+        "num_decode_tokens)."
+    )
     prompt_len: LengthSpec = LengthSpec(dist="fixed", value=1024)
     output_len: LengthSpec = LengthSpec(dist="fixed", value=128)
-    max_batch_size: PositiveInt = 64
+    max_batch_size: PositiveInt = Field(
+        64, description="max_num_seqs: requests in one step of a replica (all micro-batches)."
+    )
+    max_num_batched_tokens: PositiveInt = Field(
+        8192, description="Token budget of one step of a replica (prefill chunks + decodes)."
+    )
+    chunked_prefill: bool = Field(
+        True, description="Split long prompts over steps and mix them with decodes (vLLM V1); "
+        "false: prefill-only steps take priority over decode steps (vLLM V0)."
+    )
+    kv_block_size: PositiveInt = Field(16, description="Tokens per paged KV-cache block.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Share of GPU memory for weights, activations and KV cache."
+    )
+    num_gpu_blocks: PositiveInt | None = Field(
+        None, description="KV-cache blocks per replica; default: what fits in the memory left."
+    )
+    dispatch: Literal["round_robin", "least_loaded"] = Field(
+        "round_robin", description="How arriving requests are sent to data-parallel replicas."
+    )
+
+    @model_validator(mode="after")
+    def _trace_given(self) -> RequestsSpec:
+        if self.arrival == "trace" and not self.trace:
+            raise ValueError("arrival 'trace' needs trace (a CSV or Arrow file of requests)")
+        return self
 
 
 class WorkloadSpec(_Strict):

@@ -1,0 +1,79 @@
+"""Judging simulated metrics: the plan's targets and its simulated claims, as findings.
+
+Shared by training (``analysis.simulate``) and serving (``analysis.serving``). The tables and
+the rule are those of ``analysis.simulate`` (which still holds its own copy; it can import
+these instead, so that ``simulate`` may import ``serving`` without a cycle).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clustersim.analysis.findings import Finding
+from clustersim.spec.schema import Plan
+
+# Simulated claims: relative tolerance for times and rates, absolute points for percentages.
+CLAIM_TOLERANCE_REL = 0.10
+CLAIM_TOLERANCE_PCT_POINTS = 5.0
+# target field -> (metric, "max" or "min")
+TARGETS = {
+    "latency_ms_max": ("latency_ms", "max"),
+    "ttft_ms_max": ("ttft_ms_p50", "max"),
+    "tpot_ms_max": ("tpot_ms_p50", "max"),
+    "throughput_tokens_per_ms_min": ("throughput_tokens_per_ms", "min"),
+    "comm_overhead_pct_max": ("comm_overhead_pct", "max"),
+    "load_balance_pct_min": ("load_balance_pct", "min"),
+    "gpu_utilization_pct_min": ("gpu_utilization_pct", "min"),
+}
+CLAIMS = {
+    "latency_ms": "latency_ms",
+    "ttft_ms": "ttft_ms_p50",
+    "tpot_ms": "tpot_ms_p50",
+    "throughput_tokens_per_ms": "throughput_tokens_per_ms",
+    "comm_overhead_pct": "comm_overhead_pct",
+    "load_balance_pct": "load_balance_pct",
+    "gpu_utilization_pct": "gpu_utilization_pct",
+}
+TRAINING_FIX = "change the plan (parallel degrees, micro-batches, overlap, recompute)"
+SERVING_FIX = (
+    "change the plan (replicas, parallel degrees, workload.requests.max_batch_size or "
+    "max_num_batched_tokens, the request rate)"
+)
+
+
+def judge(plan: Plan, metrics: dict[str, Any], fix: str = TRAINING_FIX) -> list[Finding]:
+    """Findings for the targets and simulated claims that the metrics decide."""
+    out = []
+    for target, (metric, sense) in TARGETS.items():
+        limit, value = getattr(plan.targets, target), metrics.get(metric)
+        if limit is None or value is None:
+            continue
+        if (value > limit) if sense == "max" else (value < limit):
+            word = "above the maximum" if sense == "max" else "below the minimum"
+            out.append(Finding(f"targets.{target}", "error",
+                               f"simulated {metric} is {value:.4g}, {word} of {limit:g}",
+                               f"{fix} or relax the target", limit,
+                               round(value, 4)))  # fmt: skip
+    for claim, metric in CLAIMS.items():
+        claimed, value = getattr(plan.claims, claim), metrics.get(metric)
+        if claimed is None or value is None:
+            continue
+        if metric.endswith("_pct"):
+            ok = abs(claimed - value) <= CLAIM_TOLERANCE_PCT_POINTS
+            tol = f"{CLAIM_TOLERANCE_PCT_POINTS:g} points"
+        else:
+            ok = abs(claimed - value) <= CLAIM_TOLERANCE_REL * abs(value)
+            tol = f"{100 * CLAIM_TOLERANCE_REL:g}%"
+        if not ok:
+            out.append(Finding(f"claims.{claim}", "error",
+                               f"simulated {metric} is {value:.4g}, not {claimed:g} (more than "
+                               f"{tol} apart)", f"set claims.{claim}: {value:.4g}", claimed,
+                               round(value, 4)))  # fmt: skip
+    return out
+
+
+def still_unchecked(item: str, metrics: dict[str, Any]) -> bool:
+    """Whether an audit's unchecked ``targets.x`` / ``claims.x`` item stays undecided."""
+    section, name = item.split(".", 1)
+    metric = TARGETS[name][0] if section == "targets" else CLAIMS[name]
+    return metrics.get(metric) is None

@@ -1,0 +1,98 @@
+"""Serving cost coefficients (costs/serving.py) against the op costs they come from."""
+
+from __future__ import annotations
+
+import pytest
+from serving_plans import DENSE, MOE, make_plan
+
+from clustersim.costs import compute as cc
+from clustersim.costs.comm import collective_time_ms
+from clustersim.costs.memory import GIB, kv_cache_bytes
+from clustersim.costs.params import count_params
+from clustersim.costs.serving import kv_bytes_per_token_layer, kv_capacity, step_costs
+from clustersim.engine.serving_moe import MoEStepTable
+from clustersim.layout import Layout
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 256, 4096])
+def test_rooflines_equal_the_op_costs(tokens):
+    plan = make_plan(MOE)
+    costs, model, hw = step_costs(plan, Layout(plan)), plan.model, plan.hardware
+    proj = cc.qkv_projection(tokens, model, 2) + cc.attention_output_projection(tokens, model, 2)
+    assert costs.attn_proj.scalar_ms(tokens) == pytest.approx(proj.time_ms(hw), rel=1e-9)
+    assert float(costs.attn_proj.time_ms(tokens)) == pytest.approx(proj.time_ms(hw), rel=1e-9)
+    logits = cc.logits(tokens, model, 2).time_ms(hw)
+    assert costs.logits.scalar_ms(tokens) == pytest.approx(logits, rel=1e-9)
+    ranks = [0, 1]
+    allreduce = collective_time_ms("all_reduce", tokens * 4096 * 2, ranks, 8, hw)
+    assert costs.tp_allreduce.scalar_ms(tokens) == pytest.approx(allreduce, rel=1e-9)
+    assert costs.attn_proj.scalar_ms(0) == 0 and costs.tp_allreduce.scalar_ms(0) == 0
+
+
+def test_one_decode_token_reads_every_weight():
+    plan = make_plan(DENSE)
+    costs, model, hw = step_costs(plan, Layout(plan)), plan.model, plan.hardware
+    counts = count_params(model)
+    mlp_bytes = counts.dense_mlp * 2
+    assert costs.dense_mlp.scalar_ms(1) == pytest.approx(
+        mlp_bytes / (hw.hbm_bandwidth_gbps * 1e9) * 1e3, rel=1e-3
+    )
+    # prefill of 4096 tokens is compute-bound: FLOPs, not bytes, set the time
+    flops = 2 * 4096 * counts.dense_mlp
+    peak = hw.peak_tflops * 1e12 * hw.compute_efficiency
+    assert costs.dense_mlp.scalar_ms(4096) == pytest.approx(flops / peak * 1e3, rel=1e-9)
+
+
+def test_layer_counts_per_stage():
+    plan = make_plan(MOE)
+    costs = step_costs(plan, Layout(plan))
+    assert costs.dense_layers == (0, 0) and costs.moe_layers == (16, 16)
+
+
+def test_kv_bytes_per_token_match_the_memory_model():
+    for base in (DENSE, MOE):
+        plan = make_plan(base)
+        layout = Layout(plan)
+        req = plan.workload.requests
+        tokens = (req.prompt_len.longest + req.output_len.longest) * req.max_batch_size
+        layers = len(layout.stage_layers[0])
+        per_token = kv_cache_bytes(plan, layout, 0) / tokens / layers
+        assert kv_bytes_per_token_layer(plan.model, plan.parallel.tp) == pytest.approx(per_token)
+
+
+def test_kv_capacity_is_the_memory_left_in_blocks():
+    plan = make_plan(DENSE)
+    kv = kv_capacity(plan, Layout(plan))
+    usable = 0.9 * 80
+    free = usable - kv.weights_gib[0] - kv.activations_gib[0]
+    assert kv.free_gib[0] == pytest.approx(free)
+    per_token = 32 * 2 * 32 * 128 * 2  # layers x (K, V) x heads x head size x bf16
+    assert kv.num_blocks == int(free * GIB / per_token // 16)
+    assert kv.weights_gib[0] == pytest.approx(count_params(plan.model).total * 2 / GIB)
+    override = make_plan(DENSE, requests={"num_gpu_blocks": 123})
+    assert kv_capacity(override, Layout(override)).num_blocks == 123
+
+
+def test_moe_table_is_deterministic_and_grows_with_tokens():
+    plan = make_plan(MOE)
+    first, second = MoEStepTable(plan, Layout(plan)), MoEStepTable(plan, Layout(plan))
+    rows = [first.lookup(n) for n in (1, 8, 64, 1000, 8192)]
+    assert rows == [second.lookup(n) for n in (8192, 1000, 64, 8, 1)][::-1]
+    times = [r[0] for r in rows]
+    assert times == sorted(times)
+    assert first.lookup(0) == (0.0, 0.0, 100.0, 0.0)
+    # one decode token activates top_k = 2 experts: the busiest rank reads one or two experts'
+    # weights, far less than all 8 (decode is bound by the experts the batch activates)
+    expert_bytes = 3 * 4096 * 14336 * 2
+    one_expert_ms = expert_bytes / (plan.hardware.hbm_bandwidth_gbps * 1e9) * 1e3
+    assert rows[0][0] - rows[0][1] < 2.2 * one_expert_ms
+    # interpolated points lie between their grid neighbours
+    assert first.lookup(70)[0] <= first.lookup(1000)[0]
+
+
+def test_even_routing_has_perfect_balance():
+    plan = make_plan(
+        MOE, model={"preset": "mixtral-8x7b", "moe": {"num_experts": 8, "routing": "even"}}
+    )
+    table = MoEStepTable(plan, Layout(plan))
+    assert table.lookup(64)[2] == pytest.approx(100.0)  # 128 copies over 8 experts
