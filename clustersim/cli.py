@@ -121,19 +121,38 @@ def check(
 @app.command(
     help="Simulate one training iteration of a plan (SimPy engine: every GPU, link and pipeline "
     "stage) and print latency, throughput, communication overhead, bubble, utilisation, MFU, "
-    "expert load balance and memory, with the plan's targets and claims checked. Exit code 0: "
-    "no errors; 1: the plan fails a constraint, target or claim; 2: unusable input."
+    "expert load balance and memory, with the plan's targets and claims checked. --trace also "
+    "writes every event, the workload and the routing to an Arrow file for `clustersim analyze` "
+    "and `clustersim replay`. Exit code 0: no errors; 1: the plan fails a constraint, target or "
+    "claim; 2: unusable input."
 )
-def run(plan_file: PlanArg = None, set_: SetOpt = None, json_out: JsonOpt = False) -> None:
+def run(
+    plan_file: PlanArg = None,
+    set_: SetOpt = None,
+    json_out: JsonOpt = False,
+    trace: Annotated[
+        bool,
+        typer.Option("--trace", help="Write an Arrow event trace to "
+                     "traces/<plan name>-seed<seed>.arrow (or --trace-file)."),
+    ] = False,
+    trace_file: Annotated[
+        Path | None,
+        typer.Option("--trace-file", help="Write the trace to this file (implies --trace)."),
+    ] = None,
+) -> None:
     """Simulate a plan and print its metrics."""
     from clustersim.analysis.simulate import simulate
     from clustersim.cli_tables import ProgressBar, print_run
     from clustersim.engine.training import EngineError
 
     plan = _load(plan_file, set_)
+    if trace and trace_file is None:
+        from clustersim.analysis.tracing import default_trace_path
+
+        trace_file = default_trace_path(plan)
     try:
         with ProgressBar("simulating") as bar:
-            report = simulate(plan, progress=bar.update)
+            report = simulate(plan, progress=bar.update, trace=trace_file)
     except EngineError as exc:
         from clustersim.analysis.audit import audit
 
@@ -143,11 +162,125 @@ def run(plan_file: PlanArg = None, set_: SetOpt = None, json_out: JsonOpt = Fals
 
             print_audit(findings)
         raise _fail(f"cannot simulate {plan_file or 'the default plan'}: {exc}") from None
+    except OSError as exc:
+        raise _fail(f"cannot write the trace {trace_file}: {exc.strerror or exc}") from None
     if json_out:
         _print_json(report.to_dict())
     else:
         print_run(report)
     raise typer.Exit(code=1 if report.has_errors else 0)
+
+
+TraceArg = Annotated[Path, typer.Argument(help="Trace file (.arrow) written by run --trace.")]
+
+
+def _window(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    lo, sep, hi = text.partition(":")
+    try:
+        window = (float(lo), float(hi))
+    except ValueError:
+        window = None
+    if not sep or window is None or not window[0] < window[1]:
+        raise _fail(f"--window: expected START_MS:END_MS with START < END, got {text!r}")
+    return window
+
+
+@app.command(
+    help="Analyse a trace written by `run --trace`: per-GPU utilisation, communication time by "
+    "collective and group, exposed communication, bubble, the critical path of the iteration, "
+    "expert load per layer (the same metrics `run` printed). Streams the file, so traces "
+    "larger than memory work. --perfetto writes Chrome/Perfetto trace JSON (ui.perfetto.dev); "
+    "--plot draws a timeline of --window, an expert-load heatmap and utilisation bars "
+    "(needs matplotlib: pip install 'clustersim[plot]'). Exit code 2: unusable trace."
+)
+def analyze(
+    trace_file: TraceArg,
+    json_out: JsonOpt = False,
+    perfetto: Annotated[
+        Path | None, typer.Option("--perfetto", help="Write Chrome/Perfetto trace JSON here.")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG here.")] = None,
+    window: Annotated[
+        str | None,
+        typer.Option("--window", help="START_MS:END_MS for --plot and --perfetto "
+                     "(default: the whole iteration)."),
+    ] = None,
+) -> None:
+    """Analyse a trace and print (or export) what happened."""
+    from clustersim.analysis.analyze import analyze as analyse_trace
+    from clustersim.cli_tables import ProgressBar, print_analysis
+    from clustersim.trace import TraceError
+
+    span = _window(window)
+    if plot is not None:
+        from clustersim.analysis.plots import PlotError, _pyplot
+
+        try:
+            _pyplot()
+        except PlotError as exc:
+            raise _fail(str(exc)) from None
+    try:
+        with ProgressBar("analysing") as bar:
+            result = analyse_trace(trace_file, (span or (0.0, float("inf"))) if plot else None,
+                                   progress=bar.update)  # fmt: skip
+        if perfetto is not None:
+            from clustersim.analysis.perfetto import export_perfetto
+
+            count = export_perfetto(trace_file, perfetto, span)
+            typer.echo(f"wrote {perfetto} ({count} events)", err=True)
+        if plot is not None:
+            from clustersim.analysis.plots import plot_analysis
+
+            plot_analysis(result, plot)
+            typer.echo(f"wrote {plot}", err=True)
+    except TraceError as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"cannot write {exc.filename or 'output'}: {exc.strerror or exc}") from None
+    if json_out:
+        _print_json(result.to_dict())
+    else:
+        print_analysis(result)
+
+
+@app.command(
+    help="Simulate the workload recorded in a trace (sequence lengths, routing) again, under "
+    "the trace's own plan or a changed one: --set hardware.inter_node.bandwidth_gbps=100 "
+    "changes the recorded plan, --plan PLAN replaces it. Changes that make the recorded "
+    "workload meaningless (experts, layers, DP size, micro-batches, EP/TP grouping, routing "
+    "settings, sequence lengths, seed) are refused. Exit code 2: unusable trace or change."
+)
+def replay(
+    trace_file: TraceArg,
+    plan_file: Annotated[
+        Path | None, typer.Option("--plan", help="Replay under this plan instead.")
+    ] = None,
+    set_: SetOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Re-simulate a recorded workload and print the metrics, recorded vs replayed."""
+    from clustersim.analysis.replay import ReplayError, recorded_plan
+    from clustersim.analysis.replay import replay as replay_trace
+    from clustersim.cli_tables import ProgressBar, print_replay
+    from clustersim.engine.training import EngineError
+    from clustersim.spec import PlanError
+    from clustersim.trace import TraceError
+
+    try:
+        plan = _load(plan_file, set_) if plan_file else recorded_plan(trace_file, set_ or [])
+        with ProgressBar("replaying") as bar:
+            result = replay_trace(trace_file, plan, progress=bar.update)
+    except PlanError as exc:
+        raise _fail(exc.render()) from None
+    except (TraceError, ReplayError, EngineError) as exc:
+        raise _fail(str(exc)) from None
+    if json_out:
+        _print_json(result.to_dict())
+    else:
+        print_replay(result)
+    raise typer.Exit(code=1 if result.report.has_errors else 0)
 
 
 @app.command(

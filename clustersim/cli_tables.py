@@ -146,6 +146,9 @@ def print_run(report) -> None:
                       f"{worst['max_to_mean_mean']:.2f} (layer {worst['layer']}); worst "
                       f"single micro-batch {single:.2f}")  # fmt: skip
     console.print(f"{report.events} events simulated in {report.wall_s:.2f} s")
+    if report.trace:
+        console.print(f"trace: {report.trace['path']} ({report.trace['rows']} rows, "
+                      f"{report.trace['bytes'] / 2**20:.1f} MiB)")  # fmt: skip
     if report.findings:
         findings = Table(show_lines=True)
         for col in ("node", "severity", "claimed", "computed", "why", "fix"):
@@ -180,3 +183,78 @@ def print_validation(rows) -> None:
     if errors:
         console.print(f"mean absolute error {sum(errors) / len(errors):.1f}%, "
                       f"largest {max(errors):.1f}% ({len(rows)} rows)")  # fmt: skip
+
+
+def print_analysis(result) -> None:
+    """``clustersim analyze``: metrics, communication, critical path, GPUs, expert load."""
+    console = Console(width=max(Console().width, 120))
+    console.print(f"[bold]{result.plan_name}[/bold] (seed {result.seed}): {result.path}, "
+                  f"{result.events} events of {result.rows} rows")  # fmt: skip
+    table = Table(title="metrics (as `clustersim run` computes them)", title_justify="left")
+    for col in ("metric", "value", "unit"):
+        table.add_column(col)
+    for key, label, unit, _target, _claim in METRIC_ROWS:
+        value = result.metrics.get(key)
+        table.add_row(label, "-" if value is None else f"{value:.4g}", unit)
+    console.print(table)
+    comm = Table(title="communication by collective (ms, summed over lanes)", title_justify="left")
+    for col in ("op", "group", "total ms", "per lane ms", "count", "GiB"):
+        comm.add_column(col, justify="left" if col in ("op", "group") else "right")
+    for row in result.comm_by_op:
+        comm.add_row(row["op"], row["group_kind"], f"{row['total_ms']:.1f}",
+                     f"{row['per_gpu_ms']:.2f}", str(row["count"]),
+                     f"{row['bytes'] / 2**30:.2f}")  # fmt: skip
+    console.print(comm)
+    busiest = result.comm_by_group[:3]
+    if busiest:
+        console.print("busiest groups: " + "; ".join(
+            f"{g['op']} {g['group_kind']} group {g['group']} {g['total_ms']:.1f} ms"
+            for g in busiest))  # fmt: skip
+    console.print(f"exposed communication per GPU (mean): {result.exposed_comm_ms:.1f} ms")
+    cp = result.critical_path
+    top = ", ".join(f"{k} {v:.1f}" for k, v in list(cp["by_op_ms"].items())[:6])
+    console.print(f"critical path: {cp['length_ms']:.1f} ms, ends on GPUs {cp['end_gpus']}; "
+                  f"compute {cp['compute_ms']:.1f} ms, communication {cp['comm_ms']:.1f} ms, "
+                  f"unexplained wait {cp['wait_ms']:.1f} ms, {cp['hops']} hops between lanes; "
+                  f"by op (ms): {top}")  # fmt: skip
+    util = [g["utilization_pct"] for g in result.gpus]
+    if util:
+        worst = min(result.gpus, key=lambda g: g["utilization_pct"])
+        console.print(f"GPU utilisation: mean {sum(util) / len(util):.1f}%, min "
+                      f"{worst['utilization_pct']:.1f}% (GPU {worst['gpu']}, stage "
+                      f"{worst['stage']}), max {max(util):.1f}% over {len(util)} GPUs "
+                      f"(--json lists every GPU)")  # fmt: skip
+    if result.expert_load:
+        rows = result.expert_load
+        worst = max(rows, key=lambda r: r["max_to_mean_mean"])
+        console.print(f"expert load: busiest expert / mean per layer from "
+                      f"{min(r['max_to_mean_mean'] for r in rows):.2f} to "
+                      f"{worst['max_to_mean_mean']:.2f} (layer {worst['layer']})")  # fmt: skip
+
+
+def print_replay(result) -> None:
+    """``clustersim replay``: recorded vs replayed metrics, then the replayed run's findings."""
+    console = Console(width=max(Console().width, 120))
+    changes = result.changes
+    console.print("plan changes: " + (", ".join(f"{c['field']} {c['recorded']} -> {c['new']}"
+                                                for c in changes) or "none"))  # fmt: skip
+    table = Table(title=f"{result.report.audit.plan.name}: recorded workload replayed",
+                  title_justify="left")  # fmt: skip
+    for col in ("metric", "recorded", "replayed", "change", "unit"):
+        table.add_column(col)
+    for key, label, unit, _target, _claim in METRIC_ROWS:
+        old, new = result.recorded_metrics.get(key), result.report.metrics.get(key)
+        delta = "" if old is None or new is None else _delta(old, new)
+        table.add_row(label, "-" if old is None else f"{old:.4g}",
+                      "-" if new is None else f"{new:.4g}", delta, unit)  # fmt: skip
+    console.print(table)
+    findings = result.report.findings
+    if findings:
+        console.print(f"{len(findings)} finding(s) for the replayed plan: "
+                      + "; ".join(f"{f.node} ({f.severity}): {f.message}" for f in findings))
+
+
+def _delta(old: float, new: float) -> str:
+    """``new - old``, or 0 when they differ only by rounding."""
+    diff = new - old
+    return "0" if abs(diff) <= 1e-9 * max(abs(old), 1.0) else f"{diff:+.4g}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,7 @@ class RunReport:
     routing_s: float = 0.0
     expert_load: list[dict[str, float]] = field(default_factory=list)
     recorder: Recorder | None = None
+    trace: dict[str, Any] | None = None  # {"path", "rows", "bytes"} when a trace was written
 
     @property
     def has_errors(self) -> bool:
@@ -77,7 +79,7 @@ class RunReport:
         out["breakdown_ms"] = self.breakdown
         out["expert_load_by_layer"] = self.expert_load
         out["simulation"] = {"events": self.events, "wall_s": self.wall_s,
-                             "routing_s": self.routing_s}  # fmt: skip
+                             "routing_s": self.routing_s, "trace": self.trace}  # fmt: skip
         return out
 
 
@@ -102,8 +104,11 @@ def _ep_ranks_per_node(plan: Plan) -> int | None:
     return per_node if contiguous and len(group) % per_node == 0 else None
 
 
-def simulate(plan: Plan, progress: Callable[[float], None] | None = None) -> RunReport:
-    """Audit and simulate one training iteration of ``plan``.
+def simulate(
+    plan: Plan, progress: Callable[[float], None] | None = None, trace: Path | None = None
+) -> RunReport:
+    """Audit and simulate one training iteration of ``plan``; with ``trace``, also write every
+    event, the workload and the routing to that Arrow file (``clustersim.trace``).
 
     Raises :class:`EngineError` when the plan cannot be simulated (the audit says why).
     """
@@ -115,10 +120,30 @@ def simulate(plan: Plan, progress: Callable[[float], None] | None = None) -> Run
     seq_lens = microbatch_lengths(plan, rng)
     routing, deterministic = routing_for(plan)
     symmetric = deterministic and plan.workload.seq_len.dist == "fixed"
+    return simulate_workload(plan, report, seq_lens, routing, symmetric, progress, trace)
+
+
+def simulate_workload(
+    plan: Plan,
+    report: AuditReport,
+    seq_lens: list[list[np.ndarray]],
+    routing: RoutingSource | None,
+    symmetric: bool,
+    progress: Callable[[float], None] | None = None,
+    trace: Path | None = None,
+) -> RunReport:
+    """Simulate a given workload (sampled by :func:`simulate`, or read back from a trace by
+    ``analysis.replay``) and judge the result."""
     rec = Recorder(plan.parallel.world_size)
     started = time.perf_counter()
-    sim = TrainingSim(plan, rec, seq_lens, routing, symmetric, progress)
-    result = sim.run()
+    trace_info = None
+    if trace is None:
+        result = TrainingSim(plan, rec, seq_lens, routing, symmetric, progress).run()
+    else:  # imported here: pyarrow is not needed (nor loaded) without a trace
+        from clustersim.analysis.tracing import simulate_traced
+
+        result, trace_info = simulate_traced(plan, rec, seq_lens, routing, symmetric, progress,
+                                             Path(trace))  # fmt: skip
     wall_s = time.perf_counter() - started
     metrics = training_metrics(plan, rec, result)
     findings = list(report.findings) + judge(plan, metrics)
@@ -126,7 +151,7 @@ def simulate(plan: Plan, progress: Callable[[float], None] | None = None) -> Run
     routing_s = getattr(routing, "elapsed_s", 0.0)
     return RunReport(report, metrics, time_breakdown(rec, result), findings, unchecked,
                      result.events, wall_s, routing_s, expert_load_by_layer(result),
-                     rec)  # fmt: skip
+                     rec, trace_info)  # fmt: skip
 
 
 def judge(plan: Plan, metrics: dict[str, Any]) -> list[Finding]:

@@ -2,13 +2,15 @@
 
 The engine appends one row per compute op or collective of a lane (a TP group driven in
 lockstep). Rows go into preallocated numpy columns that double when full; appending costs one
-Python call, never a dict per row. Metrics (``analysis.metrics``) and the trace writer read
-the columns. Per-GPU differences inside a lane (expert GEMMs of unequal size) are kept as a
-per-rank idle adjustment, so the metrics still speak of every GPU.
+Python call, never a dict per row. Metrics (``analysis.metrics``) read the columns; an optional
+``sink`` (the trace writer) receives every chunk of columns as it is frozen. Per-GPU
+differences inside a lane (expert GEMMs of unequal size) are kept as a per-rank idle
+adjustment, so the metrics still speak of every GPU.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import IntEnum
 
 import numpy as np
@@ -67,6 +69,7 @@ class Recorder:
         self._chunk_rows = chunk_rows
         self._frozen = 0
         self.rank_idle_ms = np.zeros(world_size)  # lane compute time a rank spent waiting
+        self.sink: Callable[[dict[str, np.ndarray]], None] | None = None  # gets each chunk
 
     @property
     def size(self) -> int:
@@ -94,11 +97,17 @@ class Recorder:
         if not self._rows:
             return
         table = np.array(self._rows, dtype=np.float64)
-        self._chunks.append(
-            {name: table[:, i].astype(dtype) for i, (name, dtype) in enumerate(_COLUMNS.items())}
-        )
+        chunk = {name: table[:, i].astype(dtype)
+                 for i, (name, dtype) in enumerate(_COLUMNS.items())}  # fmt: skip
+        self._chunks.append(chunk)
         self._frozen += len(self._rows)
         self._rows = []
+        if self.sink is not None:
+            self.sink(chunk)
+
+    def flush(self) -> None:
+        """Freeze the pending rows (handing them to the sink)."""
+        self._freeze()
 
     def columns(self) -> dict[str, np.ndarray]:
         """Every row so far, one numpy array per column."""

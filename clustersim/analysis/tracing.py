@@ -1,0 +1,175 @@
+"""Recording a simulated iteration as a trace: the glue between the engine and the trace format.
+
+:class:`TraceSink` turns the recorder's column chunks into trace rows (engine op codes to trace
+op names, the lane's first GPU, the process group of each collective) and writes the workload
+(sequence lengths), every routing outcome and the run summary. :class:`RecordingRouting` wraps
+the plan's routing source so that every (layer, micro-batch, EP group) routed is recorded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from clustersim import __version__
+from clustersim.engine.moe import Dispatch, RoutingSource
+from clustersim.engine.recorder import Kind, Op, Recorder
+from clustersim.engine.training import Lane, SimResult, TrainingSim
+from clustersim.layout import Layout
+from clustersim.spec.schema import Plan
+from clustersim.trace import schema as S
+from clustersim.trace.writer import TraceWriter
+
+# The process group each collective runs over (the ``group`` column indexes
+# ``Layout.groups(kind)``); p2p sends name the pipeline group of the sender.
+OP_GROUP_KIND = {
+    "tp_comm": "tp", "a2a_dispatch": "ep", "a2a_combine": "ep", "etp_comm": "etp",
+    "p2p_send": "pp", "grad_reduce": "dp", "expert_grad_reduce": "edp", "param_gather": "dp",
+}  # fmt: skip
+KIND_TO_TRACE = np.array([S.KIND_CODE[k.name.lower()] for k in Kind], dtype=np.int8)
+OP_TO_TRACE = np.array([S.OP_CODE[o.name.lower()] for o in Op], dtype=np.int8)
+
+
+def default_trace_path(plan: Plan, root: Path | None = None) -> Path:
+    """``traces/<plan name>-seed<seed>.arrow`` under ``root`` (default: the working directory)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in plan.name)
+    return (root or Path.cwd()) / "traces" / f"{safe}-seed{plan.seed}.arrow"
+
+
+def group_table(layout: Layout, lanes: list[Lane]) -> np.ndarray:
+    """``table[engine op, lane]``: index of the op's process group holding the lane's first
+    GPU in ``layout.groups(kind)``; -1 for ops that are not collectives."""
+    table = np.full((len(Op), max(len(lanes), 1)), -1, dtype=np.int32)
+    for op in Op:
+        kind = OP_GROUP_KIND.get(op.name.lower())
+        if kind is None:
+            continue
+        where = {r: i for i, grp in enumerate(layout.groups(kind)) for r in grp}
+        for lane in lanes:
+            table[op, lane.index] = where.get(lane.ranks[0], -1)
+    return table
+
+
+def run_metadata(plan: Plan, layout: Layout, lanes: list[Lane], symmetric: bool) -> dict:
+    """The ``clustersim.run`` metadata: lanes, the lane (and TP slot) each GPU follows."""
+    simulated_dp = 1 if symmetric else plan.parallel.dp
+    lane_at = {(ln.stage, ln.dp): ln.index for ln in lanes}
+    gpu_lane, gpu_slot = [], []
+    for rank in range(layout.world_size):
+        c = layout.coords(rank)
+        gpu_lane.append(lane_at[(c.pp, c.dp if c.dp < simulated_dp else 0)])
+        gpu_slot.append(c.tp)
+    ep_groups = layout.groups("ep") if plan.model.moe else []
+    return {
+        "mode": "training", "time_unit": "s", "symmetric": symmetric,
+        "simulated_dp": simulated_dp,
+        "lanes": [{"index": ln.index, "stage": ln.stage, "dp": ln.dp, "ranks": ln.ranks}
+                  for ln in lanes],
+        "gpu_lane": gpu_lane, "gpu_slot": gpu_slot,
+        "num_ep_groups": len(ep_groups), "ep_groups_per_stage": len(ep_groups) // plan.parallel.pp,
+        "op_groups": OP_GROUP_KIND,
+        "clustersim_version": __version__,
+        "created_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }  # fmt: skip
+
+
+class TraceSink:
+    """Writes one simulated iteration into an open :class:`TraceWriter`."""
+
+    def __init__(self, writer: TraceWriter, layout: Layout, lanes: list[Lane]):
+        self.writer = writer
+        self._gpu = np.array([ln.ranks[0] for ln in lanes], dtype=np.int32)
+        self._replica = np.array([ln.dp for ln in lanes], dtype=np.int32)
+        self._group = group_table(layout, lanes)
+
+    def events(self, chunk: dict[str, np.ndarray]) -> None:
+        """A recorder chunk as one record batch (the recorder's ``sink``)."""
+        lane, op = chunk["lane"], chunk["op"]
+        ints = {"lane": lane, "gpu": self._gpu[lane], "group": self._group[op, lane],
+                "replica": self._replica[lane], "layer": chunk["layer"],
+                "microbatch": chunk["microbatch"]}  # fmt: skip
+        self.writer.write_events(KIND_TO_TRACE[chunk["kind"]], OP_TO_TRACE[op],
+                                 chunk["start_ms"] / 1e3, chunk["end_ms"] / 1e3, ints,
+                                 chunk["bytes"])  # fmt: skip
+
+    def workload(self, seq_lens: list[list[np.ndarray]]) -> None:
+        """The sequence lengths of every micro-batch of every replica."""
+        for replica, mbs in enumerate(seq_lens):
+            for mb, lens in enumerate(mbs):
+                self.writer.add_row("workload", "seq_lens", replica=replica, microbatch=mb,
+                                    value=float(lens.sum()), values=lens)  # fmt: skip
+
+    def route(self, layer: int, mb: int, group: int, tokens: np.ndarray, d: Dispatch) -> None:
+        """One routing outcome (EP group ``group``, global index), one row per quantity."""
+        add = self.writer.add_row
+        where = {"layer": layer, "microbatch": mb, "group": group}
+        add("route", "member_tokens", values=tokens, **where)
+        add("route", "a2a_tokens", values=np.ravel(d.a2a_tokens), **where)
+        add("route", "received_tokens", values=d.received_tokens, **where)
+        add("route", "active_experts", values=d.active_experts, **where)
+        add("route", "expert_tokens", values=d.tokens_per_expert, **where)
+        add("route", "dropped_tokens", value=float(d.dropped_tokens), **where)
+        add("route", "routed_tokens", value=float(d.routed_tokens), **where)
+
+    def summary(self, result: SimResult, rank_idle_ms: np.ndarray) -> None:
+        """Whole-run figures: iteration end, pipeline end, per-GPU expert idle time (s)."""
+        add = self.writer.add_row
+        add("summary", "iteration", start_s=0.0, end_s=result.iteration_time_ms / 1e3)
+        add("summary", "pipeline", start_s=0.0, end_s=result.pipeline_end_ms / 1e3)
+        add("summary", "expert_idle", values=np.asarray(rank_idle_ms) / 1e3)
+
+
+class RecordingRouting:
+    """A routing source that records every outcome it hands out. Not ``deterministic``, so the
+    engine routes every (layer, micro-batch, EP group) through it (even routing gives the same
+    dispatches either way)."""
+
+    deterministic = False
+
+    def __init__(self, inner: RoutingSource, num_groups: int, sink: TraceSink | None = None):
+        self.inner, self.num_groups, self.sink = inner, num_groups, sink
+
+    @property
+    def elapsed_s(self) -> float:
+        """Wall time the wrapped source spent routing."""
+        return getattr(self.inner, "elapsed_s", 0.0)
+
+    def dispatch(self, layer: int, key: int, tokens_per_member: np.ndarray) -> Dispatch:
+        """Route through the wrapped source and record the outcome."""
+        out = self.inner.dispatch(layer, key, tokens_per_member)
+        mb, group = divmod(key, self.num_groups)
+        self.sink.route(layer, mb, group, tokens_per_member, out)
+        return out
+
+
+def simulate_traced(
+    plan: Plan,
+    rec: Recorder,
+    seq_lens: list[list[np.ndarray]],
+    routing: RoutingSource | None,
+    symmetric: bool,
+    progress: Callable[[float], None] | None,
+    path: Path,
+) -> tuple[SimResult, dict]:
+    """Run the engine with every row streamed into a trace at ``path`` (written atomically).
+    Returns the result and ``{"path", "rows", "bytes"}`` of the trace."""
+    layout = Layout(plan)
+    num_groups = len(layout.groups("ep")) if plan.model.moe else 0
+    recording = RecordingRouting(routing, num_groups) if routing is not None else None
+    sim = TrainingSim(plan, rec, seq_lens, recording, symmetric, progress)
+    meta = S.encode_metadata(plan.model_dump(mode="json"), plan.seed,
+                             run_metadata(plan, layout, sim.lanes, symmetric))  # fmt: skip
+    with TraceWriter(path, meta) as writer:
+        sink = TraceSink(writer, layout, sim.lanes)
+        sink.workload(seq_lens)
+        if recording is not None:
+            recording.sink = sink
+        rec.sink = sink.events
+        result = sim.run()
+        rec.flush()
+        rec.sink = None
+        sink.summary(result, rec.rank_idle_ms)
+    return result, {"path": str(path), "rows": writer.rows_written, "bytes": writer.bytes_written}

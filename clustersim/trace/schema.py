@@ -1,0 +1,97 @@
+"""The trace format: one Arrow schema, its version, its row kinds and op names.
+
+A trace is one Arrow IPC file (``.arrow``). Every row has the same columns; which of them mean
+something depends on the row's ``kind`` (see ``docs/trace-format.md``):
+
+* ``compute``, ``comm``, ``comm_async``: one event of a lane (a TP group of one pipeline stage
+  and one data-parallel replica) between ``start_s`` and ``end_s``;
+* ``workload``: the sequence lengths of one micro-batch of one replica (``values``);
+* ``route``: the routing outcome of one EP group, layer and micro-batch, one row per quantity;
+* ``summary``: whole-run figures written last (iteration end, pipeline end, per-GPU expert
+  idle time, and the batch index that lets readers stream the file in time order);
+* ``request``: reserved for the serving simulation (request lifecycle events).
+
+Time is float64 **seconds** from the start of the iteration. Within each record batch, event
+rows are sorted by :func:`event_sort_key` (start, asynchronous first, then recording order).
+Codes of ``kind`` and ``op`` are dictionary-encoded strings: readers map them by name, so new
+ops can be appended without breaking older readers of the same version.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+VERSION = 1
+"""Trace format version; a reader refuses files with a larger one."""
+
+META_VERSION = b"clustersim.trace.version"
+META_PLAN = b"clustersim.plan"
+META_SEED = b"clustersim.seed"
+META_RUN = b"clustersim.run"
+
+KINDS = ("compute", "comm", "comm_async", "workload", "route", "summary", "request")
+EVENT_KINDS = ("compute", "comm", "comm_async")
+
+ENGINE_OPS = (
+    "attn_fwd", "attn_bwd", "mlp_fwd", "mlp_bwd", "expert_fwd", "expert_bwd", "logits_fwd",
+    "logits_bwd", "optimizer", "tp_comm", "a2a_dispatch", "a2a_combine", "etp_comm", "p2p_send",
+    "grad_reduce", "expert_grad_reduce", "param_gather", "recompute",
+)  # fmt: skip
+WORKLOAD_OPS = ("seq_lens",)
+ROUTE_OPS = ("member_tokens", "a2a_tokens", "received_tokens", "active_experts",
+             "expert_tokens", "dropped_tokens", "routed_tokens")  # fmt: skip
+SUMMARY_OPS = ("iteration", "pipeline", "expert_idle", "batch_index")
+REQUEST_OPS = ("request_arrival", "prefill", "decode", "request_done")  # reserved
+OPS = ENGINE_OPS + WORKLOAD_OPS + ROUTE_OPS + SUMMARY_OPS + REQUEST_OPS
+
+KIND_CODE = {name: i for i, name in enumerate(KINDS)}
+OP_CODE = {name: i for i, name in enumerate(OPS)}
+
+KIND_TYPE = pa.dictionary(pa.int8(), pa.string())
+OP_TYPE = pa.dictionary(pa.int8(), pa.string())
+KIND_DICTIONARY = pa.array(KINDS, pa.string())
+OP_DICTIONARY = pa.array(OPS, pa.string())
+
+FIELDS = (
+    pa.field("kind", KIND_TYPE, nullable=False),
+    pa.field("op", OP_TYPE, nullable=False),
+    pa.field("lane", pa.int32(), nullable=False),
+    pa.field("gpu", pa.int32(), nullable=False),
+    pa.field("group", pa.int32(), nullable=False),
+    pa.field("replica", pa.int32(), nullable=False),
+    pa.field("layer", pa.int32(), nullable=False),
+    pa.field("microbatch", pa.int32(), nullable=False),
+    pa.field("start_s", pa.float64()),
+    pa.field("end_s", pa.float64()),
+    pa.field("bytes", pa.float64(), nullable=False),
+    pa.field("value", pa.float64()),
+    pa.field("values", pa.list_(pa.float64())),
+)
+COLUMNS = tuple(f.name for f in FIELDS)
+INT_COLUMNS = ("lane", "gpu", "group", "replica", "layer", "microbatch")
+
+
+def event_sort_key(start_s: np.ndarray, kind: np.ndarray) -> np.ndarray:
+    """uint64 keys that order event rows by ``start_s``, asynchronous communication first at
+    equal starts (start times are >= 0). Every event batch of a trace is sorted by this key."""
+    bits = np.ascontiguousarray(start_s, dtype=np.float64).view(np.uint64)
+    return (bits << np.uint64(1)) | (kind != KIND_CODE["comm_async"]).astype(np.uint64)
+
+
+def schema(metadata: dict[bytes, bytes] | None = None) -> pa.Schema:
+    """The trace schema, with ``metadata`` attached."""
+    return pa.schema(FIELDS, metadata=metadata)
+
+
+def encode_metadata(plan: dict[str, Any], seed: int, run: dict[str, Any]) -> dict[bytes, bytes]:
+    """Schema metadata: format version, the resolved plan (JSON), the seed, run facts (JSON)."""
+    return {
+        META_VERSION: str(VERSION).encode(),
+        META_PLAN: json.dumps(plan, sort_keys=True).encode(),
+        META_SEED: str(seed).encode(),
+        META_RUN: json.dumps(run, sort_keys=True).encode(),
+    }

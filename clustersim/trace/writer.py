@@ -1,0 +1,188 @@
+"""Streaming, atomic trace writer.
+
+:class:`TraceWriter` is a context manager. Event rows arrive as numpy column chunks and are
+written at once as Arrow record batches; the few other rows (workload, routing, summary) are
+buffered and written in batches of ``batch_rows``. Memory stays bounded by one batch whatever
+the run's length.
+
+The file is written to ``<name>.partial`` and renamed to its final name only when the block
+exits normally; on any exception (``KeyboardInterrupt`` included) the partial file is removed
+and the exception propagates. The last record batch holds the ``summary`` rows and, last, the
+*batch index*: the earliest ``start_s`` of the timed rows of every earlier batch, which lets
+readers merge batches into time order with bounded memory; a file without it is incomplete.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from clustersim.trace import schema as S
+
+_INT32 = np.int32
+
+
+def partial_path(path: Path) -> Path:
+    """Where a trace is written until it is complete."""
+    return path.with_name(path.name + ".partial")
+
+
+class TraceWriter:
+    """Write one trace file: ``with TraceWriter(path, metadata) as w: w.write_events(...)``."""
+
+    def __init__(self, path: str | Path, metadata: dict[bytes, bytes], batch_rows: int = 1 << 16):
+        self.path = Path(path)
+        self.partial = partial_path(self.path)
+        self._schema = S.schema(metadata)
+        self._batch_rows = batch_rows
+        self._rows: list[tuple] = []
+        self._summary: list[tuple] = []
+        self._min_start: list[float] = []
+        self._file: pa.NativeFile | None = None
+        self._writer: pa.ipc.RecordBatchFileWriter | None = None
+        self.rows_written = 0
+        self.bytes_written = 0
+
+    # ---- context manager -------------------------------------------------------------------
+    def __enter__(self) -> TraceWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = pa.OSFile(str(self.partial), "wb")
+        self._writer = pa.ipc.new_file(self._file, self._schema)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self._finish()
+            except BaseException:
+                self._abort()
+                raise
+            os.replace(self.partial, self.path)
+        else:
+            self._abort()
+
+    def _finish(self) -> None:
+        self._flush_rows()
+        index = np.asarray(self._min_start, dtype=np.float64)
+        self._write_table(self._summary + [(S.KIND_CODE["summary"], S.OP_CODE["batch_index"], -1,
+                                            -1, -1, -1, -1, -1, None, None, 0.0,
+                                            float(len(index)), index)])  # fmt: skip
+        self._writer.close()
+        self.bytes_written = self._file.tell()
+        self._file.close()
+
+    def _abort(self) -> None:
+        for closer in (self._writer, self._file):
+            try:
+                if closer is not None:
+                    closer.close()
+            except Exception:  # noqa: S110 - the original error matters, not this one
+                pass
+        self.partial.unlink(missing_ok=True)
+
+    # ---- event rows ------------------------------------------------------------------------
+    def write_events(
+        self,
+        kind: np.ndarray,
+        op: np.ndarray,
+        start_s: np.ndarray,
+        end_s: np.ndarray,
+        ints: dict[str, np.ndarray],
+        nbytes: np.ndarray,
+    ) -> None:
+        """One record batch of event rows (sorted here by ``schema.event_sort_key``).
+        ``kind``/``op`` are codes of ``schema.KINDS`` / ``schema.OPS``; ``ints`` holds the int32
+        columns (lane, gpu, group, replica, layer, microbatch)."""
+        n = len(kind)
+        if n == 0:
+            return
+        order = np.argsort(S.event_sort_key(start_s, kind), kind="stable")
+        kind, op, start_s, end_s, nbytes = (a[order] for a in (kind, op, start_s, end_s, nbytes))
+        ints = {c: ints[c][order] for c in S.INT_COLUMNS}
+        arrays = [
+            pa.DictionaryArray.from_arrays(pa.array(kind.astype(np.int8, copy=False)),
+                                           S.KIND_DICTIONARY),
+            pa.DictionaryArray.from_arrays(pa.array(op.astype(np.int8, copy=False)),
+                                           S.OP_DICTIONARY),
+            *(pa.array(ints[c].astype(_INT32, copy=False)) for c in S.INT_COLUMNS),
+            pa.array(start_s), pa.array(end_s), pa.array(nbytes.astype(np.float64, copy=False)),
+            pa.nulls(n, pa.float64()), pa.nulls(n, pa.list_(pa.float64())),
+        ]  # fmt: skip
+        self._write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._schema),
+                          float(start_s[0]))  # fmt: skip
+
+    # ---- other rows ------------------------------------------------------------------------
+    def add_row(
+        self,
+        kind: str,
+        op: str,
+        *,
+        lane: int = -1,
+        gpu: int = -1,
+        group: int = -1,
+        replica: int = -1,
+        layer: int = -1,
+        microbatch: int = -1,
+        start_s: float | None = None,
+        end_s: float | None = None,
+        nbytes: float = 0.0,
+        value: float | None = None,
+        values: Sequence[float] | np.ndarray | None = None,
+    ) -> None:
+        """Buffer one workload, route, summary or request row (written in batches; summary
+        rows go into the last batch)."""
+        row = (S.KIND_CODE[kind], S.OP_CODE[op], lane, gpu, group, replica, layer, microbatch,
+               start_s, end_s, nbytes, value, values)  # fmt: skip
+        if kind == "summary":
+            self._summary.append(row)
+            return
+        self._rows.append(row)
+        if len(self._rows) >= self._batch_rows:
+            self._flush_rows()
+
+    def _flush_rows(self) -> None:
+        if self._rows:
+            rows, self._rows = self._rows, []
+            self._write_table(rows)
+
+    def _write_table(self, rows: list[tuple]) -> None:
+        cols = list(zip(*rows, strict=True))
+        values = [None if v is None else np.asarray(v, dtype=np.float64) for v in cols[12]]
+        arrays = [
+            pa.DictionaryArray.from_arrays(pa.array(cols[0], pa.int8()), S.KIND_DICTIONARY),
+            pa.DictionaryArray.from_arrays(pa.array(cols[1], pa.int8()), S.OP_DICTIONARY),
+            *(pa.array(cols[i], pa.int32()) for i in range(2, 8)),
+            pa.array(cols[8], pa.float64()), pa.array(cols[9], pa.float64()),
+            pa.array(cols[10], pa.float64()), pa.array(cols[11], pa.float64()),
+            _list_array(values),
+        ]  # fmt: skip
+        summary = S.KIND_CODE["summary"]
+        starts = [s for s, k in zip(cols[8], cols[0], strict=True)
+                  if s is not None and k != summary]  # fmt: skip
+        batch = pa.RecordBatch.from_arrays(arrays, schema=self._schema)
+        self._write_batch(batch, min(starts) if starts else float("nan"))
+
+    def _write_batch(self, batch: pa.RecordBatch, min_start_s: float) -> None:
+        self._writer.write_batch(batch)
+        self._min_start.append(min_start_s)
+        self.rows_written += batch.num_rows
+
+
+def _list_array(values: list[np.ndarray | None]) -> pa.Array:
+    """A list<float64> array from numpy arrays (None = null) without per-element Python work."""
+    lengths = np.array([0 if v is None else len(v) for v in values], dtype=np.int32)
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
+    present = [v for v in values if v is not None]
+    flat = np.concatenate(present) if present else np.empty(0)
+    mask = pa.array([v is None for v in values], pa.bool_())
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float64()), mask=mask)
+
+
+def describe(writer: TraceWriter) -> dict[str, Any]:
+    """Rows and bytes a finished writer wrote (for reports)."""
+    return {"path": str(writer.path), "rows": writer.rows_written, "bytes": writer.bytes_written}
