@@ -146,14 +146,22 @@ def run(
     from clustersim.engine.training import EngineError
 
     plan = _load(plan_file, set_)
+    serving = plan.workload.mode == "inference"
+    if serving and (trace or trace_file):
+        raise _fail("--trace: traces of serving runs are not written yet (training only)")
     if trace and trace_file is None:
         from clustersim.analysis.tracing import default_trace_path
 
         trace_file = default_trace_path(plan)
     try:
         with ProgressBar("simulating") as bar:
-            report = simulate(plan, progress=bar.update, trace=trace_file)
-    except EngineError as exc:
+            if serving:
+                from clustersim.analysis.serving import simulate_serving
+
+                report = simulate_serving(plan, progress=bar.update)
+            else:
+                report = simulate(plan, progress=bar.update, trace=trace_file)
+    except (EngineError, ValueError) as exc:
         from clustersim.analysis.audit import audit
 
         findings = audit(plan)
@@ -166,6 +174,10 @@ def run(
         raise _fail(f"cannot write the trace {trace_file}: {exc.strerror or exc}") from None
     if json_out:
         _print_json(report.to_dict())
+    elif serving:
+        from clustersim.cli_tables import print_serving
+
+        print_serving(report)
     else:
         print_run(report)
     raise typer.Exit(code=1 if report.has_errors else 0)

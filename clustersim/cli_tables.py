@@ -149,20 +149,7 @@ def print_run(report) -> None:
     if report.trace:
         console.print(f"trace: {report.trace['path']} ({report.trace['rows']} rows, "
                       f"{report.trace['bytes'] / 2**20:.1f} MiB)")  # fmt: skip
-    if report.findings:
-        findings = Table(show_lines=True)
-        for col in ("node", "severity", "claimed", "computed", "why", "fix"):
-            findings.add_column(col, overflow="fold")
-        for f in report.findings:
-            style = "red" if f.severity == "error" else "yellow"
-            findings.add_row(f.node, f"[{style}]{f.severity}[/{style}]", fmt_value(f.claimed),
-                             fmt_value(f.computed), f.message, f.fix)  # fmt: skip
-        console.print(findings)
-    else:
-        console.print("[green]no findings: the plan meets its constraints, targets and claims"
-                      "[/green]")  # fmt: skip
-    if report.unchecked:
-        console.print("not decided by this simulation: " + ", ".join(report.unchecked))
+    _print_findings(console, report)
 
 
 def print_validation(rows) -> None:
@@ -258,3 +245,63 @@ def _delta(old: float, new: float) -> str:
     """``new - old``, or 0 when they differ only by rounding."""
     diff = new - old
     return "0" if abs(diff) <= 1e-9 * max(abs(old), 1.0) else f"{diff:+.4g}"
+
+
+SERVING_ROWS = (
+    ("ttft_ms_p50", "TTFT p50", "ms", "ttft_ms_max", "ttft_ms"),
+    ("ttft_ms_p99", "TTFT p99", "ms", None, None),
+    ("tpot_ms_p50", "TPOT p50", "ms", "tpot_ms_max", "tpot_ms"),
+    ("latency_ms", "end-to-end latency p50", "ms", "latency_ms_max", "latency_ms"),
+    ("latency_ms_p99", "end-to-end latency p99", "ms", None, None),
+    ("throughput_tokens_per_ms", "throughput (prompt + output)", "tokens/ms",
+     "throughput_tokens_per_ms_min", "throughput_tokens_per_ms"),
+    ("output_tokens_per_ms", "output throughput", "tokens/ms", None, None),
+    ("goodput_pct", "goodput (requests meeting targets)", "%", None, None),
+    ("gpu_utilization_pct", "GPU utilisation", "%", "gpu_utilization_pct_min",
+     "gpu_utilization_pct"),
+    ("kv_cache_utilization_pct", "KV cache use (mean)", "%", None, None),
+    ("preemptions", "preemptions", "", None, None),
+    ("load_balance_pct", "expert load balance", "%", "load_balance_pct_min", "load_balance_pct"),
+)  # fmt: skip
+
+
+def print_serving(report) -> None:
+    """Serving metrics (with targets and claims), then the findings."""
+    console = Console(width=max(Console().width, 120))
+    plan = report.audit.plan
+    targets, claims = plan.targets, plan.claims
+    done = report.metrics.get("completed_requests")
+    table = Table(title=f"{plan.name}: serving {done} requests (seed {plan.seed})",
+                  title_justify="left")  # fmt: skip
+    for col in ("metric", "value", "unit", "target", "claimed"):
+        table.add_column(col)
+    for key, label, unit, target, claim in SERVING_ROWS:
+        value = report.metrics.get(key)
+        if key not in report.metrics:
+            continue
+        table.add_row(label, "-" if value is None else f"{value:.4g}", unit,
+                      fmt_value(getattr(targets, target)) if target else "",
+                      fmt_value(getattr(claims, claim)) if claim else "")  # fmt: skip
+    console.print(table)
+    serving = report.to_dict()["serving"]
+    console.print(f"{serving['replicas']} replicas; KV cache {serving['kv_cache_gib_per_gpu']:.1f} "
+                  f"GiB per GPU ({serving['kv_cache_tokens_per_replica']} tokens per replica)")
+    console.print(f"{report.events} events simulated in {report.wall_s:.2f} s")
+    _print_findings(console, report)
+
+
+def _print_findings(console: Console, report) -> None:
+    if report.findings:
+        findings = Table(show_lines=True)
+        for col in ("node", "severity", "claimed", "computed", "why", "fix"):
+            findings.add_column(col, overflow="fold")
+        for f in report.findings:
+            style = "red" if f.severity == "error" else "yellow"
+            findings.add_row(f.node, f"[{style}]{f.severity}[/{style}]", fmt_value(f.claimed),
+                             fmt_value(f.computed), f.message, f.fix)  # fmt: skip
+        console.print(findings)
+    else:
+        console.print("[green]no findings: the plan meets its constraints, targets and claims"
+                      "[/green]")  # fmt: skip
+    if report.unchecked:
+        console.print("not decided by this simulation: " + ", ".join(report.unchecked))

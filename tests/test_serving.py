@@ -288,9 +288,3 @@ def test_seed_serving_plans_simulate(name):
     assert not any(u.startswith("targets.ttft") for u in report.unchecked)
 
 
-def test_judge_tables_are_those_of_training():
-    from clustersim.analysis import judge, simulate
-
-    assert judge.TARGETS == simulate.TARGETS and judge.CLAIMS == simulate.CLAIMS
-    assert judge.CLAIM_TOLERANCE_REL == simulate.CLAIM_TOLERANCE_REL
-    assert judge.CLAIM_TOLERANCE_PCT_POINTS == simulate.CLAIM_TOLERANCE_PCT_POINTS

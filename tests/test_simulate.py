@@ -54,11 +54,15 @@ def test_seed_000_is_simulated_with_the_etp_fix():
     assert {"parallel.etp", "claims.latency_ms", "targets.latency_ms_max"} <= nodes
 
 
-def test_inference_plans_are_not_simulated_yet():
+def test_check_simulates_serving_claims():
+    """Serving plans go to the serving simulator: seed 004's TTFT target and throughput claim
+    are decided by simulation, not left open."""
     with pytest.raises(EngineError):
-        simulate(load_plan(SEEDS / "004_current.yaml"))
+        simulate(load_plan(SEEDS / "004_current.yaml"))  # the training engine refuses
     report = check_plan(load_plan(SEEDS / "004_current.yaml"))
-    assert report.simulation_note.startswith("not simulated") and report.unchecked
+    assert report.metrics["ttft_ms_p50"] > 0
+    assert "claims.comm_overhead_pct" in report.unchecked or report.metrics["comm_overhead_pct"]
+    assert not any(u.startswith("targets.") for u in report.unchecked)
 
 
 def test_router_skew_slows_the_iteration_and_lowers_balance():

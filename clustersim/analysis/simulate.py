@@ -16,6 +16,7 @@ import numpy as np
 
 from clustersim.analysis.audit import AuditReport, audit
 from clustersim.analysis.findings import Finding
+from clustersim.analysis.judge import TRAINING_FIX, judge, still_unchecked
 from clustersim.analysis.metrics import expert_load_by_layer, time_breakdown, training_metrics
 from clustersim.analysis.suggest import folding_fix
 from clustersim.engine.moe import EvenSplit, RoutingSource, SampledRouting
@@ -24,29 +25,6 @@ from clustersim.engine.training import EngineError, TrainingSim, check_supported
 from clustersim.engine.workload import microbatch_lengths
 from clustersim.layout import Layout
 from clustersim.spec.schema import Plan
-
-# Simulated claims: relative tolerance for times and rates, absolute points for percentages.
-CLAIM_TOLERANCE_REL = 0.10
-CLAIM_TOLERANCE_PCT_POINTS = 5.0
-# target field -> (metric, "max" or "min")
-TARGETS = {
-    "latency_ms_max": ("latency_ms", "max"),
-    "ttft_ms_max": ("ttft_ms_p50", "max"),
-    "tpot_ms_max": ("tpot_ms_p50", "max"),
-    "throughput_tokens_per_ms_min": ("throughput_tokens_per_ms", "min"),
-    "comm_overhead_pct_max": ("comm_overhead_pct", "max"),
-    "load_balance_pct_min": ("load_balance_pct", "min"),
-    "gpu_utilization_pct_min": ("gpu_utilization_pct", "min"),
-}
-CLAIMS = {
-    "latency_ms": "latency_ms",
-    "ttft_ms": "ttft_ms_p50",
-    "tpot_ms": "tpot_ms_p50",
-    "throughput_tokens_per_ms": "throughput_tokens_per_ms",
-    "comm_overhead_pct": "comm_overhead_pct",
-    "load_balance_pct": "load_balance_pct",
-    "gpu_utilization_pct": "gpu_utilization_pct",
-}
 
 
 @dataclass
@@ -146,50 +124,12 @@ def simulate_workload(
                                              Path(trace))  # fmt: skip
     wall_s = time.perf_counter() - started
     metrics = training_metrics(plan, rec, result)
-    findings = list(report.findings) + judge(plan, metrics)
-    unchecked = [u for u in report.unchecked if _still_unchecked(u, metrics)]
+    findings = list(report.findings) + judge(plan, metrics, TRAINING_FIX)
+    unchecked = [u for u in report.unchecked if still_unchecked(u, metrics)]
     routing_s = getattr(routing, "elapsed_s", 0.0)
     return RunReport(report, metrics, time_breakdown(rec, result), findings, unchecked,
                      result.events, wall_s, routing_s, expert_load_by_layer(result),
                      rec, trace_info)  # fmt: skip
-
-
-def judge(plan: Plan, metrics: dict[str, Any]) -> list[Finding]:
-    """Findings for the targets and simulated claims that the metrics decide."""
-    out = []
-    for target, (metric, sense) in TARGETS.items():
-        limit, value = getattr(plan.targets, target), metrics.get(metric)
-        if limit is None or value is None:
-            continue
-        if (value > limit) if sense == "max" else (value < limit):
-            word = "above the maximum" if sense == "max" else "below the minimum"
-            out.append(Finding(f"targets.{target}", "error",
-                               f"simulated {metric} is {value:.4g}, {word} of {limit:g}",
-                               "change the plan (parallel degrees, micro-batches, overlap, "
-                               "recompute) or relax the target", limit,
-                               round(value, 4)))  # fmt: skip
-    for claim, metric in CLAIMS.items():
-        claimed, value = getattr(plan.claims, claim), metrics.get(metric)
-        if claimed is None or value is None:
-            continue
-        if metric.endswith("_pct"):
-            ok = abs(claimed - value) <= CLAIM_TOLERANCE_PCT_POINTS
-            tol = f"{CLAIM_TOLERANCE_PCT_POINTS:g} points"
-        else:
-            ok = abs(claimed - value) <= CLAIM_TOLERANCE_REL * abs(value)
-            tol = f"{100 * CLAIM_TOLERANCE_REL:g}%"
-        if not ok:
-            out.append(Finding(f"claims.{claim}", "error",
-                               f"simulated {metric} is {value:.4g}, not {claimed:g} (more than "
-                               f"{tol} apart)", f"set claims.{claim}: {value:.4g}", claimed,
-                               round(value, 4)))  # fmt: skip
-    return out
-
-
-def _still_unchecked(item: str, metrics: dict[str, Any]) -> bool:
-    section, name = item.split(".", 1)
-    metric = TARGETS[name][0] if section == "targets" else CLAIMS[name]
-    return metrics.get(metric) is None
 
 
 def check_plan(
@@ -205,8 +145,8 @@ def check_plan(
     if not report.layout.expert_folding_ok and repaired is not None:
         target, note = repaired, "simulated with parallel.etp: 1"
     try:
-        run = simulate(target, progress)
-    except EngineError as exc:
+        run = simulate_any(target, progress)
+    except (EngineError, ValueError) as exc:
         report.simulation_note = f"not simulated: {exc}"
         return report
     judged = [f for f in run.findings if f.node.startswith(("claims.", "targets."))]
@@ -214,3 +154,13 @@ def check_plan(
     report.findings += [f for f in judged if (f.node, f.message) not in static_nodes]
     report.unchecked, report.metrics, report.simulation_note = run.unchecked, run.metrics, note
     return report
+
+
+def simulate_any(plan: Plan, progress: Callable[[float], None] | None = None):
+    """Simulate a training iteration or, for ``workload.mode: inference``, the request stream
+    (:func:`clustersim.analysis.serving.simulate_serving`)."""
+    if plan.workload.mode == "inference":
+        from clustersim.analysis.serving import simulate_serving
+
+        return simulate_serving(plan, progress)
+    return simulate(plan, progress)
