@@ -35,7 +35,7 @@ from clustersim.engine.requests import Requests
 from clustersim.engine.scheduler import ReplicaScheduler, RequestBook, Step
 from clustersim.engine.serving_moe import MoEStepTable
 from clustersim.engine.step_timer import MAX_STEPS, StepTimer, StepTiming
-from clustersim.engine.training import EngineError
+from clustersim.engine.training import EngineError, check_common
 from clustersim.layout import Layout
 from clustersim.spec.schema import Plan
 
@@ -100,15 +100,7 @@ def coupled_replicas(plan: Plan, layout: Layout) -> list[list[int]]:
 
 def check_serving_supported(plan: Plan, layout: Layout) -> None:
     """Raise :class:`EngineError` when the serving engine cannot simulate ``plan``."""
-    par = plan.parallel
-    if plan.workload.mode != "inference":
-        raise EngineError("the serving engine needs workload.mode: inference")
-    if par.cp > 1:
-        raise EngineError("context parallelism (parallel.cp > 1) is not simulated yet")
-    if plan.model.moe is not None and not layout.expert_folding_ok:
-        raise EngineError("EP x ETP does not fold into the ranks of a pipeline stage")
-    if len(layout.stage_layers) != par.pp or sum(layout.layers_per_stage) != plan.model.num_layers:
-        raise EngineError("the layers do not split over the pipeline stages")
+    check_common(plan, layout, "inference")
 
 
 class Dispatcher:

@@ -53,6 +53,19 @@ class EngineError(ValueError):
     """A plan the engine cannot simulate (the message says why)."""
 
 
+def check_common(plan: Plan, layout: Layout, mode: str) -> None:
+    """What both engines (training, serving) need of a plan; raises :class:`EngineError`."""
+    par = plan.parallel
+    if plan.workload.mode != mode:
+        raise EngineError(f"the {mode} engine needs workload.mode: {mode}")
+    if par.cp > 1:
+        raise EngineError("context parallelism (parallel.cp > 1) is not simulated yet")
+    if plan.model.moe is not None and not layout.expert_folding_ok:
+        raise EngineError("EP x ETP does not fold into the ranks of a pipeline stage")
+    if len(layout.stage_layers) != par.pp or sum(layout.layers_per_stage) != plan.model.num_layers:
+        raise EngineError("the layers do not split over the pipeline stages")
+
+
 @dataclass
 class Lane:
     """A TP group of one stage and one data-parallel replica."""
@@ -508,17 +521,10 @@ def _fixed(_payloads, duration_ms: float) -> tuple[float, None]:
 def check_supported(plan: Plan, layout: Layout) -> None:
     """Raise :class:`EngineError` when the engine cannot simulate ``plan``."""
     par = plan.parallel
-    if plan.workload.mode != "training":
-        raise EngineError("the training engine needs workload.mode: training")
-    if par.cp > 1:
-        raise EngineError("context parallelism (parallel.cp > 1) is not simulated yet")
-    if plan.model.moe is not None and not layout.expert_folding_ok:
-        raise EngineError("EP x ETP does not fold into the ranks of a pipeline stage")
+    check_common(plan, layout, "training")
     if par.tp % par.expert_tp:
         raise EngineError(f"ETP {par.expert_tp} must divide TP {par.tp} for the simulation")
     if par.virtual_stages > 1 and par.schedule != "interleaved":
         raise EngineError("virtual_stages > 1 needs schedule: interleaved")
-    if len(layout.stage_layers) != par.pp or sum(layout.layers_per_stage) != plan.model.num_layers:
-        raise EngineError("the layers do not split over the pipeline stages")
     if par.virtual_stages > 1 and any(n % par.virtual_stages for n in layout.layers_per_stage):
         raise EngineError("layers per stage must divide evenly into virtual stages")
