@@ -36,14 +36,7 @@ def print_audit(report: AuditReport) -> None:
     if not report.findings:
         console.print("[green]no findings: the plan is consistent[/green]")
     else:
-        table = Table(show_lines=True)
-        for col in ("node", "severity", "claimed", "computed", "why", "fix"):
-            table.add_column(col, overflow="fold")
-        for f in report.findings:
-            style = "red" if f.severity == "error" else "yellow"
-            table.add_row(f.node, f"[{style}]{f.severity}[/{style}]", fmt_value(f.claimed),
-                          fmt_value(f.computed), f.message, f.fix)
-        console.print(table)
+        console.print(_findings_table(report.findings))
         console.print(f"{len(report.errors)} error(s), "
                       f"{len(report.findings) - len(report.errors)} warning(s)")
     if report.simulation_note:
@@ -290,18 +283,112 @@ def print_serving(report) -> None:
     _print_findings(console, report)
 
 
+def _findings_table(findings) -> Table:
+    """Findings as a table: node, severity, claimed, computed, why, fix."""
+    table = Table(show_lines=True)
+    for col in ("node", "severity", "claimed", "computed", "why", "fix"):
+        table.add_column(col, overflow="fold")
+    for f in findings:
+        style = "red" if f.severity == "error" else "yellow"
+        table.add_row(f.node, f"[{style}]{f.severity}[/{style}]", fmt_value(f.claimed),
+                      fmt_value(f.computed), f.message, f.fix)  # fmt: skip
+    return table
+
+
 def _print_findings(console: Console, report) -> None:
     if report.findings:
-        findings = Table(show_lines=True)
-        for col in ("node", "severity", "claimed", "computed", "why", "fix"):
-            findings.add_column(col, overflow="fold")
-        for f in report.findings:
-            style = "red" if f.severity == "error" else "yellow"
-            findings.add_row(f.node, f"[{style}]{f.severity}[/{style}]", fmt_value(f.claimed),
-                             fmt_value(f.computed), f.message, f.fix)  # fmt: skip
-        console.print(findings)
+        console.print(_findings_table(report.findings))
     else:
         console.print("[green]no findings: the plan meets its constraints, targets and claims"
                       "[/green]")  # fmt: skip
     if report.unchecked:
         console.print("not decided by this simulation: " + ", ".join(report.unchecked))
+
+
+def print_suggestion(suggestion) -> None:
+    """``check``: the nearest valid plan, as a ``parallel:`` block."""
+    console = Console(width=max(Console().width, 120))
+    changed = ", ".join(f"parallel.{k} {a} -> {b}" for k, (a, b) in suggestion.changes.items())
+    console.print(f"[bold]suggested fix[/bold] (nearest valid plan, {len(suggestion.changes)} "
+                  f"field(s) changed: {changed}; peak {suggestion.memory_per_gpu_gib:g} GiB per "
+                  f"GPU on {suggestion.plan.parallel.world_size} GPUs):")  # fmt: skip
+    console.print(suggestion.parallel_yaml(), markup=False, highlight=False)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return fmt_value(value)
+
+
+def print_compare(result) -> None:
+    """``compare``: one table per section, a column per plan."""
+    console = Console(width=max(Console().width, 120))
+    for title, rows in result.sections():
+        if not rows:
+            continue
+        table = Table(title=title, title_justify="left")
+        table.add_column("")
+        for name in result.names:
+            table.add_column(name, overflow="fold")
+        for row in rows:
+            cells = [_cell(c) for c in row]
+            if title == "targets":
+                cells = [cells[0]] + [f"[red]{c}[/red]" if c.startswith("FAIL") else c
+                                      for c in cells[1:]]  # fmt: skip
+            table.add_row(*cells)
+        console.print(table)
+
+
+SEARCH_COLS = (("rank", "rank"), ("tp", "TP"), ("pp", "PP"), ("dp", "DP"), ("ep", "EP"),
+               ("etp", "ETP"), ("micro_batch_size", "mbs"), ("num_microbatches", "m"),
+               ("schedule", "schedule"), ("virtual_stages", "v"), ("recompute", "recompute"),
+               ("throughput_tokens_per_ms", "tokens/ms"), ("latency_ms", "latency ms"),
+               ("cost_gpu_ms_per_token", "GPU-ms/token"), ("memory_per_gpu_gib", "GiB/GPU"),
+               ("candidate_id", "id"))  # fmt: skip
+
+
+def _search_table(title: str, rows) -> Table:
+    table = Table(title=title, title_justify="left")
+    for _key, label in SEARCH_COLS:
+        table.add_column(label, justify="right")
+    for row in rows:
+        table.add_row(*(_cell(row.get(k)) for k, _label in SEARCH_COLS))
+    return table
+
+
+def print_search(result, top: int = 10) -> None:
+    """``search``: counts, the ranking, the Pareto front, the best plan's ``parallel:`` block."""
+    console = Console(width=max(Console().width, 140))
+    s = result.summary()
+    console.print(f"[bold]{result.base.name}[/bold] on {result.base.hardware.num_gpus} GPUs, "
+                  f"objective {result.objective}: {s['candidates']} candidates; discarded "
+                  f"statically {s.get('invalid', 0)} invalid + {s.get('oom', 0)} out of memory "
+                  f"({s['discarded_statically_pct']:.0f}%), {s.get('dominated', 0)} dominated "
+                  f"(lighter recompute fits); simulated {s.get('simulated', 0)} "
+                  f"({s['simulated_now']} now, {s['resumed']} from the table, {s['workers']} "
+                  f"workers, {result.backend}) in {s['wall_s']:.1f} s")  # fmt: skip
+    if not result.complete:
+        console.print(f"[yellow]{s.get('pending', 0)} candidates still pending: continue with "
+                      "--resume[/yellow]")  # fmt: skip
+    failing = [r for r in result.rows if r["status"] == "simulated" and not r["meets_targets"]]
+    if failing:
+        console.print(f"{len(failing)} simulated candidates miss a target")
+    ranked = result.ranked()
+    if not ranked:
+        console.print("[red]no candidate meets the plan's targets[/red]")
+    else:
+        console.print(_search_table(f"best {min(top, len(ranked))} by {result.objective}",
+                                    ranked[:top]))  # fmt: skip
+        console.print(_search_table(f"Pareto front: throughput vs {result.pareto_axis}",
+                                    result.pareto()))  # fmt: skip
+        best = result.plan_for(ranked[0])
+        import yaml
+
+        block = yaml.safe_dump({"parallel": best.parallel.model_dump(mode="json",
+                                                                     exclude_none=True)},
+                               sort_keys=False).rstrip()  # fmt: skip
+        console.print("best plan:", markup=False)
+        console.print(block, markup=False, highlight=False)
+    if result.path is not None:
+        console.print(f"every candidate: {result.path}")

@@ -77,3 +77,14 @@ def still_unchecked(item: str, metrics: dict[str, Any]) -> bool:
     section, name = item.split(".", 1)
     metric = TARGETS[name][0] if section == "targets" else CLAIMS[name]
     return metrics.get(metric) is None
+
+
+def report_dict(report: Any) -> dict[str, Any]:
+    """The output contract's JSON for a simulated report (training or serving): the audit's
+    layout and memory, then the simulated metrics, findings, undecided items, time breakdown."""
+    out = report.audit.to_dict()
+    out["metrics"] = report.metrics
+    out["findings"] = [f.to_dict() for f in report.findings]
+    out["unchecked"] = report.unchecked
+    out["breakdown_ms"] = report.breakdown
+    return out

@@ -43,7 +43,7 @@ import numpy as np
 
 from clustersim.analysis.audit import AuditReport, audit
 from clustersim.analysis.findings import Finding
-from clustersim.analysis.judge import SERVING_FIX, judge, still_unchecked
+from clustersim.analysis.judge import SERVING_FIX, judge, report_dict, still_unchecked
 from clustersim.engine.inference import ServingResult, ServingSim, check_serving_supported
 from clustersim.engine.requests import make_requests
 from clustersim.spec.schema import Plan
@@ -76,11 +76,7 @@ class ServingReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of the output contract, plus the serving deployment."""
-        out = self.audit.to_dict()
-        out["metrics"] = self.metrics
-        out["findings"] = [f.to_dict() for f in self.findings]
-        out["unchecked"] = self.unchecked
-        out["breakdown_ms"] = self.breakdown
+        out = report_dict(self)
         res = self.result
         out["serving"] = {
             "replicas": res.num_replicas,

@@ -16,7 +16,7 @@ import numpy as np
 
 from clustersim.analysis.audit import AuditReport, audit
 from clustersim.analysis.findings import Finding
-from clustersim.analysis.judge import TRAINING_FIX, judge, still_unchecked
+from clustersim.analysis.judge import TRAINING_FIX, judge, report_dict, still_unchecked
 from clustersim.analysis.metrics import expert_load_by_layer, time_breakdown, training_metrics
 from clustersim.analysis.suggest import folding_fix
 from clustersim.engine.moe import EvenSplit, RoutingSource, SampledRouting
@@ -50,11 +50,7 @@ class RunReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of the output contract."""
-        out = self.audit.to_dict()
-        out["metrics"] = self.metrics
-        out["findings"] = [f.to_dict() for f in self.findings]
-        out["unchecked"] = self.unchecked
-        out["breakdown_ms"] = self.breakdown
+        out = report_dict(self)
         out["expert_load_by_layer"] = self.expert_load
         out["simulation"] = {"events": self.events, "wall_s": self.wall_s,
                              "routing_s": self.routing_s, "trace": self.trace}  # fmt: skip
