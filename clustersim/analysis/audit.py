@@ -429,7 +429,8 @@ def _estimate_claims(ctx: AuditContext) -> list[Finding]:
             continue
         severity = "error" if off_pct > ESTIMATE_ERROR_PCT else "warning"
         factor = max(claimed, computed) / max(min(claimed, computed), 1e-12)
-        seq = "" if name == "params_gib" else f"; at {mem.seq_len_tokens} tokens per sequence"
+        seq = f"; at {mem.seq_len_tokens} tokens per sequence" if name in (
+            "memory_per_gpu_gib", "activations_gib") else ""  # fmt: skip
         out.append(Finding(f"claims.{name}", severity,
                            f"{LABELS[name]} is {computed:.2f} GiB (stage {mem.peak_stage}, the "
                            f"peak), not {claimed:g}: {factor:.1f}x "
