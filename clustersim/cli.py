@@ -96,26 +96,51 @@ def check(
     plan = _load(plan_file, set_)
     with ProgressBar("simulating claims and targets") as bar:
         report = check_plan(plan, simulate_claims=not static, progress=bar.update)
+    suggestion = _suggest_fix(plan, report)
     if json_out:
         fmt = CheckFormat.json
     if fmt is CheckFormat.json:
-        text = json.dumps(report.to_dict(), indent=2, default=str)
+        data = report.to_dict()
+        data["suggestion"] = suggestion.to_dict() if suggestion is not None else None
+        text = json.dumps(data, indent=2, default=str)
     elif fmt is CheckFormat.markdown:
-        text = audit_markdown(report)
+        text = audit_markdown(report) + _suggestion_markdown(suggestion)
     else:
         text = None
     if output is not None:
         if text is None:
-            text = audit_markdown(report)
+            text = audit_markdown(report) + _suggestion_markdown(suggestion)
         output.write_text(text + "\n")
         typer.echo(f"wrote {output}", err=True)
     elif text is not None:
         typer.echo(text)
     else:
-        from clustersim.cli_tables import print_audit
+        from clustersim.cli_tables import print_audit, print_suggestion
 
         print_audit(report)
+        if suggestion is not None:
+            print_suggestion(suggestion)
     raise typer.Exit(code=1 if report.has_errors else 0)
+
+
+def _suggest_fix(plan, report):
+    """The nearest valid plan when the audit finds errors a parallel change can fix."""
+    if not any(not f.node.startswith("claims.") for f in report.errors):
+        return None
+    from clustersim.analysis.search import nearest_valid_plan
+
+    return nearest_valid_plan(plan)
+
+
+def _suggestion_markdown(suggestion) -> str:
+    if suggestion is None:
+        return ""
+    changed = ", ".join(f"`parallel.{k}` {a} -> {b}" for k, (a, b) in suggestion.changes.items())
+    return ("\n## Suggested fix: the nearest valid plan\n\n"
+            f"Fewest changed fields ({len(suggestion.changes)}): {changed}; peak memory "
+            f"{suggestion.memory_per_gpu_gib:g} GiB per GPU on "
+            f"{suggestion.plan.parallel.world_size} GPUs (static audit).\n\n"
+            f"```yaml\n{suggestion.parallel_yaml()}\n```\n")
 
 
 @app.command(
@@ -331,6 +356,205 @@ def _flat_overrides(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+@app.command(
+    help="Compare plans side by side: layout, memory, every metric, every target passed or "
+    "failed, and the fields where the plans differ (e.g. a review's current vs required plan). "
+    "Each plan is audited and simulated (with etp: 1 when only that makes its expert layout "
+    "possible; --static: audit only). Exit code 2: unusable input."
+)
+def compare(
+    plan_files: Annotated[list[Path], typer.Argument(help="Two or more plan files.")],
+    set_: SetOpt = None,
+    json_out: JsonOpt = False,
+    fmt: Annotated[
+        CheckFormat, typer.Option("--format", "-f", help="table, markdown or json.")
+    ] = CheckFormat.table,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the comparison to this file.")
+    ] = None,
+    static: Annotated[bool, typer.Option("--static", help="Audit only; do not simulate.")] = False,
+) -> None:
+    """Compare plans side by side."""
+    from clustersim.analysis.compare import compare as compare_plans
+    from clustersim.cli_tables import ProgressBar
+
+    if len(plan_files) < 2:
+        raise _fail("compare needs at least two plan files")
+    plans = [_load(path, set_) for path in plan_files]
+    with ProgressBar("simulating plans") as bar:
+        result = compare_plans(plans, simulate=not static, progress=bar.update)
+    if json_out:
+        fmt = CheckFormat.json
+    text = None
+    if fmt is CheckFormat.json:
+        text = json.dumps(result.to_dict(), indent=2, default=str)
+    elif fmt is CheckFormat.markdown or output is not None:
+        text = result.markdown()
+    if output is not None:
+        output.write_text(text + "\n")
+        typer.echo(f"wrote {output}", err=True)
+    elif text is not None:
+        typer.echo(text)
+    else:
+        from clustersim.cli_tables import print_compare
+
+        print_compare(result)
+
+
+class Objective(StrEnum):
+    """Search objectives."""
+
+    throughput = "throughput"
+    latency = "latency"
+    cost = "cost"
+
+
+class ParetoAxis(StrEnum):
+    """The second axis of the Pareto front (the first is throughput)."""
+
+    auto = "auto"
+    latency = "latency"
+    memory = "memory"
+
+
+class Backend(StrEnum):
+    """Where search candidates are simulated."""
+
+    local = "local"
+    ray = "ray"
+
+
+def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise _fail(f"{option}: expected positive integers separated by commas, got {text!r}")
+    return values
+
+
+def _str_list(text: str | None, option: str, valid: tuple[str, ...]) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    values = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [v for v in values if v not in valid]
+    if bad or not values:
+        raise _fail(f"{option}: {', '.join(bad) or repr(text)} is not one of {', '.join(valid)}")
+    return values
+
+
+@app.command(
+    help="Search the parallel layouts of a plan on --gpus GPUs for the best by --objective "
+    "(throughput, latency, or cost = GPUs x time / tokens), with the plan's targets as "
+    "constraints: TP, PP, DP, EP, ETP, micro-batch size and count (keeping the plan's global "
+    "batch where it divides), schedule (interleaved with valid virtual stages) and recompute. "
+    "Candidates the auditor rejects (invalid, out of memory) are discarded before simulating; "
+    "the rest are simulated in parallel (--workers) and ranked, with the Pareto front of "
+    "throughput vs --pareto. Every candidate goes to a Parquet table (--output), rewritten as "
+    "results arrive; --resume continues an interrupted search from it. Exit code 1: no "
+    "candidate meets the targets; 2: unusable input."
+)
+def search(
+    plan_file: PlanArg = None,
+    gpus: Annotated[
+        int | None, typer.Option("--gpus", "-g", help="GPUs to use (default: the plan's cluster).")
+    ] = None,
+    objective: Annotated[
+        Objective, typer.Option("--objective", help="throughput, latency or cost.")
+    ] = Objective.throughput,
+    set_: SetOpt = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", "-w", help="Parallel simulations (default: all "
+                                 "cores).", min=1)
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Parquet table of every candidate "
+                                  "(default: <plan name>-search.parquet).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Skip candidates already in --output.")
+    ] = False,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="Simulate at most this many candidates now "
+                                 "(the rest stay pending for --resume).", min=0)
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Override the plan's seed.")] = None,
+    pareto: Annotated[
+        ParetoAxis, typer.Option("--pareto", help="Pareto front of throughput vs latency or "
+                                 "memory (auto: memory in training, latency in serving).")
+    ] = ParetoAxis.auto,
+    tp: Annotated[str | None, typer.Option("--tp", help="TP values, e.g. 1,2,4.")] = None,
+    pp: Annotated[str | None, typer.Option("--pp", help="PP values.")] = None,
+    ep: Annotated[str | None, typer.Option("--ep", help="EP values.")] = None,
+    mbs: Annotated[str | None, typer.Option("--mbs", help="Micro-batch sizes.")] = None,
+    schedules: Annotated[
+        str | None, typer.Option("--schedules", help="gpipe,1f1b,interleaved (default "
+                                 "1f1b,interleaved).")
+    ] = None,
+    recompute: Annotated[
+        str | None, typer.Option("--recompute", help="none,selective,full (default: all).")
+    ] = None,
+    all_recompute: Annotated[
+        bool, typer.Option("--all-recompute", help="Simulate heavier recompute levels even "
+                           "when a lighter one fits.")
+    ] = False,
+    top: Annotated[int, typer.Option("--top", help="Rows of the ranking to print.")] = 10,
+    backend: Annotated[
+        Backend, typer.Option("--backend", help="local (process pool) or ray (needs the ray "
+                              "extra).")
+    ] = Backend.local,
+    json_out: JsonOpt = False,
+) -> None:
+    """Search for the best parallel layout of a plan."""
+    from clustersim.analysis.search import SearchError, SearchSpace
+    from clustersim.analysis.search import search as run_search
+    from clustersim.analysis.search_backends import BackendError
+    from clustersim.cli_tables import ProgressBar
+
+    plan = _load(plan_file, set_)
+    n = gpus or plan.hardware.num_gpus
+    space = SearchSpace(
+        gpus=n, tp=_int_list(tp, "--tp"), pp=_int_list(pp, "--pp"), ep=_int_list(ep, "--ep"),
+        micro_batch_size=_int_list(mbs, "--mbs"),
+        schedules=_str_list(schedules, "--schedules", ("gpipe", "1f1b", "interleaved"))
+        or ("1f1b", "interleaved"),
+        recompute=_str_list(recompute, "--recompute", ("none", "selective", "full"))
+        or ("none", "selective", "full"),
+        prune_recompute=not all_recompute,
+    )
+    out = output or Path(f"{plan.name}-search.parquet")
+    if backend is Backend.ray:
+        from clustersim.analysis.search_backends import _ray
+
+        try:
+            _ray()
+        except BackendError as exc:
+            raise _fail(str(exc)) from None
+    try:
+        with ProgressBar("simulating candidates", delay_s=0.5) as bar:
+            result = run_search(plan, n, objective.value, space=space, workers=workers, out=out,
+                                resume=resume, limit=limit, seed=seed, pareto_axis=pareto.value,
+                                backend=backend.value,
+                                progress=lambda done, total: bar.update(done / max(total, 1)))
+    except (SearchError, BackendError) as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: results so far are in {out}; continue with --resume", err=True)
+        raise typer.Exit(code=130) from None
+    except OSError as exc:
+        raise _fail(f"cannot write {out}: {exc.strerror or exc}") from None
+    if json_out:
+        _print_json(result.to_dict(top))
+    else:
+        from clustersim.cli_tables import print_search
+
+        print_search(result, top)
+    raise typer.Exit(code=0 if result.best() is not None or not result.complete else 1)
 
 
 @plan_app.command("show")
