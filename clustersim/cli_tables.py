@@ -392,3 +392,68 @@ def print_search(result, top: int = 10) -> None:
         console.print(block, markup=False, highlight=False)
     if result.path is not None:
         console.print(f"every candidate: {result.path}")
+
+
+SERVING_TRACE_ROWS = SERVING_ROWS + (
+    ("goodput_requests_per_s", "goodput (requests meeting targets)", "requests/s", None, None),
+    ("slo_attainment_pct", "SLO attainment", "%", None, None),
+    ("completed_requests", "completed requests", "", None, None),
+    ("rejected_requests", "rejected requests", "", None, None),
+)  # fmt: skip
+
+
+def print_serving_analysis(result) -> None:
+    """``clustersim analyze`` of a serving trace: the serving metrics (as `run` printed them),
+    the deployment, then one row per replica."""
+    console = Console(width=max(Console().width, 120))
+    console.print(f"[bold]{result.plan_name}[/bold] (seed {result.seed}): {result.path}, "
+                  f"serving trace of {result.rows} rows")  # fmt: skip
+    table = Table(title="metrics (as `clustersim run` computes them)", title_justify="left")
+    for col in ("metric", "value", "unit"):
+        table.add_column(col)
+    for key, label, unit, _target, _claim in SERVING_TRACE_ROWS:
+        if key in result.metrics:
+            value = result.metrics[key]
+            table.add_row(label, "-" if value is None else f"{value:.4g}", unit)
+    console.print(table)
+    s = result.serving
+    console.print(f"{s['replicas']} replicas in {len(s['engines'])} engine(s); KV cache "
+                  f"{s['kv_cache_gib_per_gpu']:.1f} GiB per GPU "
+                  f"({s['kv_cache_tokens_per_replica']} tokens per replica)")  # fmt: skip
+    replicas = Table(title="replicas", title_justify="left")
+    cols = ("replica", "requests", "rejected", "preemptions", "output tokens", "TTFT p50 ms",
+            "TPOT p50 ms", "latency p50 ms", "KV use %", "KV peak %")  # fmt: skip
+    for col in cols:
+        replicas.add_column(col, justify="right")
+    for r in result.replicas:
+        replicas.add_row(str(r["replica"]), str(r["requests"]), str(r["rejected"]),
+                         str(r["preemptions"]), str(r["output_tokens"]),
+                         *(_cell(r[k]) for k in ("ttft_ms_p50", "tpot_ms_p50", "latency_ms_p50",
+                                                 "kv_cache_utilization_pct",
+                                                 "kv_cache_utilization_peak_pct")))  # fmt: skip
+    console.print(replicas)
+
+
+def print_serving_replay(result) -> None:
+    """``clustersim replay`` of a serving trace: recorded vs replayed serving metrics, then the
+    replayed run's findings."""
+    console = Console(width=max(Console().width, 120))
+    changes = result.changes
+    console.print("plan changes: " + (", ".join(f"{c['field']} {c['recorded']} -> {c['new']}"
+                                                for c in changes) or "none"))  # fmt: skip
+    table = Table(title=f"{result.report.audit.plan.name}: recorded request stream replayed",
+                  title_justify="left")  # fmt: skip
+    for col in ("metric", "recorded", "replayed", "change", "unit"):
+        table.add_column(col)
+    for key, label, unit, _target, _claim in SERVING_TRACE_ROWS:
+        if key not in result.recorded_metrics and key not in result.report.metrics:
+            continue
+        old, new = result.recorded_metrics.get(key), result.report.metrics.get(key)
+        delta = "" if old is None or new is None else _delta(old, new)
+        table.add_row(label, "-" if old is None else f"{old:.4g}",
+                      "-" if new is None else f"{new:.4g}", delta, unit)  # fmt: skip
+    console.print(table)
+    findings = result.report.findings
+    if findings:
+        console.print(f"{len(findings)} finding(s) for the replayed plan: "
+                      + "; ".join(f"{f.node} ({f.severity}): {f.message}" for f in findings))

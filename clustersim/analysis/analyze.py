@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +32,9 @@ from clustersim.analysis.trace_stream import time_ordered
 from clustersim.layout import Layout
 from clustersim.trace import schema as S
 from clustersim.trace.reader import TraceError, TraceReader
+
+if TYPE_CHECKING:
+    from clustersim.analysis.serving_trace import ServingTraceAnalysis
 
 RENDEZVOUS_OPS = ("a2a_dispatch", "a2a_combine", "grad_reduce", "expert_grad_reduce")
 MAX_WINDOW_ROWS = 200_000
@@ -255,10 +258,16 @@ def analyze(
     path: str | Path,
     window_ms: tuple[float, float] | None = None,
     progress: Callable[[float], None] | None = None,
-) -> TraceAnalysis:
+) -> TraceAnalysis | ServingTraceAnalysis:
     """Analyse a trace in one streaming pass. ``window_ms`` keeps the event rows that overlap
-    that interval (at most ``MAX_WINDOW_ROWS``) for a timeline plot."""
+    that interval (at most ``MAX_WINDOW_ROWS``) for a timeline plot. A serving trace gives a
+    :class:`~clustersim.analysis.serving_trace.ServingTraceAnalysis` instead (no window)."""
     with TraceReader(path) as reader:
+        if reader.metadata["run"].get("mode") == "inference":
+            reader.close()
+            from clustersim.analysis.serving_trace import analyze_serving
+
+            return analyze_serving(path, progress)
         facts = RunFacts(reader)
         wall_s = _summary_s(reader, "iteration")
         t_pipe_s = _summary_s(reader, "pipeline") or wall_s

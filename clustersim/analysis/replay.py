@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from clustersim.layout import Layout
 from clustersim.spec.load import apply_overrides, plan_from_dict
 from clustersim.spec.schema import Plan
 from clustersim.trace.reader import TraceError, TraceReader
+
+if TYPE_CHECKING:
+    from clustersim.analysis.serving import ServingReport
 
 # field path -> why it must stay as recorded
 WORKLOAD_FIELDS = {
@@ -58,7 +61,7 @@ class ReplayReport:
     """A replayed run: the simulation report, the plan changes, the recorded plan and the
     metrics of the recorded run (``analysis.analyze`` on the trace)."""
 
-    report: RunReport
+    report: RunReport | ServingReport  # ServingReport when a serving trace was replayed
     changes: list[dict[str, Any]]
     recorded_plan: Plan
     recorded_metrics: dict[str, Any]
@@ -204,11 +207,19 @@ def replay(
     trace: Path | None = None,
 ) -> ReplayReport:
     """Simulate the workload recorded in ``path`` under ``plan`` (default: the recorded plan).
-    Raises :class:`TraceError` for an unusable file, :class:`ReplayError` for a change the
-    workload forbids, :class:`EngineError` for a plan the engine cannot simulate."""
+    A serving trace is replayed by :func:`clustersim.analysis.serving_trace.replay_serving`
+    (its ``report`` is then a ``ServingReport``). Raises :class:`TraceError` for an unusable
+    file, :class:`ReplayError` for a change the workload forbids, :class:`EngineError` for a
+    plan the engine cannot simulate."""
     with TraceReader(path) as reader:
-        if reader.metadata["run"].get("mode") != "training":
-            raise TraceError(f"{path}: replay reads training traces")
+        mode = reader.metadata["run"].get("mode")
+    if mode == "inference":
+        from clustersim.analysis.serving_trace import replay_serving
+
+        return replay_serving(path, plan, progress, trace)
+    with TraceReader(path) as reader:
+        if mode != "training":
+            raise TraceError(f"{path}: replay reads training or serving traces (mode {mode!r})")
         recorded = reader.plan()
         target = plan or recorded
         changes = check_replayable(recorded, target, str(path))

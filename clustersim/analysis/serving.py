@@ -37,6 +37,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,7 @@ from clustersim.analysis.audit import AuditReport, audit
 from clustersim.analysis.findings import Finding
 from clustersim.analysis.judge import SERVING_FIX, judge, report_dict, still_unchecked
 from clustersim.engine.inference import ServingResult, ServingSim, check_serving_supported
-from clustersim.engine.requests import make_requests
+from clustersim.engine.requests import Requests, make_requests
 from clustersim.spec.schema import Plan
 
 PERCENTILES = (50, 90, 99)
@@ -64,6 +65,7 @@ class ServingReport:
     events: int = 0
     wall_s: float = 0.0
     routing_s: float = 0.0
+    trace: dict[str, Any] | None = None  # {"path", "rows", "bytes"} when a trace was written
 
     @property
     def has_errors(self) -> bool:
@@ -88,20 +90,34 @@ class ServingReport:
         }
         out["simulation"] = {"events": self.events, "wall_s": self.wall_s,
                              "routing_s": self.routing_s,
-                             "steps": sum(s.steps for s in res.engine_stats)}  # fmt: skip
+                             "steps": sum(s.steps for s in res.engine_stats),
+                             "trace": self.trace}  # fmt: skip
         return out
 
 
-def simulate_serving(plan: Plan, progress: Callable[[float], None] | None = None) -> ServingReport:
+def simulate_serving(
+    plan: Plan,
+    progress: Callable[[float], None] | None = None,
+    trace: Path | None = None,
+    *,
+    requests: Requests | None = None,
+) -> ServingReport:
     """Audit and simulate serving ``plan``'s request stream.
+
+    With ``trace``, also write every request's lifecycle, the per-engine and per-replica
+    accumulators and the plan to that Arrow file, atomically (``docs/trace-format.md``,
+    :mod:`clustersim.analysis.serving_trace`). ``requests`` replaces the plan's request stream
+    (``clustersim replay`` of a serving trace).
 
     Raises :class:`EngineError` when the plan cannot be simulated (not an inference plan,
     context parallelism, an expert layout that does not fold, no memory left for the KV
-    cache) and ValueError for an unreadable request trace.
+    cache), ValueError for an unreadable request trace and OSError when the trace cannot be
+    written.
     """
     report = audit(plan)
     check_serving_supported(plan, report.layout)
-    requests = make_requests(plan)
+    if requests is None:
+        requests = make_requests(plan)
     started = time.perf_counter()
     sim = ServingSim(plan, requests, progress)
     result = sim.run()
@@ -109,8 +125,13 @@ def simulate_serving(plan: Plan, progress: Callable[[float], None] | None = None
     metrics = serving_metrics(plan, result)
     findings = list(report.findings) + judge(plan, metrics, SERVING_FIX)
     unchecked = [u for u in report.unchecked if still_unchecked(u, metrics)]
+    trace_info = None
+    if trace is not None:  # imported here: pyarrow is not needed (nor loaded) without a trace
+        from clustersim.analysis.serving_trace import write_serving_trace
+
+        trace_info = write_serving_trace(Path(trace), plan, result)
     return ServingReport(report, metrics, breakdown(plan, result), result, findings, unchecked,
-                         result.events, wall_s, result.routing_s)  # fmt: skip
+                         result.events, wall_s, result.routing_s, trace_info)  # fmt: skip
 
 
 def request_columns(res: ServingResult) -> dict[str, np.ndarray]:

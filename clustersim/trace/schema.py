@@ -9,7 +9,9 @@ something depends on the row's ``kind`` (see ``docs/trace-format.md``):
 * ``route``: the routing outcome of one EP group, layer and micro-batch, one row per quantity;
 * ``summary``: whole-run figures written last (iteration end, pipeline end, per-GPU expert
   idle time, and the batch index that lets readers stream the file in time order);
-* ``request``: reserved for the serving simulation (request lifecycle events).
+* ``request``: the lifecycle of one served request (serving traces, ``mode: inference``):
+  ``prefill`` (arrival to first token), ``decode`` (first token to finish), ``request_done``
+  (arrival to finish, exact engine times in ms); ``request_arrival`` stays reserved.
 
 Time is float64 **seconds** from the start of the iteration. Within each record batch, event
 rows are sorted by :func:`event_sort_key` (start, asynchronous first, then recording order).
@@ -45,8 +47,9 @@ WORKLOAD_OPS = ("seq_lens",)
 ROUTE_OPS = ("member_tokens", "a2a_tokens", "received_tokens", "active_experts",
              "expert_tokens", "dropped_tokens", "routed_tokens")  # fmt: skip
 SUMMARY_OPS = ("iteration", "pipeline", "expert_idle", "batch_index")
-REQUEST_OPS = ("request_arrival", "prefill", "decode", "request_done")  # reserved
-OPS = ENGINE_OPS + WORKLOAD_OPS + ROUTE_OPS + SUMMARY_OPS + REQUEST_OPS
+REQUEST_OPS = ("request_arrival", "prefill", "decode", "request_done")  # request_arrival: reserved
+SERVING_SUMMARY_OPS = ("serving_run", "serving_engine", "serving_replica")  # appended in v1
+OPS = ENGINE_OPS + WORKLOAD_OPS + ROUTE_OPS + SUMMARY_OPS + REQUEST_OPS + SERVING_SUMMARY_OPS
 
 KIND_CODE = {name: i for i, name in enumerate(KINDS)}
 OP_CODE = {name: i for i, name in enumerate(OPS)}
