@@ -172,8 +172,6 @@ def run(
 
     plan = _load(plan_file, set_)
     serving = plan.workload.mode == "inference"
-    if serving and (trace or trace_file):
-        raise _fail("--trace: traces of serving runs are not written yet (training only)")
     if trace and trace_file is None:
         from clustersim.analysis.tracing import default_trace_path
 
@@ -183,7 +181,7 @@ def run(
             if serving:
                 from clustersim.analysis.serving import simulate_serving
 
-                report = simulate_serving(plan, progress=bar.update)
+                report = simulate_serving(plan, progress=bar.update, trace=trace_file)
             else:
                 report = simulate(plan, progress=bar.update, trace=trace_file)
     except (EngineError, ValueError) as exc:
@@ -203,6 +201,8 @@ def run(
         from clustersim.cli_tables import print_serving
 
         print_serving(report)
+        if report.trace:
+            typer.echo(f"trace: {report.trace['path']} ({report.trace['rows']} rows)")
     else:
         print_run(report)
     raise typer.Exit(code=1 if report.has_errors else 0)
@@ -259,6 +259,11 @@ def analyze(
         except PlotError as exc:
             raise _fail(str(exc)) from None
     try:
+        if plot is not None:
+            from clustersim.analysis.serving_trace import is_serving_trace
+
+            if is_serving_trace(trace_file):
+                raise _fail(f"{trace_file}: --plot needs a training trace (this one is serving)")
         with ProgressBar("analysing") as bar:
             result = analyse_trace(trace_file, (span or (0.0, float("inf"))) if plot else None,
                                    progress=bar.update)  # fmt: skip
@@ -278,13 +283,18 @@ def analyze(
         raise _fail(f"cannot write {exc.filename or 'output'}: {exc.strerror or exc}") from None
     if json_out:
         _print_json(result.to_dict())
+    elif getattr(result, "mode", None) == "inference":
+        from clustersim.cli_tables import print_serving_analysis
+
+        print_serving_analysis(result)
     else:
         print_analysis(result)
 
 
 @app.command(
     help="Simulate the workload recorded in a trace (sequence lengths, routing) again, under "
-    "the trace's own plan or a changed one: --set hardware.inter_node.bandwidth_gbps=100 "
+    "the trace's own plan or a changed one (training traces; serving traces replay their "
+    "request stream): --set hardware.inter_node.bandwidth_gbps=100 "
     "changes the recorded plan, --plan PLAN replaces it. Changes that make the recorded "
     "workload meaningless (experts, layers, DP size, micro-batches, EP/TP grouping, routing "
     "settings, sequence lengths, seed) are refused. Exit code 2: unusable trace or change."
@@ -315,6 +325,10 @@ def replay(
         raise _fail(str(exc)) from None
     if json_out:
         _print_json(result.to_dict())
+    elif result.report.audit.plan.workload.mode == "inference":
+        from clustersim.cli_tables import print_serving_replay
+
+        print_serving_replay(result)
     else:
         print_replay(result)
     raise typer.Exit(code=1 if result.report.has_errors else 0)

@@ -132,3 +132,21 @@ def test_help_starts_without_heavy_imports():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_serving_trace_run_analyze_replay(tmp_path):
+    """A serving run writes a trace; analyze gives its metrics back; replay re-serves it."""
+    plan = str(SEEDS / "004_current.yaml")
+    trace = tmp_path / "serve.arrow"
+    run = invoke("run", plan, "--trace-file", str(trace), "--json",
+                 "--set", "workload.requests.num=100")  # fmt: skip
+    assert trace.is_file() and run.exit_code in (0, 1), run.output
+    ran = json.loads(run.stdout)["metrics"]
+    analysed = json.loads(invoke("analyze", str(trace), "--json").stdout)["metrics"]
+    assert analysed["ttft_ms_p50"] == ran["ttft_ms_p50"]
+    assert analysed["throughput_tokens_per_ms"] == ran["throughput_tokens_per_ms"]
+    replayed = invoke("replay", str(trace), "--json")
+    assert replayed.exit_code in (0, 1), replayed.output
+    assert invoke("analyze", str(trace), "--plot", str(tmp_path / "x.png")).exit_code == 2
+    refused = invoke("replay", str(trace), "--set", "workload.requests.rate_per_s=99")
+    assert refused.exit_code == 2 and "Traceback" not in refused.output

@@ -59,8 +59,9 @@ class RunFacts:
     def __init__(self, reader: TraceReader):
         run = reader.metadata["run"]
         if run.get("mode") != "training":
-            raise TraceError(f"{reader.path}: analyze reads training traces (mode "
-                             f"{run.get('mode')!r})")  # fmt: skip
+            raise TraceError(f"{reader.path}: trace of mode {run.get('mode')!r} without engine "
+                             f"events (the timeline, Perfetto export and critical path need a "
+                             f"training trace)")  # fmt: skip
         self.plan = reader.plan()
         self.layout = Layout(self.plan)
         lanes = run["lanes"]

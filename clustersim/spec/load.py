@@ -109,7 +109,7 @@ def _lookup_preset(name: Any, table: dict[str, dict[str, Any]]) -> dict[str, Any
 
 def _merge_presets(raw: dict[str, Any], source: str) -> dict[str, Any]:
     model = raw.get("model")
-    if isinstance(model, dict) and "preset" in model:
+    if isinstance(model, dict) and model.get("preset") is not None:
         name = model["preset"]
         preset = _lookup_preset(name, MODEL_PRESETS)
         if preset is None:
