@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import simpy
+from simpy.events import NORMAL
 
 
 class Rendezvous:
@@ -46,9 +47,11 @@ class Rendezvous:
             del self._open[key]
             duration_ms, info = timing(ready, *args)
             start = max(max(ready), self.env.now)
-            value = (start, start + duration_ms, info)
-            release = self.env.timeout(start - self.env.now + duration_ms)
-            release.callbacks.append(lambda _event: done.succeed(value))
+            # Trigger the shared event at the end time directly (what Timeout does), rather
+            # than through a second timeout event and a callback.
+            done._ok = True
+            done._value = (start, start + duration_ms, info)
+            self.env.schedule(done, NORMAL, start - self.env.now + duration_ms)
             self.completed += 1
         return done
 
