@@ -212,18 +212,22 @@ def print_analysis(result) -> None:
                       f"{worst['max_to_mean_mean']:.2f} (layer {worst['layer']})")  # fmt: skip
 
 
-def print_replay(result) -> None:
-    """``clustersim replay``: recorded vs replayed metrics, then the replayed run's findings."""
+def print_replay(result, rows=None, what: str = "recorded workload") -> None:
+    """``clustersim replay``: recorded vs replayed metrics (``rows`` as in :data:`METRIC_ROWS`;
+    metrics neither run has are left out), then the replayed run's findings."""
     console = Console(width=max(Console().width, 120))
     changes = result.changes
     console.print("plan changes: " + (", ".join(f"{c['field']} {c['recorded']} -> {c['new']}"
                                                 for c in changes) or "none"))  # fmt: skip
-    table = Table(title=f"{result.report.audit.plan.name}: recorded workload replayed",
+    table = Table(title=f"{result.report.audit.plan.name}: {what} replayed",
                   title_justify="left")  # fmt: skip
     for col in ("metric", "recorded", "replayed", "change", "unit"):
         table.add_column(col)
-    for key, label, unit, _target, _claim in METRIC_ROWS:
-        old, new = result.recorded_metrics.get(key), result.report.metrics.get(key)
+    recorded, replayed = result.recorded_metrics, result.report.metrics
+    for key, label, unit, _target, _claim in rows or METRIC_ROWS:
+        if key not in recorded and key not in replayed:
+            continue
+        old, new = recorded.get(key), replayed.get(key)
         delta = "" if old is None or new is None else _delta(old, new)
         table.add_row(label, "-" if old is None else f"{old:.4g}",
                       "-" if new is None else f"{new:.4g}", delta, unit)  # fmt: skip
@@ -435,25 +439,5 @@ def print_serving_analysis(result) -> None:
 
 
 def print_serving_replay(result) -> None:
-    """``clustersim replay`` of a serving trace: recorded vs replayed serving metrics, then the
-    replayed run's findings."""
-    console = Console(width=max(Console().width, 120))
-    changes = result.changes
-    console.print("plan changes: " + (", ".join(f"{c['field']} {c['recorded']} -> {c['new']}"
-                                                for c in changes) or "none"))  # fmt: skip
-    table = Table(title=f"{result.report.audit.plan.name}: recorded request stream replayed",
-                  title_justify="left")  # fmt: skip
-    for col in ("metric", "recorded", "replayed", "change", "unit"):
-        table.add_column(col)
-    for key, label, unit, _target, _claim in SERVING_TRACE_ROWS:
-        if key not in result.recorded_metrics and key not in result.report.metrics:
-            continue
-        old, new = result.recorded_metrics.get(key), result.report.metrics.get(key)
-        delta = "" if old is None or new is None else _delta(old, new)
-        table.add_row(label, "-" if old is None else f"{old:.4g}",
-                      "-" if new is None else f"{new:.4g}", delta, unit)  # fmt: skip
-    console.print(table)
-    findings = result.report.findings
-    if findings:
-        console.print(f"{len(findings)} finding(s) for the replayed plan: "
-                      + "; ".join(f"{f.node} ({f.severity}): {f.message}" for f in findings))
+    """``clustersim replay`` of a serving trace: the recorded request stream replayed."""
+    print_replay(result, SERVING_TRACE_ROWS, "recorded request stream")
