@@ -18,6 +18,7 @@ layers, experts), never by the number of rows. It computes:
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -211,6 +212,25 @@ class _EventState:
         self.fstate = np.array([0.0, 0.0, eps_s, -1.0])
         self.bchain = np.zeros(n_cat)
         self.events = 0
+        # Both kernels run on worker threads, overlapping each other and the reading of the
+        # next batch: they release the GIL and touch disjoint state; each kernel still takes
+        # the batches in order (a batch waits for that kernel's previous one).
+        self._pool = ThreadPoolExecutor(max_workers=2)
+        self._pending: dict[str, Future] = {}
+
+    def _submit(self, name: str, kernel, *args) -> None:
+        previous = self._pending.pop(name, None)
+        if previous is not None:
+            previous.result()  # re-raises a kernel error here
+        self._pending[name] = self._pool.submit(kernel, *args)
+
+    def close(self) -> None:
+        """Finish the kernels still running and stop their threads."""
+        try:
+            for name in list(self._pending):
+                self._pending.pop(name).result()
+        finally:
+            self._pool.shutdown(wait=True)
 
     def feed(self, c: dict[str, np.ndarray]) -> None:
         lane, op, kind, group = c["lane"], c["op"], c["kind"], c["group"]
@@ -218,17 +238,21 @@ class _EventState:
         if op.max() >= _N_EVENT_OPS or lane.min() < 0 or lane.max() >= self.facts.num_lanes:
             raise TraceError("damaged trace: an event row names an unknown op or lane")
         self.events += lane.size
-        K._scan_totals(lane, kind, op, group, start, end, c["bytes"], self.t_pipe, self.reach,
-                       self.unions, self.lane_kind, self.op_stats, self.op_group)  # fmt: skip
+        self._submit("totals", K._scan_totals, lane, kind, op, group, start, end, c["bytes"],
+                     self.t_pipe, self.reach, self.unions, self.lane_kind, self.op_stats,
+                     self.op_group)  # fmt: skip
         f = self.facts
-        K._scan_critical(lane, kind, op, group, c["layer"], c["microbatch"], start, end,
-                         np.ascontiguousarray(end).view(np.int64), self.flags, f.lane_stage,
-                         f.lane_dp, f.lane_at, self.free, self.chain, self.pend, self.last_op,
-                         self.arr_slot, self.arr_t, self.arr_chain, self.stack, self.tkey,
-                         self.tint, self.tmeta, self.tchain, self.counters, self.fstate,
-                         self.bchain)  # fmt: skip
+        self._submit(
+            "critical", K._scan_critical, lane, kind, op, group, c["layer"], c["microbatch"],
+            start, end,
+            np.ascontiguousarray(end).view(np.int64), self.flags, f.lane_stage, f.lane_dp,
+            f.lane_at, self.free, self.chain, self.pend, self.last_op, self.arr_slot, self.arr_t,
+            self.arr_chain, self.stack, self.tkey, self.tint, self.tmeta, self.tchain,
+            self.counters, self.fstate, self.bchain,
+        )  # fmt: skip
 
     def critical_path(self) -> dict[str, Any]:
+        self.close()
         end_s, chain, lane = K._finish_critical(self.free, self.chain, self.pend, self.tkey,
                                                 self.tint, self.tmeta, self.tchain,
                                                 self.counters)  # fmt: skip
@@ -277,12 +301,15 @@ def analyze(
         state = _EventState(facts, t_pipe_s, eps_s=1e-9 * wall_s + 1e-15)
         work = _Workload()
         window = _Window(window_ms) if window_ms else None
-        for b, chunk in enumerate(time_ordered(reader, work.feed)):
-            state.feed(chunk)
-            if window is not None:
-                window.feed(chunk)
-            if progress is not None:
-                progress(min(1.0, (b + 1) / max(reader.num_batches, 1)))
+        try:
+            for b, chunk in enumerate(time_ordered(reader, work.feed)):
+                state.feed(chunk)
+                if window is not None:
+                    window.feed(chunk)
+                if progress is not None:
+                    progress(min(1.0, (b + 1) / max(reader.num_batches, 1)))
+        finally:
+            state.close()
         rows = state.events + work.rows + reader.summary.num_rows
     return _assemble(str(path), facts, state, work, wall_s, t_pipe_s, rank_idle_s, rows, window)
 
