@@ -93,20 +93,57 @@ class StageMemory:
 
 @dataclass(frozen=True)
 class MemoryReport:
-    """Memory per GPU of a plan: every stage, and the breakdown of the peak stage."""
+    """Memory per GPU of a plan: every stage; the breakdown fields are the peak stage's."""
 
     stages: list[StageMemory]
-    memory_per_gpu_gib: float
-    params_gib: float
-    grads_gib: float
-    optimizer_gib: float
-    activations_gib: float
-    kv_cache_gib: float
-    buffers_gib: float
-    capacity_gib: float
-    fits: bool
     peak_stage: int
+    capacity_gib: float
     seq_len_tokens: int
+
+    @property
+    def peak(self) -> StageMemory:
+        """The stage whose GPUs hold the most."""
+        return self.stages[self.peak_stage]
+
+    @property
+    def memory_per_gpu_gib(self) -> float:
+        """Peak memory per GPU over the stages."""
+        return self.peak.total_gib
+
+    @property
+    def fits(self) -> bool:
+        """Whether the peak fits the memory the GPU leaves to the model."""
+        return self.memory_per_gpu_gib <= self.capacity_gib
+
+    @property
+    def params_gib(self) -> float:
+        """Weights of one GPU of the peak stage."""
+        return self.peak.params_gib
+
+    @property
+    def grads_gib(self) -> float:
+        """Gradients of one GPU of the peak stage."""
+        return self.peak.grads_gib
+
+    @property
+    def optimizer_gib(self) -> float:
+        """Optimizer states of one GPU of the peak stage."""
+        return self.peak.optimizer_gib
+
+    @property
+    def activations_gib(self) -> float:
+        """Activations of one GPU of the peak stage."""
+        return self.peak.activations_gib
+
+    @property
+    def kv_cache_gib(self) -> float:
+        """KV cache of one GPU of the peak stage."""
+        return self.peak.kv_cache_gib
+
+    @property
+    def buffers_gib(self) -> float:
+        """Communication buffers of one GPU of the peak stage."""
+        return self.peak.buffers_gib
 
     def to_dict(self) -> dict[str, Any]:
         """The ``memory`` object of the output contract, plus the per-stage list."""
@@ -128,19 +165,10 @@ def memory_per_gpu(plan: Plan, layout: Layout) -> MemoryReport:
     ]
     peak = max(stages, key=lambda st: st.total_gib)
     hw = plan.hardware
-    capacity_gib = hw.memory_gib - hw.memory_reserved_gib
     return MemoryReport(
         stages=stages,
-        memory_per_gpu_gib=peak.total_gib,
-        params_gib=peak.params_gib,
-        grads_gib=peak.grads_gib,
-        optimizer_gib=peak.optimizer_gib,
-        activations_gib=peak.activations_gib,
-        kv_cache_gib=peak.kv_cache_gib,
-        buffers_gib=peak.buffers_gib,
-        capacity_gib=capacity_gib,
-        fits=peak.total_gib <= capacity_gib,
         peak_stage=peak.stage,
+        capacity_gib=hw.memory_gib - hw.memory_reserved_gib,
         seq_len_tokens=_inference_context_len(plan) if inference else _train_seq_len(plan),
     )
 
