@@ -64,6 +64,18 @@ def _load(path: Path | None, overrides: list[str] | None):
         raise _fail(exc.render()) from None
 
 
+def _emit(text: str | None, output: Path | None) -> bool:
+    """Write ``text`` to ``output``, or print it; False when there is no text (print a table)."""
+    if text is None:
+        return False
+    if output is not None:
+        output.write_text(text + "\n")
+        typer.echo(f"wrote {output}", err=True)
+    else:
+        typer.echo(text)
+    return True
+
+
 def _print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
@@ -90,57 +102,31 @@ def check(
 ) -> None:
     """Audit a plan and print its findings."""
     from clustersim.analysis.render import audit_markdown
+    from clustersim.analysis.search import suggest_fix, suggestion_markdown
     from clustersim.analysis.simulate import check_plan
     from clustersim.cli_tables import ProgressBar
 
     plan = _load(plan_file, set_)
     with ProgressBar("simulating claims and targets") as bar:
         report = check_plan(plan, simulate_claims=not static, progress=bar.update)
-    suggestion = _suggest_fix(plan, report)
+    suggestion = suggest_fix(plan, report)
     if json_out:
         fmt = CheckFormat.json
     if fmt is CheckFormat.json:
         data = report.to_dict()
         data["suggestion"] = suggestion.to_dict() if suggestion is not None else None
         text = json.dumps(data, indent=2, default=str)
-    elif fmt is CheckFormat.markdown:
-        text = audit_markdown(report) + _suggestion_markdown(suggestion)
+    elif fmt is CheckFormat.markdown or output is not None:
+        text = audit_markdown(report) + suggestion_markdown(suggestion)
     else:
         text = None
-    if output is not None:
-        if text is None:
-            text = audit_markdown(report) + _suggestion_markdown(suggestion)
-        output.write_text(text + "\n")
-        typer.echo(f"wrote {output}", err=True)
-    elif text is not None:
-        typer.echo(text)
-    else:
+    if not _emit(text, output):
         from clustersim.cli_tables import print_audit, print_suggestion
 
         print_audit(report)
         if suggestion is not None:
             print_suggestion(suggestion)
     raise typer.Exit(code=1 if report.has_errors else 0)
-
-
-def _suggest_fix(plan, report):
-    """The nearest valid plan when the audit finds errors a parallel change can fix."""
-    if not any(not f.node.startswith("claims.") for f in report.errors):
-        return None
-    from clustersim.analysis.search import nearest_valid_plan
-
-    return nearest_valid_plan(plan)
-
-
-def _suggestion_markdown(suggestion) -> str:
-    if suggestion is None:
-        return ""
-    changed = ", ".join(f"`parallel.{k}` {a} -> {b}" for k, (a, b) in suggestion.changes.items())
-    return ("\n## Suggested fix: the nearest valid plan\n\n"
-            f"Fewest changed fields ({len(suggestion.changes)}): {changed}; peak memory "
-            f"{suggestion.memory_per_gpu_gib:g} GiB per GPU on "
-            f"{suggestion.plan.parallel.world_size} GPUs (static audit).\n\n"
-            f"```yaml\n{suggestion.parallel_yaml()}\n```\n")
 
 
 @app.command(
@@ -406,12 +392,7 @@ def compare(
         text = json.dumps(result.to_dict(), indent=2, default=str)
     elif fmt is CheckFormat.markdown or output is not None:
         text = result.markdown()
-    if output is not None:
-        output.write_text(text + "\n")
-        typer.echo(f"wrote {output}", err=True)
-    elif text is not None:
-        typer.echo(text)
-    else:
+    if not _emit(text, output):
         from clustersim.cli_tables import print_compare
 
         print_compare(result)

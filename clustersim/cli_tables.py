@@ -107,20 +107,32 @@ METRIC_ROWS = (
 )  # fmt: skip
 
 
+def _metrics_table(title: str, metrics: dict, rows, plan=None, skip_missing=False) -> Table:
+    """Metric, value, unit (and the plan's target and claim when ``plan`` is given) for each
+    of ``rows`` (key, label, unit, target field, claim field)."""
+    table = Table(title=title, title_justify="left")
+    cols = ("metric", "value", "unit") + (("target", "claimed") if plan is not None else ())
+    for col in cols:
+        table.add_column(col)
+    for key, label, unit, target, claim in rows:
+        if skip_missing and key not in metrics:
+            continue
+        value = metrics.get(key)
+        cells = [label, "-" if value is None else f"{value:.4g}", unit]
+        if plan is not None:
+            cells += [fmt_value(getattr(plan.targets, target)) if target else "",
+                      fmt_value(getattr(plan.claims, claim)) if claim else ""]  # fmt: skip
+        table.add_row(*cells)
+    return table
+
+
 def print_run(report) -> None:
     """Metrics table (with targets and claims), time breakdown, then the findings."""
     console = Console(width=max(Console().width, 120))
     plan = report.audit.plan
     targets, claims = plan.targets, plan.claims
-    table = Table(title=f"{plan.name}: one training iteration (seed {plan.seed})",
-                  title_justify="left")  # fmt: skip
-    for col in ("metric", "value", "unit", "target", "claimed"):
-        table.add_column(col)
-    for key, label, unit, target, claim in METRIC_ROWS:
-        value = report.metrics.get(key)
-        table.add_row(label, "-" if value is None else f"{value:.4g}", unit,
-                      fmt_value(getattr(targets, target)) if target else "",
-                      fmt_value(getattr(claims, claim)) if claim else "")  # fmt: skip
+    table = _metrics_table(f"{plan.name}: one training iteration (seed {plan.seed})",
+                           report.metrics, METRIC_ROWS, plan)  # fmt: skip
     mem = report.audit.memory
     if mem is not None:
         table.add_row("memory per GPU (peak)", f"{mem.memory_per_gpu_gib:.4g}", "GiB",
@@ -170,13 +182,8 @@ def print_analysis(result) -> None:
     console = Console(width=max(Console().width, 120))
     console.print(f"[bold]{result.plan_name}[/bold] (seed {result.seed}): {result.path}, "
                   f"{result.events} events of {result.rows} rows")  # fmt: skip
-    table = Table(title="metrics (as `clustersim run` computes them)", title_justify="left")
-    for col in ("metric", "value", "unit"):
-        table.add_column(col)
-    for key, label, unit, _target, _claim in METRIC_ROWS:
-        value = result.metrics.get(key)
-        table.add_row(label, "-" if value is None else f"{value:.4g}", unit)
-    console.print(table)
+    console.print(_metrics_table("metrics (as `clustersim run` computes them)", result.metrics,
+                                 METRIC_ROWS))
     comm = Table(title="communication by collective (ms, summed over lanes)", title_justify="left")
     for col in ("op", "group", "total ms", "per lane ms", "count", "GiB"):
         comm.add_column(col, justify="left" if col in ("op", "group") else "right")
@@ -266,20 +273,9 @@ def print_serving(report) -> None:
     """Serving metrics (with targets and claims), then the findings."""
     console = Console(width=max(Console().width, 120))
     plan = report.audit.plan
-    targets, claims = plan.targets, plan.claims
     done = report.metrics.get("completed_requests")
-    table = Table(title=f"{plan.name}: serving {done} requests (seed {plan.seed})",
-                  title_justify="left")  # fmt: skip
-    for col in ("metric", "value", "unit", "target", "claimed"):
-        table.add_column(col)
-    for key, label, unit, target, claim in SERVING_ROWS:
-        value = report.metrics.get(key)
-        if key not in report.metrics:
-            continue
-        table.add_row(label, "-" if value is None else f"{value:.4g}", unit,
-                      fmt_value(getattr(targets, target)) if target else "",
-                      fmt_value(getattr(claims, claim)) if claim else "")  # fmt: skip
-    console.print(table)
+    console.print(_metrics_table(f"{plan.name}: serving {done} requests (seed {plan.seed})",
+                                 report.metrics, SERVING_ROWS, plan, skip_missing=True))
     serving = report.to_dict()["serving"]
     console.print(f"{serving['replicas']} replicas; KV cache {serving['kv_cache_gib_per_gpu']:.1f} "
                   f"GiB per GPU ({serving['kv_cache_tokens_per_replica']} tokens per replica)")
@@ -412,14 +408,8 @@ def print_serving_analysis(result) -> None:
     console = Console(width=max(Console().width, 120))
     console.print(f"[bold]{result.plan_name}[/bold] (seed {result.seed}): {result.path}, "
                   f"serving trace of {result.rows} rows")  # fmt: skip
-    table = Table(title="metrics (as `clustersim run` computes them)", title_justify="left")
-    for col in ("metric", "value", "unit"):
-        table.add_column(col)
-    for key, label, unit, _target, _claim in SERVING_TRACE_ROWS:
-        if key in result.metrics:
-            value = result.metrics[key]
-            table.add_row(label, "-" if value is None else f"{value:.4g}", unit)
-    console.print(table)
+    console.print(_metrics_table("metrics (as `clustersim run` computes them)", result.metrics,
+                                 SERVING_TRACE_ROWS, skip_missing=True))
     s = result.serving
     console.print(f"{s['replicas']} replicas in {len(s['engines'])} engine(s); KV cache "
                   f"{s['kv_cache_gib_per_gpu']:.1f} GiB per GPU "

@@ -610,3 +610,23 @@ def _fix_schedules(par, pp) -> list[dict[str, Any]]:
 __all__ = ["OBJECTIVES", "SearchError", "SearchResult", "SearchSpace", "Suggestion",
            "candidate_id", "cluster_plan", "enumerate_candidates", "nearest_valid_plan",
            "needs_fix", "search"]  # fmt: skip
+
+
+def suggest_fix(plan: Plan, report) -> Suggestion | None:
+    """``check``'s proposal: the nearest valid plan, when the audit (``report``) finds errors
+    that a change of the parallel layout can fix (claims alone are fixed by correcting them)."""
+    if not any(not f.node.startswith("claims.") for f in report.errors):
+        return None
+    return nearest_valid_plan(plan)
+
+
+def suggestion_markdown(suggestion: Suggestion | None) -> str:
+    """The proposal as a Markdown section ("" when there is none)."""
+    if suggestion is None:
+        return ""
+    changed = ", ".join(f"`parallel.{k}` {a} -> {b}" for k, (a, b) in suggestion.changes.items())
+    return ("\n## Suggested fix: the nearest valid plan\n\n"
+            f"Fewest changed fields ({len(suggestion.changes)}): {changed}; peak memory "
+            f"{suggestion.memory_per_gpu_gib:g} GiB per GPU on "
+            f"{suggestion.plan.parallel.world_size} GPUs (static audit).\n\n"
+            f"```yaml\n{suggestion.parallel_yaml()}\n```\n")  # fmt: skip
