@@ -1,8 +1,11 @@
 """Buffered event rows in numpy columns: what the engine did, on which lane, when.
 
 The engine appends one row per compute op or collective of a lane (a TP group driven in
-lockstep). Rows go into preallocated numpy columns that double when full; appending costs one
-Python call, never a dict per row. Metrics (``analysis.metrics``) read the columns; an optional
+lockstep). A cohort of lanes that meet in every all-to-all appends one *block* per op: the
+rows of all its lanes at once, as arrays of start and end times (``add_block``); single rows
+(``add``) remain for tests and rare events. Blocks are frozen into numpy column chunks of
+about ``chunk_rows`` rows; appending costs one Python call, never a dict per row. Metrics
+(``analysis.metrics``) read the columns; an optional
 ``sink`` (the trace writer) receives every chunk of columns as it is frozen. Per-GPU
 differences inside a lane (expert GEMMs of unequal size) are kept as a per-rank idle
 adjustment, so the metrics still speak of every GPU.
@@ -60,11 +63,13 @@ _COLUMNS = {
 
 
 class Recorder:
-    """Append-only event rows: tuples in a list, frozen into numpy column chunks of
-    ``chunk_rows`` rows (one list append per row is the cheapest thing Python can do)."""
+    """Append-only event rows: single rows as tuples, blocks of rows as arrays, frozen in
+    recording order into numpy column chunks of about ``chunk_rows`` rows."""
 
     def __init__(self, world_size: int, chunk_rows: int = 1 << 16):
         self._rows: list[tuple] = []
+        self._blocks: list[tuple] = []
+        self._block_rows = 0
         self._chunks: list[dict[str, np.ndarray]] = []
         self._chunk_rows = chunk_rows
         self._frozen = 0
@@ -74,7 +79,7 @@ class Recorder:
     @property
     def size(self) -> int:
         """Rows recorded."""
-        return self._frozen + len(self._rows)
+        return self._frozen + self._block_rows + len(self._rows)
 
     def add(
         self,
@@ -93,15 +98,62 @@ class Recorder:
         if len(rows) >= self._chunk_rows:
             self._freeze()
 
-    def _freeze(self) -> None:
-        if not self._rows:
-            return
+    def add_block(
+        self,
+        lanes: np.ndarray,
+        kind: int,
+        op: int,
+        start_ms: np.ndarray,
+        end_ms: np.ndarray,
+        layer: int = -1,
+        microbatch: int = -1,
+        nbytes: float | np.ndarray = 0.0,
+    ) -> None:
+        """Append one row per lane of ``lanes``: the same op, per-lane start and end times
+        (arrays of the same length) and bytes (one value for all, or an array)."""
+        if self._rows:  # keep recording order
+            self._rows_to_block()
+        self._blocks.append((lanes, kind, op, start_ms, end_ms, layer, microbatch, nbytes))
+        self._block_rows += len(lanes)
+        if self._block_rows >= self._chunk_rows:
+            self._freeze()
+
+    def _rows_to_block(self) -> None:
         table = np.array(self._rows, dtype=np.float64)
-        chunk = {name: table[:, i].astype(dtype)
-                 for i, (name, dtype) in enumerate(_COLUMNS.items())}  # fmt: skip
-        self._chunks.append(chunk)
-        self._frozen += len(self._rows)
         self._rows = []
+        for row in table:  # one block per row keeps every column's type handling in one place
+            self._blocks.append((row[0:1].astype(np.int32), int(row[1]), int(row[2]), row[3:4],
+                                 row[4:5], int(row[5]), int(row[6]), float(row[7])))  # fmt: skip
+        self._block_rows += len(table)
+
+    def _freeze(self) -> None:
+        if self._rows:
+            self._rows_to_block()
+        blocks = self._blocks
+        if not blocks:
+            return
+        counts = np.fromiter((len(b[0]) for b in blocks), np.int64, len(blocks))
+        scalars = np.array([(b[1], b[2], b[5], b[6]) for b in blocks], dtype=np.int64)
+        nbytes = np.repeat(
+            np.fromiter((0.0 if isinstance(b[7], np.ndarray) else b[7] for b in blocks),
+                        np.float64, len(blocks)), counts)  # fmt: skip
+        offsets = np.concatenate(([0], np.cumsum(counts)))
+        for i, b in enumerate(blocks):
+            if isinstance(b[7], np.ndarray):
+                nbytes[offsets[i] : offsets[i + 1]] = b[7]
+        chunk = {
+            "lane": np.concatenate([b[0] for b in blocks]).astype(np.int32),
+            "kind": np.repeat(scalars[:, 0], counts).astype(np.int8),
+            "op": np.repeat(scalars[:, 1], counts).astype(np.int16),
+            "start_ms": np.concatenate([b[3] for b in blocks]).astype(np.float64),
+            "end_ms": np.concatenate([b[4] for b in blocks]).astype(np.float64),
+            "layer": np.repeat(scalars[:, 2], counts).astype(np.int32),
+            "microbatch": np.repeat(scalars[:, 3], counts).astype(np.int32),
+            "bytes": nbytes,
+        }
+        self._chunks.append(chunk)
+        self._frozen += int(offsets[-1])
+        self._blocks, self._block_rows = [], 0
         if self.sink is not None:
             self.sink(chunk)
 

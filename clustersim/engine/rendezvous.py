@@ -11,6 +11,14 @@ import simpy
 from simpy.events import NORMAL
 
 
+def trigger_at(event: simpy.Event, value: Any, delay_ms: float) -> None:
+    """Trigger a pending ``event`` with ``value`` after ``delay_ms`` (what a Timeout does),
+    without a second event and a callback."""
+    event._ok = True
+    event._value = value
+    event.env.schedule(event, NORMAL, delay_ms)
+
+
 class Rendezvous:
     """Meeting points keyed by collective instance (op, group, layer, micro-batch, ...).
 
@@ -20,6 +28,12 @@ class Rendezvous:
     duration. A member may arrive *before* it is ready (``ready_at`` > now) — a lane that knows
     its compute will end at ``ready_at`` joins at once instead of waiting for a timeout, which
     saves an event per collective; the collective still starts only when everyone is ready.
+    A member may also arrive *after* it was ready (``ready_at`` < now): a process that drives
+    several lanes waits for the slowest of them, but each lane keeps its own clock, so the
+    start is the latest ``ready_at``, never the arrival time. The shared event then fires no
+    earlier than now; its value, not the firing time, is what members use. One arrival may
+    stand for ``count`` members (the lanes of a cohort that joins with their latest
+    ``ready_at``).
     """
 
     def __init__(self, env: simpy.Environment):
@@ -34,24 +48,23 @@ class Rendezvous:
         ready_at: float,
         timing: Callable[..., tuple[float, Any]],
         *args: Any,
+        count: int = 1,
     ) -> simpy.Event:
-        """Join collective ``key`` of ``expected`` members; ``timing(payloads, *args)`` gives
-        ``(duration_ms, info)`` once everyone is there."""
+        """Join collective ``key`` of ``expected`` members as ``count`` of them;
+        ``timing(payloads, *args)`` gives ``(duration_ms, info)`` once everyone is there."""
         entry = self._open.get(key)
         if entry is None:
-            entry = (self.env.event(), [], expected)
+            entry = [self.env.event(), [], 0]
             self._open[key] = entry
-        done, ready, _ = entry
+        done, ready = entry[0], entry[1]
         ready.append(ready_at)
-        if len(ready) == expected:
+        entry[2] += count
+        if entry[2] >= expected:
             del self._open[key]
             duration_ms, info = timing(ready, *args)
-            start = max(max(ready), self.env.now)
-            # Trigger the shared event at the end time directly (what Timeout does), rather
-            # than through a second timeout event and a callback.
-            done._ok = True
-            done._value = (start, start + duration_ms, info)
-            self.env.schedule(done, NORMAL, start - self.env.now + duration_ms)
+            start = max(ready)
+            end = start + duration_ms
+            trigger_at(done, (start, end, info), max(0.0, end - self.env.now))
             self.completed += 1
         return done
 

@@ -1,14 +1,25 @@
 """One training iteration as a SimPy simulation.
 
-Processes: one per *lane* (a TP group of one pipeline stage and one data-parallel replica; its
-TP ranks work in lockstep, so one process drives them all) plus one communication stream per
-lane for the data-parallel gradient buckets. Lanes meet in :class:`Rendezvous` collectives for
-the MoE all-to-alls (EP groups may span lanes) and the gradient reductions (DP/EDP groups).
-Pipeline transfers are point-to-point events between lanes of neighbouring stages.
+Lanes and cohorts: a *lane* is the TP group of one pipeline stage and one data-parallel
+replica (its TP ranks work in lockstep). A *cohort* is a set of lanes of one stage that the
+MoE all-to-alls tie together: the lanes of an EP group (or of EP groups that share lanes).
+They meet in every MoE layer, forward and backward, so one SimPy process drives a whole
+cohort, with one clock per lane held in numpy arrays: every op is timed for all lanes of the
+cohort at once and recorded as one row per lane (``Recorder.add_block``), so the trace and
+the metrics still speak of every lane and every GPU. A dense model's cohorts are single lanes.
+Each cohort also has a communication-stream process for its data-parallel gradient buckets.
+Cohorts meet each other in :class:`Rendezvous` collectives (DP/EDP gradient reductions, the
+optimizer barrier) and through pipeline transfers between cohorts of neighbouring stages.
 
-Per step (one chunk of one micro-batch, forward or backward) and layer the lane issues at most
-one SimPy timeout per compute block and one wait per collective; sub-ops inside a block are
-written as separate rows with their own start and end.
+Per step (one chunk of one micro-batch, forward or backward) a cohort issues one SimPy wait
+for its input (activations or gradients from the neighbouring stage) and one to reach the
+end of its slowest lane; everything inside the chunk advances the lane clocks analytically.
+
+Timing per MoE layer of a cohort: each lane is ready to dispatch when its attention ends; an
+EP group's all-to-all starts when its slowest member is ready and lasts the time of its
+all-to-all-v (``costs.comm``); each lane then runs its ETP all-gather, its expert GEMMs (its
+slowest rank's), the ETP reduce-scatter, and joins the combine, which again starts when the
+group's slowest lane is ready.
 
 Link sharing rule: collectives of one lane run one at a time on its communication stream
 (FIFO, each at the full link bandwidth), which gives the same completion time for the last of a
@@ -28,20 +39,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-from clustersim.costs.comm import all_to_all_v_cost, collective_time_ms
+from clustersim.costs.comm import all_to_all_v_cost, collective_time_ms, link_for_group
 from clustersim.costs.compute import BACKWARD_FACTOR, DTYPE_BYTES
 from clustersim.costs.memory import stage_params_per_gpu
 from clustersim.costs.params import count_params
 from clustersim.engine.moe import Dispatch, RoutingSource
-from clustersim.engine.optimes import (
-    GRAD_BYTES,
-    ExpertTimer,
-    MicrobatchCosts,
-    optimizer_ms,
-    p2p_time_ms,
-)
+from clustersim.engine.optimes import GRAD_BYTES, ExpertTimer, MicrobatchCosts, optimizer_ms
 from clustersim.engine.recorder import Kind, Op, Recorder
-from clustersim.engine.rendezvous import Rendezvous
+from clustersim.engine.rendezvous import Rendezvous, trigger_at
 from clustersim.engine.schedules import stage_steps
 from clustersim.layout import Layout
 from clustersim.spec.schema import Plan
@@ -76,6 +81,55 @@ class Lane:
     ranks: list[int]
     ep_groups: list[int] = field(default_factory=list)
     member_slots: list[tuple[int, int]] = field(default_factory=list)  # (ep_groups slot, index)
+
+
+@dataclass
+class Cohort:
+    """Lanes of one stage tied together by their EP groups, driven by one process.
+
+    ``slot`` numbers the cohorts of a stage; cohorts with the same slot on different stages
+    hold the same replicas in the same order (pipeline transfers go slot to slot).
+    """
+
+    index: int
+    stage: int
+    slot: int
+    lanes: list[Lane]
+    lane_ids: np.ndarray  # (L,) int32 lane indices
+    dps: tuple[int, ...]  # the replica of each lane
+    groups: list[int] = field(default_factory=list)  # EP group ids
+    membership: np.ndarray | None = None  # (G, L) bool: lane l is in group g
+    group_lanes: list[np.ndarray] = field(default_factory=list)  # lane positions per group
+    ranks: np.ndarray | None = None  # (L * tp,) ranks in lane order
+    rank_slot: np.ndarray | None = None  # (L * tp,) index into the groups' member arrays
+
+
+class _LayerVectors:
+    """Per-lane times (ms) of one layer kind of one micro-batch, as arrays over a cohort."""
+
+    __slots__ = ("attn_fwd", "attn_bwd", "mlp_fwd", "mlp_bwd", "tp_comm", "recompute",
+                 "recompute_comm")  # fmt: skip
+
+    def __init__(self, per_lane: list):
+        def vec(name: str) -> np.ndarray:
+            return np.array([getattr(x, name) for x in per_lane], dtype=np.float64)
+
+        self.attn_fwd, self.mlp_fwd = vec("attn_fwd_ms"), vec("mlp_fwd_ms")
+        self.attn_bwd, self.mlp_bwd = vec("attn_bwd_ms"), vec("mlp_bwd_ms")
+        self.tp_comm, self.recompute = vec("tp_comm_ms"), vec("recompute_ms")
+        self.recompute_comm = vec("recompute_comm_ms")
+
+
+class _CohortCosts:
+    """Op times of one micro-batch on every lane of a cohort (from :class:`MicrobatchCosts`)."""
+
+    def __init__(self, per_lane: list[MicrobatchCosts], activation_bytes: int):
+        self.dense = _LayerVectors([c.dense for c in per_lane])
+        self.moe = _LayerVectors([c.moe for c in per_lane])
+        self.logits_fwd = np.array([c.logits_fwd_ms for c in per_lane])
+        self.logits_bwd = BACKWARD_FACTOR * self.logits_fwd
+        self.p2p_bytes = np.array([c.p2p_bytes for c in per_lane])
+        self.tp_bytes = np.array([float(c.tokens * activation_bytes) for c in per_lane])
 
 
 @dataclass
@@ -116,26 +170,29 @@ class TrainingSim:
         self._mb_tokens = np.array([[int(x.sum()) for x in mbs] for mbs in seq_lens])
         self._deterministic = bool(getattr(routing, "deterministic", False))
         self._route_cache: dict[tuple, tuple] = {}
+        self._act_bytes = self.model.hidden_size * DTYPE_BYTES[self.model.dtype]
         self.lanes = self._make_lanes()
         self._lane_of = {r: ln.index for ln in self.lanes for r in ln.ranks}
-        self._p2p_ms: dict[tuple, float] = {}
-        self.lane_at = {(ln.stage, ln.dp): ln for ln in self.lanes}
+        self.cohorts = self._make_cohorts()
+        self._cohort_at = {(co.stage, co.slot): co for co in self.cohorts}
         self.costs = {
             (d, i): MicrobatchCosts(plan, self.lanes[0].ranks, lens)
             for d, mbs in enumerate(seq_lens[: self.simulated_dp])
             for i, lens in enumerate(mbs)
         }
+        self._cohort_costs: dict[tuple, _CohortCosts] = {}
         self.expert_timer = ExpertTimer(plan) if self.model.moe else None
-        self.events = 0
         self.dispatches: list[Dispatch] = []
         self.dispatch_layers: list[int] = []
         self._routes: dict[tuple, tuple] = {}
         self._ready: dict[tuple, simpy.Event] = {}
         self._progress = progress
-        self._steps_total = sum(len(self._steps(ln)) for ln in self.lanes)
+        self._steps_total = sum(len(self._steps(co.stage)) * len(co.lanes) for co in self.cohorts)
         self._steps_done = 0
         self._pipeline_end = 0.0
         self._counts = count_params(self.model)
+        self._layer_grads: dict[int, tuple[float, float]] = {}
+        self._collective_ms: dict[tuple, float] = {}
 
     # ---- construction ----------------------------------------------------------------------
     def _make_lanes(self) -> list[Lane]:
@@ -147,34 +204,90 @@ class TrainingSim:
         if self.model.moe is not None:
             self._ep_groups = lay.groups("ep")
             lane_of = {r: ln.index for ln in lanes for r in ln.ranks}
-            slot_of = {r: (gid, i) for gid, grp in enumerate(self._ep_groups)
-                       for i, r in enumerate(grp)}  # fmt: skip
-            self._group_lanes = {}
+            self._slot_of = {r: (gid, i) for gid, grp in enumerate(self._ep_groups)
+                             for i, r in enumerate(grp)}  # fmt: skip
             self._group_dp = [np.array([lay.coords(r).dp for r in g]) for g in self._ep_groups]
             self._groups_per_stage = len(self._ep_groups) // self.par.pp
             for gid, group in enumerate(self._ep_groups):
-                members = sorted({lane_of[r] for r in group if r in lane_of})
-                self._group_lanes[gid] = len(members)
-                for lane_index in members:
+                for lane_index in sorted({lane_of[r] for r in group if r in lane_of}):
                     lanes[lane_index].ep_groups.append(gid)
             for ln in lanes:
-                ln.member_slots = [(ln.ep_groups.index(slot_of[r][0]), slot_of[r][1])
+                ln.member_slots = [(ln.ep_groups.index(self._slot_of[r][0]), self._slot_of[r][1])
                                    for r in ln.ranks]  # fmt: skip
         return lanes
 
-    def _steps(self, lane: Lane):
+    def _make_cohorts(self) -> list[Cohort]:
+        """Connected components of lanes and EP groups, per stage, in lane order."""
+        parent = list(range(len(self.lanes)))
+
+        def root(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        members: dict[int, list[int]] = {}
+        for ln in self.lanes:
+            for gid in ln.ep_groups:
+                members.setdefault(gid, []).append(ln.index)
+        for lane_ids in members.values():
+            for other in lane_ids[1:]:
+                parent[root(other)] = root(lane_ids[0])
+        components: dict[int, list[Lane]] = {}
+        for ln in self.lanes:
+            components.setdefault(root(ln.index), []).append(ln)
+        cohorts, per_stage = [], {}
+        for lanes in components.values():
+            stage = lanes[0].stage
+            slot = per_stage.get(stage, 0)
+            per_stage[stage] = slot + 1
+            co = Cohort(len(cohorts), stage, slot, lanes,
+                        np.array([ln.index for ln in lanes], dtype=np.int32),
+                        tuple(ln.dp for ln in lanes))  # fmt: skip
+            if self.model.moe is not None:
+                self._cohort_groups(co)
+            cohorts.append(co)
+        by_slot = {}
+        for co in cohorts:  # pipeline transfers pair cohorts slot to slot
+            if by_slot.setdefault(co.slot, co.dps) != co.dps:
+                raise EngineError("the stages' cohorts of lanes differ (unsupported layout)")
+        return cohorts
+
+    def _cohort_groups(self, co: Cohort) -> None:
+        groups = sorted({gid for ln in co.lanes for gid in ln.ep_groups})
+        position = {gid: j for j, gid in enumerate(groups)}
+        co.groups = groups
+        co.membership = np.array([[gid in ln.ep_groups for ln in co.lanes] for gid in groups])
+        co.group_lanes = [np.flatnonzero(row) for row in co.membership]
+        co.ranks = np.array([r for ln in co.lanes for r in ln.ranks], dtype=np.int64)
+        ep = self.par.ep
+        co.rank_slot = np.array(
+            [position[self._slot_of[r][0]] * ep + self._slot_of[r][1] for r in co.ranks],
+            dtype=np.int64,
+        )
+
+    def _steps(self, stage: int):
         return stage_steps(self.par.schedule, self.par.pp, self.par.num_microbatches,
-                           lane.stage, self.par.virtual_stages)  # fmt: skip
+                           stage, self.par.virtual_stages)  # fmt: skip
 
     def _chunk_layers(self, stage: int, chunk: int) -> list[int]:
         layers = self.layout.stage_layers[stage]
         per_chunk = len(layers) // self.par.virtual_stages
         return layers[chunk * per_chunk : (chunk + 1) * per_chunk]
 
+    def _costs_of(self, co: Cohort, mb: int) -> _CohortCosts:
+        """Per-lane op times of micro-batch ``mb`` (shared by the cohorts of a slot)."""
+        key = (co.slot, mb)
+        found = self._cohort_costs.get(key)
+        if found is None:
+            per_lane = [self.costs[(dp, mb)] for dp in co.dps]
+            found = self._cohort_costs[key] = _CohortCosts(per_lane, self._act_bytes)
+        return found
+
     # ---- running ---------------------------------------------------------------------------
     def run(self) -> SimResult:
         """Simulate the iteration; return its end time and bookkeeping."""
-        finals = [self.env.process(self._lane(ln)) for ln in self.lanes]
+        finals = [self.env.process(self._cohort(co)) for co in self.cohorts]
         self.env.run()
         if self.rv.pending or not all(p.triggered for p in finals):
             raise RuntimeError("simulation deadlocked: a collective never completed")
@@ -190,182 +303,194 @@ class TrainingSim:
             ev = self._ready[key] = self.env.event()
         return ev
 
-    def _wait(self, duration_ms: float):
-        self.events += 1
-        return self.env.timeout(duration_ms)
+    def _reach(self, t_ms: float):
+        """A wait until ``t_ms`` (or none when the clock is there already)."""
+        return self.env.timeout(max(0.0, t_ms - self.env.now))
 
-    def _lane(self, lane: Lane):
-        steps = self._steps(lane)
+    def _cohort(self, co: Cohort):
+        steps = self._steps(co.stage)
         num_vstages = self.par.pp * self.par.virtual_stages
         last_b = {st.chunk: i for i, st in enumerate(steps) if st.kind == "B"}
         buckets = simpy.Store(self.env)
-        comm = self.env.process(self._grad_stream(lane, buckets))
-        grad_state = {"bytes": 0.0, "expert_bytes": 0.0, "layers": []}
+        comm = self.env.process(self._grad_stream(co, buckets))
+        grad_state = {"bytes": 0.0, "expert_bytes": 0.0}
+        free = np.zeros(len(co.lanes))  # each lane's clock: the end of its last step
         if self.par.distributed_optimizer and self.par.overlap_communication:
-            self._param_gather(lane, blocking=False)
+            self._param_gather(co, free, blocking=False)
         for i, step in enumerate(steps):
-            vstage = step.chunk * self.par.pp + lane.stage
-            layers = self._chunk_layers(lane.stage, step.chunk)
-            costs = self.costs[(lane.dp, step.microbatch)]
-            if step.kind == "F":
-                if vstage > 0:
-                    key = ("act", lane.dp, vstage, step.microbatch)
-                    yield self._event(key)
-                    del self._ready[key]
-                yield from self._forward(lane, step.microbatch, layers, costs,
-                                         vstage == num_vstages - 1)  # fmt: skip
-                if vstage < num_vstages - 1:
-                    self._send(lane, vstage + 1, step.microbatch, costs.p2p_bytes, "act")
+            vstage = step.chunk * self.par.pp + co.stage
+            layers = self._chunk_layers(co.stage, step.chunk)
+            mb = step.microbatch
+            costs = self._costs_of(co, mb)
+            last = vstage == num_vstages - 1
+            forward = step.kind == "F"
+            if (vstage > 0) if forward else not last:
+                key = ("act" if forward else "grad", co.slot, vstage, mb)
+                arrived = yield self._event(key)
+                del self._ready[key]
+                start = np.maximum(free, arrived)
             else:
-                if vstage < num_vstages - 1:
-                    key = ("grad", lane.dp, vstage, step.microbatch)
-                    yield self._event(key)
-                    del self._ready[key]
+                start = free
+            if forward:
+                free = self._forward(co, mb, layers, costs, last, start)
+            else:
                 is_last = last_b[step.chunk] == i
-                yield from self._backward(lane, step.microbatch, layers, costs,
-                                          vstage == num_vstages - 1,
-                                          buckets if is_last else None, grad_state)  # fmt: skip
+                free = self._backward(co, mb, layers, costs, last,
+                                      buckets if is_last else None, grad_state, start)  # fmt: skip
+            end = float(free.max())
+            yield self._reach(end)
+            if forward and not last:
+                self._send(co, vstage + 1, mb, costs.p2p_bytes, "act", free)
+            elif not forward:
                 if vstage > 0:
-                    self._send(lane, vstage - 1, step.microbatch, costs.p2p_bytes, "grad")
-                self._pipeline_end = max(self._pipeline_end, self.env.now)
-            self._tick()
-        self._flush_bucket(lane, buckets, grad_state, final=True)
-        yield comm
+                    self._send(co, vstage - 1, mb, costs.p2p_bytes, "grad", free)
+                self._pipeline_end = max(self._pipeline_end, end)
+            self._tick(len(co.lanes))
+        self._flush_bucket(co, buckets, grad_state, final=True, ready=free)
+        comm_free = yield comm
         # Megatron's optimizer step starts with the gradient-norm (clip_grad) all-reduce over
         # the model-parallel group, pipeline stages included: no stage updates its weights
         # before every stage has finished its backward and gradient reduction. A barrier
         # (the tiny all-reduce's latency is not charged).
-        self.events += 1
-        yield self.rv.arrive(("optimizer_barrier",), len(self.lanes), self.env.now, _fixed, 0.0)
-        yield from self._optimizer(lane)
+        ready = float(np.maximum(free, comm_free).max())
+        start, _end, _ = yield self.rv.arrive(("optimizer_barrier",), len(self.lanes), ready,
+                                              _fixed, 0.0, count=len(co.lanes))  # fmt: skip
+        yield from self._optimizer(co, start)
 
-    def _tick(self) -> None:
-        self._steps_done += 1
-        if self._progress and self._steps_done % max(1, self._steps_total // 100) == 0:
+    def _tick(self, lanes: int) -> None:
+        if not self._progress:
+            return
+        before = self._steps_done
+        self._steps_done += lanes
+        every = max(1, self._steps_total // 100)
+        if self._steps_done // every != before // every:
             self._progress(self._steps_done / self._steps_total)
 
     # ---- forward / backward of a chunk -----------------------------------------------------
-    def _forward(self, lane: Lane, mb: int, layers: list[int], costs: MicrobatchCosts, last):
-        """Forward of a chunk. Compute and TP collectives advance a lane-local clock ``t``;
-        the lane yields only to meet other lanes (all-to-alls) and once at the end."""
-        rec, lid = self.rec, lane.index
-        t = self.env.now
+    def _forward(self, co: Cohort, mb: int, layers: list[int], costs: _CohortCosts, last: bool,
+                 t: np.ndarray) -> np.ndarray:  # fmt: skip
+        """Forward of a chunk from the lanes' start times ``t``; returns their end times."""
+        add, lid = self.rec.add_block, co.lane_ids
         for layer in layers:
             moe = self.model.is_moe_layer(layer)
             lt = costs.moe if moe else costs.dense
-            rec.add(lid, Kind.COMPUTE, Op.ATTN_FWD, t, t + lt.attn_fwd_ms, layer, mb)
-            t = self._tp_rows(lid, t + lt.attn_fwd_ms, lt.tp_comm_ms, layer, mb, costs, moe)
+            end = t + lt.attn_fwd
+            add(lid, Kind.COMPUTE, Op.ATTN_FWD, t, end, layer, mb)
+            t = self._tp_rows(co, end, lt.tp_comm, layer, mb, costs, moe)
             if not moe:
-                rec.add(lid, Kind.COMPUTE, Op.MLP_FWD, t, t + lt.mlp_fwd_ms, layer, mb)
-                t += lt.mlp_fwd_ms
-            else:  # joins the dispatch at once, ready when attention ends
-                t = yield from self._moe_block(lane, layer, mb, costs, False, ready_at=t)
+                end = t + lt.mlp_fwd
+                add(lid, Kind.COMPUTE, Op.MLP_FWD, t, end, layer, mb)
+                t = end
+            else:  # each lane joins the dispatch when its attention ends
+                t = self._moe_block(co, layer, mb, False, t)
         if last:
-            rec.add(lid, Kind.COMPUTE, Op.LOGITS_FWD, t, t + costs.logits_fwd_ms, -1, mb)
-            t += costs.logits_fwd_ms
-        if t > self.env.now:
-            yield self._wait(t - self.env.now)
+            end = t + costs.logits_fwd
+            add(lid, Kind.COMPUTE, Op.LOGITS_FWD, t, end, -1, mb)
+            t = end
+        return t
 
-    def _backward(self, lane, mb, layers, costs: MicrobatchCosts, last, buckets, grad_state):
-        """Backward of a chunk (lane-local clock as in :meth:`_forward`); on the chunk's last
-        micro-batch each layer's gradients go to the bucket queue when they are ready."""
-        rec, lid = self.rec, lane.index
-        t = self.env.now
+    def _backward(self, co: Cohort, mb: int, layers: list[int], costs: _CohortCosts, last: bool,
+                  buckets, grad_state, t: np.ndarray) -> np.ndarray:  # fmt: skip
+        """Backward of a chunk; on the chunk's last micro-batch each layer's gradients go to
+        the bucket queue when they are ready."""
+        add, lid = self.rec.add_block, co.lane_ids
+        recompute = self.par.recompute != "none"
         if last:
-            logits_bwd = BACKWARD_FACTOR * costs.logits_fwd_ms
-            rec.add(lid, Kind.COMPUTE, Op.LOGITS_BWD, t, t + logits_bwd, -1, mb)
-            t += logits_bwd
+            end = t + costs.logits_bwd
+            add(lid, Kind.COMPUTE, Op.LOGITS_BWD, t, end, -1, mb)
+            t = end
         for layer in reversed(layers):
             moe = self.model.is_moe_layer(layer)
             lt = costs.moe if moe else costs.dense
             if moe:
-                t = yield from self._moe_block(lane, layer, mb, costs, True, ready_at=t)
-            if lt.recompute_ms:
-                rec.add(lid, Kind.COMPUTE, Op.RECOMPUTE, t, t + lt.recompute_ms, layer, mb)
-                t = self._tp_rows(lid, t + lt.recompute_ms, lt.recompute_comm_ms, layer, mb,
-                                  costs, moe)  # fmt: skip
-            if lt.mlp_bwd_ms:
-                rec.add(lid, Kind.COMPUTE, Op.MLP_BWD, t, t + lt.mlp_bwd_ms, layer, mb)
-                t += lt.mlp_bwd_ms
-            t = self._tp_rows(lid, t, lt.tp_comm_ms, layer, mb, costs, moe)
-            rec.add(lid, Kind.COMPUTE, Op.ATTN_BWD, t, t + lt.attn_bwd_ms, layer, mb)
-            t += lt.attn_bwd_ms
+                t = self._moe_block(co, layer, mb, True, t)
+            if recompute:
+                end = t + lt.recompute
+                add(lid, Kind.COMPUTE, Op.RECOMPUTE, t, end, layer, mb)
+                t = self._tp_rows(co, end, lt.recompute_comm, layer, mb, costs, moe)
+            if not moe:
+                end = t + lt.mlp_bwd
+                add(lid, Kind.COMPUTE, Op.MLP_BWD, t, end, layer, mb)
+                t = end
+            t = self._tp_rows(co, t, lt.tp_comm, layer, mb, costs, moe)
+            end = t + lt.attn_bwd
+            add(lid, Kind.COMPUTE, Op.ATTN_BWD, t, end, layer, mb)
+            t = end
             if buckets is not None:
-                self._add_layer_grads(lane, layer, buckets, grad_state, t)
-        if t > self.env.now:
-            yield self._wait(t - self.env.now)
+                self._add_layer_grads(co, layer, buckets, grad_state, t)
+        return t
 
-    def _tp_rows(self, lid, t, total_ms, layer, mb, costs, moe) -> float:
-        """TP collective rows (one for an MoE layer, two for a dense one); returns end time."""
-        if not total_ms:
+    def _tp_rows(self, co: Cohort, t: np.ndarray, total_ms: np.ndarray, layer: int, mb: int,
+                 costs: _CohortCosts, moe: bool) -> np.ndarray:  # fmt: skip
+        """TP collective rows (one for an MoE layer, two for a dense one); returns end times."""
+        if self.par.tp == 1 or not total_ms.any():
             return t
-        size = costs.tokens * self.model.hidden_size * DTYPE_BYTES[self.model.dtype]
         parts = 1 if moe else 2
+        part = total_ms / parts
         for _ in range(parts):
-            self.rec.add(lid, Kind.COMM, Op.TP_COMM, t, t + total_ms / parts, layer, mb, size)
-            t += total_ms / parts
+            end = t + part
+            self.rec.add_block(co.lane_ids, Kind.COMM, Op.TP_COMM, t, end, layer, mb,
+                               costs.tp_bytes)  # fmt: skip
+            t = end
         return t
 
     # ---- MoE: dispatch, experts, combine ---------------------------------------------------
-    def _moe_block(self, lane: Lane, layer: int, mb: int, costs, backward: bool, ready_at):
-        """Dispatch, experts, combine (reversed in the backward). The lane joins each
-        all-to-all as soon as it knows when its preceding compute ends (``ready_at``)."""
+    def _moe_block(self, co: Cohort, layer: int, mb: int, backward: bool, ready: np.ndarray):
+        """Dispatch, experts, combine (reversed in the backward), from the lanes' ready times;
+        returns the lanes' times after the combine."""
         first_op, second_op = (Op.A2A_COMBINE, Op.A2A_DISPATCH) if backward else (
             Op.A2A_DISPATCH, Op.A2A_COMBINE)  # fmt: skip
-        routes = yield from self._a2a(lane, layer, mb, first_op, backward, ready_at)
-        expert_ms, rank_ms, etp_ms = self._expert_times(lane, routes)
-        factor = BACKWARD_FACTOR + (1.0 if self.par.recompute == "full" else 0.0)
+        routes, t = self._a2a(co, layer, mb, first_op, backward, ready)
+        lane_ms, rank_ms, etp_ms = self._expert_times(co, routes)
         if backward:
-            expert_ms, rank_ms = expert_ms * factor, [ms * factor for ms in rank_ms]
-        t = self.env.now
-        if etp_ms:
-            self.rec.add(lane.index, Kind.COMM, Op.ETP_COMM, t, t + etp_ms, layer, mb)
-            t += etp_ms
-        op = Op.EXPERT_BWD if backward else Op.EXPERT_FWD
-        self.rec.add(lane.index, Kind.COMPUTE, op, t, t + expert_ms, layer, mb)
-        t += expert_ms
-        if len(rank_ms) > 1:
-            idle = self.rec.rank_idle_ms
-            for r, ms in zip(lane.ranks, rank_ms, strict=True):
-                idle[r] += expert_ms - ms
-        if etp_ms:
-            self.rec.add(lane.index, Kind.COMM, Op.ETP_COMM, t, t + etp_ms, layer, mb)
-            t += etp_ms
-        yield from self._a2a(lane, layer, mb, second_op, backward, t)
-        return self.env.now
+            factor = BACKWARD_FACTOR + (1.0 if self.par.recompute == "full" else 0.0)
+            lane_ms, rank_ms = lane_ms * factor, rank_ms * factor
+        add, lid = self.rec.add_block, co.lane_ids
+        if etp_ms is not None:
+            end = t + etp_ms
+            add(lid, Kind.COMM, Op.ETP_COMM, t, end, layer, mb)
+            t = end
+        end = t + lane_ms
+        add(lid, Kind.COMPUTE, Op.EXPERT_BWD if backward else Op.EXPERT_FWD, t, end, layer, mb)
+        t = end
+        if self.par.tp > 1:  # ranks that finish their experts early wait for the lane
+            self.rec.rank_idle_ms[co.ranks] += np.repeat(lane_ms, self.par.tp) - rank_ms
+        if etp_ms is not None:
+            end = t + etp_ms
+            add(lid, Kind.COMM, Op.ETP_COMM, t, end, layer, mb)
+            t = end
+        _, t = self._a2a(co, layer, mb, second_op, backward, t)
+        return t
 
-    def _a2a(self, lane: Lane, layer: int, mb: int, op: Op, backward: bool, ready_at: float):
-        """All-to-all over every EP group the lane's ranks belong to (concurrently); the lane
-        is ready to send at ``ready_at`` and waits (in the collective) until it ends."""
-        events = [
-            self.rv.arrive((op, backward, gid, layer, mb), self._group_lanes[gid], ready_at,
-                           self._a2a_timing, gid, layer, mb, backward and op == Op.A2A_DISPATCH)
-            for gid in lane.ep_groups
-        ]  # fmt: skip
-        t0 = ready_at
-        self.events += 1
-        if len(events) == 1:
-            _start, end, (dispatch, nbytes) = yield events[0]
+    def _a2a(self, co: Cohort, layer: int, mb: int, op: Op, backward: bool, ready: np.ndarray):
+        """All-to-all over the cohort's EP groups (concurrently): each group starts when its
+        slowest lane is ready; a lane in several groups waits for the last. Returns the
+        dispatches (in ``co.groups`` order) and the lanes' end times."""
+        last_use = backward and op == Op.A2A_DISPATCH
+        found = [self._a2a_timing(gid, layer, mb, last_use) for gid in co.groups]
+        if len(found) == 1:
+            dispatch, time_ms, nbytes = found[0]
+            ends = np.full(len(co.lanes), float(ready.max()) + time_ms)
             routes = [dispatch]
         else:
-            results = yield self.env.all_of(events)
-            values = [results[ev] for ev in events]
-            routes = [v[2][0] for v in values]
-            end, nbytes = max(v[1] for v in values), sum(v[2][1] for v in values)
-        self.rec.add(lane.index, Kind.COMM, op, t0, end, layer, mb, nbytes)
-        return routes
+            routes = [f[0] for f in found]
+            pairs = zip(co.group_lanes, found, strict=True)
+            group_ends = np.array([float(ready[pos].max()) + f[1] for pos, f in pairs])
+            ends = np.where(co.membership, group_ends[:, None], -np.inf).max(axis=0)
+            nbytes = (co.membership * np.array([f[2] for f in found])[:, None]).sum(axis=0)
+        self.rec.add_block(co.lane_ids, Kind.COMM, op, ready, ends, layer, mb, nbytes)
+        return routes, ends
 
-    def _a2a_timing(self, _payloads, gid: int, layer: int, mb: int, last_use: bool):
-        """Duration of an EP group's all-to-all (routing once per group, layer, micro-batch;
-        forgotten after its last use, the backward dispatch)."""
+    def _a2a_timing(self, gid: int, layer: int, mb: int, last_use: bool):
+        """(dispatch, duration, bytes) of an EP group's all-to-all (routing once per group,
+        layer, micro-batch; forgotten after its last use, the backward dispatch)."""
         key = (gid, layer, mb)
         route = self._routes.pop(key, None) if last_use else self._routes.get(key)
         if route is None:
             route = self._route(gid, layer, mb)
             if not last_use:
                 self._routes[key] = route
-        dispatch, time_ms, size = route
-        return time_ms, (dispatch, size)
+        return route
 
     def _route(self, gid: int, layer: int, mb: int):
         """Route one EP group's tokens and time its all-to-all (cached when deterministic)."""
@@ -379,7 +504,7 @@ class TrainingSim:
         dispatch = self.routing.dispatch(layer, mb * len(self._ep_groups) + gid, tokens)
         self.dispatches.append(dispatch)
         self.dispatch_layers.append(layer)
-        send = dispatch.a2a_tokens * (self.model.hidden_size * DTYPE_BYTES[self.model.dtype])
+        send = dispatch.a2a_tokens * self._act_bytes
         group = self._ep_groups[gid]
         cost = all_to_all_v_cost(send, group, self.hw.gpus_per_node, self.hw)
         found = (dispatch, cost.time_ms, float(send.sum() - np.trace(send)))
@@ -387,130 +512,184 @@ class TrainingSim:
             self._route_cache[cache_key] = found
         return found
 
-    def _expert_times(self, lane: Lane, routes: list[Dispatch]):
-        """Lane expert time (its slowest rank), per-rank times, ETP collective time."""
-        etp = self.par.expert_tp
-        timer = self.expert_timer
-        received = [float(routes[slot].received_tokens[i]) for slot, i in lane.member_slots]
-        active = [float(routes[slot].active_experts[i]) for slot, i in lane.member_slots]
+    def _expert_times(self, co: Cohort, routes: list[Dispatch]):
+        """Per-lane expert time (its slowest rank), per-rank times, per-lane ETP collective
+        time (None without expert TP)."""
+        etp, tp = self.par.expert_tp, self.par.tp
+        if len(routes) == 1:
+            received, active = routes[0].received_tokens, routes[0].active_experts
+        else:
+            received = np.concatenate([d.received_tokens for d in routes])
+            active = np.concatenate([d.active_experts for d in routes])
+        received, active = received[co.rank_slot], active[co.rank_slot]
         if etp > 1:  # each ETP group (inside the lane) gathers its members' tokens
-            received = [sum(received[j - j % etp : j - j % etp + etp]) for j in range(len(active))]
-        rank_ms = [timer.forward_ms_one(t, a) for t, a in zip(received, active, strict=True)]
-        etp_ms = 0.0
-        if etp > 1:
-            size = max(received) * self.model.hidden_size * DTYPE_BYTES[self.model.dtype]
-            etp_ms = collective_time_ms("all_gather", size, lane.ranks[:etp],
-                                        self.hw.gpus_per_node, self.hw)  # fmt: skip
-        return max(rank_ms), rank_ms, etp_ms
+            received = received.reshape(-1, etp).sum(axis=1).repeat(etp)
+        rank_ms = self.expert_timer.forward_ms(received, active)
+        lane_ms = rank_ms if tp == 1 else rank_ms.reshape(-1, tp).max(axis=1)
+        if etp == 1:
+            return lane_ms, rank_ms, None
+        sizes = received.reshape(-1, tp).max(axis=1) * self._act_bytes
+        etp_ms = np.array([collective_time_ms("all_gather", float(size), ln.ranks[:etp],
+                                              self.hw.gpus_per_node, self.hw)
+                           for size, ln in zip(sizes, co.lanes, strict=True)])  # fmt: skip
+        return lane_ms, rank_ms, etp_ms
 
     # ---- pipeline transfers ----------------------------------------------------------------
-    def _send(self, lane: Lane, to_vstage: int, mb: int, nbytes: float, what: str) -> None:
-        to_stage = to_vstage % self.par.pp
-        peer = self.lane_at[(to_stage, lane.dp)]
-        key = (lane.ranks[0], peer.ranks[0], nbytes)
-        duration = self._p2p_ms.get(key)
-        if duration is None:  # same pair, same size: the same time (cached)
-            duration = self._p2p_ms[key] = p2p_time_ms(self.plan, key[0], key[1], nbytes)
-        target = self._event((what, lane.dp, to_vstage, mb))
-        t0 = self.env.now
-        self.events += 1
-        done = self.env.timeout(duration)
-        done.callbacks.append(lambda _e: target.succeed())
-        self.rec.add(lane.index, Kind.COMM_ASYNC, Op.P2P_SEND, t0, t0 + duration, -1, mb, nbytes)
+    def _send(self, co: Cohort, to_vstage: int, mb: int, nbytes: np.ndarray, what: str,
+              free: np.ndarray) -> None:  # fmt: skip
+        """Send every lane's activations (or gradients) to the cohort of the same slot on the
+        next (previous) stage; each lane's transfer starts when the lane is free."""
+        peer = self._cohort_at[(to_vstage % self.par.pp, co.slot)]
+        bandwidth_gbps, latency_us = self._p2p_links(co, peer)
+        arrive = free + (nbytes / (bandwidth_gbps * 1e6) + latency_us * 1e-3)
+        self.rec.add_block(co.lane_ids, Kind.COMM_ASYNC, Op.P2P_SEND, free, arrive, -1, mb,
+                           nbytes)  # fmt: skip
+        target = self._event((what, co.slot, to_vstage, mb))
+        trigger_at(target, arrive, max(0.0, float(arrive.max()) - self.env.now))
+
+    def _p2p_links(self, co: Cohort, peer: Cohort) -> tuple[np.ndarray, np.ndarray]:
+        """Per-lane bandwidth and latency of the links from ``co``'s lanes to ``peer``'s."""
+        key = ("p2p", co.index, peer.index)
+        found = self._collective_ms.get(key)
+        if found is None:
+            links = [link_for_group([a.ranks[0], b.ranks[0]], self.hw.gpus_per_node, self.hw)
+                     for a, b in zip(co.lanes, peer.lanes, strict=True)]  # fmt: skip
+            found = (np.array([ln.bandwidth_gbps for ln in links]),
+                     np.array([ln.latency_us for ln in links]))  # fmt: skip
+            self._collective_ms[key] = found
+        return found
 
     # ---- data-parallel gradients and the optimizer -----------------------------------------
-    def _layer_grad_bytes(self, lane: Lane, layer: int) -> tuple[float, float]:
+    def _layer_grad_bytes(self, layer: int) -> tuple[float, float]:
+        found = self._layer_grads.get(layer)
+        if found is not None:
+            return found
         sums = self._counts.layers([layer])
         t, kv = self.par.tp, min(self.par.tp, self.model.kv_heads)
         dense = ((sums.attention - sums.attention_kv + sums.dense_mlp + sums.shared_experts) / t
                  + sums.attention_kv / kv + sums.norms + sums.router)  # fmt: skip
         expert = sums.routed_experts / (self.par.expert_tp * self.par.ep)
-        return dense * GRAD_BYTES, expert * GRAD_BYTES
+        found = self._layer_grads[layer] = (dense * GRAD_BYTES, expert * GRAD_BYTES)
+        return found
 
-    def _add_layer_grads(self, lane: Lane, layer: int, buckets, state, ready_at: float) -> None:
-        dense, expert = self._layer_grad_bytes(lane, layer)
+    def _add_layer_grads(self, co: Cohort, layer: int, buckets, state, ready: np.ndarray) -> None:
+        dense, expert = self._layer_grad_bytes(layer)
         state["bytes"] += dense
         state["expert_bytes"] += expert
         if not self.par.overlap_communication:
             return
         if state["bytes"] + state["expert_bytes"] >= self.par.grad_bucket_mb * MIB:
-            self._flush_bucket(lane, buckets, state, final=False, ready_at=ready_at)
+            self._flush_bucket(co, buckets, state, final=False, ready=ready)
 
-    def _flush_bucket(self, lane: Lane, buckets, state, final: bool, ready_at=None) -> None:
+    def _flush_bucket(self, co: Cohort, buckets, state, final: bool, ready: np.ndarray) -> None:
         if final:  # embedding / output layer gradients join the last bucket
-            dense, _ = stage_params_per_gpu(self.plan, self.layout, self._counts, lane.stage)
-            state["bytes"] = max(state["bytes"], 0.0) + self._non_layer_grads(lane, dense)
+            dense, _ = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
+            state["bytes"] = max(state["bytes"], 0.0) + self._non_layer_grads(co.stage, dense)
         if state["bytes"] or state["expert_bytes"]:
-            when = self.env.now if ready_at is None else ready_at
-            buckets.put((state["bytes"], state["expert_bytes"], when))
+            buckets.put((state["bytes"], state["expert_bytes"], ready))
         state["bytes"] = state["expert_bytes"] = 0.0
         if final:
             buckets.put(None)
 
-    def _non_layer_grads(self, lane: Lane, dense_params: float) -> float:
-        layer_dense = sum(self._layer_grad_bytes(lane, i)[0]
-                          for i in self.layout.stage_layers[lane.stage])  # fmt: skip
+    def _non_layer_grads(self, stage: int, dense_params: float) -> float:
+        layer_dense = sum(self._layer_grad_bytes(i)[0] for i in self.layout.stage_layers[stage])
         return max(0.0, dense_params * GRAD_BYTES - layer_dense)
 
-    def _grad_stream(self, lane: Lane, buckets: simpy.Store):
-        """The lane's communication stream: gradient buckets, one at a time (FIFO)."""
-        dp_group = self.layout.group_of("dp", lane.ranks[0])
-        edp_group = self.layout.group_of("edp", lane.ranks[0]) if self.model.moe else []
+    def _lane_groups(self, co: Cohort, kind: str) -> list[tuple[list[int], np.ndarray, int]]:
+        """The cohort's lanes by their ``kind`` group (of their first rank): (group, lane
+        positions, simulated lanes in the group), for groups of more than one GPU."""
+        by_first: dict[int, tuple[list[int], list[int]]] = {}
+        for pos, ln in enumerate(co.lanes):
+            group = self.layout.group_of(kind, ln.ranks[0])
+            by_first.setdefault(group[0], (group, []))[1].append(pos)
+        out = []
+        for group, positions in by_first.values():
+            if len(group) > 1:
+                expected = len({self._lane_of[r] for r in group if r in self._lane_of})
+                out.append((group, np.array(positions), expected))
+        return out
+
+    def _grad_stream(self, co: Cohort, buckets: simpy.Store):
+        """The cohort's communication streams (one per lane, FIFO): gradient buckets, one
+        collective at a time. Returns the lanes' stream clocks at the end."""
+        dp_groups = self._lane_groups(co, "dp")
+        edp_groups = self._lane_groups(co, "edp") if self.model.moe else []
+        kind_row = Kind.COMM_ASYNC if self.par.overlap_communication else Kind.COMM
+        free = np.zeros(len(co.lanes))
         index = 0
         while True:
-            self.events += 1
             item = yield buckets.get()
             if item is None:
-                return
-            dense_bytes, expert_bytes, ready_at = item
-            for group, size, op in ((dp_group, dense_bytes, Op.GRAD_REDUCE),
-                                    (edp_group, expert_bytes, Op.EXPERT_GRAD_REDUCE)):  # fmt: skip
-                if len(group) > 1 and size > 0:
-                    yield from self._dp_collective(lane, group, size, op, index, ready_at)
-                    ready_at = self.env.now
+                return free
+            dense_bytes, expert_bytes, ready = item
+            for groups, size, op in (
+                (dp_groups, dense_bytes, Op.GRAD_REDUCE),
+                (edp_groups, expert_bytes, Op.EXPERT_GRAD_REDUCE),
+            ):
+                if groups and size > 0:
+                    start = np.maximum(ready, free)  # the bucket is ready, the stream is free
+                    ends = yield from self._dp_collective(co, groups, size, op, index, start)
+                    self.rec.add_block(co.lane_ids, kind_row, op, start, ends, -1, -1, size)
+                    free = ready = ends
             index += 1
 
-    def _dp_collective(self, lane: Lane, group: list[int], size: float, op: Op, index: int,
-                       ready_at: float):  # fmt: skip
+    def _dp_collective(self, co: Cohort, groups, size: float, op: Op, index: int,
+                       start: np.ndarray):  # fmt: skip
+        """One bucket's reduction over each of the cohort's DP (or EDP) groups; returns the
+        lanes' end times."""
         kind = "reduce_scatter" if self.par.distributed_optimizer else "all_reduce"
-        hw, gpn = self.hw, self.hw.gpus_per_node
-        duration = collective_time_ms(kind, size, group, gpn, hw, "hierarchical")
-        expected = len({self._lane_of[r] for r in group if r in self._lane_of})
-        key = (int(op), lane.stage, group[0], index)
-        t0 = max(ready_at, self.env.now)  # the bucket's last gradient is ready at ready_at
-        self.events += 1
-        yield self.rv.arrive(key, expected, t0, _fixed, duration)
-        kind_row = Kind.COMM_ASYNC if self.par.overlap_communication else Kind.COMM
-        self.rec.add(lane.index, kind_row, op, t0, self.env.now, -1, -1, size)
+        waits = []
+        for group, positions, expected in groups:
+            key = (kind, int(op), size, group[0])
+            duration = self._collective_ms.get(key)
+            if duration is None:
+                duration = self._collective_ms[key] = collective_time_ms(
+                    kind, size, group, self.hw.gpus_per_node, self.hw, "hierarchical"
+                )
+            rv_key = (int(op), co.stage, group[0], index)
+            waits.append((positions, self.rv.arrive(rv_key, expected,
+                                                    float(start[positions].max()), _fixed,
+                                                    duration, count=len(positions))))  # fmt: skip
+        ends = np.empty(len(co.lanes))
+        if len(waits) == 1:
+            _start, end, _ = yield waits[0][1]
+            ends[:] = end
+        else:
+            results = yield self.env.all_of([ev for _, ev in waits])
+            for positions, ev in waits:
+                ends[positions] = results[ev][1]
+        return ends
 
-    def _param_gather(self, lane: Lane, blocking: bool) -> float:
-        """Distributed optimizer: all-gather the updated bf16 parameters over DP (and EDP)."""
-        dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, lane.stage)
+    def _param_gather(self, co: Cohort, start: np.ndarray, blocking: bool) -> float:
+        """Distributed optimizer: all-gather the updated bf16 parameters over DP (and EDP);
+        records a row per lane from ``start``, returns the duration."""
+        dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
         bpe = DTYPE_BYTES[self.model.dtype]
         hw, gpn, total = self.hw, self.hw.gpus_per_node, 0.0
+        first = co.lanes[0].ranks[0]
         for kind, params in (("dp", dense), ("edp", expert)):
             if kind == "edp" and not self.model.moe:
                 continue
-            group = self.layout.group_of(kind, lane.ranks[0])
+            group = self.layout.group_of(kind, first)
             if len(group) > 1 and params > 0:
                 total += collective_time_ms("all_gather", params * bpe, group, gpn, hw,
                                             "hierarchical")  # fmt: skip
         if total:
-            t0 = self.env.now
-            self.rec.add(lane.index, Kind.COMM if blocking else Kind.COMM_ASYNC,
-                         Op.PARAM_GATHER, t0, t0 + total, -1, -1)  # fmt: skip
+            self.rec.add_block(co.lane_ids, Kind.COMM if blocking else Kind.COMM_ASYNC,
+                               Op.PARAM_GATHER, start, start + total)  # fmt: skip
         return total
 
-    def _optimizer(self, lane: Lane):
-        dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, lane.stage)
+    def _optimizer(self, co: Cohort, start_ms: float):
+        dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
         if self.par.distributed_optimizer:
             dense /= self.par.dp * self.par.cp
             expert /= self.layout.edp or 1
-        t0 = self.env.now
-        yield self._wait(optimizer_ms(self.plan, dense + expert))
-        self.rec.add(lane.index, Kind.COMPUTE, Op.OPTIMIZER, t0, self.env.now)
+        start = np.full(len(co.lanes), start_ms)
+        end = start + optimizer_ms(self.plan, dense + expert)
+        self.rec.add_block(co.lane_ids, Kind.COMPUTE, Op.OPTIMIZER, start, end)
+        yield self._reach(float(end[0]))
         if self.par.distributed_optimizer and not self.par.overlap_communication:
-            yield self._wait(self._param_gather(lane, blocking=True))
+            yield self._reach(float(end[0]) + self._param_gather(co, end, blocking=True))
 
 
 def _fixed(_payloads, duration_ms: float) -> tuple[float, None]:
