@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clustersim.analysis.metrics import time_breakdown, training_metrics, union_length_by_lane
-from clustersim.engine.moe import Dispatch
+from clustersim.engine.moe import Dispatch, DispatchBatch
 from clustersim.engine.recorder import Kind, Op, Recorder
 from clustersim.engine.training import Lane, SimResult
 from clustersim.spec import plan_from_dict
@@ -127,13 +127,15 @@ def _hand_run():
     rec.add(1, Kind.COMPUTE, Op.EXPERT_FWD, 2.0, 4.0, 2, 0)
     rec.add(1, Kind.COMM, Op.A2A_COMBINE, 5.0, 6.0, 2, 0, 50.0)
     rec.rank_idle_ms[1] = 0.5
-    dispatches = [
-        Dispatch(np.zeros((2, 2)), np.zeros(2), np.zeros(2), np.array([1.0, 3.0]), 1.0, 10.0),
-        Dispatch(np.zeros((2, 2)), np.zeros(2), np.zeros(2), np.array([2.0, 2.0]), 0.0, 10.0),
-    ]
+    dispatches = [  # one batch of two routed (group, micro-batch) outcomes of layer 0
+        DispatchBatch.stack([
+            Dispatch(np.zeros((2, 2)), np.zeros(2), np.zeros(2), np.array([1.0, 3.0]), 1.0, 10.0),
+            Dispatch(np.zeros((2, 2)), np.zeros(2), np.zeros(2), np.array([2.0, 2.0]), 0.0, 10.0),
+        ])
+    ]  # fmt: skip
     lanes = [Lane(0, 0, 0, [0]), Lane(1, 1, 0, [1])]
     seq_lens = [[np.array([1024])]]
-    result = SimResult(8.0, 6.0, lanes, 1, 0, 1024, seq_lens, dispatches, [0] * len(dispatches))
+    result = SimResult(8.0, 6.0, lanes, 1, 0, 1024, seq_lens, dispatches, [0])
     return plan, rec, result
 
 

@@ -63,7 +63,7 @@ def training_metrics(plan: Plan, rec: Recorder, res: SimResult) -> dict[str, Any
     rank_busy = np.repeat(compute_union, plan.parallel.tp) - _idle_by_lane_rank(rec, res)
     durations = end - start
     compute_total, comm_total = durations[comp].sum(), durations[comm].sum()
-    routed = sum(d.routed_tokens for d in res.dispatches)
+    routed = float(sum(d.routed_tokens.sum() for d in res.dispatches))
     return {
         "iteration_time_ms": wall,
         "latency_ms": wall,
@@ -80,7 +80,9 @@ def training_metrics(plan: Plan, rec: Recorder, res: SimResult) -> dict[str, Any
         "gpu_utilization_pct": 100 * float(rank_busy.mean()) / wall,
         "load_balance_pct": load_balance_pct(res) if res.dispatches else None,
         "dropped_tokens_pct": (
-            100 * sum(d.dropped_tokens for d in res.dispatches) / routed if routed else None
+            100 * float(sum(d.dropped_tokens.sum() for d in res.dispatches)) / routed
+            if routed
+            else None
         ),
     }
 
@@ -90,14 +92,22 @@ def _idle_by_lane_rank(rec: Recorder, res: SimResult) -> np.ndarray:
     return np.concatenate([rec.rank_idle_ms[lane.ranks] for lane in res.lanes])
 
 
+def _max_to_mean(res: SimResult) -> tuple[np.ndarray, np.ndarray]:
+    """Max / mean expert load of every routed (group, layer, micro-batch) with tokens, and
+    its layer."""
+    if not res.dispatches:
+        return np.empty(0), np.empty(0, dtype=np.int64)
+    loads = np.concatenate([d.tokens_per_expert for d in res.dispatches]).astype(np.float64)
+    layers = np.repeat(res.dispatch_layers, [len(d.tokens_per_expert) for d in res.dispatches])
+    top = loads.max(axis=1)
+    routed = top > 0
+    return top[routed] / loads[routed].mean(axis=1), layers[routed]
+
+
 def load_balance_pct(res: SimResult) -> float:
     """Mean over routed (group, layer, micro-batch) of mean / max expert load, in %."""
-    ratios = [
-        d.tokens_per_expert.mean() / d.tokens_per_expert.max()
-        for d in res.dispatches
-        if d.tokens_per_expert.max() > 0
-    ]
-    return 100 * float(np.mean(ratios)) if ratios else 100.0
+    ratios, _ = _max_to_mean(res)
+    return 100 * float(np.mean(1 / ratios)) if ratios.size else 100.0
 
 
 def mfu_pct(plan: Plan, res: SimResult) -> float:
@@ -124,13 +134,11 @@ def time_breakdown(rec: Recorder, res: SimResult) -> dict[str, float]:
 def expert_load_by_layer(res: SimResult) -> list[dict[str, float]]:
     """Per MoE layer: mean and worst max/mean expert load over its routed micro-batches and
     EP groups, and the mean load balance (mean / max x 100)."""
-    by_layer: dict[int, list[float]] = {}
-    for layer, d in zip(res.dispatch_layers, res.dispatches, strict=True):
-        top = float(d.tokens_per_expert.max())
-        if top > 0:
-            by_layer.setdefault(layer, []).append(top / float(d.tokens_per_expert.mean()))
-    return [
-        {"layer": layer, "max_to_mean_mean": float(np.mean(r)), "max_to_mean_worst": max(r),
-         "load_balance_pct": 100 * float(np.mean([1 / x for x in r]))}
-        for layer, r in sorted(by_layer.items())
-    ]  # fmt: skip
+    ratios, layers = _max_to_mean(res)
+    out = []
+    for layer in np.unique(layers).tolist():
+        r = ratios[layers == layer]
+        out.append({"layer": layer, "max_to_mean_mean": float(r.mean()),
+                    "max_to_mean_worst": float(r.max()),
+                    "load_balance_pct": 100 * float(np.mean(1 / r))})  # fmt: skip
+    return out

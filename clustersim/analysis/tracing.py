@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from clustersim import __version__
-from clustersim.engine.moe import Dispatch, RoutingSource
+from clustersim.engine.moe import Dispatch, DispatchBatch, RoutingSource, dispatch_many
 from clustersim.engine.recorder import Kind, Op, Recorder
 from clustersim.engine.training import Lane, SimResult, TrainingSim
 from clustersim.layout import Layout
@@ -142,6 +142,14 @@ class RecordingRouting:
         out = self.inner.dispatch(layer, key, tokens_per_member)
         mb, group = divmod(key, self.num_groups)
         self.sink.route(layer, mb, group, tokens_per_member, out)
+        return out
+
+    def dispatch_many(self, layer: int, keys: np.ndarray, tokens: np.ndarray) -> DispatchBatch:
+        """Route a batch through the wrapped source and record every row."""
+        out = dispatch_many(self.inner, layer, keys, tokens)
+        for i, key in enumerate(np.asarray(keys).tolist()):
+            mb, group = divmod(key, self.num_groups)
+            self.sink.route(layer, mb, group, tokens[i], out.item(i))
         return out
 
 

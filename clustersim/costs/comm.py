@@ -248,13 +248,42 @@ def all_to_all_v_cost(
         raise ValueError(f"send_bytes is {matrix.shape[0]}x{matrix.shape[0]} for {n} ranks")
     if n <= 1:
         return ZERO_COST
+    intra_bytes, inter_bytes = _busiest_ports(matrix[None], ranks, gpus_per_node)
+    slow = link_for_group(ranks, gpus_per_node, hw)
+    return _port_cost(float(intra_bytes[0]), float(inter_bytes[0]), n, slow, hw.intra_node)
+
+
+def all_to_all_v_times_ms(
+    send_bytes: np.ndarray, ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec
+) -> np.ndarray:
+    """:func:`all_to_all_v_cost`'s time for a batch of matrices ``send_bytes`` (B, n, n)."""
+    matrix = np.array(send_bytes, dtype=np.float64)
+    n = len(ranks)
+    if matrix.ndim != 3 or matrix.shape[1:] != (n, n):
+        raise ValueError(f"send_bytes must have shape (B, {n}, {n}), got {matrix.shape}")
+    if n <= 1:
+        return np.zeros(matrix.shape[0])
+    matrix[:, np.arange(n), np.arange(n)] = 0.0  # a rank's own share is a local copy
+    intra_bytes, inter_bytes = _busiest_ports(matrix, ranks, gpus_per_node)
+    slow, intra = link_for_group(ranks, gpus_per_node, hw), hw.intra_node
+    time_ms = np.maximum(
+        transfer_ms(intra_bytes, intra.bandwidth_gbps),
+        transfer_ms(inter_bytes, slow.bandwidth_gbps),
+    )
+    return time_ms + (n - 1) * slow.latency_us * 1e-3
+
+
+def _busiest_ports(
+    matrix: np.ndarray, ranks: Sequence[int], gpus_per_node: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per matrix of a batch (B, n, n) without diagonal: the busiest rank's intra-node and
+    inter-node bytes (sent or received, whichever is larger)."""
     node = np.asarray(ranks) // gpus_per_node
     same_node = node[:, None] == node[None, :]
     intra, inter = np.where(same_node, matrix, 0.0), np.where(same_node, 0.0, matrix)
-    intra_bytes = max(intra.sum(axis=1).max(), intra.sum(axis=0).max())
-    inter_bytes = max(inter.sum(axis=1).max(), inter.sum(axis=0).max())
-    slow = link_for_group(ranks, gpus_per_node, hw)
-    return _port_cost(float(intra_bytes), float(inter_bytes), n, slow, hw.intra_node)
+    intra_bytes = np.maximum(intra.sum(axis=2).max(axis=1), intra.sum(axis=1).max(axis=1))
+    inter_bytes = np.maximum(inter.sum(axis=2).max(axis=1), inter.sum(axis=1).max(axis=1))
+    return intra_bytes, inter_bytes
 
 
 # ---- entry point -------------------------------------------------------------------------

@@ -1,19 +1,26 @@
 """One training iteration as a SimPy simulation.
 
 Lanes and cohorts: a *lane* is the TP group of one pipeline stage and one data-parallel
-replica (its TP ranks work in lockstep). A *cohort* is a set of lanes of one stage that the
-MoE all-to-alls tie together: the lanes of an EP group (or of EP groups that share lanes).
-They meet in every MoE layer, forward and backward, so one SimPy process drives a whole
-cohort, with one clock per lane held in numpy arrays: every op is timed for all lanes of the
-cohort at once and recorded as one row per lane (``Recorder.add_block``), so the trace and
-the metrics still speak of every lane and every GPU. A dense model's cohorts are single lanes.
-Each cohort also has a communication-stream process for its data-parallel gradient buckets.
-Cohorts meet each other in :class:`Rendezvous` collectives (DP/EDP gradient reductions, the
-optimizer barrier) and through pipeline transfers between cohorts of neighbouring stages.
+replica (its TP ranks work in lockstep). The lanes of a stage run the same schedule of steps
+and meet each other in the MoE all-to-alls (the lanes of an EP group, every MoE layer,
+forward and backward) and the gradient reductions, so one SimPy process drives the *cohort*
+of a stage: it keeps one clock per lane in numpy arrays, times every op for all lanes at once
+and records it as one row per lane (``Recorder.add_block``), so the trace and the metrics
+still speak of every lane and every GPU. Collectives inside the cohort are timed from the
+lanes' clocks (an EP group starts when its slowest lane is ready); nothing waits on another
+lane's process. Each cohort also has a communication-stream process for its data-parallel
+gradient buckets (one FIFO stream per lane). Cohorts meet each other through pipeline
+transfers between neighbouring stages and in the optimizer barrier (a :class:`Rendezvous`).
+
+Routing: the first time a stage reaches an MoE layer, every EP group and micro-batch of that
+layer is routed in one batch (``moe.dispatch_many``) and its all-to-all times and per-lane
+expert times are computed as arrays; each all-to-all of the run then reads its row.
 
 Per step (one chunk of one micro-batch, forward or backward) a cohort issues one SimPy wait
 for its input (activations or gradients from the neighbouring stage) and one to reach the
 end of its slowest lane; everything inside the chunk advances the lane clocks analytically.
+A lane's clock may lag the process's (the process waits for the slowest lane's input), never
+its result: every start is the latest of the lane's own ready times.
 
 Timing per MoE layer of a cohort: each lane is ready to dispatch when its attention ends; an
 EP group's all-to-all starts when its slowest member is ready and lasts the time of its
@@ -39,11 +46,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-from clustersim.costs.comm import all_to_all_v_cost, collective_time_ms, link_for_group
+from clustersim.costs.comm import (
+    all_gather_ms,
+    all_to_all_v_times_ms,
+    collective_time_ms,
+    link_for_group,
+)
 from clustersim.costs.compute import BACKWARD_FACTOR, DTYPE_BYTES
 from clustersim.costs.memory import stage_params_per_gpu
 from clustersim.costs.params import count_params
-from clustersim.engine.moe import Dispatch, RoutingSource
+from clustersim.engine.moe import DispatchBatch, RoutingSource, dispatch_many
 from clustersim.engine.optimes import GRAD_BYTES, ExpertTimer, MicrobatchCosts, optimizer_ms
 from clustersim.engine.recorder import Kind, Op, Recorder
 from clustersim.engine.rendezvous import Rendezvous, trigger_at
@@ -85,23 +97,33 @@ class Lane:
 
 @dataclass
 class Cohort:
-    """Lanes of one stage tied together by their EP groups, driven by one process.
+    """The lanes of one pipeline stage (in replica order), driven by one process.
 
-    ``slot`` numbers the cohorts of a stage; cohorts with the same slot on different stages
-    hold the same replicas in the same order (pipeline transfers go slot to slot).
+    ``membership[g, l]``: lane ``l`` holds ranks of the cohort's EP group ``groups[g]``;
+    ``block`` > 0 when every lane is in one group and the groups are consecutive runs of
+    ``block`` lanes (the usual layout: group starts and ends are reshapes, not masks).
     """
 
-    index: int
     stage: int
-    slot: int
     lanes: list[Lane]
     lane_ids: np.ndarray  # (L,) int32 lane indices
-    dps: tuple[int, ...]  # the replica of each lane
     groups: list[int] = field(default_factory=list)  # EP group ids
-    membership: np.ndarray | None = None  # (G, L) bool: lane l is in group g
-    group_lanes: list[np.ndarray] = field(default_factory=list)  # lane positions per group
+    membership: np.ndarray | None = None  # (G, L) bool
+    block: int = 0
     ranks: np.ndarray | None = None  # (L * tp,) ranks in lane order
     rank_slot: np.ndarray | None = None  # (L * tp,) index into the groups' member arrays
+
+
+@dataclass
+class _LayerRoutes:
+    """One MoE layer of a cohort, every micro-batch routed: all-to-all time and bytes per
+    (micro-batch, group), per-lane expert time and ETP collective time per micro-batch."""
+
+    a2a_ms: np.ndarray  # (m, G)
+    lane_bytes: np.ndarray  # (m, L): bytes of the lane's groups' all-to-alls
+    expert_fwd_ms: np.ndarray  # (m, L): the lane's slowest rank
+    expert_bwd_ms: np.ndarray  # (m, L)
+    etp_ms: np.ndarray | None  # (m, L), None without expert TP
 
 
 class _LayerVectors:
@@ -143,8 +165,8 @@ class SimResult:
     events: int
     tokens: int
     seq_lens: list[list[np.ndarray]]
-    dispatches: list[Dispatch]
-    dispatch_layers: list[int]
+    dispatches: list[DispatchBatch]  # one batch per (stage, MoE layer)
+    dispatch_layers: list[int]  # the layer of each batch
 
 
 class TrainingSim:
@@ -168,13 +190,10 @@ class TrainingSim:
         self.simulated_dp = 1 if symmetric else self.par.dp
         self.seq_lens = seq_lens
         self._mb_tokens = np.array([[int(x.sum()) for x in mbs] for mbs in seq_lens])
-        self._deterministic = bool(getattr(routing, "deterministic", False))
-        self._route_cache: dict[tuple, tuple] = {}
         self._act_bytes = self.model.hidden_size * DTYPE_BYTES[self.model.dtype]
         self.lanes = self._make_lanes()
         self._lane_of = {r: ln.index for ln in self.lanes for r in ln.ranks}
-        self.cohorts = self._make_cohorts()
-        self._cohort_at = {(co.stage, co.slot): co for co in self.cohorts}
+        self.cohorts = [self._make_cohort(stage) for stage in range(self.par.pp)]
         self.costs = {
             (d, i): MicrobatchCosts(plan, self.lanes[0].ranks, lens)
             for d, mbs in enumerate(seq_lens[: self.simulated_dp])
@@ -182,9 +201,9 @@ class TrainingSim:
         }
         self._cohort_costs: dict[tuple, _CohortCosts] = {}
         self.expert_timer = ExpertTimer(plan) if self.model.moe else None
-        self.dispatches: list[Dispatch] = []
+        self.dispatches: list[DispatchBatch] = []
         self.dispatch_layers: list[int] = []
-        self._routes: dict[tuple, tuple] = {}
+        self._layer_routes: dict[int, _LayerRoutes] = {}
         self._ready: dict[tuple, simpy.Event] = {}
         self._progress = progress
         self._steps_total = sum(len(self._steps(co.stage)) * len(co.lanes) for co in self.cohorts)
@@ -192,7 +211,7 @@ class TrainingSim:
         self._pipeline_end = 0.0
         self._counts = count_params(self.model)
         self._layer_grads: dict[int, tuple[float, float]] = {}
-        self._collective_ms: dict[tuple, float] = {}
+        self._cache: dict[tuple, object] = {}  # collective durations and link vectors
 
     # ---- construction ----------------------------------------------------------------------
     def _make_lanes(self) -> list[Lane]:
@@ -216,55 +235,25 @@ class TrainingSim:
                                    for r in ln.ranks]  # fmt: skip
         return lanes
 
-    def _make_cohorts(self) -> list[Cohort]:
-        """Connected components of lanes and EP groups, per stage, in lane order."""
-        parent = list(range(len(self.lanes)))
-
-        def root(i: int) -> int:
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
-
-        members: dict[int, list[int]] = {}
-        for ln in self.lanes:
-            for gid in ln.ep_groups:
-                members.setdefault(gid, []).append(ln.index)
-        for lane_ids in members.values():
-            for other in lane_ids[1:]:
-                parent[root(other)] = root(lane_ids[0])
-        components: dict[int, list[Lane]] = {}
-        for ln in self.lanes:
-            components.setdefault(root(ln.index), []).append(ln)
-        cohorts, per_stage = [], {}
-        for lanes in components.values():
-            stage = lanes[0].stage
-            slot = per_stage.get(stage, 0)
-            per_stage[stage] = slot + 1
-            co = Cohort(len(cohorts), stage, slot, lanes,
-                        np.array([ln.index for ln in lanes], dtype=np.int32),
-                        tuple(ln.dp for ln in lanes))  # fmt: skip
-            if self.model.moe is not None:
-                self._cohort_groups(co)
-            cohorts.append(co)
-        by_slot = {}
-        for co in cohorts:  # pipeline transfers pair cohorts slot to slot
-            if by_slot.setdefault(co.slot, co.dps) != co.dps:
-                raise EngineError("the stages' cohorts of lanes differ (unsupported layout)")
-        return cohorts
-
-    def _cohort_groups(self, co: Cohort) -> None:
-        groups = sorted({gid for ln in co.lanes for gid in ln.ep_groups})
+    def _make_cohort(self, stage: int) -> Cohort:
+        lanes = [ln for ln in self.lanes if ln.stage == stage]
+        co = Cohort(stage, lanes, np.array([ln.index for ln in lanes], dtype=np.int32))
+        if self.model.moe is None:
+            return co
+        groups = sorted({gid for ln in lanes for gid in ln.ep_groups})
         position = {gid: j for j, gid in enumerate(groups)}
         co.groups = groups
-        co.membership = np.array([[gid in ln.ep_groups for ln in co.lanes] for gid in groups])
-        co.group_lanes = [np.flatnonzero(row) for row in co.membership]
-        co.ranks = np.array([r for ln in co.lanes for r in ln.ranks], dtype=np.int64)
+        co.membership = np.array([[gid in ln.ep_groups for ln in lanes] for gid in groups])
+        size, rest = divmod(len(lanes), len(groups))
+        blocks = np.repeat(np.eye(len(groups), dtype=bool), size, axis=1) if not rest else None
+        co.block = size if blocks is not None and np.array_equal(co.membership, blocks) else 0
+        co.ranks = np.array([r for ln in lanes for r in ln.ranks], dtype=np.int64)
         ep = self.par.ep
         co.rank_slot = np.array(
             [position[self._slot_of[r][0]] * ep + self._slot_of[r][1] for r in co.ranks],
             dtype=np.int64,
         )
+        return co
 
     def _steps(self, stage: int):
         return stage_steps(self.par.schedule, self.par.pp, self.par.num_microbatches,
@@ -276,12 +265,11 @@ class TrainingSim:
         return layers[chunk * per_chunk : (chunk + 1) * per_chunk]
 
     def _costs_of(self, co: Cohort, mb: int) -> _CohortCosts:
-        """Per-lane op times of micro-batch ``mb`` (shared by the cohorts of a slot)."""
-        key = (co.slot, mb)
-        found = self._cohort_costs.get(key)
+        """Per-lane op times of micro-batch ``mb`` (the same on every stage)."""
+        found = self._cohort_costs.get(mb)
         if found is None:
-            per_lane = [self.costs[(dp, mb)] for dp in co.dps]
-            found = self._cohort_costs[key] = _CohortCosts(per_lane, self._act_bytes)
+            per_lane = [self.costs[(ln.dp, mb)] for ln in co.lanes]
+            found = self._cohort_costs[mb] = _CohortCosts(per_lane, self._act_bytes)
         return found
 
     # ---- running ---------------------------------------------------------------------------
@@ -325,7 +313,7 @@ class TrainingSim:
             last = vstage == num_vstages - 1
             forward = step.kind == "F"
             if (vstage > 0) if forward else not last:
-                key = ("act" if forward else "grad", co.slot, vstage, mb)
+                key = ("act" if forward else "grad", vstage, mb)
                 arrived = yield self._event(key)
                 del self._ready[key]
                 start = np.maximum(free, arrived)
@@ -440,123 +428,117 @@ class TrainingSim:
         returns the lanes' times after the combine."""
         first_op, second_op = (Op.A2A_COMBINE, Op.A2A_DISPATCH) if backward else (
             Op.A2A_DISPATCH, Op.A2A_COMBINE)  # fmt: skip
-        routes, t = self._a2a(co, layer, mb, first_op, backward, ready)
-        lane_ms, rank_ms, etp_ms = self._expert_times(co, routes)
-        if backward:
-            factor = BACKWARD_FACTOR + (1.0 if self.par.recompute == "full" else 0.0)
-            lane_ms, rank_ms = lane_ms * factor, rank_ms * factor
+        routes, t = self._a2a(co, layer, mb, first_op, ready)
         add, lid = self.rec.add_block, co.lane_ids
+        etp_ms = None if routes.etp_ms is None else routes.etp_ms[mb]
         if etp_ms is not None:
             end = t + etp_ms
             add(lid, Kind.COMM, Op.ETP_COMM, t, end, layer, mb)
             t = end
-        end = t + lane_ms
+        end = t + (routes.expert_bwd_ms if backward else routes.expert_fwd_ms)[mb]
         add(lid, Kind.COMPUTE, Op.EXPERT_BWD if backward else Op.EXPERT_FWD, t, end, layer, mb)
         t = end
-        if self.par.tp > 1:  # ranks that finish their experts early wait for the lane
-            self.rec.rank_idle_ms[co.ranks] += np.repeat(lane_ms, self.par.tp) - rank_ms
         if etp_ms is not None:
             end = t + etp_ms
             add(lid, Kind.COMM, Op.ETP_COMM, t, end, layer, mb)
             t = end
-        _, t = self._a2a(co, layer, mb, second_op, backward, t)
+        _, t = self._a2a(co, layer, mb, second_op, t)
         return t
 
-    def _a2a(self, co: Cohort, layer: int, mb: int, op: Op, backward: bool, ready: np.ndarray):
+    def _a2a(self, co: Cohort, layer: int, mb: int, op: Op, ready: np.ndarray):
         """All-to-all over the cohort's EP groups (concurrently): each group starts when its
         slowest lane is ready; a lane in several groups waits for the last. Returns the
-        dispatches (in ``co.groups`` order) and the lanes' end times."""
-        last_use = backward and op == Op.A2A_DISPATCH
-        found = [self._a2a_timing(gid, layer, mb, last_use) for gid in co.groups]
-        if len(found) == 1:
-            dispatch, time_ms, nbytes = found[0]
-            ends = np.full(len(co.lanes), float(ready.max()) + time_ms)
-            routes = [dispatch]
+        layer's routes and the lanes' end times."""
+        routes = self._layer_routes.get(layer)
+        if routes is None:
+            routes = self._layer_routes[layer] = self._route_layer(co, layer)
+        durations = routes.a2a_ms[mb]
+        if co.block:
+            starts = ready.reshape(len(co.groups), co.block).max(axis=1)
+            ends = np.repeat(starts + durations, co.block)
         else:
-            routes = [f[0] for f in found]
-            pairs = zip(co.group_lanes, found, strict=True)
-            group_ends = np.array([float(ready[pos].max()) + f[1] for pos, f in pairs])
-            ends = np.where(co.membership, group_ends[:, None], -np.inf).max(axis=0)
-            nbytes = (co.membership * np.array([f[2] for f in found])[:, None]).sum(axis=0)
-        self.rec.add_block(co.lane_ids, Kind.COMM, op, ready, ends, layer, mb, nbytes)
+            member = co.membership
+            starts = np.where(member, ready[None, :], -np.inf).max(axis=1)
+            ends = np.where(member, (starts + durations)[:, None], -np.inf).max(axis=0)
+        self.rec.add_block(co.lane_ids, Kind.COMM, op, ready, ends, layer, mb,
+                           routes.lane_bytes[mb])  # fmt: skip
         return routes, ends
 
-    def _a2a_timing(self, gid: int, layer: int, mb: int, last_use: bool):
-        """(dispatch, duration, bytes) of an EP group's all-to-all (routing once per group,
-        layer, micro-batch; forgotten after its last use, the backward dispatch)."""
-        key = (gid, layer, mb)
-        route = self._routes.pop(key, None) if last_use else self._routes.get(key)
-        if route is None:
-            route = self._route(gid, layer, mb)
-            if not last_use:
-                self._routes[key] = route
-        return route
-
-    def _route(self, gid: int, layer: int, mb: int):
-        """Route one EP group's tokens and time its all-to-all (cached when deterministic)."""
-        tokens = self._mb_tokens[self._group_dp[gid], mb] * self.par.expert_tp // self.par.tp
-        cache_key = (gid % self._groups_per_stage, tokens.tobytes())
-        if self._deterministic and cache_key in self._route_cache:
-            found = self._route_cache[cache_key]
-            self.dispatches.append(found[0])
-            self.dispatch_layers.append(layer)
-            return found
-        dispatch = self.routing.dispatch(layer, mb * len(self._ep_groups) + gid, tokens)
-        self.dispatches.append(dispatch)
+    def _route_layer(self, co: Cohort, layer: int) -> _LayerRoutes:
+        """Route every EP group and micro-batch of ``layer`` in one batch; time the
+        all-to-alls and each lane's experts."""
+        m, num_groups, ep = self.par.num_microbatches, len(co.groups), self.par.ep
+        tokens = np.concatenate([self._mb_tokens[self._group_dp[gid]].T for gid in co.groups])
+        tokens = tokens * self.par.expert_tp // self.par.tp  # (G * m, ep), group-major
+        gids = np.repeat(np.array(co.groups), m)
+        keys = np.tile(np.arange(m), num_groups) * len(self._ep_groups) + gids
+        batch = dispatch_many(self.routing, layer, keys, tokens)
+        self.dispatches.append(batch)
         self.dispatch_layers.append(layer)
-        send = dispatch.a2a_tokens * self._act_bytes
-        group = self._ep_groups[gid]
-        cost = all_to_all_v_cost(send, group, self.hw.gpus_per_node, self.hw)
-        found = (dispatch, cost.time_ms, float(send.sum() - np.trace(send)))
-        if self._deterministic:
-            self._route_cache[cache_key] = found
-        return found
+        send = batch.a2a_tokens.reshape(num_groups, m, ep, ep) * self._act_bytes
+        a2a_ms = np.stack([all_to_all_v_times_ms(send[j], self._ep_groups[gid],
+                                                 self.hw.gpus_per_node, self.hw)
+                           for j, gid in enumerate(co.groups)], axis=1)  # fmt: skip
+        total = send.sum(axis=(2, 3)) - np.trace(send, axis1=2, axis2=3)  # (G, m)
+        lane_bytes = total.T @ co.membership.astype(np.float64)
+        fwd, bwd, etp_ms = self._expert_times(co, batch, m)
+        return _LayerRoutes(a2a_ms, lane_bytes, fwd, bwd, etp_ms)
 
-    def _expert_times(self, co: Cohort, routes: list[Dispatch]):
-        """Per-lane expert time (its slowest rank), per-rank times, per-lane ETP collective
-        time (None without expert TP)."""
-        etp, tp = self.par.expert_tp, self.par.tp
-        if len(routes) == 1:
-            received, active = routes[0].received_tokens, routes[0].active_experts
-        else:
-            received = np.concatenate([d.received_tokens for d in routes])
-            active = np.concatenate([d.active_experts for d in routes])
-        received, active = received[co.rank_slot], active[co.rank_slot]
+    def _expert_times(self, co: Cohort, batch: DispatchBatch, m: int):
+        """Per micro-batch and lane: expert time forward and backward (the lane's slowest
+        rank), ETP all-gather time (None without expert TP). Adds the ranks' waits for
+        their lane's slowest rank to ``rank_idle_ms``."""
+        etp, tp, lanes = self.par.expert_tp, self.par.tp, len(co.lanes)
+
+        def per_rank(values: np.ndarray) -> np.ndarray:  # (G * m, n) -> (m, ranks)
+            by_mb = values.reshape(len(co.groups), m, -1).transpose(1, 0, 2).reshape(m, -1)
+            return by_mb[:, co.rank_slot]
+
+        received, active = per_rank(batch.received_tokens), per_rank(batch.active_experts)
         if etp > 1:  # each ETP group (inside the lane) gathers its members' tokens
-            received = received.reshape(-1, etp).sum(axis=1).repeat(etp)
+            received = received.reshape(m, -1, etp).sum(axis=2).repeat(etp, axis=1)
         rank_ms = self.expert_timer.forward_ms(received, active)
-        lane_ms = rank_ms if tp == 1 else rank_ms.reshape(-1, tp).max(axis=1)
-        if etp == 1:
-            return lane_ms, rank_ms, None
-        sizes = received.reshape(-1, tp).max(axis=1) * self._act_bytes
-        etp_ms = np.array([collective_time_ms("all_gather", float(size), ln.ranks[:etp],
-                                              self.hw.gpus_per_node, self.hw)
-                           for size, ln in zip(sizes, co.lanes, strict=True)])  # fmt: skip
-        return lane_ms, rank_ms, etp_ms
+        factor = BACKWARD_FACTOR + (1.0 if self.par.recompute == "full" else 0.0)
+        if tp == 1:
+            fwd = rank_ms
+        else:
+            fwd = rank_ms.reshape(m, lanes, tp).max(axis=2)
+            idle = (np.repeat(fwd, tp, axis=1) - rank_ms).sum(axis=0)
+            idle += (np.repeat(fwd * factor, tp, axis=1) - rank_ms * factor).sum(axis=0)
+            self.rec.rank_idle_ms[co.ranks] += idle  # every micro-batch, both directions
+        etp_ms = None
+        if etp > 1:
+            sizes = received.reshape(m, lanes, tp).max(axis=2) * self._act_bytes
+            links = [link_for_group(ln.ranks[:etp], self.hw.gpus_per_node, self.hw)
+                     for ln in co.lanes]  # fmt: skip
+            bandwidth = np.array([ln.bandwidth_gbps for ln in links])
+            latency = np.array([ln.latency_us for ln in links])
+            etp_ms = all_gather_ms(sizes, etp, bandwidth, latency)
+        return fwd, fwd * factor, etp_ms
 
     # ---- pipeline transfers ----------------------------------------------------------------
     def _send(self, co: Cohort, to_vstage: int, mb: int, nbytes: np.ndarray, what: str,
               free: np.ndarray) -> None:  # fmt: skip
-        """Send every lane's activations (or gradients) to the cohort of the same slot on the
+        """Send every lane's activations (or gradients) to the same replica's lane of the
         next (previous) stage; each lane's transfer starts when the lane is free."""
-        peer = self._cohort_at[(to_vstage % self.par.pp, co.slot)]
+        peer = self.cohorts[to_vstage % self.par.pp]
         bandwidth_gbps, latency_us = self._p2p_links(co, peer)
         arrive = free + (nbytes / (bandwidth_gbps * 1e6) + latency_us * 1e-3)
         self.rec.add_block(co.lane_ids, Kind.COMM_ASYNC, Op.P2P_SEND, free, arrive, -1, mb,
                            nbytes)  # fmt: skip
-        target = self._event((what, co.slot, to_vstage, mb))
+        target = self._event((what, to_vstage, mb))
         trigger_at(target, arrive, max(0.0, float(arrive.max()) - self.env.now))
 
     def _p2p_links(self, co: Cohort, peer: Cohort) -> tuple[np.ndarray, np.ndarray]:
         """Per-lane bandwidth and latency of the links from ``co``'s lanes to ``peer``'s."""
-        key = ("p2p", co.index, peer.index)
-        found = self._collective_ms.get(key)
+        key = ("p2p", co.stage, peer.stage)
+        found = self._cache.get(key)
         if found is None:
             links = [link_for_group([a.ranks[0], b.ranks[0]], self.hw.gpus_per_node, self.hw)
                      for a, b in zip(co.lanes, peer.lanes, strict=True)]  # fmt: skip
             found = (np.array([ln.bandwidth_gbps for ln in links]),
                      np.array([ln.latency_us for ln in links]))  # fmt: skip
-            self._collective_ms[key] = found
+            self._cache[key] = found
         return found
 
     # ---- data-parallel gradients and the optimizer -----------------------------------------
@@ -641,9 +623,9 @@ class TrainingSim:
         waits = []
         for group, positions, expected in groups:
             key = (kind, int(op), size, group[0])
-            duration = self._collective_ms.get(key)
+            duration = self._cache.get(key)
             if duration is None:
-                duration = self._collective_ms[key] = collective_time_ms(
+                duration = self._cache[key] = collective_time_ms(
                     kind, size, group, self.hw.gpus_per_node, self.hw, "hierarchical"
                 )
             rv_key = (int(op), co.stage, group[0], index)

@@ -20,6 +20,12 @@ capacity drops entirely is then unknown). ``mode="auto"`` (default) takes counts
 possible and cheaper (e.g. Mixtral's E = 8, k = 2), tokens otherwise. Different modes draw
 different samples from the same seed.
 
+Batches: ``route_many(layer, keys, tokens)`` routes many calls of one layer at once (the
+engine routes every micro-batch of every EP group of a layer in one call). Rows routed by
+counts are drawn together from one stream, ``SeedSequence([seed, layer, BATCH_STREAM,
+*keys])``; rows routed by tokens are routed one by one as ``route(layer, key, ...)``. The
+result depends on the layer, the keys and the tokens only.
+
 Memory: tokens are routed in chunks of whole source ranks of at most ~4M token-expert
 assignments, drawing their uniforms in order from the one generator.
 """
@@ -47,6 +53,20 @@ from clustersim.routing.subsets import MAX_SUBSETS, SubsetSampler, counts_are_ch
 from clustersim.spec.schema import MoESpec
 
 _MAX_ASSIGNMENTS_PER_CHUNK = 1 << 22
+BATCH_STREAM = 2**32 - 1  # marks the batch streams apart from route()'s [seed, layer, mb, step]
+
+
+@dataclass(frozen=True, eq=False)
+class BatchOutcome:
+    """Counts of ``B`` routing calls of one layer, stacked along a first axis (int64):
+    ``tokens_per_expert`` (B, E), ``tokens_per_rank`` (B, ep), ``a2a_tokens`` (B, ep, ep),
+    ``dropped_tokens`` and ``routed_tokens`` (B,) — per row as in :class:`RoutingOutcome`."""
+
+    tokens_per_expert: np.ndarray
+    tokens_per_rank: np.ndarray
+    a2a_tokens: np.ndarray
+    dropped_tokens: np.ndarray
+    routed_tokens: np.ndarray
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,10 +116,13 @@ class RoutingOutcome:
         return metrics.dropped_tokens_pct(self.dropped_tokens, self.routed_tokens)
 
 
-def _as_token_counts(tokens_per_source_rank: np.ndarray, ep: int) -> np.ndarray:
+def _as_token_counts(
+    tokens_per_source_rank: np.ndarray, ep: int, rows: int | None = None
+) -> np.ndarray:
     tokens = np.asarray(tokens_per_source_rank)
-    if tokens.shape != (ep,):
-        raise ValueError(f"tokens_per_source_rank must have shape ({ep},), got {tokens.shape}")
+    shape = (ep,) if rows is None else (rows, ep)
+    if tokens.shape != shape:
+        raise ValueError(f"tokens_per_source_rank must have shape {shape}, got {tokens.shape}")
     whole = tokens.dtype.kind in "iu" or bool(np.all(tokens == np.floor(tokens)))
     if not whole or (tokens.size and tokens.min() < 0):
         raise ValueError("tokens_per_source_rank must hold whole numbers >= 0")
@@ -283,6 +306,45 @@ class Router:
             )
             fully_dropped += dropped
         return _outcome(counts, capacity, moe.pad_to_capacity, fully_dropped)
+
+    def route_many(self, layer: int, keys: np.ndarray, tokens: np.ndarray) -> BatchOutcome:
+        """Route ``B`` calls of ``layer`` at once: ``keys`` (B,) distinct call keys (as the
+        ``microbatch`` argument of :meth:`route`), ``tokens`` (B, ep) tokens per source rank."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if layer < 0 or (keys.size and keys.min() < 0):
+            raise ValueError("layer and keys must be >= 0")
+        tokens = _as_token_counts(tokens, self.ep, rows=keys.size)
+        moe, experts = self.moe, self.moe.num_experts
+        by_counts = np.array([self._by_counts(int(t)) for t in tokens.sum(axis=1)], dtype=bool)
+        counts = np.zeros((keys.size, self.ep, experts), np.int64)
+        if by_counts.any():
+            seq = np.random.SeedSequence(
+                [self.seed, layer, BATCH_STREAM, *keys[by_counts].tolist()]
+            )
+            counts[by_counts] = self._subset_sampler(layer).sample_counts_many(
+                np.random.default_rng(seq), tokens[by_counts]
+            )
+        tokens_mode = []
+        for i in np.flatnonzero(~by_counts):  # per token, one call at a time
+            tokens_mode.append((i, self.route(layer, int(keys[i]), tokens[i])))
+        capacity = None
+        if moe.capacity_factor is not None:
+            capacity = megatron_capacity(tokens, moe.top_k, experts, moe.capacity_factor)
+        routed = counts.sum(axis=(1, 2))
+        if capacity is None:
+            computed, dropped = counts, np.zeros(keys.size, np.int64)
+        else:
+            kept = np.minimum(counts, capacity[:, :, None])
+            dropped = routed - kept.sum(axis=(1, 2))
+            computed = (
+                np.broadcast_to(capacity[:, :, None], counts.shape) if moe.pad_to_capacity else kept
+            )
+        a2a = computed.reshape(keys.size, self.ep, self.ep, experts // self.ep).sum(axis=3)
+        per_expert = computed.sum(axis=1)
+        for i, out in tokens_mode:
+            a2a[i], per_expert[i] = out.a2a_tokens, out.tokens_per_expert
+            routed[i], dropped[i] = out.routed_tokens, out.dropped_tokens
+        return BatchOutcome(per_expert, a2a.sum(axis=1), a2a, dropped, routed)
 
     def _route_chunk(
         self,
