@@ -180,8 +180,6 @@ def _dispatch(p: dict[str, Any], path: Path) -> tuple[np.ndarray, Dispatch]:
 class RecordedRouting:
     """A routing source that hands out the recorded outcomes (never samples)."""
 
-    deterministic = False
-
     def __init__(self, workload: RecordedWorkload, plan: Plan):
         self.routes = workload.routes
         groups = Layout(plan).groups("ep")

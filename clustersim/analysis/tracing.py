@@ -97,10 +97,14 @@ class TraceSink:
 
     def workload(self, seq_lens: list[list[np.ndarray]]) -> None:
         """The sequence lengths of every micro-batch of every replica."""
-        for replica, mbs in enumerate(seq_lens):
-            for mb, lens in enumerate(mbs):
-                self.writer.add_row("workload", "seq_lens", replica=replica, microbatch=mb,
-                                    value=float(lens.sum()), values=lens)  # fmt: skip
+        lens = np.array(seq_lens, dtype=np.float64)  # (replicas, micro-batches, sequences)
+        replicas, mbs = lens.shape[:2]
+        self.writer.add_rows("workload", "seq_lens", layer=np.full(replicas * mbs, -1),
+                             microbatch=np.tile(np.arange(mbs), replicas),
+                             group=np.full(replicas * mbs, -1),
+                             replica=np.repeat(np.arange(replicas), mbs),
+                             value=lens.sum(axis=2).ravel(),
+                             values=lens.reshape(replicas * mbs, -1))  # fmt: skip
 
     def route(self, layer: int, mb: int, group: int, tokens: np.ndarray, d: Dispatch) -> None:
         """One routing outcome (EP group ``group``, global index), one row per quantity."""
@@ -114,6 +118,21 @@ class TraceSink:
         add("route", "dropped_tokens", value=float(d.dropped_tokens), **where)
         add("route", "routed_tokens", value=float(d.routed_tokens), **where)
 
+    def route_batch(self, layer: int, mbs: np.ndarray, groups: np.ndarray, tokens: np.ndarray,
+                    d: DispatchBatch) -> None:  # fmt: skip
+        """A batch of routing outcomes (rows ``i``: micro-batch ``mbs[i]``, EP group
+        ``groups[i]``), the rows of :meth:`route` written column-wise."""
+        n = len(mbs)
+        where = {"layer": np.full(n, layer), "microbatch": mbs, "group": groups}
+        add = self.writer.add_rows
+        add("route", "member_tokens", values=tokens, **where)
+        add("route", "a2a_tokens", values=d.a2a_tokens.reshape(n, -1), **where)
+        add("route", "received_tokens", values=d.received_tokens, **where)
+        add("route", "active_experts", values=d.active_experts, **where)
+        add("route", "expert_tokens", values=d.tokens_per_expert, **where)
+        add("route", "dropped_tokens", value=d.dropped_tokens, **where)
+        add("route", "routed_tokens", value=d.routed_tokens, **where)
+
     def summary(self, result: SimResult, rank_idle_ms: np.ndarray) -> None:
         """Whole-run figures: iteration end, pipeline end, per-GPU expert idle time (s)."""
         add = self.writer.add_row
@@ -123,11 +142,8 @@ class TraceSink:
 
 
 class RecordingRouting:
-    """A routing source that records every outcome it hands out. Not ``deterministic``, so the
-    engine routes every (layer, micro-batch, EP group) through it (even routing gives the same
-    dispatches either way)."""
-
-    deterministic = False
+    """A routing source that records every outcome it hands out (the engine routes every
+    layer, micro-batch and EP group through it)."""
 
     def __init__(self, inner: RoutingSource, num_groups: int, sink: TraceSink | None = None):
         self.inner, self.num_groups, self.sink = inner, num_groups, sink
@@ -147,9 +163,8 @@ class RecordingRouting:
     def dispatch_many(self, layer: int, keys: np.ndarray, tokens: np.ndarray) -> DispatchBatch:
         """Route a batch through the wrapped source and record every row."""
         out = dispatch_many(self.inner, layer, keys, tokens)
-        for i, key in enumerate(np.asarray(keys).tolist()):
-            mb, group = divmod(key, self.num_groups)
-            self.sink.route(layer, mb, group, tokens[i], out.item(i))
+        mbs, groups = np.divmod(np.asarray(keys), self.num_groups)
+        self.sink.route_batch(layer, mbs, groups, np.asarray(tokens), out)
         return out
 
 

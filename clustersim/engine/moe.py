@@ -75,8 +75,6 @@ class RoutingSource(Protocol):
 class EvenSplit:
     """Every token's k copies spread evenly over the E experts (perfect balance, no drops)."""
 
-    deterministic = True  # the same tokens always give the same dispatch
-
     def __init__(self, moe: MoESpec, ep: int):
         self.moe, self.ep = moe, ep
 
@@ -104,8 +102,6 @@ class EvenSplit:
 class SampledRouting:
     """Token-level sampled routing (``clustersim.routing.Router``): per-layer skewed expert
     popularity, top-k without replacement, capacity and drops."""
-
-    deterministic = False
 
     def __init__(self, moe: MoESpec, ep: int, seed: int, gpus_per_node_in_ep: int | None):
         from clustersim.routing.router import Router

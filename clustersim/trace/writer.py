@@ -41,6 +41,8 @@ class TraceWriter:
         self._schema = S.schema(metadata)
         self._batch_rows = batch_rows
         self._rows: list[tuple] = []
+        self._bulk: list[dict[str, Any]] = []  # pieces of ``add_rows``, written together
+        self._bulk_rows = 0
         self._summary: list[tuple] = []
         self._min_start: list[float] = []
         self._file: pa.NativeFile | None = None
@@ -68,6 +70,7 @@ class TraceWriter:
 
     def _finish(self) -> None:
         self._flush_rows()
+        self._flush_bulk()
         index = np.asarray(self._min_start, dtype=np.float64)
         self._write_table(self._summary + [(S.KIND_CODE["summary"], S.OP_CODE["batch_index"], -1,
                                             -1, -1, -1, -1, -1, None, None, 0.0,
@@ -141,9 +144,75 @@ class TraceWriter:
         if kind == "summary":
             self._summary.append(row)
             return
+        if self._bulk:  # keep the order rows were added in
+            self._flush_bulk()
         self._rows.append(row)
         if len(self._rows) >= self._batch_rows:
             self._flush_rows()
+
+    def add_rows(
+        self,
+        kind: str,
+        op: str,
+        *,
+        layer: np.ndarray,
+        microbatch: np.ndarray,
+        group: np.ndarray,
+        replica: np.ndarray | None = None,
+        value: np.ndarray | None = None,
+        values: np.ndarray | None = None,
+    ) -> None:
+        """Buffer ``n`` untimed rows of one kind and op at once (workload or route rows):
+        int columns as arrays of ``n``, and either ``value`` (n,) or ``values`` (n, width)."""
+        if kind == "summary":
+            raise ValueError("summary rows are added one by one (add_row)")
+        if self._rows:
+            self._flush_rows()
+        n = len(layer)
+        self._bulk.append({"kind": S.KIND_CODE[kind], "op": S.OP_CODE[op], "n": n,
+                           "layer": layer, "microbatch": microbatch, "group": group,
+                           "replica": np.full(n, -1) if replica is None else replica,
+                           "value": value, "values": values})  # fmt: skip
+        self._bulk_rows += n
+        if self._bulk_rows >= self._batch_rows:
+            self._flush_bulk()
+
+    def _flush_bulk(self) -> None:
+        pieces, self._bulk, self._bulk_rows = self._bulk, [], 0
+        if not pieces:
+            return
+        counts = np.array([p["n"] for p in pieces])
+        n = int(counts.sum())
+
+        def ints(name: str) -> pa.Array:
+            return pa.array(np.concatenate([np.asarray(p[name]) for p in pieces]).astype(_INT32))
+
+        scalar = [np.full(p["n"], np.nan) if p["value"] is None else
+                  np.asarray(p["value"], np.float64) for p in pieces]  # fmt: skip
+        value = np.concatenate(scalar)
+        widths = np.repeat([0 if p["values"] is None else np.shape(p["values"])[1]
+                            for p in pieces], counts)  # fmt: skip
+        flat = [np.asarray(p["values"], np.float64).ravel() for p in pieces
+                if p["values"] is not None]  # fmt: skip
+        has_list = np.repeat([p["values"] is not None for p in pieces], counts)
+        offsets = np.concatenate(([0], np.cumsum(widths))).astype(np.int32)
+        values = pa.ListArray.from_arrays(
+            pa.array(offsets), pa.array(np.concatenate(flat) if flat else np.empty(0)),
+            mask=pa.array(~has_list))  # fmt: skip
+        no_value = np.repeat([p["value"] is None for p in pieces], counts)
+        minus_one = pa.array(np.full(n, -1, dtype=_INT32))
+        arrays = [
+            pa.DictionaryArray.from_arrays(
+                pa.array(np.repeat([p["kind"] for p in pieces], counts).astype(np.int8)),
+                S.KIND_DICTIONARY),
+            pa.DictionaryArray.from_arrays(
+                pa.array(np.repeat([p["op"] for p in pieces], counts).astype(np.int8)),
+                S.OP_DICTIONARY),
+            minus_one, minus_one, ints("group"), ints("replica"), ints("layer"),
+            ints("microbatch"), pa.nulls(n, pa.float64()), pa.nulls(n, pa.float64()),
+            pa.array(np.zeros(n)), pa.array(value, mask=no_value), values,
+        ]  # fmt: skip
+        self._write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._schema), float("nan"))
 
     def _flush_rows(self) -> None:
         if self._rows:
