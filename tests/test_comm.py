@@ -273,3 +273,32 @@ def test_uneven_group_uses_the_largest_shard_across_nodes() -> None:
 
 def test_p2p_to_self_costs_nothing() -> None:
     assert comm.collective_time_ms("p2p", 1e9, [3, 3], 8, make_hw()) == 0.0
+
+
+def test_batched_all_to_all_v_times_by_hand() -> None:
+    """A batch of the two hand-computed cases above, plus an empty matrix (latency only)."""
+    hw, ranks = make_hw(), list(range(16))
+    uniform = np.full((16, 16), 256e6 / 16)
+    hot = np.zeros((16, 16))
+    hot[8:, 0] = 5e6
+    got = comm.all_to_all_v_times_ms(np.stack([uniform, hot, np.zeros((16, 16))]), ranks, 8, hw)
+    latency_ms = 15 * 8e-6 * 1e3
+    want = [(128e6 / 50e9) * 1e3 + latency_ms, (40e6 / 50e9) * 1e3 + latency_ms, latency_ms]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 16), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_batched_all_to_all_v_equals_one_at_a_time(n: int, batch: int, seed: int) -> None:
+    hw = make_hw()
+    ranks = sorted(np.random.default_rng(seed).choice(32, size=n, replace=False).tolist())
+    mats = np.random.default_rng(seed + 1).exponential(1e6, size=(batch, n, n))
+    got = comm.all_to_all_v_times_ms(mats, ranks, 8, hw)
+    want = [comm.all_to_all_v_cost(m, ranks, 8, hw).time_ms for m in mats]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_batched_all_to_all_v_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        comm.all_to_all_v_times_ms(np.zeros((2, 2)), [0, 1], 8, make_hw())
+    assert comm.all_to_all_v_times_ms(np.ones((3, 1, 1)), [0], 8, make_hw()).tolist() == [0.0] * 3

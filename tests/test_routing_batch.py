@@ -1,0 +1,126 @@
+"""Batched routing (``Router.route_many``, ``dispatch_many``) against single calls and the
+per-token sampler: same conservation laws, same distribution, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clustersim.engine.moe import DispatchBatch, EvenSplit, SampledRouting, dispatch_many
+from clustersim.routing import Router
+from clustersim.spec.schema import MoESpec
+
+MIXTRAL = MoESpec(num_experts=8, top_k=2, router_skew=0.5)
+
+
+def _tokens(rows: int, ep: int, low: int = 500, high: int = 4000, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(low, high, size=(rows, ep))
+
+
+@pytest.mark.parametrize("cf", [None, 1.0, 1.25])
+@pytest.mark.parametrize("pad", [False, True])
+def test_batch_conserves_tokens_and_respects_capacity(cf, pad):
+    if pad and cf is None:
+        pytest.skip("padding needs a capacity")
+    moe = MoESpec(num_experts=8, top_k=2, router_skew=0.5, capacity_factor=cf, pad_to_capacity=pad)
+    ep, tokens = 4, _tokens(40, 4)
+    out = Router(moe, ep, seed=3).route_many(2, np.arange(40), tokens)
+    assert out.routed_tokens.tolist() == (tokens.sum(axis=1) * 2).tolist()
+    assert (out.a2a_tokens.sum(axis=1) == out.tokens_per_rank).all()
+    assert (out.tokens_per_expert.reshape(40, ep, 2).sum(axis=2) == out.tokens_per_rank).all()
+    if cf is None:
+        assert (out.dropped_tokens == 0).all()
+        assert (out.a2a_tokens.sum(axis=2) == tokens * 2).all()  # every copy leaves its source
+    else:
+        capacity = np.ceil(tokens * 2 / 8 * cf).astype(np.int64)  # Megatron, per source rank
+        per_source = out.a2a_tokens.sum(axis=2)  # copies each source keeps
+        if pad:
+            assert (per_source == capacity * 8).all()
+        else:
+            assert (per_source <= capacity * 8).all()
+            assert (out.dropped_tokens == tokens.sum(axis=1) * 2 - per_source.sum(axis=1)).all()
+
+
+def test_batch_is_deterministic_and_keyed():
+    router, tokens = Router(MIXTRAL, 8, seed=5), _tokens(16, 8)
+    first = router.route_many(1, np.arange(16), tokens)
+    again = Router(MIXTRAL, 8, seed=5).route_many(1, np.arange(16), tokens)
+    assert np.array_equal(first.tokens_per_expert, again.tokens_per_expert)
+    other_keys = router.route_many(1, np.arange(16) + 100, tokens)
+    other_layer = router.route_many(2, np.arange(16), tokens)
+    other_seed = Router(MIXTRAL, 8, seed=6).route_many(1, np.arange(16), tokens)
+    for other in (other_keys, other_layer, other_seed):
+        assert not np.array_equal(first.tokens_per_expert, other.tokens_per_expert)
+
+
+def test_batch_counts_have_the_per_token_distribution():
+    """Mean expert loads of batched count-level routing match per-token sampling (an
+    independent sampler: the numba top-k kernels) within a few standard errors."""
+    rows, ep = 400, 2
+    tokens = np.full((rows, ep), 2000)
+    batch = Router(MIXTRAL, ep, seed=0, mode="counts").route_many(0, np.arange(rows), tokens)
+    per_token = Router(MIXTRAL, ep, seed=0, mode="tokens")  # same popularity
+    singles = np.array([per_token.route(0, k, tokens[k]).tokens_per_expert for k in range(rows)])
+    mean_b, mean_t = batch.tokens_per_expert.mean(axis=0), singles.mean(axis=0)
+    se = np.sqrt(batch.tokens_per_expert.var(axis=0) / rows + singles.var(axis=0) / rows)
+    assert np.all(np.abs(mean_b - mean_t) < 5 * se)
+    # and the spread (a multinomial's variance, not a deterministic split)
+    np.testing.assert_allclose(batch.tokens_per_expert.var(axis=0), singles.var(axis=0), rtol=0.3)
+
+
+def test_rows_routed_per_token_equal_single_calls():
+    """Rows too small for count-level routing (auto mode) are routed as single calls."""
+    router = Router(MIXTRAL, 8, seed=2)
+    tokens = _tokens(6, 8)
+    tokens[::2] = 3  # a few tokens: per-token sampling is cheaper
+    out = router.route_many(4, np.arange(6), tokens)
+    for k in (0, 2, 4):
+        single = router.route(4, k, tokens[k])
+        assert np.array_equal(out.tokens_per_expert[k], single.tokens_per_expert)
+        assert np.array_equal(out.a2a_tokens[k], single.a2a_tokens)
+
+
+def test_batch_rejects_bad_input():
+    router = Router(MIXTRAL, 4, seed=0)
+    with pytest.raises(ValueError, match="shape"):
+        router.route_many(0, np.arange(3), np.ones((2, 4)))
+    with pytest.raises(ValueError, match="whole numbers"):
+        router.route_many(0, np.arange(2), np.full((2, 4), 1.5))
+    with pytest.raises(ValueError, match=">= 0"):
+        router.route_many(0, np.array([-1, 0]), np.ones((2, 4)))
+
+
+def test_even_split_batch_equals_single_calls():
+    src, tokens = EvenSplit(MIXTRAL, 4), _tokens(5, 4)
+    batch = src.dispatch_many(0, np.arange(5), tokens)
+    for i in range(5):
+        single = src.dispatch(0, i, tokens[i])
+        for name in single._fields:
+            np.testing.assert_array_equal(getattr(batch.item(i), name), getattr(single, name))
+
+
+def test_dispatch_many_falls_back_to_single_calls():
+    class OneByOne:
+        def __init__(self):
+            self.calls = []
+
+        def dispatch(self, layer, key, tokens):
+            self.calls.append((layer, key))
+            return EvenSplit(MIXTRAL, 4).dispatch(layer, key, tokens)
+
+    src, tokens = OneByOne(), _tokens(3, 4)
+    batch = dispatch_many(src, 7, np.array([5, 9, 11]), tokens)
+    assert src.calls == [(7, 5), (7, 9), (7, 11)]
+    assert isinstance(batch, DispatchBatch) and batch.a2a_tokens.shape == (3, 4, 4)
+    assert batch.routed_tokens.tolist() == (tokens.sum(axis=1) * 2).tolist()
+
+
+def test_sampled_routing_batch_matches_router_counts():
+    src, tokens = SampledRouting(MIXTRAL, 4, seed=0, gpus_per_node_in_ep=None), _tokens(8, 4)
+    batch = src.dispatch_many(0, np.arange(8), tokens)
+    out = Router(MIXTRAL, 4, seed=0).route_many(0, np.arange(8), tokens)
+    assert np.array_equal(batch.tokens_per_expert, out.tokens_per_expert)
+    assert np.array_equal(batch.received_tokens, out.tokens_per_rank)
+    assert (batch.active_experts == np.count_nonzero(
+        out.tokens_per_expert.reshape(8, 4, 2), axis=2)).all()  # fmt: skip
+    assert src.elapsed_s > 0
