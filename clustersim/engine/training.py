@@ -91,8 +91,7 @@ class Lane:
     stage: int
     dp: int
     ranks: list[int]
-    ep_groups: list[int] = field(default_factory=list)
-    member_slots: list[tuple[int, int]] = field(default_factory=list)  # (ep_groups slot, index)
+    ep_groups: list[int] = field(default_factory=list)  # EP groups holding its ranks
 
 
 @dataclass
@@ -226,13 +225,9 @@ class TrainingSim:
             self._slot_of = {r: (gid, i) for gid, grp in enumerate(self._ep_groups)
                              for i, r in enumerate(grp)}  # fmt: skip
             self._group_dp = [np.array([lay.coords(r).dp for r in g]) for g in self._ep_groups]
-            self._groups_per_stage = len(self._ep_groups) // self.par.pp
             for gid, group in enumerate(self._ep_groups):
                 for lane_index in sorted({lane_of[r] for r in group if r in lane_of}):
                     lanes[lane_index].ep_groups.append(gid)
-            for ln in lanes:
-                ln.member_slots = [(ln.ep_groups.index(self._slot_of[r][0]), self._slot_of[r][1])
-                                   for r in ln.ranks]  # fmt: skip
         return lanes
 
     def _make_cohort(self, stage: int) -> Cohort:
