@@ -353,55 +353,49 @@ class TrainingSim:
     def _forward(self, co: Cohort, mb: int, layers: list[int], costs: _CohortCosts, last: bool,
                  t: np.ndarray) -> np.ndarray:  # fmt: skip
         """Forward of a chunk from the lanes' start times ``t``; returns their end times."""
-        add, lid = self.rec.add_block, co.lane_ids
         for layer in layers:
             moe = self.model.is_moe_layer(layer)
             lt = costs.moe if moe else costs.dense
-            end = t + lt.attn_fwd
-            add(lid, Kind.COMPUTE, Op.ATTN_FWD, t, end, layer, mb)
-            t = self._tp_rows(co, end, lt.tp_comm, layer, mb, costs, moe)
+            t = self._op(co, Kind.COMPUTE, Op.ATTN_FWD, t, lt.attn_fwd, layer, mb)
+            t = self._tp_rows(co, t, lt.tp_comm, layer, mb, costs, moe)
             if not moe:
-                end = t + lt.mlp_fwd
-                add(lid, Kind.COMPUTE, Op.MLP_FWD, t, end, layer, mb)
-                t = end
+                t = self._op(co, Kind.COMPUTE, Op.MLP_FWD, t, lt.mlp_fwd, layer, mb)
             else:  # each lane joins the dispatch when its attention ends
                 t = self._moe_block(co, layer, mb, False, t)
         if last:
-            end = t + costs.logits_fwd
-            add(lid, Kind.COMPUTE, Op.LOGITS_FWD, t, end, -1, mb)
-            t = end
+            t = self._op(co, Kind.COMPUTE, Op.LOGITS_FWD, t, costs.logits_fwd, -1, mb)
         return t
 
     def _backward(self, co: Cohort, mb: int, layers: list[int], costs: _CohortCosts, last: bool,
                   buckets, grad_state, t: np.ndarray) -> np.ndarray:  # fmt: skip
         """Backward of a chunk; on the chunk's last micro-batch each layer's gradients go to
         the bucket queue when they are ready."""
-        add, lid = self.rec.add_block, co.lane_ids
         recompute = self.par.recompute != "none"
         if last:
-            end = t + costs.logits_bwd
-            add(lid, Kind.COMPUTE, Op.LOGITS_BWD, t, end, -1, mb)
-            t = end
+            t = self._op(co, Kind.COMPUTE, Op.LOGITS_BWD, t, costs.logits_bwd, -1, mb)
         for layer in reversed(layers):
             moe = self.model.is_moe_layer(layer)
             lt = costs.moe if moe else costs.dense
             if moe:
                 t = self._moe_block(co, layer, mb, True, t)
             if recompute:
-                end = t + lt.recompute
-                add(lid, Kind.COMPUTE, Op.RECOMPUTE, t, end, layer, mb)
-                t = self._tp_rows(co, end, lt.recompute_comm, layer, mb, costs, moe)
+                t = self._op(co, Kind.COMPUTE, Op.RECOMPUTE, t, lt.recompute, layer, mb)
+                t = self._tp_rows(co, t, lt.recompute_comm, layer, mb, costs, moe)
             if not moe:
-                end = t + lt.mlp_bwd
-                add(lid, Kind.COMPUTE, Op.MLP_BWD, t, end, layer, mb)
-                t = end
+                t = self._op(co, Kind.COMPUTE, Op.MLP_BWD, t, lt.mlp_bwd, layer, mb)
             t = self._tp_rows(co, t, lt.tp_comm, layer, mb, costs, moe)
-            end = t + lt.attn_bwd
-            add(lid, Kind.COMPUTE, Op.ATTN_BWD, t, end, layer, mb)
-            t = end
+            t = self._op(co, Kind.COMPUTE, Op.ATTN_BWD, t, lt.attn_bwd, layer, mb)
             if buckets is not None:
                 self._add_layer_grads(co, layer, buckets, grad_state, t)
         return t
+
+    def _op(self, co: Cohort, kind: Kind, op: Op, t: np.ndarray, duration_ms, layer: int = -1,
+            mb: int = -1, nbytes: float | np.ndarray = 0.0) -> np.ndarray:  # fmt: skip
+        """Record one op on every lane of the cohort, from ``t`` for ``duration_ms`` (per lane
+        or one for all); returns the lanes' end times."""
+        end = t + duration_ms
+        self.rec.add_block(co.lane_ids, kind, op, t, end, layer, mb, nbytes)
+        return end
 
     def _tp_rows(self, co: Cohort, t: np.ndarray, total_ms: np.ndarray, layer: int, mb: int,
                  costs: _CohortCosts, moe: bool) -> np.ndarray:  # fmt: skip
@@ -411,10 +405,7 @@ class TrainingSim:
         parts = 1 if moe else 2
         part = total_ms / parts
         for _ in range(parts):
-            end = t + part
-            self.rec.add_block(co.lane_ids, Kind.COMM, Op.TP_COMM, t, end, layer, mb,
-                               costs.tp_bytes)  # fmt: skip
-            t = end
+            t = self._op(co, Kind.COMM, Op.TP_COMM, t, part, layer, mb, costs.tp_bytes)
         return t
 
     # ---- MoE: dispatch, experts, combine ---------------------------------------------------
@@ -424,19 +415,14 @@ class TrainingSim:
         first_op, second_op = (Op.A2A_COMBINE, Op.A2A_DISPATCH) if backward else (
             Op.A2A_DISPATCH, Op.A2A_COMBINE)  # fmt: skip
         routes, t = self._a2a(co, layer, mb, first_op, ready)
-        add, lid = self.rec.add_block, co.lane_ids
         etp_ms = None if routes.etp_ms is None else routes.etp_ms[mb]
         if etp_ms is not None:
-            end = t + etp_ms
-            add(lid, Kind.COMM, Op.ETP_COMM, t, end, layer, mb)
-            t = end
-        end = t + (routes.expert_bwd_ms if backward else routes.expert_fwd_ms)[mb]
-        add(lid, Kind.COMPUTE, Op.EXPERT_BWD if backward else Op.EXPERT_FWD, t, end, layer, mb)
-        t = end
+            t = self._op(co, Kind.COMM, Op.ETP_COMM, t, etp_ms, layer, mb)
+        op, expert_ms = (Op.EXPERT_BWD, routes.expert_bwd_ms) if backward else (
+            Op.EXPERT_FWD, routes.expert_fwd_ms)  # fmt: skip
+        t = self._op(co, Kind.COMPUTE, op, t, expert_ms[mb], layer, mb)
         if etp_ms is not None:
-            end = t + etp_ms
-            add(lid, Kind.COMM, Op.ETP_COMM, t, end, layer, mb)
-            t = end
+            t = self._op(co, Kind.COMM, Op.ETP_COMM, t, etp_ms, layer, mb)
         _, t = self._a2a(co, layer, mb, second_op, t)
         return t
 
