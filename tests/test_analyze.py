@@ -60,6 +60,60 @@ def test_analyze_equals_run(traced, name):
         assert mine == pytest.approx(theirs, rel=1e-9)
 
 
+def _rewrite_unsorted(src: Path, dst: Path, rows_per_batch: int = 700) -> None:
+    """``src`` again as another writer might write it: event batches out of time order inside
+    (every other one reversed), overlapping in time, and one batch that mixes event rows with
+    workload/routing rows."""
+    import pyarrow as pa
+
+    from clustersim.trace.reader import TraceReader
+    from clustersim.trace.writer import TraceWriter
+
+    with TraceReader(src) as reader:
+        meta = reader._reader.schema.metadata
+        table = pa.Table.from_batches([reader.batch(b) for b in range(reader.num_batches)])
+        summary = reader.summary
+    kind = table.column("kind").combine_chunks().indices.to_numpy()
+    events = table.filter(pa.array(kind <= 2))
+    others = table.filter(pa.array(kind > 2)).combine_chunks().to_batches()[0]
+    rng = np.random.default_rng(7)
+    jitter = rng.normal(0.0, 2e-3, events.num_rows)
+    order = np.argsort(events.column("start_s").to_numpy() + jitter, kind="stable")
+    with TraceWriter(dst, meta) as writer:
+        for b, lo in enumerate(range(0, len(order), rows_per_batch)):
+            part = order[lo : lo + rows_per_batch]
+            batch = events.take(pa.array(part[::-1] if b % 2 else part)).combine_chunks()
+            batch = batch.to_batches()[0]
+            min_start = float(np.min(batch.column("start_s").to_numpy()))
+            if b == 3:
+                batch = pa.Table.from_batches([batch.slice(0, 100), others, batch.slice(100)])
+                batch = batch.combine_chunks().to_batches()[0]
+            writer._write_batch(batch, min_start)
+        for row in summary.slice(0, summary.num_rows - 1).to_pylist():  # not the batch index
+            writer.add_row("summary", row["op"], start_s=row["start_s"], end_s=row["end_s"],
+                           values=row["values"])  # fmt: skip
+
+
+def test_unsorted_overlapping_batches(traced, tmp_path):
+    """A trace whose batches are neither sorted nor in time order gives the same analysis: the
+    reader sorts the batches and merges the runs that interleave."""
+    run, path = traced["default"]
+    other = tmp_path / "unsorted.arrow"
+    _rewrite_unsorted(path, other)
+    mine, ref = analyze(other), analyze(path)
+    assert mine.events == ref.events == run.events
+    assert mine.rows == ref.rows
+    for key, value in ref.metrics.items():
+        expected = value if value is None else pytest.approx(value, rel=1e-9, abs=1e-12)
+        assert mine.metrics[key] == expected, key
+    assert mine.critical_path["length_ms"] == pytest.approx(ref.critical_path["length_ms"])
+    assert mine.critical_path["compute_ms"] == pytest.approx(ref.critical_path["compute_ms"])
+    assert mine.expert_load == ref.expert_load
+    assert [g["compute_ms"] for g in mine.gpus] == pytest.approx(
+        [g["compute_ms"] for g in ref.gpus]
+    )
+
+
 @pytest.mark.parametrize("name", list(PLANS))
 def test_critical_path_explains_the_iteration(traced, name):
     """The path ends when the iteration ends; its parts add up to it; every wait is explained

@@ -196,7 +196,7 @@ class _EventState:
         self.facts = facts
         self.free = np.zeros((2, n_lanes))
         self.chain = np.zeros((2, n_lanes, n_cat))
-        self.pend = np.zeros((2, n_lanes, 6), dtype=np.int64)
+        self.pend = np.full((2, n_lanes), -1, dtype=np.int64)  # collective joined (pool slot)
         self.last_op = np.full(n_lanes, -1, dtype=np.int64)
         self.arr_slot = np.full((n_lanes, num_mb), -1, dtype=np.int64)
         pool = min(n_lanes * num_mb, 16 * n_lanes + 1024)
@@ -204,11 +204,11 @@ class _EventState:
         self.arr_chain = np.zeros((pool, n_cat))
         self.stack = np.arange(pool, dtype=np.int64)
         size = 1 << int(np.ceil(np.log2(16 * n_lanes + 256)))
-        self.tkey = np.zeros((size, 5), dtype=np.int64)
-        self.tint = np.zeros((size, 3), dtype=np.int64)
-        self.tmeta = np.zeros((size, 2))
-        self.tchain = np.zeros((size, n_cat))
-        self.counters = np.array([pool, 0, 0], dtype=np.int64)
+        # collective instances: hash buckets (key, pool slot) and the pool (trace_kernels)
+        self.table = (np.zeros((size, 5), dtype=np.int64), np.full(size, -1, dtype=np.int64),
+                      np.zeros((size, 4), dtype=np.int64), np.zeros((size, 2)),
+                      np.zeros((size, n_cat)), np.arange(size, dtype=np.int64))  # fmt: skip
+        self.counters = np.array([pool, 0, 0, size], dtype=np.int64)
         self.fstate = np.array([0.0, 0.0, eps_s, -1.0])
         self.bchain = np.zeros(n_cat)
         self.events = 0
@@ -247,14 +247,12 @@ class _EventState:
             start, end,
             np.ascontiguousarray(end).view(np.int64), self.flags, f.lane_stage, f.lane_dp,
             f.lane_at, self.free, self.chain, self.pend, self.last_op, self.arr_slot, self.arr_t,
-            self.arr_chain, self.stack, self.tkey, self.tint, self.tmeta, self.tchain,
-            self.counters, self.fstate, self.bchain,
+            self.arr_chain, self.stack, *self.table, self.counters, self.fstate, self.bchain,
         )  # fmt: skip
 
     def critical_path(self) -> dict[str, Any]:
         self.close()
-        end_s, chain, lane = K._finish_critical(self.free, self.chain, self.pend, self.tkey,
-                                                self.tint, self.tmeta, self.tchain,
+        end_s, chain, lane = K._finish_critical(self.free, self.chain, self.pend, *self.table,
                                                 self.counters)  # fmt: skip
         by_op = {S.OPS[i]: 1e3 * float(v) for i, v in enumerate(chain[:_N_EVENT_OPS]) if v > 0}
         compute = sum(v for k, v in by_op.items() if k not in _COMM_OPS)

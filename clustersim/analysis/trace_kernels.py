@@ -16,6 +16,9 @@ length streams through them chunk by chunk.
   (op, group, layer, micro-batch, end time), the chain of the member that was ready last is
   carried on, plus the collective's own duration. The path of the iteration is the chain of the
   event that ends last.
+* :func:`_sorted_by_key`, :func:`_count_before`: the order checks of ``trace_stream`` (is a
+  batch in ``schema.event_sort_key`` order; how many rows of a sorted run start before a
+  watermark), computed from the start bits without building the key arrays.
 
 They take many arrays because the state of the programme is many small tables (one per
 candidate kind); grouping them into objects would cost numba's cache.
@@ -28,7 +31,8 @@ from numba import njit
 
 COMPUTE, COMM, ASYNC = 0, 1, 2
 F_RENDEZVOUS, F_P2P, F_OPTIMIZER, F_BWD_END = 1, 2, 4, 8
-# counters[]: 0 free arrival slots on the stack, 1 instances in the table, 2 overflow flag
+# counters[]: 0 free arrival slots on the stack, 1 instances in the table, 2 overflow flag,
+# 3 free pool slots on pstack
 # fstate[]: 0 barrier computed (0/1), 1 barrier end time, 2 eps, 3 barrier lane
 
 
@@ -60,77 +64,69 @@ def _scan_totals(lane, kind, op, group, start, end, nbytes, t_pipe, reach, union
                 reach[u, ln] = e
 
 
-# ---- instance table: open addressing, linear probing, backward-shift deletion ----------------
+# ---- instance table --------------------------------------------------------------------------
+# A collective instance lives in a pool slot that never moves while the instance exists (its
+# members' ``pend`` entries point at it); an open-addressing hash table (linear probing,
+# backward-shift deletion) maps its key (op, group, layer, micro-batch, end bits) to the slot.
+# pint[p]: 0 members joined and not yet resolved, 1 lane of the member that started last, 2 op,
+# 3 home bucket; pmeta[p]: 0 latest member start, 1 end; pchain[p]: the chain of that member.
 # Hot loops call only helpers with scalar arguments (a call with array arguments costs numba
 # reference counting, ~100 ns); the table is probed inline.
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _hash(a, b, c, d, e, mask):
-    h = a * 1000003
-    h = (h ^ (b + 1)) * 0x27D4EB2F
-    h = (h ^ (c + 7)) * 0x165667B1
-    h = (h ^ (d + 13)) * 0x61C88647
-    h = h ^ e ^ (e >> 29)
-    h = h ^ (h >> 31)
+    h = (e ^ (a << 58) ^ (b << 40) ^ (c << 20) ^ d) * -7046029254386353131  # 0x9E37...7C15
+    h = h ^ (h >> 29)
     return h & mask
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _delete(tkey, tint, tmeta, tchain, i, counters):
-    """Remove entry ``i``, shifting later entries of its probe run back."""
-    mask = tint.shape[0] - 1
+def _delete(hkey, hslot, pint, pstack, p, counters):
+    """Free pool slot ``p`` and remove its bucket, shifting later entries of the run back."""
+    mask = hslot.shape[0] - 1
+    i = pint[p, 3]
+    while hslot[i] != p:
+        i = (i + 1) & mask
+    pstack[counters[3]] = p
+    counters[3] += 1
     counters[1] -= 1
     while True:
-        tint[i, 0] = 0
+        hslot[i] = -1
         j = i
         while True:
             j = (j + 1) & mask
-            if not tint[j, 0]:
+            if hslot[j] < 0:
                 return
-            h = _hash(tkey[j, 0], tkey[j, 1], tkey[j, 2], tkey[j, 3], tkey[j, 4], mask)
+            h = pint[hslot[j], 3]
             stays = (i < h <= j) if i <= j else (h > i or h <= j)
             if not stays:
                 break
         for q in range(5):
-            tkey[i, q] = tkey[j, q]
-        for q in range(3):
-            tint[i, q] = tint[j, q]
-        tmeta[i, 0], tmeta[i, 1] = tmeta[j, 0], tmeta[j, 1]
-        for q in range(tchain.shape[1]):
-            tchain[i, q] = tchain[j, q]
+            hkey[i, q] = hkey[j, q]
+        hslot[i] = hslot[j]
         i = j
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _resolve_all(s, lanes_from, lanes_to, free, chain, pend, tkey, tint, tmeta, tchain,
-                 counters, eps):  # fmt: skip
-    """Resolve every pending collective of lanes [lanes_from, lanes_to) that ended by ``s``
-    (used at the optimizer barrier and at the end, not per row)."""
-    mask = tint.shape[0] - 1
-    for ln in range(lanes_from, lanes_to):
+def _resolve_all(s, free, chain, pend, hkey, hslot, pint, pmeta, pchain, pstack, counters, eps):
+    """Resolve every pending collective that ended by ``s`` (used at the optimizer barrier and
+    at the end, not per row)."""
+    n_cat = chain.shape[2]
+    for ln in range(free.shape[1]):
         for c in range(2):
-            if pend[c, ln, 5] == 0 or free[c, ln] > s + eps:
+            p = pend[c, ln]
+            if p < 0 or free[c, ln] > s + eps:
                 continue
-            pend[c, ln, 5] = 0  # (same code as _resolve_all, inline)
-            j = _hash(pend[c, ln, 0], pend[c, ln, 1], pend[c, ln, 2], pend[c, ln, 3],
-                      pend[c, ln, 4], mask)  # fmt: skip
-            while tint[j, 0] and not (
-                tkey[j, 0] == pend[c, ln, 0] and tkey[j, 1] == pend[c, ln, 1]
-                and tkey[j, 2] == pend[c, ln, 2] and tkey[j, 3] == pend[c, ln, 3]
-                and tkey[j, 4] == pend[c, ln, 4]
-            ):  # fmt: skip
-                j = (j + 1) & mask
-            if not tint[j, 0]:
-                continue
-            for q in range(chain.shape[2]):
-                chain[c, ln, q] = tchain[j, q]
-            chain[c, ln, pend[c, ln, 0]] += tmeta[j, 1] - tmeta[j, 0]
-            if tint[j, 2] != ln:
-                chain[c, ln, chain.shape[2] - 1] += 1.0
-            tint[j, 1] -= 1
-            if tint[j, 1] <= 0:
-                _delete(tkey, tint, tmeta, tchain, j, counters)
+            pend[c, ln] = -1  # (same code as _scan_critical, inline)
+            for q in range(n_cat):
+                chain[c, ln, q] = pchain[p, q]
+            chain[c, ln, pint[p, 2]] += pmeta[p, 1] - pmeta[p, 0]
+            if pint[p, 1] != ln:
+                chain[c, ln, n_cat - 1] += 1.0
+            pint[p, 0] -= 1
+            if pint[p, 0] <= 0:
+                _delete(hkey, hslot, pint, pstack, p, counters)
 
 
 # ---- the critical path -----------------------------------------------------------------------
@@ -139,7 +135,7 @@ def _resolve_all(s, lanes_from, lanes_to, free, chain, pend, tkey, tint, tmeta, 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _scan_critical(lane, kind, op, group, layer, mb, start, end, end_bits, flags, stage, dp,
                    lane_at, free, chain, pend, last_op, arr_slot, arr_t, arr_chain, stack,
-                   tkey, tint, tmeta, tchain, counters, fstate, bchain):  # fmt: skip
+                   hkey, hslot, pint, pmeta, pchain, pstack, counters, fstate, bchain):  # fmt: skip
     """One time-ordered chunk through the critical-path programme (see the module doc).
     One function on purpose (~100 lines): helpers taking arrays would cost numba reference
     counting on every row; the same resolution code in :func:`_resolve_all` runs only at the
@@ -148,33 +144,24 @@ def _scan_critical(lane, kind, op, group, layer, mb, start, end, end_bits, flags
     n_cat = chain.shape[2]
     wait, hops = n_cat - 2, n_cat - 1
     pp = lane_at.shape[0]
-    mask = tint.shape[0] - 1
+    mask = hslot.shape[0] - 1
     n_mb = arr_slot.shape[1]
     for i in range(lane.size):
         ln, k, o, s, e, f, m = lane[i], kind[i], op[i], start[i], end[i], flags[op[i]], mb[i]
         # collectives this lane's streams ended with, now complete: take over their chains
         for c in range(2):
-            if pend[c, ln, 5] == 0 or free[c, ln] > s + eps:
+            p = pend[c, ln]
+            if p < 0 or free[c, ln] > s + eps:
                 continue
-            pend[c, ln, 5] = 0  # (same code as _resolve_all, inline)
-            j = _hash(pend[c, ln, 0], pend[c, ln, 1], pend[c, ln, 2], pend[c, ln, 3],
-                      pend[c, ln, 4], mask)  # fmt: skip
-            while tint[j, 0] and not (
-                tkey[j, 0] == pend[c, ln, 0] and tkey[j, 1] == pend[c, ln, 1]
-                and tkey[j, 2] == pend[c, ln, 2] and tkey[j, 3] == pend[c, ln, 3]
-                and tkey[j, 4] == pend[c, ln, 4]
-            ):  # fmt: skip
-                j = (j + 1) & mask
-            if not tint[j, 0]:
-                continue
+            pend[c, ln] = -1  # (same code as _resolve_all, inline)
             for q in range(n_cat):
-                chain[c, ln, q] = tchain[j, q]
-            chain[c, ln, pend[c, ln, 0]] += tmeta[j, 1] - tmeta[j, 0]
-            if tint[j, 2] != ln:
+                chain[c, ln, q] = pchain[p, q]
+            chain[c, ln, pint[p, 2]] += pmeta[p, 1] - pmeta[p, 0]
+            if pint[p, 1] != ln:
                 chain[c, ln, hops] += 1.0
-            tint[j, 1] -= 1
-            if tint[j, 1] <= 0:
-                _delete(tkey, tint, tmeta, tchain, j, counters)
+            pint[p, 0] -= 1
+            if pint[p, 0] <= 0:
+                _delete(hkey, hslot, pint, pstack, p, counters)
         if f & F_P2P:
             back = last_op[ln] >= 0 and (flags[last_op[ln]] & F_BWD_END) != 0
             dst = lane_at[(stage[ln] + (pp - 1 if back else 1)) % pp, dp[ln]]
@@ -213,7 +200,8 @@ def _scan_critical(lane, kind, op, group, layer, mb, start, end, end_bits, flags
                 counters[0] += 1
         if f & F_OPTIMIZER:
             if fstate[0] == 0.0:
-                _barrier(s, free, chain, pend, tkey, tint, tmeta, tchain, counters, fstate, bchain)
+                _barrier(s, free, chain, pend, hkey, hslot, pint, pmeta, pchain, pstack,
+                         counters, fstate, bchain)  # fmt: skip
             if fstate[1] > best_t and fstate[1] <= s + eps:
                 best_t, best = fstate[1], 3
         if best < 0:  # nothing ended before the start (overlap within eps): own stream
@@ -238,35 +226,40 @@ def _scan_critical(lane, kind, op, group, layer, mb, start, end, end_bits, flags
             continue
         # join the collective (op, group, layer, micro-batch, end time)
         g, lay, eb = group[i], layer[i], end_bits[i]
-        j = _hash(o, g, lay, m, eb, mask)
-        while tint[j, 0] and not (tkey[j, 0] == o and tkey[j, 1] == g and tkey[j, 2] == lay
-                                  and tkey[j, 3] == m and tkey[j, 4] == eb):  # fmt: skip
+        h = _hash(o, g, lay, m, eb, mask)
+        j = h
+        while hslot[j] >= 0 and not (hkey[j, 0] == o and hkey[j, 1] == g and hkey[j, 2] == lay
+                                     and hkey[j, 3] == m and hkey[j, 4] == eb):  # fmt: skip
             j = (j + 1) & mask
-        if not tint[j, 0]:
-            if counters[1] * 4 >= tint.shape[0] * 3:  # table full: keep the lane's own chain
+        p = hslot[j]
+        if p < 0:
+            if counters[1] * 4 >= hslot.shape[0] * 3:  # table full: keep the lane's own chain
                 counters[2] = 1
                 chain[ch, ln, o] += e - s
                 continue
-            tkey[j, 0], tkey[j, 1], tkey[j, 2], tkey[j, 3], tkey[j, 4] = o, g, lay, m, eb
-            tint[j, 0], tint[j, 1], tint[j, 2] = 1, 0, -1
-            tmeta[j, 0], tmeta[j, 1] = -np.inf, e
+            counters[3] -= 1
+            p = pstack[counters[3]]
+            hkey[j, 0], hkey[j, 1], hkey[j, 2], hkey[j, 3], hkey[j, 4] = o, g, lay, m, eb
+            hslot[j] = p
+            pint[p, 0], pint[p, 1], pint[p, 2], pint[p, 3] = 0, -1, o, h
+            pmeta[p, 0], pmeta[p, 1] = -np.inf, e
             counters[1] += 1
-        tint[j, 1] += 1
-        if s > tmeta[j, 0]:
-            tmeta[j, 0] = s
-            tint[j, 2] = ln
+        pint[p, 0] += 1
+        if s > pmeta[p, 0]:
+            pmeta[p, 0] = s
+            pint[p, 1] = ln
             for q in range(n_cat):
-                tchain[j, q] = chain[ch, ln, q]
-        pend[ch, ln, 0], pend[ch, ln, 1], pend[ch, ln, 2] = o, g, lay
-        pend[ch, ln, 3], pend[ch, ln, 4], pend[ch, ln, 5] = m, eb, 1
+                pchain[p, q] = chain[ch, ln, q]
+        pend[ch, ln] = p
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _barrier(s, free, chain, pend, tkey, tint, tmeta, tchain, counters, fstate, bchain):
+def _barrier(s, free, chain, pend, hkey, hslot, pint, pmeta, pchain, pstack, counters, fstate,
+             bchain):  # fmt: skip
     """The optimizer barrier: the chain of the lane stream that finished last before ``s``."""
     eps = fstate[2]
     n_lanes = free.shape[1]
-    _resolve_all(s, 0, n_lanes, free, chain, pend, tkey, tint, tmeta, tchain, counters, eps)
+    _resolve_all(s, free, chain, pend, hkey, hslot, pint, pmeta, pchain, pstack, counters, eps)
     best, best_t = -1, -np.inf
     for ln in range(n_lanes):
         for c in range(2):
@@ -281,13 +274,45 @@ def _barrier(s, free, chain, pend, tkey, tint, tmeta, tchain, counters, fstate, 
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _finish_critical(free, chain, pend, tkey, tint, tmeta, tchain, counters):
+def _finish_critical(free, chain, pend, hkey, hslot, pint, pmeta, pchain, pstack, counters):
     """The chain that ends last (after resolving every pending collective); its lane."""
     n_lanes = free.shape[1]
-    _resolve_all(np.inf, 0, n_lanes, free, chain, pend, tkey, tint, tmeta, tchain, counters, 0.0)
+    _resolve_all(np.inf, free, chain, pend, hkey, hslot, pint, pmeta, pchain, pstack, counters,
+                 0.0)  # fmt: skip
     best_t, best = -np.inf, 0
     for ln in range(n_lanes):
         for c in range(2):
             if free[c, ln] > best_t:
                 best_t, best = free[c, ln], c * n_lanes + ln
     return best_t, chain[best // n_lanes, best % n_lanes].copy(), best % n_lanes
+
+
+# ---- reading helpers (trace_stream) -----------------------------------------------------------
+_ONE = np.uint64(1)
+
+
+@njit(cache=True, nogil=True)
+def _sorted_by_key(start_bits, kind):
+    """Whether rows are in ``schema.event_sort_key`` order (start bits, asynchronous first),
+    without building the keys."""
+    prev = np.uint64(0)
+    for i in range(start_bits.size):
+        key = (start_bits[i] << _ONE) | (_ONE if kind[i] != ASYNC else np.uint64(0))
+        if key < prev:
+            return False
+        prev = key
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _count_before(start_bits, wkey):
+    """Rows of a key-sorted run whose key is below ``wkey`` (``wkey``: start bits << 1),
+    i.e. ``searchsorted(keys, wkey, "left")`` without building the keys."""
+    lo, hi = 0, start_bits.size
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if (start_bits[mid] << _ONE) < wkey:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo

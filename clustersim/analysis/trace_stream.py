@@ -10,7 +10,10 @@ event of the run was in flight (a small fraction of a run; it does not grow with
 
 Order: by ``start_s``; at equal starts asynchronous rows (``comm_async``) come first, then the
 file order (stable sorts). The writer already sorts every batch, so a batch is re-sorted only
-when it is not (a trace from another writer); runs are merged only where they interleave.
+when it is not (a trace from another writer; the check is one pass of a numba kernel, no key
+array is built); runs are merged only where they interleave. Only the event columns are read
+from the file (the whole batch again only for a batch that also holds other rows), and they
+are handed on as zero-copy numpy views of the record batch.
 """
 
 from __future__ import annotations
@@ -75,25 +78,25 @@ def time_ordered(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Event rows (kinds compute, comm, comm_async) in time order, in chunks of numpy columns.
     Other rows go to ``on_other(batch, kind_codes, op_codes)`` as they are read."""
+    from clustersim.analysis.trace_kernels import _sorted_by_key
+
     codes = _Codes(str(reader.path))
     marks = _watermarks(reader.batch_min_start_s)
     runs: list[dict[str, np.ndarray]] = []
     for b in range(reader.num_batches):
-        batch = reader.batch(b)
+        batch = reader.batch(b, EVENT_COLUMNS)  # reads only these columns
         kind = codes(batch.column("kind"), S.KINDS, "kind")
         if batch.num_rows and (kind.min() < 0 or kind.max() > _LAST_EVENT_KIND):
             is_event = _EVENT_KINDS[kind]
-            others = batch.filter(pa.array(~is_event))
-            if on_other is not None and others.num_rows:
+            if on_other is not None and not is_event.all():
+                others = reader.batch(b).filter(pa.array(~is_event))
                 on_other(others, kind[~is_event], codes(others.column("op"), S.OPS, "op"))
             batch = batch.filter(pa.array(is_event))
         if batch.num_rows:
             cols = event_columns(batch, codes)
-            key = S.event_sort_key(cols["start_s"], cols["kind"])
-            if not (key[1:] >= key[:-1]).all():
-                order = np.argsort(key, kind="stable")
-                cols, key = {name: col[order] for name, col in cols.items()}, key[order]
-            cols["key"] = key
+            if not _sorted_by_key(cols["start_s"].view(np.uint64), cols["kind"]):
+                order = np.argsort(S.event_sort_key(cols["start_s"], cols["kind"]), kind="stable")
+                cols = {name: col[order] for name, col in cols.items()}
             runs.append(cols)
         limit = np.inf if b == reader.num_batches - 1 else marks[b]
         out = _release(runs, limit)
@@ -103,20 +106,22 @@ def time_ordered(
 
 def _release(runs: list[dict[str, np.ndarray]], limit: float) -> dict[str, np.ndarray] | None:
     """Take every row that starts before ``limit`` out of the sorted runs, in order."""
+    from clustersim.analysis.trace_kernels import _count_before
+
     if not runs:
         return None
     if np.isinf(limit):
-        cut = [len(r["key"]) for r in runs]
+        cut = [len(r["start_s"]) for r in runs]
     else:
         wkey = np.uint64(np.float64(limit).view(np.uint64)) << np.uint64(1)
-        cut = [int(np.searchsorted(r["key"], wkey, side="left")) for r in runs]
+        cut = [int(_count_before(r["start_s"].view(np.uint64), wkey)) for r in runs]
     parts = [{n: c[:k] for n, c in r.items()} for r, k in zip(runs, cut, strict=True) if k]
     runs[:] = [{n: c[k:] for n, c in r.items()} for r, k in zip(runs, cut, strict=True)
-               if k < len(r["key"])]  # fmt: skip
+               if k < len(r["start_s"])]  # fmt: skip
     if not parts:
         return None
     if len(parts) == 1:
         return parts[0]
     merged = {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
-    order = np.argsort(merged["key"], kind="stable")
+    order = np.argsort(S.event_sort_key(merged["start_s"], merged["kind"]), kind="stable")
     return {n: c[order] for n, c in merged.items()}

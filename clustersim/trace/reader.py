@@ -29,6 +29,7 @@ class TraceReader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._file = None
+        self._projected: dict[tuple[str, ...], pa.ipc.RecordBatchFileReader] = {}
         if not self.path.exists():
             raise TraceError(f"{self.path}: file not found")
         if self.path.is_dir():
@@ -108,17 +109,39 @@ class TraceReader:
         ops = _names(self.summary, "op")
         return [self.summary.slice(i, 1).to_pylist()[0] for i, name in enumerate(ops) if name == op]
 
-    def _get(self, i: int) -> pa.RecordBatch:
+    def _get(self, i: int, reader: pa.ipc.RecordBatchFileReader | None = None) -> pa.RecordBatch:
         try:
-            return self._reader.get_batch(i)
+            return (reader or self._reader).get_batch(i)
         except (pa.ArrowException, OSError) as exc:
             raise TraceError(f"{self.path}: damaged trace (record batch {i} unreadable: "
                              f"{_short(exc)})") from None  # fmt: skip
 
+    def _columns_reader(self, columns: tuple[str, ...]) -> pa.ipc.RecordBatchFileReader:
+        """A second view of the file that reads only ``columns`` from disk (in schema order)."""
+        reader = self._projected.get(columns)
+        if reader is None:
+            try:
+                fields = sorted(S.COLUMNS.index(c) for c in set(columns))
+            except ValueError:
+                raise KeyError(f"unknown trace column in {list(columns)}") from None
+            options = pa.ipc.IpcReadOptions(included_fields=fields, use_threads=False)
+            try:
+                if self._file is None:
+                    raise OSError("the reader is closed")
+                reader = pa.ipc.open_file(self._file, options=options)
+            except (pa.ArrowException, OSError) as exc:
+                raise TraceError(f"{self.path}: damaged trace ({_short(exc)})") from None
+            self._projected[columns] = reader
+        return reader
+
     def batch(self, i: int, columns: Sequence[str] | None = None) -> pa.RecordBatch:
-        """Record batch ``i`` (0 <= i < num_batches), optionally only some columns."""
-        batch = self._get(i)
-        return batch.select(list(columns)) if columns is not None else batch
+        """Record batch ``i`` (0 <= i < num_batches), optionally only some columns (only those
+        are read from the file)."""
+        if columns is None:
+            return self._get(i)
+        columns = tuple(columns)
+        batch = self._get(i, self._columns_reader(columns))
+        return batch if batch.schema.names == list(columns) else batch.select(list(columns))
 
     def batches(self, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
         """Every record batch in file order (one in memory at a time)."""
@@ -134,6 +157,7 @@ class TraceReader:
 
     def close(self) -> None:
         """Release the file."""
+        self._projected.clear()
         if self._file is not None:
             self._file.close()
             self._file = None
