@@ -1,14 +1,15 @@
 """Trace benchmarks: tracing overhead on the engine benchmark, analyze speed, trace size.
 
 Usage:
-  python benchmarks/trace_bench.py overhead [--repeat 3]   # 64-GPU plan of engine_bench.py
+  python benchmarks/trace_bench.py overhead [--repeat 3] [--size 256 32 64 8]  # default: 64 GPUs
   python benchmarks/trace_bench.py analyze [--repeat 3] [--rows 10000000]
   python benchmarks/trace_bench.py all
 
 overhead: each run is a fresh process simulating the engine benchmark's 64-GPU plan (TP1 EP8
 PP4, 32 layers, 32 micro-batches) without and with ``trace=``; overhead = (median traced wall -
 median plain wall) / median plain wall (the traced wall includes importing pyarrow); then the
-same alternating in one warm process; bytes per event = file size / event rows.
+same alternating in one warm process; bytes per event = file size / event rows. ``--size``
+takes another plan of ``engine_bench.py`` (GPUs, layers, micro-batches, PP).
 analyze: ``analysis.analyze.analyze`` on the 64-GPU trace and on a tiled trace of ``--rows``
 rows (``tests/trace_big.py``), after one warm-up run; rows/s = event rows / wall; CPU time is
 that of the process (all threads: the kernels run on two worker threads).
@@ -31,38 +32,41 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 SIZE = (64, 32, 32, 4)
 
 
-def one(trace: str | None) -> dict:
-    """Simulate the 64-GPU plan once (optionally traced) in this process."""
+def one(trace: str | None, size: tuple[int, ...] = SIZE) -> dict:
+    """Simulate the plan of ``size`` (GPUs, layers, micro-batches, PP; default the 64-GPU
+    plan) once, optionally traced, in this process."""
     from engine_bench import moe_plan
 
     from clustersim.analysis.simulate import simulate
 
-    plan = moe_plan(*SIZE)
+    plan = moe_plan(*size)
     started, cpu = time.perf_counter(), time.process_time()
     report = simulate(plan, trace=Path(trace) if trace else None)
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     return {"wall_s": wall, "cpu_s": cpu, "events": report.events, "trace": report.trace}
 
 
-def _fresh(trace: str | None) -> dict:
-    cmd = [sys.executable, __file__, "one"] + (["--trace", trace] if trace else [])
+def _fresh(trace: str | None, size: tuple[int, ...] = SIZE) -> dict:
+    cmd = [sys.executable, __file__, "one", "--size", *map(str, size)]
+    cmd += ["--trace", trace] if trace else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 
-def overhead(repeat: int, keep: Path) -> None:
+def overhead(repeat: int, keep: Path, size: tuple[int, ...] = SIZE) -> None:
     """Median wall without and with the trace, in alternating fresh processes."""
     plain, traced = [], []
     for _ in range(repeat):
-        plain.append(_fresh(None))
-        traced.append(_fresh(str(keep)))
+        plain.append(_fresh(None, size))
+        traced.append(_fresh(str(keep), size))
     p = statistics.median(r["wall_s"] for r in plain)
     t = statistics.median(r["wall_s"] for r in traced)
     pc = statistics.median(r["cpu_s"] for r in plain)
     tc = statistics.median(r["cpu_s"] for r in traced)
     info = traced[-1]["trace"]
     events = traced[-1]["events"]
-    print(f"engine benchmark (64 GPUs, {events} events), fresh processes: wall plain {p:.2f} s, "
+    print(f"engine benchmark ({size[0]} GPUs, {events} events), fresh processes: wall plain "
+          f"{p:.2f} s, "
           f"traced {t:.2f} s ({100 * (t - p) / p:+.1f}%); CPU plain {pc:.2f} s, traced "
           f"{tc:.2f} s ({100 * (tc - pc) / pc:+.1f}%) (goal <= 20%); trace "
           f"{info['bytes'] / 2**20:.1f} MiB, {info['rows']} rows, "
@@ -70,13 +74,13 @@ def overhead(repeat: int, keep: Path) -> None:
           f"{info['bytes'] / events:.1f} bytes per event", flush=True)  # fmt: skip
 
 
-def overhead_in_process(repeat: int, keep: Path) -> None:
+def overhead_in_process(repeat: int, keep: Path, size: tuple[int, ...] = SIZE) -> None:
     """The same, alternating in one warm process (pyarrow and numba already loaded)."""
-    one(None), one(str(keep))  # warm-up
+    one(None, size), one(str(keep), size)  # warm-up
     plain, traced = [], []
     for _ in range(repeat):
-        plain.append(one(None)["cpu_s"])
-        traced.append(one(str(keep))["cpu_s"])
+        plain.append(one(None, size)["cpu_s"])
+        traced.append(one(str(keep), size)["cpu_s"])
     p, t = statistics.median(plain), statistics.median(traced)
     print(f"same, in one warm process: CPU plain {p:.2f} s, traced {t:.2f} s, overhead "
           f"{100 * (t - p) / p:+.1f}%", flush=True)  # fmt: skip
@@ -120,17 +124,25 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--trace")
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=4,
+        default=list(SIZE),
+        help="overhead plan: GPUs, layers, micro-batches, PP (engine_bench.py)",
+    )
     args = parser.parse_args()
+    size = tuple(args.size)
     if args.what == "one":
-        print(json.dumps(one(args.trace)))
+        print(json.dumps(one(args.trace, size)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "engine64.arrow"
         if args.what in ("overhead", "all"):
-            overhead(args.repeat, trace)
-            overhead_in_process(args.repeat, trace)
+            overhead(args.repeat, trace, size)
+            overhead_in_process(args.repeat, trace, size)
         if args.what in ("analyze", "all"):
-            if not trace.exists():
+            if not trace.exists() or size != SIZE:
                 _fresh(str(trace))
             analyze_speed(args.repeat, trace, args.rows)
 

@@ -233,8 +233,9 @@ class Router:
             raise ValueError(f"mode 'counts' needs C(E, k) <= {MAX_SUBSETS}; use 'tokens'")
         return mode
 
-    def _by_counts(self, num_tokens: int) -> bool:
-        """Whether this call samples counts rather than tokens."""
+    def _by_counts(self, num_tokens: int | np.ndarray) -> bool | np.ndarray:
+        """Whether a call of ``num_tokens`` tokens (or each of an array of calls) samples
+        counts rather than tokens."""
         if self.mode != "auto":
             return self.mode == "counts"
         moe = self.moe
@@ -315,7 +316,7 @@ class Router:
             raise ValueError("layer and keys must be >= 0")
         tokens = _as_token_counts(tokens, self.ep, rows=keys.size)
         moe, experts = self.moe, self.moe.num_experts
-        by_counts = np.array([self._by_counts(int(t)) for t in tokens.sum(axis=1)], dtype=bool)
+        by_counts = np.broadcast_to(self._by_counts(tokens.sum(axis=1)), keys.shape).astype(bool)
         counts = np.zeros((keys.size, self.ep, experts), np.int64)
         if by_counts.any():
             seq = np.random.SeedSequence(
