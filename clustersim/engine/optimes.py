@@ -62,14 +62,16 @@ class MicrobatchCosts:
         model, tokens = self.plan.model, self.tokens
         cost = cc.qkv_projection(tokens, model, self._tp)
         cost = cost + cc.attention_output_projection(tokens, model, self._tp)
-        cost = cost + self._core_attention()
+        cost = cost + self._core_attention
         if moe_layer:
             cost = cost + cc.router(tokens, model)
             if model.moe and model.moe.num_shared_experts:
                 cost = cost + cc.shared_expert_mlp(tokens, model, self._tp)
         return cost
 
+    @cached_property
     def _core_attention(self) -> cc.OpCost:
+        """Core attention over the micro-batch's sequences (the quadratic term)."""
         flash = self.plan.parallel.flash_attention
         lens, counts = np.unique(self.seq_lens, return_counts=True)
         total = cc.ZERO_OP
@@ -108,7 +110,7 @@ class MicrobatchCosts:
         if recompute == "full":  # the forward again, TP collectives included
             extra, extra_comm = attn + mlp, tp_comm  # experts: added per rank by the engine
         elif recompute == "selective":
-            extra = self._core_attention().time_ms(hw)
+            extra = self._core_attention.time_ms(hw)
         else:
             extra = 0.0
         return LayerTimes(attn, mlp, tp_comm, extra, extra_comm)

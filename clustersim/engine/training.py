@@ -142,11 +142,12 @@ class _LayerVectors:
 
 
 class _CohortCosts:
-    """Op times of one micro-batch on every lane of a cohort (from :class:`MicrobatchCosts`)."""
+    """Op times of one micro-batch on every lane of a cohort (from :class:`MicrobatchCosts`);
+    ``dense`` / ``moe`` are None when the model has no layer of that kind."""
 
-    def __init__(self, per_lane: list[MicrobatchCosts], activation_bytes: int):
-        self.dense = _LayerVectors([c.dense for c in per_lane])
-        self.moe = _LayerVectors([c.moe for c in per_lane])
+    def __init__(self, per_lane: list[MicrobatchCosts], activation_bytes: int, kinds: set[bool]):
+        self.dense = _LayerVectors([c.dense for c in per_lane]) if False in kinds else None
+        self.moe = _LayerVectors([c.moe for c in per_lane]) if True in kinds else None
         self.logits_fwd = np.array([c.logits_fwd_ms for c in per_lane])
         self.logits_bwd = BACKWARD_FACTOR * self.logits_fwd
         self.p2p_bytes = np.array([c.p2p_bytes for c in per_lane])
@@ -198,7 +199,8 @@ class TrainingSim:
             for d, mbs in enumerate(seq_lens[: self.simulated_dp])
             for i, lens in enumerate(mbs)
         }
-        self._cohort_costs: dict[tuple, _CohortCosts] = {}
+        self._cohort_costs: dict[int, _CohortCosts] = {}
+        self._layer_kinds = {self.model.is_moe_layer(i) for i in range(self.model.num_layers)}
         self.expert_timer = ExpertTimer(plan) if self.model.moe else None
         self.dispatches: list[DispatchBatch] = []
         self.dispatch_layers: list[int] = []
@@ -264,7 +266,8 @@ class TrainingSim:
         found = self._cohort_costs.get(mb)
         if found is None:
             per_lane = [self.costs[(ln.dp, mb)] for ln in co.lanes]
-            found = self._cohort_costs[mb] = _CohortCosts(per_lane, self._act_bytes)
+            found = self._cohort_costs[mb] = _CohortCosts(per_lane, self._act_bytes,
+                                                          self._layer_kinds)  # fmt: skip
         return found
 
     # ---- running ---------------------------------------------------------------------------
