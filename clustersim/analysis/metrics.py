@@ -34,15 +34,29 @@ def union_length_by_lane(
     """Length of the union of intervals, per lane (vectorised sweep)."""
     if len(lanes) == 0:
         return np.zeros(num_lanes)
+    order = _lane_time_order(lanes, starts, ends)
+    return _sorted_union_by_lane(lanes[order], starts[order], ends[order], num_lanes)
+
+
+def _lane_time_order(lanes: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Row order by lane, then start (stable)."""
+    span = float(max(ends.max(), 0.0)) + 1.0
+    return np.argsort(starts + lanes.astype(np.float64) * span, kind="stable")
+
+
+def _sorted_union_by_lane(
+    lanes: np.ndarray, starts: np.ndarray, ends: np.ndarray, num_lanes: int
+) -> np.ndarray:
+    """:func:`union_length_by_lane` of rows already ordered by lane, then start."""
+    if len(lanes) == 0:
+        return np.zeros(num_lanes)
     span = float(max(ends.max(), 0.0)) + 1.0
     offset = lanes.astype(np.float64) * span  # lanes occupy disjoint ranges of one axis
     s, e = starts + offset, ends + offset
-    order = np.argsort(s, kind="stable")
-    s, e, ln = s[order], e[order], lanes[order]
     reach = np.maximum.accumulate(e)
     before = np.concatenate(([-np.inf], reach[:-1]))
     gained = np.maximum(0.0, e - np.maximum(s, before))
-    return np.bincount(ln, weights=gained, minlength=num_lanes)
+    return np.bincount(lanes, weights=gained, minlength=num_lanes)
 
 
 def training_metrics(plan: Plan, rec: Recorder, res: SimResult) -> dict[str, Any]:
@@ -52,13 +66,18 @@ def training_metrics(plan: Plan, rec: Recorder, res: SimResult) -> dict[str, Any
     start, end = cols["start_ms"], cols["end_ms"]
     n, wall = len(res.lanes), res.iteration_time_ms
     comp, comm = kind == Kind.COMPUTE, kind != Kind.COMPUTE
-    compute_union = union_length_by_lane(lanes[comp], start[comp], end[comp], n)
-    all_union = union_length_by_lane(lanes, start, end, n)
+    # One sort serves all three unions: a subset of sorted rows stays sorted, and clipping the
+    # times at the pipeline's end keeps their order.
+    order = _lane_time_order(lanes, start, end) if len(lanes) else np.empty(0, np.int64)
+    lanes_o, start_o, end_o, kind_o = lanes[order], start[order], end[order], kind[order]
+    comp_o = kind_o == Kind.COMPUTE
+    compute_union = _sorted_union_by_lane(lanes_o[comp_o], start_o[comp_o], end_o[comp_o], n)
+    all_union = _sorted_union_by_lane(lanes_o, start_o, end_o, n)
     exposed = all_union - compute_union
-    stream = kind != Kind.COMM_ASYNC
+    stream = kind_o != Kind.COMM_ASYNC
     t_pipe = res.pipeline_end_ms or wall
-    busy_pipe = union_length_by_lane(
-        lanes[stream], np.minimum(start[stream], t_pipe), np.minimum(end[stream], t_pipe), n
+    busy_pipe = _sorted_union_by_lane(
+        lanes_o[stream], np.minimum(start_o[stream], t_pipe), np.minimum(end_o[stream], t_pipe), n
     )
     rank_busy = np.repeat(compute_union, plan.parallel.tp) - _idle_by_lane_rank(rec, res)
     durations = end - start
