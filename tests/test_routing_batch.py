@@ -66,16 +66,31 @@ def test_batch_counts_have_the_per_token_distribution():
     np.testing.assert_allclose(batch.tokens_per_expert.var(axis=0), singles.var(axis=0), rtol=0.3)
 
 
-def test_rows_routed_per_token_equal_single_calls():
-    """Rows too small for count-level routing (auto mode) are routed as single calls."""
-    router = Router(MIXTRAL, 8, seed=2)
-    tokens = _tokens(6, 8)
-    tokens[::2] = 3  # a few tokens: per-token sampling is cheaper
-    out = router.route_many(4, np.arange(6), tokens)
-    for k in (0, 2, 4):
-        single = router.route(4, k, tokens[k])
-        assert np.array_equal(out.tokens_per_expert[k], single.tokens_per_expert)
-        assert np.array_equal(out.a2a_tokens[k], single.a2a_tokens)
+def test_rows_routed_per_token_have_the_single_call_distribution():
+    """Rows too small for count-level routing (auto mode) are sampled token by token, all in
+    one kernel call: same mean loads and spread as single ``route`` calls, tokens conserved."""
+    rows, ep = 400, 8
+    tokens = np.full((rows, ep), 40)  # 320 tokens a row: per-token sampling is cheaper
+    router = Router(MIXTRAL, ep, seed=2)
+    assert not router._by_counts(int(tokens[0].sum()))
+    batch = router.route_many(4, np.arange(rows), tokens)
+    assert (batch.a2a_tokens.sum(axis=2) == tokens * 2).all()
+    singles = np.array([router.route(4, k, tokens[k]).tokens_per_expert for k in range(rows)])
+    mean_b, mean_s = batch.tokens_per_expert.mean(axis=0), singles.mean(axis=0)
+    se = np.sqrt(batch.tokens_per_expert.var(axis=0) / rows + singles.var(axis=0) / rows)
+    assert np.all(np.abs(mean_b - mean_s) < 5 * se)
+    np.testing.assert_allclose(batch.tokens_per_expert.var(axis=0), singles.var(axis=0), rtol=0.3)
+
+
+def test_node_limited_batch_keeps_tokens_on_their_nodes():
+    """One node of two per token: a row's single token sends both its copies to one node."""
+    moe = MoESpec(num_experts=8, top_k=2, max_nodes_per_token=1)
+    router = Router(moe, 4, seed=0, gpus_per_node_in_ep=2)
+    tokens = np.eye(4, dtype=np.int64)[np.arange(12) % 4]  # one token from one source a row
+    out = router.route_many(0, np.arange(12), tokens)
+    per_node = out.a2a_tokens.reshape(12, 4, 2, 2).sum(axis=3)  # (row, source, node)
+    assert ((per_node == 0) | (per_node == 2)).all()
+    assert (per_node.sum(axis=(1, 2)) == 2).all()
 
 
 def test_batch_rejects_bad_input():
@@ -122,3 +137,15 @@ def test_sampled_routing_batch_matches_router_counts():
     assert (batch.active_experts == np.count_nonzero(
         out.tokens_per_expert.reshape(8, 4, 2), axis=2)).all()  # fmt: skip
     assert src.elapsed_s > 0
+
+
+def test_batch_per_token_chunks_equal_one_chunk(monkeypatch):
+    """Rows are routed per token in chunks of whole rows drawn in order from one stream."""
+    from clustersim.routing import router as router_module
+
+    moe, tokens = MoESpec(num_experts=16, top_k=2), _tokens(6, 4, 100, 300)
+    whole = Router(moe, 4, seed=2, mode="tokens").route_many(0, np.arange(6), tokens)
+    monkeypatch.setattr(router_module, "_MAX_ASSIGNMENTS_PER_CHUNK", 1500)
+    chunked = Router(moe, 4, seed=2, mode="tokens").route_many(0, np.arange(6), tokens)
+    assert np.array_equal(whole.tokens_per_expert, chunked.tokens_per_expert)
+    assert np.array_equal(whole.a2a_tokens, chunked.a2a_tokens)

@@ -23,8 +23,10 @@ different samples from the same seed.
 Batches: ``route_many(layer, keys, tokens)`` routes many calls of one layer at once (the
 engine routes every micro-batch of every EP group of a layer in one call). Rows routed by
 counts are drawn together from one stream, ``SeedSequence([seed, layer, BATCH_STREAM,
-*keys])``; rows routed by tokens are routed one by one as ``route(layer, key, ...)``. The
-result depends on the layer, the keys and the tokens only.
+*keys])``; rows routed by tokens together from ``SeedSequence([seed, layer, BATCH_STREAM,
+TOKEN_STREAM, *keys])``, every (row, source rank) a source of one kernel call (per-token
+capacity bookkeeping, which the counts do not need, is skipped). The result depends on the
+layer, the keys and the tokens only.
 
 Memory: tokens are routed in chunks of whole source ranks of at most ~4M token-expert
 assignments, drawing their uniforms in order from the one generator.
@@ -54,6 +56,7 @@ from clustersim.spec.schema import MoESpec
 
 _MAX_ASSIGNMENTS_PER_CHUNK = 1 << 22
 BATCH_STREAM = 2**32 - 1  # marks the batch streams apart from route()'s [seed, layer, mb, step]
+TOKEN_STREAM = 1  # within a batch: the rows routed per token
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,16 +178,18 @@ def uniform_outcome(
     return _outcome(counts, None, False, 0)
 
 
-def _source_chunks(tokens: np.ndarray, top_k: int) -> Iterator[tuple[int, int]]:
-    """Consecutive source-rank ranges [lo, hi) of at most the chunk size (or one rank)."""
+def _source_chunks(tokens: np.ndarray, top_k: int, align: int = 1) -> Iterator[tuple[int, int]]:
+    """Consecutive source-rank ranges [lo, hi) of at most the chunk size (or one block of
+    ``align`` ranks), cut only at multiples of ``align``."""
     if tokens.sum() * top_k <= _MAX_ASSIGNMENTS_PER_CHUNK:
         yield 0, tokens.size
         return
     lo, size = 0, 0
-    for s, count in enumerate(tokens * top_k):
-        if s > lo and size + count > _MAX_ASSIGNMENTS_PER_CHUNK:
-            yield lo, s
-            lo, size = s, 0
+    blocks = tokens.reshape(-1, align).sum(axis=1) * top_k
+    for b, count in enumerate(blocks.tolist()):
+        if b * align > lo and size + count > _MAX_ASSIGNMENTS_PER_CHUNK:
+            yield lo, b * align
+            lo, size = b * align, 0
         size += int(count)
     yield lo, tokens.size
 
@@ -325,9 +330,12 @@ class Router:
             counts[by_counts] = self._subset_sampler(layer).sample_counts_many(
                 np.random.default_rng(seq), tokens[by_counts]
             )
-        tokens_mode = []
-        for i in np.flatnonzero(~by_counts):  # per token, one call at a time
-            tokens_mode.append((i, self.route(layer, int(keys[i]), tokens[i])))
+        if not by_counts.all():  # the other rows per token, all their sources as one chunk
+            rows = np.flatnonzero(~by_counts)
+            seq = np.random.SeedSequence(
+                [self.seed, layer, BATCH_STREAM, TOKEN_STREAM, *keys[rows].tolist()]
+            )
+            counts[rows] = self._token_counts(layer, np.random.default_rng(seq), tokens[rows])
         capacity = None
         if moe.capacity_factor is not None:
             capacity = megatron_capacity(tokens, moe.top_k, experts, moe.capacity_factor)
@@ -342,10 +350,24 @@ class Router:
             )
         a2a = computed.reshape(keys.size, self.ep, self.ep, experts // self.ep).sum(axis=3)
         per_expert = computed.sum(axis=1)
-        for i, out in tokens_mode:
-            a2a[i], per_expert[i] = out.a2a_tokens, out.tokens_per_expert
-            routed[i], dropped[i] = out.routed_tokens, out.dropped_tokens
         return BatchOutcome(per_expert, a2a.sum(axis=1), a2a, dropped, routed)
+
+    def _token_counts(self, layer: int, rng: np.random.Generator, tokens: np.ndarray) -> np.ndarray:
+        """Assignments (R, ep, E) of rows ``tokens`` (R, ep) sampled token by token, every
+        (row, source rank) a source of the numba kernels, in chunks of whole rows."""
+        moe, sampler = self.moe, self._sampler(layer)
+        flat = tokens.reshape(-1)
+        counts = np.zeros((flat.size, moe.num_experts), np.int64)
+        for lo, hi in _source_chunks(flat, moe.top_k, align=self.ep):
+            chunk = flat[lo:hi]
+            num_tokens = int(chunk.sum())
+            group_uniforms = None
+            if self._nodes_per_token:
+                group_uniforms = rng.random((num_tokens, self._nodes_per_token))
+            experts, _ = sampler.sample(rng.random((num_tokens, moe.top_k)), group_uniforms,
+                                        max_rejections=self.max_rejections)  # fmt: skip
+            counts[lo:hi] = count_by_source(experts, token_offsets_of(chunk), moe.num_experts)
+        return counts.reshape(tokens.shape[0], self.ep, moe.num_experts)
 
     def _route_chunk(
         self,
