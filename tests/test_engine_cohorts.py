@@ -115,3 +115,61 @@ def test_every_lane_and_gpu_has_its_rows():
         assert ((cols["op"] == Op.EXPERT_BWD) & mine).sum() == per_stage * 4
         assert ((cols["op"] == Op.OPTIMIZER) & mine).sum() == 1
     assert sorted(r for ln in sim.lanes for r in ln.ranks) == list(range(32))
+
+
+# ---- invariants of the lane clocks, over random layouts -------------------------------------
+
+from hypothesis import assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from clustersim.engine.recorder import Kind  # noqa: E402
+
+layouts = st.fixed_dictionaries({
+    "tp": st.sampled_from([1, 2]), "pp": st.sampled_from([1, 2, 4]),
+    "dp": st.sampled_from([2, 4]), "ep": st.sampled_from([2, 4]),
+    "schedule": st.sampled_from(["gpipe", "1f1b"]),
+    "overlap_communication": st.booleans(), "distributed_optimizer": st.booleans(),
+})  # fmt: skip
+
+
+@settings(max_examples=25, deadline=None)
+@given(layouts, st.integers(0, 1000))
+def test_lane_clocks_are_causal(parallel, seed):
+    """Whatever the layout: each lane's compute stream (compute and blocking collectives) and
+    its gradient stream run one op at a time; a stage starts a micro-batch's forward only after
+    its activations arrived; nothing ends after the iteration."""
+    assume(parallel["tp"] * parallel["dp"] % parallel["ep"] == 0)  # EP folds into the stage
+    parallel = {**parallel, "etp": 1, "num_microbatches": 4}
+    plan = plan_from_dict({
+        "seed": seed, "model": MODEL,
+        "hardware": {"gpu": "H100-SXM", "num_nodes": 4, "gpus_per_node": 8},
+        "parallel": parallel,
+        "workload": {"seq_len": {"dist": "uniform", "min": 64, "max": 2048}},
+    }, "test")  # fmt: skip
+    rec = Recorder(plan.parallel.world_size)
+    lengths = microbatch_lengths(plan, np.random.default_rng(seed))
+    sim = TrainingSim(plan, rec, lengths, routing_for(plan)[0], symmetric=False)
+    result = sim.run()
+    cols = rec.columns()
+    lane, kind, op = cols["lane"], cols["kind"], cols["op"]
+    start, end = cols["start_ms"], cols["end_ms"]
+    assert (end >= start).all() and end.max() <= result.iteration_time_ms * (1 + 1e-12)
+    grads = np.isin(op, [Op.GRAD_REDUCE, Op.EXPERT_GRAD_REDUCE])
+    for ln in sim.lanes:
+        for stream in ((lane == ln.index) & (kind != Kind.COMM_ASYNC),
+                       (lane == ln.index) & grads):  # fmt: skip
+            order = np.argsort(start[stream], kind="stable")
+            s, e = start[stream][order], end[stream][order]
+            assert (s[1:] >= e[:-1] - 1e-9).all()
+    lane_at = {(ln.stage, ln.dp): ln.index for ln in sim.lanes}
+    first_layer = [layers[0] for layers in sim.layout.stage_layers]
+    for ln in sim.lanes:
+        if ln.stage == 0:
+            continue
+        sender = lane_at[(ln.stage - 1, ln.dp)]
+        for mb in range(4):
+            sends = (lane == sender) & (op == Op.P2P_SEND) & (cols["microbatch"] == mb)
+            arrival = end[sends][np.argmin(start[sends])]  # the forward send comes first
+            fwd = ((lane == ln.index) & (op == Op.ATTN_FWD) & (cols["microbatch"] == mb)
+                   & (cols["layer"] == first_layer[ln.stage]))  # fmt: skip
+            assert start[fwd].min() >= arrival - 1e-9
