@@ -17,6 +17,15 @@ def _tokens(rows: int, ep: int, low: int = 500, high: int = 4000, seed: int = 0)
     return np.random.default_rng(seed).integers(low, high, size=(rows, ep))
 
 
+def _assert_same_loads(batch: np.ndarray, singles: np.ndarray) -> None:
+    """Two samples of expert loads (rows, E): the same mean within 5 standard errors, and the
+    same spread (a multinomial's variance, not a deterministic split) within 30 %."""
+    rows = len(batch)
+    se = np.sqrt(batch.var(axis=0) / rows + singles.var(axis=0) / len(singles))
+    assert np.all(np.abs(batch.mean(axis=0) - singles.mean(axis=0)) < 5 * se)
+    np.testing.assert_allclose(batch.var(axis=0), singles.var(axis=0), rtol=0.3)
+
+
 @pytest.mark.parametrize(("cf", "pad"), [(None, False), (1.0, False), (1.25, False),
                                          (1.0, True), (1.25, True)])  # fmt: skip
 def test_batch_conserves_tokens_and_respects_capacity(cf, pad):
@@ -59,11 +68,7 @@ def test_batch_counts_have_the_per_token_distribution():
     batch = Router(MIXTRAL, ep, seed=0, mode="counts").route_many(0, np.arange(rows), tokens)
     per_token = Router(MIXTRAL, ep, seed=0, mode="tokens")  # same popularity
     singles = np.array([per_token.route(0, k, tokens[k]).tokens_per_expert for k in range(rows)])
-    mean_b, mean_t = batch.tokens_per_expert.mean(axis=0), singles.mean(axis=0)
-    se = np.sqrt(batch.tokens_per_expert.var(axis=0) / rows + singles.var(axis=0) / rows)
-    assert np.all(np.abs(mean_b - mean_t) < 5 * se)
-    # and the spread (a multinomial's variance, not a deterministic split)
-    np.testing.assert_allclose(batch.tokens_per_expert.var(axis=0), singles.var(axis=0), rtol=0.3)
+    _assert_same_loads(batch.tokens_per_expert, singles)
 
 
 def test_rows_routed_per_token_have_the_single_call_distribution():
@@ -76,10 +81,7 @@ def test_rows_routed_per_token_have_the_single_call_distribution():
     batch = router.route_many(4, np.arange(rows), tokens)
     assert (batch.a2a_tokens.sum(axis=2) == tokens * 2).all()
     singles = np.array([router.route(4, k, tokens[k]).tokens_per_expert for k in range(rows)])
-    mean_b, mean_s = batch.tokens_per_expert.mean(axis=0), singles.mean(axis=0)
-    se = np.sqrt(batch.tokens_per_expert.var(axis=0) / rows + singles.var(axis=0) / rows)
-    assert np.all(np.abs(mean_b - mean_s) < 5 * se)
-    np.testing.assert_allclose(batch.tokens_per_expert.var(axis=0), singles.var(axis=0), rtol=0.3)
+    _assert_same_loads(batch.tokens_per_expert, singles)
 
 
 def test_node_limited_batch_keeps_tokens_on_their_nodes():

@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from clustersim import __version__
-from clustersim.engine.moe import Dispatch, DispatchBatch, RoutingSource, dispatch_many
+from clustersim.engine.moe import (
+    Dispatch,
+    DispatchBatch,
+    RoutingSource,
+    dispatch_many,
+    dispatch_one,
+)
 from clustersim.engine.recorder import Kind, Op, Recorder
 from clustersim.engine.training import Lane, SimResult, TrainingSim
 from clustersim.layout import Layout
@@ -106,22 +112,10 @@ class TraceSink:
                              value=lens.sum(axis=2).ravel(),
                              values=lens.reshape(replicas * mbs, -1))  # fmt: skip
 
-    def route(self, layer: int, mb: int, group: int, tokens: np.ndarray, d: Dispatch) -> None:
-        """One routing outcome (EP group ``group``, global index), one row per quantity."""
-        add = self.writer.add_row
-        where = {"layer": layer, "microbatch": mb, "group": group}
-        add("route", "member_tokens", values=tokens, **where)
-        add("route", "a2a_tokens", values=np.ravel(d.a2a_tokens), **where)
-        add("route", "received_tokens", values=d.received_tokens, **where)
-        add("route", "active_experts", values=d.active_experts, **where)
-        add("route", "expert_tokens", values=d.tokens_per_expert, **where)
-        add("route", "dropped_tokens", value=float(d.dropped_tokens), **where)
-        add("route", "routed_tokens", value=float(d.routed_tokens), **where)
-
     def route_batch(self, layer: int, mbs: np.ndarray, groups: np.ndarray, tokens: np.ndarray,
                     d: DispatchBatch) -> None:  # fmt: skip
         """A batch of routing outcomes (rows ``i``: micro-batch ``mbs[i]``, EP group
-        ``groups[i]``), the rows of :meth:`route` written column-wise."""
+        ``groups[i]``, global index), one row per outcome and quantity, written column-wise."""
         n = len(mbs)
         where = {"layer": np.full(n, layer), "microbatch": mbs, "group": groups}
         add = self.writer.add_rows
@@ -154,11 +148,8 @@ class RecordingRouting:
         return getattr(self.inner, "elapsed_s", 0.0)
 
     def dispatch(self, layer: int, key: int, tokens_per_member: np.ndarray) -> Dispatch:
-        """Route through the wrapped source and record the outcome."""
-        out = self.inner.dispatch(layer, key, tokens_per_member)
-        mb, group = divmod(key, self.num_groups)
-        self.sink.route(layer, mb, group, tokens_per_member, out)
-        return out
+        """Route one outcome through the wrapped source and record it."""
+        return dispatch_one(self, layer, key, tokens_per_member)
 
     def dispatch_many(self, layer: int, keys: np.ndarray, tokens: np.ndarray) -> DispatchBatch:
         """Route a batch through the wrapped source and record every row."""

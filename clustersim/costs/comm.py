@@ -224,12 +224,17 @@ def _port_cost(
     intra_bytes: float, inter_bytes: float, n: int, slow: GroupLink, intra: LinkSpec
 ) -> CollectiveCost:
     """Busiest intra- and inter-node port bytes -> time; the two port classes work in parallel."""
-    time_ms = max(
+    time_ms = float(_port_time_ms(intra_bytes, inter_bytes, n, slow, intra))
+    return CollectiveCost(time_ms, intra_bytes + inter_bytes, inter_bytes)
+
+
+def _port_time_ms(intra_bytes, inter_bytes, n: int, slow: GroupLink, intra: LinkSpec):
+    """:func:`_port_cost`'s time, for scalars or arrays of port bytes."""
+    time_ms = np.maximum(
         transfer_ms(intra_bytes, intra.bandwidth_gbps),
         transfer_ms(inter_bytes, slow.bandwidth_gbps),
     )
-    time_ms += (n - 1) * slow.latency_us * 1e-3
-    return CollectiveCost(time_ms, intra_bytes + inter_bytes, inter_bytes)
+    return time_ms + (n - 1) * slow.latency_us * 1e-3
 
 
 def all_to_all_v_cost(
@@ -265,12 +270,8 @@ def all_to_all_v_times_ms(
         return np.zeros(matrix.shape[0])
     matrix[:, np.arange(n), np.arange(n)] = 0.0  # a rank's own share is a local copy
     intra_bytes, inter_bytes = _busiest_ports(matrix, ranks, gpus_per_node)
-    slow, intra = link_for_group(ranks, gpus_per_node, hw), hw.intra_node
-    time_ms = np.maximum(
-        transfer_ms(intra_bytes, intra.bandwidth_gbps),
-        transfer_ms(inter_bytes, slow.bandwidth_gbps),
-    )
-    return time_ms + (n - 1) * slow.latency_us * 1e-3
+    slow = link_for_group(ranks, gpus_per_node, hw)
+    return _port_time_ms(intra_bytes, inter_bytes, n, slow, hw.intra_node)
 
 
 def _busiest_ports(

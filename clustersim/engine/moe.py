@@ -64,6 +64,12 @@ def dispatch_many(
                                 for k, t in zip(keys, tokens, strict=True)])  # fmt: skip
 
 
+def dispatch_one(source, layer: int, key: int, tokens_per_member: np.ndarray) -> Dispatch:
+    """One outcome of a source that routes batches (``dispatch_many`` with one row)."""
+    one = np.asarray(tokens_per_member)[None]
+    return source.dispatch_many(layer, np.array([key]), one).item(0)
+
+
 class RoutingSource(Protocol):
     """Anything that can route one EP group's tokens."""
 
@@ -80,16 +86,10 @@ class EvenSplit:
 
     def dispatch(self, layer: int, key: int, tokens_per_member: np.ndarray) -> Dispatch:
         """Even split: member i sends T_i * k / ep copies to every member."""
-        k, ep, experts = self.moe.top_k, self.ep, self.moe.num_experts
-        copies = tokens_per_member.astype(np.float64) * k
-        a2a = np.repeat((copies / ep)[:, None], ep, axis=1)
-        received = a2a.sum(axis=0)
-        per_expert = np.full(experts, copies.sum() / experts)
-        active = np.full(ep, experts // ep if copies.sum() > 0 else 0)
-        return Dispatch(a2a, received, active, per_expert, 0.0, float(copies.sum()))
+        return dispatch_one(self, layer, key, tokens_per_member)
 
     def dispatch_many(self, layer: int, keys: np.ndarray, tokens: np.ndarray) -> DispatchBatch:
-        """:meth:`dispatch` for every row of ``tokens`` (B, ep)."""
+        """The even split of every row of ``tokens`` (B, ep)."""
         k, ep, experts = self.moe.top_k, self.ep, self.moe.num_experts
         copies = np.asarray(tokens, dtype=np.float64) * k
         a2a = np.repeat((copies / ep)[:, :, None], ep, axis=2)
@@ -114,29 +114,30 @@ class SampledRouting:
         """Route by sampling; ``key`` selects the random stream (with the plan's seed)."""
         started = time.perf_counter()
         out = self.router.route(layer, key, tokens_per_member)
+        batch = self._batch(out.tokens_per_expert[None], out.a2a_tokens[None],
+                            out.tokens_per_rank[None], [out.dropped_tokens],
+                            [out.routed_tokens])  # fmt: skip
         self.elapsed_s += time.perf_counter() - started
-        per_rank = out.tokens_per_expert.reshape(self.ep, -1)
-        return Dispatch(
-            out.a2a_tokens.astype(np.float64),
-            out.tokens_per_rank.astype(np.float64),
-            np.count_nonzero(per_rank, axis=1),
-            out.tokens_per_expert,
-            float(out.dropped_tokens),
-            float(out.routed_tokens),
-        )
+        return batch.item(0)
 
     def dispatch_many(self, layer: int, keys: np.ndarray, tokens: np.ndarray) -> DispatchBatch:
         """Route a batch (``Router.route_many``: one stream for the rows routed by counts)."""
         started = time.perf_counter()
         out = self.router.route_many(layer, keys, tokens)
-        per_rank = out.tokens_per_expert.reshape(len(keys), self.ep, -1)
-        batch = DispatchBatch(
-            out.a2a_tokens.astype(np.float64),
-            out.tokens_per_rank.astype(np.float64),
-            np.count_nonzero(per_rank, axis=2),
-            out.tokens_per_expert,
-            out.dropped_tokens.astype(np.float64),
-            out.routed_tokens.astype(np.float64),
-        )
+        batch = self._batch(out.tokens_per_expert, out.a2a_tokens, out.tokens_per_rank,
+                            out.dropped_tokens, out.routed_tokens)  # fmt: skip
         self.elapsed_s += time.perf_counter() - started
         return batch
+
+    def _batch(self, tokens_per_expert, a2a_tokens, tokens_per_rank, dropped, routed):
+        """The router's integer counts as the engine's float batch (active experts per rank:
+        the rank's experts with at least one token)."""
+        per_rank = np.asarray(tokens_per_expert).reshape(len(tokens_per_expert), self.ep, -1)
+        return DispatchBatch(
+            np.asarray(a2a_tokens, dtype=np.float64),
+            np.asarray(tokens_per_rank, dtype=np.float64),
+            np.count_nonzero(per_rank, axis=2),
+            tokens_per_expert,
+            np.asarray(dropped, dtype=np.float64),
+            np.asarray(routed, dtype=np.float64),
+        )

@@ -2,13 +2,12 @@
 
 The engine appends one row per compute op or collective of a lane (a TP group driven in
 lockstep). A cohort of lanes that meet in every all-to-all appends one *block* per op: the
-rows of all its lanes at once, as arrays of start and end times (``add_block``); single rows
-(``add``) remain for tests and rare events. Blocks are frozen into numpy column chunks of
-about ``chunk_rows`` rows; appending costs one Python call, never a dict per row. Metrics
-(``analysis.metrics``) read the columns; an optional
-``sink`` (the trace writer) receives every chunk of columns as it is frozen. Per-GPU
-differences inside a lane (expert GEMMs of unequal size) are kept as a per-rank idle
-adjustment, so the metrics still speak of every GPU.
+rows of all its lanes at once, as arrays of start and end times (``add_block``; ``add`` is a
+block of one row). Blocks are frozen into numpy column chunks of about ``chunk_rows`` rows;
+appending costs one Python call, never a dict per row. Metrics (``analysis.metrics``) read
+the columns; an optional ``sink`` (the trace writer) receives every chunk of columns as it is
+frozen. Per-GPU differences inside a lane (expert GEMMs of unequal size) are kept as a
+per-rank idle adjustment, so the metrics still speak of every GPU.
 """
 
 from __future__ import annotations
@@ -63,11 +62,10 @@ _COLUMNS = {
 
 
 class Recorder:
-    """Append-only event rows: single rows as tuples, blocks of rows as arrays, frozen in
-    recording order into numpy column chunks of about ``chunk_rows`` rows."""
+    """Append-only event rows: blocks of rows as arrays, frozen in recording order into numpy
+    column chunks of about ``chunk_rows`` rows."""
 
     def __init__(self, world_size: int, chunk_rows: int = 1 << 16):
-        self._rows: list[tuple] = []
         self._blocks: list[tuple] = []
         self._block_rows = 0
         self._chunks: list[dict[str, np.ndarray]] = []
@@ -79,7 +77,7 @@ class Recorder:
     @property
     def size(self) -> int:
         """Rows recorded."""
-        return self._frozen + self._block_rows + len(self._rows)
+        return self._frozen + self._block_rows
 
     def add(
         self,
@@ -93,10 +91,8 @@ class Recorder:
         nbytes: float = 0.0,
     ) -> None:
         """Append one row."""
-        rows = self._rows
-        rows.append((lane, kind, op, start_ms, end_ms, layer, microbatch, nbytes))
-        if len(rows) >= self._chunk_rows:
-            self._freeze()
+        self.add_block(np.array([lane], np.int32), kind, op, np.array([start_ms]),
+                       np.array([end_ms]), layer, microbatch, nbytes)  # fmt: skip
 
     def add_block(
         self,
@@ -111,24 +107,12 @@ class Recorder:
     ) -> None:
         """Append one row per lane of ``lanes``: the same op, per-lane start and end times
         (arrays of the same length) and bytes (one value for all, or an array)."""
-        if self._rows:  # keep recording order
-            self._rows_to_block()
         self._blocks.append((lanes, kind, op, start_ms, end_ms, layer, microbatch, nbytes))
         self._block_rows += len(lanes)
         if self._block_rows >= self._chunk_rows:
             self._freeze()
 
-    def _rows_to_block(self) -> None:
-        table = np.array(self._rows, dtype=np.float64)
-        self._rows = []
-        for row in table:  # one block per row keeps every column's type handling in one place
-            self._blocks.append((row[0:1].astype(np.int32), int(row[1]), int(row[2]), row[3:4],
-                                 row[4:5], int(row[5]), int(row[6]), float(row[7])))  # fmt: skip
-        self._block_rows += len(table)
-
     def _freeze(self) -> None:
-        if self._rows:
-            self._rows_to_block()
         blocks = self._blocks
         if not blocks:
             return

@@ -31,9 +31,7 @@ class Rendezvous:
     A member may also arrive *after* it was ready (``ready_at`` < now): a process that drives
     several lanes waits for the slowest of them, but each lane keeps its own clock, so the
     start is the latest ``ready_at``, never the arrival time. The shared event then fires no
-    earlier than now; its value, not the firing time, is what members use. One arrival may
-    stand for ``count`` members (the lanes of a cohort that joins with their latest
-    ``ready_at``).
+    earlier than now; its value, not the firing time, is what members use.
     """
 
     def __init__(self, env: simpy.Environment):
@@ -48,18 +46,16 @@ class Rendezvous:
         ready_at: float,
         timing: Callable[..., tuple[float, Any]],
         *args: Any,
-        count: int = 1,
     ) -> simpy.Event:
-        """Join collective ``key`` of ``expected`` members as ``count`` of them;
-        ``timing(payloads, *args)`` gives ``(duration_ms, info)`` once everyone is there."""
+        """Join collective ``key`` of ``expected`` members; ``timing(payloads, *args)`` gives
+        ``(duration_ms, info)`` once everyone is there."""
         entry = self._open.get(key)
         if entry is None:
-            entry = [self.env.event(), [], 0]
+            entry = (self.env.event(), [])
             self._open[key] = entry
-        done, ready = entry[0], entry[1]
+        done, ready = entry
         ready.append(ready_at)
-        entry[2] += count
-        if entry[2] >= expected:
+        if len(ready) == expected:
             del self._open[key]
             duration_ms, info = timing(ready, *args)
             start = max(ready)

@@ -51,6 +51,7 @@ from clustersim.costs.comm import (
     all_to_all_v_times_ms,
     collective_time_ms,
     link_for_group,
+    p2p_ms,
 )
 from clustersim.costs.compute import BACKWARD_FACTOR, DTYPE_BYTES
 from clustersim.costs.memory import stage_params_per_gpu
@@ -192,13 +193,7 @@ class TrainingSim:
         self._mb_tokens = np.array([[int(x.sum()) for x in mbs] for mbs in seq_lens])
         self._act_bytes = self.model.hidden_size * DTYPE_BYTES[self.model.dtype]
         self.lanes = self._make_lanes()
-        self._lane_of = {r: ln.index for ln in self.lanes for r in ln.ranks}
         self.cohorts = [self._make_cohort(stage) for stage in range(self.par.pp)]
-        self.costs = {
-            (d, i): MicrobatchCosts(plan, self.lanes[0].ranks, lens)
-            for d, mbs in enumerate(seq_lens[: self.simulated_dp])
-            for i, lens in enumerate(mbs)
-        }
         self._cohort_costs: dict[int, _CohortCosts] = {}
         self._layer_kinds = {self.model.is_moe_layer(i) for i in range(self.model.num_layers)}
         self.expert_timer = ExpertTimer(plan) if self.model.moe else None
@@ -212,7 +207,8 @@ class TrainingSim:
         self._pipeline_end = 0.0
         self._counts = count_params(self.model)
         self._layer_grads: dict[int, tuple[float, float]] = {}
-        self._cache: dict[tuple, object] = {}  # collective durations and link vectors
+        self._collective_ms: dict[tuple, float] = {}
+        self._links: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     # ---- construction ----------------------------------------------------------------------
     def _make_lanes(self) -> list[Lane]:
@@ -262,10 +258,13 @@ class TrainingSim:
         return layers[chunk * per_chunk : (chunk + 1) * per_chunk]
 
     def _costs_of(self, co: Cohort, mb: int) -> _CohortCosts:
-        """Per-lane op times of micro-batch ``mb`` (the same on every stage)."""
+        """Per-lane op times of micro-batch ``mb`` (the same on every stage: every stage's
+        lanes are the same replicas, and TP groups have the same shape)."""
         found = self._cohort_costs.get(mb)
         if found is None:
-            per_lane = [self.costs[(ln.dp, mb)] for ln in co.lanes]
+            ranks = self.lanes[0].ranks
+            per_lane = [MicrobatchCosts(self.plan, ranks, self.seq_lens[ln.dp][mb])
+                        for ln in co.lanes]  # fmt: skip
             found = self._cohort_costs[mb] = _CohortCosts(per_lane, self._act_bytes,
                                                           self._layer_kinds)  # fmt: skip
         return found
@@ -339,8 +338,8 @@ class TrainingSim:
         # before every stage has finished its backward and gradient reduction. A barrier
         # (the tiny all-reduce's latency is not charged).
         ready = float(np.maximum(free, comm_free).max())
-        start, _end, _ = yield self.rv.arrive(("optimizer_barrier",), len(self.lanes), ready,
-                                              _fixed, 0.0, count=len(co.lanes))  # fmt: skip
+        start, _end, _ = yield self.rv.arrive(("optimizer_barrier",), len(self.cohorts), ready,
+                                              _fixed, 0.0)  # fmt: skip
         yield from self._optimizer(co, start)
 
     def _tick(self, lanes: int) -> None:
@@ -493,10 +492,7 @@ class TrainingSim:
         etp_ms = None
         if etp > 1:
             sizes = received.reshape(m, lanes, tp).max(axis=2) * self._act_bytes
-            links = [link_for_group(ln.ranks[:etp], self.hw.gpus_per_node, self.hw)
-                     for ln in co.lanes]  # fmt: skip
-            bandwidth = np.array([ln.bandwidth_gbps for ln in links])
-            latency = np.array([ln.latency_us for ln in links])
+            bandwidth, latency = self._link_vectors([ln.ranks[:etp] for ln in co.lanes])
             etp_ms = all_gather_ms(sizes, etp, bandwidth, latency)
         return fwd, fwd * factor, etp_ms
 
@@ -506,23 +502,22 @@ class TrainingSim:
         """Send every lane's activations (or gradients) to the same replica's lane of the
         next (previous) stage; each lane's transfer starts when the lane is free."""
         peer = self.cohorts[to_vstage % self.par.pp]
-        bandwidth_gbps, latency_us = self._p2p_links(co, peer)
-        arrive = free + (nbytes / (bandwidth_gbps * 1e6) + latency_us * 1e-3)
+        pairs = [[a.ranks[0], b.ranks[0]] for a, b in zip(co.lanes, peer.lanes, strict=True)]
+        arrive = free + p2p_ms(nbytes, *self._link_vectors(pairs))
         self.rec.add_block(co.lane_ids, Kind.COMM_ASYNC, Op.P2P_SEND, free, arrive, -1, mb,
                            nbytes)  # fmt: skip
         target = self._event((what, to_vstage, mb))
         trigger_at(target, arrive, max(0.0, float(arrive.max()) - self.env.now))
 
-    def _p2p_links(self, co: Cohort, peer: Cohort) -> tuple[np.ndarray, np.ndarray]:
-        """Per-lane bandwidth and latency of the links from ``co``'s lanes to ``peer``'s."""
-        key = ("p2p", co.stage, peer.stage)
-        found = self._cache.get(key)
+    def _link_vectors(self, groups: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Bandwidth (GB/s) and latency (µs) of each group's slowest link, as arrays (one
+        entry per lane; cached by the groups)."""
+        key = tuple(map(tuple, groups))
+        found = self._links.get(key)
         if found is None:
-            links = [link_for_group([a.ranks[0], b.ranks[0]], self.hw.gpus_per_node, self.hw)
-                     for a, b in zip(co.lanes, peer.lanes, strict=True)]  # fmt: skip
-            found = (np.array([ln.bandwidth_gbps for ln in links]),
-                     np.array([ln.latency_us for ln in links]))  # fmt: skip
-            self._cache[key] = found
+            links = [link_for_group(g, self.hw.gpus_per_node, self.hw) for g in groups]
+            found = self._links[key] = (np.array([ln.bandwidth_gbps for ln in links]),
+                                        np.array([ln.latency_us for ln in links]))  # fmt: skip
         return found
 
     # ---- data-parallel gradients and the optimizer -----------------------------------------
@@ -561,19 +556,16 @@ class TrainingSim:
         layer_dense = sum(self._layer_grad_bytes(i)[0] for i in self.layout.stage_layers[stage])
         return max(0.0, dense_params * GRAD_BYTES - layer_dense)
 
-    def _lane_groups(self, co: Cohort, kind: str) -> list[tuple[list[int], np.ndarray, int]]:
+    def _lane_groups(self, co: Cohort, kind: str) -> list[tuple[list[int], np.ndarray]]:
         """The cohort's lanes by their ``kind`` group (of their first rank): (group, lane
-        positions, simulated lanes in the group), for groups of more than one GPU."""
+        positions), for groups of more than one GPU. DP and EDP groups lie inside a stage, so
+        every simulated member of a group is a lane of this cohort."""
         by_first: dict[int, tuple[list[int], list[int]]] = {}
         for pos, ln in enumerate(co.lanes):
             group = self.layout.group_of(kind, ln.ranks[0])
             by_first.setdefault(group[0], (group, []))[1].append(pos)
-        out = []
-        for group, positions in by_first.values():
-            if len(group) > 1:
-                expected = len({self._lane_of[r] for r in group if r in self._lane_of})
-                out.append((group, np.array(positions), expected))
-        return out
+        return [(group, np.array(positions)) for group, positions in by_first.values()
+                if len(group) > 1]  # fmt: skip
 
     def _grad_stream(self, co: Cohort, buckets: simpy.Store):
         """The cohort's communication streams (one per lane, FIFO): gradient buckets, one
@@ -582,7 +574,6 @@ class TrainingSim:
         edp_groups = self._lane_groups(co, "edp") if self.model.moe else []
         kind_row = Kind.COMM_ASYNC if self.par.overlap_communication else Kind.COMM
         free = np.zeros(len(co.lanes))
-        index = 0
         while True:
             item = yield buckets.get()
             if item is None:
@@ -594,36 +585,25 @@ class TrainingSim:
             ):
                 if groups and size > 0:
                     start = np.maximum(ready, free)  # the bucket is ready, the stream is free
-                    ends = yield from self._dp_collective(co, groups, size, op, index, start)
+                    ends = self._dp_collective(co, groups, size, op, start)
+                    yield self._reach(float(ends.max()))
                     self.rec.add_block(co.lane_ids, kind_row, op, start, ends, -1, -1, size)
                     free = ready = ends
-            index += 1
 
-    def _dp_collective(self, co: Cohort, groups, size: float, op: Op, index: int,
-                       start: np.ndarray):  # fmt: skip
-        """One bucket's reduction over each of the cohort's DP (or EDP) groups; returns the
-        lanes' end times."""
+    def _dp_collective(self, co: Cohort, groups, size: float, op: Op,
+                       start: np.ndarray) -> np.ndarray:  # fmt: skip
+        """One bucket's reduction over each of the cohort's DP (or EDP) groups: each starts
+        when its last member's stream is ready. Returns the lanes' end times."""
         kind = "reduce_scatter" if self.par.distributed_optimizer else "all_reduce"
-        waits = []
-        for group, positions, expected in groups:
+        ends = np.empty(len(co.lanes))
+        for group, positions in groups:
             key = (kind, int(op), size, group[0])
-            duration = self._cache.get(key)
+            duration = self._collective_ms.get(key)
             if duration is None:
-                duration = self._cache[key] = collective_time_ms(
+                duration = self._collective_ms[key] = collective_time_ms(
                     kind, size, group, self.hw.gpus_per_node, self.hw, "hierarchical"
                 )
-            rv_key = (int(op), co.stage, group[0], index)
-            waits.append((positions, self.rv.arrive(rv_key, expected,
-                                                    float(start[positions].max()), _fixed,
-                                                    duration, count=len(positions))))  # fmt: skip
-        ends = np.empty(len(co.lanes))
-        if len(waits) == 1:
-            _start, end, _ = yield waits[0][1]
-            ends[:] = end
-        else:
-            results = yield self.env.all_of([ev for _, ev in waits])
-            for positions, ev in waits:
-                ends[positions] = results[ev][1]
+            ends[positions] = float(start[positions].max()) + duration
         return ends
 
     def _param_gather(self, co: Cohort, start: np.ndarray, blocking: bool) -> float:

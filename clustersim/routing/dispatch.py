@@ -242,9 +242,11 @@ def keep_mask(
 
 
 def dispatch_matrix(counts_by_source: np.ndarray, ep: int) -> np.ndarray:
-    """All-to-all assignments (S, ep) int64: ``[s, r]`` = sum of counts to the experts of rank r."""
+    """All-to-all assignments (S, ep) int64: ``[s, r]`` = sum of counts to the experts of rank r
+    (any leading batch axes are kept: (..., S, E) -> (..., S, ep))."""
     counts_by_source = np.asarray(counts_by_source, dtype=np.int64)
-    sources, num_experts = counts_by_source.shape
+    num_experts = counts_by_source.shape[-1]
     if ep < 1 or num_experts % ep:
         raise ValueError(f"{num_experts} experts do not split over ep = {ep} ranks")
-    return counts_by_source.reshape(sources, ep, num_experts // ep).sum(axis=2)
+    shape = counts_by_source.shape[:-1] + (ep, num_experts // ep)
+    return counts_by_source.reshape(shape).sum(axis=-1)

@@ -136,25 +136,30 @@ def _outcome(
     counts: np.ndarray, capacity: np.ndarray | None, pad: bool, fully_dropped: int | None
 ) -> RoutingOutcome:
     """Outcome from assignments per (source rank, expert) and each source rank's capacity."""
-    ep = counts.shape[0]
-    routed = int(counts.sum())
-    if capacity is None:
-        computed, dropped = counts, 0
-    else:
-        kept = np.minimum(counts, capacity[:, None])
-        dropped = routed - int(kept.sum())
-        computed = np.broadcast_to(capacity[:, None], counts.shape) if pad else kept
-    a2a = dispatch_matrix(computed, ep)
+    computed, dropped = _apply_capacity(counts, capacity, pad)
+    a2a = dispatch_matrix(computed, counts.shape[0])
     return RoutingOutcome(
         tokens_per_expert=computed.sum(axis=0),
         tokens_per_rank=a2a.sum(axis=0),
         a2a_tokens=a2a,
-        dropped_tokens=dropped,
-        routed_tokens=routed,
+        dropped_tokens=int(dropped),
+        routed_tokens=int(counts.sum()),
         capacity=None if capacity is None else int(capacity.max(initial=0)),
         capacity_per_source_rank=capacity,
         fully_dropped_tokens=fully_dropped,
     )
+
+
+def _apply_capacity(
+    counts: np.ndarray, capacity: np.ndarray | None, pad: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Assignments computed (..., S, E) and dropped (...) under each source rank's capacity
+    (..., S): Megatron drops locally, per source rank and expert; padding fills to capacity."""
+    if capacity is None:
+        return counts, np.zeros(counts.shape[:-2], np.int64)
+    kept = np.minimum(counts, capacity[..., None])
+    dropped = counts.sum(axis=(-2, -1)) - kept.sum(axis=(-2, -1))
+    return (np.broadcast_to(capacity[..., None], counts.shape) if pad else kept), dropped
 
 
 def uniform_outcome(
@@ -339,18 +344,10 @@ class Router:
         capacity = None
         if moe.capacity_factor is not None:
             capacity = megatron_capacity(tokens, moe.top_k, experts, moe.capacity_factor)
-        routed = counts.sum(axis=(1, 2))
-        if capacity is None:
-            computed, dropped = counts, np.zeros(keys.size, np.int64)
-        else:
-            kept = np.minimum(counts, capacity[:, :, None])
-            dropped = routed - kept.sum(axis=(1, 2))
-            computed = (
-                np.broadcast_to(capacity[:, :, None], counts.shape) if moe.pad_to_capacity else kept
-            )
-        a2a = computed.reshape(keys.size, self.ep, self.ep, experts // self.ep).sum(axis=3)
-        per_expert = computed.sum(axis=1)
-        return BatchOutcome(per_expert, a2a.sum(axis=1), a2a, dropped, routed)
+        computed, dropped = _apply_capacity(counts, capacity, moe.pad_to_capacity)
+        a2a = dispatch_matrix(computed, self.ep)
+        return BatchOutcome(computed.sum(axis=1), a2a.sum(axis=1), a2a, dropped,
+                            counts.sum(axis=(1, 2)))  # fmt: skip
 
     def _token_counts(self, layer: int, rng: np.random.Generator, tokens: np.ndarray) -> np.ndarray:
         """Assignments (R, ep, E) of rows ``tokens`` (R, ep) sampled token by token, every
@@ -359,15 +356,27 @@ class Router:
         flat = tokens.reshape(-1)
         counts = np.zeros((flat.size, moe.num_experts), np.int64)
         for lo, hi in _source_chunks(flat, moe.top_k, align=self.ep):
-            chunk = flat[lo:hi]
-            num_tokens = int(chunk.sum())
-            group_uniforms = None
-            if self._nodes_per_token:
-                group_uniforms = rng.random((num_tokens, self._nodes_per_token))
-            experts, _ = sampler.sample(rng.random((num_tokens, moe.top_k)), group_uniforms,
-                                        max_rejections=self.max_rejections)  # fmt: skip
-            counts[lo:hi] = count_by_source(experts, token_offsets_of(chunk), moe.num_experts)
+            counts[lo:hi] = self._sample_chunk(sampler, rng, flat[lo:hi], want_keys=False)[3]
         return counts.reshape(tokens.shape[0], self.ep, moe.num_experts)
+
+    def _sample_chunk(
+        self, sampler: TopkSampler, rng: np.random.Generator, tokens: np.ndarray, want_keys: bool
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+        """Each token's experts for a chunk of source ranks (``tokens`` per rank): experts
+        (T, k), priority keys (or None), token offsets per rank, counts (S, E)."""
+        moe = self.moe
+        num_tokens = int(tokens.sum())
+        offsets = token_offsets_of(tokens)
+        group_uniforms = None
+        if self._nodes_per_token:
+            group_uniforms = rng.random((num_tokens, self._nodes_per_token))
+        experts, keys = sampler.sample(
+            rng.random((num_tokens, moe.top_k)),
+            group_uniforms,
+            max_rejections=self.max_rejections,
+            want_keys=want_keys,
+        )
+        return experts, keys, offsets, count_by_source(experts, offsets, moe.num_experts)
 
     def _route_chunk(
         self,
@@ -378,19 +387,9 @@ class Router:
     ) -> tuple[np.ndarray, int]:
         """Counts (S, E) of a chunk of source ranks and its tokens that lost every expert."""
         moe = self.moe
-        num_tokens = int(tokens.sum())
-        offsets = token_offsets_of(tokens)
-        group_uniforms = None
-        if self._nodes_per_token:
-            group_uniforms = rng.random((num_tokens, self._nodes_per_token))
         want_keys = capacity is not None and moe.drop_policy == "probs"
-        experts, keys = sampler.sample(
-            rng.random((num_tokens, moe.top_k)),
-            group_uniforms,
-            max_rejections=self.max_rejections,
-            want_keys=want_keys,
-        )
-        counts = count_by_source(experts, offsets, moe.num_experts)
+        experts, keys, offsets, counts = self._sample_chunk(sampler, rng, tokens, want_keys)
+        num_tokens = len(experts)
         if capacity is None or not np.any(counts > capacity[:, None]):
             return counts, 0
         kept = keep_mask(

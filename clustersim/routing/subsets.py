@@ -70,22 +70,17 @@ class SubsetSampler:
         self.subsets = np.array(list(combos), dtype=np.int64).reshape(-1, top_k)
         probs = subset_probabilities(popularity, self.subsets)
         self.probabilities = probs / probs.sum()
-        self._incidence: np.ndarray | None = None  # (C, E): 1 where subset c holds expert e
 
     def sample_counts(self, rng: np.random.Generator, tokens: np.ndarray) -> np.ndarray:
         """Assignments (S, E) int64 of each source rank's ``tokens[s]`` tokens to each expert."""
-        per_subset = rng.multinomial(tokens, self.probabilities)  # (S, C)
-        sources, k = per_subset.shape[0], self.subsets.shape[1]
-        flat = (np.arange(sources)[:, None, None] * self.num_experts + self.subsets).ravel()
-        weights = np.repeat(per_subset, k, axis=1).ravel()
-        counts = np.bincount(flat, weights=weights, minlength=sources * self.num_experts)
-        return np.rint(counts).astype(np.int64).reshape(sources, self.num_experts)
+        return self.sample_counts_many(rng, np.asarray(tokens)[None])[0]
 
     def sample_counts_many(self, rng: np.random.Generator, tokens: np.ndarray) -> np.ndarray:
         """:meth:`sample_counts` for a batch: ``tokens`` (B, S) -> assignments (B, S, E)."""
         per_subset = rng.multinomial(tokens, self.probabilities)  # (B, S, C)
-        if self._incidence is None:
-            incidence = np.zeros((self.subsets.shape[0], self.num_experts))
-            np.put_along_axis(incidence, self.subsets, 1.0, axis=1)
-            self._incidence = incidence
-        return np.rint(per_subset @ self._incidence).astype(np.int64)
+        rows, sources, k = per_subset.shape[0], per_subset.shape[1], self.subsets.shape[1]
+        slots = np.arange(rows * sources)[:, None, None] * self.num_experts + self.subsets
+        weights = np.repeat(per_subset.reshape(rows * sources, -1), k, axis=1)
+        counts = np.bincount(slots.ravel(), weights=weights.ravel(),
+                             minlength=rows * sources * self.num_experts)  # fmt: skip
+        return np.rint(counts).astype(np.int64).reshape(rows, sources, self.num_experts)

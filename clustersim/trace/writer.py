@@ -108,10 +108,7 @@ class TraceWriter:
         kind, op, start_s, end_s, nbytes = (a[order] for a in (kind, op, start_s, end_s, nbytes))
         ints = {c: ints[c][order] for c in S.INT_COLUMNS}
         arrays = [
-            pa.DictionaryArray.from_arrays(pa.array(kind.astype(np.int8, copy=False)),
-                                           S.KIND_DICTIONARY),
-            pa.DictionaryArray.from_arrays(pa.array(op.astype(np.int8, copy=False)),
-                                           S.OP_DICTIONARY),
+            *_code_arrays(kind, op),
             *(pa.array(ints[c].astype(_INT32, copy=False)) for c in S.INT_COLUMNS),
             pa.array(start_s), pa.array(end_s), pa.array(nbytes.astype(np.float64, copy=False)),
             pa.nulls(n, pa.float64()), pa.nulls(n, pa.list_(pa.float64())),
@@ -194,23 +191,16 @@ class TraceWriter:
                             for p in pieces], counts)  # fmt: skip
         flat = [np.asarray(p["values"], np.float64).ravel() for p in pieces
                 if p["values"] is not None]  # fmt: skip
-        has_list = np.repeat([p["values"] is not None for p in pieces], counts)
-        offsets = np.concatenate(([0], np.cumsum(widths))).astype(np.int32)
-        values = pa.ListArray.from_arrays(
-            pa.array(offsets), pa.array(np.concatenate(flat) if flat else np.empty(0)),
-            mask=pa.array(~has_list))  # fmt: skip
+        null_list = np.repeat([p["values"] is None for p in pieces], counts)
         no_value = np.repeat([p["value"] is None for p in pieces], counts)
         minus_one = pa.array(np.full(n, -1, dtype=_INT32))
         arrays = [
-            pa.DictionaryArray.from_arrays(
-                pa.array(np.repeat([p["kind"] for p in pieces], counts).astype(np.int8)),
-                S.KIND_DICTIONARY),
-            pa.DictionaryArray.from_arrays(
-                pa.array(np.repeat([p["op"] for p in pieces], counts).astype(np.int8)),
-                S.OP_DICTIONARY),
+            *_code_arrays(np.repeat([p["kind"] for p in pieces], counts),
+                          np.repeat([p["op"] for p in pieces], counts)),  # fmt: skip
             minus_one, minus_one, ints("group"), ints("replica"), ints("layer"),
             ints("microbatch"), pa.nulls(n, pa.float64()), pa.nulls(n, pa.float64()),
-            pa.array(np.zeros(n)), pa.array(value, mask=no_value), values,
+            pa.array(np.zeros(n)), pa.array(value, mask=no_value),
+            _lists_from(widths, flat, null_list),
         ]  # fmt: skip
         self._write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._schema), float("nan"))
 
@@ -223,8 +213,7 @@ class TraceWriter:
         cols = list(zip(*rows, strict=True))
         values = [None if v is None else np.asarray(v, dtype=np.float64) for v in cols[12]]
         arrays = [
-            pa.DictionaryArray.from_arrays(pa.array(cols[0], pa.int8()), S.KIND_DICTIONARY),
-            pa.DictionaryArray.from_arrays(pa.array(cols[1], pa.int8()), S.OP_DICTIONARY),
+            *_code_arrays(np.array(cols[0]), np.array(cols[1])),
             *(pa.array(cols[i], pa.int32()) for i in range(2, 8)),
             pa.array(cols[8], pa.float64()), pa.array(cols[9], pa.float64()),
             pa.array(cols[10], pa.float64()), pa.array(cols[11], pa.float64()),
@@ -242,14 +231,31 @@ class TraceWriter:
         self.rows_written += batch.num_rows
 
 
+def _code_arrays(kind: np.ndarray, op: np.ndarray) -> tuple[pa.Array, pa.Array]:
+    """The dictionary-encoded ``kind`` and ``op`` columns from codes of ``schema.KINDS`` /
+    ``schema.OPS``."""
+    return (
+        pa.DictionaryArray.from_arrays(pa.array(kind.astype(np.int8, copy=False)),
+                                       S.KIND_DICTIONARY),
+        pa.DictionaryArray.from_arrays(pa.array(op.astype(np.int8, copy=False)),
+                                       S.OP_DICTIONARY),
+    )  # fmt: skip
+
+
 def _list_array(values: list[np.ndarray | None]) -> pa.Array:
     """A list<float64> array from numpy arrays (None = null) without per-element Python work."""
-    lengths = np.array([0 if v is None else len(v) for v in values], dtype=np.int32)
+    lengths = [0 if v is None else len(v) for v in values]
+    return _lists_from(lengths, [v for v in values if v is not None],
+                       np.array([v is None for v in values], dtype=bool))  # fmt: skip
+
+
+def _lists_from(lengths, parts: list[np.ndarray], null: np.ndarray) -> pa.Array:
+    """A list<float64> array of rows of ``lengths`` (0 for null rows) whose values, in row
+    order, are the concatenated ``parts``."""
     offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
-    present = [v for v in values if v is not None]
-    flat = np.concatenate(present) if present else np.empty(0)
-    mask = pa.array([v is None for v in values], pa.bool_())
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float64()), mask=mask)
+    flat = np.concatenate(parts) if parts else np.empty(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float64()),
+                                    mask=pa.array(null, pa.bool_()))  # fmt: skip
 
 
 def describe(writer: TraceWriter) -> dict[str, Any]:
