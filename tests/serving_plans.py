@@ -1,7 +1,8 @@
 """Small serving plans for the serving tests, and closed-form step times to check them against.
 
-The closed forms use the op costs of ``clustersim.costs.compute`` directly (not the engine's
-coefficients): a dense model on one GPU (TP 1), layer by layer.
+The closed forms write the calibrated per-kernel model out by hand (the formulas of
+``clustersim/costs/kernels.py``'s docstring, not its code): a dense model on one GPU (TP 1),
+kernel by kernel.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from clustersim.costs import compute as cc
 from clustersim.costs.serving import kv_bytes_per_token_layer
 from clustersim.spec.load import plan_from_dict
 from clustersim.spec.schema import Plan
@@ -52,25 +52,62 @@ def make_plan(base: dict[str, Any], **sections: dict[str, Any]) -> Plan:
     return plan_from_dict(raw, "<test>")
 
 
-def layer_ms(plan: Plan, new_tokens: int, context: int) -> float:
-    """One dense layer on one GPU for one request computing ``new_tokens`` on ``context``."""
-    model, hw = plan.model, plan.hardware
-    n = new_tokens
-    proj = (cc.qkv_projection(n, model) + cc.attention_output_projection(n, model)).time_ms(hw)
-    mlp = cc.dense_mlp(n, model).time_ms(hw)
-    elementwise = cc.elementwise(n, model).time_ms(hw)
+def _kernel_ms(plan: Plan, gpu_ms: float, graphs: bool) -> float:
+    """A kernel's stream time: max(GPU time, launch) (+ framework time when eager)."""
+    k = plan.hardware.calibration.kernel
+    launch = (k.graph_launch_us if graphs else k.launch_us) * 1e-3
+    return max(gpu_ms, launch) + (0.0 if graphs else k.framework_us * 1e-3)
+
+
+def _gemm_gpu_ms(plan: Plan, m: float, n: float, k: float) -> float:
+    """The calibrated GEMM: max(2mnk / (peak e prod x/(x+half)), (mk+kn+mn) b / (HBM mu))."""
+    hw, cal = plan.hardware, plan.hardware.calibration
+    half = cal.gemm.half_dim
+    shape = (m / (m + half)) * (n / (n + half)) * (k / (k + half))
+    compute = 2 * m * n * k / (hw.peak_tflops * 1e12 * cal.gemm.efficiency * shape)
+    memory = (m * k + k * n + m * n) * 2 / (hw.hbm_bandwidth_gbps * 1e9 * cal.memory.efficiency)
+    return max(compute, memory) * 1e3 + cal.kernel.fixed_us * 1e-3
+
+
+def _stream_gpu_ms(plan: Plan, nbytes: float) -> float:
+    hw, cal = plan.hardware, plan.hardware.calibration
+    return nbytes / (hw.hbm_bandwidth_gbps * 1e9 * cal.memory.efficiency) * 1e3 + (
+        cal.kernel.fixed_us * 1e-3
+    )
+
+
+def layer_ms(plan: Plan, new_tokens: int, context: int, graphs: bool = False) -> float:
+    """One dense layer (Llama: GQA-free MHA, SwiGLU, bf16) on one GPU for one request
+    computing ``new_tokens`` on ``context``, kernel by kernel: norm, QKV, rotary, core
+    attention, output projection, residual add, norm, up (gate+up), SiLU-and-mul, down,
+    residual add."""
+    model, hw, cal = plan.model, plan.hardware, plan.hardware.calibration
+    n, h, ffn = new_tokens, model.hidden_size, model.ffn_hidden_size
     heads, d = model.num_attention_heads, model.head_size
+    kv_heads = model.kv_heads
+
+    def kern(gpu_ms: float) -> float:
+        return _kernel_ms(plan, gpu_ms, graphs)
+
+    norm = kern(_stream_gpu_ms(plan, n * 2 * h * 2))
+    residual = kern(_stream_gpu_ms(plan, n * 3.5 * h * 2))
+    rope = kern(_stream_gpu_ms(plan, n * 2 * (heads + kv_heads) * d * 2))
+    qkv = kern(_gemm_gpu_ms(plan, n, (heads + 2 * kv_heads) * d, h))
+    out = kern(_gemm_gpu_ms(plan, n, h, heads * d))
+    up = kern(_gemm_gpu_ms(plan, n, 2 * ffn, h))
+    act = kern(_stream_gpu_ms(plan, n * 3 * ffn * 2))
+    down = kern(_gemm_gpu_ms(plan, n, h, ffn))
     pairs = n * context + n * (n + 1) / 2  # causal: each new token sees the context and itself
     flops = 2 * pairs * heads * 2 * d
-    kv_bytes = (context + n) * kv_bytes_per_token_layer(model, 1)
-    query_bytes = n * heads * 2 * d * cc.DTYPE_BYTES[model.dtype]
-    core = cc.op_time_ms(flops, kv_bytes + query_bytes, hw)
-    overhead = cc.kernel_overhead_ms(cc.KERNELS_PER_FORWARD["attention"]
-                                     + cc.KERNELS_PER_FORWARD["mlp"], hw)  # fmt: skip
-    return proj + mlp + elementwise + core + overhead
+    attn_rate = hw.peak_tflops * 1e12 * cal.attention.efficiency * n / (n + cal.attention.half_seq)
+    kv_bytes = (context + n) * kv_bytes_per_token_layer(model, 1) + n * heads * 2 * d * 2
+    kv_rate = hw.hbm_bandwidth_gbps * 1e9 * cal.attention.decode_memory_efficiency
+    core = kern(max(flops / attn_rate, kv_bytes / kv_rate) * 1e3 + cal.kernel.fixed_us * 1e-3)
+    return 2 * norm + 2 * residual + rope + qkv + out + up + act + down + core
 
 
-def step_ms(plan: Plan, new_tokens: int, context: int) -> float:
+def step_ms(plan: Plan, new_tokens: int, context: int, graphs: bool = False) -> float:
     """A whole step of one request: every layer, then the logits of its one sampled token."""
-    logits = cc.logits(1, plan.model).time_ms(plan.hardware)
-    return plan.model.num_layers * layer_ms(plan, new_tokens, context) + logits
+    model = plan.model
+    logits = _kernel_ms(plan, _gemm_gpu_ms(plan, 1, model.vocab_size, model.hidden_size), graphs)
+    return model.num_layers * layer_ms(plan, new_tokens, context, graphs) + logits

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from calibrations import calibration
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,6 +32,7 @@ def make_hw(
         hbm_bandwidth_gbps=3350,
         intra_node=LinkSpec(bandwidth_gbps=intra[0], latency_us=intra[1]),
         inter_node=LinkSpec(bandwidth_gbps=inter[0], latency_us=inter[1]),
+        calibration=calibration(),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from calibrations import calibration
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -20,7 +21,7 @@ H100 = HardwareSpec(
     hbm_bandwidth_gbps=3350,
     intra_node=LinkSpec(bandwidth_gbps=450, latency_us=3),
     inter_node=LinkSpec(bandwidth_gbps=50, latency_us=8),
-    compute_efficiency=0.6,
+    calibration=calibration(),
 )
 # 989e12 * 0.6 / 3350e9 FLOP per byte.
 H100_RIDGE = 177.13432835820896

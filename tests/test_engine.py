@@ -26,6 +26,13 @@ from clustersim.spec import plan_from_dict
 from clustersim.spec.schema import Plan
 
 FREE_LINK = {"bandwidth_gbps": 1e9, "latency_us": 0.0}  # communication made free
+# Kernels without fixed or launch time and GEMMs at one efficiency whatever their shape: the
+# stage times are then exactly proportional to their layers (the closed forms' premise).
+FREE_KERNELS = {
+    "gemm": {"half_dim": 0.0},
+    "memory": {"efficiency": 1.0},
+    "kernel": {"fixed_us": 0.0, "launch_us": 0.0, "framework_us": 0.0},
+}
 FORWARD_OPS = [op for op in Op if op.name.endswith("_FWD")]  # compute of a forward step
 BACKWARD_OPS = [op for op in Op if op.name.endswith("_BWD") or op == Op.RECOMPUTE]
 H100 = {"peak_tflops": 989.0, "hbm_bandwidth_gbps": 3350.0, "intra_bw": 450.0, "intra_lat": 3.0,
@@ -87,7 +94,7 @@ def free_comm_pipeline(schedule: str, p: int, m: int, v: int = 1) -> Plan:
         {"preset": "gpt-1.7b", "num_layers": 4 * p * v, "vocab_size": 8},
         {"pp": p, "num_microbatches": m, "schedule": schedule, "virtual_stages": v},
         seq_len={"dist": "fixed", "value": 2048},
-        hardware={"intra_node": FREE_LINK, "inter_node": FREE_LINK},
+        hardware={"intra_node": FREE_LINK, "inter_node": FREE_LINK, "calibration": FREE_KERNELS},
     )
 
 
@@ -206,7 +213,8 @@ def test_distributed_optimizer_reduce_scatter_and_param_gather():
     # the optimizer updates a 1/n shard
     cols = rows(report)
     opt = cols["duration"][cols["op"] == Op.OPTIMIZER]
-    expected_opt = _dense_params() / n * OPTIMIZER_BYTES_PER_PARAM / 3350e9 * 1e3
+    byte_rate = 3350e9 * plan.hardware.calibration.memory.efficiency
+    expected_opt = _dense_params() / n * OPTIMIZER_BYTES_PER_PARAM / byte_rate * 1e3
     assert opt == pytest.approx([expected_opt], rel=1e-12)
 
 
@@ -247,10 +255,13 @@ def test_one_gpu_iteration_is_the_sum_of_its_ops():
         assert b.sum() == pytest.approx(2 * f.sum(), rel=1e-12)
     # the Adam step over every parameter
     opt = cols["duration"][cols["op"] == Op.OPTIMIZER]
-    assert opt == pytest.approx([_dense_params() * OPTIMIZER_BYTES_PER_PARAM / 3350e9 * 1e3])
+    byte_rate = 3350e9 * plan.hardware.calibration.memory.efficiency
+    assert opt == pytest.approx([_dense_params() * OPTIMIZER_BYTES_PER_PARAM / byte_rate * 1e3])
     # the compute can be no faster than the model FLOPs at peak x efficiency (roofline)
     flops = model_flops_per_iteration(plan.model, m, 1024)  # Korthikanti Eq. 7
-    floor_ms = flops / (H100["peak_tflops"] * 1e12 * plan.hardware.compute_efficiency) * 1e3
+    floor_ms = (
+        flops / (H100["peak_tflops"] * 1e12 * plan.hardware.calibration.gemm.efficiency) * 1e3
+    )
     assert metrics["iteration_time_ms"] - opt[0] >= floor_ms * (1 - 1e-9)
 
 

@@ -55,28 +55,21 @@ class OpCost:
 ZERO_OP = OpCost(0.0, 0.0)
 
 
-# Kernels a layer launches per forward pass (Megatron with fused bias/dropout/activation):
-# attention block: layernorm, QKV GEMM, scores, softmax, dropout, context, output GEMM,
-# bias-dropout-add; MLP block: layernorm, FC1, activation, FC2, bias-dropout-add; an MoE
-# layer's experts: router, top-k, permute, two grouped GEMMs, activation, unpermute.
-KERNELS_PER_FORWARD = {"attention": 8, "mlp": 5, "experts": 7}
-
-
-def kernel_overhead_ms(num_kernels: float, hw: HardwareSpec) -> float:
-    """Fixed launch and framework time of ``num_kernels`` kernels, in ms."""
-    return num_kernels * hw.kernel_overhead_us / 1e3
-
-
 def op_time_ms(flops: float, hbm_bytes: float, hw: HardwareSpec) -> float:
-    """Roofline: max(flops / (peak · efficiency), bytes / HBM bandwidth), in ms."""
-    compute_s = flops / (hw.peak_tflops * 1e12 * hw.compute_efficiency)
-    memory_s = hbm_bytes / (hw.hbm_bandwidth_gbps * 1e9)
+    """Roofline at the calibrated large-GEMM and streaming efficiencies, in ms:
+    max(flops / (peak · gemm efficiency), bytes / (HBM bandwidth · memory efficiency)).
+    Per-kernel times (shape, launch) are :mod:`clustersim.costs.kernels`'."""
+    cal = hw.calibration
+    compute_s = flops / (hw.peak_tflops * 1e12 * cal.gemm.efficiency)
+    memory_s = hbm_bytes / (hw.hbm_bandwidth_gbps * 1e9 * cal.memory.efficiency)
     return max(compute_s, memory_s) * 1e3
 
 
 def ridge_point_flops_per_byte(hw: HardwareSpec) -> float:
     """Arithmetic intensity (FLOP/byte) above which an op is compute-bound on ``hw``."""
-    return hw.peak_tflops * 1e12 * hw.compute_efficiency / (hw.hbm_bandwidth_gbps * 1e9)
+    cal = hw.calibration
+    rate = hw.peak_tflops * 1e12 * cal.gemm.efficiency
+    return rate / (hw.hbm_bandwidth_gbps * 1e9 * cal.memory.efficiency)
 
 
 def backward(forward: OpCost) -> OpCost:
@@ -104,7 +97,7 @@ def _bpe(model: ModelSpec) -> int:
 # ---- attention ---------------------------------------------------------------------------
 
 
-def _head_dims(model: ModelSpec) -> tuple[int, int]:
+def head_dims(model: ModelSpec) -> tuple[int, int]:
     """(query/key head size, value head size)."""
     if model.mla is not None:
         mla = model.mla
@@ -112,20 +105,20 @@ def _head_dims(model: ModelSpec) -> tuple[int, int]:
     return model.head_size, model.head_size
 
 
-def _kv_heads_per_gpu(model: ModelSpec, tp: int) -> float:
+def kv_heads_per_gpu(model: ModelSpec, tp: int) -> float:
     """Key/value heads one GPU computes: split by TP, at least one; MLA: one per query head."""
     if model.mla is not None:
         return model.num_attention_heads / tp
     return max(model.kv_heads / tp, 1.0)
 
 
-def _qkv_shapes(model: ModelSpec, tp: int) -> list[tuple[float, float]]:
+def qkv_shapes(model: ModelSpec, tp: int) -> list[tuple[float, float]]:
     """Weight shapes of the query/key/value projections on one GPU."""
     h, heads = model.hidden_size, model.num_attention_heads / tp
-    qk_dim, v_dim = _head_dims(model)
+    qk_dim, v_dim = head_dims(model)
     mla = model.mla
     if mla is None:
-        return [(h, heads * qk_dim + 2 * _kv_heads_per_gpu(model, tp) * qk_dim)]
+        return [(h, heads * qk_dim + 2 * kv_heads_per_gpu(model, tp) * qk_dim)]
     if mla.q_lora_rank is None:
         q_shapes = [(h, heads * qk_dim)]
     else:
@@ -137,12 +130,12 @@ def _qkv_shapes(model: ModelSpec, tp: int) -> list[tuple[float, float]]:
 
 def qkv_projection(tokens: float, model: ModelSpec, tp: int = 1) -> OpCost:
     """Query/key/value projections (GQA: smaller K/V; MLA: low-rank down and up projections)."""
-    return _linears(tokens, _qkv_shapes(model, tp), _bpe(model))
+    return _linears(tokens, qkv_shapes(model, tp), _bpe(model))
 
 
 def attention_output_projection(tokens: float, model: ModelSpec, tp: int = 1) -> OpCost:
     """Output projection of attention: heads/tp · v_head_dim -> hidden."""
-    v_dim = _head_dims(model)[1]
+    v_dim = head_dims(model)[1]
     shape = (model.num_attention_heads / tp * v_dim, model.hidden_size)
     return _linears(tokens, [shape], _bpe(model))
 
@@ -162,8 +155,8 @@ def core_attention(
     when ``causal``. Bytes: Q, K, V read and the context written; without flash attention the
     s x s scores are also written, read by softmax, written and read again (4 passes).
     """
-    heads, kv_heads = model.num_attention_heads / tp, _kv_heads_per_gpu(model, tp)
-    qk_dim, v_dim = _head_dims(model)
+    heads, kv_heads = model.num_attention_heads / tp, kv_heads_per_gpu(model, tp)
+    qk_dim, v_dim = head_dims(model)
     flops = 2.0 * b * s * s * heads * (qk_dim + v_dim) * (0.5 if causal else 1.0)
     elements = b * s * (heads * qk_dim + kv_heads * (qk_dim + v_dim) + heads * v_dim)
     if not flash:
@@ -326,8 +319,8 @@ def model_flops_per_iteration(
         causal = model.moe is not None
     extra_layers = 1 if recompute == "full" else 0
     extra_core = 1 if recompute in ("full", "selective") else 0
-    qk_dim, v_dim = _head_dims(model)
-    projections = 2.0 * sum(k * n for k, n in _qkv_shapes(model, 1))
+    qk_dim, v_dim = head_dims(model)
+    projections = 2.0 * sum(k * n for k, n in qkv_shapes(model, 1))
     projections += 2.0 * model.num_attention_heads * v_dim * model.hidden_size
     phi = ACTIVATION_MATRICES[model.activation]
     mlp_flops = sum(

@@ -1,37 +1,36 @@
-"""Costs of serving: per-step op coefficients of one replica and its KV-cache capacity.
+"""Costs of serving: per-step op times of one replica and its KV-cache capacity.
 
 A serving *step* runs one forward pass of a batch whose requests each contribute ``q`` new
 tokens on top of ``c`` tokens already in their KV cache (decode: ``q = 1``; a prefill chunk:
-``q`` prompt tokens). Everything a step costs is affine in a few sums over its requests, so
-the engine times a step from those sums and never from per-token work:
+``q`` prompt tokens). A step is timed from a few sums over its requests, never from per-token
+work:
 
-* ``tokens`` = sum of ``q``: every GEMM (attention projections, MLP, router, shared experts)
-  is a roofline of FLOPs ``f * tokens`` and HBM bytes ``weights + b * tokens`` (the
-  coefficients come from :mod:`clustersim.costs.compute` at one and two tokens, so the
-  formulas are those of training): decode, with few tokens, is bound by reading the weights,
-  prefill by FLOPs;
+* ``tokens`` = sum of ``q``: every token-wise kernel (norms, attention projections, MLP,
+  router, shared experts, residual adds) is timed by the calibrated per-kernel model
+  (:class:`clustersim.costs.kernels.KernelTimer`): decode, with few tokens, is bound by
+  reading the weights (and, in eager mode, by kernel launches), prefill by FLOPs;
 * core attention (causal, flash): ``pairs`` = sum of ``q*c + q*(q+1)/2`` query-key pairs at
-  ``2 * heads/t * (d_qk + d_v)`` FLOPs each, and HBM bytes for the KV cache read
-  (``kv_read`` = sum of ``c + q`` tokens, at the cache's bytes per token and layer, MLA: the
-  latent) plus the queries and outputs (``tokens``). Decode attention is memory-bound and
-  grows with the context, prefill attention is compute-bound and grows with ``q * c + q^2/2``;
+  ``2 * heads/t * (d_qk + d_v)`` FLOPs each, at the FlashAttention efficiency of the step's
+  mean query length ``tokens / seqs``; or the KV cache read (``kv_read`` = sum of ``c + q``
+  tokens at the cache's bytes per token and layer, MLA: the latent) plus the queries and
+  outputs, at the decode-attention fraction of HBM bandwidth, whichever is longer;
 * output layer: a GEMM for ``seqs`` rows (one sampled token per scheduled request);
-* TP all-reduce of the activations (``tokens * h`` elements, ring), two per dense layer, one
-  per MoE layer; pipeline send of ``tokens * h / t`` elements between stages;
-* a fixed launch overhead per kernel (``hardware.kernel_overhead_us``, as in training; CUDA
-  graphs make real decode launches cheaper, so lower it for such deployments).
+* TP all-reduce of the activations (``tokens * h`` elements), two per dense layer, one per
+  MoE layer; pipeline send of ``tokens * h / t`` elements between stages;
+* launches: decode-only steps replay CUDA graphs when ``workload.requests.cuda_graphs`` (the
+  serving engines' default), other steps launch eagerly
+  (:func:`clustersim.costs.kernels.uses_graphs`).
 
 The routed experts and their all-to-alls depend on the sampled routing and are timed by the
-engine (``engine/serving_moe.py``) with :class:`costs.optimes`-style coefficients.
+engine (``engine/serving_moe.py``) with the same kernel model.
 
-**KV-cache capacity** (vLLM's rule): of ``gpu_memory_utilization x (memory_gib -
-memory_reserved_gib)`` per GPU, what remains after the weights, one forward's activations and
-the MoE all-to-all buffers holds the cache. The activations are one layer's (no recompute,
-flash attention as the plan says) for a prefill of ``max_num_batched_tokens`` tokens, plus
-fp32 logits of ``max_batch_size`` rows on the last stage (vLLM profiles a forward of the token
-budget the same way). All stages hold the same tokens, so the replica's capacity is the
-smallest over stages of free bytes / (cache bytes per token of that stage's layers), rounded
-down to whole blocks of ``kv_block_size`` tokens.
+**KV-cache capacity** (vLLM's rule, :func:`clustersim.costs.memory.serving_memory`, the one
+serving memory model that the audit reports too): of ``gpu_memory_utilization x (memory_gib -
+memory_reserved_gib)`` per GPU, what remains after the weights, one step's activations (at most
+``max_num_batched_tokens`` tokens, plus fp32 logits of ``max_batch_size`` rows on the last
+stage) and the MoE all-to-all buffers holds the cache. All stages hold the same tokens, so the
+replica's capacity is the smallest over stages of free bytes / (cache bytes per token of that
+stage's layers), rounded down to whole blocks of ``kv_block_size`` tokens.
 """
 
 from __future__ import annotations
@@ -39,55 +38,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
-from clustersim.costs import compute as cc
 from clustersim.costs.comm import collective_time_ms, link_for_group, p2p_ms
-from clustersim.costs.memory import (
-    DTYPE_BYTES,
-    GIB,
-    layer_activation_bytes,
-    stage_params_per_gpu,
-)
-from clustersim.costs.params import count_params
+from clustersim.costs.kernels import KernelTimer, uses_graphs
+from clustersim.costs.memory import DTYPE_BYTES, GIB, serving_memory
 from clustersim.layout import Layout
-from clustersim.spec.schema import HardwareSpec, ModelSpec, Plan
-
-
-@dataclass(frozen=True, slots=True)
-class Roofline:
-    """An op with FLOPs ``f * n`` and HBM bytes ``w + b * n`` for ``n`` tokens, timed in ms."""
-
-    ms_per_token_compute: float
-    ms_fixed_memory: float
-    ms_per_token_memory: float
-
-    @classmethod
-    def of(cls, op_at: Callable[[float], cc.OpCost], hw: HardwareSpec) -> Roofline:
-        """Coefficients of an op given as ``op_at(tokens) -> OpCost`` (affine in tokens)."""
-        one, two = op_at(1), op_at(2)
-        per_token_bytes = two.hbm_bytes - one.hbm_bytes
-        ms_per_flop = 1e3 / (hw.peak_tflops * 1e12 * hw.compute_efficiency)
-        ms_per_byte = 1e3 / (hw.hbm_bandwidth_gbps * 1e9)
-        return cls(
-            (two.flops - one.flops) * ms_per_flop,
-            (one.hbm_bytes - per_token_bytes) * ms_per_byte,
-            per_token_bytes * ms_per_byte,
-        )
-
-    def time_ms(self, tokens):
-        """Roofline time for ``tokens`` (a float or a numpy array; 0 tokens cost 0)."""
-        compute = tokens * self.ms_per_token_compute
-        memory = self.ms_fixed_memory + tokens * self.ms_per_token_memory
-        return np.maximum(compute, memory) * (tokens > 0)
-
-    def scalar_ms(self, tokens: float) -> float:
-        """:meth:`time_ms` for one Python number (no numpy overhead)."""
-        if tokens <= 0:
-            return 0.0
-        compute = tokens * self.ms_per_token_compute
-        memory = self.ms_fixed_memory + tokens * self.ms_per_token_memory
-        return compute if compute > memory else memory
+from clustersim.spec.schema import ModelSpec, Plan
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,62 +79,78 @@ def kv_bytes_per_token_layer(model: ModelSpec, tp: int) -> float:
 
 @dataclass(frozen=True)
 class StepCosts:
-    """Per-step cost coefficients of one replica (TP group x pipeline stages), in ms.
+    """Per-step cost model of one replica (TP group x pipeline stages), in ms.
 
-    Per layer kind: ``dense_*`` for a dense layer, ``moe_attn_*`` for the non-expert part of an
-    MoE layer (attention, router, shared experts); the routed experts come from the engine.
+    :meth:`parts` gives the token-wise times of a micro-batch of ``tokens`` over ``seqs``
+    requests; :meth:`core_ms` its core attention per layer. The routed experts come from the
+    engine.
     """
 
-    attn_proj: Roofline  # QKV and output projections
-    dense_mlp: Roofline
-    router: Roofline
-    shared_experts: Roofline
-    logits: Roofline
-    elementwise_dense_ms_per_token: float
-    elementwise_moe_ms_per_token: float
-    attn_ms_per_pair: float  # core attention FLOPs per query-key pair
-    attn_ms_per_kv_token: float  # KV cache read per token of context
-    attn_ms_per_query_token: float  # queries read and outputs written
-    dense_overhead_ms: float  # kernel launches of a dense layer
-    moe_attn_overhead_ms: float  # kernel launches of an MoE layer's attention block
+    eager: KernelTimer
+    graph: KernelTimer
+    cuda_graphs: bool
+    attn_flops_per_pair: float  # core attention FLOPs per query-key pair
+    attn_bytes_per_kv_token: float  # KV cache read per token of context
+    attn_bytes_per_query_token: float  # queries read and outputs written
     tp_allreduce: Affine  # one all-reduce of the activations
     p2p: Affine  # activations to the next pipeline stage
     dense_layers: tuple[int, ...]  # per stage
     moe_layers: tuple[int, ...]  # per stage
 
+    def timer(self, tokens: float, seqs: float) -> KernelTimer:
+        """The kernel timer of a step: CUDA graphs for decode-only steps when enabled."""
+        return self.graph if uses_graphs(self.cuda_graphs, tokens, seqs) else self.eager
+
+    def parts(self, tokens: float, seqs: float) -> tuple[float, ...]:
+        """Dense layer, MoE layer's attention block, logits, one TP all-reduce, pipeline send
+        (core attention excluded), then the core attention's ms per pair, per KV byte term
+        and its floor, for a micro-batch of ``tokens`` new tokens of ``seqs`` requests."""
+        k = self.timer(tokens, seqs)
+        block = float(k.attention_block_ms(tokens))
+        allreduce = self.tp_allreduce.scalar_ms(tokens)
+        dense = block + float(k.dense_mlp_ms(tokens)) + 2 * allreduce
+        attn = block + float(k.moe_block_ms(tokens)) + allreduce
+        logits = float(k.logits_ms(seqs))
+        query_len = tokens / seqs if seqs > 0 else 1.0
+        per_pair = self.attn_flops_per_pair * k.attention_ms_per_flop(query_len)
+        return (dense, attn, logits, allreduce, self.p2p.scalar_ms(tokens), per_pair,
+                k.kv_ms_per_byte, k.fixed_ms, k.launch_ms, k.framework_ms)  # fmt: skip
+
+
+def core_attention_ms(parts, pairs, kv_tokens, tokens, costs: StepCosts, vmax=max):
+    """Core attention of one layer from a micro-batch's sums (``pairs`` and ``kv_tokens`` may
+    be arrays over decode steps): the FLOPs or the bytes read, whichever is longer, plus the
+    kernel's fixed time, issued as one kernel (:meth:`KernelTimer.issue`)."""
+    per_pair, per_kv_byte, fixed, launch, framework = parts[5:10]
+    kv_bytes = kv_tokens * costs.attn_bytes_per_kv_token
+    kv_bytes = kv_bytes + tokens * costs.attn_bytes_per_query_token
+    gpu = vmax(pairs * per_pair, kv_bytes * per_kv_byte) + fixed
+    return vmax(gpu, launch) + framework
+
 
 def step_costs(plan: Plan, layout: Layout) -> StepCosts:
-    """The coefficients of ``plan`` (one replica; every replica is alike)."""
+    """The cost model of ``plan`` (one replica; every replica is alike)."""
     model, hw, tp = plan.model, plan.hardware, plan.parallel.tp
     bpe = DTYPE_BYTES[model.dtype]
-    ms_per_flop = 1e3 / (hw.peak_tflops * 1e12 * hw.compute_efficiency)
-    ms_per_byte = 1e3 / (hw.hbm_bandwidth_gbps * 1e9)
     qk_dim, v_dim = head_dims(model)
     heads = model.num_attention_heads / tp
     ranks = [layout.rank_of(tp=t) for t in range(tp)]
     gpn = hw.gpus_per_node
-    kernels = cc.KERNELS_PER_FORWARD
+    par = plan.parallel
 
-    def proj(n: float) -> cc.OpCost:
-        return cc.qkv_projection(n, model, tp) + cc.attention_output_projection(n, model, tp)
+    def timer(graphs: bool) -> KernelTimer:
+        return KernelTimer(model, hw, tp, par.expert_tp, graphs=graphs)
 
     def allreduce_ms(n: float) -> float:
         return collective_time_ms("all_reduce", n * model.hidden_size * bpe, ranks, gpn, hw)
 
     return StepCosts(
-        attn_proj=Roofline.of(proj, hw),
-        dense_mlp=Roofline.of(lambda n: cc.dense_mlp(n, model, tp), hw),
-        router=Roofline.of(lambda n: cc.router(n, model), hw),
-        shared_experts=Roofline.of(lambda n: cc.shared_expert_mlp(n, model, tp), hw),
-        logits=Roofline.of(lambda n: cc.logits(n, model, tp), hw),
-        elementwise_dense_ms_per_token=cc.elementwise(1, model, tp).hbm_bytes * ms_per_byte,
-        elementwise_moe_ms_per_token=cc.elementwise(1, model, tp, mlp=False).hbm_bytes
-        * ms_per_byte,
-        attn_ms_per_pair=2.0 * heads * (qk_dim + v_dim) * ms_per_flop,
-        attn_ms_per_kv_token=kv_bytes_per_token_layer(model, tp) * ms_per_byte,
-        attn_ms_per_query_token=heads * (qk_dim + v_dim) * bpe * ms_per_byte,
-        dense_overhead_ms=cc.kernel_overhead_ms(kernels["attention"] + kernels["mlp"], hw),
-        moe_attn_overhead_ms=cc.kernel_overhead_ms(kernels["attention"], hw),
+        eager=timer(False),
+        graph=timer(True),
+        cuda_graphs=plan.workload.requests.cuda_graphs,
+        attn_flops_per_pair=2.0 * heads * (qk_dim + v_dim),
+        attn_bytes_per_kv_token=kv_bytes_per_token_layer(model, tp),
+        attn_bytes_per_query_token=heads * (qk_dim + v_dim) * bpe,
         tp_allreduce=Affine.of(allreduce_ms),
         p2p=Affine.of(lambda n: _p2p_ms(plan, layout, n * model.hidden_size * bpe / tp)),
         dense_layers=tuple(len(s) - m for s, m in zip(layout.stage_layers,
@@ -212,7 +183,10 @@ def _p2p_ms(plan: Plan, layout: Layout, size_bytes: float) -> float:
 
 @dataclass(frozen=True)
 class KVCapacity:
-    """KV cache of one replica: blocks, and the memory per GPU behind them (GiB)."""
+    """KV cache of one replica: blocks, and the memory per GPU behind them (GiB), per stage.
+
+    The numbers of :func:`clustersim.costs.memory.serving_memory`, which the audit reports
+    too (``clustersim check`` and ``run`` print the same memory)."""
 
     num_blocks: int
     block_size: int
@@ -220,6 +194,7 @@ class KVCapacity:
     free_gib: tuple[float, ...]  # per stage, per GPU: what the cache may use
     weights_gib: tuple[float, ...]
     activations_gib: tuple[float, ...]
+    buffers_gib: tuple[float, ...] = ()  # MoE all-to-all buffers (absent in older traces)
 
     @property
     def tokens(self) -> int:
@@ -227,35 +202,28 @@ class KVCapacity:
         return self.num_blocks * self.block_size
 
     @property
+    def stage_kv_gib(self) -> tuple[float, ...]:
+        """Per stage: cache memory per GPU, every block allocated."""
+        return tuple(b * self.tokens / GIB for b in self.bytes_per_token)
+
+    @property
+    def peak_stage(self) -> int:
+        """The stage whose GPUs hold the most (weights + activations + buffers + cache), the
+        first on ties: the memory report's peak stage."""
+        buffers = self.buffers_gib or (0.0,) * len(self.weights_gib)
+        parts = zip(self.weights_gib, self.activations_gib, buffers, self.stage_kv_gib, strict=True)
+        totals = [w + a + b + kv for w, a, b, kv in parts]
+        return totals.index(max(totals))
+
+    @property
     def kv_cache_gib(self) -> float:
-        """Cache memory on the busiest GPU when every block is in use."""
-        return max(b * self.tokens for b in self.bytes_per_token) / GIB
+        """Cache memory per GPU of the peak stage (what ``check`` reports as KV)."""
+        return self.stage_kv_gib[self.peak_stage]
 
 
 def kv_capacity(plan: Plan, layout: Layout) -> KVCapacity:
-    """KV-cache blocks of one replica (module docstring; ``num_gpu_blocks`` overrides)."""
-    model, par, hw = plan.model, plan.parallel, plan.hardware
-    req = plan.workload.requests
-    counts = count_params(model)
-    usable = req.gpu_memory_utilization * (hw.memory_gib - hw.memory_reserved_gib) * GIB
-    per_layer = kv_bytes_per_token_layer(model, par.tp)
-    bpe = DTYPE_BYTES[model.dtype]
-    bytes_per_token, free, weights, acts = [], [], [], []
-    for stage, layers in enumerate(layout.stage_layers):
-        layers = [i for i in layers if i < model.num_layers]
-        dense, experts = stage_params_per_gpu(plan, layout, counts, stage)
-        w = (dense + experts) * bpe
-        a = max((layer_activation_bytes(model, par, i, req.max_num_batched_tokens, 1, "none")
-                 for i in layers), default=0.0)  # fmt: skip
-        if stage == layout.pp - 1:
-            a += 4 * req.max_batch_size * model.vocab_size / par.tp
-        if model.moe is not None and any(model.is_moe_layer(i) for i in layers):
-            a += 2 * req.max_num_batched_tokens * model.moe.top_k * model.hidden_size * bpe
-        bytes_per_token.append(per_layer * len(layers))
-        free.append(usable - w - a)
-        weights.append(w / GIB)
-        acts.append(a / GIB)
-    tokens = min(f / b for f, b in zip(free, bytes_per_token, strict=True) if b > 0)
-    blocks = req.num_gpu_blocks or max(0, int(tokens // req.kv_block_size))
-    return KVCapacity(blocks, req.kv_block_size, tuple(bytes_per_token),
-                      tuple(f / GIB for f in free), tuple(weights), tuple(acts))  # fmt: skip
+    """KV-cache blocks of one replica: :func:`~clustersim.costs.memory.serving_memory`
+    (module docstring; ``num_gpu_blocks`` overrides)."""
+    mem = serving_memory(plan, layout)
+    return KVCapacity(mem.num_blocks, mem.block_size, mem.kv_bytes_per_token, mem.free_gib,
+                      mem.weights_gib, mem.activations_gib, mem.buffers_gib)  # fmt: skip

@@ -21,6 +21,7 @@ import numpy as np
 
 from clustersim.costs import compute as cc
 from clustersim.costs.comm import collective_time_ms, link_for_group, p2p_ms
+from clustersim.costs.kernels import KernelTimer
 from clustersim.spec.schema import Plan
 
 GRAD_BYTES = 4  # Megatron reduces fp32 main gradients (bf16/fp16 training)
@@ -57,26 +58,19 @@ class MicrobatchCosts:
         self.seq_lens = seq_lens
         self.tokens = int(seq_lens.sum())
         self._tp = plan.parallel.tp
-
-    def _attention_cost(self, moe_layer: bool) -> cc.OpCost:
-        model, tokens = self.plan.model, self.tokens
-        cost = cc.qkv_projection(tokens, model, self._tp)
-        cost = cost + cc.attention_output_projection(tokens, model, self._tp)
-        cost = cost + self._core_attention
-        if moe_layer:
-            cost = cost + cc.router(tokens, model)
-            if model.moe and model.moe.num_shared_experts:
-                cost = cost + cc.shared_expert_mlp(tokens, model, self._tp)
-        return cost
+        self._kernels = kernel_timer(plan)
 
     @cached_property
-    def _core_attention(self) -> cc.OpCost:
-        """Core attention over the micro-batch's sequences (the quadratic term)."""
+    def _core_attention_ms(self) -> float:
+        """Core attention over the micro-batch's sequences (the quadratic term), one kernel
+        per distinct length."""
         flash = self.plan.parallel.flash_attention
         lens, counts = np.unique(self.seq_lens, return_counts=True)
-        total = cc.ZERO_OP
+        total = 0.0
         for s, n in zip(lens.tolist(), counts.tolist(), strict=True):
-            total = total + cc.core_attention(n, s, self.plan.model, self._tp, flash=flash)
+            # flash kernels skip the masked half of causal attention; unfused ones do not
+            op = cc.core_attention(n, s, self.plan.model, self._tp, causal=flash, flash=flash)
+            total += float(self._kernels.core_attention_ms(op.flops, op.hbm_bytes, s, flash))
         return total
 
     def _tp_comm_ms(self, moe_layer: bool) -> float:
@@ -96,21 +90,19 @@ class MicrobatchCosts:
         return one if moe_layer else 2 * one
 
     def _layer(self, moe_layer: bool) -> LayerTimes:
-        hw, model = self.plan.hardware, self.plan.model
-        sp = self.plan.parallel.sequence_parallel
-        elementwise = cc.elementwise(self.tokens, model, self._tp, sp, mlp=not moe_layer)
-        attn = self._attention_cost(moe_layer).time_ms(hw) + elementwise.time_ms(hw)
-        attn += cc.kernel_overhead_ms(cc.KERNELS_PER_FORWARD["attention"], hw)
+        k, tokens = self._kernels, self.tokens
+        attn = float(k.attention_block_ms(tokens)) + self._core_attention_ms
         mlp = 0.0
-        if not moe_layer:
-            mlp = cc.dense_mlp(self.tokens, model, self._tp).time_ms(hw)
-            mlp += cc.kernel_overhead_ms(cc.KERNELS_PER_FORWARD["mlp"], hw)
+        if moe_layer:
+            attn += float(k.moe_block_ms(tokens))
+        else:
+            mlp = float(k.dense_mlp_ms(tokens))
         recompute, tp_comm = self.plan.parallel.recompute, self._tp_comm_ms(moe_layer)
         extra_comm = 0.0
         if recompute == "full":  # the forward again, TP collectives included
             extra, extra_comm = attn + mlp, tp_comm  # experts: added per rank by the engine
         elif recompute == "selective":
-            extra = self._core_attention.time_ms(hw)
+            extra = self._core_attention_ms
         else:
             extra = 0.0
         return LayerTimes(attn, mlp, tp_comm, extra, extra_comm)
@@ -128,7 +120,7 @@ class MicrobatchCosts:
     @cached_property
     def logits_fwd_ms(self) -> float:
         """Output layer (logits) forward on the last stage."""
-        return cc.logits(self.tokens, self.plan.model, self._tp).time_ms(self.plan.hardware)
+        return float(self._kernels.logits_ms(self.tokens))
 
     @cached_property
     def p2p_bytes(self) -> float:
@@ -137,37 +129,35 @@ class MicrobatchCosts:
         return self.tokens * model.hidden_size * cc.DTYPE_BYTES[model.dtype] / self._tp
 
 
+def kernel_timer(plan: Plan, graphs: bool = False) -> KernelTimer:
+    """The kernel timer of one GPU of ``plan``'s TP groups (training: eager launches)."""
+    par = plan.parallel
+    return KernelTimer(plan.model, plan.hardware, par.tp, par.expert_tp,
+                       sequence_parallel=par.sequence_parallel, graphs=graphs)  # fmt: skip
+
+
 class ExpertTimer:
-    """Vectorised expert GEMM times: time(tokens) = max(a * tokens, b * tokens + w) per rank.
+    """Vectorised forward time of each rank's routed experts for its received token copies
+    and active experts (:meth:`KernelTimer.experts_ms`), plus the dropless
+    synchronisation (the host waits for the token counts) when experts have no capacity."""
 
-    The coefficients come from :func:`costs.compute.expert_mlp` (FLOPs linear in tokens; HBM
-    bytes linear in tokens plus the weights of the experts that got tokens).
-    """
-
-    def __init__(self, plan: Plan):
-        model, hw, etp = plan.model, plan.hardware, plan.parallel.expert_tp
-        one, two = cc.expert_mlp(1, model, etp, 1), cc.expert_mlp(2, model, etp, 1)
-        flop_rate = hw.peak_tflops * 1e12 * hw.compute_efficiency
-        byte_rate = hw.hbm_bandwidth_gbps * 1e9
-        self.ms_per_token_compute = one.flops / flop_rate * 1e3
-        per_token_bytes = two.hbm_bytes - one.hbm_bytes
-        self.ms_per_token_memory = per_token_bytes / byte_rate * 1e3
-        self.ms_per_expert_weights = (one.hbm_bytes - per_token_bytes) / byte_rate * 1e3
-        self.overhead_ms = cc.kernel_overhead_ms(cc.KERNELS_PER_FORWARD["experts"], hw)
+    def __init__(self, plan: Plan, graphs: bool = False, sync: bool = True):
+        self.kernels = kernel_timer(plan, graphs)
+        moe = plan.model.moe
+        dropless = sync and moe is not None and moe.capacity_factor is None
+        sync_us = plan.hardware.calibration.moe.dropless_sync_us if dropless else 0.0
+        self.sync_ms = sync_us * 1e-3
 
     def forward_ms_one(self, tokens: float, active_experts: float) -> float:
         """Forward time of one rank's expert GEMMs (scalar version of :meth:`forward_ms`)."""
         if tokens <= 0:
             return 0.0
-        compute = tokens * self.ms_per_token_compute
-        memory = tokens * self.ms_per_token_memory + active_experts * self.ms_per_expert_weights
-        return (compute if compute > memory else memory) + self.overhead_ms
+        return float(self.kernels.experts_ms(tokens, active_experts)) + self.sync_ms
 
     def forward_ms(self, tokens: np.ndarray, active_experts: np.ndarray) -> np.ndarray:
         """Forward time of each rank's expert GEMMs for its token count."""
-        compute = tokens * self.ms_per_token_compute
-        memory = tokens * self.ms_per_token_memory + active_experts * self.ms_per_expert_weights
-        return np.where(tokens > 0, np.maximum(compute, memory) + self.overhead_ms, 0.0)
+        ms = self.kernels.experts_ms(tokens, active_experts)
+        return np.where(tokens > 0, ms + self.sync_ms, 0.0)
 
 
 def p2p_time_ms(plan: Plan, src: int, dst: int, size_bytes: float) -> float:

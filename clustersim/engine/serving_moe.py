@@ -26,6 +26,7 @@ import numpy as np
 
 from clustersim.costs.comm import all_to_all_v_cost, collective_time_ms
 from clustersim.costs.compute import DTYPE_BYTES
+from clustersim.costs.kernels import DEFAULT_GRAPH_BATCH_MAX
 from clustersim.engine.optimes import ExpertTimer
 from clustersim.layout import Layout
 from clustersim.routing.router import Router, RoutingOutcome, uniform_outcome
@@ -50,7 +51,10 @@ class MoEStepTable:
         self.ep_ranks = layout.groups("ep")[0]
         self.etp_ranks = layout.groups("etp")[0]
         self.moe_layer_ids = [i for i in range(plan.model.num_layers) if plan.model.is_moe_layer(i)]
-        self.timer = ExpertTimer(plan)
+        # Serving MoE kernels (fused/grouped MoE of vLLM/SGLang) need no host sync; small
+        # steps are taken to be decode steps, replayed from CUDA graphs when enabled.
+        graphs = plan.workload.requests.cuda_graphs
+        self.timers = (ExpertTimer(plan, sync=False), ExpertTimer(plan, graphs=graphs, sync=False))
         self.token_bytes = plan.model.hidden_size * DTYPE_BYTES[plan.model.dtype]
         self.router = None
         if moe.routing == "sampled":
@@ -93,7 +97,8 @@ class MoEStepTable:
         sources = np.full(self.ep, tokens // self.ep, dtype=np.int64)
         sources[: tokens % self.ep] += 1
         draws = _samples(tokens) if self.router is not None else 1
-        rows = [self._one(self._route(sources, tokens, d), d) for d in range(draws)]
+        timer = self.timers[tokens <= DEFAULT_GRAPH_BATCH_MAX]
+        rows = [self._one(self._route(sources, tokens, d), timer) for d in range(draws)]
         return tuple(float(x) for x in np.mean(rows, axis=0))
 
     def _route(self, sources: np.ndarray, tokens: int, draw: int) -> RoutingOutcome:
@@ -102,14 +107,14 @@ class MoEStepTable:
         layer = self.moe_layer_ids[draw % len(self.moe_layer_ids)]
         return self.router.route(layer, tokens, sources, step=draw)
 
-    def _one(self, out: RoutingOutcome, _draw: int) -> tuple[float, float, float, float]:
+    def _one(self, out: RoutingOutcome, timer: ExpertTimer) -> tuple[float, float, float, float]:
         per_rank = out.tokens_per_expert.reshape(self.ep, -1)
         active = np.count_nonzero(per_rank, axis=1)
         received = out.tokens_per_rank.astype(np.float64) * self.etp  # ETP gathers its group
-        expert_ms = float(self.timer.forward_ms(received, active).max())
+        expert_ms = float(timer.forward_ms(received, active).max())
         hw, gpn = self.hw, self.hw.gpus_per_node
         a2a_ms = all_to_all_v_cost(out.a2a_tokens * self.token_bytes, self.ep_ranks, gpn,
-                                   hw).time_ms  # fmt: skip
+                                   hw, self.plan.parallel.moe_dispatcher).time_ms  # fmt: skip
         etp_ms = 0.0
         if self.etp > 1:
             size = float(received.max()) * self.token_bytes

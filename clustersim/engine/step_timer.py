@@ -39,7 +39,7 @@ from typing import NamedTuple
 import numpy as np
 
 from clustersim.costs.params import count_params
-from clustersim.costs.serving import StepCosts, head_dims
+from clustersim.costs.serving import StepCosts, core_attention_ms, head_dims
 from clustersim.engine.serving_moe import MoEStepTable
 from clustersim.spec.schema import Plan
 
@@ -123,27 +123,17 @@ class StepTimer:
         self.flops_per_pair = 2.0 * model.num_attention_heads * (qk + v) * model.num_layers
         self.flops_per_seq = 2.0 * model.hidden_size * model.vocab_size
 
-    def _parts(self, n: float, seqs: float) -> tuple[float, float, float, float, float]:
-        """Per-layer times of one replica's micro-batch, core attention excluded: dense layer,
-        MoE layer's attention block, logits, one TP all-reduce, pipeline send (memoised:
-        decode batches repeat their sizes)."""
+    def _parts(self, n: float, seqs: float) -> tuple[float, ...]:
+        """Per-layer times of one replica's micro-batch (:meth:`StepCosts.parts`: dense
+        layer, MoE layer's attention block, logits, one TP all-reduce, pipeline send, core
+        attention coefficients), memoised: decode batches repeat their sizes."""
         key = (n, seqs)
         found = self._parts_cache.get(key)
         if found is None:
             if len(self._parts_cache) > PARTS_CACHE_SIZE:
                 self._parts_cache.clear()
-            found = self._parts_cache[key] = self._compute_parts(n, seqs)
+            found = self._parts_cache[key] = self.c.parts(n, seqs)
         return found
-
-    def _compute_parts(self, n: float, seqs: float) -> tuple[float, float, float, float, float]:
-        c = self.c
-        proj = c.attn_proj.scalar_ms(n)
-        allreduce = c.tp_allreduce.scalar_ms(n)
-        dense = (proj + c.dense_mlp.scalar_ms(n) + 2 * allreduce
-                 + n * c.elementwise_dense_ms_per_token + c.dense_overhead_ms)  # fmt: skip
-        attn = (proj + c.router.scalar_ms(n) + c.shared_experts.scalar_ms(n) + allreduce
-                + n * c.elementwise_moe_ms_per_token + c.moe_attn_overhead_ms)  # fmt: skip
-        return dense, attn, c.logits.scalar_ms(seqs), allreduce, c.p2p.scalar_ms(n)
 
     def time(self, aggs: list[list[list[float]]], steps: int, members: int) -> StepTiming:
         """Timing of ``steps`` decode steps (or one step) of an engine of ``members``
@@ -182,10 +172,9 @@ class StepTimer:
             if n <= 0:
                 continue
             seqs, pairs, kv = agg[1][v], agg[2][v], agg[3][v]
-            dense, attn, logits, allreduce, p2p = self._parts(n, seqs)
-            core = vmax((pairs + n * grow) * c.attn_ms_per_pair,
-                        (kv + n * grow) * c.attn_ms_per_kv_token
-                        + n * c.attn_ms_per_query_token)  # fmt: skip
+            parts = self._parts(n, seqs)
+            dense, attn, logits, allreduce, p2p = parts[:5]
+            core = core_attention_ms(parts, pairs + n * grow, kv + n * grow, n, c, vmax)
             dmax = vmax(dmax, dense + core)
             amax = vmax(amax, attn + core)
             lmax, pmax = max(lmax, logits), max(pmax, p2p)
@@ -203,20 +192,17 @@ class StepTimer:
         """The common case of one non-empty micro-batch in the engine: its trip through the
         stages is the round (the stage loads are parts of it)."""
         c, hops = self.c, self.num_stages - 1
-        dense, attn, logits, allreduce, p2p = self._parts(n, seqs)
+        parts = self._parts(n, seqs)
+        dense, attn, logits, allreduce, p2p = parts[:5]
         moe_ms, moe_comm, balance, dropped, routed = self._moe_one(n)
         own = self.total_dense * dense + self.total_moe * attn + logits + hops * p2p
         fixed = own + self.total_moe * moe_ms
         layers = self.total_dense + self.total_moe
         if steps == 1:
-            core = max(pairs * c.attn_ms_per_pair,
-                       kv * c.attn_ms_per_kv_token + n * c.attn_ms_per_query_token)  # fmt: skip
-            rounds = [fixed + layers * core]
+            rounds = [fixed + layers * core_attention_ms(parts, pairs, kv, n, c)]
         else:
             grown = n * self._j[:steps]
-            core = np.maximum((pairs + grown) * c.attn_ms_per_pair,
-                              (kv + grown) * c.attn_ms_per_kv_token
-                              + n * c.attn_ms_per_query_token)  # fmt: skip
+            core = core_attention_ms(parts, pairs + grown, kv + grown, n, c, np.maximum)
             rounds = fixed + layers * core
         comm = ((2 * self.total_dense + self.total_moe) * allreduce + hops * p2p
                 + members * self.total_moe * moe_comm)  # fmt: skip

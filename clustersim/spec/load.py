@@ -17,8 +17,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from clustersim.spec.calibration_data import calibration_data, calibration_generations
 from clustersim.spec.errors import PlanError, PlanIssue, did_you_mean
-from clustersim.spec.presets import GPU_PRESETS, MODEL_PRESETS
+from clustersim.spec.presets import DEFAULT_GENERATION, GPU_GENERATION, GPU_PRESETS, MODEL_PRESETS
 from clustersim.spec.schema import Plan
 
 DEFAULT_PLAN_SOURCE = "<default plan: Mixtral-8x7B on 16 x H100-SXM>"
@@ -124,7 +125,30 @@ def _merge_presets(raw: dict[str, Any], source: str) -> dict[str, Any]:
             raw["hardware"] = _deep_merge(preset, hardware)
         elif not all(k in hardware for k in ("memory_gib", "peak_tflops", "hbm_bandwidth_gbps")):
             raise PlanError(source, [_unknown_preset("hardware.gpu", hardware["gpu"], GPU_PRESETS)])
+    if isinstance(raw.get("hardware"), dict):
+        raw["hardware"] = _merge_calibration(raw["hardware"], source)
     return raw
+
+
+def _merge_calibration(hardware: dict[str, Any], source: str) -> dict[str, Any]:
+    """Fill ``hardware.calibration`` from its generation's data file; the plan's own
+    calibration fields override the file's."""
+    given = hardware.get("calibration")
+    if given is not None and not isinstance(given, dict):
+        return hardware  # the schema reports the wrong type
+    given = given or {}
+    generation = given.get("generation")
+    if generation is None:
+        by_lower = {k.lower(): v for k, v in GPU_GENERATION.items()}
+        generation = by_lower.get(str(hardware.get("gpu")).lower(), DEFAULT_GENERATION)
+    data = calibration_data(str(generation))
+    if data is None:
+        issue = PlanIssue("hardware.calibration.generation", "unknown calibration data set",
+                          generation, ", ".join(calibration_generations()))  # fmt: skip
+        raise PlanError(source, [issue])
+    out = dict(hardware)
+    out["calibration"] = _deep_merge(data, {**given, "generation": str(generation)})
+    return out
 
 
 def _unknown_preset(path: str, name: Any, table: dict[str, Any]) -> PlanIssue:

@@ -48,7 +48,28 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
         "intra_node": {"bandwidth_gbps": 160, "latency_us": 3},
         "inter_node": {"bandwidth_gbps": 50, "latency_us": 8},
     },
+    # B200 (HGX B200 datasheet): 2.25 PFLOP/s dense BF16, HBM3e 8 TB/s, 180 GB; NVLink 5
+    # 1.8 TB/s bidirectional (900 GB/s per direction); one 400 Gb/s NIC per GPU.
+    "B200": {
+        "memory_gib": 180,
+        "peak_tflops": 2250,
+        "hbm_bandwidth_gbps": 8000,
+        "intra_node": {"bandwidth_gbps": 900, "latency_us": 3},
+        "inter_node": {"bandwidth_gbps": 50, "latency_us": 8},
+    },
 }
+# Which calibration data file (clustersim/spec/calibration/<generation>.yaml) serves each GPU.
+# H200 and H800 are Hopper dies with other memory / NVLink: own files, fitted or derived.
+GPU_GENERATION: dict[str, str] = {
+    "A100-40GB": "a100",
+    "A100-80GB": "a100",
+    "H100-SXM": "h100",
+    "H200": "h200",
+    "H800": "h800",
+    "B200": "b200",
+}
+# A custom GPU without ``hardware.calibration.generation`` uses this generation's values.
+DEFAULT_GENERATION = "h100"
 # Vendor memory is quoted in GB (10^9); the plan speaks GiB. 80 GB cards expose ~79.6 GiB to
 # CUDA, so the preset keeps the nominal figure and the memory check leaves headroom via
 # hardware.memory_reserved_gib.

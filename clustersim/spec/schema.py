@@ -119,6 +119,112 @@ class LinkSpec(_Strict):
     latency_us: float = Field(ge=0)
 
 
+class GemmCalibration(_Strict):
+    """Dense GEMM speed: ``time = max(2mnk / (peak * efficiency * shape), bytes / memory)``
+    with ``shape = prod over m, n, k of x / (x + half_dim)`` (small or skinny GEMMs fill
+    fewer tiles and waves)."""
+
+    efficiency: float = Field(gt=0, le=1, description="Fraction of peak FLOP/s of large GEMMs.")
+    half_dim: float = Field(ge=0, description="GEMM dimension at which its shape factor is 1/2.")
+
+
+class MemoryCalibration(_Strict):
+    """Memory-bound kernels (weight reads, element-wise, norms, permutes)."""
+
+    efficiency: float = Field(gt=0, le=1, description="Fraction of HBM bandwidth reached.")
+
+
+class KernelCalibration(_Strict):
+    """Fixed time per kernel: GPU-side floor and host launch (eager vs CUDA graphs).
+
+    A kernel occupies the GPU for ``fixed_us + work`` and the host needs ``launch_us``
+    (eager) or ``graph_launch_us`` (CUDA-graph replay) to issue it; the stream advances by
+    the larger of the two (kernels shorter than their launch leave the GPU waiting)."""
+
+    fixed_us: float = Field(ge=0, description="GPU time of an empty kernel.")
+    launch_us: float = Field(ge=0, description="Host time per kernel launch, eager mode.")
+    graph_launch_us: float = Field(ge=0, description="Time per kernel under CUDA-graph replay.")
+    framework_us: float = Field(
+        0.0, ge=0, description="Eager framework time per kernel that never overlaps the GPU "
+        "(Python, autograd bookkeeping); 0 under CUDA graphs."
+    )  # fmt: skip
+
+
+class AttentionCalibration(_Strict):
+    """Core attention (FlashAttention): prefill compute-bound, decode KV-read bound."""
+
+    efficiency: float = Field(gt=0, le=1, description="Fraction of peak at long sequences.")
+    half_seq: float = Field(ge=0, description="Query length at which efficiency is halved.")
+    decode_memory_efficiency: float = Field(
+        gt=0, le=1, description="Fraction of HBM bandwidth reached reading the KV cache."
+    )
+
+
+class MoECalibration(_Strict):
+    """MoE layer overheads not captured by GEMMs and collectives, and the DeepEP dispatcher.
+
+    With ``parallel.moe_dispatcher: deepep`` the EP dispatch and combine take
+    ``deepep_latency_us + max(NVLink bytes / deepep_intra_node_gbps, RDMA bytes /
+    deepep_inter_node_gbps)`` of the busiest GPU (DeepEP's "bottleneck bandwidth")."""
+
+    dropless_sync_us: float = Field(
+        ge=0, description="Host-device synchronisation per MoE layer and direction, dropless."
+    )
+    deepep_intra_node_gbps: float = Field(gt=0, description="DeepEP NVLink bandwidth per GPU.")
+    deepep_inter_node_gbps: float = Field(gt=0, description="DeepEP RDMA bandwidth per GPU.")
+    deepep_latency_us: float = Field(ge=0, description="DeepEP fixed time per dispatch/combine.")
+
+
+class CollectiveCalibration(_Strict):
+    """Achieved NCCL bandwidth and latency per link class (``clustersim.costs.comm``).
+
+    A collective of ``steps`` ring/tree steps moving ``f * S`` bytes per GPU over a link class
+    takes ``base_latency_us + steps * latency_us + f * S / (bandwidth * efficiency)``: the
+    bus bandwidth grows with the message as ``B_eff * S / (S + S_half)``, ``S_half = base *
+    B_eff / f``. Point-to-point transfers (pipeline sends, all-to-all) use ``p2p_efficiency``
+    and pay ``base_latency_us + latency_us`` once. A group within one node uses the intra-node
+    values; one that spans nodes the inter-node ones. ``latency_us`` null: the link's own
+    ``latency_us`` (LinkSpec)."""
+
+    intra_node_efficiency: float = Field(
+        gt=0, le=1, description="Large-message bus bandwidth / NVLink bandwidth."
+    )
+    inter_node_efficiency: float = Field(
+        gt=0, le=1, description="Large-message bus bandwidth / network bandwidth (per NIC)."
+    )
+    intra_node_latency_us: float | None = Field(
+        ge=0, description="Latency per ring/tree step, NVLink; null = the link's latency_us."
+    )
+    inter_node_latency_us: float | None = Field(
+        ge=0, description="Latency per ring/tree step, network; null = the link's latency_us."
+    )
+    intra_node_base_latency_us: float = Field(
+        0.0, ge=0, description="Fixed time per collective within a node (launch, sync)."
+    )
+    inter_node_base_latency_us: float = Field(
+        0.0, ge=0, description="Fixed time per collective spanning nodes (launch, sync)."
+    )
+    intra_node_p2p_efficiency: float = Field(
+        1.0, gt=0, le=1, description="Send/receive and all-to-all bandwidth / NVLink bandwidth."
+    )
+    inter_node_p2p_efficiency: float = Field(
+        1.0, gt=0, le=1, description="Send/receive and all-to-all bandwidth / network bandwidth."
+    )
+
+
+class CalibrationSpec(_Strict):
+    """Fitted cost-model parameters of one GPU generation (``clustersim calibrate``)."""
+
+    generation: str = Field(description="Data file these values come from (a100, h100, ...).")
+    source: str = ""
+    gemm: GemmCalibration
+    memory: MemoryCalibration
+    kernel: KernelCalibration
+    attention: AttentionCalibration
+    moe: MoECalibration
+    collectives: CollectiveCalibration
+
+
 class HardwareSpec(_Strict):
     """The cluster: GPU figures (from a preset, overridable) and its size."""
 
@@ -130,12 +236,8 @@ class HardwareSpec(_Strict):
     hbm_bandwidth_gbps: PositiveFloat
     intra_node: LinkSpec
     inter_node: LinkSpec
-    # Calibrated on Narayanan et al. 2021, Table 1 (VALIDATION.md): two parameters.
-    compute_efficiency: float = Field(
-        0.62, gt=0, le=1, description="Achieved fraction of peak on large GEMMs."
-    )
-    kernel_overhead_us: float = Field(
-        18.0, ge=0, description="Fixed time per GPU kernel (launch and framework overhead)."
+    calibration: CalibrationSpec = Field(
+        description="Cost-model parameters; default: the data file of the GPU's generation."
     )
     memory_reserved_gib: float = Field(
         0.0, ge=0, description="Memory not available to the model (CUDA context, allocator)."
@@ -169,6 +271,9 @@ class ParallelSpec(_Strict):
     distributed_optimizer: bool = False
     overlap_communication: bool = True
     grad_bucket_mb: PositiveFloat = 40.0
+    moe_dispatcher: Literal["alltoall", "deepep"] = Field(
+        "alltoall", description="MoE token dispatcher: NCCL all-to-all, or DeepEP kernels."
+    )
 
     @property
     def expert_tp(self) -> int:
@@ -250,6 +355,9 @@ class RequestsSpec(_Strict):
         "false: prefill-only steps take priority over decode steps (vLLM V0)."
     )
     kv_block_size: PositiveInt = Field(16, description="Tokens per paged KV-cache block.")
+    cuda_graphs: bool = Field(
+        True, description="Decode steps replay CUDA graphs (serving engines' default)."
+    )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Share of GPU memory for weights, activations and KV cache."
     )

@@ -1,0 +1,233 @@
+"""Time of the GPU kernels of one transformer layer, from the calibrated per-kernel model.
+
+Every kernel is timed on its own (``hardware.calibration``, one data file per GPU generation,
+fitted by ``clustersim calibrate``):
+
+* a GEMM ``(m x k) @ (k x n)``: ``max(2mnk / (peak * e * shape), bytes / (HBM * mu))`` with
+  ``shape = prod over x in (m, n, k) of x / (x + half_dim)``: small or skinny GEMMs (decode,
+  small experts) fill fewer tiles and waves, large ones reach ``e`` of peak; ``bytes`` =
+  ``(mk + kn + mn)`` elements (inputs, weights and output once);
+* a grouped GEMM over ``a`` experts and ``r`` token copies: one kernel whose compute runs at
+  the shape factor of ``r / a`` tokens per expert and whose memory reads ``a`` experts' weights;
+* a memory-bound kernel (norms, rotary embedding, activation, residual adds, permutes, top-k):
+  ``bytes / (HBM * mu)``;
+* core attention (FlashAttention): ``flops / (peak * e_attn * q / (q + half_seq))`` for query
+  length ``q``, or the KV-cache read at ``mu_attn`` of HBM bandwidth (decode), whichever is
+  longer;
+
+each plus ``fixed_us`` of GPU time. The stream advances per kernel by the larger of its GPU
+time and its launch (``launch_us`` eager, ``graph_launch_us`` under CUDA graphs), plus
+``framework_us`` in eager mode: kernels shorter than their launch leave the GPU waiting, which
+is what makes small-batch eager decode slow and CUDA graphs fast.
+
+Kernels of a layer's forward (Megatron-Core / vLLM, fused where they fuse): input norm, QKV
+GEMM(s), rotary embedding, core attention, output projection, residual add, post-attention
+norm; dense MLP: up (gate and up fused), activation, down, residual add; MoE: router GEMM,
+softmax/top-k, shared experts (up, activation, down), residual add; routed experts (per rank):
+permute, grouped up, activation, grouped down, unpermute. With sequence parallelism the
+hidden-wide element-wise kernels run on ``1/tp`` of the tokens. The backward of a layer takes
+``BACKWARD_FACTOR`` times its forward (two GEMMs per forward GEMM).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from clustersim.costs import compute as cc
+from clustersim.spec.schema import HardwareSpec, ModelSpec
+
+RESIDUAL_PASSES = 3.5  # bias-dropout-add: read 2h, write h, a 1-byte mask (per token, x h)
+NORM_PASSES = 2.0  # read h, write h
+TOPK_BYTES = 4 * 2  # fp32 router logits: softmax/top-k read and write E values per token
+PERMUTE_PASSES = 2.0  # a token copy of h elements read and written once (permute, unpermute)
+DEFAULT_GRAPH_BATCH_MAX = 512  # vLLM's largest captured decode batch
+
+
+class KernelTimer:
+    """Forward kernel times of one GPU of a TP group, for a model on ``hw``.
+
+    ``graphs``: launches are CUDA-graph replays (serving decode) instead of eager launches.
+    Methods take a token count (a float or a numpy array) and return ms; zero tokens cost 0.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        hw: HardwareSpec,
+        tp: int = 1,
+        etp: int | None = None,
+        *,
+        sequence_parallel: bool = False,
+        graphs: bool = False,
+    ):
+        cal = hw.calibration
+        self.model, self.hw, self.tp = model, hw, tp
+        self.etp = tp if etp is None else etp
+        self.bpe = cc.DTYPE_BYTES[model.dtype]
+        self._flop_s = hw.peak_tflops * 1e12 * cal.gemm.efficiency
+        self._byte_s = hw.hbm_bandwidth_gbps * 1e9 * cal.memory.efficiency
+        self._half = cal.gemm.half_dim
+        self._fixed_ms = cal.kernel.fixed_us * 1e-3
+        launch_us = cal.kernel.graph_launch_us if graphs else cal.kernel.launch_us
+        self._launch_ms = launch_us * 1e-3
+        self._framework_ms = 0.0 if graphs else cal.kernel.framework_us * 1e-3
+        self._attn_flop_s = hw.peak_tflops * 1e12 * cal.attention.efficiency
+        self._attn_half = cal.attention.half_seq
+        self._kv_byte_s = hw.hbm_bandwidth_gbps * 1e9 * cal.attention.decode_memory_efficiency
+        self._h_tokens_share = 1.0 / tp if sequence_parallel else 1.0
+        self._qkv = cc.qkv_shapes(model, tp)
+        h = model.hidden_size
+        qk_dim, v_dim = cc.head_dims(model)
+        self._out = (model.num_attention_heads / tp * v_dim, h)
+        # rotary embedding rewrites the queries and keys of this GPU's heads
+        self._rope_elements = (
+            model.num_attention_heads / tp + cc.kv_heads_per_gpu(model, tp)
+        ) * qk_dim
+        phi = cc.ACTIVATION_MATRICES[model.activation]
+        self._phi = phi
+
+    # ---- single kernels -----------------------------------------------------------------
+    def issue(self, gpu_ms, tokens):
+        """Stream time of kernels of GPU time ``gpu_ms`` (0 where ``tokens`` is 0)."""
+        ms = np.maximum(gpu_ms, self._launch_ms) + self._framework_ms
+        return np.where(tokens > 0, ms, 0.0)
+
+    def _shape(self, x):
+        return x / (x + self._half)
+
+    def gemm_gpu_ms(self, m, n: float, k: float, groups=1.0):
+        """GPU time of a (grouped) GEMM: ``groups`` experts share ``m`` token rows."""
+        per = np.maximum(m / np.maximum(groups, 1.0), 1e-9)
+        compute = 2.0 * m * n * k / (self._flop_s * self._shape(per) * self._shape(n)
+                                     * self._shape(k))  # fmt: skip
+        memory = (m * k + groups * k * n + m * n) * self.bpe / self._byte_s
+        return np.maximum(compute, memory) * 1e3 + self._fixed_ms
+
+    def gemm_ms(self, m, n: float, k: float, groups=1.0):
+        """Stream time of a (grouped) GEMM kernel."""
+        return self.issue(self.gemm_gpu_ms(m, n, k, groups), m)
+
+    def stream_gpu_ms(self, nbytes):
+        """GPU time of a memory-bound kernel moving ``nbytes``."""
+        return nbytes / self._byte_s * 1e3 + self._fixed_ms
+
+    def stream_ms(self, tokens, bytes_per_token: float):
+        """Stream time of a memory-bound kernel over ``tokens``."""
+        return self.issue(self.stream_gpu_ms(tokens * bytes_per_token), tokens)
+
+    # ---- blocks of a layer ---------------------------------------------------------------
+    def _h_kernel(self, tokens, passes: float):
+        """A hidden-wide element-wise kernel (norm, residual) under sequence parallelism."""
+        per_token = passes * self.model.hidden_size * self.bpe * self._h_tokens_share
+        return self.stream_ms(tokens, per_token)
+
+    def attention_block_ms(self, tokens):
+        """Input norm, QKV, rotary embedding, output projection, residual add, post-attention
+        norm (core attention excluded)."""
+        total = self._h_kernel(tokens, NORM_PASSES)
+        for k, n in self._qkv:
+            total = total + self.gemm_ms(tokens, n, k)
+        total = total + self.stream_ms(tokens, 2 * self._rope_elements * self.bpe)
+        total = total + self.gemm_ms(tokens, self._out[1], self._out[0])
+        total = total + self._h_kernel(tokens, RESIDUAL_PASSES)
+        return total + self._h_kernel(tokens, NORM_PASSES)
+
+    def mlp_ms(self, tokens, ffn: float, tp: int):
+        """An MLP of width ``ffn`` split over ``tp``: up, activation, down, residual add."""
+        width = ffn / tp
+        h = self.model.hidden_size
+        total = self.gemm_ms(tokens, (self._phi - 1) * width, h)
+        total = total + self.stream_ms(tokens, self._phi * width * self.bpe)
+        total = total + self.gemm_ms(tokens, h, width)
+        return total + self._h_kernel(tokens, RESIDUAL_PASSES)
+
+    def dense_mlp_ms(self, tokens):
+        """The MLP of a dense layer."""
+        return self.mlp_ms(tokens, self.model.dense_ffn, self.tp)
+
+    def moe_block_ms(self, tokens):
+        """The non-expert part of an MoE layer on the attention lane: router GEMM (replicated
+        over TP), softmax/top-k, shared experts, residual add."""
+        moe, h = self.model.moe, self.model.hidden_size
+        if moe is None:
+            return 0.0 * tokens
+        total = self.gemm_ms(tokens, moe.num_experts, h)
+        total = total + self.stream_ms(tokens, moe.num_experts * TOPK_BYTES)
+        if moe.num_shared_experts:
+            width = moe.num_shared_experts * (
+                moe.shared_expert_ffn_hidden_size or self.model.ffn_hidden_size
+            )
+            total = total + self.mlp_ms(tokens, width, self.tp)
+        else:
+            total = total + self._h_kernel(tokens, RESIDUAL_PASSES)
+        return total
+
+    def experts_ms(self, copies, active_experts):
+        """One rank's routed experts for ``copies`` received token copies over
+        ``active_experts`` experts: permute, grouped up, activation, grouped down, unpermute
+        (the FFN split by ETP)."""
+        h, width = self.model.hidden_size, self.model.ffn_hidden_size / self.etp
+        up = (self._phi - 1) * width
+        groups = np.maximum(active_experts, 1.0)
+        total = self.stream_ms(copies, PERMUTE_PASSES * h * self.bpe)
+        total = total + self.gemm_ms(copies, up, h, groups)
+        total = total + self.stream_ms(copies, self._phi * width * self.bpe)
+        total = total + self.gemm_ms(copies, h, width, groups)
+        return total + self.stream_ms(copies, PERMUTE_PASSES * h * self.bpe)
+
+    def logits_ms(self, rows):
+        """Output layer GEMM for ``rows`` tokens."""
+        return self.gemm_ms(rows, self.model.vocab_size / self.tp, self.model.hidden_size)
+
+    # ---- core attention ------------------------------------------------------------------
+    def core_attention_gpu_ms(self, flops, hbm_bytes, query_len, flash: bool = True):
+        """GPU time of core attention: ``flops`` at the FlashAttention efficiency of queries
+        of ``query_len`` tokens, or ``hbm_bytes`` (the KV cache, queries, outputs) read,
+        whichever is longer. Without flash attention the score GEMMs run at the GEMM
+        efficiency and the s x s passes at the memory-bound rate."""
+        if flash:
+            rate = self._attn_flop_s * query_len / (query_len + self._attn_half)
+            compute = flops / np.maximum(rate, 1e-30)
+            memory = hbm_bytes / self._kv_byte_s
+        else:
+            compute = flops / (self._flop_s * self._shape(query_len) ** 2)
+            memory = hbm_bytes / self._byte_s
+        return np.maximum(compute, memory) * 1e3 + self._fixed_ms
+
+    def core_attention_ms(self, flops, hbm_bytes, query_len, flash: bool = True):
+        """Stream time of core attention (one kernel with flash attention, else four:
+        scores, softmax, dropout, context)."""
+        gpu = self.core_attention_gpu_ms(flops, hbm_bytes, query_len, flash)
+        if flash:
+            return self.issue(gpu, flops + hbm_bytes)
+        return 4 * self.issue(gpu / 4, flops + hbm_bytes)
+
+    def attention_ms_per_flop(self, query_len: float) -> float:
+        """FlashAttention time per FLOP for queries of ``query_len`` tokens."""
+        return 1e3 * (query_len + self._attn_half) / (self._attn_flop_s * query_len)
+
+    @property
+    def kv_ms_per_byte(self) -> float:
+        """Decode attention time per byte of KV cache read."""
+        return 1e3 / self._kv_byte_s
+
+    @property
+    def fixed_ms(self) -> float:
+        """GPU time of an empty kernel."""
+        return self._fixed_ms
+
+    @property
+    def launch_ms(self) -> float:
+        """Host time to issue one kernel (eager launch or graph replay)."""
+        return self._launch_ms
+
+    @property
+    def framework_ms(self) -> float:
+        """Framework time per kernel that never overlaps the GPU (eager only)."""
+        return self._framework_ms
+
+
+def uses_graphs(cuda_graphs: bool, tokens: float, seqs: float) -> bool:
+    """Whether a serving step replays a CUDA graph: decode-only batches (one new token per
+    request) up to vLLM's largest captured batch, when the plan enables graphs."""
+    return cuda_graphs and tokens == seqs and seqs <= DEFAULT_GRAPH_BATCH_MAX
