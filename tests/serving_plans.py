@@ -98,11 +98,12 @@ def layer_ms(plan: Plan, new_tokens: int, context: int, graphs: bool = False) ->
     act = kern(_stream_gpu_ms(plan, n * 3 * ffn * 2))
     down = kern(_gemm_gpu_ms(plan, n, h, ffn))
     pairs = n * context + n * (n + 1) / 2  # causal: each new token sees the context and itself
-    flops = 2 * pairs * heads * 2 * d
-    attn_rate = hw.peak_tflops * 1e12 * cal.attention.efficiency * n / (n + cal.attention.half_seq)
+    # FlashAttention: each query row costs half_seq pairs more (efficiency s / (s + half))
+    attn_flops = 2 * (pairs + cal.attention.half_seq * n) * heads * 2 * d
+    attn_rate = hw.peak_tflops * 1e12 * cal.attention.efficiency
     kv_bytes = (context + n) * kv_bytes_per_token_layer(model, 1) + n * heads * 2 * d * 2
     kv_rate = hw.hbm_bandwidth_gbps * 1e9 * cal.attention.decode_memory_efficiency
-    core = kern(max(flops / attn_rate, kv_bytes / kv_rate) * 1e3 + cal.kernel.fixed_us * 1e-3)
+    core = kern(max(attn_flops / attn_rate, kv_bytes / kv_rate) * 1e3 + cal.kernel.fixed_us * 1e-3)
     return 2 * norm + 2 * residual + rope + qkv + out + up + act + down + core
 
 

@@ -11,9 +11,10 @@ fitted by ``clustersim calibrate``):
   the shape factor of ``r / a`` tokens per expert and whose memory reads ``a`` experts' weights;
 * a memory-bound kernel (norms, rotary embedding, activation, residual adds, permutes, top-k):
   ``bytes / (HBM * mu)``;
-* core attention (FlashAttention): ``flops / (peak * e_attn * q / (q + half_seq))`` for query
-  length ``q``, or the KV-cache read at ``mu_attn`` of HBM bandwidth (decode), whichever is
-  longer;
+* core attention (FlashAttention): ``flops / (peak * e_attn * s / (s + half_seq))`` for ``s``
+  keys per query (every query row costs ``half_seq`` pairs more: ``(pairs + half_seq *
+  queries)`` pairs of work), or the KV-cache read at ``mu_attn`` of HBM bandwidth (decode),
+  whichever is longer;
 
 each plus ``fixed_us`` of GPU time. The stream advances per kernel by the larger of its GPU
 time and its launch (``launch_us`` eager, ``graph_launch_us`` under CUDA graphs), plus
@@ -180,31 +181,34 @@ class KernelTimer:
         return self.gemm_ms(rows, self.model.vocab_size / self.tp, self.model.hidden_size)
 
     # ---- core attention ------------------------------------------------------------------
-    def core_attention_gpu_ms(self, flops, hbm_bytes, query_len, flash: bool = True):
-        """GPU time of core attention: ``flops`` at the FlashAttention efficiency of queries
-        of ``query_len`` tokens, or ``hbm_bytes`` (the KV cache, queries, outputs) read,
-        whichever is longer. Without flash attention the score GEMMs run at the GEMM
-        efficiency and the s x s passes at the memory-bound rate."""
+    def core_attention_gpu_ms(self, flops, hbm_bytes, keys_per_query, flash: bool = True):
+        """GPU time of core attention: ``flops`` at the FlashAttention efficiency
+        ``e_attn * s / (s + half_seq)`` for ``s`` keys per query (the sequence length,
+        non-causal; half of it, causal), or ``hbm_bytes`` (the KV cache, queries, outputs)
+        read, whichever is longer. Equivalently, every query row costs ``half_seq`` key pairs
+        more (:meth:`attention_ms_per_pair`). Without flash attention the score GEMMs run at
+        the GEMM efficiency and the s x s passes at the memory-bound rate."""
         if flash:
-            rate = self._attn_flop_s * query_len / (query_len + self._attn_half)
-            compute = flops / np.maximum(rate, 1e-30)
+            compute = flops * (1.0 + self._attn_half / keys_per_query) / self._attn_flop_s
             memory = hbm_bytes / self._kv_byte_s
         else:
-            compute = flops / (self._flop_s * self._shape(query_len) ** 2)
+            compute = flops / (self._flop_s * self._shape(keys_per_query) ** 2)
             memory = hbm_bytes / self._byte_s
         return np.maximum(compute, memory) * 1e3 + self._fixed_ms
 
-    def core_attention_ms(self, flops, hbm_bytes, query_len, flash: bool = True):
+    def core_attention_ms(self, flops, hbm_bytes, keys_per_query, flash: bool = True):
         """Stream time of core attention (one kernel with flash attention, else four:
         scores, softmax, dropout, context)."""
-        gpu = self.core_attention_gpu_ms(flops, hbm_bytes, query_len, flash)
+        gpu = self.core_attention_gpu_ms(flops, hbm_bytes, keys_per_query, flash)
         if flash:
             return self.issue(gpu, flops + hbm_bytes)
         return 4 * self.issue(gpu / 4, flops + hbm_bytes)
 
-    def attention_ms_per_flop(self, query_len: float) -> float:
-        """FlashAttention time per FLOP for queries of ``query_len`` tokens."""
-        return 1e3 * (query_len + self._attn_half) / (self._attn_flop_s * query_len)
+    def attention_ms_per_pair(self, flops_per_pair: float) -> tuple[float, float]:
+        """FlashAttention compute time per query-key pair and per query row (the
+        ``half_seq`` pairs each row costs extra), for ``flops_per_pair`` FLOPs per pair."""
+        per_pair = 1e3 * flops_per_pair / self._attn_flop_s
+        return per_pair, per_pair * self._attn_half
 
     @property
     def kv_ms_per_byte(self) -> float:

@@ -111,20 +111,20 @@ class StepCosts:
         dense = block + float(k.dense_mlp_ms(tokens)) + 2 * allreduce
         attn = block + float(k.moe_block_ms(tokens)) + allreduce
         logits = float(k.logits_ms(seqs))
-        query_len = tokens / seqs if seqs > 0 else 1.0
-        per_pair = self.attn_flops_per_pair * k.attention_ms_per_flop(query_len)
+        per_pair, per_query = k.attention_ms_per_pair(self.attn_flops_per_pair)
         return (dense, attn, logits, allreduce, self.p2p.scalar_ms(tokens), per_pair,
-                k.kv_ms_per_byte, k.fixed_ms, k.launch_ms, k.framework_ms)  # fmt: skip
+                per_query, k.kv_ms_per_byte, k.fixed_ms, k.launch_ms, k.framework_ms)  # fmt: skip
 
 
 def core_attention_ms(parts, pairs, kv_tokens, tokens, costs: StepCosts, vmax=max):
     """Core attention of one layer from a micro-batch's sums (``pairs`` and ``kv_tokens`` may
-    be arrays over decode steps): the FLOPs or the bytes read, whichever is longer, plus the
-    kernel's fixed time, issued as one kernel (:meth:`KernelTimer.issue`)."""
-    per_pair, per_kv_byte, fixed, launch, framework = parts[5:10]
+    be arrays over decode steps): the FLOPs (``pairs`` plus ``half_seq`` per query row) or the
+    bytes read, whichever is longer, plus the kernel's fixed time, issued as one kernel
+    (:meth:`KernelTimer.issue`)."""
+    per_pair, per_query, per_kv_byte, fixed, launch, framework = parts[5:11]
     kv_bytes = kv_tokens * costs.attn_bytes_per_kv_token
     kv_bytes = kv_bytes + tokens * costs.attn_bytes_per_query_token
-    gpu = vmax(pairs * per_pair, kv_bytes * per_kv_byte) + fixed
+    gpu = vmax(pairs * per_pair + tokens * per_query, kv_bytes * per_kv_byte) + fixed
     return vmax(gpu, launch) + framework
 
 

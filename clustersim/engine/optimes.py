@@ -70,7 +70,8 @@ class MicrobatchCosts:
         for s, n in zip(lens.tolist(), counts.tolist(), strict=True):
             # flash kernels skip the masked half of causal attention; unfused ones do not
             op = cc.core_attention(n, s, self.plan.model, self._tp, causal=flash, flash=flash)
-            total += float(self._kernels.core_attention_ms(op.flops, op.hbm_bytes, s, flash))
+            keys = (s + 1) / 2 if flash else s  # keys per query: causal sees half on average
+            total += float(self._kernels.core_attention_ms(op.flops, op.hbm_bytes, keys, flash))
         return total
 
     def _tp_comm_ms(self, moe_layer: bool) -> float:

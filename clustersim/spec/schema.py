@@ -149,6 +149,15 @@ class KernelCalibration(_Strict):
         "(Python, autograd bookkeeping); 0 under CUDA graphs."
     )  # fmt: skip
 
+    @model_validator(mode="after")
+    def _graphs_not_slower(self) -> KernelCalibration:
+        if self.graph_launch_us > self.launch_us:
+            raise ValueError(
+                f"graph_launch_us ({self.graph_launch_us}) cannot exceed launch_us "
+                f"({self.launch_us}): replaying a CUDA graph is never slower than launching"
+            )
+        return self
+
 
 class AttentionCalibration(_Strict):
     """Core attention (FlashAttention): prefill compute-bound, decode KV-read bound."""
