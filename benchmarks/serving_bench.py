@@ -13,7 +13,7 @@ Workloads (each run in a fresh process, so its peak memory is its own; medians o
   lockstep);
 * ``moe-16gpu-ep2``: the same on TP 2 x DP 8, EP 2 inside each replica (8 independent ones);
 * ``trace-16gpu``, ``trace-16gpu-ep2``: the whole ``splitwise_conv.csv`` trace (19,366
-  requests, 3,502 s; read from ``../shared/traces``, or ``--trace``) on the two MoE layouts.
+  requests, 3,502 s; read from ``traces/``, or ``--trace``) on the two MoE layouts.
 
 Wall time is that of :func:`clustersim.analysis.serving.simulate_serving` (audit, requests,
 routing table, simulation, metrics); the import of the package is not counted.
@@ -33,7 +33,7 @@ from pathlib import Path
 from clustersim.analysis.serving import simulate_serving
 from clustersim.spec import plan_from_dict
 
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "splitwise_conv.csv"
+TRACE = Path(__file__).resolve().parents[1] / "traces" / "splitwise_conv.csv"
 FIXED = {
     "num": 8192,
     "arrival": "poisson",

@@ -12,15 +12,14 @@ from clustersim.spec.presets import MODEL_PRESETS
 from clustersim.spec.schema import ModelSpec
 
 # Narayanan et al. 2021 (arXiv 2104.04473), Table 1: (params_billion, heads, hidden, layers),
-# as in shared/validation/narayanan2021_table1.csv; copied so that the tests run without shared/.
+# as in configs/validation/narayanan2021_table1.csv (written out here by hand).
 NARAYANAN_TABLE1 = [
     (1.7, 24, 2304, 24), (3.6, 32, 3072, 30), (7.5, 32, 4096, 36), (18.4, 48, 6144, 40),
     (39.1, 64, 8192, 48), (76.1, 80, 10240, 60), (145.6, 96, 12288, 80),
     (310.1, 128, 16384, 96), (529.6, 128, 20480, 105), (1008.0, 160, 25600, 128),
 ]  # fmt: skip
 VALIDATION_CSVS = [
-    Path(__file__).resolve().parents[1] / "shared/validation/narayanan2021_table1.csv",
-    Path("/work/shared/validation/narayanan2021_table1.csv"),
+    Path(__file__).resolve().parents[1] / "configs/validation/narayanan2021_table1.csv",
 ]
 
 # Model cards round their totals (46.7B, 3.3B ...); our counts also leave out a few tiny tensors

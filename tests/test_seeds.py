@@ -1,4 +1,4 @@
-"""The auditor's verdict on the five review documents of shared/seeds/ (configs/seeds/*.yaml).
+"""The auditor's verdict on the five review documents of docs/seed-reviews/ (configs/seeds/*.yaml).
 
 Every expected number is worked out by hand in the comments and assertions below, from the
 document and the assumptions stated in each YAML file; none is copied from the program.

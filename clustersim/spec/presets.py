@@ -163,7 +163,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         "ffn_hidden_size": 11008,
         "vocab_size": 32000,
     },
-    # Dense GPT shapes of shared/validation/narayanan2021_table1.csv.
+    # Dense GPT shapes of Narayanan et al. 2021, Table 1 (configs/validation/).
     "gpt-1.7b": _gpt(24, 2304, 24),
     "gpt-3.6b": _gpt(32, 3072, 30),
     "gpt-7.5b": _gpt(32, 4096, 36),
