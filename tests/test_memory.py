@@ -13,7 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clustersim.costs.memory import GIB, MemoryReport, layer_activation_bytes, memory_per_gpu
+from clustersim.costs.memory import (
+    GIB,
+    MemoryReport,
+    kv_cache_bytes,
+    layer_activation_bytes,
+    memory_per_gpu,
+)
 from clustersim.layout import Layout
 from clustersim.spec import Plan, plan_from_dict
 
@@ -248,9 +254,12 @@ INFERENCE = {
 
 @pytest.mark.parametrize(("t", "kv_heads_per_gpu"), [(1, 4), (2, 2), (4, 1), (8, 1)])
 def test_kv_cache_gqa_closed_form(t: int, kv_heads_per_gpu: int) -> None:
-    """Qwen3-30B-A3B: 48 layers, 4 KV heads of 128; S = 1000 + 24, B = 16, bf16, p = 2."""
+    """Qwen3-30B-A3B: 48 layers, 4 KV heads of 128; S = 1000 + 24, B = 16, bf16, p = 2. The
+    cache a full batch of the longest requests needs (the capacity the memory leaves is
+    tested in test_serving_memory.py)."""
     plan = make_plan("qwen3-30b-a3b", parallel={"tp": t, "pp": 2}, workload=INFERENCE)
-    kv = stage_bytes(plan, "kv_cache_gib")
+    layout = Layout(plan)
+    kv = [kv_cache_bytes(plan, layout, stage) for stage in range(2)]
     expected = 2 * 24 * kv_heads_per_gpu * 128 * 1024 * 16 * 2
     assert kv == pytest.approx([expected, expected], rel=1e-12)
     r = report(plan)
@@ -262,7 +271,7 @@ def test_kv_cache_gqa_closed_form(t: int, kv_heads_per_gpu: int) -> None:
 def test_kv_cache_mla_is_latent_and_not_tp_sharded(t: int) -> None:
     plan = make_plan("deepseek-v3", parallel={"tp": t}, workload=INFERENCE)
     expected = 61 * (512 + 64) * 1024 * 16 * 2
-    assert stage_bytes(plan, "kv_cache_gib")[0] == pytest.approx(expected, rel=1e-12)
+    assert kv_cache_bytes(plan, Layout(plan), 0) == pytest.approx(expected, rel=1e-12)
 
 
 def test_inference_holds_weights_only() -> None:
@@ -360,3 +369,114 @@ def test_full_le_selective_le_no_recompute(
     for f, s_, n in zip(full, selective, none, strict=True):
         assert f <= s_ * (1 + 1e-12)
         assert s_ <= n * (1 + 1e-12)
+
+
+# ---- published large-model runs that ran: the plan must fit 80 GiB per GPU ---------------
+
+
+def published_plan(model: dict[str, Any], gpu: str, gpus: int, seq: int, **par: Any) -> Plan:
+    """A training plan of a published run on nodes of 8 GPUs."""
+    return plan_from_dict({
+        "name": "published", "model": model,
+        "hardware": {"gpu": gpu, "num_nodes": gpus // 8, "gpus_per_node": 8},
+        "parallel": par, "workload": {"mode": "training", "seq_len": {"value": seq}},
+    }, "test")  # fmt: skip
+
+
+# Narayanan et al. 2021 (SC21), Table 1: GPT models on A100-80GB, seq 2048, vocabulary 51,200,
+# fp16 mixed precision, full activation recomputation (their Sec. 3.5), no sequence
+# parallelism or flash attention (2021), no distributed optimizer; micro-batch 1 (not in the
+# table; the large-model runs use 1). Columns: preset, TP, PP, GPUs, global batch; DP = GPUs /
+# (TP x PP), micro-batches = batch / DP. Schedule not in the table: 1F1B and the interleaved
+# schedule with the smallest v >= 2 dividing the layers per stage must both fit.
+NARAYANAN_TABLE1 = [
+    # preset, TP, PP, GPUs, global batch, v (interleaved), hidden, layers
+    ("gpt-145.6b", 8, 8, 1536, 2304, 2, 12288, 80),  # 10 layers per stage
+    ("gpt-310.1b", 8, 16, 1920, 2160, 2, 16384, 96),  # 6 per stage
+    ("gpt-529.6b", 8, 35, 2520, 2520, 3, 20480, 105),  # 3 per stage
+    ("gpt-1t", 8, 64, 3072, 3072, 2, 25600, 128),  # 2 per stage
+]
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize(("preset", "t", "p", "gpus", "batch", "v", "h", "layers"),
+                         NARAYANAN_TABLE1)  # fmt: skip
+def test_narayanan_2021_table1_runs_fit_a100_80gb(
+    preset: str, t: int, p: int, gpus: int, batch: int, v: int, h: int, layers: int,
+    interleaved: bool,
+) -> None:  # fmt: skip
+    d = gpus // (t * p)
+    schedule = {"schedule": "interleaved", "virtual_stages": v} if interleaved else {}
+    plan = published_plan({"preset": preset, "dtype": "fp16"}, "A100-80GB", gpus, 2048,
+                          tp=t, pp=p, dp=d, num_microbatches=batch // d, recompute="full",
+                          flash_attention=False, **schedule)  # fmt: skip
+    r = report(plan)
+    assert r.memory_per_gpu_gib < 80, r.peak
+    # Full recompute keeps each layer's input, 2sbh (b = 1, no SP), and stage 0 the embedding
+    # output, per micro-batch in flight: p (1F1B), or (2(p-1) + (v-1)p + 1) / v (interleaved).
+    inflight = (2 * (p - 1) + (v - 1) * p + 1) / v if interleaved else p
+    expected = inflight * (layers // p + 1) * 2 * 2048 * h
+    assert r.stages[0].activations_gib * GIB == pytest.approx(expected, rel=1e-9)
+
+
+# MoE Parallel Folding (Liu et al. 2025, arXiv:2504.14960), Table 1 / Appendix Table 3: best
+# configuration per method on H100-80GB, seq 4096, global batch 256, BF16, token-drop with
+# capacity factor 1.0. What the paper leaves open is taken from the same authors' Megatron-MoE-
+# ModelZoo benchmarking config (Mixtral-8x22B.yaml, runtime.conf): micro-batch 1, no activation
+# recompute flags, flash attention, sequence parallel, distributed optimizer, untied
+# embeddings, Llama-2 tokenizer (vocabulary 32,000), 1F1B. A blank ETP is Megatron's default
+# (ETP = TP) except where only ETP 1 can fold (Llama3-8x70B with folding: EP 8 x TP 8 does not
+# divide the 16 ranks of a stage).
+MIXTRAL_8X22B = {"preset": "mixtral-8x22b", "vocab_size": 32000,
+                 "moe": {"num_experts": 8, "top_k": 2, "capacity_factor": 1.0}}  # fmt: skip
+# Qwen/Qwen2-57B-A14B config.json.
+QWEN2_57B = {"name": "qwen2-57b-a14b", "num_layers": 28, "hidden_size": 3584,
+             "num_attention_heads": 28, "num_kv_heads": 4, "ffn_hidden_size": 2560,
+             "vocab_size": 151936,
+             "moe": {"num_experts": 64, "top_k": 8, "capacity_factor": 1.0,
+                     "num_shared_experts": 1, "shared_expert_ffn_hidden_size": 20480}}  # fmt: skip
+# Mixtral-8x22B fine-grained-upcycled to 64 experts of 1/8 width, top-8 (paper Sec. 4.1).
+MIXTRAL_G8T8 = {**MIXTRAL_8X22B, "ffn_hidden_size": 2048,
+                "moe": {"num_experts": 64, "top_k": 8, "capacity_factor": 1.0}}  # fmt: skip
+# Llama3-70B upcycled to 8 experts (Sec. 4.1); top-k not stated: top-2 (as Mixtral) assumed.
+LLAMA3_8X70B = {"name": "llama3-8x70b", "num_layers": 80, "hidden_size": 8192,
+                "num_attention_heads": 64, "num_kv_heads": 8, "ffn_hidden_size": 28672,
+                "vocab_size": 128256,
+                "moe": {"num_experts": 8, "top_k": 2, "capacity_factor": 1.0}}  # fmt: skip
+FOLDING_COMMON = {"micro_batch_size": 1, "sequence_parallel": True, "flash_attention": True,
+                  "recompute": "none", "distributed_optimizer": True}  # fmt: skip
+FOLDING_TABLE3 = [
+    # model, GPUs, TP, EP, PP, ETP (None: = TP)
+    ("Mixtral-8x22B MCore w/ Folding", MIXTRAL_8X22B, 128, 2, 8, 8, 1),
+    ("Mixtral-8x22B MCore", MIXTRAL_8X22B, 128, 2, 4, 8, None),
+    ("Mixtral-8x22B TP+EP+DP", MIXTRAL_8X22B, 128, 4, 8, 1, None),
+    ("Qwen2-57B-A14B MCore w/ Folding", QWEN2_57B, 64, 2, 4, 4, 1),
+    ("Qwen2-57B-A14B MCore", QWEN2_57B, 64, 2, 4, 4, None),
+    ("Mixtral-8x22B-G8T8 MCore w/ Folding", MIXTRAL_G8T8, 128, 4, 8, 8, 1),
+    ("Llama3-8x70B MCore w/ Folding", LLAMA3_8X70B, 256, 8, 8, 16, 1),
+    ("Llama3-8x70B MCore", LLAMA3_8X70B, 256, 8, 4, 8, None),
+]
+
+
+@pytest.mark.parametrize(("label", "model", "gpus", "t", "ep", "p", "etp"), FOLDING_TABLE3)
+def test_moe_parallel_folding_table3_runs_fit_h100_80gb(
+    label: str, model: dict[str, Any], gpus: int, t: int, ep: int, p: int, etp: int | None
+) -> None:
+    d = gpus // (t * p)
+    par = {**FOLDING_COMMON, "tp": t, "ep": ep, "pp": p, "dp": d, "num_microbatches": 256 // d}
+    if etp is not None:
+        par["etp"] = etp
+    plan = published_plan(model, "H100-SXM", gpus, 4096, **par)
+    assert Layout(plan).expert_folding_ok, label
+    r = report(plan)
+    assert r.memory_per_gpu_gib < 80, (label, r.peak)
+
+
+def test_moe_parallel_folding_reported_oom_is_oom() -> None:
+    """Table 1: Llama3-8x70B with TP+EP+DP (TP 8, EP 8, no PP) ran out of memory; under the
+    same settings (no recompute) the model agrees: the weights, gradients and the 80 layers'
+    activations of one micro-batch exceed 80 GiB."""
+    par = {**FOLDING_COMMON, "tp": 8, "ep": 8, "pp": 1, "dp": 32, "num_microbatches": 8}
+    assert (
+        report(published_plan(LLAMA3_8X70B, "H100-SXM", 256, 4096, **par)).memory_per_gpu_gib > 80
+    )

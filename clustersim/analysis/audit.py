@@ -7,13 +7,14 @@ simulation (latency, throughput, ...) are listed in ``unchecked`` instead of bei
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from clustersim.analysis.findings import Finding
 from clustersim.analysis.suggest import divisors, folding_fix, memory_fix
-from clustersim.costs.memory import MemoryReport, memory_per_gpu
+from clustersim.costs.memory import MemoryReport, ServingMemory, memory_per_gpu
 from clustersim.layout import Layout
 from clustersim.spec.schema import Plan
 
@@ -44,6 +45,7 @@ class AuditContext:
     layout: Layout
     memory: MemoryReport | None = None
     memory_note: str = ""
+    memory_error: str = ""  # why memory could not be computed from the plan's workload
 
 
 @dataclass
@@ -102,7 +104,11 @@ class AuditReport:
 def audit(plan: Plan) -> AuditReport:
     """Audit a validated plan: every constraint, claim and statically decidable target."""
     ctx = AuditContext(plan, Layout(plan))
-    ctx.memory, ctx.memory_note = _memory_for(plan, ctx.layout)
+    try:
+        ctx.memory, ctx.memory_note = _memory_for(plan, ctx.layout)
+    except ValueError as exc:  # an unreadable request trace, a length without a maximum
+        ctx.memory_error = str(exc)
+        ctx.memory_note = f"not computed: {exc}"
     findings = [f for check in CHECKS for f in check(ctx)]
     unchecked = [f"claims.{k}" for k in SIMULATED_CLAIMS if getattr(plan.claims, k) is not None]
     unchecked += [f"targets.{k}" for k in SIMULATED_TARGETS if getattr(plan.targets, k) is not None]
@@ -314,10 +320,17 @@ def check_parallel_options(ctx: AuditContext) -> list[Finding]:
 
 # ---- memory --------------------------------------------------------------------------------
 def check_memory(ctx: AuditContext) -> list[Finding]:
-    """Peak memory per GPU against the GPU's memory and the plan's memory target."""
+    """Peak memory per GPU against the GPU's memory and the plan's memory target; for serving,
+    whether the KV cache holds the plan's requests (:func:`check_serving_memory`)."""
     mem, plan, out = ctx.memory, ctx.plan, []
+    if ctx.memory_error:
+        return [Finding("workload.requests", "error",
+                        f"memory cannot be computed: {ctx.memory_error}",
+                        "give a readable trace and lengths with a known maximum")]  # fmt: skip
     if mem is None:
         return []
+    if mem.serving is not None:
+        return check_serving_memory(ctx, mem, mem.serving)
     note = f" ({ctx.memory_note})" if ctx.memory_note else ""
     if not mem.fits:
         out.append(Finding("hardware.memory_gib", "error",
@@ -335,6 +348,128 @@ def check_memory(ctx: AuditContext) -> list[Finding]:
                            f"target of {limit:g} GiB{note}", memory_fix(plan, limit),
                            limit, round(mem.memory_per_gpu_gib, 2)))  # fmt: skip
     return out
+
+
+def check_serving_memory(ctx: AuditContext, mem: MemoryReport, sm: ServingMemory) -> list[Finding]:
+    """Serving (vLLM's rule, ``costs/memory.py``): out of memory only when weights, one step's
+    activations and buffers leave no room for the KV cache of one request of the longest length
+    (vLLM refuses to start); otherwise the cache is what the memory allows, with a warning when
+    fewer than ``max_batch_size`` longest requests fit at once. The numbers are those the
+    serving engine uses (``costs/serving.py``, ``kv_capacity``)."""
+    plan, out = ctx.plan, []
+    req, lengths = plan.workload.requests, sm.lengths
+    note = f" ({ctx.memory_note})" if ctx.memory_note else ""
+    longest = (f"the longest request, {lengths.longest_request} tokens (prompt + output, "
+               f"{lengths.source})")  # fmt: skip
+    stage = sm.limiting_stage
+    taken = (
+        f"weights {sm.weights_gib[stage]:.1f} + activations {sm.activations_gib[stage]:.1f} "
+        f"({sm.step_tokens} tokens per step) + buffers {sm.buffers_gib[stage]:.1f} GiB"
+    )
+    usable = (f"{sm.gpu_memory_utilization:g} x {mem.capacity_gib:g} GiB = "
+              f"{sm.usable_gib:.1f} GiB usable")  # fmt: skip
+    if sm.blocks_overridden and mem.memory_per_gpu_gib > mem.capacity_gib:
+        out.append(Finding("workload.requests.num_gpu_blocks", "error",
+                           f"memory per GPU {mem.memory_per_gpu_gib:.1f} GiB (stage "
+                           f"{mem.peak_stage}: params {mem.params_gib:.1f} + activations "
+                           f"{mem.activations_gib:.1f} + buffers {mem.buffers_gib:.1f} + KV "
+                           f"{mem.kv_cache_gib:.1f} for {req.num_gpu_blocks} blocks) exceeds the "
+                           f"{mem.capacity_gib:g} GiB available{note}", _serving_fix(plan),
+                           mem.capacity_gib, round(mem.memory_per_gpu_gib, 2)))  # fmt: skip
+    elif not sm.starts:
+        if sm.weights_gib[stage] > sm.usable_gib:
+            why = (f"the weights alone, {sm.weights_gib[stage]:.1f} GiB per GPU on stage {stage}, "
+                   f"exceed {usable}")  # fmt: skip
+        else:
+            why = (f"on stage {stage}, {taken} of {usable} leave "
+                   f"{max(sm.free_gib[stage], 0.0):.2f} GiB for the KV cache: {sm.tokens} "
+                   f"tokens, fewer than {longest}")  # fmt: skip
+        out.append(Finding("hardware.memory_gib", "error",
+                           f"out of memory: {why}; vLLM refuses to start{note}",
+                           _serving_fix(plan), sm.blocks_per_longest_request * sm.block_size,
+                           sm.tokens))  # fmt: skip
+    elif sm.longest_requests_fit < req.max_batch_size:
+        fit = sm.longest_requests_fit
+        out.append(Finding("workload.requests.max_batch_size", "warning",
+                           f"the KV cache holds {sm.tokens} tokens ({mem.kv_cache_gib:.1f} GiB per "
+                           f"GPU, what {usable} leave after {taken}): {fit} requests of "
+                           f"{longest} fit at once, fewer than max_batch_size {req.max_batch_size}"
+                           f" (of the mean length, {lengths.mean_request:.0f} tokens: "
+                           f"{sm.typical_requests_fit}); the rest wait or are preempted",
+                           f"set workload.requests.max_batch_size: {fit}, or spread the model over "
+                           "more GPUs (parallel.tp / parallel.pp) for a larger cache",
+                           req.max_batch_size, fit))  # fmt: skip
+    limit = plan.targets.memory_per_gpu_gib_max
+    if limit is not None and mem.memory_per_gpu_gib > limit:
+        # The engine allocates its whole share; the target can still be met by a smaller
+        # share as long as the plan's full batch fits in it (the cache beyond serves nothing
+        # that max_batch_size admits).
+        needed = max(sm.needed_gib)
+        util = math.floor(100 * sm.gpu_memory_utilization * limit / mem.memory_per_gpu_gib) / 100
+        allocates = (f"memory per GPU {mem.memory_per_gpu_gib:.1f} GiB (stage {mem.peak_stage}, "
+                     f"KV cache {mem.kv_cache_gib:.1f} GiB included: the engine allocates "
+                     f"{usable}) is above the target of {limit:g} GiB{note}")  # fmt: skip
+        if needed > limit:
+            out.append(Finding("targets.memory_per_gpu_gib_max", "error",
+                               f"{allocates}; even max_batch_size {req.max_batch_size} requests "
+                               f"of the longest length need {needed:.1f} GiB",
+                               _serving_fix(plan, limit), limit, round(needed, 2)))  # fmt: skip
+        else:
+            out.append(Finding("targets.memory_per_gpu_gib_max", "warning",
+                               f"{allocates}; max_batch_size {req.max_batch_size} requests of the "
+                               f"longest length need only {needed:.1f} GiB",
+                               f"set workload.requests.gpu_memory_utilization: {util:g} (a "
+                               "smaller KV cache that still holds the full batch)",
+                               limit, round(mem.memory_per_gpu_gib, 2)))  # fmt: skip
+    return out
+
+
+def _serving_fix(plan: Plan, limit_gib: float | None = None) -> str:
+    """The first change that makes a serving plan fit (its KV cache holds one longest request;
+    with ``limit_gib``, its full batch needs at most that): no block override, a smaller step
+    budget (activations), a larger memory share, then more GPUs per replica (TP, then PP)."""
+    req, par, model = plan.workload.requests, plan.parallel, plan.model
+    tries: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+    if req.num_gpu_blocks is not None:
+        tries.append(("remove workload.requests.num_gpu_blocks", {"num_gpu_blocks": None}, {}))
+    budget = req.max_num_batched_tokens // 2
+    while budget >= 256:
+        text = f"set workload.requests.max_num_batched_tokens: {budget}"
+        text += "" if req.chunked_prefill else " with chunked_prefill: true"
+        tries.append((text, {"max_num_batched_tokens": budget, "chunked_prefill": True}, {}))
+        budget //= 2
+    if req.gpu_memory_utilization < 0.95 and limit_gib is None:
+        tries.append(("set workload.requests.gpu_memory_utilization: 0.95",
+                      {"gpu_memory_utilization": 0.95}, {}))  # fmt: skip
+    heads, kv = model.num_attention_heads, model.kv_heads
+    for tp in range(par.tp + 1, plan.hardware.gpus_per_node + 1):
+        if heads % tp == 0 and (kv % tp == 0 or tp % kv == 0):
+            tries.append((f"set parallel.tp: {tp}", {}, {"tp": tp}))
+    for pp in range(par.pp + 1, model.num_layers + 1):
+        if model.num_layers % pp == 0:
+            tries.append((f"set parallel.pp: {pp}", {}, {"pp": pp}))
+    for text, req_change, par_change in tries:
+        workload = plan.workload.model_copy(update={"requests": req.model_copy(update=req_change)})
+        trial = plan.model_copy(
+            update={"workload": workload, "parallel": par.model_copy(update=par_change)}
+        )
+        try:
+            after = memory_per_gpu(trial, Layout(trial))
+        except ValueError:
+            continue
+        if (
+            after.fits
+            and after.serving is not None
+            and (limit_gib is None or max(after.serving.needed_gib) <= limit_gib)
+        ):
+            world = trial.parallel.world_size
+            gpus = f"; needs {world} GPUs" if world > plan.hardware.num_gpus else ""
+            return (f"{text} (KV cache {after.serving.tokens} tokens: "
+                    f"{after.serving.longest_requests_fit} longest requests{gpus})")  # fmt: skip
+    return (
+        "spread the model over more GPUs (larger parallel.tp or parallel.pp) or use GPUs "
+        "with more memory"
+    )
 
 
 # ---- claims --------------------------------------------------------------------------------

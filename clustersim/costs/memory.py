@@ -33,23 +33,41 @@ when gradients are reduced over more than one rank; and on stages with MoE layer
 all-to-all dispatch and combine buffers, 2 x T*k*h*2 bytes for the T tokens of one micro-batch
 held by the GPU (s*b, /t with SP).
 
-**Inference**: weights, KV cache and one forward working set. KV cache per stage:
-2*L_stage*n_kv'*d_head*S*B*bytes with S = longest prompt + longest output (/cp),
-B = ``requests.max_batch_size``, n_kv' = max(1, n_kv/t); for MLA the cache holds
-``kv_lora_rank + qk_rope_head_dim`` elements per token and layer, not sharded by TP.
-Activations: one layer's training activations (no recompute) for a prefill of B prompts of
-the longest length, a generous bound on the forward working set (forward frees each tensor
-once it is consumed), plus fp32 logits of one token per request on the last stage (4*B*V/t).
-All-to-all buffers as in training, for the same prefill tokens.
+**Inference** (serving): one model, :func:`serving_memory`, shared by the audit and the
+serving engine (``costs/serving.py``, ``kv_capacity``), after vLLM. Of
+``gpu_memory_utilization x (memory_gib - memory_reserved_gib)`` per GPU, the weights (2 bytes
+per parameter in bf16/fp16), the activations of one forward step and the MoE all-to-all
+buffers are taken first; what remains holds the paged KV cache, which the engine allocates in
+full. One step computes at most ``max_num_batched_tokens`` tokens (with ``chunked_prefill:
+false`` a lone prompt longer than the budget runs alone, so the longest prompt if larger):
+activations are one layer's (:func:`layer_activation_bytes` without the stored s^2 scores;
+without flash attention the scores of those tokens against the longest context are added),
+plus fp32 logits of ``max_batch_size`` rows on the last stage (4*B*V/t); all-to-all buffers
+as in training, for the step's tokens. KV cache per token and layer:
+2*n_kv'*d_head elements (n_kv' = max(1, n_kv/t)); MLA keeps ``kv_lora_rank +
+qk_rope_head_dim`` elements, not sharded by TP; CP divides tokens. The cache holds the
+smallest over stages of free bytes / bytes per token, in whole blocks of ``kv_block_size``
+(``num_gpu_blocks`` overrides). Request lengths are those the plan serves: the rows of the
+request trace with ``arrival: trace`` (read once, cached), else the longest (and the mean of)
+``prompt_len`` + ``output_len``. The plan is out of memory only when the cache cannot hold one
+request of the longest length (the scheduler's rule: ceil((L - 1) / block) blocks for L
+tokens, the last sampled token is never cached), i.e. when vLLM refuses to start; otherwise
+the cache is what the memory allows, and fewer concurrent longest requests than
+``max_batch_size`` only limits the batch.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from clustersim.costs.params import ParamCounts, count_params
 from clustersim.layout import Layout
+from clustersim.spec.lengths import read_lengths
+from clustersim.spec.request_trace import read_request_trace
 from clustersim.spec.schema import LengthSpec, ModelSpec, ParallelSpec, Plan
 
 GIB = 2**30
@@ -99,6 +117,7 @@ class MemoryReport:
     peak_stage: int
     capacity_gib: float
     seq_len_tokens: int
+    serving: ServingMemory | None = None  # inference: the KV-cache model behind the stages
 
     @property
     def peak(self) -> StageMemory:
@@ -112,8 +131,10 @@ class MemoryReport:
 
     @property
     def fits(self) -> bool:
-        """Whether the peak fits the memory the GPU leaves to the model."""
-        return self.memory_per_gpu_gib <= self.capacity_gib
+        """Whether the peak fits the memory the GPU leaves to the model; in serving also that
+        the KV cache holds one request of the longest length (else vLLM refuses to start)."""
+        fits = self.memory_per_gpu_gib <= self.capacity_gib
+        return fits and (self.serving is None or self.serving.starts)
 
     @property
     def params_gib(self) -> float:
@@ -153,23 +174,33 @@ class MemoryReport:
         )  # fmt: skip
         out: dict[str, Any] = {k: getattr(self, k) for k in keys}
         out["stages"] = [stage.to_dict() for stage in self.stages]
+        if self.serving is not None:
+            out["serving"] = self.serving.to_dict()
         return out
 
 
 def memory_per_gpu(plan: Plan, layout: Layout) -> MemoryReport:
-    """Memory per GPU of every pipeline stage of ``plan``, and the peak (module docstring)."""
+    """Memory per GPU of every pipeline stage of ``plan``, and the peak (module docstring).
+
+    Raises ValueError when a serving plan's request lengths cannot be known (an unreadable
+    request trace, a length distribution without a maximum)."""
     counts = count_params(plan.model)
-    inference = plan.workload.mode == "inference"
-    stages = [
-        _stage_memory(plan, layout, counts, i, inference) for i in range(len(layout.stage_layers))
-    ]
-    peak = max(stages, key=lambda st: st.total_gib)
     hw = plan.hardware
+    serving = None
+    if plan.workload.mode == "inference":
+        serving = serving_memory(plan, layout, counts)
+        stages = serving.stage_memory()
+        seq_len = serving.lengths.longest_request
+    else:
+        stages = [_stage_memory(plan, layout, counts, i) for i in range(len(layout.stage_layers))]
+        seq_len = _train_seq_len(plan)
+    peak = max(stages, key=lambda st: st.total_gib)
     return MemoryReport(
         stages=stages,
         peak_stage=peak.stage,
         capacity_gib=hw.memory_gib - hw.memory_reserved_gib,
-        seq_len_tokens=_inference_context_len(plan) if inference else _train_seq_len(plan),
+        seq_len_tokens=seq_len,
+        serving=serving,
     )
 
 
@@ -309,93 +340,56 @@ def _stage_activation_bytes(plan: Plan, layout: Layout, stage: int, inflight: fl
     return total
 
 
-def _inference_activation_bytes(plan: Plan, layout: Layout, stage: int) -> float:
-    """Forward working set of one GPU of ``stage`` in inference (module docstring)."""
-    model, par = plan.model, plan.parallel
-    req = plan.workload.requests
-    prompt = _prompt_len(plan) / par.cp
-    layers = _layers_of(plan, layout, stage)
-    working = max(
-        (layer_activation_bytes(model, par, i, prompt, req.max_batch_size, "none") for i in layers),
-        default=0.0,
-    )
-    if stage == len(layout.stage_layers) - 1:
-        working += 4 * req.max_batch_size * model.vocab_size / par.tp
-    return working
+# ---- buffers ----------------------------------------------------------------------------
 
 
-# ---- KV cache and buffers ---------------------------------------------------------------
-
-
-def kv_cache_bytes(plan: Plan, layout: Layout, stage: int) -> float:
-    """KV cache of one GPU of ``stage`` for a full batch of the longest requests."""
-    model, par = plan.model, plan.parallel
-    req = plan.workload.requests
-    tokens = _inference_context_len(plan) / par.cp * req.max_batch_size
-    if model.mla is not None:
-        per_token_layer = model.mla.kv_lora_rank + model.mla.qk_rope_head_dim
-    else:
-        per_token_layer = 2 * max(1.0, model.kv_heads / par.tp) * model.head_size
-    num_layers = len(_layers_of(plan, layout, stage))
-    return num_layers * per_token_layer * tokens * DTYPE_BYTES[model.dtype]
-
-
-def _buffer_bytes(plan: Plan, layout: Layout, stage: int, inference: bool) -> float:
-    """Gradient buckets (training, reduced over > 1 rank) and MoE all-to-all buffers."""
+def _buffer_bytes(plan: Plan, layout: Layout, stage: int) -> float:
+    """Training: gradient buckets (reduced over > 1 rank) and MoE all-to-all buffers."""
     model, par = plan.model, plan.parallel
     total = 0.0
     has_moe = any(model.is_moe_layer(i) for i in _layers_of(plan, layout, stage))
-    reduced = par.dp * par.cp > 1 or (has_moe and _expert_dp(layout) > 1)
-    if not inference and reduced:
+    if par.dp * par.cp > 1 or (has_moe and _expert_dp(layout) > 1):
         total += 2 * par.grad_bucket_mb * MIB
-    if has_moe and model.moe is not None:
-        if inference:
-            req = plan.workload.requests
-            tokens = req.max_batch_size * _prompt_len(plan) / par.cp
-        else:
-            tokens = par.micro_batch_size * _train_seq_len(plan) / par.cp
-        if par.sequence_parallel:
-            tokens /= par.tp
-        total += 2 * tokens * model.moe.top_k * model.hidden_size * DTYPE_BYTES[model.dtype]
-    return total
+    tokens = par.micro_batch_size * _train_seq_len(plan) / par.cp
+    return total + _a2a_bytes(plan, layout, stage, tokens)
+
+
+def _a2a_bytes(plan: Plan, layout: Layout, stage: int, tokens: float) -> float:
+    """All-to-all dispatch and combine buffers of ``tokens`` per GPU on a stage with MoE layers
+    (/t with SP): 2 x T*k*h elements."""
+    model, par = plan.model, plan.parallel
+    has_moe = any(model.is_moe_layer(i) for i in _layers_of(plan, layout, stage))
+    if not has_moe or model.moe is None:
+        return 0.0
+    if par.sequence_parallel:
+        tokens /= par.tp
+    return 2 * tokens * model.moe.top_k * model.hidden_size * DTYPE_BYTES[model.dtype]
 
 
 # ---- one stage --------------------------------------------------------------------------
 
 
-def _stage_memory(
-    plan: Plan, layout: Layout, counts: ParamCounts, stage: int, inference: bool
-) -> StageMemory:
-    """Memory of one GPU of ``stage``."""
+def _stage_memory(plan: Plan, layout: Layout, counts: ParamCounts, stage: int) -> StageMemory:
+    """Training memory of one GPU of ``stage``."""
     par, dtype = plan.parallel, plan.model.dtype
     dense, experts = stage_params_per_gpu(plan, layout, counts, stage)
-    num_stages = len(layout.stage_layers)
-    if inference:
-        inflight = 1.0
-        params_b, grads_b, optim_b = (dense + experts) * DTYPE_BYTES[dtype], 0.0, 0.0
-        act_b = _inference_activation_bytes(plan, layout, stage)
-        kv_b = kv_cache_bytes(plan, layout, stage)
-    else:
-        w_bytes, g_bytes, o_bytes = TRAINING_BYTES_PER_PARAM[dtype]
-        dense_dp, expert_dp = (par.dp * par.cp, _expert_dp(layout))
-        if not par.distributed_optimizer:
-            dense_dp = expert_dp = 1
-        params_b, grads_b = (dense + experts) * w_bytes, (dense + experts) * g_bytes
-        optim_b = o_bytes * (dense / dense_dp + experts / expert_dp)
-        inflight = inflight_microbatches(plan, stage, num_stages)
-        act_b = _stage_activation_bytes(plan, layout, stage, inflight)
-        kv_b = 0.0
+    w_bytes, g_bytes, o_bytes = TRAINING_BYTES_PER_PARAM[dtype]
+    dense_dp, expert_dp = (par.dp * par.cp, _expert_dp(layout))
+    if not par.distributed_optimizer:
+        dense_dp = expert_dp = 1
+    optim_b = o_bytes * (dense / dense_dp + experts / expert_dp)
+    inflight = inflight_microbatches(plan, stage, len(layout.stage_layers))
     return StageMemory(
         stage=stage,
         num_layers=len(_layers_of(plan, layout, stage)),
         inflight_microbatches=inflight,
         params_per_gpu=dense + experts,
-        params_gib=params_b / GIB,
-        grads_gib=grads_b / GIB,
+        params_gib=(dense + experts) * w_bytes / GIB,
+        grads_gib=(dense + experts) * g_bytes / GIB,
         optimizer_gib=optim_b / GIB,
-        activations_gib=act_b / GIB,
-        kv_cache_gib=kv_b / GIB,
-        buffers_gib=_buffer_bytes(plan, layout, stage, inference) / GIB,
+        activations_gib=_stage_activation_bytes(plan, layout, stage, inflight) / GIB,
+        kv_cache_gib=0.0,
+        buffers_gib=_buffer_bytes(plan, layout, stage) / GIB,
     )
 
 
@@ -411,12 +405,258 @@ def _train_seq_len(plan: Plan) -> int:
     return _longest(plan.workload.seq_len, "workload.seq_len")
 
 
-def _prompt_len(plan: Plan) -> int:
-    """The longest prompt of the inference workload, in tokens."""
-    return _longest(plan.workload.requests.prompt_len, "workload.requests.prompt_len")
+# ---- inference: the serving memory model (vLLM), shared by the audit and the engine -------
 
 
-def _inference_context_len(plan: Plan) -> int:
-    """Longest prompt + longest output: the most tokens one request keeps in the KV cache."""
-    output = _longest(plan.workload.requests.output_len, "workload.requests.output_len")
-    return _prompt_len(plan) + output
+@dataclass(frozen=True)
+class RequestLengths:
+    """Token lengths of the requests a serving plan serves."""
+
+    longest_prompt: int
+    longest_request: int  # prompt + output of the longest request
+    mean_request: float  # the typical request: mean prompt + mean output
+    source: str  # where they come from, for messages
+
+
+def request_lengths(plan: Plan) -> RequestLengths:
+    """The request lengths of ``plan`` (module docstring): the trace's rows (the first ``num``
+    if set, as the engine reads them) or the length distributions.
+
+    Raises ValueError for an unreadable trace or a distribution without a known maximum."""
+    req = plan.workload.requests
+    if req.arrival == "trace":
+        limit = req.num if "num" in req.model_fields_set else None
+        path = Path(req.trace or "")
+        try:
+            stat = path.stat()
+        except OSError:
+            raise ValueError(f"request trace not found: {path}") from None
+        return _trace_lengths(str(path.resolve()), stat.st_mtime_ns, stat.st_size, limit)
+    prompt = _longest(req.prompt_len, "workload.requests.prompt_len")
+    output = _longest(req.output_len, "workload.requests.output_len")
+    mean = _mean_length(req.prompt_len, prompt) + _mean_length(req.output_len, output)
+    return RequestLengths(prompt, prompt + output, mean, "prompt_len + output_len")
+
+
+@functools.lru_cache(maxsize=32)
+def _trace_lengths(path: str, mtime_ns: int, size: int, limit: int | None) -> RequestLengths:
+    """Lengths of a request trace, read once per file version (``mtime_ns``, ``size``)."""
+    del mtime_ns, size  # cache keys only
+    trace = read_request_trace(path, limit)
+    total = trace.prompt_tokens + trace.output_tokens
+    source = f"trace {Path(path).name} ({total.size} requests)"
+    return RequestLengths(
+        int(trace.prompt_tokens.max()), int(total.max()), float(total.mean()), source
+    )
+
+
+def _mean_length(length: LengthSpec, longest: int) -> float:
+    """The mean of a length distribution (lognormal: its mean, at most ``max``; empirical: the
+    file's clamped mean, or ``longest`` if the file cannot be read)."""
+    if length.dist == "fixed":
+        return float(longest)
+    if length.dist == "uniform":
+        return (length.min + length.max) / 2
+    if length.dist == "lognormal":
+        return min(length.mean, longest)
+    try:
+        values = _file_lengths(length.file, length.column)
+    except ValueError:
+        return float(longest)
+    low, high = length.min or 1, length.max or longest
+    return float(sum(min(max(v, low), high) for v in values) / len(values))
+
+
+@functools.lru_cache(maxsize=32)
+def _file_lengths(path: str, column: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in read_lengths(path, column))
+
+
+def kv_cache_bytes_per_token_layer(model: ModelSpec, tp: int) -> float:
+    """KV-cache bytes one GPU stores per token and layer: K and V of max(1, n_kv/t) heads
+    (a GPU keeps at least one K/V head); MLA keeps its latent, not split by TP."""
+    if model.mla is not None:
+        elements = model.mla.kv_lora_rank + model.mla.qk_rope_head_dim
+    else:
+        elements = 2 * max(1.0, model.kv_heads / tp) * model.head_size
+    return elements * DTYPE_BYTES[model.dtype]
+
+
+def kv_cache_bytes(plan: Plan, layout: Layout, stage: int) -> float:
+    """KV cache one GPU of ``stage`` needs for a full batch (``max_batch_size``) of requests of
+    the longest length: the demand, to compare with the capacity of :func:`serving_memory`."""
+    model, par = plan.model, plan.parallel
+    tokens = request_lengths(plan).longest_request * plan.workload.requests.max_batch_size
+    per_layer = kv_cache_bytes_per_token_layer(model, par.tp) / par.cp
+    return len(_layers_of(plan, layout, stage)) * per_layer * tokens
+
+
+def serving_step_tokens(plan: Plan, lengths: RequestLengths) -> int:
+    """The most tokens one serving step computes: ``max_num_batched_tokens``; without chunked
+    prefill a lone prompt longer than the budget runs alone (the scheduler's rule)."""
+    req = plan.workload.requests
+    if req.chunked_prefill:
+        return req.max_num_batched_tokens
+    return max(req.max_num_batched_tokens, lengths.longest_prompt)
+
+
+@dataclass(frozen=True)
+class ServingMemory:
+    """Memory of one serving replica's GPUs, per pipeline stage (bytes are per GPU; GiB)."""
+
+    usable_gib: float  # gpu_memory_utilization x (memory_gib - memory_reserved_gib)
+    gpu_memory_utilization: float
+    step_tokens: int  # tokens of the largest forward step
+    max_batch_size: int
+    lengths: RequestLengths
+    layers: tuple[int, ...]
+    params_per_gpu: tuple[float, ...]
+    weights_gib: tuple[float, ...]
+    activations_gib: tuple[float, ...]
+    buffers_gib: tuple[float, ...]
+    kv_bytes_per_token: tuple[float, ...]  # all the stage's layers, /cp
+    num_blocks: int
+    block_size: int
+    blocks_overridden: bool  # workload.requests.num_gpu_blocks
+
+    @property
+    def free_gib(self) -> tuple[float, ...]:
+        """Per stage: what the KV cache may use (negative when nothing is left)."""
+        parts = zip(self.weights_gib, self.activations_gib, self.buffers_gib, strict=True)
+        return tuple(self.usable_gib - w - a - b for w, a, b in parts)
+
+    @property
+    def limiting_stage(self) -> int:
+        """The stage whose free memory allows the fewest cache tokens."""
+        pairs = enumerate(zip(self.free_gib, self.kv_bytes_per_token, strict=True))
+        ratios = [(f * GIB / b, i) for i, (f, b) in pairs if b > 0]
+        return min(ratios)[1] if ratios else 0
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the replica's KV cache holds."""
+        return self.num_blocks * self.block_size
+
+    @property
+    def kv_cache_gib(self) -> tuple[float, ...]:
+        """Per stage: the cache memory per GPU, every block allocated (as vLLM does)."""
+        return tuple(b * self.tokens / GIB for b in self.kv_bytes_per_token)
+
+    @property
+    def blocks_per_longest_request(self) -> int:
+        """Blocks the longest request holds at its end (its last sampled token is never
+        cached: ceil((L - 1) / block), at least 1)."""
+        return max(1, -(-(self.lengths.longest_request - 1) // self.block_size))
+
+    @property
+    def longest_requests_fit(self) -> int:
+        """Requests of the longest length the cache holds at once."""
+        return self.num_blocks // self.blocks_per_longest_request
+
+    @property
+    def typical_requests_fit(self) -> int:
+        """Requests of the mean length the cache holds at once."""
+        return math.floor(self.tokens / max(self.lengths.mean_request, 1.0))
+
+    @property
+    def batch_tokens(self) -> int:
+        """Cache tokens a full batch (``max_batch_size``) of the longest requests holds at most
+        (whole blocks), or the whole cache if smaller."""
+        full = self.max_batch_size * self.blocks_per_longest_request * self.block_size
+        return min(full, self.tokens)
+
+    @property
+    def needed_gib(self) -> tuple[float, ...]:
+        """Per stage: the memory the plan needs to run its batch without preemption (weights,
+        activations, buffers and the cache of :attr:`batch_tokens`); the engine's cache beyond
+        it only serves more requests than ``max_batch_size``."""
+        parts = zip(self.weights_gib, self.activations_gib, self.buffers_gib,
+                    self.kv_bytes_per_token, strict=True)  # fmt: skip
+        return tuple(w + a + b + kv * self.batch_tokens / GIB for w, a, b, kv in parts)
+
+    @property
+    def starts(self) -> bool:
+        """Whether the cache holds one request of the longest length (else vLLM refuses)."""
+        return self.longest_requests_fit >= 1
+
+    def stage_memory(self) -> list[StageMemory]:
+        """The stages as :class:`StageMemory` (the report's breakdown)."""
+        kv = self.kv_cache_gib
+        return [
+            StageMemory(stage=i, num_layers=self.layers[i], inflight_microbatches=1.0,
+                        params_per_gpu=self.params_per_gpu[i], params_gib=self.weights_gib[i],
+                        grads_gib=0.0, optimizer_gib=0.0,
+                        activations_gib=self.activations_gib[i], kv_cache_gib=kv[i],
+                        buffers_gib=self.buffers_gib[i])
+            for i in range(len(self.layers))
+        ]  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values: the cache and the lengths it was sized for."""
+        return {
+            "usable_gib": self.usable_gib,
+            "step_tokens": self.step_tokens,
+            "kv_cache_tokens": self.tokens,
+            "kv_cache_blocks": self.num_blocks,
+            "kv_block_size": self.block_size,
+            "kv_cache_gib": list(self.kv_cache_gib),
+            "free_gib": list(self.free_gib),
+            "longest_request_tokens": self.lengths.longest_request,
+            "mean_request_tokens": self.lengths.mean_request,
+            "longest_requests_fit": self.longest_requests_fit,
+            "batch_needs_gib": max(self.needed_gib, default=0.0),
+            "typical_requests_fit": self.typical_requests_fit,
+            "max_batch_size": self.max_batch_size,
+            "lengths_from": self.lengths.source,
+        }
+
+
+def serving_memory(plan: Plan, layout: Layout, counts: ParamCounts | None = None) -> ServingMemory:
+    """The serving memory of ``plan`` (module docstring, "Inference"): weights, one step's
+    activations and buffers, and the KV cache that the rest of the memory holds."""
+    model, par, hw = plan.model, plan.parallel, plan.hardware
+    req = plan.workload.requests
+    counts = counts or count_params(model)
+    lengths = request_lengths(plan)
+    usable = req.gpu_memory_utilization * (hw.memory_gib - hw.memory_reserved_gib)
+    step = serving_step_tokens(plan, lengths)
+    tokens = step / par.cp  # per GPU
+    bpe = DTYPE_BYTES[model.dtype]
+    per_layer = kv_cache_bytes_per_token_layer(model, par.tp) / par.cp
+    num_stages = len(layout.stage_layers)
+    layers, params, weights, acts, bufs, per_token = [], [], [], [], [], []
+    for stage in range(num_stages):
+        ids = _layers_of(plan, layout, stage)
+        dense, experts = stage_params_per_gpu(plan, layout, counts, stage)
+        act = max((_serving_layer_bytes(plan, i, tokens, lengths) for i in ids), default=0.0)
+        if stage == num_stages - 1:
+            act += 4 * req.max_batch_size * model.vocab_size / par.tp  # fp32 logits
+        layers.append(len(ids))
+        params.append(dense + experts)
+        weights.append((dense + experts) * bpe / GIB)
+        acts.append(act / GIB)
+        bufs.append(_a2a_bytes(plan, layout, stage, tokens) / GIB)
+        per_token.append(per_layer * len(ids))
+    free = [usable - w - a - b for w, a, b in zip(weights, acts, bufs, strict=True)]
+    fit = min((f * GIB / b for f, b in zip(free, per_token, strict=True) if b > 0), default=0.0)
+    blocks = req.num_gpu_blocks or max(0, int(fit // req.kv_block_size))
+    return ServingMemory(
+        usable_gib=usable, gpu_memory_utilization=req.gpu_memory_utilization, step_tokens=step,
+        max_batch_size=req.max_batch_size, lengths=lengths, layers=tuple(layers),
+        params_per_gpu=tuple(params), weights_gib=tuple(weights), activations_gib=tuple(acts),
+        buffers_gib=tuple(bufs), kv_bytes_per_token=tuple(per_token), num_blocks=blocks,
+        block_size=req.kv_block_size, blocks_overridden=req.num_gpu_blocks is not None,
+    )  # fmt: skip
+
+
+def _serving_layer_bytes(plan: Plan, layer: int, tokens: float, lengths: RequestLengths) -> float:
+    """One layer's forward working set for a step of ``tokens`` (per GPU): the stored
+    activations without s^2 scores; without flash attention, the scores of the step's tokens
+    against at most the longest context (5 bytes per score, Korthikanti)."""
+    model, par = plan.model, plan.parallel
+    act = layer_activation_bytes(model, par, layer, tokens, 1, "selective")
+    if not par.flash_attention:
+        scale = DTYPE_BYTES[model.dtype] / 2
+        context = lengths.longest_request / par.cp
+        act += scale * 5 * model.num_attention_heads * tokens * context / par.tp
+    return act
