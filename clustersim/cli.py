@@ -36,9 +36,6 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a field: --set parallel.tp=4 (repeatable)."),
 ]
-DEFAULT_VALIDATION_CSV = (
-    Path(__file__).resolve().parent.parent / "configs" / "validation" / "narayanan2021_table1.csv"
-)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
 
 
@@ -321,41 +318,83 @@ def replay(
 
 
 @app.command(
-    help="Calibration check: simulate every row of Narayanan et al. 2021 Table 1 (Megatron-LM "
-    "GPT 1.7B-1T on up to 3072 A100s) and print predicted vs published TFLOP/s per GPU and "
-    "the error per row. --set overrides apply to every row (e.g. hardware.compute_efficiency=0.6)."
+    help="Validation against published measurements, per data set: dense training (Narayanan "
+    "2021), MoE training (Parallel Folding, ModelZoo), serving (TensorRT-LLM, gpt-fast, SGLang, "
+    "metaseq), kernels (Vidur, FlashAttention) and collectives (NCCL, DeepEP). Prints published "
+    "vs predicted in sample and out of sample (end-to-end parameters refitted without the row), "
+    "mean and worst |error| per set, the fitted parameters and the rows not expressible."
 )
 def validate(
-    csv_file: Annotated[
-        Path | None, typer.Argument(help="Table to simulate (default: the shipped copy).")
+    set_name: Annotated[
+        list[str] | None,
+        typer.Option("--set-name", help="Set to run (repeatable): dense, moe, serving, kernels, "
+                     "collectives. Default: all."),
     ] = None,
-    set_: SetOpt = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Leave out the largest training rows (faster).")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Simulate the published measurements and report the error per row."""
-    from clustersim.analysis.validation import validate as run_validation
-    from clustersim.cli_tables import print_validation
-    from clustersim.spec.load import apply_overrides
+    """Validate the cost model against the packaged published measurements."""
+    from clustersim.calibration.validate import SETS, print_results, progress_bar, run_validation
 
-    path = csv_file or DEFAULT_VALIDATION_CSV
-    if not path.is_file():
-        raise _fail(f"{path}: file not found")
-    overrides = _flat_overrides(apply_overrides({}, set_ or [], "--set"))
-    rows = list(run_validation(path, overrides))
+    sets = set_name or list(SETS)
+    unknown = [s for s in sets if s not in SETS]
+    if unknown:
+        raise _fail(f"unknown set {', '.join(unknown)} (have: {', '.join(SETS)})")
+    with progress_bar() as progress:
+        results = run_validation(sets, quick=quick, progress=progress)
     if json_out:
-        _print_json([r.to_dict() for r in rows])
+        _print_json([r.to_dict() for r in results])
     else:
-        print_validation(rows)
+        print_results(results)
 
 
-def _flat_overrides(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and prefix == "":
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+@app.command(
+    help="Fit the cost model's kernel, attention and communication parameters to the "
+    "packaged measurements (Vidur kernel profiles, FlashAttention papers, collective "
+    "benchmarks) and print the values and their fit errors per GPU generation. --write "
+    "rewrites the packaged data files (clustersim/spec/calibration/*.yaml); --out DIR writes "
+    "them to DIR. Exit code 2: unusable measurements."
+)
+def calibrate(
+    generation: Annotated[
+        list[str] | None,
+        typer.Option("--generation", "-g", help="Generation to fit (repeatable; default all)."),
+    ] = None,
+    measurements: Annotated[
+        Path | None,
+        typer.Option("--measurements", help="Folder of CSVs in the packaged formats "
+                     "(clustersim/calibration/measurements/README.md) to fit instead."),
+    ] = None,
+    write: Annotated[
+        bool, typer.Option("--write", help="Rewrite the packaged data files.")
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write the data files into this folder.")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Fit the calibration parameters and print (or write) them."""
+    from clustersim.calibration.calibrate import calibrate as run_calibration
+    from clustersim.calibration.calibrate import print_results
+    from clustersim.calibration.calibrate import write as write_files
+    from clustersim.spec import PlanError
+
+    if write and out is not None:
+        raise _fail("--write and --out exclude each other")
+    try:
+        results = run_calibration(generation, measurements)
+    except PlanError as exc:
+        raise _fail(exc.render()) from None
+    paths = write_files(results, out) if write or out is not None else []
+    if json_out:
+        _print_json({"generations": [r.to_dict() for r in results],
+                     "written": [str(p) for p in paths]})  # fmt: skip
+    else:
+        print_results(results)
+    for path in paths:
+        typer.echo(f"wrote {path}", err=True)
 
 
 @app.command(

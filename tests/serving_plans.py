@@ -60,20 +60,21 @@ def _kernel_ms(plan: Plan, gpu_ms: float, graphs: bool) -> float:
 
 
 def _gemm_gpu_ms(plan: Plan, m: float, n: float, k: float) -> float:
-    """The calibrated GEMM: max(2mnk / (peak e prod x/(x+half)), (mk+kn+mn) b / (HBM mu))."""
+    """The calibrated GEMM: max(2mnk / (peak e prod x/(x+half)), (mk+kn+mn) b / (HBM mu_g))."""
     hw, cal = plan.hardware, plan.hardware.calibration
     half = cal.gemm.half_dim
     shape = (m / (m + half)) * (n / (n + half)) * (k / (k + half))
     compute = 2 * m * n * k / (hw.peak_tflops * 1e12 * cal.gemm.efficiency * shape)
-    memory = (m * k + k * n + m * n) * 2 / (hw.hbm_bandwidth_gbps * 1e9 * cal.memory.efficiency)
+    byte_rate = hw.hbm_bandwidth_gbps * 1e9 * cal.gemm.memory_efficiency
+    memory = (m * k + k * n + m * n) * 2 / byte_rate
     return max(compute, memory) * 1e3 + cal.kernel.fixed_us * 1e-3
 
 
-def _stream_gpu_ms(plan: Plan, nbytes: float) -> float:
+def _stream_gpu_ms(plan: Plan, nbytes: float, elementwise: bool = False) -> float:
+    """A memory-bound kernel: plain stream, or element-wise (norm, rotary, activation)."""
     hw, cal = plan.hardware, plan.hardware.calibration
-    return nbytes / (hw.hbm_bandwidth_gbps * 1e9 * cal.memory.efficiency) * 1e3 + (
-        cal.kernel.fixed_us * 1e-3
-    )
+    mu = cal.memory.elementwise_efficiency if elementwise else cal.memory.efficiency
+    return nbytes / (hw.hbm_bandwidth_gbps * 1e9 * mu) * 1e3 + cal.kernel.fixed_us * 1e-3
 
 
 def layer_ms(plan: Plan, new_tokens: int, context: int, graphs: bool = False) -> float:
@@ -89,13 +90,13 @@ def layer_ms(plan: Plan, new_tokens: int, context: int, graphs: bool = False) ->
     def kern(gpu_ms: float) -> float:
         return _kernel_ms(plan, gpu_ms, graphs)
 
-    norm = kern(_stream_gpu_ms(plan, n * 2 * h * 2))
-    residual = kern(_stream_gpu_ms(plan, n * 3.5 * h * 2))
-    rope = kern(_stream_gpu_ms(plan, n * 2 * (heads + kv_heads) * d * 2))
+    norm = kern(_stream_gpu_ms(plan, n * 2 * h * 2, elementwise=True))
+    residual = kern(_stream_gpu_ms(plan, n * 3 * h * 2))
+    rope = kern(_stream_gpu_ms(plan, n * 2 * (heads + kv_heads) * d * 2, elementwise=True))
     qkv = kern(_gemm_gpu_ms(plan, n, (heads + 2 * kv_heads) * d, h))
     out = kern(_gemm_gpu_ms(plan, n, h, heads * d))
     up = kern(_gemm_gpu_ms(plan, n, 2 * ffn, h))
-    act = kern(_stream_gpu_ms(plan, n * 3 * ffn * 2))
+    act = kern(_stream_gpu_ms(plan, n * 3 * ffn * 2, elementwise=True))
     down = kern(_gemm_gpu_ms(plan, n, h, ffn))
     pairs = n * context + n * (n + 1) / 2  # causal: each new token sees the context and itself
     # FlashAttention: each query row costs half_seq pairs more (efficiency s / (s + half))

@@ -16,6 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from calibrations import ROOFLINE
+
 from clustersim.analysis.simulate import routing_for, simulate
 from clustersim.costs.compute import model_flops_per_iteration
 from clustersim.engine.optimes import GRAD_BYTES, OPTIMIZER_BYTES_PER_PARAM
@@ -30,8 +32,9 @@ FREE_LINK = {"bandwidth_gbps": 1e9, "latency_us": 0.0}  # communication made fre
 # stage times are then exactly proportional to their layers (the closed forms' premise).
 FREE_KERNELS = {
     "gemm": {"half_dim": 0.0},
-    "memory": {"efficiency": 1.0},
-    "kernel": {"fixed_us": 0.0, "launch_us": 0.0, "framework_us": 0.0},
+    "memory": {"efficiency": 1.0, "elementwise_efficiency": 1.0},
+    "kernel": {"fixed_us": 0.0, "launch_us": 0.0, "graph_launch_us": 0.0, "framework_us": 0.0},
+    "collectives": ROOFLINE["collectives"],
 }
 FORWARD_OPS = [op for op in Op if op.name.endswith("_FWD")]  # compute of a forward step
 BACKWARD_OPS = [op for op in Op if op.name.endswith("_BWD") or op == Op.RECOMPUTE]
@@ -57,7 +60,8 @@ def make_plan(
     """A training plan on H100-SXM nodes of 8 GPUs, as many nodes as the world needs."""
     par = {"tp": 1, "pp": 1, "dp": 1, **parallel}
     world = par["tp"] * par["pp"] * par["dp"]
-    hw = {"gpu": "H100-SXM", "num_nodes": max(1, math.ceil(world / 8)), "gpus_per_node": 8}
+    hw = {"gpu": "H100-SXM", "num_nodes": max(1, math.ceil(world / 8)), "gpus_per_node": 8,
+          "calibration": {"collectives": ROOFLINE["collectives"]}}  # fmt: skip
     hw.update(hardware or {})
     return plan_from_dict(
         {

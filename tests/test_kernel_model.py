@@ -77,7 +77,7 @@ def test_small_decode_batches_share_one_weight_read(batch):
     # and the step is no faster than the weights at the calibrated HBM rate
     hw = plan.hardware
     weights = count_params(plan.model).total - count_params(plan.model).embedding
-    byte_rate = hw.hbm_bandwidth_gbps * 1e9 * hw.calibration.memory.efficiency
+    byte_rate = hw.hbm_bandwidth_gbps * 1e9 * hw.calibration.gemm.memory_efficiency
     assert one >= weights * 2 / byte_rate * 1e3
 
 

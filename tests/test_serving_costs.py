@@ -36,7 +36,7 @@ def test_one_decode_token_reads_every_weight():
     costs, model, hw = step_costs(plan, Layout(plan)), plan.model, plan.hardware
     cal = hw.calibration
     counts = count_params(model)
-    byte_rate = hw.hbm_bandwidth_gbps * 1e9 * cal.memory.efficiency
+    byte_rate = hw.hbm_bandwidth_gbps * 1e9 * cal.gemm.memory_efficiency
     # decode (CUDA graphs): two weight GEMMs and two small element-wise kernels, each at
     # least one graph launch; the weights dominate the bytes
     kernel_ms = max(cal.kernel.fixed_us, cal.kernel.graph_launch_us) * 1e-3

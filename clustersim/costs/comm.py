@@ -15,12 +15,28 @@ inner node of one tree and a leaf of the other, so it sends and receives about `
 whatever ``n`` is, and a chunk needs ``ceil(log2 n)`` steps per phase. Tree beats ring only on
 latency (large ``n``, small ``S``).
 
+Calibration (``hw.calibration.collectives``, fitted by ``clustersim.calibration.fit_comm``):
+``B`` is the link's bandwidth times its class's ``efficiency`` (``p2p_efficiency`` for
+point-to-point and all-to-all, which NCCL runs as grouped sends), ``alpha`` the class's
+``latency_us`` (null: the LinkSpec's), and every collective pays its class's
+``base_latency_us`` once (launch and synchronisation; equivalently, the bus bandwidth grows
+with the message as ``B·S/(S + S_half)``). With efficiency 1, LinkSpec latencies and no base
+latency the lines above hold exactly. The primitives below take ``B`` and ``alpha`` as given;
+the entry points (:func:`collective_cost`, :func:`all_to_all_v_cost`, :func:`link_for_group`,
+:func:`p2p_link`) apply the calibration.
+
 Topology: a *flat* algorithm over a group that spans nodes runs at the group's slowest link
 (:func:`link_for_group`), the conservative single-ring view. The *hierarchical* variants model
 one NIC per GPU used in parallel: all-reduce = intra-node reduce-scatter + inter-node
-all-reduce of ``S/g`` + intra-node all-gather (``g`` = GPUs of the group per node); all-to-all
-charges every rank's intra- and inter-node traffic to the matching port (see
+all-reduce of ``S/g`` + intra-node all-gather (``g`` = GPUs of the group per node), the
+inter-node stage a ring or a double binary tree over the nodes, whichever is faster (NCCL's
+tuner picks trees across many nodes, where a ring's ``2(nodes-1)`` network steps dominate);
+all-to-all charges every rank's intra- and inter-node traffic to the matching port (see
 :func:`all_to_all_v_cost`). A group of one GPU costs nothing.
+
+MoE dispatcher ``deepep`` (``parallel.moe_dispatcher``): the EP all-to-all-v runs at DeepEP's
+measured per-GPU NVLink and RDMA bandwidths (``hw.calibration.moe.deepep_*``) with its fixed
+latency per dispatch or combine instead of NCCL's per-peer steps.
 """
 
 from __future__ import annotations
@@ -31,10 +47,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from clustersim.spec.schema import HardwareSpec, LinkSpec
+from clustersim.spec.schema import HardwareSpec
 
 OPS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "p2p")
 ALGORITHMS = ("ring", "tree", "hierarchical", "auto")
+DISPATCHERS = ("alltoall", "deepep")
 
 
 class CollectiveCost(NamedTuple):
@@ -137,7 +154,30 @@ def _off_diagonal(send_bytes: np.ndarray) -> np.ndarray:
     return matrix
 
 
-# ---- topology ----------------------------------------------------------------------------
+# ---- topology and calibration -----------------------------------------------------------
+
+
+class LinkClass(NamedTuple):
+    """One link class (intra- or inter-node) as calibrated: collective bus bandwidth and
+    point-to-point bandwidth (GB/s), latency per step and fixed latency per collective (µs)."""
+
+    bandwidth_gbps: float
+    p2p_gbps: float
+    latency_us: float
+    base_us: float
+
+
+def link_class(hw: HardwareSpec, inter_node: bool) -> LinkClass:
+    """The calibrated intra-node (NVLink) or inter-node (network) link class of ``hw``."""
+    cal = hw.calibration.collectives
+    if inter_node:
+        link, eff, p2p_eff = hw.inter_node, cal.inter_node_efficiency, cal.inter_node_p2p_efficiency
+        step, base = cal.inter_node_latency_us, cal.inter_node_base_latency_us
+    else:
+        link, eff, p2p_eff = hw.intra_node, cal.intra_node_efficiency, cal.intra_node_p2p_efficiency
+        step, base = cal.intra_node_latency_us, cal.intra_node_base_latency_us
+    step = link.latency_us if step is None else step
+    return LinkClass(link.bandwidth_gbps * eff, link.bandwidth_gbps * p2p_eff, step, base)
 
 
 def _nodes(ranks: Sequence[int], gpus_per_node: int) -> dict[int, int]:
@@ -149,39 +189,63 @@ def _nodes(ranks: Sequence[int], gpus_per_node: int) -> dict[int, int]:
     return counts
 
 
+def _spans_nodes(ranks: Sequence[int], gpus_per_node: int) -> bool:
+    return min(ranks) // gpus_per_node != max(ranks) // gpus_per_node
+
+
+def _base_ms(ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec) -> float:
+    """Fixed time of one collective over ``ranks`` (the inter-node class's if it spans nodes)."""
+    return link_class(hw, _spans_nodes(ranks, gpus_per_node)).base_us * 1e-3
+
+
 def link_for_group(ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec) -> GroupLink:
-    """The slowest link a group uses: intra-node inside one node, else the worse of the two."""
-    intra, inter = hw.intra_node, hw.inter_node
-    if min(ranks) // gpus_per_node == max(ranks) // gpus_per_node:
+    """The slowest link a group uses for collectives, calibrated: intra-node inside one node,
+    else the worse of the two (bus bandwidth, latency per step)."""
+    intra = link_class(hw, False)
+    if not _spans_nodes(ranks, gpus_per_node):
         return GroupLink(intra.bandwidth_gbps, intra.latency_us, False)
+    inter = link_class(hw, True)
     bandwidth_gbps = min(intra.bandwidth_gbps, inter.bandwidth_gbps)
     return GroupLink(bandwidth_gbps, max(intra.latency_us, inter.latency_us), True)
+
+
+def p2p_link(ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec) -> GroupLink:
+    """The link of a point-to-point transfer between ``ranks`` = [src, dst], calibrated:
+    send/receive bandwidth and the whole latency of one transfer (step + fixed), so that
+    ``p2p_ms(S, *p2p_link(...)[:2])`` is the transfer's time."""
+    intra = link_class(hw, False)
+    if not _spans_nodes(ranks, gpus_per_node):
+        return GroupLink(intra.p2p_gbps, intra.latency_us + intra.base_us, False)
+    inter = link_class(hw, True)
+    bandwidth_gbps = min(intra.p2p_gbps, inter.p2p_gbps)
+    return GroupLink(bandwidth_gbps, max(intra.latency_us, inter.latency_us) + inter.base_us, True)
 
 
 def hierarchical_all_reduce_ms(
     size_bytes: float, ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec
 ) -> float:
-    """Intra-node reduce-scatter + inter-node ring all-reduce of S/g + intra-node all-gather.
+    """Intra-node reduce-scatter + inter-node all-reduce of S/g + intra-node all-gather.
 
-    ``g`` GPUs of the group per node run ``g`` inter-node rings in parallel, each on its own NIC
-    (at the group's slowest link). If nodes hold different numbers of the group's GPUs, the
-    intra stages use the largest count and the inter stage the smallest (largest shard).
+    ``g`` GPUs of the group per node run ``g`` inter-node all-reduces in parallel, each on its
+    own NIC (at the group's slowest link), as a ring or a double binary tree over the nodes,
+    whichever is faster. If nodes hold different numbers of the group's GPUs, the intra stages
+    use the largest count and the inter stage the smallest (largest shard).
     """
-    return _hierarchical_ms(size_bytes, ranks, gpus_per_node, hw, reduce=True, gather=True)
+    return _hierarchical_ms(size_bytes, ranks, gpus_per_node, hw, reduce=True, gather=True)[0]
 
 
 def hierarchical_reduce_scatter_ms(
     size_bytes: float, ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec
 ) -> float:
     """Intra-node reduce-scatter of S, then inter-node reduce-scatter of S/g."""
-    return _hierarchical_ms(size_bytes, ranks, gpus_per_node, hw, reduce=True, gather=False)
+    return _hierarchical_ms(size_bytes, ranks, gpus_per_node, hw, reduce=True, gather=False)[0]
 
 
 def hierarchical_all_gather_ms(
     size_bytes: float, ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec
 ) -> float:
     """Inter-node all-gather of S/g, then intra-node all-gather of S (mirror of reduce-scatter)."""
-    return _hierarchical_ms(size_bytes, ranks, gpus_per_node, hw, reduce=False, gather=True)
+    return _hierarchical_ms(size_bytes, ranks, gpus_per_node, hw, reduce=False, gather=True)[0]
 
 
 def _hierarchical_ms(
@@ -192,18 +256,56 @@ def _hierarchical_ms(
     *,
     reduce: bool,
     gather: bool,
-) -> float:
+) -> tuple[float, bool]:
+    """Time, and whether the inter-node stage is a tree (all-reduce only)."""
     counts = _nodes(ranks, gpus_per_node).values()
     num_nodes, g_max, g_min = len(counts), max(counts), min(counts)
-    intra = hw.intra_node
+    intra = link_class(hw, False)
     slow = link_for_group(ranks, gpus_per_node, hw)
     intra_ms = reduce_scatter_ms(size_bytes, g_max, intra.bandwidth_gbps, intra.latency_us)
     shard_bytes = size_bytes / g_min
+    bw, lat = slow.bandwidth_gbps, slow.latency_us
+    tree = False
     if reduce and gather:
-        inter_ms = ring_all_reduce_ms(shard_bytes, num_nodes, slow.bandwidth_gbps, slow.latency_us)
+        inter_ms = ring_all_reduce_ms(shard_bytes, num_nodes, bw, lat)
+        tree_ms = tree_all_reduce_ms(shard_bytes, num_nodes, bw, lat)
+        tree = tree_ms < inter_ms
+        inter_ms = min(inter_ms, tree_ms)
     else:
-        inter_ms = reduce_scatter_ms(shard_bytes, num_nodes, slow.bandwidth_gbps, slow.latency_us)
-    return intra_ms * (reduce + gather) + inter_ms
+        inter_ms = reduce_scatter_ms(shard_bytes, num_nodes, bw, lat)
+    base_ms = _base_ms(ranks, gpus_per_node, hw)
+    return intra_ms * (reduce + gather) + inter_ms + base_ms, tree
+
+
+# ---- all-to-all ports --------------------------------------------------------------------
+
+
+class _Ports(NamedTuple):
+    """Bandwidths (GB/s) of a rank's intra- and inter-node ports and the fixed time (ms)."""
+
+    intra_gbps: float
+    inter_gbps: float
+    fixed_ms: float
+
+
+def _a2a_ports(
+    ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec, dispatcher: str = "alltoall"
+) -> _Ports:
+    """NCCL all-to-all (grouped sends at the p2p bandwidths, (n-1) steps of the group's
+    slowest latency plus the fixed latency) or DeepEP (its bandwidths and fixed latency)."""
+    if dispatcher not in DISPATCHERS:
+        raise ValueError(f"unknown dispatcher {dispatcher!r}; valid: {', '.join(DISPATCHERS)}")
+    if dispatcher == "deepep":
+        moe = hw.calibration.moe
+        return _Ports(moe.deepep_intra_node_gbps, moe.deepep_inter_node_gbps,
+                      moe.deepep_latency_us * 1e-3)  # fmt: skip
+    intra = link_class(hw, False)
+    steps_ms = (len(ranks) - 1) * link_for_group(ranks, gpus_per_node, hw).latency_us * 1e-3
+    if not _spans_nodes(ranks, gpus_per_node):
+        return _Ports(intra.p2p_gbps, intra.p2p_gbps, steps_ms + intra.base_us * 1e-3)
+    inter = link_class(hw, True)
+    return _Ports(intra.p2p_gbps, min(intra.p2p_gbps, inter.p2p_gbps),
+                  steps_ms + inter.base_us * 1e-3)  # fmt: skip
 
 
 def _uniform_all_to_all_cost(
@@ -212,66 +314,72 @@ def _uniform_all_to_all_cost(
     """Port model of a uniform all-to-all without building the n x n matrix."""
     n = len(ranks)
     per_peer = size_bytes / n
-    slow = link_for_group(ranks, gpus_per_node, hw)
     worst_intra = worst_inter = 0.0
     for count in _nodes(ranks, gpus_per_node).values():
         worst_intra = max(worst_intra, (count - 1) * per_peer)
         worst_inter = max(worst_inter, (n - count) * per_peer)
-    return _port_cost(worst_intra, worst_inter, n, slow, hw.intra_node)
+    return _port_cost(worst_intra, worst_inter, _a2a_ports(ranks, gpus_per_node, hw))
 
 
-def _port_cost(
-    intra_bytes: float, inter_bytes: float, n: int, slow: GroupLink, intra: LinkSpec
-) -> CollectiveCost:
+def _port_cost(intra_bytes: float, inter_bytes: float, ports: _Ports) -> CollectiveCost:
     """Busiest intra- and inter-node port bytes -> time; the two port classes work in parallel."""
-    time_ms = float(_port_time_ms(intra_bytes, inter_bytes, n, slow, intra))
+    time_ms = float(_port_time_ms(intra_bytes, inter_bytes, ports))
     return CollectiveCost(time_ms, intra_bytes + inter_bytes, inter_bytes)
 
 
-def _port_time_ms(intra_bytes, inter_bytes, n: int, slow: GroupLink, intra: LinkSpec):
+def _port_time_ms(intra_bytes, inter_bytes, ports: _Ports):
     """:func:`_port_cost`'s time, for scalars or arrays of port bytes."""
     time_ms = np.maximum(
-        transfer_ms(intra_bytes, intra.bandwidth_gbps),
-        transfer_ms(inter_bytes, slow.bandwidth_gbps),
+        transfer_ms(intra_bytes, ports.intra_gbps), transfer_ms(inter_bytes, ports.inter_gbps)
     )
-    return time_ms + (n - 1) * slow.latency_us * 1e-3
+    return time_ms + ports.fixed_ms
 
 
 def all_to_all_v_cost(
-    send_bytes: np.ndarray, ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec
+    send_bytes: np.ndarray,
+    ranks: Sequence[int],
+    gpus_per_node: int,
+    hw: HardwareSpec,
+    dispatcher: str = "alltoall",
 ) -> CollectiveCost:
     """All-to-all-v over a group that may span nodes; ``send_bytes[i, j]``: ranks[i] -> ranks[j].
 
     Each rank has an intra-node port (NVLink) and an inter-node port (NIC), each per direction.
     Time = max over ranks and port classes of max(bytes sent, bytes received) / that port's
-    bandwidth, plus (n-1) · alpha of the group's slowest link. The bytes reported are the
-    busiest rank's (sent or received, whichever is larger) on each port class.
+    bandwidth, plus a fixed time. ``dispatcher`` ``alltoall`` (NCCL): the links' p2p
+    bandwidths, (n-1) steps of the group's slowest latency and the base latency; ``deepep``:
+    DeepEP's NVLink and RDMA bandwidths and its latency (``hw.calibration.moe``). The bytes
+    reported are the busiest rank's (sent or received, whichever is larger) on each port class.
     """
     matrix = _off_diagonal(send_bytes)
     n = len(ranks)
     if matrix.shape[0] != n:
         raise ValueError(f"send_bytes is {matrix.shape[0]}x{matrix.shape[0]} for {n} ranks")
+    ports = _a2a_ports(ranks, gpus_per_node, hw, dispatcher)
     if n <= 1:
         return ZERO_COST
     intra_bytes, inter_bytes = _busiest_ports(matrix[None], ranks, gpus_per_node)
-    slow = link_for_group(ranks, gpus_per_node, hw)
-    return _port_cost(float(intra_bytes[0]), float(inter_bytes[0]), n, slow, hw.intra_node)
+    return _port_cost(float(intra_bytes[0]), float(inter_bytes[0]), ports)
 
 
 def all_to_all_v_times_ms(
-    send_bytes: np.ndarray, ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec
+    send_bytes: np.ndarray,
+    ranks: Sequence[int],
+    gpus_per_node: int,
+    hw: HardwareSpec,
+    dispatcher: str = "alltoall",
 ) -> np.ndarray:
     """:func:`all_to_all_v_cost`'s time for a batch of matrices ``send_bytes`` (B, n, n)."""
     matrix = np.array(send_bytes, dtype=np.float64)
     n = len(ranks)
     if matrix.ndim != 3 or matrix.shape[1:] != (n, n):
         raise ValueError(f"send_bytes must have shape (B, {n}, {n}), got {matrix.shape}")
+    ports = _a2a_ports(ranks, gpus_per_node, hw, dispatcher)
     if n <= 1:
         return np.zeros(matrix.shape[0])
     matrix[:, np.arange(n), np.arange(n)] = 0.0  # a rank's own share is a local copy
     intra_bytes, inter_bytes = _busiest_ports(matrix, ranks, gpus_per_node)
-    slow = link_for_group(ranks, gpus_per_node, hw)
-    return _port_time_ms(intra_bytes, inter_bytes, n, slow, hw.intra_node)
+    return _port_time_ms(intra_bytes, inter_bytes, ports)
 
 
 def _busiest_ports(
@@ -304,7 +412,8 @@ def collective_cost(
     ``hierarchical`` (two-level, see the module docstring; for ``p2p`` the same as ``ring``) or
     ``auto`` (the fastest of those that apply, as NCCL's tuner would pick). ``size_bytes`` is
     the full buffer (all-reduce, reduce-scatter input, all-gather output), one rank's whole send
-    buffer (all-to-all) or the message (p2p, ``ranks`` = [src, dst]).
+    buffer (all-to-all) or the message (p2p, ``ranks`` = [src, dst]). Times are calibrated
+    (``hw.calibration.collectives``, module docstring).
     """
     if op not in OPS:
         raise ValueError(f"unknown collective {op!r}; valid: {', '.join(OPS)}")
@@ -323,9 +432,17 @@ def collective_cost(
         return min(costs, key=lambda c: c.time_ms)
     if algorithm == "tree" and op != "all_reduce":
         raise ValueError(f"algorithm 'tree' applies to all_reduce only, not {op!r}")
-    if algorithm == "hierarchical" and op != "p2p":
+    if op == "p2p":
+        link = p2p_link(ranks, gpus_per_node, hw)
+        time_ms = p2p_ms(size_bytes, link.bandwidth_gbps, link.latency_us)
+        return CollectiveCost(time_ms, size_bytes, size_bytes if link.crosses_nodes else 0.0)
+    if algorithm == "hierarchical":
         return _hierarchical_cost(op, size_bytes, ranks, gpus_per_node, hw)
-    return _flat_cost(op, size_bytes, n, link_for_group(ranks, gpus_per_node, hw), algorithm)
+    link = link_for_group(ranks, gpus_per_node, hw)
+    if op == "all_to_all":  # grouped sends: the slowest p2p bandwidth
+        link = link._replace(bandwidth_gbps=p2p_link(ranks, gpus_per_node, hw).bandwidth_gbps)
+    cost = _flat_cost(op, size_bytes, n, link, algorithm)
+    return cost._replace(time_ms=cost.time_ms + _base_ms(ranks, gpus_per_node, hw))
 
 
 def collective_time_ms(
@@ -352,9 +469,7 @@ def _flat_cost(
     op: str, size_bytes: float, n: int, link: GroupLink, algorithm: str
 ) -> CollectiveCost:
     bw, lat = link.bandwidth_gbps, link.latency_us
-    if op == "p2p":
-        time_ms, sent = p2p_ms(size_bytes, bw, lat), size_bytes
-    elif algorithm == "tree":
+    if algorithm == "tree":
         time_ms, sent = tree_all_reduce_ms(size_bytes, n, bw, lat), 2.0 * size_bytes
     else:
         time_ms = _FLAT_MS[op](size_bytes, n, bw, lat)
@@ -369,12 +484,12 @@ def _hierarchical_cost(
         return _uniform_all_to_all_cost(size_bytes, ranks, gpus_per_node, hw)
     counts = _nodes(ranks, gpus_per_node).values()
     num_nodes, g_max, g_min = len(counts), max(counts), min(counts)
+    reduce, gather = op in ("all_reduce", "reduce_scatter"), op in ("all_reduce", "all_gather")
+    time_ms, tree = _hierarchical_ms(
+        size_bytes, ranks, gpus_per_node, hw, reduce=reduce, gather=gather
+    )
     phases = 2 if op == "all_reduce" else 1
     intra_sent = phases * (g_max - 1) / g_max * size_bytes
-    inter_sent = phases * (num_nodes - 1) / num_nodes * size_bytes / g_min
-    time_ms = {
-        "all_reduce": hierarchical_all_reduce_ms,
-        "reduce_scatter": hierarchical_reduce_scatter_ms,
-        "all_gather": hierarchical_all_gather_ms,
-    }[op](size_bytes, ranks, gpus_per_node, hw)
+    shard = size_bytes / g_min
+    inter_sent = 2 * shard if tree else phases * (num_nodes - 1) / num_nodes * shard
     return CollectiveCost(time_ms, intra_sent + inter_sent, inter_sent)

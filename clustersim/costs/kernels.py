@@ -3,14 +3,15 @@
 Every kernel is timed on its own (``hardware.calibration``, one data file per GPU generation,
 fitted by ``clustersim calibrate``):
 
-* a GEMM ``(m x k) @ (k x n)``: ``max(2mnk / (peak * e * shape), bytes / (HBM * mu))`` with
+* a GEMM ``(m x k) @ (k x n)``: ``max(2mnk / (peak * e * shape), bytes / (HBM * mu_g))`` with
   ``shape = prod over x in (m, n, k) of x / (x + half_dim)``: small or skinny GEMMs (decode,
   small experts) fill fewer tiles and waves, large ones reach ``e`` of peak; ``bytes`` =
   ``(mk + kn + mn)`` elements (inputs, weights and output once);
 * a grouped GEMM over ``a`` experts and ``r`` token copies: one kernel whose compute runs at
   the shape factor of ``r / a`` tokens per expert and whose memory reads ``a`` experts' weights;
-* a memory-bound kernel (norms, rotary embedding, activation, residual adds, permutes, top-k):
-  ``bytes / (HBM * mu)``;
+* a memory-bound kernel: ``bytes / (HBM * mu)``, with ``mu`` the stream efficiency (residual
+  adds, permutes) or the lower element-wise one (norms, rotary embedding, activation,
+  softmax/top-k: reductions and transcendentals);
 * core attention (FlashAttention): ``flops / (peak * e_attn * s / (s + half_seq))`` for ``s``
   keys per query (every query row costs ``half_seq`` pairs more: ``(pairs + half_seq *
   queries)`` pairs of work), or the KV-cache read at ``mu_attn`` of HBM bandwidth (decode),
@@ -37,7 +38,7 @@ import numpy as np
 from clustersim.costs import compute as cc
 from clustersim.spec.schema import HardwareSpec, ModelSpec
 
-RESIDUAL_PASSES = 3.5  # bias-dropout-add: read 2h, write h, a 1-byte mask (per token, x h)
+RESIDUAL_PASSES = 3.0  # residual add: read 2h, write h (per token, x h; no dropout)
 NORM_PASSES = 2.0  # read h, write h
 TOPK_BYTES = 4 * 2  # fp32 router logits: softmax/top-k read and write E values per token
 PERMUTE_PASSES = 2.0  # a token copy of h elements read and written once (permute, unpermute)
@@ -67,6 +68,8 @@ class KernelTimer:
         self.bpe = cc.DTYPE_BYTES[model.dtype]
         self._flop_s = hw.peak_tflops * 1e12 * cal.gemm.efficiency
         self._byte_s = hw.hbm_bandwidth_gbps * 1e9 * cal.memory.efficiency
+        self._elementwise_byte_s = hw.hbm_bandwidth_gbps * 1e9 * cal.memory.elementwise_efficiency
+        self._gemm_byte_s = hw.hbm_bandwidth_gbps * 1e9 * cal.gemm.memory_efficiency
         self._half = cal.gemm.half_dim
         self._fixed_ms = cal.kernel.fixed_us * 1e-3
         launch_us = cal.kernel.graph_launch_us if graphs else cal.kernel.launch_us
@@ -87,6 +90,27 @@ class KernelTimer:
         phi = cc.ACTIVATION_MATRICES[model.activation]
         self._phi = phi
 
+    # ---- shapes (what each kernel moves or multiplies, per token) ------------------------
+    @property
+    def qkv_shapes(self) -> list[tuple[float, float]]:
+        """(in, out) features of the query/key/value projection GEMM(s) on this GPU."""
+        return list(self._qkv)
+
+    @property
+    def output_shape(self) -> tuple[float, float]:
+        """(in, out) features of the attention output projection on this GPU."""
+        return self._out
+
+    @property
+    def mlp_matrices(self) -> int:
+        """Weight matrices per MLP (phi): 3 for SwiGLU, 2 for GeLU."""
+        return self._phi
+
+    @property
+    def rope_bytes_per_token(self) -> float:
+        """Bytes the rotary embedding reads and writes per token."""
+        return 2 * self._rope_elements * self.bpe
+
     # ---- single kernels -----------------------------------------------------------------
     def issue(self, gpu_ms, tokens):
         """Stream time of kernels of GPU time ``gpu_ms`` (0 where ``tokens`` is 0)."""
@@ -101,46 +125,54 @@ class KernelTimer:
         per = np.maximum(m / np.maximum(groups, 1.0), 1e-9)
         compute = 2.0 * m * n * k / (self._flop_s * self._shape(per) * self._shape(n)
                                      * self._shape(k))  # fmt: skip
-        memory = (m * k + groups * k * n + m * n) * self.bpe / self._byte_s
+        memory = (m * k + groups * k * n + m * n) * self.bpe / self._gemm_byte_s
         return np.maximum(compute, memory) * 1e3 + self._fixed_ms
 
     def gemm_ms(self, m, n: float, k: float, groups=1.0):
         """Stream time of a (grouped) GEMM kernel."""
         return self.issue(self.gemm_gpu_ms(m, n, k, groups), m)
 
-    def stream_gpu_ms(self, nbytes):
-        """GPU time of a memory-bound kernel moving ``nbytes``."""
-        return nbytes / self._byte_s * 1e3 + self._fixed_ms
+    def stream_gpu_ms(self, nbytes, elementwise: bool = False):
+        """GPU time of a memory-bound kernel moving ``nbytes`` (``elementwise``: a norm,
+        rotary embedding, activation or softmax, at the element-wise efficiency)."""
+        rate = self._elementwise_byte_s if elementwise else self._byte_s
+        return nbytes / rate * 1e3 + self._fixed_ms
 
-    def stream_ms(self, tokens, bytes_per_token: float):
+    def stream_ms(self, tokens, bytes_per_token: float, elementwise: bool = False):
         """Stream time of a memory-bound kernel over ``tokens``."""
-        return self.issue(self.stream_gpu_ms(tokens * bytes_per_token), tokens)
+        return self.issue(self.stream_gpu_ms(tokens * bytes_per_token, elementwise), tokens)
 
     # ---- blocks of a layer ---------------------------------------------------------------
-    def _h_kernel(self, tokens, passes: float):
-        """A hidden-wide element-wise kernel (norm, residual) under sequence parallelism."""
+    def _h_kernel(self, tokens, passes: float, elementwise: bool):
+        """A hidden-wide kernel (norm, residual add) under sequence parallelism."""
         per_token = passes * self.model.hidden_size * self.bpe * self._h_tokens_share
-        return self.stream_ms(tokens, per_token)
+        return self.stream_ms(tokens, per_token, elementwise)
+
+    def _norm(self, tokens):
+        return self._h_kernel(tokens, NORM_PASSES, elementwise=True)
+
+    def _residual(self, tokens):
+        return self._h_kernel(tokens, RESIDUAL_PASSES, elementwise=False)
 
     def attention_block_ms(self, tokens):
         """Input norm, QKV, rotary embedding, output projection, residual add, post-attention
         norm (core attention excluded)."""
-        total = self._h_kernel(tokens, NORM_PASSES)
+        total = self._norm(tokens)
         for k, n in self._qkv:
             total = total + self.gemm_ms(tokens, n, k)
-        total = total + self.stream_ms(tokens, 2 * self._rope_elements * self.bpe)
+        total = total + self.stream_ms(tokens, self.rope_bytes_per_token, elementwise=True)
         total = total + self.gemm_ms(tokens, self._out[1], self._out[0])
-        total = total + self._h_kernel(tokens, RESIDUAL_PASSES)
-        return total + self._h_kernel(tokens, NORM_PASSES)
+        total = total + self._residual(tokens)
+        return total + self._norm(tokens)
 
     def mlp_ms(self, tokens, ffn: float, tp: int):
         """An MLP of width ``ffn`` split over ``tp``: up, activation, down, residual add."""
         width = ffn / tp
         h = self.model.hidden_size
         total = self.gemm_ms(tokens, (self._phi - 1) * width, h)
-        total = total + self.stream_ms(tokens, self._phi * width * self.bpe)
+        total = total + self.stream_ms(tokens, self._phi * width * self.bpe, elementwise=True)
         total = total + self.gemm_ms(tokens, h, width)
-        return total + self._h_kernel(tokens, RESIDUAL_PASSES)
+        return total + self._residual(tokens)
 
     def dense_mlp_ms(self, tokens):
         """The MLP of a dense layer."""
@@ -153,14 +185,14 @@ class KernelTimer:
         if moe is None:
             return 0.0 * tokens
         total = self.gemm_ms(tokens, moe.num_experts, h)
-        total = total + self.stream_ms(tokens, moe.num_experts * TOPK_BYTES)
+        total = total + self.stream_ms(tokens, moe.num_experts * TOPK_BYTES, elementwise=True)
         if moe.num_shared_experts:
             width = moe.num_shared_experts * (
                 moe.shared_expert_ffn_hidden_size or self.model.ffn_hidden_size
             )
             total = total + self.mlp_ms(tokens, width, self.tp)
         else:
-            total = total + self._h_kernel(tokens, RESIDUAL_PASSES)
+            total = total + self._residual(tokens)
         return total
 
     def experts_ms(self, copies, active_experts):
@@ -172,7 +204,7 @@ class KernelTimer:
         groups = np.maximum(active_experts, 1.0)
         total = self.stream_ms(copies, PERMUTE_PASSES * h * self.bpe)
         total = total + self.gemm_ms(copies, up, h, groups)
-        total = total + self.stream_ms(copies, self._phi * width * self.bpe)
+        total = total + self.stream_ms(copies, self._phi * width * self.bpe, elementwise=True)
         total = total + self.gemm_ms(copies, h, width, groups)
         return total + self.stream_ms(copies, PERMUTE_PASSES * h * self.bpe)
 

@@ -16,6 +16,18 @@ Routing: the first time a stage reaches an MoE layer, every EP group and micro-b
 layer is routed in one batch (``moe.dispatch_many``) and its all-to-all times and per-lane
 expert times are computed as arrays; each all-to-all of the run then reads its row.
 
+Expert folding (Megatron-Core MoE parallel folding, arXiv 2504.14960): the TP x DP ranks of a
+stage are refolded as ETP x EP x EDP for the experts. Attention ends in a sequence-parallel
+reduce-scatter (Megatron requires sequence parallelism for MoE with TP > 1), so each TP rank
+of a lane holds a disjoint 1/TP share of the lane's tokens and is the *source* of exactly those
+tokens in its EP group: every token is routed once, by one GPU. An EP group is the ranks with
+the same ETP (and EDP) coordinate, so the ``etp`` ranks of an ETP group sit in ``etp``
+different EP groups; each receives the copies its EP group's sources route to its E/EP
+experts, the ETP group all-gathers them (every GPU of it then computes all the copies routed to
+its experts, on its 1/ETP slice of each expert's FFN) and reduce-scatters the outputs before
+the combine. Summed over a stage, expert FLOPs are the routed copies x the full expert FFN,
+whatever the folding.
+
 Per step (one chunk of one micro-batch, forward or backward) a cohort issues one SimPy wait
 for its input (activations or gradients from the neighbouring stage) and one to reach the
 end of its slowest lane; everything inside the chunk advances the lane clocks analytically.
@@ -120,7 +132,7 @@ class _LayerRoutes:
     (micro-batch, group), per-lane expert time and ETP collective time per micro-batch."""
 
     a2a_ms: np.ndarray  # (m, G)
-    lane_bytes: np.ndarray  # (m, L): bytes of the lane's groups' all-to-alls
+    lane_bytes: np.ndarray  # (m, L): bytes one GPU of the lane sends (mean over its GPUs)
     expert_fwd_ms: np.ndarray  # (m, L): the lane's slowest rank
     expert_bwd_ms: np.ndarray  # (m, L)
     etp_ms: np.ndarray | None  # (m, L), None without expert TP
@@ -168,6 +180,9 @@ class SimResult:
     seq_lens: list[list[np.ndarray]]
     dispatches: list[DispatchBatch]  # one batch per (stage, MoE layer)
     dispatch_layers: list[int]  # the layer of each batch
+    # (world_size,) token copies each GPU's expert GEMMs computed in the forward, all MoE
+    # layers and micro-batches (on its 1/ETP slice of the FFN); 0 for unsimulated replicas
+    expert_tokens: np.ndarray | None = None
 
 
 class TrainingSim:
@@ -199,6 +214,7 @@ class TrainingSim:
         self.expert_timer = ExpertTimer(plan) if self.model.moe else None
         self.dispatches: list[DispatchBatch] = []
         self.dispatch_layers: list[int] = []
+        self.expert_tokens = np.zeros(plan.parallel.world_size)
         self._layer_routes: dict[int, _LayerRoutes] = {}
         self._ready: dict[tuple, simpy.Event] = {}
         self._progress = progress
@@ -222,7 +238,9 @@ class TrainingSim:
             lane_of = {r: ln.index for ln in lanes for r in ln.ranks}
             self._slot_of = {r: (gid, i) for gid, grp in enumerate(self._ep_groups)
                              for i, r in enumerate(grp)}  # fmt: skip
-            self._group_dp = [np.array([lay.coords(r).dp for r in g]) for g in self._ep_groups]
+            coords = [[lay.coords(r) for r in g] for g in self._ep_groups]
+            self._group_dp = np.array([[c.dp for c in g] for g in coords])  # (groups, ep)
+            self._group_tp = np.array([[c.tp for c in g] for g in coords])
             for gid, group in enumerate(self._ep_groups):
                 for lane_index in sorted({lane_of[r] for r in group if r in lane_of}):
                     lanes[lane_index].ep_groups.append(gid)
@@ -280,7 +298,7 @@ class TrainingSim:
         # Events = rows recorded: one per compute op or collective step of a lane.
         return SimResult(self.env.now, self._pipeline_end, self.lanes, self.simulated_dp,
                          self.rec.size, tokens, self.seq_lens,
-                         self.dispatches, self.dispatch_layers)  # fmt: skip
+                         self.dispatches, self.dispatch_layers, self.expert_tokens)  # fmt: skip
 
     def _event(self, key: tuple) -> simpy.Event:
         ev = self._ready.get(key)
@@ -451,19 +469,26 @@ class TrainingSim:
         """Route every EP group and micro-batch of ``layer`` in one batch; time the
         all-to-alls and each lane's experts."""
         m, num_groups, ep = self.par.num_microbatches, len(co.groups), self.par.ep
-        tokens = np.concatenate([self._mb_tokens[self._group_dp[gid]].T for gid in co.groups])
-        tokens = tokens * self.par.expert_tp // self.par.tp  # (G * m, ep), group-major
-        gids = np.repeat(np.array(co.groups), m)
-        keys = np.tile(np.arange(m), num_groups) * len(self._ep_groups) + gids
+        # Each member routes its TP rank's share of its lane's tokens (sequence parallel: the
+        # lane's T tokens split over its TP ranks, the first T % tp ranks one more).
+        tp, gids = self.par.tp, np.array(co.groups)
+        lane_tokens = self._mb_tokens[self._group_dp[gids]]  # (G, ep, m)
+        share = lane_tokens // tp + (self._group_tp[gids][:, :, None] < lane_tokens % tp)
+        tokens = share.transpose(0, 2, 1).reshape(num_groups * m, ep)  # group-major rows
+        keys = np.tile(np.arange(m), num_groups) * len(self._ep_groups) + np.repeat(gids, m)
         batch = dispatch_many(self.routing, layer, keys, tokens)
         self.dispatches.append(batch)
         self.dispatch_layers.append(layer)
         send = batch.a2a_tokens.reshape(num_groups, m, ep, ep) * self._act_bytes
         a2a_ms = np.stack([all_to_all_v_times_ms(send[j], self._ep_groups[gid],
-                                                 self.hw.gpus_per_node, self.hw)
+                                                 self.hw.gpus_per_node, self.hw,
+                                                 self.par.moe_dispatcher)
                            for j, gid in enumerate(co.groups)], axis=1)  # fmt: skip
-        total = send.sum(axis=(2, 3)) - np.trace(send, axis1=2, axis2=3)  # (G, m)
-        lane_bytes = total.T @ co.membership.astype(np.float64)
+        # Bytes each member sends to the others (its own share stays put); a lane's row
+        # records the mean over its GPUs, as the other collectives record one GPU's bytes.
+        sent = send.sum(axis=3) - np.diagonal(send, axis1=2, axis2=3)  # (G, m, ep)
+        per_rank = sent.transpose(1, 0, 2).reshape(m, -1)[:, co.rank_slot]
+        lane_bytes = per_rank.reshape(m, len(co.lanes), tp).mean(axis=2)
         fwd, bwd, etp_ms = self._expert_times(co, batch, m)
         return _LayerRoutes(a2a_ms, lane_bytes, fwd, bwd, etp_ms)
 
@@ -478,8 +503,11 @@ class TrainingSim:
             return by_mb[:, co.rank_slot]
 
         received, active = per_rank(batch.received_tokens), per_rank(batch.active_experts)
-        if etp > 1:  # each ETP group (inside the lane) gathers its members' tokens
+        if etp > 1:  # each ETP group (inside the lane; its members are in etp different EP
+            # groups) all-gathers its members' copies: every member computes all of them on
+            # its 1/etp of the experts' FFN width (the ExpertTimer's GEMM shapes)
             received = received.reshape(m, -1, etp).sum(axis=2).repeat(etp, axis=1)
+        self.expert_tokens[co.ranks] += received.sum(axis=0)
         rank_ms = self.expert_timer.forward_ms(received, active)
         factor = BACKWARD_FACTOR + (1.0 if self.par.recompute == "full" else 0.0)
         if tp == 1:

@@ -120,18 +120,26 @@ class LinkSpec(_Strict):
 
 
 class GemmCalibration(_Strict):
-    """Dense GEMM speed: ``time = max(2mnk / (peak * efficiency * shape), bytes / memory)``
-    with ``shape = prod over m, n, k of x / (x + half_dim)`` (small or skinny GEMMs fill
-    fewer tiles and waves)."""
+    """Dense GEMM speed: ``time = max(2mnk / (peak * efficiency * shape), bytes / (HBM *
+    memory_efficiency))`` with ``shape = prod over m, n, k of x / (x + half_dim)`` (small or
+    skinny GEMMs fill fewer tiles and waves)."""
 
     efficiency: float = Field(gt=0, le=1, description="Fraction of peak FLOP/s of large GEMMs.")
     half_dim: float = Field(ge=0, description="GEMM dimension at which its shape factor is 1/2.")
+    memory_efficiency: float = Field(
+        gt=0, le=1, description="Fraction of HBM bandwidth a GEMM reaches reading its operands."
+    )
 
 
 class MemoryCalibration(_Strict):
-    """Memory-bound kernels (weight reads, element-wise, norms, permutes)."""
+    """Memory-bound kernels: plain streams (residual adds, permutes, the optimizer step) and
+    element-wise kernels with reductions or transcendentals (norms, rotary embedding,
+    activation functions, softmax/top-k), which reach less."""
 
-    efficiency: float = Field(gt=0, le=1, description="Fraction of HBM bandwidth reached.")
+    efficiency: float = Field(gt=0, le=1, description="Fraction of HBM bandwidth of streams.")
+    elementwise_efficiency: float = Field(
+        gt=0, le=1, description="Fraction of HBM bandwidth of norms, rotary and activations."
+    )
 
 
 class KernelCalibration(_Strict):

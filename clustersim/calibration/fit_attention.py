@@ -1,0 +1,212 @@
+"""Fit the FlashAttention parameters to published forward-pass throughput.
+
+Data: ``measurements/flash_attention.csv`` (TFLOP/s read from the FlashAttention-2/-3 papers;
+see ``flash_attention.md``). A generation uses one kernel's per-shape forward FP16/BF16 rows:
+A100 the FlashAttention-2 A100 rows, H100 the FlashAttention-3 H100 rows (arXiv v1 figures).
+
+Each row is priced by ``KernelTimer.core_attention_gpu_ms`` exactly as the simulator calls it:
+``flops`` the authors' count ``4 * batch * seq^2 * head_dim * heads``, halved for causal rows
+(the authors halve it too, as ``costs.compute.core_attention`` does), ``hbm_bytes`` the Q, K,
+V reads and the output write, and ``query_len`` the keys per query: the sequence length, or
+``(seq + 1) / 2`` for causal rows (as the engine passes it for causal training and prefill).
+So the achieved rate is ``peak * efficiency * s / (s + half_seq)`` for ``s`` keys per query
+whatever the batch: the benchmarks keep
+``batch * seq = 16k``, so short sequences come with large batches and ``half_seq`` measures
+the loss of short queries at a full GPU, not a single short request's latency. Causal and
+non-causal rows are fitted together; the simulator has no head-dimension term, so the three
+head dimensions (64, 128, 256) share one curve (their spread is the main error).
+
+Least squares on log time over ``efficiency`` and ``half_seq``; out-of-sample errors leave
+one (head dimension, causal) panel out and refit. A100 has three FlashAttention-2 rows at
+2k-8k tokens, which cannot pin ``half_seq``: it comes from FlashAttention-2's full sweep on H100
+(the same kernel, ``HALF_SEQ_FROM``) and only the efficiency is fitted to the A100 rows.
+``decode_memory_efficiency`` has no measurement here: it is set to the fitted
+``gemm.memory_efficiency`` (``calibrate`` does this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from clustersim.calibration import (
+    GroupErrors,
+    Param,
+    group_errors,
+    least_squares,
+    number,
+    read_measurements,
+    require_columns,
+)
+from clustersim.calibration.fit_kernels import FIT_PRESETS, hardware, with_values
+from clustersim.costs.kernels import KernelTimer
+from clustersim.spec.errors import PlanError
+from clustersim.spec.schema import CalibrationSpec, ModelSpec
+
+CSV_NAME = "flash_attention.csv"
+COLUMNS = (
+    "row_id",
+    "kernel",
+    "gpu",
+    "dtype",
+    "direction",
+    "causal",
+    "head_dim",
+    "seq_len",
+    "batch_size",
+    "num_heads",
+    "tflops",
+)
+# Which rows serve a generation: (kernel, gpu name prefix).
+SELECTION = {"a100": ("FA2", "A100"), "h100": ("FA3", "H100")}
+# Generations whose rows cannot pin ``half_seq`` (A100: three FA2 rows, all at 2k-8k tokens)
+# take it from the same kernel's full sequence sweep on another GPU: FlashAttention-2 on H100,
+# measured by the FlashAttention-3 authors (same code and tiling, 512-16k).
+HALF_SEQ_FROM = {"a100": ("FA2", "H100", "h100")}  # kernel, GPU prefix, priced on
+DTYPES = ("fp16", "bf16", "fp16/bf16")
+PARAMS = (
+    Param("attention.efficiency", "fraction", 0.6),
+    Param("attention.half_seq", "positive", 256.0),
+)
+ROUNDING = {"attention.efficiency": 4, "attention.half_seq": 1}
+BYTES_PER_ELEMENT = 2  # FP16/BF16
+
+
+@dataclass
+class AttentionRows:
+    """Per-shape forward measurements of one kernel on one GPU."""
+
+    generation: str
+    source: str
+    kernel: str
+    row_id: np.ndarray
+    panel: np.ndarray  # "hd128 causal", ...
+    flops: np.ndarray
+    hbm_bytes: np.ndarray
+    query_len: np.ndarray
+    measured_ms: np.ndarray
+
+    def subset(self, mask: np.ndarray) -> AttentionRows:
+        """The rows where ``mask`` holds."""
+        arrays = {
+            f: getattr(self, f)[mask]
+            for f in ("row_id", "panel", "flops", "hbm_bytes", "query_len", "measured_ms")
+        }
+        return AttentionRows(self.generation, self.source, self.kernel, **arrays)
+
+    def predict_ms(self, cal: CalibrationSpec) -> np.ndarray:
+        """KernelTimer's GPU time of every row under ``cal``."""
+        model = ModelSpec(
+            num_layers=1,
+            hidden_size=2048,
+            num_attention_heads=16,
+            ffn_hidden_size=8192,
+            vocab_size=32000,
+            dtype="bf16",
+        )
+        timer = KernelTimer(model, hardware(self.generation, cal))
+        return timer.core_attention_gpu_ms(self.flops, self.hbm_bytes, self.query_len)
+
+
+def load_rows(
+    generation: str, folder: Path | None = None, selection: tuple[str, str] | None = None
+) -> AttentionRows:
+    """The forward FP16/BF16 per-shape rows that serve ``generation`` (or of ``selection``,
+    a (kernel, GPU prefix) pair, priced on ``generation``'s hardware)."""
+    if generation not in SELECTION:
+        raise PlanError(
+            "calibrate",
+            f"no attention measurements for {generation!r} (have: {', '.join(SELECTION)})",
+        )
+    source = str(Path(folder) / CSV_NAME) if folder is not None else f"measurements/{CSV_NAME}"
+    rows = read_measurements(CSV_NAME, folder)
+    require_columns(rows, COLUMNS, source)
+    kernel, gpu = selection or SELECTION[generation]
+    out: dict[str, list] = {k: [] for k in ("id", "panel", "flops", "bytes", "q", "ms")}
+    for line, row in enumerate(rows, start=2):
+        per_shape = all(row[c].strip() for c in ("head_dim", "seq_len", "batch_size", "num_heads"))
+        if not (
+            row["kernel"] == kernel
+            and row["gpu"].startswith(gpu)
+            and per_shape
+            and row["direction"] == "fwd"
+            and row["dtype"] in DTYPES
+        ):
+            continue
+        hd, s, b, heads, tflops = (
+            number(row, c, source, line)
+            for c in ("head_dim", "seq_len", "batch_size", "num_heads", "tflops")
+        )
+        causal = row["causal"].strip().lower() == "true"
+        flops = 4.0 * b * s * s * hd * heads * (0.5 if causal else 1.0)
+        out["id"].append(row["row_id"])
+        out["panel"].append(f"hd{int(hd)} {'causal' if causal else 'non-causal'}")
+        out["flops"].append(flops)
+        out["bytes"].append(4.0 * b * s * heads * hd * BYTES_PER_ELEMENT)
+        out["q"].append((s + 1) / 2 if causal else s)  # keys per query, as the engine passes
+        out["ms"].append(flops / (tflops * 1e12) * 1e3)
+    if not out["id"]:
+        raise PlanError(source, f"no forward FP16/BF16 {kernel} rows for {gpu}")
+    a = {k: np.array(v) for k, v in out.items()}
+    return AttentionRows(
+        generation, source, kernel, a["id"], a["panel"], a["flops"], a["bytes"], a["q"], a["ms"]
+    )
+
+
+def fit_values(
+    rows: AttentionRows, cal: CalibrationSpec, half_seq: float | None = None
+) -> dict[str, float]:
+    """Fitted ``attention.efficiency`` and ``attention.half_seq`` (rounded); with
+    ``half_seq`` given, only the efficiency is fitted."""
+    log_measured = np.log(rows.measured_ms)
+    fixed = {} if half_seq is None else {"attention.half_seq": half_seq}
+    params = PARAMS if half_seq is None else PARAMS[:1]
+
+    def residuals(values: dict[str, float]) -> np.ndarray:
+        return np.log(rows.predict_ms(with_values(cal, {**values, **fixed}))) - log_measured
+
+    values = {**least_squares(residuals, params), **fixed}
+    return {k: round(v, ROUNDING[k]) for k, v in values.items()}
+
+
+@dataclass
+class AttentionFit:
+    """Fitted attention parameters of one generation and their errors."""
+
+    generation: str
+    source: str
+    kernel: str
+    values: dict[str, float]
+    half_seq_from: str  # "" when fitted on the generation's own rows
+    errors: list[GroupErrors]  # per panel, then "all"
+    folds: dict[str, dict[str, float]]  # panel (or row) left out -> refitted values
+
+
+def fit(generation: str, cal: CalibrationSpec, folder: Path | None = None) -> AttentionFit:
+    """Fit ``generation``'s attention parameters; ``cal`` gives the other parameters (the
+    kernel fit's ``fixed_us``)."""
+    if generation not in FIT_PRESETS:
+        raise PlanError("calibrate", f"no hardware preset for {generation!r}")
+    rows = load_rows(generation, folder)
+    half_seq, half_seq_from = None, ""
+    if generation in HALF_SEQ_FROM:
+        kernel, gpu, priced_on = HALF_SEQ_FROM[generation]
+        sweep = load_rows(priced_on, folder, (kernel, gpu))
+        half_seq = fit_values(sweep, cal)["attention.half_seq"]
+        half_seq_from = f"{kernel} {gpu}"
+    values = fit_values(rows, cal, half_seq)
+    in_err = rows.predict_ms(with_values(cal, values)) / rows.measured_ms - 1.0
+    panels = list(dict.fromkeys(rows.panel))
+    labels = rows.panel if len(panels) > 1 else rows.row_id
+    oos_err = np.full(in_err.shape, np.nan)
+    folds: dict[str, dict[str, float]] = {}
+    if len(rows.row_id) > 2:
+        for label in dict.fromkeys(labels):
+            held = labels == label
+            folds[str(label)] = fit_values(rows.subset(~held), cal, half_seq)
+            predicted = rows.subset(held).predict_ms(with_values(cal, folds[str(label)]))
+            oos_err[held] = predicted / rows.measured_ms[held] - 1.0
+    errors = group_errors(rows.panel, in_err, oos_err, panels)
+    return AttentionFit(generation, rows.source, rows.kernel, values, half_seq_from, errors, folds)

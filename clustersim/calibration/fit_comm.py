@@ -1,0 +1,642 @@
+"""Fit the collective and DeepEP calibration (``collectives`` and ``moe.deepep_*``) per GPU
+generation to published measurements (``measurements/README_comm.md``).
+
+Model (``clustersim.costs.comm``): per link class, a collective of ``steps`` steps moving
+``f · S`` bytes per GPU takes ``base + steps · alpha + f · S / (B · efficiency)``; a
+send/receive ``base + alpha + S / (B · p2p_efficiency)``. With ``alpha``, ``1/B_eff``,
+``base`` and ``1/B_p2p`` as unknowns the model is linear, so the fit is a non-negative least
+squares on relative errors (every subset of active parameters is solved; the best feasible one
+wins), deterministic and numpy-only. Efficiencies above 1 are clipped to 1 and the rest refit.
+
+Sources and derivations per generation (``B`` = the GPU preset's link bandwidth):
+
+* ``a100`` intra-node: Vidur DGX-A100 all-reduce (2, 4, 8 GPUs) and send/recv, in one fit.
+  Inter-node: *derived* from ``h100`` (same NCCL/InfiniBand transport; the preset's HDR NIC
+  rate). Vidur's A100 multi-node rows (2 nodes) reach 6-8 GB/s per GPU, 0.25-0.31 of one HDR
+  NIC, for send/recv and all-reduce alike: not the one-200 Gb/s-NIC-per-GPU DGX SuperPOD the
+  preset describes, so they are reported out of sample, not fitted.
+* ``h100`` intra-node: Vidur DGX-H100 all-reduce (2, 4, 8 GPUs) and send/recv. Inter-node:
+  send/recv bandwidth and latency from Vidur's 2-node send/recv (one configuration: the step
+  latency stays the link's, the rest is the base latency); collective efficiency from the NCCL
+  maintainers' 46-48 GB/s bus bandwidth per NDR-400 NIC (comm.csv C0075, midpoint 47).
+* ``h200`` intra-node: ml-engineering's 8 x H200 nccl-tests (comm.csv): the all-reduce sweep
+  up to 64 MiB and the ring (NVLS off) all-reduce, all-gather and reduce-scatter rows; larger
+  sweep rows run NVLS (in-switch reduction, not modelled) and are reported only. Send/recv
+  efficiency: ``h100``'s (same NVLink4/NVSwitch fabric). Inter-node: ``h100``'s.
+* ``h800``: *derived*. Intra-node efficiency from the one user report of 215 GB/s NVLS
+  all-reduce bus bandwidth (C0076) divided by H200's NVLS/ring ratio (C0105/C0106), capped at 1;
+  send/recv efficiency from DeepEP's intranode NVLink bandwidth (C0001/C0002); latencies and
+  inter-node values ``h100``'s.
+* ``b200`` intra-node: the 1-node torch all-reduce rows (C0116, C0118, C0120, C0122; step
+  latency ``h100``'s); send/recv efficiency from DeepEP V2's NVLink bandwidth on SM100
+  (C0059/C0060). Inter-node: efficiency and base latency from the 4-node rows (C0117, ...,
+  C0123) through the hierarchical all-reduce with the intra-node fit fixed; send/recv ``h100``'s.
+* DeepEP (``moe.deepep_*``), measured on H800 (DeepEP V1 README): NVLink bandwidth = mean of
+  the intranode normal-kernel rows, RDMA bandwidth = median of the internode normal-kernel rows,
+  latency = relative least squares over the low-latency rows (``t = L + bytes / B``, bytes =
+  the table's bandwidth x time). Other generations scale the bandwidths by their links: RDMA by
+  ``inter_node`` bandwidth / 50; NVLink by ``min(H800 ratio, B200 ratio)`` of the NVLink rate
+  (DeepEP V2 on SM100 reaches 0.81 of 900 GB/s; H800's 160 GB/s link is nearly saturated).
+  DeepEP needs SM90+: the ``a100`` values are a hypothetical extrapolation.
+
+Out of sample: leave one configuration (GPU count and collective) out, or, for the only
+configuration of its kind (e.g. Vidur's one send/recv set), an interleaved 5-fold split
+inside it; one row out for the small published sets. Rows that a generation derives rather
+than fits are predicted the same way in and out of sample.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+from clustersim.calibration import ErrorSummary, GroupErrors, read_measurements
+from clustersim.costs import comm
+from clustersim.spec.calibration_data import calibration_data
+from clustersim.spec.presets import GPU_GENERATION, GPU_PRESETS
+from clustersim.spec.schema import CalibrationSpec, HardwareSpec, LinkSpec
+
+GENERATIONS = ("a100", "b200", "h100", "h200", "h800")
+VIDUR_FILE = "comm_vidur.csv"
+PUBLISHED_FILE = "comm_published.csv"
+GPUS_PER_NODE = 8
+DATASETS = ("vidur_all_reduce", "vidur_send_recv", "nccl_tests", "deepep")
+FOLDS = 5
+_PRESET = {gen: gpu for gpu, gen in GPU_GENERATION.items()}  # a100: A100-80GB (the last)
+
+
+# ---- measurements -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One collective timing: ``op`` all_reduce / all_gather / reduce_scatter / p2p over
+    ``n`` GPUs, ``g`` per node, buffer ``size`` bytes, measured ``time_ms``."""
+
+    dataset: str
+    name: str
+    gpu: str  # generation the sample was measured on
+    op: str
+    n: int
+    g: int
+    size: float
+    time_ms: float
+    group: str  # leave-one-group-out key
+
+    @property
+    def nodes(self) -> int:
+        return self.n // self.g
+
+    def ranks(self) -> list[int]:
+        """Ranks of the sample's group on nodes of GPUS_PER_NODE GPUs."""
+        return [node * GPUS_PER_NODE + i for node in range(self.nodes) for i in range(self.g)]
+
+
+@cache
+def vidur_samples() -> tuple[Sample, ...]:
+    """The packaged Vidur NCCL timings (medians, ms)."""
+    out = []
+    for r in read_measurements(VIDUR_FILE):
+        n, g, op = int(r["num_workers"]), int(r["devices_per_node"]), r["collective"]
+        op = "p2p" if op == "send_recv" else op
+        size = float(r["size_bytes"])
+        group = f"{r['gpu']} {r['collective']} n={n} g={g}"
+        out.append(
+            Sample(
+                f"vidur_{r['collective']}",
+                f"{group} S={size:.0f}",
+                r["gpu"],
+                op,
+                n,
+                g,
+                size,
+                float(r["time_ms"]),
+                group,
+            )
+        )
+    return tuple(out)
+
+
+@cache
+def published_rows() -> dict[str, dict[str, str]]:
+    """The packaged comm.csv subset, by row id."""
+    return {r["row_id"]: r for r in read_measurements(PUBLISHED_FILE)}
+
+
+_BUSBW_FACTOR = {
+    "all_reduce": lambda n: 2 * (n - 1) / n,
+    "all_gather": lambda n: (n - 1) / n,
+    "reduce_scatter": lambda n: (n - 1) / n,
+}
+
+
+def _nccl_sample(
+    row_id: str, gen: str, op: str = "all_reduce", size: float | None = None
+) -> Sample:
+    """A comm.csv bus-bandwidth row as a timing: t = f(n) · S / busbw (nccl-tests' definition);
+    ``size`` for rows that state none (large-message statements)."""
+    r = published_rows()[row_id]
+    n, g = int(r["num_gpus"]), int(r["gpus_per_node"])
+    g = min(g, n)
+    size = float(r["message_size_bytes"]) if size is None else size
+    busbw = float(r["value"])
+    time_ms = _BUSBW_FACTOR[op](n) * size / (busbw * 1e6)
+    name = f"{row_id} {r['gpu'][:24]} {op} n={n} S={size:.0f}"
+    return Sample("nccl_tests", name, gen, op, n, g, size, time_ms, row_id)
+
+
+H200_SWEEP = [f"C{i:04d}" for i in range(77, 97)]
+H200_SWEEP_FIT_MAX_BYTES = 64 * 2**20
+H200_RING = ["C0098", "C0100", "C0102", "C0104", "C0106", "C0108"]
+H200_GATHER_SCATTER = {"C0109": "all_gather", "C0110": "reduce_scatter"}
+H200_NVLS_ONLY = ["C0097", "C0099", "C0101", "C0103", "C0105", "C0107"]
+H200_MULTI_NODE = ["C0114", "C0115"]
+B200_ONE_NODE = ["C0116", "C0118", "C0120", "C0122"]
+B200_FOUR_NODES = ["C0117", "C0119", "C0121", "C0123"]
+
+
+# ---- linear non-negative least squares on relative error ----------------------------------
+
+# unknowns: alpha (ms per step), 1/B_eff (ms per byte), base (ms), 1/B_p2p (ms per byte)
+ALPHA, INV_B, BASE, INV_P2P = range(4)
+
+
+def _design(sample: Sample) -> np.ndarray:
+    """Row of the linear model for a sample inside one link class."""
+    n, s = sample.n, sample.size
+    if sample.op == "p2p":
+        return np.array([1.0, 0.0, 1.0, s])
+    steps = {"all_reduce": 2 * (n - 1)}.get(sample.op, n - 1)
+    return np.array([steps, _BUSBW_FACTOR[sample.op](n) * s, 1.0, 0.0])
+
+
+def _nnls_relative(x: np.ndarray, t: np.ndarray, fixed: dict[int, float]) -> np.ndarray:
+    """argmin sum((x @ p / t - 1)^2) over p >= 0 with ``fixed`` entries given."""
+    k = x.shape[1]
+    p = np.zeros(k)
+    for i, v in fixed.items():
+        p[i] = v
+    target = 1.0 - x @ p / t
+    free = [i for i in range(k) if i not in fixed and np.any(x[:, i] != 0)]
+    a = x / t[:, None]
+    best, best_p = math.inf, p
+    for mask in itertools.product((0, 1), repeat=len(free)):
+        idx = [f for f, m in zip(free, mask, strict=True) if m]
+        q = p.copy()
+        if idx:
+            sol = np.linalg.lstsq(a[:, idx], target, rcond=None)[0]
+            if np.any(sol < 0):
+                continue
+            q[idx] = sol
+        r = float(np.sum((a @ q - 1.0) ** 2))
+        if r < best - 1e-15:
+            best, best_p = r, q
+    return best_p
+
+
+@dataclass(frozen=True)
+class ClassFit:
+    """Fitted values of one link class; ``latency_us`` None = the link's own."""
+
+    efficiency: float
+    p2p_efficiency: float
+    latency_us: float | None
+    base_latency_us: float
+
+
+def fit_link_class(
+    samples: list[Sample],
+    link_gbps: float,
+    *,
+    latency_us: float | None = None,
+    p2p_efficiency: float | None = None,
+) -> ClassFit:
+    """Fit one link class to samples inside it. ``latency_us`` / ``p2p_efficiency`` given:
+    held fixed. Send/receive efficiency defaults to the collective one without p2p samples."""
+    x = np.array([_design(s) for s in samples])
+    t = np.array([s.time_ms for s in samples])
+    fixed: dict[int, float] = {}
+    if latency_us is not None:
+        fixed[ALPHA] = latency_us * 1e-3
+    if p2p_efficiency is not None:
+        fixed[INV_P2P] = 1.0 / (link_gbps * p2p_efficiency * 1e6)
+    p = _nnls_relative(x, t, fixed)
+    for index in (INV_B, INV_P2P):  # efficiency <= 1: 1/B_eff >= 1/B
+        floor = 1.0 / (link_gbps * 1e6)
+        if np.any(x[:, index] != 0) and index not in fixed and p[index] < floor:
+            fixed[index] = floor
+            p = _nnls_relative(x, t, fixed)
+    eff = _efficiency(p[INV_B], link_gbps)
+    p2p = _efficiency(p[INV_P2P], link_gbps) if np.any(x[:, INV_P2P] != 0) else eff
+    if p2p_efficiency is not None:
+        p2p = p2p_efficiency
+    alpha = latency_us if latency_us is not None else p[ALPHA] * 1e3
+    return ClassFit(eff, p2p, alpha, p[BASE] * 1e3)
+
+
+def _efficiency(inv_b: float, link_gbps: float) -> float:
+    if inv_b <= 0:
+        return 1.0
+    return float(min(1.0, 1.0 / (inv_b * link_gbps * 1e6)))
+
+
+# ---- hardware and predictions -------------------------------------------------------------
+
+
+def hardware(generation: str, sections: dict[str, dict] | None = None) -> HardwareSpec:
+    """A 2-node cluster of the generation's preset GPU with ``sections`` (collectives, moe)
+    merged into the packaged calibration (the packaged one if None)."""
+    data = calibration_data(generation)
+    if data is None:
+        raise ValueError(f"unknown generation {generation!r}; valid: {', '.join(GENERATIONS)}")
+    for name, values in (sections or {}).items():
+        data[name] = {**data.get(name, {}), **values}
+    preset = GPU_PRESETS[_PRESET[generation]]
+    return HardwareSpec(
+        gpu=_PRESET[generation],
+        num_nodes=4,
+        gpus_per_node=GPUS_PER_NODE,
+        memory_gib=preset["memory_gib"],
+        peak_tflops=preset["peak_tflops"],
+        hbm_bandwidth_gbps=preset["hbm_bandwidth_gbps"],
+        intra_node=LinkSpec(**preset["intra_node"]),
+        inter_node=LinkSpec(**preset["inter_node"]),
+        calibration=CalibrationSpec.model_validate(data),
+    )
+
+
+def predict_ms(sample: Sample, hw: HardwareSpec) -> float:
+    """The simulator's time for a sample: ring inside a node, NCCL-like ``auto`` across nodes
+    (ring, tree or hierarchical, whichever is fastest), p2p between GPU 0 and the next GPU on
+    the same node or the next node."""
+    if sample.op == "p2p":
+        dst = 1 if sample.g == sample.n else GPUS_PER_NODE
+        return comm.collective_time_ms("p2p", sample.size, [0, dst], GPUS_PER_NODE, hw)
+    algorithm = "ring" if sample.nodes == 1 else "auto"
+    return comm.collective_time_ms(
+        sample.op, sample.size, sample.ranks(), GPUS_PER_NODE, hw, algorithm
+    )
+
+
+def _section(intra: ClassFit, inter: ClassFit) -> dict[str, float | None]:
+    return {
+        "intra_node_efficiency": _round(intra.efficiency),
+        "inter_node_efficiency": _round(inter.efficiency),
+        "intra_node_latency_us": _round(intra.latency_us),
+        "inter_node_latency_us": _round(inter.latency_us),
+        "intra_node_base_latency_us": _round(intra.base_latency_us),
+        "inter_node_base_latency_us": _round(inter.base_latency_us),
+        "intra_node_p2p_efficiency": _round(intra.p2p_efficiency),
+        "inter_node_p2p_efficiency": _round(inter.p2p_efficiency),
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else float(f"{value:.4g}")
+
+
+def _link(generation: str, inter: bool) -> tuple[float, float]:
+    preset = GPU_PRESETS[_PRESET[generation]]["inter_node" if inter else "intra_node"]
+    return float(preset["bandwidth_gbps"]), float(preset["latency_us"])
+
+
+# ---- per-generation fits ------------------------------------------------------------------
+
+
+def _vidur(gpu: str, *, intra: bool) -> list[Sample]:
+    return [s for s in vidur_samples() if s.gpu == gpu and (s.g == s.n) == intra]
+
+
+def _h100_intra(samples: list[Sample] | None = None) -> ClassFit:
+    return fit_link_class(samples or _vidur("h100", intra=True), _link("h100", False)[0])
+
+
+def _h100_inter(samples: list[Sample] | None = None) -> ClassFit:
+    bw, lat = _link("h100", True)
+    p2p = fit_link_class(samples or _vidur("h100", intra=False), bw, latency_us=lat)
+    maintainer = float(np.mean([46.0, 48.0])) / bw  # C0075: "46-48 GB/s" per NDR-400 NIC
+    return ClassFit(min(1.0, maintainer), p2p.p2p_efficiency, None, p2p.base_latency_us)
+
+
+def _h200_fit_samples() -> list[Sample]:
+    sweep = [_nccl_sample(r, "h200") for r in H200_SWEEP]
+    out = [s for s in sweep if s.size <= H200_SWEEP_FIT_MAX_BYTES]
+    out += [_nccl_sample(r, "h200") for r in H200_RING]
+    out += [_nccl_sample(r, "h200", op) for r, op in H200_GATHER_SCATTER.items()]
+    return out
+
+
+def _deepep_rows() -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    rows = [
+        r
+        for r in published_rows().values()
+        if r["dispatcher_kernel"].startswith("DeepEP V1")
+        and "superseded" not in r["reliability"]
+        and r["gpu"] == "H800"
+    ]
+    normal = [r for r in rows if "normal" in r["dispatcher_kernel"]]
+    low = [r for r in rows if "low-latency" in r["dispatcher_kernel"]]
+    return normal, low
+
+
+def _deepep_normal_bytes(r: dict[str, str]) -> float:
+    """Bytes per GPU of a normal-kernel row: tokens x top-k x hidden, FP8 dispatch (1 byte)
+    or BF16 combine (2 bytes), without de-duplication."""
+    elem = 1.0 if r["operation"] == "dispatch" else 2.0
+    return float(r["tokens_per_batch"]) * float(r["topk"]) * float(r["hidden"]) * elem
+
+
+def _deepep_low_latency(low: list[dict[str, str]]) -> list[tuple[str, int, float, float]]:
+    """(row id, EP size, bytes, time ms) of the low-latency rows: bytes = bandwidth x time."""
+    by_key: dict[tuple[int, str], dict[str, float | str]] = {}
+    for r in low:
+        entry = by_key.setdefault((int(r["ep"]), r["operation"]), {})
+        entry[r["metric"]] = float(r["value"])
+        if r["metric"] == "latency":
+            entry["id"] = r["row_id"]
+    out = []
+    for (ep, _op), e in sorted(by_key.items()):
+        t_ms = float(e["latency"]) * 1e-3
+        out.append((str(e["id"]), ep, float(e["rdma_bandwidth"]) * 1e6 * t_ms, t_ms))
+    return out
+
+
+def _fit_deepep_latency(ll: list[tuple[str, int, float, float]], intra: float, inter: float):
+    c = np.array([b / ((intra if ep <= GPUS_PER_NODE else inter) * 1e6) for _, ep, b, _ in ll])
+    t = np.array([t for *_, t in ll])
+    latency_ms = float(np.sum((t - c) / t**2) / np.sum(1 / t**2))
+    return max(0.0, latency_ms) * 1e3
+
+
+def fit_deepep(generation: str) -> dict[str, float]:
+    """DeepEP bandwidths and latency of ``generation`` (module docstring)."""
+    normal, low = _deepep_rows()
+    intra_rows = [float(r["value"]) for r in normal if int(r["num_nodes"]) == 1]
+    inter_rows = [float(r["value"]) for r in normal if int(r["num_nodes"]) > 1]
+    h800_intra, h800_inter = float(np.mean(intra_rows)), float(np.median(inter_rows))
+    latency = _fit_deepep_latency(_deepep_low_latency(low), h800_intra, h800_inter)
+    nvlink_h800 = _link("h800", False)[0]
+    v2 = [float(published_rows()[r]["value"]) for r in ("C0059", "C0060")]
+    b200_ratio = float(np.mean(v2)) / _link("b200", False)[0]
+    ratio = min(h800_intra / nvlink_h800, b200_ratio)
+    intra = h800_intra if generation == "h800" else ratio * _link(generation, False)[0]
+    inter = h800_inter * _link(generation, True)[0] / _link("h800", True)[0]
+    return {
+        "deepep_intra_node_gbps": _round(intra),
+        "deepep_inter_node_gbps": _round(inter),
+        "deepep_latency_us": _round(latency),
+    }
+
+
+def _h800_intra() -> ClassFit:
+    rows = published_rows()
+    nvls_over_ring = float(rows["C0105"]["value"]) / float(rows["C0106"]["value"])
+    eff = min(1.0, float(rows["C0076"]["value"]) / nvls_over_ring / _link("h800", False)[0])
+    deepep = np.mean([float(rows[r]["value"]) for r in ("C0001", "C0002")])
+    p2p = min(1.0, float(deepep) / _link("h800", False)[0])
+    h100 = _h100_intra()
+    return ClassFit(eff, p2p, h100.latency_us, h100.base_latency_us)
+
+
+def _b200_intra(samples: list[Sample] | None = None) -> ClassFit:
+    rows = published_rows()
+    samples = samples or [_nccl_sample(r, "b200") for r in B200_ONE_NODE]
+    nvlink = _link("b200", False)[0]
+    p2p = min(1.0, float(np.mean([float(rows[r]["value"]) for r in ("C0059", "C0060")])) / nvlink)
+    return fit_link_class(samples, nvlink, latency_us=_h100_intra().latency_us, p2p_efficiency=p2p)
+
+
+def _b200_inter(intra: ClassFit, samples: list[Sample] | None = None) -> ClassFit:
+    """Inter-node efficiency and base latency through the hierarchical all-reduce (ring over
+    the nodes), the intra-node fit fixed."""
+    samples = samples or [_nccl_sample(r, "b200") for r in B200_FOUR_NODES]
+    (bw_intra, _), (bw_inter, lat_inter) = _link("b200", False), _link("b200", True)
+    x, t = [], []
+    for s in samples:
+        g, k = s.g, s.nodes
+        intra_ms = 2 * (
+            (g - 1) / g * s.size / (bw_intra * intra.efficiency * 1e6)
+            + (g - 1) * intra.latency_us * 1e-3
+        )
+        steps_ms = 2 * (k - 1) * lat_inter * 1e-3
+        x.append([2 * (k - 1) / k * s.size / g, 1.0])
+        t.append(s.time_ms - intra_ms - steps_ms)
+    xa, ta = np.array(x), np.array([s.time_ms for s in samples])
+    rest = ta - np.array(t)  # the part fixed by the intra-node fit
+    # relative residual (x @ p + rest) / t - 1, linear in p: solve as target = 1 - rest / t
+    a = xa / ta[:, None]
+    target = 1.0 - rest / ta
+    best, best_p = math.inf, np.zeros(2)
+    for idx in ([0], [0, 1]):
+        sol = np.linalg.lstsq(a[:, idx], target, rcond=None)[0]
+        if np.any(sol < 0):
+            continue
+        p = np.zeros(2)
+        p[idx] = sol
+        p[0] = max(p[0], 1.0 / (bw_inter * 1e6))
+        r = float(np.sum((a @ p - target) ** 2))
+        if r < best:
+            best, best_p = r, p
+    h100 = _h100_inter()
+    return ClassFit(_efficiency(best_p[0], bw_inter), h100.p2p_efficiency, None, best_p[1] * 1e3)
+
+
+@cache
+def _fit_classes(generation: str) -> tuple[ClassFit, ClassFit]:
+    if generation not in GENERATIONS:
+        raise ValueError(f"unknown generation {generation!r}; valid: {', '.join(GENERATIONS)}")
+    if generation == "a100":
+        return fit_link_class(_vidur("a100", intra=True), _link("a100", False)[0]), _h100_inter()
+    if generation == "h100":
+        return _h100_intra(), _h100_inter()
+    if generation == "h200":
+        h100 = _h100_intra()
+        intra = fit_link_class(
+            _h200_fit_samples(), _link("h200", False)[0], p2p_efficiency=h100.p2p_efficiency
+        )
+        return intra, _h100_inter()
+    if generation == "h800":
+        return _h800_intra(), _h100_inter()
+    intra = _b200_intra()
+    return intra, _b200_inter(intra)
+
+
+def fit(generation: str) -> dict[str, dict]:
+    """The fitted ``collectives`` section and ``moe`` DeepEP fields of ``generation``."""
+    intra, inter = _fit_classes(generation)
+    return {"collectives": _section(intra, inter), "moe": fit_deepep(generation)}
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CommRow:
+    """One measurement against the fitted model (times in ms)."""
+
+    dataset: str
+    name: str
+    measured: float
+    predicted_in_sample: float
+    predicted_oos: float
+    fitted: bool  # whether the row entered this generation's fit
+
+    @property
+    def error_in_sample(self) -> float:
+        return self.predicted_in_sample / self.measured - 1
+
+    @property
+    def error_oos(self) -> float:
+        return self.predicted_oos / self.measured - 1
+
+
+def _class_rows(
+    samples: list[Sample], generation: str, refit: Callable[[list[Sample]], dict[str, dict]]
+) -> list[CommRow]:
+    """Rows of ``samples`` (fitted) with leave-one-group-out predictions from ``refit``."""
+    hw = hardware(generation, fit(generation))
+    ops = {s.group: s.op for s in samples}
+    folds = []  # (held-out indices, hardware refit without them)
+    for group, op in sorted(ops.items()):
+        held = [i for i, s in enumerate(samples) if s.group == group]
+        if sum(o == op for o in ops.values()) == 1 and len(held) >= FOLDS:
+            # the only configuration of its kind: interleaved k-fold inside it
+            folds += [held[k::FOLDS] for k in range(FOLDS)]
+        else:
+            folds.append(held)
+    oos = np.empty(len(samples))
+    for held in folds:
+        out = set(held)
+        rest = [s for i, s in enumerate(samples) if i not in out]
+        fold_hw = hardware(generation, refit(rest)) if rest else hw
+        oos[held] = [predict_ms(samples[i], fold_hw) for i in held]
+    return [
+        CommRow(s.dataset, s.name, s.time_ms, predict_ms(s, hw), float(o), True)
+        for s, o in zip(samples, oos, strict=True)
+    ]
+
+
+def _derived_rows(samples: list[Sample], generation: str) -> list[CommRow]:
+    hw = hardware(generation, fit(generation))
+    return [
+        CommRow(s.dataset, s.name, s.time_ms, p, p, False)
+        for s in samples
+        for p in [predict_ms(s, hw)]
+    ]
+
+
+def _with(generation: str, intra: ClassFit | None = None, inter: ClassFit | None = None):
+    base_intra, base_inter = _fit_classes(generation)
+    return {"collectives": _section(intra or base_intra, inter or base_inter)}
+
+
+def comm_rows(generation: str) -> list[CommRow]:
+    """Every measurement relevant to ``generation`` with in-sample and out-of-sample
+    predictions (leave one Vidur configuration or one published row out)."""
+    rows: list[CommRow] = []
+    if generation in ("a100", "h100"):
+        intra_samples = _vidur(generation, intra=True)
+        link = _link(generation, False)[0]
+        rows += _class_rows(
+            intra_samples,
+            generation,
+            lambda rest: _with(generation, intra=fit_link_class(rest, link)),
+        )
+    if generation == "h100":
+        rows += _class_rows(
+            _vidur("h100", intra=False), "h100", lambda rest: _with("h100", inter=_h100_inter(rest))
+        )
+    if generation == "a100":
+        rows += _derived_rows(_vidur("a100", intra=False), "a100")
+    if generation == "h200":
+        h100 = _h100_intra()
+        link = _link("h200", False)[0]
+        rows += _class_rows(
+            _h200_fit_samples(),
+            "h200",
+            lambda rest: _with(
+                "h200", intra=fit_link_class(rest, link, p2p_efficiency=h100.p2p_efficiency)
+            ),
+        )
+        fitted = {s.name for s in _h200_fit_samples()}
+        others = [_nccl_sample(r, "h200") for r in H200_SWEEP + H200_MULTI_NODE]
+        rows += _derived_rows([s for s in others if s.name not in fitted], "h200")
+    if generation == "b200":
+        one = [_nccl_sample(r, "b200") for r in B200_ONE_NODE]
+        four = [_nccl_sample(r, "b200") for r in B200_FOUR_NODES]
+        rows += _class_rows(one, "b200", lambda rest: _with("b200", intra=_b200_intra(rest)))
+        rows += _class_rows(
+            four,
+            "b200",
+            lambda rest: _with("b200", inter=_b200_inter(_fit_classes("b200")[0], rest)),
+        )
+    if generation == "h100":  # "~370 GB/s effective" ring bus bandwidth, at 1 GiB here
+        rows += _derived_rows([_nccl_sample("C0072", "h100", size=2.0**30)], "h100")
+    rows += deepep_rows(generation)
+    return rows
+
+
+def deepep_rows(generation: str) -> list[CommRow]:
+    """DeepEP rows (H800 measurements): normal kernels by bandwidth-implied time, low-latency
+    kernels by time; in sample for h800, derived for the others (predicted on H800 links)."""
+    if generation != "h800":
+        return []
+    normal, low = _deepep_rows()
+    params = fit_deepep("h800")
+    lat = params["deepep_latency_us"] * 1e-3
+    intra, inter = params["deepep_intra_node_gbps"], params["deepep_inter_node_gbps"]
+    out = []
+    for r in normal:
+        b = _deepep_normal_bytes(r)
+        bw = intra if int(r["num_nodes"]) == 1 else inter
+        measured = b / (float(r["value"]) * 1e6)
+        name = f"{r['row_id']} normal {r['operation']} EP{r['ep']}"
+        rest = [
+            x
+            for x in normal
+            if x is not r and (int(x["num_nodes"]) == 1) == (int(r["num_nodes"]) == 1)
+        ]
+        pool = np.mean if int(r["num_nodes"]) == 1 else np.median
+        oos_bw = float(pool([float(x["value"]) for x in rest])) if rest else bw
+        out.append(
+            CommRow("deepep", name, measured, lat + b / (bw * 1e6), lat + b / (oos_bw * 1e6), True)
+        )
+    ll = _deepep_low_latency(low)
+    for i, (rid, ep, b, t) in enumerate(ll):
+        bw = intra if ep <= GPUS_PER_NODE else inter
+        oos_lat = _fit_deepep_latency(ll[:i] + ll[i + 1 :], intra, inter) * 1e-3
+        out.append(
+            CommRow(
+                "deepep",
+                f"{rid} low-latency EP{ep}",
+                t,
+                lat + b / (bw * 1e6),
+                oos_lat + b / (bw * 1e6),
+                True,
+            )
+        )
+    return out
+
+
+def comm_errors(generation: str) -> list[GroupErrors]:
+    """In-sample and out-of-sample error summaries per data set (and fitted / derived)."""
+    rows = comm_rows(generation)
+    out = []
+    for dataset in DATASETS:
+        for fitted in (True, False):
+            sel = [r for r in rows if r.dataset == dataset and r.fitted == fitted]
+            if sel:
+                name = f"{dataset} ({'fitted' if fitted else 'derived'})"
+                out.append(
+                    GroupErrors(
+                        name,
+                        ErrorSummary.of(np.array([r.error_in_sample for r in sel])),
+                        ErrorSummary.of(np.array([r.error_oos for r in sel])),
+                    )
+                )
+    return out

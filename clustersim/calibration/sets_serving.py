@@ -1,0 +1,232 @@
+"""Serving validation set: ``serving.csv`` rows clustersim can express.
+
+* TensorRT-LLM v0.6.1 ``performance.md``, A100 FP16: peak-throughput rows (static batching:
+  ``batch_size`` requests of ISL/OSL tokens arriving at t = 0, one prefill step, then decode)
+  and batch-1 first-token latency (output length 1). CUDA graphs off (gptSessionBenchmark).
+* gpt-fast (A100-80GB, batch 1, compile + CUDA graphs): decode tokens/s = 1000 / TPOT.
+* SGLang PR #1401 (batch 1, input 128, output 8): median decode step with and without CUDA
+  graphs. The PR does not name the GPU; H100-SXM is assumed (the 7.06 ms graph step reads the
+  16 GB of Llama-3-8B weights at 2.3 TB/s, more than an A100's 2.0 TB/s peak).
+* metaseq PR #270 (OPT-175B on 8 A100, incremental decoding, n_best 1): per-token latency
+  with and without CUDA graphs; batch 1, prompt 128 and 64 output tokens assumed (not stated).
+
+Free parameters: ``kernel.launch_us`` (eager decode rows: SGLang and metaseq without graphs)
+and ``kernel.graph_launch_us`` (graph rows: gpt-fast, SGLang and metaseq with graphs); the
+TensorRT-LLM rows depend on ``launch_us`` (eager) but do not fit it (out of sample).
+
+Metric definitions follow the sources: TensorRT-LLM "out tok/s" = batch x OSL / (prefill +
+decode time), read as per GPU like the H100 table of the same page (the A100 header omits
+"/GPU"; a per-group reading would put LLaMA-70B at under a quarter of the A100's FLOP rate);
+first-token latency = TTFT of one request; decode latency / tokens/s = the median TPOT.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from clustersim.analysis.serving import simulate_serving
+from clustersim.calibration import read_measurements
+from clustersim.calibration.fit_e2e import E2ERow, Skipped, nested
+from clustersim.spec import plan_from_dict
+from clustersim.spec.schema import Plan
+
+SERVING_CSV = "serving.csv"
+LAUNCH = "kernel.launch_us"
+GRAPH_LAUNCH = "kernel.graph_launch_us"
+
+SERVING_MODELS: dict[str, dict[str, Any]] = {
+    # EleutherAI/gpt-j-6b config.json (parallel attention/MLP not modelled: same FLOPs/bytes).
+    "GPT-J 6B": {"name": "gpt-j-6b", "num_layers": 28, "hidden_size": 4096,
+                 "num_attention_heads": 16, "ffn_hidden_size": 16384, "vocab_size": 50400,
+                 "activation": "gelu"},
+    "LLaMA 7B": {"preset": "llama-2-7b"},
+    "Llama-2-7B": {"preset": "llama-2-7b"},
+    # meta-llama/Llama-2-70b-hf config.json.
+    "Llama-2-70B": {"name": "llama-2-70b", "num_layers": 80, "hidden_size": 8192,
+                    "num_attention_heads": 64, "num_kv_heads": 8, "ffn_hidden_size": 28672,
+                    "vocab_size": 32000},
+    "LLaMA 70B": {"name": "llama-2-70b", "num_layers": 80, "hidden_size": 8192,
+                  "num_attention_heads": 64, "num_kv_heads": 8, "ffn_hidden_size": 28672,
+                  "vocab_size": 32000},
+    # tiiuae/falcon-180B config.json (8 KV heads, GeLU MLP of 4h).
+    "Falcon 180B": {"name": "falcon-180b", "num_layers": 80, "hidden_size": 14848,
+                    "num_attention_heads": 232, "num_kv_heads": 8, "ffn_hidden_size": 59392,
+                    "vocab_size": 65024, "activation": "gelu"},
+    # meta-llama/Meta-Llama-3-8B config.json.
+    "Meta-Llama-3-8B": {"name": "llama-3-8b", "num_layers": 32, "hidden_size": 4096,
+                        "num_attention_heads": 32, "num_kv_heads": 8, "ffn_hidden_size": 14336,
+                        "vocab_size": 128256},
+    # deepseek-ai/DeepSeek-Coder-V2-Lite-Instruct config.json (MLA, 64 experts top-6 + 2 shared).
+    "DeepSeek-Coder-V2-Lite-Instruct (MoE, MLA)": {
+        "name": "deepseek-coder-v2-lite", "num_layers": 27, "hidden_size": 2048,
+        "num_attention_heads": 16, "ffn_hidden_size": 1408, "dense_ffn_hidden_size": 10944,
+        "vocab_size": 102400,
+        "mla": {"kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+                "v_head_dim": 128},
+        "moe": {"num_experts": 64, "top_k": 6, "first_k_dense": 1, "num_shared_experts": 2},
+    },
+    # facebook/opt-175b (metaseq): 96 layers, hidden 12288, 96 heads, ReLU MLP of 4h.
+    "OPT-175B (metaseq)": {"name": "opt-175b", "num_layers": 96, "hidden_size": 12288,
+                           "num_attention_heads": 96, "ffn_hidden_size": 49152,
+                           "vocab_size": 50272, "activation": "gelu", "tie_embeddings": True},
+}  # fmt: skip
+
+# Row id -> (kind, GPU preset, batch, ISL, OSL, cuda graphs). kind: throughput | ttft |
+# decode_tok_s | decode_ms.
+_TRT_THROUGHPUT = {f"S00{n}" for n in range(69, 82)}
+_TRT_TTFT = {f"S00{n}" for n in range(90, 98)}
+_GPT_FAST = {f"S01{n}" for n in range(27, 34)}
+_GRAPH_STEP = {"S0135": True, "S0137": False, "S0139": True, "S0141": False, "S0143": True}
+_METASEQ = {"S0145": False, "S0146": True}
+DUPLICATES = {"S0136": "S0135", "S0138": "S0137", "S0140": "S0139", "S0142": "S0141",
+              "S0144": "S0143"}  # fmt: skip
+
+
+@cache
+def serving_table() -> tuple[dict[str, str], ...]:
+    """Every row of ``serving.csv`` (packaged copy, unmodified)."""
+    return tuple(read_measurements(SERVING_CSV))
+
+
+def _int(text: str) -> int:
+    return int(float(text))
+
+
+def setup(r: dict[str, str]) -> dict[str, Any]:
+    """How row ``r`` is simulated (None fields: not expressible)."""
+    rid = r["row_id"]
+    if rid in _TRT_THROUGHPUT or rid in _TRT_TTFT:
+        kind = "throughput" if rid in _TRT_THROUGHPUT else "ttft"
+        return {"kind": kind, "gpu": "A100-80GB", "batch": _int(r["batch_size"]),
+                "isl": _int(r["isl"]), "osl": _int(r["osl"]), "graphs": False}  # fmt: skip
+    if rid in _GPT_FAST:
+        return {"kind": "decode_tok_s", "gpu": "A100-80GB", "batch": 1, "isl": 5, "osl": 200,
+                "graphs": True}  # fmt: skip
+    if rid in _GRAPH_STEP:
+        return {"kind": "decode_ms", "gpu": "H100-SXM", "batch": 1, "isl": 128, "osl": 8,
+                "graphs": _GRAPH_STEP[rid]}  # fmt: skip
+    if rid in _METASEQ:
+        return {"kind": "decode_ms", "gpu": "A100-80GB", "batch": 1, "isl": 128, "osl": 64,
+                "graphs": _METASEQ[rid]}  # fmt: skip
+    raise KeyError(rid)
+
+
+def serving_reason(r: dict[str, str]) -> str | None:
+    """Why row ``r`` cannot be simulated (None: it can)."""
+    rid, rel = r["row_id"], r["reliability"]
+    if rid in DUPLICATES:
+        return f"same measurement as {DUPLICATES[rid]} (tokens/s = 1000 / ms per step)"
+    if "relative" in rel:
+        return "relative gain between two systems, no absolute configuration"
+    if "FP8" in r["precision"].upper():
+        return "FP8 weights/GEMMs: clustersim models BF16/FP16 only"
+    if rid == "S0134":
+        return (
+            "blog starting point: eager code of another version (no static KV cache); "
+            "its gap to gpt-fast mixes several optimisations, not launch overhead alone"
+        )
+    if r["engine"].startswith("vLLM"):
+        return (
+            "vLLM server CPU overheads (API server, scheduling, input preparation) are "
+            "not modelled; no batch or lengths stated"
+        )
+    if r["model"] not in SERVING_MODELS:
+        return f"no model shape for {r['model']}"
+    try:
+        setup(r)
+    except KeyError:
+        return "workload not stated"
+    return None
+
+
+def serving_plan(r: dict[str, str], values: dict[str, float] | None = None) -> Plan:
+    """The serving plan of one expressible row (a static batch arriving at t = 0)."""
+    s = setup(r)
+    tp = _int(r["tp"])
+    fp16 = "FP16" in r["precision"].upper()
+    model = {**SERVING_MODELS[r["model"]], "dtype": "fp16" if fp16 else "bf16"}
+    batch, isl, osl = s["batch"], s["isl"], s["osl"]
+    raw: dict[str, Any] = {
+        "name": f"{r['row_id']}-{r['model']}",
+        "model": model,
+        "hardware": {"gpu": s["gpu"], "num_nodes": 1, "gpus_per_node": 8,
+                     "calibration": nested(_launch_pair(values or {}, s["gpu"]))},
+        "parallel": {"tp": tp, "pp": 1, "dp": 1},
+        "workload": {"mode": "inference", "requests": {
+            "num": batch, "arrival": "uniform", "rate_per_s": 1e9,
+            "prompt_len": {"dist": "fixed", "value": isl},
+            "output_len": {"dist": "fixed", "value": osl},
+            "max_batch_size": batch, "max_num_batched_tokens": max(batch * isl, 8192),
+            "chunked_prefill": False, "cuda_graphs": s["graphs"],
+            "gpu_memory_utilization": 0.95}},
+    }  # fmt: skip
+    return plan_from_dict(raw, f"serving.csv {r['row_id']}")
+
+
+def _launch_pair(values: dict[str, float], gpu: str) -> dict[str, float]:
+    """``values`` with the launch time not given taken from the data file and clamped so that
+    a graph replay is never slower than an eager launch (the schema's rule). A row's metric
+    depends on one of the two only (eager rows: launch; graph rows: decode TPOT)."""
+    if LAUNCH not in values and GRAPH_LAUNCH not in values:
+        return values
+    from clustersim.spec.calibration_data import calibration_data
+    from clustersim.spec.presets import GPU_GENERATION
+
+    kernel = (calibration_data(GPU_GENERATION[gpu]) or {}).get("kernel", {})
+    out = dict(values)
+    if LAUNCH in values:
+        out.setdefault(GRAPH_LAUNCH, min(float(kernel.get("graph_launch_us", 0.0)),
+                                         values[LAUNCH]))  # fmt: skip
+    else:
+        out[LAUNCH] = max(float(kernel.get("launch_us", 0.0)), values[GRAPH_LAUNCH])
+    return out
+
+
+def serving_metric(r: dict[str, str], values: dict[str, float]) -> float:
+    """Predicted value of row ``r`` in the source's unit."""
+    s = setup(r)
+    m = simulate_serving(serving_plan(r, values)).metrics
+    if s["kind"] == "throughput":
+        return float(m["output_tokens_per_ms"]) * 1e3 / _int(r["tp"])
+    if s["kind"] == "ttft":
+        return float(m["ttft_ms_p50"])
+    if s["kind"] == "decode_tok_s":
+        return 1e3 / float(m["tpot_ms_p50"])
+    return float(m["tpot_ms_p50"])
+
+
+_UNITS = {"throughput": "out tok/s/GPU", "ttft": "TTFT ms", "decode_tok_s": "tok/s",
+          "decode_ms": "ms/token"}  # fmt: skip
+
+
+def serving_rows() -> tuple[list[E2ERow], list[Skipped]]:
+    """Expressible rows and the rest with why."""
+    rows, skipped = [], []
+    for r in serving_table():
+        reason = serving_reason(r)
+        label = f"{r['model'][:28]}, {r['gpu'][:18]}, TP{r['tp'] or '?'}"
+        if reason is not None:
+            skipped.append(Skipped(r["row_id"], label, reason))
+            continue
+        s = setup(r)
+        param = GRAPH_LAUNCH if s["graphs"] else LAUNCH
+        fits = s["kind"] in ("decode_ms", "decode_tok_s")
+        label += f", b{s['batch']} {s['isl']}/{s['osl']}" + (" graphs" if s["graphs"] else "")
+        note = "GPU assumed H100-SXM" if r["row_id"] in _GRAPH_STEP else ""
+        if r["row_id"] in _METASEQ:
+            note = "approx.; batch 1, 128/64 assumed"
+        rows.append(E2ERow(r["row_id"], label, _UNITS[s["kind"]], _value(r), rate=s["kind"] in
+                           ("throughput", "decode_tok_s"), param=param, fits=fits, note=note,
+                           cost=s["batch"] * (s["isl"] + s["osl"]) / 1e5))  # fmt: skip
+    return rows, skipped
+
+
+def _value(r: dict[str, str]) -> float:
+    return float(r["value"])
+
+
+def predict_serving(row_id: str, values: dict[str, float]) -> float:
+    """Prediction of serving row ``row_id`` under calibration ``values``."""
+    row = next(r for r in serving_table() if r["row_id"] == row_id)
+    return serving_metric(row, values)

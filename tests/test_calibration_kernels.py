@@ -1,0 +1,183 @@
+"""The kernel and attention fits of ``clustersim calibrate``: reproducible from the packaged
+measurements, recover known parameters, never faster than the hardware, and honest errors."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from clustersim.calibration import fit_attention, fit_kernels
+from clustersim.calibration.calibrate import DERIVED
+from clustersim.cli import app
+from clustersim.costs import compute as cc
+from clustersim.costs.kernels import KernelTimer
+from clustersim.spec.calibration_data import calibration_data, calibration_generations
+from clustersim.spec.presets import GPU_GENERATION, GPU_PRESETS
+from clustersim.spec.schema import CalibrationSpec, HardwareSpec, ModelSpec
+
+FITTED = ("a100", "h100")
+
+
+@cache
+def kernel_fit(generation: str, cross_validate: bool = False) -> fit_kernels.KernelFit:
+    return fit_kernels.fit(generation, cross_validate=cross_validate)
+
+
+def errors_by_name(fit) -> dict:
+    return {e.name: e for e in fit.errors}
+
+
+@pytest.mark.parametrize("generation", FITTED)
+def test_fit_reproduces_packaged_values(generation):
+    data = calibration_data(generation)
+    fit = kernel_fit(generation)
+    for dotted, value in fit.values.items():
+        section, name = dotted.split(".")
+        assert data[section][name] == value, dotted
+    cal = CalibrationSpec.model_validate(data)
+    attention = fit_attention.fit(generation, cal)
+    for dotted, value in attention.values.items():
+        assert data["attention"][dotted.split(".")[1]] == value, dotted
+    assert data["attention"]["decode_memory_efficiency"] == data["gemm"]["memory_efficiency"]
+
+
+@pytest.mark.parametrize("generation", sorted(DERIVED))
+def test_derived_generations_take_their_source_values(generation):
+    data, source = calibration_data(generation), calibration_data(DERIVED[generation][0])
+    for section in ("gemm", "memory", "attention"):
+        assert data[section] == source[section]
+    assert data["kernel"]["fixed_us"] == source["kernel"]["fixed_us"]
+    assert DERIVED[generation][0] in data["source"] or "h100" in data["source"]
+
+
+def test_synthetic_kernel_times_are_recovered():
+    data = fit_kernels.load_profiles("h100")
+    rows = fit_kernels.design(data, (*fit_kernels.MEMORY_OPS, *fit_kernels.GEMM_OPS))
+    rows = rows.subset(np.arange(rows.op.size) % 7 == 0)  # a sample keeps the test fast
+    base = fit_kernels.base_calibration("h100")
+    truth = {"memory.efficiency": 0.9, "memory.elementwise_efficiency": 0.45,
+             "gemm.memory_efficiency": 0.71, "kernel.fixed_us": 3.3, "gemm.efficiency": 0.64,
+             "gemm.half_dim": 150.0}  # fmt: skip
+    rows.measured_ms = rows.predict_ms(fit_kernels.with_values(base, truth))
+    fitted = fit_kernels.fit_values(rows, base)
+    for name, value in truth.items():
+        assert fitted[name] == pytest.approx(value, rel=0.01), name
+
+
+def test_synthetic_attention_times_are_recovered():
+    cal = fit_kernels.base_calibration("h100")
+    rows = fit_attention.load_rows("h100")
+    truth = {"attention.efficiency": 0.55, "attention.half_seq": 400.0}
+    rows.measured_ms = rows.predict_ms(fit_kernels.with_values(cal, truth))
+    fitted = fit_attention.fit_values(rows, cal)
+    for name, value in truth.items():
+        assert fitted[name] == pytest.approx(value, rel=0.01), name
+
+
+def _preset_of(generation: str) -> str:
+    return next(gpu for gpu, g in GPU_GENERATION.items() if g == generation)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    m=st.integers(1, 65536),
+    n=st.integers(1, 65536),
+    k=st.integers(1, 65536),
+    dtype=st.sampled_from(sorted(cc.DTYPE_BYTES)),
+    generation=st.sampled_from(calibration_generations()),
+)
+def test_gemm_never_beats_peak_or_bandwidth(m, n, k, dtype, generation):
+    gpu = _preset_of(generation)
+    cal = CalibrationSpec.model_validate(calibration_data(generation))
+    hw = HardwareSpec(gpu=gpu, num_nodes=1, gpus_per_node=8, calibration=cal, **GPU_PRESETS[gpu])
+    model = ModelSpec(num_layers=1, hidden_size=1024, num_attention_heads=8,
+                      ffn_hidden_size=4096, vocab_size=32000, dtype=dtype)  # fmt: skip
+    ms = float(KernelTimer(model, hw).gemm_gpu_ms(float(m), n, k))
+    floor_compute_ms = 2.0 * m * n * k / (hw.peak_tflops * 1e12) * 1e3
+    floor_memory_ms = (m * k + k * n + m * n) * cc.DTYPE_BYTES[dtype] / (
+        hw.hbm_bandwidth_gbps * 1e9) * 1e3  # fmt: skip
+    assert ms >= floor_compute_ms * (1 - 1e-9)
+    assert ms >= floor_memory_ms * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("generation", FITTED)
+def test_gemm_errors(generation):
+    """GEMMs: median |error| within 10 % over all GEMM rows, and per GEMM operator within 10 %
+    (A100) or 13 % (H100: mlp_down_proj is 12 %)."""
+    errors = errors_by_name(kernel_fit(generation))
+    assert errors["GEMMs"].in_sample.median <= 0.10
+    limit = 0.10 if generation == "a100" else 0.13
+    for op in fit_kernels.GEMM_OPS:
+        assert errors[op].in_sample.median <= limit, op
+
+
+@pytest.mark.parametrize("generation", FITTED)
+def test_memory_bound_errors_stay_bounded(generation):
+    """Regression bound for the memory-bound kernels (measured: norms 12-18 %, rotary 10-13 %,
+    activation 18-22 %, residual add 14-27 % median |error|): one element-wise efficiency and
+    one kernel floor serve norms, rotary and activation, one stream efficiency the add."""
+    errors = errors_by_name(kernel_fit(generation))
+    for op in ("input_layernorm", "post_attention_layernorm", "attn_rope"):
+        assert errors[op].in_sample.median <= 0.20, op
+    assert errors["mlp_act"].in_sample.median <= 0.25
+    assert errors["add"].in_sample.median <= 0.30
+    assert errors["memory-bound"].in_sample.median <= 0.22
+
+
+@pytest.mark.xfail(strict=True, reason="one floor and one efficiency per memory-bound class "
+                   "leave norms, activation and add 12-27 % off; see measurements/README.md")  # fmt: skip
+@pytest.mark.parametrize("generation", FITTED)
+def test_every_operator_median_within_10_percent(generation):
+    errors = errors_by_name(kernel_fit(generation))
+    for op in (*fit_kernels.GEMM_OPS, *fit_kernels.MEMORY_OPS):
+        assert errors[op].in_sample.median <= 0.10, op
+
+
+def test_out_of_sample_errors_come_from_refits():
+    generation = "h100"  # three model files: three refits (A100's five take longer)
+    fit = kernel_fit(generation, cross_validate=True)
+    assert set(fit.folds) == set(fit_kernels.load_profiles(generation).models)
+    assert any(fold != fit.values for fold in fit.folds.values())
+    everything = errors_by_name(fit)["all"]
+    assert everything.out_of_sample.n == everything.in_sample.n
+    assert everything.out_of_sample.mean >= everything.in_sample.mean
+
+
+@pytest.mark.parametrize("generation", FITTED)
+def test_attention_fit_errors(generation):
+    cal = CalibrationSpec.model_validate(calibration_data(generation))
+    fit = fit_attention.fit(generation, cal)
+    everything = errors_by_name(fit)["all"]
+    assert everything.in_sample.median <= 0.20
+    assert everything.out_of_sample.mean >= everything.in_sample.mean
+    assert any(fold != fit.values for fold in fit.folds.values())
+    assert (fit.half_seq_from != "") == (generation == "a100")
+
+
+def test_cli_rewrites_the_packaged_files_byte_identically(tmp_path):
+    from clustersim.spec.calibration_data import calibration_dir
+
+    generations = ["h100", "h800"]  # one fit and one derived file keep the test fast
+    args = ["calibrate", "--out", str(tmp_path), "--json"]
+    result = CliRunner().invoke(app, [*args, *(f"--generation={g}" for g in generations)])
+    assert result.exit_code == 0, result.output
+    for generation in generations:
+        written = (tmp_path / f"{generation}.yaml").read_text()
+        assert written == (calibration_dir() / f"{generation}.yaml").read_text(), generation
+
+
+def test_cli_bad_measurements_exit_2(tmp_path):
+    runner = CliRunner()
+    missing = runner.invoke(app, ["calibrate", "--measurements", str(tmp_path / "nope")])
+    assert missing.exit_code == 2
+    assert "not found" in missing.output
+    (tmp_path / "vidur_h100.csv").write_text("model,n_head\nx,1\n")
+    bad = runner.invoke(app, ["calibrate", "-g", "h100", "--measurements", str(tmp_path)])
+    assert bad.exit_code == 2
+    assert "missing columns" in bad.output
+    assert "Traceback" not in bad.output
