@@ -129,8 +129,13 @@ def test_memory_bound_errors_stay_bounded(generation):
     assert errors["memory-bound"].in_sample.median <= 0.22
 
 
-@pytest.mark.xfail(strict=True, reason="one floor and one efficiency per memory-bound class "
-                   "leave norms, activation and add 12-27 % off; see measurements/README.md")  # fmt: skip
+MEMORY_BOUND_GAP = (
+    "one floor and one efficiency per memory-bound class leave norms, activation and add "
+    "12-27 % off (measurements/README.md)"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=MEMORY_BOUND_GAP)
 @pytest.mark.parametrize("generation", FITTED)
 def test_every_operator_median_within_10_percent(generation):
     errors = errors_by_name(kernel_fit(generation))

@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from calibrations import ROOFLINE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from calibrations import ROOFLINE
 
 from clustersim.analysis.simulate import routing_for, simulate
 from clustersim.costs.compute import model_flops_per_iteration
