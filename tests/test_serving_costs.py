@@ -114,3 +114,17 @@ def test_even_routing_has_perfect_balance():
     )
     table = MoEStepTable(plan, Layout(plan))
     assert table.lookup(64)[2] == pytest.approx(100.0)  # 128 copies over 8 experts
+
+
+@pytest.mark.parametrize("tokens", [8, 512, 4096])
+def test_expert_tp_folding_conserves_serving_expert_work(tokens):
+    """(EP 4, ETP 2) and (EP 8, ETP 1) spread the same expert FLOPs over the same 8 GPUs of a
+    stage: with even routing the busiest GPU's expert time agrees up to GEMM shape (narrower
+    FFN slices under ETP) and the all-to-all moves each token copy once either way."""
+    expert_ms = {}
+    for ep, etp in ((4, 2), (8, 1)):
+        plan = make_plan(MOE, parallel={"ep": ep, "etp": etp},
+                         model={"preset": "mixtral-8x7b", "moe": {"routing": "even"}})  # fmt: skip
+        layer_ms, comm_ms, *_ = MoEStepTable(plan, Layout(plan)).lookup(tokens)
+        expert_ms[etp] = layer_ms - comm_ms
+    assert expert_ms[2] == pytest.approx(expert_ms[1], rel=0.15)

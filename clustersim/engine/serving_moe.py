@@ -15,7 +15,9 @@ busiest rank's expert time, the all-to-all times (from the sampled send matrix, 
 topology) and the load balance and drops; the engine takes their mean at a step's ``N``
 (linear interpolation between grid points). Steps are deterministic in their token count, so
 the same plan and seed give the same results, and runs of identical decode steps keep
-identical MoE times. The sources of the ``N`` tokens are the EP group's ranks, evenly.
+identical MoE times. The sources of the ``N`` tokens are the EP group's ranks, evenly; with
+expert tensor parallelism each of the ``etp`` EP groups routes ``N / etp`` of them (every token
+once, by one TP rank) and each ETP group computes what all its members received.
 """
 
 from __future__ import annotations
@@ -93,11 +95,14 @@ class MoEStepTable:
         return row
 
     def _measure(self, tokens: int) -> tuple[float, float, float, float]:
-        """Mean over routing draws of one grid point."""
+        """Mean over routing draws of one grid point. Each of the ``etp`` EP groups routes the
+        tokens of its own TP rank (1/etp of them, as in training); an ETP group then gathers
+        what its members' EP groups routed to its experts (``_one``)."""
+        timer = self.timers[tokens <= DEFAULT_GRAPH_BATCH_MAX]
+        tokens = -(-tokens // self.etp)
         sources = np.full(self.ep, tokens // self.ep, dtype=np.int64)
         sources[: tokens % self.ep] += 1
         draws = _samples(tokens) if self.router is not None else 1
-        timer = self.timers[tokens <= DEFAULT_GRAPH_BATCH_MAX]
         rows = [self._one(self._route(sources, tokens, d), timer) for d in range(draws)]
         return tuple(float(x) for x in np.mean(rows, axis=0))
 
