@@ -114,6 +114,10 @@ class KernelTimer:
     # ---- single kernels -----------------------------------------------------------------
     def issue(self, gpu_ms, tokens):
         """Stream time of kernels of GPU time ``gpu_ms`` (0 where ``tokens`` is 0)."""
+        if _scalar(gpu_ms, tokens):  # the engine's per-micro-batch path: plain floats
+            if tokens <= 0:
+                return 0.0
+            return (gpu_ms if gpu_ms > self._launch_ms else self._launch_ms) + self._framework_ms
         ms = np.maximum(gpu_ms, self._launch_ms) + self._framework_ms
         return np.where(tokens > 0, ms, 0.0)
 
@@ -122,11 +126,16 @@ class KernelTimer:
 
     def gemm_gpu_ms(self, m, n: float, k: float, groups=1.0):
         """GPU time of a (grouped) GEMM: ``groups`` experts share ``m`` token rows."""
-        per = np.maximum(m / np.maximum(groups, 1.0), 1e-9)
+        scalar = _scalar(m, groups)
+        if scalar:
+            per = max(m / max(groups, 1.0), 1e-9)
+        else:
+            per = np.maximum(m / np.maximum(groups, 1.0), 1e-9)
         compute = 2.0 * m * n * k / (self._flop_s * self._shape(per) * self._shape(n)
                                      * self._shape(k))  # fmt: skip
         memory = (m * k + groups * k * n + m * n) * self.bpe / self._gemm_byte_s
-        return np.maximum(compute, memory) * 1e3 + self._fixed_ms
+        longer = max(compute, memory) if scalar else np.maximum(compute, memory)
+        return longer * 1e3 + self._fixed_ms
 
     def gemm_ms(self, m, n: float, k: float, groups=1.0):
         """Stream time of a (grouped) GEMM kernel."""
@@ -226,6 +235,8 @@ class KernelTimer:
         else:
             compute = flops / (self._flop_s * self._shape(keys_per_query) ** 2)
             memory = hbm_bytes / self._byte_s
+        if _scalar(compute, memory):
+            return max(compute, memory) * 1e3 + self._fixed_ms
         return np.maximum(compute, memory) * 1e3 + self._fixed_ms
 
     def core_attention_ms(self, flops, hbm_bytes, keys_per_query, flash: bool = True):
@@ -261,6 +272,15 @@ class KernelTimer:
     def framework_ms(self) -> float:
         """Framework time per kernel that never overlaps the GPU (eager only)."""
         return self._framework_ms
+
+
+_NUMBERS = (float, int)
+
+
+def _scalar(a, b) -> bool:
+    """Whether both values are plain Python numbers (no numpy array or scalar): then the
+    kernel formulas run in Python arithmetic, much faster than numpy on one number."""
+    return type(a) in _NUMBERS and type(b) in _NUMBERS
 
 
 def uses_graphs(cuda_graphs: bool, tokens: float, seqs: float) -> bool:
