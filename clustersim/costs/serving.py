@@ -42,7 +42,7 @@ from clustersim.costs.comm import collective_time_ms, link_for_group, p2p_ms
 from clustersim.costs.kernels import KernelTimer, uses_graphs
 from clustersim.costs.memory import DTYPE_BYTES, GIB, serving_memory
 from clustersim.layout import Layout
-from clustersim.spec.schema import ModelSpec, Plan
+from clustersim.spec.schema import HardwareSpec, ModelSpec, Plan
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +92,8 @@ class StepCosts:
     attn_flops_per_pair: float  # core attention FLOPs per query-key pair
     attn_bytes_per_kv_token: float  # KV cache read per token of context
     attn_bytes_per_query_token: float  # queries read and outputs written
-    tp_allreduce: Affine  # one all-reduce of the activations
+    tp_allreduce: Affine  # one all-reduce of the activations (eager launch)
+    tp_allreduce_graph: Affine  # the same replayed from a CUDA graph (no per-call host time)
     p2p: Affine  # activations to the next pipeline stage
     dense_layers: tuple[int, ...]  # per stage
     moe_layers: tuple[int, ...]  # per stage
@@ -107,7 +108,8 @@ class StepCosts:
         and its floor, for a micro-batch of ``tokens`` new tokens of ``seqs`` requests."""
         k = self.timer(tokens, seqs)
         block = float(k.attention_block_ms(tokens))
-        allreduce = self.tp_allreduce.scalar_ms(tokens)
+        graphs = k is self.graph
+        allreduce = (self.tp_allreduce_graph if graphs else self.tp_allreduce).scalar_ms(tokens)
         dense = block + float(k.dense_mlp_ms(tokens)) + 2 * allreduce
         attn = block + float(k.moe_block_ms(tokens)) + allreduce
         logits = float(k.logits_ms(seqs))
@@ -141,6 +143,12 @@ def step_costs(plan: Plan, layout: Layout) -> StepCosts:
     def timer(graphs: bool) -> KernelTimer:
         return KernelTimer(model, hw, tp, par.expert_tp, graphs=graphs)
 
+    graph_hw = graph_replay_hardware(hw)
+
+    def graph_allreduce_ms(n: float) -> float:
+        size = n * model.hidden_size * bpe
+        return collective_time_ms("all_reduce", size, ranks, gpn, graph_hw)
+
     def allreduce_ms(n: float) -> float:
         return collective_time_ms("all_reduce", n * model.hidden_size * bpe, ranks, gpn, hw)
 
@@ -152,11 +160,26 @@ def step_costs(plan: Plan, layout: Layout) -> StepCosts:
         attn_bytes_per_kv_token=kv_bytes_per_token_layer(model, tp),
         attn_bytes_per_query_token=heads * (qk_dim + v_dim) * bpe,
         tp_allreduce=Affine.of(allreduce_ms),
+        tp_allreduce_graph=Affine.of(graph_allreduce_ms),
         p2p=Affine.of(lambda n: _p2p_ms(plan, layout, n * model.hidden_size * bpe / tp)),
         dense_layers=tuple(len(s) - m for s, m in zip(layout.stage_layers,
                                                       layout.moe_layers_per_stage, strict=True)),
         moe_layers=tuple(layout.moe_layers_per_stage),
     )  # fmt: skip
+
+
+def graph_replay_hardware(hw: HardwareSpec) -> HardwareSpec:
+    """``hw`` as a CUDA-graph replay sees it: a collective's fixed per-call time (the
+    calibrated base latency, mostly host-side launch and synchronisation of an eager call) is
+    replaced by one graph launch; its per-step latency and bandwidth are unchanged."""
+    cal = hw.calibration
+    launch_us = cal.kernel.graph_launch_us
+    collectives = cal.collectives.model_copy(
+        update={"intra_node_base_latency_us": launch_us, "inter_node_base_latency_us": launch_us}
+    )
+    return hw.model_copy(
+        update={"calibration": cal.model_copy(update={"collectives": collectives})}
+    )
 
 
 def head_dims(model: ModelSpec) -> tuple[int, int]:

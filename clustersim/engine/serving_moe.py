@@ -29,10 +29,11 @@ import numpy as np
 from clustersim.costs.comm import all_to_all_v_cost, collective_time_ms
 from clustersim.costs.compute import DTYPE_BYTES
 from clustersim.costs.kernels import DEFAULT_GRAPH_BATCH_MAX
+from clustersim.costs.serving import graph_replay_hardware
 from clustersim.engine.optimes import ExpertTimer
 from clustersim.layout import Layout
 from clustersim.routing.router import Router, RoutingOutcome, uniform_outcome
-from clustersim.spec.schema import Plan
+from clustersim.spec.schema import HardwareSpec, Plan
 
 EXACT_UP_TO = 64  # every token count up to this is a grid point
 GRID_RATIO = 1.125  # then points about 12% apart
@@ -57,6 +58,7 @@ class MoEStepTable:
         # steps are taken to be decode steps, replayed from CUDA graphs when enabled.
         graphs = plan.workload.requests.cuda_graphs
         self.timers = (ExpertTimer(plan, sync=False), ExpertTimer(plan, graphs=graphs, sync=False))
+        self.comm_hw = (self.hw, graph_replay_hardware(self.hw) if graphs else self.hw)
         self.token_bytes = plan.model.hidden_size * DTYPE_BYTES[plan.model.dtype]
         self.router = None
         if moe.routing == "sampled":
@@ -98,12 +100,13 @@ class MoEStepTable:
         """Mean over routing draws of one grid point. Each of the ``etp`` EP groups routes the
         tokens of its own TP rank (1/etp of them, as in training); an ETP group then gathers
         what its members' EP groups routed to its experts (``_one``)."""
-        timer = self.timers[tokens <= DEFAULT_GRAPH_BATCH_MAX]
+        decode = tokens <= DEFAULT_GRAPH_BATCH_MAX
+        timer, hw = self.timers[decode], self.comm_hw[decode]
         tokens = -(-tokens // self.etp)
         sources = np.full(self.ep, tokens // self.ep, dtype=np.int64)
         sources[: tokens % self.ep] += 1
         draws = _samples(tokens) if self.router is not None else 1
-        rows = [self._one(self._route(sources, tokens, d), timer) for d in range(draws)]
+        rows = [self._one(self._route(sources, tokens, d), timer, hw) for d in range(draws)]
         return tuple(float(x) for x in np.mean(rows, axis=0))
 
     def _route(self, sources: np.ndarray, tokens: int, draw: int) -> RoutingOutcome:
@@ -112,12 +115,14 @@ class MoEStepTable:
         layer = self.moe_layer_ids[draw % len(self.moe_layer_ids)]
         return self.router.route(layer, tokens, sources, step=draw)
 
-    def _one(self, out: RoutingOutcome, timer: ExpertTimer) -> tuple[float, float, float, float]:
+    def _one(
+        self, out: RoutingOutcome, timer: ExpertTimer, hw: HardwareSpec
+    ) -> tuple[float, float, float, float]:
         per_rank = out.tokens_per_expert.reshape(self.ep, -1)
         active = np.count_nonzero(per_rank, axis=1)
         received = out.tokens_per_rank.astype(np.float64) * self.etp  # ETP gathers its group
         expert_ms = float(timer.forward_ms(received, active).max())
-        hw, gpn = self.hw, self.hw.gpus_per_node
+        gpn = hw.gpus_per_node
         a2a_ms = all_to_all_v_cost(out.a2a_tokens * self.token_bytes, self.ep_ranks, gpn,
                                    hw, self.plan.parallel.moe_dispatcher).time_ms  # fmt: skip
         etp_ms = 0.0
