@@ -1,4 +1,5 @@
-# Two entry points: `make run` and `make test`. Both create .venv on first use.
+# Entry points: `make run`, `make test` and `make lint` (CI runs lint, then test). Each
+# creates .venv on first use.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,12 +20,12 @@ run: $(BIN)/clustersim
 	$(BIN)/clustersim run
 
 test: $(VENV)/.test-extras
-	$(BIN)/ruff check clustersim tests benchmarks
 	$(BIN)/pytest
 
 lint: $(VENV)/.test-extras
 	$(BIN)/ruff check clustersim tests benchmarks
 	$(BIN)/ruff format --check clustersim tests benchmarks
+	$(BIN)/lint-imports
 
 bench: $(VENV)/.test-extras
 	$(BIN)/pytest -m slow benchmarks

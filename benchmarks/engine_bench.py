@@ -29,17 +29,24 @@ def moe_plan(gpus: int, layers: int, microbatches: int, pp: int, routing: str = 
     return plan_from_dict(
         {
             "name": f"bench-{gpus}gpu",
-            "model": {"preset": "mixtral-8x7b", "num_layers": layers,
-                      "moe": {"routing": routing}},
+            "model": {"preset": "mixtral-8x7b", "num_layers": layers, "moe": {"routing": routing}},
             "hardware": {"gpu": "H100-SXM", "num_nodes": gpus // 8, "gpus_per_node": 8},
-            "parallel": {"tp": 1, "pp": pp, "dp": gpus // pp, "ep": 8,
-                         "num_microbatches": microbatches, "recompute": "selective",
-                         "distributed_optimizer": True},
-            "workload": {"mode": "training",
-                         "seq_len": {"dist": "uniform", "min": 128, "max": 4096}},
+            "parallel": {
+                "tp": 1,
+                "pp": pp,
+                "dp": gpus // pp,
+                "ep": 8,
+                "num_microbatches": microbatches,
+                "recompute": "selective",
+                "distributed_optimizer": True,
+            },
+            "workload": {
+                "mode": "training",
+                "seq_len": {"dist": "uniform", "min": 128, "max": 4096},
+            },
         },
         "benchmark",
-    )  # fmt: skip
+    )
 
 
 def run_one(gpus: int, layers: int, microbatches: int, pp: int, routing: str) -> dict:
@@ -49,10 +56,19 @@ def run_one(gpus: int, layers: int, microbatches: int, pp: int, routing: str) ->
     report = simulate(plan)
     wall = time.perf_counter() - start
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"gpus": gpus, "layers": layers, "microbatches": microbatches, "pp": pp,
-            "wall_s": wall, "events": report.events, "events_per_s": report.events / wall,
-            "engine_s": report.wall_s, "routing_s": report.routing_s, "max_rss_gib": rss_gib,
-            "iteration_time_ms": report.metrics["iteration_time_ms"]}  # fmt: skip
+    return {
+        "gpus": gpus,
+        "layers": layers,
+        "microbatches": microbatches,
+        "pp": pp,
+        "wall_s": wall,
+        "events": report.events,
+        "events_per_s": report.events / wall,
+        "engine_s": report.wall_s,
+        "routing_s": report.routing_s,
+        "max_rss_gib": rss_gib,
+        "iteration_time_ms": report.metrics["iteration_time_ms"],
+    }
 
 
 def main() -> None:
@@ -73,18 +89,32 @@ def main() -> None:
             continue
         runs = []
         for _ in range(args.repeat if args.what == "events" else 1):
-            out = subprocess.run([sys.executable, __file__, "one", "--size", *map(str, size),
-                                  "--routing", args.routing],
-                                 capture_output=True, text=True, check=True)  # fmt: skip
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "one",
+                    "--size",
+                    *map(str, size),
+                    "--routing",
+                    args.routing,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             runs.append(json.loads(out.stdout))
         wall = statistics.median(r["wall_s"] for r in runs)
         eps = statistics.median(r["events_per_s"] for r in runs)
         share = statistics.median(100 * r["routing_s"] / r["wall_s"] for r in runs)
         work = size[0] * size[1] * size[2]
-        print(f"GPUs {size[0]:5d} layers {size[1]:3d} mb {size[2]:3d} PP {size[3]}: "
-              f"wall {wall:7.2f} s, events {runs[0]['events']:9d}, {eps / 1e3:7.1f} k events/s, "
-              f"{1e6 * wall / work:6.2f} us per GPU-layer-mb, routing {share:4.1f}% of wall, "
-              f"max RSS {max(r['max_rss_gib'] for r in runs):.2f} GiB", flush=True)  # fmt: skip
+        print(
+            f"GPUs {size[0]:5d} layers {size[1]:3d} mb {size[2]:3d} PP {size[3]}: "
+            f"wall {wall:7.2f} s, events {runs[0]['events']:9d}, {eps / 1e3:7.1f} k events/s, "
+            f"{1e6 * wall / work:6.2f} us per GPU-layer-mb, routing {share:4.1f}% of wall, "
+            f"max RSS {max(r['max_rss_gib'] for r in runs):.2f} GiB",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -51,18 +51,26 @@ def main() -> None:
     total = len(rows)
     discarded = counts.get("invalid", 0) + counts.get("oom", 0)
     print(f"{total} candidates on {args.gpus} GPUs: {counts}")
-    print(f"static phase {static_s:.2f} s ({1e3 * static_s / total:.2f} ms per candidate); "
-          f"discarded statically {discarded} ({100 * discarded / total:.1f}%), dominated "
-          f"{counts.get('dominated', 0)} ({100 * counts.get('dominated', 0) / total:.1f}%), "
-          f"left to simulate {counts.get('pending', 0)} "
-          f"({100 * counts.get('pending', 0) / total:.1f}%)")
+    print(
+        f"static phase {static_s:.2f} s ({1e3 * static_s / total:.2f} ms per candidate); "
+        f"discarded statically {discarded} ({100 * discarded / total:.1f}%), dominated "
+        f"{counts.get('dominated', 0)} ({100 * counts.get('dominated', 0) / total:.1f}%), "
+        f"left to simulate {counts.get('pending', 0)} "
+        f"({100 * counts.get('pending', 0) / total:.1f}%)"
+    )
 
     pending = [r for r in rows if r["status"] == "pending"]
     step = max(1, len(pending) // args.sample)
     sample = pending[::step][: args.sample]
-    tasks = [(r["candidate_id"], candidate_plan(base, {**{k: r[k] for k in PARAM_KEYS},
-                                                       "id": r["candidate_id"]})
-              .model_dump(mode="json")) for r in sample]
+    tasks = [
+        (
+            r["candidate_id"],
+            candidate_plan(
+                base, {**{k: r[k] for k in PARAM_KEYS}, "id": r["candidate_id"]}
+            ).model_dump(mode="json"),
+        )
+        for r in sample
+    ]
     simulate_candidate(tasks[0][1])  # warm the numba kernels (cached on disk) and imports
     results: dict[int, list[float]] = {1: [], 2: []}
     for _round in range(args.rounds):  # alternate, the machine is shared: medians
@@ -73,12 +81,16 @@ def main() -> None:
     events = sum(v.get("events") or 0 for v in out.values())
     for workers in (1, 2):
         results[workers] = statistics.median(results[workers])
-        print(f"workers {workers}: {len(tasks)} candidates ({events} events) in median "
-              f"{results[workers]:.2f} s = {60 * len(tasks) / results[workers]:.0f} per minute")
+        print(
+            f"workers {workers}: {len(tasks)} candidates ({events} events) in median "
+            f"{results[workers]:.2f} s = {60 * len(tasks) / results[workers]:.0f} per minute"
+        )
     print(f"speed-up 1 -> 2 workers: {results[1] / results[2]:.2f}x")
     full_min = counts.get("pending", 0) / (60 * len(tasks) / results[2])
-    print(f"the whole space ({counts.get('pending', 0)} simulations) at 2 workers: "
-          f"~{full_min:.1f} min")
+    print(
+        f"the whole space ({counts.get('pending', 0)} simulations) at 2 workers: "
+        f"~{full_min:.1f} min"
+    )
 
 
 if __name__ == "__main__":

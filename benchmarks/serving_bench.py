@@ -65,13 +65,16 @@ def make_plan(name: str, trace: Path):
         {
             "name": f"bench-{name}",
             "model": {"preset": preset},
-            "hardware": {"gpu": "H100-SXM", "num_nodes": max(1, gpus // 8),
-                         "gpus_per_node": min(gpus, 8)},
+            "hardware": {
+                "gpu": "H100-SXM",
+                "num_nodes": max(1, gpus // 8),
+                "gpus_per_node": min(gpus, 8),
+            },
             "parallel": parallel,
             "workload": {"mode": "inference", "requests": requests},
         },
         "benchmark",
-    )  # fmt: skip
+    )
 
 
 def run_one(name: str, trace: Path) -> dict:

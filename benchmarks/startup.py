@@ -18,9 +18,14 @@ COMMANDS = {
     "clustersim --help": ["--help"],
     "clustersim check (default plan)": ["check"],
     "clustersim check --static configs/seeds/003_current.yaml": [
-        "check", "--static", "configs/seeds/003_current.yaml"],
+        "check",
+        "--static",
+        "configs/seeds/003_current.yaml",
+    ],
     "clustersim check configs/seeds/003_current.yaml (+ serving sim)": [
-        "check", "configs/seeds/003_current.yaml"],
+        "check",
+        "configs/seeds/003_current.yaml",
+    ],
     "clustersim check --json (default plan)": ["check", "--json"],
 }
 

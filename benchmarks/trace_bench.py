@@ -65,13 +65,16 @@ def overhead(repeat: int, keep: Path, size: tuple[int, ...] = SIZE) -> None:
     tc = statistics.median(r["cpu_s"] for r in traced)
     info = traced[-1]["trace"]
     events = traced[-1]["events"]
-    print(f"engine benchmark ({size[0]} GPUs, {events} events), fresh processes: wall plain "
-          f"{p:.2f} s, "
-          f"traced {t:.2f} s ({100 * (t - p) / p:+.1f}%); CPU plain {pc:.2f} s, traced "
-          f"{tc:.2f} s ({100 * (tc - pc) / pc:+.1f}%) (goal <= 20%); trace "
-          f"{info['bytes'] / 2**20:.1f} MiB, {info['rows']} rows, "
-          f"{info['bytes'] / info['rows']:.1f} bytes per row, "
-          f"{info['bytes'] / events:.1f} bytes per event", flush=True)  # fmt: skip
+    print(
+        f"engine benchmark ({size[0]} GPUs, {events} events), fresh processes: wall plain "
+        f"{p:.2f} s, "
+        f"traced {t:.2f} s ({100 * (t - p) / p:+.1f}%); CPU plain {pc:.2f} s, traced "
+        f"{tc:.2f} s ({100 * (tc - pc) / pc:+.1f}%) (goal <= 20%); trace "
+        f"{info['bytes'] / 2**20:.1f} MiB, {info['rows']} rows, "
+        f"{info['bytes'] / info['rows']:.1f} bytes per row, "
+        f"{info['bytes'] / events:.1f} bytes per event",
+        flush=True,
+    )
 
 
 def overhead_in_process(repeat: int, keep: Path, size: tuple[int, ...] = SIZE) -> None:
@@ -82,8 +85,11 @@ def overhead_in_process(repeat: int, keep: Path, size: tuple[int, ...] = SIZE) -
         plain.append(one(None, size)["cpu_s"])
         traced.append(one(str(keep), size)["cpu_s"])
     p, t = statistics.median(plain), statistics.median(traced)
-    print(f"same, in one warm process: CPU plain {p:.2f} s, traced {t:.2f} s, overhead "
-          f"{100 * (t - p) / p:+.1f}%", flush=True)  # fmt: skip
+    print(
+        f"same, in one warm process: CPU plain {p:.2f} s, traced {t:.2f} s, overhead "
+        f"{100 * (t - p) / p:+.1f}%",
+        flush=True,
+    )
 
 
 def analyze_speed(repeat: int, trace: Path, rows: int) -> None:
@@ -107,10 +113,13 @@ def analyze_speed(repeat: int, trace: Path, rows: int) -> None:
                 cpus.append(time.process_time() - cpu)
             wall = statistics.median(walls)
             size = path.stat().st_size
-            print(f"analyze {label}: {events} events, {size / 2**20:.0f} MiB, median "
-                  f"{wall:.2f} s of {repeat}, {events / wall / 1e6:.1f} M rows/s (goal >= 20), "
-                  f"best {events / min(walls) / 1e6:.1f} M rows/s; CPU time (all threads) "
-                  f"median {statistics.median(cpus):.2f} s", flush=True)  # fmt: skip
+            print(
+                f"analyze {label}: {events} events, {size / 2**20:.0f} MiB, median "
+                f"{wall:.2f} s of {repeat}, {events / wall / 1e6:.1f} M rows/s (goal >= 20), "
+                f"best {events / min(walls) / 1e6:.1f} M rows/s; CPU time (all threads) "
+                f"median {statistics.median(cpus):.2f} s",
+                flush=True,
+            )
         print(
             f"(tiled trace of {written} rows built in {build:.1f} s, "
             f"{written / build / 1e6:.1f} M rows/s written)"

@@ -77,11 +77,13 @@ def _print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
 
-@app.command(help="Audit a plan: GPU count, divisibility, layers per stage, experts per GPU, "
-             "memory per GPU, and every number in its `claims` section; claims and targets "
-             "that need timing (latency, throughput, overheads, load balance) are settled by "
-             "simulating the plan unless --static. Exit code 0: no errors; 1: the plan needs "
-             "modification; 2: the input is unusable.")
+@app.command(
+    help="Audit a plan: GPU count, divisibility, layers per stage, experts per GPU, "
+    "memory per GPU, and every number in its `claims` section; claims and targets "
+    "that need timing (latency, throughput, overheads, load balance) are settled by "
+    "simulating the plan unless --static. Exit code 0: no errors; 1: the plan needs "
+    "modification; 2: the input is unusable."
+)
 def check(
     plan_file: PlanArg = None,
     set_: SetOpt = None,
@@ -140,8 +142,11 @@ def run(
     json_out: JsonOpt = False,
     trace: Annotated[
         bool,
-        typer.Option("--trace", help="Write an Arrow event trace to "
-                     "traces/<plan name>-seed<seed>.arrow (or --trace-file)."),
+        typer.Option(
+            "--trace",
+            help="Write an Arrow event trace to "
+            "traces/<plan name>-seed<seed>.arrow (or --trace-file).",
+        ),
     ] = False,
     trace_file: Annotated[
         Path | None,
@@ -224,8 +229,10 @@ def analyze(
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG here.")] = None,
     window: Annotated[
         str | None,
-        typer.Option("--window", help="START_MS:END_MS for --plot and --perfetto "
-                     "(default: the whole iteration)."),
+        typer.Option(
+            "--window",
+            help="START_MS:END_MS for --plot and --perfetto (default: the whole iteration).",
+        ),
     ] = None,
 ) -> None:
     """Analyse a trace and print (or export) what happened."""
@@ -248,8 +255,9 @@ def analyze(
             if is_serving_trace(trace_file):
                 raise _fail(f"{trace_file}: --plot needs a training trace (this one is serving)")
         with ProgressBar("analysing") as bar:
-            result = analyse_trace(trace_file, (span or (0.0, float("inf"))) if plot else None,
-                                   progress=bar.update)  # fmt: skip
+            result = analyse_trace(
+                trace_file, (span or (0.0, float("inf"))) if plot else None, progress=bar.update
+            )
         if perfetto is not None:
             from clustersim.analysis.perfetto import export_perfetto
 
@@ -327,8 +335,11 @@ def replay(
 def validate(
     set_name: Annotated[
         list[str] | None,
-        typer.Option("--set-name", help="Set to run (repeatable): dense, moe, serving, kernels, "
-                     "collectives. Default: all."),
+        typer.Option(
+            "--set-name",
+            help="Set to run (repeatable): dense, moe, serving, kernels, "
+            "collectives. Default: all.",
+        ),
     ] = None,
     quick: Annotated[
         bool, typer.Option("--quick", help="Leave out the largest training rows (faster).")
@@ -364,8 +375,11 @@ def calibrate(
     ] = None,
     measurements: Annotated[
         Path | None,
-        typer.Option("--measurements", help="Folder of CSVs in the packaged formats "
-                     "(clustersim/calibration/measurements/README.md) to fit instead."),
+        typer.Option(
+            "--measurements",
+            help="Folder of CSVs in the packaged formats "
+            "(clustersim/calibration/measurements/README.md) to fit instead.",
+        ),
     ] = None,
     write: Annotated[
         bool, typer.Option("--write", help="Rewrite the packaged data files.")
@@ -389,8 +403,9 @@ def calibrate(
         raise _fail(exc.render()) from None
     paths = write_files(results, out) if write or out is not None else []
     if json_out:
-        _print_json({"generations": [r.to_dict() for r in results],
-                     "written": [str(p) for p in paths]})  # fmt: skip
+        _print_json(
+            {"generations": [r.to_dict() for r in results], "written": [str(p) for p in paths]}
+        )
     else:
         print_results(results)
     for path in paths:
@@ -503,44 +518,59 @@ def search(
     ] = Objective.throughput,
     set_: SetOpt = None,
     workers: Annotated[
-        int | None, typer.Option("--workers", "-w", help="Parallel simulations (default: all "
-                                 "cores).", min=1)
+        int | None,
+        typer.Option("--workers", "-w", help="Parallel simulations (default: all cores).", min=1),
     ] = None,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Parquet table of every candidate "
-                                  "(default: <plan name>-search.parquet).")
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Parquet table of every candidate (default: <plan name>-search.parquet).",
+        ),
     ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Skip candidates already in --output.")
     ] = False,
     limit: Annotated[
-        int | None, typer.Option("--limit", help="Simulate at most this many candidates now "
-                                 "(the rest stay pending for --resume).", min=0)
+        int | None,
+        typer.Option(
+            "--limit",
+            help="Simulate at most this many candidates now (the rest stay pending for --resume).",
+            min=0,
+        ),
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Override the plan's seed.")] = None,
     pareto: Annotated[
-        ParetoAxis, typer.Option("--pareto", help="Pareto front of throughput vs latency or "
-                                 "memory (auto: memory in training, latency in serving).")
+        ParetoAxis,
+        typer.Option(
+            "--pareto",
+            help="Pareto front of throughput vs latency or "
+            "memory (auto: memory in training, latency in serving).",
+        ),
     ] = ParetoAxis.auto,
     tp: Annotated[str | None, typer.Option("--tp", help="TP values, e.g. 1,2,4.")] = None,
     pp: Annotated[str | None, typer.Option("--pp", help="PP values.")] = None,
     ep: Annotated[str | None, typer.Option("--ep", help="EP values.")] = None,
     mbs: Annotated[str | None, typer.Option("--mbs", help="Micro-batch sizes.")] = None,
     schedules: Annotated[
-        str | None, typer.Option("--schedules", help="gpipe,1f1b,interleaved (default "
-                                 "1f1b,interleaved).")
+        str | None,
+        typer.Option("--schedules", help="gpipe,1f1b,interleaved (default 1f1b,interleaved)."),
     ] = None,
     recompute: Annotated[
         str | None, typer.Option("--recompute", help="none,selective,full (default: all).")
     ] = None,
     all_recompute: Annotated[
-        bool, typer.Option("--all-recompute", help="Simulate heavier recompute levels even "
-                           "when a lighter one fits.")
+        bool,
+        typer.Option(
+            "--all-recompute",
+            help="Simulate heavier recompute levels even when a lighter one fits.",
+        ),
     ] = False,
     top: Annotated[int, typer.Option("--top", help="Rows of the ranking to print.")] = 10,
     backend: Annotated[
-        Backend, typer.Option("--backend", help="local (process pool) or ray (needs the ray "
-                              "extra).")
+        Backend,
+        typer.Option("--backend", help="local (process pool) or ray (needs the ray extra)."),
     ] = Backend.local,
     json_out: JsonOpt = False,
 ) -> None:
@@ -553,7 +583,10 @@ def search(
     plan = _load(plan_file, set_)
     n = gpus or plan.hardware.num_gpus
     space = SearchSpace(
-        gpus=n, tp=_int_list(tp, "--tp"), pp=_int_list(pp, "--pp"), ep=_int_list(ep, "--ep"),
+        gpus=n,
+        tp=_int_list(tp, "--tp"),
+        pp=_int_list(pp, "--pp"),
+        ep=_int_list(ep, "--ep"),
         micro_batch_size=_int_list(mbs, "--mbs"),
         schedules=_str_list(schedules, "--schedules", ("gpipe", "1f1b", "interleaved"))
         or ("1f1b", "interleaved"),
@@ -571,10 +604,20 @@ def search(
             raise _fail(str(exc)) from None
     try:
         with ProgressBar("simulating candidates", delay_s=0.5) as bar:
-            result = run_search(plan, n, objective.value, space=space, workers=workers, out=out,
-                                resume=resume, limit=limit, seed=seed, pareto_axis=pareto.value,
-                                backend=backend.value,
-                                progress=lambda done, total: bar.update(done / max(total, 1)))
+            result = run_search(
+                plan,
+                n,
+                objective.value,
+                space=space,
+                workers=workers,
+                out=out,
+                resume=resume,
+                limit=limit,
+                seed=seed,
+                pareto_axis=pareto.value,
+                backend=backend.value,
+                progress=lambda done, total: bar.update(done / max(total, 1)),
+            )
     except (SearchError, BackendError) as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:

@@ -23,22 +23,27 @@ def print_audit(report: AuditReport) -> None:
     """The audit as a summary line plus a findings table."""
     console = Console(width=max(Console().width, 120))
     lay, mem = report.layout, report.memory
-    console.print(f"[bold]{report.plan.name}[/bold]: {lay.world_size} of {lay.cluster_gpus} GPUs, "
-                  f"TP {lay.tp} PP {lay.pp} DP {lay.dp} EP {lay.ep} ETP {lay.etp}; "
-                  f"layers per stage {lay.layers_per_stage}; "
-                  f"experts per GPU {fmt_value(lay.experts_per_gpu)}")
+    console.print(
+        f"[bold]{report.plan.name}[/bold]: {lay.world_size} of {lay.cluster_gpus} GPUs, "
+        f"TP {lay.tp} PP {lay.pp} DP {lay.dp} EP {lay.ep} ETP {lay.etp}; "
+        f"layers per stage {lay.layers_per_stage}; "
+        f"experts per GPU {fmt_value(lay.experts_per_gpu)}"
+    )
     if mem is not None:
         note = f" ({report.memory_note})" if report.memory_note else ""
-        console.print(f"memory per GPU {mem.memory_per_gpu_gib:.1f} GiB of {mem.capacity_gib:g} "
-                      f"(params {mem.params_gib:.1f}, grads {mem.grads_gib:.1f}, optimizer "
-                      f"{mem.optimizer_gib:.1f}, activations {mem.activations_gib:.1f}, "
-                      f"KV {mem.kv_cache_gib:.1f}, buffers {mem.buffers_gib:.1f}){note}")
+        console.print(
+            f"memory per GPU {mem.memory_per_gpu_gib:.1f} GiB of {mem.capacity_gib:g} "
+            f"(params {mem.params_gib:.1f}, grads {mem.grads_gib:.1f}, optimizer "
+            f"{mem.optimizer_gib:.1f}, activations {mem.activations_gib:.1f}, "
+            f"KV {mem.kv_cache_gib:.1f}, buffers {mem.buffers_gib:.1f}){note}"
+        )
     if not report.findings:
         console.print("[green]no findings: the plan is consistent[/green]")
     else:
         console.print(_findings_table(report.findings))
-        console.print(f"{len(report.errors)} error(s), "
-                      f"{len(report.findings) - len(report.errors)} warning(s)")
+        console.print(
+            f"{len(report.errors)} error(s), {len(report.findings) - len(report.errors)} warning(s)"
+        )
     if report.simulation_note:
         console.print(report.simulation_note)
     if report.unchecked:
@@ -48,8 +53,10 @@ def print_audit(report: AuditReport) -> None:
 def print_layout(layout: Layout, full: bool) -> None:
     """The GPU map (every GPU, or per stage when large) and the process groups."""
     console = Console(width=max(Console().width, 100))
-    console.print(f"{layout.world_size} GPUs on {-(-layout.world_size // layout.gpus_per_node)} "
-                  f"nodes of {layout.gpus_per_node}; rank order tp-cp-ep-dp-pp")
+    console.print(
+        f"{layout.world_size} GPUs on {-(-layout.world_size // layout.gpus_per_node)} "
+        f"nodes of {layout.gpus_per_node}; rank order tp-cp-ep-dp-pp"
+    )
     if full:
         console.print(_table("GPU map", gpu_rows(layout)))
     else:
@@ -93,18 +100,33 @@ class ProgressBar:
 
 METRIC_ROWS = (
     ("iteration_time_ms", "iteration time", "ms", "latency_ms_max", "latency_ms"),
-    ("throughput_tokens_per_ms", "throughput", "tokens/ms", "throughput_tokens_per_ms_min",
-     "throughput_tokens_per_ms"),
+    (
+        "throughput_tokens_per_ms",
+        "throughput",
+        "tokens/ms",
+        "throughput_tokens_per_ms_min",
+        "throughput_tokens_per_ms",
+    ),
     ("mfu_pct", "MFU", "%", None, None),
-    ("comm_overhead_pct", "communication overhead (exposed)", "%", "comm_overhead_pct_max",
-     "comm_overhead_pct"),
+    (
+        "comm_overhead_pct",
+        "communication overhead (exposed)",
+        "%",
+        "comm_overhead_pct_max",
+        "comm_overhead_pct",
+    ),
     ("comm_to_compute_pct", "communication / compute", "%", None, None),
     ("bubble_pct", "pipeline bubble", "%", None, None),
-    ("gpu_utilization_pct", "GPU utilisation", "%", "gpu_utilization_pct_min",
-     "gpu_utilization_pct"),
+    (
+        "gpu_utilization_pct",
+        "GPU utilisation",
+        "%",
+        "gpu_utilization_pct_min",
+        "gpu_utilization_pct",
+    ),
     ("load_balance_pct", "expert load balance", "%", "load_balance_pct_min", "load_balance_pct"),
     ("dropped_tokens_pct", "dropped tokens", "%", None, None),
-)  # fmt: skip
+)
 
 
 def _metrics_table(title: str, metrics: dict, rows, plan=None, skip_missing=False) -> Table:
@@ -120,8 +142,10 @@ def _metrics_table(title: str, metrics: dict, rows, plan=None, skip_missing=Fals
         value = metrics.get(key)
         cells = [label, "-" if value is None else f"{value:.4g}", unit]
         if plan is not None:
-            cells += [fmt_value(getattr(plan.targets, target)) if target else "",
-                      fmt_value(getattr(plan.claims, claim)) if claim else ""]  # fmt: skip
+            cells += [
+                fmt_value(getattr(plan.targets, target)) if target else "",
+                fmt_value(getattr(plan.claims, claim)) if claim else "",
+            ]
         table.add_row(*cells)
     return table
 
@@ -131,92 +155,142 @@ def print_run(report) -> None:
     console = Console(width=max(Console().width, 120))
     plan = report.audit.plan
     targets, claims = plan.targets, plan.claims
-    table = _metrics_table(f"{plan.name}: one training iteration (seed {plan.seed})",
-                           report.metrics, METRIC_ROWS, plan)  # fmt: skip
+    table = _metrics_table(
+        f"{plan.name}: one training iteration (seed {plan.seed})", report.metrics, METRIC_ROWS, plan
+    )
     mem = report.audit.memory
     if mem is not None:
-        table.add_row("memory per GPU (peak)", f"{mem.memory_per_gpu_gib:.4g}", "GiB",
-                      fmt_value(targets.memory_per_gpu_gib_max),
-                      fmt_value(claims.memory_per_gpu_gib))  # fmt: skip
+        table.add_row(
+            "memory per GPU (peak)",
+            f"{mem.memory_per_gpu_gib:.4g}",
+            "GiB",
+            fmt_value(targets.memory_per_gpu_gib_max),
+            fmt_value(claims.memory_per_gpu_gib),
+        )
     console.print(table)
-    parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(report.breakdown.items(),
-                                                       key=lambda kv: -kv[1]))  # fmt: skip
+    parts = ", ".join(
+        f"{k} {v:.1f}" for k, v in sorted(report.breakdown.items(), key=lambda kv: -kv[1])
+    )
     console.print(f"time per GPU by op (ms, summed over the iteration): {parts}")
     if report.expert_load:
         rows = report.expert_load
         worst = max(rows, key=lambda row: row["max_to_mean_mean"])
         single = max(r["max_to_mean_worst"] for r in rows)
-        console.print(f"expert load: busiest expert / mean, averaged per layer, from "
-                      f"{min(r['max_to_mean_mean'] for r in rows):.2f} to "
-                      f"{worst['max_to_mean_mean']:.2f} (layer {worst['layer']}); worst "
-                      f"single micro-batch {single:.2f}")  # fmt: skip
+        console.print(
+            f"expert load: busiest expert / mean, averaged per layer, from "
+            f"{min(r['max_to_mean_mean'] for r in rows):.2f} to "
+            f"{worst['max_to_mean_mean']:.2f} (layer {worst['layer']}); worst "
+            f"single micro-batch {single:.2f}"
+        )
     console.print(f"{report.events} events simulated in {report.wall_s:.2f} s")
     if report.trace:
-        console.print(f"trace: {report.trace['path']} ({report.trace['rows']} rows, "
-                      f"{report.trace['bytes'] / 2**20:.1f} MiB)")  # fmt: skip
+        console.print(
+            f"trace: {report.trace['path']} ({report.trace['rows']} rows, "
+            f"{report.trace['bytes'] / 2**20:.1f} MiB)"
+        )
     _print_findings(console, report)
 
 
 def print_validation(rows) -> None:
     """Predicted vs published TFLOP/s per GPU, with the error of each row and the summary."""
     console = Console(width=max(Console().width, 110))
-    table = Table(title="Narayanan et al. 2021, Table 1 (A100 80GB): simulated vs published",
-                  title_justify="left")  # fmt: skip
-    for col in ("params (B)", "GPUs", "TP", "PP", "v", "published TFLOP/s", "simulated TFLOP/s",
-                "error %", "bubble %", "exposed comm %"):  # fmt: skip
+    table = Table(
+        title="Narayanan et al. 2021, Table 1 (A100 80GB): simulated vs published",
+        title_justify="left",
+    )
+    for col in (
+        "params (B)",
+        "GPUs",
+        "TP",
+        "PP",
+        "v",
+        "published TFLOP/s",
+        "simulated TFLOP/s",
+        "error %",
+        "bubble %",
+        "exposed comm %",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(f"{r.params_billion:g}", str(r.num_gpus), str(r.tp), str(r.pp),
-                      str(r.virtual_stages), f"{r.published_tflops:.0f}",
-                      f"{r.predicted_tflops:.1f}", f"{r.error_pct:+.1f}", f"{r.bubble_pct:.1f}",
-                      f"{r.comm_overhead_pct:.1f}")  # fmt: skip
+        table.add_row(
+            f"{r.params_billion:g}",
+            str(r.num_gpus),
+            str(r.tp),
+            str(r.pp),
+            str(r.virtual_stages),
+            f"{r.published_tflops:.0f}",
+            f"{r.predicted_tflops:.1f}",
+            f"{r.error_pct:+.1f}",
+            f"{r.bubble_pct:.1f}",
+            f"{r.comm_overhead_pct:.1f}",
+        )
     console.print(table)
     errors = [abs(r.error_pct) for r in rows]
     if errors:
-        console.print(f"mean absolute error {sum(errors) / len(errors):.1f}%, "
-                      f"largest {max(errors):.1f}% ({len(rows)} rows)")  # fmt: skip
+        console.print(
+            f"mean absolute error {sum(errors) / len(errors):.1f}%, "
+            f"largest {max(errors):.1f}% ({len(rows)} rows)"
+        )
 
 
 def print_analysis(result) -> None:
     """``clustersim analyze``: metrics, communication, critical path, GPUs, expert load."""
     console = Console(width=max(Console().width, 120))
-    console.print(f"[bold]{result.plan_name}[/bold] (seed {result.seed}): {result.path}, "
-                  f"{result.events} events of {result.rows} rows")  # fmt: skip
-    console.print(_metrics_table("metrics (as `clustersim run` computes them)", result.metrics,
-                                 METRIC_ROWS))
+    console.print(
+        f"[bold]{result.plan_name}[/bold] (seed {result.seed}): {result.path}, "
+        f"{result.events} events of {result.rows} rows"
+    )
+    console.print(
+        _metrics_table("metrics (as `clustersim run` computes them)", result.metrics, METRIC_ROWS)
+    )
     comm = Table(title="communication by collective (ms, summed over lanes)", title_justify="left")
     for col in ("op", "group", "total ms", "per lane ms", "count", "GiB"):
         comm.add_column(col, justify="left" if col in ("op", "group") else "right")
     for row in result.comm_by_op:
-        comm.add_row(row["op"], row["group_kind"], f"{row['total_ms']:.1f}",
-                     f"{row['per_gpu_ms']:.2f}", str(row["count"]),
-                     f"{row['bytes'] / 2**30:.2f}")  # fmt: skip
+        comm.add_row(
+            row["op"],
+            row["group_kind"],
+            f"{row['total_ms']:.1f}",
+            f"{row['per_gpu_ms']:.2f}",
+            str(row["count"]),
+            f"{row['bytes'] / 2**30:.2f}",
+        )
     console.print(comm)
     busiest = result.comm_by_group[:3]
     if busiest:
-        console.print("busiest groups: " + "; ".join(
-            f"{g['op']} {g['group_kind']} group {g['group']} {g['total_ms']:.1f} ms"
-            for g in busiest))  # fmt: skip
+        console.print(
+            "busiest groups: "
+            + "; ".join(
+                f"{g['op']} {g['group_kind']} group {g['group']} {g['total_ms']:.1f} ms"
+                for g in busiest
+            )
+        )
     console.print(f"exposed communication per GPU (mean): {result.exposed_comm_ms:.1f} ms")
     cp = result.critical_path
     top = ", ".join(f"{k} {v:.1f}" for k, v in list(cp["by_op_ms"].items())[:6])
-    console.print(f"critical path: {cp['length_ms']:.1f} ms, ends on GPUs {cp['end_gpus']}; "
-                  f"compute {cp['compute_ms']:.1f} ms, communication {cp['comm_ms']:.1f} ms, "
-                  f"unexplained wait {cp['wait_ms']:.1f} ms, {cp['hops']} hops between lanes; "
-                  f"by op (ms): {top}")  # fmt: skip
+    console.print(
+        f"critical path: {cp['length_ms']:.1f} ms, ends on GPUs {cp['end_gpus']}; "
+        f"compute {cp['compute_ms']:.1f} ms, communication {cp['comm_ms']:.1f} ms, "
+        f"unexplained wait {cp['wait_ms']:.1f} ms, {cp['hops']} hops between lanes; "
+        f"by op (ms): {top}"
+    )
     util = [g["utilization_pct"] for g in result.gpus]
     if util:
         worst = min(result.gpus, key=lambda g: g["utilization_pct"])
-        console.print(f"GPU utilisation: mean {sum(util) / len(util):.1f}%, min "
-                      f"{worst['utilization_pct']:.1f}% (GPU {worst['gpu']}, stage "
-                      f"{worst['stage']}), max {max(util):.1f}% over {len(util)} GPUs "
-                      f"(--json lists every GPU)")  # fmt: skip
+        console.print(
+            f"GPU utilisation: mean {sum(util) / len(util):.1f}%, min "
+            f"{worst['utilization_pct']:.1f}% (GPU {worst['gpu']}, stage "
+            f"{worst['stage']}), max {max(util):.1f}% over {len(util)} GPUs "
+            f"(--json lists every GPU)"
+        )
     if result.expert_load:
         rows = result.expert_load
         worst = max(rows, key=lambda r: r["max_to_mean_mean"])
-        console.print(f"expert load: busiest expert / mean per layer from "
-                      f"{min(r['max_to_mean_mean'] for r in rows):.2f} to "
-                      f"{worst['max_to_mean_mean']:.2f} (layer {worst['layer']})")  # fmt: skip
+        console.print(
+            f"expert load: busiest expert / mean per layer from "
+            f"{min(r['max_to_mean_mean'] for r in rows):.2f} to "
+            f"{worst['max_to_mean_mean']:.2f} (layer {worst['layer']})"
+        )
 
 
 def print_replay(result, rows=None, what: str = "recorded workload") -> None:
@@ -224,10 +298,11 @@ def print_replay(result, rows=None, what: str = "recorded workload") -> None:
     metrics neither run has are left out), then the replayed run's findings."""
     console = Console(width=max(Console().width, 120))
     changes = result.changes
-    console.print("plan changes: " + (", ".join(f"{c['field']} {c['recorded']} -> {c['new']}"
-                                                for c in changes) or "none"))  # fmt: skip
-    table = Table(title=f"{result.report.audit.plan.name}: {what} replayed",
-                  title_justify="left")  # fmt: skip
+    console.print(
+        "plan changes: "
+        + (", ".join(f"{c['field']} {c['recorded']} -> {c['new']}" for c in changes) or "none")
+    )
+    table = Table(title=f"{result.report.audit.plan.name}: {what} replayed", title_justify="left")
     for col in ("metric", "recorded", "replayed", "change", "unit"):
         table.add_column(col)
     recorded, replayed = result.recorded_metrics, result.report.metrics
@@ -236,13 +311,20 @@ def print_replay(result, rows=None, what: str = "recorded workload") -> None:
             continue
         old, new = recorded.get(key), replayed.get(key)
         delta = "" if old is None or new is None else _delta(old, new)
-        table.add_row(label, "-" if old is None else f"{old:.4g}",
-                      "-" if new is None else f"{new:.4g}", delta, unit)  # fmt: skip
+        table.add_row(
+            label,
+            "-" if old is None else f"{old:.4g}",
+            "-" if new is None else f"{new:.4g}",
+            delta,
+            unit,
+        )
     console.print(table)
     findings = result.report.findings
     if findings:
-        console.print(f"{len(findings)} finding(s) for the replayed plan: "
-                      + "; ".join(f"{f.node} ({f.severity}): {f.message}" for f in findings))
+        console.print(
+            f"{len(findings)} finding(s) for the replayed plan: "
+            + "; ".join(f"{f.node} ({f.severity}): {f.message}" for f in findings)
+        )
 
 
 def _delta(old: float, new: float) -> str:
@@ -257,16 +339,26 @@ SERVING_ROWS = (
     ("tpot_ms_p50", "TPOT p50", "ms", "tpot_ms_max", "tpot_ms"),
     ("latency_ms", "end-to-end latency p50", "ms", "latency_ms_max", "latency_ms"),
     ("latency_ms_p99", "end-to-end latency p99", "ms", None, None),
-    ("throughput_tokens_per_ms", "throughput (prompt + output)", "tokens/ms",
-     "throughput_tokens_per_ms_min", "throughput_tokens_per_ms"),
+    (
+        "throughput_tokens_per_ms",
+        "throughput (prompt + output)",
+        "tokens/ms",
+        "throughput_tokens_per_ms_min",
+        "throughput_tokens_per_ms",
+    ),
     ("output_tokens_per_ms", "output throughput", "tokens/ms", None, None),
     ("goodput_pct", "goodput (requests meeting targets)", "%", None, None),
-    ("gpu_utilization_pct", "GPU utilisation", "%", "gpu_utilization_pct_min",
-     "gpu_utilization_pct"),
+    (
+        "gpu_utilization_pct",
+        "GPU utilisation",
+        "%",
+        "gpu_utilization_pct_min",
+        "gpu_utilization_pct",
+    ),
     ("kv_cache_utilization_pct", "KV cache use (mean)", "%", None, None),
     ("preemptions", "preemptions", "", None, None),
     ("load_balance_pct", "expert load balance", "%", "load_balance_pct_min", "load_balance_pct"),
-)  # fmt: skip
+)
 
 
 def print_serving(report) -> None:
@@ -274,11 +366,20 @@ def print_serving(report) -> None:
     console = Console(width=max(Console().width, 120))
     plan = report.audit.plan
     done = report.metrics.get("completed_requests")
-    console.print(_metrics_table(f"{plan.name}: serving {done} requests (seed {plan.seed})",
-                                 report.metrics, SERVING_ROWS, plan, skip_missing=True))
+    console.print(
+        _metrics_table(
+            f"{plan.name}: serving {done} requests (seed {plan.seed})",
+            report.metrics,
+            SERVING_ROWS,
+            plan,
+            skip_missing=True,
+        )
+    )
     serving = report.to_dict()["serving"]
-    console.print(f"{serving['replicas']} replicas; KV cache {serving['kv_cache_gib_per_gpu']:.1f} "
-                  f"GiB per GPU ({serving['kv_cache_tokens_per_replica']} tokens per replica)")
+    console.print(
+        f"{serving['replicas']} replicas; KV cache {serving['kv_cache_gib_per_gpu']:.1f} "
+        f"GiB per GPU ({serving['kv_cache_tokens_per_replica']} tokens per replica)"
+    )
     console.print(f"{report.events} events simulated in {report.wall_s:.2f} s")
     _print_findings(console, report)
 
@@ -290,8 +391,14 @@ def _findings_table(findings) -> Table:
         table.add_column(col, overflow="fold")
     for f in findings:
         style = "red" if f.severity == "error" else "yellow"
-        table.add_row(f.node, f"[{style}]{f.severity}[/{style}]", fmt_value(f.claimed),
-                      fmt_value(f.computed), f.message, f.fix)  # fmt: skip
+        table.add_row(
+            f.node,
+            f"[{style}]{f.severity}[/{style}]",
+            fmt_value(f.claimed),
+            fmt_value(f.computed),
+            f.message,
+            f.fix,
+        )
     return table
 
 
@@ -299,8 +406,9 @@ def _print_findings(console: Console, report) -> None:
     if report.findings:
         console.print(_findings_table(report.findings))
     else:
-        console.print("[green]no findings: the plan meets its constraints, targets and claims"
-                      "[/green]")  # fmt: skip
+        console.print(
+            "[green]no findings: the plan meets its constraints, targets and claims[/green]"
+        )
     if report.unchecked:
         console.print("not decided by this simulation: " + ", ".join(report.unchecked))
 
@@ -309,9 +417,11 @@ def print_suggestion(suggestion) -> None:
     """``check``: the nearest valid plan, as a ``parallel:`` block."""
     console = Console(width=max(Console().width, 120))
     changed = ", ".join(f"parallel.{k} {a} -> {b}" for k, (a, b) in suggestion.changes.items())
-    console.print(f"[bold]suggested fix[/bold] (nearest valid plan, {len(suggestion.changes)} "
-                  f"field(s) changed: {changed}; peak {suggestion.memory_per_gpu_gib:g} GiB per "
-                  f"GPU on {suggestion.plan.parallel.world_size} GPUs):")  # fmt: skip
+    console.print(
+        f"[bold]suggested fix[/bold] (nearest valid plan, {len(suggestion.changes)} "
+        f"field(s) changed: {changed}; peak {suggestion.memory_per_gpu_gib:g} GiB per "
+        f"GPU on {suggestion.plan.parallel.world_size} GPUs):"
+    )
     console.print(suggestion.parallel_yaml(), markup=False, highlight=False)
 
 
@@ -334,18 +444,31 @@ def print_compare(result) -> None:
         for row in rows:
             cells = [_cell(c) for c in row]
             if title == "targets":
-                cells = [cells[0]] + [f"[red]{c}[/red]" if c.startswith("FAIL") else c
-                                      for c in cells[1:]]  # fmt: skip
+                cells = [cells[0]] + [
+                    f"[red]{c}[/red]" if c.startswith("FAIL") else c for c in cells[1:]
+                ]
             table.add_row(*cells)
         console.print(table)
 
 
-SEARCH_COLS = (("rank", "rank"), ("tp", "TP"), ("pp", "PP"), ("dp", "DP"), ("ep", "EP"),
-               ("etp", "ETP"), ("micro_batch_size", "mbs"), ("num_microbatches", "m"),
-               ("schedule", "schedule"), ("virtual_stages", "v"), ("recompute", "recompute"),
-               ("throughput_tokens_per_ms", "tokens/ms"), ("latency_ms", "latency ms"),
-               ("cost_gpu_ms_per_token", "GPU-ms/token"), ("memory_per_gpu_gib", "GiB/GPU"),
-               ("candidate_id", "id"))  # fmt: skip
+SEARCH_COLS = (
+    ("rank", "rank"),
+    ("tp", "TP"),
+    ("pp", "PP"),
+    ("dp", "DP"),
+    ("ep", "EP"),
+    ("etp", "ETP"),
+    ("micro_batch_size", "mbs"),
+    ("num_microbatches", "m"),
+    ("schedule", "schedule"),
+    ("virtual_stages", "v"),
+    ("recompute", "recompute"),
+    ("throughput_tokens_per_ms", "tokens/ms"),
+    ("latency_ms", "latency ms"),
+    ("cost_gpu_ms_per_token", "GPU-ms/token"),
+    ("memory_per_gpu_gib", "GiB/GPU"),
+    ("candidate_id", "id"),
+)
 
 
 def _search_table(title: str, rows) -> Table:
@@ -361,16 +484,20 @@ def print_search(result, top: int = 10) -> None:
     """``search``: counts, the ranking, the Pareto front, the best plan's ``parallel:`` block."""
     console = Console(width=max(Console().width, 140))
     s = result.summary()
-    console.print(f"[bold]{result.base.name}[/bold] on {result.base.hardware.num_gpus} GPUs, "
-                  f"objective {result.objective}: {s['candidates']} candidates; discarded "
-                  f"statically {s.get('invalid', 0)} invalid + {s.get('oom', 0)} out of memory "
-                  f"({s['discarded_statically_pct']:.0f}%), {s.get('dominated', 0)} dominated "
-                  f"(lighter recompute fits); simulated {s.get('simulated', 0)} "
-                  f"({s['simulated_now']} now, {s['resumed']} from the table, {s['workers']} "
-                  f"workers, {result.backend}) in {s['wall_s']:.1f} s")  # fmt: skip
+    console.print(
+        f"[bold]{result.base.name}[/bold] on {result.base.hardware.num_gpus} GPUs, "
+        f"objective {result.objective}: {s['candidates']} candidates; discarded "
+        f"statically {s.get('invalid', 0)} invalid + {s.get('oom', 0)} out of memory "
+        f"({s['discarded_statically_pct']:.0f}%), {s.get('dominated', 0)} dominated "
+        f"(lighter recompute fits); simulated {s.get('simulated', 0)} "
+        f"({s['simulated_now']} now, {s['resumed']} from the table, {s['workers']} "
+        f"workers, {result.backend}) in {s['wall_s']:.1f} s"
+    )
     if not result.complete:
-        console.print(f"[yellow]{s.get('pending', 0)} candidates still pending: continue with "
-                      "--resume[/yellow]")  # fmt: skip
+        console.print(
+            f"[yellow]{s.get('pending', 0)} candidates still pending: continue with "
+            "--resume[/yellow]"
+        )
     failing = [r for r in result.rows if r["status"] == "simulated" and not r["meets_targets"]]
     if failing:
         console.print(f"{len(failing)} simulated candidates miss a target")
@@ -378,16 +505,18 @@ def print_search(result, top: int = 10) -> None:
     if not ranked:
         console.print("[red]no candidate meets the plan's targets[/red]")
     else:
-        console.print(_search_table(f"best {min(top, len(ranked))} by {result.objective}",
-                                    ranked[:top]))  # fmt: skip
-        console.print(_search_table(f"Pareto front: throughput vs {result.pareto_axis}",
-                                    result.pareto()))  # fmt: skip
+        console.print(
+            _search_table(f"best {min(top, len(ranked))} by {result.objective}", ranked[:top])
+        )
+        console.print(
+            _search_table(f"Pareto front: throughput vs {result.pareto_axis}", result.pareto())
+        )
         best = result.plan_for(ranked[0])
         import yaml
 
-        block = yaml.safe_dump({"parallel": best.parallel.model_dump(mode="json",
-                                                                     exclude_none=True)},
-                               sort_keys=False).rstrip()  # fmt: skip
+        block = yaml.safe_dump(
+            {"parallel": best.parallel.model_dump(mode="json", exclude_none=True)}, sort_keys=False
+        ).rstrip()
         console.print("best plan:", markup=False)
         console.print(block, markup=False, highlight=False)
     if result.path is not None:
@@ -399,32 +528,64 @@ SERVING_TRACE_ROWS = SERVING_ROWS + (
     ("slo_attainment_pct", "SLO attainment", "%", None, None),
     ("completed_requests", "completed requests", "", None, None),
     ("rejected_requests", "rejected requests", "", None, None),
-)  # fmt: skip
+)
 
 
 def print_serving_analysis(result) -> None:
     """``clustersim analyze`` of a serving trace: the serving metrics (as `run` printed them),
     the deployment, then one row per replica."""
     console = Console(width=max(Console().width, 120))
-    console.print(f"[bold]{result.plan_name}[/bold] (seed {result.seed}): {result.path}, "
-                  f"serving trace of {result.rows} rows")  # fmt: skip
-    console.print(_metrics_table("metrics (as `clustersim run` computes them)", result.metrics,
-                                 SERVING_TRACE_ROWS, skip_missing=True))
+    console.print(
+        f"[bold]{result.plan_name}[/bold] (seed {result.seed}): {result.path}, "
+        f"serving trace of {result.rows} rows"
+    )
+    console.print(
+        _metrics_table(
+            "metrics (as `clustersim run` computes them)",
+            result.metrics,
+            SERVING_TRACE_ROWS,
+            skip_missing=True,
+        )
+    )
     s = result.serving
-    console.print(f"{s['replicas']} replicas in {len(s['engines'])} engine(s); KV cache "
-                  f"{s['kv_cache_gib_per_gpu']:.1f} GiB per GPU "
-                  f"({s['kv_cache_tokens_per_replica']} tokens per replica)")  # fmt: skip
+    console.print(
+        f"{s['replicas']} replicas in {len(s['engines'])} engine(s); KV cache "
+        f"{s['kv_cache_gib_per_gpu']:.1f} GiB per GPU "
+        f"({s['kv_cache_tokens_per_replica']} tokens per replica)"
+    )
     replicas = Table(title="replicas", title_justify="left")
-    cols = ("replica", "requests", "rejected", "preemptions", "output tokens", "TTFT p50 ms",
-            "TPOT p50 ms", "latency p50 ms", "KV use %", "KV peak %")  # fmt: skip
+    cols = (
+        "replica",
+        "requests",
+        "rejected",
+        "preemptions",
+        "output tokens",
+        "TTFT p50 ms",
+        "TPOT p50 ms",
+        "latency p50 ms",
+        "KV use %",
+        "KV peak %",
+    )
     for col in cols:
         replicas.add_column(col, justify="right")
     for r in result.replicas:
-        replicas.add_row(str(r["replica"]), str(r["requests"]), str(r["rejected"]),
-                         str(r["preemptions"]), str(r["output_tokens"]),
-                         *(_cell(r[k]) for k in ("ttft_ms_p50", "tpot_ms_p50", "latency_ms_p50",
-                                                 "kv_cache_utilization_pct",
-                                                 "kv_cache_utilization_peak_pct")))  # fmt: skip
+        replicas.add_row(
+            str(r["replica"]),
+            str(r["requests"]),
+            str(r["rejected"]),
+            str(r["preemptions"]),
+            str(r["output_tokens"]),
+            *(
+                _cell(r[k])
+                for k in (
+                    "ttft_ms_p50",
+                    "tpot_ms_p50",
+                    "latency_ms_p50",
+                    "kv_cache_utilization_pct",
+                    "kv_cache_utilization_peak_pct",
+                )
+            ),
+        )
     console.print(replicas)
 
 

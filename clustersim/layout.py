@@ -108,9 +108,7 @@ class Layout:
 
     def crosses_nodes(self, kind: str) -> bool:
         """Whether any group of this kind spans more than one node."""
-        return any(
-            len({r // self.gpus_per_node for r in group}) > 1 for group in self.groups(kind)
-        )
+        return any(len({r // self.gpus_per_node for r in group}) > 1 for group in self.groups(kind))
 
     # ---- layers and experts --------------------------------------------------------------
     @cached_property

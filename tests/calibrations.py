@@ -16,14 +16,24 @@ ROOFLINE: dict[str, Any] = {
     "memory": {"efficiency": 1.0, "elementwise_efficiency": 1.0},
     "kernel": {"fixed_us": 0.0, "launch_us": 0.0, "graph_launch_us": 0.0, "framework_us": 0.0},
     "attention": {"efficiency": 0.6, "half_seq": 0.0, "decode_memory_efficiency": 1.0},
-    "moe": {"dropless_sync_us": 0.0, "deepep_intra_node_gbps": 150.0,
-            "deepep_inter_node_gbps": 45.0, "deepep_latency_us": 0.0},
+    "moe": {
+        "dropless_sync_us": 0.0,
+        "deepep_intra_node_gbps": 150.0,
+        "deepep_inter_node_gbps": 45.0,
+        "deepep_latency_us": 0.0,
+    },
     # links as in LinkSpec: full bandwidth, the link's own latency per step, no fixed cost
-    "collectives": {"intra_node_efficiency": 1.0, "inter_node_efficiency": 1.0,
-                    "intra_node_latency_us": None, "inter_node_latency_us": None,
-                    "intra_node_base_latency_us": 0.0, "inter_node_base_latency_us": 0.0,
-                    "intra_node_p2p_efficiency": 1.0, "inter_node_p2p_efficiency": 1.0},
-}  # fmt: skip
+    "collectives": {
+        "intra_node_efficiency": 1.0,
+        "inter_node_efficiency": 1.0,
+        "intra_node_latency_us": None,
+        "inter_node_latency_us": None,
+        "intra_node_base_latency_us": 0.0,
+        "inter_node_base_latency_us": 0.0,
+        "intra_node_p2p_efficiency": 1.0,
+        "inter_node_p2p_efficiency": 1.0,
+    },
+}
 
 
 def calibration(

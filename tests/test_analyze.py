@@ -90,8 +90,13 @@ def _rewrite_unsorted(src: Path, dst: Path, rows_per_batch: int = 700) -> None:
                 batch = batch.combine_chunks().to_batches()[0]
             writer._write_batch(batch, min_start)
         for row in summary.slice(0, summary.num_rows - 1).to_pylist():  # not the batch index
-            writer.add_row("summary", row["op"], start_s=row["start_s"], end_s=row["end_s"],
-                           values=row["values"])  # fmt: skip
+            writer.add_row(
+                "summary",
+                row["op"],
+                start_s=row["start_s"],
+                end_s=row["end_s"],
+                values=row["values"],
+            )
 
 
 def test_unsorted_overlapping_batches(traced, tmp_path):
@@ -163,9 +168,14 @@ def test_polars_query_reproduces_comm_to_compute(traced):
     query = (
         pl.scan_ipc(path)
         .filter(pl.col("kind").is_in(["compute", "comm", "comm_async"]))
-        .select((100 * duration.filter(pl.col("kind") != "compute").sum()
-                 / duration.filter(pl.col("kind") == "compute").sum()).alias("pct"))
-    )  # fmt: skip
+        .select(
+            (
+                100
+                * duration.filter(pl.col("kind") != "compute").sum()
+                / duration.filter(pl.col("kind") == "compute").sum()
+            ).alias("pct")
+        )
+    )
     value = query.collect()["pct"][0]
     assert value == pytest.approx(analyze(path).metrics["comm_to_compute_pct"], rel=1e-9)
     assert value == pytest.approx(run.metrics["comm_to_compute_pct"], rel=1e-9)
@@ -234,8 +244,9 @@ def test_cli_analyze(traced, tmp_path):
     table = runner.invoke(app, ["analyze", str(path)])
     assert table.exit_code == 0 and "critical path" in table.output
     png, js = tmp_path / "a.png", tmp_path / "a.json"
-    both = runner.invoke(app, ["analyze", str(path), "--plot", str(png), "--perfetto", str(js),
-                               "--window", "0:25"])  # fmt: skip
+    both = runner.invoke(
+        app, ["analyze", str(path), "--plot", str(png), "--perfetto", str(js), "--window", "0:25"]
+    )
     assert both.exit_code == 0, both.output
     assert png.exists() and js.exists()
     bad = runner.invoke(app, ["analyze", str(path), "--plot", str(png), "--window", "5"])

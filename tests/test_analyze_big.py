@@ -38,8 +38,9 @@ def test_ten_million_rows_in_bounded_memory(tmp_path):
         print(json.dumps({{"events": result.events, "growth_mb": (after - before) / 1024,
                           "wall_s": wall, "length_ms": result.critical_path["length_ms"]}}))
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         check=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=600
+    )
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     assert stats["events"] == written
     assert stats["growth_mb"] < RSS_GROWTH_LIMIT_MB, stats

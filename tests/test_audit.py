@@ -376,8 +376,14 @@ def test_memory_not_fitting_and_the_fix_fits(valid):
     report = run(valid)
     mem = report.memory
     assert mem is not None and mem.memory_per_gpu_gib > 80 and not mem.fits
-    parts = (mem.params_gib + mem.grads_gib + mem.optimizer_gib + mem.activations_gib
-             + mem.kv_cache_gib + mem.buffers_gib)  # fmt: skip
+    parts = (
+        mem.params_gib
+        + mem.grads_gib
+        + mem.optimizer_gib
+        + mem.activations_gib
+        + mem.kv_cache_gib
+        + mem.buffers_gib
+    )
     assert parts == pytest.approx(mem.memory_per_gpu_gib)
     f = one(report, "hardware.memory_gib", "error")
     assert f.claimed == 80 and f.computed == round(mem.memory_per_gpu_gib, 2)
@@ -454,8 +460,12 @@ def test_count_claims_with_leading_dense_layer():
     # EP groups: 16 / 4 = 4.
     d = small(ep=4)
     d["model"]["moe"]["first_k_dense"] = 1
-    d["claims"] = {"total_experts": 88, "experts_per_gpu_per_layer": 2, "experts_per_gpu": 12,
-                   "ep_groups": 4}  # fmt: skip
+    d["claims"] = {
+        "total_experts": 88,
+        "experts_per_gpu_per_layer": 2,
+        "experts_per_gpu": 12,
+        "ep_groups": 4,
+    }
     assert run(d).findings == []
     d["claims"] = {"experts_per_gpu": 10}
     f = one(run(d), "claims.experts_per_gpu", "error")
@@ -497,9 +507,16 @@ ESTIMATES = ("memory_per_gpu_gib", "params_gib", "optimizer_gib", "activations_g
 @pytest.mark.parametrize("name", ESTIMATES)
 @pytest.mark.parametrize(
     "factor, severity",
-    [(1.05, None), (0.95, None), (1.15, "warning"), (0.85, "warning"), (1.3, "error"),
-     (0.7, "error"), (3.0, "error")],
-)  # fmt: skip
+    [
+        (1.05, None),
+        (0.95, None),
+        (1.15, "warning"),
+        (0.85, "warning"),
+        (1.3, "error"),
+        (0.7, "error"),
+        (3.0, "error"),
+    ],
+)
 def test_estimate_claims_tolerance(valid, name, factor, severity):
     # Within 10% of the computed value: fine; 10-25%: warning; over 25%: error.
     computed = getattr(run(valid).memory, name)
@@ -520,14 +537,23 @@ def test_estimate_claims_tolerance(valid, name, factor, severity):
 
 def test_simulated_claims_and_targets_are_unchecked(valid):
     valid["claims"] = {
-        "latency_ms": 27, "ttft_ms": 100, "tpot_ms": 5, "throughput_tokens_per_ms": 120,
-        "comm_overhead_pct": 1.5, "load_balance_pct": 92, "gpu_utilization_pct": 94,
-    }  # fmt: skip
+        "latency_ms": 27,
+        "ttft_ms": 100,
+        "tpot_ms": 5,
+        "throughput_tokens_per_ms": 120,
+        "comm_overhead_pct": 1.5,
+        "load_balance_pct": 92,
+        "gpu_utilization_pct": 94,
+    }
     valid["targets"] = {
-        "latency_ms_max": 50, "ttft_ms_max": 10000, "tpot_ms_max": 20,
-        "throughput_tokens_per_ms_min": 100, "comm_overhead_pct_max": 20,
-        "load_balance_pct_min": 90, "gpu_utilization_pct_min": 90,
-    }  # fmt: skip
+        "latency_ms_max": 50,
+        "ttft_ms_max": 10000,
+        "tpot_ms_max": 20,
+        "throughput_tokens_per_ms_min": 100,
+        "comm_overhead_pct_max": 20,
+        "load_balance_pct_min": 90,
+        "gpu_utilization_pct_min": 90,
+    }
     report = run(valid)
     assert report.findings == []
     assert set(report.unchecked) == {f"claims.{k}" for k in valid["claims"]} | {
@@ -538,16 +564,42 @@ def test_simulated_claims_and_targets_are_unchecked(valid):
 
 
 # ---- output contract -----------------------------------------------------------------------
-LAYOUT_KEYS = {"world_size", "cluster_gpus", "layers_per_stage", "experts_per_gpu",
-               "experts_per_gpu_per_layer", "ep_groups", "edp"}  # fmt: skip
-MEMORY_KEYS = {"memory_per_gpu_gib", "params_gib", "grads_gib", "optimizer_gib",
-               "activations_gib", "kv_cache_gib", "buffers_gib", "fits"}  # fmt: skip
+LAYOUT_KEYS = {
+    "world_size",
+    "cluster_gpus",
+    "layers_per_stage",
+    "experts_per_gpu",
+    "experts_per_gpu_per_layer",
+    "ep_groups",
+    "edp",
+}
+MEMORY_KEYS = {
+    "memory_per_gpu_gib",
+    "params_gib",
+    "grads_gib",
+    "optimizer_gib",
+    "activations_gib",
+    "kv_cache_gib",
+    "buffers_gib",
+    "fits",
+}
 METRIC_KEYS = {
-    "iteration_time_ms", "latency_ms", "latency_ms_p99", "ttft_ms_p50", "ttft_ms_p99",
-    "tpot_ms_p50", "throughput_tokens_per_ms", "throughput_tokens_per_s", "mfu_pct",
-    "comm_overhead_pct", "comm_to_compute_pct", "bubble_pct", "gpu_utilization_pct",
-    "load_balance_pct", "dropped_tokens_pct",
-}  # fmt: skip
+    "iteration_time_ms",
+    "latency_ms",
+    "latency_ms_p99",
+    "ttft_ms_p50",
+    "ttft_ms_p99",
+    "tpot_ms_p50",
+    "throughput_tokens_per_ms",
+    "throughput_tokens_per_s",
+    "mfu_pct",
+    "comm_overhead_pct",
+    "comm_to_compute_pct",
+    "bubble_pct",
+    "gpu_utilization_pct",
+    "load_balance_pct",
+    "dropped_tokens_pct",
+}
 FINDING_KEYS = {"node", "severity", "claimed", "computed", "message", "fix"}
 
 

@@ -60,9 +60,14 @@ def test_synthetic_kernel_times_are_recovered():
     rows = fit_kernels.design(data, (*fit_kernels.MEMORY_OPS, *fit_kernels.GEMM_OPS))
     rows = rows.subset(np.arange(rows.op.size) % 7 == 0)  # a sample keeps the test fast
     base = fit_kernels.base_calibration("h100")
-    truth = {"memory.efficiency": 0.9, "memory.elementwise_efficiency": 0.45,
-             "gemm.memory_efficiency": 0.71, "kernel.fixed_us": 3.3, "gemm.efficiency": 0.64,
-             "gemm.half_dim": 150.0}  # fmt: skip
+    truth = {
+        "memory.efficiency": 0.9,
+        "memory.elementwise_efficiency": 0.45,
+        "gemm.memory_efficiency": 0.71,
+        "kernel.fixed_us": 3.3,
+        "gemm.efficiency": 0.64,
+        "gemm.half_dim": 150.0,
+    }
     rows.measured_ms = rows.predict_ms(fit_kernels.with_values(base, truth))
     fitted = fit_kernels.fit_values(rows, base)
     for name, value in truth.items():
@@ -95,12 +100,19 @@ def test_gemm_never_beats_peak_or_bandwidth(m, n, k, dtype, generation):
     gpu = _preset_of(generation)
     cal = CalibrationSpec.model_validate(calibration_data(generation))
     hw = HardwareSpec(gpu=gpu, num_nodes=1, gpus_per_node=8, calibration=cal, **GPU_PRESETS[gpu])
-    model = ModelSpec(num_layers=1, hidden_size=1024, num_attention_heads=8,
-                      ffn_hidden_size=4096, vocab_size=32000, dtype=dtype)  # fmt: skip
+    model = ModelSpec(
+        num_layers=1,
+        hidden_size=1024,
+        num_attention_heads=8,
+        ffn_hidden_size=4096,
+        vocab_size=32000,
+        dtype=dtype,
+    )
     ms = float(KernelTimer(model, hw).gemm_gpu_ms(float(m), n, k))
     floor_compute_ms = 2.0 * m * n * k / (hw.peak_tflops * 1e12) * 1e3
-    floor_memory_ms = (m * k + k * n + m * n) * cc.DTYPE_BYTES[dtype] / (
-        hw.hbm_bandwidth_gbps * 1e9) * 1e3  # fmt: skip
+    floor_memory_ms = (
+        (m * k + k * n + m * n) * cc.DTYPE_BYTES[dtype] / (hw.hbm_bandwidth_gbps * 1e9) * 1e3
+    )
     assert ms >= floor_compute_ms * (1 - 1e-9)
     assert ms >= floor_memory_ms * (1 - 1e-9)
 

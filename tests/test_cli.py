@@ -15,15 +15,43 @@ from clustersim.cli import app
 runner = CliRunner()
 SEEDS = Path(__file__).resolve().parent.parent / "configs" / "seeds"
 CONTRACT = {
-    "layout": {"world_size", "cluster_gpus", "layers_per_stage", "experts_per_gpu",
-               "experts_per_gpu_per_layer", "ep_groups", "edp"},
-    "memory": {"memory_per_gpu_gib", "params_gib", "grads_gib", "optimizer_gib",
-               "activations_gib", "kv_cache_gib", "buffers_gib", "fits"},
-    "metrics": {"iteration_time_ms", "latency_ms", "latency_ms_p99", "ttft_ms_p50", "ttft_ms_p99",
-                "tpot_ms_p50", "throughput_tokens_per_ms", "throughput_tokens_per_s", "mfu_pct",
-                "comm_overhead_pct", "comm_to_compute_pct", "bubble_pct",
-                "gpu_utilization_pct", "load_balance_pct", "dropped_tokens_pct"},
-}  # fmt: skip
+    "layout": {
+        "world_size",
+        "cluster_gpus",
+        "layers_per_stage",
+        "experts_per_gpu",
+        "experts_per_gpu_per_layer",
+        "ep_groups",
+        "edp",
+    },
+    "memory": {
+        "memory_per_gpu_gib",
+        "params_gib",
+        "grads_gib",
+        "optimizer_gib",
+        "activations_gib",
+        "kv_cache_gib",
+        "buffers_gib",
+        "fits",
+    },
+    "metrics": {
+        "iteration_time_ms",
+        "latency_ms",
+        "latency_ms_p99",
+        "ttft_ms_p50",
+        "ttft_ms_p99",
+        "tpot_ms_p50",
+        "throughput_tokens_per_ms",
+        "throughput_tokens_per_s",
+        "mfu_pct",
+        "comm_overhead_pct",
+        "comm_to_compute_pct",
+        "bubble_pct",
+        "gpu_utilization_pct",
+        "load_balance_pct",
+        "dropped_tokens_pct",
+    },
+}
 
 
 def invoke(*args: str):
@@ -77,13 +105,20 @@ def test_set_override_changes_verdict():
     [
         ("parallel: [1, 2", ".yaml", "malformed YAML"),
         ('{"parallel": }', ".json", "malformed JSON"),
-        ("model: {preset: mixtral-8x7b}\nhardware: {gpu: H100-SXM, num_nodes: 1, "
-         "gpus_per_node: 8}\nparallel: {tp: 0, pp: 1, dp: 1}\n", ".yaml", "parallel.tp"),
-        ("model: {preset: mixtral-8x7b}\nhardware: {gpu: H100-SXM, num_nodes: 1, "
-         "gpus_per_node: 8}\nparallel: {tp: 1, pp: 1, dp: 8, tensor_paralel: 2}\n", ".yaml",
-         "did you mean"),
+        (
+            "model: {preset: mixtral-8x7b}\nhardware: {gpu: H100-SXM, num_nodes: 1, "
+            "gpus_per_node: 8}\nparallel: {tp: 0, pp: 1, dp: 1}\n",
+            ".yaml",
+            "parallel.tp",
+        ),
+        (
+            "model: {preset: mixtral-8x7b}\nhardware: {gpu: H100-SXM, num_nodes: 1, "
+            "gpus_per_node: 8}\nparallel: {tp: 1, pp: 1, dp: 8, tensor_paralel: 2}\n",
+            ".yaml",
+            "did you mean",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_input_exits_2_with_one_message(tmp_path, content, suffix, expect):
     path = tmp_path / f"plan{suffix}"
     path.write_text(content)
@@ -117,8 +152,20 @@ def test_layout_small_lists_every_gpu_and_large_is_summarised():
     small = json.loads(invoke("plan", "layout", "--json").stdout)
     assert [g["gpu"] for g in small["gpus"]] == list(range(16))
     # 1024 GPUs: 128 nodes of 8, TP 8 x PP 8 x DP 16 -> summarised per stage.
-    big = invoke("plan", "layout", "--set", "hardware.num_nodes=128", "--set", "parallel.tp=8",
-                 "--set", "parallel.pp=8", "--set", "parallel.dp=16", "--set", "parallel.ep=8")
+    big = invoke(
+        "plan",
+        "layout",
+        "--set",
+        "hardware.num_nodes=128",
+        "--set",
+        "parallel.tp=8",
+        "--set",
+        "parallel.pp=8",
+        "--set",
+        "parallel.dp=16",
+        "--set",
+        "parallel.ep=8",
+    )
     assert big.exit_code == 0, big.output
     assert "Pipeline stages" in big.output and "896-1023" in big.output
     assert len(big.output.splitlines()) < 60
@@ -138,8 +185,9 @@ def test_serving_trace_run_analyze_replay(tmp_path):
     """A serving run writes a trace; analyze gives its metrics back; replay re-serves it."""
     plan = str(SEEDS / "004_current.yaml")
     trace = tmp_path / "serve.arrow"
-    run = invoke("run", plan, "--trace-file", str(trace), "--json",
-                 "--set", "workload.requests.num=100")  # fmt: skip
+    run = invoke(
+        "run", plan, "--trace-file", str(trace), "--json", "--set", "workload.requests.num=100"
+    )
     assert trace.is_file() and run.exit_code in (0, 1), run.output
     ran = json.loads(run.stdout)["metrics"]
     analysed = json.loads(invoke("analyze", str(trace), "--json").stdout)["metrics"]

@@ -37,15 +37,33 @@ FREE_KERNELS = {
 }
 FORWARD_OPS = [op for op in Op if op.name.endswith("_FWD")]  # compute of a forward step
 BACKWARD_OPS = [op for op in Op if op.name.endswith("_BWD") or op == Op.RECOMPUTE]
-H100 = {"peak_tflops": 989.0, "hbm_bandwidth_gbps": 3350.0, "intra_bw": 450.0, "intra_lat": 3.0,
-        "inter_bw": 50.0, "inter_lat": 8.0}  # fmt: skip
+H100 = {
+    "peak_tflops": 989.0,
+    "hbm_bandwidth_gbps": 3350.0,
+    "intra_bw": 450.0,
+    "intra_lat": 3.0,
+    "inter_bw": 50.0,
+    "inter_lat": 8.0,
+}
 
 # Small models: simulation cost grows with layers x micro-batches, not with their width.
-DENSE = {"num_layers": 4, "hidden_size": 1024, "num_attention_heads": 8,
-         "ffn_hidden_size": 4096, "vocab_size": 32000, "activation": "gelu"}  # fmt: skip
-MOE = {"num_layers": 8, "hidden_size": 512, "num_attention_heads": 8, "num_kv_heads": 4,
-       "ffn_hidden_size": 1024, "vocab_size": 1000,
-       "moe": {"num_experts": 8, "top_k": 2}}  # fmt: skip
+DENSE = {
+    "num_layers": 4,
+    "hidden_size": 1024,
+    "num_attention_heads": 8,
+    "ffn_hidden_size": 4096,
+    "vocab_size": 32000,
+    "activation": "gelu",
+}
+MOE = {
+    "num_layers": 8,
+    "hidden_size": 512,
+    "num_attention_heads": 8,
+    "num_kv_heads": 4,
+    "ffn_hidden_size": 1024,
+    "vocab_size": 1000,
+    "moe": {"num_experts": 8, "top_k": 2},
+}
 
 
 def make_plan(
@@ -59,8 +77,12 @@ def make_plan(
     """A training plan on H100-SXM nodes of 8 GPUs, as many nodes as the world needs."""
     par = {"tp": 1, "pp": 1, "dp": 1, **parallel}
     world = par["tp"] * par["pp"] * par["dp"]
-    hw = {"gpu": "H100-SXM", "num_nodes": max(1, math.ceil(world / 8)), "gpus_per_node": 8,
-          "calibration": {"collectives": ROOFLINE["collectives"]}}  # fmt: skip
+    hw = {
+        "gpu": "H100-SXM",
+        "num_nodes": max(1, math.ceil(world / 8)),
+        "gpus_per_node": 8,
+        "calibration": {"collectives": ROOFLINE["collectives"]},
+    }
     hw.update(hardware or {})
     return plan_from_dict(
         {
@@ -124,8 +146,10 @@ def test_bubble_interleaved_closed_form(p, m, v):
 
 def test_bubble_shrinks_with_virtual_stages():
     p, m = 4, 8
-    bubbles = [simulate(free_comm_pipeline("interleaved", p, m, v)).metrics["bubble_pct"]
-               for v in (1, 2, 4)]  # fmt: skip
+    bubbles = [
+        simulate(free_comm_pipeline("interleaved", p, m, v)).metrics["bubble_pct"]
+        for v in (1, 2, 4)
+    ]
     assert bubbles[0] > bubbles[1] > bubbles[2]
 
 
@@ -153,10 +177,13 @@ def test_1f1b_iteration_time_closed_form(p, m):
     # stage the final norm and its copy of the tied embedding.
     h, vocab = 2304, 8
     layers = 4 * dense_layer_params(h, 4 * h)
-    params = [layers + (vocab * h if s == 0 else 0) + (h + vocab * h if s == p - 1 else 0)
-              for s in range(p)]  # fmt: skip
-    optimizer = [n * OPTIMIZER_BYTES_PER_PARAM / (H100["hbm_bandwidth_gbps"] * 1e9) * 1e3
-                 for n in params]  # fmt: skip
+    params = [
+        layers + (vocab * h if s == 0 else 0) + (h + vocab * h if s == p - 1 else 0)
+        for s in range(p)
+    ]
+    optimizer = [
+        n * OPTIMIZER_BYTES_PER_PARAM / (H100["hbm_bandwidth_gbps"] * 1e9) * 1e3 for n in params
+    ]
     opt_rows = np.sort(cols["duration"][cols["op"] == Op.OPTIMIZER])
     np.testing.assert_allclose(opt_rows, np.sort(optimizer), rtol=1e-9)
     pipeline = (p - 1) * (t_f + t_b) + m * (last_f + last_b)
@@ -200,8 +227,15 @@ def test_distributed_optimizer_reduce_scatter_and_param_gather():
     """ZeRO-1: gradients reduce-scatter, (n-1)/n S/B + (n-1) alpha; the bf16 parameters are
     all-gathered, (n-1)/n P/B + (n-1) alpha with P = 2 bytes x parameters."""
     n = 4
-    plan = make_plan(DENSE, {"dp": n, "num_microbatches": 2, "distributed_optimizer": True,
-                             "overlap_communication": False})  # fmt: skip
+    plan = make_plan(
+        DENSE,
+        {
+            "dp": n,
+            "num_microbatches": 2,
+            "distributed_optimizer": True,
+            "overlap_communication": False,
+        },
+    )
     report = simulate(plan)
     durations, sizes = _grad_rows(report)
     bandwidth, alpha_ms = H100["intra_bw"] * 1e9, H100["intra_lat"] * 1e-3
@@ -211,8 +245,9 @@ def test_distributed_optimizer_reduce_scatter_and_param_gather():
     assert len(sizes) == 1  # without overlap: one bucket at the end
     gather, _ = _grad_rows(report, Op.PARAM_GATHER)
     param_bytes = 2 * _dense_params()
-    assert gather == pytest.approx([(n - 1) / n * param_bytes / bandwidth * 1e3
-                                    + (n - 1) * alpha_ms], rel=1e-12)  # fmt: skip
+    assert gather == pytest.approx(
+        [(n - 1) / n * param_bytes / bandwidth * 1e3 + (n - 1) * alpha_ms], rel=1e-12
+    )
     # the optimizer updates a 1/n shard
     cols = rows(report)
     opt = cols["duration"][cols["op"] == Op.OPTIMIZER]
@@ -251,8 +286,11 @@ def test_one_gpu_iteration_is_the_sum_of_its_ops():
     # the ops run back to back: each starts where the previous ended
     np.testing.assert_allclose(cols["start_ms"][1:], cols["end_ms"][:-1], rtol=0, atol=1e-9)
     # backward = 2 x forward, op by op
-    for fwd, bwd in ((Op.ATTN_FWD, Op.ATTN_BWD), (Op.MLP_FWD, Op.MLP_BWD),
-                     (Op.LOGITS_FWD, Op.LOGITS_BWD)):  # fmt: skip
+    for fwd, bwd in (
+        (Op.ATTN_FWD, Op.ATTN_BWD),
+        (Op.MLP_FWD, Op.MLP_BWD),
+        (Op.LOGITS_FWD, Op.LOGITS_BWD),
+    ):
         f, b = cols["duration"][cols["op"] == fwd], cols["duration"][cols["op"] == bwd]
         assert len(f) == len(b) == m * (DENSE["num_layers"] if fwd != Op.LOGITS_FWD else 1)
         assert b.sum() == pytest.approx(2 * f.sum(), rel=1e-12)
@@ -277,8 +315,9 @@ def test_one_gpu_moe_has_zero_communication_overhead():
     assert metrics["comm_overhead_pct"] == 0
     assert metrics["comm_to_compute_pct"] == 0
     assert metrics["iteration_time_ms"] == pytest.approx(cols["duration"].sum(), rel=1e-12)
-    assert not np.isin(cols["op"], [Op.GRAD_REDUCE, Op.EXPERT_GRAD_REDUCE, Op.TP_COMM,
-                                    Op.P2P_SEND, Op.ETP_COMM]).any()  # fmt: skip
+    assert not np.isin(
+        cols["op"], [Op.GRAD_REDUCE, Op.EXPERT_GRAD_REDUCE, Op.TP_COMM, Op.P2P_SEND, Op.ETP_COMM]
+    ).any()
     assert (cols["op"] == Op.EXPERT_FWD).sum() == 2 * MOE["num_layers"]
 
 
@@ -322,12 +361,15 @@ def plan_shapes(draw) -> tuple[dict, dict]:
     return model, parallel
 
 
-MONOTONE = settings(max_examples=20, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+MONOTONE = settings(
+    max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
-NO_LATENCY = {"intra_node": {"bandwidth_gbps": 450.0, "latency_us": 0.0},
-              "inter_node": {"bandwidth_gbps": 50.0, "latency_us": 0.0}}  # fmt: skip
+NO_LATENCY = {
+    "intra_node": {"bandwidth_gbps": 450.0, "latency_us": 0.0},
+    "inter_node": {"bandwidth_gbps": 50.0, "latency_us": 0.0},
+}
 
 
 @MONOTONE
@@ -339,10 +381,12 @@ def test_overlap_never_slower(shape):
     into buckets costs nothing on links without latency; there overlap is never slower. (With
     latency each extra bucket pays its own; see the next test.)"""
     model, parallel = shape
-    on = simulate(make_plan(model, {**parallel, "overlap_communication": True},
-                            hardware=NO_LATENCY))  # fmt: skip
-    off = simulate(make_plan(model, {**parallel, "overlap_communication": False},
-                             hardware=NO_LATENCY))  # fmt: skip
+    on = simulate(
+        make_plan(model, {**parallel, "overlap_communication": True}, hardware=NO_LATENCY)
+    )
+    off = simulate(
+        make_plan(model, {**parallel, "overlap_communication": False}, hardware=NO_LATENCY)
+    )
     assert on.metrics["iteration_time_ms"] <= off.metrics["iteration_time_ms"] * (1 + 1e-12)
 
 
@@ -353,8 +397,15 @@ def test_overlap_with_nothing_to_hide_costs_one_bucket_latency():
     reductions are those of the single bucket without overlap plus one more ring latency,
     2(n - 1) alpha = 6 us for n = 2, alpha = 3 us (Megatron pays the same: it uses one bucket
     when overlap is off)."""
-    parallel = {"tp": 2, "pp": 2, "dp": 2, "sequence_parallel": True, "num_microbatches": 2,
-                "schedule": "gpipe", "grad_bucket_mb": 40.0}  # fmt: skip
+    parallel = {
+        "tp": 2,
+        "pp": 2,
+        "dp": 2,
+        "sequence_parallel": True,
+        "num_microbatches": 2,
+        "schedule": "gpipe",
+        "grad_bucket_mb": 40.0,
+    }
     on = simulate(make_plan(DENSE, {**parallel, "overlap_communication": True}))
     off = simulate(make_plan(DENSE, {**parallel, "overlap_communication": False}))
     stage0 = [rows(r) for r in (on, off)]
@@ -373,8 +424,10 @@ def test_more_bandwidth_never_slower(shape, overlap, bandwidths):
     intra, inter = bandwidths
 
     def hw(factor: float) -> dict:
-        return {"intra_node": {"bandwidth_gbps": intra * factor, "latency_us": 3.0},
-                "inter_node": {"bandwidth_gbps": inter * factor, "latency_us": 8.0}}  # fmt: skip
+        return {
+            "intra_node": {"bandwidth_gbps": intra * factor, "latency_us": 3.0},
+            "inter_node": {"bandwidth_gbps": inter * factor, "latency_us": 8.0},
+        }
 
     slow = simulate(make_plan(model, parallel, hardware=hw(1.0)))
     fast = simulate(make_plan(model, parallel, hardware=hw(2.0)))
@@ -391,15 +444,30 @@ def _same_run(a, b) -> None:
 
 
 def test_same_plan_and_seed_same_metrics():
-    parallel = {"tp": 2, "pp": 2, "dp": 4, "ep": 8, "etp": 1, "num_microbatches": 4,
-                "sequence_parallel": True}  # fmt: skip
+    parallel = {
+        "tp": 2,
+        "pp": 2,
+        "dp": 4,
+        "ep": 8,
+        "etp": 1,
+        "num_microbatches": 4,
+        "sequence_parallel": True,
+    }
     _same_run(simulate(make_plan(MOE, parallel)), simulate(make_plan(MOE, parallel)))
 
 
 def test_variable_sequence_lengths_run_and_are_seeded():
     pytest.importorskip("clustersim.routing.lengths")
-    parallel = {"tp": 2, "pp": 2, "dp": 2, "ep": 4, "etp": 1, "num_microbatches": 4,
-                "micro_batch_size": 2, "sequence_parallel": True}  # fmt: skip
+    parallel = {
+        "tp": 2,
+        "pp": 2,
+        "dp": 2,
+        "ep": 4,
+        "etp": 1,
+        "num_microbatches": 4,
+        "micro_batch_size": 2,
+        "sequence_parallel": True,
+    }
     uniform = {"dist": "uniform", "min": 128, "max": 4096}
     first = simulate(make_plan(MOE, parallel, seq_len=uniform, seed=7))
     _same_run(first, simulate(make_plan(MOE, parallel, seq_len=uniform, seed=7)))
@@ -447,8 +515,15 @@ def test_no_deadlock(schedule, pp, m_factor, kind):
     pytest.importorskip("clustersim.routing.lengths")
     v = 2 if schedule == "interleaved" else 1
     m = m_factor * pp
-    parallel = {"tp": 2, "pp": pp, "dp": 4, "num_microbatches": m, "schedule": schedule,
-                "virtual_stages": v, "sequence_parallel": True}  # fmt: skip
+    parallel = {
+        "tp": 2,
+        "pp": pp,
+        "dp": 4,
+        "num_microbatches": m,
+        "schedule": schedule,
+        "virtual_stages": v,
+        "sequence_parallel": True,
+    }
     model = dict(MOE if kind == "moe" else DENSE, num_layers=8)
     if kind == "moe":
         parallel.update(ep=8, etp=1)

@@ -19,9 +19,15 @@ from clustersim.engine.workload import microbatch_lengths
 from clustersim.layout import Layout
 from clustersim.spec import plan_from_dict
 
-MODEL = {"num_layers": 4, "hidden_size": 512, "num_attention_heads": 8, "num_kv_heads": 4,
-         "ffn_hidden_size": 1024, "vocab_size": 1000,
-         "moe": {"num_experts": 8, "top_k": 2, "router_skew": 0.5}}  # fmt: skip
+MODEL = {
+    "num_layers": 4,
+    "hidden_size": 512,
+    "num_attention_heads": 8,
+    "num_kv_heads": 4,
+    "ffn_hidden_size": 1024,
+    "vocab_size": 1000,
+    "moe": {"num_experts": 8, "top_k": 2, "router_skew": 0.5},
+}
 
 
 class Keeping:
@@ -39,12 +45,15 @@ class Keeping:
 
 
 def _run(parallel: dict):
-    plan = plan_from_dict({
-        "model": MODEL,
-        "hardware": {"gpu": "H100-SXM", "num_nodes": 4, "gpus_per_node": 8},
-        "parallel": {"num_microbatches": 4, **parallel},
-        "workload": {"seq_len": {"dist": "uniform", "min": 64, "max": 2048}},
-    }, "test")  # fmt: skip
+    plan = plan_from_dict(
+        {
+            "model": MODEL,
+            "hardware": {"gpu": "H100-SXM", "num_nodes": 4, "gpus_per_node": 8},
+            "parallel": {"num_microbatches": 4, **parallel},
+            "workload": {"seq_len": {"dist": "uniform", "min": 64, "max": 2048}},
+        },
+        "test",
+    )
     layout = Layout(plan)
     routing = Keeping(routing_for(plan)[0], len(layout.groups("ep")))
     rec = Recorder(plan.parallel.world_size)
@@ -65,10 +74,13 @@ def _forward_rows(cols, op, layer, mb):
     return out
 
 
-@pytest.mark.parametrize("parallel", [
-    {"tp": 1, "pp": 2, "dp": 16, "ep": 4},  # four EP groups of four lanes per stage
-    {"tp": 2, "pp": 2, "dp": 8, "ep": 4, "etp": 1},  # two lanes per EP group
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "parallel",
+    [
+        {"tp": 1, "pp": 2, "dp": 16, "ep": 4},  # four EP groups of four lanes per stage
+        {"tp": 2, "pp": 2, "dp": 8, "ep": 4, "etp": 1},  # two lanes per EP group
+    ],
+)
 def test_each_ep_group_meets_on_its_own_clock(parallel):
     plan, layout, sim, cols, seen = _run(parallel)
     hw, gpn = plan.hardware, plan.hardware.gpus_per_node
@@ -88,8 +100,10 @@ def test_each_ep_group_meets_on_its_own_clock(parallel):
             assert cols["start_ms"][expert[ln]] == pytest.approx(start + a2a_ms, rel=1e-12)
             # the lane's experts: its slowest rank's GEMMs on the tokens that rank received
             slots = [groups[gid].index(r) for r in sim.lanes[ln].ranks]
-            want = max(timer.forward_ms_one(float(d.received_tokens[s]),
-                                            float(d.active_experts[s])) for s in slots)  # fmt: skip
+            want = max(
+                timer.forward_ms_one(float(d.received_tokens[s]), float(d.active_experts[s]))
+                for s in slots
+            )
             got = cols["end_ms"][expert[ln]] - cols["start_ms"][expert[ln]]
             assert got == pytest.approx(want, rel=1e-12)
         ready = max(cols["end_ms"][expert[ln]] for ln in lanes)
@@ -124,12 +138,17 @@ from hypothesis import strategies as st  # noqa: E402
 
 from clustersim.engine.recorder import Kind  # noqa: E402
 
-layouts = st.fixed_dictionaries({
-    "tp": st.sampled_from([1, 2]), "pp": st.sampled_from([1, 2, 4]),
-    "dp": st.sampled_from([2, 4]), "ep": st.sampled_from([2, 4]),
-    "schedule": st.sampled_from(["gpipe", "1f1b"]),
-    "overlap_communication": st.booleans(), "distributed_optimizer": st.booleans(),
-})  # fmt: skip
+layouts = st.fixed_dictionaries(
+    {
+        "tp": st.sampled_from([1, 2]),
+        "pp": st.sampled_from([1, 2, 4]),
+        "dp": st.sampled_from([2, 4]),
+        "ep": st.sampled_from([2, 4]),
+        "schedule": st.sampled_from(["gpipe", "1f1b"]),
+        "overlap_communication": st.booleans(),
+        "distributed_optimizer": st.booleans(),
+    }
+)
 
 
 @settings(max_examples=25, deadline=None)
@@ -140,12 +159,16 @@ def test_lane_clocks_are_causal(parallel, seed):
     its activations arrived; nothing ends after the iteration."""
     assume(parallel["tp"] * parallel["dp"] % parallel["ep"] == 0)  # EP folds into the stage
     parallel = {**parallel, "etp": 1, "num_microbatches": 4}
-    plan = plan_from_dict({
-        "seed": seed, "model": MODEL,
-        "hardware": {"gpu": "H100-SXM", "num_nodes": 4, "gpus_per_node": 8},
-        "parallel": parallel,
-        "workload": {"seq_len": {"dist": "uniform", "min": 64, "max": 2048}},
-    }, "test")  # fmt: skip
+    plan = plan_from_dict(
+        {
+            "seed": seed,
+            "model": MODEL,
+            "hardware": {"gpu": "H100-SXM", "num_nodes": 4, "gpus_per_node": 8},
+            "parallel": parallel,
+            "workload": {"seq_len": {"dist": "uniform", "min": 64, "max": 2048}},
+        },
+        "test",
+    )
     rec = Recorder(plan.parallel.world_size)
     lengths = microbatch_lengths(plan, np.random.default_rng(seed))
     sim = TrainingSim(plan, rec, lengths, routing_for(plan)[0], symmetric=False)
@@ -156,8 +179,7 @@ def test_lane_clocks_are_causal(parallel, seed):
     assert (end >= start).all() and end.max() <= result.iteration_time_ms * (1 + 1e-12)
     grads = np.isin(op, [Op.GRAD_REDUCE, Op.EXPERT_GRAD_REDUCE])
     for ln in sim.lanes:
-        for stream in ((lane == ln.index) & (kind != Kind.COMM_ASYNC),
-                       (lane == ln.index) & grads):  # fmt: skip
+        for stream in ((lane == ln.index) & (kind != Kind.COMM_ASYNC), (lane == ln.index) & grads):
             order = np.argsort(start[stream], kind="stable")
             s, e = start[stream][order], end[stream][order]
             assert (s[1:] >= e[:-1] - 1e-9).all()
@@ -170,6 +192,10 @@ def test_lane_clocks_are_causal(parallel, seed):
         for mb in range(4):
             sends = (lane == sender) & (op == Op.P2P_SEND) & (cols["microbatch"] == mb)
             arrival = end[sends][np.argmin(start[sends])]  # the forward send comes first
-            fwd = ((lane == ln.index) & (op == Op.ATTN_FWD) & (cols["microbatch"] == mb)
-                   & (cols["layer"] == first_layer[ln.stage]))  # fmt: skip
+            fwd = (
+                (lane == ln.index)
+                & (op == Op.ATTN_FWD)
+                & (cols["microbatch"] == mb)
+                & (cols["layer"] == first_layer[ln.stage])
+            )
             assert start[fwd].min() >= arrival - 1e-9

@@ -26,35 +26,61 @@ from clustersim.engine.training import TrainingSim
 from clustersim.engine.workload import microbatch_lengths
 from clustersim.spec import plan_from_dict
 
-SMALL = {"num_layers": 4, "hidden_size": 512, "num_attention_heads": 8, "num_kv_heads": 4,
-         "ffn_hidden_size": 1024, "vocab_size": 1000, "activation": "swiglu",
-         "moe": {"num_experts": 8, "top_k": 2, "routing": "even"}}  # fmt: skip
+SMALL = {
+    "num_layers": 4,
+    "hidden_size": 512,
+    "num_attention_heads": 8,
+    "num_kv_heads": 4,
+    "ffn_hidden_size": 1024,
+    "vocab_size": 1000,
+    "activation": "swiglu",
+    "moe": {"num_experts": 8, "top_k": 2, "routing": "even"},
+}
 # Mixtral-wide layers (few of them): the expert GEMMs are compute-bound and dwarf the fixed
 # kernel overhead, so expert times compare the work itself.
-WIDE = {**SMALL, "num_layers": 2, "hidden_size": 4096, "num_attention_heads": 32,
-        "num_kv_heads": 8, "ffn_hidden_size": 14336}  # fmt: skip
+WIDE = {
+    **SMALL,
+    "num_layers": 2,
+    "hidden_size": 4096,
+    "num_attention_heads": 32,
+    "num_kv_heads": 8,
+    "ffn_hidden_size": 14336,
+}
 PHI = 3  # swiglu: three weight matrices per expert MLP
 
-foldings = st.fixed_dictionaries({
-    "tp": st.sampled_from([1, 2, 4]), "dp": st.sampled_from([1, 2, 4]),
-    "pp": st.sampled_from([1, 2]), "ep": st.sampled_from([1, 2, 4, 8]),
-    "etp": st.sampled_from([1, 2, 4]), "num_microbatches": st.integers(1, 4),
-    "micro_batch_size": st.integers(1, 2),
-})  # fmt: skip
+foldings = st.fixed_dictionaries(
+    {
+        "tp": st.sampled_from([1, 2, 4]),
+        "dp": st.sampled_from([1, 2, 4]),
+        "pp": st.sampled_from([1, 2]),
+        "ep": st.sampled_from([1, 2, 4, 8]),
+        "etp": st.sampled_from([1, 2, 4]),
+        "num_microbatches": st.integers(1, 4),
+        "micro_batch_size": st.integers(1, 2),
+    }
+)
 
 
 def _valid(par: dict, experts: int = 8) -> bool:
     """ETP divides TP (the engine's rule), EP x ETP folds into the stage, EP splits E."""
-    return (par["tp"] % par["etp"] == 0 and (par["tp"] * par["dp"]) % (par["ep"] * par["etp"]) == 0
-            and experts % par["ep"] == 0)  # fmt: skip
+    return (
+        par["tp"] % par["etp"] == 0
+        and (par["tp"] * par["dp"]) % (par["ep"] * par["etp"]) == 0
+        and experts % par["ep"] == 0
+    )
 
 
 def _simulate(model: dict, parallel: dict, seed: int, seq_len: dict):
-    plan = plan_from_dict({
-        "seed": seed, "model": model,
-        "hardware": {"gpu": "H100-SXM", "num_nodes": 4, "gpus_per_node": 8},
-        "parallel": parallel, "workload": {"seq_len": seq_len},
-    }, "test")  # fmt: skip
+    plan = plan_from_dict(
+        {
+            "seed": seed,
+            "model": model,
+            "hardware": {"gpu": "H100-SXM", "num_nodes": 4, "gpus_per_node": 8},
+            "parallel": parallel,
+            "workload": {"seq_len": seq_len},
+        },
+        "test",
+    )
     lengths = microbatch_lengths(plan, np.random.default_rng(seed))
     rec = Recorder(plan.parallel.world_size)
     sim = TrainingSim(plan, rec, lengths, routing_for(plan)[0], symmetric=False)
@@ -104,11 +130,15 @@ def test_all_to_all_bytes_per_gpu(parallel, seed):
         assert abs(cols["bytes"][i] - want) <= 1e-9 * max(want, 1.0)
 
 
-wide_foldings = st.fixed_dictionaries({
-    "tp": st.sampled_from([2, 4]), "dp": st.sampled_from([1, 2, 4]),
-    "pp": st.sampled_from([1, 2]), "ep": st.sampled_from([1, 2, 4]),
-    "num_microbatches": st.integers(1, 3),
-})  # fmt: skip
+wide_foldings = st.fixed_dictionaries(
+    {
+        "tp": st.sampled_from([2, 4]),
+        "dp": st.sampled_from([1, 2, 4]),
+        "pp": st.sampled_from([1, 2]),
+        "ep": st.sampled_from([1, 2, 4]),
+        "num_microbatches": st.integers(1, 3),
+    }
+)
 LONG = {"dist": "uniform", "min": 2048, "max": 4096}
 
 
@@ -129,8 +159,11 @@ def test_expert_tp_costs_what_expert_parallelism_costs(parallel, seed):
     folded = {**parallel, "ep": parallel["ep"] * 2, "etp": 1}
     _, _, _, cols_a, lens_a = _simulate(WIDE, parallel, seed, LONG)
     _, _, _, cols_b, lens_b = _simulate(WIDE, folded, seed, LONG)
-    assert all(np.array_equal(x, y) for ra, rb in zip(lens_a, lens_b, strict=True)
-               for x, y in zip(ra, rb, strict=True))  # fmt: skip
+    assert all(
+        np.array_equal(x, y)
+        for ra, rb in zip(lens_a, lens_b, strict=True)
+        for x, y in zip(ra, rb, strict=True)
+    )
     for op in (Op.EXPERT_FWD, Op.EXPERT_BWD):
         times = []
         for cols in (cols_a, cols_b):

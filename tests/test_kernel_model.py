@@ -46,8 +46,11 @@ def test_cuda_graphs_speed_up_small_decode_end_to_end():
     """One request: decode steps with graphs are faster than eager ones, prefill unchanged."""
     from clustersim.analysis.serving import simulate_serving
 
-    requests = {"num": 1, "prompt_len": {"dist": "fixed", "value": 128},
-                "output_len": {"dist": "fixed", "value": 16}}  # fmt: skip
+    requests = {
+        "num": 1,
+        "prompt_len": {"dist": "fixed", "value": 128},
+        "output_len": {"dist": "fixed", "value": 16},
+    }
     on = simulate_serving(make_plan(DENSE, requests={**requests, "cuda_graphs": True})).metrics
     off = simulate_serving(make_plan(DENSE, requests={**requests, "cuda_graphs": False})).metrics
     assert on["tpot_ms_p50"] < off["tpot_ms_p50"]

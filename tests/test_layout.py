@@ -129,8 +129,12 @@ def shapes(draw: st.DrawFn) -> dict[str, int]:
     dp = draw(st.integers(1, 4))
     pp = draw(st.integers(1, 3))
     per_stage = tp * cp * dp
-    folds = [(e, t) for e in range(1, per_stage + 1) for t in range(1, per_stage + 1)
-             if per_stage % (e * t) == 0]
+    folds = [
+        (e, t)
+        for e in range(1, per_stage + 1)
+        for t in range(1, per_stage + 1)
+        if per_stage % (e * t) == 0
+    ]
     ep, etp = draw(st.sampled_from(folds))
     gpn = draw(st.sampled_from([1, 2, 4, 8]))
     return {"tp": tp, "cp": cp, "dp": dp, "pp": pp, "ep": ep, "etp": etp, "gpus_per_node": gpn}
@@ -165,8 +169,10 @@ def test_every_group_kind_partitions_the_ranks(shape: dict[str, int]) -> None:
     lay = make_layout(**shape)
     world = lay.world_size
     per_stage = shape["tp"] * shape["cp"] * shape["dp"]
-    sizes = {**{k: shape[k] for k in ("tp", "cp", "dp", "pp", "ep", "etp")},
-             "edp": per_stage // (shape["ep"] * shape["etp"])}
+    sizes = {
+        **{k: shape[k] for k in ("tp", "cp", "dp", "pp", "ep", "etp")},
+        "edp": per_stage // (shape["ep"] * shape["etp"]),
+    }
     assert lay.edp == sizes["edp"]
     for kind in GROUP_KINDS:
         groups = lay.groups(kind)
@@ -374,8 +380,9 @@ def test_dense_model_has_no_experts() -> None:
 
 def test_experts_of_ranges() -> None:
     # tp2 pp2 dp4, etp1 ep4 (the reference layout), 8 experts -> 2 per rank
-    lay = make_layout(tp=2, pp=2, dp=4, ep=4, etp=1, model={**SMALL_MOE, "moe": {
-        "num_experts": 8, "top_k": 2}})
+    lay = make_layout(
+        tp=2, pp=2, dp=4, ep=4, etp=1, model={**SMALL_MOE, "moe": {"num_experts": 8, "top_k": 2}}
+    )
     assert lay.experts_of(0) == range(0, 2)
     assert lay.experts_of(3) == range(6, 8)
     assert lay.experts_of(5) == range(2, 4)  # ep coordinate 1

@@ -79,10 +79,15 @@ KORTHIKANTI_ROWS = [
 
 
 @pytest.mark.parametrize(("sp", "flash", "recompute", "per_sbh"), KORTHIKANTI_ROWS)
-@pytest.mark.parametrize(("preset", "a", "h", "t"), [
-    ("gpt-1.7b", 24, 2304, 1), ("gpt-1.7b", 24, 2304, 2), ("gpt-18.4b", 48, 6144, 8),
-    ("gpt-145.6b", 96, 12288, 8),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("preset", "a", "h", "t"),
+    [
+        ("gpt-1.7b", 24, 2304, 1),
+        ("gpt-1.7b", 24, 2304, 2),
+        ("gpt-18.4b", 48, 6144, 8),
+        ("gpt-145.6b", 96, 12288, 8),
+    ],
+)
 def test_layer_activations_match_korthikanti_table2(
     sp: bool, flash: bool, recompute: str, per_sbh: Any, preset: str, a: int, h: int, t: int
 ) -> None:
@@ -99,8 +104,9 @@ def test_layer_activations_of_an_moe_layer_by_hand() -> None:
     s, b, h, t, k, ffn = 4096, 1, 4096, 2, 2, 14336
     sbh = s * b * h
     attention = 2 * s * b * 128 * (2 * 32 / t + 2 * 8 / t)  # Q, O-input 16 heads; K, V 4 heads
-    with_sp = make_plan("mixtral-8x7b", parallel={"tp": t, "dp": 4, "ep": 8, "etp": 1,
-                                                   "sequence_parallel": True})  # fmt: skip
+    with_sp = make_plan(
+        "mixtral-8x7b", parallel={"tp": t, "dp": 4, "ep": 8, "etp": 1, "sequence_parallel": True}
+    )
     # SP: replicated (7 + 3k) sbh / t; experts k * 6 * s*b*ffn / t (tokens split over t)
     expected_sp = (7 + 3 * k) * sbh / t + attention + k * 6 * s * b * ffn / t
     got = layer_activation_bytes(with_sp.model, with_sp.parallel, 0, s, b)
@@ -174,9 +180,14 @@ def training_bytes(plan: Plan) -> float:
     return (r.params_gib + r.grads_gib + r.optimizer_gib) * GIB
 
 
-@pytest.mark.parametrize(("dtype", "plain", "weights_grads", "optimizer"), [
-    ("bf16", 18, 6, 12), ("fp16", 20, 4, 16), ("fp32", 16, 8, 8),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("dtype", "plain", "weights_grads", "optimizer"),
+    [
+        ("bf16", 18, 6, 12),
+        ("fp16", 20, 4, 16),
+        ("fp32", 16, 8, 8),
+    ],
+)
 def test_bytes_per_param(dtype: str, plain: int, weights_grads: int, optimizer: int) -> None:
     fields = {"dtype": dtype}
     plan = make_plan(model_fields=fields, parallel={"dp": 8})
@@ -184,8 +195,7 @@ def test_bytes_per_param(dtype: str, plain: int, weights_grads: int, optimizer: 
     dist = make_plan(model_fields=fields, parallel={"dp": 8, "distributed_optimizer": True})
     assert training_bytes(dist) == pytest.approx((weights_grads + optimizer / 8) * GPT_PARAMS)
     # the optimizer is sharded over DP x CP
-    cp = make_plan(model_fields=fields,
-                   parallel={"dp": 4, "cp": 2, "distributed_optimizer": True})  # fmt: skip
+    cp = make_plan(model_fields=fields, parallel={"dp": 4, "cp": 2, "distributed_optimizer": True})
     assert training_bytes(cp) == pytest.approx((weights_grads + optimizer / 8) * GPT_PARAMS)
 
 
@@ -218,17 +228,20 @@ def test_gqa_kv_projections_replicate_when_tp_exceeds_kv_heads(t: int, kv_shards
     q_o, k_v = 2 * h * 128 * 32, 2 * h * 128 * 8
     replicated = layers * (2 * h + h * 8) + h
     expected = (
-        layers * (q_o / t + k_v / kv_shards) + 2 * vocab * h / t + replicated
+        layers * (q_o / t + k_v / kv_shards)
+        + 2 * vocab * h / t
+        + replicated
         + layers * 8 * 3 * h * 14336 / t  # experts, etp = t, ep = 1
-    )  # fmt: skip
+    )
     params = stage_bytes(make_plan("mixtral-8x7b", parallel={"tp": t}), "params_gib")[0] / 2
     assert params == pytest.approx(expected, rel=1e-12)
 
 
 def test_embedding_on_first_stage_output_on_last() -> None:
     h, vocab = 4096, 32000
-    params = [x / 2 for x in stage_bytes(make_plan("mixtral-8x7b", parallel={"pp": 4}),
-                                         "params_gib")]  # fmt: skip
+    params = [
+        x / 2 for x in stage_bytes(make_plan("mixtral-8x7b", parallel={"pp": 4}), "params_gib")
+    ]
     assert params[0] - params[1] == pytest.approx(vocab * h)
     assert params[3] - params[1] == pytest.approx(vocab * h + h)  # output layer + final norm
     assert params[2] == pytest.approx(params[1])
@@ -247,9 +260,12 @@ def test_tied_embedding_copy_on_last_stage_only_when_pipelined() -> None:
 
 INFERENCE = {
     "mode": "inference",
-    "requests": {"prompt_len": {"dist": "fixed", "value": 1000},
-                 "output_len": {"dist": "fixed", "value": 24}, "max_batch_size": 16},
-}  # fmt: skip
+    "requests": {
+        "prompt_len": {"dist": "fixed", "value": 1000},
+        "output_len": {"dist": "fixed", "value": 24},
+        "max_batch_size": 16,
+    },
+}
 
 
 @pytest.mark.parametrize(("t", "kv_heads_per_gpu"), [(1, 4), (2, 2), (4, 1), (8, 1)])
@@ -310,9 +326,18 @@ def test_peak_capacity_and_fits() -> None:
 
 def test_to_dict_has_the_contract_keys() -> None:
     out = report(make_plan(parallel={"pp": 2})).to_dict()
-    for key in ("memory_per_gpu_gib", "params_gib", "grads_gib", "optimizer_gib",
-                "activations_gib", "kv_cache_gib", "buffers_gib", "fits", "peak_stage",
-                "capacity_gib"):  # fmt: skip
+    for key in (
+        "memory_per_gpu_gib",
+        "params_gib",
+        "grads_gib",
+        "optimizer_gib",
+        "activations_gib",
+        "kv_cache_gib",
+        "buffers_gib",
+        "fits",
+        "peak_stage",
+        "capacity_gib",
+    ):
         assert key in out
     assert len(out["stages"]) == 2
     assert out["stages"][0]["inflight_microbatches"] == 1  # m = 1
@@ -355,13 +380,27 @@ def test_more_tp_or_pp_never_increases_params_per_gpu(model: str, data: Any) -> 
     flash=st.booleans(),
 )
 def test_full_le_selective_le_no_recompute(
-    model: str, seq: int, batch: int, tp: int, pp: int, m: int, schedule: str, sp: bool,
+    model: str,
+    seq: int,
+    batch: int,
+    tp: int,
+    pp: int,
+    m: int,
+    schedule: str,
+    sp: bool,
     flash: bool,
-) -> None:  # fmt: skip
+) -> None:
     def acts(recompute: str) -> list[float]:
-        par = {"tp": tp, "pp": pp, "num_microbatches": m, "micro_batch_size": batch,
-               "schedule": schedule, "sequence_parallel": sp, "flash_attention": flash,
-               "recompute": recompute}  # fmt: skip
+        par = {
+            "tp": tp,
+            "pp": pp,
+            "num_microbatches": m,
+            "micro_batch_size": batch,
+            "schedule": schedule,
+            "sequence_parallel": sp,
+            "flash_attention": flash,
+            "recompute": recompute,
+        }
         plan = make_plan(model, parallel=par, workload={"seq_len": {"value": seq}})
         return [s.activations_gib for s in report(plan).stages]
 
@@ -376,11 +415,16 @@ def test_full_le_selective_le_no_recompute(
 
 def published_plan(model: dict[str, Any], gpu: str, gpus: int, seq: int, **par: Any) -> Plan:
     """A training plan of a published run on nodes of 8 GPUs."""
-    return plan_from_dict({
-        "name": "published", "model": model,
-        "hardware": {"gpu": gpu, "num_nodes": gpus // 8, "gpus_per_node": 8},
-        "parallel": par, "workload": {"mode": "training", "seq_len": {"value": seq}},
-    }, "test")  # fmt: skip
+    return plan_from_dict(
+        {
+            "name": "published",
+            "model": model,
+            "hardware": {"gpu": gpu, "num_nodes": gpus // 8, "gpus_per_node": 8},
+            "parallel": par,
+            "workload": {"mode": "training", "seq_len": {"value": seq}},
+        },
+        "test",
+    )
 
 
 # Narayanan et al. 2021 (SC21), Table 1: GPT models on A100-80GB, seq 2048, vocabulary 51,200,
@@ -399,17 +443,35 @@ NARAYANAN_TABLE1 = [
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
-@pytest.mark.parametrize(("preset", "t", "p", "gpus", "batch", "v", "h", "layers"),
-                         NARAYANAN_TABLE1)  # fmt: skip
+@pytest.mark.parametrize(
+    ("preset", "t", "p", "gpus", "batch", "v", "h", "layers"), NARAYANAN_TABLE1
+)
 def test_narayanan_2021_table1_runs_fit_a100_80gb(
-    preset: str, t: int, p: int, gpus: int, batch: int, v: int, h: int, layers: int,
+    preset: str,
+    t: int,
+    p: int,
+    gpus: int,
+    batch: int,
+    v: int,
+    h: int,
+    layers: int,
     interleaved: bool,
-) -> None:  # fmt: skip
+) -> None:
     d = gpus // (t * p)
     schedule = {"schedule": "interleaved", "virtual_stages": v} if interleaved else {}
-    plan = published_plan({"preset": preset, "dtype": "fp16"}, "A100-80GB", gpus, 2048,
-                          tp=t, pp=p, dp=d, num_microbatches=batch // d, recompute="full",
-                          flash_attention=False, **schedule)  # fmt: skip
+    plan = published_plan(
+        {"preset": preset, "dtype": "fp16"},
+        "A100-80GB",
+        gpus,
+        2048,
+        tp=t,
+        pp=p,
+        dp=d,
+        num_microbatches=batch // d,
+        recompute="full",
+        flash_attention=False,
+        **schedule,
+    )
     r = report(plan)
     assert r.memory_per_gpu_gib < 80, r.peak
     # Full recompute keeps each layer's input, 2sbh (b = 1, no SP), and stage 0 the embedding
@@ -427,24 +489,52 @@ def test_narayanan_2021_table1_runs_fit_a100_80gb(
 # embeddings, Llama-2 tokenizer (vocabulary 32,000), 1F1B. A blank ETP is Megatron's default
 # (ETP = TP) except where only ETP 1 can fold (Llama3-8x70B with folding: EP 8 x TP 8 does not
 # divide the 16 ranks of a stage).
-MIXTRAL_8X22B = {"preset": "mixtral-8x22b", "vocab_size": 32000,
-                 "moe": {"num_experts": 8, "top_k": 2, "capacity_factor": 1.0}}  # fmt: skip
+MIXTRAL_8X22B = {
+    "preset": "mixtral-8x22b",
+    "vocab_size": 32000,
+    "moe": {"num_experts": 8, "top_k": 2, "capacity_factor": 1.0},
+}
 # Qwen/Qwen2-57B-A14B config.json.
-QWEN2_57B = {"name": "qwen2-57b-a14b", "num_layers": 28, "hidden_size": 3584,
-             "num_attention_heads": 28, "num_kv_heads": 4, "ffn_hidden_size": 2560,
-             "vocab_size": 151936,
-             "moe": {"num_experts": 64, "top_k": 8, "capacity_factor": 1.0,
-                     "num_shared_experts": 1, "shared_expert_ffn_hidden_size": 20480}}  # fmt: skip
+QWEN2_57B = {
+    "name": "qwen2-57b-a14b",
+    "num_layers": 28,
+    "hidden_size": 3584,
+    "num_attention_heads": 28,
+    "num_kv_heads": 4,
+    "ffn_hidden_size": 2560,
+    "vocab_size": 151936,
+    "moe": {
+        "num_experts": 64,
+        "top_k": 8,
+        "capacity_factor": 1.0,
+        "num_shared_experts": 1,
+        "shared_expert_ffn_hidden_size": 20480,
+    },
+}
 # Mixtral-8x22B fine-grained-upcycled to 64 experts of 1/8 width, top-8 (paper Sec. 4.1).
-MIXTRAL_G8T8 = {**MIXTRAL_8X22B, "ffn_hidden_size": 2048,
-                "moe": {"num_experts": 64, "top_k": 8, "capacity_factor": 1.0}}  # fmt: skip
+MIXTRAL_G8T8 = {
+    **MIXTRAL_8X22B,
+    "ffn_hidden_size": 2048,
+    "moe": {"num_experts": 64, "top_k": 8, "capacity_factor": 1.0},
+}
 # Llama3-70B upcycled to 8 experts (Sec. 4.1); top-k not stated: top-2 (as Mixtral) assumed.
-LLAMA3_8X70B = {"name": "llama3-8x70b", "num_layers": 80, "hidden_size": 8192,
-                "num_attention_heads": 64, "num_kv_heads": 8, "ffn_hidden_size": 28672,
-                "vocab_size": 128256,
-                "moe": {"num_experts": 8, "top_k": 2, "capacity_factor": 1.0}}  # fmt: skip
-FOLDING_COMMON = {"micro_batch_size": 1, "sequence_parallel": True, "flash_attention": True,
-                  "recompute": "none", "distributed_optimizer": True}  # fmt: skip
+LLAMA3_8X70B = {
+    "name": "llama3-8x70b",
+    "num_layers": 80,
+    "hidden_size": 8192,
+    "num_attention_heads": 64,
+    "num_kv_heads": 8,
+    "ffn_hidden_size": 28672,
+    "vocab_size": 128256,
+    "moe": {"num_experts": 8, "top_k": 2, "capacity_factor": 1.0},
+}
+FOLDING_COMMON = {
+    "micro_batch_size": 1,
+    "sequence_parallel": True,
+    "flash_attention": True,
+    "recompute": "none",
+    "distributed_optimizer": True,
+}
 FOLDING_TABLE3 = [
     # model, GPUs, TP, EP, PP, ETP (None: = TP)
     ("Mixtral-8x22B MCore w/ Folding", MIXTRAL_8X22B, 128, 2, 8, 8, 1),

@@ -20,8 +20,9 @@ def union(intervals: list[tuple[int, float, float]], num_lanes: int) -> np.ndarr
         empty = np.array([], dtype=np.int32)
         return union_length_by_lane(empty, np.array([]), np.array([]), num_lanes)
     lanes, starts, ends = (np.array(x) for x in zip(*intervals, strict=True))
-    return union_length_by_lane(lanes.astype(np.int32), starts.astype(float),
-                                ends.astype(float), num_lanes)  # fmt: skip
+    return union_length_by_lane(
+        lanes.astype(np.int32), starts.astype(float), ends.astype(float), num_lanes
+    )
 
 
 # ---- union_length_by_lane ---------------------------------------------------------------------
@@ -57,11 +58,15 @@ def test_union_touching_and_zero_length_intervals():
 
 def test_union_several_lanes_unsorted_and_an_empty_lane():
     intervals = [
-        (2, 4, 6), (0, 5, 7), (2, 0, 1), (0, 0, 2), (0, 1, 3),  # lane 0: [0,3] u [5,7] = 5
+        (2, 4, 6),
+        (0, 5, 7),
+        (2, 0, 1),
+        (0, 0, 2),
+        (0, 1, 3),  # lane 0: [0,3] u [5,7] = 5
         (2, 5, 9),  # lane 2: [0,1] u [4,9] = 6
         (3, 0, 100),  # lane 3: 100, longer than every other lane's span
         (0, 6, 6.5),  # inside lane 0's [5, 7]
-    ]  # fmt: skip
+    ]
     np.testing.assert_allclose(union(intervals, 5), [5.0, 0.0, 6.0, 100.0, 0.0])
 
 
@@ -105,12 +110,18 @@ def test_union_matches_sort_and_merge(intervals):
 # ---- training_metrics on a hand-made recorder --------------------------------------------------
 
 _PLAN = {
-    "model": {"num_layers": 4, "hidden_size": 1024, "num_attention_heads": 8,
-              "ffn_hidden_size": 4096, "vocab_size": 32000, "activation": "gelu"},
+    "model": {
+        "num_layers": 4,
+        "hidden_size": 1024,
+        "num_attention_heads": 8,
+        "ffn_hidden_size": 4096,
+        "vocab_size": 32000,
+        "activation": "gelu",
+    },
     "hardware": {"gpu": "H100-SXM", "num_nodes": 1, "gpus_per_node": 8},
     "parallel": {"tp": 1, "pp": 2, "dp": 1, "num_microbatches": 1},
     "workload": {"seq_len": {"dist": "fixed", "value": 1024}},
-}  # fmt: skip
+}
 
 
 def _hand_run():
@@ -128,11 +139,17 @@ def _hand_run():
     rec.add(1, Kind.COMM, Op.A2A_COMBINE, 5.0, 6.0, 2, 0, 50.0)
     rec.rank_idle_ms[1] = 0.5
     dispatches = [  # one batch of two routed (group, micro-batch) outcomes of layer 0
-        DispatchBatch.stack([
-            Dispatch(np.zeros((2, 2)), np.zeros(2), np.zeros(2), np.array([1.0, 3.0]), 1.0, 10.0),
-            Dispatch(np.zeros((2, 2)), np.zeros(2), np.zeros(2), np.array([2.0, 2.0]), 0.0, 10.0),
-        ])
-    ]  # fmt: skip
+        DispatchBatch.stack(
+            [
+                Dispatch(
+                    np.zeros((2, 2)), np.zeros(2), np.zeros(2), np.array([1.0, 3.0]), 1.0, 10.0
+                ),
+                Dispatch(
+                    np.zeros((2, 2)), np.zeros(2), np.zeros(2), np.array([2.0, 2.0]), 0.0, 10.0
+                ),
+            ]
+        )
+    ]
     lanes = [Lane(0, 0, 0, [0]), Lane(1, 1, 0, [1])]
     seq_lens = [[np.array([1024])]]
     result = SimResult(8.0, 6.0, lanes, 1, 0, 1024, seq_lens, dispatches, [0])
@@ -174,7 +191,12 @@ def test_training_metrics_without_routing():
 
 def test_time_breakdown_is_mean_per_lane():
     _plan, rec, result = _hand_run()
-    assert time_breakdown(rec, result) == pytest.approx({
-        "attn_fwd": 2 / 2, "tp_comm": 2 / 2, "grad_reduce": 3 / 2, "expert_fwd": 2 / 2,
-        "a2a_combine": 1 / 2,
-    })  # fmt: skip
+    assert time_breakdown(rec, result) == pytest.approx(
+        {
+            "attn_fwd": 2 / 2,
+            "tp_comm": 2 / 2,
+            "grad_reduce": 3 / 2,
+            "expert_fwd": 2 / 2,
+            "a2a_combine": 1 / 2,
+        }
+    )

@@ -14,10 +14,17 @@ from clustersim.spec.schema import ModelSpec
 # Narayanan et al. 2021 (arXiv 2104.04473), Table 1: (params_billion, heads, hidden, layers),
 # as in configs/validation/narayanan2021_table1.csv (written out here by hand).
 NARAYANAN_TABLE1 = [
-    (1.7, 24, 2304, 24), (3.6, 32, 3072, 30), (7.5, 32, 4096, 36), (18.4, 48, 6144, 40),
-    (39.1, 64, 8192, 48), (76.1, 80, 10240, 60), (145.6, 96, 12288, 80),
-    (310.1, 128, 16384, 96), (529.6, 128, 20480, 105), (1008.0, 160, 25600, 128),
-]  # fmt: skip
+    (1.7, 24, 2304, 24),
+    (3.6, 32, 3072, 30),
+    (7.5, 32, 4096, 36),
+    (18.4, 48, 6144, 40),
+    (39.1, 64, 8192, 48),
+    (76.1, 80, 10240, 60),
+    (145.6, 96, 12288, 80),
+    (310.1, 128, 16384, 96),
+    (529.6, 128, 20480, 105),
+    (1008.0, 160, 25600, 128),
+]
 VALIDATION_CSVS = [
     Path(__file__).resolve().parents[1] / "configs/validation/narayanan2021_table1.csv",
 ]
@@ -74,9 +81,14 @@ def test_gpt_shapes_match_narayanan_formula_within_1pct(
     """
     vocab, seq = 51200, 2048
     model = ModelSpec(
-        num_layers=layers, hidden_size=h, num_attention_heads=heads, ffn_hidden_size=4 * h,
-        vocab_size=vocab, activation="gelu", tie_embeddings=True,
-    )  # fmt: skip
+        num_layers=layers,
+        hidden_size=h,
+        num_attention_heads=heads,
+        ffn_hidden_size=4 * h,
+        vocab_size=vocab,
+        activation="gelu",
+        tie_embeddings=True,
+    )
     narayanan = 12 * layers * h**2 * (1 + 13 / (12 * h) + (vocab + seq) / (12 * layers * h))
     counts = count_params(model)
     assert counts.total == pytest.approx(narayanan, rel=0.01)
@@ -89,10 +101,15 @@ def tiny_moe() -> ModelSpec:
     """h=8, 2 heads of 4, 1 KV head, SwiGLU ffn 16, V=10, 2 layers: layer 0 MoE (4 experts,
     top-2), layer 1 dense (layer_freq 2)."""
     return ModelSpec(
-        num_layers=2, hidden_size=8, num_attention_heads=2, num_kv_heads=1, ffn_hidden_size=16,
-        vocab_size=10, activation="swiglu",
+        num_layers=2,
+        hidden_size=8,
+        num_attention_heads=2,
+        num_kv_heads=1,
+        ffn_hidden_size=16,
+        vocab_size=10,
+        activation="swiglu",
         moe={"num_experts": 4, "top_k": 2, "layer_freq": 2},
-    )  # fmt: skip
+    )
 
 
 def test_tiny_model_by_hand() -> None:
@@ -134,11 +151,20 @@ def test_tied_embeddings_have_no_output_matrix() -> None:
 
 def test_shared_experts_and_first_dense_layers() -> None:
     model = ModelSpec(
-        num_layers=3, hidden_size=8, num_attention_heads=2, ffn_hidden_size=4,
-        dense_ffn_hidden_size=32, vocab_size=10,
-        moe={"num_experts": 4, "top_k": 1, "first_k_dense": 1, "num_shared_experts": 2,
-             "shared_expert_ffn_hidden_size": 6},
-    )  # fmt: skip
+        num_layers=3,
+        hidden_size=8,
+        num_attention_heads=2,
+        ffn_hidden_size=4,
+        dense_ffn_hidden_size=32,
+        vocab_size=10,
+        moe={
+            "num_experts": 4,
+            "top_k": 1,
+            "first_k_dense": 1,
+            "num_shared_experts": 2,
+            "shared_expert_ffn_hidden_size": 6,
+        },
+    )
     counts = count_params(model)
     assert counts.moe_layers == (False, True, True)
     assert counts.dense_mlp == 3 * 8 * 32
@@ -151,20 +177,33 @@ def test_shared_experts_and_first_dense_layers() -> None:
 
 def test_mla_attention_by_hand() -> None:
     """h=16, 4 heads, q_lora 8, kv_lora 6, nope 4, rope 2, v 3."""
-    mla = {"q_lora_rank": 8, "kv_lora_rank": 6, "qk_nope_head_dim": 4, "qk_rope_head_dim": 2,
-           "v_head_dim": 3}  # fmt: skip
+    mla = {
+        "q_lora_rank": 8,
+        "kv_lora_rank": 6,
+        "qk_nope_head_dim": 4,
+        "qk_rope_head_dim": 2,
+        "v_head_dim": 3,
+    }
     model = ModelSpec(
-        num_layers=1, hidden_size=16, num_attention_heads=4, ffn_hidden_size=8, vocab_size=10,
+        num_layers=1,
+        hidden_size=16,
+        num_attention_heads=4,
+        ffn_hidden_size=8,
+        vocab_size=10,
         mla=mla,
-    )  # fmt: skip
+    )
     q = 16 * 8 + 8 * 4 * (4 + 2)  # 128 + 192
     kv = 16 * (6 + 2) + 6 * 4 * (4 + 3)  # 128 + 168
     out = 4 * 3 * 16  # 192
     assert count_params(model).attention == q + kv + out == 808
     assert count_params(model).attention_kv == 0
     full_q = ModelSpec(
-        num_layers=1, hidden_size=16, num_attention_heads=4, ffn_hidden_size=8, vocab_size=10,
+        num_layers=1,
+        hidden_size=16,
+        num_attention_heads=4,
+        ffn_hidden_size=8,
+        vocab_size=10,
         mla={**mla, "q_lora_rank": None},
-    )  # fmt: skip
+    )
     # a full-rank query: 16 x 4*(4+2) = 384
     assert count_params(full_q).attention == 384 + kv + out

@@ -13,15 +13,25 @@ def test_blocks_and_rows_keep_recording_order_and_values():
     rec.sink = chunks.append
     rec.add(0, Kind.COMPUTE, Op.ATTN_FWD, 0.0, 1.0, 3, 7)
     lanes = np.array([1, 2, 3], dtype=np.int32)
-    rec.add_block(lanes, Kind.COMM, Op.A2A_DISPATCH, np.array([1.0, 1.5, 2.0]),
-                  np.full(3, 2.5), 3, 7, np.array([10.0, 20.0, 30.0]))  # fmt: skip
+    rec.add_block(
+        lanes,
+        Kind.COMM,
+        Op.A2A_DISPATCH,
+        np.array([1.0, 1.5, 2.0]),
+        np.full(3, 2.5),
+        3,
+        7,
+        np.array([10.0, 20.0, 30.0]),
+    )
     rec.add(2, Kind.COMM_ASYNC, Op.GRAD_REDUCE, 4.0, 6.0, nbytes=5.0)
     rec.add_block(lanes, Kind.COMPUTE, Op.EXPERT_FWD, np.zeros(3), np.ones(3), 4, 0)
     assert rec.size == 8
     cols = rec.columns()
     assert cols["lane"].tolist() == [0, 1, 2, 3, 2, 1, 2, 3]
-    assert cols["op"].tolist() == [Op.ATTN_FWD] + [Op.A2A_DISPATCH] * 3 + [Op.GRAD_REDUCE] + [
-        Op.EXPERT_FWD] * 3  # fmt: skip
+    assert (
+        cols["op"].tolist()
+        == [Op.ATTN_FWD] + [Op.A2A_DISPATCH] * 3 + [Op.GRAD_REDUCE] + [Op.EXPERT_FWD] * 3
+    )
     assert cols["kind"].tolist() == [0, 1, 1, 1, 2, 0, 0, 0]
     assert cols["start_ms"].tolist() == [0.0, 1.0, 1.5, 2.0, 4.0, 0.0, 0.0, 0.0]
     assert cols["end_ms"].tolist() == [1.0, 2.5, 2.5, 2.5, 6.0, 1.0, 1.0, 1.0]
@@ -32,9 +42,15 @@ def test_blocks_and_rows_keep_recording_order_and_values():
     seen = np.concatenate([c["start_ms"] for c in chunks])
     assert seen.tolist() == cols["start_ms"].tolist()
     assert {name: col.dtype for name, col in cols.items()} == {
-        "lane": np.int32, "kind": np.int8, "op": np.int16, "start_ms": np.float64,
-        "end_ms": np.float64, "layer": np.int32, "microbatch": np.int32, "bytes": np.float64,
-    }  # fmt: skip
+        "lane": np.int32,
+        "kind": np.int8,
+        "op": np.int16,
+        "start_ms": np.float64,
+        "end_ms": np.float64,
+        "layer": np.int32,
+        "microbatch": np.int32,
+        "bytes": np.float64,
+    }
 
 
 def test_empty_recorder_has_typed_empty_columns():

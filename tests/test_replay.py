@@ -18,8 +18,16 @@ PLANS = {
     "dense": ["model.moe=null"],
     "skewed-capacity": ["model.moe.router_skew=0.6", "parallel.tp=1", "parallel.dp=8"],
 }
-COMM_OPS = ("tp_comm", "a2a_dispatch", "a2a_combine", "etp_comm", "p2p_send", "grad_reduce",
-            "expert_grad_reduce", "param_gather")  # fmt: skip
+COMM_OPS = (
+    "tp_comm",
+    "a2a_dispatch",
+    "a2a_combine",
+    "etp_comm",
+    "p2p_send",
+    "grad_reduce",
+    "expert_grad_reduce",
+    "param_gather",
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,18 +85,21 @@ def test_replay_under_more_pipeline_stages(traced):
     assert result.report.metrics["dropped_tokens_pct"] == run.metrics["dropped_tokens_pct"]
 
 
-@pytest.mark.parametrize("override, field", [
-    ("model.moe.num_experts=16", "model.moe.num_experts"),
-    ("model.num_layers=16", "model.num_layers"),
-    ("parallel.dp=8", "parallel.dp"),
-    ("parallel.num_microbatches=4", "parallel.num_microbatches"),
-    ("parallel.micro_batch_size=2", "parallel.micro_batch_size"),
-    ("parallel.ep=4", "parallel.ep"),
-    ("parallel.tp=4", "parallel.tp"),
-    ("model.moe.router_skew=0.5", "model.moe.router_skew"),
-    ("seed=3", "seed"),
-    ("workload.seq_len={dist: fixed, value: 512}", "workload.seq_len"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("model.moe.num_experts=16", "model.moe.num_experts"),
+        ("model.num_layers=16", "model.num_layers"),
+        ("parallel.dp=8", "parallel.dp"),
+        ("parallel.num_microbatches=4", "parallel.num_microbatches"),
+        ("parallel.micro_batch_size=2", "parallel.micro_batch_size"),
+        ("parallel.ep=4", "parallel.ep"),
+        ("parallel.tp=4", "parallel.tp"),
+        ("model.moe.router_skew=0.5", "model.moe.router_skew"),
+        ("seed=3", "seed"),
+        ("workload.seq_len={dist: fixed, value: 512}", "workload.seq_len"),
+    ],
+)
 def test_meaningless_changes_are_refused(traced, override, field):
     _, path, _ = traced["sampled"]
     with pytest.raises(ReplayError) as info:
@@ -105,8 +116,9 @@ def test_cli_replay(traced, tmp_path, write_plan):
     data = json.loads(out.stdout)
     assert data["metrics"] == json.loads(json.dumps(run.metrics))
     assert data["replay"]["changes"] == []
-    faster = runner.invoke(app, ["replay", str(path), "--set",
-                                 "hardware.inter_node.bandwidth_gbps=200"])  # fmt: skip
+    faster = runner.invoke(
+        app, ["replay", str(path), "--set", "hardware.inter_node.bandwidth_gbps=200"]
+    )
     assert faster.exit_code == 0 and "recorded" in faster.output and "replayed" in faster.output
     refused = runner.invoke(app, ["replay", str(path), "--set", "model.moe.num_experts=16"])
     assert refused.exit_code == 2

@@ -26,8 +26,9 @@ def _assert_same_loads(batch: np.ndarray, singles: np.ndarray) -> None:
     np.testing.assert_allclose(batch.var(axis=0), singles.var(axis=0), rtol=0.3)
 
 
-@pytest.mark.parametrize(("cf", "pad"), [(None, False), (1.0, False), (1.25, False),
-                                         (1.0, True), (1.25, True)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("cf", "pad"), [(None, False), (1.0, False), (1.25, False), (1.0, True), (1.25, True)]
+)
 def test_batch_conserves_tokens_and_respects_capacity(cf, pad):
     moe = MoESpec(num_experts=8, top_k=2, router_skew=0.5, capacity_factor=cf, pad_to_capacity=pad)
     ep, tokens = 4, _tokens(40, 4)
@@ -136,8 +137,9 @@ def test_sampled_routing_batch_matches_router_counts():
     out = Router(MIXTRAL, 4, seed=0).route_many(0, np.arange(8), tokens)
     assert np.array_equal(batch.tokens_per_expert, out.tokens_per_expert)
     assert np.array_equal(batch.received_tokens, out.tokens_per_rank)
-    assert (batch.active_experts == np.count_nonzero(
-        out.tokens_per_expert.reshape(8, 4, 2), axis=2)).all()  # fmt: skip
+    assert (
+        batch.active_experts == np.count_nonzero(out.tokens_per_expert.reshape(8, 4, 2), axis=2)
+    ).all()
     assert src.elapsed_s > 0
 
 

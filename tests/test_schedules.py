@@ -17,13 +17,11 @@ import pytest
 
 from clustersim.engine.schedules import Step, bubble_fraction, stage_steps
 
-CASES = [
-    ("gpipe", p, m, 1) for p in (1, 2, 3, 4, 8) for m in (1, 2, p, 2 * p + 1)
-] + [
-    ("1f1b", p, m, 1) for p in (1, 2, 3, 4, 8) for m in (1, 2, p, 2 * p + 1)
-] + [
-    ("interleaved", p, m, v) for p in (1, 2, 3, 4) for v in (1, 2, 3) for m in (p, 2 * p, 3 * p)
-]  # fmt: skip
+CASES = (
+    [("gpipe", p, m, 1) for p in (1, 2, 3, 4, 8) for m in (1, 2, p, 2 * p + 1)]
+    + [("1f1b", p, m, 1) for p in (1, 2, 3, 4, 8) for m in (1, 2, p, 2 * p + 1)]
+    + [("interleaved", p, m, v) for p in (1, 2, 3, 4) for v in (1, 2, 3) for m in (p, 2 * p, 3 * p)]
+)
 
 
 def _ids(case: tuple) -> str:
@@ -90,16 +88,41 @@ def test_interleaved_matches_megatron_order_by_hand():
     2(p - s - 1) + (v - 1)p virtual micro-batches; the k-th forward runs chunk (k mod pv) div p
     of micro-batch (k div pv) p + k mod p; backwards run the chunks in reverse."""
     stage0 = [
-        _f(0, 0), _f(1, 0), _f(0, 1), _f(1, 1),  # warm-up: 2 * 1 + 1 * 2 = 4
-        _f(2, 0), _b(0, 1), _f(3, 0), _b(1, 1), _f(2, 1), _b(0, 0), _f(3, 1), _b(1, 0),
-        _b(2, 1), _b(3, 1), _b(2, 0), _b(3, 0),  # cool-down
-    ]  # fmt: skip
+        _f(0, 0),
+        _f(1, 0),
+        _f(0, 1),
+        _f(1, 1),  # warm-up: 2 * 1 + 1 * 2 = 4
+        _f(2, 0),
+        _b(0, 1),
+        _f(3, 0),
+        _b(1, 1),
+        _f(2, 1),
+        _b(0, 0),
+        _f(3, 1),
+        _b(1, 0),
+        _b(2, 1),
+        _b(3, 1),
+        _b(2, 0),
+        _b(3, 0),  # cool-down
+    ]
     stage1 = [
-        _f(0, 0), _f(1, 0),  # warm-up: 0 + 1 * 2 = 2
-        _f(0, 1), _b(0, 1), _f(1, 1), _b(1, 1), _f(2, 0), _b(0, 0), _f(3, 0), _b(1, 0),
-        _f(2, 1), _b(2, 1), _f(3, 1), _b(3, 1),
-        _b(2, 0), _b(3, 0),
-    ]  # fmt: skip
+        _f(0, 0),
+        _f(1, 0),  # warm-up: 0 + 1 * 2 = 2
+        _f(0, 1),
+        _b(0, 1),
+        _f(1, 1),
+        _b(1, 1),
+        _f(2, 0),
+        _b(0, 0),
+        _f(3, 0),
+        _b(1, 0),
+        _f(2, 1),
+        _b(2, 1),
+        _f(3, 1),
+        _b(3, 1),
+        _b(2, 0),
+        _b(3, 0),
+    ]
     assert stage_steps("interleaved", 2, 4, 0, 2) == stage0
     assert stage_steps("interleaved", 2, 4, 1, 2) == stage1
 

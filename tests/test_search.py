@@ -31,27 +31,40 @@ SEEDS = Path(__file__).resolve().parent.parent / "configs" / "seeds"
 DENSE = {
     "name": "tiny-dense",
     "seed": 0,
-    "model": {"num_layers": 4, "hidden_size": 8192, "num_attention_heads": 64,
-              "ffn_hidden_size": 4 * 8192, "vocab_size": 32000, "activation": "gelu"},
+    "model": {
+        "num_layers": 4,
+        "hidden_size": 8192,
+        "num_attention_heads": 64,
+        "ffn_hidden_size": 4 * 8192,
+        "vocab_size": 32000,
+        "activation": "gelu",
+    },
     "hardware": {"gpu": "H100-SXM", "num_nodes": 1, "gpus_per_node": 4, "memory_gib": 28},
     "parallel": {"tp": 1, "pp": 1, "dp": 4, "micro_batch_size": 1, "num_microbatches": 2},
     "workload": {"mode": "training", "seq_len": {"dist": "fixed", "value": 256}},
-}  # fmt: skip
+}
 
 # A tiny MoE on 8 GPUs: 4 layers, 8 experts, short sequences (a simulation takes ~10 ms).
 MOE = {
     "name": "tiny-moe",
     "seed": 3,
-    "model": {"num_layers": 4, "hidden_size": 1024, "num_attention_heads": 8, "num_kv_heads": 8,
-              "ffn_hidden_size": 1024, "vocab_size": 8000, "moe": {"num_experts": 8, "top_k": 2}},
+    "model": {
+        "num_layers": 4,
+        "hidden_size": 1024,
+        "num_attention_heads": 8,
+        "num_kv_heads": 8,
+        "ffn_hidden_size": 1024,
+        "vocab_size": 8000,
+        "moe": {"num_experts": 8, "top_k": 2},
+    },
     "hardware": {"gpu": "H100-SXM", "num_nodes": 1, "gpus_per_node": 8},
-    "parallel": {"tp": 1, "pp": 2, "dp": 4, "ep": 4, "micro_batch_size": 1,
-                 "num_microbatches": 4},
+    "parallel": {"tp": 1, "pp": 2, "dp": 4, "ep": 4, "micro_batch_size": 1, "num_microbatches": 4},
     "workload": {"mode": "training", "seq_len": {"dist": "uniform", "min": 64, "max": 256}},
     "targets": {"memory_per_gpu_gib_max": 60},
-}  # fmt: skip
-MOE_SPACE = SearchSpace(gpus=8, tp=(1, 2), pp=(1, 2), ep=(2, 4, 8), micro_batch_size=(1, 2),
-                        recompute=("none",))  # fmt: skip
+}
+MOE_SPACE = SearchSpace(
+    gpus=8, tp=(1, 2), pp=(1, 2), ep=(2, 4, 8), micro_batch_size=(1, 2), recompute=("none",)
+)
 
 
 def _plan(data):
@@ -59,10 +72,17 @@ def _plan(data):
 
 
 def test_only_layout_that_fits_memory_wins(tmp_path):
-    space = SearchSpace(gpus=4, tp=(1, 2, 4), pp=(1,), micro_batch_size=(1,),
-                        recompute=("none",), schedules=("1f1b",))  # fmt: skip
-    result = search(_plan(DENSE), 4, "throughput", space=space, workers=1,
-                    out=tmp_path / "s.parquet")  # fmt: skip
+    space = SearchSpace(
+        gpus=4,
+        tp=(1, 2, 4),
+        pp=(1,),
+        micro_batch_size=(1,),
+        recompute=("none",),
+        schedules=("1f1b",),
+    )
+    result = search(
+        _plan(DENSE), 4, "throughput", space=space, workers=1, out=tmp_path / "s.parquet"
+    )
     assert result.counts == {"oom": 2, "simulated": 1}
     best = result.best()
     assert (best["tp"], best["pp"], best["dp"]) == (4, 1, 1)
@@ -86,8 +106,7 @@ def test_objectives_order_is_evident():
 
 
 def test_returned_plans_pass_the_auditor_and_the_front_is_nondominated():
-    result = search(_plan(MOE), 8, "throughput", space=MOE_SPACE, workers=1,
-                    pareto_axis="memory")  # fmt: skip
+    result = search(_plan(MOE), 8, "throughput", space=MOE_SPACE, workers=1, pareto_axis="memory")
     assert result.counts.get("invalid", 0) > 0  # e.g. EP 8 x ETP 2 cannot fold into 8 ranks
     for row in result.ranked():
         report = audit(result.plan_for(row))
@@ -97,8 +116,10 @@ def test_returned_plans_pass_the_auditor_and_the_front_is_nondominated():
     assert front
     for a in front:
         for b in result.ranked():
-            assert not (b["throughput_tokens_per_ms"] > a["throughput_tokens_per_ms"]
-                        and b["memory_per_gpu_gib"] < a["memory_per_gpu_gib"])
+            assert not (
+                b["throughput_tokens_per_ms"] > a["throughput_tokens_per_ms"]
+                and b["memory_per_gpu_gib"] < a["memory_per_gpu_gib"]
+            )
 
 
 def test_same_seed_same_ranking_across_workers(tmp_path):
@@ -132,9 +153,18 @@ def test_resume_refuses_a_table_of_another_plan(tmp_path):
 
 
 def test_candidate_ids_are_stable():
-    params = {"tp": 2, "pp": 1, "dp": 4, "ep": 4, "etp": 1, "micro_batch_size": 1,
-              "num_microbatches": 2, "schedule": "1f1b", "virtual_stages": 1,
-              "recompute": "none"}  # fmt: skip
+    params = {
+        "tp": 2,
+        "pp": 1,
+        "dp": 4,
+        "ep": 4,
+        "etp": 1,
+        "micro_batch_size": 1,
+        "num_microbatches": 2,
+        "schedule": "1f1b",
+        "virtual_stages": 1,
+        "recompute": "none",
+    }
     assert candidate_id(params) == candidate_id(dict(reversed(params.items())))
     assert candidate_id(params) != candidate_id({**params, "tp": 1})
 
@@ -142,10 +172,32 @@ def test_candidate_ids_are_stable():
 def test_cli_search_writes_table_and_json(tmp_path, write_plan):
     path = write_plan(MOE)
     out = tmp_path / "t.parquet"
-    res = CliRunner().invoke(app, ["search", str(path), "--gpus", "8", "--tp", "1,2",
-                                   "--pp", "1,2", "--ep", "2,4", "--mbs", "1",
-                                   "--recompute", "none", "-w", "1", "-o", str(out),
-                                   "--objective", "latency", "--json"])  # fmt: skip
+    res = CliRunner().invoke(
+        app,
+        [
+            "search",
+            str(path),
+            "--gpus",
+            "8",
+            "--tp",
+            "1,2",
+            "--pp",
+            "1,2",
+            "--ep",
+            "2,4",
+            "--mbs",
+            "1",
+            "--recompute",
+            "none",
+            "-w",
+            "1",
+            "-o",
+            str(out),
+            "--objective",
+            "latency",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["objective"] == "latency" and data["ranking"]
@@ -171,15 +223,18 @@ def test_ray_backend_agrees_or_says_how_to_install(tmp_path):
 def test_ray_backend_agrees_with_local(tmp_path):
     pytest.importorskip("ray")
     local = search(_plan(MOE), 8, space=MOE_SPACE, workers=2, out=tmp_path / "l.parquet")
-    remote = search(_plan(MOE), 8, space=MOE_SPACE, workers=2, out=tmp_path / "r.parquet",
-                    backend="ray")  # fmt: skip
+    remote = search(
+        _plan(MOE), 8, space=MOE_SPACE, workers=2, out=tmp_path / "r.parquet", backend="ray"
+    )
     assert remote.counts == local.counts
     assert pq.read_table(tmp_path / "l.parquet").equals(pq.read_table(tmp_path / "r.parquet"))
 
 
 # ---- check proposes the nearest valid plan --------------------------------------------------
-@pytest.mark.parametrize("seed", ["000_current", "000_required", "001_current", "002_current",
-                                  "002_required", "003_required"])  # fmt: skip
+@pytest.mark.parametrize(
+    "seed",
+    ["000_current", "000_required", "001_current", "002_current", "002_required", "003_required"],
+)
 def test_nearest_valid_plan_is_valid_and_cheap(seed):
     plan = load_plan(SEEDS / f"{seed}.yaml")
     started = time.perf_counter()
@@ -189,8 +244,9 @@ def test_nearest_valid_plan_is_valid_and_cheap(seed):
     errors = [f for f in audit(fix.plan).errors if not f.node.startswith("claims.")]
     assert not errors
     changed = {k for k in fix.changes}
-    assert changed == {k for k in changed if getattr(plan.parallel, k) != getattr(
-        fix.plan.parallel, k)}
+    assert changed == {
+        k for k in changed if getattr(plan.parallel, k) != getattr(fix.plan.parallel, k)
+    }
     assert fix.parallel_yaml().startswith("parallel:\n")
 
 

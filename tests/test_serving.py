@@ -20,16 +20,31 @@ from clustersim.spec.load import load_plan
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_TRACE = REPO / "traces" / "splitwise_conv_1000.csv"
 CONTRACT_KEYS = (
-    "iteration_time_ms", "latency_ms", "latency_ms_p99", "ttft_ms_p50", "ttft_ms_p99",
-    "tpot_ms_p50", "throughput_tokens_per_ms", "throughput_tokens_per_s", "mfu_pct",
-    "comm_overhead_pct", "comm_to_compute_pct", "bubble_pct", "gpu_utilization_pct",
-    "load_balance_pct", "dropped_tokens_pct",
-)  # fmt: skip
+    "iteration_time_ms",
+    "latency_ms",
+    "latency_ms_p99",
+    "ttft_ms_p50",
+    "ttft_ms_p99",
+    "tpot_ms_p50",
+    "throughput_tokens_per_ms",
+    "throughput_tokens_per_s",
+    "mfu_pct",
+    "comm_overhead_pct",
+    "comm_to_compute_pct",
+    "bubble_pct",
+    "gpu_utilization_pct",
+    "load_balance_pct",
+    "dropped_tokens_pct",
+)
 
 
 def one_request(prompt=1000, output=50, extra=None, **sections):
-    requests = {"num": 1, "prompt_len": {"dist": "fixed", "value": prompt},
-                "output_len": {"dist": "fixed", "value": output}, **(extra or {})}  # fmt: skip
+    requests = {
+        "num": 1,
+        "prompt_len": {"dist": "fixed", "value": prompt},
+        "output_len": {"dist": "fixed", "value": output},
+        **(extra or {}),
+    }
     return make_plan(DENSE, requests=requests, **sections)
 
 
@@ -74,8 +89,9 @@ def test_one_output_token_finishes_at_the_first_token():
 def test_pipeline_adds_one_hop_to_the_idle_prefill():
     """TP 1: the two stages run the same layers as one GPU; the round adds one p2p send."""
     one = simulate_serving(one_request(prompt=512, output=8)).metrics
-    plan = one_request(prompt=512, output=8, parallel={"pp": 2},
-                       hardware={"num_nodes": 1, "gpus_per_node": 2})  # fmt: skip
+    plan = one_request(
+        prompt=512, output=8, parallel={"pp": 2}, hardware={"num_nodes": 1, "gpus_per_node": 2}
+    )
     two = simulate_serving(plan).metrics
     link = link_for_group([0, 1], 2, plan.hardware)
     hop = p2p_ms(512 * plan.model.hidden_size * 2, link.bandwidth_gbps, link.latency_us)
@@ -131,9 +147,13 @@ def test_small_kv_cache_preempts_and_still_serves_every_token():
 
 
 def test_request_too_long_for_the_cache_is_rejected():
-    requests = {"num": 3, "num_gpu_blocks": 8, "kv_block_size": 16,
-                "prompt_len": {"dist": "fixed", "value": 200},
-                "output_len": {"dist": "fixed", "value": 4}}  # fmt: skip
+    requests = {
+        "num": 3,
+        "num_gpu_blocks": 8,
+        "kv_block_size": 16,
+        "prompt_len": {"dist": "fixed", "value": 200},
+        "output_len": {"dist": "fixed", "value": 4},
+    }
     m = simulate_serving(make_plan(DENSE, requests=requests)).metrics
     assert m["rejected_requests"] == 3 and m["completed_requests"] == 0
     assert m["latency_ms"] is None and m["throughput_tokens_per_ms"] is None
@@ -188,8 +208,14 @@ def test_least_loaded_dispatch_avoids_the_busy_replica(tmp_path):
     parallel = {"dp": 2}
     hardware = {"gpus_per_node": 2}
     rr = simulate_serving(make_plan(DENSE, requests=base, parallel=parallel, hardware=hardware))
-    ll = simulate_serving(make_plan(DENSE, requests={**base, "dispatch": "least_loaded"},
-                                    parallel=parallel, hardware=hardware))  # fmt: skip
+    ll = simulate_serving(
+        make_plan(
+            DENSE,
+            requests={**base, "dispatch": "least_loaded"},
+            parallel=parallel,
+            hardware=hardware,
+        )
+    )
     assert rr.requests()["replica"].tolist() == [0, 1, 0, 1, 0, 1, 0]
     assert ll.requests()["replica"].tolist() == [0, 1, 1, 1, 1, 1, 1]
 
@@ -221,14 +247,18 @@ def test_moe_metrics_and_contract_keys():
 
 
 def test_goodput_counts_requests_within_targets():
-    plan = make_plan(DENSE, requests={"num": 300, "rate_per_s": 16.0},
-                     targets={"ttft_ms_max": 150, "tpot_ms_max": 30})  # fmt: skip
+    plan = make_plan(
+        DENSE,
+        requests={"num": 300, "rate_per_s": 16.0},
+        targets={"ttft_ms_max": 150, "tpot_ms_max": 30},
+    )
     report = simulate_serving(plan)
     m, cols = report.metrics, report.requests()
     ttft = cols["first_token_ms"] - cols["arrival_ms"]
     gaps = np.maximum(cols["output_tokens"] - 1, 1)
-    tpot = np.where(cols["output_tokens"] > 1, (cols["finish_ms"] - cols["first_token_ms"]) / gaps,
-                    0.0)  # fmt: skip
+    tpot = np.where(
+        cols["output_tokens"] > 1, (cols["finish_ms"] - cols["first_token_ms"]) / gaps, 0.0
+    )
     good = int(np.sum((ttft <= 150) & (tpot <= 30)))
     assert m["slo_attainment_pct"] == pytest.approx(100 * good / 300)
     assert m["goodput_requests_per_s"] == pytest.approx(good / m["window_ms"] * 1e3)
@@ -249,8 +279,9 @@ def test_no_memory_for_the_kv_cache_is_an_engine_error():
 
 def test_training_plans_are_refused():
     plan = make_plan(DENSE)
-    training = plan.model_copy(update={"workload": plan.workload.model_copy(
-        update={"mode": "training"})})  # fmt: skip
+    training = plan.model_copy(
+        update={"workload": plan.workload.model_copy(update={"mode": "training"})}
+    )
     with pytest.raises(EngineError, match="inference"):
         simulate_serving(training)
 
@@ -287,5 +318,3 @@ def test_seed_serving_plans_simulate(name):
     nodes = {f.node for f in report.findings}
     assert "targets.throughput_tokens_per_ms_min" in nodes or m["throughput_tokens_per_ms"] >= 100
     assert not any(u.startswith("targets.ttft") for u in report.unchecked)
-
-

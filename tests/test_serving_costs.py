@@ -26,8 +26,9 @@ def test_step_parts_are_the_layer_kernels_and_collectives(tokens):
     want_allreduce = eager_allreduce
     if k is costs.graph:  # a replayed collective pays one graph launch, not the per-call time
         coll = hw.calibration.collectives
-        want_allreduce += (hw.calibration.kernel.graph_launch_us
-                           - coll.intra_node_base_latency_us) * 1e-3  # fmt: skip
+        want_allreduce += (
+            hw.calibration.kernel.graph_launch_us - coll.intra_node_base_latency_us
+        ) * 1e-3
     assert allreduce == pytest.approx(want_allreduce, rel=1e-9)
     block = float(k.attention_block_ms(tokens))
     assert dense == pytest.approx(block + float(k.dense_mlp_ms(tokens)) + 2 * allreduce)
@@ -59,8 +60,10 @@ def test_one_decode_token_reads_every_weight():
         return out
 
     rate = hw.peak_tflops * 1e12 * cal.gemm.efficiency
-    gemms_ms = (2 * 4096 * h * 2 * ffn / (rate * shape(4096, 2 * ffn, h))
-                + 2 * 4096 * ffn * h / (rate * shape(4096, h, ffn))) * 1e3  # fmt: skip
+    gemms_ms = (
+        2 * 4096 * h * 2 * ffn / (rate * shape(4096, 2 * ffn, h))
+        + 2 * 4096 * ffn * h / (rate * shape(4096, h, ffn))
+    ) * 1e3
     prefill = float(costs.eager.dense_mlp_ms(4096))
     assert prefill > gemms_ms
     assert prefill == pytest.approx(gemms_ms, rel=0.15)  # + activation and residual passes
@@ -128,8 +131,11 @@ def test_expert_tp_folding_conserves_serving_expert_work(tokens):
     FFN slices under ETP) and the all-to-all moves each token copy once either way."""
     expert_ms = {}
     for ep, etp in ((4, 2), (8, 1)):
-        plan = make_plan(MOE, parallel={"ep": ep, "etp": etp},
-                         model={"preset": "mixtral-8x7b", "moe": {"routing": "even"}})  # fmt: skip
+        plan = make_plan(
+            MOE,
+            parallel={"ep": ep, "etp": etp},
+            model={"preset": "mixtral-8x7b", "moe": {"routing": "even"}},
+        )
         layer_ms, comm_ms, *_ = MoEStepTable(plan, Layout(plan)).lookup(tokens)
         expert_ms[etp] = layer_ms - comm_ms
     assert expert_ms[2] == pytest.approx(expert_ms[1], rel=0.15)

@@ -50,13 +50,16 @@ def llama_static_batch(**requests: Any) -> dict[str, Any]:
         "workload": {
             "mode": "inference",
             "requests": {
-                "num": 52, "arrival": "uniform", "rate_per_s": 1e6,
+                "num": 52,
+                "arrival": "uniform",
+                "rate_per_s": 1e6,
                 "prompt_len": {"dist": "fixed", "value": 2048},
                 "output_len": {"dist": "fixed", "value": 128},
-                "max_batch_size": 52, **requests,
+                "max_batch_size": 52,
+                **requests,
             },
         },
-    }  # fmt: skip
+    }
 
 
 # ---- the published 52 x 2048 static batch --------------------------------------------------
@@ -122,14 +125,26 @@ def test_fewer_longest_requests_than_max_batch_size_is_a_warning():
 # ---- the KV capacity by hand ---------------------------------------------------------------
 TINY: dict[str, Any] = {
     "name": "tiny",
-    "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_kv_heads": 2,
-              "ffn_hidden_size": 128, "vocab_size": 256},
+    "model": {
+        "num_layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_kv_heads": 2,
+        "ffn_hidden_size": 128,
+        "vocab_size": 256,
+    },
     "hardware": {"gpu": "H100-SXM", "num_nodes": 1, "gpus_per_node": 1, "memory_gib": 0.01},
     "parallel": {"tp": 1, "pp": 1, "dp": 1},
-    "workload": {"mode": "inference", "requests": {
-        "prompt_len": {"dist": "fixed", "value": 100}, "output_len": {"dist": "fixed", "value": 28},
-        "max_batch_size": 8, "max_num_batched_tokens": 512}},
-}  # fmt: skip
+    "workload": {
+        "mode": "inference",
+        "requests": {
+            "prompt_len": {"dist": "fixed", "value": 100},
+            "output_len": {"dist": "fixed", "value": 28},
+            "max_batch_size": 8,
+            "max_num_batched_tokens": 512,
+        },
+    },
+}
 
 
 def test_kv_capacity_by_hand():
@@ -156,8 +171,9 @@ def test_kv_capacity_by_hand():
     assert kv.kv_cache_gib * GIB == pytest.approx(blocks * 16 * per_token)
     mem = memory_per_gpu(plan, Layout(plan))
     assert mem.kv_cache_gib == kv.kv_cache_gib and mem.params_gib == kv.weights_gib[0]
-    assert mem.memory_per_gpu_gib * GIB == pytest.approx(weights + layer_act + logits
-                                                         + blocks * 16 * per_token)  # fmt: skip
+    assert mem.memory_per_gpu_gib * GIB == pytest.approx(
+        weights + layer_act + logits + blocks * 16 * per_token
+    )
     # A request of 100 + 28 tokens holds ceil(127 / 16) = 8 blocks: 2081 // 8 = 260 at once.
     assert mem.serving.longest_requests_fit == 260
     assert mem.serving.typical_requests_fit == blocks * 16 // 128
@@ -210,9 +226,12 @@ def test_weights_that_do_not_fit_are_an_error_with_a_clear_message():
 def test_activations_that_leave_no_room_suggest_a_smaller_step():
     """Llama-2-7B on 20 GiB, requests of 4096 + 4096 tokens, a 65,536-token step: one layer's
     activations take ~8.6 GiB of the 18 GiB usable, the 12.55 GiB of weights the rest."""
-    raw = llama_static_batch(max_num_batched_tokens=65536, max_batch_size=4,
-                             prompt_len={"dist": "fixed", "value": 4096},
-                             output_len={"dist": "fixed", "value": 4096})  # fmt: skip
+    raw = llama_static_batch(
+        max_num_batched_tokens=65536,
+        max_batch_size=4,
+        prompt_len={"dist": "fixed", "value": 4096},
+        output_len={"dist": "fixed", "value": 4096},
+    )
     raw["hardware"]["memory_gib"] = 20
     report = audit(plan_from_dict(raw, "test"))
     f = next(f for f in report.errors if f.node == "hardware.memory_gib")
@@ -235,8 +254,9 @@ def _trace(tmp_path: Path) -> Path:
 def test_a_trace_plan_uses_the_trace_lengths(tmp_path, monkeypatch):
     calls = []
     read = memory_module.read_request_trace
-    monkeypatch.setattr(memory_module, "read_request_trace",
-                        lambda *a, **k: calls.append(a) or read(*a, **k))  # fmt: skip
+    monkeypatch.setattr(
+        memory_module, "read_request_trace", lambda *a, **k: calls.append(a) or read(*a, **k)
+    )
     raw = json.loads(json.dumps(TINY))
     # 100 blocks of 16 = 1600 tokens: enough for the default lengths (1024 + 128), not for
     # the trace's longest request (3000 + 1000 = 4000 tokens: ceil(3999 / 16) = 250 blocks).

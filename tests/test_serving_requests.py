@@ -105,8 +105,12 @@ def test_bad_traces_say_why(tmp_path, text, message):
 
 def test_trace_path_is_relative_to_the_plan_file(tmp_path, write_plan):
     (tmp_path / "req.csv").write_text(SAMPLE.read_text())
-    plan_file = write_plan({**DENSE, "workload": {"mode": "inference", "requests": {
-        "arrival": "trace", "trace": "req.csv"}}})  # fmt: skip
+    plan_file = write_plan(
+        {
+            **DENSE,
+            "workload": {"mode": "inference", "requests": {"arrival": "trace", "trace": "req.csv"}},
+        }
+    )
     plan = load_plan(plan_file)
     assert Path(plan.workload.requests.trace) == tmp_path / "req.csv"
     assert make_requests(plan).num == 1000
@@ -121,7 +125,8 @@ def test_trace_arrival_needs_a_file(write_plan):
 
 
 def test_unknown_scheduler_key_suggests_the_field(write_plan):
-    plan_file = write_plan({**DENSE, "workload": {"mode": "inference", "requests": {
-        "max_num_batched_token": 4096}}})  # fmt: skip
+    plan_file = write_plan(
+        {**DENSE, "workload": {"mode": "inference", "requests": {"max_num_batched_token": 4096}}}
+    )
     with pytest.raises(PlanError, match="max_num_batched_tokens"):
         load_plan(plan_file)

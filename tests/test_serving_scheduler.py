@@ -119,8 +119,7 @@ def test_preempted_request_recomputes_prompt_and_generated_tokens():
 def test_runs_equal_single_steps_and_tokens_are_conserved(
     prompts, outputs, blocks, budget, seqs, chunked
 ):
-    outs = outputs.draw(st.lists(st.integers(1, 60), min_size=len(prompts),
-                                 max_size=len(prompts)))  # fmt: skip
+    outs = outputs.draw(st.lists(st.integers(1, 60), min_size=len(prompts), max_size=len(prompts)))
     block_size = 4
     fits = [p + o - 1 <= blocks * block_size for p, o in zip(prompts, outs, strict=True)]
     prompts = [p for p, ok in zip(prompts, fits, strict=True) if ok] or [1]

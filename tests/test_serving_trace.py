@@ -74,23 +74,35 @@ def test_rows_are_queryable_in_seconds(traced):
     ok = ~cols["rejected"]
 
     def rows(op: str):
-        return (pl.scan_ipc(path).filter((pl.col("kind") == "request") & (pl.col("op") == op))
-                .sort("microbatch").collect())  # fmt: skip
+        return (
+            pl.scan_ipc(path)
+            .filter((pl.col("kind") == "request") & (pl.col("op") == op))
+            .sort("microbatch")
+            .collect()
+        )
 
     prefill, decode, done = rows("prefill"), rows("decode"), rows("request_done")
     ttft_s = (prefill["end_s"] - prefill["start_s"]).to_numpy()
-    np.testing.assert_allclose(ttft_s[ok] * 1e3, (cols["first_token_ms"] - cols["arrival_ms"])[ok],
-                               rtol=1e-9, atol=1e-9)  # fmt: skip
+    np.testing.assert_allclose(
+        ttft_s[ok] * 1e3, (cols["first_token_ms"] - cols["arrival_ms"])[ok], rtol=1e-9, atol=1e-9
+    )
     assert np.isnan(ttft_s[~ok]).all() and done["end_s"].null_count() == (~ok).sum()
     np.testing.assert_array_equal(prefill["value"].to_numpy(), cols["prompt_tokens"])
     np.testing.assert_array_equal(decode["value"].to_numpy(), cols["output_tokens"])
     np.testing.assert_array_equal(done["value"].to_numpy(), cols["preemptions"])
     np.testing.assert_array_equal(done["replica"].to_numpy(), cols["replica"])
-    ttft_p50 = (pl.scan_ipc(path)
-                .filter((pl.col("kind") == "request") & (pl.col("op") == "prefill"))
-                .select(1e3 * (pl.col("end_s") - pl.col("start_s")).drop_nulls().quantile(
-                    0.5, interpolation="linear"))
-                .collect().item())  # fmt: skip
+    ttft_p50 = (
+        pl.scan_ipc(path)
+        .filter((pl.col("kind") == "request") & (pl.col("op") == "prefill"))
+        .select(
+            1e3
+            * (pl.col("end_s") - pl.col("start_s"))
+            .drop_nulls()
+            .quantile(0.5, interpolation="linear")
+        )
+        .collect()
+        .item()
+    )
     assert ttft_p50 == pytest.approx(report.metrics["ttft_ms_p50"], rel=1e-9)
 
 
@@ -155,11 +167,16 @@ def test_bigger_kv_cache_serves_the_rejected_requests(traced):
     assert m["completed_requests"] == MIXED["num"] > report.metrics["completed_requests"]
 
 
-@pytest.mark.parametrize("overrides", [
-    ["workload.requests.max_batch_size=8"], ["workload.requests.chunked_prefill=false"],
-    ["hardware.gpu=A100-80GB"], ["workload.requests.dispatch=least_loaded"],
-    ["targets.ttft_ms_max=50"],
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["workload.requests.max_batch_size=8"],
+        ["workload.requests.chunked_prefill=false"],
+        ["hardware.gpu=A100-80GB"],
+        ["workload.requests.dispatch=least_loaded"],
+        ["targets.ttft_ms_max=50"],
+    ],
+)
 def test_allowed_changes_replay(traced, overrides):
     _report, path = traced["dense"]
     result = replay(path, recorded_plan(path, overrides))
@@ -167,14 +184,17 @@ def test_allowed_changes_replay(traced, overrides):
     assert result.report.metrics["completed_requests"] == 200
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["seed=1"], "seed"),
-    (["workload.requests.rate_per_s=4"], "workload.requests.rate_per_s"),
-    (["workload.requests.num=50"], "workload.requests.num"),
-    (["workload.requests.prompt_len={dist: fixed, value: 64}"], "workload.requests.prompt_len"),
-    (["workload.requests.arrival=gamma"], "workload.requests.arrival"),
-    (["workload.mode=training"], "workload.mode"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["seed=1"], "seed"),
+        (["workload.requests.rate_per_s=4"], "workload.requests.rate_per_s"),
+        (["workload.requests.num=50"], "workload.requests.num"),
+        (["workload.requests.prompt_len={dist: fixed, value: 64}"], "workload.requests.prompt_len"),
+        (["workload.requests.arrival=gamma"], "workload.requests.arrival"),
+        (["workload.mode=training"], "workload.mode"),
+    ],
+)
 def test_stream_changes_are_refused(traced, overrides, field):
     _report, path = traced["dense"]
     with pytest.raises(ReplayError, match=f"cannot replay .*{field}") as err:

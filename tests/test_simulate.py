@@ -18,8 +18,12 @@ def _plan(*overrides: str):
 
 
 def test_judge_targets_and_claims_by_hand():
-    plan = _plan("targets.latency_ms_max=100", "targets.load_balance_pct_min=90",
-                 "claims.latency_ms=120", "claims.comm_overhead_pct=10")  # fmt: skip
+    plan = _plan(
+        "targets.latency_ms_max=100",
+        "targets.load_balance_pct_min=90",
+        "claims.latency_ms=120",
+        "claims.comm_overhead_pct=10",
+    )
     metrics = {"latency_ms": 110.0, "load_balance_pct": 95.0, "comm_overhead_pct": 14.0}
     nodes = {f.node: f for f in judge(plan, metrics)}
     # 110 ms > 100 ms maximum: fails; 95% >= 90% minimum: passes.

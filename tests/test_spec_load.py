@@ -162,8 +162,9 @@ def test_override_on_default_plan() -> None:
 def test_empirical_length_file_fills_min_max(plan_dict: dict[str, Any], tmp_path: Path) -> None:
     csv = tmp_path / "lens.csv"
     csv.write_text((DATA_DIR / "lengths.csv").read_text())
-    plan_dict["workload"] = {"seq_len": {"dist": "empirical", "file": "lens.csv",
-                                         "column": "prompt_tokens"}}
+    plan_dict["workload"] = {
+        "seq_len": {"dist": "empirical", "file": "lens.csv", "column": "prompt_tokens"}
+    }
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan_dict))
     seq = load_plan(path).workload.seq_len  # relative to the plan file's directory
@@ -175,8 +176,14 @@ def test_empirical_length_file_fills_min_max(plan_dict: dict[str, Any], tmp_path
 def test_empirical_given_max_is_kept(plan_dict: dict[str, Any]) -> None:
     plan_dict["workload"] = {
         "mode": "inference",
-        "requests": {"output_len": {"dist": "empirical", "file": str(DATA_DIR / "lengths.csv"),
-                                    "column": "output_tokens", "max": 2048}},
+        "requests": {
+            "output_len": {
+                "dist": "empirical",
+                "file": str(DATA_DIR / "lengths.csv"),
+                "column": "output_tokens",
+                "max": 2048,
+            }
+        },
     }
     out = plan_from_dict(plan_dict, "<t>").workload.requests.output_len
     assert (out.min, out.max) == (7, 2048)
@@ -411,9 +418,9 @@ def test_empirical_missing_file(plan_dict: dict[str, Any], write_plan: WritePlan
 
 
 def test_empirical_missing_column(plan_dict: dict[str, Any], write_plan: WritePlan) -> None:
-    plan_dict["workload"] = {"seq_len": {"dist": "empirical",
-                                         "file": str(DATA_DIR / "lengths.csv"),
-                                         "column": "tokens"}}
+    plan_dict["workload"] = {
+        "seq_len": {"dist": "empirical", "file": str(DATA_DIR / "lengths.csv"), "column": "tokens"}
+    }
     _, err = bad(write_plan, plan_dict)
     assert issue_paths(err) == ["workload.seq_len.file"]
     assert "'tokens'" in str(err)

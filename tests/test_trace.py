@@ -66,8 +66,9 @@ def test_round_trip(tmp_path):
         first = r.batch(0)
         assert first.num_rows == 100
         # event batches are sorted by (start, asynchronous first)
-        key = S.event_sort_key(first.column("start_s").to_numpy(),
-                               first.column("kind").indices.to_numpy())  # fmt: skip
+        key = S.event_sort_key(
+            first.column("start_s").to_numpy(), first.column("kind").indices.to_numpy()
+        )
         assert (np.diff(key.astype(np.float64)) >= 0).all()
         other = r.batch(2).to_pylist()
         assert other[0]["kind"] == "workload" and other[0]["values"] == [1.0, 2.0]
@@ -124,10 +125,16 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     return files
 
 
-WORDS = {"truncated": "not a complete Arrow", "damaged": "damaged",
-         "not arrow": "not a complete", "empty": "not a complete",
-         "foreign": "not a clustersim trace", "newer": "newer clustersim",
-         "incomplete": "incomplete", "missing": "not found"}  # fmt: skip
+WORDS = {
+    "truncated": "not a complete Arrow",
+    "damaged": "damaged",
+    "not arrow": "not a complete",
+    "empty": "not a complete",
+    "foreign": "not a clustersim trace",
+    "newer": "newer clustersim",
+    "incomplete": "incomplete",
+    "missing": "not found",
+}
 
 
 def _read_all(path: Path) -> None:
@@ -166,9 +173,19 @@ def test_interrupted_cli_run_leaves_no_trace(tmp_path):
 
     out = tmp_path / "run.arrow"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "clustersim.cli", "run", "--set", "parallel.num_microbatches=512",
-         "--trace-file", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "clustersim.cli",
+            "run",
+            "--set",
+            "parallel.num_microbatches=512",
+            "--trace-file",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 60
     while not partial_path(out).exists() and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()

@@ -27,8 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_loo_refits_without_the_row():
     # three rows whose best parameter differs: the third pulls the joint fit up
     grid = (0.0, 10.0)
-    curves = [Curve.of(grid, [100.0, 50.0], rate=False), Curve.of(grid, [100.0, 60.0], False),
-              Curve.of(grid, [100.0, 20.0], False)]  # fmt: skip
+    curves = [
+        Curve.of(grid, [100.0, 50.0], rate=False),
+        Curve.of(grid, [100.0, 60.0], False),
+        Curve.of(grid, [100.0, 20.0], False),
+    ]
     published = [80.0, 80.0, 60.0]
     fit = fit_with_loo("p", ["a", "b", "c"], curves, published)
     assert set(fit.without) == {"a", "b", "c"}
@@ -50,9 +53,9 @@ def test_serving_launch_fit_is_refitted_per_row():
     assert changed, "some row's refitted value must differ from the full fit"
     for r in changed:  # its out-of-sample prediction uses the value fitted without it
         assert r.out_of_sample != pytest.approx(r.in_sample, rel=1e-9)
-        assert r.out_of_sample == pytest.approx(v.predict("serving", r.row_id,
-                                                          {sv.LAUNCH: r.param_without}),
-                                                rel=0.05)  # fmt: skip
+        assert r.out_of_sample == pytest.approx(
+            v.predict("serving", r.row_id, {sv.LAUNCH: r.param_without}), rel=0.05
+        )
 
 
 # ---- every expressible row builds a valid plan; the rest say why -----------------------------
@@ -97,8 +100,9 @@ def test_microbatch_extrapolation_matches_full_simulation():
     row = next(r for r in st.dense_table() if r["params_billion"] == 39.1)  # m = 48, PP 2
     plan = st.dense_plan(row)
     assert plan.parallel.num_microbatches > 5 * plan.parallel.pp
-    assert st.iteration_ms(plan) == pytest.approx(st.iteration_ms(plan, extrapolate=False),
-                                                  rel=1e-9)  # fmt: skip
+    assert st.iteration_ms(plan) == pytest.approx(
+        st.iteration_ms(plan, extrapolate=False), rel=1e-9
+    )
 
 
 def test_dense_time_is_linear_in_framework_us():

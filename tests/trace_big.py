@@ -37,9 +37,13 @@ def tile_trace(src: Path, dst: Path, rows: int, batch_rows: int = 1 << 16) -> in
         meta = reader._reader.schema.metadata
         wall = float(reader.summary_rows("iteration")[0]["end_s"])
         idle = np.asarray(reader.summary_rows("expert_idle")[0]["values"])
-        others = [b for b in reader.batches() if b.num_rows and
-                  b.column("kind").dictionary[b.column("kind").indices[0].as_py()].as_py()
-                  not in S.EVENT_KINDS]  # fmt: skip
+        others = [
+            b
+            for b in reader.batches()
+            if b.num_rows
+            and b.column("kind").dictionary[b.column("kind").indices[0].as_py()].as_py()
+            not in S.EVENT_KINDS
+        ]
     per_block = max(1, batch_rows // len(ev["lane"]))
     block = {n: np.tile(c, per_block) for n, c in ev.items()}
     shift = np.repeat(np.arange(per_block) * wall, len(ev["lane"]))
@@ -50,11 +54,14 @@ def tile_trace(src: Path, dst: Path, rows: int, batch_rows: int = 1 << 16) -> in
             writer._write_batch(batch, float("nan"))
         while written < rows:
             offset = copies * wall
-            writer.write_events(block["kind"], block["op"], block["start_s"] + shift + offset,
-                                block["end_s"] + shift + offset,
-                                {**{n: block[n] for n in ints}, "gpu": block["lane"],
-                                 "replica": block["lane"] * 0},
-                                block["bytes"])  # fmt: skip
+            writer.write_events(
+                block["kind"],
+                block["op"],
+                block["start_s"] + shift + offset,
+                block["end_s"] + shift + offset,
+                {**{n: block[n] for n in ints}, "gpu": block["lane"], "replica": block["lane"] * 0},
+                block["bytes"],
+            )
             copies += per_block
             written += len(block["lane"])
         span = copies * wall

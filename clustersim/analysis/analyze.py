@@ -60,9 +60,11 @@ class RunFacts:
     def __init__(self, reader: TraceReader):
         run = reader.metadata["run"]
         if run.get("mode") != "training":
-            raise TraceError(f"{reader.path}: trace of mode {run.get('mode')!r} without engine "
-                             f"events (the timeline, Perfetto export and critical path need a "
-                             f"training trace)")  # fmt: skip
+            raise TraceError(
+                f"{reader.path}: trace of mode {run.get('mode')!r} without engine "
+                f"events (the timeline, Perfetto export and critical path need a "
+                f"training trace)"
+            )
         self.plan = reader.plan()
         self.layout = Layout(self.plan)
         lanes = run["lanes"]
@@ -105,14 +107,16 @@ class TraceAnalysis:
         """The JSON object of ``clustersim analyze --json``."""
         return {
             "trace": {"path": self.path, "rows": self.rows, "events": self.events},
-            "plan": self.plan_name, "seed": self.seed,
-            "metrics": self.metrics, "breakdown_ms": self.breakdown,
+            "plan": self.plan_name,
+            "seed": self.seed,
+            "metrics": self.metrics,
+            "breakdown_ms": self.breakdown,
             "exposed_comm_ms": self.exposed_comm_ms,
             "communication": {"by_op": self.comm_by_op, "by_group": self.comm_by_group},
             "critical_path": self.critical_path,
             "expert_load_by_layer": self.expert_load,
             "gpus": self.gpus,
-        }  # fmt: skip
+        }
 
 
 class _Workload:
@@ -129,8 +133,10 @@ class _Workload:
     def feed(self, batch: pa.RecordBatch, kinds: np.ndarray, ops: np.ndarray) -> None:
         self.rows += batch.num_rows
         layer = batch.column("layer").to_numpy()
-        for code, handler in ((S.OP_CODE["seq_lens"], self._seq_lens),
-                              (S.OP_CODE["expert_tokens"], self._expert_tokens)):  # fmt: skip
+        for code, handler in (
+            (S.OP_CODE["seq_lens"], self._seq_lens),
+            (S.OP_CODE["expert_tokens"], self._expert_tokens),
+        ):
             rows = np.flatnonzero(ops == code)
             if rows.size:
                 handler(batch.take(pa.array(rows)), layer[rows])
@@ -174,9 +180,15 @@ class _Workload:
             raise TraceError(f"workload rows missing for replica/micro-batch {exc}") from None
 
     def expert_load(self) -> list[dict[str, float]]:
-        return [{"layer": layer, "max_to_mean_mean": s[0] / s[3], "max_to_mean_worst": s[1],
-                 "load_balance_pct": 100 * s[2] / s[3]}
-                for layer, s in sorted(self.by_layer.items())]  # fmt: skip
+        return [
+            {
+                "layer": layer,
+                "max_to_mean_mean": s[0] / s[3],
+                "max_to_mean_worst": s[1],
+                "load_balance_pct": 100 * s[2] / s[3],
+            }
+            for layer, s in sorted(self.by_layer.items())
+        ]
 
 
 class _EventState:
@@ -205,9 +217,14 @@ class _EventState:
         self.stack = np.arange(pool, dtype=np.int64)
         size = 1 << int(np.ceil(np.log2(16 * n_lanes + 256)))
         # collective instances: hash buckets (key, pool slot) and the pool (trace_kernels)
-        self.table = (np.zeros((size, 5), dtype=np.int64), np.full(size, -1, dtype=np.int64),
-                      np.zeros((size, 4), dtype=np.int64), np.zeros((size, 2)),
-                      np.zeros((size, n_cat)), np.arange(size, dtype=np.int64))  # fmt: skip
+        self.table = (
+            np.zeros((size, 5), dtype=np.int64),
+            np.full(size, -1, dtype=np.int64),
+            np.zeros((size, 4), dtype=np.int64),
+            np.zeros((size, 2)),
+            np.zeros((size, n_cat)),
+            np.arange(size, dtype=np.int64),
+        )
         self.counters = np.array([pool, 0, 0, size], dtype=np.int64)
         self.fstate = np.array([0.0, 0.0, eps_s, -1.0])
         self.bchain = np.zeros(n_cat)
@@ -238,36 +255,86 @@ class _EventState:
         if op.max() >= _N_EVENT_OPS or lane.min() < 0 or lane.max() >= self.facts.num_lanes:
             raise TraceError("damaged trace: an event row names an unknown op or lane")
         self.events += lane.size
-        self._submit("totals", K._scan_totals, lane, kind, op, group, start, end, c["bytes"],
-                     self.t_pipe, self.reach, self.unions, self.lane_kind, self.op_stats,
-                     self.op_group)  # fmt: skip
+        self._submit(
+            "totals",
+            K._scan_totals,
+            lane,
+            kind,
+            op,
+            group,
+            start,
+            end,
+            c["bytes"],
+            self.t_pipe,
+            self.reach,
+            self.unions,
+            self.lane_kind,
+            self.op_stats,
+            self.op_group,
+        )
         f = self.facts
         self._submit(
-            "critical", K._scan_critical, lane, kind, op, group, c["layer"], c["microbatch"],
-            start, end,
-            np.ascontiguousarray(end).view(np.int64), self.flags, f.lane_stage, f.lane_dp,
-            f.lane_at, self.free, self.chain, self.pend, self.last_op, self.arr_slot, self.arr_t,
-            self.arr_chain, self.stack, *self.table, self.counters, self.fstate, self.bchain,
-        )  # fmt: skip
+            "critical",
+            K._scan_critical,
+            lane,
+            kind,
+            op,
+            group,
+            c["layer"],
+            c["microbatch"],
+            start,
+            end,
+            np.ascontiguousarray(end).view(np.int64),
+            self.flags,
+            f.lane_stage,
+            f.lane_dp,
+            f.lane_at,
+            self.free,
+            self.chain,
+            self.pend,
+            self.last_op,
+            self.arr_slot,
+            self.arr_t,
+            self.arr_chain,
+            self.stack,
+            *self.table,
+            self.counters,
+            self.fstate,
+            self.bchain,
+        )
 
     def critical_path(self) -> dict[str, Any]:
         self.close()
-        end_s, chain, lane = K._finish_critical(self.free, self.chain, self.pend, *self.table,
-                                                self.counters)  # fmt: skip
+        end_s, chain, lane = K._finish_critical(
+            self.free, self.chain, self.pend, *self.table, self.counters
+        )
         by_op = {S.OPS[i]: 1e3 * float(v) for i, v in enumerate(chain[:_N_EVENT_OPS]) if v > 0}
         compute = sum(v for k, v in by_op.items() if k not in _COMM_OPS)
         return {
-            "length_ms": 1e3 * float(end_s), "end_lane": int(lane),
+            "length_ms": 1e3 * float(end_s),
+            "end_lane": int(lane),
             "end_gpus": self.facts.lane_ranks[lane] if self.facts.num_lanes else [],
-            "compute_ms": compute, "comm_ms": sum(v for k, v in by_op.items() if k in _COMM_OPS),
-            "wait_ms": 1e3 * float(chain[_N_EVENT_OPS]), "hops": int(chain[_N_EVENT_OPS + 1]),
+            "compute_ms": compute,
+            "comm_ms": sum(v for k, v in by_op.items() if k in _COMM_OPS),
+            "wait_ms": 1e3 * float(chain[_N_EVENT_OPS]),
+            "hops": int(chain[_N_EVENT_OPS + 1]),
             "by_op_ms": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
             "approximate": bool(self.counters[2]),
-        }  # fmt: skip
+        }
 
 
-_COMM_OPS = frozenset(("tp_comm", "a2a_dispatch", "a2a_combine", "etp_comm", "p2p_send",
-                       "grad_reduce", "expert_grad_reduce", "param_gather"))  # fmt: skip
+_COMM_OPS = frozenset(
+    (
+        "tp_comm",
+        "a2a_dispatch",
+        "a2a_combine",
+        "etp_comm",
+        "p2p_send",
+        "grad_reduce",
+        "expert_grad_reduce",
+        "param_gather",
+    )
+)
 
 
 def _summary_s(reader: TraceReader, op: str) -> float:
@@ -334,12 +401,22 @@ class _Window:
     def rows(self) -> dict[str, np.ndarray] | None:
         if not self.parts:
             return None
-        return {n: np.concatenate([p[n] for p in self.parts])[:MAX_WINDOW_ROWS]
-                for n in self.parts[0]}  # fmt: skip
+        return {
+            n: np.concatenate([p[n] for p in self.parts])[:MAX_WINDOW_ROWS] for n in self.parts[0]
+        }
 
 
-def _assemble(path, facts: RunFacts, st: _EventState, work: _Workload, wall_s, t_pipe_s,
-              rank_idle_s, rows, window) -> TraceAnalysis:  # fmt: skip
+def _assemble(
+    path,
+    facts: RunFacts,
+    st: _EventState,
+    work: _Workload,
+    wall_s,
+    t_pipe_s,
+    rank_idle_s,
+    rows,
+    window,
+) -> TraceAnalysis:
     plan, n_lanes = facts.plan, facts.num_lanes
     compute_u, all_u, busy_pipe = st.unions
     exposed = all_u - compute_u
@@ -353,8 +430,12 @@ def _assemble(path, facts: RunFacts, st: _EventState, work: _Workload, wall_s, t
     tokens = int(sum(int(x.sum()) for mbs in seq_lens for x in mbs))
     wall_ms = wall_s * 1e3
     metrics = {
-        "iteration_time_ms": wall_ms, "latency_ms": wall_ms, "latency_ms_p99": None,
-        "ttft_ms_p50": None, "ttft_ms_p99": None, "tpot_ms_p50": None,
+        "iteration_time_ms": wall_ms,
+        "latency_ms": wall_ms,
+        "latency_ms_p99": None,
+        "ttft_ms_p50": None,
+        "ttft_ms_p99": None,
+        "tpot_ms_p50": None,
         "throughput_tokens_per_ms": tokens / wall_ms,
         "throughput_tokens_per_s": tokens / wall_ms * 1e3,
         "mfu_pct": mfu_pct(plan, SimpleNamespace(seq_lens=seq_lens, iteration_time_ms=wall_ms)),
@@ -362,15 +443,17 @@ def _assemble(path, facts: RunFacts, st: _EventState, work: _Workload, wall_s, t
         "comm_to_compute_pct": 100 * comm_s / compute_s if compute_s else 0.0,
         "bubble_pct": 100 * float((t_pipe_s - busy_pipe).mean()) / t_pipe_s,
         "gpu_utilization_pct": 100 * float(rank_busy.mean()) / wall_s,
-        "load_balance_pct": (100 * work.ratio_sum / work.ratio_count if work.ratio_count
-                             else (100.0 if plan.model.moe else None)),
+        "load_balance_pct": (
+            100 * work.ratio_sum / work.ratio_count
+            if work.ratio_count
+            else (100.0 if plan.model.moe else None)
+        ),
         "dropped_tokens_pct": 100 * work.dropped / work.routed if work.routed else None,
-    }  # fmt: skip
+    }
     if plan.model.moe is None:
         metrics["load_balance_pct"] = None
     op_ms = st.op_stats[0] * 1e3
-    breakdown = {S.OPS[o]: float(op_ms[o]) / max(n_lanes, 1) for o in range(_N_OPS)
-                 if op_ms[o] > 0}  # fmt: skip
+    breakdown = {S.OPS[o]: float(op_ms[o]) / max(n_lanes, 1) for o in range(_N_OPS) if op_ms[o] > 0}
     gpus = _gpu_rows(facts, st, rank_idle_s, wall_s, t_pipe_s)
     comm_by_op, comm_by_group = _comm_tables(facts, st)
     layers = sorted(work.expert_sum)
@@ -396,8 +479,9 @@ def _assemble(path, facts: RunFacts, st: _EventState, work: _Workload, wall_s, t
     )
 
 
-def _gpu_rows(facts: RunFacts, st: _EventState, rank_idle_s, wall_s: float,
-              t_pipe_s: float) -> list[dict[str, Any]]:  # fmt: skip
+def _gpu_rows(
+    facts: RunFacts, st: _EventState, rank_idle_s, wall_s: float, t_pipe_s: float
+) -> list[dict[str, Any]]:
     compute_u, all_u, busy_pipe = st.unions
     gpn = facts.plan.hardware.gpus_per_node
     rows = []
@@ -406,15 +490,20 @@ def _gpu_rows(facts: RunFacts, st: _EventState, rank_idle_s, wall_s: float,
         own = facts.lane_ranks[lane][int(facts.gpu_slot[gpu])]
         idle = float(rank_idle_s[own]) if len(rank_idle_s) else 0.0
         busy = float(compute_u[lane]) - idle
-        rows.append({
-            "gpu": gpu, "node": gpu // gpn, "lane": lane,
-            "stage": int(facts.lane_stage[lane]), "mirrors": own if own != gpu else None,
-            "compute_ms": 1e3 * busy,
-            "comm_ms": 1e3 * float(st.lane_kind[1, lane] + st.lane_kind[2, lane]),
-            "exposed_comm_ms": 1e3 * float(all_u[lane] - compute_u[lane]),
-            "bubble_ms": 1e3 * float(t_pipe_s - busy_pipe[lane]),
-            "utilization_pct": 100 * busy / wall_s,
-        })  # fmt: skip
+        rows.append(
+            {
+                "gpu": gpu,
+                "node": gpu // gpn,
+                "lane": lane,
+                "stage": int(facts.lane_stage[lane]),
+                "mirrors": own if own != gpu else None,
+                "compute_ms": 1e3 * busy,
+                "comm_ms": 1e3 * float(st.lane_kind[1, lane] + st.lane_kind[2, lane]),
+                "exposed_comm_ms": 1e3 * float(all_u[lane] - compute_u[lane]),
+                "bubble_ms": 1e3 * float(t_pipe_s - busy_pipe[lane]),
+                "utilization_pct": 100 * busy / wall_s,
+            }
+        )
     return rows
 
 
@@ -438,9 +527,15 @@ def _comm_tables(facts: RunFacts, st: _EventState) -> tuple[list[dict], list[dic
         )
         groups = facts.layout.groups(kind) if kind else []
         for g in np.flatnonzero(st.op_group[o]):
-            by_group.append({"op": name, "group_kind": kind, "group": int(g),
-                             "gpus": groups[g] if g < len(groups) else None,
-                             "total_ms": 1e3 * float(st.op_group[o, g])})  # fmt: skip
+            by_group.append(
+                {
+                    "op": name,
+                    "group_kind": kind,
+                    "group": int(g),
+                    "gpus": groups[g] if g < len(groups) else None,
+                    "total_ms": 1e3 * float(st.op_group[o, g]),
+                }
+            )
     by_op.sort(key=lambda r: -r["total_ms"])
     by_group.sort(key=lambda r: -r["total_ms"])
     return by_op, by_group

@@ -22,19 +22,40 @@ from clustersim.spec.schema import Plan
 ESTIMATE_TOLERANCE_PCT = 10.0
 ESTIMATE_ERROR_PCT = 25.0
 SIMULATED_CLAIMS = (
-    "latency_ms", "ttft_ms", "tpot_ms", "throughput_tokens_per_ms",
-    "comm_overhead_pct", "load_balance_pct", "gpu_utilization_pct",
-)  # fmt: skip
+    "latency_ms",
+    "ttft_ms",
+    "tpot_ms",
+    "throughput_tokens_per_ms",
+    "comm_overhead_pct",
+    "load_balance_pct",
+    "gpu_utilization_pct",
+)
 SIMULATED_TARGETS = (
-    "latency_ms_max", "ttft_ms_max", "tpot_ms_max", "throughput_tokens_per_ms_min",
-    "comm_overhead_pct_max", "load_balance_pct_min", "gpu_utilization_pct_min",
-)  # fmt: skip
+    "latency_ms_max",
+    "ttft_ms_max",
+    "tpot_ms_max",
+    "throughput_tokens_per_ms_min",
+    "comm_overhead_pct_max",
+    "load_balance_pct_min",
+    "gpu_utilization_pct_min",
+)
 METRIC_KEYS = (
-    "iteration_time_ms", "latency_ms", "latency_ms_p99", "ttft_ms_p50", "ttft_ms_p99",
-    "tpot_ms_p50", "throughput_tokens_per_ms", "throughput_tokens_per_s", "mfu_pct",
-    "comm_overhead_pct", "comm_to_compute_pct", "bubble_pct", "gpu_utilization_pct",
-    "load_balance_pct", "dropped_tokens_pct",
-)  # fmt: skip
+    "iteration_time_ms",
+    "latency_ms",
+    "latency_ms_p99",
+    "ttft_ms_p50",
+    "ttft_ms_p99",
+    "tpot_ms_p50",
+    "throughput_tokens_per_ms",
+    "throughput_tokens_per_s",
+    "mfu_pct",
+    "comm_overhead_pct",
+    "comm_to_compute_pct",
+    "bubble_pct",
+    "gpu_utilization_pct",
+    "load_balance_pct",
+    "dropped_tokens_pct",
+)
 
 
 @dataclass
@@ -77,15 +98,21 @@ class AuditReport:
         return {
             "world_size": lay.world_size,
             "cluster_gpus": lay.cluster_gpus,
-            "tp": lay.tp, "cp": lay.cp, "dp": lay.dp, "pp": lay.pp, "ep": lay.ep, "etp": lay.etp,
+            "tp": lay.tp,
+            "cp": lay.cp,
+            "dp": lay.dp,
+            "pp": lay.pp,
+            "ep": lay.ep,
+            "etp": lay.etp,
             "edp": lay.edp,
             "layers_per_stage": lay.layers_per_stage,
             "experts_per_gpu": lay.experts_per_gpu,
             "experts_per_gpu_per_layer": lay.experts_per_gpu_per_layer,
             "ep_groups": lay.ep_groups,
-            "groups_crossing_nodes": [k for k in ("tp", "dp", "pp", "ep", "etp", "edp")
-                                      if lay.crosses_nodes(k)],
-        }  # fmt: skip
+            "groups_crossing_nodes": [
+                k for k in ("tp", "dp", "pp", "ep", "etp", "edp") if lay.crosses_nodes(k)
+            ],
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of the output contract (metrics are null until simulated)."""
@@ -147,17 +174,32 @@ def check_world_size(ctx: AuditContext) -> list[Finding]:
         fix = f"add nodes ({-(-world // hw.gpus_per_node)} nodes of {hw.gpus_per_node})"
         if cluster % per_replica == 0:
             fix = f"set parallel.dp: {cluster // per_replica}, or " + fix
-        return [Finding("parallel", "error",
-                        f"needs {world} GPUs ({product} = {world}), the cluster has {cluster} "
-                        f"({hw.num_nodes} nodes x {hw.gpus_per_node})",
-                        fix, claimed=cluster, computed=world)]  # fmt: skip
+        return [
+            Finding(
+                "parallel",
+                "error",
+                f"needs {world} GPUs ({product} = {world}), the cluster has {cluster} "
+                f"({hw.num_nodes} nodes x {hw.gpus_per_node})",
+                fix,
+                claimed=cluster,
+                computed=world,
+            )
+        ]
     if world < cluster:
         fix = ""
         if cluster % per_replica == 0:
             fix = f"set parallel.dp: {cluster // per_replica} to use all {cluster} GPUs"
-        return [Finding("parallel", "warning",
-                        f"uses {world} of the cluster's {cluster} GPUs ({product} = {world}); "
-                        f"{cluster - world} stay idle", fix, claimed=cluster, computed=world)]
+        return [
+            Finding(
+                "parallel",
+                "warning",
+                f"uses {world} of the cluster's {cluster} GPUs ({product} = {world}); "
+                f"{cluster - world} stay idle",
+                fix,
+                claimed=cluster,
+                computed=world,
+            )
+        ]
     return []
 
 
@@ -168,16 +210,30 @@ def check_heads(ctx: AuditContext) -> list[Finding]:
     if model.num_attention_heads % tp:
         gpn = ctx.plan.hardware.gpus_per_node
         ok = [d for d in divisors(model.num_attention_heads) if d <= gpn]
-        out.append(Finding("parallel.tp", "error",
-                           f"{model.num_attention_heads} attention heads do not split over "
-                           f"TP {tp} ({model.num_attention_heads} / {tp} is not whole)",
-                           f"choose parallel.tp from {ok}", tp, None))  # fmt: skip
+        out.append(
+            Finding(
+                "parallel.tp",
+                "error",
+                f"{model.num_attention_heads} attention heads do not split over "
+                f"TP {tp} ({model.num_attention_heads} / {tp} is not whole)",
+                f"choose parallel.tp from {ok}",
+                tp,
+                None,
+            )
+        )
     kv = model.kv_heads
     if model.mla is None and kv % tp and tp % kv:
-        out.append(Finding("parallel.tp", "error",
-                           f"{kv} KV heads and TP {tp}: neither divides the other, so KV heads "
-                           "cannot be split or replicated evenly",
-                           f"choose parallel.tp dividing {kv} or a multiple of it", tp, None))
+        out.append(
+            Finding(
+                "parallel.tp",
+                "error",
+                f"{kv} KV heads and TP {tp}: neither divides the other, so KV heads "
+                "cannot be split or replicated evenly",
+                f"choose parallel.tp dividing {kv} or a multiple of it",
+                tp,
+                None,
+            )
+        )
     return out
 
 
@@ -188,32 +244,61 @@ def check_layers(ctx: AuditContext) -> list[Finding]:
     if par.layers_per_stage is not None:
         split = par.layers_per_stage
         if len(split) != pp:
-            return [Finding("parallel.layers_per_stage", "error",
-                            f"lists {len(split)} stages but parallel.pp is {pp}",
-                            f"give {pp} entries summing to {num_layers}", len(split), pp)]
+            return [
+                Finding(
+                    "parallel.layers_per_stage",
+                    "error",
+                    f"lists {len(split)} stages but parallel.pp is {pp}",
+                    f"give {pp} entries summing to {num_layers}",
+                    len(split),
+                    pp,
+                )
+            ]
         if sum(split) != num_layers:
-            return [Finding("parallel.layers_per_stage", "error",
-                            f"sums to {sum(split)} layers but the model has {num_layers}",
-                            f"give {pp} entries summing to {num_layers}", sum(split), num_layers)]
+            return [
+                Finding(
+                    "parallel.layers_per_stage",
+                    "error",
+                    f"sums to {sum(split)} layers but the model has {num_layers}",
+                    f"give {pp} entries summing to {num_layers}",
+                    sum(split),
+                    num_layers,
+                )
+            ]
         if v > 1:
-            return [Finding("parallel.layers_per_stage", "error",
-                            "an explicit layer split cannot be combined with virtual stages",
-                            "remove parallel.layers_per_stage or set virtual_stages: 1")]
+            return [
+                Finding(
+                    "parallel.layers_per_stage",
+                    "error",
+                    "an explicit layer split cannot be combined with virtual stages",
+                    "remove parallel.layers_per_stage or set virtual_stages: 1",
+                )
+            ]
         return []
     if num_layers % (pp * v):
         chunks = f"PP {pp} x {v} virtual stages" if v > 1 else f"PP {pp}"
         # PP values that split the layers into PP x v equal chunks.
-        ok = [d for d in divisors(num_layers)
-              if 1 < d <= ctx.layout.world_size and num_layers % (d * v) == 0]  # fmt: skip
+        ok = [
+            d
+            for d in divisors(num_layers)
+            if 1 < d <= ctx.layout.world_size and num_layers % (d * v) == 0
+        ]
         if v > 1:  # an explicit split cannot be combined with virtual stages
             vs = [x for x in divisors(num_layers // pp) if x > 1] if num_layers % pp == 0 else []
             alt = f" or parallel.virtual_stages from {vs}" if vs else ""
         else:
             alt = " or give parallel.layers_per_stage"
-        return [Finding("parallel.pp", "error",
-                        f"{num_layers} layers do not split evenly over {chunks} "
-                        f"({num_layers} / {pp * v} = {num_layers / (pp * v):.2f})",
-                        f"choose parallel.pp from {ok[:8]}{alt}", pp, None)]  # fmt: skip
+        return [
+            Finding(
+                "parallel.pp",
+                "error",
+                f"{num_layers} layers do not split evenly over {chunks} "
+                f"({num_layers} / {pp * v} = {num_layers / (pp * v):.2f})",
+                f"choose parallel.pp from {ok[:8]}{alt}",
+                pp,
+                None,
+            )
+        ]
     return []
 
 
@@ -223,17 +308,32 @@ def check_experts(ctx: AuditContext) -> list[Finding]:
     moe, par = plan.model.moe, plan.parallel
     if moe is None:
         if par.ep > 1:
-            return [Finding("parallel.ep", "warning", f"EP {par.ep} has no effect on a dense model",
-                            "set parallel.ep: 1", par.ep, 1)]
+            return [
+                Finding(
+                    "parallel.ep",
+                    "warning",
+                    f"EP {par.ep} has no effect on a dense model",
+                    "set parallel.ep: 1",
+                    par.ep,
+                    1,
+                )
+            ]
         return []
     out = []
     stage_ranks = par.tp * par.cp * par.dp
     if moe.num_experts % par.ep:
         ok = [d for d in divisors(moe.num_experts) if stage_ranks % d == 0]
-        out.append(Finding("parallel.ep", "error",
-                           f"{moe.num_experts} experts do not split over EP {par.ep} "
-                           f"({moe.num_experts} / {par.ep} = {moe.num_experts / par.ep:.2f})",
-                           f"choose parallel.ep from {ok}", par.ep, None))  # fmt: skip
+        out.append(
+            Finding(
+                "parallel.ep",
+                "error",
+                f"{moe.num_experts} experts do not split over EP {par.ep} "
+                f"({moe.num_experts} / {par.ep} = {moe.num_experts / par.ep:.2f})",
+                f"choose parallel.ep from {ok}",
+                par.ep,
+                None,
+            )
+        )
     if not lay.expert_folding_ok:
         out.append(_folding_finding(plan, stage_ranks))
     return out
@@ -246,18 +346,27 @@ def _folding_finding(plan: Plan, stage_ranks: int) -> Finding:
     what = f"EP {par.ep} x ETP {etp} = {par.ep * etp}"
     if etp != 1 and stage_ranks % par.ep == 0:
         source = "ETP defaults to TP" if par.etp is None else "ETP is set"
-        return Finding("parallel.etp", "error",
-                       f"{what} does not divide the {stage_ranks} ranks of a pipeline stage "
-                       f"({ranks} = {stage_ranks}); {source}",
-                       "valid only with expert tensor parallel size 1: set parallel.etp: 1",
-                       etp, 1)  # fmt: skip
+        return Finding(
+            "parallel.etp",
+            "error",
+            f"{what} does not divide the {stage_ranks} ranks of a pipeline stage "
+            f"({ranks} = {stage_ranks}); {source}",
+            "valid only with expert tensor parallel size 1: set parallel.etp: 1",
+            etp,
+            1,
+        )
     moe = plan.model.moe
     ok = [d for d in divisors(moe.num_experts) if stage_ranks % d == 0] if moe else []
-    return Finding("parallel.ep", "error",
-                   f"{what} cannot be formed from the {stage_ranks} ranks of a pipeline stage "
-                   f"({ranks} = {stage_ranks}): EP x ETP must divide it",
-                   f"choose parallel.ep from {ok} with parallel.etp: 1, or raise TP x DP to a "
-                   f"multiple of {par.ep * etp}", par.ep, None)  # fmt: skip
+    return Finding(
+        "parallel.ep",
+        "error",
+        f"{what} cannot be formed from the {stage_ranks} ranks of a pipeline stage "
+        f"({ranks} = {stage_ranks}): EP x ETP must divide it",
+        f"choose parallel.ep from {ok} with parallel.etp: 1, or raise TP x DP to a "
+        f"multiple of {par.ep * etp}",
+        par.ep,
+        None,
+    )
 
 
 def check_schedule(ctx: AuditContext) -> list[Finding]:
@@ -265,33 +374,65 @@ def check_schedule(ctx: AuditContext) -> list[Finding]:
     par, out = ctx.plan.parallel, []
     if par.schedule == "interleaved":
         if par.virtual_stages < 2:
-            out.append(Finding("parallel.virtual_stages", "error",
-                               "the interleaved schedule needs at least 2 virtual stages per GPU",
-                               "set parallel.virtual_stages: 2 (or schedule: 1f1b)",
-                               par.virtual_stages, 2))
+            out.append(
+                Finding(
+                    "parallel.virtual_stages",
+                    "error",
+                    "the interleaved schedule needs at least 2 virtual stages per GPU",
+                    "set parallel.virtual_stages: 2 (or schedule: 1f1b)",
+                    par.virtual_stages,
+                    2,
+                )
+            )
         if par.pp < 2:
-            out.append(Finding("parallel.schedule", "error",
-                               "the interleaved schedule needs pipeline parallelism (PP >= 2)",
-                               "set parallel.schedule: 1f1b", par.schedule, "1f1b"))
+            out.append(
+                Finding(
+                    "parallel.schedule",
+                    "error",
+                    "the interleaved schedule needs pipeline parallelism (PP >= 2)",
+                    "set parallel.schedule: 1f1b",
+                    par.schedule,
+                    "1f1b",
+                )
+            )
         elif par.num_microbatches % par.pp:
             m = -(-par.num_microbatches // par.pp) * par.pp
-            out.append(Finding("parallel.num_microbatches", "error",
-                               f"the interleaved schedule needs micro-batches divisible by PP "
-                               f"({par.num_microbatches} / {par.pp} is not whole)",
-                               f"set parallel.num_microbatches: {m}", par.num_microbatches, m))
+            out.append(
+                Finding(
+                    "parallel.num_microbatches",
+                    "error",
+                    f"the interleaved schedule needs micro-batches divisible by PP "
+                    f"({par.num_microbatches} / {par.pp} is not whole)",
+                    f"set parallel.num_microbatches: {m}",
+                    par.num_microbatches,
+                    m,
+                )
+            )
     elif par.virtual_stages > 1:
-        out.append(Finding("parallel.virtual_stages", "error",
-                           f"virtual stages only apply to the interleaved schedule, not "
-                           f"'{par.schedule}'", "set parallel.schedule: interleaved",
-                           par.virtual_stages, 1))  # fmt: skip
+        out.append(
+            Finding(
+                "parallel.virtual_stages",
+                "error",
+                f"virtual stages only apply to the interleaved schedule, not '{par.schedule}'",
+                "set parallel.schedule: interleaved",
+                par.virtual_stages,
+                1,
+            )
+        )
     if ctx.plan.workload.mode == "training" and par.pp > 1 and par.num_microbatches < par.pp:
         m, p = par.num_microbatches, par.pp
         bubble = 100 * (p - 1) / (m + p - 1)
-        out.append(Finding("parallel.num_microbatches", "warning",
-                           f"{m} micro-batches for {p} stages leaves a pipeline bubble of "
-                           f"(p-1)/(m+p-1) = {p - 1}/{m + p - 1} = {bubble:.0f}% of the iteration",
-                           f"use at least {4 * p} micro-batches (bubble "
-                           f"{100 * (p - 1) / (5 * p - 1):.0f}%)", m, 4 * p))  # fmt: skip
+        out.append(
+            Finding(
+                "parallel.num_microbatches",
+                "warning",
+                f"{m} micro-batches for {p} stages leaves a pipeline bubble of "
+                f"(p-1)/(m+p-1) = {p - 1}/{m + p - 1} = {bubble:.0f}% of the iteration",
+                f"use at least {4 * p} micro-batches (bubble {100 * (p - 1) / (5 * p - 1):.0f}%)",
+                m,
+                4 * p,
+            )
+        )
     return out
 
 
@@ -300,21 +441,34 @@ def check_parallel_options(ctx: AuditContext) -> list[Finding]:
     plan, par, out = ctx.plan, ctx.plan.parallel, []
     training = plan.workload.mode == "training"
     if training and plan.model.moe is not None and par.tp > 1 and not par.sequence_parallel:
-        out.append(Finding("parallel.sequence_parallel", "error",
-                           f"MoE training with TP {par.tp} requires sequence parallelism "
-                           "(Megatron-Core refuses to start without it)",
-                           "set parallel.sequence_parallel: true", False, True))
+        out.append(
+            Finding(
+                "parallel.sequence_parallel",
+                "error",
+                f"MoE training with TP {par.tp} requires sequence parallelism "
+                "(Megatron-Core refuses to start without it)",
+                "set parallel.sequence_parallel: true",
+                False,
+                True,
+            )
+        )
     if ctx.layout.crosses_nodes("tp"):
         gpn = plan.hardware.gpus_per_node
         # TP groups stay inside a node only when TP divides the GPUs of a node (TP <= gpn is
         # not enough: TP 4 on nodes of 6 puts ranks 4-7 on two nodes).
         heads = plan.model.num_attention_heads
         ok = [d for d in divisors(gpn) if heads % d == 0]
-        out.append(Finding("parallel.tp", "warning",
-                           f"TP {par.tp} spans nodes of {gpn} GPUs: every layer's TP collectives "
-                           f"cross the {plan.hardware.inter_node.bandwidth_gbps:g} GB/s network",
-                           f"choose parallel.tp from {ok} (dividing the {gpn} GPUs of a node)",
-                           par.tp, max(d for d in ok if d <= par.tp)))  # fmt: skip
+        out.append(
+            Finding(
+                "parallel.tp",
+                "warning",
+                f"TP {par.tp} spans nodes of {gpn} GPUs: every layer's TP collectives "
+                f"cross the {plan.hardware.inter_node.bandwidth_gbps:g} GB/s network",
+                f"choose parallel.tp from {ok} (dividing the {gpn} GPUs of a node)",
+                par.tp,
+                max(d for d in ok if d <= par.tp),
+            )
+        )
     return out
 
 
@@ -324,29 +478,48 @@ def check_memory(ctx: AuditContext) -> list[Finding]:
     whether the KV cache holds the plan's requests (:func:`check_serving_memory`)."""
     mem, plan, out = ctx.memory, ctx.plan, []
     if ctx.memory_error:
-        return [Finding("workload.requests", "error",
-                        f"memory cannot be computed: {ctx.memory_error}",
-                        "give a readable trace and lengths with a known maximum")]  # fmt: skip
+        return [
+            Finding(
+                "workload.requests",
+                "error",
+                f"memory cannot be computed: {ctx.memory_error}",
+                "give a readable trace and lengths with a known maximum",
+            )
+        ]
     if mem is None:
         return []
     if mem.serving is not None:
         return check_serving_memory(ctx, mem, mem.serving)
     note = f" ({ctx.memory_note})" if ctx.memory_note else ""
     if not mem.fits:
-        out.append(Finding("hardware.memory_gib", "error",
-                           f"peak memory {mem.memory_per_gpu_gib:.1f} GiB per GPU (stage "
-                           f"{mem.peak_stage}: params {mem.params_gib:.1f} + grads "
-                           f"{mem.grads_gib:.1f} + optimizer {mem.optimizer_gib:.1f} + "
-                           f"activations {mem.activations_gib:.1f} + KV {mem.kv_cache_gib:.1f} + "
-                           f"buffers {mem.buffers_gib:.1f}) exceeds the {mem.capacity_gib:g} GiB "
-                           f"available{note}", memory_fix(plan, None),
-                           mem.capacity_gib, round(mem.memory_per_gpu_gib, 2)))  # fmt: skip
+        out.append(
+            Finding(
+                "hardware.memory_gib",
+                "error",
+                f"peak memory {mem.memory_per_gpu_gib:.1f} GiB per GPU (stage "
+                f"{mem.peak_stage}: params {mem.params_gib:.1f} + grads "
+                f"{mem.grads_gib:.1f} + optimizer {mem.optimizer_gib:.1f} + "
+                f"activations {mem.activations_gib:.1f} + KV {mem.kv_cache_gib:.1f} + "
+                f"buffers {mem.buffers_gib:.1f}) exceeds the {mem.capacity_gib:g} GiB "
+                f"available{note}",
+                memory_fix(plan, None),
+                mem.capacity_gib,
+                round(mem.memory_per_gpu_gib, 2),
+            )
+        )
     limit = plan.targets.memory_per_gpu_gib_max
     if limit is not None and mem.memory_per_gpu_gib > limit:
-        out.append(Finding("targets.memory_per_gpu_gib_max", "error",
-                           f"peak memory {mem.memory_per_gpu_gib:.1f} GiB per GPU is above the "
-                           f"target of {limit:g} GiB{note}", memory_fix(plan, limit),
-                           limit, round(mem.memory_per_gpu_gib, 2)))  # fmt: skip
+        out.append(
+            Finding(
+                "targets.memory_per_gpu_gib_max",
+                "error",
+                f"peak memory {mem.memory_per_gpu_gib:.1f} GiB per GPU is above the "
+                f"target of {limit:g} GiB{note}",
+                memory_fix(plan, limit),
+                limit,
+                round(mem.memory_per_gpu_gib, 2),
+            )
+        )
     return out
 
 
@@ -359,46 +532,71 @@ def check_serving_memory(ctx: AuditContext, mem: MemoryReport, sm: ServingMemory
     plan, out = ctx.plan, []
     req, lengths = plan.workload.requests, sm.lengths
     note = f" ({ctx.memory_note})" if ctx.memory_note else ""
-    longest = (f"the longest request, {lengths.longest_request} tokens (prompt + output, "
-               f"{lengths.source})")  # fmt: skip
+    longest = (
+        f"the longest request, {lengths.longest_request} tokens (prompt + output, {lengths.source})"
+    )
     stage = sm.limiting_stage
     taken = (
         f"weights {sm.weights_gib[stage]:.1f} + activations {sm.activations_gib[stage]:.1f} "
         f"({sm.step_tokens} tokens per step) + buffers {sm.buffers_gib[stage]:.1f} GiB"
     )
-    usable = (f"{sm.gpu_memory_utilization:g} x {mem.capacity_gib:g} GiB = "
-              f"{sm.usable_gib:.1f} GiB usable")  # fmt: skip
+    usable = (
+        f"{sm.gpu_memory_utilization:g} x {mem.capacity_gib:g} GiB = {sm.usable_gib:.1f} GiB usable"
+    )
     if sm.blocks_overridden and mem.memory_per_gpu_gib > mem.capacity_gib:
-        out.append(Finding("workload.requests.num_gpu_blocks", "error",
-                           f"memory per GPU {mem.memory_per_gpu_gib:.1f} GiB (stage "
-                           f"{mem.peak_stage}: params {mem.params_gib:.1f} + activations "
-                           f"{mem.activations_gib:.1f} + buffers {mem.buffers_gib:.1f} + KV "
-                           f"{mem.kv_cache_gib:.1f} for {req.num_gpu_blocks} blocks) exceeds the "
-                           f"{mem.capacity_gib:g} GiB available{note}", _serving_fix(plan),
-                           mem.capacity_gib, round(mem.memory_per_gpu_gib, 2)))  # fmt: skip
+        out.append(
+            Finding(
+                "workload.requests.num_gpu_blocks",
+                "error",
+                f"memory per GPU {mem.memory_per_gpu_gib:.1f} GiB (stage "
+                f"{mem.peak_stage}: params {mem.params_gib:.1f} + activations "
+                f"{mem.activations_gib:.1f} + buffers {mem.buffers_gib:.1f} + KV "
+                f"{mem.kv_cache_gib:.1f} for {req.num_gpu_blocks} blocks) exceeds the "
+                f"{mem.capacity_gib:g} GiB available{note}",
+                _serving_fix(plan),
+                mem.capacity_gib,
+                round(mem.memory_per_gpu_gib, 2),
+            )
+        )
     elif not sm.starts:
         if sm.weights_gib[stage] > sm.usable_gib:
-            why = (f"the weights alone, {sm.weights_gib[stage]:.1f} GiB per GPU on stage {stage}, "
-                   f"exceed {usable}")  # fmt: skip
+            why = (
+                f"the weights alone, {sm.weights_gib[stage]:.1f} GiB per GPU on stage {stage}, "
+                f"exceed {usable}"
+            )
         else:
-            why = (f"on stage {stage}, {taken} of {usable} leave "
-                   f"{max(sm.free_gib[stage], 0.0):.2f} GiB for the KV cache: {sm.tokens} "
-                   f"tokens, fewer than {longest}")  # fmt: skip
-        out.append(Finding("hardware.memory_gib", "error",
-                           f"out of memory: {why}; vLLM refuses to start{note}",
-                           _serving_fix(plan), sm.blocks_per_longest_request * sm.block_size,
-                           sm.tokens))  # fmt: skip
+            why = (
+                f"on stage {stage}, {taken} of {usable} leave "
+                f"{max(sm.free_gib[stage], 0.0):.2f} GiB for the KV cache: {sm.tokens} "
+                f"tokens, fewer than {longest}"
+            )
+        out.append(
+            Finding(
+                "hardware.memory_gib",
+                "error",
+                f"out of memory: {why}; vLLM refuses to start{note}",
+                _serving_fix(plan),
+                sm.blocks_per_longest_request * sm.block_size,
+                sm.tokens,
+            )
+        )
     elif sm.longest_requests_fit < req.max_batch_size:
         fit = sm.longest_requests_fit
-        out.append(Finding("workload.requests.max_batch_size", "warning",
-                           f"the KV cache holds {sm.tokens} tokens ({mem.kv_cache_gib:.1f} GiB per "
-                           f"GPU, what {usable} leave after {taken}): {fit} requests of "
-                           f"{longest} fit at once, fewer than max_batch_size {req.max_batch_size}"
-                           f" (of the mean length, {lengths.mean_request:.0f} tokens: "
-                           f"{sm.typical_requests_fit}); the rest wait or are preempted",
-                           f"set workload.requests.max_batch_size: {fit}, or spread the model over "
-                           "more GPUs (parallel.tp / parallel.pp) for a larger cache",
-                           req.max_batch_size, fit))  # fmt: skip
+        out.append(
+            Finding(
+                "workload.requests.max_batch_size",
+                "warning",
+                f"the KV cache holds {sm.tokens} tokens ({mem.kv_cache_gib:.1f} GiB per "
+                f"GPU, what {usable} leave after {taken}): {fit} requests of "
+                f"{longest} fit at once, fewer than max_batch_size {req.max_batch_size}"
+                f" (of the mean length, {lengths.mean_request:.0f} tokens: "
+                f"{sm.typical_requests_fit}); the rest wait or are preempted",
+                f"set workload.requests.max_batch_size: {fit}, or spread the model over "
+                "more GPUs (parallel.tp / parallel.pp) for a larger cache",
+                req.max_batch_size,
+                fit,
+            )
+        )
     limit = plan.targets.memory_per_gpu_gib_max
     if limit is not None and mem.memory_per_gpu_gib > limit:
         # The engine allocates its whole share; the target can still be met by a smaller
@@ -406,21 +604,36 @@ def check_serving_memory(ctx: AuditContext, mem: MemoryReport, sm: ServingMemory
         # that max_batch_size admits).
         needed = max(sm.needed_gib)
         util = math.floor(100 * sm.gpu_memory_utilization * limit / mem.memory_per_gpu_gib) / 100
-        allocates = (f"memory per GPU {mem.memory_per_gpu_gib:.1f} GiB (stage {mem.peak_stage}, "
-                     f"KV cache {mem.kv_cache_gib:.1f} GiB included: the engine allocates "
-                     f"{usable}) is above the target of {limit:g} GiB{note}")  # fmt: skip
+        allocates = (
+            f"memory per GPU {mem.memory_per_gpu_gib:.1f} GiB (stage {mem.peak_stage}, "
+            f"KV cache {mem.kv_cache_gib:.1f} GiB included: the engine allocates "
+            f"{usable}) is above the target of {limit:g} GiB{note}"
+        )
         if needed > limit:
-            out.append(Finding("targets.memory_per_gpu_gib_max", "error",
-                               f"{allocates}; even max_batch_size {req.max_batch_size} requests "
-                               f"of the longest length need {needed:.1f} GiB",
-                               _serving_fix(plan, limit), limit, round(needed, 2)))  # fmt: skip
+            out.append(
+                Finding(
+                    "targets.memory_per_gpu_gib_max",
+                    "error",
+                    f"{allocates}; even max_batch_size {req.max_batch_size} requests "
+                    f"of the longest length need {needed:.1f} GiB",
+                    _serving_fix(plan, limit),
+                    limit,
+                    round(needed, 2),
+                )
+            )
         else:
-            out.append(Finding("targets.memory_per_gpu_gib_max", "warning",
-                               f"{allocates}; max_batch_size {req.max_batch_size} requests of the "
-                               f"longest length need only {needed:.1f} GiB",
-                               f"set workload.requests.gpu_memory_utilization: {util:g} (a "
-                               "smaller KV cache that still holds the full batch)",
-                               limit, round(mem.memory_per_gpu_gib, 2)))  # fmt: skip
+            out.append(
+                Finding(
+                    "targets.memory_per_gpu_gib_max",
+                    "warning",
+                    f"{allocates}; max_batch_size {req.max_batch_size} requests of the "
+                    f"longest length need only {needed:.1f} GiB",
+                    f"set workload.requests.gpu_memory_utilization: {util:g} (a "
+                    "smaller KV cache that still holds the full batch)",
+                    limit,
+                    round(mem.memory_per_gpu_gib, 2),
+                )
+            )
     return out
 
 
@@ -439,8 +652,13 @@ def _serving_fix(plan: Plan, limit_gib: float | None = None) -> str:
         tries.append((text, {"max_num_batched_tokens": budget, "chunked_prefill": True}, {}))
         budget //= 2
     if req.gpu_memory_utilization < 0.95 and limit_gib is None:
-        tries.append(("set workload.requests.gpu_memory_utilization: 0.95",
-                      {"gpu_memory_utilization": 0.95}, {}))  # fmt: skip
+        tries.append(
+            (
+                "set workload.requests.gpu_memory_utilization: 0.95",
+                {"gpu_memory_utilization": 0.95},
+                {},
+            )
+        )
     heads, kv = model.num_attention_heads, model.kv_heads
     for tp in range(par.tp + 1, plan.hardware.gpus_per_node + 1):
         if heads % tp == 0 and (kv % tp == 0 or tp % kv == 0):
@@ -464,8 +682,10 @@ def _serving_fix(plan: Plan, limit_gib: float | None = None) -> str:
         ):
             world = trial.parallel.world_size
             gpus = f"; needs {world} GPUs" if world > plan.hardware.num_gpus else ""
-            return (f"{text} (KV cache {after.serving.tokens} tokens: "
-                    f"{after.serving.longest_requests_fit} longest requests{gpus})")  # fmt: skip
+            return (
+                f"{text} (KV cache {after.serving.tokens} tokens: "
+                f"{after.serving.longest_requests_fit} longest requests{gpus})"
+            )
     return (
         "spread the model over more GPUs (larger parallel.tp or parallel.pp) or use GPUs "
         "with more memory"
@@ -478,29 +698,47 @@ def check_claims(ctx: AuditContext) -> list[Finding]:
     plan, lay, claims, out = ctx.plan, ctx.layout, ctx.plan.claims, []
     moe, par = plan.model.moe, plan.parallel
     if claims.total_gpus is not None and claims.total_gpus != lay.world_size:
-        out.append(_count_claim("total_gpus", claims.total_gpus, lay.world_size,
-                                f"TP {par.tp} x PP {par.pp} x DP {par.dp}"
-                                + (f" x CP {par.cp}" if par.cp > 1 else "")
-                                + f" = {lay.world_size} GPUs"))  # fmt: skip
+        out.append(
+            _count_claim(
+                "total_gpus",
+                claims.total_gpus,
+                lay.world_size,
+                f"TP {par.tp} x PP {par.pp} x DP {par.dp}"
+                + (f" x CP {par.cp}" if par.cp > 1 else "")
+                + f" = {lay.world_size} GPUs",
+            )
+        )
     stage_gpus = lay.world_size // par.pp
     if claims.gpus_per_stage is not None and claims.gpus_per_stage != stage_gpus:
-        out.append(_count_claim("gpus_per_stage", claims.gpus_per_stage, stage_gpus,
-                                f"each pipeline stage holds TP {par.tp} x DP {par.dp}"
-                                + (f" x CP {par.cp}" if par.cp > 1 else "")
-                                + f" = {stage_gpus} GPUs"))  # fmt: skip
+        out.append(
+            _count_claim(
+                "gpus_per_stage",
+                claims.gpus_per_stage,
+                stage_gpus,
+                f"each pipeline stage holds TP {par.tp} x DP {par.dp}"
+                + (f" x CP {par.cp}" if par.cp > 1 else "")
+                + f" = {stage_gpus} GPUs",
+            )
+        )
     if moe is not None:
         total = moe.num_experts * plan.model.num_moe_layers
         per_layer = lay.experts_per_gpu_per_layer
         counts = {
-            "total_experts": (total, f"{moe.num_experts} experts x "
-                              f"{plan.model.num_moe_layers} MoE layers = {total}"),
-            "experts_per_gpu_per_layer": (per_layer, f"{moe.num_experts} experts / EP "
-                                          f"{par.ep} = {_num(per_layer)} per GPU per layer"),
+            "total_experts": (
+                total,
+                f"{moe.num_experts} experts x {plan.model.num_moe_layers} MoE layers = {total}",
+            ),
+            "experts_per_gpu_per_layer": (
+                per_layer,
+                f"{moe.num_experts} experts / EP {par.ep} = {_num(per_layer)} per GPU per layer",
+            ),
             "experts_per_gpu": (lay.experts_per_gpu, _experts_per_gpu_text(ctx)),
-        }  # fmt: skip
+        }
         if lay.expert_folding_ok:
-            counts["ep_groups"] = (lay.ep_groups, f"{lay.world_size} GPUs / EP {par.ep} = "
-                                   f"{lay.ep_groups} EP groups")  # fmt: skip
+            counts["ep_groups"] = (
+                lay.ep_groups,
+                f"{lay.world_size} GPUs / EP {par.ep} = {lay.ep_groups} EP groups",
+            )
         for name, (computed, why) in counts.items():
             claimed = getattr(claims, name)
             if claimed is not None and abs(claimed - computed) > 1e-9:
@@ -514,28 +752,40 @@ def _experts_per_gpu_text(ctx: AuditContext) -> str:
     lay = ctx.layout
     moe_layers = lay.moe_layers_per_stage
     stage = moe_layers.index(max(moe_layers))
-    text = (f"{_num(lay.experts_per_gpu_per_layer)} experts per layer x {moe_layers[stage]} MoE "
-            f"layers on a stage = {_num(lay.experts_per_gpu)}")  # fmt: skip
+    text = (
+        f"{_num(lay.experts_per_gpu_per_layer)} experts per layer x {moe_layers[stage]} MoE "
+        f"layers on a stage = {_num(lay.experts_per_gpu)}"
+    )
     if len(set(moe_layers)) > 1:
         text += f" (stage {stage}; per stage {[_num(x) for x in lay.experts_per_gpu_by_stage]})"
     return text
 
 
 LABELS = {
-    "total_gpus": "the GPU count", "gpus_per_stage": "GPUs per stage",
-    "total_experts": "the expert count", "ep_groups": "the number of EP groups",
-    "experts_per_gpu": "experts per GPU", "experts_per_gpu_per_layer": "experts per GPU per layer",
-    "layers_per_stage": "layers per stage", "memory_per_gpu_gib": "peak memory per GPU",
-    "params_gib": "parameter memory per GPU", "optimizer_gib": "optimizer memory per GPU",
+    "total_gpus": "the GPU count",
+    "gpus_per_stage": "GPUs per stage",
+    "total_experts": "the expert count",
+    "ep_groups": "the number of EP groups",
+    "experts_per_gpu": "experts per GPU",
+    "experts_per_gpu_per_layer": "experts per GPU per layer",
+    "layers_per_stage": "layers per stage",
+    "memory_per_gpu_gib": "peak memory per GPU",
+    "params_gib": "parameter memory per GPU",
+    "optimizer_gib": "optimizer memory per GPU",
     "activations_gib": "activation memory per GPU",
-}  # fmt: skip
+}
 
 
 def _count_claim(name: str, claimed: Any, computed: Any, why: str) -> Finding:
     label = LABELS.get(name, name)
-    return Finding(f"claims.{name}", "error",
-                   f"{label} is {_num(computed)}, not {_num(claimed)}: {why}",
-                   f"set claims.{name}: {_num(computed)}", claimed, computed)  # fmt: skip
+    return Finding(
+        f"claims.{name}",
+        "error",
+        f"{label} is {_num(computed)}, not {_num(claimed)}: {why}",
+        f"set claims.{name}: {_num(computed)}",
+        claimed,
+        computed,
+    )
 
 
 def _layers_claim(ctx: AuditContext) -> list[Finding]:
@@ -546,8 +796,7 @@ def _layers_claim(ctx: AuditContext) -> list[Finding]:
     if expected == actual:
         return []
     computed: Any = actual[0] if len(set(actual)) == 1 else actual
-    why = (f"{ctx.plan.model.num_layers} layers over PP {ctx.plan.parallel.pp} stages "
-           f"gives {actual}")  # fmt: skip
+    why = f"{ctx.plan.model.num_layers} layers over PP {ctx.plan.parallel.pp} stages gives {actual}"
     return [_count_claim("layers_per_stage", claimed, computed, why)]
 
 
@@ -564,14 +813,23 @@ def _estimate_claims(ctx: AuditContext) -> list[Finding]:
             continue
         severity = "error" if off_pct > ESTIMATE_ERROR_PCT else "warning"
         factor = max(claimed, computed) / max(min(claimed, computed), 1e-12)
-        seq = f"; at {mem.seq_len_tokens} tokens per sequence" if name in (
-            "memory_per_gpu_gib", "activations_gib") else ""  # fmt: skip
-        out.append(Finding(f"claims.{name}", severity,
-                           f"{LABELS[name]} is {computed:.2f} GiB (stage {mem.peak_stage}, the "
-                           f"peak), not {claimed:g}: {factor:.1f}x "
-                           f"{'over' if claimed > computed else 'under'}estimated{seq}",
-                           f"set claims.{name}: {computed:.2f}", claimed,
-                           round(computed, 2)))  # fmt: skip
+        seq = (
+            f"; at {mem.seq_len_tokens} tokens per sequence"
+            if name in ("memory_per_gpu_gib", "activations_gib")
+            else ""
+        )
+        out.append(
+            Finding(
+                f"claims.{name}",
+                severity,
+                f"{LABELS[name]} is {computed:.2f} GiB (stage {mem.peak_stage}, the "
+                f"peak), not {claimed:g}: {factor:.1f}x "
+                f"{'over' if claimed > computed else 'under'}estimated{seq}",
+                f"set claims.{name}: {computed:.2f}",
+                claimed,
+                round(computed, 2),
+            )
+        )
     return out
 
 

@@ -18,14 +18,41 @@ from clustersim.analysis.render import fmt_value
 from clustersim.analysis.suggest import folding_fix
 from clustersim.spec.schema import Plan
 
-LAYOUT_KEYS = ("world_size", "cluster_gpus", "tp", "pp", "dp", "ep", "etp", "edp",
-               "layers_per_stage", "experts_per_gpu", "experts_per_gpu_per_layer", "ep_groups")
-MEMORY_KEYS = ("memory_per_gpu_gib", "params_gib", "grads_gib", "optimizer_gib",
-               "activations_gib", "kv_cache_gib", "buffers_gib", "fits")
+LAYOUT_KEYS = (
+    "world_size",
+    "cluster_gpus",
+    "tp",
+    "pp",
+    "dp",
+    "ep",
+    "etp",
+    "edp",
+    "layers_per_stage",
+    "experts_per_gpu",
+    "experts_per_gpu_per_layer",
+    "ep_groups",
+)
+MEMORY_KEYS = (
+    "memory_per_gpu_gib",
+    "params_gib",
+    "grads_gib",
+    "optimizer_gib",
+    "activations_gib",
+    "kv_cache_gib",
+    "buffers_gib",
+    "fits",
+)
 # metrics where a larger value is better (the rest: smaller is better, or neutral)
-HIGHER_IS_BETTER = {"throughput_tokens_per_ms", "throughput_tokens_per_s", "mfu_pct",
-                    "gpu_utilization_pct", "load_balance_pct", "goodput_requests_per_s",
-                    "slo_attainment_pct", "output_tokens_per_ms"}  # fmt: skip
+HIGHER_IS_BETTER = {
+    "throughput_tokens_per_ms",
+    "throughput_tokens_per_s",
+    "mfu_pct",
+    "gpu_utilization_pct",
+    "load_balance_pct",
+    "goodput_requests_per_s",
+    "slo_attainment_pct",
+    "output_tokens_per_ms",
+}
 
 
 @dataclass
@@ -83,8 +110,10 @@ class Comparison:
         res = self.results
         plan_rows = [[d["field"], *d["values"]] for d in self.differences]
         layout = [[k, *(r.audit.layout_dict().get(k) for r in res)] for k in LAYOUT_KEYS]
-        memory = [[k, *((r.audit.memory.to_dict().get(k) if r.audit.memory else None)
-                        for r in res)] for k in MEMORY_KEYS]  # fmt: skip
+        memory = [
+            [k, *((r.audit.memory.to_dict().get(k) if r.audit.memory else None) for r in res)]
+            for k in MEMORY_KEYS
+        ]
         metrics = []
         for k in self.metric_keys():
             values = [(r.metrics or {}).get(k) for r in res]
@@ -94,11 +123,26 @@ class Comparison:
         names = sorted({t for r in res for t in r.targets})
         for t in names:
             targets.append([t, *(_target_text(r.targets.get(t)) for r in res)])
-        verdict = [["errors", *(r.errors for r in res)],
-                   ["simulation", *((r.note or "simulated") if r.metrics is not None
-                                    else (r.note or "not simulated") for r in res)]]  # fmt: skip
-        return [("plan differences", plan_rows), ("layout", layout), ("memory (GiB)", memory),
-                ("metrics", metrics), ("targets", targets), ("verdict", verdict)]
+        verdict = [
+            ["errors", *(r.errors for r in res)],
+            [
+                "simulation",
+                *(
+                    (r.note or "simulated")
+                    if r.metrics is not None
+                    else (r.note or "not simulated")
+                    for r in res
+                ),
+            ],
+        ]
+        return [
+            ("plan differences", plan_rows),
+            ("layout", layout),
+            ("memory (GiB)", memory),
+            ("metrics", metrics),
+            ("targets", targets),
+            ("verdict", verdict),
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         """One JSON object: every plan, and the differences."""
@@ -120,9 +164,17 @@ class Comparison:
                 if not isinstance(b, int | float) or not isinstance(v, int | float):
                     continue
                 delta = v - b
-                out.append({"metric": k, "plan": name, "baseline": b, "value": v,
-                            "delta": delta, "delta_pct": 100 * delta / b if b else None,
-                            "better": _better(k, delta)})  # fmt: skip
+                out.append(
+                    {
+                        "metric": k,
+                        "plan": name,
+                        "baseline": b,
+                        "value": v,
+                        "delta": delta,
+                        "delta_pct": 100 * delta / b if b else None,
+                        "better": _better(k, delta),
+                    }
+                )
         return out
 
     def markdown(self) -> str:
@@ -160,8 +212,9 @@ def _cell(value: Any) -> str:
     return fmt_value(value).replace("|", "\\|")
 
 
-def judge_targets(plan: Plan, audit_report: AuditReport,
-                  metrics: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+def judge_targets(
+    plan: Plan, audit_report: AuditReport, metrics: dict[str, Any] | None
+) -> dict[str, dict[str, Any]]:
     """Every target the plan sets: limit, metric value, and passed (None = undecided)."""
     out: dict[str, dict[str, Any]] = {}
     mapping = dict(TARGETS)
@@ -176,13 +229,19 @@ def judge_targets(plan: Plan, audit_report: AuditReport,
         else:
             value = (metrics or {}).get(metric)
         passed = None if value is None else (value <= limit if sense == "max" else value >= limit)
-        out[name] = {"metric": metric, "sense": sense, "limit": limit, "value": value,
-                     "passed": passed}  # fmt: skip
+        out[name] = {
+            "metric": metric,
+            "sense": sense,
+            "limit": limit,
+            "value": value,
+            "passed": passed,
+        }
     return out
 
 
-def evaluate(plan: Plan, simulate: bool = True,
-             progress: Callable[[float], None] | None = None) -> PlanResult:
+def evaluate(
+    plan: Plan, simulate: bool = True, progress: Callable[[float], None] | None = None
+) -> PlanResult:
     """Audit a plan and, unless ``simulate`` is false, simulate it (with ``etp: 1`` when only
     that makes its expert layout possible)."""
     from clustersim.analysis.simulate import simulate_any
@@ -203,8 +262,11 @@ def evaluate(plan: Plan, simulate: bool = True,
         else:
             metrics = run.metrics
             static = {(f.node, f.message) for f in report.findings}
-            report.findings += [f for f in run.findings if f.node.startswith("targets.")
-                                and (f.node, f.message) not in static]  # fmt: skip
+            report.findings += [
+                f
+                for f in run.findings
+                if f.node.startswith("targets.") and (f.node, f.message) not in static
+            ]
             report.metrics = metrics
     else:
         note = "not simulated (--static)"
@@ -234,8 +296,9 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
-def compare(plans: Sequence[Plan], simulate: bool = True,
-            progress: Callable[[float], None] | None = None) -> Comparison:
+def compare(
+    plans: Sequence[Plan], simulate: bool = True, progress: Callable[[float], None] | None = None
+) -> Comparison:
     """Evaluate every plan and collect their differences."""
     if len(plans) < 2:
         raise ValueError("compare needs at least two plans")

@@ -50,10 +50,16 @@ def judge(plan: Plan, metrics: dict[str, Any], fix: str = TRAINING_FIX) -> list[
             continue
         if (value > limit) if sense == "max" else (value < limit):
             word = "above the maximum" if sense == "max" else "below the minimum"
-            out.append(Finding(f"targets.{target}", "error",
-                               f"simulated {metric} is {value:.4g}, {word} of {limit:g}",
-                               f"{fix} or relax the target", limit,
-                               round(value, 4)))  # fmt: skip
+            out.append(
+                Finding(
+                    f"targets.{target}",
+                    "error",
+                    f"simulated {metric} is {value:.4g}, {word} of {limit:g}",
+                    f"{fix} or relax the target",
+                    limit,
+                    round(value, 4),
+                )
+            )
     for claim, metric in CLAIMS.items():
         claimed, value = getattr(plan.claims, claim), metrics.get(metric)
         if claimed is None or value is None:
@@ -65,10 +71,16 @@ def judge(plan: Plan, metrics: dict[str, Any], fix: str = TRAINING_FIX) -> list[
             ok = abs(claimed - value) <= CLAIM_TOLERANCE_REL * abs(value)
             tol = f"{100 * CLAIM_TOLERANCE_REL:g}%"
         if not ok:
-            out.append(Finding(f"claims.{claim}", "error",
-                               f"simulated {metric} is {value:.4g}, not {claimed:g} (more than "
-                               f"{tol} apart)", f"set claims.{claim}: {value:.4g}", claimed,
-                               round(value, 4)))  # fmt: skip
+            out.append(
+                Finding(
+                    f"claims.{claim}",
+                    "error",
+                    f"simulated {metric} is {value:.4g}, not {claimed:g} (more than {tol} apart)",
+                    f"set claims.{claim}: {value:.4g}",
+                    claimed,
+                    round(value, 4),
+                )
+            )
     return out
 
 

@@ -157,7 +157,12 @@ def expert_load_by_layer(res: SimResult) -> list[dict[str, float]]:
     out = []
     for layer in np.unique(layers).tolist():
         r = ratios[layers == layer]
-        out.append({"layer": layer, "max_to_mean_mean": float(r.mean()),
-                    "max_to_mean_worst": float(r.max()),
-                    "load_balance_pct": 100 * float(np.mean(1 / r))})  # fmt: skip
+        out.append(
+            {
+                "layer": layer,
+                "max_to_mean_mean": float(r.mean()),
+                "max_to_mean_worst": float(r.max()),
+                "load_balance_pct": 100 * float(np.mean(1 / r)),
+            }
+        )
     return out

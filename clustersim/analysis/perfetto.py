@@ -67,20 +67,43 @@ def _metadata_events(facts: RunFacts) -> list[str]:
     gpus = sorted({g for ranks in facts.lane_ranks for g in ranks})
     events = []
     for node in sorted({g // gpn for g in gpus}):
-        events.append(json.dumps({"ph": "M", "name": "process_name", "pid": node,
-                                  "args": {"name": f"node {node}"}}))  # fmt: skip
-        events.append(json.dumps({"ph": "M", "name": "process_sort_index", "pid": node,
-                                  "args": {"sort_index": node}}))  # fmt: skip
+        events.append(
+            json.dumps(
+                {"ph": "M", "name": "process_name", "pid": node, "args": {"name": f"node {node}"}}
+            )
+        )
+        events.append(
+            json.dumps(
+                {"ph": "M", "name": "process_sort_index", "pid": node, "args": {"sort_index": node}}
+            )
+        )
     for g in gpus:
         for stream, name in enumerate(STREAMS):
             for sub in range(1 if stream == 0 else MAX_SUBTRACKS):
                 tid = _tid(g, stream, sub)
                 label = f"GPU {g} {name}" + (f" {sub + 1}" if sub else "")
-                events.append(json.dumps({"ph": "M", "name": "thread_name", "pid": g // gpn,
-                                          "tid": tid, "args": {"name": label}}))  # fmt: skip
-                events.append(json.dumps({"ph": "M", "name": "thread_sort_index",
-                                          "pid": g // gpn, "tid": tid,
-                                          "args": {"sort_index": tid}}))  # fmt: skip
+                events.append(
+                    json.dumps(
+                        {
+                            "ph": "M",
+                            "name": "thread_name",
+                            "pid": g // gpn,
+                            "tid": tid,
+                            "args": {"name": label},
+                        }
+                    )
+                )
+                events.append(
+                    json.dumps(
+                        {
+                            "ph": "M",
+                            "name": "thread_sort_index",
+                            "pid": g // gpn,
+                            "tid": tid,
+                            "args": {"sort_index": tid},
+                        }
+                    )
+                )
     return events
 
 
@@ -112,8 +135,10 @@ def _event_lines(chunk, facts: RunFacts, ends, window_ms) -> list[str]:
                 tracks[sub] = e
         args = f'{{"layer": {layer}, "microbatch": {mb}, "group": {group}, "bytes": {nbytes:.0f}}}'
         ts, te = round(s * 1e6, 3), round(e * 1e6, 3)  # rounded ends: no artificial overlaps
-        head = (f'{{"name": "{S.OPS[op]}", "cat": "{S.KINDS[kind]}", "ph": "X", '
-                f'"ts": {ts:.3f}, "dur": {te - ts:.3f}, ')  # fmt: skip
+        head = (
+            f'{{"name": "{S.OPS[op]}", "cat": "{S.KINDS[kind]}", "ph": "X", '
+            f'"ts": {ts:.3f}, "dur": {te - ts:.3f}, '
+        )
         for g in facts.lane_ranks[lane]:
             tid = _tid(g, stream, sub)
             lines.append(f'{head}"pid": {g // gpn}, "tid": {tid}, "args": {args}}}')

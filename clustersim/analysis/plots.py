@@ -32,8 +32,9 @@ def plot_analysis(analysis: TraceAnalysis, out: str | Path) -> Path:
     plt = _pyplot()
     heat = analysis.expert_tokens is not None and len(analysis.moe_layers) > 0
     ratios = [3, 2, 2] if heat else [3, 2]
-    fig, axes = plt.subplots(len(ratios), 1, figsize=(14, 13 if heat else 9),
-                             gridspec_kw={"height_ratios": ratios})  # fmt: skip
+    fig, axes = plt.subplots(
+        len(ratios), 1, figsize=(14, 13 if heat else 9), gridspec_kw={"height_ratios": ratios}
+    )
     _gantt(axes[0], analysis)
     if heat:
         _heatmap(fig, axes[1], analysis)
@@ -48,8 +49,10 @@ def plot_analysis(analysis: TraceAnalysis, out: str | Path) -> Path:
 def _gantt(ax, analysis: TraceAnalysis) -> None:
     rows = analysis.window_rows
     lo, hi = analysis.window_ms or (0.0, analysis.metrics["iteration_time_ms"])
-    ax.set_title(f"timeline {lo:g}-{hi:g} ms ({analysis.plan_name}); one row per lane (TP group), "
-                 f"asynchronous communication in the thin bar below")  # fmt: skip
+    ax.set_title(
+        f"timeline {lo:g}-{hi:g} ms ({analysis.plan_name}); one row per lane (TP group), "
+        f"asynchronous communication in the thin bar below"
+    )
     ax.set_xlim(lo, hi)
     ax.set_xlabel("time (ms)")
     if rows is None:
@@ -75,8 +78,9 @@ def _gantt(ax, analysis: TraceAnalysis) -> None:
                 y = y_of[int(lane)] + (0.45 if asynchronous else 0.0)
                 label = S.OPS[op] if op not in seen else None
                 seen.add(op)
-                ax.broken_barh(spans, (y - 0.35, 0.1 if asynchronous else 0.7),
-                               color=cmap[op], label=label)  # fmt: skip
+                ax.broken_barh(
+                    spans, (y - 0.35, 0.1 if asynchronous else 0.7), color=cmap[op], label=label
+                )
     ax.set_yticks(range(len(lanes)), [f"lane {ln}" for ln in lanes])
     ax.invert_yaxis()
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)

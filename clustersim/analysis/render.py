@@ -109,12 +109,13 @@ def stage_rows(layout: Layout) -> list[dict[str, Any]]:
             {
                 "stage": stage,
                 "gpus": f"{first}-{last}",
-                "nodes": _span(list(range(first // layout.gpus_per_node,
-                                          last // layout.gpus_per_node + 1))),
+                "nodes": _span(
+                    list(range(first // layout.gpus_per_node, last // layout.gpus_per_node + 1))
+                ),
                 "layers": _span(layout.stage_layers[stage]),
                 "experts_per_gpu": fmt_value(layout.experts_per_gpu_by_stage[stage]),
             }
-        )  # fmt: skip
+        )
     return rows
 
 
@@ -124,8 +125,15 @@ def group_rows(layout: Layout) -> list[dict[str, Any]]:
     for kind in ("tp", "cp", "dp", "pp", "ep", "etp", "edp"):
         groups = layout.groups(kind)
         if not groups:
-            rows.append({"group": kind.upper(), "size": "-", "count": 0, "example": "invalid",
-                         "crosses_nodes": "-"})  # fmt: skip
+            rows.append(
+                {
+                    "group": kind.upper(),
+                    "size": "-",
+                    "count": 0,
+                    "example": "invalid",
+                    "crosses_nodes": "-",
+                }
+            )
             continue
         rows.append(
             {

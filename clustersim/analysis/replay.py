@@ -94,16 +94,24 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def plan_changes(recorded: Plan, new: Plan) -> list[dict[str, Any]]:
     """Every field that differs: ``{"field", "recorded", "new"}``."""
     old, cur = _flatten(recorded.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
-    return [{"field": k, "recorded": old.get(k), "new": cur.get(k)}
-            for k in sorted(set(old) | set(cur)) if old.get(k) != cur.get(k)]  # fmt: skip
+    return [
+        {"field": k, "recorded": old.get(k), "new": cur.get(k)}
+        for k in sorted(set(old) | set(cur))
+        if old.get(k) != cur.get(k)
+    ]
 
 
 def check_replayable(recorded: Plan, new: Plan, source: str) -> list[dict[str, Any]]:
     """The plan changes, or :class:`ReplayError` naming those the recorded workload forbids."""
     changes = plan_changes(recorded, new)
     if new.parallel.expert_tp != recorded.parallel.expert_tp:  # etp: null = tp
-        changes.append({"field": "parallel.etp", "recorded": recorded.parallel.expert_tp,
-                        "new": new.parallel.expert_tp})  # fmt: skip
+        changes.append(
+            {
+                "field": "parallel.etp",
+                "recorded": recorded.parallel.expert_tp,
+                "new": new.parallel.expert_tp,
+            }
+        )
     refused: dict[str, list[dict[str, Any]]] = {}
     for change in changes:
         name = change["field"]
@@ -112,8 +120,10 @@ def check_replayable(recorded: Plan, new: Plan, source: str) -> list[dict[str, A
             refused.setdefault(prefix, []).append(change)
     if refused:
         parts = [_describe(prefix, found) for prefix, found in refused.items()]
-        raise ReplayError(f"cannot replay {source} under this plan: {'; '.join(parts)}. Simulate "
-                          f"the changed plan with `clustersim run` instead.")  # fmt: skip
+        raise ReplayError(
+            f"cannot replay {source} under this plan: {'; '.join(parts)}. Simulate "
+            f"the changed plan with `clustersim run` instead."
+        )
     return changes
 
 
@@ -122,8 +132,10 @@ def _describe(prefix: str, found: list[dict[str, Any]]) -> str:
     if len(found) > 2:
         names = ", ".join(c["field"] for c in found)
         return f"{names} change, but {why}"
-    return "; ".join(f"{c['field']} changes ({c['recorded']} -> {c['new']}), but {why}"
-                     for c in dict((c["field"], c) for c in found).values())  # fmt: skip
+    return "; ".join(
+        f"{c['field']} changes ({c['recorded']} -> {c['new']}), but {why}"
+        for c in dict((c["field"], c) for c in found).values()
+    )
 
 
 class RecordedWorkload:
@@ -141,17 +153,25 @@ class RecordedWorkload:
             if table is None:
                 continue
             for kind, op, rep, mb, layer, group, value, values in zip(
-                table["kind"], table["op"], table["replica"], table["microbatch"],
-                table["layer"], table["group"], table["value"], table["values"], strict=True,
-            ):  # fmt: skip
+                table["kind"],
+                table["op"],
+                table["replica"],
+                table["microbatch"],
+                table["layer"],
+                table["group"],
+                table["value"],
+                table["values"],
+                strict=True,
+            ):
                 if kind == "workload" and op == "seq_lens":
                     lengths[(rep, mb)] = np.asarray(values, dtype=np.float64).astype(np.int64)
                 elif kind == "route":
                     key = (layer, mb, group % self.groups_per_stage)
                     parts.setdefault(key, {})[op] = values if values is not None else value
         try:
-            self.seq_lens = [[lengths[(d, m)] for m in range(par.num_microbatches)]
-                             for d in range(par.dp)]  # fmt: skip
+            self.seq_lens = [
+                [lengths[(d, m)] for m in range(par.num_microbatches)] for d in range(par.dp)
+            ]
         except KeyError:
             raise TraceError(f"{reader.path}: damaged trace (sequence lengths missing)") from None
         self.routes = {key: _dispatch(p, reader.path) for key, p in parts.items()}
@@ -169,10 +189,14 @@ def _dispatch(p: dict[str, Any], path: Path) -> tuple[np.ndarray, Dispatch]:
         tokens = np.asarray(p["member_tokens"], dtype=np.float64)
         n = tokens.size
         a2a = np.asarray(p["a2a_tokens"], dtype=np.float64).reshape(n, n)
-        return tokens, Dispatch(a2a, np.asarray(p["received_tokens"], dtype=np.float64),
-                                np.asarray(p["active_experts"], dtype=np.float64),
-                                np.asarray(p["expert_tokens"], dtype=np.float64),
-                                float(p["dropped_tokens"]), float(p["routed_tokens"]))  # fmt: skip
+        return tokens, Dispatch(
+            a2a,
+            np.asarray(p["received_tokens"], dtype=np.float64),
+            np.asarray(p["active_experts"], dtype=np.float64),
+            np.asarray(p["expert_tokens"], dtype=np.float64),
+            float(p["dropped_tokens"]),
+            float(p["routed_tokens"]),
+        )
     except (KeyError, ValueError, TypeError):
         raise TraceError(f"{path}: damaged trace (incomplete routing rows)") from None
 
@@ -192,9 +216,11 @@ class RecordedRouting:
         mb, gid = divmod(key, self.num_groups)
         found = self.routes.get((layer, mb, gid % self.groups_per_stage))
         if found is None or not np.array_equal(found[0], tokens_per_member):
-            raise ReplayError(f"the trace has no routing for layer {layer}, micro-batch {mb}, "
-                              f"EP group {gid % self.groups_per_stage} with these tokens: the "
-                              f"plan change regroups the recorded tokens")  # fmt: skip
+            raise ReplayError(
+                f"the trace has no routing for layer {layer}, micro-batch {mb}, "
+                f"EP group {gid % self.groups_per_stage} with these tokens: the "
+                f"plan change regroups the recorded tokens"
+            )
         return found[1]
 
 
@@ -225,6 +251,7 @@ def replay(
     report = audit(target)
     check_supported(target, report.layout)
     routing = RecordedRouting(workload, target) if target.model.moe else None
-    run = simulate_workload(target, report, workload.seq_lens, routing, workload.symmetric,
-                            progress, trace)  # fmt: skip
+    run = simulate_workload(
+        target, report, workload.seq_lens, routing, workload.symmetric, progress, trace
+    )
     return ReplayReport(run, changes, recorded, analyze(path).metrics)

@@ -43,8 +43,18 @@ OBJECTIVES = {
 PARETO_AXES = {"latency": ("latency_ms", "min"), "memory": ("memory_per_gpu_gib", "min")}
 RECOMPUTE_ORDER = ("none", "selective", "full")
 MEMORY_NODES = ("hardware.memory_gib", "targets.memory_per_gpu_gib_max")
-PARAM_KEYS = ("tp", "pp", "dp", "ep", "etp", "micro_batch_size", "num_microbatches", "schedule",
-              "virtual_stages", "recompute")  # fmt: skip
+PARAM_KEYS = (
+    "tp",
+    "pp",
+    "dp",
+    "ep",
+    "etp",
+    "micro_batch_size",
+    "num_microbatches",
+    "schedule",
+    "virtual_stages",
+    "recompute",
+)
 DONE = ("simulated", "unsupported", "failed")  # statuses a resumed search does not redo
 SCHEMA_VERSION = "1"
 
@@ -89,8 +99,10 @@ def cluster_plan(base: Plan, gpus: int, seed: int | None = None) -> Plan:
         hw = {"num_nodes": gpus // gpn}
     else:
         raise SearchError(f"--gpus {gpus} is not a whole number of nodes of {gpn} GPUs")
-    update: dict[str, Any] = {"hardware": base.hardware.model_copy(update=hw),
-                              "claims": ClaimsSpec()}  # fmt: skip
+    update: dict[str, Any] = {
+        "hardware": base.hardware.model_copy(update=hw),
+        "claims": ClaimsSpec(),
+    }
     if seed is not None:
         update["seed"] = seed
     return base.model_copy(update=update)
@@ -127,11 +139,20 @@ def enumerate_candidates(base: Plan, space: SearchSpace) -> list[dict[str, Any]]
         for etp in sorted({1, tp}) if model.moe else [None]:
             for mbs, m in _batches(dp, mbss, global_batch, par, training):
                 for sched, v in _schedules(pp, m, model.num_layers, space, par, training):
-                    for rc in (space.recompute if training else (par.recompute,)):
-                        params = {"tp": tp, "pp": pp, "dp": dp, "ep": ep, "etp": etp,
-                                  "micro_batch_size": mbs, "num_microbatches": m,
-                                  "schedule": sched, "virtual_stages": v, "recompute": rc}
-                        out.append(params)  # fmt: skip
+                    for rc in space.recompute if training else (par.recompute,):
+                        params = {
+                            "tp": tp,
+                            "pp": pp,
+                            "dp": dp,
+                            "ep": ep,
+                            "etp": etp,
+                            "micro_batch_size": mbs,
+                            "num_microbatches": m,
+                            "schedule": sched,
+                            "virtual_stages": v,
+                            "recompute": rc,
+                        }
+                        out.append(params)
     seen: set[str] = set()
     unique = []
     for params in out:
@@ -145,8 +166,7 @@ def enumerate_candidates(base: Plan, space: SearchSpace) -> list[dict[str, Any]]
 def _batches(dp, mbss, global_batch, par, training):
     if not training:
         return [(par.micro_batch_size, par.num_microbatches)]
-    exact = [(mbs, global_batch // (dp * mbs)) for mbs in mbss
-             if global_batch % (dp * mbs) == 0]  # fmt: skip
+    exact = [(mbs, global_batch // (dp * mbs)) for mbs in mbss if global_batch % (dp * mbs) == 0]
     if exact:
         return exact
     # the global batch cannot be kept: the base micro-batch size, the nearest count
@@ -161,8 +181,11 @@ def _schedules(pp, m, num_layers, space, par, training):
     out = []
     for sched in space.schedules:
         if sched == "interleaved":
-            out += [("interleaved", v) for v in space.virtual_stages
-                    if v >= 2 and num_layers % (pp * v) == 0 and m % pp == 0]  # fmt: skip
+            out += [
+                ("interleaved", v)
+                for v in space.virtual_stages
+                if v >= 2 and num_layers % (pp * v) == 0 and m % pp == 0
+            ]
         else:
             out.append((sched, 1))
     return out
@@ -185,10 +208,14 @@ def static_row(base: Plan, params: dict[str, Any]) -> dict[str, Any]:
     report = audit(plan)
     errors = report.errors
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
-    row.update({k: params[k] for k in PARAM_KEYS}, candidate_id=params["id"],
-               index=params["index"], world_size=plan.parallel.world_size,
-               global_batch=params["dp"] * params["micro_batch_size"]
-               * params["num_microbatches"], pareto=False)  # fmt: skip
+    row.update(
+        {k: params[k] for k in PARAM_KEYS},
+        candidate_id=params["id"],
+        index=params["index"],
+        world_size=plan.parallel.world_size,
+        global_batch=params["dp"] * params["micro_batch_size"] * params["num_microbatches"],
+        pareto=False,
+    )
     if report.memory is not None:
         row["memory_per_gpu_gib"] = round(report.memory.memory_per_gpu_gib, 6)
     if not errors:
@@ -223,12 +250,39 @@ def prune_recompute(rows: list[dict[str, Any]]) -> None:
 
 
 # ---- the table ------------------------------------------------------------------------------
-COLUMNS = ("index", "candidate_id", "status", "reason", *PARAM_KEYS, "global_batch",
-           "world_size", "memory_per_gpu_gib", *METRIC_KEYS, "cost_gpu_ms_per_token",
-           "meets_targets", "failed_targets", "events", "objective", "rank",
-           "pareto")  # fmt: skip
-_INT = {"index", "tp", "pp", "dp", "ep", "etp", "micro_batch_size", "num_microbatches",
-        "virtual_stages", "global_batch", "world_size", "events", "rank"}  # fmt: skip
+COLUMNS = (
+    "index",
+    "candidate_id",
+    "status",
+    "reason",
+    *PARAM_KEYS,
+    "global_batch",
+    "world_size",
+    "memory_per_gpu_gib",
+    *METRIC_KEYS,
+    "cost_gpu_ms_per_token",
+    "meets_targets",
+    "failed_targets",
+    "events",
+    "objective",
+    "rank",
+    "pareto",
+)
+_INT = {
+    "index",
+    "tp",
+    "pp",
+    "dp",
+    "ep",
+    "etp",
+    "micro_batch_size",
+    "num_microbatches",
+    "virtual_stages",
+    "global_batch",
+    "world_size",
+    "events",
+    "rank",
+}
 _STR = {"candidate_id", "status", "reason", "schedule", "recompute", "failed_targets"}
 _BOOL = {"meets_targets", "pareto"}
 
@@ -298,8 +352,13 @@ def finish_rows(rows: list[dict[str, Any]], objective: str, pareto_axis: str) ->
     for i, row in enumerate(sim, 1):
         row["rank"] = i
     axis, axis_sense = PARETO_AXES[pareto_axis]
-    feasible = [r for r in sim if r["meets_targets"] and r.get(axis) is not None
-                and r.get("throughput_tokens_per_ms") is not None]  # fmt: skip
+    feasible = [
+        r
+        for r in sim
+        if r["meets_targets"]
+        and r.get(axis) is not None
+        and r.get("throughput_tokens_per_ms") is not None
+    ]
     for row in feasible:
         row["pareto"] = not any(_dominates(o, row, axis) for o in feasible if o is not row)
 
@@ -330,8 +389,11 @@ class SearchResult:
 
     def ranked(self, feasible_only: bool = True) -> list[dict[str, Any]]:
         """Simulated candidates by rank (only those meeting the targets by default)."""
-        rows = [r for r in self.rows if r["rank"] is not None
-                and (r["meets_targets"] or not feasible_only)]  # fmt: skip
+        rows = [
+            r
+            for r in self.rows
+            if r["rank"] is not None and (r["meets_targets"] or not feasible_only)
+        ]
         return sorted(rows, key=lambda r: r["rank"])
 
     def pareto(self) -> list[dict[str, Any]]:
@@ -346,32 +408,40 @@ class SearchResult:
 
     def plan_for(self, row: dict[str, Any]) -> Plan:
         """The plan of a result row."""
-        return candidate_plan(self.base, {**{k: row[k] for k in PARAM_KEYS},
-                                          "id": row["candidate_id"]})  # fmt: skip
+        return candidate_plan(
+            self.base, {**{k: row[k] for k in PARAM_KEYS}, "id": row["candidate_id"]}
+        )
 
     def summary(self) -> dict[str, Any]:
         """Counts and the fraction discarded statically."""
         total = len(self.rows)
         static = self.counts.get("invalid", 0) + self.counts.get("oom", 0)
-        return {"candidates": total, **self.counts,
-                "discarded_statically_pct": 100 * static / total if total else 0.0,
-                "simulated_now": self.simulated_now, "resumed": self.resumed,
-                "complete": self.complete, "wall_s": self.wall_s, "workers": self.workers,
-                "backend": self.backend}  # fmt: skip
+        return {
+            "candidates": total,
+            **self.counts,
+            "discarded_statically_pct": 100 * static / total if total else 0.0,
+            "simulated_now": self.simulated_now,
+            "resumed": self.resumed,
+            "complete": self.complete,
+            "wall_s": self.wall_s,
+            "workers": self.workers,
+            "backend": self.backend,
+        }
 
     def to_dict(self, top: int = 10) -> dict[str, Any]:
         """JSON-ready: summary, the best candidates, the Pareto front, the best plan's block."""
         best = self.best()
         return {
-            "base": self.base.name, "gpus": self.base.hardware.num_gpus,
-            "objective": self.objective, "pareto_axis": self.pareto_axis,
+            "base": self.base.name,
+            "gpus": self.base.hardware.num_gpus,
+            "objective": self.objective,
+            "pareto_axis": self.pareto_axis,
             "table": str(self.path) if self.path else None,
             "summary": self.summary(),
             "ranking": self.ranked()[:top],
             "pareto": self.pareto(),
-            "best_parallel": self.plan_for(best).parallel.model_dump(mode="json")
-            if best else None,
-        }  # fmt: skip
+            "best_parallel": self.plan_for(best).parallel.model_dump(mode="json") if best else None,
+        }
 
 
 ProgressFn = Callable[[int, int], None]
@@ -415,8 +485,12 @@ def search(
     base = cluster_plan(base, gpus, seed)
     workers = workers or default_workers()
     path = Path(out) if out is not None else None
-    meta = {"clustersim_search": SCHEMA_VERSION, "base_fingerprint": base_fingerprint(base),
-            "base_plan": base.model_dump_json(), "space": json.dumps(space.to_dict())}
+    meta = {
+        "clustersim_search": SCHEMA_VERSION,
+        "base_fingerprint": base_fingerprint(base),
+        "base_plan": base.model_dump_json(),
+        "space": json.dumps(space.to_dict()),
+    }
 
     params = enumerate_candidates(base, space)
     rows = [static_row(base, p) for p in params]
@@ -427,8 +501,10 @@ def search(
     if resume and path is not None and path.exists():
         old_rows, old_meta = read_table(path)
         if old_meta.get("base_fingerprint") != meta["base_fingerprint"]:
-            raise SearchError(f"{path} was written for another base plan, cluster or seed; "
-                              "drop --resume to start over, or use another --output")
+            raise SearchError(
+                f"{path} was written for another base plan, cluster or seed; "
+                "drop --resume to start over, or use another --output"
+            )
         for old in old_rows:
             row = by_id.get(old["candidate_id"])
             if row is not None and row["status"] == "pending" and old["status"] in DONE:
@@ -440,9 +516,15 @@ def search(
     todo = [r for r in rows if r["status"] == "pending"]
     if limit is not None:
         todo = todo[: max(0, limit)]
-    tasks = [(r["candidate_id"], candidate_plan(base, {**{k: r[k] for k in PARAM_KEYS},
-                                                       "id": r["candidate_id"]})
-              .model_dump(mode="json")) for r in todo]  # fmt: skip
+    tasks = [
+        (
+            r["candidate_id"],
+            candidate_plan(
+                base, {**{k: r[k] for k in PARAM_KEYS}, "id": r["candidate_id"]}
+            ).model_dump(mode="json"),
+        )
+        for r in todo
+    ]
 
     def save() -> None:
         if path is not None:
@@ -469,9 +551,20 @@ def search(
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
-    return SearchResult(base, rows, objective, pareto_axis, path, done, resumed,
-                        time.perf_counter() - started, "pending" not in counts, workers,
-                        backend, counts)  # fmt: skip
+    return SearchResult(
+        base,
+        rows,
+        objective,
+        pareto_axis,
+        path,
+        done,
+        resumed,
+        time.perf_counter() - started,
+        "pending" not in counts,
+        workers,
+        backend,
+        counts,
+    )
 
 
 _SIM_FIELDS = ("status", "reason", *METRIC_KEYS, "meets_targets", "failed_targets", "events")
@@ -531,19 +624,35 @@ def nearest_valid_plan(plan: Plan, max_checks: int = 3000) -> Suggestion | None:
     plan = plan.model_copy(update={"claims": ClaimsSpec()})
     par, model, hw = plan.parallel, plan.model, plan.hardware
     cluster = hw.num_gpus
-    tps = sorted({par.tp, *[d for d in divisors(model.num_attention_heads)
-                            if d <= hw.gpus_per_node]})  # fmt: skip
+    tps = sorted(
+        {par.tp, *[d for d in divisors(model.num_attention_heads) if d <= hw.gpus_per_node]}
+    )
     pps = sorted({par.pp, *[d for d in divisors(model.num_layers) if d <= cluster]})
     dps = sorted({par.dp, *divisors(cluster)})
     experts = model.moe.num_experts if model.moe else 1
     eps = sorted({par.ep, *divisors(experts)}) if model.moe else [par.ep]
     training = plan.workload.mode == "training"
-    mem_opts = [(rc, sp, do) for rc in RECOMPUTE_ORDER for sp in (False, True)
-                for do in (False, True)] if training else [
-                    (par.recompute, par.sequence_parallel, par.distributed_optimizer)]  # fmt: skip
-    orig = {k: getattr(par, k) for k in ("tp", "pp", "dp", "ep", "etp", "schedule",
-                                         "virtual_stages", "num_microbatches", "recompute",
-                                         "sequence_parallel", "distributed_optimizer")}
+    mem_opts = (
+        [(rc, sp, do) for rc in RECOMPUTE_ORDER for sp in (False, True) for do in (False, True)]
+        if training
+        else [(par.recompute, par.sequence_parallel, par.distributed_optimizer)]
+    )
+    orig = {
+        k: getattr(par, k)
+        for k in (
+            "tp",
+            "pp",
+            "dp",
+            "ep",
+            "etp",
+            "schedule",
+            "virtual_stages",
+            "num_microbatches",
+            "recompute",
+            "sequence_parallel",
+            "distributed_optimizer",
+        )
+    }
     candidates: list[tuple[int, float, dict[str, Any]]] = []
     for tp, pp, dp, ep in itertools.product(tps, pps, dps, eps):
         if tp * pp * dp > cluster:
@@ -556,12 +665,19 @@ def nearest_valid_plan(plan: Plan, max_checks: int = 3000) -> Suggestion | None:
                 continue
             for sched in _fix_schedules(par, pp):
                 for rc, sp, do in mem_opts:
-                    cand = {**lay, **sched, "recompute": rc, "sequence_parallel": sp,
-                            "distributed_optimizer": do}
+                    cand = {
+                        **lay,
+                        **sched,
+                        "recompute": rc,
+                        "sequence_parallel": sp,
+                        "distributed_optimizer": do,
+                    }
                     changed = [k for k in cand if cand[k] != orig[k]]
-                    size = sum(abs(math.log2(cand[k] / orig[k])) for k in changed
-                               if isinstance(cand[k], int) and not isinstance(cand[k], bool)
-                               and orig[k])  # fmt: skip
+                    size = sum(
+                        abs(math.log2(cand[k] / orig[k]))
+                        for k in changed
+                        if isinstance(cand[k], int) and not isinstance(cand[k], bool) and orig[k]
+                    )
                     candidates.append((len(changed), size, cand))
     candidates.sort(key=lambda c: (c[0], c[1], json.dumps(c[2], sort_keys=True)))
     best, best_key, checked = None, None, 0
@@ -593,23 +709,38 @@ def nearest_valid_plan(plan: Plan, max_checks: int = 3000) -> Suggestion | None:
 
 def _fix_schedules(par, pp) -> list[dict[str, Any]]:
     m = par.num_microbatches
-    out = [{"schedule": par.schedule, "virtual_stages": par.virtual_stages,
-            "num_microbatches": m}]  # fmt: skip
-    plain = {"schedule": "1f1b" if par.schedule == "interleaved" else par.schedule,
-             "virtual_stages": 1, "num_microbatches": m}
+    out = [{"schedule": par.schedule, "virtual_stages": par.virtual_stages, "num_microbatches": m}]
+    plain = {
+        "schedule": "1f1b" if par.schedule == "interleaved" else par.schedule,
+        "virtual_stages": 1,
+        "num_microbatches": m,
+    }
     if plain not in out:
         out.append(plain)
     if par.schedule == "interleaved" and pp > 1:
-        fixed = {"schedule": "interleaved", "virtual_stages": max(2, par.virtual_stages),
-                 "num_microbatches": -(-m // pp) * pp}
+        fixed = {
+            "schedule": "interleaved",
+            "virtual_stages": max(2, par.virtual_stages),
+            "num_microbatches": -(-m // pp) * pp,
+        }
         if fixed not in out:
             out.append(fixed)
     return out
 
 
-__all__ = ["OBJECTIVES", "SearchError", "SearchResult", "SearchSpace", "Suggestion",
-           "candidate_id", "cluster_plan", "enumerate_candidates", "nearest_valid_plan",
-           "needs_fix", "search"]  # fmt: skip
+__all__ = [
+    "OBJECTIVES",
+    "SearchError",
+    "SearchResult",
+    "SearchSpace",
+    "Suggestion",
+    "candidate_id",
+    "cluster_plan",
+    "enumerate_candidates",
+    "nearest_valid_plan",
+    "needs_fix",
+    "search",
+]
 
 
 def suggest_fix(plan: Plan, report) -> Suggestion | None:
@@ -625,8 +756,10 @@ def suggestion_markdown(suggestion: Suggestion | None) -> str:
     if suggestion is None:
         return ""
     changed = ", ".join(f"`parallel.{k}` {a} -> {b}" for k, (a, b) in suggestion.changes.items())
-    return ("\n## Suggested fix: the nearest valid plan\n\n"
-            f"Fewest changed fields ({len(suggestion.changes)}): {changed}; peak memory "
-            f"{suggestion.memory_per_gpu_gib:g} GiB per GPU on "
-            f"{suggestion.plan.parallel.world_size} GPUs (static audit).\n\n"
-            f"```yaml\n{suggestion.parallel_yaml()}\n```\n")  # fmt: skip
+    return (
+        "\n## Suggested fix: the nearest valid plan\n\n"
+        f"Fewest changed fields ({len(suggestion.changes)}): {changed}; peak memory "
+        f"{suggestion.memory_per_gpu_gib:g} GiB per GPU on "
+        f"{suggestion.plan.parallel.world_size} GPUs (static audit).\n\n"
+        f"```yaml\n{suggestion.parallel_yaml()}\n```\n"
+    )

@@ -37,11 +37,21 @@ def simulate_candidate(plan_dict: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - one bad candidate must not end the search
         return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300]}
     metrics = report.metrics
-    failed = sorted({f.node.removeprefix("targets.") for f in report.findings
-                     if f.severity == "error" and f.node.startswith("targets.")})  # fmt: skip
+    failed = sorted(
+        {
+            f.node.removeprefix("targets.")
+            for f in report.findings
+            if f.severity == "error" and f.node.startswith("targets.")
+        }
+    )
     row: dict[str, Any] = {k: _num(metrics.get(k)) for k in METRIC_KEYS}
-    row.update(status="simulated", reason=None, meets_targets=not failed,
-               failed_targets=",".join(failed) or None, events=int(report.events))
+    row.update(
+        status="simulated",
+        reason=None,
+        meets_targets=not failed,
+        failed_targets=",".join(failed) or None,
+        events=int(report.events),
+    )
     return row
 
 
@@ -109,8 +119,9 @@ def _ray():
     try:
         import ray
     except ImportError:
-        raise BackendError("--backend ray needs Ray: install the ray extra "
-                           "(pip install 'clustersim[ray]')") from None  # fmt: skip
+        raise BackendError(
+            "--backend ray needs Ray: install the ray extra (pip install 'clustersim[ray]')"
+        ) from None
     return ray
 
 
@@ -120,8 +131,11 @@ def _run_ray(tasks, workers) -> Iterator[tuple[str, dict[str, Any]]]:
     ray = _ray()
     started_here = False
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False,
-                                  "include_dashboard": False}  # fmt: skip
+        kwargs: dict[str, Any] = {
+            "ignore_reinit_error": True,
+            "log_to_driver": False,
+            "include_dashboard": False,
+        }
         if not os.environ.get("RAY_ADDRESS"):
             kwargs["num_cpus"] = max(1, workers)
         ray.init(**kwargs)

@@ -88,10 +88,13 @@ class ServingReport:
             "kv_cache_tokens_per_replica": res.kv.tokens,
             "kv_cache_gib_per_gpu": res.kv.kv_cache_gib,
         }
-        out["simulation"] = {"events": self.events, "wall_s": self.wall_s,
-                             "routing_s": self.routing_s,
-                             "steps": sum(s.steps for s in res.engine_stats),
-                             "trace": self.trace}  # fmt: skip
+        out["simulation"] = {
+            "events": self.events,
+            "wall_s": self.wall_s,
+            "routing_s": self.routing_s,
+            "steps": sum(s.steps for s in res.engine_stats),
+            "trace": self.trace,
+        }
         return out
 
 
@@ -130,8 +133,18 @@ def simulate_serving(
         from clustersim.analysis.serving_trace import write_serving_trace
 
         trace_info = write_serving_trace(Path(trace), plan, result)
-    return ServingReport(report, metrics, breakdown(plan, result), result, findings, unchecked,
-                         result.events, wall_s, result.routing_s, trace_info)  # fmt: skip
+    return ServingReport(
+        report,
+        metrics,
+        breakdown(plan, result),
+        result,
+        findings,
+        unchecked,
+        result.events,
+        wall_s,
+        result.routing_s,
+        trace_info,
+    )
 
 
 def request_columns(res: ServingResult) -> dict[str, np.ndarray]:
@@ -209,22 +222,35 @@ def _latencies(cols: dict[str, np.ndarray], done: np.ndarray) -> dict[str, Any]:
 
 def _throughput(cols: dict[str, np.ndarray], done: np.ndarray, window: float) -> dict[str, Any]:
     """Tokens (all, output) and requests of completed requests per unit of window."""
-    keys = ("throughput_tokens_per_ms", "throughput_tokens_per_s", "output_tokens_per_ms",
-            "output_tokens_per_s", "requests_per_s")  # fmt: skip
+    keys = (
+        "throughput_tokens_per_ms",
+        "throughput_tokens_per_s",
+        "output_tokens_per_ms",
+        "output_tokens_per_s",
+        "requests_per_s",
+    )
     if window <= 0:
         return dict.fromkeys(keys)
     out_tokens = float(cols["output_tokens"][done].sum())
     all_tokens = out_tokens + float(cols["prompt_tokens"][done].sum())
-    values = (all_tokens / window, all_tokens / window * 1e3, out_tokens / window,
-              out_tokens / window * 1e3, float(done.sum()) / window * 1e3)  # fmt: skip
+    values = (
+        all_tokens / window,
+        all_tokens / window * 1e3,
+        out_tokens / window,
+        out_tokens / window * 1e3,
+        float(done.sum()) / window * 1e3,
+    )
     return dict(zip(keys, values, strict=True))
 
 
 def _goodput(plan: Plan, lat: dict[str, Any], num_requests: int, window: float):
     """Requests meeting every per-request target, per second and as a share of all."""
     targets = plan.targets
-    limits = [(lat["ttft"], targets.ttft_ms_max), (lat["tpot"], targets.tpot_ms_max),
-              (lat["e2e"], targets.latency_ms_max)]  # fmt: skip
+    limits = [
+        (lat["ttft"], targets.ttft_ms_max),
+        (lat["tpot"], targets.tpot_ms_max),
+        (lat["e2e"], targets.latency_ms_max),
+    ]
     if all(limit is None for _, limit in limits) or window <= 0:
         return {"goodput_requests_per_s": None, "slo_attainment_pct": None}
     ok = np.ones(lat["e2e"].size, dtype=bool)
@@ -232,16 +258,26 @@ def _goodput(plan: Plan, lat: dict[str, Any], num_requests: int, window: float):
         if limit is not None:
             ok &= values <= limit
     good = int(ok.sum())
-    return {"goodput_requests_per_s": good / window * 1e3,
-            "slo_attainment_pct": 100 * good / num_requests}  # fmt: skip
+    return {
+        "goodput_requests_per_s": good / window * 1e3,
+        "slo_attainment_pct": 100 * good / num_requests,
+    }
 
 
 def _utilisation(plan: Plan, res: ServingResult, window: float) -> dict[str, float | None]:
     """GPU utilisation, exposed communication, bubble and MFU (module docstring)."""
     stages = plan.parallel.pp
     if window <= 0:
-        return {k: None for k in ("gpu_utilization_pct", "comm_overhead_pct",
-                                  "comm_to_compute_pct", "bubble_pct", "mfu_pct")}  # fmt: skip
+        return {
+            k: None
+            for k in (
+                "gpu_utilization_pct",
+                "comm_overhead_pct",
+                "comm_to_compute_pct",
+                "bubble_pct",
+                "mfu_pct",
+            )
+        }
     compute = comm = busy = work = flops = 0.0
     for members, stats in zip(res.engines, res.engine_stats, strict=True):
         compute += stats.work_ms - stats.comm_ms
@@ -279,6 +315,9 @@ def breakdown(plan: Plan, res: ServingResult) -> dict[str, float]:
         sum(len(m) * s.busy_ms for m, s in zip(res.engines, res.engine_stats, strict=True))
         / res.num_replicas
     )
-    return {"compute": compute, "communication": comm,
-            "pipeline_bubble": max(0.0, busy - compute - comm),
-            "idle": max(0.0, window - busy)}  # fmt: skip
+    return {
+        "compute": compute,
+        "communication": comm,
+        "pipeline_bubble": max(0.0, busy - compute - comm),
+        "idle": max(0.0, window - busy),
+    }

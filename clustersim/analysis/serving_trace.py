@@ -72,16 +72,18 @@ def is_serving_trace(path: str | Path) -> bool:
 def serving_run_metadata(plan: Plan, result: ServingResult) -> dict[str, Any]:
     """The ``clustersim.run`` metadata of a serving trace."""
     return {
-        "mode": "inference", "time_unit": "s",
+        "mode": "inference",
+        "time_unit": "s",
         "num_requests": int(result.arrival_ms.size),
         "replicas": result.num_replicas,
         "engines": [list(m) for m in result.engines],
         "kv_cache": dataclasses.asdict(result.kv),
-        "engine_fields": list(ENGINE_FIELDS), "replica_fields": list(REPLICA_FIELDS),
+        "engine_fields": list(ENGINE_FIELDS),
+        "replica_fields": list(REPLICA_FIELDS),
         "run_fields": list(RUN_FIELDS),
         "clustersim_version": __version__,
         "created_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }  # fmt: skip
+    }
 
 
 def _s(ms: float) -> float | None:
@@ -91,8 +93,9 @@ def _s(ms: float) -> float | None:
 def write_serving_trace(path: Path, plan: Plan, result: ServingResult) -> dict[str, Any]:
     """Write ``result`` (a finished serving run of ``plan``) to ``path`` atomically. Returns
     ``{"path", "rows", "bytes"}``."""
-    meta = S.encode_metadata(plan.model_dump(mode="json"), plan.seed,
-                             serving_run_metadata(plan, result))  # fmt: skip
+    meta = S.encode_metadata(
+        plan.model_dump(mode="json"), plan.seed, serving_run_metadata(plan, result)
+    )
     book = result.book
     arrival = result.arrival_ms.tolist()
     rejected = result.rejected.tolist()
@@ -103,26 +106,66 @@ def write_serving_trace(path: Path, plan: Plan, result: ServingResult) -> dict[s
             if rej:
                 first = finish = math.nan
             replica, arr_s, first_s, finish_s = book.replica[i], t0 / 1e3, _s(first), _s(finish)
-            add("request", "prefill", replica=replica, microbatch=i, start_s=arr_s,
-                end_s=first_s, value=float(book.prompt[i]))  # fmt: skip
-            add("request", "decode", replica=replica, microbatch=i, start_s=first_s,
-                end_s=finish_s, value=float(book.output[i]))  # fmt: skip
-            add("request", "request_done", replica=replica, microbatch=i, start_s=arr_s,
-                end_s=finish_s, value=float(book.preemptions[i]),
-                values=np.array([t0, first, finish]))  # fmt: skip
+            add(
+                "request",
+                "prefill",
+                replica=replica,
+                microbatch=i,
+                start_s=arr_s,
+                end_s=first_s,
+                value=float(book.prompt[i]),
+            )
+            add(
+                "request",
+                "decode",
+                replica=replica,
+                microbatch=i,
+                start_s=first_s,
+                end_s=finish_s,
+                value=float(book.output[i]),
+            )
+            add(
+                "request",
+                "request_done",
+                replica=replica,
+                microbatch=i,
+                start_s=arr_s,
+                end_s=finish_s,
+                value=float(book.preemptions[i]),
+                values=np.array([t0, first, finish]),
+            )
         for e, stats in enumerate(result.engine_stats):
-            add("summary", "serving_engine", group=e,
-                values=np.array([float(getattr(stats, f)) for f in ENGINE_FIELDS]))  # fmt: skip
+            add(
+                "summary",
+                "serving_engine",
+                group=e,
+                values=np.array([float(getattr(stats, f)) for f in ENGINE_FIELDS]),
+            )
         for r in range(result.num_replicas):
-            add("summary", "serving_replica", replica=r,
-                values=np.array([float(result.kv_area[r]), float(result.kv_peak[r])]))  # fmt: skip
+            add(
+                "summary",
+                "serving_replica",
+                replica=r,
+                values=np.array([float(result.kv_area[r]), float(result.kv_peak[r])]),
+            )
         done = ~result.rejected
         first_s = float(result.arrival_ms.min()) / 1e3 if arrival else 0.0
         last_s = float(np.nanmax(result.book.finish_ms)) / 1e3 if done.any() else first_s
-        add("summary", "serving_run", start_s=first_s, end_s=last_s,
+        add(
+            "summary",
+            "serving_run",
+            start_s=first_s,
+            end_s=last_s,
             value=float(result.arrival_ms.size),
-            values=np.array([float(result.in_system_area), float(result.events),
-                             float(result.preemptions), float(result.routing_s)]))  # fmt: skip
+            values=np.array(
+                [
+                    float(result.in_system_area),
+                    float(result.events),
+                    float(result.preemptions),
+                    float(result.routing_s),
+                ]
+            ),
+        )
     return {"path": str(path), "rows": writer.rows_written, "bytes": writer.bytes_written}
 
 
@@ -179,8 +222,14 @@ def read_serving_result(reader: TraceReader) -> tuple[Plan, Requests, ServingRes
     arrival, first, finish = times[:, 0].copy(), times[:, 1].copy(), times[:, 2].copy()
     rejected = np.isnan(finish)
     result = ServingResult(
-        book=SimpleNamespace(prompt=prompt, output=output, first_token_ms=first,
-                             finish_ms=finish, replica=replica, preemptions=preempt),
+        book=SimpleNamespace(
+            prompt=prompt,
+            output=output,
+            first_token_ms=first,
+            finish_ms=finish,
+            replica=replica,
+            preemptions=preempt,
+        ),
         arrival_ms=arrival,
         rejected=rejected,
         kv=_kv(run, path),
@@ -192,7 +241,7 @@ def read_serving_result(reader: TraceReader) -> tuple[Plan, Requests, ServingRes
         in_system_area=0.0,
         events=0,
         preemptions=0,
-    )  # fmt: skip
+    )
     for row in reader.summary_rows("serving_replica"):
         r = int(row["replica"])
         result.kv_area[r], result.kv_peak[r] = row["values"][0], int(row["values"][1])
@@ -246,10 +295,13 @@ class ServingTraceAnalysis:
         """The JSON object of ``clustersim analyze --json`` for a serving trace."""
         return {
             "trace": {"path": self.path, "rows": self.rows, "mode": self.mode},
-            "plan": self.plan_name, "seed": self.seed,
-            "metrics": self.metrics, "breakdown_ms": self.breakdown,
-            "serving": self.serving, "replicas": self.replicas,
-        }  # fmt: skip
+            "plan": self.plan_name,
+            "seed": self.seed,
+            "metrics": self.metrics,
+            "breakdown_ms": self.breakdown,
+            "serving": self.serving,
+            "replicas": self.replicas,
+        }
 
 
 def analyze_serving(
@@ -265,13 +317,24 @@ def analyze_serving(
         rows += reader.summary.num_rows
     metrics = serving_metrics(plan, res)
     serving = {
-        "replicas": res.num_replicas, "engines": res.engines,
-        "kv_cache_blocks_per_replica": res.kv.num_blocks, "kv_block_size": res.kv.block_size,
-        "kv_cache_tokens_per_replica": res.kv.tokens, "kv_cache_gib_per_gpu": res.kv.kv_cache_gib,
+        "replicas": res.num_replicas,
+        "engines": res.engines,
+        "kv_cache_blocks_per_replica": res.kv.num_blocks,
+        "kv_block_size": res.kv.block_size,
+        "kv_cache_tokens_per_replica": res.kv.tokens,
+        "kv_cache_gib_per_gpu": res.kv.kv_cache_gib,
         "events": res.events,
-    }  # fmt: skip
-    out = ServingTraceAnalysis(str(path), plan.name, plan.seed, rows, metrics,
-                               breakdown(plan, res), serving, replica_rows(res))  # fmt: skip
+    }
+    out = ServingTraceAnalysis(
+        str(path),
+        plan.name,
+        plan.seed,
+        rows,
+        metrics,
+        breakdown(plan, res),
+        serving,
+        replica_rows(res),
+    )
     if progress is not None:
         progress(1.0)
     return out
@@ -294,25 +357,32 @@ def replica_rows(res: ServingResult) -> list[dict[str, Any]]:
     for r in range(res.num_replicas):
         mine = cols["replica"] == r
         ok = mine & done
-        arrival, first, finish = (cols[k][ok] for k in ("arrival_ms", "first_token_ms",
-                                                        "finish_ms"))  # fmt: skip
+        arrival, first, finish = (
+            cols[k][ok] for k in ("arrival_ms", "first_token_ms", "finish_ms")
+        )
         n_out = cols["output_tokens"][ok]
         multi = n_out > 1
         tpot = (finish - first)[multi] / (n_out[multi] - 1)
         blocks = res.kv.num_blocks
-        out.append({
-            "replica": r, "engine": engine_of.get(r),
-            "requests": int(mine.sum()), "completed": int(ok.sum()),
-            "rejected": int((mine & ~done).sum()),
-            "preemptions": int(cols["preemptions"][mine].sum()),
-            "prompt_tokens": int(cols["prompt_tokens"][ok].sum()),
-            "output_tokens": int(n_out.sum()),
-            "ttft_ms_p50": _p50(first - arrival), "tpot_ms_p50": _p50(tpot),
-            "latency_ms_p50": _p50(finish - arrival),
-            "kv_cache_utilization_pct": (100 * float(res.kv_area[r]) / (blocks * window)
-                                         if window > 0 else None),
-            "kv_cache_utilization_peak_pct": 100 * float(res.kv_peak[r]) / blocks,
-        })  # fmt: skip
+        out.append(
+            {
+                "replica": r,
+                "engine": engine_of.get(r),
+                "requests": int(mine.sum()),
+                "completed": int(ok.sum()),
+                "rejected": int((mine & ~done).sum()),
+                "preemptions": int(cols["preemptions"][mine].sum()),
+                "prompt_tokens": int(cols["prompt_tokens"][ok].sum()),
+                "output_tokens": int(n_out.sum()),
+                "ttft_ms_p50": _p50(first - arrival),
+                "tpot_ms_p50": _p50(tpot),
+                "latency_ms_p50": _p50(finish - arrival),
+                "kv_cache_utilization_pct": (
+                    100 * float(res.kv_area[r]) / (blocks * window) if window > 0 else None
+                ),
+                "kv_cache_utilization_peak_pct": 100 * float(res.kv_peak[r]) / blocks,
+            }
+        )
     return out
 
 
@@ -332,13 +402,16 @@ def check_serving_replayable(recorded: Plan, new: Plan, source: str) -> list[dic
     if refused:
         parts = []
         for prefix, found in refused.items():
-            what = "; ".join(f"{c['field']} changes ({c['recorded']} -> {c['new']})"
-                             for c in found[:3])  # fmt: skip
+            what = "; ".join(
+                f"{c['field']} changes ({c['recorded']} -> {c['new']})" for c in found[:3]
+            )
             more = f" and {len(found) - 3} more" if len(found) > 3 else ""
             parts.append(f"{what}{more}, but {STREAM_FIELDS[prefix]}")
-        raise ReplayError(f"cannot replay {source} under this plan: {'; '.join(parts)}. The "
-                          f"replay serves the recorded requests; simulate a new request stream "
-                          f"with `clustersim run` instead.")  # fmt: skip
+        raise ReplayError(
+            f"cannot replay {source} under this plan: {'; '.join(parts)}. The "
+            f"replay serves the recorded requests; simulate a new request stream "
+            f"with `clustersim run` instead."
+        )
     return changes
 
 

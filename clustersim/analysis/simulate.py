@@ -52,8 +52,12 @@ class RunReport:
         """The JSON object of the output contract."""
         out = report_dict(self)
         out["expert_load_by_layer"] = self.expert_load
-        out["simulation"] = {"events": self.events, "wall_s": self.wall_s,
-                             "routing_s": self.routing_s, "trace": self.trace}  # fmt: skip
+        out["simulation"] = {
+            "events": self.events,
+            "wall_s": self.wall_s,
+            "routing_s": self.routing_s,
+            "trace": self.trace,
+        }
         return out
 
 
@@ -116,16 +120,27 @@ def simulate_workload(
     else:  # imported here: pyarrow is not needed (nor loaded) without a trace
         from clustersim.analysis.tracing import simulate_traced
 
-        result, trace_info = simulate_traced(plan, rec, seq_lens, routing, symmetric, progress,
-                                             Path(trace))  # fmt: skip
+        result, trace_info = simulate_traced(
+            plan, rec, seq_lens, routing, symmetric, progress, Path(trace)
+        )
     wall_s = time.perf_counter() - started
     metrics = training_metrics(plan, rec, result)
     findings = list(report.findings) + judge(plan, metrics, TRAINING_FIX)
     unchecked = [u for u in report.unchecked if still_unchecked(u, metrics)]
     routing_s = getattr(routing, "elapsed_s", 0.0)
-    return RunReport(report, metrics, time_breakdown(rec, result), findings, unchecked,
-                     result.events, wall_s, routing_s, expert_load_by_layer(result),
-                     rec, trace_info)  # fmt: skip
+    return RunReport(
+        report,
+        metrics,
+        time_breakdown(rec, result),
+        findings,
+        unchecked,
+        result.events,
+        wall_s,
+        routing_s,
+        expert_load_by_layer(result),
+        rec,
+        trace_info,
+    )
 
 
 def check_plan(

@@ -64,5 +64,7 @@ def memory_fix(plan: Plan, limit_gib: float | None) -> str:
         if fits_with(candidate, limit_gib):
             return f"set {', '.join(said)} (peak {peak_gib(candidate):.1f} GiB)"
     best = peak_gib(with_parallel(base, **changes)) if changes else peak_gib(base)
-    return (f"no memory option is enough (peak {best:.1f} GiB with all of them): spread the model "
-            "over more GPUs (larger parallel.pp, parallel.ep or parallel.tp) or use larger GPUs")
+    return (
+        f"no memory option is enough (peak {best:.1f} GiB with all of them): spread the model "
+        "over more GPUs (larger parallel.pp, parallel.ep or parallel.tp) or use larger GPUs"
+    )

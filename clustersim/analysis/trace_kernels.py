@@ -37,8 +37,9 @@ F_RENDEZVOUS, F_P2P, F_OPTIMIZER, F_BWD_END = 1, 2, 4, 8
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _scan_totals(lane, kind, op, group, start, end, nbytes, t_pipe, reach, unions, lane_kind,
-                 op_stats, op_group):  # fmt: skip
+def _scan_totals(
+    lane, kind, op, group, start, end, nbytes, t_pipe, reach, unions, lane_kind, op_stats, op_group
+):
     for i in range(lane.size):
         ln, k, o, s, e = lane[i], kind[i], op[i], start[i], end[i]
         d = e - s
@@ -133,9 +134,38 @@ def _resolve_all(s, free, chain, pend, hkey, hslot, pint, pmeta, pchain, pstack,
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _scan_critical(lane, kind, op, group, layer, mb, start, end, end_bits, flags, stage, dp,
-                   lane_at, free, chain, pend, last_op, arr_slot, arr_t, arr_chain, stack,
-                   hkey, hslot, pint, pmeta, pchain, pstack, counters, fstate, bchain):  # fmt: skip
+def _scan_critical(
+    lane,
+    kind,
+    op,
+    group,
+    layer,
+    mb,
+    start,
+    end,
+    end_bits,
+    flags,
+    stage,
+    dp,
+    lane_at,
+    free,
+    chain,
+    pend,
+    last_op,
+    arr_slot,
+    arr_t,
+    arr_chain,
+    stack,
+    hkey,
+    hslot,
+    pint,
+    pmeta,
+    pchain,
+    pstack,
+    counters,
+    fstate,
+    bchain,
+):
     """One time-ordered chunk through the critical-path programme (see the module doc).
     One function on purpose (~100 lines): helpers taking arrays would cost numba reference
     counting on every row; the same resolution code in :func:`_resolve_all` runs only at the
@@ -200,8 +230,21 @@ def _scan_critical(lane, kind, op, group, layer, mb, start, end, end_bits, flags
                 counters[0] += 1
         if f & F_OPTIMIZER:
             if fstate[0] == 0.0:
-                _barrier(s, free, chain, pend, hkey, hslot, pint, pmeta, pchain, pstack,
-                         counters, fstate, bchain)  # fmt: skip
+                _barrier(
+                    s,
+                    free,
+                    chain,
+                    pend,
+                    hkey,
+                    hslot,
+                    pint,
+                    pmeta,
+                    pchain,
+                    pstack,
+                    counters,
+                    fstate,
+                    bchain,
+                )
             if fstate[1] > best_t and fstate[1] <= s + eps:
                 best_t, best = fstate[1], 3
         if best < 0:  # nothing ended before the start (overlap within eps): own stream
@@ -228,8 +271,13 @@ def _scan_critical(lane, kind, op, group, layer, mb, start, end, end_bits, flags
         g, lay, eb = group[i], layer[i], end_bits[i]
         h = _hash(o, g, lay, m, eb, mask)
         j = h
-        while hslot[j] >= 0 and not (hkey[j, 0] == o and hkey[j, 1] == g and hkey[j, 2] == lay
-                                     and hkey[j, 3] == m and hkey[j, 4] == eb):  # fmt: skip
+        while hslot[j] >= 0 and not (
+            hkey[j, 0] == o
+            and hkey[j, 1] == g
+            and hkey[j, 2] == lay
+            and hkey[j, 3] == m
+            and hkey[j, 4] == eb
+        ):
             j = (j + 1) & mask
         p = hslot[j]
         if p < 0:
@@ -254,8 +302,9 @@ def _scan_critical(lane, kind, op, group, layer, mb, start, end, end_bits, flags
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _barrier(s, free, chain, pend, hkey, hslot, pint, pmeta, pchain, pstack, counters, fstate,
-             bchain):  # fmt: skip
+def _barrier(
+    s, free, chain, pend, hkey, hslot, pint, pmeta, pchain, pstack, counters, fstate, bchain
+):
     """The optimizer barrier: the chain of the lane stream that finished last before ``s``."""
     eps = fstate[2]
     n_lanes = free.shape[1]
@@ -277,8 +326,7 @@ def _barrier(s, free, chain, pend, hkey, hslot, pint, pmeta, pchain, pstack, cou
 def _finish_critical(free, chain, pend, hkey, hslot, pint, pmeta, pchain, pstack, counters):
     """The chain that ends last (after resolving every pending collective); its lane."""
     n_lanes = free.shape[1]
-    _resolve_all(np.inf, free, chain, pend, hkey, hslot, pint, pmeta, pchain, pstack, counters,
-                 0.0)  # fmt: skip
+    _resolve_all(np.inf, free, chain, pend, hkey, hslot, pint, pmeta, pchain, pstack, counters, 0.0)
     best_t, best = -np.inf, 0
     for ln in range(n_lanes):
         for c in range(2):

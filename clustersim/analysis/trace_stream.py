@@ -49,8 +49,10 @@ class _Codes:
         if lookup is None:
             unknown = [w for w in words if w not in names]
             if unknown:
-                raise TraceError(f"{self.path}: unknown {what} {unknown[0]!r} (damaged trace, or "
-                                 f"written by another clustersim)")  # fmt: skip
+                raise TraceError(
+                    f"{self.path}: unknown {what} {unknown[0]!r} (damaged trace, or "
+                    f"written by another clustersim)"
+                )
             lookup = np.array([names.index(w) for w in words], dtype=np.int8)
             self._cache[(what, words)] = lookup
         return lookup[indices]
@@ -65,8 +67,10 @@ def _watermarks(index: np.ndarray) -> np.ndarray:
 
 def event_columns(batch: pa.RecordBatch, codes: _Codes) -> dict[str, np.ndarray]:
     """The event columns of a batch as numpy arrays (kind and op as schema codes)."""
-    cols = {"kind": codes(batch.column("kind"), S.KINDS, "kind"),
-            "op": codes(batch.column("op"), S.OPS, "op")}  # fmt: skip
+    cols = {
+        "kind": codes(batch.column("kind"), S.KINDS, "kind"),
+        "op": codes(batch.column("op"), S.OPS, "op"),
+    }
     for name in EVENT_COLUMNS[2:]:
         cols[name] = batch.column(name).to_numpy(zero_copy_only=False)
     return cols
@@ -116,8 +120,11 @@ def _release(runs: list[dict[str, np.ndarray]], limit: float) -> dict[str, np.nd
         wkey = np.uint64(np.float64(limit).view(np.uint64)) << np.uint64(1)
         cut = [int(_count_before(r["start_s"].view(np.uint64), wkey)) for r in runs]
     parts = [{n: c[:k] for n, c in r.items()} for r, k in zip(runs, cut, strict=True) if k]
-    runs[:] = [{n: c[k:] for n, c in r.items()} for r, k in zip(runs, cut, strict=True)
-               if k < len(r["start_s"])]  # fmt: skip
+    runs[:] = [
+        {n: c[k:] for n, c in r.items()}
+        for r, k in zip(runs, cut, strict=True)
+        if k < len(r["start_s"])
+    ]
     if not parts:
         return None
     if len(parts) == 1:

@@ -32,9 +32,15 @@ from clustersim.trace.writer import TraceWriter
 # The process group each collective runs over (the ``group`` column indexes
 # ``Layout.groups(kind)``); p2p sends name the pipeline group of the sender.
 OP_GROUP_KIND = {
-    "tp_comm": "tp", "a2a_dispatch": "ep", "a2a_combine": "ep", "etp_comm": "etp",
-    "p2p_send": "pp", "grad_reduce": "dp", "expert_grad_reduce": "edp", "param_gather": "dp",
-}  # fmt: skip
+    "tp_comm": "tp",
+    "a2a_dispatch": "ep",
+    "a2a_combine": "ep",
+    "etp_comm": "etp",
+    "p2p_send": "pp",
+    "grad_reduce": "dp",
+    "expert_grad_reduce": "edp",
+    "param_gather": "dp",
+}
 KIND_TO_TRACE = np.array([S.KIND_CODE[k.name.lower()] for k in Kind], dtype=np.int8)
 OP_TO_TRACE = np.array([S.OP_CODE[o.name.lower()] for o in Op], dtype=np.int8)
 
@@ -70,16 +76,21 @@ def run_metadata(plan: Plan, layout: Layout, lanes: list[Lane], symmetric: bool)
         gpu_slot.append(c.tp)
     ep_groups = layout.groups("ep") if plan.model.moe else []
     return {
-        "mode": "training", "time_unit": "s", "symmetric": symmetric,
+        "mode": "training",
+        "time_unit": "s",
+        "symmetric": symmetric,
         "simulated_dp": simulated_dp,
-        "lanes": [{"index": ln.index, "stage": ln.stage, "dp": ln.dp, "ranks": ln.ranks}
-                  for ln in lanes],
-        "gpu_lane": gpu_lane, "gpu_slot": gpu_slot,
-        "num_ep_groups": len(ep_groups), "ep_groups_per_stage": len(ep_groups) // plan.parallel.pp,
+        "lanes": [
+            {"index": ln.index, "stage": ln.stage, "dp": ln.dp, "ranks": ln.ranks} for ln in lanes
+        ],
+        "gpu_lane": gpu_lane,
+        "gpu_slot": gpu_slot,
+        "num_ep_groups": len(ep_groups),
+        "ep_groups_per_stage": len(ep_groups) // plan.parallel.pp,
         "op_groups": OP_GROUP_KIND,
         "clustersim_version": __version__,
         "created_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }  # fmt: skip
+    }
 
 
 class TraceSink:
@@ -94,26 +105,41 @@ class TraceSink:
     def events(self, chunk: dict[str, np.ndarray]) -> None:
         """A recorder chunk as one record batch (the recorder's ``sink``)."""
         lane, op = chunk["lane"], chunk["op"]
-        ints = {"lane": lane, "gpu": self._gpu[lane], "group": self._group[op, lane],
-                "replica": self._replica[lane], "layer": chunk["layer"],
-                "microbatch": chunk["microbatch"]}  # fmt: skip
-        self.writer.write_events(KIND_TO_TRACE[chunk["kind"]], OP_TO_TRACE[op],
-                                 chunk["start_ms"] / 1e3, chunk["end_ms"] / 1e3, ints,
-                                 chunk["bytes"])  # fmt: skip
+        ints = {
+            "lane": lane,
+            "gpu": self._gpu[lane],
+            "group": self._group[op, lane],
+            "replica": self._replica[lane],
+            "layer": chunk["layer"],
+            "microbatch": chunk["microbatch"],
+        }
+        self.writer.write_events(
+            KIND_TO_TRACE[chunk["kind"]],
+            OP_TO_TRACE[op],
+            chunk["start_ms"] / 1e3,
+            chunk["end_ms"] / 1e3,
+            ints,
+            chunk["bytes"],
+        )
 
     def workload(self, seq_lens: list[list[np.ndarray]]) -> None:
         """The sequence lengths of every micro-batch of every replica."""
         lens = np.array(seq_lens, dtype=np.float64)  # (replicas, micro-batches, sequences)
         replicas, mbs = lens.shape[:2]
-        self.writer.add_rows("workload", "seq_lens", layer=np.full(replicas * mbs, -1),
-                             microbatch=np.tile(np.arange(mbs), replicas),
-                             group=np.full(replicas * mbs, -1),
-                             replica=np.repeat(np.arange(replicas), mbs),
-                             value=lens.sum(axis=2).ravel(),
-                             values=lens.reshape(replicas * mbs, -1))  # fmt: skip
+        self.writer.add_rows(
+            "workload",
+            "seq_lens",
+            layer=np.full(replicas * mbs, -1),
+            microbatch=np.tile(np.arange(mbs), replicas),
+            group=np.full(replicas * mbs, -1),
+            replica=np.repeat(np.arange(replicas), mbs),
+            value=lens.sum(axis=2).ravel(),
+            values=lens.reshape(replicas * mbs, -1),
+        )
 
-    def route_batch(self, layer: int, mbs: np.ndarray, groups: np.ndarray, tokens: np.ndarray,
-                    d: DispatchBatch) -> None:  # fmt: skip
+    def route_batch(
+        self, layer: int, mbs: np.ndarray, groups: np.ndarray, tokens: np.ndarray, d: DispatchBatch
+    ) -> None:
         """A batch of routing outcomes (rows ``i``: micro-batch ``mbs[i]``, EP group
         ``groups[i]``, global index), one row per outcome and quantity, written column-wise."""
         n = len(mbs)
@@ -174,8 +200,9 @@ def simulate_traced(
     num_groups = len(layout.groups("ep")) if plan.model.moe else 0
     recording = RecordingRouting(routing, num_groups) if routing is not None else None
     sim = TrainingSim(plan, rec, seq_lens, recording, symmetric, progress)
-    meta = S.encode_metadata(plan.model_dump(mode="json"), plan.seed,
-                             run_metadata(plan, layout, sim.lanes, symmetric))  # fmt: skip
+    meta = S.encode_metadata(
+        plan.model_dump(mode="json"), plan.seed, run_metadata(plan, layout, sim.lanes, symmetric)
+    )
     with TraceWriter(path, meta) as writer:
         sink = TraceSink(writer, layout, sim.lanes)
         sink.workload(seq_lens)

@@ -8,8 +8,14 @@ For each GPU generation with a packaged data file (``clustersim/spec/calibration
 * ``h200``, ``h800``, ``b200``: derived from ``h100`` (``DERIVED``), no measurements of their own;
 * every generation: ``fit_comm.fit(generation)`` returns a dict of sections
   (``{"collectives": {...}, "moe": {...}}``; empty: nothing fitted) and may add ``"source"``:
-  a string for the file's notes. Fields no fitter returns (kernel launch
-  times, ``moe.dropless_sync_us``, ...) keep the data file's current values.
+  a string for the file's notes. Fields no fitter returns keep the data file's current values;
+* with ``end_to_end`` (``clustersim calibrate --end-to-end``), the host-side kernel times that
+  no kernel profile shows are fitted on end-to-end rows (``validate``'s fits, all rows) and
+  written to every generation: ``kernel.framework_us`` (dense training),
+  ``kernel.launch_us`` and ``kernel.graph_launch_us`` (serving decode, eager and CUDA graphs).
+  They are host costs (Python, launches), so one value serves every GPU generation.
+  ``moe.dropless_sync_us`` is not fitted (its two dropless rows drive it to the end of its
+  grid: ``VALIDATION.md``) and keeps the file's value.
 
 The files are written with a header naming the source and the fit error of each section and
 no date, so that rerunning gives byte-identical files.
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clustersim.calibration import fit_attention, fit_comm, fit_kernels
+from clustersim.calibration import fit_attention, fit_comm, fit_kernels, validate
 from clustersim.calibration.fit_attention import AttentionFit
 from clustersim.calibration.fit_kernels import KernelFit
 from clustersim.spec.calibration_data import (
@@ -182,6 +188,34 @@ def _attention_notes(fit: AttentionFit, prefix: str = "") -> list[str]:
     ]
 
 
+END_TO_END_FIELDS = ("kernel.framework_us", "kernel.launch_us", "kernel.graph_launch_us")
+END_TO_END_SETS = ("dense", "serving")
+
+
+def fit_end_to_end(progress: validate.Progress | None = None) -> dict[str, float]:
+    """The host-side kernel times fitted on the dense-training and serving rows (on the
+    packaged data files as they are now: write the component fits first)."""
+    results = validate.run_validation(END_TO_END_SETS, progress=progress)
+    values: dict[str, float] = {}
+    for result in results:
+        values.update({k: v for k, v in result.params.items() if k in END_TO_END_FIELDS})
+    return {k: round(float(values[k]), 3) for k in END_TO_END_FIELDS if k in values}
+
+
+def apply_end_to_end(results: list[GenerationResult], values: dict[str, float]) -> None:
+    """Put the end-to-end fitted values into every generation's file."""
+    for result in results:
+        _set(result.data, values)
+
+
+E2E_NOTE = (
+    "kernel.framework_us, launch_us, graph_launch_us: host costs fitted on end-to-end rows "
+    "(dense training; serving decode, eager and CUDA graphs) by `clustersim calibrate "
+    "--end-to-end`, one value for every generation (VALIDATION.md); moe.dropless_sync_us: "
+    "not fitted (an assumption: about one host-device synchronisation)"
+)
+
+
 def calibrate(
     generations: list[str] | None = None, measurements: Path | None = None
 ) -> list[GenerationResult]:
@@ -237,10 +271,7 @@ def calibrate(
                 summary = f"no measurements: {reason}"
         else:
             summary = "no measurements: kernel and attention values kept"
-        result.notes.append(
-            "kernel launch_us, graph_launch_us, framework_us and "
-            "moe.dropless_sync_us: kept (fitted on end-to-end rows elsewhere)"
-        )
+        result.notes.append(E2E_NOTE)
         sources = [summary]
         sections = _call_comm(fit_comm.fit, g, measurements)
         result.comm_sections = tuple(k for k, v in sections.items() if isinstance(v, dict))

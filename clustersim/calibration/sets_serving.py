@@ -37,40 +37,86 @@ GRAPH_LAUNCH = "kernel.graph_launch_us"
 
 SERVING_MODELS: dict[str, dict[str, Any]] = {
     # EleutherAI/gpt-j-6b config.json (parallel attention/MLP not modelled: same FLOPs/bytes).
-    "GPT-J 6B": {"name": "gpt-j-6b", "num_layers": 28, "hidden_size": 4096,
-                 "num_attention_heads": 16, "ffn_hidden_size": 16384, "vocab_size": 50400,
-                 "activation": "gelu"},
+    "GPT-J 6B": {
+        "name": "gpt-j-6b",
+        "num_layers": 28,
+        "hidden_size": 4096,
+        "num_attention_heads": 16,
+        "ffn_hidden_size": 16384,
+        "vocab_size": 50400,
+        "activation": "gelu",
+    },
     "LLaMA 7B": {"preset": "llama-2-7b"},
     "Llama-2-7B": {"preset": "llama-2-7b"},
     # meta-llama/Llama-2-70b-hf config.json.
-    "Llama-2-70B": {"name": "llama-2-70b", "num_layers": 80, "hidden_size": 8192,
-                    "num_attention_heads": 64, "num_kv_heads": 8, "ffn_hidden_size": 28672,
-                    "vocab_size": 32000},
-    "LLaMA 70B": {"name": "llama-2-70b", "num_layers": 80, "hidden_size": 8192,
-                  "num_attention_heads": 64, "num_kv_heads": 8, "ffn_hidden_size": 28672,
-                  "vocab_size": 32000},
+    "Llama-2-70B": {
+        "name": "llama-2-70b",
+        "num_layers": 80,
+        "hidden_size": 8192,
+        "num_attention_heads": 64,
+        "num_kv_heads": 8,
+        "ffn_hidden_size": 28672,
+        "vocab_size": 32000,
+    },
+    "LLaMA 70B": {
+        "name": "llama-2-70b",
+        "num_layers": 80,
+        "hidden_size": 8192,
+        "num_attention_heads": 64,
+        "num_kv_heads": 8,
+        "ffn_hidden_size": 28672,
+        "vocab_size": 32000,
+    },
     # tiiuae/falcon-180B config.json (8 KV heads, GeLU MLP of 4h).
-    "Falcon 180B": {"name": "falcon-180b", "num_layers": 80, "hidden_size": 14848,
-                    "num_attention_heads": 232, "num_kv_heads": 8, "ffn_hidden_size": 59392,
-                    "vocab_size": 65024, "activation": "gelu"},
+    "Falcon 180B": {
+        "name": "falcon-180b",
+        "num_layers": 80,
+        "hidden_size": 14848,
+        "num_attention_heads": 232,
+        "num_kv_heads": 8,
+        "ffn_hidden_size": 59392,
+        "vocab_size": 65024,
+        "activation": "gelu",
+    },
     # meta-llama/Meta-Llama-3-8B config.json.
-    "Meta-Llama-3-8B": {"name": "llama-3-8b", "num_layers": 32, "hidden_size": 4096,
-                        "num_attention_heads": 32, "num_kv_heads": 8, "ffn_hidden_size": 14336,
-                        "vocab_size": 128256},
+    "Meta-Llama-3-8B": {
+        "name": "llama-3-8b",
+        "num_layers": 32,
+        "hidden_size": 4096,
+        "num_attention_heads": 32,
+        "num_kv_heads": 8,
+        "ffn_hidden_size": 14336,
+        "vocab_size": 128256,
+    },
     # deepseek-ai/DeepSeek-Coder-V2-Lite-Instruct config.json (MLA, 64 experts top-6 + 2 shared).
     "DeepSeek-Coder-V2-Lite-Instruct (MoE, MLA)": {
-        "name": "deepseek-coder-v2-lite", "num_layers": 27, "hidden_size": 2048,
-        "num_attention_heads": 16, "ffn_hidden_size": 1408, "dense_ffn_hidden_size": 10944,
+        "name": "deepseek-coder-v2-lite",
+        "num_layers": 27,
+        "hidden_size": 2048,
+        "num_attention_heads": 16,
+        "ffn_hidden_size": 1408,
+        "dense_ffn_hidden_size": 10944,
         "vocab_size": 102400,
-        "mla": {"kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-                "v_head_dim": 128},
+        "mla": {
+            "kv_lora_rank": 512,
+            "qk_nope_head_dim": 128,
+            "qk_rope_head_dim": 64,
+            "v_head_dim": 128,
+        },
         "moe": {"num_experts": 64, "top_k": 6, "first_k_dense": 1, "num_shared_experts": 2},
     },
     # facebook/opt-175b (metaseq): 96 layers, hidden 12288, 96 heads, ReLU MLP of 4h.
-    "OPT-175B (metaseq)": {"name": "opt-175b", "num_layers": 96, "hidden_size": 12288,
-                           "num_attention_heads": 96, "ffn_hidden_size": 49152,
-                           "vocab_size": 50272, "activation": "gelu", "tie_embeddings": True},
-}  # fmt: skip
+    "OPT-175B (metaseq)": {
+        "name": "opt-175b",
+        "num_layers": 96,
+        "hidden_size": 12288,
+        "num_attention_heads": 96,
+        "ffn_hidden_size": 49152,
+        "vocab_size": 50272,
+        "activation": "gelu",
+        "tie_embeddings": True,
+    },
+}
 
 # Row id -> (kind, GPU preset, batch, ISL, OSL, cuda graphs). kind: throughput | ttft |
 # decode_tok_s | decode_ms.
@@ -79,8 +125,13 @@ _TRT_TTFT = {f"S00{n}" for n in range(90, 98)}
 _GPT_FAST = {f"S01{n}" for n in range(27, 34)}
 _GRAPH_STEP = {"S0135": True, "S0137": False, "S0139": True, "S0141": False, "S0143": True}
 _METASEQ = {"S0145": False, "S0146": True}
-DUPLICATES = {"S0136": "S0135", "S0138": "S0137", "S0140": "S0139", "S0142": "S0141",
-              "S0144": "S0143"}  # fmt: skip
+DUPLICATES = {
+    "S0136": "S0135",
+    "S0138": "S0137",
+    "S0140": "S0139",
+    "S0142": "S0141",
+    "S0144": "S0143",
+}
 
 
 @cache
@@ -98,17 +149,41 @@ def setup(r: dict[str, str]) -> dict[str, Any]:
     rid = r["row_id"]
     if rid in _TRT_THROUGHPUT or rid in _TRT_TTFT:
         kind = "throughput" if rid in _TRT_THROUGHPUT else "ttft"
-        return {"kind": kind, "gpu": "A100-80GB", "batch": _int(r["batch_size"]),
-                "isl": _int(r["isl"]), "osl": _int(r["osl"]), "graphs": False}  # fmt: skip
+        return {
+            "kind": kind,
+            "gpu": "A100-80GB",
+            "batch": _int(r["batch_size"]),
+            "isl": _int(r["isl"]),
+            "osl": _int(r["osl"]),
+            "graphs": False,
+        }
     if rid in _GPT_FAST:
-        return {"kind": "decode_tok_s", "gpu": "A100-80GB", "batch": 1, "isl": 5, "osl": 200,
-                "graphs": True}  # fmt: skip
+        return {
+            "kind": "decode_tok_s",
+            "gpu": "A100-80GB",
+            "batch": 1,
+            "isl": 5,
+            "osl": 200,
+            "graphs": True,
+        }
     if rid in _GRAPH_STEP:
-        return {"kind": "decode_ms", "gpu": "H100-SXM", "batch": 1, "isl": 128, "osl": 8,
-                "graphs": _GRAPH_STEP[rid]}  # fmt: skip
+        return {
+            "kind": "decode_ms",
+            "gpu": "H100-SXM",
+            "batch": 1,
+            "isl": 128,
+            "osl": 8,
+            "graphs": _GRAPH_STEP[rid],
+        }
     if rid in _METASEQ:
-        return {"kind": "decode_ms", "gpu": "A100-80GB", "batch": 1, "isl": 128, "osl": 64,
-                "graphs": _METASEQ[rid]}  # fmt: skip
+        return {
+            "kind": "decode_ms",
+            "gpu": "A100-80GB",
+            "batch": 1,
+            "isl": 128,
+            "osl": 64,
+            "graphs": _METASEQ[rid],
+        }
     raise KeyError(rid)
 
 
@@ -150,17 +225,29 @@ def serving_plan(r: dict[str, str], values: dict[str, float] | None = None) -> P
     raw: dict[str, Any] = {
         "name": f"{r['row_id']}-{r['model']}",
         "model": model,
-        "hardware": {"gpu": s["gpu"], "num_nodes": 1, "gpus_per_node": 8,
-                     "calibration": nested(_launch_pair(values or {}, s["gpu"]))},
+        "hardware": {
+            "gpu": s["gpu"],
+            "num_nodes": 1,
+            "gpus_per_node": 8,
+            "calibration": nested(_launch_pair(values or {}, s["gpu"])),
+        },
         "parallel": {"tp": tp, "pp": 1, "dp": 1},
-        "workload": {"mode": "inference", "requests": {
-            "num": batch, "arrival": "uniform", "rate_per_s": 1e9,
-            "prompt_len": {"dist": "fixed", "value": isl},
-            "output_len": {"dist": "fixed", "value": osl},
-            "max_batch_size": batch, "max_num_batched_tokens": max(batch * isl, 8192),
-            "chunked_prefill": False, "cuda_graphs": s["graphs"],
-            "gpu_memory_utilization": 0.95}},
-    }  # fmt: skip
+        "workload": {
+            "mode": "inference",
+            "requests": {
+                "num": batch,
+                "arrival": "uniform",
+                "rate_per_s": 1e9,
+                "prompt_len": {"dist": "fixed", "value": isl},
+                "output_len": {"dist": "fixed", "value": osl},
+                "max_batch_size": batch,
+                "max_num_batched_tokens": max(batch * isl, 8192),
+                "chunked_prefill": False,
+                "cuda_graphs": s["graphs"],
+                "gpu_memory_utilization": 0.95,
+            },
+        },
+    }
     return plan_from_dict(raw, f"serving.csv {r['row_id']}")
 
 
@@ -176,8 +263,7 @@ def _launch_pair(values: dict[str, float], gpu: str) -> dict[str, float]:
     kernel = (calibration_data(GPU_GENERATION[gpu]) or {}).get("kernel", {})
     out = dict(values)
     if LAUNCH in values:
-        out.setdefault(GRAPH_LAUNCH, min(float(kernel.get("graph_launch_us", 0.0)),
-                                         values[LAUNCH]))  # fmt: skip
+        out.setdefault(GRAPH_LAUNCH, min(float(kernel.get("graph_launch_us", 0.0)), values[LAUNCH]))
     else:
         out[LAUNCH] = max(float(kernel.get("launch_us", 0.0)), values[GRAPH_LAUNCH])
     return out
@@ -196,8 +282,12 @@ def serving_metric(r: dict[str, str], values: dict[str, float]) -> float:
     return float(m["tpot_ms_p50"])
 
 
-_UNITS = {"throughput": "out tok/s/GPU", "ttft": "TTFT ms", "decode_tok_s": "tok/s",
-          "decode_ms": "ms/token"}  # fmt: skip
+_UNITS = {
+    "throughput": "out tok/s/GPU",
+    "ttft": "TTFT ms",
+    "decode_tok_s": "tok/s",
+    "decode_ms": "ms/token",
+}
 
 
 def serving_rows() -> tuple[list[E2ERow], list[Skipped]]:
@@ -216,9 +306,19 @@ def serving_rows() -> tuple[list[E2ERow], list[Skipped]]:
         note = "GPU assumed H100-SXM" if r["row_id"] in _GRAPH_STEP else ""
         if r["row_id"] in _METASEQ:
             note = "approx.; batch 1, 128/64 assumed"
-        rows.append(E2ERow(r["row_id"], label, _UNITS[s["kind"]], _value(r), rate=s["kind"] in
-                           ("throughput", "decode_tok_s"), param=param, fits=fits, note=note,
-                           cost=s["batch"] * (s["isl"] + s["osl"]) / 1e5))  # fmt: skip
+        rows.append(
+            E2ERow(
+                r["row_id"],
+                label,
+                _UNITS[s["kind"]],
+                _value(r),
+                rate=s["kind"] in ("throughput", "decode_tok_s"),
+                param=param,
+                fits=fits,
+                note=note,
+                cost=s["batch"] * (s["isl"] + s["osl"]) / 1e5,
+            )
+        )
     return rows, skipped
 
 

@@ -138,21 +138,38 @@ def dense_plan(
     v = chunks_for(layers // pp, pp)
     raw: dict[str, Any] = {
         "name": f"narayanan2021-{row['params_billion']:g}b",
-        "model": {"name": f"gpt-{row['params_billion']:g}b", "num_layers": layers,
-                  "hidden_size": int(row["hidden_size"]),
-                  "num_attention_heads": int(row["num_attention_heads"]),
-                  "ffn_hidden_size": 4 * int(row["hidden_size"]), "vocab_size": DENSE_VOCAB,
-                  "activation": "gelu", "tie_embeddings": True},
-        "hardware": {"gpu": "A100-80GB", "num_nodes": -(-gpus // 8), "gpus_per_node": 8,
-                     "calibration": nested(values or {})},
-        "parallel": {"tp": tp, "pp": pp, "dp": dp, "micro_batch_size": 1,
-                     "num_microbatches": microbatches or int(row["global_batch_size"]) // dp,
-                     "schedule": "interleaved" if v > 1 else "1f1b", "virtual_stages": v,
-                     "recompute": "full", "flash_attention": False,
-                     "sequence_parallel": False, "distributed_optimizer": False,
-                     "overlap_communication": False},
+        "model": {
+            "name": f"gpt-{row['params_billion']:g}b",
+            "num_layers": layers,
+            "hidden_size": int(row["hidden_size"]),
+            "num_attention_heads": int(row["num_attention_heads"]),
+            "ffn_hidden_size": 4 * int(row["hidden_size"]),
+            "vocab_size": DENSE_VOCAB,
+            "activation": "gelu",
+            "tie_embeddings": True,
+        },
+        "hardware": {
+            "gpu": "A100-80GB",
+            "num_nodes": -(-gpus // 8),
+            "gpus_per_node": 8,
+            "calibration": nested(values or {}),
+        },
+        "parallel": {
+            "tp": tp,
+            "pp": pp,
+            "dp": dp,
+            "micro_batch_size": 1,
+            "num_microbatches": microbatches or int(row["global_batch_size"]) // dp,
+            "schedule": "interleaved" if v > 1 else "1f1b",
+            "virtual_stages": v,
+            "recompute": "full",
+            "flash_attention": False,
+            "sequence_parallel": False,
+            "distributed_optimizer": False,
+            "overlap_communication": False,
+        },
         "workload": {"mode": "training", "seq_len": {"dist": "fixed", "value": DENSE_SEQ_LEN}},
-    }  # fmt: skip
+    }
     for path, value in (overrides or {}).items():
         section, key = path.split(".", 1)
         raw.setdefault(section, {})[key] = value
@@ -179,8 +196,9 @@ def iteration_ms(plan: Plan, extrapolate: bool = True) -> float:
 def dense_tflops(row: dict[str, float], values: dict[str, float]) -> float:
     """Predicted TFLOP/s per GPU (Narayanan et al. Eq. 3 FLOPs / simulated time / GPUs)."""
     plan = dense_plan(row, values)
-    flops = model_flops_per_iteration(plan.model, int(row["global_batch_size"]), DENSE_SEQ_LEN,
-                                      recompute="full")  # fmt: skip
+    flops = model_flops_per_iteration(
+        plan.model, int(row["global_batch_size"]), DENSE_SEQ_LEN, recompute="full"
+    )
     return flops / (iteration_ms(plan) / 1e3) / row["num_gpus"] / 1e12
 
 
@@ -188,11 +206,23 @@ def dense_rows() -> list[E2ERow]:
     """Every Table 1 row (all are expressible); each fits ``kernel.framework_us``."""
     out = []
     for r in dense_table():
-        label = (f"GPT {r['params_billion']:g}B, {int(r['num_gpus'])} GPUs, "
-                 f"TP{int(r['tp'])} PP{int(r['pp'])}")  # fmt: skip
+        label = (
+            f"GPT {r['params_billion']:g}B, {int(r['num_gpus'])} GPUs, "
+            f"TP{int(r['tp'])} PP{int(r['pp'])}"
+        )
         cost = r["num_gpus"] * r["global_batch_size"] / 1e5
-        out.append(E2ERow(dense_id(r), label, "TFLOP/s/GPU", r["achieved_tflops_per_gpu"],
-                          rate=True, param=FRAMEWORK, fits=True, cost=cost))  # fmt: skip
+        out.append(
+            E2ERow(
+                dense_id(r),
+                label,
+                "TFLOP/s/GPU",
+                r["achieved_tflops_per_gpu"],
+                rate=True,
+                param=FRAMEWORK,
+                fits=True,
+                cost=cost,
+            )
+        )
     return out
 
 
@@ -229,8 +259,7 @@ def moe_reason(r: dict[str, str]) -> str | None:
     if r["metric"] not in ("MFU", "model_TFLOPS_per_GPU"):
         return f"metric {r['metric']} of a configuration that is not simulated"
     if r["row_id"] in DUPLICATES:
-        return (f"same run as {DUPLICATES[r['row_id']]} (TFLOP/s = MFU x 989.5); "
-                "counted once")  # fmt: skip
+        return f"same run as {DUPLICATES[r['row_id']]} (TFLOP/s = MFU x 989.5); counted once"
     if not r["num_gpus"]:
         return "GPU count unresolved in the source (printed 128, likely 256)"
     if not r["tp"]:
@@ -268,17 +297,31 @@ def moe_plan(r: dict[str, str], values: dict[str, float] | None = None) -> Plan:
     raw: dict[str, Any] = {
         "name": f"{r['row_id']}-{r['model']}",
         "model": model,
-        "hardware": {"gpu": "H100-SXM", "num_nodes": -(-gpus // 8), "gpus_per_node": 8,
-                     "calibration": nested(values or {})},
-        "parallel": {"tp": tp, "pp": pp, "dp": dp, "ep": ep, "etp": etp,
-                     "micro_batch_size": mbs, "num_microbatches": int(r["gbs"]) // (dp * mbs),
-                     "schedule": "interleaved" if vpp > 1 else "1f1b", "virtual_stages": vpp,
-                     "sequence_parallel": tp > 1, "distributed_optimizer": True,
-                     "overlap_communication": True, "recompute": "none",
-                     "flash_attention": True, "moe_dispatcher": "alltoall"},
-        "workload": {"mode": "training",
-                     "seq_len": {"dist": "fixed", "value": int(r["seq_len"])}},
-    }  # fmt: skip
+        "hardware": {
+            "gpu": "H100-SXM",
+            "num_nodes": -(-gpus // 8),
+            "gpus_per_node": 8,
+            "calibration": nested(values or {}),
+        },
+        "parallel": {
+            "tp": tp,
+            "pp": pp,
+            "dp": dp,
+            "ep": ep,
+            "etp": etp,
+            "micro_batch_size": mbs,
+            "num_microbatches": int(r["gbs"]) // (dp * mbs),
+            "schedule": "interleaved" if vpp > 1 else "1f1b",
+            "virtual_stages": vpp,
+            "sequence_parallel": tp > 1,
+            "distributed_optimizer": True,
+            "overlap_communication": True,
+            "recompute": "none",
+            "flash_attention": True,
+            "moe_dispatcher": "alltoall",
+        },
+        "workload": {"mode": "training", "seq_len": {"dist": "fixed", "value": int(r["seq_len"])}},
+    }
     return plan_from_dict(raw, f"training_moe.csv {r['row_id']}")
 
 
@@ -312,15 +355,26 @@ def moe_rows() -> tuple[list[E2ERow], list[Skipped]]:
     for r in moe_table():
         reason = moe_reason(r)
         if reason is not None:
-            skipped.append(Skipped(r["row_id"], f"{r['model']} {r['method_or_variant']}"[:60],
-                                   reason))  # fmt: skip
+            skipped.append(
+                Skipped(r["row_id"], f"{r['model']} {r['method_or_variant']}"[:60], reason)
+            )
             continue
         dropless = "dropless" in r["method_or_variant"]
         unit = "MFU %" if r["metric"] == "MFU" else "TFLOP/s/GPU"
         note = "approx. ('should be around')" if "approx" in r["reliability"] else ""
-        rows.append(E2ERow(r["row_id"], _moe_label(r), unit, float(r["value"]), rate=True,
-                           param=DROPLESS_SYNC if dropless else None, fits=dropless,
-                           note=note, cost=_moe_cost(r)))  # fmt: skip
+        rows.append(
+            E2ERow(
+                r["row_id"],
+                _moe_label(r),
+                unit,
+                float(r["value"]),
+                rate=True,
+                param=DROPLESS_SYNC if dropless else None,
+                fits=dropless,
+                note=note,
+                cost=_moe_cost(r),
+            )
+        )
     return rows, skipped
 
 

@@ -44,11 +44,24 @@ TITLES = {
 GRIDS: dict[str, tuple[float, ...]] = {
     "kernel.framework_us": (0.0, 60.0),
     "moe.dropless_sync_us": (0.0, 200.0, 800.0),
-    "kernel.launch_us": (0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0, 40.0,
-                         60.0),
-    "kernel.graph_launch_us": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0,
-                               16.0, 24.0),
-}  # fmt: skip
+    "kernel.launch_us": (0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0, 40.0, 60.0),
+    "kernel.graph_launch_us": (
+        0.0,
+        0.5,
+        1.0,
+        1.5,
+        2.0,
+        3.0,
+        4.0,
+        5.0,
+        6.0,
+        8.0,
+        10.0,
+        12.0,
+        16.0,
+        24.0,
+    ),
+}
 QUICK_MAX_GPUS = {"dense": 1536, "moe": 256}
 
 
@@ -118,25 +131,37 @@ class SetResult:
         if self.rows:
             e_in = np.array([abs(r.error_in) for r in self.rows])
             e_oos = np.array([abs(r.error_oos) for r in self.rows])
-            return {"n": len(self.rows), "in_mean": float(e_in.mean()),
-                    "in_worst": float(e_in.max()), "oos_mean": float(e_oos.mean()),
-                    "oos_worst": float(e_oos.max())}  # fmt: skip
+            return {
+                "n": len(self.rows),
+                "in_mean": float(e_in.mean()),
+                "in_worst": float(e_in.max()),
+                "oos_mean": float(e_oos.mean()),
+                "oos_worst": float(e_oos.max()),
+            }
         if self.groups:
             n = sum(g.n for g in self.groups)
-            return {"n": n,
-                    "in_mean": sum(g.in_mean * g.n for g in self.groups) / n,
-                    "in_worst": max(abs(g.in_worst) for g in self.groups),
-                    "oos_mean": sum(g.oos_mean * g.n for g in self.groups) / n,
-                    "oos_worst": max(abs(g.oos_worst) for g in self.groups)}  # fmt: skip
+            return {
+                "n": n,
+                "in_mean": sum(g.in_mean * g.n for g in self.groups) / n,
+                "in_worst": max(abs(g.in_worst) for g in self.groups),
+                "oos_mean": sum(g.oos_mean * g.n for g in self.groups) / n,
+                "oos_worst": max(abs(g.oos_worst) for g in self.groups),
+            }
         return {"n": 0, "in_mean": None, "in_worst": None, "oos_mean": None, "oos_worst": None}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
-        return {"name": self.name, "title": self.title, "status": self.status,
-                "summary": self.summary(), "params": self.params, "notes": self.notes,
-                "rows": [r.to_dict() for r in self.rows],
-                "groups": [g.to_dict() for g in self.groups],
-                "skipped": [s.__dict__ for s in self.skipped]}  # fmt: skip
+        return {
+            "name": self.name,
+            "title": self.title,
+            "status": self.status,
+            "summary": self.summary(),
+            "params": self.params,
+            "notes": self.notes,
+            "rows": [r.to_dict() for r in self.rows],
+            "groups": [g.to_dict() for g in self.groups],
+            "skipped": [s.__dict__ for s in self.skipped],
+        }
 
 
 # ---- predictions (run in worker processes) ---------------------------------------------------
@@ -244,9 +269,11 @@ def _fit_params(rows: Sequence[E2ERow], curves: dict[str, Curve]) -> dict[str, L
     for param in dict.fromkeys(r.param for r in rows if r.param and r.fits):
         sel = [r for r in rows if r.param == param and r.fits]
         fits[param] = fit_with_loo(
-            param, [r.row_id for r in sel], [curves[r.row_id] for r in sel],
+            param,
+            [r.row_id for r in sel],
+            [curves[r.row_id] for r in sel],
             [r.published for r in sel],
-        )  # fmt: skip
+        )
     return fits
 
 
@@ -271,8 +298,20 @@ def evaluate_e2e(
         x_oos = fit.without.get(r.row_id, x) if fit and r.fits else x
         oos = float(c.metric(x_oos)) if not math.isnan(x_oos) else math.nan
         without = x_oos if fit and r.fits else None
-        results.append(RowResult(r.row_id, r.label, r.metric, r.published, in_sample, oos,
-                                 r.param, r.fits, without, r.note))  # fmt: skip
+        results.append(
+            RowResult(
+                r.row_id,
+                r.label,
+                r.metric,
+                r.published,
+                in_sample,
+                oos,
+                r.param,
+                r.fits,
+                without,
+                r.note,
+            )
+        )
     res = SetResult(name, TITLES[name], rows=results, skipped=list(skipped))
     res.params = {**{k: v for k, v in fixed.items()}, **{k: f.value for k, f in fits.items()}}
     return res, fits
@@ -294,9 +333,14 @@ def _group(name: str, errs_in: np.ndarray, errs_oos: np.ndarray) -> GroupResult:
     def worst(e: np.ndarray) -> float:
         return float(100 * e[int(np.argmax(np.abs(e)))]) if e.size else math.nan
 
-    return GroupResult(name, int(errs_in.size), float(100 * np.mean(np.abs(errs_in))),
-                       worst(errs_in), float(100 * np.nanmean(np.abs(errs_oos))),
-                       worst(np.nan_to_num(errs_oos)))  # fmt: skip
+    return GroupResult(
+        name,
+        int(errs_in.size),
+        float(100 * np.mean(np.abs(errs_in))),
+        worst(errs_in),
+        float(100 * np.nanmean(np.abs(errs_oos))),
+        worst(np.nan_to_num(errs_oos)),
+    )
 
 
 def kernels_set() -> SetResult:
@@ -314,15 +358,18 @@ def kernels_set() -> SetResult:
             if g.name not in AGGREGATES:
                 res.groups.append(_summary_group(f"{gen} vidur {g.name}", g))
         decode = {"attention.decode_memory_efficiency": kernel.values["memory.efficiency"]}
-        cal = fit_kernels.with_values(fit_kernels.base_calibration(gen),
-                                      {**kernel.values, **decode})  # fmt: skip
+        cal = fit_kernels.with_values(
+            fit_kernels.base_calibration(gen), {**kernel.values, **decode}
+        )
         att = fit_attention.fit(gen, cal)
         res.params.update({f"{gen}:{k}": v for k, v in att.values.items()})
         for g in att.errors:
             if g.name not in AGGREGATES:
                 res.groups.append(_summary_group(f"{gen} flash-attn {g.name}", g))
-    res.notes.append("out of sample: leave one Vidur model file / one FlashAttention panel out "
-                     "(the component modules' own folds); means weighted by row count")  # fmt: skip
+    res.notes.append(
+        "out of sample: leave one Vidur model file / one FlashAttention panel out "
+        "(the component modules' own folds); means weighted by row count"
+    )
     return res
 
 
@@ -330,8 +377,14 @@ AGGREGATES = ("all", "GEMMs", "memory-bound")  # summaries of other groups (not 
 
 
 def _summary_group(name: str, g: Any) -> GroupResult:
-    return GroupResult(name, g.in_sample.n, 100 * g.in_sample.mean, 100 * g.in_sample.worst,
-                       100 * g.out_of_sample.mean, 100 * g.out_of_sample.worst)  # fmt: skip
+    return GroupResult(
+        name,
+        g.in_sample.n,
+        100 * g.in_sample.mean,
+        100 * g.in_sample.worst,
+        100 * g.out_of_sample.mean,
+        100 * g.out_of_sample.worst,
+    )
 
 
 def collectives_set() -> SetResult:
@@ -356,8 +409,10 @@ def collectives_set() -> SetResult:
         for section, values in fit_comm.fit(gen).items():
             if isinstance(values, dict):
                 res.params.update({f"{gen}:{section}.{k}": v for k, v in values.items()})
-    res.notes.append("derived rows: predicted from another generation's fit or a stated "
-                     "figure, never fitted (out of sample by construction)")  # fmt: skip
+    res.notes.append(
+        "derived rows: predicted from another generation's fit or a stated "
+        "figure, never fitted (out of sample by construction)"
+    )
     return res
 
 
@@ -383,8 +438,9 @@ def calibration_sources() -> dict[str, str]:
     """``source`` of each packaged calibration data file (placeholder or fitted)."""
     from clustersim.spec.calibration_data import calibration_data, calibration_generations
 
-    return {g: str((calibration_data(g) or {}).get("source", "")) for g in
-            calibration_generations()}  # fmt: skip
+    return {
+        g: str((calibration_data(g) or {}).get("source", "")) for g in calibration_generations()
+    }
 
 
 def run_validation(
@@ -412,16 +468,19 @@ def run_validation(
             rows = _quick("dense", rows) if quick else rows
             dense, fits = evaluate_e2e("dense", rows, [], runner, {})
             fixed[st.FRAMEWORK] = fits[st.FRAMEWORK].value
-            dense.notes.append("fits kernel.framework_us (leave-one-out: refit without the "
-                               "row, predict it)")  # fmt: skip
+            dense.notes.append(
+                "fits kernel.framework_us (leave-one-out: refit without the row, predict it)"
+            )
             if "dense" in wanted:
                 out.append(dense)
         if "moe" in wanted:
             rows, skipped = st.moe_rows()
             rows = _quick("moe", rows) if quick else rows
             res, _ = evaluate_e2e("moe", rows, skipped, runner, fixed)
-            res.notes.append("token-drop rows fit no parameter: out of sample by construction "
-                             "(kernel.framework_us from the dense set)")  # fmt: skip
+            res.notes.append(
+                "token-drop rows fit no parameter: out of sample by construction "
+                "(kernel.framework_us from the dense set)"
+            )
             res.notes.extend(st.MOE_ASSUMPTIONS)
             out.append(res)
         if "serving" in wanted:
@@ -437,8 +496,13 @@ def run_validation(
         try:
             out.append(build())
         except Exception as exc:  # a component module mid-change must not sink the others
-            out.append(SetResult(name, TITLES[name], status=f"pending: {type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0]}"))  # fmt: skip
+            out.append(
+                SetResult(
+                    name,
+                    TITLES[name],
+                    status=f"pending: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+                )
+            )
         if progress:
             progress(name, 1, 1)
     return out
@@ -460,8 +524,9 @@ def print_results(results: Sequence[SetResult], show_skipped: bool = True) -> No
 
     console = Console(width=max(Console().width, 130))
     sources = calibration_sources()
-    console.print("calibration data files: " + ", ".join(f"{g}: {s or '?'}"
-                                                         for g, s in sources.items()))  # fmt: skip
+    console.print(
+        "calibration data files: " + ", ".join(f"{g}: {s or '?'}" for g, s in sources.items())
+    )
     for res in results:
         console.rule(f"[bold]{res.name}[/bold]: {res.title}")
         if res.status != "ok":
@@ -469,8 +534,17 @@ def print_results(results: Sequence[SetResult], show_skipped: bool = True) -> No
             continue
         if res.rows:
             table = Table(title_justify="left")
-            for col in ("row", "configuration", "metric", "published", "in-sample", "err %",
-                        "out-of-sample", "err %", "fits"):  # fmt: skip
+            for col in (
+                "row",
+                "configuration",
+                "metric",
+                "published",
+                "in-sample",
+                "err %",
+                "out-of-sample",
+                "err %",
+                "fits",
+            ):
                 table.add_column(
                     col,
                     justify="left"
@@ -478,29 +552,54 @@ def print_results(results: Sequence[SetResult], show_skipped: bool = True) -> No
                     else "right",
                 )
             for r in res.rows:
-                fits = (f"{r.param.split('.')[-1]} (w/o: {_fmt(r.param_without, '.2f')})"
-                        if r.fits and r.param else "-")  # fmt: skip
-                table.add_row(r.row_id, r.label + (f" [dim]{r.note}[/dim]" if r.note else ""),
-                              r.metric, f"{r.published:g}", _fmt(r.in_sample, ".4g"),
-                              f"{r.error_in:+.1f}", _fmt(r.out_of_sample, ".4g"),
-                              _fmt(r.error_oos, "+.1f"), fits)  # fmt: skip
+                fits = (
+                    f"{r.param.split('.')[-1]} (w/o: {_fmt(r.param_without, '.2f')})"
+                    if r.fits and r.param
+                    else "-"
+                )
+                table.add_row(
+                    r.row_id,
+                    r.label + (f" [dim]{r.note}[/dim]" if r.note else ""),
+                    r.metric,
+                    f"{r.published:g}",
+                    _fmt(r.in_sample, ".4g"),
+                    f"{r.error_in:+.1f}",
+                    _fmt(r.out_of_sample, ".4g"),
+                    _fmt(r.error_oos, "+.1f"),
+                    fits,
+                )
             console.print(table)
         if res.groups:
             table = Table(title_justify="left")
-            for col in ("group", "n", "in mean |err| %", "in worst %", "oos mean |err| %",
-                        "oos worst %"):  # fmt: skip
+            for col in (
+                "group",
+                "n",
+                "in mean |err| %",
+                "in worst %",
+                "oos mean |err| %",
+                "oos worst %",
+            ):
                 table.add_column(col, justify="left" if col == "group" else "right")
             for g in res.groups:
-                table.add_row(g.name, str(g.n), _fmt(g.in_mean), _fmt(g.in_worst, "+.1f"),
-                              _fmt(g.oos_mean), _fmt(g.oos_worst, "+.1f"))  # fmt: skip
+                table.add_row(
+                    g.name,
+                    str(g.n),
+                    _fmt(g.in_mean),
+                    _fmt(g.in_worst, "+.1f"),
+                    _fmt(g.oos_mean),
+                    _fmt(g.oos_worst, "+.1f"),
+                )
             console.print(table)
         s = res.summary()
-        console.print(f"[bold]{res.name}[/bold]: {s['n']} rows; in sample mean |error| "
-                      f"{_fmt(s['in_mean'])}%, worst {_fmt(s['in_worst'])}%; out of sample "
-                      f"mean {_fmt(s['oos_mean'])}%, worst {_fmt(s['oos_worst'])}%")  # fmt: skip
+        console.print(
+            f"[bold]{res.name}[/bold]: {s['n']} rows; in sample mean |error| "
+            f"{_fmt(s['in_mean'])}%, worst {_fmt(s['in_worst'])}%; out of sample "
+            f"mean {_fmt(s['oos_mean'])}%, worst {_fmt(s['oos_worst'])}%"
+        )
         if res.params:
-            console.print("parameters: " + ", ".join(f"{k} = {_fmt(v, 'g')}" for k, v in
-                                                     res.params.items()))  # fmt: skip
+            console.print(
+                "parameters: " + ", ".join(f"{k} = {_fmt(v, 'g')}" for k, v in res.params.items())
+            )
         for note in res.notes:
             console.print(f"[dim]- {note}[/dim]")
         if res.skipped and show_skipped:

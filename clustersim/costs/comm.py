@@ -297,15 +297,17 @@ def _a2a_ports(
         raise ValueError(f"unknown dispatcher {dispatcher!r}; valid: {', '.join(DISPATCHERS)}")
     if dispatcher == "deepep":
         moe = hw.calibration.moe
-        return _Ports(moe.deepep_intra_node_gbps, moe.deepep_inter_node_gbps,
-                      moe.deepep_latency_us * 1e-3)  # fmt: skip
+        return _Ports(
+            moe.deepep_intra_node_gbps, moe.deepep_inter_node_gbps, moe.deepep_latency_us * 1e-3
+        )
     intra = link_class(hw, False)
     steps_ms = (len(ranks) - 1) * link_for_group(ranks, gpus_per_node, hw).latency_us * 1e-3
     if not _spans_nodes(ranks, gpus_per_node):
         return _Ports(intra.p2p_gbps, intra.p2p_gbps, steps_ms + intra.base_us * 1e-3)
     inter = link_class(hw, True)
-    return _Ports(intra.p2p_gbps, min(intra.p2p_gbps, inter.p2p_gbps),
-                  steps_ms + inter.base_us * 1e-3)  # fmt: skip
+    return _Ports(
+        intra.p2p_gbps, min(intra.p2p_gbps, inter.p2p_gbps), steps_ms + inter.base_us * 1e-3
+    )
 
 
 def _uniform_all_to_all_cost(

@@ -131,8 +131,9 @@ class KernelTimer:
             per = max(m / max(groups, 1.0), 1e-9)
         else:
             per = np.maximum(m / np.maximum(groups, 1.0), 1e-9)
-        compute = 2.0 * m * n * k / (self._flop_s * self._shape(per) * self._shape(n)
-                                     * self._shape(k))  # fmt: skip
+        compute = (
+            2.0 * m * n * k / (self._flop_s * self._shape(per) * self._shape(n) * self._shape(k))
+        )
         memory = (m * k + groups * k * n + m * n) * self.bpe / self._gemm_byte_s
         longer = max(compute, memory) if scalar else np.maximum(compute, memory)
         return longer * 1e3 + self._fixed_ms

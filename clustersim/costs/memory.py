@@ -100,9 +100,13 @@ class StageMemory:
     def total_gib(self) -> float:
         """Everything this GPU holds at its peak."""
         return (
-            self.params_gib + self.grads_gib + self.optimizer_gib + self.activations_gib
-            + self.kv_cache_gib + self.buffers_gib
-        )  # fmt: skip
+            self.params_gib
+            + self.grads_gib
+            + self.optimizer_gib
+            + self.activations_gib
+            + self.kv_cache_gib
+            + self.buffers_gib
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The stage as plain JSON-ready values, with ``total_gib``."""
@@ -169,9 +173,18 @@ class MemoryReport:
     def to_dict(self) -> dict[str, Any]:
         """The ``memory`` object of the output contract, plus the per-stage list."""
         keys = (
-            "memory_per_gpu_gib", "params_gib", "grads_gib", "optimizer_gib", "activations_gib",
-            "kv_cache_gib", "buffers_gib", "fits", "peak_stage", "capacity_gib", "seq_len_tokens",
-        )  # fmt: skip
+            "memory_per_gpu_gib",
+            "params_gib",
+            "grads_gib",
+            "optimizer_gib",
+            "activations_gib",
+            "kv_cache_gib",
+            "buffers_gib",
+            "fits",
+            "peak_stage",
+            "capacity_gib",
+            "seq_len_tokens",
+        )
         out: dict[str, Any] = {k: getattr(self, k) for k in keys}
         out["stages"] = [stage.to_dict() for stage in self.stages]
         if self.serving is not None:
@@ -243,9 +256,13 @@ def _expert_dp(layout: Layout) -> int:
 
 
 def layer_activation_bytes(
-    model: ModelSpec, par: ParallelSpec, layer: int, seq_len_tokens: float, batch: int,
+    model: ModelSpec,
+    par: ParallelSpec,
+    layer: int,
+    seq_len_tokens: float,
+    batch: int,
     recompute: str | None = None,
-) -> float:  # fmt: skip
+) -> float:
     """Activation bytes one GPU stores for one layer and one micro-batch (Korthikanti Table 2).
 
     For a GPT layer (MHA, GeLU, ffn = 4h) this is exactly Table 2: 10*sbh replicated
@@ -570,8 +587,13 @@ class ServingMemory:
         """Per stage: the memory the plan needs to run its batch without preemption (weights,
         activations, buffers and the cache of :attr:`batch_tokens`); the engine's cache beyond
         it only serves more requests than ``max_batch_size``."""
-        parts = zip(self.weights_gib, self.activations_gib, self.buffers_gib,
-                    self.kv_bytes_per_token, strict=True)  # fmt: skip
+        parts = zip(
+            self.weights_gib,
+            self.activations_gib,
+            self.buffers_gib,
+            self.kv_bytes_per_token,
+            strict=True,
+        )
         return tuple(w + a + b + kv * self.batch_tokens / GIB for w, a, b, kv in parts)
 
     @property
@@ -583,13 +605,20 @@ class ServingMemory:
         """The stages as :class:`StageMemory` (the report's breakdown)."""
         kv = self.kv_cache_gib
         return [
-            StageMemory(stage=i, num_layers=self.layers[i], inflight_microbatches=1.0,
-                        params_per_gpu=self.params_per_gpu[i], params_gib=self.weights_gib[i],
-                        grads_gib=0.0, optimizer_gib=0.0,
-                        activations_gib=self.activations_gib[i], kv_cache_gib=kv[i],
-                        buffers_gib=self.buffers_gib[i])
+            StageMemory(
+                stage=i,
+                num_layers=self.layers[i],
+                inflight_microbatches=1.0,
+                params_per_gpu=self.params_per_gpu[i],
+                params_gib=self.weights_gib[i],
+                grads_gib=0.0,
+                optimizer_gib=0.0,
+                activations_gib=self.activations_gib[i],
+                kv_cache_gib=kv[i],
+                buffers_gib=self.buffers_gib[i],
+            )
             for i in range(len(self.layers))
-        ]  # fmt: skip
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values: the cache and the lengths it was sized for."""
@@ -641,12 +670,21 @@ def serving_memory(plan: Plan, layout: Layout, counts: ParamCounts | None = None
     fit = min((f * GIB / b for f, b in zip(free, per_token, strict=True) if b > 0), default=0.0)
     blocks = req.num_gpu_blocks or max(0, int(fit // req.kv_block_size))
     return ServingMemory(
-        usable_gib=usable, gpu_memory_utilization=req.gpu_memory_utilization, step_tokens=step,
-        max_batch_size=req.max_batch_size, lengths=lengths, layers=tuple(layers),
-        params_per_gpu=tuple(params), weights_gib=tuple(weights), activations_gib=tuple(acts),
-        buffers_gib=tuple(bufs), kv_bytes_per_token=tuple(per_token), num_blocks=blocks,
-        block_size=req.kv_block_size, blocks_overridden=req.num_gpu_blocks is not None,
-    )  # fmt: skip
+        usable_gib=usable,
+        gpu_memory_utilization=req.gpu_memory_utilization,
+        step_tokens=step,
+        max_batch_size=req.max_batch_size,
+        lengths=lengths,
+        layers=tuple(layers),
+        params_per_gpu=tuple(params),
+        weights_gib=tuple(weights),
+        activations_gib=tuple(acts),
+        buffers_gib=tuple(bufs),
+        kv_bytes_per_token=tuple(per_token),
+        num_blocks=blocks,
+        block_size=req.kv_block_size,
+        blocks_overridden=req.num_gpu_blocks is not None,
+    )
 
 
 def _serving_layer_bytes(plan: Plan, layer: int, tokens: float, lengths: RequestLengths) -> float:

@@ -46,9 +46,13 @@ class LayerSums:
     def total(self) -> int:
         """All parameters of these layers (``attention_kv`` is part of ``attention``)."""
         return (
-            self.attention + self.dense_mlp + self.routed_experts + self.shared_experts
-            + self.router + self.norms
-        )  # fmt: skip
+            self.attention
+            + self.dense_mlp
+            + self.routed_experts
+            + self.shared_experts
+            + self.router
+            + self.norms
+        )
 
 
 @dataclass(frozen=True)
@@ -78,14 +82,19 @@ class ParamCounts:
         """The parameters of 0-based layer ``index``, per component."""
         if self.moe_layers[index]:
             return LayerSums(
-                attention=self.attention, attention_kv=self.attention_kv,
-                routed_experts=self.routed_experts, shared_experts=self.shared_experts,
-                router=self.router, norms=self.norms,
-            )  # fmt: skip
+                attention=self.attention,
+                attention_kv=self.attention_kv,
+                routed_experts=self.routed_experts,
+                shared_experts=self.shared_experts,
+                router=self.router,
+                norms=self.norms,
+            )
         return LayerSums(
-            attention=self.attention, attention_kv=self.attention_kv,
-            dense_mlp=self.dense_mlp, norms=self.norms,
-        )  # fmt: skip
+            attention=self.attention,
+            attention_kv=self.attention_kv,
+            dense_mlp=self.dense_mlp,
+            norms=self.norms,
+        )
 
     def layers(self, indices: Iterable[int]) -> LayerSums:
         """The parameters of the layers ``indices`` (0-based), summed per component."""

@@ -114,8 +114,19 @@ class StepCosts:
         attn = block + float(k.moe_block_ms(tokens)) + allreduce
         logits = float(k.logits_ms(seqs))
         per_pair, per_query = k.attention_ms_per_pair(self.attn_flops_per_pair)
-        return (dense, attn, logits, allreduce, self.p2p.scalar_ms(tokens), per_pair,
-                per_query, k.kv_ms_per_byte, k.fixed_ms, k.launch_ms, k.framework_ms)  # fmt: skip
+        return (
+            dense,
+            attn,
+            logits,
+            allreduce,
+            self.p2p.scalar_ms(tokens),
+            per_pair,
+            per_query,
+            k.kv_ms_per_byte,
+            k.fixed_ms,
+            k.launch_ms,
+            k.framework_ms,
+        )
 
 
 def core_attention_ms(parts, pairs, kv_tokens, tokens, costs: StepCosts, vmax=max):
@@ -162,10 +173,12 @@ def step_costs(plan: Plan, layout: Layout) -> StepCosts:
         tp_allreduce=Affine.of(allreduce_ms),
         tp_allreduce_graph=Affine.of(graph_allreduce_ms),
         p2p=Affine.of(lambda n: _p2p_ms(plan, layout, n * model.hidden_size * bpe / tp)),
-        dense_layers=tuple(len(s) - m for s, m in zip(layout.stage_layers,
-                                                      layout.moe_layers_per_stage, strict=True)),
+        dense_layers=tuple(
+            len(s) - m
+            for s, m in zip(layout.stage_layers, layout.moe_layers_per_stage, strict=True)
+        ),
         moe_layers=tuple(layout.moe_layers_per_stage),
-    )  # fmt: skip
+    )
 
 
 def graph_replay_hardware(hw: HardwareSpec) -> HardwareSpec:
@@ -248,5 +261,12 @@ def kv_capacity(plan: Plan, layout: Layout) -> KVCapacity:
     """KV-cache blocks of one replica: :func:`~clustersim.costs.memory.serving_memory`
     (module docstring; ``num_gpu_blocks`` overrides)."""
     mem = serving_memory(plan, layout)
-    return KVCapacity(mem.num_blocks, mem.block_size, mem.kv_bytes_per_token, mem.free_gib,
-                      mem.weights_gib, mem.activations_gib, mem.buffers_gib)  # fmt: skip
+    return KVCapacity(
+        mem.num_blocks,
+        mem.block_size,
+        mem.kv_bytes_per_token,
+        mem.free_gib,
+        mem.weights_gib,
+        mem.activations_gib,
+        mem.buffers_gib,
+    )

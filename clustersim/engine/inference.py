@@ -297,10 +297,16 @@ class ServingSim:
         self.env = simpy.Environment()
         dp = plan.parallel.dp
         self.schedulers = [
-            ReplicaScheduler(self.book, self.kv.num_blocks, req.kv_block_size, req.max_batch_size,
-                             req.max_num_batched_tokens, req.chunked_prefill)
+            ReplicaScheduler(
+                self.book,
+                self.kv.num_blocks,
+                req.kv_block_size,
+                req.max_batch_size,
+                req.max_num_batched_tokens,
+                req.chunked_prefill,
+            )
             for _ in range(dp)
-        ]  # fmt: skip
+        ]
         groups = coupled_replicas(plan, layout)
         self.engines = [Engine(self, i, members) for i, members in enumerate(groups)]
         self.engine_of = {m: i for i, members in enumerate(groups) for m in members}

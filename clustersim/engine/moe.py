@@ -41,15 +41,21 @@ class DispatchBatch(NamedTuple):
 
     def item(self, i: int) -> Dispatch:
         """Row ``i`` as a :class:`Dispatch`."""
-        return Dispatch(self.a2a_tokens[i], self.received_tokens[i], self.active_experts[i],
-                        self.tokens_per_expert[i], float(self.dropped_tokens[i]),
-                        float(self.routed_tokens[i]))  # fmt: skip
+        return Dispatch(
+            self.a2a_tokens[i],
+            self.received_tokens[i],
+            self.active_experts[i],
+            self.tokens_per_expert[i],
+            float(self.dropped_tokens[i]),
+            float(self.routed_tokens[i]),
+        )
 
     @classmethod
     def stack(cls, items: list[Dispatch]) -> DispatchBatch:
         """A batch of single outcomes."""
-        return cls(*(np.array([getattr(d, f) for d in items], dtype=np.float64)
-                     for f in Dispatch._fields))  # fmt: skip
+        return cls(
+            *(np.array([getattr(d, f) for d in items], dtype=np.float64) for f in Dispatch._fields)
+        )
 
 
 def dispatch_many(
@@ -60,8 +66,9 @@ def dispatch_many(
     many = getattr(source, "dispatch_many", None)
     if many is not None:
         return many(layer, keys, tokens)
-    return DispatchBatch.stack([source.dispatch(layer, int(k), t)
-                                for k, t in zip(keys, tokens, strict=True)])  # fmt: skip
+    return DispatchBatch.stack(
+        [source.dispatch(layer, int(k), t) for k, t in zip(keys, tokens, strict=True)]
+    )
 
 
 def dispatch_one(source, layer: int, key: int, tokens_per_member: np.ndarray) -> Dispatch:
@@ -114,9 +121,13 @@ class SampledRouting:
         """Route by sampling; ``key`` selects the random stream (with the plan's seed)."""
         started = time.perf_counter()
         out = self.router.route(layer, key, tokens_per_member)
-        batch = self._batch(out.tokens_per_expert[None], out.a2a_tokens[None],
-                            out.tokens_per_rank[None], [out.dropped_tokens],
-                            [out.routed_tokens])  # fmt: skip
+        batch = self._batch(
+            out.tokens_per_expert[None],
+            out.a2a_tokens[None],
+            out.tokens_per_rank[None],
+            [out.dropped_tokens],
+            [out.routed_tokens],
+        )
         self.elapsed_s += time.perf_counter() - started
         return batch.item(0)
 
@@ -124,8 +135,13 @@ class SampledRouting:
         """Route a batch (``Router.route_many``: one stream for the rows routed by counts)."""
         started = time.perf_counter()
         out = self.router.route_many(layer, keys, tokens)
-        batch = self._batch(out.tokens_per_expert, out.a2a_tokens, out.tokens_per_rank,
-                            out.dropped_tokens, out.routed_tokens)  # fmt: skip
+        batch = self._batch(
+            out.tokens_per_expert,
+            out.a2a_tokens,
+            out.tokens_per_rank,
+            out.dropped_tokens,
+            out.routed_tokens,
+        )
         self.elapsed_s += time.perf_counter() - started
         return batch
 

@@ -133,8 +133,14 @@ class MicrobatchCosts:
 def kernel_timer(plan: Plan, graphs: bool = False) -> KernelTimer:
     """The kernel timer of one GPU of ``plan``'s TP groups (training: eager launches)."""
     par = plan.parallel
-    return KernelTimer(plan.model, plan.hardware, par.tp, par.expert_tp,
-                       sequence_parallel=par.sequence_parallel, graphs=graphs)  # fmt: skip
+    return KernelTimer(
+        plan.model,
+        plan.hardware,
+        par.tp,
+        par.expert_tp,
+        sequence_parallel=par.sequence_parallel,
+        graphs=graphs,
+    )
 
 
 class ExpertTimer:

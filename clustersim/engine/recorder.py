@@ -91,8 +91,16 @@ class Recorder:
         nbytes: float = 0.0,
     ) -> None:
         """Append one row."""
-        self.add_block(np.array([lane], np.int32), kind, op, np.array([start_ms]),
-                       np.array([end_ms]), layer, microbatch, nbytes)  # fmt: skip
+        self.add_block(
+            np.array([lane], np.int32),
+            kind,
+            op,
+            np.array([start_ms]),
+            np.array([end_ms]),
+            layer,
+            microbatch,
+            nbytes,
+        )
 
     def add_block(
         self,
@@ -119,8 +127,13 @@ class Recorder:
         counts = np.fromiter((len(b[0]) for b in blocks), np.int64, len(blocks))
         scalars = np.array([(b[1], b[2], b[5], b[6]) for b in blocks], dtype=np.int64)
         nbytes = np.repeat(
-            np.fromiter((0.0 if isinstance(b[7], np.ndarray) else b[7] for b in blocks),
-                        np.float64, len(blocks)), counts)  # fmt: skip
+            np.fromiter(
+                (0.0 if isinstance(b[7], np.ndarray) else b[7] for b in blocks),
+                np.float64,
+                len(blocks),
+            ),
+            counts,
+        )
         offsets = np.concatenate(([0], np.cumsum(counts)))
         for i, b in enumerate(blocks):
             if isinstance(b[7], np.ndarray):

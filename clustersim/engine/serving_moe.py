@@ -123,8 +123,13 @@ class MoEStepTable:
         received = out.tokens_per_rank.astype(np.float64) * self.etp  # ETP gathers its group
         expert_ms = float(timer.forward_ms(received, active).max())
         gpn = hw.gpus_per_node
-        a2a_ms = all_to_all_v_cost(out.a2a_tokens * self.token_bytes, self.ep_ranks, gpn,
-                                   hw, self.plan.parallel.moe_dispatcher).time_ms  # fmt: skip
+        a2a_ms = all_to_all_v_cost(
+            out.a2a_tokens * self.token_bytes,
+            self.ep_ranks,
+            gpn,
+            hw,
+            self.plan.parallel.moe_dispatcher,
+        ).time_ms
         etp_ms = 0.0
         if self.etp > 1:
             size = float(received.max()) * self.token_bytes

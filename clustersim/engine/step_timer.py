@@ -157,8 +157,17 @@ class StepTimer:
         if steps == 1:
             rounds, work = [rounds], [work]
         balance, dropped = tally.routing()
-        return StepTiming(rounds, work, 0.0, comm, tally.flops, tally.flops_growth,
-                          tally.moe_tokens, balance, dropped)  # fmt: skip
+        return StepTiming(
+            rounds,
+            work,
+            0.0,
+            comm,
+            tally.flops,
+            tally.flops_growth,
+            tally.moe_tokens,
+            balance,
+            dropped,
+        )
 
     def _micro_batch(self, aggs, v: int, grow, vmax, tally: _Tally):
         """Per-layer maxima over the replicas of micro-batch ``v`` (dense layer, MoE
@@ -178,8 +187,13 @@ class StepTimer:
             dmax = vmax(dmax, dense + core)
             amax = vmax(amax, attn + core)
             lmax, pmax = max(lmax, logits), max(pmax, p2p)
-            tally.work = tally.work + (self.total_dense * dense + self.total_moe * attn + logits
-                                       + hops * p2p + layers * core)  # fmt: skip
+            tally.work = tally.work + (
+                self.total_dense * dense
+                + self.total_moe * attn
+                + logits
+                + hops * p2p
+                + layers * core
+            )
             tally.comm += (2 * self.total_dense + self.total_moe) * allreduce + hops * p2p
             tally.flops += self._flops(n, seqs, pairs)
             tally.flops_growth += self.flops_per_pair * n
@@ -204,11 +218,23 @@ class StepTimer:
             grown = n * self._j[:steps]
             core = core_attention_ms(parts, pairs + grown, kv + grown, n, c, np.maximum)
             rounds = fixed + layers * core
-        comm = ((2 * self.total_dense + self.total_moe) * allreduce + hops * p2p
-                + members * self.total_moe * moe_comm)  # fmt: skip
+        comm = (
+            (2 * self.total_dense + self.total_moe) * allreduce
+            + hops * p2p
+            + members * self.total_moe * moe_comm
+        )
         offset = (members - 1) * self.total_moe * moe_ms
-        return StepTiming(rounds, None, offset, comm, self._flops(n, seqs, pairs),
-                          self.flops_per_pair * n, routed, balance, dropped)  # fmt: skip
+        return StepTiming(
+            rounds,
+            None,
+            offset,
+            comm,
+            self._flops(n, seqs, pairs),
+            self.flops_per_pair * n,
+            routed,
+            balance,
+            dropped,
+        )
 
     def _round(self, per_mb, vmax):
         """The round time from each micro-batch's per-layer maxima (module docstring)."""
@@ -231,8 +257,9 @@ class StepTimer:
         return vmax(load_max, trip_max)
 
     def _flops(self, tokens: float, seqs: float, pairs: float) -> float:
-        return (self.flops_per_token * tokens + self.flops_per_seq * seqs
-                + self.flops_per_pair * pairs)  # fmt: skip
+        return (
+            self.flops_per_token * tokens + self.flops_per_seq * seqs + self.flops_per_pair * pairs
+        )
 
     def _moe_one(self, tokens: float) -> tuple[float, float, float, float, float]:
         """MoE layer time, its communication, and the routing statistics with the token

@@ -141,8 +141,15 @@ class _LayerRoutes:
 class _LayerVectors:
     """Per-lane times (ms) of one layer kind of one micro-batch, as arrays over a cohort."""
 
-    __slots__ = ("attn_fwd", "attn_bwd", "mlp_fwd", "mlp_bwd", "tp_comm", "recompute",
-                 "recompute_comm")  # fmt: skip
+    __slots__ = (
+        "attn_fwd",
+        "attn_bwd",
+        "mlp_fwd",
+        "mlp_bwd",
+        "tp_comm",
+        "recompute",
+        "recompute_comm",
+    )
 
     def __init__(self, per_lane: list):
         def vec(name: str) -> np.ndarray:
@@ -236,8 +243,9 @@ class TrainingSim:
         if self.model.moe is not None:
             self._ep_groups = lay.groups("ep")
             lane_of = {r: ln.index for ln in lanes for r in ln.ranks}
-            self._slot_of = {r: (gid, i) for gid, grp in enumerate(self._ep_groups)
-                             for i, r in enumerate(grp)}  # fmt: skip
+            self._slot_of = {
+                r: (gid, i) for gid, grp in enumerate(self._ep_groups) for i, r in enumerate(grp)
+            }
             coords = [[lay.coords(r) for r in g] for g in self._ep_groups]
             self._group_dp = np.array([[c.dp for c in g] for g in coords])  # (groups, ep)
             self._group_tp = np.array([[c.tp for c in g] for g in coords])
@@ -267,8 +275,13 @@ class TrainingSim:
         return co
 
     def _steps(self, stage: int):
-        return stage_steps(self.par.schedule, self.par.pp, self.par.num_microbatches,
-                           stage, self.par.virtual_stages)  # fmt: skip
+        return stage_steps(
+            self.par.schedule,
+            self.par.pp,
+            self.par.num_microbatches,
+            stage,
+            self.par.virtual_stages,
+        )
 
     def _chunk_layers(self, stage: int, chunk: int) -> list[int]:
         layers = self.layout.stage_layers[stage]
@@ -281,10 +294,12 @@ class TrainingSim:
         found = self._cohort_costs.get(mb)
         if found is None:
             ranks = self.lanes[0].ranks
-            per_lane = [MicrobatchCosts(self.plan, ranks, self.seq_lens[ln.dp][mb])
-                        for ln in co.lanes]  # fmt: skip
-            found = self._cohort_costs[mb] = _CohortCosts(per_lane, self._act_bytes,
-                                                          self._layer_kinds)  # fmt: skip
+            per_lane = [
+                MicrobatchCosts(self.plan, ranks, self.seq_lens[ln.dp][mb]) for ln in co.lanes
+            ]
+            found = self._cohort_costs[mb] = _CohortCosts(
+                per_lane, self._act_bytes, self._layer_kinds
+            )
         return found
 
     # ---- running ---------------------------------------------------------------------------
@@ -296,9 +311,18 @@ class TrainingSim:
             raise RuntimeError("simulation deadlocked: a collective never completed")
         tokens = int(sum(int(x.sum()) for mbs in self.seq_lens for x in mbs))
         # Events = rows recorded: one per compute op or collective step of a lane.
-        return SimResult(self.env.now, self._pipeline_end, self.lanes, self.simulated_dp,
-                         self.rec.size, tokens, self.seq_lens,
-                         self.dispatches, self.dispatch_layers, self.expert_tokens)  # fmt: skip
+        return SimResult(
+            self.env.now,
+            self._pipeline_end,
+            self.lanes,
+            self.simulated_dp,
+            self.rec.size,
+            tokens,
+            self.seq_lens,
+            self.dispatches,
+            self.dispatch_layers,
+            self.expert_tokens,
+        )
 
     def _event(self, key: tuple) -> simpy.Event:
         ev = self._ready.get(key)
@@ -338,8 +362,9 @@ class TrainingSim:
                 free = self._forward(co, mb, layers, costs, last, start)
             else:
                 is_last = last_b[step.chunk] == i
-                free = self._backward(co, mb, layers, costs, last,
-                                      buckets if is_last else None, grad_state, start)  # fmt: skip
+                free = self._backward(
+                    co, mb, layers, costs, last, buckets if is_last else None, grad_state, start
+                )
             end = float(free.max())
             yield self._reach(end)
             if forward and not last:
@@ -356,8 +381,9 @@ class TrainingSim:
         # before every stage has finished its backward and gradient reduction. A barrier
         # (the tiny all-reduce's latency is not charged).
         ready = float(np.maximum(free, comm_free).max())
-        start, _end, _ = yield self.rv.arrive(("optimizer_barrier",), len(self.cohorts), ready,
-                                              _fixed, 0.0)  # fmt: skip
+        start, _end, _ = yield self.rv.arrive(
+            ("optimizer_barrier",), len(self.cohorts), ready, _fixed, 0.0
+        )
         yield from self._optimizer(co, start)
 
     def _tick(self, lanes: int) -> None:
@@ -370,8 +396,9 @@ class TrainingSim:
             self._progress(self._steps_done / self._steps_total)
 
     # ---- forward / backward of a chunk -----------------------------------------------------
-    def _forward(self, co: Cohort, mb: int, layers: list[int], costs: _CohortCosts, last: bool,
-                 t: np.ndarray) -> np.ndarray:  # fmt: skip
+    def _forward(
+        self, co: Cohort, mb: int, layers: list[int], costs: _CohortCosts, last: bool, t: np.ndarray
+    ) -> np.ndarray:
         """Forward of a chunk from the lanes' start times ``t``; returns their end times."""
         for layer in layers:
             moe = self.model.is_moe_layer(layer)
@@ -386,8 +413,17 @@ class TrainingSim:
             t = self._op(co, Kind.COMPUTE, Op.LOGITS_FWD, t, costs.logits_fwd, -1, mb)
         return t
 
-    def _backward(self, co: Cohort, mb: int, layers: list[int], costs: _CohortCosts, last: bool,
-                  buckets, grad_state, t: np.ndarray) -> np.ndarray:  # fmt: skip
+    def _backward(
+        self,
+        co: Cohort,
+        mb: int,
+        layers: list[int],
+        costs: _CohortCosts,
+        last: bool,
+        buckets,
+        grad_state,
+        t: np.ndarray,
+    ) -> np.ndarray:
         """Backward of a chunk; on the chunk's last micro-batch each layer's gradients go to
         the bucket queue when they are ready."""
         recompute = self.par.recompute != "none"
@@ -409,16 +445,33 @@ class TrainingSim:
                 self._add_layer_grads(co, layer, buckets, grad_state, t)
         return t
 
-    def _op(self, co: Cohort, kind: Kind, op: Op, t: np.ndarray, duration_ms, layer: int = -1,
-            mb: int = -1, nbytes: float | np.ndarray = 0.0) -> np.ndarray:  # fmt: skip
+    def _op(
+        self,
+        co: Cohort,
+        kind: Kind,
+        op: Op,
+        t: np.ndarray,
+        duration_ms,
+        layer: int = -1,
+        mb: int = -1,
+        nbytes: float | np.ndarray = 0.0,
+    ) -> np.ndarray:
         """Record one op on every lane of the cohort, from ``t`` for ``duration_ms`` (per lane
         or one for all); returns the lanes' end times."""
         end = t + duration_ms
         self.rec.add_block(co.lane_ids, kind, op, t, end, layer, mb, nbytes)
         return end
 
-    def _tp_rows(self, co: Cohort, t: np.ndarray, total_ms: np.ndarray, layer: int, mb: int,
-                 costs: _CohortCosts, moe: bool) -> np.ndarray:  # fmt: skip
+    def _tp_rows(
+        self,
+        co: Cohort,
+        t: np.ndarray,
+        total_ms: np.ndarray,
+        layer: int,
+        mb: int,
+        costs: _CohortCosts,
+        moe: bool,
+    ) -> np.ndarray:
         """TP collective rows (one for an MoE layer, two for a dense one); returns end times."""
         if self.par.tp == 1 or not total_ms.any():
             return t
@@ -432,14 +485,18 @@ class TrainingSim:
     def _moe_block(self, co: Cohort, layer: int, mb: int, backward: bool, ready: np.ndarray):
         """Dispatch, experts, combine (reversed in the backward), from the lanes' ready times;
         returns the lanes' times after the combine."""
-        first_op, second_op = (Op.A2A_COMBINE, Op.A2A_DISPATCH) if backward else (
-            Op.A2A_DISPATCH, Op.A2A_COMBINE)  # fmt: skip
+        first_op, second_op = (
+            (Op.A2A_COMBINE, Op.A2A_DISPATCH) if backward else (Op.A2A_DISPATCH, Op.A2A_COMBINE)
+        )
         routes, t = self._a2a(co, layer, mb, first_op, ready)
         etp_ms = None if routes.etp_ms is None else routes.etp_ms[mb]
         if etp_ms is not None:
             t = self._op(co, Kind.COMM, Op.ETP_COMM, t, etp_ms, layer, mb)
-        op, expert_ms = (Op.EXPERT_BWD, routes.expert_bwd_ms) if backward else (
-            Op.EXPERT_FWD, routes.expert_fwd_ms)  # fmt: skip
+        op, expert_ms = (
+            (Op.EXPERT_BWD, routes.expert_bwd_ms)
+            if backward
+            else (Op.EXPERT_FWD, routes.expert_fwd_ms)
+        )
         t = self._op(co, Kind.COMPUTE, op, t, expert_ms[mb], layer, mb)
         if etp_ms is not None:
             t = self._op(co, Kind.COMM, Op.ETP_COMM, t, etp_ms, layer, mb)
@@ -461,8 +518,9 @@ class TrainingSim:
             member = co.membership
             starts = np.where(member, ready[None, :], -np.inf).max(axis=1)
             ends = np.where(member, (starts + durations)[:, None], -np.inf).max(axis=0)
-        self.rec.add_block(co.lane_ids, Kind.COMM, op, ready, ends, layer, mb,
-                           routes.lane_bytes[mb])  # fmt: skip
+        self.rec.add_block(
+            co.lane_ids, Kind.COMM, op, ready, ends, layer, mb, routes.lane_bytes[mb]
+        )
         return routes, ends
 
     def _route_layer(self, co: Cohort, layer: int) -> _LayerRoutes:
@@ -480,10 +538,19 @@ class TrainingSim:
         self.dispatches.append(batch)
         self.dispatch_layers.append(layer)
         send = batch.a2a_tokens.reshape(num_groups, m, ep, ep) * self._act_bytes
-        a2a_ms = np.stack([all_to_all_v_times_ms(send[j], self._ep_groups[gid],
-                                                 self.hw.gpus_per_node, self.hw,
-                                                 self.par.moe_dispatcher)
-                           for j, gid in enumerate(co.groups)], axis=1)  # fmt: skip
+        a2a_ms = np.stack(
+            [
+                all_to_all_v_times_ms(
+                    send[j],
+                    self._ep_groups[gid],
+                    self.hw.gpus_per_node,
+                    self.hw,
+                    self.par.moe_dispatcher,
+                )
+                for j, gid in enumerate(co.groups)
+            ],
+            axis=1,
+        )
         # Bytes each member sends to the others (its own share stays put); a lane's row
         # records the mean over its GPUs, as the other collectives record one GPU's bytes.
         sent = send.sum(axis=3) - np.diagonal(send, axis1=2, axis2=3)  # (G, m, ep)
@@ -525,15 +592,15 @@ class TrainingSim:
         return fwd, fwd * factor, etp_ms
 
     # ---- pipeline transfers ----------------------------------------------------------------
-    def _send(self, co: Cohort, to_vstage: int, mb: int, nbytes: np.ndarray, what: str,
-              free: np.ndarray) -> None:  # fmt: skip
+    def _send(
+        self, co: Cohort, to_vstage: int, mb: int, nbytes: np.ndarray, what: str, free: np.ndarray
+    ) -> None:
         """Send every lane's activations (or gradients) to the same replica's lane of the
         next (previous) stage; each lane's transfer starts when the lane is free."""
         peer = self.cohorts[to_vstage % self.par.pp]
         pairs = [[a.ranks[0], b.ranks[0]] for a, b in zip(co.lanes, peer.lanes, strict=True)]
         arrive = free + p2p_ms(nbytes, *self._link_vectors(pairs))
-        self.rec.add_block(co.lane_ids, Kind.COMM_ASYNC, Op.P2P_SEND, free, arrive, -1, mb,
-                           nbytes)  # fmt: skip
+        self.rec.add_block(co.lane_ids, Kind.COMM_ASYNC, Op.P2P_SEND, free, arrive, -1, mb, nbytes)
         target = self._event((what, to_vstage, mb))
         trigger_at(target, arrive, max(0.0, float(arrive.max()) - self.env.now))
 
@@ -544,8 +611,10 @@ class TrainingSim:
         found = self._links.get(key)
         if found is None:
             links = [link_for_group(g, self.hw.gpus_per_node, self.hw) for g in groups]
-            found = self._links[key] = (np.array([ln.bandwidth_gbps for ln in links]),
-                                        np.array([ln.latency_us for ln in links]))  # fmt: skip
+            found = self._links[key] = (
+                np.array([ln.bandwidth_gbps for ln in links]),
+                np.array([ln.latency_us for ln in links]),
+            )
         return found
 
     # ---- data-parallel gradients and the optimizer -----------------------------------------
@@ -555,8 +624,12 @@ class TrainingSim:
             return found
         sums = self._counts.layers([layer])
         t, kv = self.par.tp, min(self.par.tp, self.model.kv_heads)
-        dense = ((sums.attention - sums.attention_kv + sums.dense_mlp + sums.shared_experts) / t
-                 + sums.attention_kv / kv + sums.norms + sums.router)  # fmt: skip
+        dense = (
+            (sums.attention - sums.attention_kv + sums.dense_mlp + sums.shared_experts) / t
+            + sums.attention_kv / kv
+            + sums.norms
+            + sums.router
+        )
         expert = sums.routed_experts / (self.par.expert_tp * self.par.ep)
         found = self._layer_grads[layer] = (dense * GRAD_BYTES, expert * GRAD_BYTES)
         return found
@@ -592,8 +665,9 @@ class TrainingSim:
         for pos, ln in enumerate(co.lanes):
             group = self.layout.group_of(kind, ln.ranks[0])
             by_first.setdefault(group[0], (group, []))[1].append(pos)
-        return [(group, np.array(positions)) for group, positions in by_first.values()
-                if len(group) > 1]  # fmt: skip
+        return [
+            (group, np.array(positions)) for group, positions in by_first.values() if len(group) > 1
+        ]
 
     def _grad_stream(self, co: Cohort, buckets: simpy.Store):
         """The cohort's communication streams (one per lane, FIFO): gradient buckets, one
@@ -618,8 +692,9 @@ class TrainingSim:
                     self.rec.add_block(co.lane_ids, kind_row, op, start, ends, -1, -1, size)
                     free = ready = ends
 
-    def _dp_collective(self, co: Cohort, groups, size: float, op: Op,
-                       start: np.ndarray) -> np.ndarray:  # fmt: skip
+    def _dp_collective(
+        self, co: Cohort, groups, size: float, op: Op, start: np.ndarray
+    ) -> np.ndarray:
         """One bucket's reduction over each of the cohort's DP (or EDP) groups: each starts
         when its last member's stream is ready. Returns the lanes' end times."""
         kind = "reduce_scatter" if self.par.distributed_optimizer else "all_reduce"
@@ -646,11 +721,17 @@ class TrainingSim:
                 continue
             group = self.layout.group_of(kind, first)
             if len(group) > 1 and params > 0:
-                total += collective_time_ms("all_gather", params * bpe, group, gpn, hw,
-                                            "hierarchical")  # fmt: skip
+                total += collective_time_ms(
+                    "all_gather", params * bpe, group, gpn, hw, "hierarchical"
+                )
         if total:
-            self.rec.add_block(co.lane_ids, Kind.COMM if blocking else Kind.COMM_ASYNC,
-                               Op.PARAM_GATHER, start, start + total)  # fmt: skip
+            self.rec.add_block(
+                co.lane_ids,
+                Kind.COMM if blocking else Kind.COMM_ASYNC,
+                Op.PARAM_GATHER,
+                start,
+                start + total,
+            )
         return total
 
     def _optimizer(self, co: Cohort, start_ms: float):

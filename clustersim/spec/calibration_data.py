@@ -36,6 +36,12 @@ def _load(generation: str) -> dict[str, Any] | None:
     return yaml.safe_load(text)
 
 
+def reload() -> None:
+    """Forget the files read so far (after ``clustersim calibrate --write`` rewrote them)."""
+    _load.cache_clear()
+    calibration_generations.cache_clear()
+
+
 def calibration_data(generation: str) -> dict[str, Any] | None:
     """The parameters of ``generation`` as nested dicts (a fresh copy), or None if unknown."""
     data = _load(generation)
