@@ -191,12 +191,24 @@ def count_by_source(experts: np.ndarray, token_offsets: np.ndarray, num_experts:
     return counts
 
 
+MAX_CAPACITY = 2**62
+"""Largest capacity :func:`megatron_capacity` returns (far inside int64)."""
+
+
 def megatron_capacity(
     tokens: np.ndarray | int, top_k: int, num_experts: int, capacity_factor: float
 ) -> np.ndarray:
-    """Megatron ``get_capacity``: ``ceil(T * k / E * cf)`` per source rank (int64)."""
+    """Megatron ``get_capacity``: ``ceil(T * k / E * cf)`` per source rank (int64).
+
+    Computed in float64 and capped at ``MAX_CAPACITY`` (2**62) before the cast, so that a huge
+    capacity factor never wraps around to a negative int64 capacity (which would drop every
+    token); a capacity that large never binds, padding aside. ValueError for a capacity factor
+    that is not a finite positive number."""
+    if not (np.isfinite(capacity_factor) and capacity_factor > 0):
+        raise ValueError(f"capacity_factor must be a finite number > 0, got {capacity_factor}")
     tokens = np.asarray(tokens, dtype=np.int64)
-    return np.ceil(tokens * top_k / num_experts * capacity_factor).astype(np.int64)
+    capacity = np.ceil(tokens * (top_k / num_experts * float(capacity_factor)))
+    return np.minimum(capacity, float(MAX_CAPACITY)).astype(np.int64)
 
 
 def keep_mask(

@@ -44,17 +44,32 @@ def subset_probabilities(popularity: np.ndarray, subsets: np.ndarray) -> np.ndar
     p = p / p.sum()
     members = p[subsets]  # (C, k)
     k = subsets.shape[1]
+    # The mass left after picks P is sum(p) - sum(P), which cancels to 0 or below under a
+    # strong skew (numpy then refused the negative probabilities: "pvals < 0"). With Q the m
+    # most popular experts (m = |P|) it equals R[m] + sum(Q \ P) - sum(P \ Q), R[m] the
+    # mass of all but Q summed from the smallest: every term is at most ~E times the result.
+    order = np.argsort(-p, kind="stable")
+    rank = np.empty(p.size, np.int64)
+    rank[order] = np.arange(p.size)
+    tail = np.append(np.cumsum(p[order][::-1])[::-1], 0.0)  # tail[m]: all but the top m
     reach = np.zeros((1 << k, subsets.shape[0]))  # reach[mask]: P(first picks = that part)
     reach[0] = 1.0
     for mask in range(1 << k):
         picked = [j for j in range(k) if mask >> j & 1]
-        if len(picked) == k:
+        m = len(picked)
+        if m == k:
             continue
-        left = 1.0 - members[:, picked].sum(axis=1)
+        chosen = subsets[:, picked]  # (C, m)
+        outside = np.where(rank[chosen] >= m, members[:, picked], 0.0).sum(axis=1)
+        missed = np.zeros(subsets.shape[0])
+        for top in order[:m]:
+            missed += np.where((chosen == top).any(axis=1), 0.0, p[top])
+        left = tail[m] + missed - outside
         for j in range(k):
             if not mask >> j & 1:
-                reach[mask | 1 << j] += reach[mask] * members[:, j] / left
-    return reach[-1]
+                share = np.divide(members[:, j], left, out=np.zeros_like(left), where=left > 0)
+                reach[mask | 1 << j] += reach[mask] * share
+    return np.clip(reach[-1], 0.0, None)
 
 
 class SubsetSampler:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import re
 import typing
 from collections.abc import Sequence
 from importlib import resources
@@ -19,10 +21,14 @@ from pydantic import BaseModel, ValidationError
 
 from clustersim.spec.calibration_data import calibration_data, calibration_generations
 from clustersim.spec.errors import PlanError, PlanIssue, did_you_mean
+from clustersim.spec.files import DATA_MAX_BYTES, PLAN_MAX_BYTES, check_input_file, read_input_text
 from clustersim.spec.presets import DEFAULT_GENERATION, GPU_GENERATION, GPU_PRESETS, MODEL_PRESETS
 from clustersim.spec.schema import Plan
 
 DEFAULT_PLAN_SOURCE = "<default plan: Mixtral-8x7B on 16 x H100-SXM>"
+
+MAX_DEPTH = 32
+"""Deepest nesting of mappings and lists in a plan (real plans nest 4 levels)."""
 
 
 def default_plan_text() -> str:
@@ -46,7 +52,7 @@ def plan_from_dict(raw: dict[str, Any], source: str, base_dir: Path | None = Non
     """Validate a plan given as nested dicts (presets not yet merged)."""
     resolved = _merge_presets(copy.deepcopy(raw), source)
     _resolve_length_files(resolved, base_dir or Path.cwd(), source)
-    _resolve_request_trace(resolved, base_dir or Path.cwd())
+    _resolve_request_trace(resolved, base_dir or Path.cwd(), source)
     try:
         return Plan.model_validate(resolved)
     except ValidationError as exc:
@@ -54,19 +60,43 @@ def plan_from_dict(raw: dict[str, Any], source: str, base_dir: Path | None = Non
 
 
 def _read(path: Path) -> str:
-    if not path.exists():
-        raise PlanError(str(path), "file not found")
-    if path.is_dir():
-        raise PlanError(str(path), "is a directory, expected a YAML or JSON plan file")
+    """The text of a plan file: a regular file (never a FIFO or device: checked before it is
+    opened) of at most ``PLAN_MAX_BYTES``, UTF-8."""
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PlanError(str(path), f"cannot read file: {exc}") from None
+        return read_input_text(path, PLAN_MAX_BYTES, "a YAML or JSON plan file")
+    except ValueError as exc:
+        raise PlanError(str(path), str(exc)) from None
+
+
+_TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep"
+
+
+class _PlanLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """The safe YAML loader (C parser when available); ``_parse`` composes the node tree first
+    to refuse duplicate keys and deep nesting before any Python object is built."""
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, lines: list[int]):
+        self.key, self.lines = key, lines
+
+
+def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key, [])
+        out[key] = value
+    return out
 
 
 def _parse(text: str, source: str, suffix: str) -> dict[str, Any]:
     try:
-        data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+        if suffix == ".json":
+            data = json.loads(text, object_pairs_hook=_json_pairs)
+            _check_depth(data, source)
+        else:
+            data = _load_yaml(text, source)
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno}, column {exc.colno}"
         raise PlanError(source, f"malformed JSON at {where}: {exc.msg}") from None
@@ -75,10 +105,90 @@ def _parse(text: str, source: str, suffix: str) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise PlanError(source, f"malformed YAML{where}: {problem}") from None
+    except RecursionError:
+        raise PlanError(source, f"malformed plan: {_TOO_DEEP}") from None
+    except _DuplicateKey as exc:
+        pattern = re.compile(r'"' + re.escape(json.dumps(exc.key)[1:-1]) + r'"\s*:')
+        lines = [text.count("\n", 0, m.start()) + 1 for m in pattern.finditer(text)]
+        raise PlanError(source, [_duplicate_issue(exc.key, lines)]) from None
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}"
         raise PlanError(source, f"the plan must be a mapping of sections, but the file is {kind}")
     return data
+
+
+def _duplicate_issue(path: str, lines: list[int]) -> PlanIssue:
+    where = f" (lines {', '.join(map(str, lines))})" if len(lines) > 1 else ""
+    return PlanIssue(path, f"duplicate key{where}: a repeated key would silently replace the "
+                     f"first", None, "each key once per mapping")  # fmt: skip
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (with their lines) and nesting deeper than
+    ``MAX_DEPTH`` (PlanError naming the key path)."""
+    loader = _PlanLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node, source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_nodes(root: yaml.Node, source: str) -> None:
+    """Walk the composed YAML nodes (iteratively; a node shared through an alias once)."""
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, str, int]] = [(root, "", 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        if id(node) in seen or not isinstance(node, yaml.CollectionNode):
+            continue
+        seen.add(id(node))
+        if depth >= MAX_DEPTH:
+            raise PlanError(source, [PlanIssue(path, _TOO_DEEP)])
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, _join(path, i), depth + 1) for i, child in enumerate(node.value))
+            continue
+        first: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                line = key.start_mark.line + 1
+                if (key.tag, key.value) in first:
+                    issue = _duplicate_issue(_join(path, name), [first[key.tag, key.value], line])
+                    raise PlanError(source, [issue])
+                first[key.tag, key.value] = line
+            stack.append((key, _join(path, name), depth + 1))
+            stack.append((value, _join(path, name), depth + 1))
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _check_depth(data: Any, source: str) -> None:
+    """Refuse nesting deeper than ``MAX_DEPTH`` (iteratively; a shared object once)."""
+    seen: set[int] = set()
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        if not isinstance(node, dict | list) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if depth >= MAX_DEPTH:
+            raise PlanError(source, [PlanIssue(path, _TOO_DEEP)])
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        stack.extend((value, _join(path, key), depth + 1) for key, value in items)
+
+
+def _override_value(text: str) -> Any:
+    """An override's value, parsed as YAML (its text when it is not valid YAML)."""
+    try:
+        return _load_yaml(text, "--set")
+    except (yaml.YAMLError, RecursionError):
+        return text
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str) -> dict[str, Any]:
@@ -97,9 +207,11 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str) 
                 child = node[key] = {}
             node = child
         try:
-            node[keys[-1]] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            node[keys[-1]] = text
+            node[keys[-1]] = _override_value(text)
+        except PlanError as exc:
+            issue = PlanIssue(f"--set {path.strip()}", exc.issues[0].render(), text)
+            raise PlanError(source, [issue]) from None
+    _check_depth(raw, source)
     return raw
 
 
@@ -196,13 +308,22 @@ def _resolve_length_files(raw: dict[str, Any], base_dir: Path, source: str) -> N
         spec.setdefault("max", int(lengths.max()))
 
 
-def _resolve_request_trace(raw: dict[str, Any], base_dir: Path) -> None:
-    """Make ``workload.requests.trace`` absolute, relative to the plan file (as length files)."""
+def _resolve_request_trace(raw: dict[str, Any], base_dir: Path, source: str) -> None:
+    """Make ``workload.requests.trace`` absolute, relative to the plan file (as length files);
+    with ``arrival: trace``, refuse one that is not a regular file or too large (its rows are
+    read and checked when the requests are made; a missing file is an audit finding)."""
     workload = raw.get("workload")
     requests = workload.get("requests") if isinstance(workload, dict) else None
     if isinstance(requests, dict) and isinstance(requests.get("trace"), str):
         file = Path(requests["trace"])
-        requests["trace"] = str(file if file.is_absolute() else (base_dir / file).resolve())
+        file = file if file.is_absolute() else (base_dir / file).resolve()
+        requests["trace"] = str(file)
+        if requests.get("arrival") == "trace" and file.exists():  # missing: an audit finding
+            try:
+                check_input_file(file, DATA_MAX_BYTES, "a CSV or Arrow request trace")
+            except ValueError as exc:
+                issue = PlanIssue("workload.requests.trace", str(exc), str(file))
+                raise PlanError(source, [issue]) from None
 
 
 def _issues_from_pydantic(errors: list[Any]) -> list[PlanIssue]:
@@ -250,7 +371,84 @@ def _issue_from_pydantic(err: Any) -> PlanIssue:
     value = err.get("input")
     if isinstance(value, dict | list):
         value = None
-    return PlanIssue(path, message, value)
+    valid = _valid_range(loc) if kind in _RANGE_ERRORS else ""
+    return PlanIssue(path, message, value, valid)
+
+
+_RANGE_ERRORS = frozenset(("greater_than", "greater_than_equal", "less_than", "less_than_equal",
+                           "finite_number", "int_parsing", "int_from_float", "int_type",
+                           "float_parsing", "float_type"))  # fmt: skip
+
+
+def _valid_range(loc: tuple[Any, ...]) -> str:
+    """The valid values of the number at ``loc``, from the schema's bounds: ``an integer >= 1
+    and <= 1048576``, ``a finite number > 0 and <= 1``."""
+    cls: type[BaseModel] | None = Plan
+    annotation: Any = None
+    info = None
+    for part in loc:
+        if isinstance(part, int):
+            annotation, info = _list_item(annotation), None
+            continue
+        if cls is None:
+            return ""
+        info = cls.model_fields.get(str(part))
+        if info is None:
+            return ""
+        annotation = info.annotation
+        cls = _model_in(annotation)
+    bounds: dict[str, float] = {}
+    _collect_bounds(list(info.metadata) if info else [], bounds)
+    _collect_bounds([annotation], bounds)
+    integer = int in _scalar_types(annotation)
+    parts = [f"{op} {_number(bounds[key])}" for key, op in
+             (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")) if key in bounds]  # fmt: skip
+    what = "an integer" if integer else "a finite number"
+    return f"{what} {' and '.join(parts)}" if parts else what
+
+
+def _list_item(annotation: Any) -> Any:
+    """The item type of the ``list[...]`` in ``annotation`` (None if there is none)."""
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0]
+    for arg in typing.get_args(annotation):
+        found = _list_item(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _collect_bounds(items: list[Any], bounds: dict[str, float]) -> None:
+    """Bounds (gt, ge, lt, le) of constraint objects and ``Annotated``/union types, not looking
+    inside lists (their items have their own)."""
+    for item in items:
+        for key in ("gt", "ge", "lt", "le"):
+            value = getattr(item, key, None)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                bounds.setdefault(key, value)
+        if hasattr(item, "metadata") and not isinstance(item, type):
+            _collect_bounds(list(item.metadata), bounds)
+        if typing.get_origin(item) is not list:
+            _collect_bounds(list(typing.get_args(item)), bounds)
+
+
+def _scalar_types(annotation: Any) -> set[type]:
+    if isinstance(annotation, type):
+        return {annotation}
+    if typing.get_origin(annotation) is list:
+        return set()
+    out: set[type] = set()
+    for arg in typing.get_args(annotation):
+        out |= _scalar_types(arg)
+    return out
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int) or (
+        math.isfinite(value) and value == int(value) and abs(value) < 1e7
+    ):
+        return str(int(value))
+    return f"{value:g}"
 
 
 def _fields_at(loc: tuple[Any, ...]) -> list[str]:

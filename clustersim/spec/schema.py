@@ -8,30 +8,77 @@ plan.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+
+# Bounds of the plan's numbers (PlanError messages show them as "valid: ..."). Every float
+# is finite (``_Strict`` rejects inf and NaN); every count has an upper bound, so that
+# products of them (GPUs x layers x micro-batches, tokens x top-k x capacity factor) stay far
+# inside int64 and a typo such as ``tp: 2**40`` is a plan error, not an overflow or an
+# out-of-memory crash.
+MAX_DEGREE = 2**20
+"""Parallel degrees, their product (the world size), GPUs of the cluster, micro-batches."""
+MAX_LAYERS = 2**16
+"""Model layers (and layer-frequency / leading-dense counts)."""
+MAX_WIDTH = 2**20
+"""Hidden, FFN and head sizes, latent ranks."""
+MAX_HEADS = 2**16
+"""Attention and key/value heads."""
+MAX_VOCAB = 2**24
+"""Vocabulary size."""
+MAX_EXPERTS = 2**16
+"""Routed and shared experts per MoE layer."""
+MAX_TOKENS = 2**24
+"""Sequence, prompt and output lengths (tokens)."""
+MAX_REQUESTS = 2**24
+"""Requests of a serving workload."""
+MAX_CAPACITY_FACTOR = 1e6
+"""Capacity factor: far above any useful value (cf >= E / k is already dropless)."""
+MAX_ROUTER_SKEW = 10.0
+"""Zipf exponent of expert popularity: at 10 the top expert already takes >= 99.9 % of the
+tokens of top-1 routing; larger values add nothing but floating-point underflow."""
+MAX_RATE = 1e9
+"""Bandwidths (GB/s), TFLOP/s, memory (GiB), request rates (1/s)."""
+MAX_TIME_US = 1e6
+"""Latencies and fixed times per kernel or message (us): at most one second."""
+
+Degree = Annotated[int, Field(gt=0, le=MAX_DEGREE)]
+Width = Annotated[int, Field(gt=0, le=MAX_WIDTH)]
+Tokens = Annotated[int, Field(gt=0, le=MAX_TOKENS)]
+Rate = Annotated[float, Field(gt=0, le=MAX_RATE)]
+TimeUs = Annotated[float, Field(ge=0, le=MAX_TIME_US)]
+Count = Annotated[int, Field(gt=0, le=2**63 - 1)]
 
 
 class _Strict(BaseModel):
-    """Base: unknown keys are errors, instances are immutable."""
+    """Base: unknown keys are errors, instances are immutable, floats are finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class MoESpec(_Strict):
     """Mixture-of-Experts part of a model (absent for dense models)."""
 
-    num_experts: PositiveInt = Field(description="Routed experts per MoE layer.")
-    top_k: PositiveInt = Field(2, description="Experts each token is routed to.")
-    capacity_factor: PositiveFloat | None = Field(
-        None, description="Capacity = ceil(T*k/E*cf) per expert; null = dropless."
+    num_experts: int = Field(gt=0, le=MAX_EXPERTS, description="Routed experts per MoE layer.")
+    top_k: int = Field(2, gt=0, le=MAX_EXPERTS, description="Experts each token is routed to.")
+    capacity_factor: float | None = Field(
+        None, gt=0, le=MAX_CAPACITY_FACTOR,
+        description="Capacity = ceil(T*k/E*cf) per expert; null = dropless.",
+    )  # fmt: skip
+    layer_freq: int = Field(
+        1, gt=0, le=MAX_LAYERS, description="Every k-th layer (after first_k_dense) is MoE."
     )
-    layer_freq: PositiveInt = Field(1, description="Every k-th layer (after first_k_dense) is MoE.")
-    first_k_dense: int = Field(0, ge=0, description="Leading layers that stay dense.")
-    router_skew: float = Field(0.0, ge=0, description="0 = uniform expert popularity.")
-    num_shared_experts: int = Field(0, ge=0, description="Always-active experts per MoE layer.")
-    shared_expert_ffn_hidden_size: PositiveInt | None = Field(
+    first_k_dense: int = Field(
+        0, ge=0, le=MAX_LAYERS, description="Leading layers that stay dense."
+    )
+    router_skew: float = Field(
+        0.0, ge=0, le=MAX_ROUTER_SKEW, description="0 = uniform expert popularity."
+    )
+    num_shared_experts: int = Field(
+        0, ge=0, le=MAX_EXPERTS, description="Always-active experts per MoE layer."
+    )
+    shared_expert_ffn_hidden_size: Width | None = Field(
         None, description="FFN width of a shared expert; default = the model's ffn_hidden_size."
     )
     routing: Literal["sampled", "even"] = Field(
@@ -41,27 +88,25 @@ class MoESpec(_Strict):
     )
     drop_policy: Literal["probs", "position"] = "probs"
     pad_to_capacity: bool = False
-    max_nodes_per_token: PositiveInt | None = Field(
+    max_nodes_per_token: Degree | None = Field(
         None, description="Node-limited routing: a token's experts lie on at most M nodes."
     )
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> MoESpec:
         if self.top_k > self.num_experts:
-            raise ValueError(
-                f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})"
-            )
+            raise ValueError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
         return self
 
 
 class MLASpec(_Strict):
     """Multi-head latent attention (DeepSeek-V2/V3): low-rank query and key/value projections."""
 
-    q_lora_rank: PositiveInt | None = Field(None, description="null = full-rank query.")
-    kv_lora_rank: PositiveInt
-    qk_nope_head_dim: PositiveInt
-    qk_rope_head_dim: PositiveInt
-    v_head_dim: PositiveInt
+    q_lora_rank: Width | None = Field(None, description="null = full-rank query.")
+    kv_lora_rank: Width
+    qk_nope_head_dim: Width
+    qk_rope_head_dim: Width
+    v_head_dim: Width
 
 
 class ModelSpec(_Strict):
@@ -69,16 +114,18 @@ class ModelSpec(_Strict):
 
     name: str = "custom"
     preset: str | None = Field(None, description="Model preset the fields below override.")
-    num_layers: PositiveInt
-    hidden_size: PositiveInt
-    num_attention_heads: PositiveInt
-    num_kv_heads: PositiveInt | None = Field(None, description="Default: num_attention_heads.")
-    head_dim: PositiveInt | None = Field(None, description="Default: hidden/heads.")
-    ffn_hidden_size: PositiveInt
-    dense_ffn_hidden_size: PositiveInt | None = Field(
+    num_layers: int = Field(gt=0, le=MAX_LAYERS)
+    hidden_size: Width
+    num_attention_heads: int = Field(gt=0, le=MAX_HEADS)
+    num_kv_heads: Annotated[int, Field(gt=0, le=MAX_HEADS)] | None = Field(
+        None, description="Default: num_attention_heads."
+    )
+    head_dim: Width | None = Field(None, description="Default: hidden/heads.")
+    ffn_hidden_size: Width
+    dense_ffn_hidden_size: Width | None = Field(
         None, description="FFN width of the dense layers of an MoE model; default ffn_hidden_size."
     )
-    vocab_size: PositiveInt
+    vocab_size: int = Field(gt=0, le=MAX_VOCAB)
     activation: Literal["swiglu", "gelu"] = "swiglu"
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     tie_embeddings: bool = False
@@ -115,8 +162,8 @@ class ModelSpec(_Strict):
 class LinkSpec(_Strict):
     """A link class: per-GPU, per-direction bandwidth and per-message latency."""
 
-    bandwidth_gbps: PositiveFloat
-    latency_us: float = Field(ge=0)
+    bandwidth_gbps: Rate
+    latency_us: TimeUs
 
 
 class GemmCalibration(_Strict):
@@ -125,7 +172,9 @@ class GemmCalibration(_Strict):
     skinny GEMMs fill fewer tiles and waves)."""
 
     efficiency: float = Field(gt=0, le=1, description="Fraction of peak FLOP/s of large GEMMs.")
-    half_dim: float = Field(ge=0, description="GEMM dimension at which its shape factor is 1/2.")
+    half_dim: float = Field(
+        ge=0, le=1e9, description="GEMM dimension at which its shape factor is 1/2."
+    )
     memory_efficiency: float = Field(
         gt=0, le=1, description="Fraction of HBM bandwidth a GEMM reaches reading its operands."
     )
@@ -149,13 +198,20 @@ class KernelCalibration(_Strict):
     (eager) or ``graph_launch_us`` (CUDA-graph replay) to issue it; the stream advances by
     the larger of the two (kernels shorter than their launch leave the GPU waiting)."""
 
-    fixed_us: float = Field(ge=0, description="GPU time of an empty kernel.")
-    launch_us: float = Field(ge=0, description="Host time per kernel launch, eager mode.")
-    graph_launch_us: float = Field(ge=0, description="Time per kernel under CUDA-graph replay.")
+    fixed_us: float = Field(ge=0, le=MAX_TIME_US, description="GPU time of an empty kernel.")
+    launch_us: float = Field(
+        ge=0, le=MAX_TIME_US, description="Host time per kernel launch, eager mode."
+    )
+    graph_launch_us: float = Field(
+        ge=0, le=MAX_TIME_US, description="Time per kernel under CUDA-graph replay."
+    )
     framework_us: float = Field(
-        0.0, ge=0, description="Eager framework time per kernel that never overlaps the GPU "
-        "(Python, autograd bookkeeping); 0 under CUDA graphs."
-    )  # fmt: skip
+        0.0,
+        ge=0,
+        le=MAX_TIME_US,
+        description="Eager framework time per kernel that never overlaps the GPU "
+        "(Python, autograd bookkeeping); 0 under CUDA graphs.",
+    )
 
     @model_validator(mode="after")
     def _graphs_not_slower(self) -> KernelCalibration:
@@ -171,7 +227,7 @@ class AttentionCalibration(_Strict):
     """Core attention (FlashAttention): prefill compute-bound, decode KV-read bound."""
 
     efficiency: float = Field(gt=0, le=1, description="Fraction of peak at long sequences.")
-    half_seq: float = Field(ge=0, description="Query length at which efficiency is halved.")
+    half_seq: float = Field(ge=0, le=1e9, description="Query length at which efficiency is halved.")
     decode_memory_efficiency: float = Field(
         gt=0, le=1, description="Fraction of HBM bandwidth reached reading the KV cache."
     )
@@ -185,11 +241,19 @@ class MoECalibration(_Strict):
     deepep_inter_node_gbps)`` of the busiest GPU (DeepEP's "bottleneck bandwidth")."""
 
     dropless_sync_us: float = Field(
-        ge=0, description="Host-device synchronisation per MoE layer and direction, dropless."
+        ge=0,
+        le=MAX_TIME_US,
+        description="Host-device synchronisation per MoE layer and direction, dropless.",
     )
-    deepep_intra_node_gbps: float = Field(gt=0, description="DeepEP NVLink bandwidth per GPU.")
-    deepep_inter_node_gbps: float = Field(gt=0, description="DeepEP RDMA bandwidth per GPU.")
-    deepep_latency_us: float = Field(ge=0, description="DeepEP fixed time per dispatch/combine.")
+    deepep_intra_node_gbps: float = Field(
+        gt=0, le=MAX_RATE, description="DeepEP NVLink bandwidth per GPU."
+    )
+    deepep_inter_node_gbps: float = Field(
+        gt=0, le=MAX_RATE, description="DeepEP RDMA bandwidth per GPU."
+    )
+    deepep_latency_us: float = Field(
+        ge=0, le=MAX_TIME_US, description="DeepEP fixed time per dispatch/combine."
+    )
 
 
 class CollectiveCalibration(_Strict):
@@ -210,16 +274,26 @@ class CollectiveCalibration(_Strict):
         gt=0, le=1, description="Large-message bus bandwidth / network bandwidth (per NIC)."
     )
     intra_node_latency_us: float | None = Field(
-        ge=0, description="Latency per ring/tree step, NVLink; null = the link's latency_us."
+        ge=0,
+        le=MAX_TIME_US,
+        description="Latency per ring/tree step, NVLink; null = the link's latency_us.",
     )
     inter_node_latency_us: float | None = Field(
-        ge=0, description="Latency per ring/tree step, network; null = the link's latency_us."
+        ge=0,
+        le=MAX_TIME_US,
+        description="Latency per ring/tree step, network; null = the link's latency_us.",
     )
     intra_node_base_latency_us: float = Field(
-        0.0, ge=0, description="Fixed time per collective within a node (launch, sync)."
+        0.0,
+        ge=0,
+        le=MAX_TIME_US,
+        description="Fixed time per collective within a node (launch, sync).",
     )
     inter_node_base_latency_us: float = Field(
-        0.0, ge=0, description="Fixed time per collective spanning nodes (launch, sync)."
+        0.0,
+        ge=0,
+        le=MAX_TIME_US,
+        description="Fixed time per collective spanning nodes (launch, sync).",
     )
     intra_node_p2p_efficiency: float = Field(
         1.0, gt=0, le=1, description="Send/receive and all-to-all bandwidth / NVLink bandwidth."
@@ -246,19 +320,29 @@ class HardwareSpec(_Strict):
     """The cluster: GPU figures (from a preset, overridable) and its size."""
 
     gpu: str = "custom"
-    num_nodes: PositiveInt
-    gpus_per_node: PositiveInt
-    memory_gib: PositiveFloat
-    peak_tflops: PositiveFloat
-    hbm_bandwidth_gbps: PositiveFloat
+    num_nodes: Degree
+    gpus_per_node: Degree
+    memory_gib: Rate
+    peak_tflops: Rate
+    hbm_bandwidth_gbps: Rate
     intra_node: LinkSpec
     inter_node: LinkSpec
     calibration: CalibrationSpec = Field(
         description="Cost-model parameters; default: the data file of the GPU's generation."
     )
     memory_reserved_gib: float = Field(
-        0.0, ge=0, description="Memory not available to the model (CUDA context, allocator)."
-    )
+        0.0, ge=0, le=MAX_RATE,
+        description="Memory not available to the model (CUDA context, allocator).",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _cluster_size(self) -> HardwareSpec:
+        if self.num_gpus > MAX_DEGREE:
+            raise ValueError(
+                f"num_nodes x gpus_per_node = {self.num_gpus} GPUs; at most {MAX_DEGREE} "
+                f"are simulated"
+            )
+        return self
 
     @property
     def num_gpus(self) -> int:
@@ -269,28 +353,37 @@ class HardwareSpec(_Strict):
 class ParallelSpec(_Strict):
     """Parallel degrees and training-system options."""
 
-    tp: PositiveInt
-    pp: PositiveInt
-    dp: PositiveInt
-    cp: PositiveInt = 1
-    ep: PositiveInt = 1
-    etp: PositiveInt | None = Field(None, description="Expert tensor parallel size; default = tp.")
-    micro_batch_size: PositiveInt = 1
-    num_microbatches: PositiveInt = Field(1, description="Gradient accumulation steps.")
+    tp: Degree
+    pp: Degree
+    dp: Degree
+    cp: Degree = 1
+    ep: Degree = 1
+    etp: Degree | None = Field(None, description="Expert tensor parallel size; default = tp.")
+    micro_batch_size: Degree = 1
+    num_microbatches: Degree = Field(1, description="Gradient accumulation steps.")
     schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
-    virtual_stages: PositiveInt = 1
-    layers_per_stage: list[PositiveInt] | None = Field(
-        None, description="Explicit layer split over pipeline stages; default even."
-    )
+    virtual_stages: int = Field(1, gt=0, le=MAX_LAYERS)
+    layers_per_stage: list[Annotated[int, Field(gt=0, le=MAX_LAYERS)]] | None = Field(
+        None, max_length=MAX_DEGREE,
+        description="Explicit layer split over pipeline stages; default even.",
+    )  # fmt: skip
     sequence_parallel: bool = False
     flash_attention: bool = True
     recompute: Literal["none", "selective", "full"] = "none"
     distributed_optimizer: bool = False
     overlap_communication: bool = True
-    grad_bucket_mb: PositiveFloat = 40.0
+    grad_bucket_mb: float = Field(40.0, gt=0, le=MAX_RATE)
     moe_dispatcher: Literal["alltoall", "deepep"] = Field(
         "alltoall", description="MoE token dispatcher: NCCL all-to-all, or DeepEP kernels."
     )
+
+    @model_validator(mode="after")
+    def _world_size_bounded(self) -> ParallelSpec:
+        if self.world_size > MAX_DEGREE:
+            raise ValueError(
+                f"tp x cp x dp x pp = {self.world_size} GPUs; at most {MAX_DEGREE} are simulated"
+            )
+        return self
 
     @property
     def expert_tp(self) -> int:
@@ -307,11 +400,15 @@ class LengthSpec(_Strict):
     """A distribution of token counts (sequence, prompt or output lengths)."""
 
     dist: Literal["fixed", "uniform", "lognormal", "empirical"] = "fixed"
-    value: PositiveInt | None = Field(None, description="fixed: the length.")
-    min: PositiveInt | None = None
-    max: PositiveInt | None = None
-    mean: PositiveFloat | None = Field(None, description="lognormal: mean length.")
-    sigma: PositiveFloat | None = Field(None, description="lognormal: sigma of log-length.")
+    value: Tokens | None = Field(None, description="fixed: the length.")
+    min: Tokens | None = None
+    max: Tokens | None = None
+    mean: Annotated[float, Field(gt=0, le=MAX_TOKENS)] | None = Field(
+        None, description="lognormal: mean length."
+    )
+    sigma: Annotated[float, Field(gt=0, le=10)] | None = Field(
+        None, description="lognormal: sigma of log-length."
+    )
     file: str | None = Field(None, description="empirical: CSV or Arrow file of lengths.")
     column: str | None = Field(None, description="empirical: column name.")
 
@@ -347,38 +444,54 @@ class RequestsSpec(_Strict):
     ``num`` is given explicitly.
     """
 
-    num: PositiveInt = Field(
-        1000, description="Requests to simulate (arrival: trace: the first num rows if set)."
+    num: int = Field(
+        1000,
+        gt=0,
+        le=MAX_REQUESTS,
+        description="Requests to simulate (arrival: trace: the first num rows if set).",
     )
     arrival: Literal["poisson", "gamma", "uniform", "trace"] = "poisson"
-    rate_per_s: PositiveFloat = 20.0
-    arrival_cv: PositiveFloat = Field(
-        1.0, description="gamma: coefficient of variation of the gaps between arrivals."
+    rate_per_s: Rate = 20.0
+    arrival_cv: float = Field(
+        1.0,
+        gt=0,
+        le=1e3,
+        description="gamma: coefficient of variation of the gaps between arrivals.",
     )
     trace: str | None = Field(
-        None, description="arrival: trace: CSV or Arrow file (arrived_at, num_prefill_tokens, "
-        "num_decode_tokens)."
+        None,
+        description="arrival: trace: CSV or Arrow file (arrived_at, num_prefill_tokens, "
+        "num_decode_tokens).",
     )
     prompt_len: LengthSpec = LengthSpec(dist="fixed", value=1024)
     output_len: LengthSpec = LengthSpec(dist="fixed", value=128)
-    max_batch_size: PositiveInt = Field(
-        64, description="max_num_seqs: requests in one step of a replica (all micro-batches)."
+    max_batch_size: int = Field(
+        64,
+        gt=0,
+        le=MAX_DEGREE,
+        description="max_num_seqs: requests in one step of a replica (all micro-batches).",
     )
-    max_num_batched_tokens: PositiveInt = Field(
-        8192, description="Token budget of one step of a replica (prefill chunks + decodes)."
+    max_num_batched_tokens: int = Field(
+        8192,
+        gt=0,
+        le=2**30,
+        description="Token budget of one step of a replica (prefill chunks + decodes).",
     )
     chunked_prefill: bool = Field(
-        True, description="Split long prompts over steps and mix them with decodes (vLLM V1); "
-        "false: prefill-only steps take priority over decode steps (vLLM V0)."
+        True,
+        description="Split long prompts over steps and mix them with decodes (vLLM V1); "
+        "false: prefill-only steps take priority over decode steps (vLLM V0).",
     )
-    kv_block_size: PositiveInt = Field(16, description="Tokens per paged KV-cache block.")
+    kv_block_size: int = Field(
+        16, gt=0, le=MAX_TOKENS, description="Tokens per paged KV-cache block."
+    )
     cuda_graphs: bool = Field(
         True, description="Decode steps replay CUDA graphs (serving engines' default)."
     )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Share of GPU memory for weights, activations and KV cache."
     )
-    num_gpu_blocks: PositiveInt | None = Field(
+    num_gpu_blocks: Annotated[int, Field(gt=0, le=2**40)] | None = Field(
         None, description="KV-cache blocks per replica; default: what fits in the memory left."
     )
     dispatch: Literal["round_robin", "least_loaded"] = Field(
@@ -416,13 +529,13 @@ class TargetsSpec(_Strict):
 class ClaimsSpec(_Strict):
     """Numbers the plan's authors assert; each is checked against the computed value."""
 
-    total_gpus: PositiveInt | None = None
-    gpus_per_stage: PositiveInt | None = None
-    total_experts: PositiveInt | None = None
-    ep_groups: PositiveInt | None = None
+    total_gpus: Count | None = None
+    gpus_per_stage: Count | None = None
+    total_experts: Count | None = None
+    ep_groups: Count | None = None
     experts_per_gpu: float | None = Field(None, gt=0)
     experts_per_gpu_per_layer: float | None = Field(None, gt=0)
-    layers_per_stage: PositiveInt | list[PositiveInt] | None = None
+    layers_per_stage: Count | list[Count] | None = None
     memory_per_gpu_gib: PositiveFloat | None = None
     params_gib: PositiveFloat | None = None
     optimizer_gib: PositiveFloat | None = None
@@ -440,7 +553,7 @@ class Plan(_Strict):
     """A whole deployment plan: model, cluster, parallel strategy, workload, targets, claims."""
 
     name: str = "plan"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
     model: ModelSpec
     hardware: HardwareSpec
     parallel: ParallelSpec
