@@ -22,18 +22,25 @@ ops can be appended without breaking older readers of the same version.
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-VERSION = 1
-"""Trace format version; a reader refuses files with a larger one."""
+VERSION = 2
+"""Trace format version; a reader refuses files with a larger one. Version 2 added the
+checksums (``META_CHECKSUM``, ``BATCH_CHECKSUM``); version 1 files are still read, without."""
 
 META_VERSION = b"clustersim.trace.version"
 META_PLAN = b"clustersim.plan"
 META_SEED = b"clustersim.seed"
 META_RUN = b"clustersim.run"
+META_CHECKSUM = b"clustersim.checksum"
+"""Schema metadata (v2): CRC-32 of the other metadata entries (:func:`metadata_checksum`)."""
+BATCH_CHECKSUM = b"clustersim.crc32"
+"""Custom metadata of every record batch (v2): the CRC-32 of each column of the batch
+(:func:`column_checksum`), in ``COLUMNS`` order, as comma-separated hex."""
 
 KINDS = ("compute", "comm", "comm_async", "workload", "route", "summary", "request")
 EVENT_KINDS = ("compute", "comm", "comm_async")
@@ -85,13 +92,61 @@ def event_sort_key(start_s: np.ndarray, kind: np.ndarray) -> np.ndarray:
     return (bits << np.uint64(1)) | (kind != KIND_CODE["comm_async"]).astype(np.uint64)
 
 
+def metadata_checksum(metadata: dict[bytes, bytes]) -> bytes:
+    """CRC-32 (8 hex digits) of every metadata entry but ``META_CHECKSUM``, in key order."""
+    crc = 0
+    for key in sorted(k for k in metadata if k != META_CHECKSUM):
+        crc = zlib.crc32(b"%d:%s%d:%s" % (len(key), key, len(metadata[key]), metadata[key]), crc)
+    return b"%08x" % crc
+
+
+def column_checksum(array: pa.Array) -> int:
+    """CRC-32 of a column's content as a reader sees it: type, length, null count, validity,
+    values (the data of all-null columns is not used and not covered), list offsets relative
+    to the first, and dictionary words. Equal for a batch before writing and after reading."""
+    header = f"{array.type}|{len(array)}|{array.null_count}".encode()
+    return _content_crc(array, zlib.crc32(header))
+
+
+def _content_crc(array: pa.Array, crc: int) -> int:
+    n = len(array)
+    if n == 0 or array.null_count == n:
+        return crc
+    if array.null_count:
+        crc = zlib.crc32(array.is_null().to_numpy(zero_copy_only=False).tobytes(), crc)
+    if pa.types.is_dictionary(array.type):
+        crc = _content_crc(array.indices, crc)
+        return zlib.crc32(b"%08x" % column_checksum(array.dictionary), crc)
+    if pa.types.is_string(array.type) or pa.types.is_binary(array.type):
+        _, offsets_buffer, data = array.buffers()
+        offsets = np.frombuffer(offsets_buffer, np.int32)[array.offset : array.offset + n + 1]
+        crc = zlib.crc32((offsets - offsets[0]).tobytes(), crc)
+        return zlib.crc32(memoryview(data)[offsets[0] : offsets[-1]], crc) if data else crc
+    if pa.types.is_list(array.type):
+        offsets = array.offsets.to_numpy()
+        crc = zlib.crc32((offsets - offsets[0]).astype(np.int32).tobytes(), crc)
+        values = array.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+        return zlib.crc32(b"%08x" % column_checksum(values), crc)
+    width = array.type.bit_width // 8
+    data = array.buffers()[1]
+    if data is None or width == 0:
+        raise TypeError(f"no checksum for arrays of type {array.type}")
+    return zlib.crc32(memoryview(data)[array.offset * width : (array.offset + n) * width], crc)
+
+
+def batch_checksums(batch: pa.RecordBatch) -> bytes:
+    """``BATCH_CHECKSUM`` of a record batch of the trace schema."""
+    return b",".join(b"%08x" % column_checksum(c) for c in batch.columns)
+
+
 def schema(metadata: dict[bytes, bytes] | None = None) -> pa.Schema:
     """The trace schema, with ``metadata`` attached."""
     return pa.schema(FIELDS, metadata=metadata)
 
 
 def encode_metadata(plan: dict[str, Any], seed: int, run: dict[str, Any]) -> dict[bytes, bytes]:
-    """Schema metadata: format version, the resolved plan (JSON), the seed, run facts (JSON)."""
+    """Schema metadata: format version, the resolved plan (JSON), the seed, run facts (JSON)
+    (the writer adds ``META_CHECKSUM``)."""
     return {
         META_VERSION: str(VERSION).encode(),
         META_PLAN: json.dumps(plan, sort_keys=True).encode(),

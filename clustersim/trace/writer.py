@@ -38,6 +38,12 @@ class TraceWriter:
     def __init__(self, path: str | Path, metadata: dict[bytes, bytes], batch_rows: int = 1 << 16):
         self.path = Path(path)
         self.partial = partial_path(self.path)
+        metadata = {k: v for k, v in metadata.items() if k != S.META_CHECKSUM}
+        if int(metadata.get(S.META_VERSION, S.VERSION)) >= 2:
+            metadata[S.META_CHECKSUM] = S.metadata_checksum(metadata)
+            self._checksums = True
+        else:  # a version-1 file (tests of old files) has no checksums
+            self._checksums = False
         self._schema = S.schema(metadata)
         self._batch_rows = batch_rows
         self._rows: list[tuple] = []
@@ -226,7 +232,11 @@ class TraceWriter:
         self._write_batch(batch, min(starts) if starts else float("nan"))
 
     def _write_batch(self, batch: pa.RecordBatch, min_start_s: float) -> None:
-        self._writer.write_batch(batch)
+        if self._checksums:
+            meta = {S.BATCH_CHECKSUM: S.batch_checksums(batch)}
+            self._writer.write_batch(batch, custom_metadata=meta)
+        else:
+            self._writer.write_batch(batch)
         self._min_start.append(min_start_s)
         self.rows_written += batch.num_rows
 
