@@ -100,19 +100,20 @@ def check(
     ] = False,
 ) -> None:
     """Audit a plan and print its findings."""
+    from clustersim.analysis.evaluate import evaluate
     from clustersim.analysis.render import audit_markdown
     from clustersim.analysis.search import suggest_fix, suggestion_markdown
-    from clustersim.analysis.simulate import check_plan
     from clustersim.cli_tables import ProgressBar
 
     plan = _load(plan_file, set_)
     with ProgressBar("simulating claims and targets") as bar:
-        report = check_plan(plan, simulate_claims=not static, progress=bar.update)
+        verdict = evaluate(plan, static=static, progress=bar.update)
+    report = verdict.report
     suggestion = suggest_fix(plan, report)
     if json_out:
         fmt = CheckFormat.json
     if fmt is CheckFormat.json:
-        data = report.to_dict()
+        data = verdict.to_dict()
         data["suggestion"] = suggestion.to_dict() if suggestion is not None else None
         text = json.dumps(data, indent=2, default=str)
     elif fmt is CheckFormat.markdown or output is not None:
@@ -125,7 +126,7 @@ def check(
         print_audit(report)
         if suggestion is not None:
             print_suggestion(suggestion)
-    raise typer.Exit(code=1 if report.has_errors else 0)
+    raise typer.Exit(code=verdict.exit_code)
 
 
 @app.command(
@@ -134,7 +135,8 @@ def check(
     "expert load balance and memory, with the plan's targets and claims checked. --trace also "
     "writes every event, the workload and the routing to an Arrow file for `clustersim analyze` "
     "and `clustersim replay`. Exit code 0: no errors; 1: the plan fails a constraint, target or "
-    "claim; 2: unusable input."
+    "claim; 2: unusable input. A plan whose EP x ETP does not fold is simulated with the "
+    "nearest valid folding (etp: 1), listed among the assumptions, as in check and compare."
 )
 def run(
     plan_file: PlanArg = None,
@@ -154,46 +156,24 @@ def run(
     ] = None,
 ) -> None:
     """Simulate a plan and print its metrics."""
-    from clustersim.analysis.simulate import simulate
-    from clustersim.cli_tables import ProgressBar, print_run
-    from clustersim.engine.training import EngineError
+    from clustersim.analysis.evaluate import evaluate
+    from clustersim.cli_tables import ProgressBar, print_verdict
 
     plan = _load(plan_file, set_)
-    serving = plan.workload.mode == "inference"
     if trace and trace_file is None:
         from clustersim.analysis.tracing import default_trace_path
 
         trace_file = default_trace_path(plan)
     try:
         with ProgressBar("simulating") as bar:
-            if serving:
-                from clustersim.analysis.serving import simulate_serving
-
-                report = simulate_serving(plan, progress=bar.update, trace=trace_file)
-            else:
-                report = simulate(plan, progress=bar.update, trace=trace_file)
-    except (EngineError, ValueError) as exc:
-        from clustersim.analysis.audit import audit
-
-        findings = audit(plan)
-        if findings.has_errors and not json_out:
-            from clustersim.cli_tables import print_audit
-
-            print_audit(findings)
-        raise _fail(f"cannot simulate {plan_file or 'the default plan'}: {exc}") from None
+            verdict = evaluate(plan, progress=bar.update, trace=trace_file)
     except OSError as exc:
         raise _fail(f"cannot write the trace {trace_file}: {exc.strerror or exc}") from None
     if json_out:
-        _print_json(report.to_dict())
-    elif serving:
-        from clustersim.cli_tables import print_serving
-
-        print_serving(report)
-        if report.trace:
-            typer.echo(f"trace: {report.trace['path']} ({report.trace['rows']} rows)")
+        _print_json(verdict.to_dict())
     else:
-        print_run(report)
-    raise typer.Exit(code=1 if report.has_errors else 0)
+        print_verdict(verdict)
+    raise typer.Exit(code=verdict.exit_code)
 
 
 TraceArg = Annotated[Path, typer.Argument(help="Trace file (.arrow) written by run --trace.")]
@@ -242,10 +222,10 @@ def analyze(
 
     span = _window(window)
     if plot is not None:
-        from clustersim.analysis.plots import PlotError, _pyplot
+        from clustersim.analysis.plots import PlotError, require_pyplot
 
         try:
-            _pyplot()
+            require_pyplot()
         except PlotError as exc:
             raise _fail(str(exc)) from None
     try:
@@ -322,7 +302,7 @@ def replay(
         print_serving_replay(result)
     else:
         print_replay(result)
-    raise typer.Exit(code=1 if result.report.has_errors else 0)
+    raise typer.Exit(code=result.verdict.exit_code)
 
 
 @app.command(
@@ -416,7 +396,8 @@ def calibrate(
     help="Compare plans side by side: layout, memory, every metric, every target passed or "
     "failed, and the fields where the plans differ (e.g. a review's current vs required plan). "
     "Each plan is audited and simulated (with etp: 1 when only that makes its expert layout "
-    "possible; --static: audit only). Exit code 2: unusable input."
+    "possible, as every verb does; --static: audit only). Exit code 0: no plan has an error; "
+    "1: some plan needs modification (as `check` of it would say); 2: unusable input."
 )
 def compare(
     plan_files: Annotated[list[Path], typer.Argument(help="Two or more plan files.")],
@@ -450,6 +431,7 @@ def compare(
         from clustersim.cli_tables import print_compare
 
         print_compare(result)
+    raise typer.Exit(code=result.exit_code)
 
 
 class Objective(StrEnum):
@@ -596,10 +578,10 @@ def search(
     )
     out = output or Path(f"{plan.name}-search.parquet")
     if backend is Backend.ray:
-        from clustersim.analysis.search_backends import _ray
+        from clustersim.analysis.search_backends import require_ray
 
         try:
-            _ray()
+            require_ray()
         except BackendError as exc:
             raise _fail(str(exc)) from None
     try:

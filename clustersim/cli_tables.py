@@ -48,6 +48,31 @@ def print_audit(report: AuditReport) -> None:
         console.print(report.simulation_note)
     if report.unchecked:
         console.print("not decided (needs a simulation): " + ", ".join(report.unchecked))
+    print_assumptions(report.assumptions, console)
+
+
+def print_assumptions(assumptions, console: Console | None = None) -> None:
+    """What the verdict used that the plan did not state."""
+    if not assumptions:
+        return
+    console = console or Console(width=max(Console().width, 120))
+    console.print("assumed (not stated by the plan):")
+    for a in assumptions:
+        console.print(f"  {a.text()}", markup=False, highlight=False)
+
+
+def print_verdict(verdict) -> None:
+    """``run``: the simulated metrics (training or serving), or the audit when the plan could
+    not be simulated."""
+    run = verdict.run
+    if run is None:
+        print_audit(verdict.report)
+    elif verdict.plan.workload.mode == "inference":
+        print_serving(run)
+        if run.trace:
+            Console().print(f"trace: {run.trace['path']} ({run.trace['rows']} rows)")
+    else:
+        print_run(run)
 
 
 def print_layout(layout: Layout, full: bool) -> None:
@@ -411,6 +436,10 @@ def _print_findings(console: Console, report) -> None:
         )
     if report.unchecked:
         console.print("not decided by this simulation: " + ", ".join(report.unchecked))
+    note = report.audit.simulation_note
+    if note:
+        console.print(note)
+    print_assumptions(report.audit.assumptions, console)
 
 
 def print_suggestion(suggestion) -> None:

@@ -69,7 +69,9 @@ def test_check_json_follows_contract():
     data = json.loads(result.stdout)
     for section, keys in CONTRACT.items():
         assert keys <= set(data[section]), section
-    assert all(v is None for v in data["metrics"].values())  # no simulation in `check`
+    # check simulates like run: the same metrics, findings and exit code (issue 12)
+    assert data["metrics"]["iteration_time_ms"] > 0 and data["exit_code"] == 0
+    assert any(a["field"] == "hardware.calibration" for a in data["assumptions"])
     assert data["layout"]["world_size"] == 2 * 2 * 4
     assert data["findings"] == []
 

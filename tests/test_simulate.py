@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from clustersim.analysis.simulate import check_plan, judge, simulate
+from clustersim.analysis.evaluate import evaluate
+from clustersim.analysis.judge import judge
+from clustersim.analysis.simulate import simulate
 from clustersim.engine.training import EngineError
 from clustersim.spec import load_plan
 
@@ -39,21 +41,21 @@ def test_judge_targets_and_claims_by_hand():
 def test_check_simulates_claims_of_a_valid_plan():
     run = simulate(_plan())
     latency = run.metrics["iteration_time_ms"]
-    report = check_plan(_plan(f"claims.latency_ms={latency * 2}"))
+    report = evaluate(_plan(f"claims.latency_ms={latency * 2}"))
     finding = next(f for f in report.findings if f.node == "claims.latency_ms")
     assert finding.computed == pytest.approx(latency, rel=1e-3)  # same plan, same seed
     assert report.unchecked == [] and report.metrics["latency_ms"] == pytest.approx(latency)
 
 
 def test_check_static_leaves_claims_unchecked():
-    report = check_plan(_plan("claims.latency_ms=1"), simulate_claims=False)
+    report = evaluate(_plan("claims.latency_ms=1"), static=True)
     assert report.unchecked == ["claims.latency_ms"] and report.metrics is None
 
 
 def test_seed_000_is_simulated_with_the_etp_fix():
-    report = check_plan(load_plan(SEEDS / "000_current.yaml"))
-    assert report.simulation_note == "simulated with parallel.etp: 1"
-    nodes = {f.node for f in report.errors}
+    report = evaluate(load_plan(SEEDS / "000_current.yaml"))
+    assert report.note == "simulated with parallel.etp: 1"
+    nodes = {f.node for f in report.findings if f.severity == "error"}
     # A 524,288-token iteration (32 x 2048 x 8) cannot take the claimed 129 ms.
     assert {"parallel.etp", "claims.latency_ms", "targets.latency_ms_max"} <= nodes
 
@@ -63,7 +65,7 @@ def test_check_simulates_serving_claims():
     are decided by simulation, not left open."""
     with pytest.raises(EngineError):
         simulate(load_plan(SEEDS / "004_current.yaml"))  # the training engine refuses
-    report = check_plan(load_plan(SEEDS / "004_current.yaml"))
+    report = evaluate(load_plan(SEEDS / "004_current.yaml"))
     assert report.metrics["ttft_ms_p50"] > 0
     assert "claims.comm_overhead_pct" in report.unchecked or report.metrics["comm_overhead_pct"]
     assert not any(u.startswith("targets.") for u in report.unchecked)
@@ -89,3 +91,17 @@ def test_even_routing_is_perfectly_balanced():
     report = simulate(_plan("model.moe.routing=even"))
     assert report.metrics["load_balance_pct"] == pytest.approx(100.0)
     assert report.metrics["dropped_tokens_pct"] == 0.0
+
+
+def test_static_lists_an_ep_groups_claim_it_cannot_count():
+    """EP groups exist only on a layout that folds: --static lists the claim as undecided;
+    simulated (with the nearest valid folding) it is decided, and the folding is assumed."""
+    plan = load_plan(SEEDS / "000_current.yaml", ["claims.ep_groups=7"])
+    static = evaluate(plan, static=True)
+    assert "claims.ep_groups" in static.unchecked
+    assert "claims.ep_groups" not in {f.node for f in static.findings}
+    full = evaluate(plan)
+    found = next(f for f in full.findings if f.node == "claims.ep_groups")
+    assert (found.claimed, found.computed) == (7, 2) and "claims.ep_groups" not in full.unchecked
+    assert any(a.field == "parallel.etp" and a.value == 1 for a in full.assumptions)
+    assert full.layout.etp == 1  # the layout shown is the one the metrics came from

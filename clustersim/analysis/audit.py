@@ -81,6 +81,7 @@ class AuditReport:
     memory_note: str = ""
     metrics: dict[str, Any] | None = None  # filled when the plan was also simulated
     simulation_note: str = ""
+    assumptions: list[Any] = field(default_factory=list)  # evaluate.Assumption
 
     @property
     def errors(self) -> list[Finding]:
@@ -125,6 +126,7 @@ class AuditReport:
             "simulation_note": self.simulation_note or None,
             "findings": [f.to_dict() for f in self.findings],
             "unchecked": self.unchecked,
+            "assumptions": [a.to_dict() for a in self.assumptions],
         }
 
 
@@ -139,6 +141,12 @@ def audit(plan: Plan) -> AuditReport:
     findings = [f for check in CHECKS for f in check(ctx)]
     unchecked = [f"claims.{k}" for k in SIMULATED_CLAIMS if getattr(plan.claims, k) is not None]
     unchecked += [f"targets.{k}" for k in SIMULATED_TARGETS if getattr(plan.targets, k) is not None]
+    if (
+        plan.claims.ep_groups is not None
+        and plan.model.moe is not None
+        and not ctx.layout.expert_folding_ok
+    ):
+        unchecked.insert(0, "claims.ep_groups")  # EP groups are only counted on a folding layout
     return AuditReport(plan, ctx.layout, ctx.memory, findings, unchecked, ctx.memory_note)
 
 

@@ -1,21 +1,21 @@
 """Compare plans side by side: layout, memory, every metric, every target, the differences.
 
-:func:`compare` audits and simulates each plan (a plan whose expert layout folds only with
-``etp: 1`` is simulated with that fix, as ``clustersim check`` does; a plan the engine cannot
-run keeps null metrics and says why) and returns a :class:`Comparison`, which renders as rows
-(for a terminal table), Markdown, or one JSON object.
+:func:`compare` evaluates each plan with :func:`clustersim.analysis.evaluate.evaluate` (the
+path every verb shares: the same findings, metrics, assumptions and exit code as ``check`` and
+``run``) and returns a :class:`Comparison`, which renders as rows (for a terminal table),
+Markdown, or one JSON object.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from clustersim.analysis.audit import METRIC_KEYS, AuditReport, audit
-from clustersim.analysis.judge import TARGETS
+from clustersim.analysis.audit import METRIC_KEYS
+from clustersim.analysis.evaluate import Verdict, evaluate
+from clustersim.analysis.plans import plan_differences
 from clustersim.analysis.render import fmt_value
-from clustersim.analysis.suggest import folding_fix
 from clustersim.spec.schema import Plan
 
 LAYOUT_KEYS = (
@@ -56,36 +56,16 @@ HIGHER_IS_BETTER = {
 
 
 @dataclass
-class PlanResult:
-    """One plan of a comparison: its audit, metrics (None when not simulated) and targets."""
-
-    plan: Plan
-    audit: AuditReport
-    metrics: dict[str, Any] | None
-    note: str = ""
-    targets: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def errors(self) -> int:
-        """Error findings (constraints, claims and, when simulated, targets)."""
-        return sum(f.severity == "error" for f in self.audit.findings)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready view."""
-        out = self.audit.to_dict()
-        out["metrics"] = self.metrics or dict.fromkeys(METRIC_KEYS)
-        out["simulation_note"] = self.note or None
-        out["targets"] = self.targets
-        out["errors"] = self.errors
-        return out
-
-
-@dataclass
 class Comparison:
     """The plans, in the order given, and the fields where they differ."""
 
-    results: list[PlanResult]
+    results: list[Verdict]
     differences: list[dict[str, Any]]
+
+    @property
+    def exit_code(self) -> int:
+        """1 when any plan has an error (as ``check`` of that plan would), else 0."""
+        return max(r.exit_code for r in self.results)
 
     @property
     def names(self) -> list[str]:
@@ -109,9 +89,9 @@ class Comparison:
         """(title, rows) per section; a row is [label, value per plan...]."""
         res = self.results
         plan_rows = [[d["field"], *d["values"]] for d in self.differences]
-        layout = [[k, *(r.audit.layout_dict().get(k) for r in res)] for k in LAYOUT_KEYS]
+        layout = [[k, *(r.report.layout_dict().get(k) for r in res)] for k in LAYOUT_KEYS]
         memory = [
-            [k, *((r.audit.memory.to_dict().get(k) if r.audit.memory else None) for r in res)]
+            [k, *((r.report.memory.to_dict().get(k) if r.report.memory else None) for r in res)]
             for k in MEMORY_KEYS
         ]
         metrics = []
@@ -119,21 +99,18 @@ class Comparison:
             values = [(r.metrics or {}).get(k) for r in res]
             if any(v is not None for v in values):
                 metrics.append([k, *values])
-        targets = []
-        names = sorted({t for r in res for t in r.targets})
-        for t in names:
-            targets.append([t, *(_target_text(r.targets.get(t)) for r in res)])
+        tables = [r.targets() for r in res]
+        targets = [
+            [t, *(_target_text(table.get(t)) for table in tables)]
+            for t in sorted({t for table in tables for t in table})
+        ]
+        fields = list(dict.fromkeys(a.field for r in res for a in r.assumptions))
+        assumptions = [[f, *(_assumed(r, f) for r in res)] for f in fields]
         verdict = [
             ["errors", *(r.errors for r in res)],
-            [
-                "simulation",
-                *(
-                    (r.note or "simulated")
-                    if r.metrics is not None
-                    else (r.note or "not simulated")
-                    for r in res
-                ),
-            ],
+            ["exit code", *(r.exit_code for r in res)],
+            ["simulation", *(r.note or "simulated" for r in res)],
+            ["undecided", *(", ".join(r.unchecked) or "-" for r in res)],
         ]
         return [
             ("plan differences", plan_rows),
@@ -141,6 +118,7 @@ class Comparison:
             ("memory (GiB)", memory),
             ("metrics", metrics),
             ("targets", targets),
+            ("assumptions (not stated by the plan)", assumptions),
             ("verdict", verdict),
         ]
 
@@ -149,6 +127,7 @@ class Comparison:
         return {
             "plans": self.names,
             "results": [r.to_dict() for r in self.results],
+            "exit_code": self.exit_code,
             "differences": self.differences,
             "metric_differences": self.metric_differences(),
         }
@@ -199,6 +178,11 @@ def _target_text(t: dict[str, Any] | None) -> str:
     return f"{verdict} ({value} vs {t['sense']} {t['limit']:g})"
 
 
+def _assumed(verdict: Verdict, name: str) -> str:
+    found = [a.text().split(": ", 1)[1] for a in verdict.assumptions if a.field == name]
+    return found[0] if found else "-"
+
+
 def _better(metric: str, delta: float) -> bool | None:
     """Whether a change of ``delta`` in ``metric`` is an improvement (None: no change)."""
     if delta == 0:
@@ -212,90 +196,6 @@ def _cell(value: Any) -> str:
     return fmt_value(value).replace("|", "\\|")
 
 
-def judge_targets(
-    plan: Plan, audit_report: AuditReport, metrics: dict[str, Any] | None
-) -> dict[str, dict[str, Any]]:
-    """Every target the plan sets: limit, metric value, and passed (None = undecided)."""
-    out: dict[str, dict[str, Any]] = {}
-    mapping = dict(TARGETS)
-    mapping["memory_per_gpu_gib_max"] = ("memory_per_gpu_gib", "max")
-    for name, (metric, sense) in mapping.items():
-        limit = getattr(plan.targets, name)
-        if limit is None:
-            continue
-        if metric == "memory_per_gpu_gib":
-            mem = audit_report.memory
-            value = mem.memory_per_gpu_gib if mem is not None else None
-        else:
-            value = (metrics or {}).get(metric)
-        passed = None if value is None else (value <= limit if sense == "max" else value >= limit)
-        out[name] = {
-            "metric": metric,
-            "sense": sense,
-            "limit": limit,
-            "value": value,
-            "passed": passed,
-        }
-    return out
-
-
-def evaluate(
-    plan: Plan, simulate: bool = True, progress: Callable[[float], None] | None = None
-) -> PlanResult:
-    """Audit a plan and, unless ``simulate`` is false, simulate it (with ``etp: 1`` when only
-    that makes its expert layout possible)."""
-    from clustersim.analysis.simulate import simulate_any
-    from clustersim.engine.training import EngineError
-
-    report = audit(plan)
-    metrics, note = None, ""
-    if simulate:
-        target = plan
-        if not report.layout.expert_folding_ok and plan.model.moe is not None:
-            repaired = folding_fix(plan)
-            if repaired is not None:
-                target, note = repaired, "simulated with parallel.etp: 1"
-        try:
-            run = simulate_any(target, progress)
-        except (EngineError, ValueError) as exc:
-            note = f"not simulated: {exc}"
-        else:
-            metrics = run.metrics
-            static = {(f.node, f.message) for f in report.findings}
-            report.findings += [
-                f
-                for f in run.findings
-                if f.node.startswith("targets.") and (f.node, f.message) not in static
-            ]
-            report.metrics = metrics
-    else:
-        note = "not simulated (--static)"
-    return PlanResult(plan, report, metrics, note, judge_targets(plan, report, metrics))
-
-
-def plan_differences(plans: Sequence[Plan]) -> list[dict[str, Any]]:
-    """Input fields (dotted paths) whose values differ between the plans."""
-    flats = [_flatten(p.model_dump(mode="json", exclude_none=False)) for p in plans]
-    keys: list[str] = []
-    for flat in flats:
-        keys += [k for k in flat if k not in keys]
-    out = []
-    for k in keys:
-        values = [flat.get(k) for flat in flats]
-        if any(v != values[0] for v in values[1:]):
-            out.append({"field": k, "values": values})
-    return out
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): tree}
-
-
 def compare(
     plans: Sequence[Plan], simulate: bool = True, progress: Callable[[float], None] | None = None
 ) -> Comparison:
@@ -305,8 +205,8 @@ def compare(
     results = []
     for i, plan in enumerate(plans):
         step = (lambda f, i=i: progress((i + f) / len(plans))) if progress else None
-        results.append(evaluate(plan, simulate, step))
+        results.append(evaluate(plan, static=not simulate, progress=step))
     return Comparison(results, plan_differences(plans))
 
 
-__all__ = ["Comparison", "PlanResult", "compare", "evaluate", "judge_targets", "plan_differences"]
+__all__ = ["Comparison", "compare", "plan_differences"]

@@ -1,8 +1,8 @@
 """Judging simulated metrics: the plan's targets and its simulated claims, as findings.
 
-Shared by training (``analysis.simulate``) and serving (``analysis.serving``). The tables and
-the rule are those of ``analysis.simulate`` (which still holds its own copy; it can import
-these instead, so that ``simulate`` may import ``serving`` without a cycle).
+The one place targets and simulated claims are judged, for training and serving alike
+(:func:`clustersim.analysis.evaluate.evaluate` calls :func:`judge`; ``compare`` shows
+:func:`target_table`).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def judge(plan: Plan, metrics: dict[str, Any], fix: str = TRAINING_FIX) -> list[
         limit, value = getattr(plan.targets, target), metrics.get(metric)
         if limit is None or value is None:
             continue
-        if (value > limit) if sense == "max" else (value < limit):
+        if not meets(value, limit, sense):
             word = "above the maximum" if sense == "max" else "below the minimum"
             out.append(
                 Finding(
@@ -84,11 +84,45 @@ def judge(plan: Plan, metrics: dict[str, Any], fix: str = TRAINING_FIX) -> list[
     return out
 
 
+def meets(value: float, limit: float, sense: str) -> bool:
+    """Whether ``value`` meets a ``max`` or ``min`` limit (the rule of targets)."""
+    return value <= limit if sense == "max" else value >= limit
+
+
+def target_table(
+    plan: Plan, metrics: dict[str, Any] | None, memory: Any = None
+) -> dict[str, dict[str, Any]]:
+    """Every target the plan sets: metric, sense, limit, value and passed (None = undecided);
+    ``memory`` (a MemoryReport) decides ``memory_per_gpu_gib_max``."""
+    out: dict[str, dict[str, Any]] = {}
+    mapping = dict(TARGETS)
+    mapping["memory_per_gpu_gib_max"] = ("memory_per_gpu_gib", "max")
+    for name, (metric, sense) in mapping.items():
+        limit = getattr(plan.targets, name)
+        if limit is None:
+            continue
+        if metric == "memory_per_gpu_gib":
+            value = memory.memory_per_gpu_gib if memory is not None else None
+        else:
+            value = (metrics or {}).get(metric)
+        passed = None if value is None else meets(value, limit, sense)
+        out[name] = {
+            "metric": metric,
+            "sense": sense,
+            "limit": limit,
+            "value": value,
+            "passed": passed,
+        }
+    return out
+
+
 def still_unchecked(item: str, metrics: dict[str, Any]) -> bool:
-    """Whether an audit's unchecked ``targets.x`` / ``claims.x`` item stays undecided."""
+    """Whether an audit's unchecked ``targets.x`` / ``claims.x`` item stays undecided (claims
+    the metrics do not measure, such as ``claims.ep_groups`` of a layout that does not fold,
+    stay undecided)."""
     section, name = item.split(".", 1)
-    metric = TARGETS[name][0] if section == "targets" else CLAIMS[name]
-    return metrics.get(metric) is None
+    table = {k: v[0] for k, v in TARGETS.items()} if section == "targets" else CLAIMS
+    return name not in table or metrics.get(table[name]) is None
 
 
 def report_dict(report: Any) -> dict[str, Any]:

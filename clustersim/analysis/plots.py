@@ -16,7 +16,7 @@ class PlotError(RuntimeError):
     """Plotting is not possible (matplotlib missing, nothing to draw)."""
 
 
-def _pyplot():
+def require_pyplot():
     try:
         import matplotlib
 
@@ -29,7 +29,7 @@ def _pyplot():
 
 def plot_analysis(analysis: TraceAnalysis, out: str | Path) -> Path:
     """Draw the three panels into ``out`` (PNG)."""
-    plt = _pyplot()
+    plt = require_pyplot()
     heat = analysis.expert_tokens is not None and len(analysis.moe_layers) > 0
     ratios = [3, 2, 2] if heat else [3, 2]
     fig, axes = plt.subplots(

@@ -63,6 +63,12 @@ def audit_markdown(report: AuditReport) -> str:
             f"- **Fix**: {f.fix or '-'}",
             "",
         ]
+    if report.assumptions:
+        lines += ["## Assumptions (not stated by the plan)", ""]
+        lines += [f"- {a.text()}" for a in report.assumptions]
+        lines.append("")
+    if report.simulation_note and not report.unchecked:
+        lines += [f"Simulation: {report.simulation_note}.", ""]
     if report.unchecked:
         why = f" ({report.simulation_note})" if report.simulation_note else ""
         lines += [

@@ -23,9 +23,11 @@ import numpy as np
 
 from clustersim.analysis.analyze import analyze
 from clustersim.analysis.audit import audit
+from clustersim.analysis.evaluate import Verdict, evaluate
+from clustersim.analysis.plans import plan_changes
 from clustersim.analysis.simulate import RunReport, simulate_workload
 from clustersim.engine.moe import Dispatch
-from clustersim.engine.training import check_supported
+from clustersim.engine.training import EngineError, check_supported
 from clustersim.layout import Layout
 from clustersim.spec.load import apply_overrides, plan_from_dict
 from clustersim.spec.schema import Plan
@@ -65,11 +67,12 @@ class ReplayReport:
     changes: list[dict[str, Any]]
     recorded_plan: Plan
     recorded_metrics: dict[str, Any]
+    verdict: Verdict
 
     def to_dict(self) -> dict[str, Any]:
         """``clustersim replay --json``: the run's JSON object plus the plan changes and the
         recorded metrics."""
-        out = self.report.to_dict()
+        out = self.verdict.to_dict()
         out["replay"] = {"changes": self.changes, "recorded_metrics": self.recorded_metrics}
         return out
 
@@ -80,25 +83,6 @@ def recorded_plan(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         raw = reader.metadata["plan"]
     source = f"{path} (recorded plan)"
     return plan_from_dict(apply_overrides(raw, overrides, source), source)
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
-    return out
-
-
-def plan_changes(recorded: Plan, new: Plan) -> list[dict[str, Any]]:
-    """Every field that differs: ``{"field", "recorded", "new"}``."""
-    old, cur = _flatten(recorded.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
-    return [
-        {"field": k, "recorded": old.get(k), "new": cur.get(k)}
-        for k in sorted(set(old) | set(cur))
-        if old.get(k) != cur.get(k)
-    ]
 
 
 def check_replayable(recorded: Plan, new: Plan, source: str) -> list[dict[str, Any]]:
@@ -248,10 +232,22 @@ def replay(
         target = plan or recorded
         changes = check_replayable(recorded, target, str(path))
         workload = RecordedWorkload(reader, recorded)
-    report = audit(target)
-    check_supported(target, report.layout)
-    routing = RecordedRouting(workload, target) if target.model.moe else None
-    run = simulate_workload(
-        target, report, workload.seq_lens, routing, workload.symmetric, progress, trace
-    )
-    return ReplayReport(run, changes, recorded, analyze(path).metrics)
+    check_supported(target, Layout(target))
+
+    def simulator(plan: Plan, progress, trace):
+        routing = RecordedRouting(workload, plan) if plan.model.moe else None
+        return simulate_workload(
+            plan, audit(plan), workload.seq_lens, routing, workload.symmetric, progress, trace
+        )
+
+    verdict = replayed(target, simulator, progress, trace)
+    return ReplayReport(verdict.run, changes, recorded, analyze(path).metrics, verdict)
+
+
+def replayed(plan: Plan, simulator, progress, trace) -> Verdict:
+    """The verdict of a replay (:func:`evaluate` with the recorded workload); a replay that
+    cannot run raises, as the recorded workload allows no fallback."""
+    verdict = evaluate(plan, progress=progress, trace=trace, simulator=simulator)
+    if verdict.run is None:
+        raise EngineError(verdict.note)
+    return verdict

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from clustersim.analysis.audit import METRIC_KEYS, audit
+from clustersim.analysis.search_backends import default_workers, run_tasks
 from clustersim.analysis.suggest import divisors, with_parallel
 from clustersim.spec.schema import ClaimsSpec, Plan
 
@@ -263,6 +264,7 @@ COLUMNS = (
     "cost_gpu_ms_per_token",
     "meets_targets",
     "failed_targets",
+    "exit_code",
     "events",
     "objective",
     "rank",
@@ -281,6 +283,7 @@ _INT = {
     "global_batch",
     "world_size",
     "events",
+    "exit_code",
     "rank",
 }
 _STR = {"candidate_id", "status", "reason", "schedule", "recompute", "failed_targets"}
@@ -469,8 +472,6 @@ def search(
     ``limit`` bounds the candidates simulated by this call (the rest stay ``pending`` in the
     table and a later ``resume=True`` call simulates them). Raises :class:`SearchError`.
     """
-    from clustersim.analysis.search_backends import default_workers, run_tasks
-
     if objective not in OBJECTIVES:
         raise SearchError(f"objective {objective!r}: choose from {', '.join(OBJECTIVES)}")
     if pareto_axis == "auto":  # a training global batch is fixed: throughput ~ 1 / latency
@@ -567,7 +568,15 @@ def search(
     )
 
 
-_SIM_FIELDS = ("status", "reason", *METRIC_KEYS, "meets_targets", "failed_targets", "events")
+_SIM_FIELDS = (
+    "status",
+    "reason",
+    *METRIC_KEYS,
+    "meets_targets",
+    "failed_targets",
+    "exit_code",
+    "events",
+)
 
 
 # ---- the nearest valid plan (check --fix) --------------------------------------------------
@@ -605,11 +614,6 @@ class Suggestion:
 
 def _yaml_value(value: Any) -> str:
     return "null" if value is None else (value if isinstance(value, str) else json.dumps(value))
-
-
-def needs_fix(plan: Plan) -> bool:
-    """Whether the audit finds errors that a change of ``parallel`` could fix (not claims)."""
-    return any(not f.node.startswith("claims.") for f in audit(plan).errors)
 
 
 def nearest_valid_plan(plan: Plan, max_checks: int = 3000) -> Suggestion | None:
@@ -738,7 +742,6 @@ __all__ = [
     "cluster_plan",
     "enumerate_candidates",
     "nearest_valid_plan",
-    "needs_fix",
     "search",
 ]
 

@@ -15,6 +15,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from typing import Any
 
 from clustersim.analysis.audit import METRIC_KEYS
+from clustersim.analysis.evaluate import evaluate
+from clustersim.spec.schema import Plan
 
 BACKENDS = ("local", "ray")
 
@@ -24,23 +26,25 @@ class BackendError(RuntimeError):
 
 
 def simulate_candidate(plan_dict: dict[str, Any]) -> dict[str, Any]:
-    """Simulate one candidate plan (given as a dict) and return its result row fields."""
-    from clustersim.analysis.simulate import simulate_any
-    from clustersim.engine.training import EngineError
-    from clustersim.spec.schema import Plan
-
+    """Evaluate one candidate plan (given as a dict) with :func:`evaluate` (the verdict
+    ``check`` and ``run`` print) and return its result row fields."""
     try:
         plan = Plan.model_validate(plan_dict)
-        report = simulate_any(plan)
-    except (EngineError, ValueError) as exc:
+        verdict = evaluate(plan)
+    except ValueError as exc:
         return {"status": "unsupported", "reason": str(exc)[:300]}
     except Exception as exc:  # noqa: BLE001 - one bad candidate must not end the search
         return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300]}
-    metrics = report.metrics
+    if verdict.run is None:
+        return {
+            "status": "unsupported",
+            "reason": verdict.note.removeprefix("not simulated: ")[:300],
+        }
+    metrics = verdict.metrics
     failed = sorted(
         {
             f.node.removeprefix("targets.")
-            for f in report.findings
+            for f in verdict.findings
             if f.severity == "error" and f.node.startswith("targets.")
         }
     )
@@ -50,7 +54,8 @@ def simulate_candidate(plan_dict: dict[str, Any]) -> dict[str, Any]:
         reason=None,
         meets_targets=not failed,
         failed_targets=",".join(failed) or None,
-        events=int(report.events),
+        events=int(verdict.run.events),
+        exit_code=verdict.exit_code,
     )
     return row
 
@@ -115,7 +120,7 @@ def _run_pool(tasks, workers) -> Iterator[tuple[str, dict[str, Any]]]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _ray():
+def require_ray():
     try:
         import ray
     except ImportError:
@@ -128,7 +133,7 @@ def _ray():
 def _run_ray(tasks, workers) -> Iterator[tuple[str, dict[str, Any]]]:
     """Tasks on a Ray cluster: ``ray.init()`` connects to a running one (RAY_ADDRESS or a local
     head) or starts a local instance with ``workers`` CPUs."""
-    ray = _ray()
+    ray = require_ray()
     started_here = False
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from clustersim import __version__
+from clustersim.analysis.plans import plan_changes
 from clustersim.costs.serving import KVCapacity
 from clustersim.engine.inference import EngineStats, ServingResult
 from clustersim.engine.requests import Requests
@@ -390,7 +391,7 @@ def replica_rows(res: ServingResult) -> list[dict[str, Any]]:
 def check_serving_replayable(recorded: Plan, new: Plan, source: str) -> list[dict[str, Any]]:
     """The plan changes, or :class:`ReplayError` naming those that would draw another request
     stream (:data:`STREAM_FIELDS`)."""
-    from clustersim.analysis.replay import ReplayError, plan_changes
+    from clustersim.analysis.replay import ReplayError
 
     changes = plan_changes(recorded, new)
     refused: dict[str, list[dict[str, Any]]] = {}
@@ -427,12 +428,16 @@ def replay_serving(
     unusable file, ``ReplayError`` for a change that would draw another stream,
     ``EngineError`` for a plan the engine cannot simulate; with ``trace``, writes the
     replayed run's serving trace there."""
-    from clustersim.analysis.replay import ReplayReport
+    from clustersim.analysis.replay import ReplayReport, replayed
     from clustersim.analysis.serving import serving_metrics, simulate_serving
 
     with TraceReader(path) as reader:
         recorded, requests, res = read_serving_result(reader)
     target = plan or recorded
     changes = check_serving_replayable(recorded, target, str(path))
-    report = simulate_serving(target, progress, trace, requests=requests)
-    return ReplayReport(report, changes, recorded, serving_metrics(recorded, res))
+
+    def simulator(plan: Plan, progress, trace):
+        return simulate_serving(plan, progress, trace, requests=requests)
+
+    verdict = replayed(target, simulator, progress, trace)
+    return ReplayReport(verdict.run, changes, recorded, serving_metrics(recorded, res), verdict)

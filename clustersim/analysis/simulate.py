@@ -1,7 +1,7 @@
 """Run a plan through the engine and judge the result: metrics, targets, simulated claims.
 
-This is the library entry point behind ``clustersim run`` (and the simulated part of
-``clustersim check``): audit, sample the workload, simulate, compute metrics, compare.
+The training half of :func:`clustersim.analysis.evaluate.evaluate` (the one path behind every
+verb): audit, sample the workload, simulate, compute metrics, judge.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from clustersim.analysis.audit import AuditReport, audit
 from clustersim.analysis.findings import Finding
 from clustersim.analysis.judge import TRAINING_FIX, judge, report_dict, still_unchecked
 from clustersim.analysis.metrics import expert_load_by_layer, time_breakdown, training_metrics
-from clustersim.analysis.suggest import folding_fix
 from clustersim.engine.moe import EvenSplit, RoutingSource, SampledRouting
 from clustersim.engine.recorder import Recorder
 from clustersim.engine.training import EngineError, TrainingSim, check_supported
@@ -141,37 +140,3 @@ def simulate_workload(
         rec,
         trace_info,
     )
-
-
-def check_plan(
-    plan: Plan, simulate_claims: bool = True, progress: Callable[[float], None] | None = None
-) -> AuditReport:
-    """The audit, plus the simulated claims and targets when the plan has some and the engine
-    can run it (``clustersim check``)."""
-    report = audit(plan)
-    if not simulate_claims or not report.unchecked:
-        return report
-    target, note = plan, ""
-    repaired = folding_fix(plan)
-    if not report.layout.expert_folding_ok and repaired is not None:
-        target, note = repaired, "simulated with parallel.etp: 1"
-    try:
-        run = simulate_any(target, progress)
-    except (EngineError, ValueError) as exc:
-        report.simulation_note = f"not simulated: {exc}"
-        return report
-    judged = [f for f in run.findings if f.node.startswith(("claims.", "targets."))]
-    static_nodes = {(f.node, f.message) for f in report.findings}
-    report.findings += [f for f in judged if (f.node, f.message) not in static_nodes]
-    report.unchecked, report.metrics, report.simulation_note = run.unchecked, run.metrics, note
-    return report
-
-
-def simulate_any(plan: Plan, progress: Callable[[float], None] | None = None):
-    """Simulate a training iteration or, for ``workload.mode: inference``, the request stream
-    (:func:`clustersim.analysis.serving.simulate_serving`)."""
-    if plan.workload.mode == "inference":
-        from clustersim.analysis.serving import simulate_serving
-
-        return simulate_serving(plan, progress)
-    return simulate(plan, progress)
