@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from clustersim.analysis.simulate import simulate
+from clustersim.run.simulate import simulate
 from clustersim.spec import plan_from_dict
 
 # (GPUs, layers, micro-batches, PP): GPUs x layers x micro-batches grows 4x, 4x, 4x.

@@ -17,7 +17,8 @@ import statistics
 import time
 from pathlib import Path
 
-from clustersim.analysis.search import (
+from clustersim.explore.backends import run_tasks, simulate_candidate
+from clustersim.explore.search import (
     PARAM_KEYS,
     SearchSpace,
     candidate_plan,
@@ -26,7 +27,6 @@ from clustersim.analysis.search import (
     prune_recompute,
     static_row,
 )
-from clustersim.analysis.search_backends import run_tasks, simulate_candidate
 from clustersim.spec import load_plan
 
 BASE = Path(__file__).resolve().parent.parent / "configs" / "seeds" / "002_required.yaml"

@@ -15,7 +15,7 @@ Workloads (each run in a fresh process, so its peak memory is its own; medians o
 * ``trace-16gpu``, ``trace-16gpu-ep2``: the whole ``splitwise_conv.csv`` trace (19,366
   requests, 3,502 s; read from ``traces/``, or ``--trace``) on the two MoE layouts.
 
-Wall time is that of :func:`clustersim.analysis.serving.simulate_serving` (audit, requests,
+Wall time is that of :func:`clustersim.run.serving.simulate_serving` (audit, requests,
 routing table, simulation, metrics); the import of the package is not counted.
 """
 
@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from clustersim.analysis.serving import simulate_serving
+from clustersim.run.serving import simulate_serving
 from clustersim.spec import plan_from_dict
 
 TRACE = Path(__file__).resolve().parents[1] / "traces" / "splitwise_conv.csv"

@@ -37,7 +37,7 @@ def one(trace: str | None, size: tuple[int, ...] = SIZE) -> dict:
     plan) once, optionally traced, in this process."""
     from engine_bench import moe_plan
 
-    from clustersim.analysis.simulate import simulate
+    from clustersim.run.simulate import simulate
 
     plan = moe_plan(*size)
     started, cpu = time.perf_counter(), time.process_time()
@@ -96,7 +96,7 @@ def analyze_speed(repeat: int, trace: Path, rows: int) -> None:
     """Rows per second of analyze on the engine trace and on a large tiled trace."""
     from trace_big import tile_trace
 
-    from clustersim.analysis.analyze import analyze
+    from clustersim.analyze import analyze
 
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp) / "big.arrow"

@@ -100,10 +100,10 @@ def check(
     ] = False,
 ) -> None:
     """Audit a plan and print its findings."""
-    from clustersim.analysis.evaluate import evaluate
-    from clustersim.analysis.render import audit_markdown
-    from clustersim.analysis.search import suggest_fix, suggestion_markdown
+    from clustersim.audit.markdown import audit_markdown
+    from clustersim.audit.nearest import suggest_fix, suggestion_markdown
     from clustersim.cli_tables import ProgressBar
+    from clustersim.run.evaluate import evaluate
 
     plan = _load(plan_file, set_)
     with ProgressBar("simulating claims and targets") as bar:
@@ -156,12 +156,12 @@ def run(
     ] = None,
 ) -> None:
     """Simulate a plan and print its metrics."""
-    from clustersim.analysis.evaluate import evaluate
     from clustersim.cli_tables import ProgressBar, print_verdict
+    from clustersim.run.evaluate import evaluate
 
     plan = _load(plan_file, set_)
     if trace and trace_file is None:
-        from clustersim.analysis.tracing import default_trace_path
+        from clustersim.run.record import default_trace_path
 
         trace_file = default_trace_path(plan)
     try:
@@ -216,13 +216,13 @@ def analyze(
     ] = None,
 ) -> None:
     """Analyse a trace and print (or export) what happened."""
-    from clustersim.analysis.analyze import analyze as analyse_trace
+    from clustersim.analyze import analyze as analyse_trace
     from clustersim.cli_tables import ProgressBar, print_analysis
     from clustersim.trace import TraceError
 
     span = _window(window)
     if plot is not None:
-        from clustersim.analysis.plots import PlotError, require_pyplot
+        from clustersim.analyze.plots import PlotError, require_pyplot
 
         try:
             require_pyplot()
@@ -230,7 +230,7 @@ def analyze(
             raise _fail(str(exc)) from None
     try:
         if plot is not None:
-            from clustersim.analysis.serving_trace import is_serving_trace
+            from clustersim.analyze.serving import is_serving_trace
 
             if is_serving_trace(trace_file):
                 raise _fail(f"{trace_file}: --plot needs a training trace (this one is serving)")
@@ -239,12 +239,12 @@ def analyze(
                 trace_file, (span or (0.0, float("inf"))) if plot else None, progress=bar.update
             )
         if perfetto is not None:
-            from clustersim.analysis.perfetto import export_perfetto
+            from clustersim.analyze.perfetto import export_perfetto
 
             count = export_perfetto(trace_file, perfetto, span)
             typer.echo(f"wrote {perfetto} ({count} events)", err=True)
         if plot is not None:
-            from clustersim.analysis.plots import plot_analysis
+            from clustersim.analyze.plots import plot_analysis
 
             plot_analysis(result, plot)
             typer.echo(f"wrote {plot}", err=True)
@@ -279,10 +279,10 @@ def replay(
     json_out: JsonOpt = False,
 ) -> None:
     """Re-simulate a recorded workload and print the metrics, recorded vs replayed."""
-    from clustersim.analysis.replay import ReplayError, recorded_plan
-    from clustersim.analysis.replay import replay as replay_trace
     from clustersim.cli_tables import ProgressBar, print_replay
-    from clustersim.engine.training import EngineError
+    from clustersim.engine.errors import EngineError
+    from clustersim.run.replay import ReplayError, recorded_plan
+    from clustersim.run.replay import replay as replay_trace
     from clustersim.spec import PlanError
     from clustersim.trace import TraceError
 
@@ -412,8 +412,8 @@ def compare(
     static: Annotated[bool, typer.Option("--static", help="Audit only; do not simulate.")] = False,
 ) -> None:
     """Compare plans side by side."""
-    from clustersim.analysis.compare import compare as compare_plans
     from clustersim.cli_tables import ProgressBar
+    from clustersim.explore.compare import compare as compare_plans
 
     if len(plan_files) < 2:
         raise _fail("compare needs at least two plan files")
@@ -557,10 +557,10 @@ def search(
     json_out: JsonOpt = False,
 ) -> None:
     """Search for the best parallel layout of a plan."""
-    from clustersim.analysis.search import SearchError, SearchSpace
-    from clustersim.analysis.search import search as run_search
-    from clustersim.analysis.search_backends import BackendError
     from clustersim.cli_tables import ProgressBar
+    from clustersim.explore.backends import BackendError
+    from clustersim.explore.search import SearchError, SearchSpace
+    from clustersim.explore.search import search as run_search
 
     plan = _load(plan_file, set_)
     n = gpus or plan.hardware.num_gpus
@@ -578,7 +578,7 @@ def search(
     )
     out = output or Path(f"{plan.name}-search.parquet")
     if backend is Backend.ray:
-        from clustersim.analysis.search_backends import require_ray
+        from clustersim.explore.backends import require_ray
 
         try:
             require_ray()
@@ -644,7 +644,7 @@ def plan_layout(
     ] = False,
 ) -> None:
     """Print the GPU map of a plan."""
-    from clustersim.analysis.render import MAX_GPU_ROWS, gpu_rows, group_rows, stage_rows
+    from clustersim.audit.markdown import MAX_GPU_ROWS, gpu_rows, group_rows, stage_rows
     from clustersim.layout import Layout
 
     layout = Layout(_load(plan_file, set_))

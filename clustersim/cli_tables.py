@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from clustersim.analysis.audit import AuditReport
-from clustersim.analysis.render import fmt_value, gpu_rows, group_rows, stage_rows
+from clustersim.audit.checks import AuditReport
+from clustersim.audit.markdown import fmt_value, gpu_rows, group_rows, stage_rows
 from clustersim.layout import Layout
 
 
@@ -214,48 +214,6 @@ def print_run(report) -> None:
             f"{report.trace['bytes'] / 2**20:.1f} MiB)"
         )
     _print_findings(console, report)
-
-
-def print_validation(rows) -> None:
-    """Predicted vs published TFLOP/s per GPU, with the error of each row and the summary."""
-    console = Console(width=max(Console().width, 110))
-    table = Table(
-        title="Narayanan et al. 2021, Table 1 (A100 80GB): simulated vs published",
-        title_justify="left",
-    )
-    for col in (
-        "params (B)",
-        "GPUs",
-        "TP",
-        "PP",
-        "v",
-        "published TFLOP/s",
-        "simulated TFLOP/s",
-        "error %",
-        "bubble %",
-        "exposed comm %",
-    ):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(
-            f"{r.params_billion:g}",
-            str(r.num_gpus),
-            str(r.tp),
-            str(r.pp),
-            str(r.virtual_stages),
-            f"{r.published_tflops:.0f}",
-            f"{r.predicted_tflops:.1f}",
-            f"{r.error_pct:+.1f}",
-            f"{r.bubble_pct:.1f}",
-            f"{r.comm_overhead_pct:.1f}",
-        )
-    console.print(table)
-    errors = [abs(r.error_pct) for r in rows]
-    if errors:
-        console.print(
-            f"mean absolute error {sum(errors) / len(errors):.1f}%, "
-            f"largest {max(errors):.1f}% ({len(rows)} rows)"
-        )
 
 
 def print_analysis(result) -> None:

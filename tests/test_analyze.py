@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from clustersim.analysis.analyze import analyze
-from clustersim.analysis.simulate import simulate
+from clustersim.analyze import analyze
 from clustersim.cli import app
+from clustersim.run.simulate import simulate
 from clustersim.spec import load_plan
 
 PLANS = {
@@ -196,7 +196,7 @@ def test_duckdb_query_reproduces_comm_to_compute(traced):
 
 
 def test_perfetto_export(traced, tmp_path):
-    from clustersim.analysis.perfetto import export_perfetto
+    from clustersim.analyze.perfetto import export_perfetto
 
     run, path = traced["default"]
     out = tmp_path / "p.json"
@@ -221,7 +221,7 @@ def test_perfetto_export(traced, tmp_path):
 
 def test_plot(traced, tmp_path):
     pytest.importorskip("matplotlib")
-    from clustersim.analysis.plots import plot_analysis
+    from clustersim.analyze.plots import plot_analysis
 
     _, path = traced["default"]
     result = analyze(path, window_ms=(0.0, 50.0))

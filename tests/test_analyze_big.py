@@ -9,7 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from clustersim.analysis.simulate import simulate
+from clustersim.run.simulate import simulate
 from clustersim.spec import load_plan
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -28,7 +28,7 @@ def test_ten_million_rows_in_bounded_memory(tmp_path):
     assert size_mb > RSS_GROWTH_LIMIT_MB  # holding the rows would exceed the limit
     script = textwrap.dedent(f"""
         import json, resource, time
-        from clustersim.analysis.analyze import analyze
+        from clustersim.analyze import analyze
         analyze({str(small)!r})  # imports, numba kernels loaded: the baseline
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         started = time.perf_counter()

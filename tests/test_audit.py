@@ -1,4 +1,4 @@
-"""Unit tests of every audit check (clustersim.analysis.audit), one small plan per case.
+"""Unit tests of every audit check (clustersim.audit.checks), one small plan per case.
 
 Every expected number is worked out by hand in the test (comments show the arithmetic); only
 memory values are taken from the memory model, and only where a test is about the audit's rule
@@ -17,8 +17,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clustersim.analysis.audit import AuditReport, audit
-from clustersim.analysis.findings import Finding
+from clustersim.audit.checks import AuditReport, audit
+from clustersim.audit.findings import Finding
 from clustersim.costs.memory import memory_per_gpu
 from clustersim.layout import Layout
 from clustersim.spec import load_plan, plan_from_dict

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from clustersim.analysis.compare import compare, plan_differences
 from clustersim.cli import app
+from clustersim.explore.compare import compare, plan_differences
 from clustersim.spec import load_plan
 
 SEEDS = Path(__file__).resolve().parent.parent / "configs" / "seeds"

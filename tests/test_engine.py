@@ -17,12 +17,12 @@ from calibrations import ROOFLINE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clustersim.analysis.simulate import routing_for, simulate
 from clustersim.costs.compute import model_flops_per_iteration
-from clustersim.engine.optimes import GRAD_BYTES, OPTIMIZER_BYTES_PER_PARAM
 from clustersim.engine.recorder import Kind, Op, Recorder
-from clustersim.engine.training import TrainingSim
-from clustersim.engine.workload import microbatch_lengths
+from clustersim.engine.training.optimes import GRAD_BYTES, OPTIMIZER_BYTES_PER_PARAM
+from clustersim.engine.training.sim import TrainingSim
+from clustersim.engine.training.workload import microbatch_lengths
+from clustersim.run.simulate import routing_for, simulate
 from clustersim.spec import plan_from_dict
 from clustersim.spec.schema import Plan
 

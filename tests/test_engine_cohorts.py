@@ -9,14 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clustersim.analysis.simulate import routing_for
 from clustersim.costs.comm import all_to_all_v_cost
-from clustersim.engine.moe import dispatch_many
-from clustersim.engine.optimes import ExpertTimer
 from clustersim.engine.recorder import Op, Recorder
-from clustersim.engine.training import TrainingSim
-from clustersim.engine.workload import microbatch_lengths
+from clustersim.engine.training.moe import dispatch_many
+from clustersim.engine.training.optimes import ExpertTimer
+from clustersim.engine.training.sim import TrainingSim
+from clustersim.engine.training.workload import microbatch_lengths
 from clustersim.layout import Layout
+from clustersim.run.simulate import routing_for
 from clustersim.spec import plan_from_dict
 
 MODEL = {

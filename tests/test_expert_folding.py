@@ -19,11 +19,11 @@ import numpy as np
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from clustersim.analysis.simulate import routing_for
-from clustersim.engine.optimes import ExpertTimer
 from clustersim.engine.recorder import Op, Recorder
-from clustersim.engine.training import TrainingSim
-from clustersim.engine.workload import microbatch_lengths
+from clustersim.engine.training.optimes import ExpertTimer
+from clustersim.engine.training.sim import TrainingSim
+from clustersim.engine.training.workload import microbatch_lengths
+from clustersim.run.simulate import routing_for
 from clustersim.spec import plan_from_dict
 
 SMALL = {

@@ -120,7 +120,7 @@ def test_most_flips_are_detected(tmp_path, trace, contents):
 
 _ANALYZE_ALL = """
 import json, sys
-from clustersim.analysis.analyze import analyze
+from clustersim.analyze import analyze
 from clustersim.trace import TraceError
 for path in sys.argv[1:]:
     try:

@@ -44,7 +44,7 @@ def test_cuda_graphs_are_never_slower(generation, tokens, tp):
 
 def test_cuda_graphs_speed_up_small_decode_end_to_end():
     """One request: decode steps with graphs are faster than eager ones, prefill unchanged."""
-    from clustersim.analysis.serving import simulate_serving
+    from clustersim.run.serving import simulate_serving
 
     requests = {
         "num": 1,

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clustersim.analysis.metrics import time_breakdown, training_metrics, union_length_by_lane
-from clustersim.engine.moe import Dispatch, DispatchBatch
 from clustersim.engine.recorder import Kind, Op, Recorder
-from clustersim.engine.training import Lane, SimResult
+from clustersim.engine.training.moe import Dispatch, DispatchBatch
+from clustersim.engine.training.sim import Lane, SimResult
+from clustersim.metrics.training import time_breakdown, training_metrics, union_length_by_lane
 from clustersim.spec import plan_from_dict
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from clustersim.analysis.search_backends import simulate_candidate
 from clustersim.cli import app
+from clustersim.explore.backends import simulate_candidate
 from clustersim.spec import load_plan
 
 SEEDS = Path(__file__).resolve().parent.parent / "configs" / "seeds"

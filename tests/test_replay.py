@@ -7,9 +7,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from clustersim.analysis.replay import ReplayError, recorded_plan, replay
-from clustersim.analysis.simulate import simulate
 from clustersim.cli import app
+from clustersim.run.replay import ReplayError, recorded_plan, replay
+from clustersim.run.simulate import simulate
 from clustersim.spec import load_plan
 
 PLANS = {

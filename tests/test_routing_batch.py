@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clustersim.engine.moe import DispatchBatch, EvenSplit, SampledRouting, dispatch_many
+from clustersim.engine.training.moe import DispatchBatch, EvenSplit, SampledRouting, dispatch_many
 from clustersim.routing import Router
 from clustersim.spec.schema import MoESpec
 

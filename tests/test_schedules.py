@@ -15,7 +15,7 @@ from fractions import Fraction
 
 import pytest
 
-from clustersim.engine.schedules import Step, bubble_fraction, stage_steps
+from clustersim.engine.training.schedules import Step, bubble_fraction, stage_steps
 
 CASES = (
     [("gpipe", p, m, 1) for p in (1, 2, 3, 4, 8) for m in (1, 2, p, 2 * p + 1)]

@@ -11,15 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from clustersim.analysis.audit import audit
-from clustersim.analysis.search import (
-    SearchError,
-    SearchSpace,
-    candidate_id,
-    nearest_valid_plan,
-    search,
-)
+from clustersim.audit.checks import audit
+from clustersim.audit.nearest import nearest_valid_plan
 from clustersim.cli import app
+from clustersim.explore.search import SearchError, SearchSpace, candidate_id, search
 from clustersim.spec import load_plan
 from clustersim.spec.load import plan_from_dict
 
@@ -211,7 +206,7 @@ def test_ray_backend_agrees_or_says_how_to_install(tmp_path):
     try:
         import ray  # noqa: F401
     except ImportError:
-        from clustersim.analysis.search_backends import BackendError
+        from clustersim.explore.backends import BackendError
 
         with pytest.raises(BackendError, match="ray extra"):
             search(_plan(MOE), 8, space=MOE_SPACE, workers=1, backend="ray", limit=1)

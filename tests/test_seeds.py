@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from clustersim.analysis.audit import audit
+from clustersim.audit.checks import audit
 from clustersim.spec import load_plan
 
 SEEDS = Path(__file__).resolve().parent.parent / "configs" / "seeds"

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from serving_plans import DENSE, MOE, make_plan, step_ms
 
-import clustersim.engine.inference as inference
-from clustersim.analysis.serving import simulate_serving
-from clustersim.analysis.suggest import folding_fix
+import clustersim.engine.serving.sim as inference
+from clustersim.audit.fixes import folding_fix
 from clustersim.costs.comm import link_for_group, p2p_ms
-from clustersim.engine.training import EngineError
+from clustersim.engine.errors import EngineError
 from clustersim.layout import Layout
+from clustersim.run.serving import simulate_serving
 from clustersim.spec.load import load_plan
 
 REPO = Path(__file__).resolve().parents[1]

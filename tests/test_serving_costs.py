@@ -9,7 +9,7 @@ from clustersim.costs.comm import collective_time_ms
 from clustersim.costs.memory import GIB, kv_cache_bytes
 from clustersim.costs.params import count_params
 from clustersim.costs.serving import kv_bytes_per_token_layer, kv_capacity, step_costs
-from clustersim.engine.serving_moe import MoEStepTable
+from clustersim.engine.serving.moe_table import MoEStepTable
 from clustersim.layout import Layout
 
 

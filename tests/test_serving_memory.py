@@ -19,13 +19,13 @@ import yaml
 from typer.testing import CliRunner
 
 import clustersim.costs.memory as memory_module
-from clustersim.analysis.audit import audit
-from clustersim.analysis.serving import simulate_serving
+from clustersim.audit.checks import audit
 from clustersim.cli import app
 from clustersim.costs.memory import GIB, memory_per_gpu
 from clustersim.costs.serving import kv_capacity
-from clustersim.engine.training import EngineError
+from clustersim.engine.errors import EngineError
 from clustersim.layout import Layout
+from clustersim.run.serving import simulate_serving
 from clustersim.spec import load_plan, plan_from_dict
 
 SEEDS = Path(__file__).resolve().parent.parent / "configs" / "seeds"

@@ -10,7 +10,7 @@ import pyarrow.ipc as ipc
 import pytest
 from serving_plans import DENSE, make_plan
 
-from clustersim.engine.requests import make_requests
+from clustersim.engine.serving.requests import make_requests
 from clustersim.spec.errors import PlanError
 from clustersim.spec.load import load_plan
 from clustersim.spec.request_trace import read_request_trace

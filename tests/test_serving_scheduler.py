@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clustersim.engine.scheduler import ReplicaScheduler, RequestBook
+from clustersim.engine.serving.scheduler import ReplicaScheduler, RequestBook
 
 
 def make(prompts, outputs, blocks=1000, block_size=16, seqs=64, budget=8192, chunked=True):

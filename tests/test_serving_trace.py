@@ -9,16 +9,13 @@ import pyarrow as pa
 import pytest
 from serving_plans import DENSE, MOE, make_plan
 
-from clustersim.analysis import serving_trace
-from clustersim.analysis.analyze import analyze
-from clustersim.analysis.replay import ReplayError, recorded_plan, replay
-from clustersim.analysis.serving import request_columns, simulate_serving
-from clustersim.analysis.serving_trace import (
-    ServingTraceAnalysis,
-    is_serving_trace,
-    read_serving_result,
-)
-from clustersim.engine.requests import make_requests
+from clustersim.analyze import analyze
+from clustersim.analyze.serving import ServingTraceAnalysis, is_serving_trace, read_serving_result
+from clustersim.engine.serving.requests import make_requests
+from clustersim.metrics.serving import request_columns
+from clustersim.run import record
+from clustersim.run.replay import ReplayError, recorded_plan, replay
+from clustersim.run.serving import simulate_serving
 from clustersim.trace import TraceError, TraceReader
 
 # a loaded one-GPU plan whose small KV cache rejects the longest requests and preempts others
@@ -218,7 +215,7 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     def boom(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(serving_trace.TraceWriter, "add_row", boom)
+    monkeypatch.setattr(record.TraceWriter, "add_row", boom)
     with pytest.raises(KeyboardInterrupt):
         simulate_serving(plan, trace=path)
     assert list(tmp_path.iterdir()) == []
@@ -241,7 +238,7 @@ def test_same_plan_same_bytes_but_the_timestamp(tmp_path):
 
 
 def test_perfetto_export_refuses_a_serving_trace(traced, tmp_path):
-    from clustersim.analysis.perfetto import export_perfetto
+    from clustersim.analyze.perfetto import export_perfetto
 
     _report, path = traced["dense"]
     with pytest.raises(TraceError, match="training trace"):

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from clustersim.analysis.evaluate import evaluate
-from clustersim.analysis.judge import judge
-from clustersim.analysis.simulate import simulate
-from clustersim.engine.training import EngineError
+from clustersim.audit.judge import judge
+from clustersim.engine.errors import EngineError
+from clustersim.run.evaluate import evaluate
+from clustersim.run.simulate import simulate
 from clustersim.spec import load_plan
 
 SEEDS = Path(__file__).resolve().parent.parent / "configs" / "seeds"

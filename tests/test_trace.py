@@ -138,7 +138,7 @@ WORDS = {
 
 
 def _read_all(path: Path) -> None:
-    from clustersim.analysis.analyze import analyze
+    from clustersim.analyze import analyze
 
     with TraceReader(path) as r:
         for _ in r.batches():

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clustersim.analysis.audit import audit
+from clustersim.audit.checks import audit
 from clustersim.calibration import sets_serving as sv
 from clustersim.calibration import sets_training as st
 from clustersim.calibration import validate as v
 from clustersim.calibration.fit_e2e import Curve, fit_with_loo
-from clustersim.engine.inference import check_serving_supported
-from clustersim.engine.training import check_supported
+from clustersim.engine.serving.sim import check_serving_supported
+from clustersim.engine.training.sim import check_supported
 
 ROOT = Path(__file__).resolve().parent.parent
 

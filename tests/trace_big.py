@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clustersim.analysis.trace_stream import EVENT_COLUMNS, _Codes, event_columns
+from clustersim.analyze.stream import EVENT_COLUMNS, _Codes, event_columns
 from clustersim.trace import schema as S
 from clustersim.trace.reader import TraceReader
 from clustersim.trace.writer import TraceWriter

@@ -25,9 +25,9 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from clustersim.analysis.serving import simulate_serving
 from clustersim.calibration import read_measurements
 from clustersim.calibration.fit_e2e import E2ERow, Skipped, nested
+from clustersim.run.serving import simulate_serving
 from clustersim.spec import plan_from_dict
 from clustersim.spec.schema import Plan
 

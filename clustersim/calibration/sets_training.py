@@ -26,10 +26,10 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from clustersim.analysis.simulate import simulate
 from clustersim.calibration import read_measurements
 from clustersim.calibration.fit_e2e import E2ERow, Skipped, nested
 from clustersim.costs.compute import model_flops_per_iteration
+from clustersim.run.simulate import simulate
 from clustersim.spec import plan_from_dict
 from clustersim.spec.schema import Plan
 

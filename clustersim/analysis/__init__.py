@@ -1,1 +1,0 @@
-"""Analysis over plans and results: audit findings, reports, comparisons."""

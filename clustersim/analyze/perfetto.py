@@ -1,0 +1,145 @@
+"""Export a trace as Chrome trace-event JSON, which the Perfetto UI (ui.perfetto.dev) and
+``chrome://tracing`` open.
+
+Layout: one process per node (``node N``), inside it one thread (track) per GPU stream:
+``GPU g compute`` (compute and blocking collectives, which never overlap), ``GPU g comm``
+(asynchronous collectives: gradient reductions, parameter gathers) and ``GPU g p2p`` (pipeline
+sends). Overlapping asynchronous events go to extra tracks (``comm 2``, ...) so that every
+track nests properly. A lane's events are drawn on each of its GPUs (its TP ranks work in
+lockstep). In replica-symmetric runs only the simulated replica's GPUs get tracks (the others
+mirror them). Times are microseconds, as the format wants. The file is written to
+``<name>.partial`` and renamed when complete; memory stays bounded (rows stream through).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from clustersim.analyze.stream import time_ordered
+from clustersim.analyze.training import RunFacts
+from clustersim.trace import schema as S
+from clustersim.trace.reader import TraceReader
+from clustersim.trace.writer import partial_path
+
+STREAMS = ("compute", "comm", "p2p")
+MAX_SUBTRACKS = 8  # tracks per asynchronous stream and GPU
+_TID_STRIDE = 1 + 2 * MAX_SUBTRACKS
+
+
+def _stream(kind: int, op: int) -> int:
+    if op == S.OP_CODE["p2p_send"]:
+        return 2
+    return 1 if kind == S.KIND_CODE["comm_async"] else 0
+
+
+def export_perfetto(
+    path: str | Path, out: str | Path, window_ms: tuple[float, float] | None = None
+) -> int:
+    """Write ``out``; returns the number of trace events written (one per row and GPU)."""
+    out = Path(out)
+    tmp = partial_path(out)
+    written = 0
+    try:
+        with TraceReader(path) as reader, open(tmp, "w", encoding="utf-8") as f:
+            facts = RunFacts(reader)
+            f.write('{"displayTimeUnit": "ms", "traceEvents": [\n')
+            f.write(",\n".join(_metadata_events(facts)))
+            ends: dict[tuple[int, int], list[float]] = {}
+            for chunk in time_ordered(reader):
+                lines = _event_lines(chunk, facts, ends, window_ms)
+                if lines:
+                    f.write(",\n" + ",\n".join(lines))
+                    written += len(lines)
+            f.write("\n]}\n")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _metadata_events(facts: RunFacts) -> list[str]:
+    gpn = facts.plan.hardware.gpus_per_node
+    gpus = sorted({g for ranks in facts.lane_ranks for g in ranks})
+    events = []
+    for node in sorted({g // gpn for g in gpus}):
+        events.append(
+            json.dumps(
+                {"ph": "M", "name": "process_name", "pid": node, "args": {"name": f"node {node}"}}
+            )
+        )
+        events.append(
+            json.dumps(
+                {"ph": "M", "name": "process_sort_index", "pid": node, "args": {"sort_index": node}}
+            )
+        )
+    for g in gpus:
+        for stream, name in enumerate(STREAMS):
+            for sub in range(1 if stream == 0 else MAX_SUBTRACKS):
+                tid = _tid(g, stream, sub)
+                label = f"GPU {g} {name}" + (f" {sub + 1}" if sub else "")
+                events.append(
+                    json.dumps(
+                        {
+                            "ph": "M",
+                            "name": "thread_name",
+                            "pid": g // gpn,
+                            "tid": tid,
+                            "args": {"name": label},
+                        }
+                    )
+                )
+                events.append(
+                    json.dumps(
+                        {
+                            "ph": "M",
+                            "name": "thread_sort_index",
+                            "pid": g // gpn,
+                            "tid": tid,
+                            "args": {"sort_index": tid},
+                        }
+                    )
+                )
+    return events
+
+
+def _tid(gpu: int, stream: int, sub: int) -> int:
+    return gpu * _TID_STRIDE + (0 if stream == 0 else 1 + (stream - 1) * MAX_SUBTRACKS + sub)
+
+
+def _event_lines(chunk, facts: RunFacts, ends, window_ms) -> list[str]:
+    start, end = chunk["start_s"], chunk["end_s"]
+    keep = np.ones(start.size, dtype=bool)
+    if window_ms is not None:
+        keep = (start < window_ms[1] / 1e3) & (end > window_ms[0] / 1e3)
+    gpn = facts.plan.hardware.gpus_per_node
+    lines = []
+    cols = {
+        n: chunk[n][keep].tolist()
+        for n in ("kind", "op", "lane", "group", "layer", "microbatch", "start_s", "end_s", "bytes")
+    }
+    for kind, op, lane, group, layer, mb, s, e, nbytes in zip(*cols.values(), strict=True):
+        stream = _stream(kind, op)
+        sub = 0
+        if stream:
+            tracks = ends.setdefault((lane, stream), [])
+            sub = next((i for i, t in enumerate(tracks) if t <= s), len(tracks))
+            sub = min(sub, MAX_SUBTRACKS - 1)
+            if sub == len(tracks):
+                tracks.append(e)
+            else:
+                tracks[sub] = e
+        args = f'{{"layer": {layer}, "microbatch": {mb}, "group": {group}, "bytes": {nbytes:.0f}}}'
+        ts, te = round(s * 1e6, 3), round(e * 1e6, 3)  # rounded ends: no artificial overlaps
+        head = (
+            f'{{"name": "{S.OPS[op]}", "cat": "{S.KINDS[kind]}", "ph": "X", '
+            f'"ts": {ts:.3f}, "dur": {te - ts:.3f}, '
+        )
+        for g in facts.lane_ranks[lane]:
+            tid = _tid(g, stream, sub)
+            lines.append(f'{head}"pid": {g // gpn}, "tid": {tid}, "args": {args}}}')
+    return lines

@@ -1,0 +1,120 @@
+"""``clustersim analyze --plot``: a timeline (Gantt) of a time window, an expert-load heatmap and
+per-GPU utilisation bars, in one PNG (matplotlib, an optional dependency: ``clustersim[plot]``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from clustersim.analyze.training import TraceAnalysis
+from clustersim.trace import schema as S
+
+
+class PlotError(RuntimeError):
+    """Plotting is not possible (matplotlib missing, nothing to draw)."""
+
+
+def require_pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotError("plotting needs matplotlib: pip install 'clustersim[plot]'") from None
+    return plt
+
+
+def plot_analysis(analysis: TraceAnalysis, out: str | Path) -> Path:
+    """Draw the three panels into ``out`` (PNG)."""
+    plt = require_pyplot()
+    heat = analysis.expert_tokens is not None and len(analysis.moe_layers) > 0
+    ratios = [3, 2, 2] if heat else [3, 2]
+    fig, axes = plt.subplots(
+        len(ratios), 1, figsize=(14, 13 if heat else 9), gridspec_kw={"height_ratios": ratios}
+    )
+    _gantt(axes[0], analysis)
+    if heat:
+        _heatmap(fig, axes[1], analysis)
+    _utilisation(axes[-1], analysis)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _gantt(ax, analysis: TraceAnalysis) -> None:
+    rows = analysis.window_rows
+    lo, hi = analysis.window_ms or (0.0, analysis.metrics["iteration_time_ms"])
+    ax.set_title(
+        f"timeline {lo:g}-{hi:g} ms ({analysis.plan_name}); one row per lane (TP group), "
+        f"asynchronous communication in the thin bar below"
+    )
+    ax.set_xlim(lo, hi)
+    ax.set_xlabel("time (ms)")
+    if rows is None:
+        ax.text(0.5, 0.5, "no events in this window", ha="center", transform=ax.transAxes)
+        return
+    cmap = _op_colours()
+    lanes = np.unique(rows["lane"])
+    y_of = {int(ln): i for i, ln in enumerate(lanes)}
+    seen = set()
+    for op in np.unique(rows["op"]):
+        for asynchronous in (False, True):
+            is_async = rows["kind"] == S.KIND_CODE["comm_async"]
+            mask = (rows["op"] == op) & (is_async == asynchronous)
+            for lane in np.unique(rows["lane"][mask]):
+                sel = mask & (rows["lane"] == lane)
+                spans = list(
+                    zip(
+                        rows["start_s"][sel] * 1e3,
+                        (rows["end_s"][sel] - rows["start_s"][sel]) * 1e3,
+                        strict=True,
+                    )
+                )
+                y = y_of[int(lane)] + (0.45 if asynchronous else 0.0)
+                label = S.OPS[op] if op not in seen else None
+                seen.add(op)
+                ax.broken_barh(
+                    spans, (y - 0.35, 0.1 if asynchronous else 0.7), color=cmap[op], label=label
+                )
+    ax.set_yticks(range(len(lanes)), [f"lane {ln}" for ln in lanes])
+    ax.invert_yaxis()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+
+
+def _op_colours() -> dict[int, tuple]:
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab20"]
+    return {i: palette(i % 20) for i in range(len(S.OPS))}
+
+
+def _heatmap(fig, ax, analysis: TraceAnalysis) -> None:
+    tokens = analysis.expert_tokens
+    load = tokens / tokens.mean(axis=1, keepdims=True)
+    image = ax.imshow(load, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_title("expert load per MoE layer (tokens / mean over experts, whole iteration)")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ticks = np.linspace(0, len(analysis.moe_layers) - 1, min(len(analysis.moe_layers), 8))
+    ax.set_yticks(ticks.astype(int), [analysis.moe_layers[int(t)] for t in ticks])
+    fig.colorbar(image, ax=ax, label="load / mean")
+
+
+def _utilisation(ax, analysis: TraceAnalysis) -> None:
+    gpus = analysis.gpus
+    x = np.arange(len(gpus))
+    util = np.array([g["utilization_pct"] for g in gpus])
+    wall = analysis.metrics["iteration_time_ms"]
+    exposed = np.array([100 * g["exposed_comm_ms"] / wall for g in gpus])
+    ax.bar(x, util, color="tab:green", label="compute-busy")
+    ax.bar(x, exposed, bottom=util, color="tab:red", label="exposed communication")
+    ax.set_title(f"per-GPU utilisation (mean {analysis.metrics['gpu_utilization_pct']:.1f}%)")
+    ax.set_xlabel("GPU")
+    ax.set_ylabel("% of iteration")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="upper right", fontsize=8)

@@ -1,0 +1,2 @@
+"""Static verdicts: the audit's checks and findings, judging targets and claims, fixes, plan
+differences, the review document."""

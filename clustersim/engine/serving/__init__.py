@@ -1,0 +1,2 @@
+"""The serving engine: replicas, continuous-batching scheduler, step timing, MoE step table,
+the request stream."""

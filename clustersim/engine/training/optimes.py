@@ -1,0 +1,172 @@
+"""Op times the engine needs, looked up in ``costs`` once per (lane, micro-batch).
+
+A micro-batch is a list of sequence lengths (packed, variable-length attention): linear ops
+scale with the total token count, core attention with the sum of squared lengths. Every
+layer of a kind (dense / MoE) has the same per-layer times, so one lookup serves all layers.
+
+Per layer and direction the lane (a TP group in lockstep) runs:
+attention block (QKV, core attention, output projection; plus router and shared experts in an
+MoE layer), the dense MLP or the routed experts, and two TP collectives (all-reduce, or
+all-gather + reduce-scatter with sequence parallelism), all timed analytically.
+Backward = 2 x forward compute; recompute adds the forward again (full) or the core attention
+forward (selective) to the backward. Communication volumes of the backward equal the forward's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from clustersim.costs import compute as cc
+from clustersim.costs.comm import collective_time_ms
+from clustersim.costs.kernels import KernelTimer
+from clustersim.spec.schema import Plan
+
+GRAD_BYTES = 4  # Megatron reduces fp32 main gradients (bf16/fp16 training)
+OPTIMIZER_BYTES_PER_PARAM = 36  # Adam step: reads p,g,m,v,master (2+4+4+4+4), writes p,m,v,master
+
+
+@dataclass(frozen=True)
+class LayerTimes:
+    """Forward and backward times (ms) of one layer kind for one lane and micro-batch."""
+
+    attn_fwd_ms: float
+    mlp_fwd_ms: float  # dense MLP; 0 for MoE layers (experts are timed per rank)
+    tp_comm_ms: float  # the layer's TP collectives, per direction
+    recompute_ms: float  # compute added to the backward
+    recompute_comm_ms: float = 0.0  # TP collectives of a full recompute
+
+    @property
+    def attn_bwd_ms(self) -> float:
+        """Backward of the attention block (2 x forward)."""
+        return cc.BACKWARD_FACTOR * self.attn_fwd_ms
+
+    @property
+    def mlp_bwd_ms(self) -> float:
+        """Backward of the dense MLP (2 x forward)."""
+        return cc.BACKWARD_FACTOR * self.mlp_fwd_ms
+
+
+class MicrobatchCosts:
+    """Times of every op of one micro-batch on one lane (TP group ``ranks``)."""
+
+    def __init__(self, plan: Plan, ranks: list[int], seq_lens: np.ndarray):
+        self.plan = plan
+        self.ranks = ranks
+        self.seq_lens = seq_lens
+        self.tokens = int(seq_lens.sum())
+        self._tp = plan.parallel.tp
+        self._kernels = kernel_timer(plan)
+
+    @cached_property
+    def _core_attention_ms(self) -> float:
+        """Core attention over the micro-batch's sequences (the quadratic term), one kernel
+        per distinct length."""
+        flash = self.plan.parallel.flash_attention
+        lens, counts = np.unique(self.seq_lens, return_counts=True)
+        total = 0.0
+        for s, n in zip(lens.tolist(), counts.tolist(), strict=True):
+            # flash kernels skip the masked half of causal attention; unfused ones do not
+            op = cc.core_attention(n, s, self.plan.model, self._tp, causal=flash, flash=flash)
+            keys = (s + 1) / 2 if flash else s  # keys per query: causal sees half on average
+            total += float(self._kernels.core_attention_ms(op.flops, op.hbm_bytes, keys, flash))
+        return total
+
+    def _tp_comm_ms(self, moe_layer: bool) -> float:
+        """TP collectives per layer and direction on the activations [tokens, h]: two in a
+        dense layer (after attention and after the MLP), one in an MoE layer (after attention;
+        the experts' tokens move by all-to-all and ETP collectives instead)."""
+        if self._tp == 1:
+            return 0.0
+        plan = self.plan
+        size = self.tokens * plan.model.hidden_size * cc.DTYPE_BYTES[plan.model.dtype]
+        gpn, hw = plan.hardware.gpus_per_node, plan.hardware
+        if plan.parallel.sequence_parallel:
+            one = collective_time_ms("all_gather", size, self.ranks, gpn, hw)
+            one += collective_time_ms("reduce_scatter", size, self.ranks, gpn, hw)
+        else:
+            one = collective_time_ms("all_reduce", size, self.ranks, gpn, hw)
+        return one if moe_layer else 2 * one
+
+    def _layer(self, moe_layer: bool) -> LayerTimes:
+        k, tokens = self._kernels, self.tokens
+        attn = float(k.attention_block_ms(tokens)) + self._core_attention_ms
+        mlp = 0.0
+        if moe_layer:
+            attn += float(k.moe_block_ms(tokens))
+        else:
+            mlp = float(k.dense_mlp_ms(tokens))
+        recompute, tp_comm = self.plan.parallel.recompute, self._tp_comm_ms(moe_layer)
+        extra_comm = 0.0
+        if recompute == "full":  # the forward again, TP collectives included
+            extra, extra_comm = attn + mlp, tp_comm  # experts: added per rank by the engine
+        elif recompute == "selective":
+            extra = self._core_attention_ms
+        else:
+            extra = 0.0
+        return LayerTimes(attn, mlp, tp_comm, extra, extra_comm)
+
+    @cached_property
+    def dense(self) -> LayerTimes:
+        """Times of a dense layer."""
+        return self._layer(moe_layer=False)
+
+    @cached_property
+    def moe(self) -> LayerTimes:
+        """Times of an MoE layer (experts excluded)."""
+        return self._layer(moe_layer=True)
+
+    @cached_property
+    def logits_fwd_ms(self) -> float:
+        """Output layer (logits) forward on the last stage."""
+        return float(self._kernels.logits_ms(self.tokens))
+
+    @cached_property
+    def p2p_bytes(self) -> float:
+        """Activation (or gradient) bytes sent between stages, scattered over TP."""
+        model = self.plan.model
+        return self.tokens * model.hidden_size * cc.DTYPE_BYTES[model.dtype] / self._tp
+
+
+def kernel_timer(plan: Plan, graphs: bool = False) -> KernelTimer:
+    """The kernel timer of one GPU of ``plan``'s TP groups (training: eager launches)."""
+    par = plan.parallel
+    return KernelTimer(
+        plan.model,
+        plan.hardware,
+        par.tp,
+        par.expert_tp,
+        sequence_parallel=par.sequence_parallel,
+        graphs=graphs,
+    )
+
+
+class ExpertTimer:
+    """Vectorised forward time of each rank's routed experts for its received token copies
+    and active experts (:meth:`KernelTimer.experts_ms`), plus the dropless
+    synchronisation (the host waits for the token counts) when experts have no capacity."""
+
+    def __init__(self, plan: Plan, graphs: bool = False, sync: bool = True):
+        self.kernels = kernel_timer(plan, graphs)
+        moe = plan.model.moe
+        dropless = sync and moe is not None and moe.capacity_factor is None
+        sync_us = plan.hardware.calibration.moe.dropless_sync_us if dropless else 0.0
+        self.sync_ms = sync_us * 1e-3
+
+    def forward_ms_one(self, tokens: float, active_experts: float) -> float:
+        """Forward time of one rank's expert GEMMs (scalar version of :meth:`forward_ms`)."""
+        if tokens <= 0:
+            return 0.0
+        return float(self.kernels.experts_ms(tokens, active_experts)) + self.sync_ms
+
+    def forward_ms(self, tokens: np.ndarray, active_experts: np.ndarray) -> np.ndarray:
+        """Forward time of each rank's expert GEMMs for its token count."""
+        ms = self.kernels.experts_ms(tokens, active_experts)
+        return np.where(tokens > 0, ms + self.sync_ms, 0.0)
+
+
+def optimizer_ms(plan: Plan, params_per_gpu: float) -> float:
+    """Adam step: HBM-bound pass over the parameters this GPU updates."""
+    return cc.op_time_ms(0.0, params_per_gpu * OPTIMIZER_BYTES_PER_PARAM, plan.hardware)

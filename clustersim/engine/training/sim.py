@@ -1,0 +1,766 @@
+"""One training iteration as a SimPy simulation.
+
+Lanes and cohorts: a *lane* is the TP group of one pipeline stage and one data-parallel
+replica (its TP ranks work in lockstep). The lanes of a stage run the same schedule of steps
+and meet each other in the MoE all-to-alls (the lanes of an EP group, every MoE layer,
+forward and backward) and the gradient reductions, so one SimPy process drives the *cohort*
+of a stage: it keeps one clock per lane in numpy arrays, times every op for all lanes at once
+and records it as one row per lane (``Recorder.add_block``), so the trace and the metrics
+still speak of every lane and every GPU. Collectives inside the cohort are timed from the
+lanes' clocks (an EP group starts when its slowest lane is ready); nothing waits on another
+lane's process. Each cohort also has a communication-stream process for its data-parallel
+gradient buckets (one FIFO stream per lane). Cohorts meet each other through pipeline
+transfers between neighbouring stages and in the optimizer barrier (a :class:`Rendezvous`).
+
+Routing: the first time a stage reaches an MoE layer, every EP group and micro-batch of that
+layer is routed in one batch (``moe.dispatch_many``) and its all-to-all times and per-lane
+expert times are computed as arrays; each all-to-all of the run then reads its row.
+
+Expert folding (Megatron-Core MoE parallel folding, arXiv 2504.14960): the TP x DP ranks of a
+stage are refolded as ETP x EP x EDP for the experts. Attention ends in a sequence-parallel
+reduce-scatter (Megatron requires sequence parallelism for MoE with TP > 1), so each TP rank
+of a lane holds a disjoint 1/TP share of the lane's tokens and is the *source* of exactly those
+tokens in its EP group: every token is routed once, by one GPU. An EP group is the ranks with
+the same ETP (and EDP) coordinate, so the ``etp`` ranks of an ETP group sit in ``etp``
+different EP groups; each receives the copies its EP group's sources route to its E/EP
+experts, the ETP group all-gathers them (every GPU of it then computes all the copies routed to
+its experts, on its 1/ETP slice of each expert's FFN) and reduce-scatters the outputs before
+the combine. Summed over a stage, expert FLOPs are the routed copies x the full expert FFN,
+whatever the folding.
+
+Per step (one chunk of one micro-batch, forward or backward) a cohort issues one SimPy wait
+for its input (activations or gradients from the neighbouring stage) and one to reach the
+end of its slowest lane; everything inside the chunk advances the lane clocks analytically.
+A lane's clock may lag the process's (the process waits for the slowest lane's input), never
+its result: every start is the latest of the lane's own ready times.
+
+Timing per MoE layer of a cohort: each lane is ready to dispatch when its attention ends; an
+EP group's all-to-all starts when its slowest member is ready and lasts the time of its
+all-to-all-v (``costs.comm``); each lane then runs its ETP all-gather, its expert GEMMs (its
+slowest rank's), the ETP reduce-scatter, and joins the combine, which again starts when the
+group's slowest lane is ready.
+
+Link sharing rule: collectives of one lane run one at a time on its communication stream
+(FIFO, each at the full link bandwidth), which gives the same completion time for the last of a
+set of transfers as fair sharing of the link; pipeline sends use separate send/receive queues
+(full duplex) and never contend with each other.
+
+Replica symmetry: when every data-parallel replica provably does the same work (fixed
+sequence length and deterministic, even routing), only replica 0 is simulated and the metrics
+fan out to all GPUs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+from clustersim.costs.comm import (
+    all_gather_ms,
+    all_to_all_v_times_ms,
+    collective_time_ms,
+    link_for_group,
+    p2p_ms,
+)
+from clustersim.costs.compute import BACKWARD_FACTOR, DTYPE_BYTES
+from clustersim.costs.memory import stage_params_per_gpu
+from clustersim.costs.params import count_params
+from clustersim.engine.errors import EngineError
+from clustersim.engine.recorder import Kind, Op, Recorder
+from clustersim.engine.rendezvous import Rendezvous, trigger_at
+from clustersim.engine.training.moe import DispatchBatch, RoutingSource, dispatch_many
+from clustersim.engine.training.optimes import (
+    GRAD_BYTES,
+    ExpertTimer,
+    MicrobatchCosts,
+    optimizer_ms,
+)
+from clustersim.engine.training.schedules import stage_steps
+from clustersim.layout import Layout
+from clustersim.spec.schema import Plan
+
+MIB = 2**20
+
+
+def check_common(plan: Plan, layout: Layout, mode: str) -> None:
+    """What both engines (training, serving) need of a plan; raises :class:`EngineError`."""
+    par = plan.parallel
+    if plan.workload.mode != mode:
+        raise EngineError(f"the {mode} engine needs workload.mode: {mode}")
+    if par.cp > 1:
+        raise EngineError("context parallelism (parallel.cp > 1) is not simulated yet")
+    if plan.model.moe is not None and not layout.expert_folding_ok:
+        raise EngineError("EP x ETP does not fold into the ranks of a pipeline stage")
+    if len(layout.stage_layers) != par.pp or sum(layout.layers_per_stage) != plan.model.num_layers:
+        raise EngineError("the layers do not split over the pipeline stages")
+
+
+@dataclass
+class Lane:
+    """A TP group of one stage and one data-parallel replica."""
+
+    index: int
+    stage: int
+    dp: int
+    ranks: list[int]
+    ep_groups: list[int] = field(default_factory=list)  # EP groups holding its ranks
+
+
+@dataclass
+class Cohort:
+    """The lanes of one pipeline stage (in replica order), driven by one process.
+
+    ``membership[g, l]``: lane ``l`` holds ranks of the cohort's EP group ``groups[g]``;
+    ``block`` > 0 when every lane is in one group and the groups are consecutive runs of
+    ``block`` lanes (the usual layout: group starts and ends are reshapes, not masks).
+    """
+
+    stage: int
+    lanes: list[Lane]
+    lane_ids: np.ndarray  # (L,) int32 lane indices
+    groups: list[int] = field(default_factory=list)  # EP group ids
+    membership: np.ndarray | None = None  # (G, L) bool
+    block: int = 0
+    ranks: np.ndarray | None = None  # (L * tp,) ranks in lane order
+    rank_slot: np.ndarray | None = None  # (L * tp,) index into the groups' member arrays
+
+
+@dataclass
+class _LayerRoutes:
+    """One MoE layer of a cohort, every micro-batch routed: all-to-all time and bytes per
+    (micro-batch, group), per-lane expert time and ETP collective time per micro-batch."""
+
+    a2a_ms: np.ndarray  # (m, G)
+    lane_bytes: np.ndarray  # (m, L): bytes one GPU of the lane sends (mean over its GPUs)
+    expert_fwd_ms: np.ndarray  # (m, L): the lane's slowest rank
+    expert_bwd_ms: np.ndarray  # (m, L)
+    etp_ms: np.ndarray | None  # (m, L), None without expert TP
+
+
+class _LayerVectors:
+    """Per-lane times (ms) of one layer kind of one micro-batch, as arrays over a cohort."""
+
+    __slots__ = (
+        "attn_fwd",
+        "attn_bwd",
+        "mlp_fwd",
+        "mlp_bwd",
+        "tp_comm",
+        "recompute",
+        "recompute_comm",
+    )
+
+    def __init__(self, per_lane: list):
+        def vec(name: str) -> np.ndarray:
+            return np.array([getattr(x, name) for x in per_lane], dtype=np.float64)
+
+        self.attn_fwd, self.mlp_fwd = vec("attn_fwd_ms"), vec("mlp_fwd_ms")
+        self.attn_bwd, self.mlp_bwd = vec("attn_bwd_ms"), vec("mlp_bwd_ms")
+        self.tp_comm, self.recompute = vec("tp_comm_ms"), vec("recompute_ms")
+        self.recompute_comm = vec("recompute_comm_ms")
+
+
+class _CohortCosts:
+    """Op times of one micro-batch on every lane of a cohort (from :class:`MicrobatchCosts`);
+    ``dense`` / ``moe`` are None when the model has no layer of that kind."""
+
+    def __init__(self, per_lane: list[MicrobatchCosts], activation_bytes: int, kinds: set[bool]):
+        self.dense = _LayerVectors([c.dense for c in per_lane]) if False in kinds else None
+        self.moe = _LayerVectors([c.moe for c in per_lane]) if True in kinds else None
+        self.logits_fwd = np.array([c.logits_fwd_ms for c in per_lane])
+        self.logits_bwd = BACKWARD_FACTOR * self.logits_fwd
+        self.p2p_bytes = np.array([c.p2p_bytes for c in per_lane])
+        self.tp_bytes = np.array([float(c.tokens * activation_bytes) for c in per_lane])
+
+
+@dataclass
+class SimResult:
+    """What one simulated iteration produced, besides the recorder's rows."""
+
+    iteration_time_ms: float
+    pipeline_end_ms: float
+    lanes: list[Lane]
+    simulated_dp: int
+    events: int
+    tokens: int
+    seq_lens: list[list[np.ndarray]]
+    dispatches: list[DispatchBatch]  # one batch per (stage, MoE layer)
+    dispatch_layers: list[int]  # the layer of each batch
+    # (world_size,) token copies each GPU's expert GEMMs computed in the forward, all MoE
+    # layers and micro-batches (on its 1/ETP slice of the FFN); 0 for unsimulated replicas
+    expert_tokens: np.ndarray | None = None
+
+
+class TrainingSim:
+    """Simulates one training iteration of ``plan``; rows go to ``recorder``."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        recorder: Recorder,
+        seq_lens: list[list[np.ndarray]],
+        routing: RoutingSource | None,
+        symmetric: bool,
+        progress: Callable[[float], None] | None = None,
+    ):
+        self.plan, self.rec, self.routing = plan, recorder, routing
+        self.layout = Layout(plan)
+        self.par, self.model, self.hw = plan.parallel, plan.model, plan.hardware
+        check_supported(plan, self.layout)
+        self.env = simpy.Environment()
+        self.rv = Rendezvous(self.env)
+        self.simulated_dp = 1 if symmetric else self.par.dp
+        self.seq_lens = seq_lens
+        self._mb_tokens = np.array([[int(x.sum()) for x in mbs] for mbs in seq_lens])
+        self._act_bytes = self.model.hidden_size * DTYPE_BYTES[self.model.dtype]
+        self.lanes = self._make_lanes()
+        self.cohorts = [self._make_cohort(stage) for stage in range(self.par.pp)]
+        self._cohort_costs: dict[int, _CohortCosts] = {}
+        self._layer_kinds = {self.model.is_moe_layer(i) for i in range(self.model.num_layers)}
+        self.expert_timer = ExpertTimer(plan) if self.model.moe else None
+        self.dispatches: list[DispatchBatch] = []
+        self.dispatch_layers: list[int] = []
+        self.expert_tokens = np.zeros(plan.parallel.world_size)
+        self._layer_routes: dict[int, _LayerRoutes] = {}
+        self._ready: dict[tuple, simpy.Event] = {}
+        self._progress = progress
+        self._steps_total = sum(len(self._steps(co.stage)) * len(co.lanes) for co in self.cohorts)
+        self._steps_done = 0
+        self._pipeline_end = 0.0
+        self._counts = count_params(self.model)
+        self._layer_grads: dict[int, tuple[float, float]] = {}
+        self._collective_ms: dict[tuple, float] = {}
+        self._links: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    # ---- construction ----------------------------------------------------------------------
+    def _make_lanes(self) -> list[Lane]:
+        lay, lanes = self.layout, []
+        for stage in range(self.par.pp):
+            for dp in range(self.simulated_dp):
+                ranks = [lay.rank_of(tp=t, dp=dp, pp=stage) for t in range(self.par.tp)]
+                lanes.append(Lane(len(lanes), stage, dp, ranks))
+        if self.model.moe is not None:
+            self._ep_groups = lay.groups("ep")
+            lane_of = {r: ln.index for ln in lanes for r in ln.ranks}
+            self._slot_of = {
+                r: (gid, i) for gid, grp in enumerate(self._ep_groups) for i, r in enumerate(grp)
+            }
+            coords = [[lay.coords(r) for r in g] for g in self._ep_groups]
+            self._group_dp = np.array([[c.dp for c in g] for g in coords])  # (groups, ep)
+            self._group_tp = np.array([[c.tp for c in g] for g in coords])
+            for gid, group in enumerate(self._ep_groups):
+                for lane_index in sorted({lane_of[r] for r in group if r in lane_of}):
+                    lanes[lane_index].ep_groups.append(gid)
+        return lanes
+
+    def _make_cohort(self, stage: int) -> Cohort:
+        lanes = [ln for ln in self.lanes if ln.stage == stage]
+        co = Cohort(stage, lanes, np.array([ln.index for ln in lanes], dtype=np.int32))
+        if self.model.moe is None:
+            return co
+        groups = sorted({gid for ln in lanes for gid in ln.ep_groups})
+        position = {gid: j for j, gid in enumerate(groups)}
+        co.groups = groups
+        co.membership = np.array([[gid in ln.ep_groups for ln in lanes] for gid in groups])
+        size, rest = divmod(len(lanes), len(groups))
+        blocks = np.repeat(np.eye(len(groups), dtype=bool), size, axis=1) if not rest else None
+        co.block = size if blocks is not None and np.array_equal(co.membership, blocks) else 0
+        co.ranks = np.array([r for ln in lanes for r in ln.ranks], dtype=np.int64)
+        ep = self.par.ep
+        co.rank_slot = np.array(
+            [position[self._slot_of[r][0]] * ep + self._slot_of[r][1] for r in co.ranks],
+            dtype=np.int64,
+        )
+        return co
+
+    def _steps(self, stage: int):
+        return stage_steps(
+            self.par.schedule,
+            self.par.pp,
+            self.par.num_microbatches,
+            stage,
+            self.par.virtual_stages,
+        )
+
+    def _chunk_layers(self, stage: int, chunk: int) -> list[int]:
+        layers = self.layout.stage_layers[stage]
+        per_chunk = len(layers) // self.par.virtual_stages
+        return layers[chunk * per_chunk : (chunk + 1) * per_chunk]
+
+    def _costs_of(self, co: Cohort, mb: int) -> _CohortCosts:
+        """Per-lane op times of micro-batch ``mb`` (the same on every stage: every stage's
+        lanes are the same replicas, and TP groups have the same shape)."""
+        found = self._cohort_costs.get(mb)
+        if found is None:
+            ranks = self.lanes[0].ranks
+            per_lane = [
+                MicrobatchCosts(self.plan, ranks, self.seq_lens[ln.dp][mb]) for ln in co.lanes
+            ]
+            found = self._cohort_costs[mb] = _CohortCosts(
+                per_lane, self._act_bytes, self._layer_kinds
+            )
+        return found
+
+    # ---- running ---------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        """Simulate the iteration; return its end time and bookkeeping."""
+        finals = [self.env.process(self._cohort(co)) for co in self.cohorts]
+        self.env.run()
+        if self.rv.pending or not all(p.triggered for p in finals):
+            raise RuntimeError("simulation deadlocked: a collective never completed")
+        tokens = int(sum(int(x.sum()) for mbs in self.seq_lens for x in mbs))
+        # Events = rows recorded: one per compute op or collective step of a lane.
+        return SimResult(
+            self.env.now,
+            self._pipeline_end,
+            self.lanes,
+            self.simulated_dp,
+            self.rec.size,
+            tokens,
+            self.seq_lens,
+            self.dispatches,
+            self.dispatch_layers,
+            self.expert_tokens,
+        )
+
+    def _event(self, key: tuple) -> simpy.Event:
+        ev = self._ready.get(key)
+        if ev is None:
+            ev = self._ready[key] = self.env.event()
+        return ev
+
+    def _reach(self, t_ms: float):
+        """A wait until ``t_ms`` (or none when the clock is there already)."""
+        return self.env.timeout(max(0.0, t_ms - self.env.now))
+
+    def _cohort(self, co: Cohort):
+        steps = self._steps(co.stage)
+        num_vstages = self.par.pp * self.par.virtual_stages
+        last_b = {st.chunk: i for i, st in enumerate(steps) if st.kind == "B"}
+        buckets = simpy.Store(self.env)
+        comm = self.env.process(self._grad_stream(co, buckets))
+        grad_state = {"bytes": 0.0, "expert_bytes": 0.0}
+        free = np.zeros(len(co.lanes))  # each lane's clock: the end of its last step
+        if self.par.distributed_optimizer and self.par.overlap_communication:
+            self._param_gather(co, free, blocking=False)
+        for i, step in enumerate(steps):
+            vstage = step.chunk * self.par.pp + co.stage
+            layers = self._chunk_layers(co.stage, step.chunk)
+            mb = step.microbatch
+            costs = self._costs_of(co, mb)
+            last = vstage == num_vstages - 1
+            forward = step.kind == "F"
+            if (vstage > 0) if forward else not last:
+                key = ("act" if forward else "grad", vstage, mb)
+                arrived = yield self._event(key)
+                del self._ready[key]
+                start = np.maximum(free, arrived)
+            else:
+                start = free
+            if forward:
+                free = self._forward(co, mb, layers, costs, last, start)
+            else:
+                is_last = last_b[step.chunk] == i
+                free = self._backward(
+                    co, mb, layers, costs, last, buckets if is_last else None, grad_state, start
+                )
+            end = float(free.max())
+            yield self._reach(end)
+            if forward and not last:
+                self._send(co, vstage + 1, mb, costs.p2p_bytes, "act", free)
+            elif not forward:
+                if vstage > 0:
+                    self._send(co, vstage - 1, mb, costs.p2p_bytes, "grad", free)
+                self._pipeline_end = max(self._pipeline_end, end)
+            self._tick(len(co.lanes))
+        self._flush_bucket(co, buckets, grad_state, final=True, ready=free)
+        comm_free = yield comm
+        # Megatron's optimizer step starts with the gradient-norm (clip_grad) all-reduce over
+        # the model-parallel group, pipeline stages included: no stage updates its weights
+        # before every stage has finished its backward and gradient reduction. A barrier
+        # (the tiny all-reduce's latency is not charged).
+        ready = float(np.maximum(free, comm_free).max())
+        start, _end, _ = yield self.rv.arrive(
+            ("optimizer_barrier",), len(self.cohorts), ready, _fixed, 0.0
+        )
+        yield from self._optimizer(co, start)
+
+    def _tick(self, lanes: int) -> None:
+        if not self._progress:
+            return
+        before = self._steps_done
+        self._steps_done += lanes
+        every = max(1, self._steps_total // 100)
+        if self._steps_done // every != before // every:
+            self._progress(self._steps_done / self._steps_total)
+
+    # ---- forward / backward of a chunk -----------------------------------------------------
+    def _forward(
+        self, co: Cohort, mb: int, layers: list[int], costs: _CohortCosts, last: bool, t: np.ndarray
+    ) -> np.ndarray:
+        """Forward of a chunk from the lanes' start times ``t``; returns their end times."""
+        for layer in layers:
+            moe = self.model.is_moe_layer(layer)
+            lt = costs.moe if moe else costs.dense
+            t = self._op(co, Kind.COMPUTE, Op.ATTN_FWD, t, lt.attn_fwd, layer, mb)
+            t = self._tp_rows(co, t, lt.tp_comm, layer, mb, costs, moe)
+            if not moe:
+                t = self._op(co, Kind.COMPUTE, Op.MLP_FWD, t, lt.mlp_fwd, layer, mb)
+            else:  # each lane joins the dispatch when its attention ends
+                t = self._moe_block(co, layer, mb, False, t)
+        if last:
+            t = self._op(co, Kind.COMPUTE, Op.LOGITS_FWD, t, costs.logits_fwd, -1, mb)
+        return t
+
+    def _backward(
+        self,
+        co: Cohort,
+        mb: int,
+        layers: list[int],
+        costs: _CohortCosts,
+        last: bool,
+        buckets,
+        grad_state,
+        t: np.ndarray,
+    ) -> np.ndarray:
+        """Backward of a chunk; on the chunk's last micro-batch each layer's gradients go to
+        the bucket queue when they are ready."""
+        recompute = self.par.recompute != "none"
+        if last:
+            t = self._op(co, Kind.COMPUTE, Op.LOGITS_BWD, t, costs.logits_bwd, -1, mb)
+        for layer in reversed(layers):
+            moe = self.model.is_moe_layer(layer)
+            lt = costs.moe if moe else costs.dense
+            if moe:
+                t = self._moe_block(co, layer, mb, True, t)
+            if recompute:
+                t = self._op(co, Kind.COMPUTE, Op.RECOMPUTE, t, lt.recompute, layer, mb)
+                t = self._tp_rows(co, t, lt.recompute_comm, layer, mb, costs, moe)
+            if not moe:
+                t = self._op(co, Kind.COMPUTE, Op.MLP_BWD, t, lt.mlp_bwd, layer, mb)
+            t = self._tp_rows(co, t, lt.tp_comm, layer, mb, costs, moe)
+            t = self._op(co, Kind.COMPUTE, Op.ATTN_BWD, t, lt.attn_bwd, layer, mb)
+            if buckets is not None:
+                self._add_layer_grads(co, layer, buckets, grad_state, t)
+        return t
+
+    def _op(
+        self,
+        co: Cohort,
+        kind: Kind,
+        op: Op,
+        t: np.ndarray,
+        duration_ms,
+        layer: int = -1,
+        mb: int = -1,
+        nbytes: float | np.ndarray = 0.0,
+    ) -> np.ndarray:
+        """Record one op on every lane of the cohort, from ``t`` for ``duration_ms`` (per lane
+        or one for all); returns the lanes' end times."""
+        end = t + duration_ms
+        self.rec.add_block(co.lane_ids, kind, op, t, end, layer, mb, nbytes)
+        return end
+
+    def _tp_rows(
+        self,
+        co: Cohort,
+        t: np.ndarray,
+        total_ms: np.ndarray,
+        layer: int,
+        mb: int,
+        costs: _CohortCosts,
+        moe: bool,
+    ) -> np.ndarray:
+        """TP collective rows (one for an MoE layer, two for a dense one); returns end times."""
+        if self.par.tp == 1 or not total_ms.any():
+            return t
+        parts = 1 if moe else 2
+        part = total_ms / parts
+        for _ in range(parts):
+            t = self._op(co, Kind.COMM, Op.TP_COMM, t, part, layer, mb, costs.tp_bytes)
+        return t
+
+    # ---- MoE: dispatch, experts, combine ---------------------------------------------------
+    def _moe_block(self, co: Cohort, layer: int, mb: int, backward: bool, ready: np.ndarray):
+        """Dispatch, experts, combine (reversed in the backward), from the lanes' ready times;
+        returns the lanes' times after the combine."""
+        first_op, second_op = (
+            (Op.A2A_COMBINE, Op.A2A_DISPATCH) if backward else (Op.A2A_DISPATCH, Op.A2A_COMBINE)
+        )
+        routes, t = self._a2a(co, layer, mb, first_op, ready)
+        etp_ms = None if routes.etp_ms is None else routes.etp_ms[mb]
+        if etp_ms is not None:
+            t = self._op(co, Kind.COMM, Op.ETP_COMM, t, etp_ms, layer, mb)
+        op, expert_ms = (
+            (Op.EXPERT_BWD, routes.expert_bwd_ms)
+            if backward
+            else (Op.EXPERT_FWD, routes.expert_fwd_ms)
+        )
+        t = self._op(co, Kind.COMPUTE, op, t, expert_ms[mb], layer, mb)
+        if etp_ms is not None:
+            t = self._op(co, Kind.COMM, Op.ETP_COMM, t, etp_ms, layer, mb)
+        _, t = self._a2a(co, layer, mb, second_op, t)
+        return t
+
+    def _a2a(self, co: Cohort, layer: int, mb: int, op: Op, ready: np.ndarray):
+        """All-to-all over the cohort's EP groups (concurrently): each group starts when its
+        slowest lane is ready; a lane in several groups waits for the last. Returns the
+        layer's routes and the lanes' end times."""
+        routes = self._layer_routes.get(layer)
+        if routes is None:
+            routes = self._layer_routes[layer] = self._route_layer(co, layer)
+        durations = routes.a2a_ms[mb]
+        if co.block:
+            starts = ready.reshape(len(co.groups), co.block).max(axis=1)
+            ends = np.repeat(starts + durations, co.block)
+        else:
+            member = co.membership
+            starts = np.where(member, ready[None, :], -np.inf).max(axis=1)
+            ends = np.where(member, (starts + durations)[:, None], -np.inf).max(axis=0)
+        self.rec.add_block(
+            co.lane_ids, Kind.COMM, op, ready, ends, layer, mb, routes.lane_bytes[mb]
+        )
+        return routes, ends
+
+    def _route_layer(self, co: Cohort, layer: int) -> _LayerRoutes:
+        """Route every EP group and micro-batch of ``layer`` in one batch; time the
+        all-to-alls and each lane's experts."""
+        m, num_groups, ep = self.par.num_microbatches, len(co.groups), self.par.ep
+        # Each member routes its TP rank's share of its lane's tokens (sequence parallel: the
+        # lane's T tokens split over its TP ranks, the first T % tp ranks one more).
+        tp, gids = self.par.tp, np.array(co.groups)
+        lane_tokens = self._mb_tokens[self._group_dp[gids]]  # (G, ep, m)
+        share = lane_tokens // tp + (self._group_tp[gids][:, :, None] < lane_tokens % tp)
+        tokens = share.transpose(0, 2, 1).reshape(num_groups * m, ep)  # group-major rows
+        keys = np.tile(np.arange(m), num_groups) * len(self._ep_groups) + np.repeat(gids, m)
+        batch = dispatch_many(self.routing, layer, keys, tokens)
+        self.dispatches.append(batch)
+        self.dispatch_layers.append(layer)
+        send = batch.a2a_tokens.reshape(num_groups, m, ep, ep) * self._act_bytes
+        a2a_ms = np.stack(
+            [
+                all_to_all_v_times_ms(
+                    send[j],
+                    self._ep_groups[gid],
+                    self.hw.gpus_per_node,
+                    self.hw,
+                    self.par.moe_dispatcher,
+                )
+                for j, gid in enumerate(co.groups)
+            ],
+            axis=1,
+        )
+        # Bytes each member sends to the others (its own share stays put); a lane's row
+        # records the mean over its GPUs, as the other collectives record one GPU's bytes.
+        sent = send.sum(axis=3) - np.diagonal(send, axis1=2, axis2=3)  # (G, m, ep)
+        per_rank = sent.transpose(1, 0, 2).reshape(m, -1)[:, co.rank_slot]
+        lane_bytes = per_rank.reshape(m, len(co.lanes), tp).mean(axis=2)
+        fwd, bwd, etp_ms = self._expert_times(co, batch, m)
+        return _LayerRoutes(a2a_ms, lane_bytes, fwd, bwd, etp_ms)
+
+    def _expert_times(self, co: Cohort, batch: DispatchBatch, m: int):
+        """Per micro-batch and lane: expert time forward and backward (the lane's slowest
+        rank), ETP all-gather time (None without expert TP). Adds the ranks' waits for
+        their lane's slowest rank to ``rank_idle_ms``."""
+        etp, tp, lanes = self.par.expert_tp, self.par.tp, len(co.lanes)
+
+        def per_rank(values: np.ndarray) -> np.ndarray:  # (G * m, n) -> (m, ranks)
+            by_mb = values.reshape(len(co.groups), m, -1).transpose(1, 0, 2).reshape(m, -1)
+            return by_mb[:, co.rank_slot]
+
+        received, active = per_rank(batch.received_tokens), per_rank(batch.active_experts)
+        if etp > 1:  # each ETP group (inside the lane; its members are in etp different EP
+            # groups) all-gathers its members' copies: every member computes all of them on
+            # its 1/etp of the experts' FFN width (the ExpertTimer's GEMM shapes)
+            received = received.reshape(m, -1, etp).sum(axis=2).repeat(etp, axis=1)
+        self.expert_tokens[co.ranks] += received.sum(axis=0)
+        rank_ms = self.expert_timer.forward_ms(received, active)
+        factor = BACKWARD_FACTOR + (1.0 if self.par.recompute == "full" else 0.0)
+        if tp == 1:
+            fwd = rank_ms
+        else:
+            fwd = rank_ms.reshape(m, lanes, tp).max(axis=2)
+            idle = (np.repeat(fwd, tp, axis=1) - rank_ms).sum(axis=0)
+            idle += (np.repeat(fwd * factor, tp, axis=1) - rank_ms * factor).sum(axis=0)
+            self.rec.rank_idle_ms[co.ranks] += idle  # every micro-batch, both directions
+        etp_ms = None
+        if etp > 1:
+            sizes = received.reshape(m, lanes, tp).max(axis=2) * self._act_bytes
+            bandwidth, latency = self._link_vectors([ln.ranks[:etp] for ln in co.lanes])
+            etp_ms = all_gather_ms(sizes, etp, bandwidth, latency)
+        return fwd, fwd * factor, etp_ms
+
+    # ---- pipeline transfers ----------------------------------------------------------------
+    def _send(
+        self, co: Cohort, to_vstage: int, mb: int, nbytes: np.ndarray, what: str, free: np.ndarray
+    ) -> None:
+        """Send every lane's activations (or gradients) to the same replica's lane of the
+        next (previous) stage; each lane's transfer starts when the lane is free."""
+        peer = self.cohorts[to_vstage % self.par.pp]
+        pairs = [[a.ranks[0], b.ranks[0]] for a, b in zip(co.lanes, peer.lanes, strict=True)]
+        arrive = free + p2p_ms(nbytes, *self._link_vectors(pairs))
+        self.rec.add_block(co.lane_ids, Kind.COMM_ASYNC, Op.P2P_SEND, free, arrive, -1, mb, nbytes)
+        target = self._event((what, to_vstage, mb))
+        trigger_at(target, arrive, max(0.0, float(arrive.max()) - self.env.now))
+
+    def _link_vectors(self, groups: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Bandwidth (GB/s) and latency (µs) of each group's slowest link, as arrays (one
+        entry per lane; cached by the groups)."""
+        key = tuple(map(tuple, groups))
+        found = self._links.get(key)
+        if found is None:
+            links = [link_for_group(g, self.hw.gpus_per_node, self.hw) for g in groups]
+            found = self._links[key] = (
+                np.array([ln.bandwidth_gbps for ln in links]),
+                np.array([ln.latency_us for ln in links]),
+            )
+        return found
+
+    # ---- data-parallel gradients and the optimizer -----------------------------------------
+    def _layer_grad_bytes(self, layer: int) -> tuple[float, float]:
+        found = self._layer_grads.get(layer)
+        if found is not None:
+            return found
+        sums = self._counts.layers([layer])
+        t, kv = self.par.tp, min(self.par.tp, self.model.kv_heads)
+        dense = (
+            (sums.attention - sums.attention_kv + sums.dense_mlp + sums.shared_experts) / t
+            + sums.attention_kv / kv
+            + sums.norms
+            + sums.router
+        )
+        expert = sums.routed_experts / (self.par.expert_tp * self.par.ep)
+        found = self._layer_grads[layer] = (dense * GRAD_BYTES, expert * GRAD_BYTES)
+        return found
+
+    def _add_layer_grads(self, co: Cohort, layer: int, buckets, state, ready: np.ndarray) -> None:
+        dense, expert = self._layer_grad_bytes(layer)
+        state["bytes"] += dense
+        state["expert_bytes"] += expert
+        if not self.par.overlap_communication:
+            return
+        if state["bytes"] + state["expert_bytes"] >= self.par.grad_bucket_mb * MIB:
+            self._flush_bucket(co, buckets, state, final=False, ready=ready)
+
+    def _flush_bucket(self, co: Cohort, buckets, state, final: bool, ready: np.ndarray) -> None:
+        if final:  # embedding / output layer gradients join the last bucket
+            dense, _ = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
+            state["bytes"] = max(state["bytes"], 0.0) + self._non_layer_grads(co.stage, dense)
+        if state["bytes"] or state["expert_bytes"]:
+            buckets.put((state["bytes"], state["expert_bytes"], ready))
+        state["bytes"] = state["expert_bytes"] = 0.0
+        if final:
+            buckets.put(None)
+
+    def _non_layer_grads(self, stage: int, dense_params: float) -> float:
+        layer_dense = sum(self._layer_grad_bytes(i)[0] for i in self.layout.stage_layers[stage])
+        return max(0.0, dense_params * GRAD_BYTES - layer_dense)
+
+    def _lane_groups(self, co: Cohort, kind: str) -> list[tuple[list[int], np.ndarray]]:
+        """The cohort's lanes by their ``kind`` group (of their first rank): (group, lane
+        positions), for groups of more than one GPU. DP and EDP groups lie inside a stage, so
+        every simulated member of a group is a lane of this cohort."""
+        by_first: dict[int, tuple[list[int], list[int]]] = {}
+        for pos, ln in enumerate(co.lanes):
+            group = self.layout.group_of(kind, ln.ranks[0])
+            by_first.setdefault(group[0], (group, []))[1].append(pos)
+        return [
+            (group, np.array(positions)) for group, positions in by_first.values() if len(group) > 1
+        ]
+
+    def _grad_stream(self, co: Cohort, buckets: simpy.Store):
+        """The cohort's communication streams (one per lane, FIFO): gradient buckets, one
+        collective at a time. Returns the lanes' stream clocks at the end."""
+        dp_groups = self._lane_groups(co, "dp")
+        edp_groups = self._lane_groups(co, "edp") if self.model.moe else []
+        kind_row = Kind.COMM_ASYNC if self.par.overlap_communication else Kind.COMM
+        free = np.zeros(len(co.lanes))
+        while True:
+            item = yield buckets.get()
+            if item is None:
+                return free
+            dense_bytes, expert_bytes, ready = item
+            for groups, size, op in (
+                (dp_groups, dense_bytes, Op.GRAD_REDUCE),
+                (edp_groups, expert_bytes, Op.EXPERT_GRAD_REDUCE),
+            ):
+                if groups and size > 0:
+                    start = np.maximum(ready, free)  # the bucket is ready, the stream is free
+                    ends = self._dp_collective(co, groups, size, op, start)
+                    yield self._reach(float(ends.max()))
+                    self.rec.add_block(co.lane_ids, kind_row, op, start, ends, -1, -1, size)
+                    free = ready = ends
+
+    def _dp_collective(
+        self, co: Cohort, groups, size: float, op: Op, start: np.ndarray
+    ) -> np.ndarray:
+        """One bucket's reduction over each of the cohort's DP (or EDP) groups: each starts
+        when its last member's stream is ready. Returns the lanes' end times."""
+        kind = "reduce_scatter" if self.par.distributed_optimizer else "all_reduce"
+        ends = np.empty(len(co.lanes))
+        for group, positions in groups:
+            key = (kind, int(op), size, group[0])
+            duration = self._collective_ms.get(key)
+            if duration is None:
+                duration = self._collective_ms[key] = collective_time_ms(
+                    kind, size, group, self.hw.gpus_per_node, self.hw, "hierarchical"
+                )
+            ends[positions] = float(start[positions].max()) + duration
+        return ends
+
+    def _param_gather(self, co: Cohort, start: np.ndarray, blocking: bool) -> float:
+        """Distributed optimizer: all-gather the updated bf16 parameters over DP (and EDP);
+        records a row per lane from ``start``, returns the duration."""
+        dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
+        bpe = DTYPE_BYTES[self.model.dtype]
+        hw, gpn, total = self.hw, self.hw.gpus_per_node, 0.0
+        first = co.lanes[0].ranks[0]
+        for kind, params in (("dp", dense), ("edp", expert)):
+            if kind == "edp" and not self.model.moe:
+                continue
+            group = self.layout.group_of(kind, first)
+            if len(group) > 1 and params > 0:
+                total += collective_time_ms(
+                    "all_gather", params * bpe, group, gpn, hw, "hierarchical"
+                )
+        if total:
+            self.rec.add_block(
+                co.lane_ids,
+                Kind.COMM if blocking else Kind.COMM_ASYNC,
+                Op.PARAM_GATHER,
+                start,
+                start + total,
+            )
+        return total
+
+    def _optimizer(self, co: Cohort, start_ms: float):
+        dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
+        if self.par.distributed_optimizer:
+            dense /= self.par.dp * self.par.cp
+            expert /= self.layout.edp or 1
+        start = np.full(len(co.lanes), start_ms)
+        end = start + optimizer_ms(self.plan, dense + expert)
+        self.rec.add_block(co.lane_ids, Kind.COMPUTE, Op.OPTIMIZER, start, end)
+        yield self._reach(float(end[0]))
+        if self.par.distributed_optimizer and not self.par.overlap_communication:
+            yield self._reach(float(end[0]) + self._param_gather(co, end, blocking=True))
+
+
+def _fixed(_payloads, duration_ms: float) -> tuple[float, None]:
+    """Rendezvous timing of a collective whose duration is known in advance."""
+    return duration_ms, None
+
+
+def check_supported(plan: Plan, layout: Layout) -> None:
+    """Raise :class:`EngineError` when the engine cannot simulate ``plan``."""
+    par = plan.parallel
+    check_common(plan, layout, "training")
+    if par.tp % par.expert_tp:
+        raise EngineError(f"ETP {par.expert_tp} must divide TP {par.tp} for the simulation")
+    if par.virtual_stages > 1 and par.schedule != "interleaved":
+        raise EngineError("virtual_stages > 1 needs schedule: interleaved")
+    if par.virtual_stages > 1 and any(n % par.virtual_stages for n in layout.layers_per_stage):
+        raise EngineError("layers per stage must divide evenly into virtual stages")

@@ -1,0 +1,1 @@
+"""Metric definitions: training (from the recorder) and serving (from the request book)."""

@@ -1,0 +1,220 @@
+"""Serving metrics: request latencies, throughput, goodput, KV cache, utilisation.
+
+:func:`simulate_serving` is the library entry point for ``workload.mode: inference`` (the
+counterpart of :func:`clustersim.run.simulate.simulate` for training): audit, build the
+requests, run :class:`clustersim.engine.serving.sim.ServingSim`, compute the metrics, judge the
+targets and claims.
+
+Metric definitions (times in ms; the window is from the first arrival to the last completion):
+
+* per request: TTFT = first token - arrival; end-to-end latency = last token - arrival;
+  TPOT = (last token - first token) / (output tokens - 1), for requests of 2+ output tokens;
+  ``latency_ms`` is the p50 end-to-end latency (the output contract), with p90 and p99, and
+  the same percentiles of TTFT and TPOT;
+* ``throughput_tokens_per_ms``: prompt + output tokens of completed requests / window (as in
+  training, every token processed); ``output_tokens_per_ms``: output tokens only;
+* ``goodput_requests_per_s``: completed requests meeting every per-request target the plan
+  sets (``targets.ttft_ms_max``, ``tpot_ms_max``, ``latency_ms_max``) per second of window;
+  ``slo_attainment_pct``: their share of all requests (rejected ones fail); both null without
+  such targets;
+* ``kv_cache_utilization_pct``: time-weighted blocks in use / blocks, mean over replicas
+  (within a run of decode steps the use grows linearly; the mean of its ends is taken);
+* ``gpu_utilization_pct``: compute time of a stage (its step work minus communication) /
+  window, mean over stages and replicas (replicas of one engine share its timeline);
+  ``comm_overhead_pct``: communication inside steps (TP all-reduces, all-to-alls, ETP
+  collectives, pipeline sends; none overlaps compute in this model) / window, same mean;
+  ``bubble_pct``: idle stage time inside rounds / round time (pipeline only);
+* ``mfu_pct``: model FLOPs (2 x active parameters per token, causal attention, logits of the
+  sampled rows) / (window x GPUs x peak);
+* ``load_balance_pct``, ``dropped_tokens_pct``: mean over routed tokens of the sampled
+  routing's mean / max expert load and dropped share;
+* ``mean_requests_in_system``: time average of waiting + running requests, integrated by the
+  engine (Little's law: = arrival rate x mean latency in steady state).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from clustersim.engine.serving.sim import ServingResult
+from clustersim.spec.schema import Plan
+
+PERCENTILES = (50, 90, 99)
+
+
+def request_columns(res: ServingResult) -> dict[str, np.ndarray]:
+    """Per-request columns: arrival, first token, finish (ms), tokens, replica, preemptions."""
+    book = res.book
+    return {
+        "arrival_ms": res.arrival_ms,
+        "first_token_ms": np.array(book.first_token_ms),
+        "finish_ms": np.array(book.finish_ms),
+        "prompt_tokens": np.array(book.prompt, dtype=np.int64),
+        "output_tokens": np.array(book.output, dtype=np.int64),
+        "replica": np.array(book.replica, dtype=np.int32),
+        "preemptions": np.array(book.preemptions, dtype=np.int32),
+        "rejected": res.rejected,
+    }
+
+
+def _percentiles(name: str, values: np.ndarray) -> dict[str, float | None]:
+    if values.size == 0:
+        return {f"{name}_p{p}": None for p in PERCENTILES}
+    found = np.percentile(values, PERCENTILES)
+    return {f"{name}_p{p}": float(v) for p, v in zip(PERCENTILES, found, strict=True)}
+
+
+def window_ms(res: ServingResult) -> float:
+    """From the first arrival to the last completion (0 when nothing completed)."""
+    if res.rejected.all():
+        return 0.0
+    return float(np.nanmax(res.book.finish_ms)) - float(res.arrival_ms.min())
+
+
+def serving_metrics(plan: Plan, res: ServingResult) -> dict[str, Any]:
+    """The output contract's ``metrics`` for a serving run (module docstring)."""
+    cols = request_columns(res)
+    done = ~res.rejected
+    window = window_ms(res)
+    metrics: dict[str, Any] = {"iteration_time_ms": None}
+    latencies = _latencies(cols, done)
+    metrics.update(latencies.pop("percentiles"))
+    metrics.update(_throughput(cols, done, window))
+    metrics.update(_goodput(plan, latencies, done.size, window))
+    metrics.update(_utilisation(plan, res, window))
+    metrics.update(_routing(res))
+    blocks = res.kv.num_blocks
+    metrics["kv_cache_utilization_pct"] = (
+        100 * float(res.kv_area.mean()) / (blocks * window) if window > 0 else None
+    )
+    metrics["kv_cache_utilization_peak_pct"] = 100 * float(res.kv_peak.max()) / blocks
+    metrics["preemptions"] = res.preemptions
+    metrics["rejected_requests"] = int(res.rejected.sum())
+    metrics["completed_requests"] = int(done.sum())
+    metrics["mean_requests_in_system"] = res.in_system_area / window if window > 0 else None
+    metrics["window_ms"] = window
+    return metrics
+
+
+def _latencies(cols: dict[str, np.ndarray], done: np.ndarray) -> dict[str, Any]:
+    """Per completed request: TTFT, TPOT (0 for one output token: such a request meets any
+    TPOT target, but stays out of the TPOT percentiles), end-to-end; and their percentiles."""
+    arrival, first, finish = cols["arrival_ms"], cols["first_token_ms"], cols["finish_ms"]
+    output = cols["output_tokens"]
+    e2e = (finish - arrival)[done]
+    ttft = (first - arrival)[done]
+    tpot = np.where(output > 1, (finish - first) / np.maximum(output - 1, 1), 0.0)[done]
+    out: dict[str, Any] = {}
+    e2e_pct = _percentiles("latency_ms", e2e)
+    out["latency_ms"] = e2e_pct.pop("latency_ms_p50")
+    out.update(e2e_pct)
+    out.update(_percentiles("ttft_ms", ttft))
+    out.update(_percentiles("tpot_ms", tpot[output[done] > 1]))
+    out["latency_ms_mean"] = float(e2e.mean()) if e2e.size else None
+    out["ttft_ms_mean"] = float(ttft.mean()) if ttft.size else None
+    return {"percentiles": out, "ttft": ttft, "tpot": tpot, "e2e": e2e}
+
+
+def _throughput(cols: dict[str, np.ndarray], done: np.ndarray, window: float) -> dict[str, Any]:
+    """Tokens (all, output) and requests of completed requests per unit of window."""
+    keys = (
+        "throughput_tokens_per_ms",
+        "throughput_tokens_per_s",
+        "output_tokens_per_ms",
+        "output_tokens_per_s",
+        "requests_per_s",
+    )
+    if window <= 0:
+        return dict.fromkeys(keys)
+    out_tokens = float(cols["output_tokens"][done].sum())
+    all_tokens = out_tokens + float(cols["prompt_tokens"][done].sum())
+    values = (
+        all_tokens / window,
+        all_tokens / window * 1e3,
+        out_tokens / window,
+        out_tokens / window * 1e3,
+        float(done.sum()) / window * 1e3,
+    )
+    return dict(zip(keys, values, strict=True))
+
+
+def _goodput(plan: Plan, lat: dict[str, Any], num_requests: int, window: float):
+    """Requests meeting every per-request target, per second and as a share of all."""
+    targets = plan.targets
+    limits = [
+        (lat["ttft"], targets.ttft_ms_max),
+        (lat["tpot"], targets.tpot_ms_max),
+        (lat["e2e"], targets.latency_ms_max),
+    ]
+    if all(limit is None for _, limit in limits) or window <= 0:
+        return {"goodput_requests_per_s": None, "slo_attainment_pct": None}
+    ok = np.ones(lat["e2e"].size, dtype=bool)
+    for values, limit in limits:
+        if limit is not None:
+            ok &= values <= limit
+    good = int(ok.sum())
+    return {
+        "goodput_requests_per_s": good / window * 1e3,
+        "slo_attainment_pct": 100 * good / num_requests,
+    }
+
+
+def _utilisation(plan: Plan, res: ServingResult, window: float) -> dict[str, float | None]:
+    """GPU utilisation, exposed communication, bubble and MFU (module docstring)."""
+    stages = plan.parallel.pp
+    if window <= 0:
+        return {
+            k: None
+            for k in (
+                "gpu_utilization_pct",
+                "comm_overhead_pct",
+                "comm_to_compute_pct",
+                "bubble_pct",
+                "mfu_pct",
+            )
+        }
+    compute = comm = busy = work = flops = 0.0
+    for members, stats in zip(res.engines, res.engine_stats, strict=True):
+        compute += stats.work_ms - stats.comm_ms
+        comm += stats.comm_ms
+        busy += len(members) * stats.busy_ms
+        work += stats.work_ms
+        flops += stats.flops
+    replicas = res.num_replicas
+    peak = plan.hardware.peak_tflops * 1e12 * plan.parallel.world_size
+    return {
+        "gpu_utilization_pct": 100 * compute / (stages * replicas * window),
+        "comm_overhead_pct": 100 * comm / (stages * replicas * window),
+        "comm_to_compute_pct": 100 * comm / compute if compute > 0 else None,
+        "bubble_pct": 100 * (stages * busy - work) / (stages * busy) if busy > 0 else None,
+        "mfu_pct": 100 * flops / (window / 1e3 * peak),
+    }
+
+
+def _routing(res: ServingResult) -> dict[str, float | None]:
+    tokens = sum(s.moe_tokens for s in res.engine_stats)
+    if tokens <= 0:
+        return {"load_balance_pct": None, "dropped_tokens_pct": None}
+    balance = sum(s.balance_weighted for s in res.engine_stats) / tokens
+    dropped = sum(s.dropped_weighted for s in res.engine_stats) / tokens
+    return {"load_balance_pct": balance, "dropped_tokens_pct": dropped}
+
+
+def breakdown(plan: Plan, res: ServingResult) -> dict[str, float]:
+    """Mean time per GPU (ms) computing, communicating, in pipeline bubbles and idle."""
+    stages, window = plan.parallel.pp, window_ms(res)
+    per_gpu = stages * res.num_replicas
+    compute = sum(s.work_ms - s.comm_ms for s in res.engine_stats) / per_gpu
+    comm = sum(s.comm_ms for s in res.engine_stats) / per_gpu
+    busy = (
+        sum(len(m) * s.busy_ms for m, s in zip(res.engines, res.engine_stats, strict=True))
+        / res.num_replicas
+    )
+    return {
+        "compute": compute,
+        "communication": comm,
+        "pipeline_bubble": max(0.0, busy - compute - comm),
+        "idle": max(0.0, window - busy),
+    }

@@ -1,0 +1,251 @@
+"""One verdict for a plan: the single evaluation path behind check, run, compare, search, replay.
+
+:func:`evaluate` audits the plan and, unless ``static``, simulates it (training or serving).
+A plan whose expert layout does not fold (EP x ETP) only because of ETP is simulated with the
+nearest valid folding (``parallel.etp: 1``): the folding error stays a finding, and the
+folding is listed among the :class:`Verdict`'s assumptions. Targets and simulated claims are
+judged by :func:`clustersim.audit.judge.judge` on the plan as written; claims that neither
+the audit nor the simulation decides are listed in ``unchecked``. Every verdict lists the
+assumptions it used that the plan did not state (arrival process and rate, request count,
+lengths, routing skew, ETP folding, the calibration data set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from clustersim.audit.checks import METRIC_KEYS, AuditReport, audit
+from clustersim.audit.findings import Finding
+from clustersim.audit.fixes import folding_fix
+from clustersim.audit.judge import SERVING_FIX, TRAINING_FIX, judge, target_table
+from clustersim.engine.errors import EngineError
+from clustersim.layout import Layout
+from clustersim.run.serving import simulate_serving
+from clustersim.run.simulate import simulate
+from clustersim.spec.schema import Plan
+
+FOLDING_NOTE = "simulated with parallel.etp: 1"
+
+
+@dataclass(frozen=True)
+class Assumption:
+    """A value the verdict used that the plan did not state: where, what, and why it matters."""
+
+    field: str
+    value: Any
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"field": self.field, "value": self.value, "note": self.note}
+
+    def text(self) -> str:
+        """One line for a table or a document."""
+        note = f" ({self.note})" if self.note else ""
+        return f"{self.field}: {_show(self.value)}{note}"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items() if v is not None)
+    return str(value)
+
+
+@dataclass
+class Verdict:
+    """The one result of evaluating a plan.
+
+    ``report`` is the audit as shown (its findings, undecided items, metrics and notes are the
+    verdict's; its layout is the one the metrics came from), ``run`` the simulation report
+    (training ``RunReport`` or ``ServingReport``; None when static or not simulable).
+    """
+
+    plan: Plan
+    report: AuditReport
+    run: Any = None
+    simulated_plan: Plan | None = None
+
+    @property
+    def assumptions(self) -> list[Assumption]:
+        """What the verdict used that the plan did not state."""
+        return self.report.assumptions
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Constraints, claims and targets, static and simulated."""
+        return self.report.findings
+
+    @property
+    def unchecked(self) -> list[str]:
+        """Claims and targets nothing decided."""
+        return self.report.unchecked
+
+    @property
+    def metrics(self) -> dict[str, Any] | None:
+        """Simulated metrics (None when not simulated)."""
+        return self.report.metrics
+
+    @property
+    def layout(self) -> Layout:
+        """The layout the memory and metrics came from."""
+        return self.report.layout
+
+    @property
+    def note(self) -> str:
+        """How the plan was (or was not) simulated."""
+        return self.report.simulation_note
+
+    @property
+    def errors(self) -> int:
+        """Error findings."""
+        return sum(f.severity == "error" for f in self.findings)
+
+    @property
+    def has_errors(self) -> bool:
+        """Whether the plan needs modification."""
+        return self.errors > 0
+
+    @property
+    def exit_code(self) -> int:
+        """0: no errors; 1: the plan needs modification."""
+        return 1 if self.has_errors else 0
+
+    def targets(self) -> dict[str, dict[str, Any]]:
+        """Every target the plan sets: limit, value, passed (None = undecided)."""
+        return target_table(self.plan, self.metrics, self.report.memory)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of the output contract (the same for every verb)."""
+        out = self.report.to_dict()
+        out["metrics"] = self.metrics or dict.fromkeys(METRIC_KEYS)
+        out["targets"] = self.targets()
+        out["errors"] = self.errors
+        out["exit_code"] = self.exit_code
+        if self.run is not None:
+            out.update({k: v for k, v in self.run.to_dict().items() if k not in out})
+        return out
+
+
+def evaluate(
+    plan: Plan,
+    static: bool = False,
+    progress: Callable[[float], None] | None = None,
+    trace: Path | None = None,
+    simulator: Callable[..., Any] | None = None,
+) -> Verdict:
+    """Audit ``plan`` and, unless ``static``, simulate it; the one verdict every verb prints.
+
+    ``trace`` also writes the simulation's Arrow trace. ``simulator(plan, progress, trace)``
+    replaces :func:`simulate_any` (``replay`` simulates a recorded workload). Raises OSError
+    when the trace cannot be written; a plan the engine cannot simulate keeps null metrics and
+    says why.
+    """
+    report = audit(plan)
+    repaired = None
+    if plan.model.moe is not None and not report.layout.expert_folding_ok:
+        repaired = folding_fix(plan)
+    target = repaired or plan
+    shown = replace(report, findings=list(report.findings), unchecked=list(report.unchecked))
+    if repaired is not None:
+        shown.layout = Layout(repaired)
+    shown.assumptions = assumptions_for(plan, static, repaired)
+    verdict = Verdict(plan, shown)
+    if static:
+        shown.simulation_note = "not simulated (--static)"
+        return verdict
+    try:
+        run = (simulator or simulate_any)(target, progress, trace)
+    except (EngineError, ValueError) as exc:
+        shown.simulation_note = f"not simulated: {exc}"
+        return verdict
+    static_keys = {(f.node, f.message) for f in shown.findings}
+    if repaired is not None:  # counts that exist only once the layout folds (EP groups)
+        nodes = {f.node for f in shown.findings}
+        shown.findings += [
+            f for f in run.audit.findings if f.node.startswith("claims.") and f.node not in nodes
+        ]
+        shown.unchecked = [u for u in shown.unchecked if u not in FOLDING_CLAIMS]
+        shown.simulation_note = FOLDING_NOTE
+    fix = SERVING_FIX if plan.workload.mode == "inference" else TRAINING_FIX
+    shown.findings += [
+        f for f in judge(plan, run.metrics, fix) if (f.node, f.message) not in static_keys
+    ]
+    shown.unchecked = [u for u in shown.unchecked if u in FOLDING_CLAIMS or u in run.unchecked]
+    shown.metrics = run.metrics
+    run.audit, run.findings, run.unchecked = shown, shown.findings, shown.unchecked
+    verdict.run, verdict.simulated_plan = run, target
+    return verdict
+
+
+# claims the audit can only count on a layout that folds
+FOLDING_CLAIMS = ("claims.ep_groups",)
+
+
+def simulate_any(
+    plan: Plan, progress: Callable[[float], None] | None = None, trace: Path | None = None
+):
+    """Simulate a training iteration or, for ``workload.mode: inference``, the request stream.
+    Here the training/serving choice is made once."""
+    if plan.workload.mode == "inference":
+        return simulate_serving(plan, progress, trace)
+    return simulate(plan, progress, trace)
+
+
+def assumptions_for(plan: Plan, static: bool, repaired: Plan | None) -> list[Assumption]:
+    """The values a verdict uses that the plan does not state."""
+    out: list[Assumption] = []
+    wl = plan.workload
+    if repaired is not None:
+        out.append(
+            Assumption(
+                "parallel.etp",
+                1,
+                f"EP {plan.parallel.ep} x ETP {plan.parallel.expert_tp} does not fold: memory"
+                + ("" if static else ", layout and metrics")
+                + " use the nearest valid folding",
+            )
+        )
+    elif plan.model.moe is not None and "etp" not in plan.parallel.model_fields_set:
+        out.append(Assumption("parallel.etp", plan.parallel.expert_tp, "default: = tp"))
+    if wl.mode == "inference":
+        req = wl.requests
+        given = req.model_fields_set if "requests" in wl.model_fields_set else set()
+        if req.arrival != "trace":
+            if not static:
+                for name, note in (
+                    ("arrival", "arrival process"),
+                    ("rate_per_s", "requests per second"),
+                    ("num", "requests simulated"),
+                ):
+                    if name not in given:
+                        value = getattr(req, name)
+                        out.append(Assumption(f"workload.requests.{name}", value, note))
+            for name in ("prompt_len", "output_len"):
+                if name not in given:
+                    spec = getattr(req, name).model_dump(exclude_none=True)
+                    out.append(Assumption(f"workload.requests.{name}", spec, "default length"))
+    elif "seq_len" not in wl.model_fields_set:
+        out.append(
+            Assumption(
+                "workload.seq_len", wl.seq_len.model_dump(exclude_none=True), "default length"
+            )
+        )
+    moe = plan.model.moe
+    sampled = moe is not None and moe.routing == "sampled"
+    if not static and sampled and "router_skew" not in moe.model_fields_set:
+        out.append(Assumption("model.moe.router_skew", moe.router_skew, "routing skew"))
+    cal = plan.hardware.calibration
+    out.append(
+        Assumption(
+            "hardware.calibration",
+            {"generation": cal.generation, "source": cal.source or None},
+            "calibration data set of the cost model",
+        )
+    )
+    return out
+
+
+__all__ = ["Assumption", "Verdict", "assumptions_for", "evaluate", "simulate_any"]

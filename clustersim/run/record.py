@@ -1,0 +1,325 @@
+"""Recording a simulated iteration as a trace: the glue between the engine and the trace format.
+
+:class:`TraceSink` turns the recorder's column chunks into trace rows (engine op codes to trace
+op names, the lane's first GPU, the process group of each collective) and writes the workload
+(sequence lengths), every routing outcome and the run summary. :class:`RecordingRouting` wraps
+the plan's routing source so that every (layer, micro-batch, EP group) routed is recorded.
+
+Serving runs are recorded by :func:`write_serving_trace` (every request's lifecycle, the
+per-engine and per-replica accumulators, the plan).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clustersim import __version__
+from clustersim.analyze.serving import ENGINE_FIELDS, REPLICA_FIELDS, RUN_FIELDS
+from clustersim.engine.recorder import Kind, Op, Recorder
+from clustersim.engine.serving.sim import ServingResult
+from clustersim.engine.training.moe import (
+    Dispatch,
+    DispatchBatch,
+    RoutingSource,
+    dispatch_many,
+    dispatch_one,
+)
+from clustersim.engine.training.sim import Lane, SimResult, TrainingSim
+from clustersim.layout import Layout
+from clustersim.spec.schema import Plan
+from clustersim.trace import schema as S
+from clustersim.trace.writer import TraceWriter
+
+# The process group each collective runs over (the ``group`` column indexes
+# ``Layout.groups(kind)``); p2p sends name the pipeline group of the sender.
+OP_GROUP_KIND = {
+    "tp_comm": "tp",
+    "a2a_dispatch": "ep",
+    "a2a_combine": "ep",
+    "etp_comm": "etp",
+    "p2p_send": "pp",
+    "grad_reduce": "dp",
+    "expert_grad_reduce": "edp",
+    "param_gather": "dp",
+}
+KIND_TO_TRACE = np.array([S.KIND_CODE[k.name.lower()] for k in Kind], dtype=np.int8)
+OP_TO_TRACE = np.array([S.OP_CODE[o.name.lower()] for o in Op], dtype=np.int8)
+
+
+def default_trace_path(plan: Plan, root: Path | None = None) -> Path:
+    """``traces/<plan name>-seed<seed>.arrow`` under ``root`` (default: the working directory)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in plan.name)
+    return (root or Path.cwd()) / "traces" / f"{safe}-seed{plan.seed}.arrow"
+
+
+def group_table(layout: Layout, lanes: list[Lane]) -> np.ndarray:
+    """``table[engine op, lane]``: index of the op's process group holding the lane's first
+    GPU in ``layout.groups(kind)``; -1 for ops that are not collectives."""
+    table = np.full((len(Op), max(len(lanes), 1)), -1, dtype=np.int32)
+    for op in Op:
+        kind = OP_GROUP_KIND.get(op.name.lower())
+        if kind is None:
+            continue
+        where = {r: i for i, grp in enumerate(layout.groups(kind)) for r in grp}
+        for lane in lanes:
+            table[op, lane.index] = where.get(lane.ranks[0], -1)
+    return table
+
+
+def run_metadata(plan: Plan, layout: Layout, lanes: list[Lane], symmetric: bool) -> dict:
+    """The ``clustersim.run`` metadata: lanes, the lane (and TP slot) each GPU follows."""
+    simulated_dp = 1 if symmetric else plan.parallel.dp
+    lane_at = {(ln.stage, ln.dp): ln.index for ln in lanes}
+    gpu_lane, gpu_slot = [], []
+    for rank in range(layout.world_size):
+        c = layout.coords(rank)
+        gpu_lane.append(lane_at[(c.pp, c.dp if c.dp < simulated_dp else 0)])
+        gpu_slot.append(c.tp)
+    ep_groups = layout.groups("ep") if plan.model.moe else []
+    return {
+        "mode": "training",
+        "time_unit": "s",
+        "symmetric": symmetric,
+        "simulated_dp": simulated_dp,
+        "lanes": [
+            {"index": ln.index, "stage": ln.stage, "dp": ln.dp, "ranks": ln.ranks} for ln in lanes
+        ],
+        "gpu_lane": gpu_lane,
+        "gpu_slot": gpu_slot,
+        "num_ep_groups": len(ep_groups),
+        "ep_groups_per_stage": len(ep_groups) // plan.parallel.pp,
+        "op_groups": OP_GROUP_KIND,
+        "clustersim_version": __version__,
+        "created_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+class TraceSink:
+    """Writes one simulated iteration into an open :class:`TraceWriter`."""
+
+    def __init__(self, writer: TraceWriter, layout: Layout, lanes: list[Lane]):
+        self.writer = writer
+        self._gpu = np.array([ln.ranks[0] for ln in lanes], dtype=np.int32)
+        self._replica = np.array([ln.dp for ln in lanes], dtype=np.int32)
+        self._group = group_table(layout, lanes)
+
+    def events(self, chunk: dict[str, np.ndarray]) -> None:
+        """A recorder chunk as one record batch (the recorder's ``sink``)."""
+        lane, op = chunk["lane"], chunk["op"]
+        ints = {
+            "lane": lane,
+            "gpu": self._gpu[lane],
+            "group": self._group[op, lane],
+            "replica": self._replica[lane],
+            "layer": chunk["layer"],
+            "microbatch": chunk["microbatch"],
+        }
+        self.writer.write_events(
+            KIND_TO_TRACE[chunk["kind"]],
+            OP_TO_TRACE[op],
+            chunk["start_ms"] / 1e3,
+            chunk["end_ms"] / 1e3,
+            ints,
+            chunk["bytes"],
+        )
+
+    def workload(self, seq_lens: list[list[np.ndarray]]) -> None:
+        """The sequence lengths of every micro-batch of every replica."""
+        lens = np.array(seq_lens, dtype=np.float64)  # (replicas, micro-batches, sequences)
+        replicas, mbs = lens.shape[:2]
+        self.writer.add_rows(
+            "workload",
+            "seq_lens",
+            layer=np.full(replicas * mbs, -1),
+            microbatch=np.tile(np.arange(mbs), replicas),
+            group=np.full(replicas * mbs, -1),
+            replica=np.repeat(np.arange(replicas), mbs),
+            value=lens.sum(axis=2).ravel(),
+            values=lens.reshape(replicas * mbs, -1),
+        )
+
+    def route_batch(
+        self, layer: int, mbs: np.ndarray, groups: np.ndarray, tokens: np.ndarray, d: DispatchBatch
+    ) -> None:
+        """A batch of routing outcomes (rows ``i``: micro-batch ``mbs[i]``, EP group
+        ``groups[i]``, global index), one row per outcome and quantity, written column-wise."""
+        n = len(mbs)
+        where = {"layer": np.full(n, layer), "microbatch": mbs, "group": groups}
+        add = self.writer.add_rows
+        add("route", "member_tokens", values=tokens, **where)
+        add("route", "a2a_tokens", values=d.a2a_tokens.reshape(n, -1), **where)
+        add("route", "received_tokens", values=d.received_tokens, **where)
+        add("route", "active_experts", values=d.active_experts, **where)
+        add("route", "expert_tokens", values=d.tokens_per_expert, **where)
+        add("route", "dropped_tokens", value=d.dropped_tokens, **where)
+        add("route", "routed_tokens", value=d.routed_tokens, **where)
+
+    def summary(self, result: SimResult, rank_idle_ms: np.ndarray) -> None:
+        """Whole-run figures: iteration end, pipeline end, per-GPU expert idle time (s)."""
+        add = self.writer.add_row
+        add("summary", "iteration", start_s=0.0, end_s=result.iteration_time_ms / 1e3)
+        add("summary", "pipeline", start_s=0.0, end_s=result.pipeline_end_ms / 1e3)
+        add("summary", "expert_idle", values=np.asarray(rank_idle_ms) / 1e3)
+
+
+class RecordingRouting:
+    """A routing source that records every outcome it hands out (the engine routes every
+    layer, micro-batch and EP group through it)."""
+
+    def __init__(self, inner: RoutingSource, num_groups: int, sink: TraceSink | None = None):
+        self.inner, self.num_groups, self.sink = inner, num_groups, sink
+
+    @property
+    def elapsed_s(self) -> float:
+        """Wall time the wrapped source spent routing."""
+        return getattr(self.inner, "elapsed_s", 0.0)
+
+    def dispatch(self, layer: int, key: int, tokens_per_member: np.ndarray) -> Dispatch:
+        """Route one outcome through the wrapped source and record it."""
+        return dispatch_one(self, layer, key, tokens_per_member)
+
+    def dispatch_many(self, layer: int, keys: np.ndarray, tokens: np.ndarray) -> DispatchBatch:
+        """Route a batch through the wrapped source and record every row."""
+        out = dispatch_many(self.inner, layer, keys, tokens)
+        mbs, groups = np.divmod(np.asarray(keys), self.num_groups)
+        self.sink.route_batch(layer, mbs, groups, np.asarray(tokens), out)
+        return out
+
+
+def simulate_traced(
+    plan: Plan,
+    rec: Recorder,
+    seq_lens: list[list[np.ndarray]],
+    routing: RoutingSource | None,
+    symmetric: bool,
+    progress: Callable[[float], None] | None,
+    path: Path,
+) -> tuple[SimResult, dict]:
+    """Run the engine with every row streamed into a trace at ``path`` (written atomically).
+    Returns the result and ``{"path", "rows", "bytes"}`` of the trace."""
+    layout = Layout(plan)
+    num_groups = len(layout.groups("ep")) if plan.model.moe else 0
+    recording = RecordingRouting(routing, num_groups) if routing is not None else None
+    sim = TrainingSim(plan, rec, seq_lens, recording, symmetric, progress)
+    meta = S.encode_metadata(
+        plan.model_dump(mode="json"), plan.seed, run_metadata(plan, layout, sim.lanes, symmetric)
+    )
+    with TraceWriter(path, meta) as writer:
+        sink = TraceSink(writer, layout, sim.lanes)
+        sink.workload(seq_lens)
+        if recording is not None:
+            recording.sink = sink
+        rec.sink = sink.events
+        result = sim.run()
+        rec.flush()
+        rec.sink = None
+        sink.summary(result, rec.rank_idle_ms)
+    return result, {"path": str(path), "rows": writer.rows_written, "bytes": writer.bytes_written}
+
+
+# ---- writing ---------------------------------------------------------------------------------
+def serving_run_metadata(plan: Plan, result: ServingResult) -> dict[str, Any]:
+    """The ``clustersim.run`` metadata of a serving trace."""
+    return {
+        "mode": "inference",
+        "time_unit": "s",
+        "num_requests": int(result.arrival_ms.size),
+        "replicas": result.num_replicas,
+        "engines": [list(m) for m in result.engines],
+        "kv_cache": dataclasses.asdict(result.kv),
+        "engine_fields": list(ENGINE_FIELDS),
+        "replica_fields": list(REPLICA_FIELDS),
+        "run_fields": list(RUN_FIELDS),
+        "clustersim_version": __version__,
+        "created_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def _s(ms: float) -> float | None:
+    return None if math.isnan(ms) else ms / 1e3
+
+
+def write_serving_trace(path: Path, plan: Plan, result: ServingResult) -> dict[str, Any]:
+    """Write ``result`` (a finished serving run of ``plan``) to ``path`` atomically. Returns
+    ``{"path", "rows", "bytes"}``."""
+    meta = S.encode_metadata(
+        plan.model_dump(mode="json"), plan.seed, serving_run_metadata(plan, result)
+    )
+    book = result.book
+    arrival = result.arrival_ms.tolist()
+    rejected = result.rejected.tolist()
+    with TraceWriter(path, meta) as writer:
+        add = writer.add_row
+        for i, (t0, rej) in enumerate(zip(arrival, rejected, strict=True)):
+            first, finish = book.first_token_ms[i], book.finish_ms[i]
+            if rej:
+                first = finish = math.nan
+            replica, arr_s, first_s, finish_s = book.replica[i], t0 / 1e3, _s(first), _s(finish)
+            add(
+                "request",
+                "prefill",
+                replica=replica,
+                microbatch=i,
+                start_s=arr_s,
+                end_s=first_s,
+                value=float(book.prompt[i]),
+            )
+            add(
+                "request",
+                "decode",
+                replica=replica,
+                microbatch=i,
+                start_s=first_s,
+                end_s=finish_s,
+                value=float(book.output[i]),
+            )
+            add(
+                "request",
+                "request_done",
+                replica=replica,
+                microbatch=i,
+                start_s=arr_s,
+                end_s=finish_s,
+                value=float(book.preemptions[i]),
+                values=np.array([t0, first, finish]),
+            )
+        for e, stats in enumerate(result.engine_stats):
+            add(
+                "summary",
+                "serving_engine",
+                group=e,
+                values=np.array([float(getattr(stats, f)) for f in ENGINE_FIELDS]),
+            )
+        for r in range(result.num_replicas):
+            add(
+                "summary",
+                "serving_replica",
+                replica=r,
+                values=np.array([float(result.kv_area[r]), float(result.kv_peak[r])]),
+            )
+        done = ~result.rejected
+        first_s = float(result.arrival_ms.min()) / 1e3 if arrival else 0.0
+        last_s = float(np.nanmax(result.book.finish_ms)) / 1e3 if done.any() else first_s
+        add(
+            "summary",
+            "serving_run",
+            start_s=first_s,
+            end_s=last_s,
+            value=float(result.arrival_ms.size),
+            values=np.array(
+                [
+                    float(result.in_system_area),
+                    float(result.events),
+                    float(result.preemptions),
+                    float(result.routing_s),
+                ]
+            ),
+        )
+    return {"path": str(path), "rows": writer.rows_written, "bytes": writer.bytes_written}
