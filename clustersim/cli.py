@@ -197,7 +197,8 @@ def _window(text: str | None) -> tuple[float, float] | None:
     "collective and group, exposed communication, bubble, the critical path of the iteration, "
     "expert load per layer (the same metrics `run` printed). Streams the file, so traces "
     "larger than memory work. --perfetto writes Chrome/Perfetto trace JSON (ui.perfetto.dev); "
-    "--plot draws a timeline of --window, an expert-load heatmap and utilisation bars "
+    "--plot draws a timeline of --window, an expert-load heatmap and utilisation bars (serving: "
+    "every request and the continuous batch over time) "
     "(needs matplotlib: pip install 'clustersim[plot]'). Exit code 2: unusable trace."
 )
 def analyze(
@@ -229,11 +230,6 @@ def analyze(
         except PlotError as exc:
             raise _fail(str(exc)) from None
     try:
-        if plot is not None:
-            from clustersim.analyze.serving import is_serving_trace
-
-            if is_serving_trace(trace_file):
-                raise _fail(f"{trace_file}: --plot needs a training trace (this one is serving)")
         with ProgressBar("analysing") as bar:
             result = analyse_trace(
                 trace_file, (span or (0.0, float("inf"))) if plot else None, progress=bar.update
@@ -244,9 +240,12 @@ def analyze(
             count = export_perfetto(trace_file, perfetto, span)
             typer.echo(f"wrote {perfetto} ({count} events)", err=True)
         if plot is not None:
-            from clustersim.analyze.plots import plot_analysis
+            from clustersim.analyze.plots import plot_analysis, plot_serving
 
-            plot_analysis(result, plot)
+            if getattr(result, "mode", None) == "inference":
+                plot_serving(result, plot, span)
+            else:
+                plot_analysis(result, plot)
             typer.echo(f"wrote {plot}", err=True)
     except TraceError as exc:
         raise _fail(str(exc)) from None

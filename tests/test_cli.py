@@ -197,6 +197,11 @@ def test_serving_trace_run_analyze_replay(tmp_path):
     assert analysed["throughput_tokens_per_ms"] == ran["throughput_tokens_per_ms"]
     replayed = invoke("replay", str(trace), "--json")
     assert replayed.exit_code in (0, 1), replayed.output
-    assert invoke("analyze", str(trace), "--plot", str(tmp_path / "x.png")).exit_code == 2
+    png, perfetto = tmp_path / "x.png", tmp_path / "x.json"
+    exported = invoke("analyze", str(trace), "--plot", str(png), "--perfetto", str(perfetto))
+    assert exported.exit_code == 0, exported.output
+    assert png.stat().st_size > 10_000
+    events = json.loads(perfetto.read_text())["traceEvents"]
+    assert {"prefill", "decode", "requests"} <= {e["name"] for e in events}
     refused = invoke("replay", str(trace), "--set", "workload.requests.rate_per_s=99")
     assert refused.exit_code == 2 and "Traceback" not in refused.output

@@ -237,10 +237,25 @@ def test_same_plan_same_bytes_but_the_timestamp(tmp_path):
     assert ra == rb
 
 
-def test_perfetto_export_refuses_a_serving_trace(traced, tmp_path):
+def test_perfetto_export_of_a_serving_trace(traced, tmp_path):
+    """Each completed request gives a prefill and a decode slice on its replica's tracks (no
+    two overlapping on one track); the counters are the continuous batch over time."""
+    import json
+
     from clustersim.analyze.perfetto import export_perfetto
 
-    _report, path = traced["dense"]
-    with pytest.raises(TraceError, match="training trace"):
-        export_perfetto(path, tmp_path / "x.json", None)
-    assert not (tmp_path / "x.json").exists()
+    report, path = traced["dense"]
+    count = export_perfetto(path, tmp_path / "x.json", None)
+    events = json.loads((tmp_path / "x.json").read_text())["traceEvents"]
+    slices = [e for e in events if e["ph"] == "X"]
+    done = int((~report.result.rejected).sum())
+    assert len(slices) == 2 * done and count == len(slices) + sum(e["ph"] == "C" for e in events)
+    tracks: dict = {}
+    for e in sorted(slices, key=lambda e: e["ts"]):
+        key = (e["pid"], e["tid"])
+        assert e["ts"] >= tracks.get(key, -1.0) - 1e-6
+        tracks[key] = e["ts"] + e["dur"]
+    peak = max(e["args"]["decode"] for e in events if e["ph"] == "C")
+    assert (
+        1 <= peak <= report.audit.plan.workload.requests.max_batch_size * report.result.num_replicas
+    )

@@ -96,7 +96,9 @@ def test_even_routing_is_perfectly_balanced():
 def test_static_lists_an_ep_groups_claim_it_cannot_count():
     """EP groups exist only on a layout that folds: --static lists the claim as undecided;
     simulated (with the nearest valid folding) it is decided, and the folding is assumed."""
-    plan = load_plan(SEEDS / "000_current.yaml", ["claims.ep_groups=7"])
+    plan = load_plan(
+        SEEDS / "000_current.yaml", ["claims.ep_groups=7", "parallel.num_microbatches=2"]
+    )
     static = evaluate(plan, static=True)
     assert "claims.ep_groups" in static.unchecked
     assert "claims.ep_groups" not in {f.node for f in static.findings}

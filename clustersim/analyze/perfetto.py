@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clustersim.analyze.serving import analyze_serving, in_system_steps, is_serving_trace
 from clustersim.analyze.stream import time_ordered
 from clustersim.analyze.training import RunFacts
 from clustersim.trace import schema as S
@@ -39,7 +40,10 @@ def _stream(kind: int, op: int) -> int:
 def export_perfetto(
     path: str | Path, out: str | Path, window_ms: tuple[float, float] | None = None
 ) -> int:
-    """Write ``out``; returns the number of trace events written (one per row and GPU)."""
+    """Write ``out``; returns the number of trace events written (one per row and GPU; for a
+    serving trace, one per request phase and counter sample)."""
+    if is_serving_trace(path):
+        return export_serving_perfetto(path, out, window_ms)
     out = Path(out)
     tmp = partial_path(out)
     written = 0
@@ -143,3 +147,72 @@ def _event_lines(chunk, facts: RunFacts, ends, window_ms) -> list[str]:
             tid = _tid(g, stream, sub)
             lines.append(f'{head}"pid": {g // gpn}, "tid": {tid}, "args": {args}}}')
     return lines
+
+
+def export_serving_perfetto(
+    path: str | Path, out: str | Path, window_ms: tuple[float, float] | None = None
+) -> int:
+    """A serving trace as trace-event JSON: one process per replica, each request's ``prefill``
+    (arrival to first token, waiting included) and ``decode`` (first token to finish) slices on
+    the first free track of its replica, and counters of the requests in prefill and in decode
+    (the continuous batch) over time."""
+    cols = analyze_serving(path).requests
+    lo, hi = window_ms or (-np.inf, np.inf)
+    out = Path(out)
+    tmp = partial_path(out)
+    events: list[str] = []
+    done = np.flatnonzero(~cols["rejected"])
+    free: dict[int, list[float]] = {}  # replica -> end time of each track
+    for rid in done[np.argsort(cols["arrival_ms"][done], kind="stable")]:
+        arrival, first = float(cols["arrival_ms"][rid]), float(cols["first_token_ms"][rid])
+        finish, replica = float(cols["finish_ms"][rid]), int(cols["replica"][rid])
+        tracks = free.setdefault(replica, [])
+        tid = next((i for i, end in enumerate(tracks) if end <= arrival), len(tracks))
+        tracks[tid : tid + 1] = [finish]
+        if finish < lo or arrival > hi:
+            continue
+        for name, a, b in (("prefill", arrival, first), ("decode", first, finish)):
+            events.append(
+                json.dumps(
+                    {
+                        "name": name,
+                        "ph": "X",
+                        "pid": replica,
+                        "tid": tid,
+                        "ts": a * 1e3,
+                        "dur": max(b - a, 0.0) * 1e3,
+                        "args": {"request": int(rid)},
+                    }
+                )
+            )
+    times, prefill, decode = in_system_steps(cols)
+    for t, p, d in zip(times, prefill, decode, strict=True):
+        if lo <= t <= hi:
+            events.append(
+                json.dumps(
+                    {
+                        "name": "requests",
+                        "ph": "C",
+                        "pid": -1,
+                        "ts": float(t) * 1e3,
+                        "args": {"prefill": int(p), "decode": int(d)},
+                    }
+                )
+            )
+    names = [
+        json.dumps({"ph": "M", "name": "process_name", "pid": r, "args": {"name": f"replica {r}"}})
+        for r in sorted(free)
+    ]
+    names.append(
+        json.dumps({"ph": "M", "name": "process_name", "pid": -1, "args": {"name": "batch"}})
+    )
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write('{"displayTimeUnit": "ms", "traceEvents": [\n')
+            f.write(",\n".join(names + events))
+            f.write("\n]}\n")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return len(events)

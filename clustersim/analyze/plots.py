@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clustersim.analyze.serving import ServingTraceAnalysis, in_system_steps
 from clustersim.analyze.training import TraceAnalysis
 from clustersim.trace import schema as S
 
@@ -39,6 +40,41 @@ def plot_analysis(analysis: TraceAnalysis, out: str | Path) -> Path:
     if heat:
         _heatmap(fig, axes[1], analysis)
     _utilisation(axes[-1], analysis)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_serving(
+    analysis: ServingTraceAnalysis, out: str | Path, window_ms: tuple[float, float] | None = None
+) -> Path:
+    """A serving trace in one PNG: every request over time (prefill, waiting included, then
+    decode; one row per request, by arrival) and the continuous batch over time (requests in
+    prefill and in decode)."""
+    plt = require_pyplot()
+    cols = analysis.requests
+    done = np.flatnonzero(~cols["rejected"])
+    if done.size == 0:
+        raise PlotError(f"{analysis.path}: no request completed, nothing to draw")
+    done = done[np.argsort(cols["arrival_ms"][done], kind="stable")]
+    arrival, first, finish = (cols[k][done] for k in ("arrival_ms", "first_token_ms", "finish_ms"))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(14, 9), sharex=True)
+    y = np.arange(done.size)
+    top.hlines(y, arrival, first, colors="tab:orange", linewidth=1, label="prefill (with waiting)")
+    top.hlines(y, first, finish, colors="tab:blue", linewidth=1, label="decode")
+    top.set_ylabel("request (by arrival)")
+    top.set_title(f"{analysis.plan_name}: {done.size} requests (seed {analysis.seed})")
+    top.legend(loc="upper left")
+    times, prefill, decode = in_system_steps(cols)
+    bottom.step(times, prefill, where="post", color="tab:orange", label="in prefill")
+    bottom.step(times, decode, where="post", color="tab:blue", label="in decode (batch)")
+    bottom.set_ylabel("requests")
+    bottom.set_xlabel("time (ms)")
+    bottom.legend(loc="upper left")
+    if window_ms is not None:
+        bottom.set_xlim(max(window_ms[0], 0.0), min(window_ms[1], float(finish.max())))
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=110)

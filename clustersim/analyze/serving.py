@@ -171,6 +171,7 @@ class ServingTraceAnalysis:
     serving: dict[str, Any]
     replicas: list[dict[str, Any]]
     mode: str = "inference"
+    requests: dict[str, np.ndarray] | None = None  # request_columns, for --plot / --perfetto
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``clustersim analyze --json`` for a serving trace."""
@@ -213,10 +214,24 @@ def analyze_serving(
         breakdown(plan, res),
         serving,
         replica_rows(res),
+        requests=request_columns(res),
     )
     if progress is not None:
         progress(1.0)
     return out
+
+
+def in_system_steps(cols: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step curves over time (ms) of the requests in prefill (waiting included: arrival to first
+    token) and in decode (first token to finish), i.e. the continuous batch: (times, prefill,
+    decode) with the counts holding from each time to the next."""
+    done = ~cols["rejected"]
+    arrival, first, finish = (cols[k][done] for k in ("arrival_ms", "first_token_ms", "finish_ms"))
+    times = np.concatenate([arrival, first, finish])
+    d_pre = np.concatenate([np.ones_like(arrival), -np.ones_like(first), np.zeros_like(finish)])
+    d_dec = np.concatenate([np.zeros_like(arrival), np.ones_like(first), -np.ones_like(finish)])
+    order = np.argsort(times, kind="stable")
+    return times[order], np.cumsum(d_pre[order]), np.cumsum(d_dec[order])
 
 
 def _p50(values: np.ndarray) -> float | None:
