@@ -19,8 +19,14 @@ from typing import Any
 
 from clustersim.audit.checks import METRIC_KEYS, AuditReport, audit
 from clustersim.audit.findings import Finding
-from clustersim.audit.fixes import folding_fix
-from clustersim.audit.judge import SERVING_FIX, TRAINING_FIX, judge, target_table
+from clustersim.audit.fixes import divisors, folding_fix, with_parallel
+from clustersim.audit.judge import (
+    SERVING_FIX,
+    TRAINING_FIX,
+    judge,
+    still_unchecked,
+    target_table,
+)
 from clustersim.engine.errors import EngineError
 from clustersim.layout import Layout
 from clustersim.run.serving import simulate_serving
@@ -144,14 +150,13 @@ def evaluate(
     says why.
     """
     report = audit(plan)
-    repaired = None
-    if plan.model.moe is not None and not report.layout.expert_folding_ok:
-        repaired = folding_fix(plan)
+    repair = simulation_repair(plan, report.layout, whole=not static)
+    repaired = repair.plan if repair.changes else None
     target = repaired or plan
     shown = replace(report, findings=list(report.findings), unchecked=list(report.unchecked))
-    if repaired is not None:
-        shown.layout = Layout(repaired)
-    shown.assumptions = assumptions_for(plan, static, repaired)
+    if repair.parallel:  # the layout the metrics come from, on the plan's own cluster
+        shown.layout = Layout(plan.model_copy(update={"parallel": target.parallel}))
+    shown.assumptions = assumptions_for(plan, static, repaired, repair)
     verdict = Verdict(plan, shown)
     if static:
         shown.simulation_note = "not simulated (--static)"
@@ -162,26 +167,118 @@ def evaluate(
         shown.simulation_note = f"not simulated: {exc}"
         return verdict
     static_keys = {(f.node, f.message) for f in shown.findings}
-    if repaired is not None:  # counts that exist only once the layout folds (EP groups)
+    if repaired is not None:
         nodes = {f.node for f in shown.findings}
+        # counts that exist only once the layout folds (EP groups, with EP as written), and
+        # memory claims when the plan's own memory could not be computed
+        importable = set(FOLDING_CLAIMS) if "ep" not in repair.parallel else set()
+        if report.memory is None:
+            importable |= MEMORY_CLAIMS
         shown.findings += [
-            f for f in run.audit.findings if f.node.startswith("claims.") and f.node not in nodes
+            f for f in run.audit.findings if f.node in importable and f.node not in nodes
         ]
-        shown.unchecked = [u for u in shown.unchecked if u not in FOLDING_CLAIMS]
-        shown.simulation_note = FOLDING_NOTE
+        if shown.memory is None and run.audit.memory is not None:
+            shown.memory = run.audit.memory
+            shown.memory_note = "computed on the plan simulated: " + repair.text()
+        shown.unchecked = [u for u in shown.unchecked if u not in importable]
+        shown.simulation_note = repair.note()
     fix = SERVING_FIX if plan.workload.mode == "inference" else TRAINING_FIX
     shown.findings += [
         f for f in judge(plan, run.metrics, fix) if (f.node, f.message) not in static_keys
     ]
-    shown.unchecked = [u for u in shown.unchecked if u in FOLDING_CLAIMS or u in run.unchecked]
+    shown.unchecked = [
+        u for u in shown.unchecked if u in FOLDING_CLAIMS or still_unchecked(u, run.metrics)
+    ]
     shown.metrics = run.metrics
     run.audit, run.findings, run.unchecked = shown, shown.findings, shown.unchecked
     verdict.run, verdict.simulated_plan = run, target
     return verdict
 
 
+@dataclass
+class Repair:
+    """How a plan that cannot run as written is simulated: the plan simulated, and what
+    changed (``parallel`` fields; ``num_nodes`` when the plan needs more GPUs than it has)."""
+
+    plan: Plan
+    parallel: dict[str, tuple[Any, Any]]
+    num_nodes: tuple[int, int] | None = None
+
+    @property
+    def changes(self) -> bool:
+        """Whether anything was changed."""
+        return bool(self.parallel) or self.num_nodes is not None
+
+    def text(self) -> str:
+        """The changes, as in a plan file."""
+        parts = [f"parallel.{k}: {new}" for k, (_old, new) in self.parallel.items()]
+        if self.num_nodes is not None:
+            hw = self.plan.hardware
+            parts.append(f"hardware.num_nodes: {self.num_nodes[1]} ({hw.num_gpus} GPUs)")
+        return ", ".join(parts)
+
+    def note(self) -> str:
+        """The simulation note: ``simulated with parallel.etp: 1`` and the cluster used."""
+        if list(self.parallel) == ["etp"] and self.num_nodes is None:
+            return FOLDING_NOTE
+        parts = [f"parallel.{k}: {new}" for k, (_old, new) in self.parallel.items()]
+        text = "simulated" + (" with " + ", ".join(parts) if parts else "")
+        if self.num_nodes is not None:
+            hw, old = self.plan.hardware, self.num_nodes[0]
+            text += (
+                f" on {hw.num_gpus} GPUs ({self.num_nodes[1]} nodes of {hw.gpus_per_node}); "
+                f"the cluster has {old * hw.gpus_per_node}"
+            )
+        return text
+
+
+def simulation_repair(plan: Plan, layout: Layout, whole: bool = True) -> Repair:
+    """The plan the engine simulates when ``plan`` cannot run as written (the findings stay):
+
+    * an expert layout that does not fold (EP x ETP must divide the ranks of a stage) uses
+      ``etp: 1`` when that is enough, else the largest EP that divides both the experts and
+      the ranks of a stage (with ``etp: 1``);
+    * a plan needing more GPUs than its cluster has runs on the cluster it would need: the same
+      node type, ``num_nodes`` raised to hold TP x CP x DP x PP GPUs.
+
+    ``whole`` False (a static audit): only the ETP folding, whose memory the audit shows.
+    """
+    par, hw, moe = plan.parallel, plan.hardware, plan.model.moe
+    changes: dict[str, tuple[Any, Any]] = {}
+    if moe is not None and not layout.expert_folding_ok:
+        fixed = folding_fix(plan)
+        if fixed is not None:
+            changes["etp"] = (par.expert_tp, 1)
+        elif whole:
+            ranks = par.tp * par.cp * par.dp
+            fits = [d for d in divisors(moe.num_experts) if ranks % d == 0 and d <= par.ep]
+            if fits and fits[-1] != par.ep:
+                changes["ep"] = (par.ep, fits[-1])
+                if par.expert_tp != 1:
+                    changes["etp"] = (par.expert_tp, 1)
+    target = plan
+    if changes:
+        target = with_parallel(plan, **{k: new for k, (_old, new) in changes.items()})
+    nodes = None
+    if whole and par.world_size > hw.num_gpus:
+        need = -(-par.world_size // hw.gpus_per_node)
+        nodes = (hw.num_nodes, need)
+        target = target.model_copy(
+            update={"hardware": target.hardware.model_copy(update={"num_nodes": need})}
+        )
+    return Repair(target, changes, nodes)
+
+
 # claims the audit can only count on a layout that folds
 FOLDING_CLAIMS = ("claims.ep_groups",)
+# claims decided by memory, which the audit computes only on a layout that folds
+MEMORY_CLAIMS = {
+    "claims.memory_per_gpu_gib",
+    "claims.params_gib",
+    "claims.optimizer_gib",
+    "claims.activations_gib",
+    "targets.memory_per_gpu_gib_max",
+}
 
 
 def simulate_any(
@@ -194,11 +291,33 @@ def simulate_any(
     return simulate(plan, progress, trace)
 
 
-def assumptions_for(plan: Plan, static: bool, repaired: Plan | None) -> list[Assumption]:
+def assumptions_for(
+    plan: Plan, static: bool, repaired: Plan | None, repair: Repair | None = None
+) -> list[Assumption]:
     """The values a verdict uses that the plan does not state."""
     out: list[Assumption] = []
     wl = plan.workload
-    if repaired is not None:
+    par = plan.parallel
+    if repair is not None and "ep" in repair.parallel:
+        ranks = par.tp * par.cp * par.dp
+        out.append(
+            Assumption(
+                "parallel.ep",
+                repair.parallel["ep"][1],
+                f"EP {par.ep} cannot be formed from the {ranks} ranks of a pipeline stage: "
+                "simulated with the largest EP that can, with parallel.etp: 1",
+            )
+        )
+    if repair is not None and repair.num_nodes is not None:
+        hw = plan.hardware
+        out.append(
+            Assumption(
+                "hardware.num_nodes",
+                repair.num_nodes[1],
+                f"simulated on {par.world_size} GPUs; the cluster has {hw.num_gpus}",
+            )
+        )
+    if repaired is not None and (repair is None or list(repair.parallel) == ["etp"]):
         out.append(
             Assumption(
                 "parallel.etp",
@@ -208,7 +327,11 @@ def assumptions_for(plan: Plan, static: bool, repaired: Plan | None) -> list[Ass
                 + " use the nearest valid folding",
             )
         )
-    elif plan.model.moe is not None and "etp" not in plan.parallel.model_fields_set:
+    elif (
+        plan.model.moe is not None
+        and "etp" not in plan.parallel.model_fields_set
+        and (repair is None or "etp" not in repair.parallel)
+    ):
         out.append(Assumption("parallel.etp", plan.parallel.expert_tp, "default: = tp"))
     if wl.mode == "inference":
         req = wl.requests
@@ -248,4 +371,12 @@ def assumptions_for(plan: Plan, static: bool, repaired: Plan | None) -> list[Ass
     return out
 
 
-__all__ = ["Assumption", "Verdict", "assumptions_for", "evaluate", "simulate_any"]
+__all__ = [
+    "Assumption",
+    "Repair",
+    "Verdict",
+    "assumptions_for",
+    "evaluate",
+    "simulate_any",
+    "simulation_repair",
+]
