@@ -323,9 +323,14 @@ def validate(
     quick: Annotated[
         bool, typer.Option("--quick", help="Leave out the largest training rows (faster).")
     ] = False,
+    markdown_out: Annotated[
+        bool,
+        typer.Option("--markdown", help="Print the per-set tables as Markdown (VALIDATION.md)."),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Validate the cost model against the packaged published measurements."""
+    from clustersim.calibration.report import markdown
     from clustersim.calibration.validate import SETS, print_results, progress_bar, run_validation
 
     sets = set_name or list(SETS)
@@ -336,6 +341,8 @@ def validate(
         results = run_validation(sets, quick=quick, progress=progress)
     if json_out:
         _print_json([r.to_dict() for r in results])
+    elif markdown_out:
+        typer.echo(markdown([r.to_dict() for r in results]))
     else:
         print_results(results)
 
@@ -366,13 +373,22 @@ def calibrate(
     out: Annotated[
         Path | None, typer.Option("--out", help="Write the data files into this folder.")
     ] = None,
+    end_to_end: Annotated[
+        bool,
+        typer.Option(
+            "--end-to-end",
+            help="Also fit the host-side kernel times (framework, launch, CUDA-graph launch) on "
+            "the dense-training and serving rows (about a minute).",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Fit the calibration parameters and print (or write) them."""
+    from clustersim.calibration.calibrate import apply_end_to_end, fit_end_to_end, print_results
     from clustersim.calibration.calibrate import calibrate as run_calibration
-    from clustersim.calibration.calibrate import print_results
     from clustersim.calibration.calibrate import write as write_files
     from clustersim.spec import PlanError
+    from clustersim.spec.calibration_data import reload
 
     if write and out is not None:
         raise _fail("--write and --out exclude each other")
@@ -381,6 +397,11 @@ def calibrate(
     except PlanError as exc:
         raise _fail(exc.render()) from None
     paths = write_files(results, out) if write or out is not None else []
+    if end_to_end:  # on the component fits just written (or the packaged ones)
+        reload()
+        apply_end_to_end(results, fit_end_to_end())
+        paths = write_files(results, out) if write or out is not None else []
+        reload()
     if json_out:
         _print_json(
             {"generations": [r.to_dict() for r in results], "written": [str(p) for p in paths]}
