@@ -27,8 +27,16 @@ def _json(*args: str) -> tuple[dict, int]:
 
 
 def _key(data: dict) -> tuple:
-    findings = [(f["node"], f["severity"], f["message"]) for f in data["findings"]]
-    return findings, data["metrics"], data["unchecked"], data["exit_code"], data["assumptions"]
+    """The verdict, less the relative claims (``claims.relative.*``): compare decides those
+    against the other plan, check lists them as undecided."""
+    relative = "claims.relative."
+    findings = [
+        (f["node"], f["severity"], f["message"])
+        for f in data["findings"]
+        if not f["node"].startswith(relative)
+    ]
+    unchecked = [u for u in data["unchecked"] if not u.startswith(relative)]
+    return findings, data["metrics"], unchecked, data["exit_code"], data["assumptions"]
 
 
 def _same_verdict(name: str) -> None:

@@ -30,6 +30,7 @@ import pyarrow as pa
 from clustersim.analyze import kernels as K
 from clustersim.analyze.stream import time_ordered
 from clustersim.layout import Layout
+from clustersim.metrics.bounds import bound_metrics, training_roofline
 from clustersim.metrics.training import mfu_pct
 from clustersim.trace import schema as S
 from clustersim.trace.reader import TraceError, TraceReader
@@ -443,6 +444,16 @@ def _assemble(
     }
     if plan.model.moe is None:
         metrics["load_balance_pct"] = None
+    # issue 17's metrics, as metrics.training computes them
+    active = [float((acc > 0).mean()) for acc in work.expert_sum.values()]
+    lengths = np.concatenate([np.concatenate(mbs) for mbs in seq_lens])
+    values, counts = np.unique(lengths, return_counts=True)
+    bound = training_roofline(
+        plan, tokens, dict(zip(values.tolist(), counts.tolist(), strict=True))
+    )
+    metrics["gpu_utilization_pct_min"] = 100 * float(rank_busy.min()) / wall_s
+    metrics["expert_utilization_pct"] = 100 * float(np.mean(active)) if active else None
+    metrics.update(bound_metrics(bound, metrics["throughput_tokens_per_ms"]))
     op_ms = st.op_stats[0] * 1e3
     breakdown = {S.OPS[o]: float(op_ms[o]) / max(n_lanes, 1) for o in range(_N_OPS) if op_ms[o] > 0}
     gpus = _gpu_rows(facts, st, rank_idle_s, wall_s, t_pipe_s)

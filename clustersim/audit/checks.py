@@ -29,6 +29,9 @@ SIMULATED_CLAIMS = (
     "comm_overhead_pct",
     "load_balance_pct",
     "gpu_utilization_pct",
+    "comm_to_compute_pct",
+    "comm_step_share_pct",
+    "roofline_throughput_tokens_per_ms",
 )
 SIMULATED_TARGETS = (
     "latency_ms_max",
@@ -141,6 +144,9 @@ def audit(plan: Plan) -> AuditReport:
     findings = [f for check in CHECKS for f in check(ctx)]
     unchecked = [f"claims.{k}" for k in SIMULATED_CLAIMS if getattr(plan.claims, k) is not None]
     unchecked += [f"targets.{k}" for k in SIMULATED_TARGETS if getattr(plan.targets, k) is not None]
+    relative = plan.claims.relative
+    if relative is not None:  # judged by the simulation, or against a baseline by compare
+        unchecked += [f"claims.relative.{k}" for k, v in relative if v is not None]
     if (
         plan.claims.ep_groups is not None
         and plan.model.moe is not None
@@ -753,7 +759,181 @@ def check_claims(ctx: AuditContext) -> list[Finding]:
                 out.append(_count_claim(name, claimed, computed, why))
     out += _layers_claim(ctx)
     out += _estimate_claims(ctx)
+    out += _ep_group_claim(ctx) + _modules_claims(ctx) + _formula_claim(ctx)
+    out += _bandwidth_claim(ctx)
     return out
+
+
+def _ep_group_claim(ctx: AuditContext) -> list[Finding]:
+    """Experts an EP group holds: every routed expert of the MoE layers of its stage (the EP
+    ranks of a stage split each MoE layer's experts; ETP shards count once)."""
+    plan, lay = ctx.plan, ctx.layout
+    claimed, moe = plan.claims.experts_per_ep_group, plan.model.moe
+    if claimed is None or moe is None:
+        return []
+    layers = max(lay.moe_layers_per_stage)
+    computed = moe.num_experts * layers
+    if abs(claimed - computed) <= 1e-9:
+        return []
+    why = (
+        f"an EP group spans one pipeline stage: {moe.num_experts} experts x {layers} MoE "
+        f"layers on a stage = {computed} (EP {plan.parallel.ep} GPUs x "
+        f"{_num(lay.experts_per_gpu)} experts per GPU)"
+    )
+    return [_count_claim("experts_per_ep_group", claimed, computed, why)]
+
+
+def modules_per_gpu(plan: Plan, layout: Layout) -> list[float]:
+    """Layer modules each GPU holds, a shard counting as one module (``claims.modules_per_gpu``):
+    per layer of its stage, one attention block and either one dense FFN or its routed experts
+    (experts / EP) plus the shared experts. One value per GPU, in rank order."""
+    model, moe = plan.model, plan.model.moe
+    per_stage = []
+    for layers in layout.stage_layers:
+        count = 0.0
+        for layer in layers:
+            count += 1  # attention (a TP shard of it)
+            if model.is_moe_layer(layer):
+                count += layout.experts_per_gpu_per_layer + moe.num_shared_experts
+            else:
+                count += 1
+        per_stage.append(count)
+    stage_gpus = layout.world_size // layout.pp
+    return [per_stage[r // stage_gpus] for r in range(layout.world_size)]
+
+
+def _modules_claims(ctx: AuditContext) -> list[Finding]:
+    claims = ctx.plan.claims
+    if claims.modules_per_gpu is None and claims.modules_per_gpu_variance is None:
+        return []
+    counts = modules_per_gpu(ctx.plan, ctx.layout)
+    mean = sum(counts) / len(counts)
+    variance = sum((c - mean) ** 2 for c in counts) / len(counts)
+    stage = ctx.layout.stage_layers[0]
+    why = (
+        f"each GPU holds, per layer of its stage, 1 attention block (a TP shard counts as one) "
+        f"+ {_num(ctx.layout.experts_per_gpu_per_layer)} experts of an MoE layer (or 1 dense "
+        f"FFN): stage 0 has {len(stage)} layers; per GPU from {_num(min(counts))} to "
+        f"{_num(max(counts))}, mean {mean:.4g}, variance {variance:.4g}"
+    )
+    out = []
+    if claims.modules_per_gpu is not None and abs(claims.modules_per_gpu - mean) > 1e-9:
+        out.append(_count_claim("modules_per_gpu", claims.modules_per_gpu, _num(mean), why))
+    got = claims.modules_per_gpu_variance
+    if got is not None and abs(got - variance) > 1e-9:
+        out.append(_count_claim("modules_per_gpu_variance", got, _num(variance), why))
+    return out
+
+
+def _formula_claim(ctx: AuditContext) -> list[Finding]:
+    """A claimed product of degrees ("EP 16 x TP 4 = 64 GPUs"): its arithmetic, then the GPU
+    count it claims against the layout's TP x CP x DP x PP."""
+    plan, lay = ctx.plan, ctx.layout
+    claim = plan.claims.gpus_by_formula
+    if claim is None:
+        return []
+    par = plan.parallel
+    degrees = {
+        "tp": par.tp,
+        "cp": par.cp,
+        "dp": par.dp,
+        "pp": par.pp,
+        "ep": par.ep,
+        "etp": par.expert_tp,
+        "edp": lay.edp,
+    }
+    if any(degrees[f] is None for f in claim.factors):
+        return [
+            Finding(
+                "claims.gpus_by_formula",
+                "error",
+                "EDP does not exist: the expert layout does not fold",
+                "fix the expert layout first",
+                claim.value,
+                None,
+            )
+        ]
+    product = math.prod(degrees[f] for f in claim.factors)
+    text = " x ".join(f"{f.upper()} {degrees[f]}" for f in claim.factors)
+    world = f"TP {par.tp} x PP {par.pp} x DP {par.dp}" + (f" x CP {par.cp}" if par.cp > 1 else "")
+    world += f" = {lay.world_size}"
+    fix = "set claims.gpus_by_formula: {factors: [tp, pp, dp], value: " + f"{lay.world_size}}}"
+    if product != claim.value:
+        return [
+            Finding(
+                "claims.gpus_by_formula",
+                "error",
+                f"{text} = {product}, not {claim.value}; the plan uses {world} GPUs",
+                fix,
+                claim.value,
+                product,
+            )
+        ]
+    if claim.value != lay.world_size:
+        return [
+            Finding(
+                "claims.gpus_by_formula",
+                "error",
+                f"{text} = {product} is right as arithmetic, but it is not the GPU count: the "
+                f"plan uses {world} GPUs (EP and ETP fold into the ranks of a stage and add "
+                "none)",
+                fix,
+                claim.value,
+                lay.world_size,
+            )
+        ]
+    proper = ["cp", "dp", "pp", "tp"] if par.cp > 1 else ["dp", "pp", "tp"]
+    if sorted(f for f in claim.factors if par.cp > 1 or f != "cp") != proper:
+        return [
+            Finding(
+                "claims.gpus_by_formula",
+                "warning",
+                f"{text} = {product} equals the GPU count only by coincidence: GPUs are "
+                f"{world} (EP and ETP fold into the ranks of a stage and add none)",
+                fix,
+                claim.value,
+                lay.world_size,
+            )
+        ]
+    return []
+
+
+BANDWIDTHS = {
+    "hbm": ("hardware.hbm_bandwidth_gbps", "HBM"),
+    "intra_node": ("hardware.intra_node.bandwidth_gbps", "NVLink, per GPU and direction"),
+    "inter_node": ("hardware.inter_node.bandwidth_gbps", "network, per GPU and direction"),
+}
+
+
+def _bandwidth_claim(ctx: AuditContext) -> list[Finding]:
+    """A claimed peak bandwidth (GB/s) against the GPU's figures: within 10% of the named one
+    (or of any, when no link is named)."""
+    claims, hw = ctx.plan.claims, ctx.plan.hardware
+    claimed = claims.peak_bandwidth_gbps
+    if claimed is None:
+        return []
+    values = {
+        "hbm": hw.hbm_bandwidth_gbps,
+        "intra_node": hw.intra_node.bandwidth_gbps,
+        "inter_node": hw.inter_node.bandwidth_gbps,
+    }
+    names = [claims.peak_bandwidth_link] if claims.peak_bandwidth_link else list(values)
+    close = [n for n in names if abs(claimed - values[n]) <= 0.10 * values[n]]
+    if close:
+        return []
+    listed = ", ".join(f"{BANDWIDTHS[n][1]} {values[n]:g} GB/s" for n in names)
+    best = min(names, key=lambda n: abs(values[n] - claimed))
+    return [
+        Finding(
+            "claims.peak_bandwidth_gbps",
+            "error",
+            f"{claimed:g} GB/s is none of the {hw.gpu} figures ({listed}; "
+            f"{BANDWIDTHS[best][0]} is the nearest)",
+            f"set claims.peak_bandwidth_gbps: {values[best]:g} with peak_bandwidth_link: {best}",
+            claimed,
+            values[best],
+        )
+    ]
 
 
 def _experts_per_gpu_text(ctx: AuditContext) -> str:
@@ -781,6 +961,9 @@ LABELS = {
     "params_gib": "parameter memory per GPU",
     "optimizer_gib": "optimizer memory per GPU",
     "activations_gib": "activation memory per GPU",
+    "experts_per_ep_group": "experts per EP group",
+    "modules_per_gpu": "modules per GPU (mean)",
+    "modules_per_gpu_variance": "the variance of modules per GPU",
 }
 
 

@@ -23,6 +23,10 @@ Metric definitions (times in ms; the window is from the first arrival to the las
   window, mean over stages and replicas (replicas of one engine share its timeline);
   ``comm_overhead_pct``: communication inside steps (TP all-reduces, all-to-alls, ETP
   collectives, pipeline sends; none overlaps compute in this model) / window, same mean;
+  ``comm_step_share_pct``: that communication / the steps' time (compute + communication):
+  the share of step time spent communicating;
+* ``roofline_throughput_tokens_per_ms``, ``roofline_ratio_pct``: the bound of
+  :mod:`clustersim.metrics.bounds` and simulated / bound;
   ``bubble_pct``: idle stage time inside rounds / round time (pipeline only);
 * ``mfu_pct``: model FLOPs (2 x active parameters per token, causal attention, logits of the
   sampled rows) / (window x GPUs x peak);
@@ -39,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from clustersim.engine.serving.sim import ServingResult
+from clustersim.metrics.bounds import bound_metrics, serving_roofline
 from clustersim.spec.schema import Plan
 
 PERCENTILES = (50, 90, 99)
@@ -95,6 +100,7 @@ def serving_metrics(plan: Plan, res: ServingResult) -> dict[str, Any]:
     metrics["completed_requests"] = int(done.sum())
     metrics["mean_requests_in_system"] = res.in_system_area / window if window > 0 else None
     metrics["window_ms"] = window
+    metrics.update(bound_metrics(serving_roofline(plan), metrics["throughput_tokens_per_ms"]))
     return metrics
 
 
@@ -171,6 +177,7 @@ def _utilisation(plan: Plan, res: ServingResult, window: float) -> dict[str, flo
                 "gpu_utilization_pct",
                 "comm_overhead_pct",
                 "comm_to_compute_pct",
+                "comm_step_share_pct",
                 "bubble_pct",
                 "mfu_pct",
             )
@@ -188,6 +195,7 @@ def _utilisation(plan: Plan, res: ServingResult, window: float) -> dict[str, flo
         "gpu_utilization_pct": 100 * compute / (stages * replicas * window),
         "comm_overhead_pct": 100 * comm / (stages * replicas * window),
         "comm_to_compute_pct": 100 * comm / compute if compute > 0 else None,
+        "comm_step_share_pct": 100 * comm / work if work > 0 else None,
         "bubble_pct": 100 * (stages * busy - work) / (stages * busy) if busy > 0 else None,
         "mfu_pct": 100 * flops / (window / 1e3 * peak),
     }

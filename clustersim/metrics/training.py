@@ -13,7 +13,11 @@ per-rank expert GEMM time):
 * ``mfu_pct``: model FLOPs (no recompute; Korthikanti Eq. 7 / Megatron's MoE count) /
   (iteration time x GPUs x peak);
 * ``load_balance_pct``: mean over routed (group, layer, micro-batch) of mean / max expert
-  load x 100; ``dropped_tokens_pct``: dropped / routed token copies x 100.
+  load x 100; ``dropped_tokens_pct``: dropped / routed token copies x 100;
+* ``gpu_utilization_pct_min``: the least busy GPU's compute-busy time / iteration time;
+* ``expert_utilization_pct``: share of (MoE layer, expert) pairs that receive tokens;
+* ``roofline_throughput_tokens_per_ms``, ``roofline_ratio_pct``: the bound of
+  :mod:`clustersim.metrics.bounds` and simulated / bound.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 from clustersim.costs.compute import model_flops_per_iteration
 from clustersim.engine.recorder import Kind, Op, Recorder
 from clustersim.engine.training.sim import SimResult
+from clustersim.metrics.bounds import bound_metrics, training_roofline
 from clustersim.spec.schema import Plan
 
 
@@ -83,6 +88,7 @@ def training_metrics(plan: Plan, rec: Recorder, res: SimResult) -> dict[str, Any
     durations = end - start
     compute_total, comm_total = durations[comp].sum(), durations[comm].sum()
     routed = float(sum(d.routed_tokens.sum() for d in res.dispatches))
+    throughput = res.tokens / wall
     return {
         "iteration_time_ms": wall,
         "latency_ms": wall,
@@ -90,7 +96,7 @@ def training_metrics(plan: Plan, rec: Recorder, res: SimResult) -> dict[str, Any
         "ttft_ms_p50": None,
         "ttft_ms_p99": None,
         "tpot_ms_p50": None,
-        "throughput_tokens_per_ms": res.tokens / wall,
+        "throughput_tokens_per_ms": throughput,
         "throughput_tokens_per_s": res.tokens / wall * 1e3,
         "mfu_pct": mfu_pct(plan, res),
         "comm_overhead_pct": 100 * float(exposed.mean()) / wall,
@@ -103,7 +109,26 @@ def training_metrics(plan: Plan, rec: Recorder, res: SimResult) -> dict[str, Any
             if routed
             else None
         ),
+        "gpu_utilization_pct_min": 100 * float(rank_busy.min()) / wall,
+        "expert_utilization_pct": expert_utilization_pct(res) if res.dispatches else None,
+        **bound_metrics(training_roofline(plan, res.tokens, _lengths(res)), throughput),
     }
+
+
+def _lengths(res: SimResult) -> dict[int, int]:
+    """Sequences of the iteration by length."""
+    lengths = np.concatenate([np.concatenate(mbs) for mbs in res.seq_lens])
+    values, counts = np.unique(lengths, return_counts=True)
+    return dict(zip(values.tolist(), counts.tolist(), strict=True))
+
+
+def expert_utilization_pct(res: SimResult) -> float:
+    """Share of the (MoE layer, expert) pairs that receive at least one token in the
+    iteration, in %."""
+    loads = np.concatenate([d.tokens_per_expert for d in res.dispatches]).astype(np.float64)
+    layers = np.repeat(res.dispatch_layers, [len(d.tokens_per_expert) for d in res.dispatches])
+    active = [(loads[layers == layer].sum(axis=0) > 0).mean() for layer in np.unique(layers)]
+    return 100 * float(np.mean(active))
 
 
 def _idle_by_lane_rank(rec: Recorder, res: SimResult) -> np.ndarray:

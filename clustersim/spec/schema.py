@@ -526,6 +526,41 @@ class TargetsSpec(_Strict):
     memory_per_gpu_gib_max: PositiveFloat | None = None
 
 
+FormulaFactor = Literal["tp", "cp", "dp", "pp", "ep", "etp", "edp"]
+
+
+class GpuFormulaClaim(_Strict):
+    """A claimed product of parallel degrees giving the GPU count, such as "EP 16 x TP 4 = 64":
+    ``{factors: [ep, tp], value: 64}``. Checked as arithmetic (the product of the plan's
+    degrees) and against the layout (GPUs used = TP x CP x DP x PP)."""
+
+    factors: list[FormulaFactor] = Field(min_length=1, max_length=8)
+    value: Count
+
+
+class RelativeClaims(_Strict):
+    """Claims about this plan against the plan it is compared with (``clustersim compare``):
+    changes are this plan's value relative to the other one's."""
+
+    latency_change_pct: float | None = Field(
+        None, ge=-100, le=1e6, description="100 x (latency / other's latency - 1); -75 = 4x faster."
+    )
+    iteration_time_change_pct: float | None = Field(None, ge=-100, le=1e6)
+    throughput_ratio: PositiveFloat | None = Field(
+        None, le=1e9, description="Throughput / the other plan's throughput."
+    )
+    gpu_utilization_pct_min_per_gpu: float | None = Field(
+        None, ge=0, le=100, description="Every GPU at least this busy (a lower bound)."
+    )
+    expert_utilization_pct: float | None = Field(
+        None, ge=0, le=100, description="Share of (layer, expert) pairs that receive tokens."
+    )
+
+
+# the relative claims that need the other plan; the rest are decided by this plan's simulation
+RELATIVE_BASELINE_CLAIMS = ("latency_change_pct", "iteration_time_change_pct", "throughput_ratio")
+
+
 class ClaimsSpec(_Strict):
     """Numbers the plan's authors assert; each is checked against the computed value."""
 
@@ -547,6 +582,36 @@ class ClaimsSpec(_Strict):
     comm_overhead_pct: float | None = Field(None, ge=0)
     load_balance_pct: float | None = Field(None, ge=0, le=100)
     gpu_utilization_pct: float | None = Field(None, ge=0, le=100)
+    experts_per_ep_group: float | None = Field(
+        None, gt=0, description="Routed experts an EP group holds: experts x MoE layers of a stage."
+    )
+    modules_per_gpu: float | None = Field(
+        None,
+        gt=0,
+        description="Mean over GPUs of the layer modules a GPU holds (a shard counts as one): "
+        "per layer of its stage one attention block, one dense FFN or its routed experts "
+        "(+ shared experts).",
+    )
+    modules_per_gpu_variance: float | None = Field(
+        None, ge=0, description="Variance over GPUs of modules_per_gpu."
+    )
+    gpus_by_formula: GpuFormulaClaim | None = None
+    peak_bandwidth_gbps: PositiveFloat | None = Field(
+        None, description="A peak bandwidth of the hardware (GB/s), checked against the preset."
+    )
+    peak_bandwidth_link: Literal["hbm", "intra_node", "inter_node"] | None = Field(
+        None, description="Which bandwidth peak_bandwidth_gbps names; default: any of them."
+    )
+    comm_to_compute_pct: float | None = Field(
+        None, ge=0, description="All communication time / compute time, in %."
+    )
+    comm_step_share_pct: float | None = Field(
+        None, ge=0, le=100, description="Serving: share of step time in TP/EP/PP communication."
+    )
+    roofline_throughput_tokens_per_ms: PositiveFloat | None = Field(
+        None, description="Theoretical throughput (peak FLOP/s and HBM, no comm, no bubble)."
+    )
+    relative: RelativeClaims | None = None
 
 
 class Plan(_Strict):
