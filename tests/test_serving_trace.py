@@ -17,6 +17,7 @@ from clustersim.run import record
 from clustersim.run.replay import ReplayError, recorded_plan, replay
 from clustersim.run.serving import simulate_serving
 from clustersim.trace import TraceError, TraceReader
+from clustersim.trace.writer import partial_files
 
 # a loaded one-GPU plan whose small KV cache rejects the longest requests and preempts others
 MIXED = {"num": 160, "rate_per_s": 12.0, "num_gpu_blocks": 120}
@@ -48,7 +49,7 @@ def test_round_trip_keeps_every_request(traced, name):
     report, path = traced[name]
     assert report.trace["path"] == str(path)
     assert report.trace["rows"] > 3 * report.result.arrival_ms.size
-    assert not path.with_name(path.name + ".partial").exists()
+    assert not partial_files(path)
     assert is_serving_trace(path)
     with TraceReader(path) as reader:
         assert reader.metadata["run"]["mode"] == "inference"

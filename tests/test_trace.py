@@ -16,7 +16,7 @@ from clustersim.cli import app
 from clustersim.spec import load_plan
 from clustersim.trace import VERSION, TraceError, TraceReader, TraceWriter
 from clustersim.trace import schema as S
-from clustersim.trace.writer import partial_path
+from clustersim.trace.writer import partial_files
 
 PLAN = load_plan(None)
 
@@ -53,7 +53,7 @@ def _write(path: Path, version: int = VERSION, batches: int = 2) -> None:
 def test_round_trip(tmp_path):
     path = tmp_path / "t.arrow"
     _write(path)
-    assert not partial_path(path).exists()
+    assert not partial_files(path)
     with TraceReader(path) as r:
         assert r.version == VERSION and r.metadata["seed"] == PLAN.seed
         assert r.metadata["plan"]["name"] == PLAN.name
@@ -91,9 +91,9 @@ def test_failed_write_leaves_no_file(tmp_path, error):
     path = tmp_path / "t.arrow"
     with pytest.raises(type(error)), TraceWriter(path, _meta()) as w:
         w.write_events(**_events(50))
-        assert partial_path(path).exists() and not path.exists()
+        assert partial_files(path) == [w.partial] and not path.exists()
         raise error
-    assert not path.exists() and not partial_path(path).exists()
+    assert not path.exists() and not partial_files(path)
 
 
 def _bad_files(tmp_path: Path) -> dict[str, Path]:
@@ -187,7 +187,7 @@ def test_interrupted_cli_run_leaves_no_trace(tmp_path):
         stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 60
-    while not partial_path(out).exists() and time.monotonic() < deadline:
+    while not partial_files(out) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.01)
     time.sleep(0.2)
@@ -195,7 +195,7 @@ def test_interrupted_cli_run_leaves_no_trace(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert b"Traceback" not in err
-    assert not out.exists() and not partial_path(out).exists()
+    assert not out.exists() and not partial_files(out)
 
 
 def test_metadata_is_json(tmp_path):

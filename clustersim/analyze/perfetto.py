@@ -7,14 +7,14 @@ Layout: one process per node (``node N``), inside it one thread (track) per GPU 
 sends). Overlapping asynchronous events go to extra tracks (``comm 2``, ...) so that every
 track nests properly. A lane's events are drawn on each of its GPUs (its TP ranks work in
 lockstep). In replica-symmetric runs only the simulated replica's GPUs get tracks (the others
-mirror them). Times are microseconds, as the format wants. The file is written to
-``<name>.partial`` and renamed when complete; memory stays bounded (rows stream through).
+mirror them). Times are microseconds, as the format wants. The file is written
+through a temporary file renamed when complete (``spec.outputs.atomic_output``; never over the
+trace read); memory stays bounded (rows stream through).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +22,9 @@ import numpy as np
 from clustersim.analyze.serving import analyze_serving, in_system_steps, is_serving_trace
 from clustersim.analyze.stream import time_ordered
 from clustersim.analyze.training import RunFacts
+from clustersim.spec.outputs import atomic_output, check_output
 from clustersim.trace import schema as S
 from clustersim.trace.reader import TraceReader
-from clustersim.trace.writer import partial_path
 
 STREAMS = ("compute", "comm", "p2p")
 MAX_SUBTRACKS = 8  # tracks per asynchronous stream and GPU
@@ -42,27 +42,25 @@ def export_perfetto(
 ) -> int:
     """Write ``out``; returns the number of trace events written (one per row and GPU; for a
     serving trace, one per request phase and counter sample)."""
+    check_output(out, inputs=(path,))
     if is_serving_trace(path):
         return export_serving_perfetto(path, out, window_ms)
-    out = Path(out)
-    tmp = partial_path(out)
     written = 0
-    try:
-        with TraceReader(path) as reader, open(tmp, "w", encoding="utf-8") as f:
-            facts = RunFacts(reader)
-            f.write('{"displayTimeUnit": "ms", "traceEvents": [\n')
-            f.write(",\n".join(_metadata_events(facts)))
-            ends: dict[tuple[int, int], list[float]] = {}
-            for chunk in time_ordered(reader):
-                lines = _event_lines(chunk, facts, ends, window_ms)
-                if lines:
-                    f.write(",\n" + ",\n".join(lines))
-                    written += len(lines)
-            f.write("\n]}\n")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with (
+        atomic_output(out, inputs=(path,)) as tmp,
+        TraceReader(path) as reader,
+        open(tmp, "w", encoding="utf-8") as f,
+    ):
+        facts = RunFacts(reader)
+        f.write('{"displayTimeUnit": "ms", "traceEvents": [\n')
+        f.write(",\n".join(_metadata_events(facts)))
+        ends: dict[tuple[int, int], list[float]] = {}
+        for chunk in time_ordered(reader):
+            lines = _event_lines(chunk, facts, ends, window_ms)
+            if lines:
+                f.write(",\n" + ",\n".join(lines))
+                written += len(lines)
+        f.write("\n]}\n")
     return written
 
 
@@ -158,8 +156,7 @@ def export_serving_perfetto(
     (the continuous batch) over time."""
     cols = analyze_serving(path).requests
     lo, hi = window_ms or (-np.inf, np.inf)
-    out = Path(out)
-    tmp = partial_path(out)
+    check_output(out, inputs=(path,))
     events: list[str] = []
     done = np.flatnonzero(~cols["rejected"])
     free: dict[int, list[float]] = {}  # replica -> end time of each track
@@ -206,13 +203,8 @@ def export_serving_perfetto(
     names.append(
         json.dumps({"ph": "M", "name": "process_name", "pid": -1, "args": {"name": "batch"}})
     )
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write('{"displayTimeUnit": "ms", "traceEvents": [\n')
-            f.write(",\n".join(names + events))
-            f.write("\n]}\n")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(out, inputs=(path,)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write('{"displayTimeUnit": "ms", "traceEvents": [\n')
+        f.write(",\n".join(names + events))
+        f.write("\n]}\n")
     return len(events)

@@ -10,6 +10,7 @@ import numpy as np
 
 from clustersim.analyze.serving import ServingTraceAnalysis, in_system_steps
 from clustersim.analyze.training import TraceAnalysis
+from clustersim.spec.outputs import atomic_output
 from clustersim.trace import schema as S
 
 
@@ -41,10 +42,7 @@ def plot_analysis(analysis: TraceAnalysis, out: str | Path) -> Path:
         _heatmap(fig, axes[1], analysis)
     _utilisation(axes[-1], analysis)
     fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_serving(
@@ -76,10 +74,7 @@ def plot_serving(
     if window_ms is not None:
         bottom.set_xlim(max(window_ms[0], 0.0), min(window_ms[1], float(finish.max())))
     fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def _gantt(ax, analysis: TraceAnalysis) -> None:
@@ -154,3 +149,13 @@ def _utilisation(ax, analysis: TraceAnalysis) -> None:
     ax.set_ylabel("% of iteration")
     ax.set_ylim(0, 100)
     ax.legend(loc="upper right", fontsize=8)
+
+
+def _save(plt, fig, out: str | Path) -> Path:
+    """Save a PNG atomically (a temporary file renamed; a FIFO or directory refused)."""
+    try:
+        with atomic_output(out) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    return Path(out)

@@ -38,6 +38,7 @@ from clustersim.spec.calibration_data import (
     calibration_generations,
 )
 from clustersim.spec.errors import PlanError, did_you_mean
+from clustersim.spec.outputs import write_text_atomic
 from clustersim.spec.schema import CalibrationSpec
 
 FITTED = ("a100", "h100")
@@ -309,7 +310,7 @@ def write(results: list[GenerationResult], folder: Path | None = None) -> list[P
     paths = []
     for r in results:
         path = folder / f"{r.generation}.yaml"
-        path.write_text(r.yaml_text())
+        write_text_atomic(path, r.yaml_text())
         paths.append(path)
     return paths
 

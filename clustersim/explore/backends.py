@@ -7,6 +7,7 @@ depend on the backend: the simulation is deterministic given the plan and its se
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import sys
@@ -96,9 +97,41 @@ def _pool_context():
     return multiprocessing.get_context(method)
 
 
+def _watch_parent(parent: int) -> None:
+    """Worker initializer: the parent handles Ctrl-C and SIGTERM (and ends the workers); a
+    worker whose parent is gone (killed, even by SIGKILL) exits within a second."""
+    import signal
+    import threading
+    import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="clustersim-parent-watch", daemon=True).start()
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """End the pool's workers now (an interruption must not wait for running simulations)."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):  # already gone
+            proc.terminate()
+
+
 def _run_pool(tasks, workers) -> Iterator[tuple[str, dict[str, Any]]]:
-    """At most ``2 x workers`` tasks in flight, so an interruption loses little work."""
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context())
+    """At most ``2 x workers`` tasks in flight, so an interruption loses little work. Workers
+    exit when the parent dies; an interruption (the iterator closed or an exception, e.g. the
+    CLI's SIGTERM) terminates the running ones."""
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=_pool_context(),
+        initializer=_watch_parent,
+        initargs=(os.getpid(),),
+    )
     pending: dict[Future, str] = {}
     todo = iter(tasks)
     try:
@@ -117,6 +150,8 @@ def _run_pool(tasks, workers) -> Iterator[tuple[str, dict[str, Any]]]:
     finally:
         for fut in pending:
             fut.cancel()
+        if pending:
+            _kill_workers(pool)
         pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -24,7 +24,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Any
 from clustersim.audit.checks import METRIC_KEYS, audit
 from clustersim.audit.fixes import RECOMPUTE_ORDER, with_parallel
 from clustersim.explore.backends import default_workers, run_tasks
+from clustersim.spec.outputs import atomic_output, check_output
 from clustersim.spec.schema import ClaimsSpec, Plan
 
 OBJECTIVES = {
@@ -310,18 +310,22 @@ def _schema():
     return pa.schema([(c, typ(c)) for c in COLUMNS])
 
 
-def write_table(path: Path, rows: Iterable[dict[str, Any]], meta: dict[str, str]) -> None:
-    """Write rows as Parquet atomically (a temporary file renamed over ``path``)."""
+def write_table(
+    path: Path,
+    rows: Iterable[dict[str, Any]],
+    meta: dict[str, str],
+    inputs: Iterable[Path | str | None] = (),
+) -> None:
+    """Write rows as Parquet atomically (``spec.outputs.atomic_output``: a unique temporary
+    file renamed over ``path``; never over one of ``inputs``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = list(rows)
     schema = _schema().with_metadata({k.encode(): v.encode() for k, v in meta.items()})
     table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=schema)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path, inputs) as tmp:
+        pq.write_table(table, tmp)
 
 
 def read_table(path: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
@@ -332,7 +336,16 @@ def read_table(path: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
         table = pq.read_table(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same message
         raise SearchError(f"{path}: not a readable search table ({exc})") from None
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    missing = [c for c in ("candidate_id", *_SIM_FIELDS) if c not in table.column_names]
+    if missing:
+        raise SearchError(
+            f"{path}: not a search table of this version (missing column(s) "
+            f"{', '.join(missing)}); drop --resume to start over, or use another --output"
+        )
+    try:
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    except UnicodeDecodeError:
+        raise SearchError(f"{path}: unreadable metadata (not UTF-8)") from None
     return table.to_pylist(), meta
 
 
@@ -470,12 +483,15 @@ def search(
     backend: str = "local",
     progress: ProgressFn | None = None,
     flush_s: float = 2.0,
+    inputs: Iterable[Path | str | None] = (),
 ) -> SearchResult:
     """Search the layouts of ``base`` on ``gpus`` GPUs (default: the base cluster's) for the
     best by ``objective`` under the base plan's targets (see the module docstring).
 
     ``limit`` bounds the candidates simulated by this call (the rest stay ``pending`` in the
-    table and a later ``resume=True`` call simulates them). Raises :class:`SearchError`.
+    table and a later ``resume=True`` call simulates them). ``out`` must be a regular file
+    (or absent) and none of ``inputs`` (the command's input files). Raises
+    :class:`SearchError` (or ``spec.outputs.OutputError`` for an unusable ``out``).
     """
     if objective not in OBJECTIVES:
         raise SearchError(f"objective {objective!r}: choose from {', '.join(OBJECTIVES)}")
@@ -490,7 +506,8 @@ def search(
         space = SearchSpace(**{**space.__dict__, "gpus": gpus})
     base = cluster_plan(base, gpus, seed)
     workers = workers or default_workers()
-    path = Path(out) if out is not None else None
+    path = check_output(out, inputs) if out is not None else None
+    inputs = tuple(inputs)
     meta = {
         "clustersim_search": SCHEMA_VERSION,
         "base_fingerprint": base_fingerprint(base),
@@ -535,7 +552,7 @@ def search(
     def save() -> None:
         if path is not None:
             finish_rows(rows, objective, pareto_axis)
-            write_table(path, rows, meta)
+            write_table(path, rows, meta, inputs)
 
     done = 0
     last_flush = time.perf_counter()

@@ -5,16 +5,20 @@ written at once as Arrow record batches; the few other rows (workload, routing, 
 buffered and written in batches of ``batch_rows``. Memory stays bounded by one batch whatever
 the run's length.
 
-The file is written to ``<name>.partial`` and renamed to its final name only when the block
-exits normally; on any exception (``KeyboardInterrupt`` included) the partial file is removed
-and the exception propagates. The last record batch holds the ``summary`` rows and, last, the
+The file is written through :func:`clustersim.spec.outputs.atomic_output`: a unique temporary
+name in the target's directory (``tempfile.mkstemp``; concurrent writers of one path never
+share it), fsync-ed and renamed to its final name only when the block exits normally; on any
+exception (``KeyboardInterrupt`` and the CLI's SIGTERM included) the temporary file is removed
+and the exception propagates. A target that is a directory, FIFO or device is refused
+(:class:`~clustersim.spec.outputs.OutputError`) before anything is opened.
+
+The last record batch holds the ``summary`` rows and, last, the
 *batch index*: the earliest ``start_s`` of the timed rows of every earlier batch, which lets
 readers merge batches into time order with bounded memory; a file without it is incomplete.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,14 +26,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from clustersim.spec.outputs import atomic_output, temp_files
 from clustersim.trace import schema as S
 
 _INT32 = np.int32
 
 
-def partial_path(path: Path) -> Path:
-    """Where a trace is written until it is complete."""
-    return path.with_name(path.name + ".partial")
+def partial_files(path: str | Path) -> list[Path]:
+    """The temporary files of unfinished writers of ``path`` (empty once they have ended)."""
+    return temp_files(path)
 
 
 class TraceWriter:
@@ -37,7 +42,8 @@ class TraceWriter:
 
     def __init__(self, path: str | Path, metadata: dict[bytes, bytes], batch_rows: int = 1 << 16):
         self.path = Path(path)
-        self.partial = partial_path(self.path)
+        self.partial: Path | None = None  # the temporary file, while writing
+        self._output = None
         metadata = {k: v for k, v in metadata.items() if k != S.META_CHECKSUM}
         if int(metadata.get(S.META_VERSION, S.VERSION)) >= 2:
             metadata[S.META_CHECKSUM] = S.metadata_checksum(metadata)
@@ -58,21 +64,27 @@ class TraceWriter:
 
     # ---- context manager -------------------------------------------------------------------
     def __enter__(self) -> TraceWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = pa.OSFile(str(self.partial), "wb")
-        self._writer = pa.ipc.new_file(self._file, self._schema)
+        self._output = atomic_output(self.path)
+        self.partial = self._output.__enter__()
+        try:
+            self._file = pa.OSFile(str(self.partial), "wb")
+            self._writer = pa.ipc.new_file(self._file, self._schema)
+        except BaseException as exc:
+            self._abort(exc)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             try:
                 self._finish()
-            except BaseException:
-                self._abort()
+            except BaseException as err:
+                self._abort(err)
                 raise
-            os.replace(self.partial, self.path)
+            output, self._output = self._output, None
+            output.__exit__(None, None, None)  # fsync, rename
         else:
-            self._abort()
+            self._abort(exc)
 
     def _finish(self) -> None:
         self._flush_rows()
@@ -85,14 +97,16 @@ class TraceWriter:
         self.bytes_written = self._file.tell()
         self._file.close()
 
-    def _abort(self) -> None:
+    def _abort(self, exc: BaseException) -> None:
         for closer in (self._writer, self._file):
             try:
                 if closer is not None:
                     closer.close()
             except Exception:  # noqa: S110 - the original error matters, not this one
                 pass
-        self.partial.unlink(missing_ok=True)
+        output, self._output = self._output, None
+        if output is not None:  # removes the temporary file
+            output.__exit__(type(exc), exc, exc.__traceback__)
 
     # ---- event rows ------------------------------------------------------------------------
     def write_events(
