@@ -2,11 +2,20 @@
 
 Library modules are imported inside the commands so that ``clustersim --help`` starts fast.
 Unusable input (PlanError) prints one message and exits with code 2, never a traceback.
+
+Exit codes: 0 fine; 1 the plan needs modification (a finding); 2 unusable input or output;
+3 an internal error (a bug: one line, ``--debug`` or CLUSTERSIM_DEBUG=1 for the traceback);
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Every output file is written through
+``clustersim.spec.outputs`` (regular files only, never an input, atomic).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
+import signal
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -19,7 +28,10 @@ app = typer.Typer(
         "Audit and simulate parallel deployment plans (TP / EP / PP / DP) of Mixture-of-Experts "
         "models on GPU clusters.\n\nGive a plan file (YAML or JSON); without one, commands use "
         "the embedded default plan (Mixtral-8x7B on 16 x H100-SXM). Start with "
-        "`clustersim check PLAN` and `clustersim plan layout PLAN`."
+        "`clustersim check PLAN` and `clustersim plan layout PLAN`.\n\nExit codes: 0 fine; "
+        "1 the plan needs modification; 2 unusable input or output; 3 internal error (please "
+        "report; --debug or CLUSTERSIM_DEBUG=1 shows the traceback); 130 interrupted (Ctrl-C; "
+        "143 on SIGTERM)."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -36,7 +48,39 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a field: --set parallel.tp=4 (repeatable)."),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
+JsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json", help="Print one JSON object for scripts (strict JSON: NaN and infinities null)."
+    ),
+]
+MaxEventsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-events",
+        help="Simulate plans up to this many estimated events (default 2,000,000, about a "
+        "minute); larger plans are refused with their estimate.",
+        min=1,
+    ),
+]
+MAX_GPUS = 2**24
+"""Largest --gpus accepted (the plan schema bounds a plan's own cluster likewise)."""
+
+_debug = False
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            help="Show the traceback of an internal error (also CLUSTERSIM_DEBUG=1).",
+        ),
+    ] = False,
+) -> None:
+    global _debug
+    _debug = _debug or debug
 
 
 class CheckFormat(StrEnum):
@@ -61,20 +105,80 @@ def _load(path: Path | None, overrides: list[str] | None):
         raise _fail(exc.render()) from None
 
 
-def _emit(text: str | None, output: Path | None) -> bool:
+def _check_output(path: Path | None, inputs: list[Any] | tuple[Any, ...] = ()) -> None:
+    """Refuse (exit 2) an output that is not a regular file or is one of ``inputs``, before
+    any work is done."""
+    from clustersim.spec.outputs import OutputError, check_output
+
+    if path is not None:
+        try:
+            check_output(path, inputs)
+        except OutputError as exc:
+            raise _fail(str(exc)) from None
+
+
+def _inputs(paths: list[Path | None] | tuple[Path | None, ...], *plans: Any) -> list[Any]:
+    """The input files of a command: its plan or trace files and the files its plans read."""
+    out: list[Any] = [p for p in paths if p is not None]
+    for plan in plans:
+        req = plan.workload.requests
+        out += [s.file for s in (plan.workload.seq_len, req.prompt_len, req.output_len) if s.file]
+        out += [req.trace] if req.trace else []
+    return out
+
+
+def _emit(text: str | None, output: Path | None, inputs: list[Any] | None = None) -> bool:
     """Write ``text`` to ``output``, or print it; False when there is no text (print a table)."""
+    from clustersim.spec.outputs import OutputError, write_text_atomic
+
     if text is None:
         return False
     if output is not None:
-        output.write_text(text + "\n")
+        try:
+            write_text_atomic(output, text + "\n", inputs or ())
+        except OutputError as exc:
+            raise _fail(str(exc)) from None
+        except OSError as exc:
+            raise _fail(f"cannot write {output}: {exc.strerror or exc}") from None
         typer.echo(f"wrote {output}", err=True)
     else:
         typer.echo(text)
     return True
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (JSON null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if type(obj).__module__ == "numpy":  # numpy scalars and arrays
+        tolist = getattr(obj, "tolist", None)
+        if tolist is not None:
+            return _finite(tolist())
+    return obj
+
+
+def _json_text(obj: Any) -> str:
+    """The one JSON printer: strict JSON (``allow_nan=False``), non-finite numbers as null."""
+    return json.dumps(_finite(obj), indent=2, default=str, allow_nan=False)
+
+
 def _print_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=str))
+    typer.echo(_json_text(obj))
+
+
+def _check_work(plans: list[Any], max_events: int | None) -> None:
+    """Refuse (exit 2) plans whose simulation is estimated above ``max_events``."""
+    from clustersim.run.workload import estimate_work
+
+    for plan in plans:
+        estimate = estimate_work(plan)
+        if estimate.too_large(max_events):
+            name = f"{plan.name}: " if len(plans) > 1 else ""
+            raise _fail(name + estimate.refusal(max_events))
 
 
 @app.command(
@@ -98,6 +202,7 @@ def check(
     static: Annotated[
         bool, typer.Option("--static", help="Audit only; do not simulate claims and targets.")
     ] = False,
+    max_events: MaxEventsOpt = None,
 ) -> None:
     """Audit a plan and print its findings."""
     from clustersim.audit.markdown import audit_markdown
@@ -106,6 +211,10 @@ def check(
     from clustersim.run.evaluate import evaluate
 
     plan = _load(plan_file, set_)
+    inputs = _inputs([plan_file], plan)
+    _check_output(output, inputs)
+    if not static:
+        _check_work([plan], max_events)
     with ProgressBar("simulating claims and targets") as bar:
         verdict = evaluate(plan, static=static, progress=bar.update)
     report = verdict.report
@@ -115,12 +224,12 @@ def check(
     if fmt is CheckFormat.json:
         data = verdict.to_dict()
         data["suggestion"] = suggestion.to_dict() if suggestion is not None else None
-        text = json.dumps(data, indent=2, default=str)
+        text = _json_text(data)
     elif fmt is CheckFormat.markdown or output is not None:
         text = audit_markdown(report) + suggestion_markdown(suggestion)
     else:
         text = None
-    if not _emit(text, output):
+    if not _emit(text, output, inputs):
         from clustersim.cli_tables import print_audit, print_suggestion
 
         print_audit(report)
@@ -154,6 +263,7 @@ def run(
         Path | None,
         typer.Option("--trace-file", help="Write the trace to this file (implies --trace)."),
     ] = None,
+    max_events: MaxEventsOpt = None,
 ) -> None:
     """Simulate a plan and print its metrics."""
     from clustersim.cli_tables import ProgressBar, print_verdict
@@ -164,9 +274,15 @@ def run(
         from clustersim.run.record import default_trace_path
 
         trace_file = default_trace_path(plan)
+    _check_output(trace_file, _inputs([plan_file], plan))
+    _check_work([plan], max_events)
+    from clustersim.spec.outputs import OutputError
+
     try:
         with ProgressBar("simulating") as bar:
             verdict = evaluate(plan, progress=bar.update, trace=trace_file)
+    except OutputError as exc:
+        raise _fail(str(exc)) from None
     except OSError as exc:
         raise _fail(f"cannot write the trace {trace_file}: {exc.strerror or exc}") from None
     if json_out:
@@ -219,9 +335,14 @@ def analyze(
     """Analyse a trace and print (or export) what happened."""
     from clustersim.analyze import analyze as analyse_trace
     from clustersim.cli_tables import ProgressBar, print_analysis
+    from clustersim.spec.outputs import OutputError
     from clustersim.trace import TraceError
 
     span = _window(window)
+    for out in (perfetto, plot):
+        _check_output(out, [trace_file])
+    if perfetto is not None and plot is not None:
+        _check_output(plot, [trace_file, perfetto])
     if plot is not None:
         from clustersim.analyze.plots import PlotError, require_pyplot
 
@@ -247,7 +368,7 @@ def analyze(
             else:
                 plot_analysis(result, plot)
             typer.echo(f"wrote {plot}", err=True)
-    except TraceError as exc:
+    except (TraceError, OutputError) as exc:
         raise _fail(str(exc)) from None
     except OSError as exc:
         raise _fail(f"cannot write {exc.filename or 'output'}: {exc.strerror or exc}") from None
@@ -276,6 +397,7 @@ def replay(
     ] = None,
     set_: SetOpt = None,
     json_out: JsonOpt = False,
+    max_events: MaxEventsOpt = None,
 ) -> None:
     """Re-simulate a recorded workload and print the metrics, recorded vs replayed."""
     from clustersim.cli_tables import ProgressBar, print_replay
@@ -287,6 +409,7 @@ def replay(
 
     try:
         plan = _load(plan_file, set_) if plan_file else recorded_plan(trace_file, set_ or [])
+        _check_work([plan], max_events)
         with ProgressBar("replaying") as bar:
             result = replay_trace(trace_file, plan, progress=bar.update)
     except PlanError as exc:
@@ -337,8 +460,18 @@ def validate(
     unknown = [s for s in sets if s not in SETS]
     if unknown:
         raise _fail(f"unknown set {', '.join(unknown)} (have: {', '.join(SETS)})")
-    with progress_bar() as progress:
-        results = run_validation(sets, quick=quick, progress=progress)
+    from clustersim.spec import PlanError
+
+    try:
+        with progress_bar() as progress:
+            results = run_validation(sets, quick=quick, progress=progress)
+    except PlanError as exc:
+        raise _fail(f"unusable measurements: {exc.render()}") from None
+    except (KeyError, ValueError, TypeError, IndexError) as exc:  # a malformed data file
+        raise _fail(
+            f"unusable measurements: {type(exc).__name__}: {exc} (a malformed CSV row or "
+            "column in the measurement files?)"
+        ) from None
     if json_out:
         _print_json([r.to_dict() for r in results])
     elif markdown_out:
@@ -396,12 +529,19 @@ def calibrate(
         results = run_calibration(generation, measurements)
     except PlanError as exc:
         raise _fail(exc.render()) from None
-    paths = write_files(results, out) if write or out is not None else []
-    if end_to_end:  # on the component fits just written (or the packaged ones)
-        reload()
-        apply_end_to_end(results, fit_end_to_end())
+    from clustersim.spec.outputs import OutputError
+
+    try:
         paths = write_files(results, out) if write or out is not None else []
-        reload()
+        if end_to_end:  # on the component fits just written (or the packaged ones)
+            reload()
+            apply_end_to_end(results, fit_end_to_end())
+            paths = write_files(results, out) if write or out is not None else []
+            reload()
+    except OutputError as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"cannot write {exc.filename or out}: {exc.strerror or exc}") from None
     if json_out:
         _print_json(
             {"generations": [r.to_dict() for r in results], "written": [str(p) for p in paths]}
@@ -430,6 +570,7 @@ def compare(
         Path | None, typer.Option("--output", "-o", help="Write the comparison to this file.")
     ] = None,
     static: Annotated[bool, typer.Option("--static", help="Audit only; do not simulate.")] = False,
+    max_events: MaxEventsOpt = None,
 ) -> None:
     """Compare plans side by side."""
     from clustersim.cli_tables import ProgressBar
@@ -438,16 +579,20 @@ def compare(
     if len(plan_files) < 2:
         raise _fail("compare needs at least two plan files")
     plans = [_load(path, set_) for path in plan_files]
+    inputs = _inputs(plan_files, *plans)
+    _check_output(output, inputs)
+    if not static:
+        _check_work(plans, max_events)
     with ProgressBar("simulating plans") as bar:
         result = compare_plans(plans, simulate=not static, progress=bar.update)
     if json_out:
         fmt = CheckFormat.json
     text = None
     if fmt is CheckFormat.json:
-        text = json.dumps(result.to_dict(), indent=2, default=str)
+        text = _json_text(result.to_dict())
     elif fmt is CheckFormat.markdown or output is not None:
         text = result.markdown()
-    if not _emit(text, output):
+    if not _emit(text, output, inputs):
         from clustersim.cli_tables import print_compare
 
         print_compare(result)
@@ -577,11 +722,18 @@ def search(
     json_out: JsonOpt = False,
 ) -> None:
     """Search for the best parallel layout of a plan."""
+    from concurrent.futures.process import BrokenProcessPool
+
     from clustersim.cli_tables import ProgressBar
     from clustersim.explore.backends import BackendError
     from clustersim.explore.search import SearchError, SearchSpace
     from clustersim.explore.search import search as run_search
+    from clustersim.spec.outputs import OutputError
 
+    if gpus is not None and not 1 <= gpus <= MAX_GPUS:
+        raise _fail(f"--gpus: expected 1 to {MAX_GPUS:,} GPUs, got {gpus}")
+    if seed is not None and not 0 <= seed < 2**32:
+        raise _fail(f"--seed: expected 0 to {2**32 - 1}, got {seed}")
     plan = _load(plan_file, set_)
     n = gpus or plan.hardware.num_gpus
     space = SearchSpace(
@@ -597,6 +749,8 @@ def search(
         prune_recompute=not all_recompute,
     )
     out = output or Path(f"{plan.name}-search.parquet")
+    inputs = _inputs([plan_file], plan)
+    _check_output(out, inputs)
     if backend is Backend.ray:
         from clustersim.explore.backends import require_ray
 
@@ -619,12 +773,20 @@ def search(
                 pareto_axis=pareto.value,
                 backend=backend.value,
                 progress=lambda done, total: bar.update(done / max(total, 1)),
+                inputs=inputs,
             )
-    except (SearchError, BackendError) as exc:
+    except (SearchError, BackendError, OutputError) as exc:
         raise _fail(str(exc)) from None
-    except KeyboardInterrupt:
+    except BrokenProcessPool:
+        typer.echo(
+            "error: a search worker died (killed, or out of memory); results so far are in "
+            f"{out}; continue with --resume (fewer --workers if memory is short)",
+            err=True,
+        )
+        raise typer.Exit(code=3) from None
+    except (KeyboardInterrupt, Terminated) as exc:
         typer.echo(f"interrupted: results so far are in {out}; continue with --resume", err=True)
-        raise typer.Exit(code=130) from None
+        raise typer.Exit(code=143 if isinstance(exc, Terminated) else 130) from None
     except OSError as exc:
         raise _fail(f"cannot write {out}: {exc.strerror or exc}") from None
     if json_out:
@@ -690,13 +852,50 @@ def plan_schema() -> None:
     _print_json(schema)
 
 
+class Terminated(BaseException):  # noqa: N818 - named after the signal, like KeyboardInterrupt
+    """Raised in the main thread on SIGTERM, so that the cleanup Ctrl-C runs (temporary output
+    files removed, search workers ended) runs too."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _debugging() -> bool:
+    return _debug or os.environ.get("CLUSTERSIM_DEBUG", "") not in ("", "0")
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: the one error boundary (see the module docstring)."""
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 terminal never crashes a print
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError):
+                reconfigure(errors="backslashreplace")
+    with contextlib.suppress(ValueError):  # ValueError: not the main thread
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
+    except SystemExit:
+        raise
+    except Terminated:
+        typer.echo("terminated", err=True)
+        sys.exit(143)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the boundary: a bug is exit 3, never 1
+        if _debugging():
+            import traceback
+
+            traceback.print_exc()
+        message = " ".join(str(exc).split())[:500]
+        typer.echo(
+            f"internal error: {type(exc).__name__}: {message} "
+            "(please report; rerun with --debug for the traceback)",
+            err=True,
+        )
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from clustersim.audit.checks import AuditReport
@@ -11,11 +12,11 @@ from clustersim.layout import Layout
 
 
 def _table(title: str, rows: list[dict], **kw) -> Table:
-    table = Table(title=title, title_justify="left", **kw)
+    table = Table(title=escape(title), title_justify="left", **kw)
     for key in rows[0] if rows else []:
-        table.add_column(key)
+        table.add_column(escape(str(key)))
     for row in rows:
-        table.add_row(*(fmt_value(v) for v in row.values()))
+        table.add_row(*(escape(fmt_value(v)) for v in row.values()))
     return table
 
 
@@ -24,7 +25,7 @@ def print_audit(report: AuditReport) -> None:
     console = Console(width=max(Console().width, 120))
     lay, mem = report.layout, report.memory
     console.print(
-        f"[bold]{report.plan.name}[/bold]: {lay.world_size} of {lay.cluster_gpus} GPUs, "
+        f"[bold]{escape(report.plan.name)}[/bold]: {lay.world_size} of {lay.cluster_gpus} GPUs, "
         f"TP {lay.tp} PP {lay.pp} DP {lay.dp} EP {lay.ep} ETP {lay.etp}; "
         f"layers per stage {lay.layers_per_stage}; "
         f"experts per GPU {fmt_value(lay.experts_per_gpu)}"
@@ -45,9 +46,9 @@ def print_audit(report: AuditReport) -> None:
             f"{len(report.errors)} error(s), {len(report.findings) - len(report.errors)} warning(s)"
         )
     if report.simulation_note:
-        console.print(report.simulation_note)
+        console.print(report.simulation_note, markup=False)
     if report.unchecked:
-        console.print("not decided (needs a simulation): " + ", ".join(report.unchecked))
+        console.print(escape("not decided (needs a simulation): " + ", ".join(report.unchecked)))
     print_assumptions(report.assumptions, console)
 
 
@@ -70,7 +71,7 @@ def print_verdict(verdict) -> None:
     elif verdict.plan.workload.mode == "inference":
         print_serving(run)
         if run.trace:
-            Console().print(f"trace: {run.trace['path']} ({run.trace['rows']} rows)")
+            Console().print(f"trace: {escape(str(run.trace['path']))} ({run.trace['rows']} rows)")
     else:
         print_run(run)
 
@@ -157,7 +158,7 @@ METRIC_ROWS = (
 def _metrics_table(title: str, metrics: dict, rows, plan=None, skip_missing=False) -> Table:
     """Metric, value, unit (and the plan's target and claim when ``plan`` is given) for each
     of ``rows`` (key, label, unit, target field, claim field)."""
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     cols = ("metric", "value", "unit") + (("target", "claimed") if plan is not None else ())
     for col in cols:
         table.add_column(col)
@@ -168,8 +169,8 @@ def _metrics_table(title: str, metrics: dict, rows, plan=None, skip_missing=Fals
         cells = [label, "-" if value is None else f"{value:.4g}", unit]
         if plan is not None:
             cells += [
-                fmt_value(getattr(plan.targets, target)) if target else "",
-                fmt_value(getattr(plan.claims, claim)) if claim else "",
+                escape(fmt_value(getattr(plan.targets, target))) if target else "",
+                escape(fmt_value(getattr(plan.claims, claim))) if claim else "",
             ]
         table.add_row(*cells)
     return table
@@ -210,7 +211,7 @@ def print_run(report) -> None:
     console.print(f"{report.events} events simulated in {report.wall_s:.2f} s")
     if report.trace:
         console.print(
-            f"trace: {report.trace['path']} ({report.trace['rows']} rows, "
+            f"trace: {escape(str(report.trace['path']))} ({report.trace['rows']} rows, "
             f"{report.trace['bytes'] / 2**20:.1f} MiB)"
         )
     _print_findings(console, report)
@@ -220,7 +221,8 @@ def print_analysis(result) -> None:
     """``clustersim analyze``: metrics, communication, critical path, GPUs, expert load."""
     console = Console(width=max(Console().width, 120))
     console.print(
-        f"[bold]{result.plan_name}[/bold] (seed {result.seed}): {result.path}, "
+        f"[bold]{escape(str(result.plan_name))}[/bold] (seed {result.seed}): "
+        f"{escape(str(result.path))}, "
         f"{result.events} events of {result.rows} rows"
     )
     console.print(
@@ -285,7 +287,9 @@ def print_replay(result, rows=None, what: str = "recorded workload") -> None:
         "plan changes: "
         + (", ".join(f"{c['field']} {c['recorded']} -> {c['new']}" for c in changes) or "none")
     )
-    table = Table(title=f"{result.report.audit.plan.name}: {what} replayed", title_justify="left")
+    table = Table(
+        title=escape(f"{result.report.audit.plan.name}: {what} replayed"), title_justify="left"
+    )
     for col in ("metric", "recorded", "replayed", "change", "unit"):
         table.add_column(col)
     recorded, replayed = result.recorded_metrics, result.report.metrics
@@ -375,12 +379,12 @@ def _findings_table(findings) -> Table:
     for f in findings:
         style = "red" if f.severity == "error" else "yellow"
         table.add_row(
-            f.node,
+            escape(f.node),
             f"[{style}]{f.severity}[/{style}]",
-            fmt_value(f.claimed),
-            fmt_value(f.computed),
-            f.message,
-            f.fix,
+            escape(fmt_value(f.claimed)),
+            escape(fmt_value(f.computed)),
+            escape(f.message),
+            escape(f.fix or ""),
         )
     return table
 
@@ -393,10 +397,10 @@ def _print_findings(console: Console, report) -> None:
             "[green]no findings: the plan meets its constraints, targets and claims[/green]"
         )
     if report.unchecked:
-        console.print("not decided by this simulation: " + ", ".join(report.unchecked))
+        console.print(escape("not decided by this simulation: " + ", ".join(report.unchecked)))
     note = report.audit.simulation_note
     if note:
-        console.print(note)
+        console.print(note, markup=False)
     print_assumptions(report.audit.assumptions, console)
 
 
@@ -415,7 +419,7 @@ def print_suggestion(suggestion) -> None:
 def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
-    return fmt_value(value)
+    return escape(fmt_value(value))
 
 
 def print_compare(result) -> None:
@@ -427,7 +431,7 @@ def print_compare(result) -> None:
         table = Table(title=title, title_justify="left")
         table.add_column("")
         for name in result.names:
-            table.add_column(name, overflow="fold")
+            table.add_column(escape(str(name)), overflow="fold")
         for row in rows:
             cells = [_cell(c) for c in row]
             if title == "targets":
@@ -472,7 +476,7 @@ def print_search(result, top: int = 10) -> None:
     console = Console(width=max(Console().width, 140))
     s = result.summary()
     console.print(
-        f"[bold]{result.base.name}[/bold] on {result.base.hardware.num_gpus} GPUs, "
+        f"[bold]{escape(result.base.name)}[/bold] on {result.base.hardware.num_gpus} GPUs, "
         f"objective {result.objective}: {s['candidates']} candidates; discarded "
         f"statically {s.get('invalid', 0)} invalid + {s.get('oom', 0)} out of memory "
         f"({s['discarded_statically_pct']:.0f}%), {s.get('dominated', 0)} dominated "
@@ -523,7 +527,8 @@ def print_serving_analysis(result) -> None:
     the deployment, then one row per replica."""
     console = Console(width=max(Console().width, 120))
     console.print(
-        f"[bold]{result.plan_name}[/bold] (seed {result.seed}): {result.path}, "
+        f"[bold]{escape(str(result.plan_name))}[/bold] (seed {result.seed}): "
+        f"{escape(str(result.path))}, "
         f"serving trace of {result.rows} rows"
     )
     console.print(
