@@ -73,6 +73,10 @@ class ServingResult:
     events: int  # SimPy timeouts scheduled (steps, runs, cut runs, arrival times)
     preemptions: int
     routing_s: float = 0.0
+    # steps of a replica by requests prefilling in them, and by requests decoding in them (a
+    # run of decode steps counted step by step); None when unknown (a run read from a trace)
+    prefill_batches: np.ndarray | None = None
+    decode_batches: np.ndarray | None = None
 
 
 def coupled_replicas(plan: Plan, layout: Layout) -> list[list[int]]:
@@ -216,8 +220,12 @@ class Engine:
         steps = [s.schedule() for s in scheds]
         aggs, run = [], MAX_STEPS
         v = self.sim.num_microbatches
+        first = self.sim.book.first_scheduled_ms
         for sched, st in zip(scheds, steps, strict=True):
             if st is not None:
+                for rid in st.ids[len(st.ids) - st.admitted :]:
+                    if first[rid] != first[rid]:  # NaN: never scheduled before
+                        first[rid] = now
                 aggs.append(st.aggregates(v))
                 run = min(run, sched.run_length(st, run))
         if not aggs:
@@ -254,6 +262,9 @@ class Engine:
             if st is None:
                 sim.kv_area[m] += used0 * duration
                 continue
+            sim.decode_batches[st.decodes] += k
+            if len(st.ids) > st.decodes:
+                sim.prefill_batches[len(st.ids) - st.decodes] += 1
             finished = sched.commit(st, k, end)
             peak = sched.peak_used
             sim.kv_area[m] += 0.5 * (used0 + peak) * duration
@@ -315,6 +326,8 @@ class ServingSim:
         self.dispatcher = Dispatcher(self)
         self.kv_area = np.zeros(dp)
         self.kv_peak = np.zeros(dp, dtype=np.int64)
+        self.prefill_batches = [0] * (req.max_batch_size + 1)
+        self.decode_batches = [0] * (req.max_batch_size + 1)
         self._progress = progress
         self._progress_every = max(1, self.num_requests // 100)
 
@@ -360,5 +373,7 @@ class ServingSim:
             in_system_area=self.dispatcher.area,
             events=self.events,
             preemptions=sum(s.preemptions for s in self.schedulers),
+            prefill_batches=np.array(self.prefill_batches, dtype=np.int64),
+            decode_batches=np.array(self.decode_batches, dtype=np.int64),
             routing_s=self.table.build_s if self.table else 0.0,
         )
