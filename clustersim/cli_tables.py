@@ -605,3 +605,42 @@ def print_serving_analysis(result) -> None:
 def print_serving_replay(result) -> None:
     """``clustersim replay`` of a serving trace: the recorded request stream replayed."""
     print_replay(result, SERVING_TRACE_ROWS, "recorded request stream")
+
+
+def print_capacity(result) -> None:
+    """``clustersim capacity``: the capacity, then the latency-vs-rate curve it measured."""
+    console = Console(width=max(Console().width, 120))
+    d = result.to_dict()
+    table = Table(
+        title=escape(
+            f"{d['plan']}: request rate vs SLOs (seed {d['seed']}, at least "
+            f"{100 * d['attain']:g}% of requests good)"
+        ),
+        title_justify="left",
+    )
+    for col in ("rate (req/s)", "TTFT p99 (ms)", "TPOT p99 (ms)", "good %", "SLOs"):
+        table.add_column(col)
+    for p in d["curve"]:
+        verdict = "hold" if p["holds"] else "missed"
+        if p["stopped_early"]:
+            verdict += " (stopped early)"
+        table.add_row(
+            f"{p['rate_req_per_s']:.4g}",
+            "-" if p["ttft_ms_p99"] is None else f"{p['ttft_ms_p99']:.4g}",
+            "-" if p["tpot_ms_p99"] is None else f"{p['tpot_ms_p99']:.4g}",
+            "-" if p["goodput_pct"] is None else f"{p['goodput_pct']:.4g}",
+            verdict,
+        )
+    console.print(table)
+    cap = d["capacity_req_per_s"]
+    if cap is None:
+        console.print(
+            f"[red]no capacity: the SLOs fail even at {d['curve'][0]['rate_req_per_s']:.4g} "
+            "requests/s[/red]"
+        )
+        return
+    console.print(
+        f"[bold]capacity {cap:.4g} requests/s[/bold] ({d['capacity_req_per_s_per_gpu']:.4g} per "
+        f"GPU on {d['gpus']} GPUs); goodput {d['goodput_req_per_s']:.4g} requests/s; limiting "
+        f"SLO {d['limiting_slo']}; {d['probes']} rates simulated"
+    )

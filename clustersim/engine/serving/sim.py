@@ -25,6 +25,7 @@ replica's whole KV cache is rejected on arrival.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -109,6 +110,23 @@ def check_serving_supported(plan: Plan, layout: Layout) -> None:
     check_common(plan, layout, "inference")
 
 
+class Overloaded(Exception):
+    """Raised out of :meth:`ServingSim.run` when more requests missed their
+    :class:`LatencyLimits` than allowed: the run can no longer meet its SLOs (one argument,
+    the message: SimPy re-raises exceptions from their arguments)."""
+
+
+@dataclass(frozen=True)
+class LatencyLimits:
+    """Per-request limits (ms) and how many requests may miss them before the run stops
+    (:class:`Overloaded`); a rejected request misses them."""
+
+    ttft_ms: float = math.inf
+    tpot_ms: float = math.inf
+    latency_ms: float = math.inf
+    allowed_bad: int = 0
+
+
 class Dispatcher:
     """Hands arriving requests to replicas and keeps the in-system count."""
 
@@ -149,6 +167,8 @@ class Dispatcher:
         sim.book.replica[rid] = replica
         if not scheds[replica].fits(rid):
             sim.rejected[rid] = True
+            if sim.limits is not None:
+                sim.count_bad(1)
             sim.on_finished(1)
             return
         self.count(+1, now)
@@ -271,6 +291,8 @@ class Engine:
             sim.kv_peak[m] = max(sim.kv_peak[m], peak)
             for _ in finished:
                 sim.dispatcher.count(-1, end)
+            if sim.limits is not None and finished:
+                sim.judge_finished(finished)
             sim.on_finished(len(finished))
         self._run_steps = 0
 
@@ -283,7 +305,14 @@ class ServingSim:
         plan: Plan,
         requests: Requests,
         progress: Callable[[float], None] | None = None,
+        *,
+        table: MoEStepTable | None = None,
+        limits: LatencyLimits | None = None,
     ):
+        """``table``: the MoE step table of this plan's model, layout and routing (built when
+        None; it does not depend on the request stream, so runs of one deployment at several
+        request rates may share it). ``limits``: stop early (:class:`Overloaded`) once more
+        requests than allowed missed them."""
         self.plan = plan
         self.layout = layout = Layout(plan)
         check_serving_supported(plan, layout)
@@ -297,7 +326,8 @@ class ServingSim:
                 f"{self.kv.activations_gib[worst]:.1f} GiB exceed "
                 f"{req.gpu_memory_utilization:g} x the GPU's memory"
             )
-        table = MoEStepTable(plan, layout) if plan.model.moe is not None else None
+        if table is None and plan.model.moe is not None:
+            table = MoEStepTable(plan, layout)
         self.table = table
         self.timer = StepTimer(plan, step_costs(plan, layout), table)
         self.num_microbatches = plan.parallel.pp
@@ -328,6 +358,8 @@ class ServingSim:
         self.kv_peak = np.zeros(dp, dtype=np.int64)
         self.prefill_batches = [0] * (req.max_batch_size + 1)
         self.decode_batches = [0] * (req.max_batch_size + 1)
+        self.limits = limits
+        self.bad = 0
         self._progress = progress
         self._progress_every = max(1, self.num_requests // 100)
 
@@ -339,6 +371,25 @@ class ServingSim:
         self.finished += count
         if self._progress and before // every != self.finished // every:
             self._progress(self.finished / self.num_requests)
+
+    def count_bad(self, count: int) -> None:
+        """Requests that missed the limits; raise :class:`Overloaded` past the allowance."""
+        self.bad += count
+        if self.bad > self.limits.allowed_bad:
+            raise Overloaded(f"{self.bad} requests missed their limits, {self.finished} finished")
+
+    def judge_finished(self, finished: list[int]) -> None:
+        """Count the just-finished requests that missed the limits."""
+        book, lim, arrival = self.book, self.limits, self.arrival_ms
+        bad = 0
+        for rid in finished:
+            t0, first, end = float(arrival[rid]), book.first_token_ms[rid], book.finish_ms[rid]
+            out = book.output[rid]
+            tpot = (end - first) / (out - 1) if out > 1 else 0.0
+            if first - t0 > lim.ttft_ms or tpot > lim.tpot_ms or end - t0 > lim.latency_ms:
+                bad += 1
+        if bad:
+            self.count_bad(bad)
 
     def _arrivals(self):
         times = self.arrival_ms
