@@ -91,11 +91,22 @@ class MoESpec(_Strict):
     max_nodes_per_token: Degree | None = Field(
         None, description="Node-limited routing: a token's experts lie on at most M nodes."
     )
+    routing_sampler: Literal["auto", "tokens", "counts"] = Field(
+        "auto",
+        description="tokens: draw every token's experts (exact); counts: draw counts per "
+        "source rank (cost independent of tokens; exact for C(E,k) <= 8192, exact means "
+        "otherwise); auto: counts where cheaper and possible.",
+    )
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> MoESpec:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
+        if self.routing_sampler == "counts" and self.max_nodes_per_token is not None:
+            raise ValueError(
+                "routing_sampler 'counts' does not model max_nodes_per_token; use 'auto' or "
+                "'tokens'"
+            )
         return self
 
 
