@@ -31,6 +31,7 @@ from clustersim.engine.training.moe import (
     dispatch_many,
     dispatch_one,
 )
+from clustersim.engine.network import Network
 from clustersim.engine.training.sim import Lane, SimResult, TrainingSim
 from clustersim.layout import Layout
 from clustersim.spec.schema import Plan
@@ -201,13 +202,14 @@ def simulate_traced(
     symmetric: bool,
     progress: Callable[[float], None] | None,
     path: Path,
+    network: Network | None = None,
 ) -> tuple[SimResult, dict]:
     """Run the engine with every row streamed into a trace at ``path`` (written atomically).
     Returns the result and ``{"path", "rows", "bytes"}`` of the trace."""
     layout = Layout(plan)
     num_groups = len(layout.groups("ep")) if plan.model.moe else 0
     recording = RecordingRouting(routing, num_groups) if routing is not None else None
-    sim = TrainingSim(plan, rec, seq_lens, recording, symmetric, progress)
+    sim = TrainingSim(plan, rec, seq_lens, recording, symmetric, progress, network)
     meta = S.encode_metadata(
         plan.model_dump(mode="json"), plan.seed, run_metadata(plan, layout, sim.lanes, symmetric)
     )
