@@ -128,6 +128,7 @@ def test_bytes_over_a_link_never_exceed_bandwidth_times_time(raw, capacity) -> N
                 )
                 assert carried <= cap[ln] * (t1 - t0) * (1 + 1e-6) + 1e-6
     # work conservation: the last flow ends no later than all of them one after the other
-    assert end.max() <= fs.start_ms.min() + fs.transfer_ms.sum() + (
-        fs.start_ms.max() - fs.start_ms.min()
-    ) + 1e-6
+    assert (
+        end.max()
+        <= fs.start_ms.min() + fs.transfer_ms.sum() + (fs.start_ms.max() - fs.start_ms.min()) + 1e-6
+    )

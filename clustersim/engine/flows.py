@@ -55,9 +55,7 @@ class FlowSet:
         return np.repeat(np.arange(self.size), np.diff(self.ptr))
 
 
-def max_min_rates(
-    weights: np.ndarray, caps: np.ndarray, capacity: np.ndarray
-) -> np.ndarray:
+def max_min_rates(weights: np.ndarray, caps: np.ndarray, capacity: np.ndarray) -> np.ndarray:
     """Max-min fair levels ``x`` (progressive filling) for flows with ``weights[f, l]`` (link
     use per unit of ``x``), ``x[f] <= caps[f]`` and ``sum_f weights[f, l] x[f] <=
     capacity[l]``."""
@@ -94,7 +92,8 @@ def solve(flows: FlowSet) -> np.ndarray:
     # alone: at its own rate, or slower where a link of its route cannot carry that
     need = np.zeros(flows.size)
     np.maximum.at(need, flows.flow_of_entry(), flows.volume / flows.capacity[flows.link])
-    end = start + np.where(transfer > 0, np.maximum(transfer, need), 0.0)
+    slower = need > transfer * (1 + 1e-9)  # not a rounding error of the caller's scaling
+    end = start + np.where(transfer > 0, np.where(slower, need, transfer), 0.0)
     busy = (transfer > 0) & (np.diff(flows.ptr) > 0)
     contended = _overlapping(flows, end) & busy
     while contended.any():
@@ -149,9 +148,7 @@ def _event_loop(flows: FlowSet, members: np.ndarray) -> np.ndarray:
     starts = flows.start_ms[members]
     transfer = flows.transfer_ms[members]
     n = len(members)
-    routes = [
-        (links[ptr[f] : ptr[f + 1]], volume[ptr[f] : ptr[f + 1]]) for f in members.tolist()
-    ]
+    routes = [(links[ptr[f] : ptr[f + 1]], volume[ptr[f] : ptr[f + 1]]) for f in members.tolist()]
     heaviest = np.array([float(v.max()) for _, v in routes])
     caps = heaviest / transfer  # bytes/ms on the heaviest link, alone
     remaining = np.ones(n)  # fraction of the transfer left

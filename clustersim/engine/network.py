@@ -115,9 +115,7 @@ class Links:
         return node * self.nics + local * self.nics // self.gpn
 
     # ---- routes ----------------------------------------------------------------------------
-    def matrix_volumes(
-        self, ranks: np.ndarray, send: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def matrix_volumes(self, ranks: np.ndarray, send: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Link volumes of a batch of all-to-all-v send matrices ``send`` (B, n, n), bytes
         ``ranks[i] -> ranks[j]``: (links (k,), volumes (B, k))."""
         ranks = np.asarray(ranks)
@@ -302,7 +300,8 @@ class Network:
         volume = raw * scale[entry_flow]
         t0 = starts + latency
         end = solve(FlowSet(t0, transfer, ptr, link, volume, cap))
-        delay = np.maximum(end - (t0 + transfer), 0.0)
+        delay = end - (t0 + transfer)
+        delay[delay <= 1e-9 * (t0 + transfer)] = 0.0  # rounding, not sharing
         self.delays = {}
         pos = 0
         for key, size in zip(self._key, self._batch, strict=True):
@@ -349,8 +348,12 @@ class NetworkReport:
             busy = float((intervals[:, 1] - intervals[:, 0]).sum())
             out.append(
                 LinkReport(
-                    links.names[ln], links.kinds[ln], float(bytes_per_link[ln]), busy,
-                    float(contention[ln]), intervals,
+                    links.names[ln],
+                    links.kinds[ln],
+                    float(bytes_per_link[ln]),
+                    busy,
+                    float(contention[ln]),
+                    intervals,
                 )  # fmt: skip
             )
         del iteration_ms

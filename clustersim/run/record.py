@@ -22,6 +22,7 @@ import numpy as np
 
 from clustersim import __version__
 from clustersim.analyze.serving import ENGINE_FIELDS, REPLICA_FIELDS, RUN_FIELDS
+from clustersim.engine.network import Network
 from clustersim.engine.recorder import Kind, Op, Recorder
 from clustersim.engine.serving.sim import ServingResult
 from clustersim.engine.training.moe import (
@@ -31,7 +32,6 @@ from clustersim.engine.training.moe import (
     dispatch_many,
     dispatch_one,
 )
-from clustersim.engine.network import Network
 from clustersim.engine.training.sim import Lane, SimResult, TrainingSim
 from clustersim.layout import Layout
 from clustersim.spec.schema import Plan
