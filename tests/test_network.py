@@ -107,3 +107,27 @@ def test_dp_reduction_beside_inter_node_all_to_all(plan_dict) -> None:
     assert shared["comm_contention_ms"] > 0
     assert alone["iteration_time_ms"] < shared["iteration_time_ms"]
     assert shared["iteration_time_ms"] <= serial["iteration_time_ms"]
+
+
+def test_trace_carries_the_links_to_analyze(plan_dict, tmp_path) -> None:
+    from clustersim.analyze.training import analyze_training
+    from clustersim.trace import TraceReader
+
+    plan = training_plan(plan_dict, overlap_communication=True)
+    plan["hardware"]["topology"] = "dgx-h100-superpod"
+    path = tmp_path / "net.arrow"
+    report = simulate(plan_from_dict(plan, "test"), trace=path)
+    with TraceReader(path) as reader:
+        assert reader.version == 3
+    analysis = analyze_training(path)
+    assert analysis.metrics["comm_contention_ms"] == report.metrics["comm_contention_ms"] > 0
+    links = analysis.to_dict()["links"]
+    assert links and {d["kind"] for d in links} <= {"nvlink", "nic", "uplink"}
+    assert all(0 < d["busy_pct"] <= 100 and d["bytes"] > 0 for d in links)
+    # most contended first; the contention charged to links adds up to the flows' delays
+    assert links[0]["contention_ms"] == max(d["contention_ms"] for d in links)
+    # every link's bytes fit in its bandwidth over its busy time (NIC: 50 GB/s, NVLink 450)
+    wall_ms = report.metrics["iteration_time_ms"]
+    for d in links:
+        gbps = 50.0 if d["kind"] == "nic" else 450.0
+        assert d["bytes"] <= gbps * 1e6 * d["busy_pct"] / 100 * wall_ms * (1 + 1e-9)
