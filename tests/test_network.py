@@ -131,3 +131,22 @@ def test_trace_carries_the_links_to_analyze(plan_dict, tmp_path) -> None:
     for d in links:
         gbps = 50.0 if d["kind"] == "nic" else 450.0
         assert d["bytes"] <= gbps * 1e6 * d["busy_pct"] / 100 * wall_ms * (1 + 1e-9)
+
+
+def test_perfetto_has_link_tracks(plan_dict, tmp_path) -> None:
+    import json
+
+    from clustersim.analyze.perfetto import LINK_PID, export_perfetto
+
+    plan = training_plan(plan_dict, overlap_communication=True)
+    plan["hardware"]["topology"] = "non-blocking"
+    path = tmp_path / "net.arrow"
+    simulate(plan_from_dict(plan, "test"), trace=path)
+    out = tmp_path / "net.json"
+    export_perfetto(path, out)
+    events = [e for e in json.loads(out.read_text())["traceEvents"] if e.get("pid") == LINK_PID]
+    busy = [e for e in events if e["ph"] == "X"]
+    assert busy and all(e["dur"] > 0 for e in busy)
+    names = {e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    assert names and all(n.split(":")[0] in {"nvlink_tx", "nvlink_rx", "nic_tx", "nic_rx"}
+                         for n in names)  # fmt: skip

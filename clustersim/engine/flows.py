@@ -95,43 +95,72 @@ def solve(flows: FlowSet) -> np.ndarray:
     slower = need > transfer * (1 + 1e-9)  # not a rounding error of the caller's scaling
     end = start + np.where(transfer > 0, np.where(slower, need, transfer), 0.0)
     busy = (transfer > 0) & (np.diff(flows.ptr) > 0)
-    contended = _overlapping(flows, end) & busy
+    index = _LinkIndex(flows, end)
+    contended = index.overlapping() & busy
     while contended.any():
+        before = end.copy()
         end[contended] = _event_loop(flows, np.flatnonzero(contended))
         # a delayed flow may now overlap a flow that was settled alone: solve again with it
-        grown = (_overlapping(flows, end) & busy) | contended
+        grown = (index.reached(before, end) & busy) | contended
         if (grown == contended).all():
             break
         contended = grown
     return end
 
 
-def _overlapping(flows: FlowSet, end: np.ndarray) -> np.ndarray:
-    """Flows whose interval [start, end) overlaps another flow's on some shared link."""
-    entry_flow = flows.flow_of_entry()
-    link = flows.link
-    start = flows.start_ms[entry_flow]
-    stop = end[entry_flow]
-    order = np.lexsort((start, link))
-    link_s, start_s, stop_s, flow_s = link[order], start[order], stop[order], entry_flow[order]
-    out = np.zeros(flows.size, dtype=bool)
-    if len(order) < 2:
+class _LinkIndex:
+    """Every (flow, link) entry sorted by link, then start: who overlaps whom."""
+
+    def __init__(self, flows: FlowSet, end: np.ndarray):
+        entry_flow = flows.flow_of_entry()
+        start = flows.start_ms[entry_flow]
+        order = np.lexsort((start, flows.link))
+        self.size = flows.size
+        self.link = flows.link[order]
+        self.start = start[order]
+        self.flow = entry_flow[order]
+        self.stop = end[self.flow]
+        self.starts = flows.start_ms
+
+    def overlapping(self) -> np.ndarray:
+        """Flows whose interval overlaps another flow's on a shared link."""
+        link_s, start_s, stop_s = self.link, self.start, self.stop
+        out = np.zeros(self.size, dtype=bool)
+        if len(link_s) < 2:
+            return out
+        new_link = np.r_[True, link_s[1:] != link_s[:-1]]
+        seg = np.cumsum(new_link) - 1
+        run_max = _segmented_cummax(stop_s, seg)
+        prev_max = np.r_[-np.inf, run_max[:-1]]
+        prev_max[new_link] = -np.inf
+        hit = start_s < prev_max - EPS
+        # mark both sides: each entry against the next start of its link
+        next_start = np.r_[start_s[1:], np.inf]
+        next_start[np.r_[link_s[1:] != link_s[:-1], True]] = np.inf
+        hit |= next_start < stop_s - EPS
+        out[self.flow[hit]] = True
         return out
-    # running max of the ends before each entry, within its link
-    new_link = np.r_[True, link_s[1:] != link_s[:-1]]
-    seg = np.cumsum(new_link) - 1
-    run_max = _segmented_cummax(stop_s, seg)
-    prev_max = np.r_[-np.inf, run_max[:-1]]
-    prev_max[new_link] = -np.inf
-    hit = start_s < prev_max - EPS
-    # an overlap involves the entry and (at least) one earlier entry of the link: mark both
-    # sides by also checking each entry against the next start in its link
-    next_start = np.r_[start_s[1:], np.inf]
-    last_of_link = np.r_[link_s[1:] != link_s[:-1], True]
-    next_start[last_of_link] = np.inf
-    hit |= next_start < stop_s - EPS
-    out[flow_s[hit]] = True
-    return out
+
+    def reached(self, before: np.ndarray, after: np.ndarray) -> np.ndarray:
+        """Flows starting, on a link of a flow whose end moved from ``before`` to ``after``,
+        inside the added stretch (they now overlap it)."""
+        out = np.zeros(self.size, dtype=bool)
+        moved = np.flatnonzero(after > before + EPS)
+        if not len(moved):
+            return out
+        mine = np.isin(self.flow, moved)
+        links, lo, hi = self.link[mine], before[self.flow[mine]], after[self.flow[mine]]
+        # entries sorted by (link, start): the range of each link's starts in [lo, hi)
+        key = self.link.astype(np.float64)
+        span = float(np.abs(self.start).max(initial=1.0)) * 4 + 1.0
+        sorted_key = key * span + self.start
+        first = np.searchsorted(sorted_key, links * span + lo - EPS, side="left")
+        last = np.searchsorted(sorted_key, links * span + hi - EPS, side="left")
+        for a, b in zip(first.tolist(), last.tolist(), strict=True):
+            if b > a:
+                out[self.flow[a:b]] = True
+        out[moved] = True
+        return out
 
 
 def _segmented_cummax(values: np.ndarray, seg: np.ndarray) -> np.ndarray:

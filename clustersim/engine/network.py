@@ -229,11 +229,11 @@ class Network:
         self._key.append(key)
         self._batch.append(size)
         self._kind.append(kind)
-        self._start.append(np.broadcast_to(np.asarray(start_ms, np.float64), (size,)).copy())
-        latency = np.broadcast_to(np.asarray(latency_ms, np.float64), (size,))
-        self._latency.append(latency.copy())
+        self._start.append(_vector(start_ms, size))
+        latency = _vector(latency_ms, size)
+        self._latency.append(latency)
         self._transfer.append(np.maximum(duration_ms - latency, 0.0))
-        self._lanes.append(np.broadcast_to(np.asarray(lanes, np.float64), (size,)).copy())
+        self._lanes.append(_vector(lanes, size))
         self._routes.extend(routes)
         return duration_ms
 
@@ -272,8 +272,13 @@ class Network:
         nbytes = np.broadcast_to(np.asarray(nbytes, np.float64), (len(pairs),))
         routes, latency = [], []
         for (src, dst), b in zip(pairs, nbytes.tolist(), strict=True):
-            routes.append(self.links.p2p_volumes(src, dst, b))
-            latency.append(p2p_link([src, dst], self.hw.gpus_per_node, self.hw).latency_us * 1e-3)
+            found = self._cache.get(("p2p", src, dst))
+            if found is None:
+                links, unit = self.links.p2p_volumes(src, dst, 1.0)
+                fixed = p2p_link([src, dst], self.hw.gpus_per_node, self.hw).latency_us * 1e-3
+                found = self._cache[("p2p", src, dst)] = (links, unit, fixed)
+            routes.append((found[0], found[1] * b))
+            latency.append(found[2])
         return self.flows(key, "pp_send", start_ms, duration_ms, np.array(latency), routes, 1)
 
     # ---- solving -----------------------------------------------------------------------------
@@ -341,9 +346,11 @@ class NetworkReport:
         has = bottleneck >= 0
         contention = np.bincount(bottleneck[has], weights=delay[has], minlength=num_links)
         out = []
+        by_link = np.argsort(link, kind="stable")
+        bounds = np.searchsorted(link[by_link], np.arange(num_links + 1))
         used = np.flatnonzero(bytes_per_link > 0)
         for ln in used.tolist():
-            flows_on = entry_flow[link == ln]
+            flows_on = entry_flow[by_link[bounds[ln] : bounds[ln + 1]]]
             intervals = _union(t0[flows_on], end[flows_on])
             busy = float((intervals[:, 1] - intervals[:, 0]).sum())
             out.append(
@@ -373,6 +380,13 @@ class NetworkReport:
         ]
         rows.sort(key=lambda d: (-d["contention_ms"], -d["busy_pct"], d["link"]))
         return rows
+
+
+def _vector(value, size: int) -> np.ndarray:
+    """``value`` (a scalar or an array of ``size``) as a float64 array of ``size``."""
+    if np.ndim(value) == 0:
+        return np.full(size, float(value))
+    return np.array(value, dtype=np.float64)
 
 
 def _union(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
