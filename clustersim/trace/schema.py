@@ -59,15 +59,22 @@ ROUTE_OPS = ("member_tokens", "a2a_tokens", "received_tokens", "active_experts",
 SUMMARY_OPS = ("iteration", "pipeline", "expert_idle", "batch_index")
 REQUEST_OPS = ("request_arrival", "prefill", "decode", "request_done")  # request_arrival: reserved
 SERVING_SUMMARY_OPS = ("serving_run", "serving_engine", "serving_replica")  # appended in v1
+SERVING_BATCH_OPS = ("serving_batches",)  # appended later in v1 (older traces lack it)
 NETWORK_OPS = ("contention", "link", "link_busy")  # appended in v3 (summary rows)
 """``contention``: ``value`` = comm_contention_ms, ``values`` = per collective kind (the run
 metadata's ``network.kinds``); ``link``: one per link that carried bytes, ``group`` = its index
 in ``network.links``, ``bytes``, ``value`` = contention ms, ``values`` = [busy ms];
 ``link_busy``: a busy interval (``start_s``, ``end_s``) of one of the most used links."""
 OPS = (
-    ENGINE_OPS + WORKLOAD_OPS + ROUTE_OPS + SUMMARY_OPS + REQUEST_OPS + SERVING_SUMMARY_OPS
+    ENGINE_OPS
+    + WORKLOAD_OPS
+    + ROUTE_OPS
+    + SUMMARY_OPS
+    + REQUEST_OPS
+    + SERVING_SUMMARY_OPS
+    + SERVING_BATCH_OPS
     + NETWORK_OPS
-)  # fmt: skip
+)
 
 KIND_CODE = {name: i for i, name in enumerate(KINDS)}
 OP_CODE = {name: i for i, name in enumerate(OPS)}
