@@ -386,7 +386,7 @@ def _stage_activation_bytes(plan: Plan, layout: Layout, stage: int, inflight: fl
 
 def _buffer_bytes(plan: Plan, layout: Layout, stage: int) -> float:
     """Training: gradient buckets (reduced over > 1 rank) and MoE all-to-all buffers."""
-    model, par = plan.model, plan.parallel
+    par = plan.parallel
     total = 0.0
     has_moe = _has_moe_layer(plan, layout, stage)
     if par.dp * par.cp > 1 or (has_moe and _expert_dp(layout) > 1):

@@ -12,7 +12,6 @@ from functools import lru_cache
 from typing import Annotated, Literal
 
 import numpy as np
-
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 
 # Bounds of the plan's numbers (PlanError messages show them as "valid: ..."). Every float
