@@ -632,6 +632,12 @@ def print_capacity(result) -> None:
             verdict,
         )
     console.print(table)
+    if d["audit_errors"]:
+        console.print(
+            "[yellow]the plan fails its audit (`clustersim check`): "
+            + escape("; ".join(d["audit_errors"]))
+            + "[/yellow]"
+        )
     cap = d["capacity_req_per_s"]
     if cap is None:
         console.print(

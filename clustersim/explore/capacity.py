@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from clustersim.audit.checks import audit
 from clustersim.engine.serving.moe_table import MoEStepTable
 from clustersim.engine.serving.requests import Requests, make_requests
 from clustersim.engine.serving.sim import LatencyLimits, Overloaded
@@ -107,6 +108,7 @@ class Capacity:
     gpus: int
     probes: list[Probe]
     best: Probe | None
+    audit_errors: list[str] = field(default_factory=list)  # the static audit's error findings
 
     @property
     def capacity_req_per_s(self) -> float | None:
@@ -142,6 +144,7 @@ class Capacity:
             "limiting_slo": self.limiting_slo,
             "slo_ratios": self.best.ratios if self.best else None,
             "probes": len(self.probes),
+            "audit_errors": self.audit_errors,
             "curve": self.curve(),
         }
 
@@ -285,8 +288,16 @@ class CapacitySearch:
         best = self.probes[self.rate(lo)] if lo is not None else None
         if self.progress is not None:
             self.progress(1.0)
+        errors = [
+            f"{f.node}: {f.message}" for f in audit(self.plan).findings if f.severity == "error"
+        ]
         return Capacity(
-            self.plan, self.attain, self.plan.parallel.world_size, list(self.probes.values()), best
+            self.plan,
+            self.attain,
+            self.plan.parallel.world_size,
+            list(self.probes.values()),
+            best,
+            errors,
         )
 
     def _bracket(self, start: int) -> tuple[int | None, int]:
