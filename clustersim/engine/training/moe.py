@@ -80,8 +80,8 @@ def dispatch_one(source, layer: int, key: int, tokens_per_member: np.ndarray) ->
 class RoutingSource(Protocol):
     """Anything that can route one EP group's tokens.
 
-    The engine routes through :func:`dispatch_many` (every EP group of a layer and micro-batch
-    batch in one call): it calls the source's own ``dispatch_many(layer, keys, tokens)`` when
+    The engine routes through :func:`dispatch_many` (many EP groups and micro-batches of one
+    layer in one call): it calls the source's own ``dispatch_many(layer, keys, tokens)`` when
     the source has one (the samplers, the recorder, replay's recorded routing may not) and
     falls back to this one required method, row by row."""
 
