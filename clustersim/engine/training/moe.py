@@ -82,7 +82,7 @@ class RoutingSource(Protocol):
 
     The engine routes through :func:`dispatch_many` (many EP groups and micro-batches of one
     layer in one call): it calls the source's own ``dispatch_many(layer, keys, tokens)`` when
-    the source has one (the samplers, the recorder, replay's recorded routing may not) and
+    the source has one (the samplers and the trace recorder do; replay's recorded routing not)
     falls back to this one required method, row by row."""
 
     def dispatch(self, layer: int, key: int, tokens_per_member: np.ndarray) -> Dispatch:
