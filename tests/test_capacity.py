@@ -155,3 +155,28 @@ def test_capacity_never_falls_with_a_replica_or_a_relaxed_slo(prompt, output, tt
     assert cap(relaxed) >= cap(base)
     assert cap(two) >= cap(base)
     assert not math.isnan(cap(base))
+
+
+def test_a_burst_is_not_a_sustained_rate():
+    """Eight replicas and 40 short requests absorb any burst within the SLOs: the capacity
+    stops where the arrivals span less than twice the p99 latency, and says so."""
+    plan = plan_with(
+        num=40,
+        targets={"ttft_ms_p99_max": 5000.0, "tpot_ms_p99_max": 200.0},
+        requests={"output_len": {"dist": "fixed", "value": 8}},
+        parallel={"dp": 8},
+        hardware={"gpus_per_node": 8},
+    )
+    cap = find_capacity(plan)
+    d = cap.to_dict()
+    assert d["limited_by_requests"] is True
+    best = cap.best.metrics
+    # the same arrivals compressed in time: span at the capacity = span at 4/s x 4 / capacity
+    span_ms = float(make_requests(plan).arrival_ms[-1]) * 4.0 / d["capacity_req_per_s"]
+    assert best["latency_ms_p99"] * 2 <= span_ms * (1 + 1e-9)
+    above = min(
+        (p for p in cap.probes if p.rate_req_per_s > d["capacity_req_per_s"]),
+        key=lambda p: p.rate_req_per_s,
+    )
+    assert not above.steady and above.metrics["goodput_pct"] == 100.0  # SLOs met, a burst
+    assert d["capacity_req_per_s"] < 1e6

@@ -112,7 +112,7 @@ def check_serving_supported(plan: Plan, layout: Layout) -> None:
     check_common(plan, layout, "inference")
 
 
-COMPILED_RUNS_MIN_REQUESTS = 4096
+COMPILED_RUNS_MIN_REQUESTS = 16384
 
 
 class Overloaded(Exception):
