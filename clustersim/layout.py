@@ -124,6 +124,10 @@ class Layout:
         """0-based layer indices held by each pipeline stage (all its virtual chunks)."""
         num_layers = self.plan.model.num_layers
         par = self.plan.parallel
+        chunks = self._explicit_chunks
+        if chunks is not None:  # one entry per virtual stage: stage s holds chunks c*pp + s
+            return [sum((chunks[c * self.pp + s] for c in range(v)), []) for s, v in
+                    ((s, par.virtual_stages) for s in range(self.pp))]  # fmt: skip
         if par.layers_per_stage is not None:
             bounds = np.cumsum([0, *par.layers_per_stage]).tolist()
             return [list(range(bounds[s], bounds[s + 1])) for s in range(len(par.layers_per_stage))]
@@ -135,6 +139,28 @@ class Layout:
         # Layers that do not divide evenly go to the last stage (the audit flags this).
         stages[-1] += range(chunks * per_chunk, num_layers)
         return stages
+
+    @cached_property
+    def _explicit_chunks(self) -> list[list[int]] | None:
+        """Layers of each virtual stage (Megatron's order: the first chunks of stages
+        0 .. pp-1, then the second chunks, ...) when ``layers_per_stage`` lists pp x v
+        entries with v > 1; else None."""
+        par = self.plan.parallel
+        split, v = par.layers_per_stage, par.virtual_stages
+        if split is None or v == 1 or len(split) != self.pp * v:
+            return None
+        bounds = np.cumsum([0, *split]).tolist()
+        return [list(range(bounds[i], bounds[i + 1])) for i in range(len(split))]
+
+    def chunk_layers(self, stage: int, chunk: int) -> list[int]:
+        """Layers of model chunk ``chunk`` of ``stage`` (virtual stage ``chunk * pp + stage``):
+        the explicit per-virtual-stage split, else an even split of the stage's layers."""
+        chunks = self._explicit_chunks
+        if chunks is not None:
+            return chunks[chunk * self.pp + stage]
+        layers = self.stage_layers[stage]
+        per_chunk = len(layers) // self.plan.parallel.virtual_stages
+        return layers[chunk * per_chunk : (chunk + 1) * per_chunk]
 
     @property
     def layers_per_stage(self) -> list[int]:
