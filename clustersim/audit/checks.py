@@ -269,9 +269,9 @@ def check_layers(ctx: AuditContext) -> list[Finding]:
                 Finding(
                     "parallel.layers_per_stage",
                     "error",
-                    f"lists {len(split)} entries but needs one per "
-                    + ("pipeline stage" if v == 1 else "virtual stage (first chunks of every "
-                       "stage, then the second chunks, ...)"),
+                    f"lists {len(split)} stages but parallel.pp is {pp}" if v == 1 else
+                    f"lists {len(split)} entries but needs one per virtual stage (the first "
+                    "chunks of every stage, then the second chunks, ...)",
                     f"give {what} summing to {num_layers}",
                     len(split),
                     entries,
@@ -297,7 +297,7 @@ def check_layers(ctx: AuditContext) -> list[Finding]:
             for d in divisors(num_layers)
             if 1 < d <= ctx.layout.world_size and num_layers % (d * v) == 0
         ]
-        if v > 1:  # an explicit split cannot be combined with virtual stages
+        if v > 1:  # suggest equal chunks first; an explicit split needs PP x v entries
             vs = [x for x in divisors(num_layers // pp) if x > 1] if num_layers % pp == 0 else []
             alt = f" or parallel.virtual_stages from {vs}" if vs else ""
         else:

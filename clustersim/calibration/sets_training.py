@@ -264,8 +264,6 @@ def moe_reason(r: dict[str, str]) -> str | None:
         return "GPU count unresolved in the source (printed 128, likely 256)"
     if not r["tp"]:
         return "parallel configuration not stated (text endpoint)"
-    if _int(r["cp"], 1) > 1:
-        return "context parallelism (CP > 1) is not simulated"
     if "ambiguous" in r["reliability"] and "page break" in r["notes"]:
         return "method attribution uncertain (values across a page break in the transcription)"
     if r["model"] not in MOE_MODELS:
@@ -288,10 +286,10 @@ def moe_plan(r: dict[str, str], values: dict[str, float] | None = None) -> Plan:
     pad = "pad-expert-input-to-capacity" in r["method_or_variant"]
     moe.update(routing="even", capacity_factor=None if dropless else 1.0, pad_to_capacity=pad)
     model["moe"] = moe
-    gpus, tp, pp = int(r["num_gpus"]), int(r["tp"]), _int(r["pp"], 1)
+    gpus, tp, pp, cp = int(r["num_gpus"]), int(r["tp"]), _int(r["pp"], 1), _int(r["cp"], 1)
     ep = _int(r["ep"], 1)
     etp = _int(r["etp"]) or (1 if "Folding" in r["method_or_variant"] else tp)
-    dp, mbs = gpus // (tp * pp), _int(r["mbs"], 1)
+    dp, mbs = gpus // (tp * pp * cp), _int(r["mbs"], 1)
     layers = _layers(model)
     vpp = _vpp(r, layers, pp)
     raw: dict[str, Any] = {
@@ -307,6 +305,7 @@ def moe_plan(r: dict[str, str], values: dict[str, float] | None = None) -> Plan:
             "tp": tp,
             "pp": pp,
             "dp": dp,
+            "cp": cp,
             "ep": ep,
             "etp": etp,
             "micro_batch_size": mbs,
