@@ -131,8 +131,11 @@ class Layout:
         par = self.plan.parallel
         chunks = self._explicit_chunks
         if chunks is not None:  # one entry per virtual stage: stage s holds chunks c*pp + s
-            return [sum((chunks[c * self.pp + s] for c in range(v)), []) for s, v in
-                    ((s, par.virtual_stages) for s in range(self.pp))]  # fmt: skip
+            v = par.virtual_stages
+            return [
+                np.array(sum((chunks[c * self.pp + s] for c in range(v)), []), dtype=np.int64)
+                for s in range(self.pp)
+            ]
         if par.layers_per_stage is not None:
             bounds = np.cumsum([0, *par.layers_per_stage])
             return [np.arange(bounds[s], bounds[s + 1]) for s in range(len(par.layers_per_stage))]

@@ -97,7 +97,8 @@ class MoESpec(_Strict):
         "auto",
         description="tokens: draw every token's experts (exact); counts: draw counts per "
         "source rank (cost independent of tokens; exact for C(E,k) <= 8192, exact means "
-        "otherwise); auto: counts where cheaper and possible.",
+        "otherwise; node-limited routing in dropless batches only); auto: counts where "
+        "cheaper and possible.",
     )
 
     @model_validator(mode="after")
