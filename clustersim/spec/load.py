@@ -22,7 +22,13 @@ from pydantic import BaseModel, ValidationError
 from clustersim.spec.calibration_data import calibration_data, calibration_generations
 from clustersim.spec.errors import PlanError, PlanIssue, did_you_mean
 from clustersim.spec.files import DATA_MAX_BYTES, PLAN_MAX_BYTES, check_input_file, read_input_text
-from clustersim.spec.presets import DEFAULT_GENERATION, GPU_GENERATION, GPU_PRESETS, MODEL_PRESETS
+from clustersim.spec.presets import (
+    DEFAULT_FP8_RECIPE,
+    DEFAULT_GENERATION,
+    GPU_GENERATION,
+    GPU_PRESETS,
+    MODEL_PRESETS,
+)
 from clustersim.spec.schema import Plan
 
 DEFAULT_PLAN_SOURCE = "<default plan: Mixtral-8x7B on 16 x H100-SXM>"
@@ -239,7 +245,20 @@ def _merge_presets(raw: dict[str, Any], source: str) -> dict[str, Any]:
             raise PlanError(source, [_unknown_preset("hardware.gpu", hardware["gpu"], GPU_PRESETS)])
     if isinstance(raw.get("hardware"), dict):
         raw["hardware"] = _merge_calibration(raw["hardware"], source)
+    _default_fp8_recipe(raw)
     return raw
+
+
+def _default_fp8_recipe(raw: dict[str, Any]) -> None:
+    """``model.dtype: fp8`` without ``model.fp8_recipe``: the GPU architecture's default
+    (blockwise on Hopper, mxfp8 on Blackwell); the schema refuses GPUs without FP8."""
+    model, hardware = raw.get("model"), raw.get("hardware")
+    if not isinstance(model, dict) or not isinstance(hardware, dict):
+        return
+    if model.get("dtype") == "fp8" and model.get("fp8_recipe") is None:
+        recipe = DEFAULT_FP8_RECIPE.get(str(hardware.get("architecture")))
+        if recipe is not None and hardware.get("fp8_peak_tflops") is not None:
+            model["fp8_recipe"] = recipe
 
 
 def _merge_calibration(hardware: dict[str, Any], source: str) -> dict[str, Any]:

@@ -127,7 +127,14 @@ class ModelSpec(_Strict):
     )
     vocab_size: int = Field(gt=0, le=MAX_VOCAB)
     activation: Literal["swiglu", "gelu"] = "swiglu"
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    dtype: Literal["bf16", "fp16", "fp32", "fp8"] = Field(
+        "bf16", description="Number format; fp8: FP8 GEMMs under fp8_recipe (BF16 elsewhere)."
+    )
+    fp8_recipe: Literal["tensorwise", "blockwise", "mxfp8"] | None = Field(
+        None,
+        description="dtype fp8: per-tensor, 1x128/128x128 block (DeepSeek-V3) or MXFP8 "
+        "scaling; default blockwise on Hopper, mxfp8 on Blackwell.",
+    )
     tie_embeddings: bool = False
     mla: MLASpec | None = Field(None, description="Latent attention instead of GQA/MHA.")
     moe: MoESpec | None = None
@@ -162,8 +169,11 @@ class ModelSpec(_Strict):
 class LinkSpec(_Strict):
     """A link class: per-GPU, per-direction bandwidth and per-message latency."""
 
-    bandwidth_gbps: Rate
-    latency_us: TimeUs
+    bandwidth_gbps: Rate = Field(
+        description="GB/s (gigabytes, not gigabits: a 400 Gb/s NIC is 50 GB/s), per GPU and "
+        "direction."
+    )
+    latency_us: TimeUs = Field(description="Per-message latency, microseconds.")
 
 
 class GemmCalibration(_Strict):
@@ -177,6 +187,13 @@ class GemmCalibration(_Strict):
     )
     memory_efficiency: float = Field(
         gt=0, le=1, description="Fraction of HBM bandwidth a GEMM reaches reading its operands."
+    )
+    fp8_efficiency: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Fraction of the FP8 peak large FP8 GEMMs reach; null = the fitted default "
+        "(costs/precision.py).",
     )
 
 
@@ -323,10 +340,18 @@ class HardwareSpec(_Strict):
     num_nodes: Degree
     gpus_per_node: Degree
     memory_gib: Rate
-    peak_tflops: Rate
-    hbm_bandwidth_gbps: Rate
-    intra_node: LinkSpec
-    inter_node: LinkSpec
+    peak_tflops: Rate = Field(description="Dense BF16/FP16 peak, TFLOP/s.")
+    fp8_peak_tflops: Rate | None = Field(
+        None, description="Dense FP8 peak, TFLOP/s; null = no FP8 tensor cores (A100)."
+    )
+    architecture: Literal["ampere", "hopper", "blackwell"] | None = Field(
+        None, description="GPU architecture (picks the default FP8 recipe); from the preset."
+    )
+    hbm_bandwidth_gbps: Rate = Field(description="HBM bandwidth in GB/s (gigabytes per second).")
+    intra_node: LinkSpec = Field(description="NVLink: GB/s per GPU and direction, latency us.")
+    inter_node: LinkSpec = Field(
+        description="Network: GB/s per GPU and direction (a 400 Gb/s NIC = 50 GB/s), latency us."
+    )
     calibration: CalibrationSpec = Field(
         description="Cost-model parameters; default: the data file of the GPU's generation."
     )
@@ -485,6 +510,9 @@ class RequestsSpec(_Strict):
     kv_block_size: int = Field(
         16, gt=0, le=MAX_TOKENS, description="Tokens per paged KV-cache block."
     )
+    kv_dtype: Literal["bf16", "fp16", "fp32", "fp8"] | None = Field(
+        None, description="KV-cache element type; default: the activations' (bf16 for fp8 models)."
+    )
     cuda_graphs: bool = Field(
         True, description="Decode steps replay CUDA graphs (serving engines' default)."
     )
@@ -625,3 +653,30 @@ class Plan(_Strict):
     workload: WorkloadSpec = WorkloadSpec()
     targets: TargetsSpec = TargetsSpec()
     claims: ClaimsSpec = ClaimsSpec()
+
+    @model_validator(mode="after")
+    def _fp8_supported(self) -> Plan:
+        model, hw = self.model, self.hardware
+        if model.dtype != "fp8":
+            if model.fp8_recipe is not None:
+                raise ValueError(
+                    f"model.fp8_recipe ({model.fp8_recipe}) needs model.dtype: fp8 "
+                    f"(dtype is {model.dtype})"
+                )
+            return self
+        if hw.fp8_peak_tflops is None:
+            raise ValueError(
+                f"model.dtype fp8 needs a GPU with FP8 tensor cores: {hw.gpu} has none "
+                f"(valid there: bf16, fp16, fp32; or set hardware.fp8_peak_tflops)"
+            )
+        if model.fp8_recipe is None:
+            raise ValueError(
+                "model.dtype fp8 needs model.fp8_recipe (tensorwise, blockwise or mxfp8) on a "
+                "GPU without hardware.architecture"
+            )
+        if model.fp8_recipe == "mxfp8" and hw.architecture not in (None, "blackwell"):
+            raise ValueError(
+                f"model.fp8_recipe mxfp8 needs Blackwell tensor cores; {hw.gpu} is "
+                f"{hw.architecture} (valid there: tensorwise, blockwise)"
+            )
+        return self

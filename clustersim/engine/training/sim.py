@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
+from clustersim.costs import precision
 from clustersim.costs.comm import (
     all_gather_ms,
     all_to_all_v_times_ms,
@@ -138,6 +139,8 @@ class _LayerRoutes:
     expert_fwd_ms: np.ndarray  # (m, L): the lane's slowest rank
     expert_bwd_ms: np.ndarray  # (m, L)
     etp_ms: np.ndarray | None  # (m, L), None without expert TP
+    # forward dispatch in FP8 (DeepEP on an FP8 model): its own time and bytes; None: as a2a
+    fp8_dispatch: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class _LayerVectors:
@@ -216,6 +219,10 @@ class TrainingSim:
         self.seq_lens = seq_lens
         self._mb_tokens = np.array([[int(x.sum()) for x in mbs] for mbs in seq_lens])
         self._act_bytes = self.model.hidden_size * DTYPE_BYTES[self.model.dtype]
+        if precision.is_fp8(self.model):
+            self._fp8_token_bytes = self.model.hidden_size * precision.fp8_activation_bytes(
+                self.model
+            )
         self.lanes = self._make_lanes()
         self.cohorts = [self._make_cohort(stage) for stage in range(self.par.pp)]
         self._cohort_costs: dict[int, _CohortCosts] = {}
@@ -490,7 +497,7 @@ class TrainingSim:
         first_op, second_op = (
             (Op.A2A_COMBINE, Op.A2A_DISPATCH) if backward else (Op.A2A_DISPATCH, Op.A2A_COMBINE)
         )
-        routes, t = self._a2a(co, layer, mb, first_op, ready)
+        routes, t = self._a2a(co, layer, mb, first_op, ready, fp8=not backward)
         etp_ms = None if routes.etp_ms is None else routes.etp_ms[mb]
         if etp_ms is not None:
             t = self._op(co, Kind.COMM, Op.ETP_COMM, t, etp_ms, layer, mb)
@@ -505,14 +512,17 @@ class TrainingSim:
         _, t = self._a2a(co, layer, mb, second_op, t)
         return t
 
-    def _a2a(self, co: Cohort, layer: int, mb: int, op: Op, ready: np.ndarray):
+    def _a2a(self, co: Cohort, layer: int, mb: int, op: Op, ready: np.ndarray, fp8=False):
         """All-to-all over the cohort's EP groups (concurrently): each group starts when its
-        slowest lane is ready; a lane in several groups waits for the last. Returns the
-        layer's routes and the lanes' end times."""
+        slowest lane is ready; a lane in several groups waits for the last. ``fp8``: the
+        forward dispatch, in FP8 where the dispatcher quantises it. Returns the layer's routes
+        and the lanes' end times."""
         routes = self._layer_routes.get(layer)
         if routes is None:
             routes = self._layer_routes[layer] = self._route_layer(co, layer)
-        durations = routes.a2a_ms[mb]
+        durations, lane_bytes = routes.a2a_ms[mb], routes.lane_bytes[mb]
+        if fp8 and routes.fp8_dispatch is not None:
+            durations, lane_bytes = routes.fp8_dispatch[0][mb], routes.fp8_dispatch[1][mb]
         if co.block:
             starts = ready.reshape(len(co.groups), co.block).max(axis=1)
             ends = np.repeat(starts + durations, co.block)
@@ -520,9 +530,7 @@ class TrainingSim:
             member = co.membership
             starts = np.where(member, ready[None, :], -np.inf).max(axis=1)
             ends = np.where(member, (starts + durations)[:, None], -np.inf).max(axis=0)
-        self.rec.add_block(
-            co.lane_ids, Kind.COMM, op, ready, ends, layer, mb, routes.lane_bytes[mb]
-        )
+        self.rec.add_block(co.lane_ids, Kind.COMM, op, ready, ends, layer, mb, lane_bytes)
         return routes, ends
 
     def _route_layer(self, co: Cohort, layer: int) -> _LayerRoutes:
@@ -539,7 +547,19 @@ class TrainingSim:
         batch = dispatch_many(self.routing, layer, keys, tokens)
         self.dispatches.append(batch)
         self.dispatch_layers.append(layer)
-        send = batch.a2a_tokens.reshape(num_groups, m, ep, ep) * self._act_bytes
+        copies = batch.a2a_tokens.reshape(num_groups, m, ep, ep)
+        a2a_ms, lane_bytes = self._a2a_times(co, copies * self._act_bytes)
+        fp8_dispatch = None
+        if precision.is_fp8(self.model) and self.par.moe_dispatcher == "deepep":
+            # DeepEP dispatches FP8 tokens (+ scales); the combine stays BF16
+            fp8_dispatch = self._a2a_times(co, copies * self._fp8_token_bytes)
+        fwd, bwd, etp_ms = self._expert_times(co, batch, m)
+        return _LayerRoutes(a2a_ms, lane_bytes, fwd, bwd, etp_ms, fp8_dispatch)
+
+    def _a2a_times(self, co: Cohort, send: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """All-to-all time per (micro-batch, group) of ``send`` bytes (G, m, ep, ep), and the
+        bytes one GPU of each lane sends (m, L)."""
+        m, tp = send.shape[1], self.par.tp
         a2a_ms = np.stack(
             [
                 all_to_all_v_times_ms(
@@ -557,9 +577,7 @@ class TrainingSim:
         # records the mean over its GPUs, as the other collectives record one GPU's bytes.
         sent = send.sum(axis=3) - np.diagonal(send, axis1=2, axis2=3)  # (G, m, ep)
         per_rank = sent.transpose(1, 0, 2).reshape(m, -1)[:, co.rank_slot]
-        lane_bytes = per_rank.reshape(m, len(co.lanes), tp).mean(axis=2)
-        fwd, bwd, etp_ms = self._expert_times(co, batch, m)
-        return _LayerRoutes(a2a_ms, lane_bytes, fwd, bwd, etp_ms)
+        return a2a_ms, per_rank.reshape(m, len(co.lanes), tp).mean(axis=2)
 
     def _expert_times(self, co: Cohort, batch: DispatchBatch, m: int):
         """Per micro-batch and lane: expert time forward and backward (the lane's slowest
@@ -712,11 +730,12 @@ class TrainingSim:
         return ends
 
     def _param_gather(self, co: Cohort, start: np.ndarray, blocking: bool) -> float:
-        """Distributed optimizer: all-gather the updated bf16 parameters over DP (and EDP);
-        records a row per lane from ``start``, returns the duration."""
+        """Distributed optimizer: all-gather the updated parameters over DP (and EDP; FP8
+        primary weights in FP8, costs/precision.py); records a row per lane from ``start``
+        with the bytes one GPU gathers, returns the duration."""
         dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
-        bpe = DTYPE_BYTES[self.model.dtype]
-        hw, gpn, total = self.hw, self.hw.gpus_per_node, 0.0
+        bpe = precision.param_gather_bytes(self.model)
+        hw, gpn, total, nbytes = self.hw, self.hw.gpus_per_node, 0.0, 0.0
         first = co.lanes[0].ranks[0]
         for kind, params in (("dp", dense), ("edp", expert)):
             if kind == "edp" and not self.model.moe:
@@ -726,6 +745,7 @@ class TrainingSim:
                 total += collective_time_ms(
                     "all_gather", params * bpe, group, gpn, hw, "hierarchical"
                 )
+                nbytes += params * bpe
         if total:
             self.rec.add_block(
                 co.lane_ids,
@@ -733,6 +753,9 @@ class TrainingSim:
                 Op.PARAM_GATHER,
                 start,
                 start + total,
+                -1,
+                -1,
+                nbytes,
             )
         return total
 
