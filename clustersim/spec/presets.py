@@ -73,7 +73,8 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
     # GB200 NVL72 datasheet (per GPU = rack / 72): FP8 720 PFLOP/s sparse -> 5,000 TFLOP/s
     # dense per GPU; FP16/BF16 360 PFLOP/s sparse -> 2,500 dense; HBM3e 13.4 TB -> 186 GB,
     # 576 TB/s -> 8 TB/s; fifth-generation NVLink 130 TB/s -> 1.8 TB/s bidirectional (900 GB/s
-    # per direction) between all 72 GPUs of the rack; one 400 Gb/s ConnectX-7 NIC per GPU.
+    # per direction) between all 72 GPUs of the rack (one NVLink domain of 18 compute trays
+    # of 4 GPUs); one 400 Gb/s ConnectX-7 NIC per GPU.
     "GB200": {
         "memory_gib": 186,
         "peak_tflops": 2500,
@@ -82,6 +83,7 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
         "hbm_bandwidth_gbps": 8000,
         "intra_node": {"bandwidth_gbps": 900, "latency_us": 3},
         "inter_node": {"bandwidth_gbps": 50, "latency_us": 8},
+        "nvlink_domain_gpus": 72,
     },
     # GB300 NVL72 datasheet (per GPU = rack / 72): FP8 720 PFLOP/s sparse -> 5,000 dense;
     # FP16/BF16 360 PFLOP/s sparse -> 2,500 dense; HBM3e 20.7 TB -> 288 GB, 576 TB/s -> 8 TB/s;
@@ -94,6 +96,7 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
         "hbm_bandwidth_gbps": 8000,
         "intra_node": {"bandwidth_gbps": 900, "latency_us": 3},
         "inter_node": {"bandwidth_gbps": 100, "latency_us": 8},
+        "nvlink_domain_gpus": 72,
     },
     # H20 (HGX H20 product brief): Hopper with 148 TFLOP/s dense BF16 and 296 dense FP8, 96 GB
     # HBM3 at 4.0 TB/s, NVLink 900 GB/s bidirectional (450 per direction); one 400 Gb/s NIC.

@@ -359,6 +359,11 @@ class HardwareSpec(_Strict):
         0.0, ge=0, le=MAX_RATE,
         description="Memory not available to the model (CUDA context, allocator).",
     )  # fmt: skip
+    nvlink_domain_gpus: Degree | None = Field(
+        None,
+        description="GPUs that share one NVLink (NVSwitch) domain, whole nodes; a group inside "
+        "one domain runs at intra_node figures (GB200 NVL72: 72). Null = gpus_per_node.",
+    )
 
     @model_validator(mode="after")
     def _cluster_size(self) -> HardwareSpec:
@@ -367,7 +372,18 @@ class HardwareSpec(_Strict):
                 f"num_nodes x gpus_per_node = {self.num_gpus} GPUs; at most {MAX_DEGREE} "
                 f"are simulated"
             )
+        domain = self.nvlink_domain_gpus
+        if domain is not None and domain % self.gpus_per_node:
+            raise ValueError(
+                f"nvlink_domain_gpus = {domain} is not a multiple of gpus_per_node = "
+                f"{self.gpus_per_node}: an NVLink domain is made of whole nodes"
+            )
         return self
+
+    @property
+    def nvlink_domain(self) -> int:
+        """GPUs of one NVLink domain (``nvlink_domain_gpus``, default ``gpus_per_node``)."""
+        return self.nvlink_domain_gpus or self.gpus_per_node
 
     @property
     def num_gpus(self) -> int:
