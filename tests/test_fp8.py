@@ -265,3 +265,23 @@ def test_serving_fp8_weights_and_kv_cache():
     # default: the activations' type (BF16) for an FP8 model
     default = _serving(with_dtype(SMALL, "fp8", "blockwise"))
     assert serving_memory(default, Layout(default)).kv_bytes_per_token == m16.kv_bytes_per_token
+
+
+def test_gb200_preset_is_one_nvl72_domain():
+    """GB200: trays of 4 GPUs in one NVLink domain of 72, so an EP 64 group of 16 trays never
+    leaves NVLink; H100 nodes of 8 put the same group across 8 nodes."""
+    plans = [
+        plan_from_dict(
+            {
+                "model": copy.deepcopy(MOE) | {"moe": {"num_experts": 64, "top_k": 2}},
+                "hardware": {"gpu": gpu, "num_nodes": 64 // gpn, "gpus_per_node": gpn},
+                "parallel": {"tp": 1, "pp": 1, "dp": 64, "ep": 64},
+            },
+            "test",
+        )
+        for gpu, gpn in (("GB200", 4), ("H100-SXM", 8))
+    ]
+    gb200, h100 = (Layout(p) for p in plans)
+    assert plans[0].hardware.nvlink_domain == 72 and len(gb200.groups("ep")[0]) == 64
+    assert not gb200.crosses_nvlink_domain("ep")
+    assert h100.crosses_nvlink_domain("ep")
