@@ -66,6 +66,7 @@ from typing import Any
 
 from clustersim.costs import precision
 from clustersim.costs.params import ParamCounts, count_params
+from clustersim.costs.sharding import largest_unit, layer_units, shard_sizes
 from clustersim.layout import Layout
 from clustersim.spec.lengths import read_lengths
 from clustersim.spec.request_trace import read_request_trace
@@ -367,11 +368,13 @@ def _stage_activation_bytes(plan: Plan, layout: Layout, stage: int, inflight: fl
 
 
 def _buffer_bytes(plan: Plan, layout: Layout, stage: int) -> float:
-    """Training: gradient buckets (reduced over > 1 rank) and MoE all-to-all buffers."""
+    """Training: gradient buckets (reduced over > 1 rank; ZeRO-2/3 reduce layer by layer
+    instead, counted with the gradients) and MoE all-to-all buffers."""
     model, par = plan.model, plan.parallel
     total = 0.0
     has_moe = any(model.is_moe_layer(i) for i in _layers_of(plan, layout, stage))
-    if par.dp * par.cp > 1 or (has_moe and _expert_dp(layout) > 1):
+    buckets = par.sharding in ("none", "optimizer")
+    if buckets and (par.dp * par.cp > 1 or (has_moe and _expert_dp(layout) > 1)):
         total += 2 * par.grad_bucket_mb * MIB
     tokens = par.micro_batch_size * _train_seq_len(plan) / par.cp
     return total + _a2a_bytes(plan, layout, stage, tokens)
@@ -396,23 +399,32 @@ def _a2a_bytes(plan: Plan, layout: Layout, stage: int, tokens: float) -> float:
 
 
 def _stage_memory(plan: Plan, layout: Layout, counts: ParamCounts, stage: int) -> StageMemory:
-    """Training memory of one GPU of ``stage``."""
+    """Training memory of one GPU of ``stage``: bytes per parameter by ``dp_sharding``
+    (costs/sharding.py): ZeRO-1 divides the optimizer states by the shard size N, ZeRO-2 also
+    the gradients and holds one layer's gradient whole before its reduce-scatter, ZeRO-3 also
+    the weights and holds two layers' weights gathered (the one computing and the one
+    prefetched)."""
     par = plan.parallel
     dense, experts = stage_params_per_gpu(plan, layout, counts, stage)
     w_bytes, g_bytes, o_bytes = precision.training_bytes_per_param(plan.model)
-    dense_dp, expert_dp = (par.dp * par.cp, _expert_dp(layout))
-    if not par.distributed_optimizer:
-        dense_dp = expert_dp = 1
-    optim_b = o_bytes * (dense / dense_dp + experts / expert_dp)
+    dense_n, expert_n = shard_sizes(plan, layout)
+    sharded = dense / dense_n + experts / expert_n
+    whole = dense + experts
+    unit = 0.0
+    if par.sharding in ("gradients", "full"):
+        layers = _layers_of(plan, layout, stage)
+        unit = largest_unit(layer_units(plan, layout, counts, layers, (dense, experts)))
+    weights = sharded + 2 * unit if par.sharding == "full" else whole
+    grads = sharded + unit if par.sharding in ("gradients", "full") else whole
     inflight = inflight_microbatches(plan, stage, len(layout.stage_layers))
     return StageMemory(
         stage=stage,
         num_layers=len(_layers_of(plan, layout, stage)),
         inflight_microbatches=inflight,
-        params_per_gpu=dense + experts,
-        params_gib=(dense + experts) * w_bytes / GIB,
-        grads_gib=(dense + experts) * g_bytes / GIB,
-        optimizer_gib=optim_b / GIB,
+        params_per_gpu=whole,
+        params_gib=weights * w_bytes / GIB,
+        grads_gib=grads * g_bytes / GIB,
+        optimizer_gib=o_bytes * sharded / GIB,
         activations_gib=_stage_activation_bytes(plan, layout, stage, inflight) / GIB,
         kv_cache_gib=0.0,
         buffers_gib=_buffer_bytes(plan, layout, stage) / GIB,

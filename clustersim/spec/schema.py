@@ -411,7 +411,20 @@ class ParallelSpec(_Strict):
     sequence_parallel: bool = False
     flash_attention: bool = True
     recompute: Literal["none", "selective", "full"] = "none"
-    distributed_optimizer: bool = False
+    distributed_optimizer: bool = Field(
+        False, description="Megatron's distributed optimizer: an alias of dp_sharding: optimizer."
+    )
+    dp_sharding: Literal["none", "optimizer", "gradients", "full"] | None = Field(
+        None,
+        description="Sharded data parallelism: ZeRO-1 (optimizer states), ZeRO-2 (+ gradients), "
+        "ZeRO-3 / FSDP (+ parameters, gathered per layer); default: optimizer with "
+        "distributed_optimizer, else none.",
+    )
+    dp_shard_group: Degree | None = Field(
+        None,
+        description="HSDP: shard over groups of this many DP ranks (dividing dp), replicate "
+        "across them; default: all of DP.",
+    )
     overlap_communication: bool = True
     grad_bucket_mb: float = Field(40.0, gt=0, le=MAX_RATE)
     moe_dispatcher: Literal["alltoall", "deepep"] = Field(
@@ -425,6 +438,35 @@ class ParallelSpec(_Strict):
                 f"tp x cp x dp x pp = {self.world_size} GPUs; at most {MAX_DEGREE} are simulated"
             )
         return self
+
+    @model_validator(mode="after")
+    def _sharding_consistent(self) -> ParallelSpec:
+        if self.dp_sharding == "none" and self.distributed_optimizer:
+            raise ValueError(
+                "distributed_optimizer: true shards the optimizer states; it contradicts "
+                "dp_sharding: none (valid: optimizer, gradients, full)"
+            )
+        if self.dp_shard_group is not None:
+            if self.sharding == "none":
+                raise ValueError("dp_shard_group needs dp_sharding (optimizer, gradients or full)")
+            if self.dp % self.dp_shard_group:
+                raise ValueError(
+                    f"dp_shard_group ({self.dp_shard_group}) must divide dp ({self.dp})"
+                )
+        return self
+
+    @property
+    def sharding(self) -> Literal["none", "optimizer", "gradients", "full"]:
+        """What data parallelism shards: ``dp_sharding``, or ``optimizer`` under
+        ``distributed_optimizer`` (its alias), else ``none``."""
+        if self.dp_sharding is not None:
+            return self.dp_sharding
+        return "optimizer" if self.distributed_optimizer else "none"
+
+    @property
+    def shard_group(self) -> int:
+        """DP ranks one shard group spans (HSDP: ``dp_shard_group``; default all of DP)."""
+        return self.dp_shard_group or self.dp
 
     @property
     def expert_tp(self) -> int:

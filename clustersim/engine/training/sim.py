@@ -69,6 +69,7 @@ from clustersim.costs.comm import (
 from clustersim.costs.compute import BACKWARD_FACTOR, DTYPE_BYTES
 from clustersim.costs.memory import stage_params_per_gpu
 from clustersim.costs.params import count_params
+from clustersim.costs.sharding import LayerUnit, layer_units, shard_sizes
 from clustersim.engine.errors import EngineError
 from clustersim.engine.recorder import Kind, Op, Recorder
 from clustersim.engine.rendezvous import Rendezvous, trigger_at
@@ -241,6 +242,12 @@ class TrainingSim:
         self._layer_grads: dict[int, tuple[float, float]] = {}
         self._collective_ms: dict[tuple, float] = {}
         self._links: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        # sharded data parallelism: ZeRO-2/3 reduce-scatter layer by layer, ZeRO-3 gathers
+        sharding = self.par.sharding
+        self._layer_rs = sharding in ("gradients", "full")
+        self._layer_ag = sharding == "full"
+        self._units: dict[int, LayerUnit] = {}
+        self._shard_streams: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     # ---- construction ----------------------------------------------------------------------
     def _make_lanes(self) -> list[Lane]:
@@ -351,7 +358,7 @@ class TrainingSim:
         comm = self.env.process(self._grad_stream(co, buckets))
         grad_state = {"bytes": 0.0, "expert_bytes": 0.0}
         free = np.zeros(len(co.lanes))  # each lane's clock: the end of its last step
-        if self.par.distributed_optimizer and self.par.overlap_communication:
+        if self._gathers_after_step and self.par.overlap_communication:
             self._param_gather(co, free, blocking=False)
         for i, step in enumerate(steps):
             vstage = step.chunk * self.par.pp + co.stage
@@ -390,6 +397,8 @@ class TrainingSim:
         # before every stage has finished its backward and gradient reduction. A barrier
         # (the tiny all-reduce's latency is not charged).
         ready = float(np.maximum(free, comm_free).max())
+        if co.stage in self._shard_streams:  # ZeRO-2/3: the last layer reduce-scatters
+            ready = max(ready, float(self._shard_streams[co.stage][1].max()))
         start, _end, _ = yield self.rv.arrive(
             ("optimizer_barrier",), len(self.cohorts), ready, _fixed, 0.0
         )
@@ -409,7 +418,10 @@ class TrainingSim:
         self, co: Cohort, mb: int, layers: list[int], costs: _CohortCosts, last: bool, t: np.ndarray
     ) -> np.ndarray:
         """Forward of a chunk from the lanes' start times ``t``; returns their end times."""
+        gathered = self._gather_ahead(co, layers, mb, t)
         for layer in layers:
+            if gathered is not None:  # ZeRO-3: the layer's weights must be there
+                t = gathered(layer, t)
             moe = self.model.is_moe_layer(layer)
             lt = costs.moe if moe else costs.dense
             t = self._op(co, Kind.COMPUTE, Op.ATTN_FWD, t, lt.attn_fwd, layer, mb)
@@ -438,7 +450,10 @@ class TrainingSim:
         recompute = self.par.recompute != "none"
         if last:
             t = self._op(co, Kind.COMPUTE, Op.LOGITS_BWD, t, costs.logits_bwd, -1, mb)
+        gathered = self._gather_ahead(co, list(reversed(layers)), mb, t)
         for layer in reversed(layers):
+            if gathered is not None:
+                t = gathered(layer, t)
             moe = self.model.is_moe_layer(layer)
             lt = costs.moe if moe else costs.dense
             if moe:
@@ -450,7 +465,9 @@ class TrainingSim:
                 t = self._op(co, Kind.COMPUTE, Op.MLP_BWD, t, lt.mlp_bwd, layer, mb)
             t = self._tp_rows(co, t, lt.tp_comm, layer, mb, costs, moe)
             t = self._op(co, Kind.COMPUTE, Op.ATTN_BWD, t, lt.attn_bwd, layer, mb)
-            if buckets is not None:
+            if self._layer_rs:  # ZeRO-2/3: every micro-batch reduce-scatters the layer
+                self._reduce_scatter_layer(co, layer, mb, t)
+            elif buckets is not None:
                 self._add_layer_grads(co, layer, buckets, grad_state, t)
         return t
 
@@ -664,6 +681,10 @@ class TrainingSim:
             self._flush_bucket(co, buckets, state, final=False, ready=ready)
 
     def _flush_bucket(self, co: Cohort, buckets, state, final: bool, ready: np.ndarray) -> None:
+        if self._layer_rs:  # ZeRO-2/3 reduced every layer already
+            if final:
+                buckets.put(None)
+            return
         if final:  # embedding / output layer gradients join the last bucket
             dense, _ = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
             state["bytes"] = max(state["bytes"], 0.0) + self._non_layer_grads(co.stage, dense)
@@ -717,7 +738,7 @@ class TrainingSim:
     ) -> np.ndarray:
         """One bucket's reduction over each of the cohort's DP (or EDP) groups: each starts
         when its last member's stream is ready. Returns the lanes' end times."""
-        kind = "reduce_scatter" if self.par.distributed_optimizer else "all_reduce"
+        kind = "reduce_scatter" if self.par.sharding != "none" else "all_reduce"
         ends = np.empty(len(co.lanes))
         for group, positions in groups:
             key = (kind, int(op), size, group[0])
@@ -761,15 +782,136 @@ class TrainingSim:
 
     def _optimizer(self, co: Cohort, start_ms: float):
         dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
-        if self.par.distributed_optimizer:
-            dense /= self.par.dp * self.par.cp
-            expert /= self.layout.edp or 1
+        dense_n, expert_n = shard_sizes(self.plan, self.layout)
         start = np.full(len(co.lanes), start_ms)
-        end = start + optimizer_ms(self.plan, dense + expert)
+        end = start + optimizer_ms(self.plan, dense / dense_n + expert / expert_n)
         self.rec.add_block(co.lane_ids, Kind.COMPUTE, Op.OPTIMIZER, start, end)
         yield self._reach(float(end[0]))
-        if self.par.distributed_optimizer and not self.par.overlap_communication:
+        if self._gathers_after_step and not self.par.overlap_communication:
             yield self._reach(float(end[0]) + self._param_gather(co, end, blocking=True))
+
+    @property
+    def _gathers_after_step(self) -> bool:
+        """ZeRO-1/2 all-gather the updated parameters after the step (ZeRO-3 gathers them
+        layer by layer when they are used)."""
+        return self.par.sharding in ("optimizer", "gradients")
+
+    # ---- ZeRO-2/3: per-layer gathers and reduce-scatters -------------------------------------
+    def _unit(self, stage: int, layer: int) -> LayerUnit:
+        """The parameters one GPU gathers / reduces for ``layer`` (costs/sharding.py)."""
+        found = self._units.get(layer)
+        if found is None:
+            layers = [i for i in self.layout.stage_layers[stage] if i < self.model.num_layers]
+            params = stage_params_per_gpu(self.plan, self.layout, self._counts, stage)
+            for unit in layer_units(self.plan, self.layout, self._counts, layers, params):
+                self._units[unit.layer] = unit
+            found = self._units[layer]
+        return found
+
+    def _streams(self, co: Cohort) -> tuple[np.ndarray, np.ndarray]:
+        """Each lane's all-gather and reduce-scatter stream clocks (created at 0)."""
+        found = self._shard_streams.get(co.stage)
+        if found is None:
+            n = len(co.lanes)
+            found = self._shard_streams[co.stage] = (np.zeros(n), np.zeros(n))
+        return found
+
+    def _shard_groups(self, co: Cohort, kind: str) -> list[tuple[list[int], list[int]]]:
+        """Per lane: its shard group of ``kind`` (dp or edp) and the group of the replicas
+        of its shard (HSDP; one member without replication)."""
+        dense_n, expert_n = shard_sizes(self.plan, self.layout)
+        size = dense_n // self.par.cp if kind == "dp" else expert_n
+        out = []
+        for ln in co.lanes:
+            group = self.layout.group_of(kind, ln.ranks[0]) if (
+                kind == "dp" or self.model.moe) else [ln.ranks[0]]  # fmt: skip
+            pos = group.index(ln.ranks[0])
+            size = min(size, len(group)) or 1
+            block = pos // size
+            out.append((group[block * size : (block + 1) * size], group[pos % size :: size]))
+        return out
+
+    def _sharded_ms(self, kind: str, params: float, nbytes: float, groups) -> np.ndarray:
+        """Per lane: the time of one collective over the shard group (``all_gather`` of the
+        parameters or ``reduce_scatter`` of the gradients, then for the latter the all-reduce
+        of the shard across replicas)."""
+        out = np.zeros(len(groups))
+        if params <= 0:
+            return out
+        gpn, hw = self.hw.gpus_per_node, self.hw
+        for i, (shard, replicas) in enumerate(groups):
+            key = (kind, nbytes, tuple(shard), tuple(replicas))
+            ms = self._collective_ms.get(key)
+            if ms is None:
+                ms = 0.0
+                if len(shard) > 1:
+                    ms += collective_time_ms(kind, nbytes, shard, gpn, hw, "hierarchical")
+                if kind == "reduce_scatter" and len(replicas) > 1:
+                    part = nbytes / len(shard)
+                    ms += collective_time_ms("all_reduce", part, replicas, gpn, hw, "hierarchical")
+                self._collective_ms[key] = ms
+            out[i] = ms
+        return out
+
+    def _unit_ms(self, co: Cohort, unit: LayerUnit, kind: str, per_param: float) -> np.ndarray:
+        """Per lane: one unit's collective, dense part over DP and expert part over EDP."""
+        total = self._sharded_ms(
+            kind, unit.dense_params, unit.dense_params * per_param, self._shard_groups(co, "dp")
+        )
+        if unit.expert_params > 0:
+            total = total + self._sharded_ms(
+                kind,
+                unit.expert_params,
+                unit.expert_params * per_param,
+                self._shard_groups(co, "edp"),
+            )
+        return total
+
+    def _gather_ahead(self, co: Cohort, layers: list[int], mb: int, t: np.ndarray):
+        """ZeRO-3: all-gather the chunk's layers in order on the lanes' gather stream, one
+        layer ahead of the compute (the first from ``t``; each next one when the layer before
+        it starts computing). Returns ``ready(layer, t)``: when the layer can start (None
+        without ZeRO-3)."""
+        if not self._layer_ag or not layers:
+            return None
+        ag_free, _ = self._streams(co)
+        per_param = precision.param_gather_bytes(self.model)
+        ends: dict[int, np.ndarray] = {}
+
+        def issue(layer: int, at: np.ndarray) -> None:
+            unit = self._unit(co.stage, layer)
+            start = np.maximum(at, ag_free)
+            end = start + self._unit_ms(co, unit, "all_gather", per_param)
+            nbytes = unit.params * per_param
+            self.rec.add_block(
+                co.lane_ids, Kind.COMM_ASYNC, Op.PARAM_GATHER, start, end, layer, mb, nbytes
+            )
+            ag_free[:] = end
+            ends[layer] = end
+
+        issue(layers[0], t)
+        following = dict(zip(layers[:-1], layers[1:], strict=True))
+
+        def ready(layer: int, now: np.ndarray) -> np.ndarray:
+            start = np.maximum(now, ends.pop(layer))
+            if layer in following:
+                issue(following[layer], start)  # prefetch the next layer
+            return start
+
+        return ready
+
+    def _reduce_scatter_layer(self, co: Cohort, layer: int, mb: int, t: np.ndarray) -> None:
+        """ZeRO-2/3: reduce-scatter the layer's fp32 gradients once its backward is done, on
+        the lanes' reduce-scatter stream (overlapping the next layers' backward)."""
+        _, rs_free = self._streams(co)
+        unit = self._unit(co.stage, layer)
+        start = np.maximum(t, rs_free)
+        end = start + self._unit_ms(co, unit, "reduce_scatter", GRAD_BYTES)
+        nbytes = unit.params * GRAD_BYTES
+        self.rec.add_block(
+            co.lane_ids, Kind.COMM_ASYNC, Op.GRAD_REDUCE, start, end, layer, mb, nbytes
+        )
+        rs_free[:] = end
 
 
 def _fixed(_payloads, duration_ms: float) -> tuple[float, None]:
