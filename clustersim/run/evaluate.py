@@ -298,6 +298,9 @@ def assumptions_for(
     out: list[Assumption] = []
     wl = plan.workload
     par = plan.parallel
+    for path, how in plan.derived.items():  # fields the loader derived (spec.load)
+        value = par.dp if path == "parallel.dp" else None
+        out.append(Assumption(path, value, f"not given: derived as {how}"))
     if repair is not None and "ep" in repair.parallel:
         ranks = par.tp * par.cp * par.dp
         out.append(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PrivateAttr, model_validator
 
 # Bounds of the plan's numbers (PlanError messages show them as "valid: ..."). Every float
 # is finite (``_Strict`` rejects inf and NaN); every count has an upper bound, so that
@@ -711,6 +711,13 @@ class Plan(_Strict):
     workload: WorkloadSpec = WorkloadSpec()
     targets: TargetsSpec = TargetsSpec()
     claims: ClaimsSpec = ClaimsSpec()
+    # fields the loader derived because the plan left them out (reported as assumptions)
+    _derived: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def derived(self) -> dict[str, str]:
+        """Field path -> how the loader derived it (``spec.load``), e.g. ``parallel.dp``."""
+        return dict(self._derived)
 
     @model_validator(mode="after")
     def _fp8_supported(self) -> Plan:
