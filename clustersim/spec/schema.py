@@ -605,6 +605,22 @@ class TargetsSpec(_Strict):
     latency_ms_max: PositiveFloat | None = None
     ttft_ms_max: PositiveFloat | None = None
     tpot_ms_max: PositiveFloat | None = None
+    ttft_ms_p99_max: PositiveFloat | None = Field(
+        None,
+        description="Serving SLO: a request is good only if its TTFT (ms) is at most this; "
+        "met when the p99 TTFT is (at least 99% of requests good on TTFT).",
+    )
+    tpot_ms_p99_max: PositiveFloat | None = Field(
+        None,
+        description="Serving SLO: a request is good only if its TPOT (ms) is at most this; "
+        "met when the p99 TPOT is.",
+    )
+    ttft_ms_p50_max: PositiveFloat | None = Field(
+        None, description="Serving SLO on the median: p50 TTFT (ms) at most this."
+    )
+    tpot_ms_p50_max: PositiveFloat | None = Field(
+        None, description="Serving SLO on the median: p50 TPOT (ms) at most this."
+    )
     throughput_tokens_per_ms_min: PositiveFloat | None = None
     comm_overhead_pct_max: float | None = Field(None, ge=0)
     load_balance_pct_min: float | None = Field(None, ge=0, le=100)
