@@ -41,11 +41,23 @@ MFU_PEAK_TFLOPS = 989.5  # Liu et al. 2025: MFU relative to 989.5 TFLOP/s BF16 d
 
 FRAMEWORK = "kernel.framework_us"
 DROPLESS_SYNC = "moe.dropless_sync_us"
+# The GPU preset of each system column (first match wins: GB200 before B200), and the GPUs
+# per node the plan uses: 8 per DGX / HGX node; 4 per Grace-Blackwell compute tray, 72 of them
+# in one NVLink domain (the presets' nvlink_domain_gpus).
+GPU_OF_SYSTEM = (
+    ("GB300", "GB300"),
+    ("GB200", "GB200"),
+    ("B200", "B200"),
+    ("H800", "H800"),
+    ("H100", "H100-SXM"),
+)
+GPUS_PER_NODE = {"GB300": 4, "GB200": 4, "B200": 8, "H800": 8, "H100-SXM": 8}
 FP8_SPEEDUP_ROWS = ("T0021", "T0022")  # the packaged FP8 efficiency is fitted on their speedup
 TABLE2_GBS = 256  # Liu et al. 2025 Table 2 prints no GBS; its BF16 rows are Table 3's (256)
 # The FP8 recipe of a row's precision column (Transformer Engine's names).
 FP8_RECIPES = (
     ("TE DELAYED SCALING", "tensorwise"),
+    ("PER-TENSOR", "tensorwise"),
     ("BLOCKWISE", "blockwise"),
     ("MXFP8", "mxfp8"),
     ("FP8-MX", "mxfp8"),
@@ -70,11 +82,14 @@ MOE_ASSUMPTIONS = (
     "blockwise; FP8 primary weights (--fp8-param-gather); the packaged FP8 GEMM efficiency is "
     "fitted on the FP8/BF16 speedups of T0021/T0019 and T0022/T0020 (costs/precision.py), so "
     "those two rows are in sample; T0096 (dropless) takes dropless_sync_us from the BF16 rows",
+    "NeMo performance-summary rows (Mixtral-8x7B on DGX-B200 / DGX-GB200, per-tensor FP8): "
+    "B200 nodes of 8; GB200 trays of 4 in one NVL72 domain; the other assumptions as above",
 )
 
 # ---- model shapes the presets lack ----------------------------------------------------------
 
 MOE_MODELS: dict[str, dict[str, Any]] = {
+    "Mixtral-8x7B": {"preset": "mixtral-8x7b"},
     "Mixtral-8x22B": {"preset": "mixtral-8x22b"},
     # Liu et al. 2025 §4.1: fine-grained upcycling, 8 -> 64 experts of 1/8 the FFN, top-8.
     "Mixtral-8x22B-G8T8": {
@@ -263,13 +278,16 @@ DUPLICATES = {  # the same run in another unit, counted once
 
 def moe_reason(r: dict[str, str]) -> str | None:
     """Why row ``r`` cannot be simulated (None: it can)."""
-    precision, gpu, method = r["precision"].upper(), r["gpu"].upper(), r["method_or_variant"]
+    precision = r["precision"].upper()
+    if "DEEPSEEK-V3" in r["model"].upper() or "KIMI" in r["model"].upper():
+        return (
+            f"{r['model']}: 61 layers over PP x VPP need uneven virtual stages, and the MTP "
+            "module is not modelled"
+        )
     if "FP8" in precision and fp8_recipe(r) is None:
         return f"{r['precision']}: FP8 recipe not recognised"
-    if "GB200" in gpu or "GB300" in gpu:
-        return f"{r['gpu']}: no preset or calibration for Grace-Blackwell NVL72 systems"
-    if "FSDP" in r["framework"]:
-        return "NeMo AutoModel FSDP2 rows: DeepSeek-V3 / Kimi K2 need 61 layers over PP x VPP"
+    if gpu_preset(r) is None:
+        return f"{r['gpu']}: no GPU preset"
     if r["metric"] not in ("MFU", "model_TFLOPS_per_GPU"):
         return f"metric {r['metric']} of a configuration that is not simulated"
     if not r["gbs"] and "Table 2" not in r["source_location"]:
@@ -298,6 +316,12 @@ def gbs(r: dict[str, str]) -> int:
     if given is None:
         raise ValueError(f"row {r['row_id']} has no global batch size")
     return given
+
+
+def gpu_preset(r: dict[str, str]) -> str | None:
+    """The GPU preset of row ``r``'s system (None: none matches)."""
+    gpu = r["gpu"].upper()
+    return next((preset for key, preset in GPU_OF_SYSTEM if key in gpu), None)
 
 
 def _fsdp(r: dict[str, str]) -> bool:
@@ -330,6 +354,8 @@ def moe_plan(r: dict[str, str], values: dict[str, float] | None = None) -> Plan:
     if recipe is not None:
         model.update(dtype="fp8", fp8_recipe=recipe)
     gpus, tp, pp = int(r["num_gpus"]), int(r["tp"]), _int(r["pp"], 1)
+    gpu = gpu_preset(r)
+    per_node = GPUS_PER_NODE[gpu]
     ep = _int(r["ep"], 1)
     etp = _int(r["etp"]) or (1 if "Folding" in r["method_or_variant"] else tp)
     dp, mbs = gpus // (tp * pp), _int(r["mbs"], 1)
@@ -339,9 +365,9 @@ def moe_plan(r: dict[str, str], values: dict[str, float] | None = None) -> Plan:
         "name": f"{r['row_id']}-{r['model']}",
         "model": model,
         "hardware": {
-            "gpu": "H100-SXM",
-            "num_nodes": -(-gpus // 8),
-            "gpus_per_node": 8,
+            "gpu": gpu,
+            "num_nodes": -(-gpus // per_node),
+            "gpus_per_node": per_node,
             "calibration": nested(values or {}),
         },
         "parallel": {
