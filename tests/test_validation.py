@@ -74,10 +74,15 @@ def test_dense_rows_build_plans():
 def test_moe_rows_build_plans_and_the_rest_have_reasons():
     rows, skipped = st.moe_rows()
     assert len(rows) + len(skipped) == len(st.moe_table())
+    assert all(s.reason == "FSDP baseline: in the fsdp set" for s in skipped if s.row_id in {
+        r.row_id for r in st.fsdp_rows()})  # fmt: skip
     assert all(s.reason for s in skipped)
     expressible = {"T0005", "T0010", "T0015", "T0018", "T0094", "T0021", "T0022", "T0096"}
-    expressible |= {"T0001", "T0002", "T0158", "T0162"}  # FSDP baselines; FP8 on B200 / GB200
+    expressible |= {"T0158", "T0162"}  # FP8 on B200 / GB200
     assert expressible <= {r.row_id for r in rows}
+    fsdp = {r.row_id for r in st.fsdp_rows()}  # Liu et al.'s FSDP baselines: their own set
+    assert {"T0001", "T0002", "T0016", "T0034"} <= fsdp
+    assert not fsdp & {r.row_id for r in rows}
     assert {"T0078", "T0084", "T0098", "T0157"} <= {s.row_id for s in skipped}
     for r in rows:
         plan = st.moe_plan(next(x for x in st.moe_table() if x["row_id"] == r.row_id))

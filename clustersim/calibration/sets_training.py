@@ -416,11 +416,39 @@ def _moe_label(r: dict[str, str]) -> str:
     return f"{r['model']} {r['method_or_variant'][:24]}, {r['num_gpus']} GPUs {par} GBS{gbs(r)}"
 
 
+FSDP_ASSUMPTION = (
+    "FSDP / FSDP + EP baselines as dp_sharding: full over all DP ranks (the sharding degree is "
+    "not printed), the parallel sizes as printed in Table 3, token-drop with CF 1.0 as even "
+    "routing, the other assumptions as in the moe set"
+)
+
+
+def fsdp_rows() -> list[E2ERow]:
+    """Liu et al.'s FSDP baselines (the ``fsdp`` set): expressible, fit nothing."""
+    return [
+        E2ERow(
+            r["row_id"],
+            _moe_label(r),
+            "MFU %",
+            float(r["value"]),
+            rate=True,
+            param=None,
+            fits=False,
+            cost=_moe_cost(r),
+        )  # fmt: skip
+        for r in moe_table()
+        if _fsdp(r) and moe_reason(r) is None
+    ]
+
+
 def moe_rows() -> tuple[list[E2ERow], list[Skipped]]:
-    """Expressible rows (dropless ones fit ``moe.dropless_sync_us``) and the rest with why."""
+    """Expressible rows (dropless ones fit ``moe.dropless_sync_us``) and the rest with why;
+    the FSDP baselines are their own set (:func:`fsdp_rows`)."""
     rows, skipped = [], []
     for r in moe_table():
         reason = moe_reason(r)
+        if reason is None and _fsdp(r):
+            reason = "FSDP baseline: in the fsdp set"
         if reason is not None:
             skipped.append(
                 Skipped(r["row_id"], f"{r['model']} {r['method_or_variant']}"[:60], reason)
