@@ -21,6 +21,7 @@ from clustersim.costs.memory import GIB, memory_per_gpu, serving_memory
 from clustersim.costs.params import count_params
 from clustersim.engine.recorder import Op
 from clustersim.layout import Layout
+from clustersim.run.evaluate import assumptions_for
 from clustersim.run.simulate import simulate
 from clustersim.spec import plan_from_dict
 from clustersim.spec.errors import PlanError
@@ -88,7 +89,13 @@ def with_dtype(model: dict[str, Any], dtype: str, recipe: str | None = None) -> 
      ("GB200", "mxfp8"), ("GB300", "mxfp8")],
 )  # fmt: skip
 def test_default_recipe_per_architecture(gpu, recipe):
-    assert make_plan(with_dtype(SMALL, "fp8"), gpu=gpu).model.fp8_recipe == recipe
+    """The default recipe is the GPU architecture's, and every report says it was assumed."""
+    plan = make_plan(with_dtype(SMALL, "fp8"), gpu=gpu)
+    assert plan.model.fp8_recipe == recipe
+    stated = {a.field: a for a in assumptions_for(plan, True, None)}
+    assert stated["model.fp8_recipe"].value == recipe
+    given = make_plan(with_dtype(SMALL, "fp8", "tensorwise"), gpu=gpu)
+    assert "model.fp8_recipe" not in {a.field for a in assumptions_for(given, True, None)}
 
 
 @pytest.mark.parametrize("gpu", ["A100-80GB", "A100-40GB"])

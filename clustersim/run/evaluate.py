@@ -299,8 +299,9 @@ def assumptions_for(
     wl = plan.workload
     par = plan.parallel
     for path, how in plan.derived.items():  # fields the loader derived (spec.load)
-        value = par.dp if path == "parallel.dp" else None
-        out.append(Assumption(path, value, f"not given: derived as {how}"))
+        section, name = path.split(".", 1)
+        value = getattr(getattr(plan, section), name)
+        out.append(Assumption(path, value, f"not given: {how}"))
     if repair is not None and "ep" in repair.parallel:
         ranks = par.tp * par.cp * par.dp
         out.append(

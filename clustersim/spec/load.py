@@ -59,7 +59,7 @@ def plan_from_dict(raw: dict[str, Any], source: str, base_dir: Path | None = Non
     resolved = _merge_presets(copy.deepcopy(raw), source)
     _resolve_length_files(resolved, base_dir or Path.cwd(), source)
     _resolve_request_trace(resolved, base_dir or Path.cwd(), source)
-    derived = _derive_dp(resolved, source)
+    derived = _derive_dp(resolved, source) | _default_fp8_recipe(resolved)
     try:
         plan = Plan.model_validate(resolved)
     except ValidationError as exc:
@@ -91,7 +91,7 @@ def _derive_dp(raw: dict[str, Any], source: str) -> dict[str, str]:
         )
         raise PlanError(source, [issue])
     par["dp"] = gpus // model_parallel
-    return {"parallel.dp": f"{gpus} GPUs / (TP x CP x PP = {model_parallel})"}
+    return {"parallel.dp": f"derived as {gpus} GPUs / (TP x CP x PP = {model_parallel})"}
 
 
 def _read(path: Path) -> str:
@@ -274,20 +274,23 @@ def _merge_presets(raw: dict[str, Any], source: str) -> dict[str, Any]:
             raise PlanError(source, [_unknown_preset("hardware.gpu", hardware["gpu"], GPU_PRESETS)])
     if isinstance(raw.get("hardware"), dict):
         raw["hardware"] = _merge_calibration(raw["hardware"], source)
-    _default_fp8_recipe(raw)
     return raw
 
 
-def _default_fp8_recipe(raw: dict[str, Any]) -> None:
+def _default_fp8_recipe(raw: dict[str, Any]) -> dict[str, str]:
     """``model.dtype: fp8`` without ``model.fp8_recipe``: the GPU architecture's default
-    (blockwise on Hopper, mxfp8 on Blackwell); the schema refuses GPUs without FP8."""
+    (blockwise on Hopper, mxfp8 on Blackwell); the schema refuses GPUs without FP8. Returns
+    the derived field with how it was derived."""
     model, hardware = raw.get("model"), raw.get("hardware")
     if not isinstance(model, dict) or not isinstance(hardware, dict):
-        return
+        return {}
     if model.get("dtype") == "fp8" and model.get("fp8_recipe") is None:
-        recipe = DEFAULT_FP8_RECIPE.get(str(hardware.get("architecture")))
+        arch = str(hardware.get("architecture"))
+        recipe = DEFAULT_FP8_RECIPE.get(arch)
         if recipe is not None and hardware.get("fp8_peak_tflops") is not None:
             model["fp8_recipe"] = recipe
+            return {"model.fp8_recipe": f"the default FP8 recipe of {arch} GPUs"}
+    return {}
 
 
 def _merge_calibration(hardware: dict[str, Any], source: str) -> dict[str, Any]:
