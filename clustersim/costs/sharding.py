@@ -66,11 +66,13 @@ def layer_units(
     plan: Plan,
     layout: Layout,
     counts: ParamCounts,
-    layers: list[int],
+    layers,
     stage_params: tuple[float, float],
 ) -> list[LayerUnit]:
-    """The per-layer units of a stage holding ``layers`` and ``stage_params`` = (dense,
+    """The per-layer units of a stage holding ``layers`` (0-based ids, any sequence) and
+    ``stage_params`` = (dense,
     expert) parameters per GPU (module docstring)."""
+    layers = [int(i) for i in layers]
     if not layers:
         return []
     per_layer = [layer_params_per_gpu(plan, layout, counts, i) for i in layers]

@@ -28,6 +28,7 @@ from clustersim.spec.presets import (
     GPU_GENERATION,
     GPU_PRESETS,
     MODEL_PRESETS,
+    TOPOLOGY_PRESETS,
 )
 from clustersim.spec.schema import Plan
 
@@ -274,6 +275,13 @@ def _merge_presets(raw: dict[str, Any], source: str) -> dict[str, Any]:
             raise PlanError(source, [_unknown_preset("hardware.gpu", hardware["gpu"], GPU_PRESETS)])
     if isinstance(raw.get("hardware"), dict):
         raw["hardware"] = _merge_calibration(raw["hardware"], source)
+        topology = raw["hardware"].get("topology")
+        if isinstance(topology, str):
+            preset = _lookup_preset(topology, TOPOLOGY_PRESETS)
+            if preset is None:
+                issue = _unknown_preset("hardware.topology", topology, TOPOLOGY_PRESETS)
+                raise PlanError(source, [issue])
+            raw["hardware"] = {**raw["hardware"], "topology": dict(preset)}
     return raw
 
 

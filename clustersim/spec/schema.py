@@ -8,8 +8,10 @@ plan.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Annotated, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PrivateAttr, model_validator
 
 # Bounds of the plan's numbers (PlanError messages show them as "valid: ..."). Every float
@@ -91,11 +93,22 @@ class MoESpec(_Strict):
     max_nodes_per_token: Degree | None = Field(
         None, description="Node-limited routing: a token's experts lie on at most M nodes."
     )
+    routing_sampler: Literal["auto", "tokens", "counts"] = Field(
+        "auto",
+        description="tokens: draw every token's experts (exact); counts: draw counts per "
+        "source rank (cost independent of tokens; exact for C(E,k) <= 8192, exact means "
+        "otherwise); auto: counts where cheaper and possible.",
+    )
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> MoESpec:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
+        if self.routing_sampler == "counts" and self.max_nodes_per_token is not None:
+            raise ValueError(
+                "routing_sampler 'counts' does not model max_nodes_per_token; use 'auto' or "
+                "'tokens'"
+            )
         return self
 
 
@@ -160,10 +173,17 @@ class ModelSpec(_Strict):
             return False
         return (layer - self.moe.first_k_dense) % self.moe.layer_freq == 0
 
+    def moe_layer_mask(self) -> np.ndarray:
+        """Read-only boolean array: ``mask[i]`` is whether layer ``i`` is an MoE layer (one
+        array per layer pattern, so per-layer questions stay vectorised for deep models)."""
+        if self.moe is None:
+            return _layer_mask(self.num_layers, self.num_layers, 1)
+        return _layer_mask(self.num_layers, self.moe.first_k_dense, self.moe.layer_freq)
+
     @property
     def num_moe_layers(self) -> int:
         """MoE layers in the whole model."""
-        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+        return int(self.moe_layer_mask().sum())
 
 
 class LinkSpec(_Strict):
@@ -333,6 +353,35 @@ class CalibrationSpec(_Strict):
     collectives: CollectiveCalibration
 
 
+class TopologySpec(_Strict):
+    """The network as shared links (``clustersim.engine.network``): every node's NVLink
+    domain, its NICs and the uplinks of its leaf (and pod) are links that concurrent
+    collectives share max-min fairly. Each NIC runs at ``inter_node.bandwidth_gbps`` per
+    direction; a leaf's uplinks carry ``nodes_per_leaf x nics_per_node x NIC bandwidth /
+    oversubscription`` (per tier)."""
+
+    kind: Literal["non_blocking", "rail_optimized", "fat_tree"] = Field(
+        "non_blocking",
+        description="non_blocking: only NVLink and NICs are shared; rail_optimized: GPU i of "
+        "every node on rail i, a leaf group is a scalable unit of nodes; fat_tree: leaf "
+        "switches of nodes_per_leaf nodes under spines.",
+    )
+    nics_per_node: Degree | None = Field(
+        None, description="Network ports of one node (null = gpus_per_node, one NIC per GPU)."
+    )
+    oversubscription: float = Field(
+        1.0,
+        ge=1.0,
+        le=64.0,
+        description="Down / up bandwidth of a leaf (and pod) switch; 1.0 = non-blocking.",
+    )
+    tiers: Literal[2, 3] = Field(2, description="Switch tiers: 2 leaf-spine, 3 adds pods/core.")
+    nodes_per_leaf: Degree = Field(
+        32, description="Nodes one leaf group connects in one hop (DGX SuperPOD unit: 32)."
+    )
+    leaves_per_pod: Degree = Field(8, description="Leaf groups per pod (tiers: 3 only).")
+
+
 class HardwareSpec(_Strict):
     """The cluster: GPU figures (from a preset, overridable) and its size."""
 
@@ -359,6 +408,11 @@ class HardwareSpec(_Strict):
         0.0, ge=0, le=MAX_RATE,
         description="Memory not available to the model (CUDA context, allocator).",
     )  # fmt: skip
+    topology: TopologySpec | None = Field(
+        None,
+        description="Shared-link network model (or a preset name); null = each collective "
+        "alone at its link's bandwidth (no contention).",
+    )
     nvlink_domain_gpus: Degree | None = Field(
         None,
         description="GPUs that share one NVLink (NVSwitch) domain, whole nodes; a group inside "
@@ -761,3 +815,12 @@ class Plan(_Strict):
                 f"{hw.architecture} (valid there: tensorwise, blockwise)"
             )
         return self
+
+
+@lru_cache(maxsize=64)
+def _layer_mask(num_layers: int, first_k_dense: int, layer_freq: int) -> np.ndarray:
+    """MoE layers of a model: from ``first_k_dense`` on, every ``layer_freq``-th layer."""
+    index = np.arange(num_layers)
+    mask = (index >= first_k_dense) & ((index - first_k_dense) % layer_freq == 0)
+    mask.flags.writeable = False
+    return mask

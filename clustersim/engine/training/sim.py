@@ -71,6 +71,7 @@ from clustersim.costs.memory import stage_params_per_gpu
 from clustersim.costs.params import count_params
 from clustersim.costs.sharding import LayerUnit, layer_units, shard_sizes
 from clustersim.engine.errors import EngineError
+from clustersim.engine.network import Network
 from clustersim.engine.recorder import Kind, Op, Recorder
 from clustersim.engine.rendezvous import Rendezvous, trigger_at
 from clustersim.engine.training.moe import DispatchBatch, RoutingSource, dispatch_many
@@ -209,8 +210,10 @@ class TrainingSim:
         routing: RoutingSource | None,
         symmetric: bool,
         progress: Callable[[float], None] | None = None,
+        network: Network | None = None,
     ):
         self.plan, self.rec, self.routing = plan, recorder, routing
+        self.net = network  # shared links (hardware.topology): flows, then delays
         self.layout = Layout(plan)
         self.par, self.model, self.hw = plan.parallel, plan.model, plan.hardware
         check_supported(plan, self.layout)
@@ -242,6 +245,7 @@ class TrainingSim:
         self._layer_grads: dict[int, tuple[float, float]] = {}
         self._collective_ms: dict[tuple, float] = {}
         self._links: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._a2a_routes: dict[tuple, tuple] = {}
         # sharded data parallelism: ZeRO-2/3 reduce-scatter layer by layer, ZeRO-3 gathers
         sharding = self.par.sharding
         self._layer_rs = sharding in ("gradients", "full")
@@ -542,13 +546,27 @@ class TrainingSim:
             durations, lane_bytes = routes.fp8_dispatch[0][mb], routes.fp8_dispatch[1][mb]
         if co.block:
             starts = ready.reshape(len(co.groups), co.block).max(axis=1)
+        else:
+            starts = np.where(co.membership, ready[None, :], -np.inf).max(axis=1)
+        if self.net is not None:
+            durations = self._a2a_flows(co, layer, mb, op, starts, durations)
+        if co.block:
             ends = np.repeat(starts + durations, co.block)
         else:
             member = co.membership
-            starts = np.where(member, ready[None, :], -np.inf).max(axis=1)
             ends = np.where(member, (starts + durations)[:, None], -np.inf).max(axis=0)
         self.rec.add_block(co.lane_ids, Kind.COMM, op, ready, ends, layer, mb, lane_bytes)
         return routes, ends
+
+    def _a2a_flows(self, co: Cohort, layer: int, mb: int, op: Op, starts, durations):
+        """The all-to-alls of one layer and micro-batch as flows on the shared links."""
+        key = ("a2a", co.stage, layer, mb, int(op))
+        if self.net.delays is not None:
+            return self.net.flows(key, "ep_a2a", starts, durations, 0.0, [], 1)
+        routes, latency = self._a2a_routes[(co.stage, layer)]
+        lanes = co.membership.sum(axis=1) if co.membership is not None else 1
+        flows = [(links, volumes[mb]) for links, volumes in routes]
+        return self.net.flows(key, "ep_a2a", starts, durations, latency, flows, lanes)
 
     def _route_layer(self, co: Cohort, layer: int) -> _LayerRoutes:
         """Route every EP group and micro-batch of ``layer`` in one batch; time the
@@ -565,7 +583,10 @@ class TrainingSim:
         self.dispatches.append(batch)
         self.dispatch_layers.append(layer)
         copies = batch.a2a_tokens.reshape(num_groups, m, ep, ep)
-        a2a_ms, lane_bytes = self._a2a_times(co, copies * self._act_bytes)
+        send = copies * self._act_bytes
+        a2a_ms, lane_bytes = self._a2a_times(co, send)
+        if self.net is not None and self.net.delays is None:
+            self._record_a2a_routes(co, layer, send)
         fp8_dispatch = None
         if precision.is_fp8(self.model) and self.par.moe_dispatcher == "deepep":
             # DeepEP dispatches FP8 tokens (+ scales); the combine stays BF16
@@ -595,6 +616,21 @@ class TrainingSim:
         sent = send.sum(axis=3) - np.diagonal(send, axis1=2, axis2=3)  # (G, m, ep)
         per_rank = sent.transpose(1, 0, 2).reshape(m, -1)[:, co.rank_slot]
         return a2a_ms, per_rank.reshape(m, len(co.lanes), tp).mean(axis=2)
+
+    def _record_a2a_routes(self, co: Cohort, layer: int, send: np.ndarray) -> None:
+        """Link volumes of every group's all-to-all of ``layer`` (per micro-batch) and the
+        fixed part of its time (the all-to-all of an empty matrix)."""
+        routes, latency = [], []
+        for j, gid in enumerate(co.groups):
+            ranks = self._ep_groups[gid]
+            routes.append(self.net.links.matrix_volumes(np.array(ranks), send[j]))
+            empty = np.zeros((1, len(ranks), len(ranks)))
+            latency.append(
+                all_to_all_v_times_ms(
+                    empty, ranks, self.hw.gpus_per_node, self.hw, self.par.moe_dispatcher
+                )[0]
+            )
+        self._a2a_routes[(co.stage, layer)] = (routes, np.array(latency))
 
     def _expert_times(self, co: Cohort, batch: DispatchBatch, m: int):
         """Per micro-batch and lane: expert time forward and backward (the lane's slowest
@@ -636,7 +672,11 @@ class TrainingSim:
         next (previous) stage; each lane's transfer starts when the lane is free."""
         peer = self.cohorts[to_vstage % self.par.pp]
         pairs = [[a.ranks[0], b.ranks[0]] for a, b in zip(co.lanes, peer.lanes, strict=True)]
-        arrive = free + p2p_ms(nbytes, *self._link_vectors(pairs))
+        duration = p2p_ms(nbytes, *self._link_vectors(pairs))
+        if self.net is not None:
+            key = ("p2p", what, to_vstage, mb)
+            duration = self.net.sends(key, pairs, nbytes, free, duration)
+        arrive = free + duration
         self.rec.add_block(co.lane_ids, Kind.COMM_ASYNC, Op.P2P_SEND, free, arrive, -1, mb, nbytes)
         target = self._event((what, to_vstage, mb))
         trigger_at(target, arrive, max(0.0, float(arrive.max()) - self.env.now))
@@ -747,7 +787,13 @@ class TrainingSim:
                 duration = self._collective_ms[key] = collective_time_ms(
                     kind, size, group, self.hw.gpus_per_node, self.hw, "hierarchical"
                 )
-            ends[positions] = float(start[positions].max()) + duration
+            begin = float(start[positions].max())
+            if self.net is not None:
+                net_key = self.net.next_key("grad", co.stage, int(op), group[0])
+                duration = self.net.collective(
+                    net_key, "dp_grad", kind, size, group, begin, duration, len(positions)
+                )
+            ends[positions] = begin + duration
         return ends
 
     def _param_gather(self, co: Cohort, start: np.ndarray, blocking: bool) -> float:
@@ -767,6 +813,8 @@ class TrainingSim:
                     "all_gather", params * bpe, group, gpn, hw, "hierarchical"
                 )
                 nbytes += params * bpe
+        if total and self.net is not None:
+            total = self._param_gather_flow(co, start, total)
         if total:
             self.rec.add_block(
                 co.lane_ids,
@@ -779,6 +827,35 @@ class TrainingSim:
                 nbytes,
             )
         return total
+
+    def _param_gather_flow(self, co: Cohort, start: np.ndarray, total: float) -> float:
+        """The parameter all-gather as one flow per DP group of the cohort (its DP and EDP
+        all-gathers back to back): returns the duration with its delay."""
+        key = ("param_gather", co.stage)
+        begin = float(np.max(start))
+        if self.net.delays is not None:
+            return float(self.net.flows(key, "param_gather", begin, [total], 0.0, [], 1)[0])
+        dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
+        bpe = precision.param_gather_bytes(self.model)
+        routes, latency = [], 0.0
+        first = co.lanes[0].ranks[0]
+        links = self.net.links
+        for kind, params in (("dp", dense), ("edp", expert)):
+            group = self.layout.group_of(kind, first) if kind == "dp" or self.model.moe else []
+            if len(group) > 1 and params > 0:
+                (route, fixed) = self.net._collective_route("all_gather", params * bpe, group)
+                routes.append(route)
+                latency += fixed
+        merged: dict[int, float] = {}
+        for ln, vol in routes:
+            for a, b in zip(ln.tolist(), vol.tolist(), strict=True):
+                merged[a] = merged.get(a, 0.0) + b
+        route = (np.array(list(merged), dtype=np.int64), np.array(list(merged.values())))
+        del links
+        lanes = len(co.lanes)
+        return float(
+            self.net.flows(key, "param_gather", begin, [total], latency, [route], lanes)[0]
+        )
 
     def _optimizer(self, co: Cohort, start_ms: float):
         dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
