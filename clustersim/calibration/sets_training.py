@@ -12,8 +12,9 @@ full attention). The free parameter is ``kernel.framework_us``.
 MoE, Liu et al. 2025 (MoE Parallel Folding, Megatron-Core on H100) and Megatron-MoE-ModelZoo:
 see :data:`MOE_ASSUMPTIONS`. The metric is the source's MFU (model FLOPs / 989.5 TFLOP/s) or
 model TFLOP/s per GPU, with Megatron-Core's FLOP count (``model_flops_per_iteration``: no
-recompute term, causal attention, router left out). Dropless rows depend on
-``moe.dropless_sync_us``; token-drop rows depend on no end-to-end parameter.
+recompute term, causal attention, router left out). No MoE row fits an end-to-end parameter
+(``kernel.framework_us`` comes from the dense set; the dropless synchronisation is a stated
+physical value, ``calibrate.DROPLESS_SYNC_US``): every row is out of sample.
 
 For a long pipeline run the iteration time is exactly linear in the number of micro-batches
 once the schedule is in steady state (m >= 2 PP, deterministic routing, fixed lengths), so
@@ -40,7 +41,6 @@ DENSE_VOCAB = 51200
 MFU_PEAK_TFLOPS = 989.5  # Liu et al. 2025: MFU relative to 989.5 TFLOP/s BF16 dense
 
 FRAMEWORK = "kernel.framework_us"
-DROPLESS_SYNC = "moe.dropless_sync_us"
 # The GPU preset of each system column (first match wins: GB200 before B200), and the GPUs
 # per node the plan uses: 8 per DGX / HGX node; 4 per Grace-Blackwell compute tray, 72 of them
 # in one NVLink domain (the presets' nvlink_domain_gpus).
@@ -67,9 +67,9 @@ MOE_ASSUMPTIONS = (
     "H100-SXM nodes of 8 GPUs (Eos DGX H100); BF16; sequence parallelism when TP > 1; "
     "distributed optimizer with overlapped grad-reduce / param-gather; flash attention; "
     "no activation recomputation; all-to-all token dispatcher",
-    "micro-batch size 1 (not stated in the paper; ModelZoo default); interleaved schedule "
-    "with one layer per virtual stage (VPP = layers per stage, as ModelZoo's Mixtral-8x22B "
-    "VPP 7 at PP 8) when PP > 1; ModelZoo rows use their own VPP",
+    "micro-batch size 1 (not stated in the paper; ModelZoo default); VPP not stated: "
+    "Megatron's default, no interleaving (1F1B, one model chunk per stage); rows that state "
+    "their VPP (ModelZoo) use it",
     "token-drop with capacity factor 1.0 as balanced routing (routing: even): the aux-loss "
     "balanced router with CF 1.0 caps every expert at its balanced share; dropless ModelZoo "
     "rows also use even routing (the aux-loss imbalance is not published)",
@@ -81,7 +81,7 @@ MOE_ASSUMPTIONS = (
     "2's 'FP8 (TE delayed scaling)' as recipe tensorwise, ModelZoo's 'FP8 blockwise' as "
     "blockwise; FP8 primary weights (--fp8-param-gather); the packaged FP8 GEMM efficiency is "
     "fitted on the FP8/BF16 speedups of T0021/T0019 and T0022/T0020 (costs/precision.py), so "
-    "those two rows are in sample; T0096 (dropless) takes dropless_sync_us from the BF16 rows",
+    "those two rows are in sample",
     "NeMo performance-summary rows (Mixtral-8x7B on DGX-B200 / DGX-GB200, per-tensor FP8): "
     "B200 nodes of 8; GB200 trays of 4 in one NVL72 domain; the other assumptions as above",
 )
@@ -335,11 +335,9 @@ def fp8_recipe(r: dict[str, str]) -> str | None:
     return next((name for key, name in FP8_RECIPES if key in precision), None)
 
 
-def _vpp(r: dict[str, str], layers: int, pp: int) -> int:
-    given = _int(r["vpp"])
-    if given:
-        return given
-    return layers // pp if pp > 1 else 1
+def _vpp(r: dict[str, str]) -> int:
+    """Model chunks per pipeline stage: the row's VPP, else Megatron's default (none: 1)."""
+    return _int(r["vpp"]) or 1
 
 
 def moe_plan(r: dict[str, str], values: dict[str, float] | None = None) -> Plan:
@@ -359,8 +357,7 @@ def moe_plan(r: dict[str, str], values: dict[str, float] | None = None) -> Plan:
     ep = _int(r["ep"], 1)
     etp = _int(r["etp"]) or (1 if "Folding" in r["method_or_variant"] else tp)
     dp, mbs = gpus // (tp * pp), _int(r["mbs"], 1)
-    layers = _layers(model)
-    vpp = _vpp(r, layers, pp)
+    vpp = _vpp(r)
     raw: dict[str, Any] = {
         "name": f"{r['row_id']}-{r['model']}",
         "model": model,
@@ -442,8 +439,8 @@ def fsdp_rows() -> list[E2ERow]:
 
 
 def moe_rows() -> tuple[list[E2ERow], list[Skipped]]:
-    """Expressible rows (dropless ones fit ``moe.dropless_sync_us``) and the rest with why;
-    the FSDP baselines are their own set (:func:`fsdp_rows`)."""
+    """Expressible rows (none fits an end-to-end parameter) and the rest with why; the FSDP
+    baselines are their own set (:func:`fsdp_rows`)."""
     rows, skipped = [], []
     for r in moe_table():
         reason = moe_reason(r)
@@ -454,11 +451,8 @@ def moe_rows() -> tuple[list[E2ERow], list[Skipped]]:
                 Skipped(r["row_id"], f"{r['model']} {r['method_or_variant']}"[:60], reason)
             )
             continue
-        dropless = "dropless" in r["method_or_variant"]
         unit = "MFU %" if r["metric"] == "MFU" else "TFLOP/s/GPU"
         note = "approx. ('should be around')" if "approx" in r["reliability"] else ""
-        param = DROPLESS_SYNC if dropless else None
-        fits = dropless and fp8_recipe(r) is None  # FP8 dropless rows use the BF16 rows' fit
         if r["row_id"] in FP8_SPEEDUP_ROWS:
             note = "in sample: the FP8 efficiency is fitted on its speedup over BF16"
         rows.append(
@@ -468,8 +462,8 @@ def moe_rows() -> tuple[list[E2ERow], list[Skipped]]:
                 unit,
                 float(r["value"]),
                 rate=True,
-                param=param,
-                fits=fits,
+                param=None,
+                fits=False,
                 note=note,
                 cost=_moe_cost(r),
             )
