@@ -161,7 +161,8 @@ def _event_loop(flows: FlowSet, members: np.ndarray, end: np.ndarray, passive) -
     ptr, links, volume, capacity = flows.ptr, flows.link, flows.volume, flows.capacity
     start_ms, transfer = flows.start_ms, flows.transfer_ms
     link_first, passive_start, passive_flow = passive
-    routes: dict[int, tuple[list[int], np.ndarray, float]] = {}
+    routes: dict[int, tuple[list[int], np.ndarray, float, np.ndarray]] = {}
+    reach: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # settled flows on a flow's links
     remaining: dict[int, float] = {}  # fraction of the transfer left
     rate: dict[int, float] = {}  # fraction per ms
     updated: dict[int, float] = {}  # time ``remaining`` was last brought up to date
@@ -174,11 +175,21 @@ def _event_loop(flows: FlowSet, members: np.ndarray, end: np.ndarray, passive) -
     heapq.heapify(starts)
     heap: list[tuple[float, int, int]] = []  # (end time, version, flow)
 
-    def route(f: int) -> tuple[list[int], np.ndarray, float]:
+    def route(f: int) -> tuple[list[int], np.ndarray, float, np.ndarray]:
         found = routes.get(f)
         if found is None:
-            vs = volume[ptr[f] : ptr[f + 1]]
-            found = routes[f] = (links[ptr[f] : ptr[f + 1]].tolist(), vs, float(vs.max()))
+            ls, vs = links[ptr[f] : ptr[f + 1]], volume[ptr[f] : ptr[f + 1]]
+            found = routes[f] = (ls.tolist(), vs, float(vs.max()), ls)
+        return found
+
+    def reachable(f: int) -> tuple[np.ndarray, np.ndarray]:
+        """Starts and flows of the settled flows on ``f``'s links, sorted by start."""
+        found = reach.get(f)
+        if found is None:
+            parts = [np.arange(link_first[ln], link_first[ln + 1]) for ln in routes[f][0]]
+            entries = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+            order = np.argsort(passive_start[entries], kind="stable")
+            found = reach[f] = (passive_start[entries][order], passive_flow[entries][order])
         return found
 
     def lookahead(f: int, until: float) -> None:
@@ -186,15 +197,12 @@ def _event_loop(flows: FlowSet, members: np.ndarray, end: np.ndarray, passive) -
         if until <= lo:
             return
         checked[f] = until
-        for ln in route(f)[0]:
-            first, last = link_first[ln], link_first[ln + 1]
-            if first == last:
-                continue
-            a, b = np.searchsorted(passive_start[first:last], (lo - EPS, until - EPS)) + first
-            for g in passive_flow[a:b].tolist():
-                if g not in queued:
-                    queued.add(g)
-                    heapq.heappush(starts, (float(start_ms[g]), g))
+        starts_on, flows_on = reachable(f)
+        a, b = np.searchsorted(starts_on, (lo - EPS, until - EPS))
+        for g in flows_on[a:b].tolist():
+            if g not in queued:
+                queued.add(g)
+                heapq.heappush(starts, (float(start_ms[g]), g))
 
     def component(seed: list[int]) -> list[int]:
         seen, stack = set(seed), list(seed)
@@ -217,15 +225,14 @@ def _event_loop(flows: FlowSet, members: np.ndarray, end: np.ndarray, passive) -
         heaviest = np.array([routes[f][2] for f in group])
         caps = heaviest / transfer[group]
         if len(group) == 1 and all(len(on_link[ln]) == 1 for ln in routes[group[0]][0]):
-            ls, vs, _ = routes[group[0]]  # alone: its own speed, or its tightest link's
+            _, vs, _, ls = routes[group[0]]  # alone: its own speed, or its tightest link's
             x = np.array([min(caps[0], float((capacity[ls] / (vs / heaviest[0])).min()))])
         else:
-            used = sorted({ln for f in group for ln in routes[f][0]})
-            column = {ln: j for j, ln in enumerate(used)}
+            parts = [routes[f] for f in group]
+            used, column = np.unique(np.concatenate([r[3] for r in parts]), return_inverse=True)
+            row = np.repeat(np.arange(len(group)), [len(r[3]) for r in parts])
             weights = np.zeros((len(group), len(used)))
-            for i, f in enumerate(group):
-                ls, vs, heavy = routes[f]
-                weights[i, [column[ln] for ln in ls]] = vs / heavy
+            weights[row, column] = np.concatenate([r[1] / r[2] for r in parts])
             x = max_min_rates(weights, caps, capacity[used])
         for i, f in enumerate(group):
             rate[f] = float(x[i] / heaviest[i])
