@@ -100,9 +100,8 @@ def solve(flows: FlowSet) -> np.ndarray:
     if contended.any():
         # flows settled alone that a delayed flow may still reach: by link, then start
         passive = (busy & ~contended)[index.flow]
-        p_link, p_start = index.link[passive], index.start[passive]
-        first = np.searchsorted(p_link, np.arange(len(flows.capacity) + 1))
-        _event_loop(flows, np.flatnonzero(contended), end, (first, p_start, index.flow[passive]))
+        settled = (index.link[passive], index.start[passive], index.flow[passive])
+        _event_loop(flows, np.flatnonzero(contended), end, settled)
     return end
 
 
@@ -140,6 +139,11 @@ class _LinkIndex:
         return out
 
 
+def _fraction(t, horizon: float):
+    """Times in [0, horizon) mapped into [0, 1); later times to just below 1."""
+    return np.clip(np.asarray(t, dtype=np.float64), 0.0, horizon * (1 - 1e-12)) / horizon
+
+
 def _segmented_cummax(values: np.ndarray, seg: np.ndarray) -> np.ndarray:
     """Cumulative max of ``values`` restarting at every new segment id (segments sorted)."""
     # shift each segment above all earlier ones so one global cummax respects segments
@@ -150,8 +154,8 @@ def _segmented_cummax(values: np.ndarray, seg: np.ndarray) -> np.ndarray:
 
 def _event_loop(flows: FlowSet, members: np.ndarray, end: np.ndarray, passive) -> None:
     """Max-min fair fluid simulation of ``members`` and of every flow settled alone that one of
-    them reaches once delayed (``passive``: the first entry of each link, and the starts and
-    flows of the settled flows' entries, sorted by link, then start);
+    them reaches once delayed (``passive``: links, starts and flows of the settled flows'
+    entries, sorted by link, then start);
     writes their end times into ``end``.
 
     A flow settled alone overlaps no other flow's alone interval, so it can only be reached by
@@ -160,9 +164,11 @@ def _event_loop(flows: FlowSet, members: np.ndarray, end: np.ndarray, passive) -
     flow joins if one of its links is busy (else it keeps its alone end)."""
     ptr, links, volume, capacity = flows.ptr, flows.link, flows.volume, flows.capacity
     start_ms, transfer = flows.start_ms, flows.transfer_ms
-    link_first, passive_start, passive_flow = passive
+    passive_link, passive_start, passive_flow = passive
+    # one sorted key for (link, start): link + start / horizon, the starts all below horizon
+    horizon = float(passive_start.max(initial=0.0)) + 1.0
+    passive_key = passive_link + _fraction(passive_start, horizon)
     routes: dict[int, tuple[list[int], np.ndarray, float, np.ndarray]] = {}
-    reach: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # settled flows on a flow's links
     remaining: dict[int, float] = {}  # fraction of the transfer left
     rate: dict[int, float] = {}  # fraction per ms
     updated: dict[int, float] = {}  # time ``remaining`` was last brought up to date
@@ -182,24 +188,17 @@ def _event_loop(flows: FlowSet, members: np.ndarray, end: np.ndarray, passive) -
             found = routes[f] = (ls.tolist(), vs, float(vs.max()), ls)
         return found
 
-    def reachable(f: int) -> tuple[np.ndarray, np.ndarray]:
-        """Starts and flows of the settled flows on ``f``'s links, sorted by start."""
-        found = reach.get(f)
-        if found is None:
-            parts = [np.arange(link_first[ln], link_first[ln + 1]) for ln in routes[f][0]]
-            entries = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-            order = np.argsort(passive_start[entries], kind="stable")
-            found = reach[f] = (passive_start[entries][order], passive_flow[entries][order])
-        return found
-
     def lookahead(f: int, until: float) -> None:
         lo = checked.get(f, float(start_ms[f]))
         if until <= lo:
             return
         checked[f] = until
-        starts_on, flows_on = reachable(f)
-        a, b = np.searchsorted(starts_on, (lo - EPS, until - EPS))
-        for g in flows_on[a:b].tolist():
+        ls = routes[f][3]
+        first = np.searchsorted(passive_key, ls + _fraction(lo - EPS, horizon))
+        last = np.searchsorted(passive_key, ls + _fraction(until - EPS, horizon))
+        found = [g for a, b in zip(first.tolist(), last.tolist(), strict=True) if b > a
+                 for g in passive_flow[a:b].tolist()]  # fmt: skip
+        for g in found:
             if g not in queued:
                 queued.add(g)
                 heapq.heappush(starts, (float(start_ms[g]), g))
