@@ -172,7 +172,7 @@ class _CohortCosts:
         self.dense = _LayerVectors([c.dense for c in per_lane]) if False in kinds else None
         self.moe = _LayerVectors([c.moe for c in per_lane]) if True in kinds else None
         self.logits_fwd = np.array([c.logits_fwd_ms for c in per_lane])
-        self.logits_bwd = BACKWARD_FACTOR * self.logits_fwd
+        self.logits_bwd = np.array([c.logits_bwd_ms for c in per_lane])
         self.p2p_bytes = np.array([c.p2p_bytes for c in per_lane])
         self.tp_bytes = np.array([float(c.tokens * activation_bytes) for c in per_lane])
 
@@ -612,21 +612,28 @@ class TrainingSim:
             # its 1/etp of the experts' FFN width (the ExpertTimer's GEMM shapes)
             received = received.reshape(m, -1, etp).sum(axis=2).repeat(etp, axis=1)
         self.expert_tokens[co.ranks] += received.sum(axis=0)
-        rank_ms = self.expert_timer.forward_ms(received, active)
-        factor = BACKWARD_FACTOR + (1.0 if self.par.recompute == "full" else 0.0)
+        timer = self.expert_timer
+        rank_ms = timer.compute_ms(received, active)
+        full = self.par.recompute == "full"
+        factor = BACKWARD_FACTOR + (1.0 if full else 0.0)
+        # the dropless synchronisation: once per forward pass (a full recompute is one more)
+        sync = np.where(received > 0, timer.sync_ms, 0.0)
         if tp == 1:
-            fwd = rank_ms
+            fwd, bwd = rank_ms + sync, rank_ms * factor + (sync if full else 0.0)
         else:
-            fwd = rank_ms.reshape(m, lanes, tp).max(axis=2)
-            idle = (np.repeat(fwd, tp, axis=1) - rank_ms).sum(axis=0)
-            idle += (np.repeat(fwd * factor, tp, axis=1) - rank_ms * factor).sum(axis=0)
+            fwd_compute = rank_ms.reshape(m, lanes, tp).max(axis=2)
+            lane_sync = sync.reshape(m, lanes, tp).max(axis=2)
+            fwd = fwd_compute + lane_sync
+            bwd = fwd_compute * factor + (lane_sync if full else 0.0)
+            idle = (np.repeat(fwd_compute, tp, axis=1) - rank_ms).sum(axis=0)
+            idle += (np.repeat(fwd_compute * factor, tp, axis=1) - rank_ms * factor).sum(axis=0)
             self.rec.rank_idle_ms[co.ranks] += idle  # every micro-batch, both directions
         etp_ms = None
         if etp > 1:
             sizes = received.reshape(m, lanes, tp).max(axis=2) * self._act_bytes
             bandwidth, latency = self._link_vectors([ln.ranks[:etp] for ln in co.lanes])
             etp_ms = all_gather_ms(sizes, etp, bandwidth, latency)
-        return fwd, fwd * factor, etp_ms
+        return fwd, bwd, etp_ms
 
     # ---- pipeline transfers ----------------------------------------------------------------
     def _send(
