@@ -188,3 +188,17 @@ def test_llama3_405b_fits_on_h100_only_with_full_sharding():
             "test",
         )
         assert memory_per_gpu(plan, Layout(plan)).fits is fits
+
+
+def test_hsdp_reduce_scatters_in_the_shard_group_then_all_reduces_across_replicas():
+    """HSDP, DP 8 in shard groups of 4 (one node): each layer's gradient S is reduce-scattered
+    over the 4 ranks of its group, (3/4) S/B + 3 alpha, then its shard S/4 is all-reduced over
+    the 2 replicas, 2 (1/2) (S/4)/B + 2 alpha; the gathers run over the 4 ranks only."""
+    report = simulate(make_plan({"dp_sharding": "full", "dp_shard_group": 4}))
+    rs_bytes, rs_ms = _rows(report, Op.GRAD_REDUCE)
+    ag_bytes, ag_ms = _rows(report, Op.PARAM_GATHER)
+    per_byte = 1e3 / INTRA_BW
+    expected_rs = 3 / 4 * rs_bytes * per_byte + 3 * INTRA_LAT_MS
+    expected_rs += 2 * (1 / 2) * (rs_bytes / 4) * per_byte + 2 * INTRA_LAT_MS
+    np.testing.assert_allclose(rs_ms, expected_rs, rtol=1e-9)
+    np.testing.assert_allclose(ag_ms, 3 / 4 * ag_bytes * per_byte + 3 * INTRA_LAT_MS, rtol=1e-9)
