@@ -260,33 +260,6 @@ def test_distributed_optimizer_reduce_scatter_and_param_gather():
     assert opt == pytest.approx([expected_opt], rel=1e-12)
 
 
-def test_overlapped_param_gather_delays_each_layers_first_forward():
-    """Overlapped ZeRO-1 parameter all-gather (Megatron-Core ``overlap_param_gather``): the
-    gather of total time G runs from the iteration's start in forward order, the k-th of n
-    layers' parameters ready at (k + 1) G / n; a layer's first forward never starts before,
-    the first layer's starts exactly then (slow link: the gather outlasts a layer's forward),
-    later micro-batches do not wait."""
-    plan = make_plan(
-        DENSE,
-        {"dp": 16, "num_microbatches": 2, "distributed_optimizer": True},
-        hardware={"inter_node": {"bandwidth_gbps": 1.0, "latency_us": 8.0}},
-    )
-    cols = rows(simulate(plan))
-    gather = cols["duration"][cols["op"] == Op.PARAM_GATHER]
-    assert len(np.unique(gather)) == 1 and gather[0] > 0
-    n = DENSE["num_layers"]
-    attn = (cols["op"] == Op.ATTN_FWD) & (cols["lane"] == 0)
-    for mb in (0, 1):
-        pick = attn & (cols["microbatch"] == mb)
-        starts = cols["start_ms"][pick][np.argsort(cols["layer"][pick])]
-        ready = gather[0] * np.arange(1, n + 1) / n
-        if mb == 0:
-            assert starts[0] == pytest.approx(ready[0], rel=1e-12)
-            assert (starts >= ready * (1 - 1e-12)).all()
-        else:
-            assert (starts > cols["start_ms"][attn & (cols["microbatch"] == 0)].max()).all()
-
-
 def test_grad_all_reduce_hierarchical_across_two_nodes():
     """DP = 16 over 2 nodes of 8: intra-node reduce-scatter of S over 8, inter-node ring
     all-reduce of S/8 over the 2 nodes (at the slower link: 50 GB/s, 8 us), intra-node

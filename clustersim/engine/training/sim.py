@@ -348,9 +348,8 @@ class TrainingSim:
         comm = self.env.process(self._grad_stream(co, buckets))
         grad_state = {"bytes": 0.0, "expert_bytes": 0.0}
         free = np.zeros(len(co.lanes))  # each lane's clock: the end of its last step
-        gathered: dict[int, float] = {}  # layer -> when its all-gathered parameters are ready
         if self.par.distributed_optimizer and self.par.overlap_communication:
-            gathered = self._gathered_by_layer(co, self._param_gather(co, free, blocking=False))
+            self._param_gather(co, free, blocking=False)
         for i, step in enumerate(steps):
             vstage = step.chunk * self.par.pp + co.stage
             layers = self._chunk_layers(co.stage, step.chunk)
@@ -366,7 +365,7 @@ class TrainingSim:
             else:
                 start = free
             if forward:
-                free = self._forward(co, mb, layers, costs, last, start, gathered)
+                free = self._forward(co, mb, layers, costs, last, start)
             else:
                 is_last = last_b[step.chunk] == i
                 free = self._backward(
@@ -403,39 +402,11 @@ class TrainingSim:
             self._progress(self._steps_done / self._steps_total)
 
     # ---- forward / backward of a chunk -----------------------------------------------------
-    def _gathered_by_layer(self, co: Cohort, total_ms: float) -> dict[int, float]:
-        """Overlapped parameter all-gather (Megatron-Core ``overlap_param_gather``): the
-        buckets are gathered in forward order from the iteration's start, one after another,
-        and a layer's first forward waits for its bucket. The stage's layers are taken as
-        equal shares of the gather (the k-th of n layers ready at ``(k + 1) / n`` of it)."""
-        if total_ms <= 0:
-            return {}
-        order = [
-            layer
-            for c in range(self.par.virtual_stages)
-            for layer in self._chunk_layers(co.stage, c)
-        ]
-        n = len(order)
-        return {layer: total_ms * (k + 1) / n for k, layer in enumerate(order)}
-
     def _forward(
-        self,
-        co: Cohort,
-        mb: int,
-        layers: list[int],
-        costs: _CohortCosts,
-        last: bool,
-        t: np.ndarray,
-        gathered: dict[int, float] | None = None,
+        self, co: Cohort, mb: int, layers: list[int], costs: _CohortCosts, last: bool, t: np.ndarray
     ) -> np.ndarray:
-        """Forward of a chunk from the lanes' start times ``t``; returns their end times.
-        ``gathered``: layers whose parameters are still being all-gathered, with the time
-        they are ready (each is waited for once, by its first forward)."""
+        """Forward of a chunk from the lanes' start times ``t``; returns their end times."""
         for layer in layers:
-            if gathered:
-                ready = gathered.pop(layer, None)
-                if ready is not None:
-                    t = np.maximum(t, ready)
             moe = self.model.is_moe_layer(layer)
             lt = costs.moe if moe else costs.dense
             t = self._op(co, Kind.COMPUTE, Op.ATTN_FWD, t, lt.attn_fwd, layer, mb)
