@@ -5,7 +5,6 @@ per-GPU utilisation bars, in one PNG (matplotlib, an optional dependency: ``clus
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 
 import numpy as np
