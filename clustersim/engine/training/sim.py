@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
+from clustersim.costs import precision
 from clustersim.costs.comm import (
     all_gather_ms,
     all_to_all_v_times_ms,
@@ -68,6 +69,7 @@ from clustersim.costs.comm import (
 from clustersim.costs.compute import BACKWARD_FACTOR, DTYPE_BYTES
 from clustersim.costs.memory import stage_params_per_gpu
 from clustersim.costs.params import count_params
+from clustersim.costs.sharding import LayerUnit, layer_units, shard_sizes
 from clustersim.engine.errors import EngineError
 from clustersim.engine.network import Network
 from clustersim.engine.recorder import Kind, Op, Recorder
@@ -91,8 +93,8 @@ def check_common(plan: Plan, layout: Layout, mode: str) -> None:
     par = plan.parallel
     if plan.workload.mode != mode:
         raise EngineError(f"the {mode} engine needs workload.mode: {mode}")
-    if par.cp > 1:
-        raise EngineError("context parallelism (parallel.cp > 1) is not simulated yet")
+    if par.cp > 1 and mode != "training":
+        raise EngineError(f"context parallelism (parallel.cp > 1) is not simulated in {mode}")
     if plan.model.moe is not None and not layout.expert_folding_ok:
         raise EngineError("EP x ETP does not fold into the ranks of a pipeline stage")
     if len(layout.stage_layers) != par.pp or sum(layout.layers_per_stage) != plan.model.num_layers:
@@ -108,6 +110,7 @@ class Lane:
     dp: int
     ranks: list[int]
     ep_groups: list[int] = field(default_factory=list)  # EP groups holding its ranks
+    cp: int = 0  # context-parallel rank (its share of every sequence)
 
 
 @dataclass
@@ -139,6 +142,8 @@ class _LayerRoutes:
     expert_fwd_ms: np.ndarray  # (m, L): the lane's slowest rank
     expert_bwd_ms: np.ndarray  # (m, L)
     etp_ms: np.ndarray | None  # (m, L), None without expert TP
+    # forward dispatch in FP8 (DeepEP on an FP8 model): its own time and bytes; None: as a2a
+    fp8_dispatch: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class _LayerVectors:
@@ -152,6 +157,11 @@ class _LayerVectors:
         "tp_comm",
         "recompute",
         "recompute_comm",
+        "cp_fwd",
+        "cp_bwd",
+        "cp_fwd_bytes",
+        "cp_bwd_bytes",
+        "cp_recompute",
     )
 
     def __init__(self, per_lane: list):
@@ -162,6 +172,16 @@ class _LayerVectors:
         self.attn_bwd, self.mlp_bwd = vec("attn_bwd_ms"), vec("mlp_bwd_ms")
         self.tp_comm, self.recompute = vec("tp_comm_ms"), vec("recompute_ms")
         self.recompute_comm = vec("recompute_comm_ms")
+        ring = [x.ring for x in per_lane]
+        has_ring = all(r is not None for r in ring)
+        zeros = np.zeros(len(per_lane))
+
+        def ring_vec(name: str) -> np.ndarray:
+            return np.array([getattr(r, name) for r in ring]) if has_ring else zeros
+
+        self.cp_fwd, self.cp_bwd = ring_vec("fwd_exposed_ms"), ring_vec("bwd_exposed_ms")
+        self.cp_fwd_bytes, self.cp_bwd_bytes = ring_vec("fwd_bytes"), ring_vec("bwd_bytes")
+        self.cp_recompute = bool(has_ring and per_lane[0].recompute_ring)
 
 
 class _CohortCosts:
@@ -219,6 +239,10 @@ class TrainingSim:
         self.seq_lens = seq_lens
         self._mb_tokens = np.array([[int(x.sum()) for x in mbs] for mbs in seq_lens])
         self._act_bytes = self.model.hidden_size * DTYPE_BYTES[self.model.dtype]
+        if precision.is_fp8(self.model):
+            self._fp8_token_bytes = self.model.hidden_size * precision.fp8_activation_bytes(
+                self.model
+            )
         self.lanes = self._make_lanes()
         self.cohorts = [self._make_cohort(stage) for stage in range(self.par.pp)]
         self._cohort_costs: dict[int, _CohortCosts] = {}
@@ -238,14 +262,21 @@ class TrainingSim:
         self._collective_ms: dict[tuple, float] = {}
         self._links: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self._a2a_routes: dict[tuple, tuple] = {}
+        # sharded data parallelism: ZeRO-2/3 reduce-scatter layer by layer, ZeRO-3 gathers
+        sharding = self.par.sharding
+        self._layer_rs = sharding in ("gradients", "full")
+        self._layer_ag = sharding == "full"
+        self._units: dict[int, LayerUnit] = {}
+        self._shard_streams: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     # ---- construction ----------------------------------------------------------------------
     def _make_lanes(self) -> list[Lane]:
         lay, lanes = self.layout, []
         for stage in range(self.par.pp):
             for dp in range(self.simulated_dp):
-                ranks = [lay.rank_of(tp=t, dp=dp, pp=stage) for t in range(self.par.tp)]
-                lanes.append(Lane(len(lanes), stage, dp, ranks))
+                for cp in range(self.par.cp):
+                    ranks = [lay.rank_of(tp=t, cp=cp, dp=dp, pp=stage) for t in range(self.par.tp)]
+                    lanes.append(Lane(len(lanes), stage, dp, ranks, cp=cp))
         if self.model.moe is not None:
             self._ep_groups = lay.groups("ep")
             lane_of = {r: ln.index for ln in lanes for r in ln.ranks}
@@ -255,6 +286,7 @@ class TrainingSim:
             coords = [[lay.coords(r) for r in g] for g in self._ep_groups]
             self._group_dp = np.array([[c.dp for c in g] for g in coords])  # (groups, ep)
             self._group_tp = np.array([[c.tp for c in g] for g in coords])
+            self._group_cp = np.array([[c.cp for c in g] for g in coords])
             for gid, group in enumerate(self._ep_groups):
                 for lane_index in sorted({lane_of[r] for r in group if r in lane_of}):
                     lanes[lane_index].ep_groups.append(gid)
@@ -290,9 +322,7 @@ class TrainingSim:
         )
 
     def _chunk_layers(self, stage: int, chunk: int) -> list[int]:
-        layers = self.layout.stage_layers[stage]
-        per_chunk = len(layers) // self.par.virtual_stages
-        return layers[chunk * per_chunk : (chunk + 1) * per_chunk]
+        return self.layout.chunk_layers(stage, chunk)
 
     def _costs_of(self, co: Cohort, mb: int) -> _CohortCosts:
         """Per-lane op times of micro-batch ``mb`` (the same on every stage: every stage's
@@ -348,10 +378,12 @@ class TrainingSim:
         comm = self.env.process(self._grad_stream(co, buckets))
         grad_state = {"bytes": 0.0, "expert_bytes": 0.0}
         free = np.zeros(len(co.lanes))  # each lane's clock: the end of its last step
-        if self.par.distributed_optimizer and self.par.overlap_communication:
+        if self._gathers_after_step and self.par.overlap_communication:
             self._param_gather(co, free, blocking=False)
+        partners = self._overlap_partners(steps)
         for i, step in enumerate(steps):
             vstage = step.chunk * self.par.pp + co.stage
+            self._partner = partners[i]
             layers = self._chunk_layers(co.stage, step.chunk)
             mb = step.microbatch
             costs = self._costs_of(co, mb)
@@ -387,10 +419,38 @@ class TrainingSim:
         # before every stage has finished its backward and gradient reduction. A barrier
         # (the tiny all-reduce's latency is not charged).
         ready = float(np.maximum(free, comm_free).max())
+        if co.stage in self._shard_streams:  # ZeRO-2/3: the last layer reduce-scatters
+            ready = max(ready, float(self._shard_streams[co.stage][1].max()))
         start, _end, _ = yield self.rv.arrive(
             ("optimizer_barrier",), len(self.cohorts), ready, _fixed, 0.0
         )
         yield from self._optimizer(co, start)
+
+    def _overlap_partners(self, steps) -> list:
+        """``parallel.overlap_ep_comm``: each step's partner in the 1F1B steady state (a
+        forward followed by a backward run as one merged step, Megatron-Core's EP overlap),
+        None outside it or without the option."""
+        partners: list = [None] * len(steps)
+        if not self.par.overlap_ep_comm or self.par.schedule == "gpipe" or not self.model.moe:
+            return partners
+        for i in range(len(steps) - 1):
+            if steps[i].kind == "F" and steps[i + 1].kind == "B":
+                partners[i], partners[i + 1] = steps[i + 1], steps[i]
+        return partners
+
+    def _hidden_ms(self, co: Cohort, layer: int, routes: _LayerRoutes) -> np.ndarray | None:
+        """Per lane, the compute of the partner step's ``layer`` one all-to-all can hide under
+        (half of it: the layer has a dispatch and a combine); None without a partner."""
+        partner = getattr(self, "_partner", None)
+        if partner is None:
+            return None
+        lt, mb = self._costs_of(co, partner.microbatch).moe, partner.microbatch
+        if partner.kind == "B":
+            compute = lt.attn_bwd + routes.expert_bwd_ms[mb]
+            compute = compute + (lt.recompute if self.par.recompute != "none" else 0.0)
+        else:
+            compute = lt.attn_fwd + routes.expert_fwd_ms[mb]
+        return compute / 2
 
     def _tick(self, lanes: int) -> None:
         if not self._progress:
@@ -406,10 +466,14 @@ class TrainingSim:
         self, co: Cohort, mb: int, layers: list[int], costs: _CohortCosts, last: bool, t: np.ndarray
     ) -> np.ndarray:
         """Forward of a chunk from the lanes' start times ``t``; returns their end times."""
+        gathered = self._gather_ahead(co, layers, mb, t)
         for layer in layers:
+            if gathered is not None:  # ZeRO-3: the layer's weights must be there
+                t = gathered(layer, t)
             moe = self.model.is_moe_layer(layer)
             lt = costs.moe if moe else costs.dense
             t = self._op(co, Kind.COMPUTE, Op.ATTN_FWD, t, lt.attn_fwd, layer, mb)
+            t = self._ring_row(co, t, lt.cp_fwd, lt.cp_fwd_bytes, layer, mb)
             t = self._tp_rows(co, t, lt.tp_comm, layer, mb, costs, moe)
             if not moe:
                 t = self._op(co, Kind.COMPUTE, Op.MLP_FWD, t, lt.mlp_fwd, layer, mb)
@@ -435,19 +499,27 @@ class TrainingSim:
         recompute = self.par.recompute != "none"
         if last:
             t = self._op(co, Kind.COMPUTE, Op.LOGITS_BWD, t, costs.logits_bwd, -1, mb)
+        gathered = self._gather_ahead(co, list(reversed(layers)), mb, t)
         for layer in reversed(layers):
+            if gathered is not None:
+                t = gathered(layer, t)
             moe = self.model.is_moe_layer(layer)
             lt = costs.moe if moe else costs.dense
             if moe:
                 t = self._moe_block(co, layer, mb, True, t)
             if recompute:
                 t = self._op(co, Kind.COMPUTE, Op.RECOMPUTE, t, lt.recompute, layer, mb)
+                if lt.cp_recompute:
+                    t = self._ring_row(co, t, lt.cp_fwd, lt.cp_fwd_bytes, layer, mb)
                 t = self._tp_rows(co, t, lt.recompute_comm, layer, mb, costs, moe)
             if not moe:
                 t = self._op(co, Kind.COMPUTE, Op.MLP_BWD, t, lt.mlp_bwd, layer, mb)
             t = self._tp_rows(co, t, lt.tp_comm, layer, mb, costs, moe)
             t = self._op(co, Kind.COMPUTE, Op.ATTN_BWD, t, lt.attn_bwd, layer, mb)
-            if buckets is not None:
+            t = self._ring_row(co, t, lt.cp_bwd, lt.cp_bwd_bytes, layer, mb)
+            if self._layer_rs:  # ZeRO-2/3: every micro-batch reduce-scatters the layer
+                self._reduce_scatter_layer(co, layer, mb, t)
+            elif buckets is not None:
                 self._add_layer_grads(co, layer, buckets, grad_state, t)
         return t
 
@@ -467,6 +539,15 @@ class TrainingSim:
         end = t + duration_ms
         self.rec.add_block(co.lane_ids, kind, op, t, end, layer, mb, nbytes)
         return end
+
+    def _ring_row(
+        self, co: Cohort, t: np.ndarray, exposed_ms: np.ndarray, nbytes, layer: int, mb: int
+    ) -> np.ndarray:
+        """Context parallelism: the ring attention's transfer time not hidden under the
+        attention (one row carrying the layer's ring bytes); nothing without CP."""
+        if self.par.cp == 1:
+            return t
+        return self._op(co, Kind.COMM, Op.CP_COMM, t, exposed_ms, layer, mb, nbytes)
 
     def _tp_rows(
         self,
@@ -494,7 +575,7 @@ class TrainingSim:
         first_op, second_op = (
             (Op.A2A_COMBINE, Op.A2A_DISPATCH) if backward else (Op.A2A_DISPATCH, Op.A2A_COMBINE)
         )
-        routes, t = self._a2a(co, layer, mb, first_op, ready)
+        routes, t = self._a2a(co, layer, mb, first_op, ready, fp8=not backward)
         etp_ms = None if routes.etp_ms is None else routes.etp_ms[mb]
         if etp_ms is not None:
             t = self._op(co, Kind.COMM, Op.ETP_COMM, t, etp_ms, layer, mb)
@@ -509,27 +590,47 @@ class TrainingSim:
         _, t = self._a2a(co, layer, mb, second_op, t)
         return t
 
-    def _a2a(self, co: Cohort, layer: int, mb: int, op: Op, ready: np.ndarray):
+    def _a2a(self, co: Cohort, layer: int, mb: int, op: Op, ready: np.ndarray, fp8=False):
         """All-to-all over the cohort's EP groups (concurrently): each group starts when its
-        slowest lane is ready; a lane in several groups waits for the last. Returns the
-        layer's routes and the lanes' end times."""
+        slowest lane is ready; a lane in several groups waits for the last. ``fp8``: the
+        forward dispatch, in FP8 where the dispatcher quantises it. With ``overlap_ep_comm`` a
+        steady-state step is blocked only by what the partner micro-batch's compute cannot
+        hide. Returns the layer's routes and the lanes' end times."""
         routes = self._layer_routes.get(layer)
         if routes is None:
             routes = self._layer_routes[layer] = self._route_layer(co, layer)
-        durations = routes.a2a_ms[mb]
+        durations, lane_bytes = routes.a2a_ms[mb], routes.lane_bytes[mb]
+        if fp8 and routes.fp8_dispatch is not None:
+            durations, lane_bytes = routes.fp8_dispatch[0][mb], routes.fp8_dispatch[1][mb]
         if co.block:
             starts = ready.reshape(len(co.groups), co.block).max(axis=1)
         else:
             starts = np.where(co.membership, ready[None, :], -np.inf).max(axis=1)
         if self.net is not None:
             durations = self._a2a_flows(co, layer, mb, op, starts, durations)
+        hidden = self._hidden_ms(co, layer, routes)
+        if hidden is not None:  # a group hides what all its lanes can hide
+            if co.block:
+                hidden = hidden.reshape(len(co.groups), co.block).min(axis=1)
+            else:
+                hidden = np.where(co.membership, hidden[None, :], np.inf).min(axis=1)
+        exposed = durations if hidden is None else np.maximum(durations - hidden, 0.0)
         if co.block:
-            ends = np.repeat(starts + durations, co.block)
+            ends = np.repeat(starts + exposed, co.block)
+            full = np.repeat(starts + durations, co.block)
         else:
             member = co.membership
-            ends = np.where(member, (starts + durations)[:, None], -np.inf).max(axis=0)
+            ends = np.where(member, (starts + exposed)[:, None], -np.inf).max(axis=0)
+            full = np.where(member, (starts + durations)[:, None], -np.inf).max(axis=0)
+        if hidden is None:
+            self.rec.add_block(co.lane_ids, Kind.COMM, op, ready, ends, layer, mb, lane_bytes)
+            return routes, ends
+        # overlapped: the exposed part blocks the lane, the rest runs on the communication
+        # stream under the partner micro-batch's compute (bytes split by time)
+        share = np.divide(ends - ready, full - ready, out=np.ones_like(ends), where=full > ready)
+        self.rec.add_block(co.lane_ids, Kind.COMM, op, ready, ends, layer, mb, lane_bytes * share)
         self.rec.add_block(
-            co.lane_ids, Kind.COMM, op, ready, ends, layer, mb, routes.lane_bytes[mb]
+            co.lane_ids, Kind.COMM_ASYNC, op, ends, full, layer, mb, lane_bytes * (1 - share)
         )
         return routes, ends
 
@@ -551,13 +652,31 @@ class TrainingSim:
         # lane's T tokens split over its TP ranks, the first T % tp ranks one more).
         tp, gids = self.par.tp, np.array(co.groups)
         lane_tokens = self._mb_tokens[self._group_dp[gids]]  # (G, ep, m)
+        if self.par.cp > 1:  # each CP rank holds 1/cp of its replica's tokens
+            cp = self.par.cp
+            lane_tokens = lane_tokens // cp + (self._group_cp[gids][:, :, None] < lane_tokens % cp)
         share = lane_tokens // tp + (self._group_tp[gids][:, :, None] < lane_tokens % tp)
         tokens = share.transpose(0, 2, 1).reshape(num_groups * m, ep)  # group-major rows
         keys = np.tile(np.arange(m), num_groups) * len(self._ep_groups) + np.repeat(gids, m)
         batch = dispatch_many(self.routing, layer, keys, tokens)
         self.dispatches.append(batch)
         self.dispatch_layers.append(layer)
-        send = batch.a2a_tokens.reshape(num_groups, m, ep, ep) * self._act_bytes
+        copies = batch.a2a_tokens.reshape(num_groups, m, ep, ep)
+        send = copies * self._act_bytes
+        a2a_ms, lane_bytes = self._a2a_times(co, send)
+        if self.net is not None and self.net.delays is None:
+            self._record_a2a_routes(co, layer, send)
+        fp8_dispatch = None
+        if precision.is_fp8(self.model) and self.par.moe_dispatcher == "deepep":
+            # DeepEP dispatches FP8 tokens (+ scales); the combine stays BF16
+            fp8_dispatch = self._a2a_times(co, copies * self._fp8_token_bytes)
+        fwd, bwd, etp_ms = self._expert_times(co, batch, m)
+        return _LayerRoutes(a2a_ms, lane_bytes, fwd, bwd, etp_ms, fp8_dispatch)
+
+    def _a2a_times(self, co: Cohort, send: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """All-to-all time per (micro-batch, group) of ``send`` bytes (G, m, ep, ep), and the
+        bytes one GPU of each lane sends (m, L)."""
+        m, tp = send.shape[1], self.par.tp
         a2a_ms = np.stack(
             [
                 all_to_all_v_times_ms(
@@ -571,15 +690,11 @@ class TrainingSim:
             ],
             axis=1,
         )
-        if self.net is not None and self.net.delays is None:
-            self._record_a2a_routes(co, layer, send)
         # Bytes each member sends to the others (its own share stays put); a lane's row
         # records the mean over its GPUs, as the other collectives record one GPU's bytes.
         sent = send.sum(axis=3) - np.diagonal(send, axis1=2, axis2=3)  # (G, m, ep)
         per_rank = sent.transpose(1, 0, 2).reshape(m, -1)[:, co.rank_slot]
-        lane_bytes = per_rank.reshape(m, len(co.lanes), tp).mean(axis=2)
-        fwd, bwd, etp_ms = self._expert_times(co, batch, m)
-        return _LayerRoutes(a2a_ms, lane_bytes, fwd, bwd, etp_ms)
+        return a2a_ms, per_rank.reshape(m, len(co.lanes), tp).mean(axis=2)
 
     def _record_a2a_routes(self, co: Cohort, layer: int, send: np.ndarray) -> None:
         """Link volumes of every group's all-to-all of ``layer`` (per micro-batch) and the
@@ -692,6 +807,10 @@ class TrainingSim:
             self._flush_bucket(co, buckets, state, final=False, ready=ready)
 
     def _flush_bucket(self, co: Cohort, buckets, state, final: bool, ready: np.ndarray) -> None:
+        if self._layer_rs:  # ZeRO-2/3 reduced every layer already
+            if final:
+                buckets.put(None)
+            return
         if final:  # embedding / output layer gradients join the last bucket
             dense, _ = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
             state["bytes"] = max(state["bytes"], 0.0) + self._non_layer_grads(co.stage, dense)
@@ -705,13 +824,26 @@ class TrainingSim:
         layer_dense = sum(self._layer_grad_bytes(i)[0] for i in self.layout.stage_layers[stage])
         return max(0.0, dense_params * GRAD_BYTES - layer_dense)
 
+    def _group_of(self, kind: str, rank: int) -> list[int]:
+        """The ``kind`` group of ``rank``; with context parallelism the dense gradients and
+        parameters are reduced and gathered over DP x CP (Megatron's data-parallel group with
+        CP): the ranks of the same TP slot and stage."""
+        if kind != "dp" or self.par.cp == 1:
+            return self.layout.group_of(kind, rank)
+        c, lay = self.layout.coords(rank), self.layout
+        return sorted(
+            lay.rank_of(tp=c.tp, cp=j, dp=d, pp=c.pp)
+            for d in range(self.par.dp)
+            for j in range(self.par.cp)
+        )
+
     def _lane_groups(self, co: Cohort, kind: str) -> list[tuple[list[int], np.ndarray]]:
         """The cohort's lanes by their ``kind`` group (of their first rank): (group, lane
         positions), for groups of more than one GPU. DP and EDP groups lie inside a stage, so
         every simulated member of a group is a lane of this cohort."""
         by_first: dict[int, tuple[list[int], list[int]]] = {}
         for pos, ln in enumerate(co.lanes):
-            group = self.layout.group_of(kind, ln.ranks[0])
+            group = self._group_of(kind, ln.ranks[0])
             by_first.setdefault(group[0], (group, []))[1].append(pos)
         return [
             (group, np.array(positions)) for group, positions in by_first.values() if len(group) > 1
@@ -745,7 +877,7 @@ class TrainingSim:
     ) -> np.ndarray:
         """One bucket's reduction over each of the cohort's DP (or EDP) groups: each starts
         when its last member's stream is ready. Returns the lanes' end times."""
-        kind = "reduce_scatter" if self.par.distributed_optimizer else "all_reduce"
+        kind = "reduce_scatter" if self.par.sharding != "none" else "all_reduce"
         ends = np.empty(len(co.lanes))
         for group, positions in groups:
             key = (kind, int(op), size, group[0])
@@ -764,20 +896,22 @@ class TrainingSim:
         return ends
 
     def _param_gather(self, co: Cohort, start: np.ndarray, blocking: bool) -> float:
-        """Distributed optimizer: all-gather the updated bf16 parameters over DP (and EDP);
-        records a row per lane from ``start``, returns the duration."""
+        """Distributed optimizer: all-gather the updated parameters over DP (and EDP; FP8
+        primary weights in FP8, costs/precision.py); records a row per lane from ``start``
+        with the bytes one GPU gathers, returns the duration."""
         dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
-        bpe = DTYPE_BYTES[self.model.dtype]
-        hw, gpn, total = self.hw, self.hw.gpus_per_node, 0.0
+        bpe = precision.param_gather_bytes(self.model)
+        hw, gpn, total, nbytes = self.hw, self.hw.gpus_per_node, 0.0, 0.0
         first = co.lanes[0].ranks[0]
         for kind, params in (("dp", dense), ("edp", expert)):
             if kind == "edp" and not self.model.moe:
                 continue
-            group = self.layout.group_of(kind, first)
+            group = self._group_of(kind, first)
             if len(group) > 1 and params > 0:
                 total += collective_time_ms(
                     "all_gather", params * bpe, group, gpn, hw, "hierarchical"
                 )
+                nbytes += params * bpe
         if total and self.net is not None:
             total = self._param_gather_flow(co, start, total)
         if total:
@@ -787,6 +921,9 @@ class TrainingSim:
                 Op.PARAM_GATHER,
                 start,
                 start + total,
+                -1,
+                -1,
+                nbytes,
             )
         return total
 
@@ -798,7 +935,7 @@ class TrainingSim:
         if self.net.delays is not None:
             return float(self.net.flows(key, "param_gather", begin, [total], 0.0, [], 1)[0])
         dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
-        bpe = DTYPE_BYTES[self.model.dtype]
+        bpe = precision.param_gather_bytes(self.model)
         routes, latency = [], 0.0
         first = co.lanes[0].ranks[0]
         links = self.net.links
@@ -821,15 +958,136 @@ class TrainingSim:
 
     def _optimizer(self, co: Cohort, start_ms: float):
         dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
-        if self.par.distributed_optimizer:
-            dense /= self.par.dp * self.par.cp
-            expert /= self.layout.edp or 1
+        dense_n, expert_n = shard_sizes(self.plan, self.layout)
         start = np.full(len(co.lanes), start_ms)
-        end = start + optimizer_ms(self.plan, dense + expert)
+        end = start + optimizer_ms(self.plan, dense / dense_n + expert / expert_n)
         self.rec.add_block(co.lane_ids, Kind.COMPUTE, Op.OPTIMIZER, start, end)
         yield self._reach(float(end[0]))
-        if self.par.distributed_optimizer and not self.par.overlap_communication:
+        if self._gathers_after_step and not self.par.overlap_communication:
             yield self._reach(float(end[0]) + self._param_gather(co, end, blocking=True))
+
+    @property
+    def _gathers_after_step(self) -> bool:
+        """ZeRO-1/2 all-gather the updated parameters after the step (ZeRO-3 gathers them
+        layer by layer when they are used)."""
+        return self.par.sharding in ("optimizer", "gradients")
+
+    # ---- ZeRO-2/3: per-layer gathers and reduce-scatters -------------------------------------
+    def _unit(self, stage: int, layer: int) -> LayerUnit:
+        """The parameters one GPU gathers / reduces for ``layer`` (costs/sharding.py)."""
+        found = self._units.get(layer)
+        if found is None:
+            layers = [i for i in self.layout.stage_layers[stage] if i < self.model.num_layers]
+            params = stage_params_per_gpu(self.plan, self.layout, self._counts, stage)
+            for unit in layer_units(self.plan, self.layout, self._counts, layers, params):
+                self._units[unit.layer] = unit
+            found = self._units[layer]
+        return found
+
+    def _streams(self, co: Cohort) -> tuple[np.ndarray, np.ndarray]:
+        """Each lane's all-gather and reduce-scatter stream clocks (created at 0)."""
+        found = self._shard_streams.get(co.stage)
+        if found is None:
+            n = len(co.lanes)
+            found = self._shard_streams[co.stage] = (np.zeros(n), np.zeros(n))
+        return found
+
+    def _shard_groups(self, co: Cohort, kind: str) -> list[tuple[list[int], list[int]]]:
+        """Per lane: its shard group of ``kind`` (dp or edp) and the group of the replicas
+        of its shard (HSDP; one member without replication)."""
+        dense_n, expert_n = shard_sizes(self.plan, self.layout)
+        size = dense_n // self.par.cp if kind == "dp" else expert_n
+        out = []
+        for ln in co.lanes:
+            group = self.layout.group_of(kind, ln.ranks[0]) if (
+                kind == "dp" or self.model.moe) else [ln.ranks[0]]  # fmt: skip
+            pos = group.index(ln.ranks[0])
+            size = min(size, len(group)) or 1
+            block = pos // size
+            out.append((group[block * size : (block + 1) * size], group[pos % size :: size]))
+        return out
+
+    def _sharded_ms(self, kind: str, params: float, nbytes: float, groups) -> np.ndarray:
+        """Per lane: the time of one collective over the shard group (``all_gather`` of the
+        parameters or ``reduce_scatter`` of the gradients, then for the latter the all-reduce
+        of the shard across replicas)."""
+        out = np.zeros(len(groups))
+        if params <= 0:
+            return out
+        gpn, hw = self.hw.gpus_per_node, self.hw
+        for i, (shard, replicas) in enumerate(groups):
+            key = (kind, nbytes, tuple(shard), tuple(replicas))
+            ms = self._collective_ms.get(key)
+            if ms is None:
+                ms = 0.0
+                if len(shard) > 1:
+                    ms += collective_time_ms(kind, nbytes, shard, gpn, hw, "hierarchical")
+                if kind == "reduce_scatter" and len(replicas) > 1:
+                    part = nbytes / len(shard)
+                    ms += collective_time_ms("all_reduce", part, replicas, gpn, hw, "hierarchical")
+                self._collective_ms[key] = ms
+            out[i] = ms
+        return out
+
+    def _unit_ms(self, co: Cohort, unit: LayerUnit, kind: str, per_param: float) -> np.ndarray:
+        """Per lane: one unit's collective, dense part over DP and expert part over EDP."""
+        total = self._sharded_ms(
+            kind, unit.dense_params, unit.dense_params * per_param, self._shard_groups(co, "dp")
+        )
+        if unit.expert_params > 0:
+            total = total + self._sharded_ms(
+                kind,
+                unit.expert_params,
+                unit.expert_params * per_param,
+                self._shard_groups(co, "edp"),
+            )
+        return total
+
+    def _gather_ahead(self, co: Cohort, layers: list[int], mb: int, t: np.ndarray):
+        """ZeRO-3: all-gather the chunk's layers in order on the lanes' gather stream, one
+        layer ahead of the compute (the first from ``t``; each next one when the layer before
+        it starts computing). Returns ``ready(layer, t)``: when the layer can start (None
+        without ZeRO-3)."""
+        if not self._layer_ag or not layers:
+            return None
+        ag_free, _ = self._streams(co)
+        per_param = precision.param_gather_bytes(self.model)
+        ends: dict[int, np.ndarray] = {}
+
+        def issue(layer: int, at: np.ndarray) -> None:
+            unit = self._unit(co.stage, layer)
+            start = np.maximum(at, ag_free)
+            end = start + self._unit_ms(co, unit, "all_gather", per_param)
+            nbytes = unit.params * per_param
+            self.rec.add_block(
+                co.lane_ids, Kind.COMM_ASYNC, Op.PARAM_GATHER, start, end, layer, mb, nbytes
+            )
+            ag_free[:] = end
+            ends[layer] = end
+
+        issue(layers[0], t)
+        following = dict(zip(layers[:-1], layers[1:], strict=True))
+
+        def ready(layer: int, now: np.ndarray) -> np.ndarray:
+            start = np.maximum(now, ends.pop(layer))
+            if layer in following:
+                issue(following[layer], start)  # prefetch the next layer
+            return start
+
+        return ready
+
+    def _reduce_scatter_layer(self, co: Cohort, layer: int, mb: int, t: np.ndarray) -> None:
+        """ZeRO-2/3: reduce-scatter the layer's fp32 gradients once its backward is done, on
+        the lanes' reduce-scatter stream (overlapping the next layers' backward)."""
+        _, rs_free = self._streams(co)
+        unit = self._unit(co.stage, layer)
+        start = np.maximum(t, rs_free)
+        end = start + self._unit_ms(co, unit, "reduce_scatter", GRAD_BYTES)
+        nbytes = unit.params * GRAD_BYTES
+        self.rec.add_block(
+            co.lane_ids, Kind.COMM_ASYNC, Op.GRAD_REDUCE, start, end, layer, mb, nbytes
+        )
+        rs_free[:] = end
 
 
 def _fixed(_payloads, duration_ms: float) -> tuple[float, None]:
@@ -843,7 +1101,23 @@ def check_supported(plan: Plan, layout: Layout) -> None:
     check_common(plan, layout, "training")
     if par.tp % par.expert_tp:
         raise EngineError(f"ETP {par.expert_tp} must divide TP {par.tp} for the simulation")
+    if par.cp > 1 and not par.flash_attention:
+        raise EngineError(
+            "context parallelism (parallel.cp > 1) runs ring attention on fused attention "
+            "kernels; set parallel.flash_attention: true"
+        )
+    seq = plan.workload.seq_len
+    if par.cp > 1 and seq is not None and seq.dist == "fixed" and seq.value % (2 * par.cp):
+        raise EngineError(
+            f"workload.seq_len {seq.value} must be a multiple of 2 x cp = {2 * par.cp} "
+            "(each CP rank takes two of the 2 cp chunks of every sequence)"
+        )
     if par.virtual_stages > 1 and par.schedule != "interleaved":
         raise EngineError("virtual_stages > 1 needs schedule: interleaved")
-    if par.virtual_stages > 1 and any(n % par.virtual_stages for n in layout.layers_per_stage):
+    explicit = par.layers_per_stage is not None and len(par.layers_per_stage) > par.pp
+    if (
+        par.virtual_stages > 1
+        and not explicit
+        and any(n % par.virtual_stages for n in layout.layers_per_stage)
+    ):
         raise EngineError("layers per stage must divide evenly into virtual stages")
