@@ -7,11 +7,15 @@
 * SGLang PR #1401 (batch 1, input 128, output 8): median decode step with and without CUDA
   graphs. The PR does not name the GPU; H100-SXM is assumed (the 7.06 ms graph step reads the
   16 GB of Llama-3-8B weights at 2.3 TB/s, more than an A100's 2.0 TB/s peak).
-* metaseq PR #270 (OPT-175B on 8 A100, incremental decoding, n_best 1): per-token latency
-  with and without CUDA graphs; batch 1, prompt 128 and 64 output tokens assumed (not stated).
+* metaseq PR #270 (OPT-175B on 8 A100, incremental decoding, n_best 1) is listed but not
+  simulated: batch and lengths are not stated (as for the vLLM rows), and the batch-1 reading
+  cannot hold: 66 ms per token for 43.75 GB of FP16 weights per GPU is 0.66 TB/s, a third of
+  an A100's bandwidth, so the work per step (batch x context) or the code path is not the one
+  clustersim would be given. :func:`setup` keeps the former assumption (batch 1, 128/64) for
+  anyone who wants to rerun it.
 
-Free parameters: ``kernel.launch_us`` (eager decode rows: SGLang and metaseq without graphs)
-and ``kernel.graph_launch_us`` (graph rows: gpt-fast, SGLang and metaseq with graphs); the
+Free parameters: ``kernel.launch_us`` (eager decode rows: SGLang without graphs) and
+``kernel.graph_launch_us`` (graph rows: gpt-fast and SGLang with graphs); the
 TensorRT-LLM rows depend on ``launch_us`` (eager) but do not fit it (out of sample).
 
 Metric definitions follow the sources: TensorRT-LLM "out tok/s" = batch x OSL / (prefill +
@@ -196,6 +200,12 @@ def serving_reason(r: dict[str, str]) -> str | None:
         return "relative gain between two systems, no absolute configuration"
     if "FP8" in r["precision"].upper():
         return "FP8 weights/GEMMs: clustersim models BF16/FP16 only"
+    if rid in _METASEQ:
+        return (
+            "batch and lengths not stated (approximate values of a work-in-progress PR); a "
+            "batch-1 reading puts the 43.75 GB of weights per GPU at 0.66 TB/s, a third of "
+            "an A100's bandwidth, so the step's work is not known"
+        )
     if rid == "S0134":
         return (
             "blog starting point: eager code of another version (no static KV cache); "

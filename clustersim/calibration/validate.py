@@ -35,7 +35,7 @@ SETS = ("dense", "moe", "serving", "kernels", "collectives")
 TITLES = {
     "dense": "Dense training: Narayanan et al. 2021 Table 1 (Megatron-LM, A100-80GB)",
     "moe": "MoE training: MoE Parallel Folding (Liu et al. 2025) + Megatron-MoE-ModelZoo (H100)",
-    "serving": "Serving: TensorRT-LLM A100 FP16, gpt-fast, SGLang #1401, metaseq #270",
+    "serving": "Serving: TensorRT-LLM A100 FP16, gpt-fast, SGLang #1401",
     "kernels": "Kernels: Vidur operator profiles + FlashAttention (component fits)",
     "collectives": "Collectives: NCCL / Vidur collectives / DeepEP (component fit)",
 }
