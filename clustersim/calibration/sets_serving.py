@@ -18,6 +18,11 @@ Free parameters: ``kernel.launch_us`` (eager decode rows: SGLang without graphs)
 ``kernel.graph_launch_us`` (graph rows: gpt-fast and SGLang with graphs); the
 TensorRT-LLM rows depend on ``launch_us`` (eager) but do not fit it (out of sample).
 
+The static-batch rows (TensorRT-LLM gptSessionBenchmark) get a KV cache of exactly their
+batch's full lengths (``num_gpu_blocks`` = batch x ceil((ISL + OSL) / 16)): the engine
+allocates it up front and the published run fit, so no request waits or is preempted, where
+the vLLM-style memory rule (``gpu_memory_utilization``) could leave a few requests out.
+
 Metric definitions follow the sources: TensorRT-LLM "out tok/s" = batch x OSL / (prefill +
 decode time), read as per GPU like the H100 table of the same page (the A100 header omits
 "/GPU"; a per-group reading would put LLaMA-70B at under a quarter of the A100's FLOP rate);
@@ -36,6 +41,7 @@ from clustersim.spec import plan_from_dict
 from clustersim.spec.schema import Plan
 
 SERVING_CSV = "serving.csv"
+KV_BLOCK = 16  # tokens per KV-cache block (the plan default)
 LAUNCH = "kernel.launch_us"
 GRAPH_LAUNCH = "kernel.graph_launch_us"
 
@@ -258,6 +264,9 @@ def serving_plan(r: dict[str, str], values: dict[str, float] | None = None) -> P
             },
         },
     }
+    if s["kind"] == "throughput":  # a static engine allocates the whole batch's KV cache
+        blocks = batch * -(-(isl + osl) // KV_BLOCK)
+        raw["workload"]["requests"]["num_gpu_blocks"] = blocks
     return plan_from_dict(raw, f"serving.csv {r['row_id']}")
 
 

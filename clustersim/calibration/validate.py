@@ -107,6 +107,8 @@ class GroupResult:
     in_worst: float
     oos_mean: float
     oos_worst: float
+    in_median: float = math.nan  # median |error| (the kernel goal is stated on medians)
+    oos_median: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -340,6 +342,8 @@ def _group(name: str, errs_in: np.ndarray, errs_oos: np.ndarray) -> GroupResult:
         worst(errs_in),
         float(100 * np.nanmean(np.abs(errs_oos))),
         worst(np.nan_to_num(errs_oos)),
+        float(100 * np.median(np.abs(errs_in))),
+        float(100 * np.nanmedian(np.abs(errs_oos))),
     )
 
 
@@ -384,6 +388,8 @@ def _summary_group(name: str, g: Any) -> GroupResult:
         100 * g.in_sample.worst,
         100 * g.out_of_sample.mean,
         100 * g.out_of_sample.worst,
+        100 * g.in_sample.median,
+        100 * g.out_of_sample.median,
     )
 
 
@@ -574,8 +580,10 @@ def print_results(results: Sequence[SetResult], show_skipped: bool = True) -> No
             for col in (
                 "group",
                 "n",
+                "in median |err| %",
                 "in mean |err| %",
                 "in worst %",
+                "oos median |err| %",
                 "oos mean |err| %",
                 "oos worst %",
             ):
@@ -584,8 +592,10 @@ def print_results(results: Sequence[SetResult], show_skipped: bool = True) -> No
                 table.add_row(
                     g.name,
                     str(g.n),
+                    _fmt(g.in_median),
                     _fmt(g.in_mean),
                     _fmt(g.in_worst, "+.1f"),
+                    _fmt(g.oos_median),
                     _fmt(g.oos_mean),
                     _fmt(g.oos_worst, "+.1f"),
                 )
