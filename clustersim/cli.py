@@ -599,6 +599,92 @@ def compare(
     raise typer.Exit(code=result.exit_code)
 
 
+@app.command(
+    help="Find the capacity of a serving plan: the highest request rate "
+    "(workload.requests.rate_per_s; a trace is scaled in time) at which its SLOs hold, i.e. at "
+    "least --attain of the requests meet every per-request limit of `targets` "
+    "(ttft_ms_p99_max, tpot_ms_p99_max, ttft_ms_max, tpot_ms_max, latency_ms_max) and the "
+    "median targets (ttft_ms_p50_max, tpot_ms_p50_max) are met. Deterministic: doubling or "
+    "halving to bracket it, then bisection to 2%, then a check that 1.1 x the capacity fails; "
+    "a probe stops as soon as too many requests missed their limits. Prints the capacity, "
+    "per GPU, the goodput there, the limiting SLO and the latency-vs-rate curve (--plot: a "
+    "PNG). Exit code 0: a rate meets the SLOs; 1: even the lowest rate probed fails them; 2: "
+    "unusable input (not a serving plan, no per-request SLO)."
+)
+def capacity(
+    plan_file: PlanArg = None,
+    set_: SetOpt = None,
+    json_out: JsonOpt = False,
+    attain: Annotated[
+        float,
+        typer.Option(
+            "--attain",
+            help="Share of requests that must be good (meet every per-request limit).",
+            min=0.5,
+            max=1.0,
+        ),
+    ] = 0.99,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Draw the latency-vs-rate curve to this PNG."),
+    ] = None,
+    max_events: MaxEventsOpt = None,
+) -> None:
+    """Find the highest request rate at which a serving plan meets its SLOs."""
+    from clustersim.cli_tables import ProgressBar
+    from clustersim.engine.errors import EngineError
+    from clustersim.explore.capacity import NoSlo, find_capacity, slo_limits
+
+    plan = _load(plan_file, set_)
+    if plan.workload.mode != "inference":
+        raise _fail(
+            f"workload.mode: {plan.workload.mode!r}: capacity needs a serving plan "
+            "(workload.mode: inference)"
+        )
+    inputs = _inputs([plan_file], plan)
+    _check_output(plot, inputs)
+    if plot is not None:
+        from clustersim.analyze.plots import PlotError, require_pyplot
+
+        try:
+            require_pyplot()
+        except PlotError as exc:
+            raise _fail(str(exc)) from None
+    _check_work([plan], max_events)
+    try:
+        with ProgressBar("probing request rates") as bar:
+            result = find_capacity(plan, attain, progress=bar.update)
+    except NoSlo as exc:
+        raise _fail(str(exc)) from None
+    except (EngineError, ValueError) as exc:
+        raise _fail(f"{plan.name}: cannot simulate: {exc}") from None
+    if plot is not None:
+        from clustersim.analyze.plots import PlotError, plot_capacity
+        from clustersim.spec.outputs import OutputError
+
+        limits = {**slo_limits(plan)}
+        try:
+            plot_capacity(
+                f"{plan.name}: latency vs request rate",
+                result.curve(),
+                limits,
+                result.capacity_req_per_s,
+                plot,
+            )
+        except (PlotError, OutputError) as exc:
+            raise _fail(str(exc)) from None
+        except OSError as exc:
+            raise _fail(f"cannot write {plot}: {exc.strerror or exc}") from None
+        typer.echo(f"wrote {plot}", err=True)
+    if json_out:
+        _print_json(result.to_dict())
+    else:
+        from clustersim.cli_tables import print_capacity
+
+        print_capacity(result)
+    raise typer.Exit(code=0 if result.capacity_req_per_s is not None else 1)
+
+
 class Objective(StrEnum):
     """Search objectives."""
 

@@ -169,11 +169,23 @@ def _metrics_table(title: str, metrics: dict, rows, plan=None, skip_missing=Fals
         cells = [label, "-" if value is None else f"{value:.4g}", unit]
         if plan is not None:
             cells += [
-                escape(fmt_value(getattr(plan.targets, target))) if target else "",
+                _target_cell(plan, target),
                 escape(fmt_value(getattr(plan.claims, claim))) if claim else "",
             ]
         table.add_row(*cells)
     return table
+
+
+def _target_cell(plan, target) -> str:
+    """The plan's target(s) on a row: one field name, or a tuple of them (the set ones)."""
+    if not target:
+        return ""
+    fields = (target,) if isinstance(target, str) else target
+    values = [getattr(plan.targets, f) for f in fields]
+    shown = [fmt_value(v) for v in values if v is not None]
+    if not shown:
+        return fmt_value(None) if len(fields) == 1 else ""
+    return escape(", ".join(shown))
 
 
 def print_run(report) -> None:
@@ -321,11 +333,14 @@ def _delta(old: float, new: float) -> str:
 
 
 SERVING_ROWS = (
-    ("ttft_ms_p50", "TTFT p50", "ms", "ttft_ms_max", "ttft_ms"),
-    ("ttft_ms_p99", "TTFT p99", "ms", None, None),
-    ("tpot_ms_p50", "TPOT p50", "ms", "tpot_ms_max", "tpot_ms"),
+    ("ttft_ms_p50", "TTFT p50", "ms", ("ttft_ms_max", "ttft_ms_p50_max"), "ttft_ms"),
+    ("ttft_ms_p99", "TTFT p99", "ms", "ttft_ms_p99_max", None),
+    ("tpot_ms_p50", "TPOT p50", "ms", ("tpot_ms_max", "tpot_ms_p50_max"), "tpot_ms"),
+    ("tpot_ms_p99", "TPOT p99", "ms", "tpot_ms_p99_max", None),
     ("latency_ms", "end-to-end latency p50", "ms", "latency_ms_max", "latency_ms"),
     ("latency_ms_p99", "end-to-end latency p99", "ms", None, None),
+    ("queue_ms_p50", "queueing delay p50 (arrival to first step)", "ms", None, None),
+    ("queue_ms_p99", "queueing delay p99", "ms", None, None),
     (
         "throughput_tokens_per_ms",
         "throughput (prompt + output)",
@@ -334,7 +349,10 @@ SERVING_ROWS = (
         "throughput_tokens_per_ms",
     ),
     ("output_tokens_per_ms", "output throughput", "tokens/ms", None, None),
-    ("goodput_pct", "goodput (requests meeting targets)", "%", None, None),
+    ("requests_per_s", "completed requests per second", "requests/s", None, None),
+    ("goodput_req_per_s", "goodput (requests meeting the SLOs)", "requests/s", None, None),
+    ("goodput_req_per_s_per_gpu", "goodput per GPU", "requests/s", None, None),
+    ("goodput_pct", "good requests", "%", None, None),
     (
         "gpu_utilization_pct",
         "GPU utilisation",
@@ -342,7 +360,12 @@ SERVING_ROWS = (
         "gpu_utilization_pct_min",
         "gpu_utilization_pct",
     ),
+    ("prefill_batch_size_p50", "prefill batch p50 (requests per step)", "", None, None),
+    ("prefill_batch_size_p99", "prefill batch p99", "", None, None),
+    ("decode_batch_size_p50", "decode batch p50 (requests per step)", "", None, None),
+    ("decode_batch_size_p99", "decode batch p99", "", None, None),
     ("kv_cache_utilization_pct", "KV cache use (mean)", "%", None, None),
+    ("kv_cache_utilization_peak_pct", "KV cache use (peak)", "%", None, None),
     ("preemptions", "preemptions", "", None, None),
     ("load_balance_pct", "expert load balance", "%", "load_balance_pct_min", "load_balance_pct"),
 )
@@ -515,8 +538,6 @@ def print_search(result, top: int = 10) -> None:
 
 
 SERVING_TRACE_ROWS = SERVING_ROWS + (
-    ("goodput_requests_per_s", "goodput (requests meeting targets)", "requests/s", None, None),
-    ("slo_attainment_pct", "SLO attainment", "%", None, None),
     ("completed_requests", "completed requests", "", None, None),
     ("rejected_requests", "rejected requests", "", None, None),
 )
@@ -584,3 +605,42 @@ def print_serving_analysis(result) -> None:
 def print_serving_replay(result) -> None:
     """``clustersim replay`` of a serving trace: the recorded request stream replayed."""
     print_replay(result, SERVING_TRACE_ROWS, "recorded request stream")
+
+
+def print_capacity(result) -> None:
+    """``clustersim capacity``: the capacity, then the latency-vs-rate curve it measured."""
+    console = Console(width=max(Console().width, 120))
+    d = result.to_dict()
+    table = Table(
+        title=escape(
+            f"{d['plan']}: request rate vs SLOs (seed {d['seed']}, at least "
+            f"{100 * d['attain']:g}% of requests good)"
+        ),
+        title_justify="left",
+    )
+    for col in ("rate (req/s)", "TTFT p99 (ms)", "TPOT p99 (ms)", "good %", "SLOs"):
+        table.add_column(col)
+    for p in d["curve"]:
+        verdict = "hold" if p["holds"] else "missed"
+        if p["stopped_early"]:
+            verdict += " (stopped early)"
+        table.add_row(
+            f"{p['rate_req_per_s']:.4g}",
+            "-" if p["ttft_ms_p99"] is None else f"{p['ttft_ms_p99']:.4g}",
+            "-" if p["tpot_ms_p99"] is None else f"{p['tpot_ms_p99']:.4g}",
+            "-" if p["goodput_pct"] is None else f"{p['goodput_pct']:.4g}",
+            verdict,
+        )
+    console.print(table)
+    cap = d["capacity_req_per_s"]
+    if cap is None:
+        console.print(
+            f"[red]no capacity: the SLOs fail even at {d['curve'][0]['rate_req_per_s']:.4g} "
+            "requests/s[/red]"
+        )
+        return
+    console.print(
+        f"[bold]capacity {cap:.4g} requests/s[/bold] ({d['capacity_req_per_s_per_gpu']:.4g} per "
+        f"GPU on {d['gpus']} GPUs); goodput {d['goodput_req_per_s']:.4g} requests/s; limiting "
+        f"SLO {d['limiting_slo']}; {d['probes']} rates simulated"
+    )

@@ -48,6 +48,7 @@ class Layout:
         self.etp, self.ep = par.expert_tp, par.ep
         self.world_size = par.world_size
         self.gpus_per_node = hw.gpus_per_node
+        self.nvlink_domain_gpus = hw.nvlink_domain
         self.cluster_gpus = hw.num_gpus
         ranks_per_stage = self.tp * self.cp * self.dp
         self.expert_folding_ok = ranks_per_stage % (self.ep * self.etp) == 0
@@ -109,6 +110,13 @@ class Layout:
     def crosses_nodes(self, kind: str) -> bool:
         """Whether any group of this kind spans more than one node."""
         return any(len({r // self.gpus_per_node for r in group}) > 1 for group in self.groups(kind))
+
+    def crosses_nvlink_domain(self, kind: str) -> bool:
+        """Whether any group of this kind spans more than one NVLink domain (so its
+        collectives leave NVLink; the same as :meth:`crosses_nodes` unless
+        ``hardware.nvlink_domain_gpus`` joins several nodes into one domain)."""
+        domain = self.nvlink_domain_gpus
+        return any(len({r // domain for r in group}) > 1 for group in self.groups(kind))
 
     # ---- layers and experts --------------------------------------------------------------
     @cached_property

@@ -77,6 +77,40 @@ def plot_serving(
     return _save(plt, fig, out)
 
 
+def plot_capacity(
+    title: str,
+    curve: list[dict],
+    limits: dict[str, float],
+    capacity: float | None,
+    out: str | Path,
+) -> Path:
+    """``clustersim capacity``'s latency-vs-rate curve: TTFT p99 and TPOT p99 against the
+    request rate (probes stopped early, whose latencies are unknown, marked at the top), the
+    p99 limits as dashed lines, the capacity as a vertical line."""
+    plt = require_pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, metric, limit_name, label in (
+        (axes[0], "ttft_ms_p99", "ttft_ms_p99_max", "TTFT p99 (ms)"),
+        (axes[1], "tpot_ms_p99", "tpot_ms_p99_max", "TPOT p99 (ms)"),
+    ):
+        known = [p for p in curve if p[metric] is not None]
+        ax.plot([p["rate_req_per_s"] for p in known], [p[metric] for p in known], "o-", label=label)
+        stopped = [p["rate_req_per_s"] for p in curve if p["stopped_early"]]
+        if stopped:
+            ax.plot(stopped, [ax.get_ylim()[1]] * len(stopped), "x", color="tab:red",
+                    label="stopped early (SLOs missed)")  # fmt: skip
+        if limits.get(limit_name) is not None:
+            ax.axhline(limits[limit_name], linestyle="--", color="grey", label=limit_name)
+        if capacity is not None:
+            ax.axvline(capacity, color="tab:green", label=f"capacity {capacity:.3g} req/s")
+        ax.set_xlabel("request rate (requests/s)")
+        ax.set_ylabel(label)
+        ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(plt, fig, out)
+
+
 def _gantt(ax, analysis: TraceAnalysis) -> None:
     rows = analysis.window_rows
     lo, hi = analysis.window_ms or (0.0, analysis.metrics["iteration_time_ms"])

@@ -69,9 +69,10 @@ def read_serving_result(reader: TraceReader) -> tuple[Plan, Requests, ServingRes
     plan = reader.plan()
     n = int(run["num_requests"])
     prompt, output = np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64)
-    times = np.full((n, 3), np.nan)
+    times = np.full((n, 4), np.nan)  # arrival, first token, finish, first scheduled
     replica, preempt = np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64)
     seen = np.zeros((3, n), dtype=np.int64)
+    has_scheduled = True
     ops = (S.OP_CODE["prefill"], S.OP_CODE["decode"], S.OP_CODE["request_done"])
     for batch in reader.batches():
         is_request = _op_codes(batch, "kind", S.KINDS) == S.KIND_CODE["request"]
@@ -95,12 +96,15 @@ def read_serving_result(reader: TraceReader) -> tuple[Plan, Requests, ServingRes
                 replica[ids] = batch.column("replica").to_numpy()[rows]
                 lists = batch.column("values").take(pa.array(rows))
                 flat = lists.flatten().to_numpy(zero_copy_only=False)
-                if lists.null_count or flat.size != 3 * rows.size:
+                width = flat.size // rows.size if rows.size else 3
+                if lists.null_count or width not in (3, 4) or flat.size != width * rows.size:
                     raise TraceError(f"{path}: damaged trace (request_done rows without times)")
-                times[ids] = flat.reshape(-1, 3)
+                times[ids, :width] = flat.reshape(-1, width)
+                has_scheduled = has_scheduled and width == 4
     if not (seen == 1).all():
         raise TraceError(f"{path}: damaged trace (request rows missing or repeated)")
     arrival, first, finish = times[:, 0].copy(), times[:, 1].copy(), times[:, 2].copy()
+    scheduled = times[:, 3].copy() if has_scheduled else None  # older traces lack it
     rejected = np.isnan(finish)
     result = ServingResult(
         book=SimpleNamespace(
@@ -108,6 +112,7 @@ def read_serving_result(reader: TraceReader) -> tuple[Plan, Requests, ServingRes
             output=output,
             first_token_ms=first,
             finish_ms=finish,
+            first_scheduled_ms=scheduled,
             replica=replica,
             preemptions=preempt,
         ),
@@ -126,6 +131,12 @@ def read_serving_result(reader: TraceReader) -> tuple[Plan, Requests, ServingRes
     for row in reader.summary_rows("serving_replica"):
         r = int(row["replica"])
         result.kv_area[r], result.kv_peak[r] = row["values"][0], int(row["values"][1])
+    for row in reader.summary_rows("serving_batches"):
+        counts = np.asarray(row["values"], dtype=np.int64)
+        if int(row["value"]) == 0:
+            result.prefill_batches = counts
+        else:
+            result.decode_batches = counts
     totals = reader.summary_rows("serving_run")
     if not totals:
         raise TraceError(f"{path}: damaged trace (no serving_run summary row)")

@@ -37,6 +37,10 @@ SIMULATED_TARGETS = (
     "latency_ms_max",
     "ttft_ms_max",
     "tpot_ms_max",
+    "ttft_ms_p99_max",
+    "tpot_ms_p99_max",
+    "ttft_ms_p50_max",
+    "tpot_ms_p50_max",
     "throughput_tokens_per_ms_min",
     "comm_overhead_pct_max",
     "load_balance_pct_min",
@@ -466,19 +470,20 @@ def check_parallel_options(ctx: AuditContext) -> list[Finding]:
                 True,
             )
         )
-    if ctx.layout.crosses_nodes("tp"):
-        gpn = plan.hardware.gpus_per_node
-        # TP groups stay inside a node only when TP divides the GPUs of a node (TP <= gpn is
+    if ctx.layout.crosses_nvlink_domain("tp"):
+        gpn = plan.hardware.nvlink_domain
+        # TP groups stay inside an NVLink domain only when TP divides its GPUs (TP <= gpn is
         # not enough: TP 4 on nodes of 6 puts ranks 4-7 on two nodes).
         heads = plan.model.num_attention_heads
         ok = [d for d in divisors(gpn) if heads % d == 0]
+        unit = "node" if gpn == plan.hardware.gpus_per_node else "NVLink domain"
         out.append(
             Finding(
                 "parallel.tp",
                 "warning",
-                f"TP {par.tp} spans nodes of {gpn} GPUs: every layer's TP collectives "
+                f"TP {par.tp} spans {unit}s of {gpn} GPUs: every layer's TP collectives "
                 f"cross the {plan.hardware.inter_node.bandwidth_gbps:g} GB/s network",
-                f"choose parallel.tp from {ok} (dividing the {gpn} GPUs of a node)",
+                f"choose parallel.tp from {ok} (dividing the {gpn} GPUs of a {unit})",
                 par.tp,
                 max(d for d in ok if d <= par.tp),
             )

@@ -180,6 +180,14 @@ def link_class(hw: HardwareSpec, inter_node: bool) -> LinkClass:
     return LinkClass(link.bandwidth_gbps * eff, link.bandwidth_gbps * p2p_eff, step, base)
 
 
+def domain_gpus(gpus_per_node: int, hw: HardwareSpec) -> int:
+    """GPUs of one NVLink domain: ``hw.nvlink_domain_gpus`` if set, else ``gpus_per_node``.
+
+    Every cost below reads "node" as NVLink domain: a group inside one domain runs at the
+    intra-node (NVLink) figures even when it spans several servers (GB200 NVL72)."""
+    return hw.nvlink_domain_gpus or gpus_per_node
+
+
 def _nodes(ranks: Sequence[int], gpus_per_node: int) -> dict[int, int]:
     """GPUs of the group on each node."""
     counts: dict[int, int] = {}
@@ -201,6 +209,7 @@ def _base_ms(ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec) -> floa
 def link_for_group(ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec) -> GroupLink:
     """The slowest link a group uses for collectives, calibrated: intra-node inside one node,
     else the worse of the two (bus bandwidth, latency per step)."""
+    gpus_per_node = domain_gpus(gpus_per_node, hw)
     intra = link_class(hw, False)
     if not _spans_nodes(ranks, gpus_per_node):
         return GroupLink(intra.bandwidth_gbps, intra.latency_us, False)
@@ -213,6 +222,7 @@ def p2p_link(ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec) -> Grou
     """The link of a point-to-point transfer between ``ranks`` = [src, dst], calibrated:
     send/receive bandwidth and the whole latency of one transfer (step + fixed), so that
     ``p2p_ms(S, *p2p_link(...)[:2])`` is the transfer's time."""
+    gpus_per_node = domain_gpus(gpus_per_node, hw)
     intra = link_class(hw, False)
     if not _spans_nodes(ranks, gpus_per_node):
         return GroupLink(intra.p2p_gbps, intra.latency_us + intra.base_us, False)
@@ -258,6 +268,7 @@ def _hierarchical_ms(
     gather: bool,
 ) -> tuple[float, bool]:
     """Time, and whether the inter-node stage is a tree (all-reduce only)."""
+    gpus_per_node = domain_gpus(gpus_per_node, hw)
     counts = _nodes(ranks, gpus_per_node).values()
     num_nodes, g_max, g_min = len(counts), max(counts), min(counts)
     intra = link_class(hw, False)
@@ -353,6 +364,7 @@ def all_to_all_v_cost(
     DeepEP's NVLink and RDMA bandwidths and its latency (``hw.calibration.moe``). The bytes
     reported are the busiest rank's (sent or received, whichever is larger) on each port class.
     """
+    gpus_per_node = domain_gpus(gpus_per_node, hw)
     matrix = _off_diagonal(send_bytes)
     n = len(ranks)
     if matrix.shape[0] != n:
@@ -372,6 +384,7 @@ def all_to_all_v_times_ms(
     dispatcher: str = "alltoall",
 ) -> np.ndarray:
     """:func:`all_to_all_v_cost`'s time for a batch of matrices ``send_bytes`` (B, n, n)."""
+    gpus_per_node = domain_gpus(gpus_per_node, hw)
     matrix = np.array(send_bytes, dtype=np.float64)
     n = len(ranks)
     if matrix.ndim != 3 or matrix.shape[1:] != (n, n):
@@ -417,6 +430,7 @@ def collective_cost(
     buffer (all-to-all) or the message (p2p, ``ranks`` = [src, dst]). Times are calibrated
     (``hw.calibration.collectives``, module docstring).
     """
+    gpus_per_node = domain_gpus(gpus_per_node, hw)
     if op not in OPS:
         raise ValueError(f"unknown collective {op!r}; valid: {', '.join(OPS)}")
     if algorithm not in ALGORITHMS:

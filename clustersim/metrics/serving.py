@@ -13,10 +13,21 @@ Metric definitions (times in ms; the window is from the first arrival to the las
   the same percentiles of TTFT and TPOT;
 * ``throughput_tokens_per_ms``: prompt + output tokens of completed requests / window (as in
   training, every token processed); ``output_tokens_per_ms``: output tokens only;
-* ``goodput_requests_per_s``: completed requests meeting every per-request target the plan
-  sets (``targets.ttft_ms_max``, ``tpot_ms_max``, ``latency_ms_max``) per second of window;
-  ``slo_attainment_pct``: their share of all requests (rejected ones fail); both null without
-  such targets;
+* a request is *good* when it completed and meets every per-request limit the plan sets:
+  ``targets.ttft_ms_p99_max`` and ``ttft_ms_max`` on its TTFT, ``tpot_ms_p99_max`` and
+  ``tpot_ms_max`` on its TPOT, ``latency_ms_max`` on its end-to-end latency (the p50 limits
+  ``ttft_ms_p50_max``, ``tpot_ms_p50_max`` bound the medians, not each request);
+  ``goodput_req_per_s``: good requests per second of window, ``goodput_req_per_s_per_gpu``
+  the same per GPU of the deployment, ``goodput_pct``: their share of all requests (rejected
+  ones fail); all null without per-request limits. ``goodput_requests_per_s`` and
+  ``slo_attainment_pct`` are the older names of ``goodput_req_per_s`` and ``goodput_pct``;
+* ``queue_ms_p50`` (p90, p99, mean): queueing delay, from arrival to the start of the first
+  step that schedules the request (a preempted request's later re-admissions not counted);
+* ``prefill_batch_size_p50`` (p99, mean): requests with prompt tokens to compute in a step of
+  a replica, over the steps that have any; ``decode_batch_size_p50`` (p99, mean): requests
+  generating a token on top of their first one, over the steps that have any (a run of
+  decode steps counts step by step); percentiles of the step distribution (the smallest size
+  with at least p% of the steps at or below it);
 * ``kv_cache_utilization_pct``: time-weighted blocks in use / blocks, mean over replicas
   (within a run of decode steps the use grows linearly; the mean of its ends is taken);
 * ``gpu_utilization_pct``: compute time of a stage (its step work minus communication) /
@@ -50,10 +61,15 @@ PERCENTILES = (50, 90, 99)
 
 
 def request_columns(res: ServingResult) -> dict[str, np.ndarray]:
-    """Per-request columns: arrival, first token, finish (ms), tokens, replica, preemptions."""
+    """Per-request columns: arrival, first scheduled, first token, finish (ms), tokens,
+    replica, preemptions."""
     book = res.book
+    scheduled = getattr(book, "first_scheduled_ms", None)
     return {
         "arrival_ms": res.arrival_ms,
+        "first_scheduled_ms": (
+            np.full(res.arrival_ms.size, np.nan) if scheduled is None else np.array(scheduled)
+        ),
         "first_token_ms": np.array(book.first_token_ms),
         "finish_ms": np.array(book.finish_ms),
         "prompt_tokens": np.array(book.prompt, dtype=np.int64),
@@ -88,6 +104,8 @@ def serving_metrics(plan: Plan, res: ServingResult) -> dict[str, Any]:
     metrics.update(latencies.pop("percentiles"))
     metrics.update(_throughput(cols, done, window))
     metrics.update(_goodput(plan, latencies, done.size, window))
+    metrics.update(_queueing(res, done))
+    metrics.update(_batch_sizes(res))
     metrics.update(_utilisation(plan, res, window))
     metrics.update(_routing(res))
     blocks = res.kv.num_blocks
@@ -146,25 +164,78 @@ def _throughput(cols: dict[str, np.ndarray], done: np.ndarray, window: float) ->
     return dict(zip(keys, values, strict=True))
 
 
-def _goodput(plan: Plan, lat: dict[str, Any], num_requests: int, window: float):
-    """Requests meeting every per-request target, per second and as a share of all."""
+def good_requests(plan: Plan, lat: dict[str, Any]) -> np.ndarray | None:
+    """Per completed request: whether it meets every per-request limit (module docstring);
+    None when the plan sets none."""
     targets = plan.targets
     limits = [
         (lat["ttft"], targets.ttft_ms_max),
+        (lat["ttft"], targets.ttft_ms_p99_max),
         (lat["tpot"], targets.tpot_ms_max),
+        (lat["tpot"], targets.tpot_ms_p99_max),
         (lat["e2e"], targets.latency_ms_max),
     ]
-    if all(limit is None for _, limit in limits) or window <= 0:
-        return {"goodput_requests_per_s": None, "slo_attainment_pct": None}
+    if all(limit is None for _, limit in limits):
+        return None
     ok = np.ones(lat["e2e"].size, dtype=bool)
     for values, limit in limits:
         if limit is not None:
             ok &= values <= limit
-    good = int(ok.sum())
-    return {
-        "goodput_requests_per_s": good / window * 1e3,
-        "slo_attainment_pct": 100 * good / num_requests,
-    }
+    return ok
+
+
+def _goodput(plan: Plan, lat: dict[str, Any], num_requests: int, window: float):
+    """Good requests per second (total and per GPU) and as a share of all requests."""
+    ok = good_requests(plan, lat)
+    keys = ("goodput_req_per_s", "goodput_req_per_s_per_gpu", "goodput_pct")
+    if ok is None or window <= 0:
+        out = dict.fromkeys(keys)
+    else:
+        good = int(ok.sum())
+        rate = good / window * 1e3
+        out = {
+            "goodput_req_per_s": rate,
+            "goodput_req_per_s_per_gpu": rate / plan.parallel.world_size,
+            "goodput_pct": 100 * good / num_requests,
+        }
+    out["goodput_requests_per_s"] = out["goodput_req_per_s"]
+    out["slo_attainment_pct"] = out["goodput_pct"]
+    return out
+
+
+def _queueing(res: ServingResult, done: np.ndarray) -> dict[str, float | None]:
+    """Arrival to first schedule of the completed requests: percentiles and mean."""
+    first = getattr(res.book, "first_scheduled_ms", None)
+    if first is None:
+        return {**_percentiles("queue_ms", np.empty(0)), "queue_ms_mean": None}
+    wait = (np.asarray(first, dtype=np.float64) - res.arrival_ms)[done]
+    out = _percentiles("queue_ms", wait)
+    out["queue_ms_mean"] = float(wait.mean()) if wait.size else None
+    return out
+
+
+def step_percentile(counts: np.ndarray, pct: float) -> int:
+    """The smallest size with at least ``pct`` % of the steps at or below it (``counts[b]``:
+    steps of size ``b``; at least one step)."""
+    cum = np.cumsum(counts)
+    return int(np.searchsorted(cum, pct / 100 * cum[-1], side="left"))
+
+
+def _batch_sizes(res: ServingResult) -> dict[str, float | None]:
+    """Prefill and decode batch sizes over the steps that have any (module docstring)."""
+    out: dict[str, float | None] = {}
+    for kind, counts in (("prefill", res.prefill_batches), ("decode", res.decode_batches)):
+        keys = [f"{kind}_batch_size_p50", f"{kind}_batch_size_p99", f"{kind}_batch_size_mean"]
+        if counts is None or counts[1:].sum() == 0:
+            out.update(dict.fromkeys(keys))
+            continue
+        steps = np.asarray(counts, dtype=np.int64).copy()
+        steps[0] = 0
+        sizes = np.arange(steps.size)
+        out[keys[0]] = step_percentile(steps, 50)
+        out[keys[1]] = step_percentile(steps, 99)
+        out[keys[2]] = float((steps * sizes).sum() / steps.sum())
+    return out
 
 
 def _utilisation(plan: Plan, res: ServingResult, window: float) -> dict[str, float | None]:

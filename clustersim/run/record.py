@@ -288,7 +288,7 @@ def write_serving_trace(path: Path, plan: Plan, result: ServingResult) -> dict[s
                 start_s=arr_s,
                 end_s=finish_s,
                 value=float(book.preemptions[i]),
-                values=np.array([t0, first, finish]),
+                values=np.array([t0, first, finish, book.first_scheduled_ms[i]]),
             )
         for e, stats in enumerate(result.engine_stats):
             add(
@@ -304,6 +304,10 @@ def write_serving_trace(path: Path, plan: Plan, result: ServingResult) -> dict[s
                 replica=r,
                 values=np.array([float(result.kv_area[r]), float(result.kv_peak[r])]),
             )
+        for kind, counts in enumerate((result.prefill_batches, result.decode_batches)):
+            if counts is not None:
+                values = counts.astype(np.float64)
+                add("summary", "serving_batches", value=float(kind), values=values)
         done = ~result.rejected
         first_s = float(result.arrival_ms.min()) / 1e3 if arrival else 0.0
         last_s = float(np.nanmax(result.book.finish_ms)) / 1e3 if done.any() else first_s

@@ -16,8 +16,14 @@ import numpy as np
 from clustersim.audit.checks import AuditReport, audit
 from clustersim.audit.findings import Finding
 from clustersim.audit.judge import SERVING_FIX, judge, report_dict, still_unchecked
+from clustersim.engine.serving.moe_table import MoEStepTable
 from clustersim.engine.serving.requests import Requests, make_requests
-from clustersim.engine.serving.sim import ServingResult, ServingSim, check_serving_supported
+from clustersim.engine.serving.sim import (
+    LatencyLimits,
+    ServingResult,
+    ServingSim,
+    check_serving_supported,
+)
 from clustersim.metrics.serving import breakdown, request_columns, serving_metrics
 from clustersim.spec.schema import Plan
 
@@ -74,13 +80,17 @@ def simulate_serving(
     trace: Path | None = None,
     *,
     requests: Requests | None = None,
+    table: MoEStepTable | None = None,
+    limits: LatencyLimits | None = None,
 ) -> ServingReport:
     """Audit and simulate serving ``plan``'s request stream.
 
     With ``trace``, also write every request's lifecycle, the per-engine and per-replica
     accumulators and the plan to that Arrow file, atomically (``docs/trace-format.md``,
     :mod:`clustersim.analyze.serving`). ``requests`` replaces the plan's request stream
-    (``clustersim replay`` of a serving trace).
+    (``clustersim replay`` of a serving trace). ``table`` and ``limits``: see
+    :class:`~clustersim.engine.serving.sim.ServingSim` (``limits`` may raise
+    :class:`~clustersim.engine.serving.sim.Overloaded`).
 
     Raises :class:`EngineError` when the plan cannot be simulated (not an inference plan,
     context parallelism, an expert layout that does not fold, no memory left for the KV
@@ -92,7 +102,7 @@ def simulate_serving(
     if requests is None:
         requests = make_requests(plan)
     started = time.perf_counter()
-    sim = ServingSim(plan, requests, progress)
+    sim = ServingSim(plan, requests, progress, table=table, limits=limits)
     result = sim.run()
     wall_s = time.perf_counter() - started
     metrics = serving_metrics(plan, result)

@@ -359,6 +359,11 @@ class HardwareSpec(_Strict):
         0.0, ge=0, le=MAX_RATE,
         description="Memory not available to the model (CUDA context, allocator).",
     )  # fmt: skip
+    nvlink_domain_gpus: Degree | None = Field(
+        None,
+        description="GPUs that share one NVLink (NVSwitch) domain, whole nodes; a group inside "
+        "one domain runs at intra_node figures (GB200 NVL72: 72). Null = gpus_per_node.",
+    )
 
     @model_validator(mode="after")
     def _cluster_size(self) -> HardwareSpec:
@@ -367,7 +372,18 @@ class HardwareSpec(_Strict):
                 f"num_nodes x gpus_per_node = {self.num_gpus} GPUs; at most {MAX_DEGREE} "
                 f"are simulated"
             )
+        domain = self.nvlink_domain_gpus
+        if domain is not None and domain % self.gpus_per_node:
+            raise ValueError(
+                f"nvlink_domain_gpus = {domain} is not a multiple of gpus_per_node = "
+                f"{self.gpus_per_node}: an NVLink domain is made of whole nodes"
+            )
         return self
+
+    @property
+    def nvlink_domain(self) -> int:
+        """GPUs of one NVLink domain (``nvlink_domain_gpus``, default ``gpus_per_node``)."""
+        return self.nvlink_domain_gpus or self.gpus_per_node
 
     @property
     def num_gpus(self) -> int:
@@ -544,6 +560,22 @@ class TargetsSpec(_Strict):
     latency_ms_max: PositiveFloat | None = None
     ttft_ms_max: PositiveFloat | None = None
     tpot_ms_max: PositiveFloat | None = None
+    ttft_ms_p99_max: PositiveFloat | None = Field(
+        None,
+        description="Serving SLO: a request is good only if its TTFT (ms) is at most this; "
+        "met when the p99 TTFT is (at least 99% of requests good on TTFT).",
+    )
+    tpot_ms_p99_max: PositiveFloat | None = Field(
+        None,
+        description="Serving SLO: a request is good only if its TPOT (ms) is at most this; "
+        "met when the p99 TPOT is.",
+    )
+    ttft_ms_p50_max: PositiveFloat | None = Field(
+        None, description="Serving SLO on the median: p50 TTFT (ms) at most this."
+    )
+    tpot_ms_p50_max: PositiveFloat | None = Field(
+        None, description="Serving SLO on the median: p50 TPOT (ms) at most this."
+    )
     throughput_tokens_per_ms_min: PositiveFloat | None = None
     comm_overhead_pct_max: float | None = Field(None, ge=0)
     load_balance_pct_min: float | None = Field(None, ge=0, le=100)

@@ -56,7 +56,16 @@ ROUTE_OPS = ("member_tokens", "a2a_tokens", "received_tokens", "active_experts",
 SUMMARY_OPS = ("iteration", "pipeline", "expert_idle", "batch_index")
 REQUEST_OPS = ("request_arrival", "prefill", "decode", "request_done")  # request_arrival: reserved
 SERVING_SUMMARY_OPS = ("serving_run", "serving_engine", "serving_replica")  # appended in v1
-OPS = ENGINE_OPS + WORKLOAD_OPS + ROUTE_OPS + SUMMARY_OPS + REQUEST_OPS + SERVING_SUMMARY_OPS
+SERVING_BATCH_OPS = ("serving_batches",)  # appended later in v1 (older traces lack it)
+OPS = (
+    ENGINE_OPS
+    + WORKLOAD_OPS
+    + ROUTE_OPS
+    + SUMMARY_OPS
+    + REQUEST_OPS
+    + SERVING_SUMMARY_OPS
+    + SERVING_BATCH_OPS
+)
 
 KIND_CODE = {name: i for i, name in enumerate(KINDS)}
 OP_CODE = {name: i for i, name in enumerate(OPS)}

@@ -51,6 +51,7 @@ class RequestBook:
         self.computed = [0] * n
         self.generated = [0] * n
         self.blocks = [0] * n
+        self.first_scheduled_ms = [float("nan")] * n  # first admitted into a step
         self.first_token_ms = [float("nan")] * n
         self.finish_ms = [float("nan")] * n
         self.preemptions = [0] * n
@@ -66,7 +67,8 @@ class Step:
     context: list[int]  # tokens already in the cache before the step
     decode_only: bool  # the start of a run of identical decode steps (module docstring)
     preempted: int = 0
-    admitted: int = 0
+    admitted: int = 0  # the last ``admitted`` of ``ids`` joined the running batch in this step
+    decodes: int = 0  # requests of the step generating one more token on top of a first one
 
     def aggregates(self, num_microbatches: int) -> list[list[float]]:
         """Sums per micro-batch (requests dealt round-robin), as four rows of ``V`` numbers:
@@ -175,8 +177,7 @@ class ReplicaScheduler:
         ids: list[int] = []
         new: list[int] = []
         ctx: list[int] = []
-        budget, preempted, i = self.budget, 0, 0
-        decode_only = True
+        budget, preempted, i, decodes = self.budget, 0, 0, 0
         while i < len(running) and budget > 0:
             rid = running[i]
             c = book.computed[rid]
@@ -194,7 +195,8 @@ class ReplicaScheduler:
                 ctx.append(c)
                 budget -= q
                 # a true decode: one token on top of a first token (not a prompt's last token)
-                decode_only = decode_only and remaining == 1 and book.generated[rid] > 0
+                if remaining == 1 and book.generated[rid] > 0:
+                    decodes += 1
                 i += 1
                 continue
             break
@@ -202,8 +204,8 @@ class ReplicaScheduler:
         admitted = 0
         if self.chunked and not preempted:
             admitted = self._admit(ids, new, ctx, budget)
-        decode_only = decode_only and all_served and not preempted and not admitted
-        return Step(ids, new, ctx, decode_only and bool(ids), preempted, admitted)
+        decode_only = decodes == len(ids) and all_served and not preempted and not admitted
+        return Step(ids, new, ctx, decode_only and bool(ids), preempted, admitted, decodes)
 
     def _admit(self, ids: list[int], new: list[int], ctx: list[int], budget: int) -> int:
         """Admit waiting requests into this step (chunked prefill); returns how many."""

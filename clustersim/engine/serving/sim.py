@@ -25,6 +25,7 @@ replica's whole KV cache is rejected on arrival.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,6 +74,10 @@ class ServingResult:
     events: int  # SimPy timeouts scheduled (steps, runs, cut runs, arrival times)
     preemptions: int
     routing_s: float = 0.0
+    # steps of a replica by requests prefilling in them, and by requests decoding in them (a
+    # run of decode steps counted step by step); None when unknown (a run read from a trace)
+    prefill_batches: np.ndarray | None = None
+    decode_batches: np.ndarray | None = None
 
 
 def coupled_replicas(plan: Plan, layout: Layout) -> list[list[int]]:
@@ -103,6 +108,23 @@ def coupled_replicas(plan: Plan, layout: Layout) -> list[list[int]]:
 def check_serving_supported(plan: Plan, layout: Layout) -> None:
     """Raise :class:`EngineError` when the serving engine cannot simulate ``plan``."""
     check_common(plan, layout, "inference")
+
+
+class Overloaded(Exception):
+    """Raised out of :meth:`ServingSim.run` when more requests missed their
+    :class:`LatencyLimits` than allowed: the run can no longer meet its SLOs (one argument,
+    the message: SimPy re-raises exceptions from their arguments)."""
+
+
+@dataclass(frozen=True)
+class LatencyLimits:
+    """Per-request limits (ms) and how many requests may miss them before the run stops
+    (:class:`Overloaded`); a rejected request misses them."""
+
+    ttft_ms: float = math.inf
+    tpot_ms: float = math.inf
+    latency_ms: float = math.inf
+    allowed_bad: int = 0
 
 
 class Dispatcher:
@@ -145,6 +167,8 @@ class Dispatcher:
         sim.book.replica[rid] = replica
         if not scheds[replica].fits(rid):
             sim.rejected[rid] = True
+            if sim.limits is not None:
+                sim.count_bad(1)
             sim.on_finished(1)
             return
         self.count(+1, now)
@@ -216,8 +240,12 @@ class Engine:
         steps = [s.schedule() for s in scheds]
         aggs, run = [], MAX_STEPS
         v = self.sim.num_microbatches
+        first = self.sim.book.first_scheduled_ms
         for sched, st in zip(scheds, steps, strict=True):
             if st is not None:
+                for rid in st.ids[len(st.ids) - st.admitted :]:
+                    if first[rid] != first[rid]:  # NaN: never scheduled before
+                        first[rid] = now
                 aggs.append(st.aggregates(v))
                 run = min(run, sched.run_length(st, run))
         if not aggs:
@@ -254,12 +282,17 @@ class Engine:
             if st is None:
                 sim.kv_area[m] += used0 * duration
                 continue
+            sim.decode_batches[st.decodes] += k
+            if len(st.ids) > st.decodes:
+                sim.prefill_batches[len(st.ids) - st.decodes] += 1
             finished = sched.commit(st, k, end)
             peak = sched.peak_used
             sim.kv_area[m] += 0.5 * (used0 + peak) * duration
             sim.kv_peak[m] = max(sim.kv_peak[m], peak)
             for _ in finished:
                 sim.dispatcher.count(-1, end)
+            if sim.limits is not None and finished:
+                sim.judge_finished(finished)
             sim.on_finished(len(finished))
         self._run_steps = 0
 
@@ -272,7 +305,14 @@ class ServingSim:
         plan: Plan,
         requests: Requests,
         progress: Callable[[float], None] | None = None,
+        *,
+        table: MoEStepTable | None = None,
+        limits: LatencyLimits | None = None,
     ):
+        """``table``: the MoE step table of this plan's model, layout and routing (built when
+        None; it does not depend on the request stream, so runs of one deployment at several
+        request rates may share it). ``limits``: stop early (:class:`Overloaded`) once more
+        requests than allowed missed them."""
         self.plan = plan
         self.layout = layout = Layout(plan)
         check_serving_supported(plan, layout)
@@ -286,7 +326,8 @@ class ServingSim:
                 f"{self.kv.activations_gib[worst]:.1f} GiB exceed "
                 f"{req.gpu_memory_utilization:g} x the GPU's memory"
             )
-        table = MoEStepTable(plan, layout) if plan.model.moe is not None else None
+        if table is None and plan.model.moe is not None:
+            table = MoEStepTable(plan, layout)
         self.table = table
         self.timer = StepTimer(plan, step_costs(plan, layout), table)
         self.num_microbatches = plan.parallel.pp
@@ -315,6 +356,10 @@ class ServingSim:
         self.dispatcher = Dispatcher(self)
         self.kv_area = np.zeros(dp)
         self.kv_peak = np.zeros(dp, dtype=np.int64)
+        self.prefill_batches = [0] * (req.max_batch_size + 1)
+        self.decode_batches = [0] * (req.max_batch_size + 1)
+        self.limits = limits
+        self.bad = 0
         self._progress = progress
         self._progress_every = max(1, self.num_requests // 100)
 
@@ -326,6 +371,25 @@ class ServingSim:
         self.finished += count
         if self._progress and before // every != self.finished // every:
             self._progress(self.finished / self.num_requests)
+
+    def count_bad(self, count: int) -> None:
+        """Requests that missed the limits; raise :class:`Overloaded` past the allowance."""
+        self.bad += count
+        if self.bad > self.limits.allowed_bad:
+            raise Overloaded(f"{self.bad} requests missed their limits, {self.finished} finished")
+
+    def judge_finished(self, finished: list[int]) -> None:
+        """Count the just-finished requests that missed the limits."""
+        book, lim, arrival = self.book, self.limits, self.arrival_ms
+        bad = 0
+        for rid in finished:
+            t0, first, end = float(arrival[rid]), book.first_token_ms[rid], book.finish_ms[rid]
+            out = book.output[rid]
+            tpot = (end - first) / (out - 1) if out > 1 else 0.0
+            if first - t0 > lim.ttft_ms or tpot > lim.tpot_ms or end - t0 > lim.latency_ms:
+                bad += 1
+        if bad:
+            self.count_bad(bad)
 
     def _arrivals(self):
         times = self.arrival_ms
@@ -360,5 +424,7 @@ class ServingSim:
             in_system_area=self.dispatcher.area,
             events=self.events,
             preemptions=sum(s.preemptions for s in self.schedulers),
+            prefill_batches=np.array(self.prefill_batches, dtype=np.int64),
+            decode_batches=np.array(self.decode_batches, dtype=np.int64),
             routing_s=self.table.build_s if self.table else 0.0,
         )

@@ -1,0 +1,156 @@
+"""CPU time per request of the serving engine, and of ``clustersim capacity``.
+
+Usage:
+  python benchmarks/serving_cpu_bench.py [--repeat 5] [--only NAME ...]
+  python benchmarks/serving_cpu_bench.py one NAME     # one run, JSON on stdout
+  PYTHONPATH=/path/to/other/checkout python benchmarks/serving_cpu_bench.py ...  # baseline
+
+Workloads (each run in a fresh process; medians of --repeat):
+
+* ``vidur-1gpu``: the Vidur-shaped workload, 8,192 requests of 2,048 prompt + 512 output
+  tokens, Poisson at 0.5 requests/s, Llama-2-7B on one H100;
+* ``vidur-1gpu-busy``: the same requests at 2 requests/s (larger running batches);
+* ``moe-16gpu``: the same requests on Mixtral-8x7B, TP 2 x PP 2 x DP 4, EP 8 (lockstep);
+* ``capacity-moe-16gpu``: ``clustersim capacity`` of Mixtral-8x7B on 16 H100 (TP 2 x PP 2 x
+  DP 4, EP 8) with 2,000 requests per probe (prompts 128-4,096, outputs 16-512 tokens,
+  uniform; TTFT p99 <= 2 s, TPOT p99 <= 50 ms).
+
+CPU time (``time.process_time``) is reported besides wall time because the machine is shared:
+the serving rows time :class:`clustersim.engine.serving.sim.ServingSim` alone (the engine:
+scheduling, step timing, SimPy events; not the audit, request generation or metrics), the
+capacity row the whole search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+FIXED = {
+    "num": 8192,
+    "arrival": "poisson",
+    "rate_per_s": 0.5,
+    "prompt_len": {"dist": "fixed", "value": 2048},
+    "output_len": {"dist": "fixed", "value": 512},
+}
+MOE = {"tp": 2, "pp": 2, "dp": 4, "ep": 8, "etp": 1}
+CAPACITY_REQUESTS = {
+    "num": 2000,
+    "rate_per_s": 10.0,
+    "prompt_len": {"dist": "uniform", "min": 128, "max": 4096},
+    "output_len": {"dist": "uniform", "min": 16, "max": 512},
+}
+
+
+def make_plan(name: str):
+    """The plan of workload ``name``."""
+    from clustersim.spec import plan_from_dict
+
+    preset, parallel, requests, targets = {
+        "vidur-1gpu": ("llama-2-7b", {"tp": 1, "pp": 1, "dp": 1}, FIXED, {}),
+        "vidur-1gpu-busy": (
+            "llama-2-7b",
+            {"tp": 1, "pp": 1, "dp": 1},
+            {**FIXED, "rate_per_s": 2.0},
+            {},
+        ),
+        "moe-16gpu": ("mixtral-8x7b", MOE, FIXED, {}),
+        "capacity-moe-16gpu": (
+            "mixtral-8x7b",
+            MOE,
+            CAPACITY_REQUESTS,
+            {"ttft_ms_p99_max": 2000.0, "tpot_ms_p99_max": 50.0},
+        ),
+    }[name]
+    gpus = parallel["tp"] * parallel["pp"] * parallel["dp"]
+    raw = {
+        "name": f"bench-{name}",
+        "model": {"preset": preset},
+        "hardware": {
+            "gpu": "H100-SXM",
+            "num_nodes": max(1, gpus // 8),
+            "gpus_per_node": min(gpus, 8),
+        },
+        "parallel": parallel,
+        "workload": {"mode": "inference", "requests": requests},
+    }
+    if targets:
+        raw["targets"] = targets
+    return plan_from_dict(raw, "benchmark")
+
+
+def run_one(name: str) -> dict:
+    """One run: CPU and wall seconds, CPU microseconds per request, and headline metrics."""
+    plan = make_plan(name)
+    if name.startswith("capacity"):
+        from clustersim.explore.capacity import find_capacity
+
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        result = find_capacity(plan)
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        return {
+            "name": name,
+            "cpu_s": cpu,
+            "wall_s": wall,
+            "probes": len(result.probes),
+            "capacity_req_per_s": result.capacity_req_per_s,
+        }
+    from clustersim.engine.serving.requests import make_requests
+    from clustersim.engine.serving.sim import ServingSim
+    from clustersim.metrics.serving import serving_metrics
+
+    requests = make_requests(plan)
+    sim = ServingSim(plan, requests)
+    if sim.table is not None:  # build the routing table before timing the engine
+        sim.table.lookup(1)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    result = sim.run()
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    m = serving_metrics(plan, result)
+    return {
+        "name": name,
+        "requests": requests.num,
+        "cpu_s": cpu,
+        "wall_s": wall,
+        "cpu_us_per_request": cpu / requests.num * 1e6,
+        "events": result.events,
+        "ttft_ms_p50": m["ttft_ms_p50"],
+        "tpot_ms_p50": m["tpot_ms_p50"],
+        "latency_ms_p99": m["latency_ms_p99"],
+    }
+
+
+NAMES = ("vidur-1gpu", "vidur-1gpu-busy", "moe-16gpu", "capacity-moe-16gpu")
+
+
+def main() -> None:
+    """Run the benchmarks (or one run) and print one JSON row per workload."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("what", nargs="?", default="all")
+    parser.add_argument("name", nargs="?")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--only", nargs="*")
+    args = parser.parse_args()
+    if args.what == "one":
+        print(json.dumps(run_one(args.name)))
+        return
+    for name in args.only or NAMES:
+        runs = []
+        for _ in range(args.repeat):
+            cmd = [sys.executable, __file__, "one", name]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            runs.append(json.loads(out.stdout))
+        row = dict(runs[0])
+        for key in ("cpu_s", "wall_s", "cpu_us_per_request"):
+            if key in row:
+                row[key] = statistics.median(r[key] for r in runs)
+        row["cpu_s_all"] = [round(r["cpu_s"], 3) for r in runs]
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

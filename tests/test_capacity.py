@@ -1,0 +1,150 @@
+"""``clustersim capacity``: the highest request rate at which a serving plan's SLOs hold."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from serving_plans import DENSE, make_plan
+from typer.testing import CliRunner
+
+from clustersim.cli import app
+from clustersim.engine.serving.requests import make_requests
+from clustersim.explore.capacity import CHECK_FACTOR, NoSlo, find_capacity
+from clustersim.run.serving import simulate_serving
+
+SLO = {"ttft_ms_p99_max": 400.0, "tpot_ms_p99_max": 30.0}
+
+
+def plan_with(num=200, rate=4.0, targets=None, **sections):
+    requests = {
+        "num": num,
+        "rate_per_s": rate,
+        "prompt_len": {"dist": "uniform", "min": 64, "max": 1024},
+        "output_len": {"dist": "uniform", "min": 8, "max": 128},
+        **sections.pop("requests", {}),
+    }
+    return make_plan(DENSE, requests=requests, targets=targets or SLO, **sections)
+
+
+def good_share(plan, rate: float) -> float:
+    """Share of requests meeting both p99 limits in a full run at ``rate``, computed here from
+    the request lifecycles (not from the metrics' own goodput)."""
+    spec = plan.workload.requests.model_copy(update={"rate_per_s": rate})
+    at = plan.model_copy(update={"workload": plan.workload.model_copy(update={"requests": spec})})
+    cols = simulate_serving(at).requests()
+    ttft = cols["first_token_ms"] - cols["arrival_ms"]
+    out = cols["output_tokens"]
+    tpot = np.where(
+        out > 1, (cols["finish_ms"] - cols["first_token_ms"]) / np.maximum(out - 1, 1), 0
+    )
+    t = plan.targets
+    good = ~cols["rejected"] & (ttft <= t.ttft_ms_p99_max) & (tpot <= t.tpot_ms_p99_max)
+    return float(good.mean())
+
+
+def test_slos_hold_at_the_capacity_and_fail_at_1_1x():
+    plan = plan_with()
+    cap = find_capacity(plan)
+    rate = cap.capacity_req_per_s
+    assert rate is not None and rate > 0
+    assert good_share(plan, rate) >= 0.99
+    assert good_share(plan, rate * CHECK_FACTOR) < 0.99
+    d = cap.to_dict()
+    assert d["capacity_req_per_s_per_gpu"] == pytest.approx(rate / 1)
+    assert d["limiting_slo"] in SLO
+    assert d["goodput_req_per_s"] > 0 and d["goodput_pct"] >= 99
+    assert [p["rate_req_per_s"] for p in d["curve"]] == sorted(
+        p["rate_req_per_s"] for p in d["curve"]
+    )
+    assert {"rate_req_per_s", "ttft_ms_p99", "tpot_ms_p99", "goodput_pct"} <= set(d["curve"][0])
+
+
+def test_trace_arrivals_are_scaled_to_the_rate(tmp_path):
+    """A trace's arrivals compressed in time: the capacity search sees the same requests."""
+    path = tmp_path / "t.csv"
+    rows = ["arrived_at,num_prefill_tokens,num_decode_tokens"]
+    rows += [f"{i * 0.5},{200 + 10 * i},{16 + i % 7}" for i in range(60)]
+    path.write_text("\n".join(rows) + "\n")
+    plan = plan_with(requests={"arrival": "trace", "trace": str(path)})
+    cap = find_capacity(plan)
+    base = make_requests(plan)
+    assert cap.probes[0].rate_req_per_s == pytest.approx(59 / 29.5)  # the trace's own rate
+    assert cap.capacity_req_per_s is not None
+    assert base.num == 60
+
+
+def test_no_per_request_slo_is_refused():
+    with pytest.raises(NoSlo):
+        find_capacity(plan_with(targets={"ttft_ms_p50_max": 100.0}))
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, ["capacity", *args])
+
+
+def test_cli_exit_codes_and_json(tmp_path):
+    raw = json.loads(json.dumps(DENSE))
+    raw["workload"]["requests"].update(num=100, rate_per_s=4.0)
+    raw["targets"] = dict(SLO)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(raw))
+    res = _cli(str(good), "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    for key in ("capacity_req_per_s", "capacity_req_per_s_per_gpu", "goodput_req_per_s"):
+        assert out[key] > 0
+    assert out["limiting_slo"] in SLO and out["curve"]
+    # an SLO no rate can meet (TTFT below one prefill step): exit 1
+    res = _cli(str(good), "--set", "targets.ttft_ms_p99_max=0.001", "--json")
+    assert res.exit_code == 1, res.output
+    assert json.loads(res.stdout)["capacity_req_per_s"] is None
+    # no per-request SLO, a training plan, a bad --attain: exit 2
+    res = _cli(str(good), "--set", "targets.ttft_ms_p99_max=null", "--set",
+               "targets.tpot_ms_p99_max=null")  # fmt: skip
+    assert res.exit_code == 2 and "per-request SLO" in res.output
+    assert _cli().exit_code == 2  # the default plan trains
+    assert _cli(str(good), "--attain", "1.5").exit_code == 2
+
+
+SMALL = dict(
+    prompt=st.sampled_from([128, 512, 1024]),
+    output=st.sampled_from([8, 32]),
+    ttft=st.sampled_from([150.0, 400.0]),
+    tpot=st.sampled_from([12.0, 30.0]),
+    relax=st.sampled_from([1.5, 3.0]),
+)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**SMALL)
+def test_capacity_never_falls_with_a_replica_or_a_relaxed_slo(prompt, output, ttft, tpot, relax):
+    lengths = {
+        "prompt_len": {"dist": "fixed", "value": prompt},
+        "output_len": {"dist": "fixed", "value": output},
+    }
+    slo = {"ttft_ms_p99_max": ttft, "tpot_ms_p99_max": tpot}
+    base = find_capacity(plan_with(num=100, targets=slo, requests=lengths))
+    relaxed = find_capacity(
+        plan_with(num=100, targets={k: v * relax for k, v in slo.items()}, requests=lengths)
+    )
+    two = find_capacity(
+        plan_with(
+            num=100,
+            targets=slo,
+            requests=lengths,
+            parallel={"dp": 2},
+            hardware={"gpus_per_node": 2},
+        )
+    )
+
+    def cap(c):
+        return c.capacity_req_per_s or 0.0
+
+    assert cap(relaxed) >= cap(base)
+    assert cap(two) >= cap(base)
+    assert not math.isnan(cap(base))
