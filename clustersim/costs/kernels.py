@@ -204,11 +204,23 @@ class KernelTimer:
     def _residual(self, tokens):
         return self._h_kernel(tokens, RESIDUAL_PASSES, STREAM)
 
-    def attention_block_ms(self, tokens):
+    def attention_block_ms(self, tokens, absorbed: bool = False):
         """Input norm, QKV, rotary embedding, output projection, residual add, post-attention
-        norm (core attention excluded)."""
+        norm (core attention excluded). ``absorbed`` (MLA decode, as serving engines run it):
+        the key/value up-projection is applied as two batched GEMMs, the key part to the
+        queries before attention and the value part to its output (the same weights, one
+        kernel more)."""
         total = self._norm(tokens)
-        for k, n in self._qkv:
+        shapes = self._qkv
+        if absorbed and self.model.mla is not None:
+            mla, heads = self.model.mla, self.model.num_attention_heads / self.tp
+            k_up, _ = shapes[-1]
+            shapes = [
+                *shapes[:-1],
+                (k_up, heads * mla.qk_nope_head_dim),
+                (k_up, heads * mla.v_head_dim),
+            ]
+        for k, n in shapes:
             total = total + self.gemm_ms(tokens, n, k)
         for width in self._latent_norms:  # MLA: RMSNorm of each low-rank latent
             total = total + self.memory_ms(tokens, NORM_PASSES * width * self.bpe, NORM)

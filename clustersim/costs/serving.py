@@ -11,6 +11,9 @@ work:
   reading the weights (and, in eager mode, by kernel launches), prefill by FLOPs;
 * the KV-cache write (vLLM's ``reshape_and_cache``: the step's new keys and values, MLA: the
   latent, copied into the paged cache), one plain stream kernel per layer;
+* MLA decode steps run absorbed: the key/value up-projection as two batched GEMMs (one
+  kernel more, the same weights) and core attention in the latent space
+  (:func:`decode_flops_per_pair`);
 * core attention (causal, flash): ``pairs`` = sum of ``q*c + q*(q+1)/2`` query-key pairs at
   ``2 * heads/t * (d_qk + d_v)`` FLOPs each, at the FlashAttention efficiency of the step's
   mean query length ``tokens / seqs``; or the KV cache read (``kv_read`` = sum of ``c + q``
@@ -114,6 +117,7 @@ class StepCosts:
     graph: KernelTimer
     cuda_graphs: bool
     attn_flops_per_pair: float  # core attention FLOPs per query-key pair
+    attn_flops_per_pair_decode: float  # the same in decode steps (MLA: in the latent space)
     attn_bytes_per_kv_token: float  # KV cache read per token of context
     attn_bytes_per_query_token: float  # queries read and outputs written
     cache_write_bytes_per_token: float  # new K/V (MLA: latent) read and written to the cache
@@ -133,14 +137,16 @@ class StepCosts:
         (core attention excluded), then the core attention's ms per pair, per KV byte term
         and its floor, for a micro-batch of ``tokens`` new tokens of ``seqs`` requests."""
         k = self.timer(tokens, seqs)
-        block = float(k.attention_block_ms(tokens))
+        decode = tokens == seqs  # one new token per request: MLA runs absorbed
+        block = float(k.attention_block_ms(tokens, absorbed=decode))
         block += float(k.memory_ms(tokens, self.cache_write_bytes_per_token, STREAM))
         graphs = k is self.graph
         allreduce = (self.tp_allreduce_graph if graphs else self.tp_allreduce).scalar_ms(tokens)
         dense = block + float(k.dense_mlp_ms(tokens)) + 2 * allreduce
         attn = block + float(k.moe_block_ms(tokens)) + allreduce
         logits = float(k.logits_ms(seqs))
-        per_pair, per_query = k.attention_ms_per_pair(self.attn_flops_per_pair)
+        flops_per_pair = self.attn_flops_per_pair_decode if decode else self.attn_flops_per_pair
+        per_pair, per_query = k.attention_ms_per_pair(flops_per_pair)
         return (
             dense,
             attn,
@@ -201,6 +207,7 @@ def step_costs(plan: Plan, layout: Layout) -> StepCosts:
         graph=timer(True),
         cuda_graphs=plan.workload.requests.cuda_graphs,
         attn_flops_per_pair=2.0 * heads * (qk_dim + v_dim),
+        attn_flops_per_pair_decode=decode_flops_per_pair(model, tp),
         attn_bytes_per_kv_token=kv_bytes_per_token_layer(model, tp),
         attn_bytes_per_query_token=heads * (qk_dim + v_dim) * bpe,
         cache_write_bytes_per_token=2.0 * kv_bytes_per_token_layer(model, tp),
@@ -218,11 +225,16 @@ def step_costs(plan: Plan, layout: Layout) -> StepCosts:
 def graph_replay_hardware(hw: HardwareSpec) -> HardwareSpec:
     """``hw`` as a CUDA-graph replay sees it: a collective's fixed per-call time (the
     calibrated base latency, mostly host-side launch and synchronisation of an eager call) is
-    replaced by one graph launch; its per-step latency and bandwidth are unchanged."""
+    replaced by one graph launch when that is shorter; its per-step latency and bandwidth are
+    unchanged."""
     cal = hw.calibration
     launch_us = cal.kernel.graph_launch_us
-    collectives = cal.collectives.model_copy(
-        update={"intra_node_base_latency_us": launch_us, "inter_node_base_latency_us": launch_us}
+    coll = cal.collectives
+    collectives = coll.model_copy(
+        update={  # never more than the eager call's own fixed time
+            "intra_node_base_latency_us": min(launch_us, coll.intra_node_base_latency_us),
+            "inter_node_base_latency_us": min(launch_us, coll.inter_node_base_latency_us),
+        }
     )
     return hw.model_copy(
         update={"calibration": cal.model_copy(update={"collectives": collectives})}
@@ -253,6 +265,18 @@ def low_latency_all_reduce_ms(
     bus_gbps = link_for_group(ranks, gpus_per_node, hw).bandwidth_gbps * LL_BANDWIDTH_SHARE
     steps = 2 * (n - 1)
     return (LL_BASE_US + steps * LL_STEP_US) * 1e-3 + steps / n * size_bytes / (bus_gbps * 1e6)
+
+
+def decode_flops_per_pair(model: ModelSpec, tp: int) -> float:
+    """Core-attention FLOPs per query-key pair of a decode step on one GPU: ``2 * heads/t *
+    (d_qk + d_v)``; MLA decodes absorbed (FlashMLA, FlashInfer MLA), scoring and summing in
+    the latent space: ``2 * heads/t * (2 * kv_lora_rank + qk_rope_head_dim)`` (queries against
+    the cached latent and its rotary part, then the probabilities times the latent)."""
+    heads = model.num_attention_heads / tp
+    if model.mla is not None:
+        return 2.0 * heads * (2 * model.mla.kv_lora_rank + model.mla.qk_rope_head_dim)
+    qk_dim, v_dim = head_dims(model)
+    return 2.0 * heads * (qk_dim + v_dim)
 
 
 def head_dims(model: ModelSpec) -> tuple[int, int]:
