@@ -122,30 +122,48 @@ class Layout:
     @cached_property
     def stage_layers(self) -> list[list[int]]:
         """0-based layer indices held by each pipeline stage (all its virtual chunks)."""
+        return [a.tolist() for a in self._stage_index]
+
+    @cached_property
+    def _stage_index(self) -> list[np.ndarray]:
+        """Layer indices of each stage as int64 arrays (may run past the model, see below)."""
         num_layers = self.plan.model.num_layers
         par = self.plan.parallel
         if par.layers_per_stage is not None:
-            bounds = np.cumsum([0, *par.layers_per_stage]).tolist()
-            return [list(range(bounds[s], bounds[s + 1])) for s in range(len(par.layers_per_stage))]
+            bounds = np.cumsum([0, *par.layers_per_stage])
+            return [np.arange(bounds[s], bounds[s + 1]) for s in range(len(par.layers_per_stage))]
         chunks = self.pp * par.virtual_stages
         per_chunk = num_layers // chunks
-        stages: list[list[int]] = [[] for _ in range(self.pp)]
-        for chunk in range(chunks):
-            stages[chunk % self.pp] += range(chunk * per_chunk, (chunk + 1) * per_chunk)
+        # Chunk c goes to stage c % pp: stage s holds chunks s, s + pp, ...
+        starts = np.arange(chunks).reshape(-1, self.pp) * per_chunk  # (v, pp)
+        offsets = np.arange(per_chunk)
+        stages = [(starts[:, s, None] + offsets).ravel() for s in range(self.pp)]
         # Layers that do not divide evenly go to the last stage (the audit flags this).
-        stages[-1] += range(chunks * per_chunk, num_layers)
-        return stages
+        stages[-1] = np.concatenate([stages[-1], np.arange(chunks * per_chunk, num_layers)])
+        return [a.astype(np.int64) for a in stages]
+
+    @cached_property
+    def stage_layer_arrays(self) -> list[np.ndarray]:
+        """``stage_layers`` as int64 arrays without indices past the model's last layer (an
+        explicit split that claims more layers than the model has does not invent them)."""
+        num_layers = self.plan.model.num_layers
+        return [a[a < num_layers] for a in self._stage_index]
+
+    @property
+    def num_stages(self) -> int:
+        """Pipeline stages (``pp``, or the length of an explicit ``layers_per_stage``)."""
+        return len(self._stage_index)
 
     @property
     def layers_per_stage(self) -> list[int]:
         """Number of layers on each pipeline stage."""
-        return [len(layers) for layers in self.stage_layers]
+        return [len(layers) for layers in self._stage_index]
 
     @property
     def moe_layers_per_stage(self) -> list[int]:
         """Number of MoE layers on each pipeline stage."""
-        model = self.plan.model
-        return [sum(model.is_moe_layer(i) for i in layers) for layers in self.stage_layers]
+        mask = self.plan.model.moe_layer_mask()
+        return [int(mask[layers].sum()) for layers in self.stage_layer_arrays]
 
     @property
     def experts_per_gpu_per_layer(self) -> float:

@@ -570,3 +570,43 @@ def test_moe_parallel_folding_reported_oom_is_oom() -> None:
     assert (
         report(published_plan(LLAMA3_8X70B, "H100-SXM", 256, 4096, **par)).memory_per_gpu_gib > 80
     )
+
+
+# ---- deep models: per-kind evaluation equals the per-layer sum -----------------------------
+
+
+@pytest.mark.parametrize(("first_k_dense", "layer_freq"), [(0, 1), (1, 2), (3, 3)])
+def test_stage_activations_equal_the_sum_over_each_layer(
+    first_k_dense: int, layer_freq: int
+) -> None:
+    """A stage's activations are the per-layer bytes summed over its layers, one by one."""
+    plan = make_plan(
+        "mixtral-8x7b",
+        model_fields={
+            "num_layers": 12,
+            "moe": {"first_k_dense": first_k_dense, "layer_freq": layer_freq},
+        },
+        parallel={"tp": 2, "pp": 2, "dp": 2, "ep": 4, "etp": 1, "num_microbatches": 4},
+    )
+    layout = Layout(plan)
+    mem = report(plan)
+    s = plan.workload.seq_len.value
+    b = plan.parallel.micro_batch_size
+    for stage in mem.stages[:-1]:  # the last stage adds logits
+        layers = layout.stage_layers[stage.stage]
+        per_layer = sum(layer_activation_bytes(plan.model, plan.parallel, i, s, b) for i in layers)
+        extra = 2 * s * b * plan.model.hidden_size if stage.stage == 0 else 0.0
+        expected = stage.inflight_microbatches * (per_layer + extra)
+        assert stage.activations_gib * GIB == pytest.approx(expected, rel=1e-12)
+
+
+def test_memory_of_a_very_deep_model_is_quick() -> None:
+    """The largest layer count the plan schema accepts is audited without per-layer loops."""
+    import time
+
+    plan = make_plan("mixtral-8x7b", model_fields={"num_layers": 2**16}, parallel={"pp": 4})
+    start = time.perf_counter()
+    for _ in range(20):
+        report(plan)
+    assert time.perf_counter() - start < 10.0
+    assert sum(Layout(plan).moe_layers_per_stage) == 2**16

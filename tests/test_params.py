@@ -166,7 +166,7 @@ def test_shared_experts_and_first_dense_layers() -> None:
         },
     )
     counts = count_params(model)
-    assert counts.moe_layers == (False, True, True)
+    assert counts.moe_layers.tolist() == [False, True, True]
     assert counts.dense_mlp == 3 * 8 * 32
     assert counts.shared_experts == 2 * 3 * 8 * 6
     attention = 4 * 8 * 8

@@ -163,7 +163,10 @@ def test_auto_mode_picks_counts_when_cheaper():
     router = Router(mixtral, 8, 0)
     assert router._by_counts(8 * 4096) and not router._by_counts(8)
     deepseek = Router(MoESpec(num_experts=256, top_k=8), 8, 0)
-    assert not deepseek._by_counts(10**7)  # C(256, 8) subsets: tokens
+    assert deepseek._by_counts(10**7)  # C(256, 8) subsets: projected counts
+    assert not deepseek._by_counts(8 * 64)  # few tokens: cheaper one by one
+    limited = MoESpec(num_experts=256, top_k=8, max_nodes_per_token=4)
+    assert not Router(limited, 64, 0, gpus_per_node_in_ep=8)._by_counts(10**7)  # node limit
     out = router.route(0, 0, np.full(8, 4096))
     assert out.dropped_tokens > 0 and out.fully_dropped_tokens is None  # unknown by counts
     assert Router(mixtral, 8, 0, mode="tokens").route(0, 0, np.full(8, 4096)).fully_dropped_tokens
@@ -212,7 +215,6 @@ def test_node_limit_keeps_each_token_on_m_nodes():
         (MoESpec(num_experts=12, top_k=2, max_nodes_per_token=1), 6, 4, "auto", "multiple"),
         (MoESpec(num_experts=8, top_k=4, max_nodes_per_token=1), 8, 2, "auto", "fewer than"),
         (MoESpec(num_experts=8, top_k=2, max_nodes_per_token=1), 8, 2, "counts", "node-limit"),
-        (MoESpec(num_experts=256, top_k=8), 8, None, "counts", "needs C"),
         (MoESpec(num_experts=8, top_k=2), 8, None, "fast", "mode must"),
     ],
 )

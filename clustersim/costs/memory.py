@@ -65,6 +65,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from clustersim.costs.params import MLP_MATRICES, ParamCounts, count_params
 from clustersim.layout import Layout
 from clustersim.spec.lengths import read_lengths
@@ -206,7 +208,7 @@ def memory_per_gpu(plan: Plan, layout: Layout) -> MemoryReport:
         stages = serving.stage_memory()
         seq_len = serving.lengths.longest_request
     else:
-        stages = [_stage_memory(plan, layout, counts, i) for i in range(len(layout.stage_layers))]
+        stages = [_stage_memory(plan, layout, counts, i) for i in range(layout.num_stages)]
         seq_len = _train_seq_len(plan)
     peak = max(stages, key=lambda st: st.total_gib)
     return MemoryReport(
@@ -226,7 +228,7 @@ def stage_params_per_gpu(
 ) -> tuple[float, float]:
     """Parameters one GPU of ``stage`` holds: (dense and replicated, routed experts)."""
     model, t = plan.model, layout.tp
-    num_stages = len(layout.stage_layers)
+    num_stages = layout.num_stages
     sums = counts.layers(_layers_of(plan, layout, stage))
     kv_shards = min(t, model.kv_heads)
     sharded = sums.attention - sums.attention_kv + sums.dense_mlp + sums.shared_experts
@@ -242,10 +244,23 @@ def stage_params_per_gpu(
     return dense, sums.routed_experts / (layout.etp * layout.ep)
 
 
-def _layers_of(plan: Plan, layout: Layout, stage: int) -> list[int]:
+def _layers_of(plan: Plan, layout: Layout, stage: int) -> np.ndarray:
     """Layers of ``stage`` that the model has (an explicit split past the last layer, which the
     audit reports, does not invent layers)."""
-    return [i for i in layout.stage_layers[stage] if i < plan.model.num_layers]
+    return layout.stage_layer_arrays[stage]
+
+
+def _one_layer_per_kind(plan: Plan, layers: np.ndarray) -> list[tuple[int, int]]:
+    """``(count, representative layer)`` for the MoE and the dense layers among ``layers``: a
+    layer's memory depends only on its kind, so deep models cost two evaluations, not one per
+    layer."""
+    is_moe = plan.model.moe_layer_mask()[layers]
+    return [(len(kind), int(kind[0])) for kind in (layers[is_moe], layers[~is_moe]) if len(kind)]
+
+
+def _has_moe_layer(plan: Plan, layout: Layout, stage: int) -> bool:
+    """Whether ``stage`` holds an MoE layer."""
+    return bool(plan.model.moe_layer_mask()[_layers_of(plan, layout, stage)].any())
 
 
 def _expert_dp(layout: Layout) -> int:
@@ -372,17 +387,26 @@ def inflight_microbatches(plan: Plan, stage: int, num_stages: int | None = None)
     return float(min(p - stage, m))
 
 
+def _layers_activation_bytes(plan: Plan, layers: np.ndarray, s: float, b: int) -> float:
+    """Activation bytes of ``layers`` for one micro-batch: a layer's bytes depend only on
+    whether it is an MoE layer, so each kind is computed once (plans may have many layers)."""
+    model, par = plan.model, plan.parallel
+    return sum(
+        n * layer_activation_bytes(model, par, i, s, b)
+        for n, i in _one_layer_per_kind(plan, layers)
+    )
+
+
 def _stage_activation_bytes(plan: Plan, layout: Layout, stage: int, inflight: float) -> float:
     """Training activations of one GPU of ``stage``: layers, embedding output, logits."""
     model, par = plan.model, plan.parallel
     s, b, h = _train_seq_len(plan) / par.cp, par.micro_batch_size, model.hidden_size
     sp_div = par.tp if par.sequence_parallel else 1
     scale = DTYPE_BYTES[model.dtype] / 2
-    layers = _layers_of(plan, layout, stage)
-    total = inflight * sum(layer_activation_bytes(model, par, i, s, b) for i in layers)
+    total = inflight * _layers_activation_bytes(plan, _layers_of(plan, layout, stage), s, b)
     if stage == 0:
         total += inflight * scale * 2 * s * b * h / sp_div
-    if stage == len(layout.stage_layers) - 1:
+    if stage == layout.num_stages - 1:
         held = par.num_microbatches if par.schedule == "gpipe" else 1
         total += held * (scale * 4 * s * b * h / sp_div + 4 * s * b * model.vocab_size / par.tp)
     return total
@@ -393,9 +417,9 @@ def _stage_activation_bytes(plan: Plan, layout: Layout, stage: int, inflight: fl
 
 def _buffer_bytes(plan: Plan, layout: Layout, stage: int) -> float:
     """Training: gradient buckets (reduced over > 1 rank) and MoE all-to-all buffers."""
-    model, par = plan.model, plan.parallel
+    par = plan.parallel
     total = 0.0
-    has_moe = any(model.is_moe_layer(i) for i in _layers_of(plan, layout, stage))
+    has_moe = _has_moe_layer(plan, layout, stage)
     if par.dp * par.cp > 1 or (has_moe and _expert_dp(layout) > 1):
         total += 2 * par.grad_bucket_mb * MIB
     tokens = par.micro_batch_size * _train_seq_len(plan) / par.cp
@@ -406,7 +430,7 @@ def _a2a_bytes(plan: Plan, layout: Layout, stage: int, tokens: float) -> float:
     """All-to-all dispatch and combine buffers of ``tokens`` per GPU on a stage with MoE layers
     (/t with SP): 2 x T*k*h elements."""
     model, par = plan.model, plan.parallel
-    has_moe = any(model.is_moe_layer(i) for i in _layers_of(plan, layout, stage))
+    has_moe = _has_moe_layer(plan, layout, stage)
     if not has_moe or model.moe is None:
         return 0.0
     if par.sequence_parallel:
@@ -426,7 +450,7 @@ def _stage_memory(plan: Plan, layout: Layout, counts: ParamCounts, stage: int) -
     if not par.distributed_optimizer:
         dense_dp = expert_dp = 1
     optim_b = o_bytes * (dense / dense_dp + experts / expert_dp)
-    inflight = inflight_microbatches(plan, stage, len(layout.stage_layers))
+    inflight = inflight_microbatches(plan, stage, layout.num_stages)
     return StageMemory(
         stage=stage,
         num_layers=len(_layers_of(plan, layout, stage)),
@@ -683,12 +707,13 @@ def serving_memory(plan: Plan, layout: Layout, counts: ParamCounts | None = None
     tokens = step / par.cp  # per GPU
     bpe = DTYPE_BYTES[model.dtype]
     per_layer = kv_cache_bytes_per_token_layer(model, par.tp) / par.cp
-    num_stages = len(layout.stage_layers)
+    num_stages = layout.num_stages
     layers, params, weights, acts, bufs, per_token = [], [], [], [], [], []
     for stage in range(num_stages):
         ids = _layers_of(plan, layout, stage)
         dense, experts = stage_params_per_gpu(plan, layout, counts, stage)
-        act = max((_serving_layer_bytes(plan, i, tokens, lengths) for i in ids), default=0.0)
+        kinds = _one_layer_per_kind(plan, ids)
+        act = max((_serving_layer_bytes(plan, i, tokens, lengths) for _, i in kinds), default=0.0)
         if stage == num_stages - 1:
             act += 4 * req.max_batch_size * model.vocab_size / par.tp  # fp32 logits
         layers.append(len(ids))

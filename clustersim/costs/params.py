@@ -22,7 +22,9 @@ Active parameters per token count only ``top_k`` of the routed experts.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from clustersim.spec.schema import ModelSpec
 
@@ -71,12 +73,21 @@ class ParamCounts:
     output: int
     final_norm: int
     top_k: int
-    moe_layers: tuple[bool, ...]
+    moe_layers: np.ndarray = field(compare=False, repr=False)
+    """Read-only boolean array: whether each layer is an MoE layer."""
 
     @property
     def num_layers(self) -> int:
         """Transformer layers in the model."""
         return len(self.moe_layers)
+
+    def _kinds(self, indices: Iterable[int]) -> tuple[int, int]:
+        """(layers, MoE layers) among ``indices``, vectorised (models may be deep)."""
+        if isinstance(indices, np.ndarray):
+            idx = indices.astype(np.int64, copy=False)
+        else:
+            idx = np.fromiter(indices, dtype=np.int64)
+        return len(idx), int(self.moe_layers[idx].sum())
 
     def layer(self, index: int) -> LayerSums:
         """The parameters of 0-based layer ``index``, per component."""
@@ -98,13 +109,8 @@ class ParamCounts:
 
     def layers(self, indices: Iterable[int]) -> LayerSums:
         """The parameters of the layers ``indices`` (0-based), summed per component."""
-        n_moe = n_dense = 0
-        for i in indices:
-            if self.moe_layers[i]:
-                n_moe += 1
-            else:
-                n_dense += 1
-        n_all = n_moe + n_dense
+        n_all, n_moe = self._kinds(indices)
+        n_dense = n_all - n_moe
         return LayerSums(
             attention=n_all * self.attention,
             attention_kv=n_all * self.attention_kv,
@@ -122,7 +128,7 @@ class ParamCounts:
     def layers_active(self, indices: Iterable[int]) -> int:
         """Parameters of the layers ``indices`` that one token uses (``top_k`` routed experts)."""
         indices = list(indices)
-        n_moe = sum(1 for i in indices if self.moe_layers[i])
+        n_moe = self._kinds(indices)[1]
         sums = self.layers(indices)
         return sums.total - sums.routed_experts + n_moe * self.top_k * self.routed_expert
 
@@ -189,5 +195,5 @@ def count_params(model: ModelSpec) -> ParamCounts:
         output=0 if model.tie_embeddings else vocab * h,
         final_norm=h,
         top_k=moe.top_k if moe else 0,
-        moe_layers=tuple(model.is_moe_layer(i) for i in range(model.num_layers)),
+        moe_layers=model.moe_layer_mask(),
     )

@@ -352,3 +352,36 @@ def _keep_highest(experts, keys, token_offsets, counts, capacity, kept_out):
                 if room > 0 and values[i] == threshold:
                     kept_out[flat[i] // k, flat[i] % k] = True
                     room -= 1
+
+
+@njit(cache=True)
+def _leave_one_out_cdf(arrived, k, cdf_out):
+    """cdf_out[e, q] = P(at most k - 1 of the items other than e are set) for independent items
+    set with probabilities ``arrived[q, f]`` (Q, E): Poisson-binomial CDFs of every
+    leave-one-out set, from prefix and suffix generating polynomials truncated at degree k - 1
+    (O(Q E k); used by :mod:`clustersim.routing.inclusion`)."""
+    num_points, n = arrived.shape
+    prefix = np.empty((n + 1, k))
+    suffix = np.empty((n + 1, k))
+    for q in range(num_points):
+        prefix[0, :] = 0.0
+        prefix[0, 0] = 1.0
+        suffix[n, :] = 0.0
+        suffix[n, 0] = 1.0
+        for e in range(n):
+            a = arrived[q, e]
+            for m in range(k - 1, 0, -1):
+                prefix[e + 1, m] = prefix[e, m] * (1.0 - a) + prefix[e, m - 1] * a
+            prefix[e + 1, 0] = prefix[e, 0] * (1.0 - a)
+            b = n - 1 - e
+            a = arrived[q, b]
+            for m in range(k - 1, 0, -1):
+                suffix[b, m] = suffix[b + 1, m] * (1.0 - a) + suffix[b + 1, m - 1] * a
+            suffix[b, 0] = suffix[b + 1, 0] * (1.0 - a)
+        for e in range(n):
+            total = 0.0
+            below = 0.0  # sum_{b <= k-1-a} suffix[e+1, b], built from a = k-1 down to 0
+            for a in range(k - 1, -1, -1):
+                below += suffix[e + 1, k - 1 - a]
+                total += prefix[e, a] * below
+            cdf_out[e, q] = total

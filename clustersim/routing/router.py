@@ -12,12 +12,15 @@ Determinism: ``route(layer, microbatch, tokens, step=s)`` draws from
 ``SeedSequence([seed, layer, microbatch])``. The result depends on nothing else, so calls may
 come in any order.
 
-Two ways to sample, with the same distribution of counts: per token (``mode="tokens"``: each
-token's k experts drawn by the numba kernels, see :mod:`clustersim.routing.kernels`) or per
-source rank (``mode="counts"``: multinomial counts of the k-subsets of experts, see
-:mod:`clustersim.routing.subsets`; needs C(E, k) <= 8192 and no node limit; which tokens a
-capacity drops entirely is then unknown). ``mode="auto"`` (default) takes counts when that is
-possible and cheaper (e.g. Mixtral's E = 8, k = 2), tokens otherwise. Different modes draw
+Ways to sample: per token (``mode="tokens"``: each token's k experts drawn by the numba
+kernels, see :mod:`clustersim.routing.kernels`; exact) or per source rank (``mode="counts"``,
+no node limit; which tokens a capacity drops entirely is then unknown): multinomial counts of
+the k-subsets of experts when C(E, k) <= 8192 (:mod:`clustersim.routing.subsets`; exactly the
+distribution of per-token sampling), else projected binomial counts with exact means and
+Hajek's covariance, or their Gaussian limit for the engine's batches when every count is large
+(:mod:`clustersim.routing.projected`; cost independent of the tokens). ``mode="auto"``
+(default) takes counts when that is possible and cheaper (Mixtral's E = 8, k = 2; Qwen3's
+E = 128, k = 8 with thousands of tokens per rank), tokens otherwise. Different modes draw
 different samples from the same seed.
 
 Batches: ``route_many(layer, keys, tokens)`` routes many calls of one layer at once (the
@@ -51,7 +54,14 @@ from clustersim.routing.dispatch import (
     token_offsets_of,
 )
 from clustersim.routing.gating import expert_popularity
-from clustersim.routing.subsets import MAX_SUBSETS, SubsetSampler, counts_are_cheaper, num_subsets
+from clustersim.routing.projected import ProjectedSampler
+from clustersim.routing.subsets import (
+    MAX_SUBSETS,
+    SubsetSampler,
+    counts_are_cheaper,
+    num_subsets,
+    projected_is_cheaper,
+)
 from clustersim.spec.schema import MoESpec
 
 _MAX_ASSIGNMENTS_PER_CHUNK = 1 << 22
@@ -233,14 +243,14 @@ class Router:
         self.mode = self._check_mode(mode)
         self._samplers: dict[int, TopkSampler] = {}
         self._subset_samplers: dict[int, SubsetSampler] = {}
+        self._projected_samplers: dict[int, ProjectedSampler] = {}
+        self._exact_counts = num_subsets(moe.num_experts, moe.top_k) <= MAX_SUBSETS
 
     def _check_mode(self, mode: str) -> str:
         if mode not in ("auto", "tokens", "counts"):
             raise ValueError(f"mode must be 'auto', 'tokens' or 'counts', got {mode!r}")
         if mode == "counts" and self._nodes_per_token:
             raise ValueError("mode 'counts' does not model node-limited routing; use 'tokens'")
-        if mode == "counts" and num_subsets(self.moe.num_experts, self.moe.top_k) > MAX_SUBSETS:
-            raise ValueError(f"mode 'counts' needs C(E, k) <= {MAX_SUBSETS}; use 'tokens'")
         return mode
 
     def _by_counts(self, num_tokens: int | np.ndarray) -> bool | np.ndarray:
@@ -249,9 +259,11 @@ class Router:
         if self.mode != "auto":
             return self.mode == "counts"
         moe = self.moe
-        return not self._nodes_per_token and counts_are_cheaper(
-            moe.num_experts, moe.top_k, self.ep, num_tokens
-        )
+        if self._nodes_per_token:
+            return False
+        if self._exact_counts:
+            return counts_are_cheaper(moe.num_experts, moe.top_k, self.ep, num_tokens)
+        return projected_is_cheaper(moe.num_experts, moe.top_k, self.ep, num_tokens)
 
     def _node_groups(self, gpus_per_node: int | None) -> tuple[np.ndarray | None, int]:
         """Expert -> node map and nodes per token, or (None, 0) when no limit applies."""
@@ -291,6 +303,19 @@ class Router:
             self._subset_samplers[layer] = sampler
         return self._subset_samplers[layer]
 
+    def _projected_sampler(self, layer: int) -> ProjectedSampler:
+        """The inclusion probabilities of ``layer``, built on first use."""
+        if layer not in self._projected_samplers:
+            sampler = ProjectedSampler(self.popularity(layer), self.moe.top_k)
+            self._projected_samplers[layer] = sampler
+        return self._projected_samplers[layer]
+
+    def _count_sampler(self, layer: int) -> SubsetSampler | ProjectedSampler:
+        """Exact subset counts when C(E, k) allows, else projected counts."""
+        if self._exact_counts:
+            return self._subset_sampler(layer)
+        return self._projected_sampler(layer)
+
     def route(
         self, layer: int, microbatch: int, tokens_per_source_rank: np.ndarray, *, step: int = 0
     ) -> RoutingOutcome:
@@ -305,7 +330,7 @@ class Router:
         if moe.capacity_factor is not None:
             capacity = megatron_capacity(tokens, moe.top_k, moe.num_experts, moe.capacity_factor)
         if self._by_counts(int(tokens.sum())):
-            counts = self._subset_sampler(layer).sample_counts(rng, tokens)
+            counts = self._count_sampler(layer).sample_counts_many(rng, tokens[None])[0]
             binding = capacity is not None and np.any(counts > capacity[:, None])
             return _outcome(counts, capacity, moe.pad_to_capacity, None if binding else 0)
         counts = np.zeros((self.ep, moe.num_experts), np.int64)
@@ -332,8 +357,11 @@ class Router:
             seq = np.random.SeedSequence(
                 [self.seed, layer, BATCH_STREAM, *keys[by_counts].tolist()]
             )
-            counts[by_counts] = self._subset_sampler(layer).sample_counts_many(
-                np.random.default_rng(seq), tokens[by_counts]
+            rng = np.random.default_rng(seq)
+            if by_counts.all() and self._normal_fits(layer, tokens):
+                return self._normal_batch(layer, rng, tokens)
+            counts[by_counts] = self._count_sampler(layer).sample_counts_many(
+                rng, tokens[by_counts]
             )
         if not by_counts.all():  # the other rows per token, all their sources as one chunk
             rows = np.flatnonzero(~by_counts)
@@ -348,6 +376,23 @@ class Router:
         a2a = dispatch_matrix(computed, self.ep)
         return BatchOutcome(computed.sum(axis=1), a2a.sum(axis=1), a2a, dropped,
                             counts.sum(axis=(1, 2)))  # fmt: skip
+
+    def _normal_fits(self, layer: int, tokens: np.ndarray) -> bool:
+        """Whether these rows (all of them) may take the Gaussian rank-level counts: no exact
+        subset sampler, no capacity, every count large (``ProjectedSampler.normal_fits``)."""
+        if self._exact_counts or self.moe.capacity_factor is not None or self.mode == "tokens":
+            return False
+        return self._projected_sampler(layer).normal_fits(tokens, self.ep)
+
+    def _normal_batch(
+        self, layer: int, rng: np.random.Generator, tokens: np.ndarray
+    ) -> BatchOutcome:
+        """Every row from the Gaussian limit of the projected counts (dropless)."""
+        sent, per_expert = self._projected_sampler(layer).sample_rank_counts_many(
+            rng, tokens, self.ep
+        )
+        routed = tokens.sum(axis=1) * self.moe.top_k
+        return BatchOutcome(per_expert, sent.sum(axis=1), sent, np.zeros_like(routed), routed)
 
     def _token_counts(self, layer: int, rng: np.random.Generator, tokens: np.ndarray) -> np.ndarray:
         """Assignments (R, ep, E) of rows ``tokens`` (R, ep) sampled token by token, every

@@ -23,6 +23,7 @@ import numpy as np
 MAX_SUBSETS = 8192  # largest C(E, k) sampled by counts
 _NS_PER_SUBSET_DRAW = 80  # rough cost of one multinomial category per source rank
 _NS_PER_TOKEN_PICK = 20  # rough cost of one per-token pick (uniform + kernel)
+_NS_PER_BINOMIAL = 120  # rough cost of one binomial draw of the projected counts
 
 
 def num_subsets(num_experts: int, top_k: int) -> int:
@@ -36,6 +37,16 @@ def counts_are_cheaper(num_experts: int, top_k: int, num_sources: int, num_token
     if subsets > MAX_SUBSETS:
         return False
     return num_sources * subsets * _NS_PER_SUBSET_DRAW < num_tokens * top_k * _NS_PER_TOKEN_PICK
+
+
+def projected_is_cheaper(
+    num_experts: int, top_k: int, num_sources: int, num_tokens: int | np.ndarray
+) -> bool | np.ndarray:
+    """Whether projected counts (one binomial per source rank and expert) cost less than
+    per-token sampling (:mod:`clustersim.routing.projected`)."""
+    return num_sources * num_experts * _NS_PER_BINOMIAL < np.asarray(num_tokens) * top_k * (
+        _NS_PER_TOKEN_PICK
+    )
 
 
 def subset_probabilities(popularity: np.ndarray, subsets: np.ndarray) -> np.ndarray:

@@ -8,8 +8,10 @@ plan.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Annotated, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 
 # Bounds of the plan's numbers (PlanError messages show them as "valid: ..."). Every float
@@ -91,11 +93,22 @@ class MoESpec(_Strict):
     max_nodes_per_token: Degree | None = Field(
         None, description="Node-limited routing: a token's experts lie on at most M nodes."
     )
+    routing_sampler: Literal["auto", "tokens", "counts"] = Field(
+        "auto",
+        description="tokens: draw every token's experts (exact); counts: draw counts per "
+        "source rank (cost independent of tokens; exact for C(E,k) <= 8192, exact means "
+        "otherwise); auto: counts where cheaper and possible.",
+    )
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> MoESpec:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
+        if self.routing_sampler == "counts" and self.max_nodes_per_token is not None:
+            raise ValueError(
+                "routing_sampler 'counts' does not model max_nodes_per_token; use 'auto' or "
+                "'tokens'"
+            )
         return self
 
 
@@ -153,10 +166,17 @@ class ModelSpec(_Strict):
             return False
         return (layer - self.moe.first_k_dense) % self.moe.layer_freq == 0
 
+    def moe_layer_mask(self) -> np.ndarray:
+        """Read-only boolean array: ``mask[i]`` is whether layer ``i`` is an MoE layer (one
+        array per layer pattern, so per-layer questions stay vectorised for deep models)."""
+        if self.moe is None:
+            return _layer_mask(self.num_layers, self.num_layers, 1)
+        return _layer_mask(self.num_layers, self.moe.first_k_dense, self.moe.layer_freq)
+
     @property
     def num_moe_layers(self) -> int:
         """MoE layers in the whole model."""
-        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+        return int(self.moe_layer_mask().sum())
 
 
 class LinkSpec(_Strict):
@@ -682,3 +702,12 @@ class Plan(_Strict):
     workload: WorkloadSpec = WorkloadSpec()
     targets: TargetsSpec = TargetsSpec()
     claims: ClaimsSpec = ClaimsSpec()
+
+
+@lru_cache(maxsize=64)
+def _layer_mask(num_layers: int, first_k_dense: int, layer_freq: int) -> np.ndarray:
+    """MoE layers of a model: from ``first_k_dense`` on, every ``layer_freq``-th layer."""
+    index = np.arange(num_layers)
+    mask = (index >= first_k_dense) & ((index - first_k_dense) % layer_freq == 0)
+    mask.flags.writeable = False
+    return mask

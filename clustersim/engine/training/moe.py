@@ -113,7 +113,7 @@ class SampledRouting:
     def __init__(self, moe: MoESpec, ep: int, seed: int, gpus_per_node_in_ep: int | None):
         from clustersim.routing.router import Router
 
-        self.router = Router(moe, ep, seed, gpus_per_node_in_ep)
+        self.router = Router(moe, ep, seed, gpus_per_node_in_ep, mode=moe.routing_sampler)
         self.ep = ep
         self.elapsed_s = 0.0  # wall time spent routing (for the benchmark's routing share)
 
