@@ -23,14 +23,25 @@ from clustersim.spec import plan_from_dict
 SIZES = [(64, 16, 16, 4), (128, 32, 32, 4), (256, 32, 64, 8), (1024, 64, 64, 8)]
 
 
-def moe_plan(gpus: int, layers: int, microbatches: int, pp: int, routing: str = "sampled"):
+def moe_plan(
+    gpus: int,
+    layers: int,
+    microbatches: int,
+    pp: int,
+    routing: str = "sampled",
+    topology: str | None = None,
+):
     """A Mixtral-8x7B-class plan: TP 1, EP 8, the given PP, DP = the rest; sequences of
-    128-4096 tokens (so every data-parallel replica differs and is simulated)."""
+    128-4096 tokens (so every data-parallel replica differs and is simulated). ``topology``:
+    a ``hardware.topology`` preset (shared links), or None (no contention)."""
+    hardware = {"gpu": "H100-SXM", "num_nodes": gpus // 8, "gpus_per_node": 8}
+    if topology:
+        hardware["topology"] = topology
     return plan_from_dict(
         {
             "name": f"bench-{gpus}gpu",
             "model": {"preset": "mixtral-8x7b", "num_layers": layers, "moe": {"routing": routing}},
-            "hardware": {"gpu": "H100-SXM", "num_nodes": gpus // 8, "gpus_per_node": 8},
+            "hardware": hardware,
             "parallel": {
                 "tp": 1,
                 "pp": pp,
@@ -49,9 +60,11 @@ def moe_plan(gpus: int, layers: int, microbatches: int, pp: int, routing: str = 
     )
 
 
-def run_one(gpus: int, layers: int, microbatches: int, pp: int, routing: str) -> dict:
+def run_one(
+    gpus: int, layers: int, microbatches: int, pp: int, routing: str, topology: str | None = None
+) -> dict:
     """Simulate one size; wall time, events, events/s, routing share, peak RSS."""
-    plan = moe_plan(gpus, layers, microbatches, pp, routing)
+    plan = moe_plan(gpus, layers, microbatches, pp, routing, topology)
     start = time.perf_counter()
     report = simulate(plan)
     wall = time.perf_counter() - start
@@ -68,6 +81,7 @@ def run_one(gpus: int, layers: int, microbatches: int, pp: int, routing: str) ->
         "routing_s": report.routing_s,
         "max_rss_gib": rss_gib,
         "iteration_time_ms": report.metrics["iteration_time_ms"],
+        "comm_contention_ms": report.metrics["comm_contention_ms"],
     }
 
 
@@ -79,9 +93,10 @@ def main() -> None:
     parser.add_argument("--max-gpus", type=int, default=1024)
     parser.add_argument("--size", type=int, nargs=4)
     parser.add_argument("--routing", choices=["sampled", "even"], default="sampled")
+    parser.add_argument("--topology", default=None, help="hardware.topology preset (shared links)")
     args = parser.parse_args()
     if args.what == "one":
-        print(json.dumps(run_one(*args.size, args.routing)))
+        print(json.dumps(run_one(*args.size, args.routing, args.topology)))
         return
     sizes = [(64, 32, 32, 4)] if args.what == "events" else SIZES
     for size in sizes:
@@ -98,6 +113,7 @@ def main() -> None:
                     *map(str, size),
                     "--routing",
                     args.routing,
+                    *(["--topology", args.topology] if args.topology else []),
                 ],
                 capture_output=True,
                 text=True,

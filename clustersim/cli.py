@@ -686,11 +686,13 @@ def capacity(
 
 
 class Objective(StrEnum):
-    """Search objectives."""
+    """Search objectives (training: throughput, latency, cost; serving: capacity, goodput)."""
 
     throughput = "throughput"
     latency = "latency"
     cost = "cost"
+    capacity = "capacity"
+    goodput = "goodput"
 
 
 class ParetoAxis(StrEnum):
@@ -747,8 +749,14 @@ def search(
         int | None, typer.Option("--gpus", "-g", help="GPUs to use (default: the plan's cluster).")
     ] = None,
     objective: Annotated[
-        Objective, typer.Option("--objective", help="throughput, latency or cost.")
-    ] = Objective.throughput,
+        Objective | None,
+        typer.Option(
+            "--objective",
+            help="Training: throughput (default), latency or cost. Serving: capacity (default; "
+            "the highest request rate meeting the SLOs, per GPU) or goodput (per GPU at the "
+            "plan's rate).",
+        ),
+    ] = None,
     set_: SetOpt = None,
     workers: Annotated[
         int | None,
@@ -801,6 +809,26 @@ def search(
         ),
     ] = False,
     top: Annotated[int, typer.Option("--top", help="Rows of the ranking to print.")] = 10,
+    max_batch_size: Annotated[
+        str | None,
+        typer.Option("--max-batch-size", help="Serving: max_batch_size values, e.g. 64,256."),
+    ] = None,
+    max_batched_tokens: Annotated[
+        str | None,
+        typer.Option(
+            "--max-batched-tokens", help="Serving: max_num_batched_tokens values, e.g. 2048,8192."
+        ),
+    ] = None,
+    chunked: Annotated[
+        str | None,
+        typer.Option("--chunked", help="Serving: chunked_prefill values (default true,false)."),
+    ] = None,
+    attain: Annotated[
+        float,
+        typer.Option(
+            "--attain", help="Serving: share of requests that must be good.", min=0.5, max=1.0
+        ),
+    ] = 0.99,
     backend: Annotated[
         Backend,
         typer.Option("--backend", help="local (process pool) or ray (needs the ray extra)."),
@@ -822,6 +850,18 @@ def search(
         raise _fail(f"--seed: expected 0 to {2**32 - 1}, got {seed}")
     plan = _load(plan_file, set_)
     n = gpus or plan.hardware.num_gpus
+    serving = plan.workload.mode == "inference"
+    if objective is None:
+        objective = Objective.capacity if serving else Objective.throughput
+    serving_objectives = (Objective.capacity, Objective.goodput)
+    if serving != (objective in serving_objectives):
+        valid = "capacity or goodput" if serving else "throughput, latency or cost"
+        kind = "a serving" if serving else "a training"
+        raise _fail(f"--objective {objective.value}: {kind} plan is searched by {valid}")
+    if serving:
+        _search_serving(plan, plan_file, n, objective.value, tp, pp, ep, max_batch_size,
+                        max_batched_tokens, chunked, attain, workers, limit, seed, backend,
+                        output, resume, top, json_out)  # fmt: skip
     space = SearchSpace(
         gpus=n,
         tp=_int_list(tp, "--tp"),
@@ -882,6 +922,78 @@ def search(
 
         print_search(result, top)
     raise typer.Exit(code=0 if result.best() is not None or not result.complete else 1)
+
+
+def _search_serving(plan, plan_file, n, objective, tp, pp, ep, max_batch_size,
+                    max_batched_tokens, chunked, attain, workers, limit, seed, backend,
+                    output, resume, top, json_out) -> None:  # fmt: skip
+    """``search`` of a serving plan (:mod:`clustersim.explore.serving_search`)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from clustersim.cli_tables import ProgressBar, print_serving_search
+    from clustersim.explore.backends import BackendError
+    from clustersim.explore.search import SearchError
+    from clustersim.explore.serving_search import (
+        ServingSpace,
+        serving_search,
+        write_serving_table,
+    )
+    from clustersim.spec.outputs import OutputError
+
+    if resume:
+        raise _fail("--resume: a serving search does not resume; run it again")
+    flags = _str_list(chunked, "--chunked", ("true", "false"))
+    space = ServingSpace(
+        gpus=n,
+        tp=_int_list(tp, "--tp"),
+        pp=_int_list(pp, "--pp"),
+        ep=_int_list(ep, "--ep"),
+        max_batch_size=_int_list(max_batch_size, "--max-batch-size"),
+        max_num_batched_tokens=_int_list(max_batched_tokens, "--max-batched-tokens"),
+        chunked_prefill=tuple(f == "true" for f in flags) if flags else (True, False),
+    )
+    out = output or Path(f"{plan.name}-search.parquet")
+    inputs = _inputs([plan_file], plan)
+    _check_output(out, inputs)
+    if backend is Backend.ray:
+        from clustersim.explore.backends import require_ray
+
+        try:
+            require_ray()
+        except BackendError as exc:
+            raise _fail(str(exc)) from None
+    try:
+        with ProgressBar("finding each deployment's capacity", delay_s=0.5) as bar:
+            result = serving_search(
+                plan,
+                n,
+                objective,
+                attain=attain,
+                space=space,
+                workers=workers,
+                limit=limit,
+                seed=seed,
+                backend=backend.value,
+                progress=lambda done, total: bar.update(done / max(total, 1)),
+            )
+        write_serving_table(out, result, inputs)
+    except (SearchError, BackendError, OutputError) as exc:
+        raise _fail(str(exc)) from None
+    except BrokenProcessPool:
+        typer.echo("error: a search worker died (killed, or out of memory)", err=True)
+        raise typer.Exit(code=3) from None
+    except (KeyboardInterrupt, Terminated) as exc:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(code=143 if isinstance(exc, Terminated) else 130) from None
+    except OSError as exc:
+        raise _fail(f"cannot write {out}: {exc.strerror or exc}") from None
+    if json_out:
+        data = result.to_dict(top)
+        data["table"] = str(out)
+        _print_json(data)
+    else:
+        print_serving_search(result, top, out)
+    raise typer.Exit(code=0 if result.best() is not None else 1)
 
 
 @plan_app.command("show")

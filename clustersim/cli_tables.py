@@ -632,6 +632,12 @@ def print_capacity(result) -> None:
             verdict,
         )
     console.print(table)
+    if d["audit_errors"]:
+        console.print(
+            "[yellow]the plan fails its audit (`clustersim check`): "
+            + escape("; ".join(d["audit_errors"]))
+            + "[/yellow]"
+        )
     cap = d["capacity_req_per_s"]
     if cap is None:
         console.print(
@@ -644,3 +650,77 @@ def print_capacity(result) -> None:
         f"GPU on {d['gpus']} GPUs); goodput {d['goodput_req_per_s']:.4g} requests/s; limiting "
         f"SLO {d['limiting_slo']}; {d['probes']} rates simulated"
     )
+
+
+SERVING_SEARCH_COLS = (
+    ("rank", "#"),
+    ("tp", "TP"),
+    ("pp", "PP"),
+    ("dp", "DP"),
+    ("ep", "EP"),
+    ("etp", "ETP"),
+    ("max_batch_size", "max batch"),
+    ("max_num_batched_tokens", "token budget"),
+    ("chunked_prefill", "chunked"),
+    ("capacity_req_per_s", "capacity req/s"),
+    ("capacity_req_per_s_per_gpu", "per GPU"),
+    ("goodput_req_per_s_per_gpu", "good/GPU"),
+    ("ttft_ms_p99", "TTFT p99 ms"),
+    ("tpot_ms_p99", "TPOT p99 ms"),
+    ("limiting_slo", "limiting SLO"),
+)
+
+
+def _serving_search_table(title: str, rows, objective: str) -> Table:
+    capacity_only = ("capacity_req_per_s", "capacity_req_per_s_per_gpu", "limiting_slo")
+    cols = [c for c in SERVING_SEARCH_COLS if objective == "capacity" or c[0] not in capacity_only]
+    table = Table(title=title, title_justify="left")
+    for _key, label in cols:
+        table.add_column(label, justify="right")
+    for row in rows:
+        cells = []
+        for key, _label in cols:
+            value = row.get(key)
+            if key == "limiting_slo" and value:  # ttft_ms_p99_max -> ttft p99
+                value = value.removesuffix("_max").replace("_ms", "").replace("_", " ")
+            cells.append(escape(_cell(value)))
+        table.add_row(*cells)
+    return table
+
+
+def print_serving_search(result, top: int = 10, path=None) -> None:
+    """``search`` of a serving plan: counts, ranking, Pareto front, the best deployment."""
+    console = Console(width=max(Console().width, 140))
+    c = result.counts
+    console.print(
+        f"[bold]{escape(result.base.name)}[/bold] on {result.base.hardware.num_gpus} GPUs, "
+        f"objective {result.objective} per GPU (SLOs: at least {100 * result.attain:g}% of "
+        f"requests good): {len(result.rows)} deployments; {c.get('invalid', 0)} discarded by "
+        f"the audit, {c.get('simulated', 0)} simulated, {c.get('pending', 0)} left, "
+        f"{c.get('unsupported', 0) + c.get('failed', 0)} not simulable "
+        f"({result.workers} workers) in {result.wall_s:.1f} s"
+    )
+    ranked = result.ranked()
+    if not ranked:
+        console.print("[red]no deployment meets the plan's SLOs and targets[/red]")
+    else:
+        title = f"best {min(top, len(ranked))} by {result.objective} per GPU"
+        console.print(_serving_search_table(title, ranked[:top], result.objective))
+        console.print(
+            _serving_search_table(
+                f"Pareto front: {result.objective} per GPU vs TTFT p99 and TPOT p99",
+                result.pareto(),
+                result.objective,
+            )
+        )
+        import yaml
+
+        d = result.to_dict(top)
+        block = yaml.safe_dump(
+            {"parallel": d["best_parallel"], "workload": {"requests": d["best_requests"]}},
+            sort_keys=False,
+        ).rstrip()
+        console.print("best deployment:", markup=False)
+        console.print(block, markup=False, highlight=False)
+    if path is not None:
+        console.print(f"every candidate: {path}")

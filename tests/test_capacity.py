@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from clustersim.cli import app
 from clustersim.engine.serving.requests import make_requests
 from clustersim.explore.capacity import CHECK_FACTOR, NoSlo, find_capacity
+from clustersim.run.evaluate import evaluate
 from clustersim.run.serving import simulate_serving
 
 SLO = {"ttft_ms_p99_max": 400.0, "tpot_ms_p99_max": 30.0}
@@ -31,12 +32,15 @@ def plan_with(num=200, rate=4.0, targets=None, **sections):
     return make_plan(DENSE, requests=requests, targets=targets or SLO, **sections)
 
 
+def plan_at(plan, rate: float):
+    spec = plan.workload.requests.model_copy(update={"rate_per_s": rate})
+    return plan.model_copy(update={"workload": plan.workload.model_copy(update={"requests": spec})})
+
+
 def good_share(plan, rate: float) -> float:
     """Share of requests meeting both p99 limits in a full run at ``rate``, computed here from
     the request lifecycles (not from the metrics' own goodput)."""
-    spec = plan.workload.requests.model_copy(update={"rate_per_s": rate})
-    at = plan.model_copy(update={"workload": plan.workload.model_copy(update={"requests": spec})})
-    cols = simulate_serving(at).requests()
+    cols = simulate_serving(plan_at(plan, rate)).requests()
     ttft = cols["first_token_ms"] - cols["arrival_ms"]
     out = cols["output_tokens"]
     tpot = np.where(
@@ -54,6 +58,9 @@ def test_slos_hold_at_the_capacity_and_fail_at_1_1x():
     assert rate is not None and rate > 0
     assert good_share(plan, rate) >= 0.99
     assert good_share(plan, rate * CHECK_FACTOR) < 0.99
+    # check of the plan at its capacity passes the SLO targets (the one verdict path)
+    verdict = evaluate(plan_at(plan, rate))
+    assert not [f for f in verdict.findings if f.node.startswith("targets.")]
     d = cap.to_dict()
     assert d["capacity_req_per_s_per_gpu"] == pytest.approx(rate / 1)
     assert d["limiting_slo"] in SLO

@@ -19,7 +19,11 @@ from hypothesis import strategies as st
 
 from clustersim.costs.compute import model_flops_per_iteration
 from clustersim.engine.recorder import Kind, Op, Recorder
-from clustersim.engine.training.optimes import GRAD_BYTES, OPTIMIZER_BYTES_PER_PARAM
+from clustersim.engine.training.optimes import (
+    GRAD_BYTES,
+    OPTIMIZER_BYTES_PER_PARAM,
+    kernel_timer,
+)
 from clustersim.engine.training.sim import TrainingSim
 from clustersim.engine.training.workload import microbatch_lengths
 from clustersim.run.simulate import routing_for, simulate
@@ -286,14 +290,21 @@ def test_one_gpu_iteration_is_the_sum_of_its_ops():
     # the ops run back to back: each starts where the previous ended
     np.testing.assert_allclose(cols["start_ms"][1:], cols["end_ms"][:-1], rtol=0, atol=1e-9)
     # backward = 2 x forward, op by op
-    for fwd, bwd in (
-        (Op.ATTN_FWD, Op.ATTN_BWD),
-        (Op.MLP_FWD, Op.MLP_BWD),
-        (Op.LOGITS_FWD, Op.LOGITS_BWD),
-    ):
+    for fwd, bwd in ((Op.ATTN_FWD, Op.ATTN_BWD), (Op.MLP_FWD, Op.MLP_BWD)):
         f, b = cols["duration"][cols["op"] == fwd], cols["duration"][cols["op"] == bwd]
-        assert len(f) == len(b) == m * (DENSE["num_layers"] if fwd != Op.LOGITS_FWD else 1)
+        assert len(f) == len(b) == m * DENSE["num_layers"]
         assert b.sum() == pytest.approx(2 * f.sum(), rel=1e-12)
+    # output layer: logits GEMM + cross-entropy memory passes; backward two GEMMs per GEMM
+    f, b = (cols["duration"][cols["op"] == op] for op in (Op.LOGITS_FWD, Op.LOGITS_BWD))
+    assert len(f) == len(b) == m
+    k = kernel_timer(plan)
+    tokens = plan.parallel.micro_batch_size * plan.workload.seq_len.value
+    gemm = k.logits_ms(tokens)
+    rate = 3350e9 * plan.hardware.calibration.memory.elementwise_efficiency
+    loss = tokens * DENSE["vocab_size"] * 4 * 1e3 / rate  # one fp32 pass over the logits
+    ce_fwd, ce_bwd = (k.issue(n * loss + k.fixed_ms, tokens) for n in (38 / 4, 14 / 4))
+    np.testing.assert_allclose(f, gemm + ce_fwd, rtol=1e-12)
+    np.testing.assert_allclose(b, 2 * gemm + ce_bwd, rtol=1e-12)
     # the Adam step over every parameter
     opt = cols["duration"][cols["op"] == Op.OPTIMIZER]
     byte_rate = 3350e9 * plan.hardware.calibration.memory.efficiency

@@ -153,12 +153,18 @@ def test_expert_tp_costs_what_expert_parallelism_costs(parallel, seed):
     kernel model may price the two shapes a little differently (the ETP slice is a GEMM of a
     half-width FFN, a lower fraction of peak under a shape-dependent GEMM efficiency, and it
     permutes twice the token copies): ~2 % with the calibrated kernel model, 0 under a plain
-    roofline. The double count ETP once had is a factor of ~2."""
+    roofline. The double count ETP once had is a factor of ~2.
+
+    Megatron-Core re-sorts received copies into expert order only when a GPU holds several
+    experts (``ExpertTimer.chunk_sort``): (EP 4, ETP 2) of 8 experts does (2 per GPU), (EP 8,
+    ETP 1) does not (1 per GPU); those two extra permute passes add ~7 % here, so the
+    tolerance is 12 % when only one of the two foldings sorts."""
     parallel = {**parallel, "etp": 2}
     assume(_valid(parallel) and parallel["ep"] * 2 <= 8)
     folded = {**parallel, "ep": parallel["ep"] * 2, "etp": 1}
-    _, _, _, cols_a, lens_a = _simulate(WIDE, parallel, seed, LONG)
-    _, _, _, cols_b, lens_b = _simulate(WIDE, folded, seed, LONG)
+    plan_a, _, _, cols_a, lens_a = _simulate(WIDE, parallel, seed, LONG)
+    plan_b, _, _, cols_b, lens_b = _simulate(WIDE, folded, seed, LONG)
+    same_sort = ExpertTimer(plan_a).chunk_sort == ExpertTimer(plan_b).chunk_sort
     assert all(
         np.array_equal(x, y)
         for ra, rb in zip(lens_a, lens_b, strict=True)
@@ -172,7 +178,7 @@ def test_expert_tp_costs_what_expert_parallelism_costs(parallel, seed):
             times.append((cols["end_ms"] - cols["start_ms"])[pick][order])
         a, b = times
         assert a.shape == b.shape and len(a) > 0
-        assert np.allclose(a, b, rtol=0.05, atol=0.0), float(np.max(a / b))
+        assert np.allclose(a, b, rtol=0.05 if same_sort else 0.12, atol=0.0), float(np.max(a / b))
 
 
 @settings(max_examples=30, deadline=None)

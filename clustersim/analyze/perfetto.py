@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clustersim.analyze.network import LinkFacts, read_links
 from clustersim.analyze.serving import analyze_serving, in_system_steps, is_serving_trace
 from clustersim.analyze.stream import time_ordered
 from clustersim.analyze.training import RunFacts
@@ -60,8 +61,34 @@ def export_perfetto(
             if lines:
                 f.write(",\n" + ",\n".join(lines))
                 written += len(lines)
+        lines = _link_lines(read_links(reader, 0.0), window_ms)
+        if lines:
+            f.write(",\n" + ",\n".join(lines))
+            written += len(lines)
         f.write("\n]}\n")
     return written
+
+
+LINK_PID = -2
+"""Perfetto process of the link tracks (one thread per link with busy intervals)."""
+
+
+def _link_lines(links: LinkFacts, window_ms: tuple[float, float] | None) -> list[str]:
+    """Busy intervals of the trace's most used links, one track per link (format v3)."""
+    if not links.busy:
+        return []
+    name = {"ph": "M", "name": "process_name", "pid": LINK_PID, "args": {"name": "network links"}}
+    lines = [json.dumps(name)]
+    for tid, (link, intervals) in enumerate(sorted(links.busy.items())):
+        lines.append(json.dumps({"ph": "M", "name": "thread_name", "pid": LINK_PID, "tid": tid,
+                                 "args": {"name": link}}))  # fmt: skip
+        for start_ms, end_ms in intervals.tolist():
+            if window_ms and (end_ms < window_ms[0] or start_ms > window_ms[1]):
+                continue
+            lines.append(json.dumps({"ph": "X", "name": "busy", "cat": "link", "pid": LINK_PID,
+                                     "tid": tid, "ts": start_ms * 1e3,
+                                     "dur": (end_ms - start_ms) * 1e3}))  # fmt: skip
+    return lines
 
 
 def _metadata_events(facts: RunFacts) -> list[str]:

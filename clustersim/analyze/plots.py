@@ -33,13 +33,17 @@ def plot_analysis(analysis: TraceAnalysis, out: str | Path) -> Path:
     """Draw the three panels into ``out`` (PNG)."""
     plt = require_pyplot()
     heat = analysis.expert_tokens is not None and len(analysis.moe_layers) > 0
-    ratios = [3, 2, 2] if heat else [3, 2]
+    links = bool(analysis.network.busy)
+    ratios = [3] + [2] * heat + [2] * links + [2]
     fig, axes = plt.subplots(
-        len(ratios), 1, figsize=(14, 13 if heat else 9), gridspec_kw={"height_ratios": ratios}
-    )
+        len(ratios), 1, figsize=(14, 5 + 4 * (len(ratios) - 1)),
+        gridspec_kw={"height_ratios": ratios},
+    )  # fmt: skip
     _gantt(axes[0], analysis)
     if heat:
         _heatmap(fig, axes[1], analysis)
+    if links:
+        _link_heatmap(fig, axes[1 + heat], analysis)
     _utilisation(axes[-1], analysis)
     fig.tight_layout()
     return _save(plt, fig, out)
@@ -168,6 +172,32 @@ def _heatmap(fig, ax, analysis: TraceAnalysis) -> None:
     ticks = np.linspace(0, len(analysis.moe_layers) - 1, min(len(analysis.moe_layers), 8))
     ax.set_yticks(ticks.astype(int), [analysis.moe_layers[int(t)] for t in ticks])
     fig.colorbar(image, ax=ax, label="load / mean")
+
+
+LINK_BINS = 200
+"""Time bins of the link-utilisation heatmap."""
+
+
+def _link_heatmap(fig, ax, analysis: TraceAnalysis) -> None:
+    """Busy fraction of the most used links over the iteration (time bins)."""
+    wall = analysis.metrics["iteration_time_ms"]
+    names = sorted(analysis.network.busy)
+    edges = np.linspace(0.0, wall, LINK_BINS + 1)
+    grid = np.zeros((len(names), LINK_BINS))
+    for row, name in enumerate(names):
+        for start, end in analysis.network.busy[name].tolist():
+            overlap = np.minimum(edges[1:], end) - np.maximum(edges[:-1], start)
+            grid[row] += np.clip(overlap, 0.0, None)
+    grid /= edges[1] - edges[0]
+    image = ax.imshow(
+        grid, aspect="auto", cmap="magma", interpolation="nearest", vmin=0.0, vmax=1.0,
+        extent=(0.0, wall, len(names) - 0.5, -0.5),
+    )  # fmt: skip
+    ax.set_title("link utilisation (busy fraction per time bin; most contended links)")
+    ax.set_xlabel("time (ms)")
+    ticks = np.linspace(0, len(names) - 1, min(len(names), 12)).astype(int)
+    ax.set_yticks(ticks, [names[t] for t in ticks], fontsize=7)
+    fig.colorbar(image, ax=ax, label="busy fraction")
 
 
 def _utilisation(ax, analysis: TraceAnalysis) -> None:

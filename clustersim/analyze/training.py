@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from clustersim.analyze import kernels as K
+from clustersim.analyze.network import LinkFacts, read_links
 from clustersim.analyze.stream import time_ordered
 from clustersim.layout import Layout
 from clustersim.metrics.bounds import bound_metrics, training_roofline
@@ -100,6 +101,7 @@ class TraceAnalysis:
     moe_layers: list[int] = field(default_factory=list)
     window_rows: dict[str, np.ndarray] | None = None
     window_ms: tuple[float, float] | None = None
+    network: LinkFacts = field(default_factory=LinkFacts)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``clustersim analyze --json``."""
@@ -114,6 +116,7 @@ class TraceAnalysis:
             "critical_path": self.critical_path,
             "expert_load_by_layer": self.expert_load,
             "gpus": self.gpus,
+            "links": self.network.links,
         }
 
 
@@ -368,7 +371,13 @@ def analyze_training(
         finally:
             state.close()
         rows = state.events + work.rows + reader.summary.num_rows
-    return _assemble(str(path), facts, state, work, wall_s, t_pipe_s, rank_idle_s, rows, window)
+        network = read_links(reader, wall_s * 1e3)
+    out = _assemble(str(path), facts, state, work, wall_s, t_pipe_s, rank_idle_s, rows, window)
+    out.network = network
+    out.metrics["comm_contention_ms"] = network.contention_ms
+    if network.present:
+        out.metrics["comm_contention_by_kind_ms"] = dict(network.by_kind_ms)
+    return out
 
 
 class _Window:

@@ -16,8 +16,9 @@ For each GPU generation with a packaged data file (``clustersim/spec/calibration
   written to every generation: ``kernel.framework_us`` (dense training),
   ``kernel.launch_us`` and ``kernel.graph_launch_us`` (serving decode, eager and CUDA graphs).
   They are host costs (Python, launches), so one value serves every GPU generation.
-  ``moe.dropless_sync_us`` is not fitted (its two dropless rows drive it to the end of its
-  grid: ``VALIDATION.md``) and keeps the file's value.
+* ``moe.dropless_sync_us`` is not fitted: every generation gets :data:`DROPLESS_SYNC_US`, the
+  device-to-host round trip of the dropless token counts (the engine adds the host's relaunch,
+  ``kernel.launch_us + kernel.framework_us``: ``engine.training.optimes.ExpertTimer``).
 
 The files are written with a header naming the source and the fit error of each section and
 no date, so that rerunning gives byte-identical files.
@@ -214,11 +215,20 @@ def apply_end_to_end(results: list[GenerationResult], values: dict[str, float]) 
         _set(result.data, values)
 
 
+# Dropless MoE: the host copies the per-expert token counts to host memory and waits for them
+# (Megatron-Core's all-to-all dispatcher). Submitting one small cudaMemcpyAsync costs 5-7 µs
+# (measured: Wu et al. 2026, DualPath, arXiv:2602.21548 §5.2); with the copy itself and the
+# host's wake-up from the stream synchronisation, ~10 µs. Not fitted: the two dropless
+# ModelZoo rows drove an end-to-end fit to the end of its grid (VALIDATION.md).
+DROPLESS_SYNC_US = 10.0
+
 E2E_NOTE = (
     "kernel.framework_us, launch_us, graph_launch_us: host costs fitted on end-to-end rows "
     "(dense training; serving decode, eager and CUDA graphs) by `clustersim calibrate "
     "--end-to-end`, one value for every generation (VALIDATION.md); moe.dropless_sync_us: "
-    "not fitted (an assumption: about one host-device synchronisation)"
+    "not fitted (device-to-host round trip of the token counts, ~10 us: a small "
+    "cudaMemcpyAsync costs 5-7 us, DualPath arXiv:2602.21548 §5.2; the engine adds the "
+    "relaunch, launch_us + framework_us)"
 )
 
 
@@ -277,6 +287,7 @@ def calibrate(
                 summary = f"no measurements: {reason}"
         else:
             summary = "no measurements: kernel and attention values kept"
+        data["moe"]["dropless_sync_us"] = DROPLESS_SYNC_US
         result.notes.append(E2E_NOTE)
         sources = [summary]
         sections = _call_comm(fit_comm.fit, g, measurements)

@@ -1,8 +1,8 @@
 """End-to-end parameters: 1-D deterministic fits with leave-one-out (refit without the row).
 
 A few cost-model parameters cannot be measured kernel by kernel and are fitted on end-to-end
-rows (``VALIDATION.md``): ``kernel.framework_us`` (dense training), ``moe.dropless_sync_us``
-(dropless MoE training), ``kernel.launch_us`` (eager serving decode) and
+rows (``VALIDATION.md``): ``kernel.framework_us`` (dense training), ``kernel.launch_us``
+(eager serving decode) and
 ``kernel.graph_launch_us`` (CUDA-graph serving decode). Each is one number fitted by a 1-D
 search over the rows of one set.
 

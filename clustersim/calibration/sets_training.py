@@ -12,8 +12,9 @@ full attention). The free parameter is ``kernel.framework_us``.
 MoE, Liu et al. 2025 (MoE Parallel Folding, Megatron-Core on H100) and Megatron-MoE-ModelZoo:
 see :data:`MOE_ASSUMPTIONS`. The metric is the source's MFU (model FLOPs / 989.5 TFLOP/s) or
 model TFLOP/s per GPU, with Megatron-Core's FLOP count (``model_flops_per_iteration``: no
-recompute term, causal attention, router left out). Dropless rows depend on
-``moe.dropless_sync_us``; token-drop rows depend on no end-to-end parameter.
+recompute term, causal attention, router left out). No MoE row fits an end-to-end parameter
+(``kernel.framework_us`` comes from the dense set; the dropless synchronisation is a stated
+physical value, ``calibrate.DROPLESS_SYNC_US``): every row is out of sample.
 
 For a long pipeline run the iteration time is exactly linear in the number of micro-batches
 once the schedule is in steady state (m >= 2 PP, deterministic routing, fixed lengths), so
@@ -40,15 +41,14 @@ DENSE_VOCAB = 51200
 MFU_PEAK_TFLOPS = 989.5  # Liu et al. 2025: MFU relative to 989.5 TFLOP/s BF16 dense
 
 FRAMEWORK = "kernel.framework_us"
-DROPLESS_SYNC = "moe.dropless_sync_us"
 
 MOE_ASSUMPTIONS = (
     "H100-SXM nodes of 8 GPUs (Eos DGX H100); BF16; sequence parallelism when TP > 1; "
     "distributed optimizer with overlapped grad-reduce / param-gather; flash attention; "
     "no activation recomputation; all-to-all token dispatcher",
-    "micro-batch size 1 (not stated in the paper; ModelZoo default); interleaved schedule "
-    "with one layer per virtual stage (VPP = layers per stage, as ModelZoo's Mixtral-8x22B "
-    "VPP 7 at PP 8) when PP > 1; ModelZoo rows use their own VPP",
+    "micro-batch size 1 (not stated in the paper; ModelZoo default); VPP not stated: "
+    "Megatron's default, no interleaving (1F1B, one model chunk per stage); rows that state "
+    "their VPP (ModelZoo) use it",
     "token-drop with capacity factor 1.0 as balanced routing (routing: even): the aux-loss "
     "balanced router with CF 1.0 caps every expert at its balanced share; dropless ModelZoo "
     "rows also use even routing (the aux-loss imbalance is not published)",
@@ -273,11 +273,9 @@ def moe_reason(r: dict[str, str]) -> str | None:
     return None
 
 
-def _vpp(r: dict[str, str], layers: int, pp: int) -> int:
-    given = _int(r["vpp"])
-    if given:
-        return given
-    return layers // pp if pp > 1 else 1
+def _vpp(r: dict[str, str]) -> int:
+    """Model chunks per pipeline stage: the row's VPP, else Megatron's default (none: 1)."""
+    return _int(r["vpp"]) or 1
 
 
 def moe_plan(r: dict[str, str], values: dict[str, float] | None = None) -> Plan:
@@ -292,8 +290,7 @@ def moe_plan(r: dict[str, str], values: dict[str, float] | None = None) -> Plan:
     ep = _int(r["ep"], 1)
     etp = _int(r["etp"]) or (1 if "Folding" in r["method_or_variant"] else tp)
     dp, mbs = gpus // (tp * pp), _int(r["mbs"], 1)
-    layers = _layers(model)
-    vpp = _vpp(r, layers, pp)
+    vpp = _vpp(r)
     raw: dict[str, Any] = {
         "name": f"{r['row_id']}-{r['model']}",
         "model": model,
@@ -350,7 +347,7 @@ def _moe_label(r: dict[str, str]) -> str:
 
 
 def moe_rows() -> tuple[list[E2ERow], list[Skipped]]:
-    """Expressible rows (dropless ones fit ``moe.dropless_sync_us``) and the rest with why."""
+    """Expressible rows (none fits an end-to-end parameter) and the rest with why."""
     rows, skipped = [], []
     for r in moe_table():
         reason = moe_reason(r)
@@ -359,7 +356,6 @@ def moe_rows() -> tuple[list[E2ERow], list[Skipped]]:
                 Skipped(r["row_id"], f"{r['model']} {r['method_or_variant']}"[:60], reason)
             )
             continue
-        dropless = "dropless" in r["method_or_variant"]
         unit = "MFU %" if r["metric"] == "MFU" else "TFLOP/s/GPU"
         note = "approx. ('should be around')" if "approx" in r["reliability"] else ""
         rows.append(
@@ -369,8 +365,8 @@ def moe_rows() -> tuple[list[E2ERow], list[Skipped]]:
                 unit,
                 float(r["value"]),
                 rate=True,
-                param=DROPLESS_SYNC if dropless else None,
-                fits=dropless,
+                param=None,
+                fits=False,
                 note=note,
                 cost=_moe_cost(r),
             )

@@ -49,6 +49,13 @@ RESIDUAL_PASSES = 3.0  # residual add: read 2h, write h (per token, x h; no drop
 NORM_PASSES = 2.0  # read h, write h
 TOPK_BYTES = 4 * 2  # fp32 router logits: softmax/top-k read and write E values per token
 PERMUTE_PASSES = 2.0  # a token copy of h elements read and written once (permute, unpermute)
+# Vocabulary-parallel cross-entropy (Megatron's unfused ``vocab_parallel_cross_entropy``), bytes
+# per logit on this GPU: forward casts the bf16 logits to fp32 (read 2, write 4), then max
+# (read 4), subtract the max (read + write 8), exp (8), sum (4), divide by the sum (8) = 38;
+# backward scales the saved softmax by the loss gradient (read + write 8) and casts it back to
+# bf16 (read 4, write 2) = 14. Reductions and exp: the element-wise efficiency.
+CROSS_ENTROPY_FWD_BYTES = 38.0
+CROSS_ENTROPY_BWD_BYTES = 14.0
 DEFAULT_GRAPH_BATCH_MAX = 512  # vLLM's largest captured decode batch
 # Memory-bound kernel classes, each with its fitted HBM fraction and fixed GPU time
 STREAM = "stream"  # residual adds, permutes, KV-cache writes: memory.efficiency, stream_fixed_us
@@ -259,22 +266,35 @@ class KernelTimer:
             total = total + self._residual(tokens)
         return total
 
-    def experts_ms(self, copies, active_experts):
+    def experts_ms(self, copies, active_experts, chunk_sort: bool = False):
         """One rank's routed experts for ``copies`` received token copies over
         ``active_experts`` experts: permute, grouped up, activation, grouped down, unpermute
-        (the FFN split by ETP)."""
+        (the FFN split by ETP). ``chunk_sort``: Megatron-Core's all-to-all dispatcher also
+        re-sorts the received copies from source-rank order into expert order before the
+        grouped GEMM and back after it (``sort_chunks_by_idxs``, when a rank holds several
+        experts and receives copies from several EP x ETP ranks): two more permute passes
+        over the copies."""
         h, width = self.model.hidden_size, self.model.ffn_hidden_size / self.etp
         up = (self._phi - 1) * width
         groups = np.maximum(active_experts, 1.0)
-        total = self.stream_ms(copies, PERMUTE_PASSES * h * self.bpe)
+        permutes = 2 if chunk_sort else 1
+        total = permutes * self.stream_ms(copies, PERMUTE_PASSES * h * self.bpe)
         total = total + self.gemm_ms(copies, up, h, groups)
         total = total + self.stream_ms(copies, self._phi * width * self.bpe, elementwise=True)
         total = total + self.gemm_ms(copies, h, width, groups)
-        return total + self.stream_ms(copies, PERMUTE_PASSES * h * self.bpe)
+        return total + permutes * self.stream_ms(copies, PERMUTE_PASSES * h * self.bpe)
 
     def logits_ms(self, rows):
         """Output layer GEMM for ``rows`` tokens."""
         return self.gemm_ms(rows, self.model.vocab_size / self.tp, self.model.hidden_size)
+
+    def cross_entropy_ms(self, rows, backward: bool = False):
+        """Vocabulary-parallel cross-entropy over ``rows`` tokens' logits on this GPU (its
+        ``vocab / tp`` columns; the two scalar all-reduces per token are not charged): the
+        forward's, or with ``backward`` the backward's memory passes
+        (``CROSS_ENTROPY_FWD_BYTES`` / ``CROSS_ENTROPY_BWD_BYTES`` per logit)."""
+        per_logit = CROSS_ENTROPY_BWD_BYTES if backward else CROSS_ENTROPY_FWD_BYTES
+        return self.stream_ms(rows, per_logit * self.model.vocab_size / self.tp, elementwise=True)
 
     # ---- core attention ------------------------------------------------------------------
     def core_attention_gpu_ms(self, flops, hbm_bytes, keys_per_query, flash: bool = True):

@@ -11,7 +11,7 @@ import contextlib
 import multiprocessing
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
 
@@ -73,22 +73,30 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+TaskFn = Callable[[dict[str, Any]], dict[str, Any]]
+
+
 def run_tasks(
-    tasks: Sequence[tuple[str, dict[str, Any]]], workers: int, backend: str = "local"
+    tasks: Sequence[tuple[str, dict[str, Any]]],
+    workers: int,
+    backend: str = "local",
+    fn: TaskFn = simulate_candidate,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Simulate ``(candidate_id, plan_dict)`` tasks; yield ``(candidate_id, row)`` as they end.
+    """Run ``fn`` (a module-level function: it is pickled) on ``(candidate_id, payload)``
+    tasks, by default :func:`simulate_candidate` of a plan dict; yield ``(candidate_id, row)``
+    as they end.
 
     Closing the iterator early (an interruption) cancels the tasks not yet started.
     """
     if backend == "ray":
-        yield from _run_ray(tasks, workers)
+        yield from _run_ray(tasks, workers, fn)
     elif backend != "local":
         raise BackendError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     elif workers <= 1 or len(tasks) <= 1:
         for cid, plan in tasks:
-            yield cid, simulate_candidate(plan)
+            yield cid, fn(plan)
     else:
-        yield from _run_pool(tasks, workers)
+        yield from _run_pool(tasks, workers, fn)
 
 
 def _pool_context():
@@ -122,7 +130,7 @@ def _kill_workers(pool: ProcessPoolExecutor) -> None:
             proc.terminate()
 
 
-def _run_pool(tasks, workers) -> Iterator[tuple[str, dict[str, Any]]]:
+def _run_pool(tasks, workers, fn) -> Iterator[tuple[str, dict[str, Any]]]:
     """At most ``2 x workers`` tasks in flight, so an interruption loses little work. Workers
     exit when the parent dies; an interruption (the iterator closed or an exception, e.g. the
     CLI's SIGTERM) terminates the running ones."""
@@ -136,7 +144,7 @@ def _run_pool(tasks, workers) -> Iterator[tuple[str, dict[str, Any]]]:
     todo = iter(tasks)
     try:
         for cid, plan in todo:
-            pending[pool.submit(simulate_candidate, plan)] = cid
+            pending[pool.submit(fn, plan)] = cid
             if len(pending) >= 2 * workers:
                 break
         while pending:
@@ -146,7 +154,7 @@ def _run_pool(tasks, workers) -> Iterator[tuple[str, dict[str, Any]]]:
                 yield cid, fut.result()
                 nxt = next(todo, None)
                 if nxt is not None:
-                    pending[pool.submit(simulate_candidate, nxt[1])] = nxt[0]
+                    pending[pool.submit(fn, nxt[1])] = nxt[0]
     finally:
         for fut in pending:
             fut.cancel()
@@ -165,7 +173,7 @@ def require_ray():
     return ray
 
 
-def _run_ray(tasks, workers) -> Iterator[tuple[str, dict[str, Any]]]:
+def _run_ray(tasks, workers, fn) -> Iterator[tuple[str, dict[str, Any]]]:
     """Tasks on a Ray cluster: ``ray.init()`` connects to a running one (RAY_ADDRESS or a local
     head) or starts a local instance with ``workers`` CPUs."""
     ray = require_ray()
@@ -180,7 +188,7 @@ def _run_ray(tasks, workers) -> Iterator[tuple[str, dict[str, Any]]]:
             kwargs["num_cpus"] = max(1, workers)
         ray.init(**kwargs)
         started_here = True
-    remote = ray.remote(num_cpus=1)(simulate_candidate)
+    remote = ray.remote(num_cpus=1)(fn)
     refs = {remote.remote(plan): cid for cid, plan in tasks}
     try:
         while refs:

@@ -22,6 +22,8 @@ import numpy as np
 
 from clustersim import __version__
 from clustersim.analyze.serving import ENGINE_FIELDS, REPLICA_FIELDS, RUN_FIELDS
+from clustersim.engine.network import KINDS as NETWORK_KINDS
+from clustersim.engine.network import Network, NetworkReport
 from clustersim.engine.recorder import Kind, Op, Recorder
 from clustersim.engine.serving.sim import ServingResult
 from clustersim.engine.training.moe import (
@@ -71,6 +73,10 @@ def group_table(layout: Layout, lanes: list[Lane]) -> np.ndarray:
         for lane in lanes:
             table[op, lane.index] = where.get(lane.ranks[0], -1)
     return table
+
+
+BUSY_LINKS = 64
+"""Links whose busy intervals a trace keeps (the most contended, then the busiest)."""
 
 
 def run_metadata(plan: Plan, layout: Layout, lanes: list[Lane], symmetric: bool) -> dict:
@@ -168,6 +174,23 @@ class TraceSink:
         add("summary", "pipeline", start_s=0.0, end_s=result.pipeline_end_ms / 1e3)
         add("summary", "expert_idle", values=np.asarray(rank_idle_ms) / 1e3)
 
+    def network(self, report: NetworkReport) -> None:
+        """The shared links (format v3): contention, every used link, and the busy intervals
+        of the ``BUSY_LINKS`` most contended (then busiest) links."""
+        add = self.writer.add_row
+        by_kind = [report.by_kind_ms[k] for k in NETWORK_KINDS]
+        add("summary", "contention", value=report.contention_ms, values=by_kind)
+        ranked = sorted(
+            range(len(report.links)),
+            key=lambda i: (-report.links[i].contention_ms, -report.links[i].busy_ms, i),
+        )
+        for i, link in enumerate(report.links):
+            add("summary", "link", group=i, nbytes=link.bytes, value=link.contention_ms,
+                values=[link.busy_ms])  # fmt: skip
+        for i in ranked[:BUSY_LINKS]:
+            for start_ms, end_ms in report.links[i].intervals.tolist():
+                add("summary", "link_busy", group=i, start_s=start_ms / 1e3, end_s=end_ms / 1e3)
+
 
 class RecordingRouting:
     """A routing source that records every outcome it hands out (the engine routes every
@@ -201,16 +224,22 @@ def simulate_traced(
     symmetric: bool,
     progress: Callable[[float], None] | None,
     path: Path,
+    network: Network | None = None,
 ) -> tuple[SimResult, dict]:
     """Run the engine with every row streamed into a trace at ``path`` (written atomically).
     Returns the result and ``{"path", "rows", "bytes"}`` of the trace."""
     layout = Layout(plan)
     num_groups = len(layout.groups("ep")) if plan.model.moe else 0
     recording = RecordingRouting(routing, num_groups) if routing is not None else None
-    sim = TrainingSim(plan, rec, seq_lens, recording, symmetric, progress)
-    meta = S.encode_metadata(
-        plan.model_dump(mode="json"), plan.seed, run_metadata(plan, layout, sim.lanes, symmetric)
-    )
+    sim = TrainingSim(plan, rec, seq_lens, recording, symmetric, progress, network)
+    run = run_metadata(plan, layout, sim.lanes, symmetric)
+    report = network.report if network is not None else None
+    if report is not None:
+        run["network"] = {
+            "kinds": list(NETWORK_KINDS),
+            "links": [[link.name, link.kind] for link in report.links],
+        }
+    meta = S.encode_metadata(plan.model_dump(mode="json"), plan.seed, run)
     with TraceWriter(path, meta) as writer:
         sink = TraceSink(writer, layout, sim.lanes)
         sink.workload(seq_lens)
@@ -221,6 +250,8 @@ def simulate_traced(
         rec.flush()
         rec.sink = None
         sink.summary(result, rec.rank_idle_ms)
+        if report is not None:
+            sink.network(report)
     return result, {"path": str(path), "rows": writer.rows_written, "bytes": writer.bytes_written}
 
 

@@ -18,6 +18,7 @@ from clustersim.audit.checks import AuditReport, audit
 from clustersim.audit.findings import Finding
 from clustersim.audit.judge import TRAINING_FIX, judge, report_dict, still_unchecked
 from clustersim.engine.errors import EngineError
+from clustersim.engine.network import Network
 from clustersim.engine.recorder import Recorder
 from clustersim.engine.training.moe import EvenSplit, RoutingSource, SampledRouting
 from clustersim.engine.training.sim import TrainingSim, check_supported
@@ -101,6 +102,38 @@ def simulate(
     return simulate_workload(plan, report, seq_lens, routing, symmetric, progress, trace)
 
 
+def network_delays(
+    plan: Plan,
+    seq_lens: list[list[np.ndarray]],
+    routing: RoutingSource | None,
+    symmetric: bool,
+    progress: Callable[[float], None] | None = None,
+) -> Network | None:
+    """With ``hardware.topology``: a first pass of the iteration that records every
+    collective as a flow, solved on the shared links; the returned network holds each
+    collective's delay for the pass that counts (``engine.network``). None without one."""
+    if plan.hardware.topology is None:
+        return None
+    net = Network(plan.hardware, plan.parallel.world_size)
+    scratch = Recorder(plan.parallel.world_size)
+    half = (lambda f: progress(f / 2)) if progress else None
+    first = TrainingSim(plan, scratch, seq_lens, routing, symmetric, half, net).run()
+    net.solve(len(first.lanes), first.iteration_time_ms)
+    return net
+
+
+def contention_metrics(net: Network | None) -> dict[str, Any]:
+    """``comm_contention_ms`` (lane mean, summed over the iteration's collectives) and its
+    split by collective kind; zero without a topology."""
+    if net is None or net.report is None:
+        return {"comm_contention_ms": 0.0}
+    report = net.report
+    return {
+        "comm_contention_ms": report.contention_ms,
+        "comm_contention_by_kind_ms": dict(report.by_kind_ms),
+    }
+
+
 def simulate_workload(
     plan: Plan,
     report: AuditReport,
@@ -115,16 +148,18 @@ def simulate_workload(
     rec = Recorder(plan.parallel.world_size)
     started = time.perf_counter()
     trace_info = None
+    net = network_delays(plan, seq_lens, routing, symmetric, progress)
     if trace is None:
-        result = TrainingSim(plan, rec, seq_lens, routing, symmetric, progress).run()
+        result = TrainingSim(plan, rec, seq_lens, routing, symmetric, progress, net).run()
     else:  # imported here: pyarrow is not needed (nor loaded) without a trace
         from clustersim.run.record import simulate_traced
 
         result, trace_info = simulate_traced(
-            plan, rec, seq_lens, routing, symmetric, progress, Path(trace)
+            plan, rec, seq_lens, routing, symmetric, progress, Path(trace), net
         )
     wall_s = time.perf_counter() - started
     metrics = training_metrics(plan, rec, result)
+    metrics.update(contention_metrics(net))
     findings = list(report.findings) + judge(plan, metrics, TRAINING_FIX)
     unchecked = [u for u in report.unchecked if still_unchecked(u, metrics)]
     routing_s = getattr(routing, "elapsed_s", 0.0)

@@ -22,7 +22,13 @@ from pydantic import BaseModel, ValidationError
 from clustersim.spec.calibration_data import calibration_data, calibration_generations
 from clustersim.spec.errors import PlanError, PlanIssue, did_you_mean
 from clustersim.spec.files import DATA_MAX_BYTES, PLAN_MAX_BYTES, check_input_file, read_input_text
-from clustersim.spec.presets import DEFAULT_GENERATION, GPU_GENERATION, GPU_PRESETS, MODEL_PRESETS
+from clustersim.spec.presets import (
+    DEFAULT_GENERATION,
+    GPU_GENERATION,
+    GPU_PRESETS,
+    MODEL_PRESETS,
+    TOPOLOGY_PRESETS,
+)
 from clustersim.spec.schema import Plan
 
 DEFAULT_PLAN_SOURCE = "<default plan: Mixtral-8x7B on 16 x H100-SXM>"
@@ -239,6 +245,13 @@ def _merge_presets(raw: dict[str, Any], source: str) -> dict[str, Any]:
             raise PlanError(source, [_unknown_preset("hardware.gpu", hardware["gpu"], GPU_PRESETS)])
     if isinstance(raw.get("hardware"), dict):
         raw["hardware"] = _merge_calibration(raw["hardware"], source)
+        topology = raw["hardware"].get("topology")
+        if isinstance(topology, str):
+            preset = _lookup_preset(topology, TOPOLOGY_PRESETS)
+            if preset is None:
+                issue = _unknown_preset("hardware.topology", topology, TOPOLOGY_PRESETS)
+                raise PlanError(source, [issue])
+            raw["hardware"] = {**raw["hardware"], "topology": dict(preset)}
     return raw
 
 

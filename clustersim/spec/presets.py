@@ -58,6 +58,33 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
         "inter_node": {"bandwidth_gbps": 50, "latency_us": 8},
     },
 }
+# Network topologies (``hardware.topology: <name>``), clustersim.spec.schema.TopologySpec.
+# DGX H100 SuperPOD reference architecture: 8 x 400 Gb/s compute NICs per node, one rail per
+# GPU index, scalable units of 32 nodes, a non-blocking two-tier compute fabric. GB200 NVL72:
+# 4 NICs per tray of 4 GPUs, racks of 18 trays (the NVLink domain is hardware.nvlink_domain_gpus).
+TOPOLOGY_PRESETS: dict[str, dict[str, Any]] = {
+    "non-blocking": {"kind": "non_blocking"},
+    "dgx-h100-superpod": {
+        "kind": "rail_optimized",
+        "nics_per_node": 8,
+        "oversubscription": 1.0,
+        "tiers": 2,
+        "nodes_per_leaf": 32,
+    },
+    "fat-tree-2to1": {
+        "kind": "fat_tree",
+        "oversubscription": 2.0,
+        "tiers": 2,
+        "nodes_per_leaf": 4,
+    },
+    "gb200-nvl72": {
+        "kind": "rail_optimized",
+        "nics_per_node": 4,
+        "oversubscription": 1.0,
+        "tiers": 2,
+        "nodes_per_leaf": 18,
+    },
+}
 # Which calibration data file (clustersim/spec/calibration/<generation>.yaml) serves each GPU.
 # H200 and H800 are Hopper dies with other memory / NVLink: own files, fitted or derived.
 GPU_GENERATION: dict[str, str] = {

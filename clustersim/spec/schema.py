@@ -361,6 +361,35 @@ class CalibrationSpec(_Strict):
     collectives: CollectiveCalibration
 
 
+class TopologySpec(_Strict):
+    """The network as shared links (``clustersim.engine.network``): every node's NVLink
+    domain, its NICs and the uplinks of its leaf (and pod) are links that concurrent
+    collectives share max-min fairly. Each NIC runs at ``inter_node.bandwidth_gbps`` per
+    direction; a leaf's uplinks carry ``nodes_per_leaf x nics_per_node x NIC bandwidth /
+    oversubscription`` (per tier)."""
+
+    kind: Literal["non_blocking", "rail_optimized", "fat_tree"] = Field(
+        "non_blocking",
+        description="non_blocking: only NVLink and NICs are shared; rail_optimized: GPU i of "
+        "every node on rail i, a leaf group is a scalable unit of nodes; fat_tree: leaf "
+        "switches of nodes_per_leaf nodes under spines.",
+    )
+    nics_per_node: Degree | None = Field(
+        None, description="Network ports of one node (null = gpus_per_node, one NIC per GPU)."
+    )
+    oversubscription: float = Field(
+        1.0,
+        ge=1.0,
+        le=64.0,
+        description="Down / up bandwidth of a leaf (and pod) switch; 1.0 = non-blocking.",
+    )
+    tiers: Literal[2, 3] = Field(2, description="Switch tiers: 2 leaf-spine, 3 adds pods/core.")
+    nodes_per_leaf: Degree = Field(
+        32, description="Nodes one leaf group connects in one hop (DGX SuperPOD unit: 32)."
+    )
+    leaves_per_pod: Degree = Field(8, description="Leaf groups per pod (tiers: 3 only).")
+
+
 class HardwareSpec(_Strict):
     """The cluster: GPU figures (from a preset, overridable) and its size."""
 
@@ -379,6 +408,11 @@ class HardwareSpec(_Strict):
         0.0, ge=0, le=MAX_RATE,
         description="Memory not available to the model (CUDA context, allocator).",
     )  # fmt: skip
+    topology: TopologySpec | None = Field(
+        None,
+        description="Shared-link network model (or a preset name); null = each collective "
+        "alone at its link's bandwidth (no contention).",
+    )
     nvlink_domain_gpus: Degree | None = Field(
         None,
         description="GPUs that share one NVLink (NVSwitch) domain, whole nodes; a group inside "

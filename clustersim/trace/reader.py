@@ -144,7 +144,7 @@ class TraceReader:
         return {
             "lane": len(lanes) if isinstance(lanes, list) else gpus,
             "gpu": gpus,
-            "group": gpus,
+            "group": max(gpus, _network_links(run)),
             "replica": count(*par, "dp"),
             "layer": count("model", "num_layers"),
             "microbatch": max(count(*par, "num_microbatches", default=1), requests),
@@ -280,6 +280,13 @@ class TraceReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _network_links(run: dict[str, Any]) -> int:
+    """Links of a v3 run with shared links (``link`` rows index them by ``group``)."""
+    network = run.get("network")
+    links = network.get("links") if isinstance(network, dict) else None
+    return len(links) if isinstance(links, list) else 0
 
 
 def _names(batch: pa.RecordBatch, column: str) -> list[str]:

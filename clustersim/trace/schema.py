@@ -8,7 +8,8 @@ something depends on the row's ``kind`` (see ``docs/trace-format.md``):
 * ``workload``: the sequence lengths of one micro-batch of one replica (``values``);
 * ``route``: the routing outcome of one EP group, layer and micro-batch, one row per quantity;
 * ``summary``: whole-run figures written last (iteration end, pipeline end, per-GPU expert
-  idle time, and the batch index that lets readers stream the file in time order);
+  idle time, and the batch index that lets readers stream the file in time order; with
+  ``hardware.topology`` also the shared links: ``NETWORK_OPS``);
 * ``request``: the lifecycle of one served request (serving traces, ``mode: inference``):
   ``prefill`` (arrival to first token), ``decode`` (first token to finish), ``request_done``
   (arrival to finish, exact engine times in ms); ``request_arrival`` stays reserved.
@@ -28,9 +29,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-VERSION = 2
+VERSION = 3
 """Trace format version; a reader refuses files with a larger one. Version 2 added the
-checksums (``META_CHECKSUM``, ``BATCH_CHECKSUM``); version 1 files are still read, without."""
+checksums (``META_CHECKSUM``, ``BATCH_CHECKSUM``); version 1 files are still read, without.
+Version 3 added the shared-link rows (``NETWORK_OPS``, summary rows of runs with
+``hardware.topology``); version 1 and 2 files are read as runs without them."""
 
 META_VERSION = b"clustersim.trace.version"
 META_PLAN = b"clustersim.plan"
@@ -57,6 +60,11 @@ SUMMARY_OPS = ("iteration", "pipeline", "expert_idle", "batch_index")
 REQUEST_OPS = ("request_arrival", "prefill", "decode", "request_done")  # request_arrival: reserved
 SERVING_SUMMARY_OPS = ("serving_run", "serving_engine", "serving_replica")  # appended in v1
 SERVING_BATCH_OPS = ("serving_batches",)  # appended later in v1 (older traces lack it)
+NETWORK_OPS = ("contention", "link", "link_busy")  # appended in v3 (summary rows)
+"""``contention``: ``value`` = comm_contention_ms, ``values`` = per collective kind (the run
+metadata's ``network.kinds``); ``link``: one per link that carried bytes, ``group`` = its index
+in ``network.links``, ``bytes``, ``value`` = contention ms, ``values`` = [busy ms];
+``link_busy``: a busy interval (``start_s``, ``end_s``) of one of the most used links."""
 OPS = (
     ENGINE_OPS
     + WORKLOAD_OPS
@@ -65,6 +73,7 @@ OPS = (
     + REQUEST_OPS
     + SERVING_SUMMARY_OPS
     + SERVING_BATCH_OPS
+    + NETWORK_OPS
 )
 
 KIND_CODE = {name: i for i, name in enumerate(KINDS)}

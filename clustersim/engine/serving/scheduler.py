@@ -60,7 +60,8 @@ class RequestBook:
 
 @dataclass
 class Step:
-    """One step of one replica: the requests it serves, in order, with their new tokens."""
+    """One step of one replica: the requests it serves, in order, with their new tokens, and
+    the sums the step timer needs, accumulated while the step was built (no second pass)."""
 
     ids: list[int]
     new_tokens: list[int]
@@ -69,6 +70,10 @@ class Step:
     preempted: int = 0
     admitted: int = 0  # the last ``admitted`` of ``ids`` joined the running batch in this step
     decodes: int = 0  # requests of the step generating one more token on top of a first one
+    tokens: int = 0  # sum of new_tokens
+    pairs: int = 0  # query-key pairs of causal attention: sum of q c + q (q + 1) / 2
+    kv_read: int = 0  # tokens of context read: sum of new_tokens + context
+    outputs_left: int = 0  # fewest output tokens any request of the step has still to make
 
     def aggregates(self, num_microbatches: int) -> list[list[float]]:
         """Sums per micro-batch (requests dealt round-robin), as four rows of ``V`` numbers:
@@ -76,10 +81,7 @@ class Step:
         ``kv_read`` (tokens of context read)."""
         v = num_microbatches
         if v == 1:
-            q, c = self.new_tokens, self.context
-            tokens = sum(q)
-            pairs = sum(a * b + a * (a + 1) // 2 for a, b in zip(q, c, strict=True))
-            return [[tokens], [len(q)], [pairs], [tokens + sum(c)]]
+            return [[self.tokens], [len(self.ids)], [self.pairs], [self.kv_read]]
         out = [[0] * v for _ in range(4)]
         for i, (a, b) in enumerate(zip(self.new_tokens, self.context, strict=True)):
             col = i % v
@@ -174,42 +176,66 @@ class ReplicaScheduler:
         """Serve the running requests (preempting from the tail), then admit waiting ones
         (chunked prefill only)."""
         book, running = self.book, self.running
+        prompt, output, generated = book.prompt, book.output, book.generated
+        computed, blocks = book.computed, book.blocks
+        bs = self.block_size
         ids: list[int] = []
         new: list[int] = []
         ctx: list[int] = []
         budget, preempted, i, decodes = self.budget, 0, 0, 0
+        tokens = pairs = context = 0
+        left = 1 << 62
         while i < len(running) and budget > 0:
             rid = running[i]
-            c = book.computed[rid]
-            remaining = book.prompt[rid] + book.generated[rid] - c
+            c = computed[rid]
+            g = generated[rid]
+            remaining = prompt[rid] + g - c
             q = remaining if remaining < budget else budget
-            while not self._allocate(rid, q):
-                victim = running.pop()
-                self._preempt(victim)
-                preempted += 1
-                if victim == rid:
-                    break
+            need = -(-(c + q) // bs) - blocks[rid]
+            if need <= self.free_blocks:  # the common case: the blocks are there
+                self.free_blocks -= need
+                blocks[rid] += need
             else:
-                ids.append(rid)
-                new.append(q)
-                ctx.append(c)
-                budget -= q
-                # a true decode: one token on top of a first token (not a prompt's last token)
-                if remaining == 1 and book.generated[rid] > 0:
-                    decodes += 1
-                i += 1
-                continue
-            break
+                while not self._allocate(rid, q):
+                    victim = running.pop()
+                    self._preempt(victim)
+                    preempted += 1
+                    if victim == rid:
+                        break
+                else:
+                    need = 0
+                if need:  # ``rid`` itself was preempted
+                    break
+            ids.append(rid)
+            new.append(q)
+            ctx.append(c)
+            budget -= q
+            tokens += q
+            pairs += q * c + q * (q + 1) // 2
+            context += c
+            if output[rid] - g < left:
+                left = output[rid] - g
+            # a true decode: one token on top of a first token (not a prompt's last token)
+            if remaining == 1 and g > 0:
+                decodes += 1
+            i += 1
         all_served = len(ids) == len(running)
-        admitted = 0
+        step = Step(ids, new, ctx, False, preempted, 0, decodes, tokens, pairs, 0, left)
         if self.chunked and not preempted:
-            admitted = self._admit(ids, new, ctx, budget)
-        decode_only = decodes == len(ids) and all_served and not preempted and not admitted
-        return Step(ids, new, ctx, decode_only and bool(ids), preempted, admitted, decodes)
+            step.admitted, admitted_context = self._admit(step, budget)
+            context += admitted_context
+        step.kv_read = step.tokens + context
+        step.decode_only = (
+            decodes == len(ids) and all_served and not preempted and not step.admitted
+        ) and bool(ids)
+        return step
 
-    def _admit(self, ids: list[int], new: list[int], ctx: list[int], budget: int) -> int:
-        """Admit waiting requests into this step (chunked prefill); returns how many."""
+    def _admit(self, step: Step, budget: int) -> tuple[int, int]:
+        """Admit waiting requests into ``step`` (chunked prefill); returns how many, and the
+        context tokens (of recomputing requests) they read."""
         book, admitted = self.book, 0
+        ids, new, ctx = step.ids, step.new_tokens, step.context
+        context = 0
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             rid = self.waiting[0]
             c = book.computed[rid]
@@ -223,8 +249,12 @@ class ReplicaScheduler:
             new.append(q)
             ctx.append(c)
             budget -= q
+            step.tokens += q
+            step.pairs += q * c + q * (q + 1) // 2
+            context += c
+            step.outputs_left = min(step.outputs_left, book.output[rid] - book.generated[rid])
             admitted += 1
-        return admitted
+        return admitted, context
 
     def _prefill_step(self) -> Step | None:
         """vLLM V0: a step of whole prompts of waiting requests, if any can be admitted."""
@@ -232,6 +262,7 @@ class ReplicaScheduler:
         ids: list[int] = []
         new: list[int] = []
         budget = self.budget
+        tokens = pairs = 0
         while self.waiting and len(self.running) < self.max_seqs:
             rid = self.waiting[0]
             q = book.prompt[rid] + book.generated[rid] - book.computed[rid]
@@ -242,17 +273,20 @@ class ReplicaScheduler:
             ids.append(rid)
             new.append(q)
             budget -= q
+            tokens += q
+            pairs += q * (q + 1) // 2
         if not ids:
             return None
-        return Step(ids, new, [0] * len(ids), False, 0, len(ids))
+        left = min(book.output[r] - book.generated[r] for r in ids)
+        n = len(ids)
+        return Step(ids, new, [0] * n, False, 0, n, 0, tokens, pairs, tokens, left)
 
     # ---- runs of decode steps --------------------------------------------------------------
     def run_length(self, step: Step, limit: int) -> int:
         """How many identical decode steps, ``step`` first, may run (1 unless decode-only)."""
         if not step.decode_only or limit <= 1:
             return 1
-        book = self.book
-        k = min(limit, min(book.output[r] - book.generated[r] for r in step.ids))
+        k = min(limit, step.outputs_left)
         if k <= 1:
             return 1
         bs = self.block_size

@@ -1,15 +1,16 @@
-"""Serving (inference) as a SimPy simulation: requests, replicas, continuous batching.
+"""Serving (inference) as a discrete-event simulation: requests, replicas, continuous batching.
 
-Processes: one *arrival* process (one timeout per distinct arrival time; it hands each request
-to a replica through the :class:`Dispatcher`) and one process per *engine* (a set of
+On an :class:`~clustersim.engine.serving.loop.EventLoop` (timed callbacks in SimPy's order):
+one *arrival* chain (one timeout per distinct arrival time; it hands each request to a
+replica through the :class:`Dispatcher`) and one *engine* per set of
 data-parallel replicas that step in lockstep because an EP group spans them; see
 :mod:`clustersim.engine.serving.step_timer`). No process per request: requests are rows of a
 :class:`~clustersim.engine.serving.scheduler.RequestBook`, served by each replica's
 :class:`~clustersim.engine.serving.scheduler.ReplicaScheduler`.
 
 An engine loop: ask every member replica's scheduler for its next step, time the step with the
-:class:`~clustersim.engine.serving.step_timer.StepTimer`, wait that long (one SimPy timeout),
-commit.
+:class:`~clustersim.engine.serving.step_timer.StepTimer`, wait that long (one timeout), then
+(after whatever else is due at that time) commit.
 When every member's step only decodes, the engine times the whole *run* of identical decode
 steps up to the next completion or KV-cache exhaustion at once (the steps differ only in the
 context length, so their times are computed together) and waits once; a request that arrives
@@ -30,10 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import simpy
 
 from clustersim.costs.serving import KVCapacity, kv_capacity, step_costs
 from clustersim.engine.errors import EngineError
+from clustersim.engine.serving.loop import URGENT, EventLoop
 from clustersim.engine.serving.moe_table import MoEStepTable
 from clustersim.engine.serving.requests import Requests
 from clustersim.engine.serving.scheduler import ReplicaScheduler, RequestBook, Step
@@ -177,13 +178,12 @@ class Dispatcher:
 
 
 class Engine:
-    """One lockstep group of replicas and its SimPy process (module docstring)."""
+    """One lockstep group of replicas, driven by the event loop (module docstring)."""
 
     def __init__(self, sim: ServingSim, index: int, members: list[int]):
         self.sim, self.index, self.members = sim, index, members
-        self.env = sim.env
+        self.loop = sim.loop
         self.stats = EngineStats()
-        self._wake: simpy.Event | None = None
         self._idle = False
         self._generation = 0
         self._steps: list[Step | None] = []  # the members' current step (None: idle member)
@@ -192,13 +192,14 @@ class Engine:
         self._run_steps = 0  # steps of the current run (0: none)
         self._start_ms = 0.0
         self._used_at_start: list[int] = []
+        self._scheds = [sim.schedulers[m] for m in members]
 
     # ---- waking ----------------------------------------------------------------------------
     def notify(self, now: float) -> None:
         """A request arrived at a member: wake the engine, or cut its run of decode steps."""
         if self._idle:
             self._idle = False
-            self._wake.succeed()
+            self.loop.call_soon(self.start)
         elif self._run_steps > 1:
             j = int(np.searchsorted(self._ends, now, side="left"))
             if j + 1 < self._run_steps:
@@ -209,50 +210,54 @@ class Engine:
         self._generation += 1
         generation = self._generation
         self.sim.events += 1
-        timer = self.env.timeout(max(0.0, at_ms - self.env.now))
-        timer.callbacks.append(lambda _event: self._fire(generation))
+        loop = self.loop
+        loop.call_later(max(0.0, at_ms - loop.now), lambda: self._fire(generation))
 
     def _fire(self, generation: int) -> None:
+        """The end of the step or run in progress, unless it was cut (then a later timer
+        ends it): wake the engine after whatever else is due now."""
         if generation == self._generation:
-            self._wake.succeed()
+            self.loop.call_soon(self._wake)
 
     # ---- the loop --------------------------------------------------------------------------
-    def process(self):
-        """The engine's SimPy process."""
+    def _wake(self) -> None:
+        """Commit the step or run that ended, then start the next."""
+        self._commit()
+        self.start()
+
+    def start(self) -> None:
+        """Dispatch what has arrived, then plan the next step or run and set its timer; or
+        idle until a request arrives (``notify``)."""
         sim = self.sim
-        while True:
-            now = self.env.now
-            sim.dispatcher.advance_to(now)
-            self._wake = self.env.event()
-            if not self._plan(now):
-                if sim.finished == sim.num_requests:
-                    return
+        now = self.loop.now
+        sim.dispatcher.advance_to(now)
+        if not self._plan(now):
+            if sim.finished != sim.num_requests:
                 self._idle = True
-                yield self._wake
-                continue
-            self._arm(self._ends[self._run_steps - 1])
-            yield self._wake
-            self._commit()
+            return
+        self._arm(self._ends[self._run_steps - 1])
 
     def _plan(self, now: float) -> bool:
         """Schedule the members' next step (or run); False when none has work."""
-        scheds = [self.sim.schedulers[m] for m in self.members]
+        sim = self.sim
+        scheds = self._scheds
         steps = [s.schedule() for s in scheds]
         aggs, run = [], MAX_STEPS
-        v = self.sim.num_microbatches
-        first = self.sim.book.first_scheduled_ms
+        v = sim.num_microbatches
+        first = sim.book.first_scheduled_ms
         for sched, st in zip(scheds, steps, strict=True):
             if st is not None:
-                for rid in st.ids[len(st.ids) - st.admitted :]:
-                    if first[rid] != first[rid]:  # NaN: never scheduled before
-                        first[rid] = now
+                if st.admitted:
+                    for rid in st.ids[len(st.ids) - st.admitted :]:
+                        if first[rid] != first[rid]:  # NaN: never scheduled before
+                            first[rid] = now
                 aggs.append(st.aggregates(v))
-                run = min(run, sched.run_length(st, run))
+                run = sched.run_length(st, run) if st.decode_only else 1
         if not aggs:
             if any(s.waiting for s in scheds):
                 raise RuntimeError("a replica has waiting requests but cannot schedule any")
             return False
-        timing = self.sim.timer.time(aggs, run, len(self.members))
+        timing = sim.timer.time(aggs, run, len(scheds))
         self._steps, self._timing = steps, timing
         if run == 1:
             self._ends = [now + timing.round_ms[0]]
@@ -260,7 +265,7 @@ class Engine:
             self._ends = now + np.cumsum(timing.round_ms)
         self._run_steps = run
         self._start_ms = now
-        self._used_at_start = [s.used_blocks for s in scheds]
+        self._used_at_start = [s.num_blocks - s.free_blocks for s in scheds]
         return True
 
     def _commit(self) -> None:
@@ -277,23 +282,26 @@ class Engine:
         stats.balance_weighted += t.balance_pct * t.moe_tokens * k
         stats.dropped_weighted += t.dropped_pct * t.moe_tokens * k
         duration = end - self._start_ms
-        for m, st, used0 in zip(self.members, self._steps, self._used_at_start, strict=True):
-            sched = sim.schedulers[m]
+        kv_area, kv_peak = sim.kv_area, sim.kv_peak
+        for m, sched, st, used0 in zip(
+            self.members, self._scheds, self._steps, self._used_at_start, strict=True
+        ):
             if st is None:
-                sim.kv_area[m] += used0 * duration
+                kv_area[m] += used0 * duration
                 continue
             sim.decode_batches[st.decodes] += k
             if len(st.ids) > st.decodes:
                 sim.prefill_batches[len(st.ids) - st.decodes] += 1
             finished = sched.commit(st, k, end)
             peak = sched.peak_used
-            sim.kv_area[m] += 0.5 * (used0 + peak) * duration
-            sim.kv_peak[m] = max(sim.kv_peak[m], peak)
-            for _ in finished:
-                sim.dispatcher.count(-1, end)
-            if sim.limits is not None and finished:
-                sim.judge_finished(finished)
-            sim.on_finished(len(finished))
+            kv_area[m] += 0.5 * (used0 + peak) * duration
+            if peak > kv_peak[m]:
+                kv_peak[m] = peak
+            if finished:
+                sim.dispatcher.count(-len(finished), end)
+                if sim.limits is not None:
+                    sim.judge_finished(finished)
+                sim.on_finished(len(finished))
         self._run_steps = 0
 
 
@@ -337,7 +345,7 @@ class ServingSim:
         self.rejected = np.zeros(self.num_requests, dtype=bool)
         self.finished = 0
         self.events = 0
-        self.env = simpy.Environment()
+        self.loop = EventLoop()
         dp = plan.parallel.dp
         self.schedulers = [
             ReplicaScheduler(
@@ -354,8 +362,8 @@ class ServingSim:
         self.engines = [Engine(self, i, members) for i, members in enumerate(groups)]
         self.engine_of = {m: i for i, members in enumerate(groups) for m in members}
         self.dispatcher = Dispatcher(self)
-        self.kv_area = np.zeros(dp)
-        self.kv_peak = np.zeros(dp, dtype=np.int64)
+        self.kv_area = [0.0] * dp  # lists while running (cheap scalar access), arrays after
+        self.kv_peak = [0] * dp
         self.prefill_batches = [0] * (req.max_batch_size + 1)
         self.decode_batches = [0] * (req.max_batch_size + 1)
         self.limits = limits
@@ -391,22 +399,34 @@ class ServingSim:
         if bad:
             self.count_bad(bad)
 
-    def _arrivals(self):
+    def _arrivals(self) -> None:
+        """Dispatch the requests of each distinct arrival time at that time."""
         times = self.arrival_ms
         last = np.flatnonzero(np.append(times[1:] != times[:-1], True))  # last of equal times
-        for index in last.tolist():
-            at = float(times[index])
-            if at > self.env.now:
-                self.events += 1
-                yield self.env.timeout(at - self.env.now)
-            self.dispatcher.advance_through(index, self.env.now)
+        pending = iter(last.tolist())
+        loop = self.loop
+
+        def resume(index: int) -> None:
+            self.dispatcher.advance_through(index, loop.now)
+            advance()
+
+        def advance() -> None:
+            for index in pending:
+                at = float(times[index])
+                if at > loop.now:
+                    self.events += 1
+                    loop.call_later(at - loop.now, lambda i=index: resume(i))
+                    return
+                self.dispatcher.advance_through(index, loop.now)
+
+        advance()
 
     def run(self) -> ServingResult:
         """Simulate until every request has finished (or was rejected)."""
-        self.env.process(self._arrivals())
+        self.loop.call_soon(self._arrivals, URGENT)
         for engine in self.engines:
-            self.env.process(engine.process())
-        self.env.run()
+            self.loop.call_soon(engine.start, URGENT)
+        self.loop.run()
         if self.finished != self.num_requests:
             raise RuntimeError(
                 f"simulation stopped with {self.num_requests - self.finished} requests unserved"
@@ -419,8 +439,8 @@ class ServingSim:
             num_replicas=self.plan.parallel.dp,
             engines=[e.members for e in self.engines],
             engine_stats=[e.stats for e in self.engines],
-            kv_area=self.kv_area,
-            kv_peak=self.kv_peak,
+            kv_area=np.array(self.kv_area, dtype=np.float64),
+            kv_peak=np.array(self.kv_peak, dtype=np.int64),
             in_system_area=self.dispatcher.area,
             events=self.events,
             preemptions=sum(s.preemptions for s in self.schedulers),

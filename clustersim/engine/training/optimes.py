@@ -120,8 +120,16 @@ class MicrobatchCosts:
 
     @cached_property
     def logits_fwd_ms(self) -> float:
-        """Output layer (logits) forward on the last stage."""
-        return float(self._kernels.logits_ms(self.tokens))
+        """Output layer (logits GEMM and cross-entropy loss) forward on the last stage."""
+        k = self._kernels
+        return float(k.logits_ms(self.tokens)) + float(k.cross_entropy_ms(self.tokens))
+
+    @cached_property
+    def logits_bwd_ms(self) -> float:
+        """Output layer backward: the loss's backward, then two GEMMs per forward GEMM."""
+        k = self._kernels
+        gemms = cc.BACKWARD_FACTOR * float(k.logits_ms(self.tokens))
+        return gemms + float(k.cross_entropy_ms(self.tokens, backward=True))
 
     @cached_property
     def p2p_bytes(self) -> float:
@@ -145,25 +153,45 @@ def kernel_timer(plan: Plan, graphs: bool = False) -> KernelTimer:
 
 class ExpertTimer:
     """Vectorised forward time of each rank's routed experts for its received token copies
-    and active experts (:meth:`KernelTimer.experts_ms`), plus the dropless
-    synchronisation (the host waits for the token counts) when experts have no capacity."""
+    and active experts (:meth:`KernelTimer.experts_ms`), plus the dropless synchronisation
+    when experts have no capacity.
+
+    Dropless synchronisation (Megatron-Core's all-to-all dispatcher, ``cuda_sync_point``):
+    the host copies the per-expert token counts to host memory and waits for them before it
+    can size the all-to-all and the grouped GEMM, so the GPU drains its queue, waits the
+    device-to-host round trip (``moe.dropless_sync_us``) and then the host's launch of the
+    next kernel (``kernel.launch_us + kernel.framework_us``). Once per MoE layer and forward
+    pass (the backward reuses the forward's counts; a full recompute pays it again).
+    """
 
     def __init__(self, plan: Plan, graphs: bool = False, sync: bool = True):
         self.kernels = kernel_timer(plan, graphs)
         moe = plan.model.moe
+        # sync also marks Megatron-Core's training dispatcher (serving engines fuse the sort):
+        # copies from several sources (EP x ETP ranks) re-sorted for several local experts
+        ep, etp = plan.parallel.ep, plan.parallel.expert_tp
+        self.chunk_sort = sync and moe is not None and ep * etp > 1 and moe.num_experts > ep
         dropless = sync and moe is not None and moe.capacity_factor is None
-        sync_us = plan.hardware.calibration.moe.dropless_sync_us if dropless else 0.0
+        cal = plan.hardware.calibration
+        relaunch_us = cal.kernel.launch_us + cal.kernel.framework_us
+        sync_us = cal.moe.dropless_sync_us + relaunch_us if dropless else 0.0
         self.sync_ms = sync_us * 1e-3
 
     def forward_ms_one(self, tokens: float, active_experts: float) -> float:
         """Forward time of one rank's expert GEMMs (scalar version of :meth:`forward_ms`)."""
         if tokens <= 0:
             return 0.0
-        return float(self.kernels.experts_ms(tokens, active_experts)) + self.sync_ms
+        ms = self.kernels.experts_ms(tokens, active_experts, self.chunk_sort)
+        return float(ms) + self.sync_ms
+
+    def compute_ms(self, tokens: np.ndarray, active_experts: np.ndarray) -> np.ndarray:
+        """Forward kernel time of each rank's experts (no synchronisation)."""
+        ms = self.kernels.experts_ms(tokens, active_experts, self.chunk_sort)
+        return np.where(tokens > 0, ms, 0.0)
 
     def forward_ms(self, tokens: np.ndarray, active_experts: np.ndarray) -> np.ndarray:
         """Forward time of each rank's expert GEMMs for its token count."""
-        ms = self.kernels.experts_ms(tokens, active_experts)
+        ms = self.kernels.experts_ms(tokens, active_experts, self.chunk_sort)
         return np.where(tokens > 0, ms + self.sync_ms, 0.0)
 
 

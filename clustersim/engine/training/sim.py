@@ -69,6 +69,7 @@ from clustersim.costs.compute import BACKWARD_FACTOR, DTYPE_BYTES
 from clustersim.costs.memory import stage_params_per_gpu
 from clustersim.costs.params import count_params
 from clustersim.engine.errors import EngineError
+from clustersim.engine.network import Network
 from clustersim.engine.recorder import Kind, Op, Recorder
 from clustersim.engine.rendezvous import Rendezvous, trigger_at
 from clustersim.engine.training.moe import DispatchBatch, RoutingSource, dispatch_many
@@ -171,7 +172,7 @@ class _CohortCosts:
         self.dense = _LayerVectors([c.dense for c in per_lane]) if False in kinds else None
         self.moe = _LayerVectors([c.moe for c in per_lane]) if True in kinds else None
         self.logits_fwd = np.array([c.logits_fwd_ms for c in per_lane])
-        self.logits_bwd = BACKWARD_FACTOR * self.logits_fwd
+        self.logits_bwd = np.array([c.logits_bwd_ms for c in per_lane])
         self.p2p_bytes = np.array([c.p2p_bytes for c in per_lane])
         self.tp_bytes = np.array([float(c.tokens * activation_bytes) for c in per_lane])
 
@@ -205,8 +206,10 @@ class TrainingSim:
         routing: RoutingSource | None,
         symmetric: bool,
         progress: Callable[[float], None] | None = None,
+        network: Network | None = None,
     ):
         self.plan, self.rec, self.routing = plan, recorder, routing
+        self.net = network  # shared links (hardware.topology): flows, then delays
         self.layout = Layout(plan)
         self.par, self.model, self.hw = plan.parallel, plan.model, plan.hardware
         check_supported(plan, self.layout)
@@ -234,6 +237,7 @@ class TrainingSim:
         self._layer_grads: dict[int, tuple[float, float]] = {}
         self._collective_ms: dict[tuple, float] = {}
         self._links: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._a2a_routes: dict[tuple, tuple] = {}
 
     # ---- construction ----------------------------------------------------------------------
     def _make_lanes(self) -> list[Lane]:
@@ -515,15 +519,29 @@ class TrainingSim:
         durations = routes.a2a_ms[mb]
         if co.block:
             starts = ready.reshape(len(co.groups), co.block).max(axis=1)
+        else:
+            starts = np.where(co.membership, ready[None, :], -np.inf).max(axis=1)
+        if self.net is not None:
+            durations = self._a2a_flows(co, layer, mb, op, starts, durations)
+        if co.block:
             ends = np.repeat(starts + durations, co.block)
         else:
             member = co.membership
-            starts = np.where(member, ready[None, :], -np.inf).max(axis=1)
             ends = np.where(member, (starts + durations)[:, None], -np.inf).max(axis=0)
         self.rec.add_block(
             co.lane_ids, Kind.COMM, op, ready, ends, layer, mb, routes.lane_bytes[mb]
         )
         return routes, ends
+
+    def _a2a_flows(self, co: Cohort, layer: int, mb: int, op: Op, starts, durations):
+        """The all-to-alls of one layer and micro-batch as flows on the shared links."""
+        key = ("a2a", co.stage, layer, mb, int(op))
+        if self.net.delays is not None:
+            return self.net.flows(key, "ep_a2a", starts, durations, 0.0, [], 1)
+        routes, latency = self._a2a_routes[(co.stage, layer)]
+        lanes = co.membership.sum(axis=1) if co.membership is not None else 1
+        flows = [(links, volumes[mb]) for links, volumes in routes]
+        return self.net.flows(key, "ep_a2a", starts, durations, latency, flows, lanes)
 
     def _route_layer(self, co: Cohort, layer: int) -> _LayerRoutes:
         """Route every EP group and micro-batch of ``layer`` in one batch; time the
@@ -553,6 +571,8 @@ class TrainingSim:
             ],
             axis=1,
         )
+        if self.net is not None and self.net.delays is None:
+            self._record_a2a_routes(co, layer, send)
         # Bytes each member sends to the others (its own share stays put); a lane's row
         # records the mean over its GPUs, as the other collectives record one GPU's bytes.
         sent = send.sum(axis=3) - np.diagonal(send, axis1=2, axis2=3)  # (G, m, ep)
@@ -560,6 +580,21 @@ class TrainingSim:
         lane_bytes = per_rank.reshape(m, len(co.lanes), tp).mean(axis=2)
         fwd, bwd, etp_ms = self._expert_times(co, batch, m)
         return _LayerRoutes(a2a_ms, lane_bytes, fwd, bwd, etp_ms)
+
+    def _record_a2a_routes(self, co: Cohort, layer: int, send: np.ndarray) -> None:
+        """Link volumes of every group's all-to-all of ``layer`` (per micro-batch) and the
+        fixed part of its time (the all-to-all of an empty matrix)."""
+        routes, latency = [], []
+        for j, gid in enumerate(co.groups):
+            ranks = self._ep_groups[gid]
+            routes.append(self.net.links.matrix_volumes(np.array(ranks), send[j]))
+            empty = np.zeros((1, len(ranks), len(ranks)))
+            latency.append(
+                all_to_all_v_times_ms(
+                    empty, ranks, self.hw.gpus_per_node, self.hw, self.par.moe_dispatcher
+                )[0]
+            )
+        self._a2a_routes[(co.stage, layer)] = (routes, np.array(latency))
 
     def _expert_times(self, co: Cohort, batch: DispatchBatch, m: int):
         """Per micro-batch and lane: expert time forward and backward (the lane's slowest
@@ -577,21 +612,28 @@ class TrainingSim:
             # its 1/etp of the experts' FFN width (the ExpertTimer's GEMM shapes)
             received = received.reshape(m, -1, etp).sum(axis=2).repeat(etp, axis=1)
         self.expert_tokens[co.ranks] += received.sum(axis=0)
-        rank_ms = self.expert_timer.forward_ms(received, active)
-        factor = BACKWARD_FACTOR + (1.0 if self.par.recompute == "full" else 0.0)
+        timer = self.expert_timer
+        rank_ms = timer.compute_ms(received, active)
+        full = self.par.recompute == "full"
+        factor = BACKWARD_FACTOR + (1.0 if full else 0.0)
+        # the dropless synchronisation: once per forward pass (a full recompute is one more)
+        sync = np.where(received > 0, timer.sync_ms, 0.0)
         if tp == 1:
-            fwd = rank_ms
+            fwd, bwd = rank_ms + sync, rank_ms * factor + (sync if full else 0.0)
         else:
-            fwd = rank_ms.reshape(m, lanes, tp).max(axis=2)
-            idle = (np.repeat(fwd, tp, axis=1) - rank_ms).sum(axis=0)
-            idle += (np.repeat(fwd * factor, tp, axis=1) - rank_ms * factor).sum(axis=0)
+            fwd_compute = rank_ms.reshape(m, lanes, tp).max(axis=2)
+            lane_sync = sync.reshape(m, lanes, tp).max(axis=2)
+            fwd = fwd_compute + lane_sync
+            bwd = fwd_compute * factor + (lane_sync if full else 0.0)
+            idle = (np.repeat(fwd_compute, tp, axis=1) - rank_ms).sum(axis=0)
+            idle += (np.repeat(fwd_compute * factor, tp, axis=1) - rank_ms * factor).sum(axis=0)
             self.rec.rank_idle_ms[co.ranks] += idle  # every micro-batch, both directions
         etp_ms = None
         if etp > 1:
             sizes = received.reshape(m, lanes, tp).max(axis=2) * self._act_bytes
             bandwidth, latency = self._link_vectors([ln.ranks[:etp] for ln in co.lanes])
             etp_ms = all_gather_ms(sizes, etp, bandwidth, latency)
-        return fwd, fwd * factor, etp_ms
+        return fwd, bwd, etp_ms
 
     # ---- pipeline transfers ----------------------------------------------------------------
     def _send(
@@ -601,7 +643,11 @@ class TrainingSim:
         next (previous) stage; each lane's transfer starts when the lane is free."""
         peer = self.cohorts[to_vstage % self.par.pp]
         pairs = [[a.ranks[0], b.ranks[0]] for a, b in zip(co.lanes, peer.lanes, strict=True)]
-        arrive = free + p2p_ms(nbytes, *self._link_vectors(pairs))
+        duration = p2p_ms(nbytes, *self._link_vectors(pairs))
+        if self.net is not None:
+            key = ("p2p", what, to_vstage, mb)
+            duration = self.net.sends(key, pairs, nbytes, free, duration)
+        arrive = free + duration
         self.rec.add_block(co.lane_ids, Kind.COMM_ASYNC, Op.P2P_SEND, free, arrive, -1, mb, nbytes)
         target = self._event((what, to_vstage, mb))
         trigger_at(target, arrive, max(0.0, float(arrive.max()) - self.env.now))
@@ -708,7 +754,13 @@ class TrainingSim:
                 duration = self._collective_ms[key] = collective_time_ms(
                     kind, size, group, self.hw.gpus_per_node, self.hw, "hierarchical"
                 )
-            ends[positions] = float(start[positions].max()) + duration
+            begin = float(start[positions].max())
+            if self.net is not None:
+                net_key = self.net.next_key("grad", co.stage, int(op), group[0])
+                duration = self.net.collective(
+                    net_key, "dp_grad", kind, size, group, begin, duration, len(positions)
+                )
+            ends[positions] = begin + duration
         return ends
 
     def _param_gather(self, co: Cohort, start: np.ndarray, blocking: bool) -> float:
@@ -726,6 +778,8 @@ class TrainingSim:
                 total += collective_time_ms(
                     "all_gather", params * bpe, group, gpn, hw, "hierarchical"
                 )
+        if total and self.net is not None:
+            total = self._param_gather_flow(co, start, total)
         if total:
             self.rec.add_block(
                 co.lane_ids,
@@ -735,6 +789,35 @@ class TrainingSim:
                 start + total,
             )
         return total
+
+    def _param_gather_flow(self, co: Cohort, start: np.ndarray, total: float) -> float:
+        """The parameter all-gather as one flow per DP group of the cohort (its DP and EDP
+        all-gathers back to back): returns the duration with its delay."""
+        key = ("param_gather", co.stage)
+        begin = float(np.max(start))
+        if self.net.delays is not None:
+            return float(self.net.flows(key, "param_gather", begin, [total], 0.0, [], 1)[0])
+        dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
+        bpe = DTYPE_BYTES[self.model.dtype]
+        routes, latency = [], 0.0
+        first = co.lanes[0].ranks[0]
+        links = self.net.links
+        for kind, params in (("dp", dense), ("edp", expert)):
+            group = self.layout.group_of(kind, first) if kind == "dp" or self.model.moe else []
+            if len(group) > 1 and params > 0:
+                (route, fixed) = self.net._collective_route("all_gather", params * bpe, group)
+                routes.append(route)
+                latency += fixed
+        merged: dict[int, float] = {}
+        for ln, vol in routes:
+            for a, b in zip(ln.tolist(), vol.tolist(), strict=True):
+                merged[a] = merged.get(a, 0.0) + b
+        route = (np.array(list(merged), dtype=np.int64), np.array(list(merged.values())))
+        del links
+        lanes = len(co.lanes)
+        return float(
+            self.net.flows(key, "param_gather", begin, [total], latency, [route], lanes)[0]
+        )
 
     def _optimizer(self, co: Cohort, start_ms: float):
         dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)

@@ -1,0 +1,348 @@
+"""Search the deployments of a serving plan for the most capacity (or goodput) per GPU.
+
+The space is serving knobs only, on ``gpus`` GPUs: TP, PP, EP (and ETP 1 or TP) with the
+data-parallel replicas derived (``dp = gpus / (tp x pp)``; with EP spanning replicas this is
+attention data parallelism), ``workload.requests.max_batch_size``,
+``max_num_batched_tokens`` and ``chunked_prefill``. A candidate the auditor rejects (it does
+not divide, or does not fit in memory with room for one longest request in the KV cache) is
+discarded before simulating.
+
+Objectives:
+
+* ``capacity``: the highest request rate at which the plan's SLOs hold
+  (:mod:`clustersim.explore.capacity`), per GPU;
+* ``goodput``: good requests per second per GPU at the plan's own request rate.
+
+The SLOs are the constraints: a candidate is *feasible* when, at its capacity (``capacity``)
+or at the plan's rate (``goodput``), the verdict that ``check`` prints has no error (its
+targets met, its layout valid). Feasible candidates are ranked by the objective (ties: fewer
+GPUs per replica, then enumeration order); the Pareto front is capacity per GPU vs TTFT p99
+and TPOT p99 at that rate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from clustersim.audit.checks import audit
+from clustersim.audit.fixes import with_parallel
+from clustersim.explore.backends import default_workers, run_tasks
+from clustersim.explore.capacity import NoSlo, find_capacity
+from clustersim.explore.search import SearchError, cluster_plan
+from clustersim.run.evaluate import evaluate
+from clustersim.spec.schema import Plan
+
+OBJECTIVES = ("capacity", "goodput")
+PARALLEL_KEYS = ("tp", "pp", "dp", "ep", "etp")
+REQUEST_KEYS = ("max_batch_size", "max_num_batched_tokens", "chunked_prefill")
+PARAM_KEYS = PARALLEL_KEYS + REQUEST_KEYS
+RESULT_KEYS = (
+    "capacity_req_per_s",
+    "capacity_req_per_s_per_gpu",
+    "goodput_req_per_s",
+    "goodput_req_per_s_per_gpu",
+    "goodput_pct",
+    "ttft_ms_p99",
+    "tpot_ms_p99",
+    "limiting_slo",
+    "probes",
+)
+
+
+@dataclass(frozen=True)
+class ServingSpace:
+    """Values to try per knob; None = a default derived from the base plan."""
+
+    gpus: int
+    tp: tuple[int, ...] | None = None
+    pp: tuple[int, ...] | None = None
+    ep: tuple[int, ...] | None = None
+    max_batch_size: tuple[int, ...] | None = None
+    max_num_batched_tokens: tuple[int, ...] | None = None
+    chunked_prefill: tuple[bool, ...] = (True, False)
+
+
+def _pow2_upto(n: int) -> tuple[int, ...]:
+    return tuple(2**i for i in range(int(math.log2(max(n, 1))) + 1))
+
+
+def enumerate_serving(base: Plan, space: ServingSpace) -> list[dict[str, Any]]:
+    """Every candidate's knobs, in a deterministic order (with ``index``)."""
+    gpus, model, req = space.gpus, base.model, base.workload.requests
+    gpn = min(base.hardware.gpus_per_node, gpus)
+    tps = space.tp or tuple(t for t in _pow2_upto(gpn) if gpus % t == 0)
+    pps = space.pp or tuple(p for p in (1, 2) if gpus % p == 0)
+    experts = model.moe.num_experts if model.moe else 1
+    eps = space.ep or (_pow2_upto(min(experts, gpus)) if model.moe else (1,))
+    mbss = space.max_batch_size or (req.max_batch_size,)
+    budgets = space.max_num_batched_tokens or (req.max_num_batched_tokens,)
+    out: list[dict[str, Any]] = []
+    for tp, pp, ep in itertools.product(tps, pps, eps):
+        if gpus % (tp * pp):
+            continue
+        dp = gpus // (tp * pp)
+        for etp in sorted({1, tp}) if model.moe else [None]:
+            for mbs, budget, chunked in itertools.product(mbss, budgets, space.chunked_prefill):
+                params = {
+                    "tp": tp,
+                    "pp": pp,
+                    "dp": dp,
+                    "ep": ep if model.moe else 1,
+                    "etp": etp,
+                    "max_batch_size": mbs,
+                    "max_num_batched_tokens": budget,
+                    "chunked_prefill": chunked,
+                }
+                out.append({**params, "index": len(out)})
+    return out
+
+
+def serving_candidate_plan(base: Plan, params: dict[str, Any]) -> Plan:
+    """The plan of one candidate (``base`` as returned by ``cluster_plan``)."""
+    changes: dict[str, Any] = {k: params[k] for k in PARALLEL_KEYS if params[k] is not None}
+    changes["layers_per_stage"] = None
+    if base.model.moe is None:
+        changes.pop("ep", None)
+    plan = with_parallel(base, **changes)
+    spec = plan.workload.requests.model_copy(update={k: params[k] for k in REQUEST_KEYS})
+    workload = plan.workload.model_copy(update={"requests": spec})
+    name = f"{base.name}-tp{params['tp']}pp{params['pp']}dp{params['dp']}ep{params['ep']}"
+    return plan.model_copy(update={"workload": workload, "name": f"{name}-{params['index']}"})
+
+
+def evaluate_serving_candidate(task: dict[str, Any]) -> dict[str, Any]:
+    """One candidate (``task``: ``plan`` as a dict, ``objective``, ``attain``): its capacity
+    or goodput and the verdict at that rate, as result-row fields."""
+    try:
+        plan = Plan.model_validate(task["plan"])
+        if task["objective"] == "capacity":
+            return _capacity_row(plan, task["attain"])
+        return _goodput_row(plan)
+    except (NoSlo, ValueError) as exc:
+        return {"status": "unsupported", "reason": str(exc)[:300]}
+    except Exception as exc:  # noqa: BLE001 - one bad candidate must not end the search
+        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def _verdict_fields(plan: Plan) -> dict[str, Any]:
+    verdict = evaluate(plan)
+    if verdict.run is None:
+        return {"status": "unsupported", "reason": verdict.note[:300]}
+    m = verdict.metrics
+    errors = sorted({f.node for f in verdict.findings if f.severity == "error"})
+    return {
+        "status": "simulated",
+        "reason": None,
+        "goodput_req_per_s": m.get("goodput_req_per_s"),
+        "goodput_req_per_s_per_gpu": m.get("goodput_req_per_s_per_gpu"),
+        "goodput_pct": m.get("goodput_pct"),
+        "ttft_ms_p99": m.get("ttft_ms_p99"),
+        "tpot_ms_p99": m.get("tpot_ms_p99"),
+        "feasible": not errors,
+        "errors": ",".join(errors) or None,
+        "exit_code": verdict.exit_code,
+    }
+
+
+def _capacity_row(plan: Plan, attain: float) -> dict[str, Any]:
+    cap = find_capacity(plan, attain)
+    rate = cap.capacity_req_per_s
+    row: dict[str, Any] = {"probes": len(cap.probes), "limiting_slo": cap.limiting_slo}
+    if rate is None:
+        return {**row, "status": "simulated", "reason": "the SLOs fail at every rate probed",
+                "feasible": False, "capacity_req_per_s": None}  # fmt: skip
+    spec = plan.workload.requests.model_copy(update={"rate_per_s": rate})
+    at = plan.model_copy(update={"workload": plan.workload.model_copy(update={"requests": spec})})
+    row.update(_verdict_fields(at))
+    row["capacity_req_per_s"] = rate
+    row["capacity_req_per_s_per_gpu"] = rate / plan.parallel.world_size
+    return row
+
+
+def _goodput_row(plan: Plan) -> dict[str, Any]:
+    row = _verdict_fields(plan)
+    if row.get("goodput_req_per_s") is None and row["status"] == "simulated":
+        raise NoSlo("targets: the plan sets no per-request SLO, so it has no goodput")
+    return row
+
+
+@dataclass
+class ServingSearchResult:
+    """Every candidate's row (enumeration order), ranked, with the Pareto front."""
+
+    base: Plan
+    objective: str
+    attain: float
+    rows: list[dict[str, Any]]
+    wall_s: float = 0.0
+    workers: int = 1
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def metric(self) -> str:
+        """The row field ranked on."""
+        return (
+            "capacity_req_per_s_per_gpu"
+            if self.objective == "capacity"
+            else "goodput_req_per_s_per_gpu"
+        )
+
+    def ranked(self) -> list[dict[str, Any]]:
+        """Feasible candidates, best first."""
+        return sorted((r for r in self.rows if r.get("rank") is not None), key=lambda r: r["rank"])
+
+    def best(self) -> dict[str, Any] | None:
+        """The best feasible candidate, or None."""
+        ranked = self.ranked()
+        return ranked[0] if ranked else None
+
+    def pareto(self) -> list[dict[str, Any]]:
+        """The Pareto front (capacity or goodput per GPU vs TTFT p99 and TPOT p99)."""
+        return sorted((r for r in self.rows if r.get("pareto")), key=lambda r: r["rank"])
+
+    def plan_for(self, row: dict[str, Any]) -> Plan:
+        """The plan of a result row (at the base plan's request rate)."""
+        return serving_candidate_plan(self.base, row)
+
+    def to_dict(self, top: int = 10) -> dict[str, Any]:
+        """JSON-ready: summary, ranking, Pareto front, the best deployment's blocks."""
+        best = self.best()
+        best_plan = self.plan_for(best) if best else None
+        return {
+            "base": self.base.name,
+            "gpus": self.base.hardware.num_gpus,
+            "objective": self.objective,
+            "attain": self.attain,
+            "summary": {
+                "candidates": len(self.rows),
+                **self.counts,
+                "wall_s": self.wall_s,
+                "workers": self.workers,
+            },  # fmt: skip
+            "ranking": [_public(r) for r in self.ranked()[:top]],
+            "pareto": [_public(r) for r in self.pareto()],
+            "best_parallel": (
+                {k: getattr(best_plan.parallel, k) for k in PARALLEL_KEYS} if best else None
+            ),
+            "best_requests": {k: best[k] for k in REQUEST_KEYS} if best else None,
+        }
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    keys = ("rank", "index", *PARAM_KEYS, *RESULT_KEYS, "pareto")
+    return {k: row.get(k) for k in keys}
+
+
+def _rank(rows: list[dict[str, Any]], metric: str) -> None:
+    feasible = [r for r in rows if r.get("feasible") and r.get(metric) is not None]
+    feasible.sort(key=lambda r: (-r[metric], r["tp"] * r["pp"], r["index"]))
+    for i, row in enumerate(feasible, 1):
+        row["rank"] = i
+    for row in feasible:
+        row["pareto"] = not any(_dominates(o, row, metric) for o in feasible if o is not row)
+
+
+def _dominates(a: dict[str, Any], b: dict[str, Any], metric: str) -> bool:
+    keys = [(metric, 1)] + [(k, -1) for k in ("ttft_ms_p99", "tpot_ms_p99")]
+    if any(a.get(k) is None or b.get(k) is None for k, _ in keys):
+        return False
+    better_or_equal = all(s * a[k] >= s * b[k] for k, s in keys)
+    return better_or_equal and any(s * a[k] > s * b[k] for k, s in keys)
+
+
+def serving_search(
+    base: Plan,
+    gpus: int | None = None,
+    objective: str = "capacity",
+    *,
+    attain: float = 0.99,
+    space: ServingSpace | None = None,
+    workers: int | None = None,
+    limit: int | None = None,
+    seed: int | None = None,
+    backend: str = "local",
+    progress: Callable[[int, int], None] | None = None,
+) -> ServingSearchResult:
+    """Search the deployments of serving plan ``base`` on ``gpus`` GPUs (module docstring).
+    Raises :class:`SearchError` for a bad objective or a plan without per-request SLOs."""
+    if objective not in OBJECTIVES:
+        raise SearchError(
+            f"objective {objective!r}: a serving search ranks by {' or '.join(OBJECTIVES)}"
+        )
+    if base.workload.mode != "inference":
+        raise SearchError("serving search needs workload.mode: inference")
+    from clustersim.explore.capacity import slo_limits
+
+    if not slo_limits(base):
+        raise SearchError(
+            "targets: the plan sets no per-request SLO (targets.ttft_ms_p99_max, "
+            "tpot_ms_p99_max, ...): there is no capacity or goodput to search for"
+        )
+    started = time.perf_counter()
+    gpus = gpus or base.hardware.num_gpus
+    space = space or ServingSpace(gpus=gpus)
+    if space.gpus != gpus:
+        space = ServingSpace(**{**space.__dict__, "gpus": gpus})
+    base = cluster_plan(base, gpus, seed)
+    workers = workers or default_workers()
+    rows = []
+    for params in enumerate_serving(base, space):
+        plan = serving_candidate_plan(base, params)
+        report = audit(plan)
+        row = {**params, "rank": None, "pareto": False, "feasible": False}
+        errors = [f for f in report.findings if f.severity == "error"]
+        if errors:
+            row["status"] = "invalid"
+            row["reason"] = "; ".join(f"{f.node}: {f.message}" for f in errors)[:300]
+        else:
+            row["status"] = "pending"
+        rows.append(row)
+    todo = [r for r in rows if r["status"] == "pending"]
+    if limit is not None:
+        todo = todo[: max(0, limit)]
+    tasks = [
+        (
+            str(r["index"]),
+            {
+                "plan": serving_candidate_plan(base, r).model_dump(mode="json"),
+                "objective": objective,
+                "attain": attain,
+            },
+        )
+        for r in todo
+    ]
+    by_index = {str(r["index"]): r for r in rows}
+    results = run_tasks(tasks, workers, backend, evaluate_serving_candidate)
+    try:
+        for done, (key, result) in enumerate(results, 1):
+            by_index[key].update(result)
+            if progress is not None:
+                progress(done, len(tasks))
+    finally:
+        results.close()
+    out = ServingSearchResult(base, objective, attain, rows, workers=workers)
+    _rank(rows, out.metric)
+    for row in rows:
+        out.counts[row["status"]] = out.counts.get(row["status"], 0) + 1
+    out.wall_s = time.perf_counter() - started
+    return out
+
+
+def write_serving_table(path, result: ServingSearchResult, inputs=()) -> None:
+    """Every candidate's row (knobs, status, capacity or goodput, latencies, rank) as a
+    Parquet table, written atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clustersim.spec.outputs import atomic_output
+
+    keys = ("index", "status", "reason", *PARAM_KEYS, *RESULT_KEYS, "feasible", "errors",
+            "rank", "pareto")  # fmt: skip
+    table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in result.rows])
+    with atomic_output(path, inputs) as tmp:
+        pq.write_table(table, tmp)

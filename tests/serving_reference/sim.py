@@ -1,0 +1,430 @@
+"""Serving (inference) as a SimPy simulation: requests, replicas, continuous batching.
+
+Processes: one *arrival* process (one timeout per distinct arrival time; it hands each request
+to a replica through the :class:`Dispatcher`) and one process per *engine* (a set of
+data-parallel replicas that step in lockstep because an EP group spans them; see
+:mod:`clustersim.engine.serving.step_timer`). No process per request: requests are rows of a
+:class:`~clustersim.engine.serving.scheduler.RequestBook`, served by each replica's
+:class:`~clustersim.engine.serving.scheduler.ReplicaScheduler`.
+
+An engine loop: ask every member replica's scheduler for its next step, time the step with the
+:class:`~clustersim.engine.serving.step_timer.StepTimer`, wait that long (one SimPy timeout),
+commit.
+When every member's step only decodes, the engine times the whole *run* of identical decode
+steps up to the next completion or KV-cache exhaustion at once (the steps differ only in the
+context length, so their times are computed together) and waits once; a request that arrives
+at one of the engine's replicas during a run cuts the run at the end of the step in progress,
+where the scheduler admits it, exactly as if every step had been simulated. So the events grow
+with arrivals, completions and prefill steps, not with generated tokens.
+
+Dispatch (``workload.requests.dispatch``): ``round_robin`` (request i to replica i mod DP) or
+``least_loaded`` (the replica with the fewest waiting and running requests, lowest index on
+ties), decided when the request arrives. A request whose prompt and output cannot fit in a
+replica's whole KV cache is rejected on arrival.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import simpy
+
+from clustersim.costs.serving import KVCapacity, kv_capacity, step_costs
+from clustersim.engine.errors import EngineError
+from clustersim.engine.serving.moe_table import MoEStepTable
+from clustersim.engine.serving.requests import Requests
+from clustersim.engine.training.sim import check_common
+from clustersim.layout import Layout
+from clustersim.spec.schema import Plan
+from serving_reference.scheduler import ReplicaScheduler, RequestBook, Step
+from serving_reference.step_timer import MAX_STEPS, StepTimer, StepTiming
+
+
+@dataclass
+class EngineStats:
+    """What one engine accumulated (times in ms, summed over its steps)."""
+
+    busy_ms: float = 0.0  # rounds: time the engine was stepping
+    work_ms: float = 0.0  # stage busy time, summed over stages (compute + communication)
+    comm_ms: float = 0.0  # communication inside stage work, plus pipeline sends
+    flops: float = 0.0
+    steps: int = 0  # model steps (rounds), decode runs counted step by step
+    moe_tokens: float = 0.0
+    balance_weighted: float = 0.0
+    dropped_weighted: float = 0.0
+
+
+@dataclass
+class ServingResult:
+    """A simulated serving run: every request's lifecycle, and per-replica accumulators."""
+
+    book: RequestBook
+    arrival_ms: np.ndarray
+    rejected: np.ndarray  # bool per request
+    kv: KVCapacity
+    num_replicas: int
+    engines: list[list[int]]  # member replicas of each engine
+    engine_stats: list[EngineStats]
+    kv_area: np.ndarray  # per replica: integral of used blocks over time (block x ms)
+    kv_peak: np.ndarray  # per replica: most blocks in use
+    in_system_area: float  # integral of requests in the system over time (request x ms)
+    events: int  # SimPy timeouts scheduled (steps, runs, cut runs, arrival times)
+    preemptions: int
+    routing_s: float = 0.0
+    # steps of a replica by requests prefilling in them, and by requests decoding in them (a
+    # run of decode steps counted step by step); None when unknown (a run read from a trace)
+    prefill_batches: np.ndarray | None = None
+    decode_batches: np.ndarray | None = None
+
+
+def coupled_replicas(plan: Plan, layout: Layout) -> list[list[int]]:
+    """Replicas that step together: connected by an EP group of the first stage."""
+    dp = plan.parallel.dp
+    parent = list(range(dp))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    if plan.model.moe is not None:
+        stage0 = set(range(plan.parallel.tp * dp))
+        for group in layout.groups("ep"):
+            if group[0] not in stage0:
+                continue
+            replicas = sorted({layout.coords(r).dp for r in group})
+            for other in replicas[1:]:
+                parent[root(other)] = root(replicas[0])
+    groups: dict[int, list[int]] = {}
+    for r in range(dp):
+        groups.setdefault(root(r), []).append(r)
+    return sorted(groups.values())
+
+
+def check_serving_supported(plan: Plan, layout: Layout) -> None:
+    """Raise :class:`EngineError` when the serving engine cannot simulate ``plan``."""
+    check_common(plan, layout, "inference")
+
+
+class Overloaded(Exception):
+    """Raised out of :meth:`ServingSim.run` when more requests missed their
+    :class:`LatencyLimits` than allowed: the run can no longer meet its SLOs (one argument,
+    the message: SimPy re-raises exceptions from their arguments)."""
+
+
+@dataclass(frozen=True)
+class LatencyLimits:
+    """Per-request limits (ms) and how many requests may miss them before the run stops
+    (:class:`Overloaded`); a rejected request misses them."""
+
+    ttft_ms: float = math.inf
+    tpot_ms: float = math.inf
+    latency_ms: float = math.inf
+    allowed_bad: int = 0
+
+
+class Dispatcher:
+    """Hands arriving requests to replicas and keeps the in-system count."""
+
+    def __init__(self, sim: ServingSim):
+        self.sim = sim
+        self.cursor = 0
+        self.in_system = 0
+        self.area = 0.0
+        self._last_ms = 0.0
+        self._next_rr = 0
+
+    def advance_to(self, now: float) -> None:
+        """Dispatch every request that has arrived by ``now``."""
+        arrival = self.sim.arrival_ms
+        while self.cursor < arrival.size and arrival[self.cursor] <= now:
+            self._dispatch(self.cursor, now)
+            self.cursor += 1
+
+    def advance_through(self, index: int, now: float) -> None:
+        """Dispatch every request up to ``index`` (the arrival process's own wake-up)."""
+        while self.cursor <= index:
+            self._dispatch(self.cursor, now)
+            self.cursor += 1
+
+    def count(self, delta: int, now: float) -> None:
+        """A request enters (+1) or leaves (-1) the system at ``now``."""
+        self.area += self.in_system * (now - self._last_ms)
+        self._last_ms = now
+        self.in_system += delta
+
+    def _dispatch(self, rid: int, now: float) -> None:
+        sim = self.sim
+        scheds = sim.schedulers
+        if sim.plan.workload.requests.dispatch == "least_loaded":
+            replica = min(range(len(scheds)), key=lambda r: (scheds[r].load, r))
+        else:
+            replica, self._next_rr = self._next_rr, (self._next_rr + 1) % len(scheds)
+        sim.book.replica[rid] = replica
+        if not scheds[replica].fits(rid):
+            sim.rejected[rid] = True
+            if sim.limits is not None:
+                sim.count_bad(1)
+            sim.on_finished(1)
+            return
+        self.count(+1, now)
+        scheds[replica].add(rid)
+        sim.engines[sim.engine_of[replica]].notify(now)
+
+
+class Engine:
+    """One lockstep group of replicas and its SimPy process (module docstring)."""
+
+    def __init__(self, sim: ServingSim, index: int, members: list[int]):
+        self.sim, self.index, self.members = sim, index, members
+        self.env = sim.env
+        self.stats = EngineStats()
+        self._wake: simpy.Event | None = None
+        self._idle = False
+        self._generation = 0
+        self._steps: list[Step | None] = []  # the members' current step (None: idle member)
+        self._timing: StepTiming | None = None
+        self._ends: list[float] | np.ndarray = []  # end time of each step of the current run
+        self._run_steps = 0  # steps of the current run (0: none)
+        self._start_ms = 0.0
+        self._used_at_start: list[int] = []
+
+    # ---- waking ----------------------------------------------------------------------------
+    def notify(self, now: float) -> None:
+        """A request arrived at a member: wake the engine, or cut its run of decode steps."""
+        if self._idle:
+            self._idle = False
+            self._wake.succeed()
+        elif self._run_steps > 1:
+            j = int(np.searchsorted(self._ends, now, side="left"))
+            if j + 1 < self._run_steps:
+                self._run_steps = j + 1
+                self._arm(self._ends[j])
+
+    def _arm(self, at_ms: float) -> None:
+        self._generation += 1
+        generation = self._generation
+        self.sim.events += 1
+        timer = self.env.timeout(max(0.0, at_ms - self.env.now))
+        timer.callbacks.append(lambda _event: self._fire(generation))
+
+    def _fire(self, generation: int) -> None:
+        if generation == self._generation:
+            self._wake.succeed()
+
+    # ---- the loop --------------------------------------------------------------------------
+    def process(self):
+        """The engine's SimPy process."""
+        sim = self.sim
+        while True:
+            now = self.env.now
+            sim.dispatcher.advance_to(now)
+            self._wake = self.env.event()
+            if not self._plan(now):
+                if sim.finished == sim.num_requests:
+                    return
+                self._idle = True
+                yield self._wake
+                continue
+            self._arm(self._ends[self._run_steps - 1])
+            yield self._wake
+            self._commit()
+
+    def _plan(self, now: float) -> bool:
+        """Schedule the members' next step (or run); False when none has work."""
+        scheds = [self.sim.schedulers[m] for m in self.members]
+        steps = [s.schedule() for s in scheds]
+        aggs, run = [], MAX_STEPS
+        v = self.sim.num_microbatches
+        first = self.sim.book.first_scheduled_ms
+        for sched, st in zip(scheds, steps, strict=True):
+            if st is not None:
+                for rid in st.ids[len(st.ids) - st.admitted :]:
+                    if first[rid] != first[rid]:  # NaN: never scheduled before
+                        first[rid] = now
+                aggs.append(st.aggregates(v))
+                run = min(run, sched.run_length(st, run))
+        if not aggs:
+            if any(s.waiting for s in scheds):
+                raise RuntimeError("a replica has waiting requests but cannot schedule any")
+            return False
+        timing = self.sim.timer.time(aggs, run, len(self.members))
+        self._steps, self._timing = steps, timing
+        if run == 1:
+            self._ends = [now + timing.round_ms[0]]
+        else:
+            self._ends = now + np.cumsum(timing.round_ms)
+        self._run_steps = run
+        self._start_ms = now
+        self._used_at_start = [s.used_blocks for s in scheds]
+        return True
+
+    def _commit(self) -> None:
+        sim, k, t = self.sim, self._run_steps, self._timing
+        end = float(self._ends[k - 1])
+        stats = self.stats
+        rounds, work, comm, flops = t.totals(k)
+        stats.busy_ms += rounds
+        stats.work_ms += work
+        stats.comm_ms += comm
+        stats.flops += flops
+        stats.steps += k
+        stats.moe_tokens += t.moe_tokens * k
+        stats.balance_weighted += t.balance_pct * t.moe_tokens * k
+        stats.dropped_weighted += t.dropped_pct * t.moe_tokens * k
+        duration = end - self._start_ms
+        for m, st, used0 in zip(self.members, self._steps, self._used_at_start, strict=True):
+            sched = sim.schedulers[m]
+            if st is None:
+                sim.kv_area[m] += used0 * duration
+                continue
+            sim.decode_batches[st.decodes] += k
+            if len(st.ids) > st.decodes:
+                sim.prefill_batches[len(st.ids) - st.decodes] += 1
+            finished = sched.commit(st, k, end)
+            peak = sched.peak_used
+            sim.kv_area[m] += 0.5 * (used0 + peak) * duration
+            sim.kv_peak[m] = max(sim.kv_peak[m], peak)
+            for _ in finished:
+                sim.dispatcher.count(-1, end)
+            if sim.limits is not None and finished:
+                sim.judge_finished(finished)
+            sim.on_finished(len(finished))
+        self._run_steps = 0
+
+
+class ServingSim:
+    """Simulates serving ``requests`` under ``plan`` (module docstring)."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        requests: Requests,
+        progress: Callable[[float], None] | None = None,
+        *,
+        table: MoEStepTable | None = None,
+        limits: LatencyLimits | None = None,
+    ):
+        """``table``: the MoE step table of this plan's model, layout and routing (built when
+        None; it does not depend on the request stream, so runs of one deployment at several
+        request rates may share it). ``limits``: stop early (:class:`Overloaded`) once more
+        requests than allowed missed them."""
+        self.plan = plan
+        self.layout = layout = Layout(plan)
+        check_serving_supported(plan, layout)
+        req = plan.workload.requests
+        self.kv = kv_capacity(plan, layout)
+        if self.kv.num_blocks < 1:
+            worst = int(np.argmin(self.kv.free_gib))
+            raise EngineError(
+                f"no memory is left for the KV cache on pipeline stage {worst}: weights "
+                f"{self.kv.weights_gib[worst]:.1f} GiB + activations "
+                f"{self.kv.activations_gib[worst]:.1f} GiB exceed "
+                f"{req.gpu_memory_utilization:g} x the GPU's memory"
+            )
+        if table is None and plan.model.moe is not None:
+            table = MoEStepTable(plan, layout)
+        self.table = table
+        self.timer = StepTimer(plan, step_costs(plan, layout), table)
+        self.num_microbatches = plan.parallel.pp
+        self.arrival_ms = np.asarray(requests.arrival_ms, dtype=np.float64)
+        self.num_requests = requests.num
+        self.book = RequestBook(requests.prompt_tokens, requests.output_tokens)
+        self.rejected = np.zeros(self.num_requests, dtype=bool)
+        self.finished = 0
+        self.events = 0
+        self.env = simpy.Environment()
+        dp = plan.parallel.dp
+        self.schedulers = [
+            ReplicaScheduler(
+                self.book,
+                self.kv.num_blocks,
+                req.kv_block_size,
+                req.max_batch_size,
+                req.max_num_batched_tokens,
+                req.chunked_prefill,
+            )
+            for _ in range(dp)
+        ]
+        groups = coupled_replicas(plan, layout)
+        self.engines = [Engine(self, i, members) for i, members in enumerate(groups)]
+        self.engine_of = {m: i for i, members in enumerate(groups) for m in members}
+        self.dispatcher = Dispatcher(self)
+        self.kv_area = np.zeros(dp)
+        self.kv_peak = np.zeros(dp, dtype=np.int64)
+        self.prefill_batches = [0] * (req.max_batch_size + 1)
+        self.decode_batches = [0] * (req.max_batch_size + 1)
+        self.limits = limits
+        self.bad = 0
+        self._progress = progress
+        self._progress_every = max(1, self.num_requests // 100)
+
+    def on_finished(self, count: int) -> None:
+        """Requests completed; report progress every 1%."""
+        if not count:
+            return
+        before, every = self.finished, self._progress_every
+        self.finished += count
+        if self._progress and before // every != self.finished // every:
+            self._progress(self.finished / self.num_requests)
+
+    def count_bad(self, count: int) -> None:
+        """Requests that missed the limits; raise :class:`Overloaded` past the allowance."""
+        self.bad += count
+        if self.bad > self.limits.allowed_bad:
+            raise Overloaded(f"{self.bad} requests missed their limits, {self.finished} finished")
+
+    def judge_finished(self, finished: list[int]) -> None:
+        """Count the just-finished requests that missed the limits."""
+        book, lim, arrival = self.book, self.limits, self.arrival_ms
+        bad = 0
+        for rid in finished:
+            t0, first, end = float(arrival[rid]), book.first_token_ms[rid], book.finish_ms[rid]
+            out = book.output[rid]
+            tpot = (end - first) / (out - 1) if out > 1 else 0.0
+            if first - t0 > lim.ttft_ms or tpot > lim.tpot_ms or end - t0 > lim.latency_ms:
+                bad += 1
+        if bad:
+            self.count_bad(bad)
+
+    def _arrivals(self):
+        times = self.arrival_ms
+        last = np.flatnonzero(np.append(times[1:] != times[:-1], True))  # last of equal times
+        for index in last.tolist():
+            at = float(times[index])
+            if at > self.env.now:
+                self.events += 1
+                yield self.env.timeout(at - self.env.now)
+            self.dispatcher.advance_through(index, self.env.now)
+
+    def run(self) -> ServingResult:
+        """Simulate until every request has finished (or was rejected)."""
+        self.env.process(self._arrivals())
+        for engine in self.engines:
+            self.env.process(engine.process())
+        self.env.run()
+        if self.finished != self.num_requests:
+            raise RuntimeError(
+                f"simulation stopped with {self.num_requests - self.finished} requests unserved"
+            )
+        return ServingResult(
+            book=self.book,
+            arrival_ms=self.arrival_ms,
+            rejected=self.rejected,
+            kv=self.kv,
+            num_replicas=self.plan.parallel.dp,
+            engines=[e.members for e in self.engines],
+            engine_stats=[e.stats for e in self.engines],
+            kv_area=self.kv_area,
+            kv_peak=self.kv_peak,
+            in_system_area=self.dispatcher.area,
+            events=self.events,
+            preemptions=sum(s.preemptions for s in self.schedulers),
+            prefill_batches=np.array(self.prefill_batches, dtype=np.int64),
+            decode_batches=np.array(self.decode_batches, dtype=np.int64),
+            routing_s=self.table.build_s if self.table else 0.0,
+        )

@@ -1,0 +1,270 @@
+"""Time of one serving step (or a run of identical decode steps) of an engine.
+
+An *engine* is a set of ``M`` data-parallel replicas that step in lockstep because their MoE
+layers share an EP group (attention data parallelism with EP spanning replicas, the
+DeepSeek-V3 style; one replica when EP stays inside it, or for dense models). Each replica's
+batch is dealt round-robin into ``V = pp`` micro-batches; micro-batch ``v`` of the engine is
+the union of the replicas' micro-batches ``v``.
+
+Per micro-batch ``v`` and pipeline stage ``s`` (costs from :mod:`clustersim.costs.serving`,
+per layer kind, times the stage's layers of that kind):
+
+    tau[v, s] = dense_layers[s] * max_m dense(m, v)
+              + moe_layers[s] * (max_m attention(m, v) + moe(N_v))
+              + [s last] * max_m logits(m, v)
+
+The replicas meet at every MoE layer, so the slowest one's attention gates each layer;
+``moe(N_v)`` is the routed part for the ``N_v`` tokens of all replicas
+(:class:`clustersim.engine.serving.moe_table.MoEStepTable`).
+
+**Pipeline** (one choice, stated): the replica keeps its micro-batches in flight through the
+stages, as vLLM's pipeline-parallel engine does, and every request advances once per *round*.
+A round lasts the steady-state cycle time of the cyclic pipeline,
+
+    round = max( max_s sum_v tau[v, s],  max_v (sum_s tau[v, s] + (S - 1) * p2p_v) ),
+
+the busiest stage's work or the longest trip of one micro-batch through all stages, whichever
+is longer. With one stage it is the step time; a single request pays its full trip through
+the stages. All requests of a round get their tokens at its end.
+
+A run of ``K`` decode steps differs from step to step only in the context the attention
+reads (one token more per request per step), so all ``K`` round times come from one
+vectorised evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from clustersim.costs.params import count_params
+from clustersim.costs.serving import StepCosts, core_attention_ms, head_dims
+from clustersim.engine.serving.moe_table import MoEStepTable
+from clustersim.spec.schema import Plan
+
+MAX_STEPS = 1 << 14  # decode steps timed at once, at most
+PARTS_CACHE_SIZE = 1 << 16  # memoised per-batch-size layer times
+
+
+class StepTiming(NamedTuple):
+    """A step, or a run of K identical decode steps: each step's round time (length K), stage
+    work (compute + communication, summed over the GPUs' stages: ``work_ms`` per step, or
+    when None the round time plus ``work_offset_ms``), communication per step (constant over a
+    run), model FLOPs of the first step and their growth per step, and the MoE token copies
+    routed per step with their mean load balance and drop percentages."""
+
+    round_ms: np.ndarray | list[float]
+    work_ms: np.ndarray | list[float] | None
+    work_offset_ms: float
+    comm_ms: float
+    flops: float
+    flops_growth: float
+    moe_tokens: float
+    balance_pct: float
+    dropped_pct: float
+
+    def totals(self, steps: int) -> tuple[float, float, float, float]:
+        """(round, work, communication, FLOPs) summed over the first ``steps`` steps."""
+        if steps == 1:
+            rounds = float(self.round_ms[0])
+            work = rounds + self.work_offset_ms if self.work_ms is None else self.work_ms[0]
+            return rounds, float(work), self.comm_ms, self.flops
+        rounds = float(np.sum(self.round_ms[:steps]))
+        if self.work_ms is None:
+            work = rounds + steps * self.work_offset_ms
+        else:
+            work = float(np.sum(self.work_ms[:steps]))
+        flops = steps * self.flops + self.flops_growth * steps * (steps - 1) / 2
+        return rounds, work, steps * self.comm_ms, flops
+
+
+class _Tally:
+    """Sums over the replicas and micro-batches of one step (see :meth:`StepTimer.time`)."""
+
+    def __init__(self) -> None:
+        self.work = 0.0  # a float, or an array over the steps of a run
+        self.comm = self.flops = self.flops_growth = 0.0
+        self.moe_ms = self.moe_comm_ms = self.moe_tokens = 0.0
+        self._balance = self._dropped = 0.0
+
+    def add_moe(self, ms: float, comm: float, balance: float, dropped: float, routed: float):
+        """One micro-batch's MoE layer time, communication and routing statistics."""
+        self.moe_ms += ms
+        self.moe_comm_ms += comm
+        self.moe_tokens += routed
+        self._balance += balance * routed
+        self._dropped += dropped * routed
+
+    def routing(self) -> tuple[float, float]:
+        """Token-weighted mean load balance and drop percentages."""
+        if not self.moe_tokens:
+            return 100.0, 0.0
+        return self._balance / self.moe_tokens, self._dropped / self.moe_tokens
+
+
+class StepTimer:
+    """Times steps of an engine of a plan (module docstring)."""
+
+    def __init__(self, plan: Plan, costs: StepCosts, table: MoEStepTable | None):
+        self.c, self.table = costs, table
+        self.dense_layers = [float(x) for x in costs.dense_layers]
+        self.moe_layers = [float(x) for x in costs.moe_layers]
+        self.num_stages = len(self.dense_layers)
+        self.total_dense = sum(self.dense_layers)
+        self.total_moe = sum(self.moe_layers)
+        self._j = np.arange(MAX_STEPS, dtype=np.float64)
+        self._parts_cache: dict[tuple[float, float], tuple[float, float, float, float, float]] = {}
+        model = plan.model
+        qk, v = head_dims(model)
+        counts = count_params(model)
+        linear_params = counts.active_per_token - counts.embedding - counts.output
+        self.flops_per_token = 2.0 * linear_params
+        self.flops_per_pair = 2.0 * model.num_attention_heads * (qk + v) * model.num_layers
+        self.flops_per_seq = 2.0 * model.hidden_size * model.vocab_size
+
+    def _parts(self, n: float, seqs: float) -> tuple[float, ...]:
+        """Per-layer times of one replica's micro-batch (:meth:`StepCosts.parts`: dense
+        layer, MoE layer's attention block, logits, one TP all-reduce, pipeline send, core
+        attention coefficients), memoised: decode batches repeat their sizes."""
+        key = (n, seqs)
+        found = self._parts_cache.get(key)
+        if found is None:
+            if len(self._parts_cache) > PARTS_CACHE_SIZE:
+                self._parts_cache.clear()
+            found = self._parts_cache[key] = self.c.parts(n, seqs)
+        return found
+
+    def time(self, aggs: list[list[list[float]]], steps: int, members: int) -> StepTiming:
+        """Timing of ``steps`` decode steps (or one step) of an engine of ``members``
+        replicas, given the aggregates of its replicas that have work (each four rows of V
+        numbers, :meth:`clustersim.engine.serving.scheduler.Step.aggregates`).
+
+        With ``steps > 1`` the core-attention terms, and everything that depends on them, are
+        numpy arrays over the steps; otherwise Python floats: one code path for both.
+        """
+        active = [(agg, v) for agg in aggs for v in range(len(agg[0])) if agg[0][v] > 0]
+        if len(active) == 1:
+            agg, v = active[0]
+            return self._time_one(*(row[v] for row in agg), steps, members)
+        vmax = np.maximum if steps > 1 else max
+        grow = self._j[:steps] if steps > 1 else 0.0
+        tally = _Tally()
+        per_mb = [self._micro_batch(aggs, v, grow, vmax, tally) for v in range(len(aggs[0][0]))]
+        rounds = self._round(per_mb, vmax)
+        work = tally.work + members * self.total_moe * tally.moe_ms
+        comm = tally.comm + members * self.total_moe * tally.moe_comm_ms
+        if steps == 1:
+            rounds, work = [rounds], [work]
+        balance, dropped = tally.routing()
+        return StepTiming(
+            rounds,
+            work,
+            0.0,
+            comm,
+            tally.flops,
+            tally.flops_growth,
+            tally.moe_tokens,
+            balance,
+            dropped,
+        )
+
+    def _micro_batch(self, aggs, v: int, grow, vmax, tally: _Tally):
+        """Per-layer maxima over the replicas of micro-batch ``v`` (dense layer, MoE
+        attention block, logits, pipeline send) and its MoE layer time; adds the replicas'
+        own work, communication and FLOPs to ``tally``."""
+        c, hops = self.c, self.num_stages - 1
+        layers = self.total_dense + self.total_moe
+        dmax = amax = lmax = pmax = tokens = 0.0
+        for agg in aggs:
+            n = agg[0][v]
+            if n <= 0:
+                continue
+            seqs, pairs, kv = agg[1][v], agg[2][v], agg[3][v]
+            parts = self._parts(n, seqs)
+            dense, attn, logits, allreduce, p2p = parts[:5]
+            core = core_attention_ms(parts, pairs + n * grow, kv + n * grow, n, c, vmax)
+            dmax = vmax(dmax, dense + core)
+            amax = vmax(amax, attn + core)
+            lmax, pmax = max(lmax, logits), max(pmax, p2p)
+            tally.work = tally.work + (
+                self.total_dense * dense
+                + self.total_moe * attn
+                + logits
+                + hops * p2p
+                + layers * core
+            )
+            tally.comm += (2 * self.total_dense + self.total_moe) * allreduce + hops * p2p
+            tally.flops += self._flops(n, seqs, pairs)
+            tally.flops_growth += self.flops_per_pair * n
+            tokens += n
+        moe_ms, moe_comm, balance, dropped, routed = self._moe_one(tokens)
+        tally.add_moe(moe_ms, moe_comm, balance, dropped, routed)
+        return dmax, amax, lmax, pmax, moe_ms
+
+    def _time_one(self, n, seqs, pairs, kv, steps: int, members: int) -> StepTiming:
+        """The common case of one non-empty micro-batch in the engine: its trip through the
+        stages is the round (the stage loads are parts of it)."""
+        c, hops = self.c, self.num_stages - 1
+        parts = self._parts(n, seqs)
+        dense, attn, logits, allreduce, p2p = parts[:5]
+        moe_ms, moe_comm, balance, dropped, routed = self._moe_one(n)
+        own = self.total_dense * dense + self.total_moe * attn + logits + hops * p2p
+        fixed = own + self.total_moe * moe_ms
+        layers = self.total_dense + self.total_moe
+        if steps == 1:
+            rounds = [fixed + layers * core_attention_ms(parts, pairs, kv, n, c)]
+        else:
+            grown = n * self._j[:steps]
+            core = core_attention_ms(parts, pairs + grown, kv + grown, n, c, np.maximum)
+            rounds = fixed + layers * core
+        comm = (
+            (2 * self.total_dense + self.total_moe) * allreduce
+            + hops * p2p
+            + members * self.total_moe * moe_comm
+        )
+        offset = (members - 1) * self.total_moe * moe_ms
+        return StepTiming(
+            rounds,
+            None,
+            offset,
+            comm,
+            self._flops(n, seqs, pairs),
+            self.flops_per_pair * n,
+            routed,
+            balance,
+            dropped,
+        )
+
+    def _round(self, per_mb, vmax):
+        """The round time from each micro-batch's per-layer maxima (module docstring)."""
+        stages = range(self.num_stages)
+        last = self.num_stages - 1
+        stage_load = [0.0] * self.num_stages
+        trip_max = 0.0
+        for dmax, amax, lmax, pmax, moe_ms in per_mb:
+            trip = (last) * pmax
+            for s in stages:
+                tau = self.dense_layers[s] * dmax + self.moe_layers[s] * (amax + moe_ms)
+                if s == last:
+                    tau = tau + lmax
+                stage_load[s] = stage_load[s] + tau
+                trip = trip + tau
+            trip_max = vmax(trip_max, trip)
+        load_max = stage_load[0]
+        for load in stage_load[1:]:
+            load_max = vmax(load_max, load)
+        return vmax(load_max, trip_max)
+
+    def _flops(self, tokens: float, seqs: float, pairs: float) -> float:
+        return (
+            self.flops_per_token * tokens + self.flops_per_seq * seqs + self.flops_per_pair * pairs
+        )
+
+    def _moe_one(self, tokens: float) -> tuple[float, float, float, float, float]:
+        """MoE layer time, its communication, and the routing statistics with the token
+        copies they weigh (tokens x MoE layers) for one micro-batch of the engine."""
+        if self.table is None or tokens <= 0:
+            return 0.0, 0.0, 100.0, 0.0, 0.0
+        moe_ms, comm, balance, dropped = self.table.lookup(int(tokens))
+        return moe_ms, comm, balance, dropped, tokens * self.total_moe

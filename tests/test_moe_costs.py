@@ -1,0 +1,188 @@
+"""MoE training costs the per-kernel model charges: permutes and chunk sorts, grouped GEMMs at
+few tokens per expert, the dropless synchronisation, the cross-entropy loss. Each checked
+against its closed form (bytes / (efficiency x HBM bandwidth), roofline bounds), not against
+captured outputs."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clustersim.costs.kernels import (
+    CROSS_ENTROPY_BWD_BYTES,
+    CROSS_ENTROPY_FWD_BYTES,
+    PERMUTE_PASSES,
+    KernelTimer,
+)
+from clustersim.engine.recorder import Op
+from clustersim.engine.training.optimes import ExpertTimer
+from clustersim.run.simulate import simulate
+from clustersim.spec import plan_from_dict
+from clustersim.spec.calibration_data import calibration_generations
+
+GENERATIONS = list(calibration_generations())
+MOE = {
+    "num_layers": 2,
+    "hidden_size": 1024,
+    "num_attention_heads": 8,
+    "num_kv_heads": 4,
+    "ffn_hidden_size": 2048,
+    "vocab_size": 32000,
+    "activation": "swiglu",
+    "moe": {"num_experts": 8, "top_k": 2, "routing": "even"},
+}
+
+
+def make_plan(parallel: dict, moe: dict | None = None, generation: str = "h100", **cal):
+    model = copy.deepcopy(MOE)
+    model["moe"].update(moe or {})
+    par = {"tp": 1, "pp": 1, "dp": 1, "ep": 1, **parallel}
+    world = par["tp"] * par["pp"] * par["dp"]
+    return plan_from_dict(
+        {
+            "model": model,
+            "hardware": {
+                "gpu": "H100-SXM",
+                "num_nodes": max(1, world // 8),
+                "gpus_per_node": 8,
+                "calibration": {"generation": generation, **cal},
+            },
+            "parallel": par,
+            "workload": {"seq_len": {"dist": "fixed", "value": 2048}},
+        },
+        "test",
+    )
+
+
+# ---- memory-bound MoE kernels ----------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(GENERATIONS), st.integers(1, 1 << 20))
+def test_permute_time_is_bytes_over_stream_bandwidth(generation, copies):
+    """A permute (and each chunk sort) reads and writes every token copy once:
+    ``2 h bytes / (memory.efficiency x HBM)`` of GPU time plus the fixed kernel time, issued
+    as one kernel. The chunk sort adds exactly two such kernels to the experts."""
+    plan = make_plan({"dp": 4, "ep": 4})
+    hw = plan.hardware
+    k = KernelTimer(plan.model, hw)
+    nbytes = copies * PERMUTE_PASSES * MOE["hidden_size"] * 2  # bf16
+    gpu_ms = nbytes / (hw.hbm_bandwidth_gbps * 1e9 * hw.calibration.memory.efficiency) * 1e3
+    gpu_ms += hw.calibration.kernel.fixed_us * 1e-3
+    cal = hw.calibration.kernel
+    one = max(gpu_ms, cal.launch_us * 1e-3) + cal.framework_us * 1e-3
+    per_token = PERMUTE_PASSES * MOE["hidden_size"] * 2
+    assert k.stream_ms(float(copies), per_token) == pytest.approx(one, rel=1e-12)
+    sorted_ = k.experts_ms(float(copies), 2.0, chunk_sort=True)
+    plain = k.experts_ms(float(copies), 2.0, chunk_sort=False)
+    assert sorted_ - plain == pytest.approx(2 * one, rel=1e-9)
+
+
+def test_chunk_sort_only_where_megatron_sorts():
+    """Megatron-Core re-sorts received copies when a GPU holds several experts fed by several
+    ranks; never with one expert per GPU, nor without EP / ETP, nor in serving engines."""
+    assert not ExpertTimer(make_plan({"dp": 1})).chunk_sort  # one GPU: nothing to sort
+    assert ExpertTimer(make_plan({"dp": 4, "ep": 4})).chunk_sort  # 2 experts per GPU
+    assert not ExpertTimer(make_plan({"dp": 8, "ep": 8})).chunk_sort  # 1 expert per GPU
+    assert ExpertTimer(make_plan({"tp": 2, "dp": 1, "etp": 2})).chunk_sort  # ETP sources
+    assert not ExpertTimer(make_plan({"dp": 4, "ep": 4}), sync=False).chunk_sort  # serving
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.sampled_from(GENERATIONS),
+    st.integers(1, 65536),
+    st.sampled_from([1, 2, 4, 8]),
+    st.sampled_from([8000, 32000, 152064]),
+)
+def test_cross_entropy_is_its_memory_passes(generation, tokens, tp, vocab):
+    """Vocabulary-parallel cross-entropy: 38 (forward) and 14 (backward) bytes per logit of
+    this GPU's ``vocab / tp`` columns at the element-wise efficiency; more vocabulary or
+    tokens never cost less, a wider TP never more."""
+    plan = make_plan({}, generation=generation)
+    model = plan.model.model_copy(update={"vocab_size": vocab})
+    hw, cal = plan.hardware, plan.hardware.calibration
+    k = KernelTimer(model, hw, tp)
+    rate = hw.hbm_bandwidth_gbps * 1e9 * cal.memory.elementwise_efficiency
+    for per_logit, backward in ((CROSS_ENTROPY_FWD_BYTES, False), (CROSS_ENTROPY_BWD_BYTES, True)):
+        gpu = tokens * vocab / tp * per_logit / rate * 1e3 + cal.kernel.fixed_us * 1e-3
+        want = max(gpu, cal.kernel.launch_us * 1e-3) + cal.kernel.framework_us * 1e-3
+        got = k.cross_entropy_ms(float(tokens), backward=backward)
+        assert got == pytest.approx(want, rel=1e-12)
+        wider = KernelTimer(model, hw, 2 * tp).cross_entropy_ms(float(tokens), backward=backward)
+        assert wider <= got + 1e-15
+    assert k.cross_entropy_ms(float(tokens)) >= k.cross_entropy_ms(float(tokens), backward=True)
+
+
+# ---- grouped GEMMs ---------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(GENERATIONS),
+    st.floats(1.0, 1e5),
+    st.floats(1.05, 8.0),
+    st.sampled_from([256, 1024, 2048, 7168]),
+    st.sampled_from([512, 2048, 6144]),
+    st.sampled_from([1, 8, 64]),
+)
+def test_grouped_gemm_efficiency_rises_with_tokens_per_expert(gen, per_expert, more, n, k, groups):
+    """Compute time per routed copy never rises when each expert gets more copies (fuller
+    tiles), and a grouped GEMM never beats the roofline: ``2 m n k / peak`` nor its weights
+    and activations over the HBM bandwidth."""
+    plan = make_plan({}, generation=gen)
+    hw = plan.hardware
+    t = KernelTimer(plan.model, hw)
+    fixed = hw.calibration.kernel.fixed_us * 1e-3
+    m1, m2 = per_expert * groups, per_expert * more * groups
+    per_copy_1 = (t.gemm_gpu_ms(m1, n, k, groups) - fixed) / m1
+    per_copy_2 = (t.gemm_gpu_ms(m2, n, k, groups) - fixed) / m2
+    assert per_copy_2 <= per_copy_1 * (1 + 1e-12)
+    for m in (m1, m2):
+        gpu = t.gemm_gpu_ms(m, n, k, groups) - fixed
+        peak_ms = 2 * m * n * k / (hw.peak_tflops * 1e12) * 1e3
+        hbm_ms = (m * k + groups * k * n + m * n) * 2 / (hw.hbm_bandwidth_gbps * 1e9) * 1e3
+        assert gpu >= max(peak_ms, hbm_ms) * (1 - 1e-12)
+
+
+def test_fine_grained_experts_cost_more_than_coarse_ones_for_the_same_flops():
+    """The same routed FLOPs over 64 experts of 1/8 the width (top-8) take longer than over 8
+    experts (top-1): fewer tokens per expert and narrower GEMMs fill fewer tiles."""
+    plan = make_plan({})
+    t = KernelTimer(plan.model, plan.hardware)
+    tokens, h, ffn = 4096.0, 6144, 16384
+    coarse = t.gemm_gpu_ms(tokens, ffn, h, 8)
+    fine = t.gemm_gpu_ms(8 * tokens, ffn / 8, h, 64)
+    assert fine > coarse
+
+
+# ---- dropless synchronisation in the engine ---------------------------------------------------
+
+
+def _expert_rows(report, op: Op) -> np.ndarray:
+    cols = report.recorder.columns()
+    pick = cols["op"] == op
+    order = np.lexsort((cols["microbatch"][pick], cols["layer"][pick], cols["lane"][pick]))
+    return (cols["end_ms"] - cols["start_ms"])[pick][order]
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_dropless_sync_once_per_forward_pass(recompute):
+    """Dropless routing waits for the token counts once per MoE layer and forward pass:
+    ``dropless_sync_us + launch_us + framework_us`` (the device-to-host round trip, then the
+    host relaunches). With capacity (no drop at balanced routing) there is no wait; the
+    backward pays it only when a full recompute runs the forward again."""
+    parallel = {"dp": 4, "ep": 4, "num_microbatches": 2, "recompute": recompute}
+    dropless = simulate(make_plan(parallel, {"capacity_factor": None}))
+    capped = simulate(make_plan(parallel, {"capacity_factor": 4.0}))
+    cal = make_plan(parallel).hardware.calibration
+    sync_ms = (cal.moe.dropless_sync_us + cal.kernel.launch_us + cal.kernel.framework_us) * 1e-3
+    assert sync_ms > 0
+    fwd = _expert_rows(dropless, Op.EXPERT_FWD) - _expert_rows(capped, Op.EXPERT_FWD)
+    bwd = _expert_rows(dropless, Op.EXPERT_BWD) - _expert_rows(capped, Op.EXPERT_BWD)
+    np.testing.assert_allclose(fwd, sync_ms, rtol=1e-9)
+    np.testing.assert_allclose(bwd, sync_ms if recompute == "full" else 0.0, atol=1e-12)
