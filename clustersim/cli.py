@@ -439,7 +439,7 @@ def validate(
         list[str] | None,
         typer.Option(
             "--set-name",
-            help="Set to run (repeatable): dense, moe, serving, kernels, "
+            help="Set to run (repeatable): dense, moe, fsdp, serving, kernels, "
             "collectives. Default: all.",
         ),
     ] = None,

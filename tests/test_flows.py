@@ -132,3 +132,45 @@ def test_bytes_over_a_link_never_exceed_bandwidth_times_time(raw, capacity) -> N
         end.max()
         <= fs.start_ms.min() + fs.transfer_ms.sum() + (fs.start_ms.max() - fs.start_ms.min()) + 1e-6
     )
+
+
+def reference_solve(fs: FlowSet) -> np.ndarray:
+    """Plain fluid simulation: every flow in one loop, all active flows re-solved at every
+    start and end (no filtering, no components)."""
+    n, num_links = fs.size, len(fs.capacity)
+    weights = np.zeros((n, num_links))
+    for f in range(n):
+        weights[f, fs.link[fs.ptr[f] : fs.ptr[f + 1]]] = fs.volume[fs.ptr[f] : fs.ptr[f + 1]]
+    heaviest = weights.max(axis=1)
+    caps = heaviest / fs.transfer_ms
+    remaining, end = np.ones(n), np.full(n, np.nan)
+    now, active, pending = 0.0, np.zeros(n, bool), np.ones(n, bool)
+    while pending.any() or active.any():
+        rate = np.zeros(n)
+        if active.any():
+            x = max_min_rates(weights[active] / heaviest[active, None], caps[active], fs.capacity)
+            rate[active] = x / heaviest[active]
+        finish = np.where(active, now + remaining / np.where(rate > 0, rate, 1), np.inf)
+        next_start = fs.start_ms[pending].min() if pending.any() else np.inf
+        t = min(finish.min(), next_start)
+        remaining -= rate * (t - now)
+        now = t
+        done = active & (finish <= t + 1e-12)
+        end[done], active[done] = finish[done], False
+        starting = pending & (fs.start_ms <= t)
+        active |= starting
+        pending &= ~starting
+    return end
+
+
+@settings(max_examples=80, deadline=None)
+@given(flows_strategy, st.lists(st.floats(1, 100), min_size=4, max_size=4))
+def test_solver_equals_a_plain_fluid_simulation(raw, capacity) -> None:
+    flows = []
+    for start, route in raw:
+        merged: dict[int, float] = {}
+        for ln, b in route:
+            merged[ln] = merged.get(ln, 0.0) + b
+        flows.append((round(start, 3), sorted(merged.items())))
+    fs = flow_set(flows, capacity)
+    assert solve(fs) == pytest.approx(reference_solve(fs), rel=1e-9, abs=1e-9)

@@ -150,3 +150,12 @@ def test_perfetto_has_link_tracks(plan_dict, tmp_path) -> None:
     names = {e["args"]["name"] for e in events if e.get("name") == "thread_name"}
     assert names and all(n.split(":")[0] in {"nvlink_tx", "nvlink_rx", "nic_tx", "nic_rx"}
                          for n in names)  # fmt: skip
+
+
+def test_uplinks_simulate_every_replica(plan_dict) -> None:
+    plan = training_plan(plan_dict, overlap_communication=True)
+    plan["model"]["moe"] = {"routing": "even"}  # fixed lengths + even routing: symmetric
+    alone = simulate(plan_from_dict(plan, "test"))
+    plan["hardware"]["topology"] = {"kind": "fat_tree", "nodes_per_leaf": 1}
+    tree = simulate(plan_from_dict(plan, "test"))
+    assert tree.events == 16 * alone.events  # one replica simulated, then all 16

@@ -51,10 +51,12 @@ def memory_fix(plan: Plan, limit_gib: float | None) -> str:
         steps.append(("parallel.recompute: selective", {"recompute": "selective"}))
     if par.tp > 1 and not par.sequence_parallel:
         steps.append(("parallel.sequence_parallel: true", {"sequence_parallel": True}))
-    if par.dp * par.cp > 1 and not par.distributed_optimizer:
+    if par.dp * par.cp > 1 and par.sharding == "none":
         steps.append(("parallel.distributed_optimizer: true", {"distributed_optimizer": True}))
     if par.recompute != "full":
         steps.append(("parallel.recompute: full", {"recompute": "full"}))
+    if par.dp * par.cp > 1 and par.sharding != "full":  # ZeRO-3 / FSDP
+        steps.append(("parallel.dp_sharding: full", {"dp_sharding": "full"}))
     said: list[str] = []
     changes: dict[str, Any] = {}
     for text, change in steps:

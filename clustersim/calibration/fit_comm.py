@@ -67,7 +67,9 @@ PUBLISHED_FILE = "comm_published.csv"
 GPUS_PER_NODE = 8
 DATASETS = ("vidur_all_reduce", "vidur_send_recv", "nccl_tests", "deepep")
 FOLDS = 5
-_PRESET = {gen: gpu for gpu, gen in GPU_GENERATION.items()}  # a100: A100-80GB (the last)
+# The GPU whose figures each generation's data file is fitted against: the first of its
+# generation in GPU_GENERATION, except A100 (the 80 GB card, as measured).
+_PRESET = {gen: gpu for gpu, gen in reversed(GPU_GENERATION.items())} | {"a100": "A100-80GB"}
 
 
 # ---- measurements -------------------------------------------------------------------------

@@ -41,6 +41,27 @@ DENSE_VOCAB = 51200
 MFU_PEAK_TFLOPS = 989.5  # Liu et al. 2025: MFU relative to 989.5 TFLOP/s BF16 dense
 
 FRAMEWORK = "kernel.framework_us"
+# The GPU preset of each system column (first match wins: GB200 before B200), and the GPUs
+# per node the plan uses: 8 per DGX / HGX node; 4 per Grace-Blackwell compute tray, 72 of them
+# in one NVLink domain (the presets' nvlink_domain_gpus).
+GPU_OF_SYSTEM = (
+    ("GB300", "GB300"),
+    ("GB200", "GB200"),
+    ("B200", "B200"),
+    ("H800", "H800"),
+    ("H100", "H100-SXM"),
+)
+GPUS_PER_NODE = {"GB300": 4, "GB200": 4, "B200": 8, "H800": 8, "H100-SXM": 8}
+FP8_SPEEDUP_ROWS = ("T0021", "T0022")  # the packaged FP8 efficiency is fitted on their speedup
+TABLE2_GBS = 256  # Liu et al. 2025 Table 2 prints no GBS; its BF16 rows are Table 3's (256)
+# The FP8 recipe of a row's precision column (Transformer Engine's names).
+FP8_RECIPES = (
+    ("TE DELAYED SCALING", "tensorwise"),
+    ("PER-TENSOR", "tensorwise"),
+    ("BLOCKWISE", "blockwise"),
+    ("MXFP8", "mxfp8"),
+    ("FP8-MX", "mxfp8"),
+)
 
 MOE_ASSUMPTIONS = (
     "H100-SXM nodes of 8 GPUs (Eos DGX H100); BF16; sequence parallelism when TP > 1; "
@@ -56,11 +77,19 @@ MOE_ASSUMPTIONS = (
     "(Megatron-Core's default before folding)",
     "Llama3-8x70B = Llama-3-70B with every MLP upcycled to 8 experts, top-2 (the paper does "
     "not print top-k); Mixtral-8x22B-G8T8 = Mixtral-8x22B with 64 experts of FFN 2048, top-8",
+    "Table 2 rows (FP8 vs BF16) at GBS 256, as the same runs in Table 3; FP8 rows: Table "
+    "2's 'FP8 (TE delayed scaling)' as recipe tensorwise, ModelZoo's 'FP8 blockwise' as "
+    "blockwise; FP8 primary weights (--fp8-param-gather); the packaged FP8 GEMM efficiency is "
+    "fitted on the FP8/BF16 speedups of T0021/T0019 and T0022/T0020 (costs/precision.py), so "
+    "those two rows are in sample",
+    "NeMo performance-summary rows (Mixtral-8x7B on DGX-B200 / DGX-GB200, per-tensor FP8): "
+    "B200 nodes of 8; GB200 trays of 4 in one NVL72 domain; the other assumptions as above",
 )
 
 # ---- model shapes the presets lack ----------------------------------------------------------
 
 MOE_MODELS: dict[str, dict[str, Any]] = {
+    "Mixtral-8x7B": {"preset": "mixtral-8x7b"},
     "Mixtral-8x22B": {"preset": "mixtral-8x22b"},
     # Liu et al. 2025 §4.1: fine-grained upcycling, 8 -> 64 experts of 1/8 the FFN, top-8.
     "Mixtral-8x22B-G8T8": {
@@ -249,15 +278,20 @@ DUPLICATES = {  # the same run in another unit, counted once
 
 def moe_reason(r: dict[str, str]) -> str | None:
     """Why row ``r`` cannot be simulated (None: it can)."""
-    precision, gpu, method = r["precision"].upper(), r["gpu"].upper(), r["method_or_variant"]
-    if "FP8" in precision:
-        return f"{r['precision'].split(' (')[0]}: FP8 GEMMs are not modelled (BF16 only)"
-    if "GB200" in gpu or "GB300" in gpu:
-        return f"{r['gpu']}: no preset or calibration for Grace-Blackwell NVL72 systems"
-    if "FSDP" in method or "FSDP" in r["framework"]:
-        return "FSDP sharding (ZeRO-3) is not modelled (distributed optimizer = ZeRO-1 only)"
+    precision = r["precision"].upper()
+    if "DEEPSEEK-V3" in r["model"].upper() or "KIMI" in r["model"].upper():
+        return (
+            f"{r['model']}: 61 layers over PP x VPP need uneven virtual stages, and the MTP "
+            "module is not modelled"
+        )
+    if "FP8" in precision and fp8_recipe(r) is None:
+        return f"{r['precision']}: FP8 recipe not recognised"
+    if gpu_preset(r) is None:
+        return f"{r['gpu']}: no GPU preset"
     if r["metric"] not in ("MFU", "model_TFLOPS_per_GPU"):
         return f"metric {r['metric']} of a configuration that is not simulated"
+    if not r["gbs"] and "Table 2" not in r["source_location"]:
+        return "global batch size not stated"
     if r["row_id"] in DUPLICATES:
         return f"same run as {DUPLICATES[r['row_id']]} (TFLOP/s = MFU x 989.5); counted once"
     if not r["num_gpus"]:
@@ -273,6 +307,34 @@ def moe_reason(r: dict[str, str]) -> str | None:
     return None
 
 
+def gbs(r: dict[str, str]) -> int:
+    """Global batch of row ``r``; Table 2 of Liu et al. (FP8 vs BF16) prints none: its BF16
+    rows are Table 3's runs (GBS 256), so 256."""
+    given = _int(r["gbs"])
+    if given is None and "Table 2" in r["source_location"]:
+        return TABLE2_GBS
+    if given is None:
+        raise ValueError(f"row {r['row_id']} has no global batch size")
+    return given
+
+
+def gpu_preset(r: dict[str, str]) -> str | None:
+    """The GPU preset of row ``r``'s system (None: none matches)."""
+    gpu = r["gpu"].upper()
+    return next((preset for key, preset in GPU_OF_SYSTEM if key in gpu), None)
+
+
+def _fsdp(r: dict[str, str]) -> bool:
+    """Whether row ``r`` is one of Liu et al.'s FSDP baselines (ZeRO-3 over all of DP)."""
+    return r["method_or_variant"].startswith("FSDP")
+
+
+def fp8_recipe(r: dict[str, str]) -> str | None:
+    """The FP8 recipe of row ``r`` (None for a BF16 row or an unknown recipe)."""
+    precision = r["precision"].upper()
+    return next((name for key, name in FP8_RECIPES if key in precision), None)
+
+
 def _vpp(r: dict[str, str]) -> int:
     """Model chunks per pipeline stage: the row's VPP, else Megatron's default (none: 1)."""
     return _int(r["vpp"]) or 1
@@ -286,7 +348,12 @@ def moe_plan(r: dict[str, str], values: dict[str, float] | None = None) -> Plan:
     pad = "pad-expert-input-to-capacity" in r["method_or_variant"]
     moe.update(routing="even", capacity_factor=None if dropless else 1.0, pad_to_capacity=pad)
     model["moe"] = moe
+    recipe = fp8_recipe(r)
+    if recipe is not None:
+        model.update(dtype="fp8", fp8_recipe=recipe)
     gpus, tp, pp = int(r["num_gpus"]), int(r["tp"]), _int(r["pp"], 1)
+    gpu = gpu_preset(r)
+    per_node = GPUS_PER_NODE[gpu]
     ep = _int(r["ep"], 1)
     etp = _int(r["etp"]) or (1 if "Folding" in r["method_or_variant"] else tp)
     dp, mbs = gpus // (tp * pp), _int(r["mbs"], 1)
@@ -295,9 +362,9 @@ def moe_plan(r: dict[str, str], values: dict[str, float] | None = None) -> Plan:
         "name": f"{r['row_id']}-{r['model']}",
         "model": model,
         "hardware": {
-            "gpu": "H100-SXM",
-            "num_nodes": -(-gpus // 8),
-            "gpus_per_node": 8,
+            "gpu": gpu,
+            "num_nodes": -(-gpus // per_node),
+            "gpus_per_node": per_node,
             "calibration": nested(values or {}),
         },
         "parallel": {
@@ -307,11 +374,11 @@ def moe_plan(r: dict[str, str], values: dict[str, float] | None = None) -> Plan:
             "ep": ep,
             "etp": etp,
             "micro_batch_size": mbs,
-            "num_microbatches": int(r["gbs"]) // (dp * mbs),
+            "num_microbatches": gbs(r) // (dp * mbs),
             "schedule": "interleaved" if vpp > 1 else "1f1b",
             "virtual_stages": vpp,
             "sequence_parallel": tp > 1,
-            "distributed_optimizer": True,
+            "dp_sharding": "full" if _fsdp(r) else "optimizer",
             "overlap_communication": True,
             "recompute": "none",
             "flash_attention": True,
@@ -334,7 +401,7 @@ def moe_metric(r: dict[str, str], values: dict[str, float]) -> float:
     """Predicted MFU (%) or model TFLOP/s per GPU, Megatron-Core's FLOP count."""
     plan = moe_plan(r, values)
     t_s = iteration_ms(plan) / 1e3
-    flops = model_flops_per_iteration(plan.model, int(r["gbs"]), int(r["seq_len"]))
+    flops = model_flops_per_iteration(plan.model, gbs(r), int(r["seq_len"]))
     tflops = flops / t_s / int(r["num_gpus"]) / 1e12
     return 100 * tflops / MFU_PEAK_TFLOPS if r["metric"] == "MFU" else tflops
 
@@ -343,14 +410,42 @@ def _moe_label(r: dict[str, str]) -> str:
     par = f"TP{r['tp']} PP{r['pp'] or 1} EP{r['ep'] or 1}"
     if r["etp"]:
         par += f" ETP{r['etp']}"
-    return f"{r['model']} {r['method_or_variant'][:24]}, {r['num_gpus']} GPUs {par} GBS{r['gbs']}"
+    return f"{r['model']} {r['method_or_variant'][:24]}, {r['num_gpus']} GPUs {par} GBS{gbs(r)}"
+
+
+FSDP_ASSUMPTION = (
+    "FSDP / FSDP + EP baselines as dp_sharding: full over all DP ranks (the sharding degree is "
+    "not printed), the parallel sizes as printed in Table 3, token-drop with CF 1.0 as even "
+    "routing, the other assumptions as in the moe set"
+)
+
+
+def fsdp_rows() -> list[E2ERow]:
+    """Liu et al.'s FSDP baselines (the ``fsdp`` set): expressible, fit nothing."""
+    return [
+        E2ERow(
+            r["row_id"],
+            _moe_label(r),
+            "MFU %",
+            float(r["value"]),
+            rate=True,
+            param=None,
+            fits=False,
+            cost=_moe_cost(r),
+        )  # fmt: skip
+        for r in moe_table()
+        if _fsdp(r) and moe_reason(r) is None
+    ]
 
 
 def moe_rows() -> tuple[list[E2ERow], list[Skipped]]:
-    """Expressible rows (none fits an end-to-end parameter) and the rest with why."""
+    """Expressible rows (none fits an end-to-end parameter) and the rest with why; the FSDP
+    baselines are their own set (:func:`fsdp_rows`)."""
     rows, skipped = [], []
     for r in moe_table():
         reason = moe_reason(r)
+        if reason is None and _fsdp(r):
+            reason = "FSDP baseline: in the fsdp set"
         if reason is not None:
             skipped.append(
                 Skipped(r["row_id"], f"{r['model']} {r['method_or_variant']}"[:60], reason)
@@ -358,6 +453,8 @@ def moe_rows() -> tuple[list[E2ERow], list[Skipped]]:
             continue
         unit = "MFU %" if r["metric"] == "MFU" else "TFLOP/s/GPU"
         note = "approx. ('should be around')" if "approx" in r["reliability"] else ""
+        if r["row_id"] in FP8_SPEEDUP_ROWS:
+            note = "in sample: the FP8 efficiency is fitted on its speedup over BF16"
         rows.append(
             E2ERow(
                 r["row_id"],
@@ -379,7 +476,7 @@ def _moe_cost(r: dict[str, str]) -> float:
     model = MOE_MODELS[r["model"]]
     pp = _int(r["pp"], 1)
     dp = int(r["num_gpus"]) // (int(r["tp"]) * pp)
-    m = int(r["gbs"]) // (dp * _int(r["mbs"], 1))
+    m = gbs(r) // (dp * _int(r["mbs"], 1))
     m = 5 * pp if m > 5 * pp else m
     return _layers(model) * m * pp / 1e4
 

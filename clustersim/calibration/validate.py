@@ -3,8 +3,11 @@
 Sets (``SETS``):
 
 * ``dense``: Narayanan et al. 2021 Table 1 (A100); fits ``kernel.framework_us``;
-* ``moe``: MoE training rows of ``training_moe.csv`` clustersim can express (H100); no row
-  fits anything (out of sample by construction; ``framework_us`` from the dense set);
+* ``moe``: MoE training rows of ``training_moe.csv`` clustersim can express (H100, B200,
+  GB200); no row fits anything (out of sample by construction; ``framework_us`` from the dense
+  set);
+* ``fsdp``: the FSDP baselines of ``training_moe.csv`` (Liu et al. 2025), as ZeRO-3 over all
+  of DP; they fit nothing;
 * ``serving``: ``serving.csv`` rows clustersim can express; eager decode rows fit
   ``kernel.launch_us``, CUDA-graph decode rows ``kernel.graph_launch_us``; TensorRT-LLM rows
   fit nothing;
@@ -31,10 +34,12 @@ import numpy as np
 
 from clustersim.calibration.fit_e2e import Curve, E2ERow, LooFit, Skipped, fit_with_loo
 
-SETS = ("dense", "moe", "serving", "kernels", "collectives")
+SETS = ("dense", "moe", "fsdp", "serving", "kernels", "collectives")
 TITLES = {
     "dense": "Dense training: Narayanan et al. 2021 Table 1 (Megatron-LM, A100-80GB)",
-    "moe": "MoE training: MoE Parallel Folding (Liu et al. 2025) + Megatron-MoE-ModelZoo (H100)",
+    "moe": "MoE training: MoE Parallel Folding (Liu et al. 2025) + Megatron-MoE-ModelZoo (H100) "
+    "+ NeMo performance summaries (B200, GB200)",
+    "fsdp": "MoE training, FSDP baselines of MoE Parallel Folding (Liu et al. 2025, H100)",
     "serving": "Serving: TensorRT-LLM A100 FP16, gpt-fast, SGLang #1401",
     "kernels": "Kernels: Vidur operator profiles + FlashAttention (component fits)",
     "collectives": "Collectives: NCCL / Vidur collectives / DeepEP (component fit)",
@@ -174,7 +179,7 @@ def predict(set_name: str, row_id: str, values: dict[str, float]) -> float:
         from clustersim.calibration.sets_training import predict_dense
 
         return predict_dense(row_id, values)
-    if set_name == "moe":
+    if set_name in ("moe", "fsdp"):
         from clustersim.calibration.sets_training import predict_moe
 
         return predict_moe(row_id, values)
@@ -467,7 +472,7 @@ def run_validation(
     out: list[SetResult] = []
     fixed: dict[str, float] = {}
     with Runner(workers, progress) as runner:
-        needs_dense = any(s in wanted for s in ("dense", "moe", "serving"))
+        needs_dense = any(s in wanted for s in ("dense", "moe", "fsdp", "serving"))
         if needs_dense:
             rows = st.dense_rows()
             rows = _quick("dense", rows) if quick else rows
@@ -487,6 +492,16 @@ def run_validation(
                 "(kernel.framework_us from the dense set)"
             )
             res.notes.extend(st.MOE_ASSUMPTIONS)
+            out.append(res)
+        if "fsdp" in wanted:
+            rows = st.fsdp_rows()
+            rows = _quick("moe", rows) if quick else rows
+            res, _ = evaluate_e2e("fsdp", rows, [], runner, fixed)
+            res.notes.append(
+                "fit no parameter: out of sample by construction (kernel.framework_us from the "
+                "dense set)"
+            )
+            res.notes.append(st.FSDP_ASSUMPTION)
             out.append(res)
         if "serving" in wanted:
             rows, skipped = sv.serving_rows()

@@ -25,9 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from clustersim.costs import precision
 from clustersim.spec.schema import HardwareSpec, ModelSpec
 
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+DTYPE_BYTES = precision.ACTIVATION_BYTES  # activations (fp8: BF16 between GEMMs)
 BACKWARD_FACTOR = 2.0
 ACTIVATION_MATRICES = {"swiglu": 3, "gelu": 2}  # phi: weight matrices per MLP
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import numpy as np
 
 from clustersim.costs import compute as cc
+from clustersim.costs import precision
 from clustersim.spec.schema import HardwareSpec, ModelSpec
 
 RESIDUAL_PASSES = 3.0  # residual add: read 2h, write h (per token, x h; no dropout)
@@ -80,11 +81,21 @@ class KernelTimer:
         *,
         sequence_parallel: bool = False,
         graphs: bool = False,
+        training: bool = True,
     ):
         cal = hw.calibration
         self.model, self.hw, self.tp = model, hw, tp
         self.etp = tp if etp is None else etp
-        self.bpe = cc.DTYPE_BYTES[model.dtype]
+        self.bpe = precision.activation_bytes(model)
+        self.fp8 = precision.is_fp8(model) and hw.fp8_peak_tflops is not None
+        if self.fp8:
+            fp8_eff = precision.fp8_gemm_efficiency(cal.gemm.efficiency, cal.gemm.fp8_efficiency)
+            self._fp8_flop_s = hw.fp8_peak_tflops * 1e12 * fp8_eff
+            self._fp8_in = precision.fp8_activation_bytes(model)
+            self._fp8_w = precision.fp8_weight_bytes(model)
+            copies = precision.TRAINING_FP8_COPIES if training else 1
+            # quantise kernel: read the BF16 input, write its FP8 copies (+ scales)
+            self._quantise_bytes = self.bpe + copies * self._fp8_in
         self._flop_s = hw.peak_tflops * 1e12 * cal.gemm.efficiency
         hbm = hw.hbm_bandwidth_gbps * 1e9
         self._byte_s = hbm * cal.memory.efficiency
@@ -161,22 +172,28 @@ class KernelTimer:
     def _shape(self, x):
         return x / (x + self._half)
 
-    def gemm_gpu_ms(self, m, n: float, k: float, groups=1.0):
-        """GPU time of a (grouped) GEMM: ``groups`` experts share ``m`` token rows."""
+    def gemm_gpu_ms(self, m, n: float, k: float, groups=1.0, fp8: bool = False):
+        """GPU time of a (grouped) GEMM: ``groups`` experts share ``m`` token rows. ``fp8``
+        (on an FP8 model): FP8 operands (+ scales) at the FP8 peak and its efficiency,
+        BF16 output."""
         scalar = _scalar(m, groups)
         if scalar:
             per = max(m / max(groups, 1.0), 1e-9)
         else:
             per = np.maximum(m / np.maximum(groups, 1.0), 1e-9)
-        compute = (
-            2.0 * m * n * k / (self._flop_s * self._shape(per) * self._shape(n) * self._shape(k))
+        if fp8 and self.fp8:
+            rate, in_bytes, w_bytes = self._fp8_flop_s, self._fp8_in, self._fp8_w
+        else:
+            rate, in_bytes, w_bytes = self._flop_s, self.bpe, self.bpe
+        compute = 2.0 * m * n * k / (rate * self._shape(per) * self._shape(n) * self._shape(k))
+        memory = (m * k * in_bytes + groups * k * n * w_bytes + m * n * self.bpe) / (
+            self._gemm_byte_s
         )
-        memory = (m * k + groups * k * n + m * n) * self.bpe / self._gemm_byte_s
         longer = max(compute, memory) if scalar else np.maximum(compute, memory)
         return longer * 1e3 + self._fixed_ms
 
     def gemm_ms(self, m, n: float, k: float, groups=1.0):
-        """Stream time of a (grouped) GEMM kernel."""
+        """Stream time of a (grouped) GEMM kernel in the activations' type."""
         return self.issue(self.gemm_gpu_ms(m, n, k, groups), m)
 
     def memory_gpu_ms(self, nbytes, kind: str = STREAM):
@@ -184,6 +201,14 @@ class KernelTimer:
         ``nbytes / (HBM * mu_kind) + fixed_kind`` (:data:`MEMORY_KINDS`)."""
         rate, fixed_ms = self._memory_class[kind]
         return nbytes / rate * 1e3 + fixed_ms
+
+    def linear_ms(self, m, n: float, k: float, groups=1.0):
+        """Stream time of a linear layer's GEMM: under FP8, the quantise kernel of its input
+        (read BF16, write the FP8 copies: a memory-bound element-wise pass) and the FP8 GEMM."""
+        if not self.fp8:
+            return self.gemm_ms(m, n, k, groups)
+        quantise = self.stream_ms(m, k * self._quantise_bytes, elementwise=True)
+        return quantise + self.issue(self.gemm_gpu_ms(m, n, k, groups, fp8=True), m)
 
     def stream_gpu_ms(self, nbytes, elementwise: bool = False):
         """GPU time of a memory-bound kernel moving ``nbytes`` (``elementwise``: rotary
@@ -228,11 +253,11 @@ class KernelTimer:
                 (k_up, heads * mla.v_head_dim),
             ]
         for k, n in shapes:
-            total = total + self.gemm_ms(tokens, n, k)
+            total = total + self.linear_ms(tokens, n, k)
         for width in self._latent_norms:  # MLA: RMSNorm of each low-rank latent
             total = total + self.memory_ms(tokens, NORM_PASSES * width * self.bpe, NORM)
         total = total + self.stream_ms(tokens, self.rope_bytes_per_token, elementwise=True)
-        total = total + self.gemm_ms(tokens, self._out[1], self._out[0])
+        total = total + self.linear_ms(tokens, self._out[1], self._out[0])
         total = total + self._residual(tokens)
         return total + self._norm(tokens)
 
@@ -240,9 +265,9 @@ class KernelTimer:
         """An MLP of width ``ffn`` split over ``tp``: up, activation, down, residual add."""
         width = ffn / tp
         h = self.model.hidden_size
-        total = self.gemm_ms(tokens, (self._phi - 1) * width, h)
+        total = self.linear_ms(tokens, (self._phi - 1) * width, h)
         total = total + self.stream_ms(tokens, self._phi * width * self.bpe, elementwise=True)
-        total = total + self.gemm_ms(tokens, h, width)
+        total = total + self.linear_ms(tokens, h, width)
         return total + self._residual(tokens)
 
     def dense_mlp_ms(self, tokens):
@@ -279,9 +304,9 @@ class KernelTimer:
         groups = np.maximum(active_experts, 1.0)
         permutes = 2 if chunk_sort else 1
         total = permutes * self.stream_ms(copies, PERMUTE_PASSES * h * self.bpe)
-        total = total + self.gemm_ms(copies, up, h, groups)
+        total = total + self.linear_ms(copies, up, h, groups)
         total = total + self.stream_ms(copies, self._phi * width * self.bpe, elementwise=True)
-        total = total + self.gemm_ms(copies, h, width, groups)
+        total = total + self.linear_ms(copies, h, width, groups)
         return total + permutes * self.stream_ms(copies, PERMUTE_PASSES * h * self.bpe)
 
     def logits_ms(self, rows):

@@ -67,7 +67,9 @@ from typing import Any
 
 import numpy as np
 
+from clustersim.costs import precision
 from clustersim.costs.params import MLP_MATRICES, ParamCounts, count_params
+from clustersim.costs.sharding import largest_unit, layer_units, shard_sizes
 from clustersim.layout import Layout
 from clustersim.spec.lengths import read_lengths
 from clustersim.spec.request_trace import read_request_trace
@@ -75,10 +77,8 @@ from clustersim.spec.schema import LengthSpec, ModelSpec, ParallelSpec, Plan
 
 GIB = 2**30
 MIB = 2**20
-# Training bytes per parameter: (weights, gradients, optimizer states) (reference.md table).
-TRAINING_BYTES_PER_PARAM = {"bf16": (2, 4, 12), "fp16": (2, 2, 16), "fp32": (4, 4, 8)}
-# Bytes of one weight, activation or KV-cache element.
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# Bytes of one activation element (fp8 models: BF16 between GEMMs; costs/precision.py).
+DTYPE_BYTES = precision.ACTIVATION_BYTES
 # Bytes per (token x MLP width) stored by the MLP: GeLU keeps the fc1 output and the GeLU output
 # (2 + 2); SwiGLU keeps the fc1 output of width 2*ffn (gate and up, 4) and the product (2).
 MLP_ACTIVATION_BYTES = {"gelu": 4, "swiglu": 6}
@@ -301,20 +301,26 @@ def layer_activation_bytes(
     scale = DTYPE_BYTES[model.dtype] / 2
     if recompute == "full":
         return scale * 2 * s * b * h / sp_div
-    # Replicated across TP ranks without SP: layernorm inputs 4, attention input 2 and
-    # dropout mask 1; the MLP input 2 and dropout mask 1 are added with the MLP below.
-    replicated = 7 * s * b * h
-    per_gpu = _attention_bytes_per_gpu(model, t, s * b)
-    per_width = MLP_ACTIVATION_BYTES[model.activation] * s * b  # bytes per unit of MLP width
+    # The inputs of the linear layers (attention input, projection input, MLP input, fc2
+    # input) are stored as ``lin`` bytes per element: 2 (x scale) in 16/32-bit training, the
+    # quantised FP8 copy (+ scales) under FP8 (costs/precision.py); the rest as Korthikanti.
+    lin = precision.linear_input_bytes(model) / scale
+    # Replicated across TP ranks without SP: layernorm inputs 4, attention input and dropout
+    # mask 1; the MLP input and dropout mask 1 are added with the MLP below.
+    replicated = (5 + lin) * s * b * h
+    per_gpu = _attention_bytes_per_gpu(model, t, s * b, lin)
+    # bytes per token and unit of MLP width: GeLU keeps its input (2) and fc2's input (lin);
+    # SwiGLU its gate and up outputs (4) and fc2's input (lin)
+    per_width = (MLP_ACTIVATION_BYTES[model.activation] - 2 + lin) * s * b
     moe = model.moe
     if moe is not None and model.is_moe_layer(layer):
         expert_div = t if par.sequence_parallel else par.expert_tp
-        replicated += moe.top_k * 3 * s * b * h
+        replicated += moe.top_k * (1 + lin) * s * b * h
         per_gpu += moe.top_k * per_width * model.ffn_hidden_size / expert_div
         shared_ffn = moe.shared_expert_ffn_hidden_size or model.ffn_hidden_size
         per_gpu += per_width * moe.num_shared_experts * shared_ffn / t
     else:
-        replicated += 3 * s * b * h
+        replicated += (1 + lin) * s * b * h
         per_gpu += per_width * model.dense_ffn / t
     per_gpu += replicated / sp_div
     if recompute == "none" and not par.flash_attention:
@@ -352,8 +358,9 @@ def inference_layer_bytes(model: ModelSpec, par: ParallelSpec, layer: int, token
     return DTYPE_BYTES[model.dtype] * tokens * (2 * h + max(attention, mlp))
 
 
-def _attention_bytes_per_gpu(model: ModelSpec, t: int, tokens: float) -> float:
-    """Bytes of Q, K, V and the output-projection input one GPU stores for ``tokens``.
+def _attention_bytes_per_gpu(model: ModelSpec, t: int, tokens: float, lin: float = 2.0) -> float:
+    """Bytes of Q, K, V and the output-projection input one GPU stores for ``tokens`` (the
+    projection input at ``lin`` bytes per element, the rest at 2).
 
     Q and the projection input hold a/t heads; K and V max(1, n_kv/t) heads (a GPU keeps at
     least one K/V head); MLA expands K and V to all ``a`` heads of its own head dims. For MHA
@@ -363,9 +370,9 @@ def _attention_bytes_per_gpu(model: ModelSpec, t: int, tokens: float) -> float:
     if model.mla is not None:
         qk = model.mla.qk_nope_head_dim + model.mla.qk_rope_head_dim
         v = model.mla.v_head_dim
-        return 2 * tokens * q_heads * (2 * qk + 2 * v)
+        return tokens * q_heads * (2 * (2 * qk + v) + lin * v)
     kv_heads = max(1.0, model.kv_heads / t)
-    return 2 * tokens * model.head_size * (2 * q_heads + 2 * kv_heads)
+    return tokens * model.head_size * (2 * (q_heads + 2 * kv_heads) + lin * q_heads)
 
 
 def inflight_microbatches(plan: Plan, stage: int, num_stages: int | None = None) -> float:
@@ -416,11 +423,13 @@ def _stage_activation_bytes(plan: Plan, layout: Layout, stage: int, inflight: fl
 
 
 def _buffer_bytes(plan: Plan, layout: Layout, stage: int) -> float:
-    """Training: gradient buckets (reduced over > 1 rank) and MoE all-to-all buffers."""
+    """Training: gradient buckets (reduced over > 1 rank; ZeRO-2/3 reduce layer by layer
+    instead, counted with the gradients) and MoE all-to-all buffers."""
     par = plan.parallel
     total = 0.0
     has_moe = _has_moe_layer(plan, layout, stage)
-    if par.dp * par.cp > 1 or (has_moe and _expert_dp(layout) > 1):
+    buckets = par.sharding in ("none", "optimizer")
+    if buckets and (par.dp * par.cp > 1 or (has_moe and _expert_dp(layout) > 1)):
         total += 2 * par.grad_bucket_mb * MIB
     tokens = par.micro_batch_size * _train_seq_len(plan) / par.cp
     return total + _a2a_bytes(plan, layout, stage, tokens)
@@ -435,30 +444,42 @@ def _a2a_bytes(plan: Plan, layout: Layout, stage: int, tokens: float) -> float:
         return 0.0
     if par.sequence_parallel:
         tokens /= par.tp
-    return 2 * tokens * model.moe.top_k * model.hidden_size * DTYPE_BYTES[model.dtype]
+    per_copy = 2 * DTYPE_BYTES[model.dtype]  # dispatch and combine, in the activations' type
+    if precision.is_fp8(model) and par.moe_dispatcher == "deepep":
+        per_copy = precision.fp8_activation_bytes(model) + DTYPE_BYTES[model.dtype]
+    return tokens * model.moe.top_k * model.hidden_size * per_copy
 
 
 # ---- one stage --------------------------------------------------------------------------
 
 
 def _stage_memory(plan: Plan, layout: Layout, counts: ParamCounts, stage: int) -> StageMemory:
-    """Training memory of one GPU of ``stage``."""
-    par, dtype = plan.parallel, plan.model.dtype
+    """Training memory of one GPU of ``stage``: bytes per parameter by ``dp_sharding``
+    (costs/sharding.py): ZeRO-1 divides the optimizer states by the shard size N, ZeRO-2 also
+    the gradients and holds one layer's gradient whole before its reduce-scatter, ZeRO-3 also
+    the weights and holds two layers' weights gathered (the one computing and the one
+    prefetched)."""
+    par = plan.parallel
     dense, experts = stage_params_per_gpu(plan, layout, counts, stage)
-    w_bytes, g_bytes, o_bytes = TRAINING_BYTES_PER_PARAM[dtype]
-    dense_dp, expert_dp = (par.dp * par.cp, _expert_dp(layout))
-    if not par.distributed_optimizer:
-        dense_dp = expert_dp = 1
-    optim_b = o_bytes * (dense / dense_dp + experts / expert_dp)
+    w_bytes, g_bytes, o_bytes = precision.training_bytes_per_param(plan.model)
+    dense_n, expert_n = shard_sizes(plan, layout)
+    sharded = dense / dense_n + experts / expert_n
+    whole = dense + experts
+    unit = 0.0
+    if par.sharding in ("gradients", "full"):
+        layers = _layers_of(plan, layout, stage)
+        unit = largest_unit(layer_units(plan, layout, counts, layers, (dense, experts)))
+    weights = sharded + 2 * unit if par.sharding == "full" else whole
+    grads = sharded + unit if par.sharding in ("gradients", "full") else whole
     inflight = inflight_microbatches(plan, stage, layout.num_stages)
     return StageMemory(
         stage=stage,
         num_layers=len(_layers_of(plan, layout, stage)),
         inflight_microbatches=inflight,
-        params_per_gpu=dense + experts,
-        params_gib=(dense + experts) * w_bytes / GIB,
-        grads_gib=(dense + experts) * g_bytes / GIB,
-        optimizer_gib=optim_b / GIB,
+        params_per_gpu=whole,
+        params_gib=weights * w_bytes / GIB,
+        grads_gib=grads * g_bytes / GIB,
+        optimizer_gib=o_bytes * sharded / GIB,
         activations_gib=_stage_activation_bytes(plan, layout, stage, inflight) / GIB,
         kv_cache_gib=0.0,
         buffers_gib=_buffer_bytes(plan, layout, stage) / GIB,
@@ -544,14 +565,15 @@ def _file_lengths(path: str, column: str) -> tuple[int, ...]:
     return tuple(int(v) for v in read_lengths(path, column))
 
 
-def kv_cache_bytes_per_token_layer(model: ModelSpec, tp: int) -> float:
+def kv_cache_bytes_per_token_layer(model: ModelSpec, tp: int, kv_dtype: str | None = None) -> float:
     """KV-cache bytes one GPU stores per token and layer: K and V of max(1, n_kv/t) heads
-    (a GPU keeps at least one K/V head); MLA keeps its latent, not split by TP."""
+    (a GPU keeps at least one K/V head); MLA keeps its latent, not split by TP. Elements of
+    ``kv_dtype`` (``workload.requests.kv_dtype``; default the activations' type)."""
     if model.mla is not None:
         elements = model.mla.kv_lora_rank + model.mla.qk_rope_head_dim
     else:
         elements = 2 * max(1.0, model.kv_heads / tp) * model.head_size
-    return elements * DTYPE_BYTES[model.dtype]
+    return elements * precision.kv_bytes(model, kv_dtype)
 
 
 def kv_cache_bytes(plan: Plan, layout: Layout, stage: int) -> float:
@@ -559,7 +581,9 @@ def kv_cache_bytes(plan: Plan, layout: Layout, stage: int) -> float:
     the longest length: the demand, to compare with the capacity of :func:`serving_memory`."""
     model, par = plan.model, plan.parallel
     tokens = request_lengths(plan).longest_request * plan.workload.requests.max_batch_size
-    per_layer = kv_cache_bytes_per_token_layer(model, par.tp) / par.cp
+    per_layer = (
+        kv_cache_bytes_per_token_layer(model, par.tp, plan.workload.requests.kv_dtype) / par.cp
+    )
     return len(_layers_of(plan, layout, stage)) * per_layer * tokens
 
 
@@ -705,8 +729,8 @@ def serving_memory(plan: Plan, layout: Layout, counts: ParamCounts | None = None
     usable = req.gpu_memory_utilization * (hw.memory_gib - hw.memory_reserved_gib)
     step = serving_step_tokens(plan, lengths)
     tokens = step / par.cp  # per GPU
-    bpe = DTYPE_BYTES[model.dtype]
-    per_layer = kv_cache_bytes_per_token_layer(model, par.tp) / par.cp
+    bpe = precision.inference_weight_bytes(model)
+    per_layer = kv_cache_bytes_per_token_layer(model, par.tp, req.kv_dtype) / par.cp
     num_stages = layout.num_stages
     layers, params, weights, acts, bufs, per_token = [], [], [], [], [], []
     for stage in range(num_stages):

@@ -50,7 +50,12 @@ import numpy as np
 
 from clustersim.costs.comm import collective_time_ms, link_for_group, p2p_ms
 from clustersim.costs.kernels import STREAM, KernelTimer, uses_graphs
-from clustersim.costs.memory import DTYPE_BYTES, GIB, serving_memory
+from clustersim.costs.memory import (
+    DTYPE_BYTES,
+    GIB,
+    kv_cache_bytes_per_token_layer,
+    serving_memory,
+)
 from clustersim.layout import Layout
 from clustersim.spec.schema import HardwareSpec, ModelSpec, Plan
 
@@ -94,14 +99,10 @@ class LowerOf:
         return a if a < b else b
 
 
-def kv_bytes_per_token_layer(model: ModelSpec, tp: int) -> float:
+def kv_bytes_per_token_layer(model: ModelSpec, tp: int, kv_dtype: str | None = None) -> float:
     """KV-cache bytes one GPU stores per token and layer (memory.py's rule: GQA keeps at least
-    one K/V head per GPU; MLA keeps the latent, not split by TP)."""
-    if model.mla is not None:
-        elements = model.mla.kv_lora_rank + model.mla.qk_rope_head_dim
-    else:
-        elements = 2 * max(1.0, model.kv_heads / tp) * model.head_size
-    return elements * DTYPE_BYTES[model.dtype]
+    one K/V head per GPU; MLA keeps the latent, not split by TP), in ``kv_dtype``."""
+    return kv_cache_bytes_per_token_layer(model, tp, kv_dtype)
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ def step_costs(plan: Plan, layout: Layout) -> StepCosts:
     par = plan.parallel
 
     def timer(graphs: bool) -> KernelTimer:
-        return KernelTimer(model, hw, tp, par.expert_tp, graphs=graphs)
+        return KernelTimer(model, hw, tp, par.expert_tp, graphs=graphs, training=False)
 
     graph_hw = graph_replay_hardware(hw)
 
@@ -208,9 +209,12 @@ def step_costs(plan: Plan, layout: Layout) -> StepCosts:
         cuda_graphs=plan.workload.requests.cuda_graphs,
         attn_flops_per_pair=2.0 * heads * (qk_dim + v_dim),
         attn_flops_per_pair_decode=decode_flops_per_pair(model, tp),
-        attn_bytes_per_kv_token=kv_bytes_per_token_layer(model, tp),
+        attn_bytes_per_kv_token=kv_bytes_per_token_layer(
+            model, tp, plan.workload.requests.kv_dtype
+        ),
         attn_bytes_per_query_token=heads * (qk_dim + v_dim) * bpe,
-        cache_write_bytes_per_token=2.0 * kv_bytes_per_token_layer(model, tp),
+        cache_write_bytes_per_token=2.0
+        * kv_bytes_per_token_layer(model, tp, plan.workload.requests.kv_dtype),
         tp_allreduce=Affine.of(allreduce_ms),
         tp_allreduce_graph=graph_allreduce,
         p2p=Affine.of(lambda n: _p2p_ms(plan, layout, n * model.hidden_size * bpe / tp)),

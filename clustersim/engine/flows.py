@@ -97,14 +97,11 @@ def solve(flows: FlowSet) -> np.ndarray:
     busy = (transfer > 0) & (np.diff(flows.ptr) > 0)
     index = _LinkIndex(flows, end)
     contended = index.overlapping() & busy
-    while contended.any():
-        before = end.copy()
-        end[contended] = _event_loop(flows, np.flatnonzero(contended))
-        # a delayed flow may now overlap a flow that was settled alone: solve again with it
-        grown = (index.reached(before, end) & busy) | contended
-        if (grown == contended).all():
-            break
-        contended = grown
+    if contended.any():
+        # flows settled alone that a delayed flow may still reach: by link, then start
+        passive = (busy & ~contended)[index.flow]
+        settled = (index.link[passive], index.start[passive], index.flow[passive])
+        _event_loop(flows, np.flatnonzero(contended), end, settled)
     return end
 
 
@@ -141,26 +138,10 @@ class _LinkIndex:
         out[self.flow[hit]] = True
         return out
 
-    def reached(self, before: np.ndarray, after: np.ndarray) -> np.ndarray:
-        """Flows starting, on a link of a flow whose end moved from ``before`` to ``after``,
-        inside the added stretch (they now overlap it)."""
-        out = np.zeros(self.size, dtype=bool)
-        moved = np.flatnonzero(after > before + EPS)
-        if not len(moved):
-            return out
-        mine = np.isin(self.flow, moved)
-        links, lo, hi = self.link[mine], before[self.flow[mine]], after[self.flow[mine]]
-        # entries sorted by (link, start): the range of each link's starts in [lo, hi)
-        key = self.link.astype(np.float64)
-        span = float(np.abs(self.start).max(initial=1.0)) * 4 + 1.0
-        sorted_key = key * span + self.start
-        first = np.searchsorted(sorted_key, links * span + lo - EPS, side="left")
-        last = np.searchsorted(sorted_key, links * span + hi - EPS, side="left")
-        for a, b in zip(first.tolist(), last.tolist(), strict=True):
-            if b > a:
-                out[self.flow[a:b]] = True
-        out[moved] = True
-        return out
+
+def _fraction(t, horizon: float):
+    """Times in [0, horizon) mapped into [0, 1); later times to just below 1."""
+    return np.clip(np.asarray(t, dtype=np.float64), 0.0, horizon * (1 - 1e-12)) / horizon
 
 
 def _segmented_cummax(values: np.ndarray, seg: np.ndarray) -> np.ndarray:
@@ -171,30 +152,62 @@ def _segmented_cummax(values: np.ndarray, seg: np.ndarray) -> np.ndarray:
     return np.maximum.accumulate(shifted) - seg * span
 
 
-def _event_loop(flows: FlowSet, members: np.ndarray) -> np.ndarray:
-    """Max-min fair fluid simulation of ``members`` only; returns their end times."""
+def _event_loop(flows: FlowSet, members: np.ndarray, end: np.ndarray, passive) -> None:
+    """Max-min fair fluid simulation of ``members`` and of every flow settled alone that one of
+    them reaches once delayed (``passive``: links, starts and flows of the settled flows'
+    entries, sorted by link, then start);
+    writes their end times into ``end``.
+
+    A flow settled alone overlaps no other flow's alone interval, so it can only be reached by
+    a flow that is running late: whenever a running flow's projected end moves on, the
+    settled flows starting on its links before that end are queued, and at its start such a
+    flow joins if one of its links is busy (else it keeps its alone end)."""
     ptr, links, volume, capacity = flows.ptr, flows.link, flows.volume, flows.capacity
-    starts = flows.start_ms[members]
-    transfer = flows.transfer_ms[members]
-    n = len(members)
-    routes = [(links[ptr[f] : ptr[f + 1]], volume[ptr[f] : ptr[f + 1]]) for f in members.tolist()]
-    heaviest = np.array([float(v.max()) for _, v in routes])
-    caps = heaviest / transfer  # bytes/ms on the heaviest link, alone
-    remaining = np.ones(n)  # fraction of the transfer left
-    rate = np.zeros(n)  # fraction per ms
-    updated = np.zeros(n)  # time ``remaining`` was last brought up to date
-    version = np.zeros(n, dtype=np.int64)
-    end = np.full(n, np.nan)
+    start_ms, transfer = flows.start_ms, flows.transfer_ms
+    passive_link, passive_start, passive_flow = passive
+    # one sorted key for (link, start): link + start / horizon, the starts all below horizon
+    horizon = float(passive_start.max(initial=0.0)) + 1.0
+    passive_key = passive_link + _fraction(passive_start, horizon)
+    routes: dict[int, tuple[list[int], np.ndarray, float, np.ndarray]] = {}
+    remaining: dict[int, float] = {}  # fraction of the transfer left
+    rate: dict[int, float] = {}  # fraction per ms
+    updated: dict[int, float] = {}  # time ``remaining`` was last brought up to date
+    version: dict[int, int] = {}
+    checked: dict[int, float] = {}  # passive flows on this flow's links queued up to then
     on_link: dict[int, set[int]] = {}
-    order = np.argsort(starts, kind="stable")
-    next_start = 0
+    member = set(members.tolist())
+    queued = set(member)
+    starts = [(float(start_ms[f]), f) for f in member]
+    heapq.heapify(starts)
     heap: list[tuple[float, int, int]] = []  # (end time, version, flow)
+
+    def route(f: int) -> tuple[list[int], np.ndarray, float, np.ndarray]:
+        found = routes.get(f)
+        if found is None:
+            ls, vs = links[ptr[f] : ptr[f + 1]], volume[ptr[f] : ptr[f + 1]]
+            found = routes[f] = (ls.tolist(), vs, float(vs.max()), ls)
+        return found
+
+    def lookahead(f: int, until: float) -> None:
+        lo = checked.get(f, float(start_ms[f]))
+        if until <= lo:
+            return
+        checked[f] = until
+        ls = routes[f][3]
+        first = np.searchsorted(passive_key, ls + _fraction(lo - EPS, horizon))
+        last = np.searchsorted(passive_key, ls + _fraction(until - EPS, horizon))
+        found = [g for a, b in zip(first.tolist(), last.tolist(), strict=True) if b > a
+                 for g in passive_flow[a:b].tolist()]  # fmt: skip
+        for g in found:
+            if g not in queued:
+                queued.add(g)
+                heapq.heappush(starts, (float(start_ms[g]), g))
 
     def component(seed: list[int]) -> list[int]:
         seen, stack = set(seed), list(seed)
         while stack:
             f = stack.pop()
-            for ln in routes[f][0].tolist():
+            for ln in routes[f][0]:
                 for g in on_link[ln]:
                     if g not in seen:
                         seen.add(g)
@@ -205,25 +218,30 @@ def _event_loop(flows: FlowSet, members: np.ndarray) -> np.ndarray:
         group = component(seed)
         if not group:
             return
-        idx = np.array(group)
         for f in group:  # bring progress up to date at the old rates
             remaining[f] -= rate[f] * (now - updated[f])
             updated[f] = now
-        used = sorted({ln for f in group for ln in routes[f][0].tolist()})
-        column = {ln: j for j, ln in enumerate(used)}
-        weights = np.zeros((len(group), len(used)))
+        heaviest = np.array([routes[f][2] for f in group])
+        caps = heaviest / transfer[group]
+        if len(group) == 1 and all(len(on_link[ln]) == 1 for ln in routes[group[0]][0]):
+            _, vs, _, ls = routes[group[0]]  # alone: its own speed, or its tightest link's
+            x = np.array([min(caps[0], float((capacity[ls] / (vs / heaviest[0])).min()))])
+        else:
+            parts = [routes[f] for f in group]
+            used, column = np.unique(np.concatenate([r[3] for r in parts]), return_inverse=True)
+            row = np.repeat(np.arange(len(group)), [len(r[3]) for r in parts])
+            weights = np.zeros((len(group), len(used)))
+            weights[row, column] = np.concatenate([r[1] / r[2] for r in parts])
+            x = max_min_rates(weights, caps, capacity[used])
         for i, f in enumerate(group):
-            ls, vs = routes[f]
-            weights[i, [column[ln] for ln in ls.tolist()]] = vs / heaviest[f]
-        x = max_min_rates(weights, caps[idx], capacity[used])
-        rate[idx] = x / heaviest[idx]
-        for f in group:
+            rate[f] = float(x[i] / heaviest[i])
             version[f] += 1
-            left = max(remaining[f], 0.0)
-            heapq.heappush(heap, (now + left / rate[f], int(version[f]), f))
+            finish = now + max(remaining[f], 0.0) / rate[f]
+            heapq.heappush(heap, (finish, version[f], f))
+            lookahead(f, finish)
 
-    while next_start < n or heap:
-        t_start = starts[order[next_start]] if next_start < n else np.inf
+    while starts or heap:
+        t_start = starts[0][0] if starts else np.inf
         while heap and heap[0][1] != version[heap[0][2]]:
             heapq.heappop(heap)  # stale
         t_end = heap[0][0] if heap else np.inf
@@ -237,9 +255,9 @@ def _event_loop(flows: FlowSet, members: np.ndarray) -> np.ndarray:
                 end[f] = t
                 version[f] += 1
                 done.append(f)
-            neighbours = set()
+            neighbours: set[int] = set()
             for f in done:
-                for ln in routes[f][0].tolist():
+                for ln in routes[f][0]:
                     on_link[ln].discard(f)
                     neighbours |= on_link[ln]
             if neighbours:
@@ -247,12 +265,14 @@ def _event_loop(flows: FlowSet, members: np.ndarray) -> np.ndarray:
         else:
             now = t_start
             new = []
-            while next_start < n and starts[order[next_start]] <= now:
-                f = int(order[next_start])
-                next_start += 1
-                updated[f] = now
-                for ln in routes[f][0].tolist():
+            while starts and starts[0][0] <= now:
+                _, f = heapq.heappop(starts)
+                ls = route(f)[0]
+                if f not in member and not any(on_link.get(ln) for ln in ls):
+                    continue  # settled alone: nobody on its links when it starts
+                remaining[f], rate[f], updated[f], version[f] = 1.0, 0.0, now, 0
+                for ln in ls:
                     on_link.setdefault(ln, set()).add(f)
                 new.append(f)
-            resolve(now, new)
-    return end
+            if new:
+                resolve(now, new)

@@ -297,7 +297,7 @@ class Network:
         # scale every flow so that alone it saturates its bottleneck NVLink port or NIC in
         # its alpha-beta transfer time; uplinks (which costs.comm does not know) may bind more
         need = raw / cap[link]
-        port = np.array(self.links.kinds, dtype=object)[link] != "uplink"
+        port = np.array([k != "uplink" for k in self.links.kinds], dtype=bool)[link]
         bottleneck = np.zeros(len(counts))
         np.maximum.at(bottleneck, entry_flow[port], need[port])
         ok = bottleneck > 0
@@ -333,16 +333,20 @@ class NetworkReport:
         entry_flow, need, iteration_ms,
     ) -> NetworkReport:  # fmt: skip
         """Aggregate solved flows per kind and per link."""
-        flow_kind = np.repeat(np.array(kinds, dtype=object), batches) if kinds else np.zeros(0)
+        kind_code = np.array([KINDS.index(k) for k in kinds], dtype=np.int64)
+        flow_kind = np.repeat(kind_code, batches) if kinds else np.zeros(0, dtype=np.int64)
         lane_delay = delay * lanes / max(lanes_total, 1)
-        by_kind = {k: float(lane_delay[flow_kind == k].sum()) for k in KINDS}
+        per_kind = np.bincount(flow_kind, weights=lane_delay, minlength=len(KINDS))
+        by_kind = {k: float(per_kind[i]) for i, k in enumerate(KINDS)}
         num_links = len(links.names)
         bytes_per_link = np.bincount(link, weights=raw, minlength=num_links)
         # each flow's delay is charged to its bottleneck link (largest alone time)
-        order = np.lexsort((-need, entry_flow))
-        first = np.r_[True, entry_flow[order][1:] != entry_flow[order][:-1]]
+        tightest = np.zeros(len(delay))
+        np.maximum.at(tightest, entry_flow, need)
+        at_max = np.flatnonzero(need >= tightest[entry_flow])  # entries in flow order
+        flows_at, first = np.unique(entry_flow[at_max], return_index=True)
         bottleneck = np.full(len(delay), -1)
-        bottleneck[entry_flow[order][first]] = link[order][first]
+        bottleneck[flows_at] = link[at_max[first]]
         has = bottleneck >= 0
         contention = np.bincount(bottleneck[has], weights=delay[has], minlength=num_links)
         out = []

@@ -12,18 +12,28 @@ Both are bounds the simulation can never beat:
   context of one token (projections, FFN of the activated experts, logits) at peak FLOP/s, or
   a step of at most ``max_num_batched_tokens`` tokens per pipeline stage in flight reads the
   replica's dense weights at full HBM bandwidth, whichever is slower.
+
+FP8 models (``model.dtype: fp8``) are bounded at the GPU's FP8 peak (no GEMM runs faster) and
+read one FP8 copy of their weights (costs/precision.py), so the bounds stay bounds.
 """
 
 from __future__ import annotations
 
+from clustersim.costs import precision
 from clustersim.costs.compute import (
     ACTIVATION_MATRICES,
-    DTYPE_BYTES,
     head_dims,
     model_flops_per_iteration,
     qkv_shapes,
 )
-from clustersim.spec.schema import ModelSpec, Plan
+from clustersim.spec.schema import HardwareSpec, ModelSpec, Plan
+
+
+def peak_tflops(model: ModelSpec, hw: HardwareSpec) -> float:
+    """The fastest any GEMM of ``model`` runs on ``hw``: the FP8 peak for FP8 models."""
+    if precision.is_fp8(model) and hw.fp8_peak_tflops is not None:
+        return hw.fp8_peak_tflops
+    return hw.peak_tflops
 
 
 def dense_weight_bytes(model: ModelSpec) -> float:
@@ -37,7 +47,7 @@ def dense_weight_bytes(model: ModelSpec) -> float:
         phi * h * model.dense_ffn for i in range(model.num_layers) if not model.is_moe_layer(i)
     )
     params = model.num_layers * attention + dense + model.vocab_size * h
-    return params * DTYPE_BYTES[model.dtype]
+    return params * precision.inference_weight_bytes(model)
 
 
 def training_roofline(plan: Plan, tokens: float, lengths: dict[int, int]) -> float:
@@ -48,7 +58,7 @@ def training_roofline(plan: Plan, tokens: float, lengths: dict[int, int]) -> flo
         model_flops_per_iteration(plan.model, c, s, causal=True) for s, c in lengths.items()
     )
     gpus = par.world_size
-    compute_ms = flops / (gpus * hw.peak_tflops * 1e12) * 1e3
+    compute_ms = flops / (gpus * peak_tflops(plan.model, hw) * 1e12) * 1e3
     reads = dense_weight_bytes(plan.model) * par.num_microbatches * par.dp
     memory_ms = reads / (gpus * hw.hbm_bandwidth_gbps * 1e9) * 1e3
     return tokens / max(compute_ms, memory_ms)
@@ -58,7 +68,7 @@ def serving_roofline(plan: Plan) -> float:
     """Tokens (prompt + output) per ms a serving deployment could process at the roofline."""
     hw, par, req = plan.hardware, plan.parallel, plan.workload.requests
     per_token = model_flops_per_iteration(plan.model, 1, 1, causal=True) / 3  # forward only
-    compute = par.world_size * hw.peak_tflops * 1e12 / per_token / 1e3
+    compute = par.world_size * peak_tflops(plan.model, hw) * 1e12 / per_token / 1e3
     replica_gpus = par.world_size // par.dp
     step_ms = dense_weight_bytes(plan.model) / (replica_gpus * hw.hbm_bandwidth_gbps * 1e9) * 1e3
     memory = par.dp * req.max_num_batched_tokens * par.pp / step_ms

@@ -298,6 +298,10 @@ def assumptions_for(
     out: list[Assumption] = []
     wl = plan.workload
     par = plan.parallel
+    for path, how in plan.derived.items():  # fields the loader derived (spec.load)
+        section, name = path.split(".", 1)
+        value = getattr(getattr(plan, section), name)
+        out.append(Assumption(path, value, f"not given: {how}"))
     if repair is not None and "ep" in repair.parallel:
         ranks = par.tp * par.cp * par.dp
         out.append(

@@ -99,6 +99,10 @@ def simulate(
     seq_lens = microbatch_lengths(plan, rng)
     routing, deterministic = routing_for(plan)
     symmetric = deterministic and plan.workload.seq_len.dist == "fixed"
+    topology = plan.hardware.topology
+    if topology is not None and topology.kind != "non_blocking":
+        # uplinks carry every replica's traffic: all replicas go on the links
+        symmetric = False
     return simulate_workload(plan, report, seq_lens, routing, symmetric, progress, trace)
 
 

@@ -20,9 +20,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from clustersim.spec.calibration_data import calibration_data, calibration_generations
-from clustersim.spec.errors import PlanError, PlanIssue, did_you_mean
+from clustersim.spec.errors import PlanError, PlanIssue, did_you_mean, suggest_key
 from clustersim.spec.files import DATA_MAX_BYTES, PLAN_MAX_BYTES, check_input_file, read_input_text
 from clustersim.spec.presets import (
+    DEFAULT_FP8_RECIPE,
     DEFAULT_GENERATION,
     GPU_GENERATION,
     GPU_PRESETS,
@@ -59,10 +60,39 @@ def plan_from_dict(raw: dict[str, Any], source: str, base_dir: Path | None = Non
     resolved = _merge_presets(copy.deepcopy(raw), source)
     _resolve_length_files(resolved, base_dir or Path.cwd(), source)
     _resolve_request_trace(resolved, base_dir or Path.cwd(), source)
+    derived = _derive_dp(resolved, source) | _default_fp8_recipe(resolved)
     try:
-        return Plan.model_validate(resolved)
+        plan = Plan.model_validate(resolved)
     except ValidationError as exc:
         raise PlanError(source, _issues_from_pydantic(exc.errors())) from None
+    plan._derived = derived
+    return plan
+
+
+def _derive_dp(raw: dict[str, Any], source: str) -> dict[str, str]:
+    """``parallel.dp`` left out: the GPUs of the cluster over TP x CP x PP (refused when they
+    do not divide). Returns the derived fields with how they were derived."""
+    par, hw = raw.get("parallel"), raw.get("hardware")
+    if not isinstance(par, dict) or "dp" in par or not isinstance(hw, dict):
+        return {}
+    try:
+        gpus = int(hw["num_nodes"]) * int(hw["gpus_per_node"])
+        model_parallel = int(par.get("tp", 1)) * int(par.get("cp", 1)) * int(par.get("pp", 1))
+    except (KeyError, TypeError, ValueError):
+        return {}  # the schema reports what is missing or malformed
+    if model_parallel <= 0 or gpus <= 0:
+        return {}
+    if gpus % model_parallel:
+        issue = PlanIssue(
+            "parallel.dp",
+            f"required field is missing, and the {gpus} GPUs of the cluster are not a "
+            f"multiple of TP x CP x PP = {model_parallel} to derive it",
+            None,
+            "set parallel.dp, or a cluster of a multiple of TP x CP x PP GPUs",
+        )
+        raise PlanError(source, [issue])
+    par["dp"] = gpus // model_parallel
+    return {"parallel.dp": f"derived as {gpus} GPUs / (TP x CP x PP = {model_parallel})"}
 
 
 def _read(path: Path) -> str:
@@ -255,6 +285,22 @@ def _merge_presets(raw: dict[str, Any], source: str) -> dict[str, Any]:
     return raw
 
 
+def _default_fp8_recipe(raw: dict[str, Any]) -> dict[str, str]:
+    """``model.dtype: fp8`` without ``model.fp8_recipe``: the GPU architecture's default
+    (blockwise on Hopper, mxfp8 on Blackwell); the schema refuses GPUs without FP8. Returns
+    the derived field with how it was derived."""
+    model, hardware = raw.get("model"), raw.get("hardware")
+    if not isinstance(model, dict) or not isinstance(hardware, dict):
+        return {}
+    if model.get("dtype") == "fp8" and model.get("fp8_recipe") is None:
+        arch = str(hardware.get("architecture"))
+        recipe = DEFAULT_FP8_RECIPE.get(arch)
+        if recipe is not None and hardware.get("fp8_peak_tflops") is not None:
+            model["fp8_recipe"] = recipe
+            return {"model.fp8_recipe": f"the default FP8 recipe of {arch} GPUs"}
+    return {}
+
+
 def _merge_calibration(hardware: dict[str, Any], source: str) -> dict[str, Any]:
     """Fill ``hardware.calibration`` from its generation's data file; the plan's own
     calibration fields override the file's."""
@@ -374,7 +420,7 @@ def _issue_from_pydantic(err: Any) -> PlanIssue:
     kind = err["type"]
     if kind == "extra_forbidden":
         fields = _fields_at(loc[:-1])
-        hint = did_you_mean(str(loc[-1]), fields)
+        hint = suggest_key(str(loc[-1]), fields)
         message = "unknown key" + (f", {hint}" if hint else "")
         return PlanIssue(path, message, None, ", ".join(sorted(fields)))
     if kind == "missing":

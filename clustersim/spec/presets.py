@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-# Vendor figures (reference.md, "Hardware"). Link bandwidths are per GPU, per direction.
-# Inter-node: one 400 Gb/s NDR NIC per GPU (50 GB/s) on Hopper; 200 Gb/s HDR (25 GB/s) on A100.
+# Vendor figures (reference.md, "Hardware"). Link bandwidths are per GPU, per direction, in
+# GB/s. Inter-node: one 400 Gb/s NDR NIC per GPU (50 GB/s) on Hopper; 200 Gb/s HDR (25 GB/s) on
+# A100. ``peak_tflops`` is the dense BF16 peak, ``fp8_peak_tflops`` the dense FP8 one (the
+# datasheets' sparse figures halved); A100 has no FP8 tensor cores. Hopper FP8 (H100/H200/H800
+# SXM datasheets): 1,979 TFLOP/s dense.
 GPU_PRESETS: dict[str, dict[str, Any]] = {
     "A100-40GB": {
         "memory_gib": 40,
         "peak_tflops": 312,
+        "architecture": "ampere",
         "hbm_bandwidth_gbps": 1555,
         "intra_node": {"bandwidth_gbps": 300, "latency_us": 3},
         "inter_node": {"bandwidth_gbps": 25, "latency_us": 8},
@@ -22,6 +26,7 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
     "A100-80GB": {
         "memory_gib": 80,
         "peak_tflops": 312,
+        "architecture": "ampere",
         "hbm_bandwidth_gbps": 2039,
         "intra_node": {"bandwidth_gbps": 300, "latency_us": 3},
         "inter_node": {"bandwidth_gbps": 25, "latency_us": 8},
@@ -29,6 +34,8 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
     "H100-SXM": {
         "memory_gib": 80,
         "peak_tflops": 989,
+        "fp8_peak_tflops": 1979,
+        "architecture": "hopper",
         "hbm_bandwidth_gbps": 3350,
         "intra_node": {"bandwidth_gbps": 450, "latency_us": 3},
         "inter_node": {"bandwidth_gbps": 50, "latency_us": 8},
@@ -36,6 +43,8 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
     "H200": {
         "memory_gib": 141,
         "peak_tflops": 989,
+        "fp8_peak_tflops": 1979,
+        "architecture": "hopper",
         "hbm_bandwidth_gbps": 4800,
         "intra_node": {"bandwidth_gbps": 450, "latency_us": 3},
         "inter_node": {"bandwidth_gbps": 50, "latency_us": 8},
@@ -44,6 +53,8 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
     "H800": {
         "memory_gib": 80,
         "peak_tflops": 989,
+        "fp8_peak_tflops": 1979,
+        "architecture": "hopper",
         "hbm_bandwidth_gbps": 3350,
         "intra_node": {"bandwidth_gbps": 160, "latency_us": 3},
         "inter_node": {"bandwidth_gbps": 50, "latency_us": 8},
@@ -53,11 +64,55 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
     "B200": {
         "memory_gib": 180,
         "peak_tflops": 2250,
+        "fp8_peak_tflops": 4500,
+        "architecture": "blackwell",
         "hbm_bandwidth_gbps": 8000,
         "intra_node": {"bandwidth_gbps": 900, "latency_us": 3},
         "inter_node": {"bandwidth_gbps": 50, "latency_us": 8},
     },
+    # GB200 NVL72 datasheet (per GPU = rack / 72): FP8 720 PFLOP/s sparse -> 5,000 TFLOP/s
+    # dense per GPU; FP16/BF16 360 PFLOP/s sparse -> 2,500 dense; HBM3e 13.4 TB -> 186 GB,
+    # 576 TB/s -> 8 TB/s; fifth-generation NVLink 130 TB/s -> 1.8 TB/s bidirectional (900 GB/s
+    # per direction) between all 72 GPUs of the rack (one NVLink domain of 18 compute trays
+    # of 4 GPUs); one 400 Gb/s ConnectX-7 NIC per GPU.
+    "GB200": {
+        "memory_gib": 186,
+        "peak_tflops": 2500,
+        "fp8_peak_tflops": 5000,
+        "architecture": "blackwell",
+        "hbm_bandwidth_gbps": 8000,
+        "intra_node": {"bandwidth_gbps": 900, "latency_us": 3},
+        "inter_node": {"bandwidth_gbps": 50, "latency_us": 8},
+        "nvlink_domain_gpus": 72,
+    },
+    # GB300 NVL72 datasheet (per GPU = rack / 72): FP8 720 PFLOP/s sparse -> 5,000 dense;
+    # FP16/BF16 360 PFLOP/s sparse -> 2,500 dense; HBM3e 20.7 TB -> 288 GB, 576 TB/s -> 8 TB/s;
+    # NVLink 130 TB/s -> 900 GB/s per direction; one 800 Gb/s ConnectX-8 NIC per GPU (100 GB/s).
+    "GB300": {
+        "memory_gib": 288,
+        "peak_tflops": 2500,
+        "fp8_peak_tflops": 5000,
+        "architecture": "blackwell",
+        "hbm_bandwidth_gbps": 8000,
+        "intra_node": {"bandwidth_gbps": 900, "latency_us": 3},
+        "inter_node": {"bandwidth_gbps": 100, "latency_us": 8},
+        "nvlink_domain_gpus": 72,
+    },
+    # H20 (HGX H20 product brief): Hopper with 148 TFLOP/s dense BF16 and 296 dense FP8, 96 GB
+    # HBM3 at 4.0 TB/s, NVLink 900 GB/s bidirectional (450 per direction); one 400 Gb/s NIC.
+    "H20": {
+        "memory_gib": 96,
+        "peak_tflops": 148,
+        "fp8_peak_tflops": 296,
+        "architecture": "hopper",
+        "hbm_bandwidth_gbps": 4000,
+        "intra_node": {"bandwidth_gbps": 450, "latency_us": 3},
+        "inter_node": {"bandwidth_gbps": 50, "latency_us": 8},
+    },
 }
+# Default FP8 recipe of each architecture: DeepSeek-V3's blockwise scaling on Hopper (no MX
+# hardware support), MXFP8 on Blackwell (its tensor cores scale per 32 elements).
+DEFAULT_FP8_RECIPE = {"hopper": "blockwise", "blackwell": "mxfp8"}
 # Network topologies (``hardware.topology: <name>``), clustersim.spec.schema.TopologySpec.
 # DGX H100 SuperPOD reference architecture: 8 x 400 Gb/s compute NICs per node, one rail per
 # GPU index, scalable units of 32 nodes, a non-blocking two-tier compute fabric. GB200 NVL72:
@@ -94,6 +149,11 @@ GPU_GENERATION: dict[str, str] = {
     "H200": "h200",
     "H800": "h800",
     "B200": "b200",
+    # Grace-Blackwell racks: the B200 generation's fractions of their own peaks (no
+    # measurement of their own); H20: a Hopper die, H100's fractions of its peaks.
+    "GB200": "b200",
+    "GB300": "b200",
+    "H20": "h100",
 }
 # A custom GPU without ``hardware.calibration.generation`` uses this generation's values.
 DEFAULT_GENERATION = "h100"

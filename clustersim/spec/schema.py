@@ -12,7 +12,7 @@ from functools import lru_cache
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PrivateAttr, model_validator
 
 # Bounds of the plan's numbers (PlanError messages show them as "valid: ..."). Every float
 # is finite (``_Strict`` rejects inf and NaN); every count has an upper bound, so that
@@ -140,7 +140,14 @@ class ModelSpec(_Strict):
     )
     vocab_size: int = Field(gt=0, le=MAX_VOCAB)
     activation: Literal["swiglu", "gelu"] = "swiglu"
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    dtype: Literal["bf16", "fp16", "fp32", "fp8"] = Field(
+        "bf16", description="Number format; fp8: FP8 GEMMs under fp8_recipe (BF16 elsewhere)."
+    )
+    fp8_recipe: Literal["tensorwise", "blockwise", "mxfp8"] | None = Field(
+        None,
+        description="dtype fp8: per-tensor, 1x128/128x128 block (DeepSeek-V3) or MXFP8 "
+        "scaling; default blockwise on Hopper, mxfp8 on Blackwell.",
+    )
     tie_embeddings: bool = False
     mla: MLASpec | None = Field(None, description="Latent attention instead of GQA/MHA.")
     moe: MoESpec | None = None
@@ -182,8 +189,11 @@ class ModelSpec(_Strict):
 class LinkSpec(_Strict):
     """A link class: per-GPU, per-direction bandwidth and per-message latency."""
 
-    bandwidth_gbps: Rate
-    latency_us: TimeUs
+    bandwidth_gbps: Rate = Field(
+        description="GB/s (gigabytes, not gigabits: a 400 Gb/s NIC is 50 GB/s), per GPU and "
+        "direction."
+    )
+    latency_us: TimeUs = Field(description="Per-message latency, microseconds.")
 
 
 class GemmCalibration(_Strict):
@@ -197,6 +207,13 @@ class GemmCalibration(_Strict):
     )
     memory_efficiency: float = Field(
         gt=0, le=1, description="Fraction of HBM bandwidth a GEMM reaches reading its operands."
+    )
+    fp8_efficiency: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Fraction of the FP8 peak large FP8 GEMMs reach; null = the fitted default "
+        "(costs/precision.py).",
     )
 
 
@@ -397,10 +414,18 @@ class HardwareSpec(_Strict):
     num_nodes: Degree
     gpus_per_node: Degree
     memory_gib: Rate
-    peak_tflops: Rate
-    hbm_bandwidth_gbps: Rate
-    intra_node: LinkSpec
-    inter_node: LinkSpec
+    peak_tflops: Rate = Field(description="Dense BF16/FP16 peak, TFLOP/s.")
+    fp8_peak_tflops: Rate | None = Field(
+        None, description="Dense FP8 peak, TFLOP/s; null = no FP8 tensor cores (A100)."
+    )
+    architecture: Literal["ampere", "hopper", "blackwell"] | None = Field(
+        None, description="GPU architecture (picks the default FP8 recipe); from the preset."
+    )
+    hbm_bandwidth_gbps: Rate = Field(description="HBM bandwidth in GB/s (gigabytes per second).")
+    intra_node: LinkSpec = Field(description="NVLink: GB/s per GPU and direction, latency us.")
+    inter_node: LinkSpec = Field(
+        description="Network: GB/s per GPU and direction (a 400 Gb/s NIC = 50 GB/s), latency us."
+    )
     calibration: CalibrationSpec = Field(
         description="Cost-model parameters; default: the data file of the GPU's generation."
     )
@@ -465,7 +490,20 @@ class ParallelSpec(_Strict):
     sequence_parallel: bool = False
     flash_attention: bool = True
     recompute: Literal["none", "selective", "full"] = "none"
-    distributed_optimizer: bool = False
+    distributed_optimizer: bool = Field(
+        False, description="Megatron's distributed optimizer: an alias of dp_sharding: optimizer."
+    )
+    dp_sharding: Literal["none", "optimizer", "gradients", "full"] | None = Field(
+        None,
+        description="Sharded data parallelism: ZeRO-1 (optimizer states), ZeRO-2 (+ gradients), "
+        "ZeRO-3 / FSDP (+ parameters, gathered per layer); default: optimizer with "
+        "distributed_optimizer, else none.",
+    )
+    dp_shard_group: Degree | None = Field(
+        None,
+        description="HSDP: shard over groups of this many DP ranks (dividing dp), replicate "
+        "across them; default: all of DP.",
+    )
     overlap_communication: bool = True
     grad_bucket_mb: float = Field(40.0, gt=0, le=MAX_RATE)
     moe_dispatcher: Literal["alltoall", "deepep"] = Field(
@@ -479,6 +517,35 @@ class ParallelSpec(_Strict):
                 f"tp x cp x dp x pp = {self.world_size} GPUs; at most {MAX_DEGREE} are simulated"
             )
         return self
+
+    @model_validator(mode="after")
+    def _sharding_consistent(self) -> ParallelSpec:
+        if self.dp_sharding == "none" and self.distributed_optimizer:
+            raise ValueError(
+                "distributed_optimizer: true shards the optimizer states; it contradicts "
+                "dp_sharding: none (valid: optimizer, gradients, full)"
+            )
+        if self.dp_shard_group is not None:
+            if self.sharding == "none":
+                raise ValueError("dp_shard_group needs dp_sharding (optimizer, gradients or full)")
+            if self.dp % self.dp_shard_group:
+                raise ValueError(
+                    f"dp_shard_group ({self.dp_shard_group}) must divide dp ({self.dp})"
+                )
+        return self
+
+    @property
+    def sharding(self) -> Literal["none", "optimizer", "gradients", "full"]:
+        """What data parallelism shards: ``dp_sharding``, or ``optimizer`` under
+        ``distributed_optimizer`` (its alias), else ``none``."""
+        if self.dp_sharding is not None:
+            return self.dp_sharding
+        return "optimizer" if self.distributed_optimizer else "none"
+
+    @property
+    def shard_group(self) -> int:
+        """DP ranks one shard group spans (HSDP: ``dp_shard_group``; default all of DP)."""
+        return self.dp_shard_group or self.dp
 
     @property
     def expert_tp(self) -> int:
@@ -579,6 +646,9 @@ class RequestsSpec(_Strict):
     )
     kv_block_size: int = Field(
         16, gt=0, le=MAX_TOKENS, description="Tokens per paged KV-cache block."
+    )
+    kv_dtype: Literal["bf16", "fp16", "fp32", "fp8"] | None = Field(
+        None, description="KV-cache element type; default: the activations' (bf16 for fp8 models)."
     )
     cuda_graphs: bool = Field(
         True, description="Decode steps replay CUDA graphs (serving engines' default)."
@@ -736,6 +806,40 @@ class Plan(_Strict):
     workload: WorkloadSpec = WorkloadSpec()
     targets: TargetsSpec = TargetsSpec()
     claims: ClaimsSpec = ClaimsSpec()
+    # fields the loader derived because the plan left them out (reported as assumptions)
+    _derived: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def derived(self) -> dict[str, str]:
+        """Field path -> how the loader derived it (``spec.load``), e.g. ``parallel.dp``."""
+        return dict(self._derived)
+
+    @model_validator(mode="after")
+    def _fp8_supported(self) -> Plan:
+        model, hw = self.model, self.hardware
+        if model.dtype != "fp8":
+            if model.fp8_recipe is not None:
+                raise ValueError(
+                    f"model.fp8_recipe ({model.fp8_recipe}) needs model.dtype: fp8 "
+                    f"(dtype is {model.dtype})"
+                )
+            return self
+        if hw.fp8_peak_tflops is None:
+            raise ValueError(
+                f"model.dtype fp8 needs a GPU with FP8 tensor cores: {hw.gpu} has none "
+                f"(valid there: bf16, fp16, fp32; or set hardware.fp8_peak_tflops)"
+            )
+        if model.fp8_recipe is None:
+            raise ValueError(
+                "model.dtype fp8 needs model.fp8_recipe (tensorwise, blockwise or mxfp8) on a "
+                "GPU without hardware.architecture"
+            )
+        if model.fp8_recipe == "mxfp8" and hw.architecture not in (None, "blackwell"):
+            raise ValueError(
+                f"model.fp8_recipe mxfp8 needs Blackwell tensor cores; {hw.gpu} is "
+                f"{hw.architecture} (valid there: tensorwise, blockwise)"
+            )
+        return self
 
 
 @lru_cache(maxsize=64)

@@ -78,7 +78,12 @@ def dispatch_one(source, layer: int, key: int, tokens_per_member: np.ndarray) ->
 
 
 class RoutingSource(Protocol):
-    """Anything that can route one EP group's tokens."""
+    """Anything that can route one EP group's tokens.
+
+    The engine routes through :func:`dispatch_many` (many EP groups and micro-batches of one
+    layer in one call): it calls the source's own ``dispatch_many(layer, keys, tokens)`` when
+    the source has one (the samplers and the trace recorder do; replay's recorded routing not)
+    falls back to this one required method, row by row."""
 
     def dispatch(self, layer: int, key: int, tokens_per_member: np.ndarray) -> Dispatch:
         """Route ``tokens_per_member[i]`` tokens of each member; ``key`` is unique per call site."""

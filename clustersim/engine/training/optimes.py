@@ -148,6 +148,7 @@ def kernel_timer(plan: Plan, graphs: bool = False) -> KernelTimer:
         par.expert_tp,
         sequence_parallel=par.sequence_parallel,
         graphs=graphs,
+        training=plan.workload.mode == "training",
     )
 
 

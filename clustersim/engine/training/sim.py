@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
+from clustersim.costs import precision
 from clustersim.costs.comm import (
     all_gather_ms,
     all_to_all_v_times_ms,
@@ -68,6 +69,7 @@ from clustersim.costs.comm import (
 from clustersim.costs.compute import BACKWARD_FACTOR, DTYPE_BYTES
 from clustersim.costs.memory import stage_params_per_gpu
 from clustersim.costs.params import count_params
+from clustersim.costs.sharding import LayerUnit, layer_units, shard_sizes
 from clustersim.engine.errors import EngineError
 from clustersim.engine.network import Network
 from clustersim.engine.recorder import Kind, Op, Recorder
@@ -139,6 +141,8 @@ class _LayerRoutes:
     expert_fwd_ms: np.ndarray  # (m, L): the lane's slowest rank
     expert_bwd_ms: np.ndarray  # (m, L)
     etp_ms: np.ndarray | None  # (m, L), None without expert TP
+    # forward dispatch in FP8 (DeepEP on an FP8 model): its own time and bytes; None: as a2a
+    fp8_dispatch: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class _LayerVectors:
@@ -219,6 +223,10 @@ class TrainingSim:
         self.seq_lens = seq_lens
         self._mb_tokens = np.array([[int(x.sum()) for x in mbs] for mbs in seq_lens])
         self._act_bytes = self.model.hidden_size * DTYPE_BYTES[self.model.dtype]
+        if precision.is_fp8(self.model):
+            self._fp8_token_bytes = self.model.hidden_size * precision.fp8_activation_bytes(
+                self.model
+            )
         self.lanes = self._make_lanes()
         self.cohorts = [self._make_cohort(stage) for stage in range(self.par.pp)]
         self._cohort_costs: dict[int, _CohortCosts] = {}
@@ -238,6 +246,12 @@ class TrainingSim:
         self._collective_ms: dict[tuple, float] = {}
         self._links: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self._a2a_routes: dict[tuple, tuple] = {}
+        # sharded data parallelism: ZeRO-2/3 reduce-scatter layer by layer, ZeRO-3 gathers
+        sharding = self.par.sharding
+        self._layer_rs = sharding in ("gradients", "full")
+        self._layer_ag = sharding == "full"
+        self._units: dict[int, LayerUnit] = {}
+        self._shard_streams: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     # ---- construction ----------------------------------------------------------------------
     def _make_lanes(self) -> list[Lane]:
@@ -348,7 +362,7 @@ class TrainingSim:
         comm = self.env.process(self._grad_stream(co, buckets))
         grad_state = {"bytes": 0.0, "expert_bytes": 0.0}
         free = np.zeros(len(co.lanes))  # each lane's clock: the end of its last step
-        if self.par.distributed_optimizer and self.par.overlap_communication:
+        if self._gathers_after_step and self.par.overlap_communication:
             self._param_gather(co, free, blocking=False)
         for i, step in enumerate(steps):
             vstage = step.chunk * self.par.pp + co.stage
@@ -387,6 +401,8 @@ class TrainingSim:
         # before every stage has finished its backward and gradient reduction. A barrier
         # (the tiny all-reduce's latency is not charged).
         ready = float(np.maximum(free, comm_free).max())
+        if co.stage in self._shard_streams:  # ZeRO-2/3: the last layer reduce-scatters
+            ready = max(ready, float(self._shard_streams[co.stage][1].max()))
         start, _end, _ = yield self.rv.arrive(
             ("optimizer_barrier",), len(self.cohorts), ready, _fixed, 0.0
         )
@@ -406,7 +422,10 @@ class TrainingSim:
         self, co: Cohort, mb: int, layers: list[int], costs: _CohortCosts, last: bool, t: np.ndarray
     ) -> np.ndarray:
         """Forward of a chunk from the lanes' start times ``t``; returns their end times."""
+        gathered = self._gather_ahead(co, layers, mb, t)
         for layer in layers:
+            if gathered is not None:  # ZeRO-3: the layer's weights must be there
+                t = gathered(layer, t)
             moe = self.model.is_moe_layer(layer)
             lt = costs.moe if moe else costs.dense
             t = self._op(co, Kind.COMPUTE, Op.ATTN_FWD, t, lt.attn_fwd, layer, mb)
@@ -435,7 +454,10 @@ class TrainingSim:
         recompute = self.par.recompute != "none"
         if last:
             t = self._op(co, Kind.COMPUTE, Op.LOGITS_BWD, t, costs.logits_bwd, -1, mb)
+        gathered = self._gather_ahead(co, list(reversed(layers)), mb, t)
         for layer in reversed(layers):
+            if gathered is not None:
+                t = gathered(layer, t)
             moe = self.model.is_moe_layer(layer)
             lt = costs.moe if moe else costs.dense
             if moe:
@@ -447,7 +469,9 @@ class TrainingSim:
                 t = self._op(co, Kind.COMPUTE, Op.MLP_BWD, t, lt.mlp_bwd, layer, mb)
             t = self._tp_rows(co, t, lt.tp_comm, layer, mb, costs, moe)
             t = self._op(co, Kind.COMPUTE, Op.ATTN_BWD, t, lt.attn_bwd, layer, mb)
-            if buckets is not None:
+            if self._layer_rs:  # ZeRO-2/3: every micro-batch reduce-scatters the layer
+                self._reduce_scatter_layer(co, layer, mb, t)
+            elif buckets is not None:
                 self._add_layer_grads(co, layer, buckets, grad_state, t)
         return t
 
@@ -494,7 +518,7 @@ class TrainingSim:
         first_op, second_op = (
             (Op.A2A_COMBINE, Op.A2A_DISPATCH) if backward else (Op.A2A_DISPATCH, Op.A2A_COMBINE)
         )
-        routes, t = self._a2a(co, layer, mb, first_op, ready)
+        routes, t = self._a2a(co, layer, mb, first_op, ready, fp8=not backward)
         etp_ms = None if routes.etp_ms is None else routes.etp_ms[mb]
         if etp_ms is not None:
             t = self._op(co, Kind.COMM, Op.ETP_COMM, t, etp_ms, layer, mb)
@@ -509,14 +533,17 @@ class TrainingSim:
         _, t = self._a2a(co, layer, mb, second_op, t)
         return t
 
-    def _a2a(self, co: Cohort, layer: int, mb: int, op: Op, ready: np.ndarray):
+    def _a2a(self, co: Cohort, layer: int, mb: int, op: Op, ready: np.ndarray, fp8=False):
         """All-to-all over the cohort's EP groups (concurrently): each group starts when its
-        slowest lane is ready; a lane in several groups waits for the last. Returns the
-        layer's routes and the lanes' end times."""
+        slowest lane is ready; a lane in several groups waits for the last. ``fp8``: the
+        forward dispatch, in FP8 where the dispatcher quantises it. Returns the layer's routes
+        and the lanes' end times."""
         routes = self._layer_routes.get(layer)
         if routes is None:
             routes = self._layer_routes[layer] = self._route_layer(co, layer)
-        durations = routes.a2a_ms[mb]
+        durations, lane_bytes = routes.a2a_ms[mb], routes.lane_bytes[mb]
+        if fp8 and routes.fp8_dispatch is not None:
+            durations, lane_bytes = routes.fp8_dispatch[0][mb], routes.fp8_dispatch[1][mb]
         if co.block:
             starts = ready.reshape(len(co.groups), co.block).max(axis=1)
         else:
@@ -528,9 +555,7 @@ class TrainingSim:
         else:
             member = co.membership
             ends = np.where(member, (starts + durations)[:, None], -np.inf).max(axis=0)
-        self.rec.add_block(
-            co.lane_ids, Kind.COMM, op, ready, ends, layer, mb, routes.lane_bytes[mb]
-        )
+        self.rec.add_block(co.lane_ids, Kind.COMM, op, ready, ends, layer, mb, lane_bytes)
         return routes, ends
 
     def _a2a_flows(self, co: Cohort, layer: int, mb: int, op: Op, starts, durations):
@@ -557,7 +582,22 @@ class TrainingSim:
         batch = dispatch_many(self.routing, layer, keys, tokens)
         self.dispatches.append(batch)
         self.dispatch_layers.append(layer)
-        send = batch.a2a_tokens.reshape(num_groups, m, ep, ep) * self._act_bytes
+        copies = batch.a2a_tokens.reshape(num_groups, m, ep, ep)
+        send = copies * self._act_bytes
+        a2a_ms, lane_bytes = self._a2a_times(co, send)
+        if self.net is not None and self.net.delays is None:
+            self._record_a2a_routes(co, layer, send)
+        fp8_dispatch = None
+        if precision.is_fp8(self.model) and self.par.moe_dispatcher == "deepep":
+            # DeepEP dispatches FP8 tokens (+ scales); the combine stays BF16
+            fp8_dispatch = self._a2a_times(co, copies * self._fp8_token_bytes)
+        fwd, bwd, etp_ms = self._expert_times(co, batch, m)
+        return _LayerRoutes(a2a_ms, lane_bytes, fwd, bwd, etp_ms, fp8_dispatch)
+
+    def _a2a_times(self, co: Cohort, send: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """All-to-all time per (micro-batch, group) of ``send`` bytes (G, m, ep, ep), and the
+        bytes one GPU of each lane sends (m, L)."""
+        m, tp = send.shape[1], self.par.tp
         a2a_ms = np.stack(
             [
                 all_to_all_v_times_ms(
@@ -571,15 +611,11 @@ class TrainingSim:
             ],
             axis=1,
         )
-        if self.net is not None and self.net.delays is None:
-            self._record_a2a_routes(co, layer, send)
         # Bytes each member sends to the others (its own share stays put); a lane's row
         # records the mean over its GPUs, as the other collectives record one GPU's bytes.
         sent = send.sum(axis=3) - np.diagonal(send, axis1=2, axis2=3)  # (G, m, ep)
         per_rank = sent.transpose(1, 0, 2).reshape(m, -1)[:, co.rank_slot]
-        lane_bytes = per_rank.reshape(m, len(co.lanes), tp).mean(axis=2)
-        fwd, bwd, etp_ms = self._expert_times(co, batch, m)
-        return _LayerRoutes(a2a_ms, lane_bytes, fwd, bwd, etp_ms)
+        return a2a_ms, per_rank.reshape(m, len(co.lanes), tp).mean(axis=2)
 
     def _record_a2a_routes(self, co: Cohort, layer: int, send: np.ndarray) -> None:
         """Link volumes of every group's all-to-all of ``layer`` (per micro-batch) and the
@@ -692,6 +728,10 @@ class TrainingSim:
             self._flush_bucket(co, buckets, state, final=False, ready=ready)
 
     def _flush_bucket(self, co: Cohort, buckets, state, final: bool, ready: np.ndarray) -> None:
+        if self._layer_rs:  # ZeRO-2/3 reduced every layer already
+            if final:
+                buckets.put(None)
+            return
         if final:  # embedding / output layer gradients join the last bucket
             dense, _ = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
             state["bytes"] = max(state["bytes"], 0.0) + self._non_layer_grads(co.stage, dense)
@@ -745,7 +785,7 @@ class TrainingSim:
     ) -> np.ndarray:
         """One bucket's reduction over each of the cohort's DP (or EDP) groups: each starts
         when its last member's stream is ready. Returns the lanes' end times."""
-        kind = "reduce_scatter" if self.par.distributed_optimizer else "all_reduce"
+        kind = "reduce_scatter" if self.par.sharding != "none" else "all_reduce"
         ends = np.empty(len(co.lanes))
         for group, positions in groups:
             key = (kind, int(op), size, group[0])
@@ -764,11 +804,12 @@ class TrainingSim:
         return ends
 
     def _param_gather(self, co: Cohort, start: np.ndarray, blocking: bool) -> float:
-        """Distributed optimizer: all-gather the updated bf16 parameters over DP (and EDP);
-        records a row per lane from ``start``, returns the duration."""
+        """Distributed optimizer: all-gather the updated parameters over DP (and EDP; FP8
+        primary weights in FP8, costs/precision.py); records a row per lane from ``start``
+        with the bytes one GPU gathers, returns the duration."""
         dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
-        bpe = DTYPE_BYTES[self.model.dtype]
-        hw, gpn, total = self.hw, self.hw.gpus_per_node, 0.0
+        bpe = precision.param_gather_bytes(self.model)
+        hw, gpn, total, nbytes = self.hw, self.hw.gpus_per_node, 0.0, 0.0
         first = co.lanes[0].ranks[0]
         for kind, params in (("dp", dense), ("edp", expert)):
             if kind == "edp" and not self.model.moe:
@@ -778,6 +819,7 @@ class TrainingSim:
                 total += collective_time_ms(
                     "all_gather", params * bpe, group, gpn, hw, "hierarchical"
                 )
+                nbytes += params * bpe
         if total and self.net is not None:
             total = self._param_gather_flow(co, start, total)
         if total:
@@ -787,6 +829,9 @@ class TrainingSim:
                 Op.PARAM_GATHER,
                 start,
                 start + total,
+                -1,
+                -1,
+                nbytes,
             )
         return total
 
@@ -798,7 +843,7 @@ class TrainingSim:
         if self.net.delays is not None:
             return float(self.net.flows(key, "param_gather", begin, [total], 0.0, [], 1)[0])
         dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
-        bpe = DTYPE_BYTES[self.model.dtype]
+        bpe = precision.param_gather_bytes(self.model)
         routes, latency = [], 0.0
         first = co.lanes[0].ranks[0]
         links = self.net.links
@@ -821,15 +866,136 @@ class TrainingSim:
 
     def _optimizer(self, co: Cohort, start_ms: float):
         dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
-        if self.par.distributed_optimizer:
-            dense /= self.par.dp * self.par.cp
-            expert /= self.layout.edp or 1
+        dense_n, expert_n = shard_sizes(self.plan, self.layout)
         start = np.full(len(co.lanes), start_ms)
-        end = start + optimizer_ms(self.plan, dense + expert)
+        end = start + optimizer_ms(self.plan, dense / dense_n + expert / expert_n)
         self.rec.add_block(co.lane_ids, Kind.COMPUTE, Op.OPTIMIZER, start, end)
         yield self._reach(float(end[0]))
-        if self.par.distributed_optimizer and not self.par.overlap_communication:
+        if self._gathers_after_step and not self.par.overlap_communication:
             yield self._reach(float(end[0]) + self._param_gather(co, end, blocking=True))
+
+    @property
+    def _gathers_after_step(self) -> bool:
+        """ZeRO-1/2 all-gather the updated parameters after the step (ZeRO-3 gathers them
+        layer by layer when they are used)."""
+        return self.par.sharding in ("optimizer", "gradients")
+
+    # ---- ZeRO-2/3: per-layer gathers and reduce-scatters -------------------------------------
+    def _unit(self, stage: int, layer: int) -> LayerUnit:
+        """The parameters one GPU gathers / reduces for ``layer`` (costs/sharding.py)."""
+        found = self._units.get(layer)
+        if found is None:
+            layers = [i for i in self.layout.stage_layers[stage] if i < self.model.num_layers]
+            params = stage_params_per_gpu(self.plan, self.layout, self._counts, stage)
+            for unit in layer_units(self.plan, self.layout, self._counts, layers, params):
+                self._units[unit.layer] = unit
+            found = self._units[layer]
+        return found
+
+    def _streams(self, co: Cohort) -> tuple[np.ndarray, np.ndarray]:
+        """Each lane's all-gather and reduce-scatter stream clocks (created at 0)."""
+        found = self._shard_streams.get(co.stage)
+        if found is None:
+            n = len(co.lanes)
+            found = self._shard_streams[co.stage] = (np.zeros(n), np.zeros(n))
+        return found
+
+    def _shard_groups(self, co: Cohort, kind: str) -> list[tuple[list[int], list[int]]]:
+        """Per lane: its shard group of ``kind`` (dp or edp) and the group of the replicas
+        of its shard (HSDP; one member without replication)."""
+        dense_n, expert_n = shard_sizes(self.plan, self.layout)
+        size = dense_n // self.par.cp if kind == "dp" else expert_n
+        out = []
+        for ln in co.lanes:
+            group = self.layout.group_of(kind, ln.ranks[0]) if (
+                kind == "dp" or self.model.moe) else [ln.ranks[0]]  # fmt: skip
+            pos = group.index(ln.ranks[0])
+            size = min(size, len(group)) or 1
+            block = pos // size
+            out.append((group[block * size : (block + 1) * size], group[pos % size :: size]))
+        return out
+
+    def _sharded_ms(self, kind: str, params: float, nbytes: float, groups) -> np.ndarray:
+        """Per lane: the time of one collective over the shard group (``all_gather`` of the
+        parameters or ``reduce_scatter`` of the gradients, then for the latter the all-reduce
+        of the shard across replicas)."""
+        out = np.zeros(len(groups))
+        if params <= 0:
+            return out
+        gpn, hw = self.hw.gpus_per_node, self.hw
+        for i, (shard, replicas) in enumerate(groups):
+            key = (kind, nbytes, tuple(shard), tuple(replicas))
+            ms = self._collective_ms.get(key)
+            if ms is None:
+                ms = 0.0
+                if len(shard) > 1:
+                    ms += collective_time_ms(kind, nbytes, shard, gpn, hw, "hierarchical")
+                if kind == "reduce_scatter" and len(replicas) > 1:
+                    part = nbytes / len(shard)
+                    ms += collective_time_ms("all_reduce", part, replicas, gpn, hw, "hierarchical")
+                self._collective_ms[key] = ms
+            out[i] = ms
+        return out
+
+    def _unit_ms(self, co: Cohort, unit: LayerUnit, kind: str, per_param: float) -> np.ndarray:
+        """Per lane: one unit's collective, dense part over DP and expert part over EDP."""
+        total = self._sharded_ms(
+            kind, unit.dense_params, unit.dense_params * per_param, self._shard_groups(co, "dp")
+        )
+        if unit.expert_params > 0:
+            total = total + self._sharded_ms(
+                kind,
+                unit.expert_params,
+                unit.expert_params * per_param,
+                self._shard_groups(co, "edp"),
+            )
+        return total
+
+    def _gather_ahead(self, co: Cohort, layers: list[int], mb: int, t: np.ndarray):
+        """ZeRO-3: all-gather the chunk's layers in order on the lanes' gather stream, one
+        layer ahead of the compute (the first from ``t``; each next one when the layer before
+        it starts computing). Returns ``ready(layer, t)``: when the layer can start (None
+        without ZeRO-3)."""
+        if not self._layer_ag or not layers:
+            return None
+        ag_free, _ = self._streams(co)
+        per_param = precision.param_gather_bytes(self.model)
+        ends: dict[int, np.ndarray] = {}
+
+        def issue(layer: int, at: np.ndarray) -> None:
+            unit = self._unit(co.stage, layer)
+            start = np.maximum(at, ag_free)
+            end = start + self._unit_ms(co, unit, "all_gather", per_param)
+            nbytes = unit.params * per_param
+            self.rec.add_block(
+                co.lane_ids, Kind.COMM_ASYNC, Op.PARAM_GATHER, start, end, layer, mb, nbytes
+            )
+            ag_free[:] = end
+            ends[layer] = end
+
+        issue(layers[0], t)
+        following = dict(zip(layers[:-1], layers[1:], strict=True))
+
+        def ready(layer: int, now: np.ndarray) -> np.ndarray:
+            start = np.maximum(now, ends.pop(layer))
+            if layer in following:
+                issue(following[layer], start)  # prefetch the next layer
+            return start
+
+        return ready
+
+    def _reduce_scatter_layer(self, co: Cohort, layer: int, mb: int, t: np.ndarray) -> None:
+        """ZeRO-2/3: reduce-scatter the layer's fp32 gradients once its backward is done, on
+        the lanes' reduce-scatter stream (overlapping the next layers' backward)."""
+        _, rs_free = self._streams(co)
+        unit = self._unit(co.stage, layer)
+        start = np.maximum(t, rs_free)
+        end = start + self._unit_ms(co, unit, "reduce_scatter", GRAD_BYTES)
+        nbytes = unit.params * GRAD_BYTES
+        self.rec.add_block(
+            co.lane_ids, Kind.COMM_ASYNC, Op.GRAD_REDUCE, start, end, layer, mb, nbytes
+        )
+        rs_free[:] = end
 
 
 def _fixed(_payloads, duration_ms: float) -> tuple[float, None]:

@@ -1,0 +1,85 @@
+"""Sharded data parallelism (``parallel.dp_sharding``): shard sizes and per-layer units.
+
+ZeRO-1 (``optimizer``, Megatron's distributed optimizer) shards the optimizer states over the
+data-parallel group; ZeRO-2 (``gradients``) also the gradients, reduce-scattered layer by layer
+in every micro-batch's backward; ZeRO-3 (``full``, PyTorch FSDP2 / Megatron FSDP) also the
+parameters, all-gathered layer by layer in the forward and again in the backward of every
+micro-batch (one layer prefetched ahead of the compute) and freed after use. HSDP
+(``dp_shard_group``) shards over groups of that many DP ranks and replicates across the
+``dp / dp_shard_group`` groups (their gradient shards are all-reduced across replicas).
+
+Shard sizes: dense parameters shard over ``dp_shard_group x cp`` ranks (the distributed
+optimizer's DP x CP group), expert parameters over the expert data-parallel group divided by
+the replicas (all of EDP if the replicas do not divide it).
+
+The unit of a per-layer gather or reduce-scatter is the layer's parameters on one GPU (TP- and
+EP-sharded as the memory model holds them) plus an equal share of the stage's other parameters
+(embedding, output layer, final norm), so the units of a stage add up to its parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clustersim.costs.params import ParamCounts
+from clustersim.layout import Layout
+from clustersim.spec.schema import Plan
+
+
+@dataclass(frozen=True)
+class LayerUnit:
+    """Parameters one GPU gathers (ZeRO-3) and reduce-scatters (ZeRO-2/3) for one layer."""
+
+    layer: int
+    dense_params: float  # over the DP shard group
+    expert_params: float  # over the expert shard group
+
+    @property
+    def params(self) -> float:
+        """All parameters of the unit."""
+        return self.dense_params + self.expert_params
+
+
+def shard_sizes(plan: Plan, layout: Layout) -> tuple[int, int]:
+    """(dense shard size, expert shard size): the ranks one parameter's shards are spread
+    over (1, 1 without sharding)."""
+    par = plan.parallel
+    if par.sharding == "none":
+        return 1, 1
+    replicas = par.dp // par.shard_group
+    edp = layout.edp or 1
+    expert = edp // replicas if edp % replicas == 0 else edp
+    return par.shard_group * par.cp, max(1, expert)
+
+
+def layer_params_per_gpu(plan: Plan, layout: Layout, counts: ParamCounts, layer: int):
+    """(dense, routed-expert) parameters one GPU holds of ``layer`` (memory.py's rule)."""
+    model, t = plan.model, layout.tp
+    sums = counts.layers([layer])
+    kv_shards = min(t, model.kv_heads)
+    sharded = sums.attention - sums.attention_kv + sums.dense_mlp + sums.shared_experts
+    dense = sharded / t + sums.attention_kv / kv_shards + sums.norms + sums.router
+    return dense, sums.routed_experts / (layout.etp * layout.ep)
+
+
+def layer_units(
+    plan: Plan,
+    layout: Layout,
+    counts: ParamCounts,
+    layers,
+    stage_params: tuple[float, float],
+) -> list[LayerUnit]:
+    """The per-layer units of a stage holding ``layers`` (0-based ids, any sequence) and
+    ``stage_params`` = (dense,
+    expert) parameters per GPU (module docstring)."""
+    layers = [int(i) for i in layers]
+    if not layers:
+        return []
+    per_layer = [layer_params_per_gpu(plan, layout, counts, i) for i in layers]
+    other = max(0.0, stage_params[0] - sum(d for d, _ in per_layer)) / len(layers)
+    return [LayerUnit(i, d + other, e) for i, (d, e) in zip(layers, per_layer, strict=True)]
+
+
+def largest_unit(units: list[LayerUnit]) -> float:
+    """Parameters of the largest unit (0 for a stage without layers)."""
+    return max((u.params for u in units), default=0.0)
