@@ -263,6 +263,7 @@ def print_analysis(result) -> None:
             )
         )
     console.print(f"exposed communication per GPU (mean): {result.exposed_comm_ms:.1f} ms")
+    _print_links(console, result.network)
     cp = result.critical_path
     top = ", ".join(f"{k} {v:.1f}" for k, v in list(cp["by_op_ms"].items())[:6])
     console.print(
@@ -288,6 +289,32 @@ def print_analysis(result) -> None:
             f"{min(r['max_to_mean_mean'] for r in rows):.2f} to "
             f"{worst['max_to_mean_mean']:.2f} (layer {worst['layer']})"
         )
+
+
+LINK_ROWS = 8
+"""Links the ``analyze`` table shows (``--json`` lists every one)."""
+
+
+def _print_links(console: Console, network) -> None:
+    """Shared links (runs with ``hardware.topology``): contention by kind, the most contended
+    links."""
+    if not network.present:
+        return
+    kinds = ", ".join(f"{k} {v:.2f}" for k, v in network.by_kind_ms.items())
+    console.print(f"time lost to shared links per lane: {network.contention_ms:.2f} ms ({kinds})")
+    table = Table(title="links (most contended, then busiest)", title_justify="left")
+    for col in ("link", "kind", "GiB", "busy %", "contention ms"):
+        table.add_column(col, justify="left" if col in ("link", "kind") else "right")
+    for row in network.links[:LINK_ROWS]:
+        table.add_row(
+            escape(row["link"]),
+            row["kind"],
+            f"{row['bytes'] / 2**30:.2f}",
+            f"{row['busy_pct']:.1f}",
+            f"{row['contention_ms']:.3f}",
+        )
+    console.print(table)
+    console.print(f"({len(network.links)} links carried bytes; --json lists every one)")
 
 
 def print_replay(result, rows=None, what: str = "recorded workload") -> None:

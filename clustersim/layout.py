@@ -129,6 +129,13 @@ class Layout:
         """Layer indices of each stage as int64 arrays (may run past the model, see below)."""
         num_layers = self.plan.model.num_layers
         par = self.plan.parallel
+        chunks = self._explicit_chunks
+        if chunks is not None:  # one entry per virtual stage: stage s holds chunks c*pp + s
+            v = par.virtual_stages
+            return [
+                np.array(sum((chunks[c * self.pp + s] for c in range(v)), []), dtype=np.int64)
+                for s in range(self.pp)
+            ]
         if par.layers_per_stage is not None:
             bounds = np.cumsum([0, *par.layers_per_stage])
             return [np.arange(bounds[s], bounds[s + 1]) for s in range(len(par.layers_per_stage))]
@@ -153,6 +160,28 @@ class Layout:
     def num_stages(self) -> int:
         """Pipeline stages (``pp``, or the length of an explicit ``layers_per_stage``)."""
         return len(self._stage_index)
+
+    @cached_property
+    def _explicit_chunks(self) -> list[list[int]] | None:
+        """Layers of each virtual stage (Megatron's order: the first chunks of stages
+        0 .. pp-1, then the second chunks, ...) when ``layers_per_stage`` lists pp x v
+        entries with v > 1; else None."""
+        par = self.plan.parallel
+        split, v = par.layers_per_stage, par.virtual_stages
+        if split is None or v == 1 or len(split) != self.pp * v:
+            return None
+        bounds = np.cumsum([0, *split]).tolist()
+        return [list(range(bounds[i], bounds[i + 1])) for i in range(len(split))]
+
+    def chunk_layers(self, stage: int, chunk: int) -> list[int]:
+        """Layers of model chunk ``chunk`` of ``stage`` (virtual stage ``chunk * pp + stage``):
+        the explicit per-virtual-stage split, else an even split of the stage's layers."""
+        chunks = self._explicit_chunks
+        if chunks is not None:
+            return chunks[chunk * self.pp + stage]
+        layers = self.stage_layers[stage]
+        per_chunk = len(layers) // self.plan.parallel.virtual_stages
+        return layers[chunk * per_chunk : (chunk + 1) * per_chunk]
 
     @property
     def layers_per_stage(self) -> list[int]:

@@ -210,8 +210,13 @@ def test_explicit_split_ok_even_when_pp_does_not_divide():
 
 
 def test_explicit_split_with_virtual_stages():
+    """With virtual stages the split lists one entry per virtual stage (PP x v)."""
     d = small(layers_per_stage=[6, 6], schedule="interleaved", virtual_stages=2)
-    assert one(run(d), "parallel.layers_per_stage", "error").fix.startswith("remove")
+    f = one(run(d), "parallel.layers_per_stage", "error")
+    assert (f.claimed, f.computed) == (2, 4)
+    assert f.fix.startswith("give PP x virtual_stages = 4 entries summing to 12")
+    ok = small(layers_per_stage=[2, 4, 4, 2], schedule="interleaved", virtual_stages=2)
+    assert run(ok).findings == []
 
 
 # ---- experts and folding -------------------------------------------------------------------

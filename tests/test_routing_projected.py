@@ -171,3 +171,27 @@ def test_router_routes_large_batches_by_rank_counts():
     assert not capped._normal_fits(5, tokens)  # capacity needs per-expert counts per source
     dropped = capped.route_many(5, np.arange(3), tokens).dropped_tokens
     assert np.all(dropped > 0)
+
+
+def test_node_limited_counts_match_per_token():
+    """Node-limited routing (4 nodes of 2 EP ranks, M = 2): rank-level means within 5
+    standard errors, variances and the busiest rank's load close to the per-token sampler."""
+    moe = MoESpec(num_experts=32, top_k=4, router_skew=0.3, max_nodes_per_token=2)
+    rows, tokens = 400, np.full((400, 8), 256)
+    counts = Router(moe, 8, 0, gpus_per_node_in_ep=2)
+    assert counts._normal_fits(3, tokens)
+    a = counts.route_many(3, np.arange(rows), tokens)
+    b = Router(moe, 8, 0, gpus_per_node_in_ep=2, mode="tokens").route_many(
+        3, np.arange(rows), tokens
+    )
+    stderr = np.sqrt(b.a2a_tokens.var(axis=0) / rows)
+    assert np.all(np.abs(a.a2a_tokens.mean(axis=0) - b.a2a_tokens.mean(axis=0)) < 5 * stderr + 1)
+    ratio = a.a2a_tokens.var(axis=0) / b.a2a_tokens.var(axis=0)
+    assert 0.9 < np.median(ratio) < 1.1 and ratio.min() > 0.6 and ratio.max() < 1.6
+    per_rank = a.tokens_per_rank.var(axis=0) / b.tokens_per_rank.var(axis=0)
+    assert np.all(np.abs(per_rank - 1) < 0.3)
+    busiest = two_sample_chi2_p(a.tokens_per_rank.max(axis=1), b.tokens_per_rank.max(axis=1))
+    assert busiest > 1e-3
+    assert np.array_equal(a.a2a_tokens.sum(axis=2), tokens * 4)
+    capped = Router(moe.model_copy(update={"capacity_factor": 1.0}), 8, 0, gpus_per_node_in_ep=2)
+    assert not capped._by_counts(10**6)  # capacity: per token

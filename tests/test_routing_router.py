@@ -166,7 +166,9 @@ def test_auto_mode_picks_counts_when_cheaper():
     assert deepseek._by_counts(10**7)  # C(256, 8) subsets: projected counts
     assert not deepseek._by_counts(8 * 64)  # few tokens: cheaper one by one
     limited = MoESpec(num_experts=256, top_k=8, max_nodes_per_token=4)
-    assert not Router(limited, 64, 0, gpus_per_node_in_ep=8)._by_counts(10**7)  # node limit
+    assert Router(limited, 64, 0, gpus_per_node_in_ep=8)._by_counts(10**7)  # batches only
+    capped = limited.model_copy(update={"capacity_factor": 1.0})
+    assert not Router(capped, 64, 0, gpus_per_node_in_ep=8)._by_counts(10**7)  # per token
     out = router.route(0, 0, np.full(8, 4096))
     assert out.dropped_tokens > 0 and out.fully_dropped_tokens is None  # unknown by counts
     assert Router(mixtral, 8, 0, mode="tokens").route(0, 0, np.full(8, 4096)).fully_dropped_tokens

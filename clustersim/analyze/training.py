@@ -334,6 +334,7 @@ _COMM_OPS = frozenset(
         "grad_reduce",
         "expert_grad_reduce",
         "param_gather",
+        "cp_comm",
     )
 )
 

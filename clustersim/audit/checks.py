@@ -177,7 +177,8 @@ def _memory_for(plan: Plan, layout: Layout) -> tuple[MemoryReport | None, str]:
 def _layer_split_broken(plan: Plan) -> bool:
     split = plan.parallel.layers_per_stage
     if split is not None:
-        return len(split) != plan.parallel.pp or sum(split) != plan.model.num_layers
+        entries = plan.parallel.pp * plan.parallel.virtual_stages
+        return len(split) != entries or sum(split) != plan.model.num_layers
     return False
 
 
@@ -261,35 +262,30 @@ def check_layers(ctx: AuditContext) -> list[Finding]:
     num_layers, pp, v = model.num_layers, par.pp, par.virtual_stages
     if par.layers_per_stage is not None:
         split = par.layers_per_stage
-        if len(split) != pp:
+        entries = pp * v  # one per virtual stage, in Megatron's order
+        what = f"{pp} entries" if v == 1 else f"PP x virtual_stages = {entries} entries"
+        if len(split) != entries:
             return [
                 Finding(
                     "parallel.layers_per_stage",
                     "error",
-                    f"lists {len(split)} stages but parallel.pp is {pp}",
-                    f"give {pp} entries summing to {num_layers}",
+                    f"lists {len(split)} stages but parallel.pp is {pp}" if v == 1 else
+                    f"lists {len(split)} entries but needs one per virtual stage (the first "
+                    "chunks of every stage, then the second chunks, ...)",
+                    f"give {what} summing to {num_layers}",
                     len(split),
-                    pp,
+                    entries,
                 )
-            ]
+            ]  # fmt: skip
         if sum(split) != num_layers:
             return [
                 Finding(
                     "parallel.layers_per_stage",
                     "error",
                     f"sums to {sum(split)} layers but the model has {num_layers}",
-                    f"give {pp} entries summing to {num_layers}",
+                    f"give {what} summing to {num_layers}",
                     sum(split),
                     num_layers,
-                )
-            ]
-        if v > 1:
-            return [
-                Finding(
-                    "parallel.layers_per_stage",
-                    "error",
-                    "an explicit layer split cannot be combined with virtual stages",
-                    "remove parallel.layers_per_stage or set virtual_stages: 1",
                 )
             ]
         return []
@@ -301,7 +297,7 @@ def check_layers(ctx: AuditContext) -> list[Finding]:
             for d in divisors(num_layers)
             if 1 < d <= ctx.layout.world_size and num_layers % (d * v) == 0
         ]
-        if v > 1:  # an explicit split cannot be combined with virtual stages
+        if v > 1:  # suggest equal chunks first; an explicit split needs PP x v entries
             vs = [x for x in divisors(num_layers // pp) if x > 1] if num_layers % pp == 0 else []
             alt = f" or parallel.virtual_stages from {vs}" if vs else ""
         else:

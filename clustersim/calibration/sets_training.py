@@ -298,8 +298,6 @@ def moe_reason(r: dict[str, str]) -> str | None:
         return "GPU count unresolved in the source (printed 128, likely 256)"
     if not r["tp"]:
         return "parallel configuration not stated (text endpoint)"
-    if _int(r["cp"], 1) > 1:
-        return "context parallelism (CP > 1) is not simulated"
     if "ambiguous" in r["reliability"] and "page break" in r["notes"]:
         return "method attribution uncertain (values across a page break in the transcription)"
     if r["model"] not in MOE_MODELS:
@@ -351,12 +349,12 @@ def moe_plan(r: dict[str, str], values: dict[str, float] | None = None) -> Plan:
     recipe = fp8_recipe(r)
     if recipe is not None:
         model.update(dtype="fp8", fp8_recipe=recipe)
-    gpus, tp, pp = int(r["num_gpus"]), int(r["tp"]), _int(r["pp"], 1)
+    gpus, tp, pp, cp = int(r["num_gpus"]), int(r["tp"]), _int(r["pp"], 1), _int(r["cp"], 1)
     gpu = gpu_preset(r)
     per_node = GPUS_PER_NODE[gpu]
     ep = _int(r["ep"], 1)
     etp = _int(r["etp"]) or (1 if "Folding" in r["method_or_variant"] else tp)
-    dp, mbs = gpus // (tp * pp), _int(r["mbs"], 1)
+    dp, mbs = gpus // (tp * pp * cp), _int(r["mbs"], 1)
     vpp = _vpp(r)
     raw: dict[str, Any] = {
         "name": f"{r['row_id']}-{r['model']}",
@@ -371,6 +369,7 @@ def moe_plan(r: dict[str, str], values: dict[str, float] | None = None) -> Plan:
             "tp": tp,
             "pp": pp,
             "dp": dp,
+            "cp": cp,
             "ep": ep,
             "etp": etp,
             "micro_batch_size": mbs,

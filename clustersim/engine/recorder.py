@@ -47,6 +47,7 @@ class Op(IntEnum):
     EXPERT_GRAD_REDUCE = 15
     PARAM_GATHER = 16
     RECOMPUTE = 17
+    CP_COMM = 18  # ring attention of context parallelism: K/V blocks around the CP group
 
 
 _COLUMNS = {

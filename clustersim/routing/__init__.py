@@ -2,8 +2,10 @@
 
 The engine calls :class:`Router` once per (layer, micro-batch); :mod:`.gating` documents the
 popularity law, :mod:`.kernels` the per-token sampler (numba, imported only when routing
-runs), :mod:`.subsets` the equivalent count-level sampler, :mod:`.dispatch` the validating
-kernel wrappers, :mod:`.lengths` the sequence-length distributions and micro-batch packing.
+runs), :mod:`.subsets` the equivalent count-level sampler, :mod:`.inclusion`,
+:mod:`.projected` and :mod:`.node_limited` the count-level samplers for many experts,
+:mod:`.dispatch` the validating kernel wrappers, :mod:`.lengths` the sequence-length
+distributions and micro-batch packing.
 """
 
 from clustersim.routing.lengths import pack_microbatches, sample_lengths

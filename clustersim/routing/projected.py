@@ -99,36 +99,58 @@ class ProjectedSampler:
         """Assignments (B, S, ep) from each source rank to each EP rank and per expert (B, E),
         for ``tokens`` (B, S), from the Gaussian limit (see the module docstring)."""
         tokens = np.asarray(tokens, dtype=np.int64)
-        rows, sources = tokens.shape
-        v, pi, d = self._variance, self.inclusion, self._variance.sum()
-        v_rank = v.reshape(ep, -1).sum(axis=1)  # (ep,)
-        pi_rank = pi.reshape(ep, -1).sum(axis=1)
-        b = rng.standard_normal((rows, sources, ep)) * np.sqrt(tokens[..., None] * v_rank)
-        x = tokens[..., None] * pi_rank - v_rank * (b.sum(axis=2, keepdims=True) / d)
-        x += b
-        upper = tokens[..., None] * min(self.top_k, pi.size // ep)
-        sent = _round_keeping_sum(x, tokens * self.top_k, rng.random((rows, sources)), upper)
-        total = tokens.sum(axis=1)  # (B,)
-        z = rng.standard_normal((rows, pi.size)) * np.sqrt(total[:, None] * v)
-        z_rank = z.reshape(rows, ep, -1).sum(axis=2)  # (B, ep)
-        b_rank = b.sum(axis=1)  # (B, ep)
-        per_expert_share = (v.reshape(ep, -1) / v_rank[:, None]).reshape(-1)  # v_e / V_r
-        y = total[:, None] * pi + z - per_expert_share * np.repeat(z_rank, pi.size // ep, axis=1)
-        y += per_expert_share * np.repeat(b_rank, pi.size // ep, axis=1)
-        y -= v * (b_rank.sum(axis=1, keepdims=True) / d)
-        received = sent.sum(axis=1)  # (B, ep): the rank totals the experts must add up to
-        y += per_expert_share * np.repeat(received - x.sum(axis=1), pi.size // ep, axis=1)
-        per_expert = _round_keeping_sum(
-            y.reshape(rows, ep, -1),
-            received,
-            rng.random((rows, ep)),
-            np.broadcast_to(total[:, None, None], (rows, ep, pi.size // ep)),
-        ).reshape(rows, -1)
-        return sent, per_expert
+        mean = tokens[..., None] * self.inclusion
+        variance = tokens[..., None] * self._variance
+        return gaussian_rank_counts(rng, mean, variance, tokens, ep, self.top_k)
 
     @property
     def _variance(self) -> np.ndarray:
         return self.inclusion * (1.0 - self.inclusion)
+
+
+def gaussian_rank_counts(
+    rng: np.random.Generator,
+    mean: np.ndarray,
+    variance: np.ndarray,
+    tokens: np.ndarray,
+    ep: int,
+    top_k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-level counts (B, S, ep) and expert totals (B, E) of the Gaussian with per-source
+    means ``mean`` (B, S, E), variances ``variance`` (B, S, E) = ``a`` and covariance
+    ``diag(a) - a a^T / sum(a)`` per source (sources independent), rounded keeping every
+    source's total ``tokens * top_k`` and every EP rank's column. The expert totals given the
+    rank sums use the row's summed variances for the within-rank split (exact when every
+    source's ``a`` is proportional to the same vector, as without a node limit)."""
+    rows, sources, experts = mean.shape
+    per = experts // ep
+    a_rank = variance.reshape(rows, sources, ep, per).sum(axis=3)  # (B, S, ep)
+    m_rank = mean.reshape(rows, sources, ep, per).sum(axis=3)
+    d = a_rank.sum(axis=2, keepdims=True)
+    b = rng.standard_normal((rows, sources, ep)) * np.sqrt(a_rank)
+    proj = np.divide(b.sum(axis=2, keepdims=True), d, out=np.zeros_like(d), where=d > 0)
+    x = m_rank + b - a_rank * proj
+    upper = tokens[..., None] * min(top_k, per)
+    sent = _round_keeping_sum(x, tokens * top_k, rng.random((rows, sources)), upper)
+    a_of_rank = np.repeat(a_rank, per, axis=2)
+    within = np.divide(variance, a_of_rank, out=np.zeros_like(variance), where=a_of_rank > 0)
+    y = mean.sum(axis=1) + (np.repeat(b, per, axis=2) * within).sum(axis=1)
+    y -= (variance * proj).sum(axis=1)  # (B, E)
+    a_row = variance.sum(axis=1)  # (B, E)
+    a_row_rank = np.repeat(a_row.reshape(rows, ep, per).sum(axis=2), per, axis=1)
+    share = np.divide(a_row, a_row_rank, out=np.zeros_like(a_row), where=a_row_rank > 0)
+    z = rng.standard_normal((rows, experts)) * np.sqrt(a_row)
+    y += z - share * np.repeat(z.reshape(rows, ep, per).sum(axis=2), per, axis=1)
+    received = sent.sum(axis=1)  # (B, ep): the rank totals the experts must add up to
+    y += share * np.repeat(received - x.sum(axis=1), per, axis=1)
+    total = tokens.sum(axis=1)
+    per_expert = _round_keeping_sum(
+        y.reshape(rows, ep, per),
+        received,
+        rng.random((rows, ep)),
+        np.broadcast_to(total[:, None, None], (rows, ep, per)),
+    ).reshape(rows, -1)
+    return sent, per_expert
 
 
 def _systematic_split(amount: np.ndarray, share: np.ndarray, start: np.ndarray) -> np.ndarray:

@@ -14,11 +14,13 @@ come in any order.
 
 Ways to sample: per token (``mode="tokens"``: each token's k experts drawn by the numba
 kernels, see :mod:`clustersim.routing.kernels`; exact) or per source rank (``mode="counts"``,
-no node limit; which tokens a capacity drops entirely is then unknown): multinomial counts of
+which tokens a capacity drops entirely is then unknown): multinomial counts of
 the k-subsets of experts when C(E, k) <= 8192 (:mod:`clustersim.routing.subsets`; exactly the
 distribution of per-token sampling), else projected binomial counts with exact means and
 Hajek's covariance, or their Gaussian limit for the engine's batches when every count is large
-(:mod:`clustersim.routing.projected`; cost independent of the tokens). ``mode="auto"``
+(:mod:`clustersim.routing.projected`; cost independent of the tokens); node-limited routing
+only in batches, dropless, from the exact node-set multinomial and that Gaussian limit
+(:mod:`clustersim.routing.node_limited`). ``mode="auto"``
 (default) takes counts when that is possible and cheaper (Mixtral's E = 8, k = 2; Qwen3's
 E = 128, k = 8 with thousands of tokens per rank), tokens otherwise. Different modes draw
 different samples from the same seed.
@@ -54,6 +56,7 @@ from clustersim.routing.dispatch import (
     token_offsets_of,
 )
 from clustersim.routing.gating import expert_popularity
+from clustersim.routing.node_limited import NodeLimitedSampler, node_sets_fit
 from clustersim.routing.projected import ProjectedSampler
 from clustersim.routing.subsets import (
     MAX_SUBSETS,
@@ -244,6 +247,7 @@ class Router:
         self._samplers: dict[int, TopkSampler] = {}
         self._subset_samplers: dict[int, SubsetSampler] = {}
         self._projected_samplers: dict[int, ProjectedSampler] = {}
+        self._node_samplers: dict[int, NodeLimitedSampler] = {}
         self._exact_counts = num_subsets(moe.num_experts, moe.top_k) <= MAX_SUBSETS
 
     def _check_mode(self, mode: str) -> str:
@@ -259,8 +263,11 @@ class Router:
         if self.mode != "auto":
             return self.mode == "counts"
         moe = self.moe
-        if self._nodes_per_token:
-            return False
+        if self._nodes_per_token:  # batches only, when every count is large (route_many)
+            groups = int(self._group_of.max()) + 1
+            if not node_sets_fit(groups, self._nodes_per_token) or moe.capacity_factor:
+                return False
+            return projected_is_cheaper(moe.num_experts, moe.top_k, self.ep, num_tokens)
         if self._exact_counts:
             return counts_are_cheaper(moe.num_experts, moe.top_k, self.ep, num_tokens)
         return projected_is_cheaper(moe.num_experts, moe.top_k, self.ep, num_tokens)
@@ -329,7 +336,7 @@ class Router:
         capacity = None
         if moe.capacity_factor is not None:
             capacity = megatron_capacity(tokens, moe.top_k, moe.num_experts, moe.capacity_factor)
-        if self._by_counts(int(tokens.sum())):
+        if self._by_counts(int(tokens.sum())) and not self._nodes_per_token:
             counts = self._count_sampler(layer).sample_counts_many(rng, tokens[None])[0]
             binding = capacity is not None and np.any(counts > capacity[:, None])
             return _outcome(counts, capacity, moe.pad_to_capacity, None if binding else 0)
@@ -352,6 +359,8 @@ class Router:
         tokens = _as_token_counts(tokens, self.ep, rows=keys.size)
         moe, experts = self.moe, self.moe.num_experts
         by_counts = np.broadcast_to(self._by_counts(tokens.sum(axis=1)), keys.shape).astype(bool)
+        if self._nodes_per_token and not (by_counts.all() and self._normal_fits(layer, tokens)):
+            by_counts = np.zeros(keys.shape, bool)  # node-limited counts: whole batches only
         counts = np.zeros((keys.size, self.ep, experts), np.int64)
         if by_counts.any():
             seq = np.random.SeedSequence(
@@ -380,17 +389,26 @@ class Router:
     def _normal_fits(self, layer: int, tokens: np.ndarray) -> bool:
         """Whether these rows (all of them) may take the Gaussian rank-level counts: no exact
         subset sampler, no capacity, every count large (``ProjectedSampler.normal_fits``)."""
-        if self._exact_counts or self.moe.capacity_factor is not None or self.mode == "tokens":
+        exact = self._exact_counts and not self._nodes_per_token
+        if exact or self.moe.capacity_factor is not None or self.mode == "tokens":
             return False
-        return self._projected_sampler(layer).normal_fits(tokens, self.ep)
+        return self._normal_sampler(layer).normal_fits(tokens, self.ep)
+
+    def _normal_sampler(self, layer: int) -> ProjectedSampler | NodeLimitedSampler:
+        """The Gaussian rank-level sampler of ``layer``: node-limited when a limit applies."""
+        if not self._nodes_per_token:
+            return self._projected_sampler(layer)
+        if layer not in self._node_samplers:
+            self._node_samplers[layer] = NodeLimitedSampler(
+                self.popularity(layer), self.moe.top_k, self._group_of, self._nodes_per_token
+            )
+        return self._node_samplers[layer]
 
     def _normal_batch(
         self, layer: int, rng: np.random.Generator, tokens: np.ndarray
     ) -> BatchOutcome:
         """Every row from the Gaussian limit of the projected counts (dropless)."""
-        sent, per_expert = self._projected_sampler(layer).sample_rank_counts_many(
-            rng, tokens, self.ep
-        )
+        sent, per_expert = self._normal_sampler(layer).sample_rank_counts_many(rng, tokens, self.ep)
         routed = tokens.sum(axis=1) * self.moe.top_k
         return BatchOutcome(per_expert, sent.sum(axis=1), sent, np.zeros_like(routed), routed)
 

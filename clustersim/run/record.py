@@ -50,6 +50,7 @@ OP_GROUP_KIND = {
     "grad_reduce": "dp",
     "expert_grad_reduce": "edp",
     "param_gather": "dp",
+    "cp_comm": "cp",
 }
 KIND_TO_TRACE = np.array([S.KIND_CODE[k.name.lower()] for k in Kind], dtype=np.int8)
 OP_TO_TRACE = np.array([S.OP_CODE[o.name.lower()] for o in Op], dtype=np.int8)
@@ -81,12 +82,16 @@ BUSY_LINKS = 64
 
 def run_metadata(plan: Plan, layout: Layout, lanes: list[Lane], symmetric: bool) -> dict:
     """The ``clustersim.run`` metadata: lanes, the lane (and TP slot) each GPU follows."""
-    simulated_dp = 1 if symmetric else plan.parallel.dp
-    lane_at = {(ln.stage, ln.dp): ln.index for ln in lanes}
+    # With context parallelism every (DP, CP) pair is a replica slot of its own: lanes are
+    # stored with "dp" = dp * cp + their CP rank, and "simulated_dp" counts those slots.
+    cp = plan.parallel.cp
+    simulated_dp = (1 if symmetric else plan.parallel.dp) * cp
+    lane_at = {(ln.stage, ln.dp * cp + ln.cp): ln.index for ln in lanes}
     gpu_lane, gpu_slot = [], []
     for rank in range(layout.world_size):
         c = layout.coords(rank)
-        gpu_lane.append(lane_at[(c.pp, c.dp if c.dp < simulated_dp else 0)])
+        slot = c.dp * cp + c.cp
+        gpu_lane.append(lane_at[(c.pp, slot if slot < simulated_dp else c.cp)])
         gpu_slot.append(c.tp)
     ep_groups = layout.groups("ep") if plan.model.moe else []
     return {
@@ -95,7 +100,8 @@ def run_metadata(plan: Plan, layout: Layout, lanes: list[Lane], symmetric: bool)
         "symmetric": symmetric,
         "simulated_dp": simulated_dp,
         "lanes": [
-            {"index": ln.index, "stage": ln.stage, "dp": ln.dp, "ranks": ln.ranks} for ln in lanes
+            {"index": ln.index, "stage": ln.stage, "dp": ln.dp * cp + ln.cp, "ranks": ln.ranks}
+            for ln in lanes
         ],
         "gpu_lane": gpu_lane,
         "gpu_slot": gpu_slot,

@@ -97,7 +97,8 @@ class MoESpec(_Strict):
         "auto",
         description="tokens: draw every token's experts (exact); counts: draw counts per "
         "source rank (cost independent of tokens; exact for C(E,k) <= 8192, exact means "
-        "otherwise); auto: counts where cheaper and possible.",
+        "otherwise; node-limited routing in dropless batches only); auto: counts where "
+        "cheaper and possible.",
     )
 
     @model_validator(mode="after")
@@ -485,7 +486,9 @@ class ParallelSpec(_Strict):
     virtual_stages: int = Field(1, gt=0, le=MAX_LAYERS)
     layers_per_stage: list[Annotated[int, Field(gt=0, le=MAX_LAYERS)]] | None = Field(
         None, max_length=MAX_DEGREE,
-        description="Explicit layer split over pipeline stages; default even.",
+        description="Explicit layer split: one entry per pipeline stage, or with "
+        "virtual_stages v > 1 one per virtual stage (pp x v entries in Megatron's order: the "
+        "first chunks of stages 0..pp-1, then the second chunks, ...); default even.",
     )  # fmt: skip
     sequence_parallel: bool = False
     flash_attention: bool = True
@@ -506,6 +509,11 @@ class ParallelSpec(_Strict):
     )
     overlap_communication: bool = True
     grad_bucket_mb: float = Field(40.0, gt=0, le=MAX_RATE)
+    overlap_ep_comm: bool = Field(
+        False,
+        description="Megatron-Core EP all-to-all overlap: in the 1F1B steady state the "
+        "dispatch/combine of one micro-batch runs under the compute of the other.",
+    )
     moe_dispatcher: Literal["alltoall", "deepep"] = Field(
         "alltoall", description="MoE token dispatcher: NCCL all-to-all, or DeepEP kernels."
     )

@@ -51,7 +51,7 @@ EVENT_KINDS = ("compute", "comm", "comm_async")
 ENGINE_OPS = (
     "attn_fwd", "attn_bwd", "mlp_fwd", "mlp_bwd", "expert_fwd", "expert_bwd", "logits_fwd",
     "logits_bwd", "optimizer", "tp_comm", "a2a_dispatch", "a2a_combine", "etp_comm", "p2p_send",
-    "grad_reduce", "expert_grad_reduce", "param_gather", "recompute",
+    "grad_reduce", "expert_grad_reduce", "param_gather", "recompute", "cp_comm",
 )  # fmt: skip
 WORKLOAD_OPS = ("seq_lens",)
 ROUTE_OPS = ("member_tokens", "a2a_tokens", "received_tokens", "active_experts",

@@ -21,6 +21,7 @@ import numpy as np
 
 from clustersim.costs import compute as cc
 from clustersim.costs.comm import collective_time_ms
+from clustersim.costs.context_parallel import RingAttention, ring_attention
 from clustersim.costs.kernels import KernelTimer
 from clustersim.spec.schema import Plan
 
@@ -37,6 +38,8 @@ class LayerTimes:
     tp_comm_ms: float  # the layer's TP collectives, per direction
     recompute_ms: float  # compute added to the backward
     recompute_comm_ms: float = 0.0  # TP collectives of a full recompute
+    ring: RingAttention | None = None  # context parallelism's ring attention (cp > 1)
+    recompute_ring: bool = False  # the recompute runs the ring attention again
 
     @property
     def attn_bwd_ms(self) -> float:
@@ -56,20 +59,23 @@ class MicrobatchCosts:
         self.plan = plan
         self.ranks = ranks
         self.seq_lens = seq_lens
-        self.tokens = int(seq_lens.sum())
-        self._tp = plan.parallel.tp
+        self._tp, self._cp = plan.parallel.tp, plan.parallel.cp
+        # context parallelism: each CP rank holds 1/cp of every sequence (2 of its 2 cp chunks)
+        self.tokens = int(seq_lens.sum()) if self._cp == 1 else float(seq_lens.sum()) / self._cp
         self._kernels = kernel_timer(plan)
 
     @cached_property
     def _core_attention_ms(self) -> float:
         """Core attention over the micro-batch's sequences (the quadratic term), one kernel
-        per distinct length."""
+        per distinct length; with context parallelism this rank's 1/cp share of it (causal
+        load balancing gives every CP rank the same share)."""
         flash = self.plan.parallel.flash_attention
         lens, counts = np.unique(self.seq_lens, return_counts=True)
         total = 0.0
         for s, n in zip(lens.tolist(), counts.tolist(), strict=True):
             # flash kernels skip the masked half of causal attention; unfused ones do not
             op = cc.core_attention(n, s, self.plan.model, self._tp, causal=flash, flash=flash)
+            op = op.scaled(1.0 / self._cp) if self._cp > 1 else op
             keys = (s + 1) / 2 if flash else s  # keys per query: causal sees half on average
             total += float(self._kernels.core_attention_ms(op.flops, op.hbm_bytes, keys, flash))
         return total
@@ -106,7 +112,24 @@ class MicrobatchCosts:
             extra = self._core_attention_ms
         else:
             extra = 0.0
-        return LayerTimes(attn, mlp, tp_comm, extra, extra_comm)
+        ring = self._ring if self._cp > 1 else None
+        return LayerTimes(attn, mlp, tp_comm, extra, extra_comm, ring, recompute != "none")
+
+    @cached_property
+    def _ring(self) -> RingAttention:
+        """Ring attention of this rank's CP group (the ranks at its TP slot, every CP rank)."""
+        par, first = self.plan.parallel, self.ranks[0]
+        base = first - self._tp * ((first // self._tp) % self._cp)
+        group = [base + self._tp * j for j in range(self._cp)]
+        return ring_attention(
+            self.tokens,
+            self._core_attention_ms,
+            self.plan.model,
+            par.tp,
+            group,
+            self.plan.hardware,
+            cc.BACKWARD_FACTOR,
+        )
 
     @cached_property
     def dense(self) -> LayerTimes:

@@ -93,8 +93,8 @@ def check_common(plan: Plan, layout: Layout, mode: str) -> None:
     par = plan.parallel
     if plan.workload.mode != mode:
         raise EngineError(f"the {mode} engine needs workload.mode: {mode}")
-    if par.cp > 1:
-        raise EngineError("context parallelism (parallel.cp > 1) is not simulated yet")
+    if par.cp > 1 and mode != "training":
+        raise EngineError(f"context parallelism (parallel.cp > 1) is not simulated in {mode}")
     if plan.model.moe is not None and not layout.expert_folding_ok:
         raise EngineError("EP x ETP does not fold into the ranks of a pipeline stage")
     if len(layout.stage_layers) != par.pp or sum(layout.layers_per_stage) != plan.model.num_layers:
@@ -110,6 +110,7 @@ class Lane:
     dp: int
     ranks: list[int]
     ep_groups: list[int] = field(default_factory=list)  # EP groups holding its ranks
+    cp: int = 0  # context-parallel rank (its share of every sequence)
 
 
 @dataclass
@@ -156,6 +157,11 @@ class _LayerVectors:
         "tp_comm",
         "recompute",
         "recompute_comm",
+        "cp_fwd",
+        "cp_bwd",
+        "cp_fwd_bytes",
+        "cp_bwd_bytes",
+        "cp_recompute",
     )
 
     def __init__(self, per_lane: list):
@@ -166,6 +172,16 @@ class _LayerVectors:
         self.attn_bwd, self.mlp_bwd = vec("attn_bwd_ms"), vec("mlp_bwd_ms")
         self.tp_comm, self.recompute = vec("tp_comm_ms"), vec("recompute_ms")
         self.recompute_comm = vec("recompute_comm_ms")
+        ring = [x.ring for x in per_lane]
+        has_ring = all(r is not None for r in ring)
+        zeros = np.zeros(len(per_lane))
+
+        def ring_vec(name: str) -> np.ndarray:
+            return np.array([getattr(r, name) for r in ring]) if has_ring else zeros
+
+        self.cp_fwd, self.cp_bwd = ring_vec("fwd_exposed_ms"), ring_vec("bwd_exposed_ms")
+        self.cp_fwd_bytes, self.cp_bwd_bytes = ring_vec("fwd_bytes"), ring_vec("bwd_bytes")
+        self.cp_recompute = bool(has_ring and per_lane[0].recompute_ring)
 
 
 class _CohortCosts:
@@ -258,8 +274,9 @@ class TrainingSim:
         lay, lanes = self.layout, []
         for stage in range(self.par.pp):
             for dp in range(self.simulated_dp):
-                ranks = [lay.rank_of(tp=t, dp=dp, pp=stage) for t in range(self.par.tp)]
-                lanes.append(Lane(len(lanes), stage, dp, ranks))
+                for cp in range(self.par.cp):
+                    ranks = [lay.rank_of(tp=t, cp=cp, dp=dp, pp=stage) for t in range(self.par.tp)]
+                    lanes.append(Lane(len(lanes), stage, dp, ranks, cp=cp))
         if self.model.moe is not None:
             self._ep_groups = lay.groups("ep")
             lane_of = {r: ln.index for ln in lanes for r in ln.ranks}
@@ -269,6 +286,7 @@ class TrainingSim:
             coords = [[lay.coords(r) for r in g] for g in self._ep_groups]
             self._group_dp = np.array([[c.dp for c in g] for g in coords])  # (groups, ep)
             self._group_tp = np.array([[c.tp for c in g] for g in coords])
+            self._group_cp = np.array([[c.cp for c in g] for g in coords])
             for gid, group in enumerate(self._ep_groups):
                 for lane_index in sorted({lane_of[r] for r in group if r in lane_of}):
                     lanes[lane_index].ep_groups.append(gid)
@@ -304,9 +322,7 @@ class TrainingSim:
         )
 
     def _chunk_layers(self, stage: int, chunk: int) -> list[int]:
-        layers = self.layout.stage_layers[stage]
-        per_chunk = len(layers) // self.par.virtual_stages
-        return layers[chunk * per_chunk : (chunk + 1) * per_chunk]
+        return self.layout.chunk_layers(stage, chunk)
 
     def _costs_of(self, co: Cohort, mb: int) -> _CohortCosts:
         """Per-lane op times of micro-batch ``mb`` (the same on every stage: every stage's
@@ -364,8 +380,10 @@ class TrainingSim:
         free = np.zeros(len(co.lanes))  # each lane's clock: the end of its last step
         if self._gathers_after_step and self.par.overlap_communication:
             self._param_gather(co, free, blocking=False)
+        partners = self._overlap_partners(steps)
         for i, step in enumerate(steps):
             vstage = step.chunk * self.par.pp + co.stage
+            self._partner = partners[i]
             layers = self._chunk_layers(co.stage, step.chunk)
             mb = step.microbatch
             costs = self._costs_of(co, mb)
@@ -408,6 +426,32 @@ class TrainingSim:
         )
         yield from self._optimizer(co, start)
 
+    def _overlap_partners(self, steps) -> list:
+        """``parallel.overlap_ep_comm``: each step's partner in the 1F1B steady state (a
+        forward followed by a backward run as one merged step, Megatron-Core's EP overlap),
+        None outside it or without the option."""
+        partners: list = [None] * len(steps)
+        if not self.par.overlap_ep_comm or self.par.schedule == "gpipe" or not self.model.moe:
+            return partners
+        for i in range(len(steps) - 1):
+            if steps[i].kind == "F" and steps[i + 1].kind == "B":
+                partners[i], partners[i + 1] = steps[i + 1], steps[i]
+        return partners
+
+    def _hidden_ms(self, co: Cohort, layer: int, routes: _LayerRoutes) -> np.ndarray | None:
+        """Per lane, the compute of the partner step's ``layer`` one all-to-all can hide under
+        (half of it: the layer has a dispatch and a combine); None without a partner."""
+        partner = getattr(self, "_partner", None)
+        if partner is None:
+            return None
+        lt, mb = self._costs_of(co, partner.microbatch).moe, partner.microbatch
+        if partner.kind == "B":
+            compute = lt.attn_bwd + routes.expert_bwd_ms[mb]
+            compute = compute + (lt.recompute if self.par.recompute != "none" else 0.0)
+        else:
+            compute = lt.attn_fwd + routes.expert_fwd_ms[mb]
+        return compute / 2
+
     def _tick(self, lanes: int) -> None:
         if not self._progress:
             return
@@ -429,6 +473,7 @@ class TrainingSim:
             moe = self.model.is_moe_layer(layer)
             lt = costs.moe if moe else costs.dense
             t = self._op(co, Kind.COMPUTE, Op.ATTN_FWD, t, lt.attn_fwd, layer, mb)
+            t = self._ring_row(co, t, lt.cp_fwd, lt.cp_fwd_bytes, layer, mb)
             t = self._tp_rows(co, t, lt.tp_comm, layer, mb, costs, moe)
             if not moe:
                 t = self._op(co, Kind.COMPUTE, Op.MLP_FWD, t, lt.mlp_fwd, layer, mb)
@@ -464,11 +509,14 @@ class TrainingSim:
                 t = self._moe_block(co, layer, mb, True, t)
             if recompute:
                 t = self._op(co, Kind.COMPUTE, Op.RECOMPUTE, t, lt.recompute, layer, mb)
+                if lt.cp_recompute:
+                    t = self._ring_row(co, t, lt.cp_fwd, lt.cp_fwd_bytes, layer, mb)
                 t = self._tp_rows(co, t, lt.recompute_comm, layer, mb, costs, moe)
             if not moe:
                 t = self._op(co, Kind.COMPUTE, Op.MLP_BWD, t, lt.mlp_bwd, layer, mb)
             t = self._tp_rows(co, t, lt.tp_comm, layer, mb, costs, moe)
             t = self._op(co, Kind.COMPUTE, Op.ATTN_BWD, t, lt.attn_bwd, layer, mb)
+            t = self._ring_row(co, t, lt.cp_bwd, lt.cp_bwd_bytes, layer, mb)
             if self._layer_rs:  # ZeRO-2/3: every micro-batch reduce-scatters the layer
                 self._reduce_scatter_layer(co, layer, mb, t)
             elif buckets is not None:
@@ -491,6 +539,15 @@ class TrainingSim:
         end = t + duration_ms
         self.rec.add_block(co.lane_ids, kind, op, t, end, layer, mb, nbytes)
         return end
+
+    def _ring_row(
+        self, co: Cohort, t: np.ndarray, exposed_ms: np.ndarray, nbytes, layer: int, mb: int
+    ) -> np.ndarray:
+        """Context parallelism: the ring attention's transfer time not hidden under the
+        attention (one row carrying the layer's ring bytes); nothing without CP."""
+        if self.par.cp == 1:
+            return t
+        return self._op(co, Kind.COMM, Op.CP_COMM, t, exposed_ms, layer, mb, nbytes)
 
     def _tp_rows(
         self,
@@ -536,8 +593,9 @@ class TrainingSim:
     def _a2a(self, co: Cohort, layer: int, mb: int, op: Op, ready: np.ndarray, fp8=False):
         """All-to-all over the cohort's EP groups (concurrently): each group starts when its
         slowest lane is ready; a lane in several groups waits for the last. ``fp8``: the
-        forward dispatch, in FP8 where the dispatcher quantises it. Returns the layer's routes
-        and the lanes' end times."""
+        forward dispatch, in FP8 where the dispatcher quantises it. With ``overlap_ep_comm`` a
+        steady-state step is blocked only by what the partner micro-batch's compute cannot
+        hide. Returns the layer's routes and the lanes' end times."""
         routes = self._layer_routes.get(layer)
         if routes is None:
             routes = self._layer_routes[layer] = self._route_layer(co, layer)
@@ -550,12 +608,30 @@ class TrainingSim:
             starts = np.where(co.membership, ready[None, :], -np.inf).max(axis=1)
         if self.net is not None:
             durations = self._a2a_flows(co, layer, mb, op, starts, durations)
+        hidden = self._hidden_ms(co, layer, routes)
+        if hidden is not None:  # a group hides what all its lanes can hide
+            if co.block:
+                hidden = hidden.reshape(len(co.groups), co.block).min(axis=1)
+            else:
+                hidden = np.where(co.membership, hidden[None, :], np.inf).min(axis=1)
+        exposed = durations if hidden is None else np.maximum(durations - hidden, 0.0)
         if co.block:
-            ends = np.repeat(starts + durations, co.block)
+            ends = np.repeat(starts + exposed, co.block)
+            full = np.repeat(starts + durations, co.block)
         else:
             member = co.membership
-            ends = np.where(member, (starts + durations)[:, None], -np.inf).max(axis=0)
-        self.rec.add_block(co.lane_ids, Kind.COMM, op, ready, ends, layer, mb, lane_bytes)
+            ends = np.where(member, (starts + exposed)[:, None], -np.inf).max(axis=0)
+            full = np.where(member, (starts + durations)[:, None], -np.inf).max(axis=0)
+        if hidden is None:
+            self.rec.add_block(co.lane_ids, Kind.COMM, op, ready, ends, layer, mb, lane_bytes)
+            return routes, ends
+        # overlapped: the exposed part blocks the lane, the rest runs on the communication
+        # stream under the partner micro-batch's compute (bytes split by time)
+        share = np.divide(ends - ready, full - ready, out=np.ones_like(ends), where=full > ready)
+        self.rec.add_block(co.lane_ids, Kind.COMM, op, ready, ends, layer, mb, lane_bytes * share)
+        self.rec.add_block(
+            co.lane_ids, Kind.COMM_ASYNC, op, ends, full, layer, mb, lane_bytes * (1 - share)
+        )
         return routes, ends
 
     def _a2a_flows(self, co: Cohort, layer: int, mb: int, op: Op, starts, durations):
@@ -576,6 +652,9 @@ class TrainingSim:
         # lane's T tokens split over its TP ranks, the first T % tp ranks one more).
         tp, gids = self.par.tp, np.array(co.groups)
         lane_tokens = self._mb_tokens[self._group_dp[gids]]  # (G, ep, m)
+        if self.par.cp > 1:  # each CP rank holds 1/cp of its replica's tokens
+            cp = self.par.cp
+            lane_tokens = lane_tokens // cp + (self._group_cp[gids][:, :, None] < lane_tokens % cp)
         share = lane_tokens // tp + (self._group_tp[gids][:, :, None] < lane_tokens % tp)
         tokens = share.transpose(0, 2, 1).reshape(num_groups * m, ep)  # group-major rows
         keys = np.tile(np.arange(m), num_groups) * len(self._ep_groups) + np.repeat(gids, m)
@@ -745,13 +824,26 @@ class TrainingSim:
         layer_dense = sum(self._layer_grad_bytes(i)[0] for i in self.layout.stage_layers[stage])
         return max(0.0, dense_params * GRAD_BYTES - layer_dense)
 
+    def _group_of(self, kind: str, rank: int) -> list[int]:
+        """The ``kind`` group of ``rank``; with context parallelism the dense gradients and
+        parameters are reduced and gathered over DP x CP (Megatron's data-parallel group with
+        CP): the ranks of the same TP slot and stage."""
+        if kind != "dp" or self.par.cp == 1:
+            return self.layout.group_of(kind, rank)
+        c, lay = self.layout.coords(rank), self.layout
+        return sorted(
+            lay.rank_of(tp=c.tp, cp=j, dp=d, pp=c.pp)
+            for d in range(self.par.dp)
+            for j in range(self.par.cp)
+        )
+
     def _lane_groups(self, co: Cohort, kind: str) -> list[tuple[list[int], np.ndarray]]:
         """The cohort's lanes by their ``kind`` group (of their first rank): (group, lane
         positions), for groups of more than one GPU. DP and EDP groups lie inside a stage, so
         every simulated member of a group is a lane of this cohort."""
         by_first: dict[int, tuple[list[int], list[int]]] = {}
         for pos, ln in enumerate(co.lanes):
-            group = self.layout.group_of(kind, ln.ranks[0])
+            group = self._group_of(kind, ln.ranks[0])
             by_first.setdefault(group[0], (group, []))[1].append(pos)
         return [
             (group, np.array(positions)) for group, positions in by_first.values() if len(group) > 1
@@ -814,7 +906,7 @@ class TrainingSim:
         for kind, params in (("dp", dense), ("edp", expert)):
             if kind == "edp" and not self.model.moe:
                 continue
-            group = self.layout.group_of(kind, first)
+            group = self._group_of(kind, first)
             if len(group) > 1 and params > 0:
                 total += collective_time_ms(
                     "all_gather", params * bpe, group, gpn, hw, "hierarchical"
@@ -1009,7 +1101,23 @@ def check_supported(plan: Plan, layout: Layout) -> None:
     check_common(plan, layout, "training")
     if par.tp % par.expert_tp:
         raise EngineError(f"ETP {par.expert_tp} must divide TP {par.tp} for the simulation")
+    if par.cp > 1 and not par.flash_attention:
+        raise EngineError(
+            "context parallelism (parallel.cp > 1) runs ring attention on fused attention "
+            "kernels; set parallel.flash_attention: true"
+        )
+    seq = plan.workload.seq_len
+    if par.cp > 1 and seq is not None and seq.dist == "fixed" and seq.value % (2 * par.cp):
+        raise EngineError(
+            f"workload.seq_len {seq.value} must be a multiple of 2 x cp = {2 * par.cp} "
+            "(each CP rank takes two of the 2 cp chunks of every sequence)"
+        )
     if par.virtual_stages > 1 and par.schedule != "interleaved":
         raise EngineError("virtual_stages > 1 needs schedule: interleaved")
-    if par.virtual_stages > 1 and any(n % par.virtual_stages for n in layout.layers_per_stage):
+    explicit = par.layers_per_stage is not None and len(par.layers_per_stage) > par.pp
+    if (
+        par.virtual_stages > 1
+        and not explicit
+        and any(n % par.virtual_stages for n in layout.layers_per_stage)
+    ):
         raise EngineError("layers per stage must divide evenly into virtual stages")
