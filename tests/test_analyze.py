@@ -249,6 +249,10 @@ def test_cli_analyze(traced, tmp_path):
     )
     assert both.exit_code == 0, both.output
     assert png.exists() and js.exists()
+    whole = tmp_path / "whole.png"  # no --window: the whole iteration
+    plain = runner.invoke(app, ["analyze", str(path), "--plot", str(whole)])
+    assert plain.exit_code == 0, plain.output
+    assert whole.stat().st_size > 0
     bad = runner.invoke(app, ["analyze", str(path), "--plot", str(png), "--window", "5"])
     assert bad.exit_code == 2 and "START_MS:END_MS" in bad.output
 

@@ -4,6 +4,7 @@ per-GPU utilisation bars, in one PNG (matplotlib, an optional dependency: ``clus
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +118,9 @@ def plot_capacity(
 
 def _gantt(ax, analysis: TraceAnalysis) -> None:
     rows = analysis.window_rows
-    lo, hi = analysis.window_ms or (0.0, analysis.metrics["iteration_time_ms"])
+    end_ms = analysis.metrics["iteration_time_ms"]
+    lo, hi = analysis.window_ms or (0.0, end_ms)
+    hi = min(hi, end_ms) if math.isinf(hi) else hi  # no --window: the whole iteration
     ax.set_title(
         f"timeline {lo:g}-{hi:g} ms ({analysis.plan_name}); one row per lane (TP group), "
         f"asynchronous communication in the thin bar below"
