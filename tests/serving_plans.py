@@ -53,10 +53,13 @@ def make_plan(base: dict[str, Any], **sections: dict[str, Any]) -> Plan:
 
 
 def _kernel_ms(plan: Plan, gpu_ms: float, graphs: bool) -> float:
-    """A kernel's stream time: max(GPU time, launch) (+ framework time when eager)."""
+    """A kernel's stream time: GPU time + kernel-to-kernel gap under CUDA graphs; eager, the
+    larger of that and the host launch, plus the framework time."""
     k = plan.hardware.calibration.kernel
-    launch = (k.graph_launch_us if graphs else k.launch_us) * 1e-3
-    return max(gpu_ms, launch) + (0.0 if graphs else k.framework_us * 1e-3)
+    busy = gpu_ms + k.graph_launch_us * 1e-3
+    if graphs:
+        return busy
+    return max(busy, k.launch_us * 1e-3) + k.framework_us * 1e-3
 
 
 def _gemm_gpu_ms(plan: Plan, m: float, n: float, k: float) -> float:
@@ -70,17 +73,23 @@ def _gemm_gpu_ms(plan: Plan, m: float, n: float, k: float) -> float:
     return max(compute, memory) * 1e3 + cal.kernel.fixed_us * 1e-3
 
 
-def _stream_gpu_ms(plan: Plan, nbytes: float, elementwise: bool = False) -> float:
-    """A memory-bound kernel: plain stream, or element-wise (norm, rotary, activation)."""
+def _stream_gpu_ms(plan: Plan, nbytes: float, kind: str = "stream") -> float:
+    """A memory-bound kernel of class ``kind``: plain stream (add, cache write), norm, or
+    element-wise (rotary, activation): bytes / (HBM x its efficiency) + its fixed time."""
     hw, cal = plan.hardware, plan.hardware.calibration
-    mu = cal.memory.elementwise_efficiency if elementwise else cal.memory.efficiency
-    return nbytes / (hw.hbm_bandwidth_gbps * 1e9 * mu) * 1e3 + cal.kernel.fixed_us * 1e-3
+    mem, kern = cal.memory, cal.kernel
+    mu, fixed_us = {
+        "stream": (mem.efficiency, kern.stream_fixed_us),
+        "norm": (mem.norm_efficiency, kern.norm_fixed_us),
+        "elementwise": (mem.elementwise_efficiency, kern.fixed_us),
+    }[kind]
+    return nbytes / (hw.hbm_bandwidth_gbps * 1e9 * mu) * 1e3 + fixed_us * 1e-3
 
 
 def layer_ms(plan: Plan, new_tokens: int, context: int, graphs: bool = False) -> float:
     """One dense layer (Llama: GQA-free MHA, SwiGLU, bf16) on one GPU for one request
-    computing ``new_tokens`` on ``context``, kernel by kernel: norm, QKV, rotary, core
-    attention, output projection, residual add, norm, up (gate+up), SiLU-and-mul, down,
+    computing ``new_tokens`` on ``context``, kernel by kernel: norm, QKV, rotary, KV-cache
+    write, core attention, output projection, residual add, norm, up (gate+up), SiLU-and-mul, down,
     residual add."""
     model, hw, cal = plan.model, plan.hardware, plan.hardware.calibration
     n, h, ffn = new_tokens, model.hidden_size, model.ffn_hidden_size
@@ -90,13 +99,14 @@ def layer_ms(plan: Plan, new_tokens: int, context: int, graphs: bool = False) ->
     def kern(gpu_ms: float) -> float:
         return _kernel_ms(plan, gpu_ms, graphs)
 
-    norm = kern(_stream_gpu_ms(plan, n * 2 * h * 2, elementwise=True))
+    norm = kern(_stream_gpu_ms(plan, n * 2 * h * 2, "norm"))
     residual = kern(_stream_gpu_ms(plan, n * 3 * h * 2))
-    rope = kern(_stream_gpu_ms(plan, n * 2 * (heads + kv_heads) * d * 2, elementwise=True))
+    rope = kern(_stream_gpu_ms(plan, n * 2 * (heads + kv_heads) * d * 2, "elementwise"))
+    cache_write = kern(_stream_gpu_ms(plan, n * 2 * kv_bytes_per_token_layer(model, 1)))
     qkv = kern(_gemm_gpu_ms(plan, n, (heads + 2 * kv_heads) * d, h))
     out = kern(_gemm_gpu_ms(plan, n, h, heads * d))
     up = kern(_gemm_gpu_ms(plan, n, 2 * ffn, h))
-    act = kern(_stream_gpu_ms(plan, n * 3 * ffn * 2, elementwise=True))
+    act = kern(_stream_gpu_ms(plan, n * 3 * ffn * 2, "elementwise"))
     down = kern(_gemm_gpu_ms(plan, n, h, ffn))
     pairs = n * context + n * (n + 1) / 2  # causal: each new token sees the context and itself
     # FlashAttention: each query row costs half_seq pairs more (efficiency s / (s + half))
@@ -105,7 +115,7 @@ def layer_ms(plan: Plan, new_tokens: int, context: int, graphs: bool = False) ->
     kv_bytes = (context + n) * kv_bytes_per_token_layer(model, 1) + n * heads * 2 * d * 2
     kv_rate = hw.hbm_bandwidth_gbps * 1e9 * cal.attention.decode_memory_efficiency
     core = kern(max(attn_flops / attn_rate, kv_bytes / kv_rate) * 1e3 + cal.kernel.fixed_us * 1e-3)
-    return 2 * norm + 2 * residual + rope + qkv + out + up + act + down + core
+    return 2 * norm + 2 * residual + rope + cache_write + qkv + out + up + act + down + core
 
 
 def step_ms(plan: Plan, new_tokens: int, context: int, graphs: bool = False) -> float:

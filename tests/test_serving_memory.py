@@ -71,11 +71,13 @@ def test_llama_52_x_2048_fits_on_one_a100_80gb():
     mem = report.memory
     assert mem.fits and mem.serving is not None
     assert mem.params_gib * GIB == pytest.approx(2 * LLAMA_PARAMS)  # 12.55 GiB
-    # One layer of an 8192-token step, b = 1, no SP, flash (no scores), by Korthikanti's
-    # terms: 10 sbh replicated + Q, K, V, proj 8 sbh + SwiGLU 6 s ffn; logits 4 * 52 * V.
-    s, h = 8192, 4096
-    act = 10 * s * h + 8 * s * h + 6 * s * 11008 + 4 * 52 * 32000
-    assert mem.activations_gib * GIB == pytest.approx(act)  # ~1.07 GiB, was 13.9 GiB
+    # One layer's inference working set for an 8192-token step (flash, nothing kept for a
+    # backward), 2 bytes per element: residual + normed input 2h, plus the larger of the
+    # attention block (QKV 3h + output h) and the SwiGLU MLP (gate/up 2 ffn + act ffn);
+    # logits 4 * 52 * V.
+    s, h, ffn = 8192, 4096, 11008
+    act = 2 * s * (2 * h + max(4 * h, 3 * ffn)) + 4 * 52 * 32000
+    assert mem.activations_gib * GIB == pytest.approx(act)  # ~0.64 GiB, was 13.9 GiB
     free = 0.9 * 80 * GIB - 2 * LLAMA_PARAMS - act
     tokens = int(free / LLAMA_KV_PER_TOKEN // 16) * 16
     assert mem.serving.tokens == tokens
@@ -156,13 +158,15 @@ def test_kv_capacity_by_hand():
     assert params == 106816
     weights = 2 * params  # 213,632 bytes
     t = 512  # max_num_batched_tokens, b = 1
-    layer_act = 10 * t * h + 2 * t * d * (2 * 4 + 2 * 2) + 6 * t * ffn  # 917,504 bytes
+    # inference working set: 2 bytes x t x (residual + normed 2h + max(attention: Q 4 x 16,
+    # K and V 2 x 2 x 16, output 4 x 16; MLP: gate/up 2 ffn + act ffn))
+    layer_act = 2 * t * (2 * h + max(64 + 64 + 64, 3 * ffn))  # 524,288 bytes
     logits = 4 * 8 * vocab  # fp32, max_batch_size rows
     usable = 0.9 * 0.01 * GIB
-    free = usable - weights - layer_act - logits  # 8,524,348.4 bytes
+    free = usable - weights - layer_act - logits  # 8,917,564.4 bytes
     per_token = 2 * 2 * 2 * d * 2  # layers x (K, V) x KV heads x head size x bf16 = 256
-    blocks = int(free / per_token) // 16  # 33,298 tokens -> 2081 blocks of 16
-    assert blocks == 2081
+    blocks = int(free / per_token) // 16  # 34,834 tokens -> 2177 blocks of 16
+    assert blocks == 2177
     kv = kv_capacity(plan, Layout(plan))
     assert kv.num_blocks == blocks and kv.tokens == blocks * 16
     assert kv.weights_gib[0] * GIB == pytest.approx(weights)
@@ -174,8 +178,8 @@ def test_kv_capacity_by_hand():
     assert mem.memory_per_gpu_gib * GIB == pytest.approx(
         weights + layer_act + logits + blocks * 16 * per_token
     )
-    # A request of 100 + 28 tokens holds ceil(127 / 16) = 8 blocks: 2081 // 8 = 260 at once.
-    assert mem.serving.longest_requests_fit == 260
+    # A request of 100 + 28 tokens holds ceil(127 / 16) = 8 blocks: 2177 // 8 = 272 at once.
+    assert mem.serving.longest_requests_fit == 272
     assert mem.serving.typical_requests_fit == blocks * 16 // 128
 
 
@@ -225,7 +229,8 @@ def test_weights_that_do_not_fit_are_an_error_with_a_clear_message():
 
 def test_activations_that_leave_no_room_suggest_a_smaller_step():
     """Llama-2-7B on 20 GiB, requests of 4096 + 4096 tokens, a 65,536-token step: one layer's
-    activations take ~8.6 GiB of the 18 GiB usable, the 12.55 GiB of weights the rest."""
+    inference working set (82,432 bytes per token) takes ~5.0 GiB of the 18 GiB usable, the
+    12.55 GiB of weights most of the rest."""
     raw = llama_static_batch(
         max_num_batched_tokens=65536,
         max_batch_size=4,
@@ -237,9 +242,9 @@ def test_activations_that_leave_no_room_suggest_a_smaller_step():
     f = next(f for f in report.errors if f.node == "hardware.memory_gib")
     assert "(65536 tokens per step)" in f.message
     assert "fewer than the longest request, 8192 tokens" in f.message
-    # Halving the budget: 32768 and 16384 still leave < 8192 tokens (4 GiB); 8192 leaves
-    # 18 - 12.55 - 1.07 = 4.4 GiB, 8,900 tokens.
-    assert f.fix.startswith("set workload.requests.max_num_batched_tokens: 8192")
+    # Halving the budget: 32768 still leaves < 8192 tokens (2.5 GiB of activations, 5,990
+    # tokens); 16384 leaves 18 - 12.55 - 1.26 = 4.2 GiB, 8,576 tokens.
+    assert f.fix.startswith("set workload.requests.max_num_batched_tokens: 16384")
 
 
 # ---- request traces ------------------------------------------------------------------------
@@ -304,7 +309,7 @@ def test_memory_target_against_what_the_full_batch_needs(limit, severity):
     report = audit(plan_from_dict(raw, "test"))
     (f,) = [f for f in report.findings if f.node == "targets.memory_per_gpu_gib_max"]
     s, h = 8192, 4096
-    act = 10 * s * h + 8 * s * h + 6 * s * 11008 + 4 * 52 * 32000
+    act = 2 * s * (2 * h + 3 * 11008) + 4 * 52 * 32000  # inference working set + logits
     needed = (2 * LLAMA_PARAMS + act + 52 * 2176 * LLAMA_KV_PER_TOKEN) / GIB
     assert f"need{' only' if severity == 'warning' else ''} {needed:.1f} GiB" in f.message
     assert f.severity == severity

@@ -4,7 +4,9 @@ For each GPU generation with a packaged data file (``clustersim/spec/calibration
 
 * ``a100``, ``h100``: ``gemm``, ``memory``, ``kernel.fixed_us`` from ``fit_kernels`` (Vidur),
   ``attention`` from ``fit_attention`` (FlashAttention papers); the attention's
-  ``decode_memory_efficiency`` = the measured ``gemm.memory_efficiency`` (no decode measurement);
+  ``decode_memory_efficiency`` = the measured stream efficiency ``memory.efficiency`` (a
+  decode-attention kernel streams the KV cache in long contiguous blocks, like the residual
+  adds, not a GEMM's weight tiles; no decode-attention measurement of its own);
 * ``h200``, ``h800``, ``b200``: derived from ``h100`` (``DERIVED``), no measurements of their own;
 * every generation: ``fit_comm.fit(generation)`` returns a dict of sections
   (``{"collectives": {...}, "moe": {...}}``; empty: nothing fitted) and may add ``"source"``:
@@ -68,7 +70,10 @@ KERNEL_FIELDS = (
     "memory.efficiency",
     "gemm.memory_efficiency",
     "memory.elementwise_efficiency",
+    "memory.norm_efficiency",
     "kernel.fixed_us",
+    "kernel.norm_fixed_us",
+    "kernel.stream_fixed_us",
 )
 ATTENTION_FIELDS = (
     "attention.efficiency",
@@ -185,8 +190,8 @@ def _attention_notes(fit: AttentionFit, prefix: str = "") -> list[str]:
         f"{prefix}attention: fitted to {fit.source} ({fit.kernel} forward, {e.in_sample.n} "
         f"rows{borrowed}): median |error| {_pct(e.in_sample.median)} in-sample, "
         f"{_pct(e.out_of_sample.median)} out-of-sample (refit without each panel)",
-        f"{prefix}attention.decode_memory_efficiency = gemm.memory_efficiency (no decode-attention "
-        "measurement)",
+        f"{prefix}attention.decode_memory_efficiency = memory.efficiency (KV cache streamed like "
+        "the residual adds; no decode-attention measurement)",
     ]
 
 
@@ -248,7 +253,7 @@ def calibrate(
     def fitted(generation: str) -> tuple[KernelFit, AttentionFit]:
         if generation not in fits:
             kernel = fit_kernels.fit(generation, measurements)
-            decode = {"attention.decode_memory_efficiency": kernel.values["gemm.memory_efficiency"]}
+            decode = {"attention.decode_memory_efficiency": kernel.values["memory.efficiency"]}
             cal = fit_kernels.base_calibration(generation)
             cal = fit_kernels.with_values(cal, {**kernel.values, **decode})
             fits[generation] = (kernel, fit_attention.fit(generation, cal, measurements))
@@ -265,7 +270,7 @@ def calibrate(
             kernel, attention = fitted(source)
             _set(data, kernel.values)
             _set(data, attention.values)
-            data["attention"]["decode_memory_efficiency"] = kernel.values["gemm.memory_efficiency"]
+            data["attention"]["decode_memory_efficiency"] = kernel.values["memory.efficiency"]
             if g == source:
                 result.kernel_fit, result.attention_fit = kernel, attention
                 result.notes += _kernel_notes(kernel) + _attention_notes(attention)
@@ -357,7 +362,7 @@ def print_results(results: list[GenerationResult]) -> None:
                 elif dotted in ATTENTION_FIELDS and source:
                     origin = f"FlashAttention {source}"
                     if dotted == "attention.decode_memory_efficiency":
-                        origin = "= gemm.memory_efficiency"
+                        origin = "= memory.efficiency"
                     else:
                         err = att.get("all")
                 elif dotted in r.comm_fields:

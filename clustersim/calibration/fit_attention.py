@@ -20,8 +20,8 @@ Least squares on log time over ``efficiency`` and ``half_seq``; out-of-sample er
 one (head dimension, causal) panel out and refit. A100 has three FlashAttention-2 rows at
 2k-8k tokens, which cannot pin ``half_seq``: it comes from FlashAttention-2's full sweep on H100
 (the same kernel, ``HALF_SEQ_FROM``) and only the efficiency is fitted to the A100 rows.
-``decode_memory_efficiency`` has no measurement here: it is set to the fitted
-``gemm.memory_efficiency`` (``calibrate`` does this).
+``decode_memory_efficiency`` has no measurement here: it is set to the fitted stream
+efficiency ``memory.efficiency`` (``calibrate`` does this).
 """
 
 from __future__ import annotations

@@ -14,9 +14,13 @@ run:
   token (norms ``NORM_PASSES * h``, rotary embedding ``2 * rope elements``, activation
   ``phi * ffn / tp``, residual add ``RESIDUAL_PASSES * h`` elements).
 
-Four steps, one kernel class each: ``memory.elementwise_efficiency`` and ``kernel.fixed_us``
-by least squares on log time of the element-wise kernels (norms, rotary, activation);
-``memory.efficiency`` by least squares on the residual adds (plain streams);
+One step per kernel class, each a least-squares fit on log time of its own operators, two
+parameters (an HBM fraction and a fixed GPU time: ``time = bytes / (HBM * mu) + fixed``) per
+memory-bound class: ``memory.elementwise_efficiency`` and ``kernel.fixed_us`` on rotary
+embedding and activation; ``memory.norm_efficiency`` and ``kernel.norm_fixed_us`` on the two
+norms (row reductions); ``memory.efficiency`` and ``kernel.stream_fixed_us`` on the residual
+adds (plain streams; Vidur's times have 1 µs resolution, which bounds the relative error of
+the smallest adds);
 ``gemm.memory_efficiency`` measured directly as the HBM fraction one-token GEMMs reach reading
 their weights (it would otherwise trade off against the shape parameter); ``gemm.efficiency``
 and ``gemm.half_dim`` by least squares on the GEMMs. Out-of-sample errors:
@@ -40,7 +44,14 @@ from clustersim.calibration import (
     read_measurements,
     require_columns,
 )
-from clustersim.costs.kernels import NORM_PASSES, RESIDUAL_PASSES, KernelTimer
+from clustersim.costs.kernels import (
+    ELEMENTWISE,
+    NORM,
+    NORM_PASSES,
+    RESIDUAL_PASSES,
+    STREAM,
+    KernelTimer,
+)
 from clustersim.spec.calibration_data import calibration_data
 from clustersim.spec.errors import PlanError
 from clustersim.spec.presets import GPU_PRESETS
@@ -173,7 +184,11 @@ def with_values(cal: CalibrationSpec, values: dict[str, float]) -> CalibrationSp
     return cal.model_copy(update=update)
 
 
-ELEMENTWISE_OPS = ("input_layernorm", "post_attention_layernorm", "attn_rope", "mlp_act")
+ELEMENTWISE_OPS = ("attn_rope", "mlp_act")
+NORM_OPS = ("input_layernorm", "post_attention_layernorm")
+STREAM_OPS = ("add",)
+# KernelTimer's memory-bound kernel classes and the Vidur operators that measure each
+MEMORY_CLASSES = {ELEMENTWISE: ELEMENTWISE_OPS, NORM: NORM_OPS, STREAM: STREAM_OPS}
 
 
 def op_shape(timer: KernelTimer, op: str) -> tuple[float, float] | float:
@@ -230,11 +245,11 @@ class Design:
         timer = KernelTimer(self.spec, hardware(self.generation, cal), 1)
         out = np.empty(self.op.size)
         g = self.is_gemm
-        elementwise = np.isin(self.op, ELEMENTWISE_OPS)
-        stream = ~g & ~elementwise
         out[g] = timer.gemm_gpu_ms(self.m[g], self.n[g], self.k[g])
-        out[stream] = timer.stream_gpu_ms(self.nbytes[stream])
-        out[elementwise] = timer.stream_gpu_ms(self.nbytes[elementwise], elementwise=True)
+        for kind, ops in MEMORY_CLASSES.items():
+            rows = np.isin(self.op, ops)
+            if rows.any():
+                out[rows] = timer.memory_gpu_ms(self.nbytes[rows], kind)
         return out
 
 
@@ -281,18 +296,26 @@ def design(data: KernelData, ops: tuple[str, ...]) -> Design:
 
 # ---- the fit --------------------------------------------------------------------------------
 
-ELEMENTWISE_PARAMS = (
-    Param("memory.elementwise_efficiency", "fraction", 0.5),
-    Param("kernel.fixed_us", "positive", 3.0),
-)
+# (efficiency, fixed time) of each memory-bound class, fitted on that class's operators
+MEMORY_PARAMS = {
+    ELEMENTWISE: (
+        Param("memory.elementwise_efficiency", "fraction", 0.5),
+        Param("kernel.fixed_us", "positive", 3.0),
+    ),
+    NORM: (
+        Param("memory.norm_efficiency", "fraction", 0.5),
+        Param("kernel.norm_fixed_us", "positive", 3.0),
+    ),
+    STREAM: (
+        Param("memory.efficiency", "fraction", 0.8),
+        Param("kernel.stream_fixed_us", "positive", 1.5),
+    ),
+}
 GEMM_PARAMS = (
     Param("gemm.efficiency", "fraction", 0.7),
     Param("gemm.half_dim", "positive", 64.0),
 )
 GEMV_TOKENS = 1  # the weight-read measurement: GEMMs of one token row
-
-
-STREAM_PARAMS = (Param("memory.efficiency", "fraction", 0.8),)
 
 
 def weight_read_efficiency(rows: Design, cal: CalibrationSpec) -> float:
@@ -321,14 +344,15 @@ def _stage(rows: Design, cal: CalibrationSpec, params) -> dict[str, float]:
 
 def fit_values(rows: Design, cal: CalibrationSpec) -> dict[str, float]:
     """The fitted ``section.field`` values, one kernel class at a time (module docstring)."""
-    elementwise = np.isin(rows.op, ELEMENTWISE_OPS)
-    first = _stage(rows.subset(elementwise), cal, ELEMENTWISE_PARAMS)
-    cal = with_values(cal, first)
-    streams = ~rows.is_gemm & ~elementwise
-    stream = _stage(rows.subset(streams), cal, STREAM_PARAMS) if streams.any() else {}
+    memory: dict[str, float] = {}
+    for kind, ops in MEMORY_CLASSES.items():
+        members = np.isin(rows.op, ops)
+        if members.any():
+            memory.update(_stage(rows.subset(members), cal, MEMORY_PARAMS[kind]))
+    cal = with_values(cal, memory)
     weights = {"gemm.memory_efficiency": weight_read_efficiency(rows, cal)}
     gemm = _stage(rows.subset(rows.is_gemm), with_values(cal, weights), GEMM_PARAMS)
-    return {**first, **stream, **weights, **gemm}
+    return {**memory, **weights, **gemm}
 
 
 @dataclass
@@ -354,7 +378,10 @@ ROUNDING = {
     "memory.efficiency": 4,
     "gemm.memory_efficiency": 4,
     "memory.elementwise_efficiency": 4,
+    "memory.norm_efficiency": 4,
     "kernel.fixed_us": 3,
+    "kernel.norm_fixed_us": 3,
+    "kernel.stream_fixed_us": 3,
     "gemm.efficiency": 4,
     "gemm.half_dim": 2,
 }

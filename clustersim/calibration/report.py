@@ -47,15 +47,22 @@ def _rows_table(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _med(g: Mapping[str, Any], key: str) -> str:
+    value = g.get(key)
+    return "–" if value is None or value != value else f"{value:.1f}"
+
+
 def _groups_table(groups: Iterable[Mapping[str, Any]]) -> list[str]:
     lines = [
-        "| group | rows | in-sample mean \\|err\\| % | worst % | out-of-sample mean % | worst % |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| group | rows | in-sample median \\|err\\| % | mean % | worst % | "
+        "out-of-sample median % | mean % | worst % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for g in groups:
         lines.append(
-            f"| {g['name']} | {g['n']} | {g['in_mean']:.1f} | {g['in_worst']:+.1f} | "
-            f"{g['oos_mean']:.1f} | {g['oos_worst']:+.1f} |"
+            f"| {g['name']} | {g['n']} | {_med(g, 'in_median')} | {g['in_mean']:.1f} | "
+            f"{g['in_worst']:+.1f} | {_med(g, 'oos_median')} | {g['oos_mean']:.1f} | "
+            f"{g['oos_worst']:+.1f} |"
         )
     return lines
 

@@ -7,12 +7,21 @@
 * SGLang PR #1401 (batch 1, input 128, output 8): median decode step with and without CUDA
   graphs. The PR does not name the GPU; H100-SXM is assumed (the 7.06 ms graph step reads the
   16 GB of Llama-3-8B weights at 2.3 TB/s, more than an A100's 2.0 TB/s peak).
-* metaseq PR #270 (OPT-175B on 8 A100, incremental decoding, n_best 1): per-token latency
-  with and without CUDA graphs; batch 1, prompt 128 and 64 output tokens assumed (not stated).
+* metaseq PR #270 (OPT-175B on 8 A100, incremental decoding, n_best 1) is listed but not
+  simulated: batch and lengths are not stated (as for the vLLM rows), and the batch-1 reading
+  cannot hold: 66 ms per token for 43.75 GB of FP16 weights per GPU is 0.66 TB/s, a third of
+  an A100's bandwidth, so the work per step (batch x context) or the code path is not the one
+  clustersim would be given. :func:`setup` keeps the former assumption (batch 1, 128/64) for
+  anyone who wants to rerun it.
 
-Free parameters: ``kernel.launch_us`` (eager decode rows: SGLang and metaseq without graphs)
-and ``kernel.graph_launch_us`` (graph rows: gpt-fast, SGLang and metaseq with graphs); the
+Free parameters: ``kernel.launch_us`` (eager decode rows: SGLang without graphs) and
+``kernel.graph_launch_us`` (graph rows: gpt-fast and SGLang with graphs); the
 TensorRT-LLM rows depend on ``launch_us`` (eager) but do not fit it (out of sample).
+
+The static-batch rows (TensorRT-LLM gptSessionBenchmark) get a KV cache of exactly their
+batch's full lengths (``num_gpu_blocks`` = batch x ceil((ISL + OSL) / 16)): the engine
+allocates it up front and the published run fit, so no request waits or is preempted, where
+the vLLM-style memory rule (``gpu_memory_utilization``) could leave a few requests out.
 
 Metric definitions follow the sources: TensorRT-LLM "out tok/s" = batch x OSL / (prefill +
 decode time), read as per GPU like the H100 table of the same page (the A100 header omits
@@ -32,6 +41,7 @@ from clustersim.spec import plan_from_dict
 from clustersim.spec.schema import Plan
 
 SERVING_CSV = "serving.csv"
+KV_BLOCK = 16  # tokens per KV-cache block (the plan default)
 LAUNCH = "kernel.launch_us"
 GRAPH_LAUNCH = "kernel.graph_launch_us"
 
@@ -196,6 +206,12 @@ def serving_reason(r: dict[str, str]) -> str | None:
         return "relative gain between two systems, no absolute configuration"
     if "FP8" in r["precision"].upper():
         return "FP8 weights/GEMMs: clustersim models BF16/FP16 only"
+    if rid in _METASEQ:
+        return (
+            "batch and lengths not stated (approximate values of a work-in-progress PR); a "
+            "batch-1 reading puts the 43.75 GB of weights per GPU at 0.66 TB/s, a third of "
+            "an A100's bandwidth, so the step's work is not known"
+        )
     if rid == "S0134":
         return (
             "blog starting point: eager code of another version (no static KV cache); "
@@ -248,6 +264,9 @@ def serving_plan(r: dict[str, str], values: dict[str, float] | None = None) -> P
             },
         },
     }
+    if s["kind"] == "throughput":  # a static engine allocates the whole batch's KV cache
+        blocks = batch * -(-(isl + osl) // KV_BLOCK)
+        raw["workload"]["requests"]["num_gpu_blocks"] = blocks
     return plan_from_dict(raw, f"serving.csv {r['row_id']}")
 
 

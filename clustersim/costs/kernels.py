@@ -9,21 +9,28 @@ fitted by ``clustersim calibrate``):
   ``(mk + kn + mn)`` elements (inputs, weights and output once);
 * a grouped GEMM over ``a`` experts and ``r`` token copies: one kernel whose compute runs at
   the shape factor of ``r / a`` tokens per expert and whose memory reads ``a`` experts' weights;
-* a memory-bound kernel: ``bytes / (HBM * mu)``, with ``mu`` the stream efficiency (residual
-  adds, permutes) or the lower element-wise one (norms, rotary embedding, activation,
-  softmax/top-k: reductions and transcendentals);
+* a memory-bound kernel: ``bytes / (HBM * mu_c) + fixed_c`` for its class ``c``: plain
+  streams (residual adds, permutes, KV-cache writes: ``memory.efficiency``,
+  ``kernel.stream_fixed_us``), norms (row reductions: ``memory.norm_efficiency``,
+  ``kernel.norm_fixed_us``) and other element-wise kernels (rotary embedding, activation,
+  softmax/top-k: ``memory.elementwise_efficiency``, ``kernel.fixed_us``), each class fitted
+  on its own Vidur operators;
 * core attention (FlashAttention): ``flops / (peak * e_attn * s / (s + half_seq))`` for ``s``
   keys per query (every query row costs ``half_seq`` pairs more: ``(pairs + half_seq *
   queries)`` pairs of work), or the KV-cache read at ``mu_attn`` of HBM bandwidth (decode),
   whichever is longer;
 
-each plus ``fixed_us`` of GPU time. The stream advances per kernel by the larger of its GPU
-time and its launch (``launch_us`` eager, ``graph_launch_us`` under CUDA graphs), plus
-``framework_us`` in eager mode: kernels shorter than their launch leave the GPU waiting, which
-is what makes small-batch eager decode slow and CUDA graphs fast.
+each plus its class's fixed GPU time (``fixed_us``; the measured duration of a tiny kernel).
+Between two dependent kernels the GPU also waits ``graph_launch_us`` (the kernel-to-kernel
+latency of the GPU front end, which a CUDA-graph replay pays too). The stream advances per
+kernel by ``GPU time + graph_launch_us`` under CUDA graphs, and in eager mode by the larger of
+that and the host's ``launch_us``, plus ``framework_us``: kernels shorter than their launch
+leave the GPU waiting, which is what makes small-batch eager decode slow and CUDA graphs fast
+(never slower: the graph time is a lower bound of the eager one).
 
 Kernels of a layer's forward (Megatron-Core / vLLM, fused where they fuse): input norm, QKV
-GEMM(s), rotary embedding, core attention, output projection, residual add, post-attention
+GEMM(s) (MLA: the low-rank down and up projections, and an RMSNorm of each latent), rotary
+embedding, core attention, output projection, residual add, post-attention
 norm; dense MLP: up (gate and up fused), activation, down, residual add; MoE: router GEMM,
 softmax/top-k, shared experts (up, activation, down), residual add; routed experts (per rank):
 permute, grouped up, activation, grouped down, unpermute. With sequence parallelism the
@@ -51,6 +58,11 @@ PERMUTE_PASSES = 2.0  # a token copy of h elements read and written once (permut
 CROSS_ENTROPY_FWD_BYTES = 38.0
 CROSS_ENTROPY_BWD_BYTES = 14.0
 DEFAULT_GRAPH_BATCH_MAX = 512  # vLLM's largest captured decode batch
+# Memory-bound kernel classes, each with its fitted HBM fraction and fixed GPU time
+STREAM = "stream"  # residual adds, permutes, KV-cache writes: memory.efficiency, stream_fixed_us
+ELEMENTWISE = "elementwise"  # rotary, activation, softmax: elementwise_efficiency, fixed_us
+NORM = "norm"  # layer/RMS norms (row reductions): norm_efficiency, norm_fixed_us
+MEMORY_KINDS = (STREAM, ELEMENTWISE, NORM)
 
 
 class KernelTimer:
@@ -85,19 +97,36 @@ class KernelTimer:
             # quantise kernel: read the BF16 input, write its FP8 copies (+ scales)
             self._quantise_bytes = self.bpe + copies * self._fp8_in
         self._flop_s = hw.peak_tflops * 1e12 * cal.gemm.efficiency
-        self._byte_s = hw.hbm_bandwidth_gbps * 1e9 * cal.memory.efficiency
-        self._elementwise_byte_s = hw.hbm_bandwidth_gbps * 1e9 * cal.memory.elementwise_efficiency
-        self._gemm_byte_s = hw.hbm_bandwidth_gbps * 1e9 * cal.gemm.memory_efficiency
+        hbm = hw.hbm_bandwidth_gbps * 1e9
+        self._byte_s = hbm * cal.memory.efficiency
+        self._elementwise_byte_s = hbm * cal.memory.elementwise_efficiency
+        norm_eff = cal.memory.norm_efficiency or cal.memory.elementwise_efficiency
+        self._gemm_byte_s = hbm * cal.gemm.memory_efficiency
         self._half = cal.gemm.half_dim
         self._fixed_ms = cal.kernel.fixed_us * 1e-3
-        launch_us = cal.kernel.graph_launch_us if graphs else cal.kernel.launch_us
-        self._launch_ms = launch_us * 1e-3
+        stream_fixed = cal.kernel.stream_fixed_us
+        norm_fixed = cal.kernel.norm_fixed_us
+        # memory-bound kernel classes: (bytes per second, fixed ms)
+        self._memory_class = {
+            STREAM: (self._byte_s, self._fixed_ms if stream_fixed is None else stream_fixed * 1e-3),
+            ELEMENTWISE: (self._elementwise_byte_s, self._fixed_ms),
+            NORM: (hbm * norm_eff, self._fixed_ms if norm_fixed is None else norm_fixed * 1e-3),
+        }
+        # GPU-side latency between dependent kernels (both modes); the host's launch only in
+        # eager mode (a graph replay issues every kernel of the step at once)
+        self._gap_ms = cal.kernel.graph_launch_us * 1e-3
+        self._launch_ms = 0.0 if graphs else cal.kernel.launch_us * 1e-3
         self._framework_ms = 0.0 if graphs else cal.kernel.framework_us * 1e-3
         self._attn_flop_s = hw.peak_tflops * 1e12 * cal.attention.efficiency
         self._attn_half = cal.attention.half_seq
         self._kv_byte_s = hw.hbm_bandwidth_gbps * 1e9 * cal.attention.decode_memory_efficiency
         self._h_tokens_share = 1.0 / tp if sequence_parallel else 1.0
         self._qkv = cc.qkv_shapes(model, tp)
+        mla = model.mla
+        self._latent_norms: tuple[float, ...] = ()
+        if mla is not None:
+            q_lora = () if mla.q_lora_rank is None else (float(mla.q_lora_rank),)
+            self._latent_norms = (*q_lora, float(mla.kv_lora_rank))
         h = model.hidden_size
         qk_dim, v_dim = cc.head_dims(model)
         self._out = (model.num_attention_heads / tp * v_dim, h)
@@ -135,8 +164,9 @@ class KernelTimer:
         if _scalar(gpu_ms, tokens):  # the engine's per-micro-batch path: plain floats
             if tokens <= 0:
                 return 0.0
-            return (gpu_ms if gpu_ms > self._launch_ms else self._launch_ms) + self._framework_ms
-        ms = np.maximum(gpu_ms, self._launch_ms) + self._framework_ms
+            busy = gpu_ms + self._gap_ms
+            return (busy if busy > self._launch_ms else self._launch_ms) + self._framework_ms
+        ms = np.maximum(gpu_ms + self._gap_ms, self._launch_ms) + self._framework_ms
         return np.where(tokens > 0, ms, 0.0)
 
     def _shape(self, x):
@@ -166,6 +196,12 @@ class KernelTimer:
         """Stream time of a (grouped) GEMM kernel in the activations' type."""
         return self.issue(self.gemm_gpu_ms(m, n, k, groups), m)
 
+    def memory_gpu_ms(self, nbytes, kind: str = STREAM):
+        """GPU time of a memory-bound kernel of class ``kind`` moving ``nbytes``:
+        ``nbytes / (HBM * mu_kind) + fixed_kind`` (:data:`MEMORY_KINDS`)."""
+        rate, fixed_ms = self._memory_class[kind]
+        return nbytes / rate * 1e3 + fixed_ms
+
     def linear_ms(self, m, n: float, k: float, groups=1.0):
         """Stream time of a linear layer's GEMM: under FP8, the quantise kernel of its input
         (read BF16, write the FP8 copies: a memory-bound element-wise pass) and the FP8 GEMM."""
@@ -175,33 +211,51 @@ class KernelTimer:
         return quantise + self.issue(self.gemm_gpu_ms(m, n, k, groups, fp8=True), m)
 
     def stream_gpu_ms(self, nbytes, elementwise: bool = False):
-        """GPU time of a memory-bound kernel moving ``nbytes`` (``elementwise``: a norm,
-        rotary embedding, activation or softmax, at the element-wise efficiency)."""
-        rate = self._elementwise_byte_s if elementwise else self._byte_s
-        return nbytes / rate * 1e3 + self._fixed_ms
+        """GPU time of a memory-bound kernel moving ``nbytes`` (``elementwise``: rotary
+        embedding, activation or softmax, at the element-wise efficiency; else a plain
+        stream)."""
+        return self.memory_gpu_ms(nbytes, ELEMENTWISE if elementwise else STREAM)
 
     def stream_ms(self, tokens, bytes_per_token: float, elementwise: bool = False):
         """Stream time of a memory-bound kernel over ``tokens``."""
         return self.issue(self.stream_gpu_ms(tokens * bytes_per_token, elementwise), tokens)
 
+    def memory_ms(self, tokens, bytes_per_token: float, kind: str = STREAM):
+        """Stream time of a memory-bound kernel of class ``kind`` over ``tokens``."""
+        return self.issue(self.memory_gpu_ms(tokens * bytes_per_token, kind), tokens)
+
     # ---- blocks of a layer ---------------------------------------------------------------
-    def _h_kernel(self, tokens, passes: float, elementwise: bool):
+    def _h_kernel(self, tokens, passes: float, kind: str):
         """A hidden-wide kernel (norm, residual add) under sequence parallelism."""
         per_token = passes * self.model.hidden_size * self.bpe * self._h_tokens_share
-        return self.stream_ms(tokens, per_token, elementwise)
+        return self.memory_ms(tokens, per_token, kind)
 
     def _norm(self, tokens):
-        return self._h_kernel(tokens, NORM_PASSES, elementwise=True)
+        return self._h_kernel(tokens, NORM_PASSES, NORM)
 
     def _residual(self, tokens):
-        return self._h_kernel(tokens, RESIDUAL_PASSES, elementwise=False)
+        return self._h_kernel(tokens, RESIDUAL_PASSES, STREAM)
 
-    def attention_block_ms(self, tokens):
+    def attention_block_ms(self, tokens, absorbed: bool = False):
         """Input norm, QKV, rotary embedding, output projection, residual add, post-attention
-        norm (core attention excluded)."""
+        norm (core attention excluded). ``absorbed`` (MLA decode, as serving engines run it):
+        the key/value up-projection is applied as two batched GEMMs, the key part to the
+        queries before attention and the value part to its output (the same weights, one
+        kernel more)."""
         total = self._norm(tokens)
-        for k, n in self._qkv:
+        shapes = self._qkv
+        if absorbed and self.model.mla is not None:
+            mla, heads = self.model.mla, self.model.num_attention_heads / self.tp
+            k_up, _ = shapes[-1]
+            shapes = [
+                *shapes[:-1],
+                (k_up, heads * mla.qk_nope_head_dim),
+                (k_up, heads * mla.v_head_dim),
+            ]
+        for k, n in shapes:
             total = total + self.linear_ms(tokens, n, k)
+        for width in self._latent_norms:  # MLA: RMSNorm of each low-rank latent
+            total = total + self.memory_ms(tokens, NORM_PASSES * width * self.bpe, NORM)
         total = total + self.stream_ms(tokens, self.rope_bytes_per_token, elementwise=True)
         total = total + self.linear_ms(tokens, self._out[1], self._out[0])
         total = total + self._residual(tokens)
@@ -310,8 +364,13 @@ class KernelTimer:
         return self._fixed_ms
 
     @property
+    def gap_ms(self) -> float:
+        """GPU-side latency between two dependent kernels (``graph_launch_us``)."""
+        return self._gap_ms
+
+    @property
     def launch_ms(self) -> float:
-        """Host time to issue one kernel (eager launch or graph replay)."""
+        """Host time to issue one kernel (eager launch; 0 under graph replay)."""
         return self._launch_ms
 
     @property

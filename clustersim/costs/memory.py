@@ -40,8 +40,9 @@ per parameter in bf16/fp16), the activations of one forward step and the MoE all
 buffers are taken first; what remains holds the paged KV cache, which the engine allocates in
 full. One step computes at most ``max_num_batched_tokens`` tokens (with ``chunked_prefill:
 false`` a lone prompt longer than the budget runs alone, so the longest prompt if larger):
-activations are one layer's (:func:`layer_activation_bytes` without the stored s^2 scores;
-without flash attention the scores of those tokens against the longest context are added),
+activations are one layer's inference working set (:func:`inference_layer_bytes`: nothing
+is kept for a backward; without flash attention the scores of those tokens against the
+longest context are added),
 plus fp32 logits of ``max_batch_size`` rows on the last stage (4*B*V/t); all-to-all buffers
 as in training, for the step's tokens. KV cache per token and layer:
 2*n_kv'*d_head elements (n_kv' = max(1, n_kv/t)); MLA keeps ``kv_lora_rank +
@@ -67,7 +68,7 @@ from typing import Any
 import numpy as np
 
 from clustersim.costs import precision
-from clustersim.costs.params import ParamCounts, count_params
+from clustersim.costs.params import MLP_MATRICES, ParamCounts, count_params
 from clustersim.costs.sharding import largest_unit, layer_units, shard_sizes
 from clustersim.layout import Layout
 from clustersim.spec.lengths import read_lengths
@@ -325,6 +326,36 @@ def layer_activation_bytes(
     if recompute == "none" and not par.flash_attention:
         per_gpu += 5 * model.num_attention_heads * s * s * b / t
     return scale * per_gpu
+
+
+def inference_layer_bytes(model: ModelSpec, par: ParallelSpec, layer: int, tokens: float) -> float:
+    """Peak live activation bytes of one layer's inference forward for ``tokens`` on one GPU.
+
+    Per token, in the model's element size: the residual stream and the normed input (2h)
+    plus the larger of the attention block (its QKV output, (a/t)*d_qk + 2*max(1, n_kv/t)*d_qk
+    elements, MLA: the up-projected K and V of a/t heads, and the attention output (a/t)*d_v)
+    and the MLP (its up output (phi-1)*ffn/t and activation output ffn/t: phi*ffn/t); an MoE
+    layer routes ``top_k`` copies of each token through the expert MLP (each copy h + phi*ffn/etp)
+    and adds its shared experts (phi*shared/t). Tensors of other layers are freed."""
+    t, h = par.tp, model.hidden_size
+    qk, v = (
+        (model.mla.qk_nope_head_dim + model.mla.qk_rope_head_dim, model.mla.v_head_dim)
+        if model.mla is not None
+        else (model.head_size, model.head_size)
+    )
+    heads = model.num_attention_heads / t
+    kv_heads = heads if model.mla is not None else max(1.0, model.kv_heads / t)
+    attention = heads * qk + kv_heads * (qk + v) + heads * v
+    phi = MLP_MATRICES[model.activation]
+    moe = model.moe
+    if moe is not None and model.is_moe_layer(layer):
+        mlp = moe.top_k * (h + phi * model.ffn_hidden_size / par.expert_tp)
+        if moe.num_shared_experts:
+            shared = moe.shared_expert_ffn_hidden_size or model.ffn_hidden_size
+            mlp += phi * moe.num_shared_experts * shared / t
+    else:
+        mlp = phi * model.dense_ffn / t
+    return DTYPE_BYTES[model.dtype] * tokens * (2 * h + max(attention, mlp))
 
 
 def _attention_bytes_per_gpu(model: ModelSpec, t: int, tokens: float, lin: float = 2.0) -> float:
@@ -737,11 +768,12 @@ def serving_memory(plan: Plan, layout: Layout, counts: ParamCounts | None = None
 
 
 def _serving_layer_bytes(plan: Plan, layer: int, tokens: float, lengths: RequestLengths) -> float:
-    """One layer's forward working set for a step of ``tokens`` (per GPU): the stored
-    activations without s^2 scores; without flash attention, the scores of the step's tokens
+    """One layer's inference working set for a step of ``tokens`` (per GPU): nothing is kept
+    for a backward, so the peak is the larger of the two blocks' live tensors (:func:`
+    inference_layer_bytes`); without flash attention, plus the scores of the step's tokens
     against at most the longest context (5 bytes per score, Korthikanti)."""
     model, par = plan.model, plan.parallel
-    act = layer_activation_bytes(model, par, layer, tokens, 1, "selective")
+    act = inference_layer_bytes(model, par, layer, tokens)
     if not par.flash_attention:
         scale = DTYPE_BYTES[model.dtype] / 2
         context = lengths.longest_request / par.cp

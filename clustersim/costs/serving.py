@@ -9,6 +9,11 @@ work:
   router, shared experts, residual adds) is timed by the calibrated per-kernel model
   (:class:`clustersim.costs.kernels.KernelTimer`): decode, with few tokens, is bound by
   reading the weights (and, in eager mode, by kernel launches), prefill by FLOPs;
+* the KV-cache write (vLLM's ``reshape_and_cache``: the step's new keys and values, MLA: the
+  latent, copied into the paged cache), one plain stream kernel per layer;
+* MLA decode steps run absorbed: the key/value up-projection as two batched GEMMs (one
+  kernel more, the same weights) and core attention in the latent space
+  (:func:`decode_flops_per_pair`);
 * core attention (causal, flash): ``pairs`` = sum of ``q*c + q*(q+1)/2`` query-key pairs at
   ``2 * heads/t * (d_qk + d_v)`` FLOPs each, at the FlashAttention efficiency of the step's
   mean query length ``tokens / seqs``; or the KV cache read (``kv_read`` = sum of ``c + q``
@@ -16,7 +21,10 @@ work:
   outputs, at the decode-attention fraction of HBM bandwidth, whichever is longer;
 * output layer: a GEMM for ``seqs`` rows (one sampled token per scheduled request);
 * TP all-reduce of the activations (``tokens * h`` elements), two per dense layer, one per
-  MoE layer; pipeline send of ``tokens * h / t`` elements between stages;
+  MoE layer; replayed from a CUDA graph, the lower of the calibrated collective (its per-call
+  base latency replaced by one graph launch) and NCCL's low-latency (LL) ring inside a node
+  (:func:`low_latency_all_reduce_ms`), which small decode messages use; pipeline send of
+  ``tokens * h / t`` elements between stages;
 * launches: decode-only steps replay CUDA graphs when ``workload.requests.cuda_graphs`` (the
   serving engines' default), other steps launch eagerly
   (:func:`clustersim.costs.kernels.uses_graphs`).
@@ -38,8 +46,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from clustersim.costs.comm import collective_time_ms, link_for_group, p2p_ms
-from clustersim.costs.kernels import KernelTimer, uses_graphs
+from clustersim.costs.kernels import STREAM, KernelTimer, uses_graphs
 from clustersim.costs.memory import (
     DTYPE_BYTES,
     GIB,
@@ -72,6 +82,23 @@ class Affine:
         return self.fixed_ms + tokens * self.per_token_ms if tokens > 0 else 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class LowerOf:
+    """The smaller of two affine times (two protocols of one collective), in ms."""
+
+    first: Affine
+    second: Affine
+
+    def time_ms(self, tokens):
+        """The time for ``tokens`` (a float or a numpy array)."""
+        return np.minimum(self.first.time_ms(tokens), self.second.time_ms(tokens))
+
+    def scalar_ms(self, tokens: float) -> float:
+        """:meth:`time_ms` for one Python number."""
+        a, b = self.first.scalar_ms(tokens), self.second.scalar_ms(tokens)
+        return a if a < b else b
+
+
 def kv_bytes_per_token_layer(model: ModelSpec, tp: int, kv_dtype: str | None = None) -> float:
     """KV-cache bytes one GPU stores per token and layer (memory.py's rule: GQA keeps at least
     one K/V head per GPU; MLA keeps the latent, not split by TP), in ``kv_dtype``."""
@@ -91,10 +118,13 @@ class StepCosts:
     graph: KernelTimer
     cuda_graphs: bool
     attn_flops_per_pair: float  # core attention FLOPs per query-key pair
+    attn_flops_per_pair_decode: float  # the same in decode steps (MLA: in the latent space)
     attn_bytes_per_kv_token: float  # KV cache read per token of context
     attn_bytes_per_query_token: float  # queries read and outputs written
+    cache_write_bytes_per_token: float  # new K/V (MLA: latent) read and written to the cache
     tp_allreduce: Affine  # one all-reduce of the activations (eager launch)
-    tp_allreduce_graph: Affine  # the same replayed from a CUDA graph (no per-call host time)
+    tp_allreduce_graph: Affine | LowerOf  # replayed from a CUDA graph: no per-call host time;
+    # the faster of the calibrated (Simple) protocol and NCCL's LL for small messages
     p2p: Affine  # activations to the next pipeline stage
     dense_layers: tuple[int, ...]  # per stage
     moe_layers: tuple[int, ...]  # per stage
@@ -108,13 +138,16 @@ class StepCosts:
         (core attention excluded), then the core attention's ms per pair, per KV byte term
         and its floor, for a micro-batch of ``tokens`` new tokens of ``seqs`` requests."""
         k = self.timer(tokens, seqs)
-        block = float(k.attention_block_ms(tokens))
+        decode = tokens == seqs  # one new token per request: MLA runs absorbed
+        block = float(k.attention_block_ms(tokens, absorbed=decode))
+        block += float(k.memory_ms(tokens, self.cache_write_bytes_per_token, STREAM))
         graphs = k is self.graph
         allreduce = (self.tp_allreduce_graph if graphs else self.tp_allreduce).scalar_ms(tokens)
         dense = block + float(k.dense_mlp_ms(tokens)) + 2 * allreduce
         attn = block + float(k.moe_block_ms(tokens)) + allreduce
         logits = float(k.logits_ms(seqs))
-        per_pair, per_query = k.attention_ms_per_pair(self.attn_flops_per_pair)
+        flops_per_pair = self.attn_flops_per_pair_decode if decode else self.attn_flops_per_pair
+        per_pair, per_query = k.attention_ms_per_pair(flops_per_pair)
         return (
             dense,
             attn,
@@ -124,7 +157,7 @@ class StepCosts:
             per_pair,
             per_query,
             k.kv_ms_per_byte,
-            k.fixed_ms,
+            k.fixed_ms + k.gap_ms,
             k.launch_ms,
             k.framework_ms,
         )
@@ -158,8 +191,14 @@ def step_costs(plan: Plan, layout: Layout) -> StepCosts:
     graph_hw = graph_replay_hardware(hw)
 
     def graph_allreduce_ms(n: float) -> float:
-        size = n * model.hidden_size * bpe
-        return collective_time_ms("all_reduce", size, ranks, gpn, graph_hw)
+        return collective_time_ms("all_reduce", n * model.hidden_size * bpe, ranks, gpn, graph_hw)
+
+    def low_latency_ms(n: float) -> float:
+        return low_latency_all_reduce_ms(n * model.hidden_size * bpe, ranks, gpn, hw)
+
+    graph_allreduce: Affine | LowerOf = Affine.of(graph_allreduce_ms)
+    if tp > 1 and low_latency_ms(1) < float("inf"):
+        graph_allreduce = LowerOf(graph_allreduce, Affine.of(low_latency_ms))
 
     def allreduce_ms(n: float) -> float:
         return collective_time_ms("all_reduce", n * model.hidden_size * bpe, ranks, gpn, hw)
@@ -169,12 +208,15 @@ def step_costs(plan: Plan, layout: Layout) -> StepCosts:
         graph=timer(True),
         cuda_graphs=plan.workload.requests.cuda_graphs,
         attn_flops_per_pair=2.0 * heads * (qk_dim + v_dim),
+        attn_flops_per_pair_decode=decode_flops_per_pair(model, tp),
         attn_bytes_per_kv_token=kv_bytes_per_token_layer(
             model, tp, plan.workload.requests.kv_dtype
         ),
         attn_bytes_per_query_token=heads * (qk_dim + v_dim) * bpe,
+        cache_write_bytes_per_token=2.0
+        * kv_bytes_per_token_layer(model, tp, plan.workload.requests.kv_dtype),
         tp_allreduce=Affine.of(allreduce_ms),
-        tp_allreduce_graph=Affine.of(graph_allreduce_ms),
+        tp_allreduce_graph=graph_allreduce,
         p2p=Affine.of(lambda n: _p2p_ms(plan, layout, n * model.hidden_size * bpe / tp)),
         dense_layers=tuple(
             len(s) - m
@@ -187,15 +229,58 @@ def step_costs(plan: Plan, layout: Layout) -> StepCosts:
 def graph_replay_hardware(hw: HardwareSpec) -> HardwareSpec:
     """``hw`` as a CUDA-graph replay sees it: a collective's fixed per-call time (the
     calibrated base latency, mostly host-side launch and synchronisation of an eager call) is
-    replaced by one graph launch; its per-step latency and bandwidth are unchanged."""
+    replaced by one graph launch when that is shorter; its per-step latency and bandwidth are
+    unchanged."""
     cal = hw.calibration
     launch_us = cal.kernel.graph_launch_us
-    collectives = cal.collectives.model_copy(
-        update={"intra_node_base_latency_us": launch_us, "inter_node_base_latency_us": launch_us}
+    coll = cal.collectives
+    collectives = coll.model_copy(
+        update={  # never more than the eager call's own fixed time
+            "intra_node_base_latency_us": min(launch_us, coll.intra_node_base_latency_us),
+            "inter_node_base_latency_us": min(launch_us, coll.inter_node_base_latency_us),
+        }
     )
     return hw.model_copy(
         update={"calibration": cal.model_copy(update={"collectives": collectives})}
     )
+
+
+# NCCL's own latency model of its LL ("low latency") protocol over NVLink, ring algorithm
+# (src/graph/tuning.cc: baseLat Ring/LL 6.6 us, hwLat NVLink Ring/LL 0.6 us per step); LL sends
+# 4 bytes of data with a 4-byte flag in every 8-byte store, half the link's bandwidth.
+LL_BASE_US = 6.6
+LL_STEP_US = 0.6
+LL_BANDWIDTH_SHARE = 0.5
+
+
+def low_latency_all_reduce_ms(
+    size_bytes: float, ranks: list[int], gpus_per_node: int, hw: HardwareSpec
+) -> float:
+    """All-reduce of a small message inside one node replayed from a CUDA graph, with the
+    low-latency protocol serving engines use for TP activations (NCCL's LL ring, or a custom
+    all-reduce at least as fast): ``6.6 + 2(n-1) * 0.6`` µs of GPU-side latency plus
+    ``2(n-1)/n * S`` at half the calibrated NVLink bus bandwidth. Infinite (not applicable)
+    for a group that spans nodes; 0 for one GPU."""
+    n = len(ranks)
+    if n <= 1:
+        return 0.0
+    if link_for_group(ranks, gpus_per_node, hw).crosses_nodes:
+        return float("inf")
+    bus_gbps = link_for_group(ranks, gpus_per_node, hw).bandwidth_gbps * LL_BANDWIDTH_SHARE
+    steps = 2 * (n - 1)
+    return (LL_BASE_US + steps * LL_STEP_US) * 1e-3 + steps / n * size_bytes / (bus_gbps * 1e6)
+
+
+def decode_flops_per_pair(model: ModelSpec, tp: int) -> float:
+    """Core-attention FLOPs per query-key pair of a decode step on one GPU: ``2 * heads/t *
+    (d_qk + d_v)``; MLA decodes absorbed (FlashMLA, FlashInfer MLA), scoring and summing in
+    the latent space: ``2 * heads/t * (2 * kv_lora_rank + qk_rope_head_dim)`` (queries against
+    the cached latent and its rotary part, then the probabilities times the latent)."""
+    heads = model.num_attention_heads / tp
+    if model.mla is not None:
+        return 2.0 * heads * (2 * model.mla.kv_lora_rank + model.mla.qk_rope_head_dim)
+    qk_dim, v_dim = head_dims(model)
+    return 2.0 * heads * (qk_dim + v_dim)
 
 
 def head_dims(model: ModelSpec) -> tuple[int, int]:

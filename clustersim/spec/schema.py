@@ -225,23 +225,48 @@ class MemoryCalibration(_Strict):
 
     efficiency: float = Field(gt=0, le=1, description="Fraction of HBM bandwidth of streams.")
     elementwise_efficiency: float = Field(
-        gt=0, le=1, description="Fraction of HBM bandwidth of norms, rotary and activations."
+        gt=0, le=1, description="Fraction of HBM bandwidth of rotary, activations, softmax."
+    )
+    norm_efficiency: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Fraction of HBM bandwidth of layer/RMS norms (row reductions); "
+        "null: elementwise_efficiency.",
     )
 
 
 class KernelCalibration(_Strict):
     """Fixed time per kernel: GPU-side floor and host launch (eager vs CUDA graphs).
 
-    A kernel occupies the GPU for ``fixed_us + work`` and the host needs ``launch_us``
-    (eager) or ``graph_launch_us`` (CUDA-graph replay) to issue it; the stream advances by
-    the larger of the two (kernels shorter than their launch leave the GPU waiting)."""
+    A kernel occupies the GPU for ``fixed_us + work``, followed by ``graph_launch_us`` of
+    kernel-to-kernel latency before the next one starts (what a CUDA-graph replay pays per
+    kernel); in eager mode the host needs ``launch_us`` to issue it and the stream advances
+    by the larger of the two (kernels shorter than their launch leave the GPU waiting), plus
+    ``framework_us``."""
 
     fixed_us: float = Field(ge=0, le=MAX_TIME_US, description="GPU time of an empty kernel.")
+    stream_fixed_us: float | None = Field(
+        None,
+        ge=0,
+        le=MAX_TIME_US,
+        description="GPU time of an empty plain stream kernel (residual add, permute, "
+        "cache write); null: fixed_us.",
+    )
+    norm_fixed_us: float | None = Field(
+        None,
+        ge=0,
+        le=MAX_TIME_US,
+        description="GPU time of an empty norm kernel; null: fixed_us.",
+    )
     launch_us: float = Field(
         ge=0, le=MAX_TIME_US, description="Host time per kernel launch, eager mode."
     )
     graph_launch_us: float = Field(
-        ge=0, le=MAX_TIME_US, description="Time per kernel under CUDA-graph replay."
+        ge=0,
+        le=MAX_TIME_US,
+        description="Kernel-to-kernel GPU latency: the time per kernel of a CUDA-graph "
+        "replay beyond its GPU time (also paid, hidden or not, in eager mode).",
     )
     framework_us: float = Field(
         0.0,
