@@ -3,7 +3,11 @@
 Usage:
   python benchmarks/serving_cpu_bench.py [--repeat 5] [--only NAME ...]
   python benchmarks/serving_cpu_bench.py one NAME     # one run, JSON on stdout
-  PYTHONPATH=/path/to/other/checkout python benchmarks/serving_cpu_bench.py ...  # baseline
+  python benchmarks/serving_cpu_bench.py --engine reference ...   # the engine before
+
+``--engine reference`` runs the frozen copy of the serving engine as it was before its
+bookkeeping was made faster (``tests/serving_reference``), on the same cost model: the
+"before" of BENCHMARKS.md.
 
 Workloads (each run in a fresh process; medians of --repeat):
 
@@ -29,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 FIXED = {
     "num": 8192,
@@ -83,7 +88,7 @@ def make_plan(name: str):
     return plan_from_dict(raw, "benchmark")
 
 
-def run_one(name: str) -> dict:
+def run_one(name: str, engine: str = "current") -> dict:
     """One run: CPU and wall seconds, CPU microseconds per request, and headline metrics."""
     plan = make_plan(name)
     if name.startswith("capacity"):
@@ -100,8 +105,13 @@ def run_one(name: str) -> dict:
             "capacity_req_per_s": result.capacity_req_per_s,
         }
     from clustersim.engine.serving.requests import make_requests
-    from clustersim.engine.serving.sim import ServingSim
     from clustersim.metrics.serving import serving_metrics
+
+    if engine == "reference":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from serving_reference.sim import ServingSim
+    else:
+        from clustersim.engine.serving.sim import ServingSim
 
     requests = make_requests(plan)
     sim = ServingSim(plan, requests)
@@ -113,6 +123,7 @@ def run_one(name: str) -> dict:
     m = serving_metrics(plan, result)
     return {
         "name": name,
+        "engine": engine,
         "requests": requests.num,
         "cpu_s": cpu,
         "wall_s": wall,
@@ -134,14 +145,15 @@ def main() -> None:
     parser.add_argument("name", nargs="?")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--only", nargs="*")
+    parser.add_argument("--engine", choices=("current", "reference"), default="current")
     args = parser.parse_args()
     if args.what == "one":
-        print(json.dumps(run_one(args.name)))
+        print(json.dumps(run_one(args.name, args.engine)))
         return
     for name in args.only or NAMES:
         runs = []
         for _ in range(args.repeat):
-            cmd = [sys.executable, __file__, "one", name]
+            cmd = [sys.executable, __file__, "one", name, "--engine", args.engine]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs.append(json.loads(out.stdout))
         row = dict(runs[0])

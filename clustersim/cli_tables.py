@@ -672,6 +672,12 @@ def print_capacity(result) -> None:
             "requests/s[/red]"
         )
         return
+    if d["limited_by_requests"]:
+        console.print(
+            "[yellow]above this rate the requests arrive in less than twice their p99 latency "
+            "(a burst, not a sustained load): raise workload.requests.num to measure "
+            "further[/yellow]"
+        )
     console.print(
         f"[bold]capacity {cap:.4g} requests/s[/bold] ({d['capacity_req_per_s_per_gpu']:.4g} per "
         f"GPU on {d['gpus']} GPUs); goodput {d['goodput_req_per_s']:.4g} requests/s; limiting "

@@ -1,7 +1,8 @@
 """The faster serving engine gives results identical to the engine before it was made faster
 (``tests/serving_reference``, a frozen copy): every request's times, every accumulator, every
 metric, bit for bit, on plans that exercise chunked and unchunked prefill, preemption,
-pipelines, lockstep EP replicas, dispatch policies and bursty arrivals."""
+pipelines, lockstep EP replicas, dispatch policies and bursty arrivals; with runs of decode
+steps timed by numpy and by the compiled loop (``engine/serving/run_kernel.py``)."""
 
 from __future__ import annotations
 
@@ -44,16 +45,19 @@ CASES = {
 }
 
 
-def _run(sim_class, plan):
-    requests = make_requests(plan)
-    return sim_class(plan, requests).run()
+def _run(sim_class, plan, compiled=None):
+    sim = sim_class(plan, make_requests(plan))
+    if compiled is not None:
+        sim.timer.compiled_runs = compiled
+    return sim.run()
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["numpy-runs", "compiled-runs"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_identical_to_the_reference_engine(name):
+def test_identical_to_the_reference_engine(name, compiled):
     base, requests, sections = CASES[name]
     plan = make_plan(base, requests=requests, **sections)
-    new, ref = _run(ServingSim, plan), _run(ReferenceSim, plan)
+    new, ref = _run(ServingSim, plan, compiled), _run(ReferenceSim, plan)
     for field in ("first_scheduled_ms", "first_token_ms", "finish_ms", "preemptions", "replica"):
         np.testing.assert_array_equal(getattr(new.book, field), getattr(ref.book, field), field)
     np.testing.assert_array_equal(new.rejected, ref.rejected)

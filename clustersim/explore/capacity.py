@@ -26,6 +26,12 @@ the SLOs hold and at 1.1 x it they do not, both simulated; and because the grid 
 on the start rate, a deployment whose SLOs hold at every rate where another's do (one more
 replica, a relaxed SLO) gets at least its capacity.
 
+**Sustained load**: a rate holds only when the requests' arrivals span at least
+``STEADY_SPAN`` (2) x their p99 end-to-end latency; faster, a finite request stream is a burst
+that a large deployment may absorb within its SLOs at any rate, which says nothing about the
+rate it sustains. When that rule, not an SLO, is what fails above the capacity,
+``limited_by_requests`` says so: more requests (``workload.requests.num``) measure further.
+
 **Early stopping**: a probe stops as soon as more requests missed their per-request limits
 than ``attain`` allows (:class:`clustersim.engine.serving.sim.LatencyLimits`): the verdict is
 then already decided, and an overloaded run, whose queue only grows, costs a fraction of a
@@ -58,6 +64,7 @@ CHECK_FACTOR = 1.1  # the rate above the capacity that must fail
 MAX_HALVINGS = 12  # the lowest rate probed: start / 4096
 MAX_DOUBLINGS = 40
 MAX_ROUNDS = 4  # upward restarts when 1.1 x the capacity still holds
+STEADY_SPAN = 2.0  # a sustained load: arrivals span at least this x the p99 latency
 # per-request limits: target field -> per-request metric
 PER_REQUEST = {
     "ttft_ms_p99_max": "ttft",
@@ -83,6 +90,7 @@ class Probe:
     stopped_early: bool
     metrics: dict[str, Any] | None = None  # None when stopped early
     ratios: dict[str, float] = field(default_factory=dict)  # SLO -> quantile / limit
+    steady: bool = True  # the arrivals span STEADY_SPAN x the p99 latency (module docstring)
 
     def point(self) -> dict[str, Any]:
         """The curve's entry (contract: rate_req_per_s, ttft_ms_p99, tpot_ms_p99,
@@ -96,6 +104,7 @@ class Probe:
             "goodput_req_per_s": m.get("goodput_req_per_s"),
             "holds": self.holds,
             "stopped_early": self.stopped_early,
+            "steady": self.steady,
         }
 
 
@@ -114,6 +123,18 @@ class Capacity:
     def capacity_req_per_s(self) -> float | None:
         """The highest rate found at which the SLOs hold."""
         return self.best.rate_req_per_s if self.best else None
+
+    @property
+    def limited_by_requests(self) -> bool:
+        """Whether the rate above the capacity failed only for being a burst (too few
+        requests to be a sustained load there): more requests may show a higher capacity."""
+        above = [
+            p for p in self.probes if self.best and p.rate_req_per_s > self.best.rate_req_per_s
+        ]
+        if not above:
+            return False
+        first = min(above, key=lambda p: p.rate_req_per_s)
+        return not first.steady and not first.stopped_early
 
     @property
     def limiting_slo(self) -> str | None:
@@ -142,6 +163,7 @@ class Capacity:
             "ttft_ms_p99": m.get("ttft_ms_p99"),
             "tpot_ms_p99": m.get("tpot_ms_p99"),
             "limiting_slo": self.limiting_slo,
+            "limited_by_requests": self.limited_by_requests,
             "slo_ratios": self.best.ratios if self.best else None,
             "probes": len(self.probes),
             "audit_errors": self.audit_errors,
@@ -236,8 +258,11 @@ class CapacitySearch:
             judged -= {"targets.ttft_ms_p99_max", "targets.tpot_ms_p99_max"}
         targets_ok = not any(f.severity == "error" and f.node in judged for f in report.findings)
         good = m.get("goodput_pct")
-        holds = good is not None and good >= 100 * self.attain - 1e-9 and targets_ok
-        return Probe(rate, holds, False, m, self._ratios(plan, report))
+        slos_ok = good is not None and good >= 100 * self.attain - 1e-9 and targets_ok
+        span_ms = float(report.result.arrival_ms[-1] - report.result.arrival_ms[0])
+        latency = m.get("latency_ms_p99")
+        steady = latency is not None and span_ms >= STEADY_SPAN * latency
+        return Probe(rate, slos_ok and steady, False, m, self._ratios(plan, report), steady)
 
     def _ratios(self, plan: Plan, report) -> dict[str, float]:
         """SLO -> (``attain``-quantile of its per-request metric, or the median) / limit."""

@@ -27,6 +27,7 @@ replica's whole KV cache is rejected on arrival.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -109,6 +110,9 @@ def coupled_replicas(plan: Plan, layout: Layout) -> list[list[int]]:
 def check_serving_supported(plan: Plan, layout: Layout) -> None:
     """Raise :class:`EngineError` when the serving engine cannot simulate ``plan``."""
     check_common(plan, layout, "inference")
+
+
+COMPILED_RUNS_MIN_REQUESTS = 16384
 
 
 class Overloaded(Exception):
@@ -262,7 +266,8 @@ class Engine:
         if run == 1:
             self._ends = [now + timing.round_ms[0]]
         else:
-            self._ends = now + np.cumsum(timing.round_ms)
+            cum = timing.cum_ms if timing.cum_ms is not None else np.cumsum(timing.round_ms)
+            self._ends = now + cum
         self._run_steps = run
         self._start_ms = now
         self._used_at_start = [s.num_blocks - s.free_blocks for s in scheds]
@@ -338,6 +343,11 @@ class ServingSim:
             table = MoEStepTable(plan, layout)
         self.table = table
         self.timer = StepTimer(plan, step_costs(plan, layout), table)
+        # the compiled run timer gives the same numbers; loading numba (~0.5 s) pays off on
+        # long simulations, or costs nothing when routing has loaded it already (MoE)
+        self.timer.compiled_runs = (
+            requests.num >= COMPILED_RUNS_MIN_REQUESTS or "numba" in sys.modules
+        )
         self.num_microbatches = plan.parallel.pp
         self.arrival_ms = np.asarray(requests.arrival_ms, dtype=np.float64)
         self.num_requests = requests.num

@@ -41,6 +41,7 @@ import numpy as np
 from clustersim.costs.params import count_params
 from clustersim.costs.serving import StepCosts, core_attention_ms, head_dims
 from clustersim.engine.serving.moe_table import MoEStepTable
+from clustersim.engine.serving.run_kernel import run_rounds
 from clustersim.spec.schema import Plan
 
 MAX_STEPS = 1 << 14  # decode steps timed at once, at most
@@ -63,6 +64,7 @@ class StepTiming(NamedTuple):
     moe_tokens: float
     balance_pct: float
     dropped_pct: float
+    cum_ms: np.ndarray | None = None  # running sums of round_ms, when already computed
 
     def totals(self, steps: int) -> tuple[float, float, float, float]:
         """(round, work, communication, FLOPs) summed over the first ``steps`` steps."""
@@ -108,6 +110,7 @@ class StepTimer:
 
     def __init__(self, plan: Plan, costs: StepCosts, table: MoEStepTable | None):
         self.c, self.table = costs, table
+        self.compiled_runs = False  # time runs of decode steps with run_kernel.py (ServingSim)
         self.dense_layers = [float(x) for x in costs.dense_layers]
         self.moe_layers = [float(x) for x in costs.moe_layers]
         self.num_stages = len(self.dense_layers)
@@ -214,10 +217,26 @@ class StepTimer:
         layers = self.total_dense + self.total_moe
         if steps == 1:
             rounds = [fixed + layers * core_attention_ms(parts, pairs, kv, n, c)]
-        else:
+        elif not self.compiled_runs:
             grown = n * self._j[:steps]
             core = core_attention_ms(parts, pairs + grown, kv + grown, n, c, np.maximum)
             rounds = fixed + layers * core
+            cum = None
+        else:  # the same, compiled (run_kernel.py): the same numbers, fewer numpy calls
+            per_pair, per_query, per_kv_byte, kfixed, launch, framework = parts[5:11]
+            consts = (
+                c.attn_bytes_per_kv_token,
+                n * c.attn_bytes_per_query_token,
+                per_pair,
+                n * per_query,
+                per_kv_byte,
+                kfixed,
+                launch,
+                framework,
+                fixed,
+                layers,
+            )
+            rounds, cum = run_rounds(steps, float(n), float(pairs), float(kv), consts)
         comm = (
             (2 * self.total_dense + self.total_moe) * allreduce
             + hops * p2p
@@ -234,6 +253,7 @@ class StepTimer:
             routed,
             balance,
             dropped,
+            None if steps == 1 else cum,
         )
 
     def _round(self, per_mb, vmax):
