@@ -8,9 +8,8 @@ from clustersim.engine.recorder import Kind, Op, Recorder
 
 
 def test_blocks_and_rows_keep_recording_order_and_values():
-    rec = Recorder(world_size=4, chunk_rows=4)  # small chunks: several freezes
     chunks = []
-    rec.sink = chunks.append
+    rec = Recorder(world_size=4, chunk_rows=4, sink=chunks.append)  # small chunks: several freezes
     rec.add(0, Kind.COMPUTE, Op.ATTN_FWD, 0.0, 1.0, 3, 7)
     lanes = np.array([1, 2, 3], dtype=np.int32)
     rec.add_block(

@@ -66,14 +66,19 @@ class Recorder:
     """Append-only event rows: blocks of rows as arrays, frozen in recording order into numpy
     column chunks of about ``chunk_rows`` rows."""
 
-    def __init__(self, world_size: int, chunk_rows: int = 1 << 16):
+    def __init__(
+        self,
+        world_size: int,
+        chunk_rows: int = 1 << 16,
+        sink: Callable[[dict[str, np.ndarray]], None] | None = None,
+    ):
         self._blocks: list[tuple] = []
         self._block_rows = 0
         self._chunks: list[dict[str, np.ndarray]] = []
         self._chunk_rows = chunk_rows
         self._frozen = 0
         self.rank_idle_ms = np.zeros(world_size)  # lane compute time a rank spent waiting
-        self.sink: Callable[[dict[str, np.ndarray]], None] | None = None  # gets each chunk
+        self.sink = sink  # gets each chunk of columns as it is frozen (e.g. a trace writer)
 
     @property
     def size(self) -> int:

@@ -33,7 +33,7 @@ from clustersim.engine.training.moe import (
     dispatch_many,
     dispatch_one,
 )
-from clustersim.engine.training.sim import Lane, SimResult, TrainingSim
+from clustersim.engine.training.sim import Lane, SimResult, TrainingSim, make_lanes
 from clustersim.layout import Layout
 from clustersim.spec.schema import Plan
 from clustersim.trace import schema as S
@@ -224,21 +224,20 @@ class RecordingRouting:
 
 def simulate_traced(
     plan: Plan,
-    rec: Recorder,
     seq_lens: list[list[np.ndarray]],
     routing: RoutingSource | None,
     symmetric: bool,
     progress: Callable[[float], None] | None,
     path: Path,
     network: Network | None = None,
-) -> tuple[SimResult, dict]:
+) -> tuple[SimResult, Recorder, dict]:
     """Run the engine with every row streamed into a trace at ``path`` (written atomically).
-    Returns the result and ``{"path", "rows", "bytes"}`` of the trace."""
+    Returns the result, the recorder of its rows and ``{"path", "rows", "bytes"}`` of the
+    trace."""
     layout = Layout(plan)
     num_groups = len(layout.groups("ep")) if plan.model.moe else 0
-    recording = RecordingRouting(routing, num_groups) if routing is not None else None
-    sim = TrainingSim(plan, rec, seq_lens, recording, symmetric, progress, network)
-    run = run_metadata(plan, layout, sim.lanes, symmetric)
+    lanes = make_lanes(layout, 1 if symmetric else plan.parallel.dp)
+    run = run_metadata(plan, layout, lanes, symmetric)
     report = network.report if network is not None else None
     if report is not None:
         run["network"] = {
@@ -247,18 +246,20 @@ def simulate_traced(
         }
     meta = S.encode_metadata(plan.model_dump(mode="json"), plan.seed, run)
     with TraceWriter(path, meta) as writer:
-        sink = TraceSink(writer, layout, sim.lanes)
+        sink = TraceSink(writer, layout, lanes)
         sink.workload(seq_lens)
-        if recording is not None:
-            recording.sink = sink
-        rec.sink = sink.events
-        result = sim.run()
-        rec.flush()
-        rec.sink = None
+        recording = RecordingRouting(routing, num_groups, sink) if routing is not None else None
+        rec = Recorder(plan.parallel.world_size, sink=sink.events)
+        result = TrainingSim(plan, rec, seq_lens, recording, symmetric, progress, network).run()
+        rec.flush()  # the last rows reach the trace; nothing is recorded after the run
         sink.summary(result, rec.rank_idle_ms)
         if report is not None:
             sink.network(report)
-    return result, {"path": str(path), "rows": writer.rows_written, "bytes": writer.bytes_written}
+    return (
+        result,
+        rec,
+        {"path": str(path), "rows": writer.rows_written, "bytes": writer.bytes_written},
+    )
 
 
 # ---- writing ---------------------------------------------------------------------------------

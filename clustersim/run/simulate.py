@@ -149,17 +149,17 @@ def simulate_workload(
 ) -> RunReport:
     """Simulate a given workload (sampled by :func:`simulate`, or read back from a trace by
     ``analysis.replay``) and judge the result."""
-    rec = Recorder(plan.parallel.world_size)
     started = time.perf_counter()
     trace_info = None
     net = network_delays(plan, seq_lens, routing, symmetric, progress)
     if trace is None:
+        rec = Recorder(plan.parallel.world_size)
         result = TrainingSim(plan, rec, seq_lens, routing, symmetric, progress, net).run()
     else:  # imported here: pyarrow is not needed (nor loaded) without a trace
         from clustersim.run.record import simulate_traced
 
-        result, trace_info = simulate_traced(
-            plan, rec, seq_lens, routing, symmetric, progress, Path(trace), net
+        result, rec, trace_info = simulate_traced(
+            plan, seq_lens, routing, symmetric, progress, Path(trace), net
         )
     wall_s = time.perf_counter() - started
     metrics = training_metrics(plan, rec, result)

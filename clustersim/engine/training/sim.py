@@ -113,6 +113,47 @@ class Lane:
     cp: int = 0  # context-parallel rank (its share of every sequence)
 
 
+def make_lanes(layout: Layout, simulated_dp: int) -> list[Lane]:
+    """The lanes of an iteration, stage by stage: one per simulated data-parallel replica and
+    context-parallel rank (a trace names lanes by these indices)."""
+    par, lanes = layout.plan.parallel, []
+    for stage in range(par.pp):
+        for dp in range(simulated_dp):
+            for cp in range(par.cp):
+                ranks = [layout.rank_of(tp=t, cp=cp, dp=dp, pp=stage) for t in range(par.tp)]
+                lanes.append(Lane(len(lanes), stage, dp, ranks, cp=cp))
+    return lanes
+
+
+@dataclass(frozen=True)
+class EpIndex:
+    """Where the ranks of an MoE model sit in its EP groups (built with the lanes, which
+    learn the groups they belong to)."""
+
+    groups: list[list[int]]
+    slot_of: dict[int, tuple[int, int]]  # rank -> (EP group, position in it)
+    dp: np.ndarray  # (groups, ep) data-parallel coordinate of each member
+    tp: np.ndarray  # (groups, ep) tensor-parallel coordinate
+    cp: np.ndarray  # (groups, ep) context-parallel coordinate
+
+    @classmethod
+    def of(cls, layout: Layout, lanes: list[Lane]) -> EpIndex:
+        """The index of ``layout``'s EP groups; fills each lane's ``ep_groups``."""
+        groups = layout.groups("ep")
+        lane_of = {r: ln.index for ln in lanes for r in ln.ranks}
+        for gid, group in enumerate(groups):
+            for lane_index in sorted({lane_of[r] for r in group if r in lane_of}):
+                lanes[lane_index].ep_groups.append(gid)
+        coords = [[layout.coords(r) for r in g] for g in groups]
+        return cls(
+            groups=groups,
+            slot_of={r: (gid, i) for gid, grp in enumerate(groups) for i, r in enumerate(grp)},
+            dp=np.array([[c.dp for c in g] for g in coords]),
+            tp=np.array([[c.tp for c in g] for g in coords]),
+            cp=np.array([[c.cp for c in g] for g in coords]),
+        )
+
+
 @dataclass
 class Cohort:
     """The lanes of one pipeline stage (in replica order), driven by one process.
@@ -243,7 +284,8 @@ class TrainingSim:
             self._fp8_token_bytes = self.model.hidden_size * precision.fp8_activation_bytes(
                 self.model
             )
-        self.lanes = self._make_lanes()
+        self.lanes = make_lanes(self.layout, self.simulated_dp)
+        self.ep = EpIndex.of(self.layout, self.lanes) if self.model.moe is not None else None
         self.cohorts = [self._make_cohort(stage) for stage in range(self.par.pp)]
         self._cohort_costs: dict[int, _CohortCosts] = {}
         self._layer_kinds = {self.model.is_moe_layer(i) for i in range(self.model.num_layers)}
@@ -270,28 +312,6 @@ class TrainingSim:
         self._shard_streams: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     # ---- construction ----------------------------------------------------------------------
-    def _make_lanes(self) -> list[Lane]:
-        lay, lanes = self.layout, []
-        for stage in range(self.par.pp):
-            for dp in range(self.simulated_dp):
-                for cp in range(self.par.cp):
-                    ranks = [lay.rank_of(tp=t, cp=cp, dp=dp, pp=stage) for t in range(self.par.tp)]
-                    lanes.append(Lane(len(lanes), stage, dp, ranks, cp=cp))
-        if self.model.moe is not None:
-            self._ep_groups = lay.groups("ep")
-            lane_of = {r: ln.index for ln in lanes for r in ln.ranks}
-            self._slot_of = {
-                r: (gid, i) for gid, grp in enumerate(self._ep_groups) for i, r in enumerate(grp)
-            }
-            coords = [[lay.coords(r) for r in g] for g in self._ep_groups]
-            self._group_dp = np.array([[c.dp for c in g] for g in coords])  # (groups, ep)
-            self._group_tp = np.array([[c.tp for c in g] for g in coords])
-            self._group_cp = np.array([[c.cp for c in g] for g in coords])
-            for gid, group in enumerate(self._ep_groups):
-                for lane_index in sorted({lane_of[r] for r in group if r in lane_of}):
-                    lanes[lane_index].ep_groups.append(gid)
-        return lanes
-
     def _make_cohort(self, stage: int) -> Cohort:
         lanes = [ln for ln in self.lanes if ln.stage == stage]
         co = Cohort(stage, lanes, np.array([ln.index for ln in lanes], dtype=np.int32))
@@ -307,7 +327,7 @@ class TrainingSim:
         co.ranks = np.array([r for ln in lanes for r in ln.ranks], dtype=np.int64)
         ep = self.par.ep
         co.rank_slot = np.array(
-            [position[self._slot_of[r][0]] * ep + self._slot_of[r][1] for r in co.ranks],
+            [position[self.ep.slot_of[r][0]] * ep + self.ep.slot_of[r][1] for r in co.ranks],
             dtype=np.int64,
         )
         return co
@@ -651,13 +671,13 @@ class TrainingSim:
         # Each member routes its TP rank's share of its lane's tokens (sequence parallel: the
         # lane's T tokens split over its TP ranks, the first T % tp ranks one more).
         tp, gids = self.par.tp, np.array(co.groups)
-        lane_tokens = self._mb_tokens[self._group_dp[gids]]  # (G, ep, m)
+        lane_tokens = self._mb_tokens[self.ep.dp[gids]]  # (G, ep, m)
         if self.par.cp > 1:  # each CP rank holds 1/cp of its replica's tokens
             cp = self.par.cp
-            lane_tokens = lane_tokens // cp + (self._group_cp[gids][:, :, None] < lane_tokens % cp)
-        share = lane_tokens // tp + (self._group_tp[gids][:, :, None] < lane_tokens % tp)
+            lane_tokens = lane_tokens // cp + (self.ep.cp[gids][:, :, None] < lane_tokens % cp)
+        share = lane_tokens // tp + (self.ep.tp[gids][:, :, None] < lane_tokens % tp)
         tokens = share.transpose(0, 2, 1).reshape(num_groups * m, ep)  # group-major rows
-        keys = np.tile(np.arange(m), num_groups) * len(self._ep_groups) + np.repeat(gids, m)
+        keys = np.tile(np.arange(m), num_groups) * len(self.ep.groups) + np.repeat(gids, m)
         batch = dispatch_many(self.routing, layer, keys, tokens)
         self.dispatches.append(batch)
         self.dispatch_layers.append(layer)
@@ -681,7 +701,7 @@ class TrainingSim:
             [
                 all_to_all_v_times_ms(
                     send[j],
-                    self._ep_groups[gid],
+                    self.ep.groups[gid],
                     self.hw.gpus_per_node,
                     self.hw,
                     self.par.moe_dispatcher,
@@ -701,7 +721,7 @@ class TrainingSim:
         fixed part of its time (the all-to-all of an empty matrix)."""
         routes, latency = [], []
         for j, gid in enumerate(co.groups):
-            ranks = self._ep_groups[gid]
+            ranks = self.ep.groups[gid]
             routes.append(self.net.links.matrix_volumes(np.array(ranks), send[j]))
             empty = np.zeros((1, len(ranks), len(ranks)))
             latency.append(
