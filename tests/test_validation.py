@@ -84,7 +84,8 @@ def test_moe_rows_build_plans_and_the_rest_have_reasons():
     fsdp = {r.row_id for r in st.fsdp_rows()}  # Liu et al.'s FSDP baselines: their own set
     assert {"T0001", "T0002", "T0016", "T0034"} <= fsdp
     assert not fsdp & {r.row_id for r in rows}
-    assert {"T0078", "T0098", "T0157"} <= {s.row_id for s in skipped}
+    assert {"T0078", "T0100", "T0157"} <= {s.row_id for s in skipped}
+    assert {"T0098", "T0099", "T0120"} <= {r.row_id for r in rows}  # DeepSeek-V3
     for r in rows:
         plan = st.moe_plan(next(x for x in st.moe_table() if x["row_id"] == r.row_id))
         assert plan.parallel.world_size == plan.hardware.num_gpus
@@ -188,3 +189,38 @@ def test_quick_validation_reports_every_set():
         assert s["n"] == len(res.rows) > 0
         assert np.isfinite([s["in_mean"], s["oos_mean"]]).all()
     assert "kernel.framework_us" in results[0].params
+
+
+def test_deepseek_v3_61_layers_over_pp8_vpp4_by_hand():
+    """T0098 (PP8 x VPP4, MTP 1 layer): 61 decoder layers + embedding + MTP + loss in 32
+    virtual stages, Megatron order. Counting embedding and loss as one slot each gives 64
+    slots, 2 per stage: stage 0 = embedding + 1 layer, stages 1..30 = 2 layers, stage 31 =
+    MTP (the +1 MoE layer) + loss: ModelZoo's published 'Et|(tt|)*30mL'."""
+    table = {r["row_id"]: r for r in st.moe_table()}
+    plan = st.moe_plan(table["T0098"])
+    par = plan.parallel
+    assert (par.pp, par.virtual_stages) == (8, 4)
+    assert par.layers_per_stage == [1] + [2] * 30 + [1]
+    assert plan.model.num_layers == 62  # 61 + the MTP block as one more MoE layer
+    assert par.moe_dispatcher == "deepep"
+    # MTP unstated: the source's TFLOP/s over tokens/s of the run, 338e12 / 1297 = 260.6
+    # GFLOP/token, is Megatron's count with MTP; 782e12 / 3139 = 249.1 ('w/o MTP') is without.
+    assert st.has_mtp(table["T0120"]) and st.has_mtp(table["T0119"])
+    assert not st.has_mtp(table["T0135"])
+    # Without MTP, 63 slots: the one-slot shortfall comes off the last stage that keeps a
+    # layer after the shortfall, stage 30 (stage 31 holds loss + 1 layer).
+    no_mtp = st.moe_plan(table["T0136"]).parallel  # PP8 x VPP4, 'w/o MTP'
+    assert no_mtp.layers_per_stage == [1] + [2] * 29 + [1, 1]
+    # PP16, no VPP: 63 slots, 4 per stage: 3 + 4 x 14 + (4 - loss - 1 short) = 61.
+    assert st.layout_61(61, 16, mtp=False) == [3] + [4] * 14 + [2]
+    # Row says 'w/ MTP': 64 slots, 4 per stage, MTP counted in the last one.
+    assert st.layout_61(61, 16, mtp=True) == [3] + [4] * 14 + [3]
+
+
+def test_deepseek_tokens_per_gpu_is_tokens_over_time():
+    """tokens/s/GPU = GBS x seq / iteration time / GPUs (the Megatron-Bridge definition)."""
+    table = {r["row_id"]: r for r in st.moe_table()}
+    r = table["T0134"]
+    t_s = st.iteration_ms(st.moe_plan(r)) / 1e3
+    expected = 4096 * 4096 / t_s / 256
+    assert st.moe_metric(r, {}) == pytest.approx(expected, rel=1e-9)

@@ -90,6 +90,7 @@ MOE_ASSUMPTIONS = (
 
 MOE_MODELS: dict[str, dict[str, Any]] = {
     "Mixtral-8x7B": {"preset": "mixtral-8x7b"},
+    "DeepSeek-V3": {"preset": "deepseek-v3"},
     "Mixtral-8x22B": {"preset": "mixtral-8x22b"},
     # Liu et al. 2025 §4.1: fine-grained upcycling, 8 -> 64 experts of 1/8 the FFN, top-8.
     "Mixtral-8x22B-G8T8": {
@@ -279,16 +280,14 @@ DUPLICATES = {  # the same run in another unit, counted once
 def moe_reason(r: dict[str, str]) -> str | None:
     """Why row ``r`` cannot be simulated (None: it can)."""
     precision = r["precision"].upper()
-    if "DEEPSEEK-V3" in r["model"].upper() or "KIMI" in r["model"].upper():
-        return (
-            f"{r['model']}: 61 layers over PP x VPP need uneven virtual stages, and the MTP "
-            "module is not modelled"
-        )
+    deepseek = deepseek_reason(r)
+    if deepseek:
+        return deepseek
     if "FP8" in precision and fp8_recipe(r) is None:
         return f"{r['precision']}: FP8 recipe not recognised"
     if gpu_preset(r) is None:
         return f"{r['gpu']}: no GPU preset"
-    if r["metric"] not in ("MFU", "model_TFLOPS_per_GPU"):
+    if deepseek is None and r["metric"] not in ("MFU", "model_TFLOPS_per_GPU"):
         return f"metric {r['metric']} of a configuration that is not simulated"
     if not r["gbs"] and "Table 2" not in r["source_location"]:
         return "global batch size not stated"
@@ -300,9 +299,119 @@ def moe_reason(r: dict[str, str]) -> str | None:
         return "parallel configuration not stated (text endpoint)"
     if "ambiguous" in r["reliability"] and "page break" in r["notes"]:
         return "method attribution uncertain (values across a page break in the transcription)"
-    if r["model"] not in MOE_MODELS:
+    if _model_key(r) not in MOE_MODELS:
         return f"no model shape for {r['model']}"
     return None
+
+
+def _is_deepseek(r: dict[str, str]) -> bool:
+    return r["model"].upper().startswith("DEEPSEEK-V3")
+
+
+def deepseek_reason(r: dict[str, str]) -> str | None:
+    """Why a DeepSeek-V3 / Kimi K2 row cannot be simulated: None for other models, "" for an
+    expressible DeepSeek-V3 row (Megatron-Core / Megatron-Bridge with a stated configuration)."""
+    if "KIMI" in r["model"].upper():
+        return "Kimi K2: no model shape packaged (384 experts, 64 heads); NeMo AutoModel FSDP2 run"
+    if not _is_deepseek(r):
+        return None
+    framework = r["framework"]
+    if "HAI-LLM" in framework:
+        return (
+            f"DualPipe schedule and custom all-to-all not modelled; metric {r['metric']} "
+            "aggregates a batch-size schedule"
+        )
+    if "AutoModel" in framework:
+        return "PyTorch FSDP2 + EP backend (NeMo AutoModel): its PP x FSDP layout is not Megatron's"
+    if not r["tp"] or not r["gbs"]:
+        return "parallel configuration not stated (headline number only)"
+    if "HybridEP" in r["dispatcher_kernel"]:
+        return "HybridEP dispatcher (NVL72-aware) not modelled"
+    if "'Et|(tt|)*30L'" in r["notes"]:
+        return (
+            "stated layout 'Et|(tt|)*30L' leaves the last virtual stage with no layer (loss only)"
+        )
+    stage_ranks = int(r["num_gpus"]) // int(r["pp"])
+    if int(r["ep"]) > stage_ranks:
+        return f"EP {r['ep']} exceeds the {stage_ranks} ranks of a PP stage (config as printed)"
+    if r["metric"] not in DEEPSEEK_METRICS:
+        return f"metric {r['metric']} not simulated"
+    return ""
+
+
+DEEPSEEK_METRICS = {"model_TFLOPS_per_GPU": "TFLOP/s/GPU", "tokens_per_sec_per_GPU": "tokens/s/GPU"}
+DEEPSEEK_ASSUMPTION = (
+    "DeepSeek-V3 rows (Megatron-Core / Megatron-Bridge): the deepseek-v3 preset (MLA, 256 "
+    "experts top-8, 1 shared, first 3 dense, node-limited routing M=4); force-balanced routing "
+    "(routing: even); layers over PP x VPP virtual stages by layout_61 (Megatron's "
+    "account_for_embedding/loss_in_pipeline_split: embedding and loss count as one layer each, "
+    "ceil(slots / stages) per stage, the shortfall taken from the last stages; this reproduces "
+    "the published 'Et|(tt|)*30mL' for PP8 x VPP4 with MTP); MTP only where the row says so "
+    "(T0098/T0099 'MTP 1 layer', 'w/ MTP') or where the source's own TFLOP/s over tokens/s "
+    "of the run is ~260 GFLOP/token (Megatron's count with MTP; ~250 without), else off; "
+    "approximated as one more MoE layer on the "
+    "last virtual stage, its extra output head not simulated but counted in the FLOPs "
+    "(Megatron's count: MTP layers as MoE layers, logits x (1 + MTP)); no recomputation, no "
+    "CUDA graphs; DeepEP where the row names it, else the all-to-all dispatcher; EP "
+    "all-to-all overlap (overlap_ep_comm) where the row states it (T0098/T0099), else off; "
+    "tokens/s/GPU = GBS x seq / iteration time / GPUs"
+)
+
+
+MTP_GFLOP_PER_TOKEN = 255.0  # between Megatron's count without MTP (~249.7) and with (~260.3)
+_SAME_RUN = ("model", "gpu", "num_gpus", "tp", "pp", "ep", "vpp", "gbs", "precision", "source")
+
+
+def _paired_gflop_per_token(r: dict[str, str]) -> float | None:
+    """The source's own model FLOPs per token of row ``r``'s run: its TFLOP/s/GPU over its
+    tokens/s/GPU, from the adjacent row of the other metric (None: no such pair)."""
+    table = moe_table()
+    i = next(k for k, x in enumerate(table) if x["row_id"] == r["row_id"])
+    for other in table[max(i - 1, 0) : i + 2]:
+        if other is r or any(other[k] != r[k] for k in _SAME_RUN):
+            continue
+        pair = {other["metric"]: float(other["value"]), r["metric"]: float(r["value"])}
+        if set(pair) == set(DEEPSEEK_METRICS):
+            return 1e3 * pair["model_TFLOPS_per_GPU"] / pair["tokens_per_sec_per_GPU"]
+    return None
+
+
+def has_mtp(r: dict[str, str]) -> bool:
+    """Whether DeepSeek-V3 row ``r`` ran with an MTP module (depth 1): as stated ('MTP 1 layer',
+    'w/ MTP', 'w/o MTP'), else as the source's own FLOPs per token of the run show (Megatron
+    counts ~260 GFLOP/token with MTP, ~250 without; :data:`MTP_GFLOP_PER_TOKEN`)."""
+    variant = r["method_or_variant"].strip()
+    if "MTP 1 layer" in r["notes"] or variant == "w/ MTP":
+        return True
+    if variant == "w/o MTP":
+        return False
+    gflop = _paired_gflop_per_token(r)
+    return gflop is not None and gflop > MTP_GFLOP_PER_TOKEN
+
+
+def layout_61(num_layers: int, stages: int, mtp: bool) -> list[int]:
+    """Decoder layers per virtual stage (Megatron order), the MTP layer included in the last.
+
+    Embedding (first stage) and loss (last stage) count as one layer each, as Megatron's
+    ``account_for_embedding_in_pipeline_split`` / ``account_for_loss_in_pipeline_split``; each
+    stage gets ceil(slots / stages) slots and the shortfall is taken one slot per stage from the
+    last stages backwards, never leaving a stage without a layer."""
+    slots = num_layers + int(mtp) + 2
+    per = -(-slots // stages)
+    layers = [per] * stages
+    layers[0] -= 1
+    layers[-1] -= 1
+    short, i = per * stages - slots, stages - 1
+    for _ in range(4 * stages):
+        if short == 0:
+            break
+        if layers[i] > 1:
+            layers[i] -= 1
+            short -= 1
+        i = i - 1 if i > 0 else stages - 1
+    if short or min(layers) < 1:
+        raise ValueError(f"{num_layers} layers do not fill {stages} virtual stages")
+    return layers
 
 
 def gbs(r: dict[str, str]) -> int:
@@ -340,7 +449,9 @@ def _vpp(r: dict[str, str]) -> int:
 
 def moe_plan(r: dict[str, str], values: dict[str, float] | None = None) -> Plan:
     """The plan of one expressible ``training_moe.csv`` row."""
-    model = {k: (dict(v) if isinstance(v, dict) else v) for k, v in MOE_MODELS[r["model"]].items()}
+    model = {
+        k: (dict(v) if isinstance(v, dict) else v) for k, v in MOE_MODELS[_model_key(r)].items()
+    }
     dropless = "dropless" in r["method_or_variant"]
     moe = dict(model.get("moe", {}))
     pad = "pad-expert-input-to-capacity" in r["method_or_variant"]
@@ -385,7 +496,37 @@ def moe_plan(r: dict[str, str], values: dict[str, float] | None = None) -> Plan:
         },
         "workload": {"mode": "training", "seq_len": {"dist": "fixed", "value": int(r["seq_len"])}},
     }
+    if _is_deepseek(r):
+        _deepseek_parallel(r, raw)
     return plan_from_dict(raw, f"training_moe.csv {r['row_id']}")
+
+
+def _split_text(r: dict[str, str]) -> str:
+    """Run-length text of the row's layers per virtual stage, e.g. '1, 2x30, 1'."""
+    split = moe_plan(r).parallel.layers_per_stage or []
+    runs: list[list[int]] = []
+    for n in split:
+        if runs and runs[-1][0] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([n, 1])
+    return ", ".join(f"{n}x{k}" if k > 1 else str(n) for n, k in runs)
+
+
+def _model_key(r: dict[str, str]) -> str:
+    return "DeepSeek-V3" if _is_deepseek(r) else r["model"]
+
+
+def _deepseek_parallel(r: dict[str, str], raw: dict[str, Any]) -> None:
+    """Layout, MTP layer and dispatcher of a DeepSeek-V3 row (see DEEPSEEK_ASSUMPTION)."""
+    par, mtp = raw["parallel"], has_mtp(r)
+    layers = _layers(raw["model"])
+    raw["model"]["num_layers"] = layers + int(mtp)
+    split = layout_61(layers, par["pp"] * par["virtual_stages"], mtp)
+    par["layers_per_stage"] = split
+    if "DeepEP" in r["dispatcher_kernel"]:
+        par["moe_dispatcher"] = "deepep"
+    par["overlap_ep_comm"] = "EP A2A overlap" in r["notes"]
 
 
 def _layers(model: dict[str, Any]) -> int:
@@ -400,7 +541,13 @@ def moe_metric(r: dict[str, str], values: dict[str, float]) -> float:
     """Predicted MFU (%) or model TFLOP/s per GPU, Megatron-Core's FLOP count."""
     plan = moe_plan(r, values)
     t_s = iteration_ms(plan) / 1e3
+    if r["metric"] == "tokens_per_sec_per_GPU":
+        return gbs(r) * int(r["seq_len"]) / t_s / int(r["num_gpus"])
     flops = model_flops_per_iteration(plan.model, gbs(r), int(r["seq_len"]))
+    if _is_deepseek(r) and has_mtp(r):  # Megatron counts the MTP head's logits too
+        flops += (
+            gbs(r) * int(r["seq_len"]) * 3 * 2.0 * plan.model.hidden_size * plan.model.vocab_size
+        )
     tflops = flops / t_s / int(r["num_gpus"]) / 1e12
     return 100 * tflops / MFU_PEAK_TFLOPS if r["metric"] == "MFU" else tflops
 
@@ -450,8 +597,13 @@ def moe_rows() -> tuple[list[E2ERow], list[Skipped]]:
                 Skipped(r["row_id"], f"{r['model']} {r['method_or_variant']}"[:60], reason)
             )
             continue
-        unit = "MFU %" if r["metric"] == "MFU" else "TFLOP/s/GPU"
+        unit = "MFU %" if r["metric"] == "MFU" else DEEPSEEK_METRICS[r["metric"]]
         note = "approx. ('should be around')" if "approx" in r["reliability"] else ""
+        if _is_deepseek(r):
+            note = f"layers/stage {_split_text(r)}"
+            if has_mtp(r):
+                stated = "MTP" in r["notes"] + r["method_or_variant"]
+                note += f", MTP ({'stated' if stated else 'from FLOPs/token'}) as +1 MoE layer"
         if r["row_id"] in FP8_SPEEDUP_ROWS:
             note = "in sample: the FP8 efficiency is fitted on its speedup over BF16"
         rows.append(
@@ -472,7 +624,7 @@ def moe_rows() -> tuple[list[E2ERow], list[Skipped]]:
 
 def _moe_cost(r: dict[str, str]) -> float:
     """Relative simulation cost: layer-chunks x micro-batches simulated per stage."""
-    model = MOE_MODELS[r["model"]]
+    model = MOE_MODELS[_model_key(r)]
     pp = _int(r["pp"], 1)
     dp = int(r["num_gpus"]) // (int(r["tp"]) * pp)
     m = gbs(r) // (dp * _int(r["mbs"], 1))

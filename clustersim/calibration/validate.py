@@ -492,6 +492,7 @@ def run_validation(
                 "(kernel.framework_us from the dense set)"
             )
             res.notes.extend(st.MOE_ASSUMPTIONS)
+            res.notes.append(st.DEEPSEEK_ASSUMPTION)
             out.append(res)
         if "fsdp" in wanted:
             rows = st.fsdp_rows()
