@@ -732,6 +732,24 @@ def _str_list(text: str | None, option: str, valid: tuple[str, ...]) -> tuple[st
     return values
 
 
+def _search_table(
+    plan, plan_file: Path | None, output: Path | None, backend: Backend
+) -> tuple[Path, list[Any]]:
+    """The Parquet table a search writes and the inputs it must never overwrite (checked
+    here); the Ray backend must be installed before any candidate runs."""
+    out = output or Path(f"{plan.name}-search.parquet")
+    inputs = _inputs([plan_file], plan)
+    _check_output(out, inputs)
+    if backend is Backend.ray:
+        from clustersim.explore.backends import BackendError, require_ray
+
+        try:
+            require_ray()
+        except BackendError as exc:
+            raise _fail(str(exc)) from None
+    return out, inputs
+
+
 @app.command(
     help="Search the parallel layouts of a plan on --gpus GPUs for the best by --objective "
     "(throughput, latency, or cost = GPUs x time / tokens), with the plan's targets as "
@@ -874,16 +892,7 @@ def search(
         or ("none", "selective", "full"),
         prune_recompute=not all_recompute,
     )
-    out = output or Path(f"{plan.name}-search.parquet")
-    inputs = _inputs([plan_file], plan)
-    _check_output(out, inputs)
-    if backend is Backend.ray:
-        from clustersim.explore.backends import require_ray
-
-        try:
-            require_ray()
-        except BackendError as exc:
-            raise _fail(str(exc)) from None
+    out, inputs = _search_table(plan, plan_file, output, backend)
     try:
         with ProgressBar("simulating candidates", delay_s=0.5) as bar:
             result = run_search(
@@ -952,16 +961,7 @@ def _search_serving(plan, plan_file, n, objective, tp, pp, ep, max_batch_size,
         max_num_batched_tokens=_int_list(max_batched_tokens, "--max-batched-tokens"),
         chunked_prefill=tuple(f == "true" for f in flags) if flags else (True, False),
     )
-    out = output or Path(f"{plan.name}-search.parquet")
-    inputs = _inputs([plan_file], plan)
-    _check_output(out, inputs)
-    if backend is Backend.ray:
-        from clustersim.explore.backends import require_ray
-
-        try:
-            require_ray()
-        except BackendError as exc:
-            raise _fail(str(exc)) from None
+    out, inputs = _search_table(plan, plan_file, output, backend)
     try:
         with ProgressBar("finding each deployment's capacity", delay_s=0.5) as bar:
             result = serving_search(
