@@ -131,6 +131,34 @@ def test_serving_rows_build_plans_and_the_rest_have_reasons():
         assert plan.workload.requests.max_batch_size == plan.workload.requests.num
 
 
+def test_h100_fp8_serving_row_states_the_sources_configuration():
+    """S0062 (TensorRT-LLM v0.6.1 'H100 GPUs (FP8)' peak-throughput table): LLaMA-70B, TP 4,
+    batch 480, 128 in / 2048 out, built with --enable_fp8 --fp8_kv_cache; S0086 (low-latency
+    table, FP8, KV cache type not stated): batch 1, 128 in / 1 out, TP 4."""
+    table = {r["row_id"]: r for r in sv.serving_table()}
+    plan = sv.serving_plan(table["S0062"])
+    req = plan.workload.requests
+    assert (plan.model.dtype, plan.model.fp8_recipe, req.kv_dtype) == ("fp8", "tensorwise", "fp8")
+    assert plan.hardware.gpu == "H100-SXM"  # 80 GB HBM3: the SXM part
+    assert plan.parallel.tp == 4
+    assert (plan.model.num_layers, plan.model.hidden_size, plan.model.num_kv_heads) == (80, 8192, 8)
+    assert (req.num, req.max_batch_size) == (480, 480)
+    assert (req.prompt_len.value, req.output_len.value) == (128, 2048)
+    assert req.cuda_graphs is False
+    assert req.num_gpu_blocks == 480 * math.ceil((128 + 2048) / 16)  # the whole static batch
+    ttft = sv.serving_plan(table["S0086"])
+    assert (ttft.model.dtype, ttft.model.fp8_recipe) == ("fp8", "tensorwise")
+    assert ttft.workload.requests.kv_dtype is None  # plan default (BF16 for FP8 models)
+    assert (ttft.workload.requests.num, ttft.parallel.tp) == (1, 4)
+    assert (ttft.workload.requests.prompt_len.value, ttft.workload.requests.output_len.value) == (
+        128,
+        1,
+    )
+    assert sv.setup(table["S0086"])["kind"] == "ttft"
+    # trtllm-bench rows (engine-chosen batch) stay out, with the reason.
+    assert "max batch size" in (sv.serving_reason(table["S0001"]) or "")
+
+
 # ---- shortcuts used to keep validate fast are exact ------------------------------------------
 
 

@@ -3,6 +3,15 @@
 * TensorRT-LLM v0.6.1 ``performance.md``, A100 FP16: peak-throughput rows (static batching:
   ``batch_size`` requests of ISL/OSL tokens arriving at t = 0, one prefill step, then decode)
   and batch-1 first-token latency (output length 1). CUDA graphs off (gptSessionBenchmark).
+* The same page's H100 FP8 tables (S0053-S0068 peak throughput, S0082-S0089 first-token
+  latency; same gptSessionBenchmark methodology, batch/ISL/OSL stated per row): "H100 (80 GB
+  HBM3)" is the SXM part (H100-SXM preset); ``model.dtype: fp8`` with the per-tensor recipe
+  (``tensorwise``: one scale per tensor, TensorRT-LLM's FP8 quantisation of that version);
+  the throughput rows were built with ``--fp8_kv_cache`` (``kv_dtype: fp8``), the latency rows
+  do not state it (plan default: BF16 KV cache). Unit: out tok/s/GPU, as the page prints it.
+* TensorRT-LLM ``trtllm-bench`` rows (S0001-S0052, offline max load) are not simulated: the
+  engine's max batch size and token budget come from its own heuristic and are not stated
+  (nor the EP size of the MoE rows); nor are the DeepSeek-V3 PD-disaggregated services.
 * gpt-fast (A100-80GB, batch 1, compile + CUDA graphs): decode tokens/s = 1000 / TPOT.
 * SGLang PR #1401 (batch 1, input 128, output 8): median decode step with and without CUDA
   graphs. The PR does not name the GPU; H100-SXM is assumed (the 7.06 ms graph step reads the
@@ -132,6 +141,10 @@ SERVING_MODELS: dict[str, dict[str, Any]] = {
 # decode_tok_s | decode_ms.
 _TRT_THROUGHPUT = {f"S00{n}" for n in range(69, 82)}
 _TRT_TTFT = {f"S00{n}" for n in range(90, 98)}
+# The same page's H100 FP8 tables (same gptSessionBenchmark methodology, stated batch/ISL/OSL).
+_TRT_H100_THROUGHPUT = {f"S00{n}" for n in range(53, 69)}
+_TRT_H100_TTFT = {f"S00{n}" for n in range(82, 90)}
+_TRT_BENCH = {f"S00{n:02d}" for n in range(1, 53)}
 _GPT_FAST = {f"S01{n}" for n in range(27, 34)}
 _GRAPH_STEP = {"S0135": True, "S0137": False, "S0139": True, "S0141": False, "S0143": True}
 _METASEQ = {"S0145": False, "S0146": True}
@@ -157,11 +170,11 @@ def _int(text: str) -> int:
 def setup(r: dict[str, str]) -> dict[str, Any]:
     """How row ``r`` is simulated (None fields: not expressible)."""
     rid = r["row_id"]
-    if rid in _TRT_THROUGHPUT or rid in _TRT_TTFT:
-        kind = "throughput" if rid in _TRT_THROUGHPUT else "ttft"
+    if rid in _TRT_THROUGHPUT | _TRT_TTFT | _TRT_H100_THROUGHPUT | _TRT_H100_TTFT:
+        kind = "throughput" if rid in _TRT_THROUGHPUT | _TRT_H100_THROUGHPUT else "ttft"
         return {
             "kind": kind,
-            "gpu": "A100-80GB",
+            "gpu": "H100-SXM" if rid in _TRT_H100_THROUGHPUT | _TRT_H100_TTFT else "A100-80GB",
             "batch": _int(r["batch_size"]),
             "isl": _int(r["isl"]),
             "osl": _int(r["osl"]),
@@ -204,8 +217,22 @@ def serving_reason(r: dict[str, str]) -> str | None:
         return f"same measurement as {DUPLICATES[rid]} (tokens/s = 1000 / ms per step)"
     if "relative" in rel:
         return "relative gain between two systems, no absolute configuration"
-    if "FP8" in r["precision"].upper():
-        return "FP8 weights/GEMMs: clustersim models BF16/FP16 only"
+    if rid in _TRT_BENCH:
+        return (
+            "trtllm-bench offline max load: the engine's max batch size and token budget "
+            "(chosen by its own heuristic from free memory) are not stated"
+            + (
+                "; EP size not stated"
+                if "llama-4" in r["model"].lower() or "qwen3" in r["model"].lower()
+                else ""
+            )
+        )
+    if "FP8" in r["precision"].upper() and r["engine"].startswith(("SGLang", "DeepSeek")):
+        return (
+            "DeepSeek-V3 PD-disaggregated serving (DP attention, two-batch overlap, EPLB, "
+            "redundant experts, MTP): per-phase batches of a multi-node service, not a "
+            "single-engine workload clustersim can be given"
+        )
     if rid in _METASEQ:
         return (
             "batch and lengths not stated (approximate values of a work-in-progress PR); a "
@@ -235,8 +262,7 @@ def serving_plan(r: dict[str, str], values: dict[str, float] | None = None) -> P
     """The serving plan of one expressible row (a static batch arriving at t = 0)."""
     s = setup(r)
     tp = _int(r["tp"])
-    fp16 = "FP16" in r["precision"].upper()
-    model = {**SERVING_MODELS[r["model"]], "dtype": "fp16" if fp16 else "bf16"}
+    model = {**SERVING_MODELS[r["model"]], **_precision(r)}
     batch, isl, osl = s["batch"], s["isl"], s["osl"]
     raw: dict[str, Any] = {
         "name": f"{r['row_id']}-{r['model']}",
@@ -261,6 +287,7 @@ def serving_plan(r: dict[str, str], values: dict[str, float] | None = None) -> P
                 "chunked_prefill": False,
                 "cuda_graphs": s["graphs"],
                 "gpu_memory_utilization": 0.95,
+                **({"kv_dtype": "fp8"} if _fp8_kv(r) else {}),
             },
         },
     }
@@ -268,6 +295,21 @@ def serving_plan(r: dict[str, str], values: dict[str, float] | None = None) -> P
         blocks = batch * -(-(isl + osl) // KV_BLOCK)
         raw["workload"]["requests"]["num_gpu_blocks"] = blocks
     return plan_from_dict(raw, f"serving.csv {r['row_id']}")
+
+
+def _precision(r: dict[str, str]) -> dict[str, str]:
+    """``model.dtype`` (and FP8 recipe) of row ``r``. TensorRT-LLM's FP8 engines of that
+    version quantise with one scale per tensor (``tensorwise``)."""
+    precision = r["precision"].upper()
+    if "FP8" in precision:
+        return {"dtype": "fp8", "fp8_recipe": "tensorwise"}
+    return {"dtype": "fp16" if "FP16" in precision else "bf16"}
+
+
+def _fp8_kv(r: dict[str, str]) -> bool:
+    """Whether the source states an FP8 KV cache (``--fp8_kv_cache``: the H100 peak-throughput
+    table); otherwise the plan default (BF16 for FP8 models)."""
+    return "fp8_kv_cache" in r["precision"]
 
 
 def _launch_pair(values: dict[str, float], gpu: str) -> dict[str, float]:
@@ -323,6 +365,8 @@ def serving_rows() -> tuple[list[E2ERow], list[Skipped]]:
         fits = s["kind"] in ("decode_ms", "decode_tok_s")
         label += f", b{s['batch']} {s['isl']}/{s['osl']}" + (" graphs" if s["graphs"] else "")
         note = "GPU assumed H100-SXM" if r["row_id"] in _GRAPH_STEP else ""
+        if "FP8" in r["precision"].upper():
+            note = "FP8 tensorwise, KV " + ("FP8" if _fp8_kv(r) else "BF16 (not stated)")
         if r["row_id"] in _METASEQ:
             note = "approx.; batch 1, 128/64 assumed"
         rows.append(

@@ -40,7 +40,7 @@ TITLES = {
     "moe": "MoE training: MoE Parallel Folding (Liu et al. 2025) + Megatron-MoE-ModelZoo (H100) "
     "+ NeMo performance summaries (B200, GB200)",
     "fsdp": "MoE training, FSDP baselines of MoE Parallel Folding (Liu et al. 2025, H100)",
-    "serving": "Serving: TensorRT-LLM A100 FP16, gpt-fast, SGLang #1401",
+    "serving": "Serving: TensorRT-LLM A100 FP16 and H100 FP8, gpt-fast, SGLang #1401",
     "kernels": "Kernels: Vidur operator profiles + FlashAttention (component fits)",
     "collectives": "Collectives: NCCL / Vidur collectives / DeepEP (component fit)",
 }
