@@ -252,3 +252,18 @@ def test_deepseek_tokens_per_gpu_is_tokens_over_time():
     t_s = st.iteration_ms(st.moe_plan(r)) / 1e3
     expected = 4096 * 4096 / t_s / 256
     assert st.moe_metric(r, {}) == pytest.approx(expected, rel=1e-9)
+
+
+def test_grace_blackwell_ep_groups_stay_inside_a_rack() -> None:
+    """256 GB200 / GB300 GPUs are four racks of 64 used GPUs: every EP 32 / 64 group of the
+    published layouts lies inside one NVLink domain (packed by 72 it would not)."""
+    from clustersim.calibration import sets_training as st
+    from clustersim.layout import Layout
+
+    rows = {r["row_id"]: r for r in st.moe_table()}
+    for row_id, ep in (("T0135", 64), ("T0131", 32)):
+        plan = st.moe_plan(rows[row_id])
+        assert plan.parallel.ep == ep and plan.parallel.world_size == 256
+        assert plan.hardware.nvlink_domain_gpus == 64
+        for group in Layout(plan).groups("ep"):
+            assert len({rank // 64 for rank in group}) == 1

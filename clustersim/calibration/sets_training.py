@@ -52,6 +52,11 @@ GPU_OF_SYSTEM = (
     ("H100", "H100-SXM"),
 )
 GPUS_PER_NODE = {"GB300": 4, "GB200": 4, "B200": 8, "H800": 8, "H100-SXM": 8}
+# GPUs a job uses per NVL72 rack when its size is a multiple of 64 (256 GPUs = 4 racks x 64):
+# the published Grace-Blackwell runs choose EP 32 / 64 so that the all-to-all stays inside a
+# rack's NVLink domain, which a 256-GPU job can only do with 64 GPUs placed per rack (packing
+# 72, 72, 72, 40 would split every other EP group over InfiniBand).
+RACK_GPUS_USED = 64
 FP8_SPEEDUP_ROWS = ("T0021", "T0022")  # the packaged FP8 efficiency is fitted on their speedup
 TABLE2_GBS = 256  # Liu et al. 2025 Table 2 prints no GBS; its BF16 rows are Table 3's (256)
 # The FP8 recipe of a row's precision column (Transformer Engine's names).
@@ -475,6 +480,7 @@ def moe_plan(r: dict[str, str], values: dict[str, float] | None = None) -> Plan:
             "num_nodes": -(-gpus // per_node),
             "gpus_per_node": per_node,
             "calibration": nested(values or {}),
+            **_rack_placement(gpu, gpus),
         },
         "parallel": {
             "tp": tp,
@@ -499,6 +505,14 @@ def moe_plan(r: dict[str, str], values: dict[str, float] | None = None) -> Plan:
     if _is_deepseek(r):
         _deepseek_parallel(r, raw)
     return plan_from_dict(raw, f"training_moe.csv {r['row_id']}")
+
+
+def _rack_placement(gpu: str, gpus: int) -> dict[str, int]:
+    """The NVLink domain a Grace-Blackwell job uses: ``RACK_GPUS_USED`` GPUs of each rack
+    when the job is a whole number of such racks, else the preset's (72)."""
+    if gpu in ("GB200", "GB300") and gpus % RACK_GPUS_USED == 0:
+        return {"nvlink_domain_gpus": RACK_GPUS_USED}
+    return {}
 
 
 def _split_text(r: dict[str, str]) -> str:
