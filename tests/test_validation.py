@@ -117,7 +117,7 @@ def test_rows_use_their_system_and_sharding():
     b200, gb200 = st.moe_plan(table["T0158"]), st.moe_plan(table["T0162"])
     assert (b200.hardware.gpu, b200.hardware.gpus_per_node) == ("B200", 8)
     assert (gb200.hardware.gpu, gb200.hardware.gpus_per_node) == ("GB200", 4)
-    assert gb200.hardware.nvlink_domain == 72
+    assert gb200.hardware.nvlink_domain == st.RACK_GPUS_USED  # its 64 GPUs: one rack
     assert b200.model.fp8_recipe == gb200.model.fp8_recipe == "tensorwise"
 
 
