@@ -4,6 +4,7 @@ plans' claims all decided. Expected values are worked out by hand in the comment
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,31 @@ def test_roofline_never_below_simulated(parallel, seq, mbs, recompute, dense):
     m = evaluate(p).metrics
     bound = m["roofline_throughput_tokens_per_ms"]
     assert bound >= m["throughput_tokens_per_ms"]
+    assert m["roofline_ratio_pct"] == pytest.approx(100 * m["throughput_tokens_per_ms"] / bound)
+
+
+@settings(
+    max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    st.sampled_from(["dense", "moe"]),
+    st.sampled_from([2.0, 50.0, 1000.0]),
+    st.sampled_from([4, 32, 256]),
+    st.sampled_from([512, 4096]),
+)
+def test_serving_roofline_never_below_simulated(kind, rate, max_batch, budget):
+    """Serving: the bound (peak FLOP/s, or one weight read per step of at most
+    max_num_batched_tokens per replica and stage) is never below what the engine serves."""
+    from serving_plans import DENSE
+    from serving_plans import MOE as SERVING_MOE
+
+    base = copy.deepcopy(DENSE if kind == "dense" else SERVING_MOE)
+    base["workload"]["requests"].update(
+        num=60, rate_per_s=rate, max_batch_size=max_batch, max_num_batched_tokens=budget
+    )
+    m = evaluate(plan_from_dict(base, "test")).metrics
+    bound = m["roofline_throughput_tokens_per_ms"]
+    assert bound >= m["throughput_tokens_per_ms"] > 0
     assert m["roofline_ratio_pct"] == pytest.approx(100 * m["throughput_tokens_per_ms"] / bound)
 
 
