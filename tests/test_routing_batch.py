@@ -153,3 +153,26 @@ def test_batch_per_token_chunks_equal_one_chunk(monkeypatch):
     chunked = Router(moe, 4, seed=2, mode="tokens").route_many(0, np.arange(6), tokens)
     assert np.array_equal(whole.tokens_per_expert, chunked.tokens_per_expert)
     assert np.array_equal(whole.a2a_tokens, chunked.a2a_tokens)
+
+
+def test_remembered_routing_routes_each_request_once():
+    """A repeated (layer, keys, tokens) request gets the first batch without routing again;
+    a different request is routed."""
+    from clustersim.engine.training.moe import RememberedRouting
+
+    class Counting:
+        def __init__(self):
+            self.calls = 0
+
+        def dispatch_many(self, layer, keys, tokens):
+            self.calls += 1
+            return EvenSplit(MIXTRAL, 4).dispatch_many(layer, keys, tokens)
+
+    inner = Counting()
+    src, tokens = RememberedRouting(inner), _tokens(3, 4)
+    first = src.dispatch_many(2, np.arange(3), tokens)
+    again = src.dispatch_many(2, np.arange(3), tokens.copy())
+    assert again is first and inner.calls == 1
+    src.dispatch_many(3, np.arange(3), tokens)  # another layer
+    src.dispatch_many(2, np.arange(3), tokens + 1)  # other tokens
+    assert inner.calls == 3

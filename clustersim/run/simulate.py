@@ -20,7 +20,12 @@ from clustersim.audit.judge import TRAINING_FIX, judge, report_dict, still_unche
 from clustersim.engine.errors import EngineError
 from clustersim.engine.network import Network
 from clustersim.engine.recorder import Recorder
-from clustersim.engine.training.moe import EvenSplit, RoutingSource, SampledRouting
+from clustersim.engine.training.moe import (
+    EvenSplit,
+    RememberedRouting,
+    RoutingSource,
+    SampledRouting,
+)
 from clustersim.engine.training.sim import TrainingSim, check_supported
 from clustersim.engine.training.workload import microbatch_lengths
 from clustersim.layout import Layout
@@ -151,6 +156,8 @@ def simulate_workload(
     ``analysis.replay``) and judge the result."""
     started = time.perf_counter()
     trace_info = None
+    if plan.hardware.topology is not None and routing is not None:
+        routing = RememberedRouting(routing)  # both passes route the same workload: once
     net = network_delays(plan, seq_lens, routing, symmetric, progress)
     if trace is None:
         rec = Recorder(plan.parallel.world_size)

@@ -90,6 +90,36 @@ class RoutingSource(Protocol):
         ...
 
 
+class RememberedRouting:
+    """A source that routes each (layer, keys, tokens) request once: a repeated request gets
+    the wrapped source's earlier batch. Every source is a pure function of that request (the
+    samplers draw from streams seeded by it), so a second pass over the same workload, e.g.
+    the one after the shared-link solve, sees identical routing without sampling it again.
+    The engine only reads the batches it is given."""
+
+    def __init__(self, inner: RoutingSource):
+        self.inner = inner
+        self._seen: dict[tuple[int, bytes, bytes], DispatchBatch] = {}
+
+    @property
+    def elapsed_s(self) -> float:
+        """Wall time the wrapped source spent routing."""
+        return getattr(self.inner, "elapsed_s", 0.0)
+
+    def dispatch(self, layer: int, key: int, tokens_per_member: np.ndarray) -> Dispatch:
+        """One outcome (through :meth:`dispatch_many`)."""
+        return dispatch_one(self, layer, key, tokens_per_member)
+
+    def dispatch_many(self, layer: int, keys: np.ndarray, tokens: np.ndarray) -> DispatchBatch:
+        """The wrapped source's batch for this request, routed at its first occurrence."""
+        keys, tokens = np.asarray(keys), np.asarray(tokens)
+        request = (layer, keys.tobytes(), tokens.tobytes())
+        batch = self._seen.get(request)
+        if batch is None:
+            batch = self._seen[request] = dispatch_many(self.inner, layer, keys, tokens)
+        return batch
+
+
 class EvenSplit:
     """Every token's k copies spread evenly over the E experts (perfect balance, no drops)."""
 
