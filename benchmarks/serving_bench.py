@@ -57,24 +57,32 @@ def workloads(trace: Path) -> dict[str, tuple[str, dict, dict]]:
     }
 
 
+def serving_plan(
+    name: str, preset: str, parallel: dict, requests: dict, targets: dict | None = None
+):
+    """A serving benchmark plan: ``preset`` on H100-SXM nodes of up to 8 GPUs (also used by
+    serving_cpu_bench.py)."""
+    gpus = parallel["tp"] * parallel["pp"] * parallel["dp"]
+    raw = {
+        "name": f"bench-{name}",
+        "model": {"preset": preset},
+        "hardware": {
+            "gpu": "H100-SXM",
+            "num_nodes": max(1, gpus // 8),
+            "gpus_per_node": min(gpus, 8),
+        },
+        "parallel": parallel,
+        "workload": {"mode": "inference", "requests": requests},
+    }
+    if targets:
+        raw["targets"] = targets
+    return plan_from_dict(raw, "benchmark")
+
+
 def make_plan(name: str, trace: Path):
     """The plan of workload ``name``."""
     preset, parallel, requests = workloads(trace)[name]
-    gpus = parallel["tp"] * parallel["pp"] * parallel["dp"]
-    return plan_from_dict(
-        {
-            "name": f"bench-{name}",
-            "model": {"preset": preset},
-            "hardware": {
-                "gpu": "H100-SXM",
-                "num_nodes": max(1, gpus // 8),
-                "gpus_per_node": min(gpus, 8),
-            },
-            "parallel": parallel,
-            "workload": {"mode": "inference", "requests": requests},
-        },
-        "benchmark",
-    )
+    return serving_plan(name, preset, parallel, requests)
 
 
 def run_one(name: str, trace: Path) -> dict:

@@ -53,7 +53,7 @@ CAPACITY_REQUESTS = {
 
 def make_plan(name: str):
     """The plan of workload ``name``."""
-    from clustersim.spec import plan_from_dict
+    from serving_bench import serving_plan  # this script's directory is on sys.path
 
     preset, parallel, requests, targets = {
         "vidur-1gpu": ("llama-2-7b", {"tp": 1, "pp": 1, "dp": 1}, FIXED, {}),
@@ -71,21 +71,7 @@ def make_plan(name: str):
             {"ttft_ms_p99_max": 2000.0, "tpot_ms_p99_max": 50.0},
         ),
     }[name]
-    gpus = parallel["tp"] * parallel["pp"] * parallel["dp"]
-    raw = {
-        "name": f"bench-{name}",
-        "model": {"preset": preset},
-        "hardware": {
-            "gpu": "H100-SXM",
-            "num_nodes": max(1, gpus // 8),
-            "gpus_per_node": min(gpus, 8),
-        },
-        "parallel": parallel,
-        "workload": {"mode": "inference", "requests": requests},
-    }
-    if targets:
-        raw["targets"] = targets
-    return plan_from_dict(raw, "benchmark")
+    return serving_plan(name, preset, parallel, requests, targets)
 
 
 def run_one(name: str, engine: str = "current") -> dict:
