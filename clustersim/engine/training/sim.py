@@ -1005,11 +1005,16 @@ class TrainingSim:
         return found
 
     def _streams(self, co: Cohort) -> tuple[np.ndarray, np.ndarray]:
-        """Each lane's all-gather and reduce-scatter stream clocks (created at 0)."""
+        """Each lane's all-gather and reduce-scatter stream clocks (created at 0): one clock,
+        returned twice. PyTorch FSDP issues a layer's all-gathers and reduce-scatters on one
+        NCCL process group, whose collectives run one at a time in issue order (Zhao et al.
+        2023, "PyTorch FSDP", VLDB, §3.3.2: the next layer's all-gather is issued before the
+        current reduce-scatter, *backward prefetching*, because otherwise it would wait
+        behind it); the two also share the lane's links (the link-sharing rule above)."""
         found = self._shard_streams.get(co.stage)
         if found is None:
-            n = len(co.lanes)
-            found = self._shard_streams[co.stage] = (np.zeros(n), np.zeros(n))
+            clock = np.zeros(len(co.lanes))
+            found = self._shard_streams[co.stage] = (clock, clock)
         return found
 
     def _shard_groups(self, co: Cohort, kind: str) -> list[tuple[list[int], list[int]]]:
@@ -1064,7 +1069,7 @@ class TrainingSim:
         return total
 
     def _gather_ahead(self, co: Cohort, layers: list[int], mb: int, t: np.ndarray):
-        """ZeRO-3: all-gather the chunk's layers in order on the lanes' gather stream, one
+        """ZeRO-3: all-gather the chunk's layers in order on the lanes' sharding stream, one
         layer ahead of the compute (the first from ``t``; each next one when the layer before
         it starts computing). Returns ``ready(layer, t)``: when the layer can start (None
         without ZeRO-3)."""
@@ -1098,7 +1103,8 @@ class TrainingSim:
 
     def _reduce_scatter_layer(self, co: Cohort, layer: int, mb: int, t: np.ndarray) -> None:
         """ZeRO-2/3: reduce-scatter the layer's fp32 gradients once its backward is done, on
-        the lanes' reduce-scatter stream (overlapping the next layers' backward)."""
+        the lanes' sharding stream, after the gathers issued before it (overlapping the next
+        layers' backward)."""
         _, rs_free = self._streams(co)
         unit = self._unit(co.stage, layer)
         start = np.maximum(t, rs_free)
