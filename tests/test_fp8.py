@@ -373,3 +373,32 @@ def test_no_fusion_for_serving_or_bf16():
             512.0
         )
         assert timer.dense_mlp_ms(512.0, input_fp8=True) == timer.dense_mlp_ms(512.0)
+
+
+def test_deepep_fp8_dispatch_quantises_before_the_dispatch_by_hand():
+    """DeepSeek-V3 Sec. 3.3.3: the tokens are quantised to FP8 before the dispatch. With
+    ``moe_dispatcher: deepep`` the attention lane pays one tensorwise quantise of its tokens (read
+    2, write 1 byte per element, h wide) and the experts' FC1 no longer quantises its copies
+    (read 2, write 2 x 1) but writes the column-wise copy from the row-wise one (read 1,
+    write 1)."""
+    model = with_dtype(MOE, "fp8", "tensorwise")
+    plans = {d: make_plan(model, {"dp": 8, "ep": 8, "moe_dispatcher": d}) for d in
+             ("alltoall", "deepep")}  # fmt: skip
+    from clustersim.engine.training.optimes import kernel_timer
+
+    timers = {d: kernel_timer(p) for d, p in plans.items()}
+    assert timers["deepep"].fp8_dispatch and not timers["alltoall"].fp8_dispatch
+    plan, h, tokens, copies = plans["deepep"], MOE["hidden_size"], 4096.0, 3000.0
+
+    def pass_ms(rows: float, bytes_per_row: float) -> float:  # one element-wise kernel
+        cal, hw = plan.hardware.calibration, plan.hardware
+        rate = hw.hbm_bandwidth_gbps * 1e9 * cal.memory.elementwise_efficiency
+        gpu_ms = rows * bytes_per_row / rate * 1e3 + cal.kernel.fixed_us * 1e-3
+        busy = gpu_ms + cal.kernel.graph_launch_us * 1e-3
+        return max(busy, cal.kernel.launch_us * 1e-3) + cal.kernel.framework_us * 1e-3
+
+    lane = timers["deepep"].moe_block_ms(tokens) - timers["alltoall"].moe_block_ms(tokens)
+    assert lane == pytest.approx(pass_ms(tokens, h * (2 + 1)), rel=1e-9)
+    experts = {d: float(t.experts_ms(copies, 4.0)) for d, t in timers.items()}
+    saved = pass_ms(copies, h * (2 + 2)) - pass_ms(copies, h * (1 + 1))
+    assert experts["alltoall"] - experts["deepep"] == pytest.approx(saved, rel=1e-9)

@@ -82,6 +82,7 @@ class KernelTimer:
         sequence_parallel: bool = False,
         graphs: bool = False,
         training: bool = True,
+        fp8_dispatch: bool = False,
     ):
         cal = hw.calibration
         self.model, self.hw, self.tp = model, hw, tp
@@ -101,6 +102,11 @@ class KernelTimer:
         # copies): Megatron-Core's fused norm + linear layers (QKV, MLA's q/kv up-projections,
         # a dense MLP's FC1) skip their quantise kernel; module docstring
         self.fuse_quantise = self.fp8 and training
+        # DeepSeek-V3 (Sec. 3.3.3): the tokens are quantised before the dispatch (DeepEP moves
+        # FP8), so the experts' FC1 input arrives in FP8 (training: only the column-wise copy
+        # for the weight gradient is written after the dispatch)
+        self.fp8_dispatch = self.fp8 and training and fp8_dispatch
+        self._fp8_copies = copies if self.fp8 else 1
         self._flop_s = hw.peak_tflops * 1e12 * cal.gemm.efficiency
         hbm = hw.hbm_bandwidth_gbps * 1e9
         self._byte_s = hbm * cal.memory.efficiency
@@ -301,12 +307,16 @@ class KernelTimer:
 
     def moe_block_ms(self, tokens):
         """The non-expert part of an MoE layer on the attention lane: router GEMM (replicated
-        over TP), softmax/top-k, shared experts, residual add."""
+        over TP), softmax/top-k, shared experts, residual add; with ``fp8_dispatch`` the
+        quantise of the GPU's tokens (one row-wise FP8 copy) before the dispatch."""
         moe, h = self.model.moe, self.model.hidden_size
         if moe is None:
             return 0.0 * tokens
         total = self.gemm_ms(tokens, moe.num_experts, h)
         total = total + self.stream_ms(tokens, moe.num_experts * TOPK_BYTES, elementwise=True)
+        if self.fp8_dispatch:  # quantise this GPU's share of the tokens before the dispatch
+            per_token = h * (self.bpe + self._fp8_in) * self._h_tokens_share
+            total = total + self.stream_ms(tokens, per_token, elementwise=True)
         if moe.num_shared_experts:
             width = moe.num_shared_experts * (
                 moe.shared_expert_ffn_hidden_size or self.model.ffn_hidden_size
@@ -323,13 +333,21 @@ class KernelTimer:
         re-sorts the received copies from source-rank order into expert order before the
         grouped GEMM and back after it (``sort_chunks_by_idxs``, when a rank holds several
         experts and receives copies from several EP x ETP ranks): two more permute passes
-        over the copies."""
+        over the copies. ``fp8_dispatch``: the copies arrive quantised, so FC1 has no quantise
+        kernel, only (training) a pass writing the column-wise copy from the row-wise one."""
         h, width = self.model.hidden_size, self.model.ffn_hidden_size / self.etp
         up = (self._phi - 1) * width
         groups = np.maximum(active_experts, 1.0)
         permutes = 2 if chunk_sort else 1
         total = permutes * self.stream_ms(copies, PERMUTE_PASSES * h * self.bpe)
-        total = total + self.linear_ms(copies, up, h, groups)
+        if self.fp8_dispatch:  # FP8 copies arrive; write the column-wise one (read 1, write 1)
+            extra = self._fp8_copies - 1
+            if extra:
+                per_copy = h * self._fp8_in * (1 + extra)
+                total = total + self.stream_ms(copies, per_copy, elementwise=True)
+            total = total + self.linear_ms(copies, up, h, groups, quantised=True)
+        else:
+            total = total + self.linear_ms(copies, up, h, groups)
         total = total + self.stream_ms(copies, self._phi * width * self.bpe, elementwise=True)
         total = total + self.linear_ms(copies, h, width, groups)
         return total + permutes * self.stream_ms(copies, PERMUTE_PASSES * h * self.bpe)

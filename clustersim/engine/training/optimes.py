@@ -187,6 +187,7 @@ def kernel_timer(plan: Plan, graphs: bool = False) -> KernelTimer:
         sequence_parallel=par.sequence_parallel,
         graphs=graphs,
         training=plan.workload.mode == "training",
+        fp8_dispatch=par.moe_dispatcher == "deepep",
     )
 
 
