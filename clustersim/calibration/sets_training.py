@@ -365,8 +365,9 @@ HAI_LLM_ASSUMPTION = (
     "schedule: dualpipe, EP64, ZeRO-1 over DP128, no TP, FP8 blockwise, GBS 15,360 (the batch "
     "of all but the first 469B of 14.8T tokens) of 4K sequences, micro-batch 1 (not stated: "
     "120 micro-batches), MTP depth 1 as +1 MoE layer, layers by layout_61 over 16 stages, "
-    "DeepEP kernels (the open version of its all-to-all; the IB+NVLink forwarding on 20 SMs is "
-    "not modelled) with the all-to-all overlapped in DualPipe's F&B steps, force-balanced "
+    "DeepEP kernels (the open version of its all-to-all, FP8 dispatch of tokens quantised "
+    "before it; the IB+NVLink forwarding on 20 SMs is not modelled) with the all-to-all "
+    "overlapped in DualPipe's F&B steps, force-balanced "
     "routing, no recomputation (the report recomputes RMSNorm and MLA up-projections only); "
     "GPU-hours per 1e12 tokens = 1e12 / (tokens/s/GPU x 3600)"
 )
