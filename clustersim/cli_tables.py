@@ -387,6 +387,10 @@ SERVING_ROWS = (
         "gpu_utilization_pct_min",
         "gpu_utilization_pct",
     ),
+    ("prefill_gpu_utilization_pct", "prefill pool GPU utilisation", "%", None, None),
+    ("decode_gpu_utilization_pct", "decode pool GPU utilisation", "%", None, None),
+    ("kv_transfer_ms_p50", "KV transfer p50 (prefill to decode pool)", "ms", None, None),
+    ("kv_transfer_ms_p99", "KV transfer p99", "ms", None, None),
     ("prefill_batch_size_p50", "prefill batch p50 (requests per step)", "", None, None),
     ("prefill_batch_size_p99", "prefill batch p99", "", None, None),
     ("decode_batch_size_p50", "decode batch p50 (requests per step)", "", None, None),
@@ -413,10 +417,17 @@ def print_serving(report) -> None:
         )
     )
     serving = report.to_dict()["serving"]
-    console.print(
-        f"{serving['replicas']} replicas; KV cache {serving['kv_cache_gib_per_gpu']:.1f} "
-        f"GiB per GPU ({serving['kv_cache_tokens_per_replica']} tokens per replica)"
-    )
+    for name, pool in serving.get("pools", {}).items():
+        console.print(
+            f"{name} pool: {pool['gpus']} GPUs, {pool['replicas']} replicas; KV cache "
+            f"{pool['kv_cache_gib_per_gpu']:.1f} GiB per GPU "
+            f"({pool['kv_cache_tokens_per_replica']} tokens per replica)"
+        )
+    if "pools" not in serving:
+        console.print(
+            f"{serving['replicas']} replicas; KV cache {serving['kv_cache_gib_per_gpu']:.1f} "
+            f"GiB per GPU ({serving['kv_cache_tokens_per_replica']} tokens per replica)"
+        )
     console.print(f"{report.events} events simulated in {report.wall_s:.2f} s")
     _print_findings(console, report)
 
