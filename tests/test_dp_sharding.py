@@ -141,6 +141,24 @@ def test_zero2_reduce_scatters_every_microbatch_and_gathers_once():
     assert ag_bytes.sum() == pytest.approx(2 * P, rel=1e-12)  # after the optimizer step
 
 
+def test_zero3_gathers_and_reduce_scatters_share_one_stream():
+    """PyTorch FSDP runs a layer's all-gathers and reduce-scatters on one NCCL process group,
+    one at a time (Zhao et al. 2023, §3.3.2): on every lane the gather and reduce-scatter rows
+    never overlap, so the iteration lasts at least their summed durations (two independent
+    streams would let a backward's gather and reduce-scatter run at the same time)."""
+    report = simulate(make_plan({"dp_sharding": "full", "num_microbatches": 3}))
+    cols = report.recorder.columns()
+    sel = (cols["op"] == Op.PARAM_GATHER) | (cols["op"] == Op.GRAD_REDUCE)
+    for lane in np.unique(cols["lane"][sel]):
+        mine = sel & (cols["lane"] == lane)
+        order = np.argsort(cols["start_ms"][mine], kind="stable")
+        start, end = cols["start_ms"][mine][order], cols["end_ms"][mine][order]
+        assert np.all(start[1:] >= end[:-1] - 1e-12)
+    _, ag_ms = _rows(report, Op.PARAM_GATHER)
+    _, rs_ms = _rows(report, Op.GRAD_REDUCE)
+    assert report.metrics["iteration_time_ms"] >= ag_ms.sum() + rs_ms.sum()
+
+
 def test_gathers_overlap_compute_and_never_beat_free_communication():
     """Prefetching one layer ahead hides most of the gathers: ZeRO-3 is slower than ZeRO-1 by
     less than the sum of its collectives."""

@@ -493,6 +493,7 @@ def run_validation(
             )
             res.notes.extend(st.MOE_ASSUMPTIONS)
             res.notes.append(st.DEEPSEEK_ASSUMPTION)
+            res.notes.append(st.HAI_LLM_ASSUMPTION)
             out.append(res)
         if "fsdp" in wanted:
             rows = st.fsdp_rows()

@@ -482,7 +482,11 @@ class ParallelSpec(_Strict):
     etp: Degree | None = Field(None, description="Expert tensor parallel size; default = tp.")
     micro_batch_size: Degree = 1
     num_microbatches: Degree = Field(1, description="Gradient accumulation steps.")
-    schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
+    schedule: Literal["gpipe", "1f1b", "interleaved", "dualpipe"] = Field(
+        "1f1b",
+        description="Pipeline schedule; dualpipe: DeepSeek's bidirectional DualPipe (pp even, "
+        "num_microbatches even and >= 2 x pp; every GPU holds two model stages).",
+    )
     virtual_stages: int = Field(1, gt=0, le=MAX_LAYERS)
     layers_per_stage: list[Annotated[int, Field(gt=0, le=MAX_LAYERS)]] | None = Field(
         None, max_length=MAX_DEGREE,
@@ -512,7 +516,8 @@ class ParallelSpec(_Strict):
     overlap_ep_comm: bool = Field(
         False,
         description="Megatron-Core EP all-to-all overlap: in the 1F1B steady state the "
-        "dispatch/combine of one micro-batch runs under the compute of the other.",
+        "dispatch/combine of one micro-batch runs under the compute of the other; under "
+        "dualpipe the same inside each F&B step.",
     )
     moe_dispatcher: Literal["alltoall", "deepep"] = Field(
         "alltoall", description="MoE token dispatcher: NCCL all-to-all, or DeepEP kernels."

@@ -10,6 +10,8 @@ MoE layer), the dense MLP or the routed experts, and two TP collectives (all-red
 all-gather + reduce-scatter with sequence parallelism), all timed analytically.
 Backward = 2 x forward compute; recompute adds the forward again (full) or the core attention
 forward (selective) to the backward. Communication volumes of the backward equal the forward's.
+A backward split into input and weight gradients (DualPipe's B and W) gives W the forward time
+of the weighted ops (a weight-gradient GEMM has the forward's shape) and B the rest.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class LayerTimes:
     recompute_comm_ms: float = 0.0  # TP collectives of a full recompute
     ring: RingAttention | None = None  # context parallelism's ring attention (cp > 1)
     recompute_ring: bool = False  # the recompute runs the ring attention again
+    # the weight-gradient share of the backward (DualPipe's W): the forward time of the
+    # layer's weighted ops (attention block without core attention, router and shared
+    # experts, dense MLP); core attention has no weights, its backward is all input gradients
+    weights_ms: float = 0.0
 
     @property
     def attn_bwd_ms(self) -> float:
@@ -113,7 +119,8 @@ class MicrobatchCosts:
         else:
             extra = 0.0
         ring = self._ring if self._cp > 1 else None
-        return LayerTimes(attn, mlp, tp_comm, extra, extra_comm, ring, recompute != "none")
+        weights = attn - self._core_attention_ms + mlp
+        return LayerTimes(attn, mlp, tp_comm, extra, extra_comm, ring, recompute != "none", weights)
 
     @cached_property
     def _ring(self) -> RingAttention:
@@ -153,6 +160,11 @@ class MicrobatchCosts:
         k = self._kernels
         gemms = cc.BACKWARD_FACTOR * float(k.logits_ms(self.tokens))
         return gemms + float(k.cross_entropy_ms(self.tokens, backward=True))
+
+    @cached_property
+    def logits_weights_ms(self) -> float:
+        """The output layer's weight-gradient GEMM (DualPipe's W share of its backward)."""
+        return float(self._kernels.logits_ms(self.tokens))
 
     @cached_property
     def p2p_bytes(self) -> float:
