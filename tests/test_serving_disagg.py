@@ -16,6 +16,8 @@ from clustersim.audit.checks import audit
 from clustersim.cli import app
 from clustersim.costs.comm import p2p_link, p2p_ms
 from clustersim.engine.serving.disagg import kv_transfer_bytes
+from clustersim.explore.serving_search import ServingSpace, enumerate_serving, serving_search
+from clustersim.run.evaluate import evaluate
 from clustersim.run.serving import simulate_serving
 from clustersim.spec.errors import PlanError
 from clustersim.spec.load import load_plan
@@ -253,3 +255,55 @@ def test_the_disaggregated_example_config_runs_and_checks():
     assert data["layout"]["world_size"] == plan.parallel.world_size
     assert data["metrics"]["kv_transfer_ms_p50"] > 0
     assert set(data["serving"]["pools"]) == {"prefill", "decode"}
+
+
+# ---- search over the prefill:decode split --------------------------------------------------
+
+
+def test_search_covers_the_split_and_every_returned_plan_meets_the_slos_at_its_capacity():
+    slo = {"ttft_ms_p99_max": 400.0, "tpot_ms_p99_max": 30.0}
+    base = make_plan(
+        DENSE,
+        requests={
+            "num": 120,
+            "rate_per_s": 4.0,
+            "prompt_len": {"dist": "uniform", "min": 64, "max": 1024},
+            "output_len": {"dist": "uniform", "min": 8, "max": 96},
+        },
+        targets=slo,
+        hardware={"num_nodes": 1, "gpus_per_node": 4},
+        parallel=pools(),
+    )
+    space = ServingSpace(gpus=4, chunked_prefill=(True,), prefill_gpus=(1, 2))
+    cands = enumerate_serving(base, space)
+    # 1P on 1 GPU + decode on 3 (TP 1); 2 GPUs each with TP 1 or 2 on either side
+    assert {(c["prefill_gpus"], c["prefill_tp"], c["tp"]) for c in cands} == {
+        (1, 1, 1), (2, 1, 1), (2, 1, 2), (2, 2, 1), (2, 2, 2),
+    }  # fmt: skip
+    assert {c["split"] for c in cands} == {"1P3D", "2P2D", "2P1D", "1P2D", "1P1D"}
+    result = serving_search(base, 4, space=space, workers=1)
+    ranked = result.ranked()
+    assert ranked, result.rows
+    for row in ranked:
+        plan = result.plan_for(row)
+        assert plan.parallel.disaggregated and plan.parallel.world_size == 4
+        spec = plan.workload.requests.model_copy(update={"rate_per_s": row["capacity_req_per_s"]})
+        at = plan.model_copy(
+            update={"workload": plan.workload.model_copy(update={"requests": spec})}
+        )
+        verdict = evaluate(at)
+        assert verdict.exit_code == 0, [f.node for f in verdict.findings]
+        assert verdict.metrics["goodput_pct"] >= 99
+        assert row["capacity_req_per_s_per_gpu"] == pytest.approx(row["capacity_req_per_s"] / 4)
+    best = result.to_dict()["best_parallel"]
+    assert set(best) == {"prefill", "decode"}
+
+
+def test_search_splits_a_moe_budget_with_large_ep_decode():
+    plan = make_plan(
+        MOE, requests={"num": 50}, targets={"ttft_ms_p99_max": 1000.0}, parallel=pools()
+    )
+    cands = enumerate_serving(plan, ServingSpace(gpus=16, tp=(2,), prefill_gpus=(8,)))
+    # EP inside a replica (= TP) or across the whole pool (attention DP + EP), ETP 1
+    assert {(c["prefill_ep"], c["ep"]) for c in cands} == {(2, 2), (2, 8), (8, 2), (8, 8)}
+    assert {c["split"] for c in cands} == {"4P4D"}
