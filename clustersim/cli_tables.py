@@ -721,7 +721,8 @@ DISAGGREGATED_COLS = (
     ("prefill_gpus", "P GPUs"),
     ("prefill_tp", "P TP"),
     ("prefill_ep", "P EP"),
-    ("decode_gpus", "D GPUs"),
+    ("tp", "D TP"),
+    ("ep", "D EP"),
 )
 
 
@@ -729,10 +730,8 @@ def _serving_search_table(title: str, rows, objective: str) -> Table:
     capacity_only = ("capacity_req_per_s", "capacity_req_per_s_per_gpu", "limiting_slo")
     cols = [c for c in SERVING_SEARCH_COLS if objective == "capacity" or c[0] not in capacity_only]
     if any(row.get("split") for row in rows):  # the plain degrees are the decode pool's
-        cols = [cols[0], *DISAGGREGATED_COLS] + [
-            (k, f"D {label}" if k in ("tp", "pp", "dp", "ep", "etp") else label)
-            for k, label in cols[1:]
-        ]
+        plain = ("tp", "pp", "dp", "ep", "etp")  # in the split and DISAGGREGATED_COLS
+        cols = [cols[0], *DISAGGREGATED_COLS] + [c for c in cols[1:] if c[0] not in plain]
     table = Table(title=title, title_justify="left")
     for _key, label in cols:
         table.add_column(label, justify="right")

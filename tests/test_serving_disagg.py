@@ -307,3 +307,28 @@ def test_search_splits_a_moe_budget_with_large_ep_decode():
     # EP inside a replica (= TP) or across the whole pool (attention DP + EP), ETP 1
     assert {(c["prefill_ep"], c["ep"]) for c in cands} == {(2, 2), (2, 8), (8, 2), (8, 8)}
     assert {c["split"] for c in cands} == {"4P4D"}
+
+
+def test_capacity_of_a_disaggregated_plan_holds_there_and_counts_both_pools():
+    from clustersim.explore.capacity import find_capacity
+
+    plan = make_plan(
+        DENSE,
+        requests={
+            "num": 200,
+            "rate_per_s": 4.0,
+            "prompt_len": {"dist": "uniform", "min": 64, "max": 1024},
+            "output_len": {"dist": "uniform", "min": 8, "max": 128},
+        },
+        targets={"ttft_ms_p99_max": 400.0, "tpot_ms_p99_max": 30.0},
+        hardware=TWO_GPUS,
+        parallel=pools(),
+    )
+    cap = find_capacity(plan)
+    rate = cap.capacity_req_per_s
+    assert rate is not None and cap.to_dict()["capacity_req_per_s_per_gpu"] == rate / 2
+    spec = plan.workload.requests.model_copy(update={"rate_per_s": rate})
+    at = plan.model_copy(update={"workload": plan.workload.model_copy(update={"requests": spec})})
+    verdict = evaluate(at)
+    assert verdict.exit_code == 0 and verdict.metrics["goodput_pct"] >= 99
+    assert verdict.metrics["kv_transfer_ms_p50"] > 0
