@@ -24,12 +24,26 @@ def print_audit(report: AuditReport) -> None:
     """The audit as a summary line plus a findings table."""
     console = Console(width=max(Console().width, 120))
     lay, mem = report.layout, report.memory
-    console.print(
-        f"[bold]{escape(report.plan.name)}[/bold]: {lay.world_size} of {lay.cluster_gpus} GPUs, "
-        f"TP {lay.tp} PP {lay.pp} DP {lay.dp} EP {lay.ep} ETP {lay.etp}; "
-        f"layers per stage {lay.layers_per_stage}; "
-        f"experts per GPU {fmt_value(lay.experts_per_gpu)}"
-    )
+    if report.pools:  # disaggregated: one line per pool
+        console.print(
+            f"[bold]{escape(report.plan.name)}[/bold]: {lay.world_size} of {lay.cluster_gpus} "
+            "GPUs, disaggregated"
+        )
+        for name, pool in report.pools.items():
+            p, pm = pool.layout, pool.memory
+            memory = f"; memory per GPU {pm.memory_per_gpu_gib:.1f} GiB" if pm else ""
+            console.print(
+                f"  {name} pool: {p.world_size} GPUs from rank "
+                f"{report.plan.pool_first_rank(name)}, TP {p.tp} PP {p.pp} DP {p.dp} EP {p.ep} "
+                f"ETP {p.etp}; experts per GPU {fmt_value(p.experts_per_gpu)}{memory}"
+            )
+    else:
+        console.print(
+            f"[bold]{escape(report.plan.name)}[/bold]: {lay.world_size} of {lay.cluster_gpus} "
+            f"GPUs, TP {lay.tp} PP {lay.pp} DP {lay.dp} EP {lay.ep} ETP {lay.etp}; "
+            f"layers per stage {lay.layers_per_stage}; "
+            f"experts per GPU {fmt_value(lay.experts_per_gpu)}"
+        )
     if mem is not None:
         note = f" ({report.memory_note})" if report.memory_note else ""
         console.print(
