@@ -510,8 +510,9 @@ def calibrate(
         bool,
         typer.Option(
             "--end-to-end",
-            help="Also fit the host-side kernel times (framework, launch, CUDA-graph launch) on "
-            "the dense-training and serving rows (about a minute).",
+            help="Also fit the host-side kernel times (framework, launch, CUDA-graph launch) "
+            "and the L2 re-read rate of per-query-head decode attention on the dense-training "
+            "and serving rows (about a minute).",
         ),
     ] = False,
     json_out: JsonOpt = False,

@@ -294,6 +294,14 @@ class AttentionCalibration(_Strict):
     decode_memory_efficiency: float = Field(
         gt=0, le=1, description="Fraction of HBM bandwidth reached reading the KV cache."
     )
+    decode_l2_gbps: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_RATE,
+        description="Rate (GB/s) at which a per-query-head decode kernel "
+        "(workload.requests.decode_attention: per_head) re-reads the K/V of a shared GQA "
+        "head from the L2 cache; null: no such bound.",
+    )
 
 
 class MoECalibration(_Strict):
@@ -730,6 +738,13 @@ class RequestsSpec(_Strict):
     )
     cuda_graphs: bool = Field(
         True, description="Decode steps replay CUDA graphs (serving engines' default)."
+    )
+    decode_attention: Literal["grouped", "per_head"] = Field(
+        "grouped",
+        description="Decode attention kernel: grouped (FlashAttention, FlashInfer, "
+        "TensorRT-LLM XQA: each K/V head read once for all its query heads) or per_head (one "
+        "thread block per query head, which re-reads its shared K/V head: TensorRT-LLM's "
+        "masked MHA kernel before XQA, vLLM's PagedAttention v1/v2).",
     )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Share of GPU memory for weights, activations and KV cache."
