@@ -294,6 +294,11 @@ class AttentionCalibration(_Strict):
     decode_memory_efficiency: float = Field(
         gt=0, le=1, description="Fraction of HBM bandwidth reached reading the KV cache."
     )
+    backward_ratio: float = Field(
+        ge=1,
+        le=10,
+        description="Backward time over forward time of fused (flash) attention in training.",
+    )
 
 
 class MoECalibration(_Strict):

@@ -40,11 +40,16 @@ class LayerTimes:
     recompute_comm_ms: float = 0.0  # TP collectives of a full recompute
     ring: RingAttention | None = None  # context parallelism's ring attention (cp > 1)
     recompute_ring: bool = False  # the recompute runs the ring attention again
+    core_attn_fwd_ms: float = 0.0  # the core attention's part of attn_fwd_ms
+    core_bwd_ratio: float = cc.BACKWARD_FACTOR  # its backward time over its forward time
 
     @property
     def attn_bwd_ms(self) -> float:
-        """Backward of the attention block (2 x forward)."""
-        return cc.BACKWARD_FACTOR * self.attn_fwd_ms
+        """Backward of the attention block: 2 x the forward of its GEMMs and element-wise
+        kernels, ``core_bwd_ratio`` x the core attention's forward (FlashAttention's backward
+        recomputes the scores: 2.5 x the forward's matmul FLOPs, at a lower rate)."""
+        core = self.core_attn_fwd_ms
+        return cc.BACKWARD_FACTOR * (self.attn_fwd_ms - core) + self.core_bwd_ratio * core
 
     @property
     def mlp_bwd_ms(self) -> float:
@@ -113,7 +118,26 @@ class MicrobatchCosts:
         else:
             extra = 0.0
         ring = self._ring if self._cp > 1 else None
-        return LayerTimes(attn, mlp, tp_comm, extra, extra_comm, ring, recompute != "none")
+        return LayerTimes(
+            attn,
+            mlp,
+            tp_comm,
+            extra,
+            extra_comm,
+            ring,
+            recompute != "none",
+            self._core_attention_ms,
+            self._core_bwd_ratio,
+        )
+
+    @property
+    def _core_bwd_ratio(self) -> float:
+        """Backward over forward time of the core attention: the calibrated FlashAttention
+        ratio (``attention.backward_ratio``) with fused kernels, 2 for unfused attention
+        (its backward is two GEMMs per forward GEMM, like every other layer)."""
+        if not self.plan.parallel.flash_attention:
+            return cc.BACKWARD_FACTOR
+        return self.plan.hardware.calibration.attention.backward_ratio
 
     @cached_property
     def _ring(self) -> RingAttention:
@@ -128,7 +152,7 @@ class MicrobatchCosts:
             par.tp,
             group,
             self.plan.hardware,
-            cc.BACKWARD_FACTOR,
+            self._core_bwd_ratio,
         )
 
     @cached_property
