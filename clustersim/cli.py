@@ -510,8 +510,9 @@ def calibrate(
         bool,
         typer.Option(
             "--end-to-end",
-            help="Also fit the host-side kernel times (framework, launch, CUDA-graph launch) on "
-            "the dense-training and serving rows (about a minute).",
+            help="Also fit the host-side kernel times (framework, launch, CUDA-graph launch) "
+            "and the L2 re-read rate of per-query-head decode attention on the dense-training "
+            "and serving rows (about a minute).",
         ),
     ] = False,
     json_out: JsonOpt = False,
@@ -814,7 +815,11 @@ def search(
     mbs: Annotated[str | None, typer.Option("--mbs", help="Micro-batch sizes.")] = None,
     schedules: Annotated[
         str | None,
-        typer.Option("--schedules", help="gpipe,1f1b,interleaved (default 1f1b,interleaved)."),
+        typer.Option(
+            "--schedules",
+            help="gpipe,1f1b,interleaved,dualpipe (default 1f1b,interleaved; dualpipe only "
+            "where pp is even and the micro-batches even and >= 2 x pp).",
+        ),
     ] = None,
     recompute: Annotated[
         str | None, typer.Option("--recompute", help="none,selective,full (default: all).")
@@ -886,7 +891,7 @@ def search(
         pp=_int_list(pp, "--pp"),
         ep=_int_list(ep, "--ep"),
         micro_batch_size=_int_list(mbs, "--mbs"),
-        schedules=_str_list(schedules, "--schedules", ("gpipe", "1f1b", "interleaved"))
+        schedules=_str_list(schedules, "--schedules", ("gpipe", "1f1b", "interleaved", "dualpipe"))
         or ("1f1b", "interleaved"),
         recompute=_str_list(recompute, "--recompute", ("none", "selective", "full"))
         or ("none", "selective", "full"),

@@ -183,6 +183,14 @@ class Layout:
         per_chunk = len(layers) // self.plan.parallel.virtual_stages
         return layers[chunk * per_chunk : (chunk + 1) * per_chunk]
 
+    def held_stages(self, stage: int) -> list[int]:
+        """Model stages whose layers the GPUs of pipeline stage ``stage`` hold: ``stage``; under
+        DualPipe also ``pp - 1 - stage`` (its second chunk, the pipeline fed from the other
+        end), so every model stage is held twice."""
+        if self.plan.parallel.schedule == "dualpipe" and self.num_stages == self.pp:
+            return [stage, self.pp - 1 - stage]
+        return [stage]
+
     @property
     def layers_per_stage(self) -> list[int]:
         """Number of layers on each pipeline stage."""

@@ -17,6 +17,8 @@ PLANS = {
     "symmetric": ["model.moe.routing=even", "workload.seq_len={dist: fixed, value: 1024}"],
     "dense": ["model.moe=null"],
     "skewed-capacity": ["model.moe.router_skew=0.6", "parallel.tp=1", "parallel.dp=8"],
+    # every layer routed on two stages (each its own copy of the layer)
+    "dualpipe": ["parallel.schedule=dualpipe", "parallel.overlap_ep_comm=true"],
 }
 COMM_OPS = (
     "tp_comm",

@@ -270,3 +270,29 @@ def test_check_prints_the_suggestion():
     assert "suggested fix" in table.stdout
     ok = CliRunner().invoke(app, ["check", str(SEEDS / "004_current.yaml"), "--static", "--json"])
     assert json.loads(ok.stdout)["suggestion"] is None
+
+
+def test_search_offers_dualpipe_only_where_it_runs():
+    """--schedules dualpipe: candidates only with PP even and micro-batches even and >= 2 PP
+    (PP 1 stays 1F1B); every ranked DualPipe plan passes the auditor."""
+    base = copy.deepcopy(MOE)
+    base["parallel"]["num_microbatches"] = 8
+    space = SearchSpace(
+        gpus=8,
+        tp=(1,),
+        pp=(1, 2),
+        ep=(4,),
+        micro_batch_size=(1, 2),
+        recompute=("none",),
+        schedules=("dualpipe",),
+    )
+    result = search(_plan(base), 8, "throughput", space=space, workers=1)
+    rows = result.ranked()
+    dual = [r for r in rows if r["schedule"] == "dualpipe"]
+    assert dual and all(r["pp"] % 2 == 0 for r in dual)
+    assert all(r["schedule"] == "1f1b" for r in rows if r["pp"] == 1)
+    for row in dual:
+        plan = result.plan_for(row)
+        m, p = plan.parallel.num_microbatches, plan.parallel.pp
+        assert m % 2 == 0 and m >= 2 * p
+        assert not audit(plan).has_errors

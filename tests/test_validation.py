@@ -121,6 +121,28 @@ def test_rows_use_their_system_and_sharding():
     assert b200.model.fp8_recipe == gb200.model.fp8_recipe == "tensorwise"
 
 
+def test_deepseek_v3_h800_pretraining_row_is_a_dualpipe_plan():
+    """T0164 (DeepSeek-V3 report: 180K H800 GPU-hours per trillion tokens): PP16 DualPipe,
+    EP64, DP128 ZeRO-1, FP8 blockwise, GBS 15,360 of 4K tokens; its prediction is
+    1e12 / (tokens/s/GPU x 3600). T0165 (3.7 days) repeats it; the totals are not runs."""
+    table = {r["row_id"]: r for r in st.moe_table()}
+    plan = st.moe_plan(table["T0164"])
+    par = plan.parallel
+    assert (par.schedule, par.pp, par.ep, par.dp, par.tp) == ("dualpipe", 16, 64, 128, 1)
+    assert (par.num_microbatches, par.sharding, par.overlap_ep_comm) == (120, "optimizer", True)
+    assert (plan.model.dtype, plan.model.fp8_recipe, par.moe_dispatcher) == (
+        "fp8",
+        "blockwise",
+        "deepep",
+    )
+    rows, skipped = st.moe_rows()
+    row = next(r for r in rows if r.row_id == "T0164")
+    assert not row.rate  # GPU-hours grow with the iteration time
+    reasons = {s.row_id: s.reason for s in skipped}
+    assert "same run as T0164" in reasons["T0165"]
+    assert "T0166" in reasons and "T0169" in reasons
+
+
 def test_serving_rows_build_plans_and_the_rest_have_reasons():
     rows, skipped = sv.serving_rows()
     assert len(rows) + len(skipped) == len(sv.serving_table())

@@ -422,7 +422,9 @@ def check_schedule(ctx: AuditContext) -> list[Finding]:
                     m,
                 )
             )
-    elif par.virtual_stages > 1:
+    elif par.schedule == "dualpipe":
+        out += _dualpipe_findings(par)
+    if par.schedule != "interleaved" and par.virtual_stages > 1:
         out.append(
             Finding(
                 "parallel.virtual_stages",
@@ -433,7 +435,8 @@ def check_schedule(ctx: AuditContext) -> list[Finding]:
                 1,
             )
         )
-    if ctx.plan.workload.mode == "training" and par.pp > 1 and par.num_microbatches < par.pp:
+    few = par.num_microbatches < par.pp and par.schedule != "dualpipe"
+    if ctx.plan.workload.mode == "training" and par.pp > 1 and few:
         m, p = par.num_microbatches, par.pp
         bubble = 100 * (p - 1) / (m + p - 1)
         out.append(
@@ -445,6 +448,51 @@ def check_schedule(ctx: AuditContext) -> list[Finding]:
                 f"use at least {4 * p} micro-batches (bubble {100 * (p - 1) / (5 * p - 1):.0f}%)",
                 m,
                 4 * p,
+            )
+        )
+    return out
+
+
+def _dualpipe_findings(par) -> list[Finding]:
+    """DualPipe's own assertions (``DualPipe.step``): pp even, micro-batches even and at
+    least 2 x pp; and the sharding the engine simulates with it."""
+    out = []
+    if par.pp < 2 or par.pp % 2:
+        pp = max(2, par.pp + par.pp % 2)
+        out.append(
+            Finding(
+                "parallel.pp",
+                "error",
+                f"the dualpipe schedule needs an even number of pipeline stages (pp {par.pp})",
+                f"set parallel.pp: {pp} (or schedule: 1f1b)",
+                par.pp,
+                pp,
+            )
+        )
+    else:
+        m = par.num_microbatches
+        want = max(2 * par.pp, m + m % 2)
+        if m % 2 or m < 2 * par.pp:
+            out.append(
+                Finding(
+                    "parallel.num_microbatches",
+                    "error",
+                    f"the dualpipe schedule needs micro-batches even and at least 2 x pp = "
+                    f"{2 * par.pp} (half are fed from each end), not {m}",
+                    f"set parallel.num_microbatches: {want}",
+                    m,
+                    want,
+                )
+            )
+    if par.sharding in ("gradients", "full"):
+        out.append(
+            Finding(
+                "parallel.dp_sharding",
+                "error",
+                f"dualpipe is simulated with dp_sharding none or optimizer, not {par.sharding}",
+                "set parallel.dp_sharding: optimizer (or schedule: 1f1b)",
+                par.sharding,
+                "optimizer",
             )
         )
     return out

@@ -156,6 +156,14 @@ def _fix_schedules(par, pp) -> list[dict[str, Any]]:
     }
     if plain not in out:
         out.append(plain)
+    if par.schedule == "dualpipe" and pp % 2 == 0:
+        fixed = {
+            "schedule": "dualpipe",
+            "virtual_stages": 1,
+            "num_microbatches": max(2 * pp, m + m % 2),
+        }
+        if fixed not in out:
+            out.append(fixed)
     if par.schedule == "interleaved" and pp > 1:
         fixed = {
             "schedule": "interleaved",

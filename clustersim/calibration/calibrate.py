@@ -210,7 +210,12 @@ def _backward_notes(fit: AttentionFit, prefix: str) -> list[str]:
     ]
 
 
-END_TO_END_FIELDS = ("kernel.framework_us", "kernel.launch_us", "kernel.graph_launch_us")
+END_TO_END_FIELDS = (
+    "kernel.framework_us",
+    "kernel.launch_us",
+    "kernel.graph_launch_us",
+    "attention.decode_l2_gbps",
+)
 END_TO_END_SETS = ("dense", "serving")
 
 
@@ -224,10 +229,22 @@ def fit_end_to_end(progress: validate.Progress | None = None) -> dict[str, float
     return {k: round(float(values[k]), 3) for k in END_TO_END_FIELDS if k in values}
 
 
+# Generations whose L2 cache the per-query-head decode rows measure: A100 and H100 rows fit
+# attention.decode_l2_gbps together (one value fits both within a few per cent: VALIDATION.md);
+# H200 and H800 are the H100's GH100 die (same L2). B200 has no such row: its value stays null
+# (no L2 bound on a per-head decode kernel there).
+DECODE_L2 = "attention.decode_l2_gbps"
+DECODE_L2_GENERATIONS = ("a100", "h100", "h200", "h800")
+
+
 def apply_end_to_end(results: list[GenerationResult], values: dict[str, float]) -> None:
-    """Put the end-to-end fitted values into every generation's file."""
+    """Put the end-to-end fitted values into every generation's file (the decode L2 rate
+    only into the generations of :data:`DECODE_L2_GENERATIONS`)."""
     for result in results:
-        _set(result.data, values)
+        own = dict(values)
+        if result.generation not in DECODE_L2_GENERATIONS:
+            own.pop(DECODE_L2, None)
+        _set(result.data, own)
 
 
 # Dropless MoE: the host copies the per-expert token counts to host memory and waits for them
@@ -240,7 +257,11 @@ DROPLESS_SYNC_US = 10.0
 E2E_NOTE = (
     "kernel.framework_us, launch_us, graph_launch_us: host costs fitted on end-to-end rows "
     "(dense training; serving decode, eager and CUDA graphs) by `clustersim calibrate "
-    "--end-to-end`, one value for every generation (VALIDATION.md); moe.dropless_sync_us: "
+    "--end-to-end`, one value for every generation (VALIDATION.md); "
+    "attention.decode_l2_gbps: fitted by the same command on the TensorRT-LLM v0.6.1 GQA "
+    "decode-throughput rows (per-query-head decode kernel re-reading K/V from L2; A100 and "
+    "H100 rows, one value; h200 / h800 share the H100 die; b200: null, no row); "
+    "moe.dropless_sync_us: "
     "not fitted (device-to-host round trip of the token counts, ~10 us: a small "
     "cudaMemcpyAsync costs 5-7 us, DualPath arXiv:2602.21548 §5.2; the engine adds the "
     "relaunch, launch_us + framework_us)"

@@ -26,6 +26,12 @@
 Free parameters: ``kernel.launch_us`` (eager decode rows: SGLang without graphs) and
 ``kernel.graph_launch_us`` (graph rows: gpt-fast and SGLang with graphs); the
 TensorRT-LLM rows depend on ``launch_us`` (eager) but do not fit it (out of sample).
+TensorRT-LLM v0.6.1 decodes with its masked multi-head attention kernel
+(``decoderMaskedMultiheadAttention``: one thread block per query head and sequence, each
+reading its K/V head; the grouped XQA kernel came later), so its plans state
+``decode_attention: per_head``; the decode-throughput rows of its GQA models (LLaMA-70B,
+Falcon-180B: 8 and 29 query heads per K/V head) fit ``attention.decode_l2_gbps``, the rate at
+which those re-reads come from the L2 cache (leave-one-out like the launch times).
 
 The static-batch rows (TensorRT-LLM gptSessionBenchmark) get a KV cache of exactly their
 batch's full lengths (``num_gpu_blocks`` = batch x ceil((ISL + OSL) / 16)): the engine
@@ -53,6 +59,7 @@ SERVING_CSV = "serving.csv"
 KV_BLOCK = 16  # tokens per KV-cache block (the plan default)
 LAUNCH = "kernel.launch_us"
 GRAPH_LAUNCH = "kernel.graph_launch_us"
+DECODE_L2 = "attention.decode_l2_gbps"
 
 SERVING_MODELS: dict[str, dict[str, Any]] = {
     # EleutherAI/gpt-j-6b config.json (parallel attention/MLP not modelled: same FLOPs/bytes).
@@ -179,6 +186,7 @@ def setup(r: dict[str, str]) -> dict[str, Any]:
             "isl": _int(r["isl"]),
             "osl": _int(r["osl"]),
             "graphs": False,
+            "decode_attention": "per_head",
         }
     if rid in _GPT_FAST:
         return {
@@ -286,6 +294,7 @@ def serving_plan(r: dict[str, str], values: dict[str, float] | None = None) -> P
                 "max_num_batched_tokens": max(batch * isl, 8192),
                 "chunked_prefill": False,
                 "cuda_graphs": s["graphs"],
+                "decode_attention": s.get("decode_attention", "grouped"),
                 "gpu_memory_utilization": 0.95,
                 **({"kv_dtype": "fp8"} if _fp8_kv(r) else {}),
             },
@@ -363,6 +372,8 @@ def serving_rows() -> tuple[list[E2ERow], list[Skipped]]:
         s = setup(r)
         param = GRAPH_LAUNCH if s["graphs"] else LAUNCH
         fits = s["kind"] in ("decode_ms", "decode_tok_s")
+        if _rereads_kv(r, s):  # GQA decode throughput of a per-head kernel: fits its L2 rate
+            param, fits = DECODE_L2, True
         label += f", b{s['batch']} {s['isl']}/{s['osl']}" + (" graphs" if s["graphs"] else "")
         note = "GPU assumed H100-SXM" if r["row_id"] in _GRAPH_STEP else ""
         if "FP8" in r["precision"].upper():
@@ -383,6 +394,17 @@ def serving_rows() -> tuple[list[E2ERow], list[Skipped]]:
             )
         )
     return rows, skipped
+
+
+def _rereads_kv(r: dict[str, str], s: dict[str, Any]) -> bool:
+    """Whether row ``r`` measures decode throughput with a per-query-head decode kernel on a
+    GQA model (several query heads per K/V head on a GPU): then its time depends on
+    ``attention.decode_l2_gbps``."""
+    if s["kind"] != "throughput" or s.get("decode_attention") != "per_head":
+        return False
+    model = SERVING_MODELS[r["model"]]
+    heads, kv_heads = model.get("num_attention_heads"), model.get("num_kv_heads")
+    return kv_heads is not None and heads is not None and heads > kv_heads
 
 
 def _value(r: dict[str, str]) -> float:

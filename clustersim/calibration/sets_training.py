@@ -64,6 +64,7 @@ FP8_RECIPES = (
     ("TE DELAYED SCALING", "tensorwise"),
     ("PER-TENSOR", "tensorwise"),
     ("BLOCKWISE", "blockwise"),
+    ("BLOCK-WISE", "blockwise"),
     ("MXFP8", "mxfp8"),
     ("FP8-MX", "mxfp8"),
 )
@@ -279,6 +280,10 @@ def moe_table() -> tuple[dict[str, str], ...]:
 DUPLICATES = {  # the same run in another unit, counted once
     "T0019": "T0004",
     "T0020": "T0005",
+    "T0165": "T0164",
+}
+DUPLICATE_WHY = {
+    "T0165": "days = GPU-hours / 2,048 GPUs / 24",
 }
 
 
@@ -297,7 +302,8 @@ def moe_reason(r: dict[str, str]) -> str | None:
     if not r["gbs"] and "Table 2" not in r["source_location"]:
         return "global batch size not stated"
     if r["row_id"] in DUPLICATES:
-        return f"same run as {DUPLICATES[r['row_id']]} (TFLOP/s = MFU x 989.5); counted once"
+        why = DUPLICATE_WHY.get(r["row_id"], "TFLOP/s = MFU x 989.5")
+        return f"same run as {DUPLICATES[r['row_id']]} ({why}); counted once"
     if not r["num_gpus"]:
         return "GPU count unresolved in the source (printed 128, likely 256)"
     if not r["tp"]:
@@ -322,10 +328,14 @@ def deepseek_reason(r: dict[str, str]) -> str | None:
         return None
     framework = r["framework"]
     if "HAI-LLM" in framework:
-        return (
-            f"DualPipe schedule and custom all-to-all not modelled; metric {r['metric']} "
-            "aggregates a batch-size schedule"
-        )
+        if r["row_id"] in DUPLICATES:
+            return ""  # expressible, but moe_reason names the row it repeats
+        if r["metric"] not in DEEPSEEK_METRICS:
+            return (
+                f"metric {r['metric']} totals phases of different batch sizes, sequence "
+                "lengths or configurations (pre-training is in T0164)"
+            )
+        return ""
     if "AutoModel" in framework:
         return "PyTorch FSDP2 + EP backend (NeMo AutoModel): its PP x FSDP layout is not Megatron's"
     if not r["tp"] or not r["gbs"]:
@@ -344,7 +354,22 @@ def deepseek_reason(r: dict[str, str]) -> str | None:
     return ""
 
 
-DEEPSEEK_METRICS = {"model_TFLOPS_per_GPU": "TFLOP/s/GPU", "tokens_per_sec_per_GPU": "tokens/s/GPU"}
+DEEPSEEK_METRICS = {
+    "model_TFLOPS_per_GPU": "TFLOP/s/GPU",
+    "tokens_per_sec_per_GPU": "tokens/s/GPU",
+    "GPU_hours_per_trillion_tokens": "GPU-h/1e12 tokens",
+}
+HAI_LLM_GBS = 15360  # DeepSeek-V3 Sec. 4.2: 3072 -> 15360 over the first 469B of 14.8T tokens
+HAI_LLM_ASSUMPTION = (
+    "DeepSeek-V3 pre-training on 2,048 H800 (T0164, DeepSeek-V3 report Sec. 3.2): PP16 with "
+    "schedule: dualpipe, EP64, ZeRO-1 over DP128, no TP, FP8 blockwise, GBS 15,360 (the batch "
+    "of all but the first 469B of 14.8T tokens) of 4K sequences, micro-batch 1 (not stated: "
+    "120 micro-batches), MTP depth 1 as +1 MoE layer, layers by layout_61 over 16 stages, "
+    "DeepEP kernels (the open version of its all-to-all; the IB+NVLink forwarding on 20 SMs is "
+    "not modelled) with the all-to-all overlapped in DualPipe's F&B steps, force-balanced "
+    "routing, no recomputation (the report recomputes RMSNorm and MLA up-projections only); "
+    "GPU-hours per 1e12 tokens = 1e12 / (tokens/s/GPU x 3600)"
+)
 DEEPSEEK_ASSUMPTION = (
     "DeepSeek-V3 rows (Megatron-Core / Megatron-Bridge): the deepseek-v3 preset (MLA, 256 "
     "experts top-8, 1 shared, first 3 dense, node-limited routing M=4); force-balanced routing "
@@ -379,7 +404,7 @@ def _paired_gflop_per_token(r: dict[str, str]) -> float | None:
         if other is r or any(other[k] != r[k] for k in _SAME_RUN):
             continue
         pair = {other["metric"]: float(other["value"]), r["metric"]: float(r["value"])}
-        if set(pair) == set(DEEPSEEK_METRICS):
+        if set(pair) == {"model_TFLOPS_per_GPU", "tokens_per_sec_per_GPU"}:
             return 1e3 * pair["model_TFLOPS_per_GPU"] / pair["tokens_per_sec_per_GPU"]
     return None
 
@@ -389,7 +414,7 @@ def has_mtp(r: dict[str, str]) -> bool:
     'w/ MTP', 'w/o MTP'), else as the source's own FLOPs per token of the run show (Megatron
     counts ~260 GFLOP/token with MTP, ~250 without; :data:`MTP_GFLOP_PER_TOKEN`)."""
     variant = r["method_or_variant"].strip()
-    if "MTP 1 layer" in r["notes"] or variant == "w/ MTP":
+    if "MTP 1 layer" in r["notes"] or "MTP depth 1" in r["notes"] or variant == "w/ MTP":
         return True
     if variant == "w/o MTP":
         return False
@@ -425,6 +450,8 @@ def layout_61(num_layers: int, stages: int, mtp: bool) -> list[int]:
 def gbs(r: dict[str, str]) -> int:
     """Global batch of row ``r``; Table 2 of Liu et al. (FP8 vs BF16) prints none: its BF16
     rows are Table 3's runs (GBS 256), so 256."""
+    if "HAI-LLM" in r["framework"]:
+        return HAI_LLM_GBS
     given = _int(r["gbs"])
     if given is None and "Table 2" in r["source_location"]:
         return TABLE2_GBS
@@ -545,6 +572,8 @@ def _deepseek_parallel(r: dict[str, str], raw: dict[str, Any]) -> None:
     if "DeepEP" in r["dispatcher_kernel"] or recipe == "deepep+overlap":
         par["moe_dispatcher"] = "deepep"
     par["overlap_ep_comm"] = "EP A2A overlap" in r["notes"] or recipe == "deepep+overlap"
+    if "DualPipe" in r["dispatcher_kernel"]:  # DeepSeek's own run (HAI_LLM_ASSUMPTION)
+        par.update(schedule="dualpipe", moe_dispatcher="deepep", overlap_ep_comm=True)
 
 
 # Megatron-Bridge's DeepSeek-V3 performance recipes (scripts/performance/configs/deepseek/
@@ -576,6 +605,9 @@ def moe_metric(r: dict[str, str], values: dict[str, float]) -> float:
     t_s = iteration_ms(plan) / 1e3
     if r["metric"] == "tokens_per_sec_per_GPU":
         return gbs(r) * int(r["seq_len"]) / t_s / int(r["num_gpus"])
+    if r["metric"] == "GPU_hours_per_trillion_tokens":
+        tokens_per_gpu_s = gbs(r) * int(r["seq_len"]) / t_s / int(r["num_gpus"])
+        return 1e12 / tokens_per_gpu_s / 3600
     flops = model_flops_per_iteration(plan.model, gbs(r), int(r["seq_len"]))
     if _is_deepseek(r) and has_mtp(r):  # Megatron counts the MTP head's logits too
         flops += (
@@ -631,6 +663,7 @@ def moe_rows() -> tuple[list[E2ERow], list[Skipped]]:
             )
             continue
         unit = "MFU %" if r["metric"] == "MFU" else DEEPSEEK_METRICS[r["metric"]]
+        time_like = r["metric"] == "GPU_hours_per_trillion_tokens"  # proportional to time
         note = "approx. ('should be around')" if "approx" in r["reliability"] else ""
         if _is_deepseek(r):
             note = f"layers/stage {_split_text(r)}"
@@ -645,7 +678,7 @@ def moe_rows() -> tuple[list[E2ERow], list[Skipped]]:
                 _moe_label(r),
                 unit,
                 float(r["value"]),
-                rate=True,
+                rate=not time_like,
                 param=None,
                 fits=False,
                 note=note,

@@ -120,6 +120,8 @@ class KernelTimer:
         self._attn_flop_s = hw.peak_tflops * 1e12 * cal.attention.efficiency
         self._attn_half = cal.attention.half_seq
         self._kv_byte_s = hw.hbm_bandwidth_gbps * 1e9 * cal.attention.decode_memory_efficiency
+        l2_gbps = cal.attention.decode_l2_gbps
+        self._l2_byte_s = float("inf") if l2_gbps is None else l2_gbps * 1e9
         self._h_tokens_share = 1.0 / tp if sequence_parallel else 1.0
         self._qkv = cc.qkv_shapes(model, tp)
         mla = model.mla
@@ -357,6 +359,21 @@ class KernelTimer:
     def kv_ms_per_byte(self) -> float:
         """Decode attention time per byte of KV cache read."""
         return 1e3 / self._kv_byte_s
+
+    def decode_kv_ms_per_byte(self, rereads: float = 1.0) -> float:
+        """Decode attention time per byte of KV cache when each byte is read ``rereads``
+        times: by a per-query-head kernel (one thread block per query head and sequence, as
+        TensorRT-LLM's masked MHA kernel and vLLM's PagedAttention launch it), every query
+        head of a GQA group reads the group's K/V head itself. The first read comes from HBM
+        (:attr:`kv_ms_per_byte`); the others hit the L2 cache, which delivers all
+        ``rereads`` reads at ``attention.decode_l2_gbps``: ``max(1 / (HBM * mu_attn),
+        rereads / L2)`` per byte. A grouped kernel (``rereads`` = 1) moves the same bytes
+        through L2 as from HBM and is bound by HBM alone (the L2 rate is only measured for
+        re-reads)."""
+        hbm = 1e3 / self._kv_byte_s
+        if rereads <= 1.0:
+            return hbm
+        return max(hbm, rereads * 1e3 / self._l2_byte_s)
 
     @property
     def fixed_ms(self) -> float:

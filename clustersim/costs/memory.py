@@ -10,7 +10,9 @@ first stage, output layer on the last) divide by ``t``; with GQA the K/V project
 ``min(t, n_kv)`` only, because each GPU keeps at least one key/value head. With tied embeddings
 and ``p > 1`` the last stage still holds a copy of the embedding matrix for the output layer
 (as Megatron does). Replicated (norms, router, final norm) are not divided. Routed experts
-divide by ``etp * ep``.
+divide by ``etp * ep``. DualPipe: a GPU of stage ``i`` holds model stages ``i`` and
+``p - 1 - i`` (two chunks, 2x the parameters; the DualPipe README's table), and their
+gradients and optimizer states.
 
 **Training bytes per parameter** (Megatron distributed-optimizer table): bf16 2 + 4 (fp32
 grad) + 12 (fp32 master, Adam m, v) = 18; fp16 2 + 2 + 16; fp32 4 + 4 + 8. The distributed
@@ -226,7 +228,20 @@ def memory_per_gpu(plan: Plan, layout: Layout) -> MemoryReport:
 def stage_params_per_gpu(
     plan: Plan, layout: Layout, counts: ParamCounts, stage: int
 ) -> tuple[float, float]:
-    """Parameters one GPU of ``stage`` holds: (dense and replicated, routed experts)."""
+    """Parameters one GPU of ``stage`` holds: (dense and replicated, routed experts); under
+    DualPipe those of both model stages it holds (``Layout.held_stages``: 2x)."""
+    held = layout.held_stages(stage)
+    if len(held) > 1:
+        parts = [_model_stage_params(plan, layout, counts, s) for s in held]
+        return sum(d for d, _ in parts), sum(e for _, e in parts)
+    return _model_stage_params(plan, layout, counts, stage)
+
+
+def _model_stage_params(
+    plan: Plan, layout: Layout, counts: ParamCounts, stage: int
+) -> tuple[float, float]:
+    """Parameters of model stage ``stage`` on one of its GPUs: (dense and replicated, routed
+    experts)."""
     model, t = plan.model, layout.tp
     num_stages = layout.num_stages
     sums = counts.layers(_layers_of(plan, layout, stage))
@@ -258,9 +273,15 @@ def _one_layer_per_kind(plan: Plan, layers: np.ndarray) -> list[tuple[int, int]]
     return [(len(kind), int(kind[0])) for kind in (layers[is_moe], layers[~is_moe]) if len(kind)]
 
 
+def _held_layers(plan: Plan, layout: Layout, stage: int) -> np.ndarray:
+    """Layers the GPUs of ``stage`` hold: its own, under DualPipe also those of its second
+    chunk (``Layout.held_stages``)."""
+    return np.concatenate([_layers_of(plan, layout, s) for s in layout.held_stages(stage)])
+
+
 def _has_moe_layer(plan: Plan, layout: Layout, stage: int) -> bool:
     """Whether ``stage`` holds an MoE layer."""
-    return bool(plan.model.moe_layer_mask()[_layers_of(plan, layout, stage)].any())
+    return bool(plan.model.moe_layer_mask()[_held_layers(plan, layout, stage)].any())
 
 
 def _expert_dp(layout: Layout) -> int:
@@ -381,13 +402,18 @@ def inflight_microbatches(plan: Plan, stage: int, num_stages: int | None = None)
     GPipe: all ``m``. 1F1B: ``min(p - i, m)``. Interleaved (v > 1): Megatron's schedule runs
     ``2(p-i-1) + (v-1)p`` warm-up chunk forwards before its first backward, so it holds that
     plus one chunk micro-batches (at most ``m*v``), each 1/v of the stage's layers. On stage 0
-    this is ``p * (1 + (p-1)/(p*v))`` micro-batches, the reference factor.
+    this is ``p * (1 + (p-1)/(p*v))`` micro-batches, the reference factor. DualPipe: ``p + 1``
+    chunk micro-batches on every device (the DualPipe README's table), each one model stage's
+    layers: ``p - i`` of its first chunk (model stage ``i``) and ``i + 1`` of its second (model
+    stage ``p - 1 - i``), i.e. 1F1B's ``p - position`` for each (engine/training/schedules.py).
     """
     par = plan.parallel
     p = num_stages or par.pp
     m, v = par.num_microbatches, par.virtual_stages
     if par.schedule == "gpipe":
         return float(m)
+    if par.schedule == "dualpipe":  # in chunk (model-stage) units; see _stage_activation_bytes
+        return float(p + 1)
     if par.schedule == "interleaved" and v > 1:
         chunks = min(m * v, 2 * (p - stage - 1) + (v - 1) * p + 1)
         return chunks / v
@@ -405,7 +431,18 @@ def _layers_activation_bytes(plan: Plan, layers: np.ndarray, s: float, b: int) -
 
 
 def _stage_activation_bytes(plan: Plan, layout: Layout, stage: int, inflight: float) -> float:
-    """Training activations of one GPU of ``stage``: layers, embedding output, logits."""
+    """Training activations of one GPU of ``stage``: layers, embedding output, logits. Under
+    DualPipe the sum over the two model stages it holds, ``p - s`` micro-batches of model stage
+    ``s`` (:func:`inflight_microbatches`)."""
+    held = layout.held_stages(stage)
+    if len(held) > 1:
+        p = layout.num_stages
+        return sum(_model_stage_activation_bytes(plan, layout, s, float(p - s)) for s in held)
+    return _model_stage_activation_bytes(plan, layout, stage, inflight)
+
+
+def _model_stage_activation_bytes(plan: Plan, layout: Layout, stage: int, inflight: float) -> float:
+    """Activations of model stage ``stage`` for ``inflight`` micro-batches on one GPU."""
     model, par = plan.model, plan.parallel
     s, b, h = _train_seq_len(plan) / par.cp, par.micro_batch_size, model.hidden_size
     sp_div = par.tp if par.sequence_parallel else 1
@@ -474,7 +511,7 @@ def _stage_memory(plan: Plan, layout: Layout, counts: ParamCounts, stage: int) -
     inflight = inflight_microbatches(plan, stage, layout.num_stages)
     return StageMemory(
         stage=stage,
-        num_layers=len(_layers_of(plan, layout, stage)),
+        num_layers=len(_held_layers(plan, layout, stage)),
         inflight_microbatches=inflight,
         params_per_gpu=whole,
         params_gib=weights * w_bytes / GIB,

@@ -18,7 +18,9 @@ work:
   ``2 * heads/t * (d_qk + d_v)`` FLOPs each, at the FlashAttention efficiency of the step's
   mean query length ``tokens / seqs``; or the KV cache read (``kv_read`` = sum of ``c + q``
   tokens at the cache's bytes per token and layer, MLA: the latent) plus the queries and
-  outputs, at the decode-attention fraction of HBM bandwidth, whichever is longer;
+  outputs, at the decode-attention fraction of HBM bandwidth, whichever is longer; a
+  ``per_head`` decode kernel (``workload.requests.decode_attention``) reads each GQA K/V head
+  once per query head, the re-reads from L2 (:meth:`KernelTimer.decode_kv_ms_per_byte`);
 * output layer: a GEMM for ``seqs`` rows (one sampled token per scheduled request);
 * TP all-reduce of the activations (``tokens * h`` elements), two per dense layer, one per
   MoE layer; replayed from a CUDA graph, the lower of the calibrated collective (its per-call
@@ -49,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clustersim.costs.comm import collective_time_ms, link_for_group, p2p_ms
+from clustersim.costs.compute import kv_heads_per_gpu
 from clustersim.costs.kernels import STREAM, KernelTimer, uses_graphs
 from clustersim.costs.memory import (
     DTYPE_BYTES,
@@ -128,6 +131,7 @@ class StepCosts:
     p2p: Affine  # activations to the next pipeline stage
     dense_layers: tuple[int, ...]  # per stage
     moe_layers: tuple[int, ...]  # per stage
+    kv_rereads: float = 1.0  # reads of each cached K/V byte per decode step (per_head kernel)
 
     def timer(self, tokens: float, seqs: float) -> KernelTimer:
         """The kernel timer of a step: CUDA graphs for decode-only steps when enabled."""
@@ -148,6 +152,7 @@ class StepCosts:
         logits = float(k.logits_ms(seqs))
         flops_per_pair = self.attn_flops_per_pair_decode if decode else self.attn_flops_per_pair
         per_pair, per_query = k.attention_ms_per_pair(flops_per_pair)
+        per_kv_byte = k.decode_kv_ms_per_byte(self.kv_rereads) if decode else k.kv_ms_per_byte
         return (
             dense,
             attn,
@@ -156,7 +161,7 @@ class StepCosts:
             self.p2p.scalar_ms(tokens),
             per_pair,
             per_query,
-            k.kv_ms_per_byte,
+            per_kv_byte,
             k.fixed_ms + k.gap_ms,
             k.launch_ms,
             k.framework_ms,
@@ -223,7 +228,20 @@ def step_costs(plan: Plan, layout: Layout) -> StepCosts:
             for s, m in zip(layout.stage_layers, layout.moe_layers_per_stage, strict=True)
         ),
         moe_layers=tuple(layout.moe_layers_per_stage),
+        kv_rereads=decode_kv_rereads(model, tp, plan.workload.requests.decode_attention),
     )
+
+
+def decode_kv_rereads(model: ModelSpec, tp: int, kernel: str) -> float:
+    """Times a decode step reads each cached K/V byte on one GPU: the query heads per K/V
+    head (``heads / t`` over :func:`~clustersim.costs.compute.kv_heads_per_gpu`) for a
+    ``per_head`` kernel, which launches one thread block per query head and sequence (each
+    reads its group's K/V head: TensorRT-LLM's ``decoderMaskedMultiheadAttention`` before
+    XQA, vLLM's ``paged_attention_v1/v2``); 1 for a ``grouped`` kernel and for MLA (one
+    latent shared by all heads, read once by FlashMLA-style kernels)."""
+    if kernel != "per_head" or model.mla is not None:
+        return 1.0
+    return (model.num_attention_heads / tp) / kv_heads_per_gpu(model, tp)
 
 
 def graph_replay_hardware(hw: HardwareSpec) -> HardwareSpec:

@@ -186,6 +186,9 @@ def _schedules(pp, m, num_layers, space, par, training):
                 for v in space.virtual_stages
                 if v >= 2 and num_layers % (pp * v) == 0 and m % pp == 0
             ]
+        elif sched == "dualpipe":  # DualPipe's own rule: pp even, m even and >= 2 pp
+            if pp % 2 == 0 and m % 2 == 0 and m >= 2 * pp:
+                out.append(("dualpipe", 1))
         else:
             out.append((sched, 1))
     return out

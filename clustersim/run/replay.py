@@ -143,8 +143,9 @@ class RecordedWorkload:
         run = reader.metadata["run"]
         self.symmetric = bool(run["symmetric"])
         self.groups_per_stage = int(run["ep_groups_per_stage"]) or 1
+        copy = _copy_of(recorded)
         lengths: dict[tuple[int, int], np.ndarray] = {}
-        parts: dict[tuple[int, int, int], dict[str, Any]] = {}
+        parts: dict[tuple[int, int, int, int], dict[str, Any]] = {}
         for batch in reader.batches():
             table = batch.to_pydict() if _has_workload(batch) else None
             if table is None:
@@ -163,7 +164,8 @@ class RecordedWorkload:
                 if kind == "workload" and op == "seq_lens":
                     lengths[(rep, mb)] = np.asarray(values, dtype=np.float64).astype(np.int64)
                 elif kind == "route":
-                    key = (layer, mb, group % self.groups_per_stage)
+                    stage, in_stage = divmod(group, self.groups_per_stage)
+                    key = (layer, mb, in_stage, copy(layer, stage))
                     parts.setdefault(key, {})[op] = values if values is not None else value
         try:
             self.seq_lens = [
@@ -172,6 +174,15 @@ class RecordedWorkload:
         except KeyError:
             raise TraceError(f"{reader.path}: damaged trace (sequence lengths missing)") from None
         self.routes = {key: _dispatch(p, reader.path) for key, p in parts.items()}
+
+
+def _copy_of(plan: Plan) -> Callable[[int, int], int]:
+    """Which copy of a layer an EP group of a stage routes: 0, or under DualPipe 1 when the
+    stage holds the layer as its second chunk (every layer runs on two stages)."""
+    if plan.parallel.schedule != "dualpipe" or plan.model.moe is None:
+        return lambda _layer, _stage: 0
+    home = {i: s for s, layers in enumerate(Layout(plan).stage_layers) for i in layers}
+    return lambda layer, stage: int(home.get(layer, stage) != stage)
 
 
 def _has_workload(batch) -> bool:
@@ -206,12 +217,14 @@ class RecordedRouting:
         groups = Layout(plan).groups("ep")
         self.num_groups = len(groups)
         self.groups_per_stage = len(groups) // plan.parallel.pp
+        self._copy = _copy_of(plan)
         self.elapsed_s = 0.0
 
     def dispatch(self, layer: int, key: int, tokens_per_member: np.ndarray) -> Dispatch:
         """The recorded dispatch of this (layer, micro-batch, EP group within its stage)."""
         mb, gid = divmod(key, self.num_groups)
-        found = self.routes.get((layer, mb, gid % self.groups_per_stage))
+        stage, in_stage = divmod(gid, self.groups_per_stage)
+        found = self.routes.get((layer, mb, in_stage, self._copy(layer, stage)))
         if found is None or not np.array_equal(found[0], tokens_per_member):
             raise ReplayError(
                 f"the trace has no routing for layer {layer}, micro-batch {mb}, "

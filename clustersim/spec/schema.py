@@ -294,6 +294,14 @@ class AttentionCalibration(_Strict):
     decode_memory_efficiency: float = Field(
         gt=0, le=1, description="Fraction of HBM bandwidth reached reading the KV cache."
     )
+    decode_l2_gbps: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_RATE,
+        description="Rate (GB/s) at which a per-query-head decode kernel "
+        "(workload.requests.decode_attention: per_head) re-reads the K/V of a shared GQA "
+        "head from the L2 cache; null: no such bound.",
+    )
     backward_ratio: float = Field(
         ge=1,
         le=10,
@@ -487,7 +495,11 @@ class ParallelSpec(_Strict):
     etp: Degree | None = Field(None, description="Expert tensor parallel size; default = tp.")
     micro_batch_size: Degree = 1
     num_microbatches: Degree = Field(1, description="Gradient accumulation steps.")
-    schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
+    schedule: Literal["gpipe", "1f1b", "interleaved", "dualpipe"] = Field(
+        "1f1b",
+        description="Pipeline schedule; dualpipe: DeepSeek's bidirectional DualPipe (pp even, "
+        "num_microbatches even and >= 2 x pp; every GPU holds two model stages).",
+    )
     virtual_stages: int = Field(1, gt=0, le=MAX_LAYERS)
     layers_per_stage: list[Annotated[int, Field(gt=0, le=MAX_LAYERS)]] | None = Field(
         None, max_length=MAX_DEGREE,
@@ -517,7 +529,8 @@ class ParallelSpec(_Strict):
     overlap_ep_comm: bool = Field(
         False,
         description="Megatron-Core EP all-to-all overlap: in the 1F1B steady state the "
-        "dispatch/combine of one micro-batch runs under the compute of the other.",
+        "dispatch/combine of one micro-batch runs under the compute of the other; under "
+        "dualpipe the same inside each F&B step.",
     )
     moe_dispatcher: Literal["alltoall", "deepep"] = Field(
         "alltoall", description="MoE token dispatcher: NCCL all-to-all, or DeepEP kernels."
@@ -665,6 +678,13 @@ class RequestsSpec(_Strict):
     )
     cuda_graphs: bool = Field(
         True, description="Decode steps replay CUDA graphs (serving engines' default)."
+    )
+    decode_attention: Literal["grouped", "per_head"] = Field(
+        "grouped",
+        description="Decode attention kernel: grouped (FlashAttention, FlashInfer, "
+        "TensorRT-LLM XQA: each K/V head read once for all its query heads) or per_head (one "
+        "thread block per query head, which re-reads its shared K/V head: TensorRT-LLM's "
+        "masked MHA kernel before XQA, vLLM's PagedAttention v1/v2).",
     )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Share of GPU memory for weights, activations and KV cache."

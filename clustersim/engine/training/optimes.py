@@ -10,6 +10,8 @@ MoE layer), the dense MLP or the routed experts, and two TP collectives (all-red
 all-gather + reduce-scatter with sequence parallelism), all timed analytically.
 Backward = 2 x forward compute; recompute adds the forward again (full) or the core attention
 forward (selective) to the backward. Communication volumes of the backward equal the forward's.
+A backward split into input and weight gradients (DualPipe's B and W) gives W the forward time
+of the weighted ops (a weight-gradient GEMM has the forward's shape) and B the rest.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ class LayerTimes:
     recompute_ring: bool = False  # the recompute runs the ring attention again
     core_attn_fwd_ms: float = 0.0  # the core attention's part of attn_fwd_ms
     core_bwd_ratio: float = cc.BACKWARD_FACTOR  # its backward time over its forward time
+    # the weight-gradient share of the backward (DualPipe's W): the forward time of the
+    # layer's weighted ops (attention block without core attention, router and shared
+    # experts, dense MLP); core attention has no weights, its backward is all input gradients
+    weights_ms: float = 0.0
 
     @property
     def attn_bwd_ms(self) -> float:
@@ -118,6 +124,7 @@ class MicrobatchCosts:
         else:
             extra = 0.0
         ring = self._ring if self._cp > 1 else None
+        weights = attn - self._core_attention_ms + mlp
         return LayerTimes(
             attn,
             mlp,
@@ -126,8 +133,9 @@ class MicrobatchCosts:
             extra_comm,
             ring,
             recompute != "none",
-            self._core_attention_ms,
-            self._core_bwd_ratio,
+            core_attn_fwd_ms=self._core_attention_ms,
+            core_bwd_ratio=self._core_bwd_ratio,
+            weights_ms=weights,
         )
 
     @property
@@ -177,6 +185,11 @@ class MicrobatchCosts:
         k = self._kernels
         gemms = cc.BACKWARD_FACTOR * float(k.logits_ms(self.tokens))
         return gemms + float(k.cross_entropy_ms(self.tokens, backward=True))
+
+    @cached_property
+    def logits_weights_ms(self) -> float:
+        """The output layer's weight-gradient GEMM (DualPipe's W share of its backward)."""
+        return float(self._kernels.logits_ms(self.tokens))
 
     @cached_property
     def p2p_bytes(self) -> float:

@@ -85,7 +85,13 @@ from clustersim.engine.training.optimes import (
     MicrobatchCosts,
     optimizer_ms,
 )
-from clustersim.engine.training.schedules import stage_steps
+from clustersim.engine.training.schedules import (
+    DUALPIPE_RULE,
+    dualpipe_position,
+    dualpipe_valid,
+    overlapped_pairs,
+    stage_steps,
+)
 from clustersim.layout import Layout
 from clustersim.spec.schema import Plan
 
@@ -189,6 +195,7 @@ class _LayerRoutes:
     etp_ms: np.ndarray | None  # (m, L), None without expert TP
     # forward dispatch in FP8 (DeepEP on an FP8 model): its own time and bytes; None: as a2a
     fp8_dispatch: tuple[np.ndarray, np.ndarray] | None = None
+    expert_weights_ms: np.ndarray | None = None  # (m, L): weight-gradient share of the bwd
 
 
 class _LayerVectors:
@@ -207,6 +214,7 @@ class _LayerVectors:
         "cp_fwd_bytes",
         "cp_bwd_bytes",
         "cp_recompute",
+        "weights",
     )
 
     def __init__(self, per_lane: list):
@@ -217,6 +225,7 @@ class _LayerVectors:
         self.attn_bwd, self.mlp_bwd = vec("attn_bwd_ms"), vec("mlp_bwd_ms")
         self.tp_comm, self.recompute = vec("tp_comm_ms"), vec("recompute_ms")
         self.recompute_comm = vec("recompute_comm_ms")
+        self.weights = vec("weights_ms")  # the weight-gradient share of the backward
         ring = [x.ring for x in per_lane]
         has_ring = all(r is not None for r in ring)
         zeros = np.zeros(len(per_lane))
@@ -238,6 +247,7 @@ class _CohortCosts:
         self.moe = _LayerVectors([c.moe for c in per_lane]) if True in kinds else None
         self.logits_fwd = np.array([c.logits_fwd_ms for c in per_lane])
         self.logits_bwd = np.array([c.logits_bwd_ms for c in per_lane])
+        self.logits_weights = np.array([c.logits_weights_ms for c in per_lane])
         self.p2p_bytes = np.array([c.p2p_bytes for c in per_lane])
         self.tp_bytes = np.array([float(c.tokens * activation_bytes) for c in per_lane])
 
@@ -297,7 +307,8 @@ class TrainingSim:
         self.dispatches: list[DispatchBatch] = []
         self.dispatch_layers: list[int] = []
         self.expert_tokens = np.zeros(plan.parallel.world_size)
-        self._layer_routes: dict[int, _LayerRoutes] = {}
+        self._layer_routes: dict[tuple[int, int], _LayerRoutes] = {}  # (stage, layer)
+        self._dualpipe = self.par.schedule == "dualpipe"
         self._ready: dict[tuple, simpy.Event] = {}
         self._progress = progress
         self._steps_total = sum(len(self._steps(co.stage)) * len(co.lanes) for co in self.cohorts)
@@ -346,7 +357,27 @@ class TrainingSim:
         )
 
     def _chunk_layers(self, stage: int, chunk: int) -> list[int]:
+        if self._dualpipe:  # chunk 1 is the model stage at the mirrored position
+            return self.layout.stage_layers[dualpipe_position(self.par.pp, stage, chunk)]
         return self.layout.chunk_layers(stage, chunk)
+
+    def _place(self, stage: int, chunk: int) -> tuple[int, bool, bool]:
+        """Virtual stage of ``chunk`` of ``stage`` (the key of its transfers) and whether it is
+        the first / last of its pipeline. DualPipe: ``chunk * pp + position``, each chunk its
+        own pipeline (chunk 1 fed at the last stage)."""
+        p = self.par.pp
+        if self._dualpipe:
+            position = dualpipe_position(p, stage, chunk)
+            return chunk * p + position, position == 0, position == p - 1
+        vstage = chunk * p + stage
+        return vstage, vstage == 0, vstage == p * self.par.virtual_stages - 1
+
+    def _stage_of(self, vstage: int) -> int:
+        """The pipeline stage running virtual stage ``vstage``."""
+        p = self.par.pp
+        if self._dualpipe:  # the position <-> stage map is its own inverse
+            return dualpipe_position(p, vstage % p, vstage // p)
+        return vstage % p
 
     def _costs_of(self, co: Cohort, mb: int) -> _CohortCosts:
         """Per-lane op times of micro-batch ``mb`` (the same on every stage: every stage's
@@ -396,43 +427,51 @@ class TrainingSim:
 
     def _cohort(self, co: Cohort):
         steps = self._steps(co.stage)
-        num_vstages = self.par.pp * self.par.virtual_stages
-        last_b = {st.chunk: i for i, st in enumerate(steps) if st.kind == "B"}
+        # the step completing each chunk's weight gradients: its last full backward or W
+        last_b = {st.chunk: i for i, st in enumerate(steps) if st.kind in ("B", "W")}
+        pairs = set(self._pairs(co.stage))
+        received: dict[int, np.ndarray] = {}  # a pair's backward input, taken with its forward
         buckets = simpy.Store(self.env)
         comm = self.env.process(self._grad_stream(co, buckets))
         grad_state = {"bytes": 0.0, "expert_bytes": 0.0}
         free = np.zeros(len(co.lanes))  # each lane's clock: the end of its last step
         if self._gathers_after_step and self.par.overlap_communication:
             self._param_gather(co, free, blocking=False)
-        partners = self._overlap_partners(steps)
+        partners = self._overlap_partners(steps, co.stage)
         for i, step in enumerate(steps):
-            vstage = step.chunk * self.par.pp + co.stage
+            vstage, first, last = self._place(co.stage, step.chunk)
             self._partner = partners[i]
             layers = self._chunk_layers(co.stage, step.chunk)
             mb = step.microbatch
             costs = self._costs_of(co, mb)
-            last = vstage == num_vstages - 1
             forward = step.kind == "F"
-            if (vstage > 0) if forward else not last:
-                key = ("act" if forward else "grad", vstage, mb)
-                arrived = yield self._event(key)
-                del self._ready[key]
+            start = free
+            if i in received:
+                start = np.maximum(free, received.pop(i))
+            elif (not first) if forward else (step.kind != "W" and not last):
+                arrived = yield from self._receive("act" if forward else "grad", vstage, mb)
                 start = np.maximum(free, arrived)
-            else:
-                start = free
+            if i in pairs:  # DualPipe's F&B step receives both inputs before computing
+                partner = steps[i + 1]
+                p_vstage, _, p_last = self._place(co.stage, partner.chunk)
+                if not p_last:
+                    received[i + 1] = yield from self._receive("grad", p_vstage, partner.microbatch)
+                    start = np.maximum(start, received[i + 1])
+            grads = buckets if last_b.get(step.chunk) == i else None
             if forward:
                 free = self._forward(co, mb, layers, costs, last, start)
+            elif step.kind == "W":
+                free = self._weight_grads(co, mb, layers, costs, last, grads, grad_state, start)
             else:
-                is_last = last_b[step.chunk] == i
                 free = self._backward(
-                    co, mb, layers, costs, last, buckets if is_last else None, grad_state, start
+                    co, mb, layers, costs, last, grads, grad_state, start, step.kind == "I"
                 )
             end = float(free.max())
             yield self._reach(end)
             if forward and not last:
                 self._send(co, vstage + 1, mb, costs.p2p_bytes, "act", free)
             elif not forward:
-                if vstage > 0:
+                if not first and step.kind != "W":
                     self._send(co, vstage - 1, mb, costs.p2p_bytes, "grad", free)
                 self._pipeline_end = max(self._pipeline_end, end)
             self._tick(len(co.lanes))
@@ -450,12 +489,29 @@ class TrainingSim:
         )
         yield from self._optimizer(co, start)
 
-    def _overlap_partners(self, steps) -> list:
+    def _receive(self, what: str, vstage: int, mb: int):
+        """Wait for the activations (gradients) of ``mb`` into ``vstage``; returns the lanes'
+        arrival times."""
+        key = (what, vstage, mb)
+        arrived = yield self._event(key)
+        del self._ready[key]
+        return arrived
+
+    def _pairs(self, stage: int) -> list[int]:
+        """DualPipe's F&B steps of ``stage`` (the index of their forward); none otherwise."""
+        par = self.par
+        return overlapped_pairs(par.schedule, par.pp, par.num_microbatches, stage)
+
+    def _overlap_partners(self, steps, stage: int = 0) -> list:
         """``parallel.overlap_ep_comm``: each step's partner in the 1F1B steady state (a
         forward followed by a backward run as one merged step, Megatron-Core's EP overlap),
-        None outside it or without the option."""
+        under DualPipe in its F&B steps; None outside them or without the option."""
         partners: list = [None] * len(steps)
         if not self.par.overlap_ep_comm or self.par.schedule == "gpipe" or not self.model.moe:
+            return partners
+        if self._dualpipe:
+            for i in self._pairs(stage):
+                partners[i], partners[i + 1] = steps[i + 1], steps[i]
             return partners
         for i in range(len(steps) - 1):
             if steps[i].kind == "F" and steps[i + 1].kind == "B":
@@ -517,12 +573,15 @@ class TrainingSim:
         buckets,
         grad_state,
         t: np.ndarray,
+        defer_weights: bool = False,
     ) -> np.ndarray:
         """Backward of a chunk; on the chunk's last micro-batch each layer's gradients go to
-        the bucket queue when they are ready."""
+        the bucket queue when they are ready. ``defer_weights`` (DualPipe's I step): the input
+        gradients only, the weight-gradient share of each op runs later (:meth:`_weight_grads`)."""
         recompute = self.par.recompute != "none"
         if last:
-            t = self._op(co, Kind.COMPUTE, Op.LOGITS_BWD, t, costs.logits_bwd, -1, mb)
+            w = costs.logits_weights if defer_weights else 0.0
+            t = self._op(co, Kind.COMPUTE, Op.LOGITS_BWD, t, costs.logits_bwd - w, -1, mb)
         gathered = self._gather_ahead(co, list(reversed(layers)), mb, t)
         for layer in reversed(layers):
             if gathered is not None:
@@ -530,20 +589,53 @@ class TrainingSim:
             moe = self.model.is_moe_layer(layer)
             lt = costs.moe if moe else costs.dense
             if moe:
-                t = self._moe_block(co, layer, mb, True, t)
+                t = self._moe_block(co, layer, mb, True, t, defer_weights)
             if recompute:
                 t = self._op(co, Kind.COMPUTE, Op.RECOMPUTE, t, lt.recompute, layer, mb)
                 if lt.cp_recompute:
                     t = self._ring_row(co, t, lt.cp_fwd, lt.cp_fwd_bytes, layer, mb)
                 t = self._tp_rows(co, t, lt.recompute_comm, layer, mb, costs, moe)
             if not moe:
-                t = self._op(co, Kind.COMPUTE, Op.MLP_BWD, t, lt.mlp_bwd, layer, mb)
+                w = lt.mlp_fwd if defer_weights else 0.0
+                t = self._op(co, Kind.COMPUTE, Op.MLP_BWD, t, lt.mlp_bwd - w, layer, mb)
             t = self._tp_rows(co, t, lt.tp_comm, layer, mb, costs, moe)
-            t = self._op(co, Kind.COMPUTE, Op.ATTN_BWD, t, lt.attn_bwd, layer, mb)
+            w = (lt.weights - lt.mlp_fwd) if defer_weights else 0.0
+            t = self._op(co, Kind.COMPUTE, Op.ATTN_BWD, t, lt.attn_bwd - w, layer, mb)
             t = self._ring_row(co, t, lt.cp_bwd, lt.cp_bwd_bytes, layer, mb)
             if self._layer_rs:  # ZeRO-2/3: every micro-batch reduce-scatters the layer
                 self._reduce_scatter_layer(co, layer, mb, t)
             elif buckets is not None:
+                self._add_layer_grads(co, layer, buckets, grad_state, t)
+        return t
+
+    def _weight_grads(
+        self,
+        co: Cohort,
+        mb: int,
+        layers: list[int],
+        costs: _CohortCosts,
+        last: bool,
+        buckets,
+        grad_state,
+        t: np.ndarray,
+    ) -> np.ndarray:
+        """DualPipe's W step: the weight gradients a deferred backward left, layer by layer
+        in the backward's order, recorded as the layer's backward ops (compute only: no
+        communication); the chunk's last W hands each layer's gradients to the buckets."""
+        if last:
+            t = self._op(co, Kind.COMPUTE, Op.LOGITS_BWD, t, costs.logits_weights, -1, mb)
+        for layer in reversed(layers):
+            moe = self.model.is_moe_layer(layer)
+            lt = costs.moe if moe else costs.dense
+            if moe:
+                routes = self._routes(co, layer)
+                t = self._op(
+                    co, Kind.COMPUTE, Op.EXPERT_BWD, t, routes.expert_weights_ms[mb], layer, mb
+                )
+            else:
+                t = self._op(co, Kind.COMPUTE, Op.MLP_BWD, t, lt.mlp_fwd, layer, mb)
+            t = self._op(co, Kind.COMPUTE, Op.ATTN_BWD, t, lt.weights - lt.mlp_fwd, layer, mb)
+            if buckets is not None:
                 self._add_layer_grads(co, layer, buckets, grad_state, t)
         return t
 
@@ -593,9 +685,18 @@ class TrainingSim:
         return t
 
     # ---- MoE: dispatch, experts, combine ---------------------------------------------------
-    def _moe_block(self, co: Cohort, layer: int, mb: int, backward: bool, ready: np.ndarray):
+    def _moe_block(
+        self,
+        co: Cohort,
+        layer: int,
+        mb: int,
+        backward: bool,
+        ready: np.ndarray,
+        defer_weights: bool = False,
+    ):
         """Dispatch, experts, combine (reversed in the backward), from the lanes' ready times;
-        returns the lanes' times after the combine."""
+        returns the lanes' times after the combine. ``defer_weights``: the experts' backward
+        without its weight-gradient share (DualPipe's I step)."""
         first_op, second_op = (
             (Op.A2A_COMBINE, Op.A2A_DISPATCH) if backward else (Op.A2A_DISPATCH, Op.A2A_COMBINE)
         )
@@ -608,7 +709,10 @@ class TrainingSim:
             if backward
             else (Op.EXPERT_FWD, routes.expert_fwd_ms)
         )
-        t = self._op(co, Kind.COMPUTE, op, t, expert_ms[mb], layer, mb)
+        expert_ms = expert_ms[mb]
+        if defer_weights:
+            expert_ms = expert_ms - routes.expert_weights_ms[mb]
+        t = self._op(co, Kind.COMPUTE, op, t, expert_ms, layer, mb)
         if etp_ms is not None:
             t = self._op(co, Kind.COMM, Op.ETP_COMM, t, etp_ms, layer, mb)
         _, t = self._a2a(co, layer, mb, second_op, t)
@@ -620,9 +724,7 @@ class TrainingSim:
         forward dispatch, in FP8 where the dispatcher quantises it. With ``overlap_ep_comm`` a
         steady-state step is blocked only by what the partner micro-batch's compute cannot
         hide. Returns the layer's routes and the lanes' end times."""
-        routes = self._layer_routes.get(layer)
-        if routes is None:
-            routes = self._layer_routes[layer] = self._route_layer(co, layer)
+        routes = self._routes(co, layer)
         durations, lane_bytes = routes.a2a_ms[mb], routes.lane_bytes[mb]
         if fp8 and routes.fp8_dispatch is not None:
             durations, lane_bytes = routes.fp8_dispatch[0][mb], routes.fp8_dispatch[1][mb]
@@ -709,6 +811,14 @@ class TrainingSim:
             found = self._collective_ms[key] = float(ep_cross and shard_cross)
         return bool(found)
 
+    def _routes(self, co: Cohort, layer: int) -> _LayerRoutes:
+        """The cohort's routes of ``layer`` (routed the first time; under DualPipe a layer
+        runs on two stages, each with its own EP groups)."""
+        routes = self._layer_routes.get((co.stage, layer))
+        if routes is None:
+            routes = self._layer_routes[(co.stage, layer)] = self._route_layer(co, layer)
+        return routes
+
     def _a2a_flows(self, co: Cohort, layer: int, mb: int, op: Op, starts, durations):
         """The all-to-alls of one layer and micro-batch as flows on the shared links."""
         key = ("a2a", co.stage, layer, mb, int(op))
@@ -745,8 +855,8 @@ class TrainingSim:
         if precision.is_fp8(self.model) and self.par.moe_dispatcher == "deepep":
             # DeepEP dispatches FP8 tokens (+ scales); the combine stays BF16
             fp8_dispatch = self._a2a_times(co, copies * self._fp8_token_bytes)
-        fwd, bwd, etp_ms = self._expert_times(co, batch, m)
-        return _LayerRoutes(a2a_ms, lane_bytes, fwd, bwd, etp_ms, fp8_dispatch)
+        fwd, bwd, etp_ms, weights = self._expert_times(co, batch, m)
+        return _LayerRoutes(a2a_ms, lane_bytes, fwd, bwd, etp_ms, fp8_dispatch, weights)
 
     def _a2a_times(self, co: Cohort, send: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """All-to-all time per (micro-batch, group) of ``send`` bytes (G, m, ep, ep), and the
@@ -788,7 +898,8 @@ class TrainingSim:
 
     def _expert_times(self, co: Cohort, batch: DispatchBatch, m: int):
         """Per micro-batch and lane: expert time forward and backward (the lane's slowest
-        rank), ETP all-gather time (None without expert TP). Adds the ranks' waits for
+        rank), ETP all-gather time (None without expert TP), and the weight-gradient share of
+        the backward (the forward GEMMs' time, without synchronisation). Adds the ranks' waits for
         their lane's slowest rank to ``rank_idle_ms``."""
         etp, tp, lanes = self.par.expert_tp, self.par.tp, len(co.lanes)
 
@@ -810,11 +921,13 @@ class TrainingSim:
         sync = np.where(received > 0, timer.sync_ms, 0.0)
         if tp == 1:
             fwd, bwd = rank_ms + sync, rank_ms * factor + (sync if full else 0.0)
+            weights = rank_ms
         else:
             fwd_compute = rank_ms.reshape(m, lanes, tp).max(axis=2)
             lane_sync = sync.reshape(m, lanes, tp).max(axis=2)
             fwd = fwd_compute + lane_sync
             bwd = fwd_compute * factor + (lane_sync if full else 0.0)
+            weights = fwd_compute
             idle = (np.repeat(fwd_compute, tp, axis=1) - rank_ms).sum(axis=0)
             idle += (np.repeat(fwd_compute * factor, tp, axis=1) - rank_ms * factor).sum(axis=0)
             self.rec.rank_idle_ms[co.ranks] += idle  # every micro-batch, both directions
@@ -823,7 +936,7 @@ class TrainingSim:
             sizes = received.reshape(m, lanes, tp).max(axis=2) * self._act_bytes
             bandwidth, latency = self._link_vectors([ln.ranks[:etp] for ln in co.lanes])
             etp_ms = all_gather_ms(sizes, etp, bandwidth, latency)
-        return fwd, bwd, etp_ms
+        return fwd, bwd, etp_ms, weights
 
     # ---- pipeline transfers ----------------------------------------------------------------
     def _send(
@@ -831,7 +944,7 @@ class TrainingSim:
     ) -> None:
         """Send every lane's activations (or gradients) to the same replica's lane of the
         next (previous) stage; each lane's transfer starts when the lane is free."""
-        peer = self.cohorts[to_vstage % self.par.pp]
+        peer = self.cohorts[self._stage_of(to_vstage)]
         pairs = [[a.ranks[0], b.ranks[0]] for a, b in zip(co.lanes, peer.lanes, strict=True)]
         duration = p2p_ms(nbytes, *self._link_vectors(pairs))
         if self.net is not None:
@@ -896,7 +1009,11 @@ class TrainingSim:
             buckets.put(None)
 
     def _non_layer_grads(self, stage: int, dense_params: float) -> float:
-        layer_dense = sum(self._layer_grad_bytes(i)[0] for i in self.layout.stage_layers[stage])
+        layer_dense = sum(
+            self._layer_grad_bytes(i)[0]
+            for s in self.layout.held_stages(stage)  # DualPipe: both chunks
+            for i in self.layout.stage_layers[s]
+        )
         return max(0.0, dense_params * GRAD_BYTES - layer_dense)
 
     def _group_of(self, kind: str, rank: int) -> list[int]:
@@ -1195,6 +1312,17 @@ def check_supported(plan: Plan, layout: Layout) -> None:
         )
     if par.virtual_stages > 1 and par.schedule != "interleaved":
         raise EngineError("virtual_stages > 1 needs schedule: interleaved")
+    if par.schedule == "dualpipe":
+        if not dualpipe_valid(par.pp, par.num_microbatches):
+            raise EngineError(
+                f"parallel.schedule: {DUALPIPE_RULE} (its reference implementation's rule); "
+                f"got pp {par.pp}, num_microbatches {par.num_microbatches}"
+            )
+        if par.sharding in ("gradients", "full"):
+            raise EngineError(
+                f"parallel.schedule: dualpipe is simulated with dp_sharding none or optimizer "
+                f"(ZeRO-1), not {par.sharding}"
+            )
     explicit = par.layers_per_stage is not None and len(par.layers_per_stage) > par.pp
     if (
         par.virtual_stages > 1
