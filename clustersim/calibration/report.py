@@ -78,8 +78,8 @@ def markdown(results: Iterable[Mapping[str, Any]], skipped_rows: bool = True) ->
             continue
         if s.get("rows"):
             out += _rows_table(s["rows"])
-        elif s.get("groups"):
-            out += _groups_table(s["groups"])
+        if s.get("groups"):
+            out += ([""] if s.get("rows") else []) + _groups_table(s["groups"])
         out += ["", _summary_line(s["name"], s["summary"])]
         params = {k: v for k, v in (s.get("params") or {}).items() if ":" not in k}
         if params:

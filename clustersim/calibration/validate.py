@@ -14,7 +14,10 @@ Sets (``SETS``):
   its per-query-head decode kernel); the other TensorRT-LLM rows fit nothing;
 * ``kernels``: the component fits of ``fit_kernels`` (Vidur operator profiles) and
   ``fit_attention`` (FlashAttention papers), leave-one-model / one-panel out;
-* ``collectives``: ``fit_comm`` (NCCL, Vidur collectives, DeepEP), leave-one-configuration out.
+* ``collectives``: ``fit_comm`` (NCCL, Vidur collectives, DeepEP), leave-one-configuration out;
+* ``flows``: ``comm_flows``: comm.csv's NCCL bus bandwidths and DeepEP figures as flows over
+  the rows' topologies (NVLink ports, NICs per node, uplinks) through the shared-link solver,
+  a few physical parameters per family, leave-one-row out.
 
 The end-to-end sets run on the packaged calibration data files (what users get), with the
 fitted end-to-end parameters laid over them; fits run in order (``framework_us`` first: the
@@ -35,7 +38,7 @@ import numpy as np
 
 from clustersim.calibration.fit_e2e import Curve, E2ERow, LooFit, Skipped, fit_with_loo
 
-SETS = ("dense", "moe", "fsdp", "serving", "kernels", "collectives")
+SETS = ("dense", "moe", "fsdp", "serving", "kernels", "collectives", "flows")
 TITLES = {
     "dense": "Dense training: Narayanan et al. 2021 Table 1 (Megatron-LM, A100-80GB)",
     "moe": "MoE training: MoE Parallel Folding (Liu et al. 2025) + Megatron-MoE-ModelZoo (H100) "
@@ -44,6 +47,8 @@ TITLES = {
     "serving": "Serving: TensorRT-LLM A100 FP16 and H100 FP8, gpt-fast, SGLang #1401",
     "kernels": "Kernels: Vidur operator profiles + FlashAttention (component fits)",
     "collectives": "Collectives: NCCL / Vidur collectives / DeepEP (component fit)",
+    "flows": "Collectives as flows over the rows' links (shared-link model): NCCL bus "
+    "bandwidth, DeepEP",
 }
 # Grid of each end-to-end parameter (µs). Times are exactly linear in framework_us for the
 # dense plans (every kernel on the critical path, no overlap), so its two ends suffice.
@@ -449,6 +454,43 @@ def collectives_set() -> SetResult:
     return res
 
 
+def flows_set() -> SetResult:
+    """comm_flows: every NCCL bus-bandwidth and DeepEP row as flows, in its own metric."""
+    from clustersim.calibration import comm_flows
+
+    res = SetResult("flows", TITLES["flows"])
+    groups: dict[str, list[Any]] = {}
+    for family in ("nccl", "deepep"):
+        fitted, rows = comm_flows.family_rows(family)
+        res.params.update({f"{family}.{k}": round(v, 4) for k, v in fitted.values.items()})
+        for r in rows:
+            c = r.case
+            res.rows.append(
+                RowResult(
+                    c.row_id,
+                    c.label,
+                    c.metric,
+                    c.published,
+                    r.in_sample,
+                    r.out_of_sample,
+                    None,
+                    True,
+                    note=c.note,
+                )
+            )
+            groups.setdefault(comm_flows.group_of(c), []).append(r)
+    for name, rows in groups.items():
+        e_in = np.array([r.error_in for r in rows])
+        e_oos = np.array([r.error_oos for r in rows])
+        res.groups.append(_group(name, e_in, e_oos))
+    res.notes.append(
+        "errors in the published metric (bus bandwidth, DeepEP bandwidth, low-latency µs); "
+        "every row enters its family's fit; out of sample: the family refitted without the row"
+    )
+    res.notes.extend(comm_flows.NOTES)
+    return res
+
+
 # ---- the whole validation ---------------------------------------------------------------------
 
 
@@ -536,7 +578,8 @@ def run_validation(
                 "GQA decode-throughput rows, which fit attention.decode_l2_gbps (leave-one-out)"
             )
             out.append(res)
-    for name, build in (("kernels", kernels_set), ("collectives", collectives_set)):
+    component = (("kernels", kernels_set), ("collectives", collectives_set), ("flows", flows_set))
+    for name, build in component:
         if name not in wanted:
             continue
         if progress:

@@ -684,7 +684,7 @@ class RequestsSpec(_Strict):
         description="Decode attention kernel: grouped (FlashAttention, FlashInfer, "
         "TensorRT-LLM XQA: each K/V head read once for all its query heads) or per_head (one "
         "thread block per query head, which re-reads its shared K/V head: TensorRT-LLM's "
-        "masked MHA kernel before XQA, vLLM's PagedAttention v1/v2).",
+        "masked MHA kernel, vLLM's PagedAttention v1/v2).",
     )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Share of GPU memory for weights, activations and KV cache."
