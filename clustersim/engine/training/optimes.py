@@ -104,12 +104,15 @@ class MicrobatchCosts:
 
     def _layer(self, moe_layer: bool) -> LayerTimes:
         k, tokens = self._kernels, self.tokens
-        attn = float(k.attention_block_ms(tokens)) + self._core_attention_ms
+        # a dense layer's pre-MLP norm feeds its FC1 alone: fused norm + linear under FP8
+        fused_mlp = not moe_layer
+        attn = float(k.attention_block_ms(tokens, mlp_input_fp8=fused_mlp))
+        attn += self._core_attention_ms
         mlp = 0.0
         if moe_layer:
             attn += float(k.moe_block_ms(tokens))
         else:
-            mlp = float(k.dense_mlp_ms(tokens))
+            mlp = float(k.dense_mlp_ms(tokens, input_fp8=True))
         recompute, tp_comm = self.plan.parallel.recompute, self._tp_comm_ms(moe_layer)
         extra_comm = 0.0
         if recompute == "full":  # the forward again, TP collectives included
