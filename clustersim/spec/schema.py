@@ -302,6 +302,11 @@ class AttentionCalibration(_Strict):
         "(workload.requests.decode_attention: per_head) re-reads the K/V of a shared GQA "
         "head from the L2 cache; null: no such bound.",
     )
+    backward_ratio: float = Field(
+        ge=1,
+        le=10,
+        description="Backward time over forward time of fused (flash) attention in training.",
+    )
 
 
 class MoECalibration(_Strict):
@@ -744,7 +749,7 @@ class RequestsSpec(_Strict):
         description="Decode attention kernel: grouped (FlashAttention, FlashInfer, "
         "TensorRT-LLM XQA: each K/V head read once for all its query heads) or per_head (one "
         "thread block per query head, which re-reads its shared K/V head: TensorRT-LLM's "
-        "masked MHA kernel before XQA, vLLM's PagedAttention v1/v2).",
+        "masked MHA kernel, vLLM's PagedAttention v1/v2).",
     )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Share of GPU memory for weights, activations and KV cache."
