@@ -20,7 +20,9 @@ Speed: flows whose alone interval overlaps no other flow on any link cannot be s
 are settled in one vectorised pass. The event loop runs only over the others, and re-solves
 only the connected component (flows linked through shared links) of the flow that starts or
 ends; if settling them made a flow overlap a flow settled alone, that flow joins and the loop
-runs again (rarely more than twice).
+runs again (rarely more than twice). A component's max-min levels come from a numba kernel
+(``engine.flow_kernels.max_min_group``) working on the CSR arrays directly; ``max_min_rates``
+below is its dense reference (tests hold the two equal).
 """
 
 from __future__ import annotations
@@ -162,8 +164,20 @@ def _event_loop(flows: FlowSet, members: np.ndarray, end: np.ndarray, passive) -
     a flow that is running late: whenever a running flow's projected end moves on, the
     settled flows starting on its links before that end are queued, and at its start such a
     flow joins if one of its links is busy (else it keeps its alone end)."""
+    from clustersim.engine import flow_kernels as kernels  # numba: imported when needed
+
     ptr, links, volume, capacity = flows.ptr, flows.link, flows.volume, flows.capacity
     start_ms, transfer = flows.start_ms, flows.transfer_ms
+    # per flow: its largest link volume and its cap on that scale; per entry: link use per
+    # unit of that scale (the weights of max_min_rates)
+    counts = np.diff(ptr)
+    heaviest_all = np.zeros(flows.size)
+    has = counts > 0
+    heaviest_all[has] = np.maximum.reduceat(volume, ptr[:-1][has]) if has.any() else 0.0
+    safe = np.where(heaviest_all > 0, heaviest_all, 1.0)
+    unit = volume / np.repeat(safe, counts)
+    caps_all = np.where(transfer > 0, heaviest_all / np.where(transfer > 0, transfer, 1.0), 0.0)
+    local_of = np.full(len(capacity), -1, dtype=np.int64)
     passive_link, passive_start, passive_flow = passive
     # one sorted key for (link, start): link + start / horizon, the starts all below horizon
     horizon = float(passive_start.max(initial=0.0)) + 1.0
@@ -177,7 +191,8 @@ def _event_loop(flows: FlowSet, members: np.ndarray, end: np.ndarray, passive) -
     on_link: dict[int, set[int]] = {}
     member = set(members.tolist())
     queued = set(member)
-    starts = [(float(start_ms[f]), f) for f in member]
+    start_list = start_ms.tolist()
+    starts = [(start_list[f], f) for f in member]
     heapq.heapify(starts)
     heap: list[tuple[float, int, int]] = []  # (end time, version, flow)
 
@@ -188,20 +203,26 @@ def _event_loop(flows: FlowSet, members: np.ndarray, end: np.ndarray, passive) -
             found = routes[f] = (ls.tolist(), vs, float(vs.max()), ls)
         return found
 
+    top = horizon * (1 - 1e-12)
+
+    def fraction(t: float) -> float:  # _fraction of one time, without numpy's overhead
+        return (t if 0.0 <= t <= top else (0.0 if t < 0.0 else top)) / horizon
+
     def lookahead(f: int, until: float) -> None:
-        lo = checked.get(f, float(start_ms[f]))
+        lo = checked.get(f, start_list[f])
         if until <= lo:
             return
         checked[f] = until
         ls = routes[f][3]
-        first = np.searchsorted(passive_key, ls + _fraction(lo - EPS, horizon))
-        last = np.searchsorted(passive_key, ls + _fraction(until - EPS, horizon))
-        found = [g for a, b in zip(first.tolist(), last.tolist(), strict=True) if b > a
+        keys = np.concatenate((ls + fraction(lo - EPS), ls + fraction(until - EPS)))
+        bounds = np.searchsorted(passive_key, keys).tolist()
+        half = len(ls)
+        found = [g for a, b in zip(bounds[:half], bounds[half:], strict=True) if b > a
                  for g in passive_flow[a:b].tolist()]  # fmt: skip
         for g in found:
             if g not in queued:
                 queued.add(g)
-                heapq.heappush(starts, (float(start_ms[g]), g))
+                heapq.heappush(starts, (start_list[g], g))
 
     def component(seed: list[int]) -> list[int]:
         seen, stack = set(seed), list(seed)
@@ -221,20 +242,17 @@ def _event_loop(flows: FlowSet, members: np.ndarray, end: np.ndarray, passive) -
         for f in group:  # bring progress up to date at the old rates
             remaining[f] -= rate[f] * (now - updated[f])
             updated[f] = now
-        heaviest = np.array([routes[f][2] for f in group])
-        caps = heaviest / transfer[group]
+        members_of = np.array(group, dtype=np.int64)
+        heaviest = heaviest_all[members_of]
         if len(group) == 1 and all(len(on_link[ln]) == 1 for ln in routes[group[0]][0]):
             _, vs, _, ls = routes[group[0]]  # alone: its own speed, or its tightest link's
-            x = np.array([min(caps[0], float((capacity[ls] / (vs / heaviest[0])).min()))])
+            alone = float((capacity[ls] / (vs / heaviest[0])).min())
+            x = np.array([min(caps_all[group[0]], alone)])
         else:
-            parts = [routes[f] for f in group]
-            used, column = np.unique(np.concatenate([r[3] for r in parts]), return_inverse=True)
-            row = np.repeat(np.arange(len(group)), [len(r[3]) for r in parts])
-            weights = np.zeros((len(group), len(used)))
-            weights[row, column] = np.concatenate([r[1] / r[2] for r in parts])
-            x = max_min_rates(weights, caps, capacity[used])
-        for i, f in enumerate(group):
-            rate[f] = float(x[i] / heaviest[i])
+            x = np.empty(len(group))
+            kernels.max_min_group(members_of, ptr, links, unit, caps_all, capacity, local_of, x)
+        for f, level, scale in zip(group, x.tolist(), heaviest.tolist(), strict=True):
+            rate[f] = level / scale
             version[f] += 1
             finish = now + max(remaining[f], 0.0) / rate[f]
             heapq.heappush(heap, (finish, version[f], f))
