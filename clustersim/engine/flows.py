@@ -86,8 +86,10 @@ def max_min_rates(weights: np.ndarray, caps: np.ndarray, capacity: np.ndarray) -
     return x
 
 
-def solve(flows: FlowSet) -> np.ndarray:
-    """End time (ms) of every flow's transfer under max-min fair sharing of the links."""
+def solve(flows: FlowSet, compiled: bool = True) -> np.ndarray:
+    """End time (ms) of every flow's transfer under max-min fair sharing of the links.
+    ``compiled``: the event loop's numba version (False: the Python reference, same
+    results)."""
     start, transfer = flows.start_ms, flows.transfer_ms
     if flows.size == 0:
         return start + transfer
@@ -103,8 +105,31 @@ def solve(flows: FlowSet) -> np.ndarray:
         # flows settled alone that a delayed flow may still reach: by link, then start
         passive = (busy & ~contended)[index.flow]
         settled = (index.link[passive], index.start[passive], index.flow[passive])
-        _event_loop(flows, np.flatnonzero(contended), end, settled)
+        loop = _event_loop_compiled if compiled else _event_loop
+        loop(flows, np.flatnonzero(contended), end, settled)
     return end
+
+
+def _event_loop_compiled(flows: FlowSet, members: np.ndarray, end: np.ndarray, passive) -> None:
+    """``_event_loop`` run by its numba version (``engine.flow_kernels.event_loop``)."""
+    from clustersim.engine import flow_kernels as kernels  # numba: imported when needed
+
+    ptr, volume, transfer = flows.ptr, flows.volume, flows.transfer_ms
+    counts = np.diff(ptr)
+    heaviest = np.zeros(flows.size)
+    has = counts > 0
+    heaviest[has] = np.maximum.reduceat(volume, ptr[:-1][has]) if has.any() else 0.0
+    unit = volume / np.repeat(np.where(heaviest > 0, heaviest, 1.0), counts)
+    caps = np.where(transfer > 0, heaviest / np.where(transfer > 0, transfer, 1.0), 0.0)
+    passive_link, passive_start, passive_flow = passive
+    horizon = float(passive_start.max(initial=0.0)) + 1.0
+    passive_key = passive_link + _fraction(passive_start, horizon)
+    kernels.event_loop(
+        np.sort(members).astype(np.int64), ptr.astype(np.int64), flows.link.astype(np.int64),
+        volume, unit, heaviest, caps, flows.capacity.astype(np.float64),
+        flows.start_ms.astype(np.float64), passive_key, passive_flow.astype(np.int64), horizon,
+        end,
+    )  # fmt: skip
 
 
 class _LinkIndex:
