@@ -62,7 +62,8 @@ def serving_plan(
 ):
     """A serving benchmark plan: ``preset`` on H100-SXM nodes of up to 8 GPUs (also used by
     serving_cpu_bench.py)."""
-    gpus = parallel["tp"] * parallel["pp"] * parallel["dp"]
+    pools = [parallel[k] for k in ("prefill", "decode") if k in parallel] or [parallel]
+    gpus = sum(p["tp"] * p["pp"] * p["dp"] for p in pools)  # disaggregated: both pools
     raw = {
         "name": f"bench-{name}",
         "model": {"preset": preset},

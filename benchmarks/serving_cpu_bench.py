@@ -15,6 +15,9 @@ Workloads (each run in a fresh process; medians of --repeat):
   tokens, Poisson at 0.5 requests/s, Llama-2-7B on one H100;
 * ``vidur-1gpu-busy``: the same requests at 2 requests/s (larger running batches);
 * ``moe-16gpu``: the same requests on Mixtral-8x7B, TP 2 x PP 2 x DP 4, EP 8 (lockstep);
+* ``vidur-2gpu``, ``vidur-1p1d``: the Vidur-shaped requests at 1 request/s on two H100s,
+  colocated (DP 2) and disaggregated (one prefill + one decode GPU: one KV transfer event
+  per request on top);
 * ``capacity-moe-16gpu``: ``clustersim capacity`` of Mixtral-8x7B on 16 H100 (TP 2 x PP 2 x
   DP 4, EP 8) with 2,000 requests per probe (prompts 128-4,096, outputs 16-512 tokens,
   uniform; TTFT p99 <= 2 s, TPOT p99 <= 50 ms).
@@ -43,6 +46,7 @@ FIXED = {
     "output_len": {"dist": "fixed", "value": 512},
 }
 MOE = {"tp": 2, "pp": 2, "dp": 4, "ep": 8, "etp": 1}
+ONE_P_ONE_D = {"prefill": {"tp": 1, "pp": 1, "dp": 1}, "decode": {"tp": 1, "pp": 1, "dp": 1}}
 CAPACITY_REQUESTS = {
     "num": 2000,
     "rate_per_s": 10.0,
@@ -64,6 +68,8 @@ def make_plan(name: str):
             {},
         ),
         "moe-16gpu": ("mixtral-8x7b", MOE, FIXED, {}),
+        "vidur-2gpu": ("llama-2-7b", {"tp": 1, "pp": 1, "dp": 2}, {**FIXED, "rate_per_s": 1.0}, {}),
+        "vidur-1p1d": ("llama-2-7b", ONE_P_ONE_D, {**FIXED, "rate_per_s": 1.0}, {}),
         "capacity-moe-16gpu": (
             "mixtral-8x7b",
             MOE,
@@ -100,9 +106,17 @@ def run_one(name: str, engine: str = "current") -> dict:
         from clustersim.engine.serving.sim import ServingSim
 
     requests = make_requests(plan)
-    sim = ServingSim(plan, requests)
-    if sim.table is not None:  # build the routing table before timing the engine
-        sim.table.lookup(1)
+    if plan.parallel.disaggregated:
+        from clustersim.engine.serving.disagg import DisaggregatedSim
+
+        sim = DisaggregatedSim(plan, requests)
+        tables = [sim.prefill.table, sim.decode.table]
+    else:
+        sim = ServingSim(plan, requests)
+        tables = [sim.table]
+    for table in tables:  # build the routing tables before timing the engine
+        if table is not None:
+            table.lookup(1)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     result = sim.run()
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
@@ -121,7 +135,14 @@ def run_one(name: str, engine: str = "current") -> dict:
     }
 
 
-NAMES = ("vidur-1gpu", "vidur-1gpu-busy", "moe-16gpu", "capacity-moe-16gpu")
+NAMES = (
+    "vidur-1gpu",
+    "vidur-1gpu-busy",
+    "moe-16gpu",
+    "vidur-2gpu",
+    "vidur-1p1d",
+    "capacity-moe-16gpu",
+)
 
 
 def main() -> None:

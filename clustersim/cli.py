@@ -852,6 +852,15 @@ def search(
             "--attain", help="Serving: share of requests that must be good.", min=0.5, max=1.0
         ),
     ] = 0.99,
+    prefill_gpus: Annotated[
+        str | None,
+        typer.Option(
+            "--prefill-gpus",
+            help="Serving, disaggregated plans (parallel.prefill + parallel.decode): GPUs of "
+            "the prefill pool to try, the decode pool getting the rest, e.g. 2,4,6 (default: "
+            "every eighth of the GPUs).",
+        ),
+    ] = None,
     backend: Annotated[
         Backend,
         typer.Option("--backend", help="local (process pool) or ray (needs the ray extra)."),
@@ -881,10 +890,13 @@ def search(
         valid = "capacity or goodput" if serving else "throughput, latency or cost"
         kind = "a serving" if serving else "a training"
         raise _fail(f"--objective {objective.value}: {kind} plan is searched by {valid}")
+    if prefill_gpus is not None and not plan.parallel.disaggregated:
+        raise _fail("--prefill-gpus: the plan is not disaggregated (set parallel.prefill and "
+                    "parallel.decode)")  # fmt: skip
     if serving:
         _search_serving(plan, plan_file, n, objective.value, tp, pp, ep, max_batch_size,
                         max_batched_tokens, chunked, attain, workers, limit, seed, backend,
-                        output, resume, top, json_out)  # fmt: skip
+                        output, resume, top, json_out, prefill_gpus)  # fmt: skip
     space = SearchSpace(
         gpus=n,
         tp=_int_list(tp, "--tp"),
@@ -940,7 +952,7 @@ def search(
 
 def _search_serving(plan, plan_file, n, objective, tp, pp, ep, max_batch_size,
                     max_batched_tokens, chunked, attain, workers, limit, seed, backend,
-                    output, resume, top, json_out) -> None:  # fmt: skip
+                    output, resume, top, json_out, prefill_gpus=None) -> None:  # fmt: skip
     """``search`` of a serving plan (:mod:`clustersim.explore.serving_search`)."""
     from concurrent.futures.process import BrokenProcessPool
 
@@ -965,6 +977,7 @@ def _search_serving(plan, plan_file, n, objective, tp, pp, ep, max_batch_size,
         max_batch_size=_int_list(max_batch_size, "--max-batch-size"),
         max_num_batched_tokens=_int_list(max_batched_tokens, "--max-batched-tokens"),
         chunked_prefill=tuple(f == "true" for f in flags) if flags else (True, False),
+        prefill_gpus=_int_list(prefill_gpus, "--prefill-gpus"),
     )
     out, inputs = _search_table(plan, plan_file, output, backend)
     try:

@@ -24,12 +24,26 @@ def print_audit(report: AuditReport) -> None:
     """The audit as a summary line plus a findings table."""
     console = Console(width=max(Console().width, 120))
     lay, mem = report.layout, report.memory
-    console.print(
-        f"[bold]{escape(report.plan.name)}[/bold]: {lay.world_size} of {lay.cluster_gpus} GPUs, "
-        f"TP {lay.tp} PP {lay.pp} DP {lay.dp} EP {lay.ep} ETP {lay.etp}; "
-        f"layers per stage {lay.layers_per_stage}; "
-        f"experts per GPU {fmt_value(lay.experts_per_gpu)}"
-    )
+    if report.pools:  # disaggregated: one line per pool
+        console.print(
+            f"[bold]{escape(report.plan.name)}[/bold]: {lay.world_size} of {lay.cluster_gpus} "
+            "GPUs, disaggregated"
+        )
+        for name, pool in report.pools.items():
+            p, pm = pool.layout, pool.memory
+            memory = f"; memory per GPU {pm.memory_per_gpu_gib:.1f} GiB" if pm else ""
+            console.print(
+                f"  {name} pool: {p.world_size} GPUs from rank "
+                f"{report.plan.pool_first_rank(name)}, TP {p.tp} PP {p.pp} DP {p.dp} EP {p.ep} "
+                f"ETP {p.etp}; experts per GPU {fmt_value(p.experts_per_gpu)}{memory}"
+            )
+    else:
+        console.print(
+            f"[bold]{escape(report.plan.name)}[/bold]: {lay.world_size} of {lay.cluster_gpus} "
+            f"GPUs, TP {lay.tp} PP {lay.pp} DP {lay.dp} EP {lay.ep} ETP {lay.etp}; "
+            f"layers per stage {lay.layers_per_stage}; "
+            f"experts per GPU {fmt_value(lay.experts_per_gpu)}"
+        )
     if mem is not None:
         note = f" ({report.memory_note})" if report.memory_note else ""
         console.print(
@@ -387,6 +401,10 @@ SERVING_ROWS = (
         "gpu_utilization_pct_min",
         "gpu_utilization_pct",
     ),
+    ("prefill_gpu_utilization_pct", "prefill pool GPU utilisation", "%", None, None),
+    ("decode_gpu_utilization_pct", "decode pool GPU utilisation", "%", None, None),
+    ("kv_transfer_ms_p50", "KV transfer p50 (prefill to decode pool)", "ms", None, None),
+    ("kv_transfer_ms_p99", "KV transfer p99", "ms", None, None),
     ("prefill_batch_size_p50", "prefill batch p50 (requests per step)", "", None, None),
     ("prefill_batch_size_p99", "prefill batch p99", "", None, None),
     ("decode_batch_size_p50", "decode batch p50 (requests per step)", "", None, None),
@@ -413,10 +431,17 @@ def print_serving(report) -> None:
         )
     )
     serving = report.to_dict()["serving"]
-    console.print(
-        f"{serving['replicas']} replicas; KV cache {serving['kv_cache_gib_per_gpu']:.1f} "
-        f"GiB per GPU ({serving['kv_cache_tokens_per_replica']} tokens per replica)"
-    )
+    for name, pool in serving.get("pools", {}).items():
+        console.print(
+            f"{name} pool: {pool['gpus']} GPUs, {pool['replicas']} replicas; KV cache "
+            f"{pool['kv_cache_gib_per_gpu']:.1f} GiB per GPU "
+            f"({pool['kv_cache_tokens_per_replica']} tokens per replica)"
+        )
+    if "pools" not in serving:
+        console.print(
+            f"{serving['replicas']} replicas; KV cache {serving['kv_cache_gib_per_gpu']:.1f} "
+            f"GiB per GPU ({serving['kv_cache_tokens_per_replica']} tokens per replica)"
+        )
     console.print(f"{report.events} events simulated in {report.wall_s:.2f} s")
     _print_findings(console, report)
 
@@ -704,9 +729,23 @@ SERVING_SEARCH_COLS = (
 )
 
 
+# disaggregated candidates: the split and the prefill pool's degrees before the decode pool's
+DISAGGREGATED_COLS = (
+    ("split", "split"),
+    ("prefill_gpus", "P GPUs"),
+    ("prefill_tp", "P TP"),
+    ("prefill_ep", "P EP"),
+    ("tp", "D TP"),
+    ("ep", "D EP"),
+)
+
+
 def _serving_search_table(title: str, rows, objective: str) -> Table:
     capacity_only = ("capacity_req_per_s", "capacity_req_per_s_per_gpu", "limiting_slo")
     cols = [c for c in SERVING_SEARCH_COLS if objective == "capacity" or c[0] not in capacity_only]
+    if any(row.get("split") for row in rows):  # the plain degrees are the decode pool's
+        plain = ("tp", "pp", "dp", "ep", "etp")  # in the split and DISAGGREGATED_COLS
+        cols = [cols[0], *DISAGGREGATED_COLS] + [c for c in cols[1:] if c[0] not in plain]
     table = Table(title=title, title_justify="left")
     for _key, label in cols:
         table.add_column(label, justify="right")

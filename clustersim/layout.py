@@ -39,14 +39,20 @@ class Coords:
 
 
 class Layout:
-    """The parallel layout of a plan. Pure arithmetic; no validation beyond what it needs."""
+    """The parallel layout of a plan. Pure arithmetic; no validation beyond what it needs.
+
+    A disaggregated plan (``parallel.prefill`` and ``parallel.decode``) places the prefill
+    pool on ranks ``0 .. P-1`` and the decode pool on ``P .. P+D-1``; its layout counts both
+    in ``world_size`` and is otherwise the decode pool's (each pool's own layout is
+    ``Layout(plan.pool(name))``)."""
 
     def __init__(self, plan: Plan):
         par, hw = plan.parallel, plan.hardware
         self.plan = plan
         self.tp, self.cp, self.dp, self.pp = par.tp, par.cp, par.dp, par.pp
         self.etp, self.ep = par.expert_tp, par.ep
-        self.world_size = par.world_size
+        self.world_size = par.world_size  # disaggregated: both pools (the rest: decode pool)
+        self.pool_world_size = par.pool_world_size
         self.gpus_per_node = hw.gpus_per_node
         self.nvlink_domain_gpus = hw.nvlink_domain
         self.cluster_gpus = hw.num_gpus
@@ -77,13 +83,13 @@ class Layout:
     # ---- groups --------------------------------------------------------------------------
     @cached_property
     def _dense_grid(self) -> np.ndarray:
-        return np.arange(self.world_size).reshape(self.pp, self.dp, self.cp, self.tp)
+        return np.arange(self.pool_world_size).reshape(self.pp, self.dp, self.cp, self.tp)
 
     @cached_property
     def _expert_grid(self) -> np.ndarray | None:
         if not self.expert_folding_ok:
             return None
-        return np.arange(self.world_size).reshape(self.pp, self.edp, self.ep, self.etp)
+        return np.arange(self.pool_world_size).reshape(self.pp, self.edp, self.ep, self.etp)
 
     def groups(self, kind: str) -> list[list[int]]:
         """All process groups of one kind (one of ``GROUP_KINDS``), each a list of ranks."""
@@ -230,4 +236,4 @@ class Layout:
     @property
     def ep_groups(self) -> int:
         """Number of expert-parallel groups in the whole cluster."""
-        return self.world_size // self.ep if self.expert_folding_ok else 0
+        return self.pool_world_size // self.ep if self.expert_folding_ok else 0

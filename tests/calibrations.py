@@ -15,7 +15,12 @@ ROOFLINE: dict[str, Any] = {
     "gemm": {"efficiency": 0.6, "half_dim": 0.0, "memory_efficiency": 1.0},
     "memory": {"efficiency": 1.0, "elementwise_efficiency": 1.0},
     "kernel": {"fixed_us": 0.0, "launch_us": 0.0, "graph_launch_us": 0.0, "framework_us": 0.0},
-    "attention": {"efficiency": 0.6, "half_seq": 0.0, "decode_memory_efficiency": 1.0},
+    "attention": {
+        "efficiency": 0.6,
+        "half_seq": 0.0,
+        "decode_memory_efficiency": 1.0,
+        "backward_ratio": 2.0,
+    },
     "moe": {
         "dropless_sync_us": 0.0,
         "deepep_intra_node_gbps": 150.0,

@@ -190,3 +190,17 @@ def test_a_burst_is_not_a_sustained_rate():
     )
     assert not above.steady and above.metrics["goodput_pct"] == 100.0  # SLOs met, a burst
     assert d["capacity_req_per_s"] < 1e6
+
+
+def test_probes_stopped_early_report_null_latencies_not_numbers():
+    """An overloaded probe stops once too many requests missed their limits: the curve keeps
+    its rate and verdict but no latency or goodput (none was measured to the end)."""
+    cap = find_capacity(plan_with(num=300))
+    stopped = [p for p in cap.curve() if p["stopped_early"]]
+    assert stopped, cap.curve()
+    for point in stopped:
+        assert point["holds"] is False
+        for key in ("ttft_ms_p99", "tpot_ms_p99", "goodput_pct", "goodput_req_per_s"):
+            assert point[key] is None, (key, point)
+    measured = [p for p in cap.curve() if not p["stopped_early"]]
+    assert all(p["ttft_ms_p99"] is not None and p["goodput_pct"] is not None for p in measured)

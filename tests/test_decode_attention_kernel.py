@@ -6,6 +6,8 @@ head of a GQA group is read once per query head, the re-reads from L2 at
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from serving_plans import DENSE, make_plan
 
 from clustersim.costs.kernels import KernelTimer
@@ -169,3 +171,38 @@ def test_only_gqa_decode_rows_of_the_per_head_engine_fit_the_l2_rate():
     # TensorRT-LLM v0.6.1 peak-throughput rows of LLaMA-70B and Falcon-180B (GQA), H100 FP8
     # and A100 FP16; never GPT-J / LLaMA-7B (MHA) nor the first-token (prefill) rows
     assert fitting == {f"S00{n}" for n in (*range(61, 69), *range(77, 82))}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kv_heads=st.sampled_from([1, 2, 4, 8, 64]),
+    tp=st.sampled_from([1, 2, 4, 8]),
+    batch=st.integers(1, 512),
+    context=st.integers(1, 32768),
+    l2_gbps=st.floats(500.0, 20000.0),
+)
+def test_per_head_decode_is_never_faster_and_equal_without_sharing(
+    kv_heads, tp, batch, context, l2_gbps
+):
+    """Whatever the GQA ratio, TP, batch, context and L2 rate: a per-head kernel's decode
+    attention is never faster than a grouped kernel's, and exactly as fast when each GPU holds
+    one query head per K/V head (MHA) or the re-reads are cheaper than one HBM read."""
+    cal = {"attention": {"decode_l2_gbps": l2_gbps}}
+    model = {**LLAMA_70B, "num_kv_heads": kv_heads}
+    hw = {"calibration": cal, "gpus_per_node": tp}
+    par = {"tp": tp}
+    out = {}
+    for kernel in ("grouped", "per_head"):
+        plan = make_plan(
+            GQA_PLAN, model=model, hardware=hw, parallel=par, requests={"decode_attention": kernel}
+        )
+        costs = step_costs(plan, Layout(plan))
+        parts = costs.parts(float(batch), float(batch))
+        kv = float(batch * context)
+        out[kernel] = (core_attention_ms(parts, kv, kv, float(batch), costs), costs)
+    grouped, per_head = out["grouped"][0], out["per_head"][0]
+    assert per_head >= grouped
+    rereads = out["per_head"][1].kv_rereads
+    k = out["per_head"][1].graph
+    if rereads == 1.0 or rereads / (l2_gbps * 1e9) <= 1.0 / k._kv_byte_s:
+        assert per_head == grouped

@@ -220,3 +220,86 @@ def test_hsdp_reduce_scatters_in_the_shard_group_then_all_reduces_across_replica
     expected_rs += 2 * (1 / 2) * (rs_bytes / 4) * per_byte + 2 * INTRA_LAT_MS
     np.testing.assert_allclose(rs_ms, expected_rs, rtol=1e-9)
     np.testing.assert_allclose(ag_ms, 3 / 4 * ag_bytes * per_byte + 3 * INTRA_LAT_MS, rtol=1e-9)
+
+
+# ---- the EP all-to-all and the sharding stream on the same NICs ------------------------------
+
+
+def _fluid_finish_ms(a_ms: float, b_ms: float, dt: float) -> tuple[float, float]:
+    """Finish times of two transfers needing ``a_ms`` and ``b_ms`` alone, started together on
+    one link shared fairly (each gets half while both run), by stepping time ``dt``."""
+    left, t, done = [a_ms, b_ms], 0.0, [0.0, 0.0]
+    while left[0] > 0 or left[1] > 0:
+        active = [i for i in (0, 1) if left[i] > 0]
+        rate = 1.0 / len(active)
+        t += dt
+        for i in active:
+            left[i] -= rate * dt
+            if left[i] <= 0:
+                done[i] = t
+    return done[0], done[1]
+
+
+@pytest.mark.parametrize(("a", "b"), [(1.0, 3.0), (2.0, 2.0), (5.0, 0.5), (0.7, 0.0)])
+def test_fair_share_delay_matches_a_fluid_simulation(a, b):
+    """Each of two transfers sharing a link ends min(a, b) later than alone."""
+    from clustersim.costs.sharding import fair_share_delay_ms
+
+    done_a, done_b = _fluid_finish_ms(a, b, 1e-4)
+    delay = fair_share_delay_ms(a, b)
+    assert done_a == pytest.approx(a + delay, abs=1e-3)
+    if b > 0:
+        assert done_b == pytest.approx(b + delay, abs=1e-3)
+    assert fair_share_delay_ms(a, -1.0) == 0.0  # an idle stream (its clock behind) costs nothing
+
+
+def _moe_plan(sharding: str, gpus_per_node: int) -> Plan:
+    """Mixtral-shaped 2-layer MoE, EP 8 x DP 16 over 16 GPUs: nodes of 8 keep the EP group
+    on NVLink (the sharding collectives cross nodes); nodes of 4 put both across nodes."""
+    return plan_from_dict(
+        {
+            "model": {"preset": "mixtral-8x7b", "num_layers": 2, "moe": {"routing": "even"}},
+            "hardware": {
+                "gpu": "H100-SXM",
+                "num_nodes": 16 // gpus_per_node,
+                "gpus_per_node": gpus_per_node,
+                "calibration": {"collectives": ROOFLINE["collectives"]},
+            },
+            "parallel": {
+                "tp": 1,
+                "pp": 1,
+                "dp": 16,
+                "ep": 8,
+                "dp_sharding": sharding,
+                "num_microbatches": 2,
+            },
+            "workload": {"seq_len": {"dist": "fixed", "value": 1024}},
+        },
+        "test",
+    )
+
+
+def _a2a_ms(report) -> np.ndarray:
+    cols = report.recorder.columns()
+    sel = (cols["op"] == Op.A2A_DISPATCH) | (cols["op"] == Op.A2A_COMBINE)
+    order = np.lexsort((cols["layer"][sel], cols["microbatch"][sel], cols["start_ms"][sel]))
+    return (cols["end_ms"] - cols["start_ms"])[sel][order]
+
+
+def test_all_to_all_inside_a_node_does_not_share_the_nics_with_fsdp():
+    """EP on NVLink, FSDP collectives on the NICs: every all-to-all lasts as without
+    sharding (ZeRO-1)."""
+    z1 = _a2a_ms(simulate(_moe_plan("optimizer", 8)))
+    z3 = _a2a_ms(simulate(_moe_plan("full", 8)))
+    np.testing.assert_allclose(np.sort(z3), np.sort(z1), rtol=1e-12)
+
+
+def test_all_to_all_across_nodes_shares_the_nics_with_fsdp():
+    """EP and FSDP both across nodes: an all-to-all running while the sharding stream is busy
+    takes longer than alone, at most twice as long (fair sharing); at least one is slowed."""
+    z1 = np.sort(_a2a_ms(simulate(_moe_plan("optimizer", 4))))
+    z3 = np.sort(_a2a_ms(simulate(_moe_plan("full", 4))))
+    assert len(z1) == len(z3)
+    assert np.all(z3 >= z1 * (1 - 1e-12))
+    assert np.all(z3 <= 2 * z1 * (1 + 1e-12))
+    assert np.any(z3 > z1 * (1 + 1e-6))

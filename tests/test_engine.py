@@ -22,6 +22,7 @@ from clustersim.engine.recorder import Kind, Op, Recorder
 from clustersim.engine.training.optimes import (
     GRAD_BYTES,
     OPTIMIZER_BYTES_PER_PARAM,
+    MicrobatchCosts,
     kernel_timer,
 )
 from clustersim.engine.training.sim import TrainingSim
@@ -37,6 +38,8 @@ FREE_KERNELS = {
     "gemm": {"half_dim": 0.0},
     "memory": {"efficiency": 1.0, "elementwise_efficiency": 1.0},
     "kernel": {"fixed_us": 0.0, "launch_us": 0.0, "graph_launch_us": 0.0, "framework_us": 0.0},
+    # FlashAttention's backward as 2x its forward, like the GEMMs: every backward is 2x
+    "attention": {"backward_ratio": 2.0},
     "collectives": ROOFLINE["collectives"],
 }
 FORWARD_OPS = [op for op in Op if op.name.endswith("_FWD")]  # compute of a forward step
@@ -289,11 +292,15 @@ def test_one_gpu_iteration_is_the_sum_of_its_ops():
     assert metrics["bubble_pct"] == pytest.approx(0, abs=1e-9)
     # the ops run back to back: each starts where the previous ended
     np.testing.assert_allclose(cols["start_ms"][1:], cols["end_ms"][:-1], rtol=0, atol=1e-9)
-    # backward = 2 x forward, op by op
+    # backward = 2 x forward, op by op, except FlashAttention's core attention:
+    # attention.backward_ratio x its forward
+    ratio = plan.hardware.calibration.attention.backward_ratio
+    core = MicrobatchCosts(plan, [0], np.array([1024]))._core_attention_ms
     for fwd, bwd in ((Op.ATTN_FWD, Op.ATTN_BWD), (Op.MLP_FWD, Op.MLP_BWD)):
         f, b = cols["duration"][cols["op"] == fwd], cols["duration"][cols["op"] == bwd]
         assert len(f) == len(b) == m * DENSE["num_layers"]
-        assert b.sum() == pytest.approx(2 * f.sum(), rel=1e-12)
+        extra = (ratio - 2.0) * core * len(f) if fwd == Op.ATTN_FWD else 0.0
+        assert core > 0 and b.sum() == pytest.approx(2 * f.sum() + extra, rel=1e-12)
     # output layer: logits GEMM + cross-entropy memory passes; backward two GEMMs per GEMM
     f, b = (cols["duration"][cols["op"] == op] for op in (Op.LOGITS_FWD, Op.LOGITS_BWD))
     assert len(f) == len(b) == m

@@ -295,3 +295,81 @@ def test_gb200_preset_is_one_nvl72_domain():
     assert plans[0].hardware.nvlink_domain == 72 and len(gb200.groups("ep")[0]) == 64
     assert not gb200.crosses_nvlink_domain("ep")
     assert h100.crosses_nvlink_domain("ep")
+
+
+# ---- quantise fused into the norm before the GEMM (Transformer Engine, training) -------------
+
+
+def _quantise_kernel_ms(plan: Plan, tokens: float, width: float, copies: int) -> float:
+    """One stand-alone tensorwise quantise kernel by hand: read BF16 (2 bytes), write
+    ``copies`` FP8 copies (1 byte each) of tokens x width elements at the element-wise HBM
+    rate, plus the kernel's fixed GPU time; the stream advances by the larger of that (plus
+    the inter-kernel gap) and the host's launch, plus the framework time."""
+    cal, hw = plan.hardware.calibration, plan.hardware
+    rate = hw.hbm_bandwidth_gbps * 1e9 * cal.memory.elementwise_efficiency
+    gpu_ms = tokens * width * (2 + copies) / rate * 1e3 + cal.kernel.fixed_us * 1e-3
+    busy = gpu_ms + cal.kernel.graph_launch_us * 1e-3
+    return max(busy, cal.kernel.launch_us * 1e-3) + cal.kernel.framework_us * 1e-3
+
+
+def test_fused_norm_quantise_saves_the_quantise_kernels_by_hand():
+    """Tensorwise FP8 training of a dense MHA layer (Megatron-Core: TELayerNormColumnParallel
+    Linear for QKV and FC1, whose norm writes the FP8 copies): the norm moves 2 + 2 x 1 bytes
+    per element instead of 2 + 2, so exactly the two stand-alone quantise kernels (QKV and FC1
+    inputs, h wide) disappear; the output projection and FC2 still quantise. An MoE layer's
+    pre-MLP norm also feeds the router: only the QKV one goes."""
+    plan = make_plan(with_dtype(SMALL, "fp8", "tensorwise"))
+    fused = KernelTimer(plan.model, plan.hardware, training=True)
+    plain = KernelTimer(plan.model, plan.hardware, training=True)
+    plain.fuse_quantise = False
+    assert fused.fuse_quantise
+    h, tokens = SMALL["hidden_size"], 4096.0
+    one = _quantise_kernel_ms(plan, tokens, h, copies=2)
+    dense_fused = fused.attention_block_ms(tokens, mlp_input_fp8=True) + fused.dense_mlp_ms(
+        tokens, input_fp8=True
+    )
+    dense_plain = plain.attention_block_ms(tokens, mlp_input_fp8=True) + plain.dense_mlp_ms(
+        tokens, input_fp8=True
+    )
+    assert dense_plain - dense_fused == pytest.approx(2 * one, rel=1e-9)
+    moe_saving = plain.attention_block_ms(tokens) - fused.attention_block_ms(tokens)
+    assert moe_saving == pytest.approx(one, rel=1e-9)
+
+
+def test_fused_quantise_mla_up_projections_only():
+    """MLA (Megatron-Core's spec: input norm a separate TENorm, q/kv down-projections TELinear,
+    up-projections TELayerNormColumnParallelLinear fused with the latent norms): the quantise
+    kernels of the two latents (q_lora and kv_lora wide) go, the down-projections' stay."""
+    plan = plan_from_dict(
+        {
+            "model": {"preset": "deepseek-v3", "num_layers": 4, "dtype": "fp8",
+                      "fp8_recipe": "tensorwise"},
+            "hardware": {"gpu": "H100-SXM", "num_nodes": 1, "gpus_per_node": 8},
+            "parallel": {"tp": 1, "pp": 1, "dp": 8, "ep": 8},
+            "workload": {"seq_len": {"dist": "fixed", "value": 4096}},
+        },
+        "test",
+    )  # fmt: skip
+    fused = KernelTimer(plan.model, plan.hardware, training=True)
+    plain = KernelTimer(plan.model, plan.hardware, training=True)
+    plain.fuse_quantise = False
+    mla, tokens = plan.model.mla, 4096.0
+    saving = plain.attention_block_ms(tokens) - fused.attention_block_ms(tokens)
+    expected = _quantise_kernel_ms(plan, tokens, mla.q_lora_rank, 2) + _quantise_kernel_ms(
+        plan, tokens, mla.kv_lora_rank, 2
+    )
+    assert saving == pytest.approx(expected, rel=1e-9)
+
+
+def test_no_fusion_for_serving_or_bf16():
+    """The fusion is Transformer Engine's training path: inference timers and BF16 plans
+    keep their kernels (the flags change nothing)."""
+    fp8 = make_plan(with_dtype(SMALL, "fp8", "tensorwise"))
+    serving = KernelTimer(fp8.model, fp8.hardware, training=False)
+    bf16 = make_plan(SMALL)
+    for timer in (serving, KernelTimer(bf16.model, bf16.hardware, training=True)):
+        assert not timer.fuse_quantise
+        assert timer.attention_block_ms(512.0, mlp_input_fp8=True) == timer.attention_block_ms(
+            512.0
+        )
+        assert timer.dense_mlp_ms(512.0, input_fp8=True) == timer.dense_mlp_ms(512.0)

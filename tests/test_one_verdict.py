@@ -13,8 +13,10 @@ from clustersim.cli import app
 from clustersim.explore.backends import simulate_candidate
 from clustersim.spec import load_plan
 
-SEEDS = Path(__file__).resolve().parent.parent / "configs" / "seeds"
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SEEDS = CONFIGS / "seeds"
 PLANS = sorted(p.name for p in SEEDS.glob("*.yaml"))
+EXAMPLES = sorted(p.name for p in CONFIGS.glob("*.yaml"))  # example plans beside the seeds
 FAST = ("000_required.yaml", "001_current.yaml", "001_required.yaml", "002_current.yaml")
 PAIRS = {p: p.replace("current", "required") for p in PLANS if "current" in p}
 PAIRS.update({v: k for k, v in PAIRS.items()})
@@ -39,15 +41,15 @@ def _key(data: dict) -> tuple:
     return findings, data["metrics"], unchecked, data["exit_code"], data["assumptions"]
 
 
-def _same_verdict(name: str) -> None:
-    path = str(SEEDS / name)
+def _same_verdict(name: str, folder: Path = SEEDS) -> None:
+    path = str(folder / name)
     check, check_rc = _json("check", path)
     run, run_rc = _json("run", path)
     assert check_rc == run_rc == check["exit_code"]
     assert _key(check) == _key(run)
     assert check["layout"] == run["layout"] and check["simulation_note"] == run["simulation_note"]
-    pair = PAIRS.get(name, name)
-    if (SEEDS / pair).exists():
+    pair = PAIRS.get(name, name) if folder == SEEDS else None
+    if pair is not None and (SEEDS / pair).exists():
         both, rc = _json("compare", path, str(SEEDS / pair))
         assert (
             _key(both["results"][0]) == _key(check)
@@ -67,6 +69,11 @@ def _same_verdict(name: str) -> None:
 @pytest.mark.parametrize("name", FAST)
 def test_every_verb_gives_the_same_verdict(name):
     _same_verdict(name)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_every_verb_gives_the_same_verdict_on_the_examples(name):
+    _same_verdict(name, CONFIGS)
 
 
 @pytest.mark.slow

@@ -267,6 +267,19 @@ def test_deepseek_v3_61_layers_over_pp8_vpp4_by_hand():
     assert st.layout_61(61, 16, mtp=True) == [3] + [4] * 14 + [3]
 
 
+def test_megatron_bridge_rows_take_their_recipe_dispatcher():
+    """Megatron-Bridge's DeepSeek-V3 tables print no dispatcher; its performance recipes
+    enable DeepEP with the EP all-to-all overlap on DGX-H100 and the all-to-all dispatcher
+    without overlap on Blackwell (B200 / GB200 / GB300)."""
+    table = {r["row_id"]: r for r in st.moe_table()}
+    for row_id in ("T0119", "T0120", "T0121"):  # DGX-H100
+        par = st.moe_plan(table[row_id]).parallel
+        assert (par.moe_dispatcher, par.overlap_ep_comm) == ("deepep", True), row_id
+    for row_id in ("T0128", "T0134", "T0140"):  # DGX-B200, DGX-GB200, DGX-GB300
+        par = st.moe_plan(table[row_id]).parallel
+        assert (par.moe_dispatcher, par.overlap_ep_comm) == ("alltoall", False), row_id
+
+
 def test_deepseek_tokens_per_gpu_is_tokens_over_time():
     """tokens/s/GPU = GBS x seq / iteration time / GPUs (the Megatron-Bridge definition)."""
     table = {r["row_id"]: r for r in st.moe_table()}

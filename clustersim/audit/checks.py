@@ -8,8 +8,9 @@ simulation (latency, throughput, ...) are listed in ``unchecked`` instead of bei
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from clustersim.audit.findings import Finding
@@ -89,6 +90,7 @@ class AuditReport:
     metrics: dict[str, Any] | None = None  # filled when the plan was also simulated
     simulation_note: str = ""
     assumptions: list[Any] = field(default_factory=list)  # evaluate.Assumption
+    pools: dict[str, AuditReport] | None = None  # disaggregated: each pool's own audit
 
     @property
     def errors(self) -> list[Finding]:
@@ -101,7 +103,17 @@ class AuditReport:
         return bool(self.errors)
 
     def layout_dict(self) -> dict[str, Any]:
-        """The ``layout`` object of the output contract."""
+        """The ``layout`` object of the output contract; disaggregated, the decode pool's
+        degrees at the top level, both pools' GPUs in ``world_size`` and each pool's layout
+        under ``prefill`` and ``decode``."""
+        if self.pools:
+            out = self.pools["decode"].layout_dict()
+            out["world_size"] = self.layout.world_size
+            out["disaggregated"] = True
+            for name, pool in self.pools.items():
+                out[name] = pool.layout_dict()
+                out[name]["first_rank"] = self.plan.pool_first_rank(name)
+            return out
         lay = self.layout
         return {
             "world_size": lay.world_size,
@@ -123,7 +135,18 @@ class AuditReport:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object of the output contract (metrics are null until simulated)."""
+        """The JSON object of the output contract (metrics are null until simulated);
+        disaggregated, ``memory`` is the pool with the most memory per GPU and
+        ``pool_memory`` has both."""
+        out = self._to_dict()
+        if self.pools:
+            out["pool_memory"] = {
+                name: pool.memory.to_dict() if pool.memory else None
+                for name, pool in self.pools.items()
+            }
+        return out
+
+    def _to_dict(self) -> dict[str, Any]:
         return {
             "plan": self.plan.name,
             "layout": self.layout_dict(),
@@ -139,6 +162,8 @@ class AuditReport:
 
 def audit(plan: Plan) -> AuditReport:
     """Audit a validated plan: every constraint, claim and statically decidable target."""
+    if plan.parallel.disaggregated:
+        return audit_disaggregated(plan)
     ctx = AuditContext(plan, Layout(plan))
     try:
         ctx.memory, ctx.memory_note = _memory_for(plan, ctx.layout)
@@ -158,6 +183,111 @@ def audit(plan: Plan) -> AuditReport:
     ):
         unchecked.insert(0, "claims.ep_groups")  # EP groups are only counted on a folding layout
     return AuditReport(plan, ctx.layout, ctx.memory, findings, unchecked, ctx.memory_note)
+
+
+POOLS = ("prefill", "decode")
+_PARALLEL_KNOB = re.compile(r"\bparallel\.(?=[a-z_]+\b)")
+
+
+def audit_disaggregated(plan: Plan) -> AuditReport:
+    """Audit a disaggregated plan: every check of one deployment on each pool (its layout,
+    divisibility, memory per GPU; its findings name the pool's fields, ``parallel.decode.tp``,
+    an out-of-memory pool ``parallel.<pool>``), the GPUs of both pools against the
+    cluster's, and the claims on the decode pool (``claims.total_gpus`` on both pools)."""
+    reports: dict[str, AuditReport] = {}
+    findings: list[Finding] = []
+    seen: dict[tuple[str, str], int] = {}
+    for name in POOLS:
+        pooled = plan.pool(name)
+        ctx = AuditContext(pooled, Layout(pooled))
+        try:
+            ctx.memory, ctx.memory_note = _memory_for(pooled, ctx.layout)
+        except ValueError as exc:
+            ctx.memory_error = str(exc)
+            ctx.memory_note = f"not computed: {exc}"
+        checks = [c for c in CHECKS if c is not check_world_size]
+        if name == "prefill":
+            checks = [c for c in checks if c is not check_claims]
+        raw = [f for check in checks for f in check(ctx)]
+        if name == "decode":  # the plan's GPUs are both pools': claimed against the sum
+            raw = [f for f in raw if f.node != "claims.total_gpus"]
+        own = [_pool_finding(f, name) for f in raw]
+        for f, pooled_f in zip(raw, own, strict=True):
+            key = (f.node, f.message)
+            if key in seen and pooled_f.node == f.node:  # in both pools alike: once, as is
+                findings[seen[key]] = f
+                continue
+            seen[key] = len(findings)
+            findings.append(pooled_f)
+        reports[name] = AuditReport(pooled, ctx.layout, ctx.memory, own, [], ctx.memory_note)
+    layout = Layout(plan)
+    findings = _pool_world_size(plan) + findings
+    claimed = plan.claims.total_gpus
+    if claimed is not None and claimed != layout.world_size:
+        findings.append(
+            _count_claim("total_gpus", claimed, layout.world_size, "prefill + decode pools")
+        )
+    unchecked = [f"claims.{k}" for k in SIMULATED_CLAIMS if getattr(plan.claims, k) is not None]
+    unchecked += [f"targets.{k}" for k in SIMULATED_TARGETS if getattr(plan.targets, k) is not None]
+    relative = plan.claims.relative
+    if relative is not None:
+        unchecked += [f"claims.relative.{k}" for k, v in relative if v is not None]
+    memories = [(r.memory, r.memory_note) for r in reports.values() if r.memory is not None]
+    memory, note = None, "not computed: fix the parallel layout of both pools first"
+    if len(memories) == len(POOLS):
+        memory, note = max(memories, key=lambda m: m[0].memory_per_gpu_gib)
+        pool = POOLS[[m for m, _ in memories].index(memory)]
+        note = f"{pool} pool (the most per GPU)" + (f"; {note}" if note else "")
+    report = AuditReport(plan, layout, memory, findings, unchecked, note)
+    report.pools = reports
+    return report
+
+
+def _pool_finding(f: Finding, pool: str) -> Finding:
+    """A finding of one pool's audit, in the disaggregated plan's terms: ``parallel.*`` nodes
+    and fixes under ``parallel.<pool>``, out of memory on ``parallel.<pool>``, the message
+    prefixed with the pool."""
+    node = f.node
+    if node == "parallel" or node.startswith("parallel."):
+        node = f"parallel.{pool}" + node.removeprefix("parallel")
+    elif node == "hardware.memory_gib":
+        node = f"parallel.{pool}"
+    fix = _PARALLEL_KNOB.sub(f"parallel.{pool}.", f.fix)
+    return replace(f, node=node, message=f"{pool} pool: {f.message}", fix=fix)
+
+
+def _pool_world_size(plan: Plan) -> list[Finding]:
+    """GPUs of both pools against the GPUs the cluster has."""
+    par, hw = plan.parallel, plan.hardware
+    p, d = par.prefill.pool_world_size, par.decode.pool_world_size
+    world, cluster = p + d, hw.num_gpus
+    product = f"prefill {p} + decode {d} = {world}"
+    if world > cluster:
+        return [
+            Finding(
+                "parallel",
+                "error",
+                f"needs {world} GPUs ({product}), the cluster has {cluster} "
+                f"({hw.num_nodes} nodes x {hw.gpus_per_node})",
+                f"add nodes ({-(-world // hw.gpus_per_node)} nodes of {hw.gpus_per_node}), "
+                "or lower parallel.prefill.dp / parallel.decode.dp",
+                claimed=cluster,
+                computed=world,
+            )
+        ]
+    if world < cluster:
+        return [
+            Finding(
+                "parallel",
+                "warning",
+                f"uses {world} of the cluster's {cluster} GPUs ({product}); "
+                f"{cluster - world} stay idle",
+                "raise parallel.prefill.dp or parallel.decode.dp to use them",
+                claimed=cluster,
+                computed=world,
+            )
+        ]
+    return []
 
 
 def _memory_for(plan: Plan, layout: Layout) -> tuple[MemoryReport | None, str]:

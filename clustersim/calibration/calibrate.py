@@ -79,6 +79,7 @@ ATTENTION_FIELDS = (
     "attention.efficiency",
     "attention.half_seq",
     "attention.decode_memory_efficiency",
+    "attention.backward_ratio",
 )
 
 
@@ -192,6 +193,20 @@ def _attention_notes(fit: AttentionFit, prefix: str = "") -> list[str]:
         f"{_pct(e.out_of_sample.median)} out-of-sample (refit without each panel)",
         f"{prefix}attention.decode_memory_efficiency = memory.efficiency (KV cache streamed like "
         "the residual adds; no decode-attention measurement)",
+        *_backward_notes(fit, prefix),
+    ]
+
+
+def _backward_notes(fit: AttentionFit, prefix: str) -> list[str]:
+    b = fit.backward
+    if b is None:
+        return []
+    e = b.errors
+    return [
+        f"{prefix}attention.backward_ratio: geometric mean of {fit.kernel} backward / forward "
+        f"time over {e.in_sample.n} shapes ({min(b.measured):.2f}-{max(b.measured):.2f}): "
+        f"median |error| {_pct(e.in_sample.median)} in-sample, "
+        f"{_pct(e.out_of_sample.median)} out-of-sample (each shape left out)"
     ]
 
 
@@ -384,6 +399,8 @@ def print_results(results: list[GenerationResult]) -> None:
                     origin = f"FlashAttention {source}"
                     if dotted == "attention.decode_memory_efficiency":
                         origin = "= memory.efficiency"
+                    elif dotted == "attention.backward_ratio" and r.attention_fit:
+                        err = r.attention_fit.backward.errors
                     else:
                         err = att.get("all")
                 elif dotted in r.comm_fields:

@@ -22,6 +22,14 @@ one (head dimension, causal) panel out and refit. A100 has three FlashAttention-
 (the same kernel, ``HALF_SEQ_FROM``) and only the efficiency is fitted to the A100 rows.
 ``decode_memory_efficiency`` has no measurement here: it is set to the fitted stream
 efficiency ``memory.efficiency`` (``calibrate`` does this).
+
+``backward_ratio``: the backward's time over the forward's time of the same shape (the
+authors count the backward as 2.5 x the forward's FLOPs: five matmuls instead of two, the
+scores recomputed; so the ratio is 2.5 x forward TFLOP/s / backward TFLOP/s, or 3.5 x
+forward / ``fwd_bwd`` TFLOP/s - 1 for a forward + backward row). One value per generation, the
+geometric mean over every shape of the generation's kernel and GPU that has both a forward
+row and a backward (or forward + backward) row; out of sample: each pair predicted by the
+mean of the others.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from clustersim.calibration import (
+    ErrorSummary,
     GroupErrors,
     Param,
     group_errors,
@@ -182,6 +191,68 @@ class AttentionFit:
     half_seq_from: str  # "" when fitted on the generation's own rows
     errors: list[GroupErrors]  # per panel, then "all"
     folds: dict[str, dict[str, float]]  # panel (or row) left out -> refitted values
+    backward: BackwardFit | None = None
+
+
+@dataclass
+class BackwardFit:
+    """``attention.backward_ratio`` and how well one ratio fits every measured shape."""
+
+    ratio: float
+    shapes: list[str]  # "hd128 non-causal 4096", one per measured pair
+    measured: np.ndarray  # the ratio of each shape
+    errors: GroupErrors  # predicted / measured - 1, in sample and leave-one-shape-out
+
+
+def backward_ratios(generation: str, folder: Path | None = None) -> tuple[list[str], np.ndarray]:
+    """Per shape of ``generation``'s kernel and GPU with a forward and a backward (or forward +
+    backward) FP16/BF16 row: the backward time over the forward time."""
+    source = str(Path(folder) / CSV_NAME) if folder is not None else f"measurements/{CSV_NAME}"
+    rows = read_measurements(CSV_NAME, folder)
+    require_columns(rows, COLUMNS, source)
+    kernel, gpu = SELECTION[generation]
+    by_shape: dict[tuple, dict[str, float]] = {}
+    for line, row in enumerate(rows, start=2):
+        shape = tuple(row[c].strip() for c in ("causal", "head_dim", "seq_len", "batch_size"))
+        if not (
+            row["kernel"] == kernel
+            and row["gpu"].startswith(gpu)
+            and all(shape[1:])
+            and row["dtype"] in DTYPES
+        ):
+            continue
+        by_shape.setdefault(shape, {})[row["direction"]] = number(row, "tflops", source, line)
+    names, ratios = [], []
+    for (causal, hd, seq, _), rates in by_shape.items():
+        if "fwd" not in rates:
+            continue
+        if "bwd" in rates:
+            ratio = 2.5 * rates["fwd"] / rates["bwd"]
+        elif "fwd_bwd" in rates:
+            ratio = 3.5 * rates["fwd"] / rates["fwd_bwd"] - 1.0
+        else:
+            continue
+        kind = "causal" if causal.lower() == "true" else "non-causal"
+        names.append(f"hd{hd} {kind} {seq}")
+        ratios.append(ratio)
+    if not ratios:
+        raise PlanError(source, f"no {kernel} {gpu} shape with forward and backward rows")
+    return names, np.array(ratios)
+
+
+def fit_backward(generation: str, folder: Path | None = None) -> BackwardFit:
+    """The geometric-mean backward ratio of ``generation`` and its errors (module docstring)."""
+    names, measured = backward_ratios(generation, folder)
+    logs = np.log(measured)
+    ratio = round(float(np.exp(logs.mean())), 3)
+    in_err = ratio / measured - 1.0
+    if len(logs) > 1:
+        others = (logs.sum() - logs) / (len(logs) - 1)
+        oos_err = np.exp(others) / measured - 1.0
+    else:
+        oos_err = np.full(in_err.shape, np.nan)
+    errors = GroupErrors("backward", ErrorSummary.of(in_err), ErrorSummary.of(oos_err))
+    return BackwardFit(ratio, names, measured, errors)
 
 
 def fit(generation: str, cal: CalibrationSpec, folder: Path | None = None) -> AttentionFit:
@@ -209,4 +280,8 @@ def fit(generation: str, cal: CalibrationSpec, folder: Path | None = None) -> At
             predicted = rows.subset(held).predict_ms(with_values(cal, folds[str(label)]))
             oos_err[held] = predicted / rows.measured_ms[held] - 1.0
     errors = group_errors(rows.panel, in_err, oos_err, panels)
-    return AttentionFit(generation, rows.source, rows.kernel, values, half_seq_from, errors, folds)
+    backward = fit_backward(generation, folder)
+    values["attention.backward_ratio"] = backward.ratio
+    return AttentionFit(
+        generation, rows.source, rows.kernel, values, half_seq_from, errors, folds, backward
+    )

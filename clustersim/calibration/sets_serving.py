@@ -28,7 +28,8 @@ Free parameters: ``kernel.launch_us`` (eager decode rows: SGLang without graphs)
 TensorRT-LLM rows depend on ``launch_us`` (eager) but do not fit it (out of sample).
 TensorRT-LLM v0.6.1 decodes with its masked multi-head attention kernel
 (``decoderMaskedMultiheadAttention``: one thread block per query head and sequence, each
-reading its K/V head; the grouped XQA kernel came later), so its plans state
+reading its K/V head; the measured extra decode time grows with query heads x context, as
+such a kernel's does, not with K/V heads as a grouped kernel's would), so its plans state
 ``decode_attention: per_head``; the decode-throughput rows of its GQA models (LLaMA-70B,
 Falcon-180B: 8 and 29 query heads per K/V head) fit ``attention.decode_l2_gbps``, the rate at
 which those re-reads come from the L2 cache (leave-one-out like the launch times).

@@ -382,8 +382,11 @@ DEEPSEEK_ASSUMPTION = (
     "approximated as one more MoE layer on the "
     "last virtual stage, its extra output head not simulated but counted in the FLOPs "
     "(Megatron's count: MTP layers as MoE layers, logits x (1 + MTP)); no recomputation, no "
-    "CUDA graphs; DeepEP where the row names it, else the all-to-all dispatcher; EP "
-    "all-to-all overlap (overlap_ep_comm) where the row states it (T0098/T0099), else off; "
+    "CUDA graphs; DeepEP where the row names it or, for Megatron-Bridge rows that print "
+    "no dispatcher, where its performance recipe enables it (DGX-H100: DeepEP with EP "
+    "all-to-all overlap; Blackwell: the all-to-all dispatcher), else the all-to-all "
+    "dispatcher; EP all-to-all overlap (overlap_ep_comm) where the row or that recipe states "
+    "it (T0098/T0099, DGX-H100 Megatron-Bridge), else off; "
     "tokens/s/GPU = GBS x seq / iteration time / GPUs"
 )
 
@@ -565,11 +568,27 @@ def _deepseek_parallel(r: dict[str, str], raw: dict[str, Any]) -> None:
     raw["model"]["num_layers"] = layers + int(mtp)
     split = layout_61(layers, par["pp"] * par["virtual_stages"], mtp)
     par["layers_per_stage"] = split
-    if "DeepEP" in r["dispatcher_kernel"]:
+    recipe = _bridge_recipe(r)
+    if "DeepEP" in r["dispatcher_kernel"] or recipe == "deepep+overlap":
         par["moe_dispatcher"] = "deepep"
-    par["overlap_ep_comm"] = "EP A2A overlap" in r["notes"]
+    par["overlap_ep_comm"] = "EP A2A overlap" in r["notes"] or recipe == "deepep+overlap"
     if "DualPipe" in r["dispatcher_kernel"]:  # DeepSeek's own run (HAI_LLM_ASSUMPTION)
         par.update(schedule="dualpipe", moe_dispatcher="deepep", overlap_ep_comm=True)
+
+
+# Megatron-Bridge's DeepSeek-V3 performance recipes (scripts/performance/configs/deepseek/
+# deepseek_llm_pretrain.py, commit 0132842): deepseek_v3_h100_1024gpus_{bf16,fp8}_config set
+# enable_deepep=True and set_moe_a2a_overlap_overrides (EP all-to-all overlap); the B200 /
+# GB200 configs enable_deepep=False, no overlap (the all-to-all dispatcher, the default).
+BRIDGE_RECIPE_BY_SYSTEM = {"DGX-H100": "deepep+overlap"}
+
+
+def _bridge_recipe(r: dict[str, str]) -> str:
+    """The dispatcher of a Megatron-Bridge row whose table does not print it, from the
+    performance recipe of its system ("" when none applies)."""
+    if not r["framework"].startswith("Megatron-Bridge") or r["dispatcher_kernel"].strip():
+        return ""
+    return BRIDGE_RECIPE_BY_SYSTEM.get(r["gpu"].strip(), "")
 
 
 def _layers(model: dict[str, Any]) -> int:

@@ -399,9 +399,12 @@ def kernels_set() -> SetResult:
         for g in att.errors:
             if g.name not in AGGREGATES:
                 res.groups.append(_summary_group(f"{gen} flash-attn {g.name}", g))
+        if att.backward is not None:  # one ratio per generation vs each shape's measured one
+            name = f"{gen} flash-attn backward / forward"
+            res.groups.append(_summary_group(name, att.backward.errors))
     res.notes.append(
-        "out of sample: leave one Vidur model file / one FlashAttention panel out "
-        "(the component modules' own folds); means weighted by row count"
+        "out of sample: leave one Vidur model file / one FlashAttention panel (backward "
+        "ratio: one shape) out (the component modules' own folds); means weighted by row count"
     )
     return res
 

@@ -96,6 +96,11 @@ class KernelTimer:
             copies = precision.TRAINING_FP8_COPIES if training else 1
             # quantise kernel: read the BF16 input, write its FP8 copies (+ scales)
             self._quantise_bytes = self.bpe + copies * self._fp8_in
+        # Transformer Engine (training) fuses the quantise of a GEMM's input into the norm
+        # before it (LayerNormLinear: ``with_quantized_norm``, the norm kernel writes the FP8
+        # copies): Megatron-Core's fused norm + linear layers (QKV, MLA's q/kv up-projections,
+        # a dense MLP's FC1) skip their quantise kernel; module docstring
+        self.fuse_quantise = self.fp8 and training
         self._flop_s = hw.peak_tflops * 1e12 * cal.gemm.efficiency
         hbm = hw.hbm_bandwidth_gbps * 1e9
         self._byte_s = hbm * cal.memory.efficiency
@@ -204,11 +209,14 @@ class KernelTimer:
         rate, fixed_ms = self._memory_class[kind]
         return nbytes / rate * 1e3 + fixed_ms
 
-    def linear_ms(self, m, n: float, k: float, groups=1.0):
+    def linear_ms(self, m, n: float, k: float, groups=1.0, quantised: bool = False):
         """Stream time of a linear layer's GEMM: under FP8, the quantise kernel of its input
-        (read BF16, write the FP8 copies: a memory-bound element-wise pass) and the FP8 GEMM."""
+        (read BF16, write the FP8 copies: a memory-bound element-wise pass) and the FP8 GEMM;
+        ``quantised``: the input arrives in FP8 (the kernel before it wrote the copies)."""
         if not self.fp8:
             return self.gemm_ms(m, n, k, groups)
+        if quantised:
+            return self.issue(self.gemm_gpu_ms(m, n, k, groups, fp8=True), m)
         quantise = self.stream_ms(m, k * self._quantise_bytes, elementwise=True)
         return quantise + self.issue(self.gemm_gpu_ms(m, n, k, groups, fp8=True), m)
 
@@ -232,19 +240,29 @@ class KernelTimer:
         per_token = passes * self.model.hidden_size * self.bpe * self._h_tokens_share
         return self.memory_ms(tokens, per_token, kind)
 
-    def _norm(self, tokens):
+    def _norm(self, tokens, quantised: bool = False):
+        """The hidden-wide norm; ``quantised``: fused with the next GEMM's quantise (it writes
+        the FP8 copies instead of a BF16 output: ``fuse_quantise``)."""
+        if quantised and self.fuse_quantise:
+            per_token = self.model.hidden_size * self._quantise_bytes * self._h_tokens_share
+            return self.memory_ms(tokens, per_token, NORM)
         return self._h_kernel(tokens, NORM_PASSES, NORM)
 
     def _residual(self, tokens):
         return self._h_kernel(tokens, RESIDUAL_PASSES, STREAM)
 
-    def attention_block_ms(self, tokens, absorbed: bool = False):
+    def attention_block_ms(self, tokens, absorbed: bool = False, mlp_input_fp8: bool = False):
         """Input norm, QKV, rotary embedding, output projection, residual add, post-attention
         norm (core attention excluded). ``absorbed`` (MLA decode, as serving engines run it):
         the key/value up-projection is applied as two batched GEMMs, the key part to the
         queries before attention and the value part to its output (the same weights, one
-        kernel more)."""
-        total = self._norm(tokens)
+        kernel more). With ``fuse_quantise`` the input norm writes the QKV GEMM's FP8 input
+        (Megatron-Core's TELayerNormColumnParallelLinear; MLA: its input norm is a separate
+        TENorm and the q/kv down-projections quantise their own input, the latent norms are
+        fused into the up-projections), and with ``mlp_input_fp8`` (a dense layer: its FC1 is
+        a fused norm + linear too) so does the post-attention norm."""
+        mla = self.model.mla
+        total = self._norm(tokens, quantised=mla is None)
         shapes = self._qkv
         if absorbed and self.model.mla is not None:
             mla, heads = self.model.mla, self.model.num_attention_heads / self.tp
@@ -254,27 +272,32 @@ class KernelTimer:
                 (k_up, heads * mla.qk_nope_head_dim),
                 (k_up, heads * mla.v_head_dim),
             ]
+        fused = self.fuse_quantise
         for k, n in shapes:
-            total = total + self.linear_ms(tokens, n, k)
+            after_norm = fused and (mla is None or k in self._latent_norms)
+            total = total + self.linear_ms(tokens, n, k, quantised=after_norm)
         for width in self._latent_norms:  # MLA: RMSNorm of each low-rank latent
-            total = total + self.memory_ms(tokens, NORM_PASSES * width * self.bpe, NORM)
+            per_element = self._quantise_bytes if fused else NORM_PASSES * self.bpe
+            total = total + self.memory_ms(tokens, per_element * width, NORM)
         total = total + self.stream_ms(tokens, self.rope_bytes_per_token, elementwise=True)
         total = total + self.linear_ms(tokens, self._out[1], self._out[0])
         total = total + self._residual(tokens)
-        return total + self._norm(tokens)
+        return total + self._norm(tokens, quantised=mlp_input_fp8)
 
-    def mlp_ms(self, tokens, ffn: float, tp: int):
-        """An MLP of width ``ffn`` split over ``tp``: up, activation, down, residual add."""
+    def mlp_ms(self, tokens, ffn: float, tp: int, input_fp8: bool = False):
+        """An MLP of width ``ffn`` split over ``tp``: up, activation, down, residual add;
+        ``input_fp8``: its input comes quantised from the norm before it (``fuse_quantise``)."""
         width = ffn / tp
         h = self.model.hidden_size
-        total = self.linear_ms(tokens, (self._phi - 1) * width, h)
+        quantised = input_fp8 and self.fuse_quantise
+        total = self.linear_ms(tokens, (self._phi - 1) * width, h, quantised=quantised)
         total = total + self.stream_ms(tokens, self._phi * width * self.bpe, elementwise=True)
         total = total + self.linear_ms(tokens, h, width)
         return total + self._residual(tokens)
 
-    def dense_mlp_ms(self, tokens):
-        """The MLP of a dense layer."""
-        return self.mlp_ms(tokens, self.model.dense_ffn, self.tp)
+    def dense_mlp_ms(self, tokens, input_fp8: bool = False):
+        """The MLP of a dense layer (``input_fp8``: see :meth:`mlp_ms`)."""
+        return self.mlp_ms(tokens, self.model.dense_ffn, self.tp, input_fp8)
 
     def moe_block_ms(self, tokens):
         """The non-expert part of an MoE layer on the attention lane: router GEMM (replicated

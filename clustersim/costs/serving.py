@@ -236,8 +236,9 @@ def decode_kv_rereads(model: ModelSpec, tp: int, kernel: str) -> float:
     """Times a decode step reads each cached K/V byte on one GPU: the query heads per K/V
     head (``heads / t`` over :func:`~clustersim.costs.compute.kv_heads_per_gpu`) for a
     ``per_head`` kernel, which launches one thread block per query head and sequence (each
-    reads its group's K/V head: TensorRT-LLM's ``decoderMaskedMultiheadAttention`` before
-    XQA, vLLM's ``paged_attention_v1/v2``); 1 for a ``grouped`` kernel and for MLA (one
+    reads its group's K/V head: TensorRT-LLM's masked MHA kernel
+    ``decoderMaskedMultiheadAttention``, vLLM's ``paged_attention_v1/v2``); 1 for a
+    ``grouped`` kernel (FlashAttention, FlashInfer, TensorRT-LLM's XQA) and for MLA (one
     latent shared by all heads, read once by FlashMLA-style kernels)."""
     if kernel != "per_head" or model.mla is not None:
         return 1.0

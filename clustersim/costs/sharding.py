@@ -15,11 +15,17 @@ the replicas (all of EDP if the replicas do not divide it).
 The unit of a per-layer gather or reduce-scatter is the layer's parameters on one GPU (TP- and
 EP-sharded as the memory model holds them) plus an equal share of the stage's other parameters
 (embedding, output layer, final norm), so the units of a stage add up to its parameters.
+
+Link sharing: the sharded-DP collectives run on one stream per GPU (PyTorch FSDP's single
+NCCL process group); when an EP all-to-all on the compute path crosses nodes while that
+stream is busy across nodes, the two share the NICs fairly (:func:`fair_share_delay_ms`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from clustersim.costs.params import ParamCounts
 from clustersim.layout import Layout
@@ -83,3 +89,11 @@ def layer_units(
 def largest_unit(units: list[LayerUnit]) -> float:
     """Parameters of the largest unit (0 for a stage without layers)."""
     return max((u.params for u in units), default=0.0)
+
+
+def fair_share_delay_ms(alone_ms, backlog_ms):
+    """Delay of each of two bandwidth-bound transfers that start together on one link and
+    share it fairly: the one needing ``alone_ms`` on its own and one with ``backlog_ms`` of
+    work left. The shorter finishes at ``2 min(d, r)``, the longer at ``d + r``: each ends
+    ``min(d, r)`` later than alone (numpy arrays or floats; negative backlog counts as 0)."""
+    return np.minimum(alone_ms, np.maximum(backlog_ms, 0.0))

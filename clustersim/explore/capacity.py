@@ -52,11 +52,9 @@ from typing import Any
 import numpy as np
 
 from clustersim.audit.checks import audit
-from clustersim.engine.serving.moe_table import MoEStepTable
 from clustersim.engine.serving.requests import Requests, make_requests
 from clustersim.engine.serving.sim import LatencyLimits, Overloaded
-from clustersim.layout import Layout
-from clustersim.run.serving import simulate_serving
+from clustersim.run.serving import moe_tables, simulate_serving
 from clustersim.spec.schema import MAX_RATE, Plan
 
 GRID_PER_DOUBLING = 36  # grid points per doubling of the rate: 2^(1/36) = 1.0194
@@ -216,7 +214,7 @@ class CapacitySearch:
             self.start_rate = (n - 1) / span_s if n > 1 and span_s > 0 else 1.0
         else:
             self.start_rate = spec.rate_per_s
-        self.table = MoEStepTable(plan, Layout(plan)) if plan.model.moe is not None else None
+        self.table = moe_tables(plan)
         self.limits = latency_limits(plan, attain, self.base.num)
         self.probes: dict[float, Probe] = {}
 

@@ -3,9 +3,14 @@
 The space is serving knobs only, on ``gpus`` GPUs: TP, PP, EP (and ETP 1 or TP) with the
 data-parallel replicas derived (``dp = gpus / (tp x pp)``; with EP spanning replicas this is
 attention data parallelism), ``workload.requests.max_batch_size``,
-``max_num_batched_tokens`` and ``chunked_prefill``. A candidate the auditor rejects (it does
-not divide, or does not fit in memory with room for one longest request in the KV cache) is
-discarded before simulating.
+``max_num_batched_tokens`` and ``chunked_prefill``. For a disaggregated base plan
+(``parallel.prefill`` and ``parallel.decode``) it also covers the prefill:decode split: the
+prefill pool gets each of ``prefill_gpus`` (default every eighth of the GPUs), the decode
+pool the rest, and each pool its own TP (PP) with EP inside a replica or across the whole pool
+(:func:`enumerate_disaggregated`); rows carry the decode pool's degrees under the plain keys,
+the prefill pool's under ``prefill_*`` and the split as ``xPyD`` (replicas). A candidate the
+auditor rejects (it does not divide, or does not fit in memory with room for one longest
+request in the KV cache) is discarded before simulating.
 
 Objectives:
 
@@ -35,12 +40,15 @@ from clustersim.explore.backends import default_workers, run_tasks
 from clustersim.explore.capacity import NoSlo, find_capacity
 from clustersim.explore.search import SearchError, cluster_plan
 from clustersim.run.evaluate import evaluate
-from clustersim.spec.schema import Plan
+from clustersim.spec.schema import ParallelSpec, Plan
 
 OBJECTIVES = ("capacity", "goodput")
 PARALLEL_KEYS = ("tp", "pp", "dp", "ep", "etp")
 REQUEST_KEYS = ("max_batch_size", "max_num_batched_tokens", "chunked_prefill")
-PARAM_KEYS = PARALLEL_KEYS + REQUEST_KEYS
+# disaggregated plans: the prefill pool's knobs and the split (the plain keys: decode pool)
+PREFILL_KEYS = ("prefill_tp", "prefill_pp", "prefill_dp", "prefill_ep", "prefill_etp")
+SPLIT_KEYS = ("split", "prefill_gpus", "decode_gpus")
+PARAM_KEYS = PARALLEL_KEYS + REQUEST_KEYS + PREFILL_KEYS + SPLIT_KEYS
 RESULT_KEYS = (
     "capacity_req_per_s",
     "capacity_req_per_s_per_gpu",
@@ -65,14 +73,77 @@ class ServingSpace:
     max_batch_size: tuple[int, ...] | None = None
     max_num_batched_tokens: tuple[int, ...] | None = None
     chunked_prefill: tuple[bool, ...] = (True, False)
+    prefill_gpus: tuple[int, ...] | None = None  # disaggregated: GPUs of the prefill pool
 
 
 def _pow2_upto(n: int) -> tuple[int, ...]:
     return tuple(2**i for i in range(int(math.log2(max(n, 1))) + 1))
 
 
+def _pool_layouts(base: Plan, space: ServingSpace, gpus: int) -> list[dict[str, Any]]:
+    """(tp, pp, dp, ep, etp) of one pool of ``gpus`` GPUs: TP and PP as for a colocated
+    deployment (PP 1 unless ``space.pp``), EP inside a replica (= TP) or across every GPU of
+    the pool (attention DP + EP, the large-EP style) unless ``space.ep``; ETP 1."""
+    model = base.model
+    gpn = min(base.hardware.gpus_per_node, gpus)
+    tps = space.tp or tuple(t for t in _pow2_upto(gpn) if gpus % t == 0)
+    out = []
+    for tp, pp in itertools.product(tps, space.pp or (1,)):
+        if gpus % (tp * pp):
+            continue
+        dp = gpus // (tp * pp)
+        if model.moe is None:
+            out.append({"tp": tp, "pp": pp, "dp": dp, "ep": 1, "etp": None})
+            continue
+        experts = model.moe.num_experts
+        eps = space.ep or tuple(sorted({tp, tp * dp}))
+        for ep in eps:
+            if experts % ep == 0:
+                out.append({"tp": tp, "pp": pp, "dp": dp, "ep": ep, "etp": 1})
+    return out
+
+
+def _prefill_splits(space: ServingSpace) -> tuple[int, ...]:
+    """GPUs of the prefill pool to try: ``space.prefill_gpus``, else eighths of the budget
+    (every split of up to 8 GPUs), the decode pool getting the rest."""
+    gpus = space.gpus
+    if space.prefill_gpus:
+        return tuple(p for p in space.prefill_gpus if 0 < p < gpus)
+    step = gpus // 8 if gpus % 8 == 0 and gpus > 8 else 1
+    return tuple(range(step, gpus, step))
+
+
+def enumerate_disaggregated(base: Plan, space: ServingSpace) -> list[dict[str, Any]]:
+    """Every candidate of a disaggregated plan: each prefill:decode split of the GPUs, each
+    pool's layout (:func:`_pool_layouts`) and the request knobs, in a deterministic order."""
+    req = base.workload.requests
+    mbss = space.max_batch_size or (req.max_batch_size,)
+    budgets = space.max_num_batched_tokens or (req.max_num_batched_tokens,)
+    out: list[dict[str, Any]] = []
+    for p_gpus in _prefill_splits(space):
+        d_gpus = space.gpus - p_gpus
+        for pre, dec in itertools.product(
+            _pool_layouts(base, space, p_gpus), _pool_layouts(base, space, d_gpus)
+        ):
+            for mbs, budget, chunked in itertools.product(mbss, budgets, space.chunked_prefill):
+                params = {
+                    **dec,
+                    **{f"prefill_{k}": v for k, v in pre.items()},
+                    "split": f"{pre['dp']}P{dec['dp']}D",
+                    "prefill_gpus": p_gpus,
+                    "decode_gpus": d_gpus,
+                    "max_batch_size": mbs,
+                    "max_num_batched_tokens": budget,
+                    "chunked_prefill": chunked,
+                }
+                out.append({**params, "index": len(out)})
+    return out
+
+
 def enumerate_serving(base: Plan, space: ServingSpace) -> list[dict[str, Any]]:
     """Every candidate's knobs, in a deterministic order (with ``index``)."""
+    if base.parallel.disaggregated:
+        return enumerate_disaggregated(base, space)
     gpus, model, req = space.gpus, base.model, base.workload.requests
     gpn = min(base.hardware.gpus_per_node, gpus)
     tps = space.tp or tuple(t for t in _pow2_upto(gpn) if gpus % t == 0)
@@ -102,8 +173,31 @@ def enumerate_serving(base: Plan, space: ServingSpace) -> list[dict[str, Any]]:
     return out
 
 
+def _disaggregated_plan(base: Plan, params: dict[str, Any]) -> Plan:
+    """The disaggregated plan of one candidate: each pool's block of ``base`` with the
+    candidate's degrees (no explicit layer split)."""
+    blocks = {}
+    for pool, prefix in (("prefill", "prefill_"), ("decode", "")):
+        block = getattr(base.parallel, pool).model_dump(exclude={"prefill", "decode"})
+        block.update({k: params[prefix + k] for k in PARALLEL_KEYS}, layers_per_stage=None)
+        if base.model.moe is None:
+            block.update(ep=1, etp=None)
+        blocks[pool] = block
+    parallel = ParallelSpec.model_validate(blocks)
+    spec = base.workload.requests.model_copy(update={k: params[k] for k in REQUEST_KEYS})
+    workload = base.workload.model_copy(update={"requests": spec})
+    p, d = blocks["prefill"], blocks["decode"]
+    name = (
+        f"{base.name}-{params['split']}-p{p['tp']}x{p['pp']}ep{p['ep']}"
+        f"-d{d['tp']}x{d['pp']}ep{d['ep']}-{params['index']}"
+    )
+    return base.model_copy(update={"parallel": parallel, "workload": workload, "name": name})
+
+
 def serving_candidate_plan(base: Plan, params: dict[str, Any]) -> Plan:
     """The plan of one candidate (``base`` as returned by ``cluster_plan``)."""
+    if base.parallel.disaggregated:
+        return _disaggregated_plan(base, params)
     changes: dict[str, Any] = {k: params[k] for k in PARALLEL_KEYS if params[k] is not None}
     changes["layers_per_stage"] = None
     if base.model.moe is None:
@@ -226,11 +320,21 @@ class ServingSearchResult:
             },  # fmt: skip
             "ranking": [_public(r) for r in self.ranked()[:top]],
             "pareto": [_public(r) for r in self.pareto()],
-            "best_parallel": (
-                {k: getattr(best_plan.parallel, k) for k in PARALLEL_KEYS} if best else None
-            ),
+            "best_parallel": _parallel_block(best_plan) if best else None,
             "best_requests": {k: best[k] for k in REQUEST_KEYS} if best else None,
         }
+
+
+def _parallel_block(plan: Plan) -> dict[str, Any]:
+    """A plan's searched ``parallel`` degrees, as in a plan file (both pools when
+    disaggregated)."""
+    par = plan.parallel
+    if par.disaggregated:
+        return {
+            pool: {k: getattr(getattr(par, pool), k) for k in PARALLEL_KEYS}
+            for pool in ("prefill", "decode")
+        }
+    return {k: getattr(par, k) for k in PARALLEL_KEYS}
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:

@@ -65,8 +65,11 @@ def training_roofline(plan: Plan, tokens: float, lengths: dict[int, int]) -> flo
 
 
 def serving_roofline(plan: Plan) -> float:
-    """Tokens (prompt + output) per ms a serving deployment could process at the roofline."""
+    """Tokens (prompt + output) per ms a serving deployment could process at the roofline
+    (disaggregated: the sum of the pools' bounds)."""
     hw, par, req = plan.hardware, plan.parallel, plan.workload.requests
+    if par.disaggregated:  # each pool processes at most its own bound's tokens
+        return sum(serving_roofline(plan.pool(name)) for name in ("prefill", "decode"))
     per_token = model_flops_per_iteration(plan.model, 1, 1, causal=True) / 3  # forward only
     compute = par.world_size * peak_tflops(plan.model, hw) * 1e12 / per_token / 1e3
     replica_gpus = par.world_size // par.dp

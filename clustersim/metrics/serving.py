@@ -106,13 +106,24 @@ def serving_metrics(plan: Plan, res: ServingResult) -> dict[str, Any]:
     metrics.update(_goodput(plan, latencies, done.size, window))
     metrics.update(_queueing(res, done))
     metrics.update(_batch_sizes(res))
-    metrics.update(_utilisation(plan, res, window))
+    if _pools(res):
+        metrics.update(_pool_utilisation(plan, res, window))
+    else:
+        metrics.update(_utilisation(plan, res, window))
     metrics.update(_routing(res))
-    blocks = res.kv.num_blocks
-    metrics["kv_cache_utilization_pct"] = (
-        100 * float(res.kv_area.mean()) / (blocks * window) if window > 0 else None
-    )
-    metrics["kv_cache_utilization_peak_pct"] = 100 * float(res.kv_peak.max()) / blocks
+    if _pools(res):
+        blocks = np.concatenate([np.full(p.replicas, p.kv.num_blocks) for p in res.pools])
+        metrics["kv_cache_utilization_pct"] = (
+            100 * float((res.kv_area / blocks).mean()) / window if window > 0 else None
+        )
+        metrics["kv_cache_utilization_peak_pct"] = 100 * float((res.kv_peak / blocks).max())
+    else:
+        blocks = res.kv.num_blocks
+        metrics["kv_cache_utilization_pct"] = (
+            100 * float(res.kv_area.mean()) / (blocks * window) if window > 0 else None
+        )
+        metrics["kv_cache_utilization_peak_pct"] = 100 * float(res.kv_peak.max()) / blocks
+    metrics.update(_kv_transfer(res, done))
     metrics["preemptions"] = res.preemptions
     metrics["rejected_requests"] = int(res.rejected.sum())
     metrics["completed_requests"] = int(done.sum())
@@ -272,6 +283,70 @@ def _utilisation(plan: Plan, res: ServingResult, window: float) -> dict[str, flo
     }
 
 
+def _pools(res: ServingResult) -> list | None:
+    """The pools of a disaggregated run; None when colocated (or a result without them)."""
+    return getattr(res, "pools", None)
+
+
+def _kv_transfer(res: ServingResult, done: np.ndarray) -> dict[str, Any]:
+    """KV-cache transfers of a disaggregated run (completed requests that made one): time
+    percentiles and mean, and bytes per request (mean); null when colocated or none."""
+    ms = getattr(res, "kv_transfer_ms", None)
+    moved = np.zeros(done.size, dtype=bool) if ms is None else done & ~np.isnan(ms)
+    values = ms[moved] if ms is not None else np.empty(0)
+    out: dict[str, Any] = _percentiles("kv_transfer_ms", values)
+    out["kv_transfer_ms_mean"] = float(values.mean()) if values.size else None
+    size = getattr(res, "kv_transfer_bytes", None)
+    sizes = size[moved] if size is not None else np.empty(0)
+    out["kv_transfer_bytes_mean"] = float(sizes.mean()) if sizes.size else None
+    return out
+
+
+def _pool_utilisation(plan: Plan, res: ServingResult, window: float) -> dict[str, Any]:
+    """:func:`_utilisation` of a disaggregated run: every GPU of both pools counted (a
+    pool's stages x replicas), plus each pool's GPUs and GPU utilisation."""
+    keys = (
+        "gpu_utilization_pct",
+        "comm_overhead_pct",
+        "comm_to_compute_pct",
+        "comm_step_share_pct",
+        "bubble_pct",
+        "mfu_pct",
+    )
+    out: dict[str, Any] = {}
+    for p in res.pools:
+        out[f"{p.role}_gpus"] = p.gpus
+        out[f"{p.role}_replicas"] = p.replicas
+        out[f"{p.role}_gpu_utilization_pct"] = None
+    if window <= 0:
+        return {**out, **dict.fromkeys(keys)}
+    compute = comm = work = flops = slots = busy_slots = 0.0
+    for p in res.pools:
+        own = 0.0
+        for i in p.engines:
+            stats, members = res.engine_stats[i], len(res.engines[i])
+            own += stats.work_ms - stats.comm_ms
+            comm += stats.comm_ms
+            work += stats.work_ms
+            flops += stats.flops
+            busy_slots += p.stages * members * stats.busy_ms
+        compute += own
+        slots += p.stages * p.replicas
+        out[f"{p.role}_gpu_utilization_pct"] = 100 * own / (p.stages * p.replicas * window)
+    peak = plan.hardware.peak_tflops * 1e12 * plan.parallel.world_size
+    out.update(
+        {
+            "gpu_utilization_pct": 100 * compute / (slots * window),
+            "comm_overhead_pct": 100 * comm / (slots * window),
+            "comm_to_compute_pct": 100 * comm / compute if compute > 0 else None,
+            "comm_step_share_pct": 100 * comm / work if work > 0 else None,
+            "bubble_pct": 100 * (busy_slots - work) / busy_slots if busy_slots > 0 else None,
+            "mfu_pct": 100 * flops / (window / 1e3 * peak),
+        }
+    )
+    return out
+
+
 def _routing(res: ServingResult) -> dict[str, float | None]:
     tokens = sum(s.moe_tokens for s in res.engine_stats)
     if tokens <= 0:
@@ -284,13 +359,24 @@ def _routing(res: ServingResult) -> dict[str, float | None]:
 def breakdown(plan: Plan, res: ServingResult) -> dict[str, float]:
     """Mean time per GPU (ms) computing, communicating, in pipeline bubbles and idle."""
     stages, window = plan.parallel.pp, window_ms(res)
-    per_gpu = stages * res.num_replicas
+    if _pools(res):  # every GPU of both pools; a replica's rounds weigh by its stages
+        per_gpu = sum(p.stages * p.replicas for p in res.pools)
+        busy = (
+            sum(
+                p.stages * len(res.engines[i]) * res.engine_stats[i].busy_ms
+                for p in res.pools
+                for i in p.engines
+            )
+            / per_gpu
+        )
+    else:
+        per_gpu = stages * res.num_replicas
+        busy = (
+            sum(len(m) * s.busy_ms for m, s in zip(res.engines, res.engine_stats, strict=True))
+            / res.num_replicas
+        )
     compute = sum(s.work_ms - s.comm_ms for s in res.engine_stats) / per_gpu
     comm = sum(s.comm_ms for s in res.engine_stats) / per_gpu
-    busy = (
-        sum(len(m) * s.busy_ms for m, s in zip(res.engines, res.engine_stats, strict=True))
-        / res.num_replicas
-    )
     return {
         "compute": compute,
         "communication": comm,

@@ -245,7 +245,7 @@ def simulation_repair(plan: Plan, layout: Layout, whole: bool = True) -> Repair:
     """
     par, hw, moe = plan.parallel, plan.hardware, plan.model.moe
     changes: dict[str, tuple[Any, Any]] = {}
-    if moe is not None and not layout.expert_folding_ok:
+    if moe is not None and not layout.expert_folding_ok and not par.disaggregated:
         fixed = folding_fix(plan)
         if fixed is not None:
             changes["etp"] = (par.expert_tp, 1)
@@ -331,6 +331,11 @@ def assumptions_for(
                 + " use the nearest valid folding",
             )
         )
+    elif par.disaggregated and plan.model.moe is not None:
+        for name in ("prefill", "decode"):
+            pool = getattr(par, name)
+            if "etp" not in pool.model_fields_set:
+                out.append(Assumption(f"parallel.{name}.etp", pool.expert_tp, "default: = tp"))
     elif (
         plan.model.moe is not None
         and "etp" not in plan.parallel.model_fields_set

@@ -16,6 +16,7 @@ import numpy as np
 from clustersim.audit.checks import AuditReport, audit
 from clustersim.audit.findings import Finding
 from clustersim.audit.judge import SERVING_FIX, judge, report_dict, still_unchecked
+from clustersim.engine.serving.disagg import POOLS, DisaggregatedSim
 from clustersim.engine.serving.moe_table import MoEStepTable
 from clustersim.engine.serving.requests import Requests, make_requests
 from clustersim.engine.serving.sim import (
@@ -24,6 +25,7 @@ from clustersim.engine.serving.sim import (
     ServingSim,
     check_serving_supported,
 )
+from clustersim.layout import Layout
 from clustersim.metrics.serving import breakdown, request_columns, serving_metrics
 from clustersim.spec.schema import Plan
 
@@ -64,6 +66,19 @@ class ServingReport:
             "kv_cache_tokens_per_replica": res.kv.tokens,
             "kv_cache_gib_per_gpu": res.kv.kv_cache_gib,
         }
+        if res.pools:  # disaggregated: the figures above are the decode pool's
+            out["serving"]["pools"] = {
+                p.role: {
+                    "gpus": p.gpus,
+                    "replicas": p.replicas,
+                    "first_replica": p.first_replica,
+                    "engines": [res.engines[i] for i in p.engines],
+                    "kv_cache_blocks_per_replica": p.kv.num_blocks,
+                    "kv_cache_tokens_per_replica": p.kv.tokens,
+                    "kv_cache_gib_per_gpu": p.kv.kv_cache_gib,
+                }
+                for p in res.pools
+            }
         out["simulation"] = {
             "events": self.events,
             "wall_s": self.wall_s,
@@ -74,13 +89,24 @@ class ServingReport:
         return out
 
 
+def moe_tables(plan: Plan) -> MoEStepTable | dict[str, MoEStepTable | None] | None:
+    """The MoE step tables of a deployment (none for a dense model; one per pool when
+    disaggregated), which runs of it at several request rates may share
+    (``simulate_serving(table=...)``)."""
+    if plan.model.moe is None:
+        return None
+    if plan.parallel.disaggregated:
+        return {name: MoEStepTable(plan.pool(name), Layout(plan.pool(name))) for name in POOLS}
+    return MoEStepTable(plan, Layout(plan))
+
+
 def simulate_serving(
     plan: Plan,
     progress: Callable[[float], None] | None = None,
     trace: Path | None = None,
     *,
     requests: Requests | None = None,
-    table: MoEStepTable | None = None,
+    table: MoEStepTable | dict[str, MoEStepTable | None] | None = None,
     limits: LatencyLimits | None = None,
 ) -> ServingReport:
     """Audit and simulate serving ``plan``'s request stream.
@@ -98,11 +124,15 @@ def simulate_serving(
     written.
     """
     report = audit(plan)
-    check_serving_supported(plan, report.layout)
     if requests is None:
         requests = make_requests(plan)
     started = time.perf_counter()
-    sim = ServingSim(plan, requests, progress, table=table, limits=limits)
+    if plan.parallel.disaggregated:  # each pool checks itself (engine/serving/disagg.py)
+        tables = table if isinstance(table, dict) else None
+        sim: ServingSim = DisaggregatedSim(plan, requests, progress, tables=tables, limits=limits)
+    else:
+        check_serving_supported(plan, report.layout)
+        sim = ServingSim(plan, requests, progress, table=table, limits=limits)
     result = sim.run()
     wall_s = time.perf_counter() - started
     metrics = serving_metrics(plan, result)

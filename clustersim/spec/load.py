@@ -75,6 +75,8 @@ def _derive_dp(raw: dict[str, Any], source: str) -> dict[str, str]:
     par, hw = raw.get("parallel"), raw.get("hardware")
     if not isinstance(par, dict) or "dp" in par or not isinstance(hw, dict):
         return {}
+    if "prefill" in par or "decode" in par:  # disaggregated: each pool states its own dp
+        return {}
     try:
         gpus = int(hw["num_nodes"]) * int(hw["gpus_per_node"])
         model_parallel = int(par.get("tp", 1)) * int(par.get("cp", 1)) * int(par.get("pp", 1))

@@ -9,7 +9,7 @@ plan.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PrivateAttr, model_validator
@@ -302,6 +302,11 @@ class AttentionCalibration(_Strict):
         "(workload.requests.decode_attention: per_head) re-reads the K/V of a shared GQA "
         "head from the L2 cache; null: no such bound.",
     )
+    backward_ratio: float = Field(
+        ge=1,
+        le=10,
+        description="Backward time over forward time of fused (flash) attention in training.",
+    )
 
 
 class MoECalibration(_Strict):
@@ -530,6 +535,59 @@ class ParallelSpec(_Strict):
     moe_dispatcher: Literal["alltoall", "deepep"] = Field(
         "alltoall", description="MoE token dispatcher: NCCL all-to-all, or DeepEP kernels."
     )
+    prefill: ParallelSpec | None = Field(
+        None,
+        description="Disaggregated serving: the prefill pool's parallel block (with "
+        "parallel.decode; the top-level fields then mirror the decode pool).",
+    )
+    decode: ParallelSpec | None = Field(
+        None, description="Disaggregated serving: the decode pool's parallel block."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pools_alone(cls, data: Any) -> Any:
+        """With ``prefill`` and ``decode``, the top level holds nothing else (fields equal to
+        the decode pool's, as a dumped plan has them, are accepted); placeholders for the
+        required degrees are mirrored from the decode pool after validation."""
+        if not isinstance(data, dict) or (
+            data.get("prefill") is None and data.get("decode") is None
+        ):
+            return data
+        if data.get("prefill") is None or data.get("decode") is None:
+            given = "prefill" if data.get("prefill") is not None else "decode"
+            other = "decode" if given == "prefill" else "prefill"
+            raise ValueError(
+                f"parallel.{given} needs parallel.{other}: a disaggregated deployment "
+                "sets both pools (or neither)"
+            )
+        decode = data["decode"]
+        extra = sorted(
+            k
+            for k, v in data.items()
+            if k not in ("prefill", "decode")
+            and not (isinstance(decode, dict) and k in decode and decode[k] == v)
+        )
+        if extra:
+            raise ValueError(
+                f"parallel.{extra[0]}: with parallel.prefill and parallel.decode set "
+                f"{', '.join(extra)} inside each pool (parallel.prefill.{extra[0]}, "
+                f"parallel.decode.{extra[0]})"
+            )
+        return {"tp": 1, "pp": 1, "dp": 1, "prefill": data["prefill"], "decode": decode}
+
+    @model_validator(mode="after")
+    def _mirror_decode_pool(self) -> ParallelSpec:
+        pools = (self.prefill, self.decode)
+        if all(p is None for p in pools):
+            return self
+        for name, pool in zip(("prefill", "decode"), pools, strict=True):
+            if pool.prefill is not None or pool.decode is not None:
+                raise ValueError(f"parallel.{name} cannot itself hold prefill or decode pools")
+        for name in type(self).model_fields:
+            if name not in ("prefill", "decode"):
+                object.__setattr__(self, name, getattr(self.decode, name))
+        return self
 
     @model_validator(mode="after")
     def _world_size_bounded(self) -> ParallelSpec:
@@ -574,8 +632,20 @@ class ParallelSpec(_Strict):
         return self.etp if self.etp is not None else self.tp
 
     @property
+    def disaggregated(self) -> bool:
+        """Whether prefill and decode run on separate pools (``prefill`` and ``decode``)."""
+        return self.decode is not None
+
+    @property
+    def pool_world_size(self) -> int:
+        """GPUs of this block's own layout: TP x CP x DP x PP."""
+        return self.tp * self.cp * self.dp * self.pp
+
+    @property
     def world_size(self) -> int:
-        """GPUs the plan uses: TP x CP x DP x PP."""
+        """GPUs the plan uses: TP x CP x DP x PP; disaggregated, both pools together."""
+        if self.decode is not None and self.prefill is not None:
+            return self.prefill.pool_world_size + self.decode.pool_world_size
         return self.tp * self.cp * self.dp * self.pp
 
 
@@ -679,7 +749,7 @@ class RequestsSpec(_Strict):
         description="Decode attention kernel: grouped (FlashAttention, FlashInfer, "
         "TensorRT-LLM XQA: each K/V head read once for all its query heads) or per_head (one "
         "thread block per query head, which re-reads its shared K/V head: TensorRT-LLM's "
-        "masked MHA kernel before XQA, vLLM's PagedAttention v1/v2).",
+        "masked MHA kernel, vLLM's PagedAttention v1/v2).",
     )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Share of GPU memory for weights, activations and KV cache."
@@ -837,10 +907,35 @@ class Plan(_Strict):
     # fields the loader derived because the plan left them out (reported as assumptions)
     _derived: dict[str, str] = PrivateAttr(default_factory=dict)
 
+    def pool(self, name: Literal["prefill", "decode"]) -> Plan:
+        """One pool of a disaggregated deployment as a plan of its own: this plan with
+        ``parallel`` = the pool's block (its GPUs are ranks ``pool_first_rank(name)`` on)."""
+        block = getattr(self.parallel, name)
+        if block is None:
+            raise ValueError(f"parallel.{name} is not set: the plan is not disaggregated")
+        pooled = self.model_copy(update={"parallel": block, "name": f"{self.name} ({name})"})
+        pooled._derived = dict(self._derived)
+        return pooled
+
+    def pool_first_rank(self, name: Literal["prefill", "decode"]) -> int:
+        """The first global rank of a pool: the prefill pool first, then the decode pool."""
+        prefill = self.parallel.prefill
+        return 0 if name == "prefill" or prefill is None else prefill.pool_world_size
+
     @property
     def derived(self) -> dict[str, str]:
         """Field path -> how the loader derived it (``spec.load``), e.g. ``parallel.dp``."""
         return dict(self._derived)
+
+    @model_validator(mode="after")
+    def _pools_serve(self) -> Plan:
+        if self.parallel.disaggregated and self.workload.mode != "inference":
+            raise ValueError(
+                "parallel.prefill and parallel.decode (disaggregated serving) need "
+                f"workload.mode: inference (mode is {self.workload.mode}); a training plan "
+                "sets one parallel block"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fp8_supported(self) -> Plan:

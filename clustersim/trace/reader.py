@@ -137,6 +137,15 @@ class TraceReader:
 
         par = ("parallel",)
         gpus = math.prod(count(*par, k, default=1) for k in ("tp", "cp", "dp", "pp"))
+        replicas = count(*par, "dp")
+        pools = plan.get("parallel") if isinstance(plan.get("parallel"), dict) else {}
+        if isinstance(pools.get("prefill"), dict) and isinstance(pools.get("decode"), dict):
+            # disaggregated serving: both pools' GPUs and replicas (prefill first)
+            gpus = sum(
+                math.prod(count("parallel", pool, k, default=1) for k in ("tp", "cp", "dp", "pp"))
+                for pool in ("prefill", "decode")
+            )
+            replicas = sum(count("parallel", pool, "dp") for pool in ("prefill", "decode"))
         lanes = run.get("lanes")
         requests = run.get("num_requests", 0)
         if not isinstance(requests, int) or isinstance(requests, bool) or requests < 0:
@@ -145,7 +154,7 @@ class TraceReader:
             "lane": len(lanes) if isinstance(lanes, list) else gpus,
             "gpu": gpus,
             "group": max(gpus, _network_links(run)),
-            "replica": count(*par, "dp"),
+            "replica": replicas,
             "layer": count("model", "num_layers"),
             "microbatch": max(count(*par, "num_microbatches", default=1), requests),
         }

@@ -115,6 +115,7 @@ class ReplicaScheduler:
         self.running: list[int] = []
         self.preemptions = 0
         self.peak_used = 0  # blocks in use at the end of the last commit, before freeing
+        self.held_blocks = 0  # blocks of requests handed off, until released (prefill pool)
 
     # ---- queries ---------------------------------------------------------------------------
     @property
@@ -342,3 +343,58 @@ class ReplicaScheduler:
                 book.finish_ms[rid] = end_ms
             self.running = [r for r in self.running if r not in done]
         return finished
+
+
+class PrefillScheduler(ReplicaScheduler):
+    """A replica of the prefill pool of a disaggregated deployment: as
+    :class:`ReplicaScheduler`, except that a request leaves the replica when its prompt step
+    yields the first token (a request of one output token finishes there). Its KV blocks stay
+    held (``held_blocks``) until :meth:`release`, when its KV cache has reached the decode
+    pool; :attr:`handoffs` lists the requests the last commit handed off."""
+
+    def __init__(self, *args, downstream: ReplicaScheduler, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.downstream = downstream  # a decode replica (all are alike): whether it fits
+        self.handoffs: list[int] = []
+
+    def fits(self, rid: int) -> bool:
+        """Whether the prompt fits this cache and the whole request a decode replica's."""
+        book = self.book
+        return self._blocks_for(book.prompt[rid]) <= self.num_blocks and self.downstream.fits(rid)
+
+    def commit(self, step: Step, steps: int, end_ms: float) -> list[int]:
+        """Apply one step (a prefill pool never runs decode steps); returns the requests
+        that finished, and leaves those handed off in :attr:`handoffs`."""
+        book = self.book
+        finished: list[int] = []
+        handed: list[int] = []
+        for rid, q in zip(step.ids, step.new_tokens, strict=True):
+            c = book.computed[rid] + q
+            book.computed[rid] = c
+            if c == book.prompt[rid] + book.generated[rid]:
+                book.generated[rid] += 1
+                if book.generated[rid] == 1:
+                    book.first_token_ms[rid] = end_ms
+                if book.generated[rid] == book.output[rid]:
+                    finished.append(rid)
+                else:
+                    handed.append(rid)
+        self.peak_used = self.num_blocks - self.free_blocks
+        for rid in finished:
+            self.free_blocks += book.blocks[rid]
+            book.blocks[rid] = 0
+            book.finish_ms[rid] = end_ms
+        for rid in handed:
+            self.held_blocks += book.blocks[rid]
+        if finished or handed:
+            done = set(finished) | set(handed)
+            self.running = [r for r in self.running if r not in done]
+        self.handoffs = handed
+        return finished
+
+    def release(self, rid: int) -> None:
+        """The KV cache of a handed-off request has been transferred: free its blocks."""
+        book = self.book
+        self.free_blocks += book.blocks[rid]
+        self.held_blocks -= book.blocks[rid]
+        book.blocks[rid] = 0

@@ -80,6 +80,26 @@ class ServingResult:
     # run of decode steps counted step by step); None when unknown (a run read from a trace)
     prefill_batches: np.ndarray | None = None
     decode_batches: np.ndarray | None = None
+    # disaggregated deployments (None when colocated): the pools, and per request the decode
+    # replica (global index), its KV transfer's time (ms) and bytes (NaN: none)
+    pools: list[PoolResult] | None = None
+    decode_replica: np.ndarray | None = None
+    kv_transfer_ms: np.ndarray | None = None
+    kv_transfer_bytes: np.ndarray | None = None
+
+
+@dataclass
+class PoolResult:
+    """One pool of a disaggregated run: its role, GPUs, layout sizes, where its replicas and
+    engines sit in the :class:`ServingResult`'s lists, and its KV cache per replica."""
+
+    role: str  # prefill | decode
+    gpus: int
+    stages: int
+    replicas: int
+    first_replica: int  # its replicas are first_replica .. first_replica + replicas - 1
+    engines: list[int]  # indices into ServingResult.engines / engine_stats
+    kv: KVCapacity
 
 
 def coupled_replicas(plan: Plan, layout: Layout) -> list[list[int]]:
@@ -110,6 +130,21 @@ def coupled_replicas(plan: Plan, layout: Layout) -> list[list[int]]:
 def check_serving_supported(plan: Plan, layout: Layout) -> None:
     """Raise :class:`EngineError` when the serving engine cannot simulate ``plan``."""
     check_common(plan, layout, "inference")
+
+
+def usable_kv(plan: Plan, layout: Layout, where: str = "") -> KVCapacity:
+    """The KV cache of a replica of ``plan``; :class:`EngineError` when memory leaves none
+    (``where`` prefixes the message, e.g. ``decode pool: ``)."""
+    kv = kv_capacity(plan, layout)
+    if kv.num_blocks < 1:
+        worst = int(np.argmin(kv.free_gib))
+        raise EngineError(
+            f"{where}no memory is left for the KV cache on pipeline stage {worst}: weights "
+            f"{kv.weights_gib[worst]:.1f} GiB + activations "
+            f"{kv.activations_gib[worst]:.1f} GiB exceed "
+            f"{plan.workload.requests.gpu_memory_utilization:g} x the GPU's memory"
+        )
+    return kv
 
 
 COMPILED_RUNS_MIN_REQUESTS = 16384
@@ -184,8 +219,12 @@ class Dispatcher:
 class Engine:
     """One lockstep group of replicas, driven by the event loop (module docstring)."""
 
-    def __init__(self, sim: ServingSim, index: int, members: list[int]):
+    def __init__(self, sim: ServingSim, index: int, members: list[int], pool=None):
+        """``pool``: what holds the members' schedulers, timer, micro-batch count and KV
+        accumulators (``schedulers``, ``timer``, ``num_microbatches``, ``kv_area``,
+        ``kv_peak``, ``hands_off``); the simulation itself for a colocated deployment."""
         self.sim, self.index, self.members = sim, index, members
+        self.pool = pool = sim if pool is None else pool
         self.loop = sim.loop
         self.stats = EngineStats()
         self._idle = False
@@ -196,7 +235,7 @@ class Engine:
         self._run_steps = 0  # steps of the current run (0: none)
         self._start_ms = 0.0
         self._used_at_start: list[int] = []
-        self._scheds = [sim.schedulers[m] for m in members]
+        self._scheds = [pool.schedulers[m] for m in members]
 
     # ---- waking ----------------------------------------------------------------------------
     def notify(self, now: float) -> None:
@@ -247,7 +286,7 @@ class Engine:
         scheds = self._scheds
         steps = [s.schedule() for s in scheds]
         aggs, run = [], MAX_STEPS
-        v = sim.num_microbatches
+        v = self.pool.num_microbatches
         first = sim.book.first_scheduled_ms
         for sched, st in zip(scheds, steps, strict=True):
             if st is not None:
@@ -258,10 +297,10 @@ class Engine:
                 aggs.append(st.aggregates(v))
                 run = sched.run_length(st, run) if st.decode_only else 1
         if not aggs:
-            if any(s.waiting for s in scheds):
+            if any(s.waiting and not s.held_blocks for s in scheds):
                 raise RuntimeError("a replica has waiting requests but cannot schedule any")
             return False
-        timing = sim.timer.time(aggs, run, len(scheds))
+        timing = self.pool.timer.time(aggs, run, len(scheds))
         self._steps, self._timing = steps, timing
         if run == 1:
             self._ends = [now + timing.round_ms[0]]
@@ -287,7 +326,8 @@ class Engine:
         stats.balance_weighted += t.balance_pct * t.moe_tokens * k
         stats.dropped_weighted += t.dropped_pct * t.moe_tokens * k
         duration = end - self._start_ms
-        kv_area, kv_peak = sim.kv_area, sim.kv_peak
+        pool = self.pool
+        kv_area, kv_peak = pool.kv_area, pool.kv_peak
         for m, sched, st, used0 in zip(
             self.members, self._scheds, self._steps, self._used_at_start, strict=True
         ):
@@ -298,6 +338,8 @@ class Engine:
             if len(st.ids) > st.decodes:
                 sim.prefill_batches[len(st.ids) - st.decodes] += 1
             finished = sched.commit(st, k, end)
+            if pool.hands_off and sched.handoffs:
+                sim.hand_off(m, sched.handoffs, end)
             peak = sched.peak_used
             kv_area[m] += 0.5 * (used0 + peak) * duration
             if peak > kv_peak[m]:
@@ -330,15 +372,7 @@ class ServingSim:
         self.layout = layout = Layout(plan)
         check_serving_supported(plan, layout)
         req = plan.workload.requests
-        self.kv = kv_capacity(plan, layout)
-        if self.kv.num_blocks < 1:
-            worst = int(np.argmin(self.kv.free_gib))
-            raise EngineError(
-                f"no memory is left for the KV cache on pipeline stage {worst}: weights "
-                f"{self.kv.weights_gib[worst]:.1f} GiB + activations "
-                f"{self.kv.activations_gib[worst]:.1f} GiB exceed "
-                f"{req.gpu_memory_utilization:g} x the GPU's memory"
-            )
+        self.kv = usable_kv(plan, layout)
         if table is None and plan.model.moe is not None:
             table = MoEStepTable(plan, layout)
         self.table = table
@@ -377,6 +411,7 @@ class ServingSim:
         self.prefill_batches = [0] * (req.max_batch_size + 1)
         self.decode_batches = [0] * (req.max_batch_size + 1)
         self.limits = limits
+        self.hands_off = False  # colocated: no replica hands requests to another
         self.bad = 0
         self._progress = progress
         self._progress_every = max(1, self.num_requests // 100)

@@ -42,6 +42,8 @@ class LayerTimes:
     recompute_comm_ms: float = 0.0  # TP collectives of a full recompute
     ring: RingAttention | None = None  # context parallelism's ring attention (cp > 1)
     recompute_ring: bool = False  # the recompute runs the ring attention again
+    core_attn_fwd_ms: float = 0.0  # the core attention's part of attn_fwd_ms
+    core_bwd_ratio: float = cc.BACKWARD_FACTOR  # its backward time over its forward time
     # the weight-gradient share of the backward (DualPipe's W): the forward time of the
     # layer's weighted ops (attention block without core attention, router and shared
     # experts, dense MLP); core attention has no weights, its backward is all input gradients
@@ -49,8 +51,11 @@ class LayerTimes:
 
     @property
     def attn_bwd_ms(self) -> float:
-        """Backward of the attention block (2 x forward)."""
-        return cc.BACKWARD_FACTOR * self.attn_fwd_ms
+        """Backward of the attention block: 2 x the forward of its GEMMs and element-wise
+        kernels, ``core_bwd_ratio`` x the core attention's forward (FlashAttention's backward
+        recomputes the scores: 2.5 x the forward's matmul FLOPs, at a lower rate)."""
+        core = self.core_attn_fwd_ms
+        return cc.BACKWARD_FACTOR * (self.attn_fwd_ms - core) + self.core_bwd_ratio * core
 
     @property
     def mlp_bwd_ms(self) -> float:
@@ -104,12 +109,15 @@ class MicrobatchCosts:
 
     def _layer(self, moe_layer: bool) -> LayerTimes:
         k, tokens = self._kernels, self.tokens
-        attn = float(k.attention_block_ms(tokens)) + self._core_attention_ms
+        # a dense layer's pre-MLP norm feeds its FC1 alone: fused norm + linear under FP8
+        fused_mlp = not moe_layer
+        attn = float(k.attention_block_ms(tokens, mlp_input_fp8=fused_mlp))
+        attn += self._core_attention_ms
         mlp = 0.0
         if moe_layer:
             attn += float(k.moe_block_ms(tokens))
         else:
-            mlp = float(k.dense_mlp_ms(tokens))
+            mlp = float(k.dense_mlp_ms(tokens, input_fp8=True))
         recompute, tp_comm = self.plan.parallel.recompute, self._tp_comm_ms(moe_layer)
         extra_comm = 0.0
         if recompute == "full":  # the forward again, TP collectives included
@@ -120,7 +128,27 @@ class MicrobatchCosts:
             extra = 0.0
         ring = self._ring if self._cp > 1 else None
         weights = attn - self._core_attention_ms + mlp
-        return LayerTimes(attn, mlp, tp_comm, extra, extra_comm, ring, recompute != "none", weights)
+        return LayerTimes(
+            attn,
+            mlp,
+            tp_comm,
+            extra,
+            extra_comm,
+            ring,
+            recompute != "none",
+            core_attn_fwd_ms=self._core_attention_ms,
+            core_bwd_ratio=self._core_bwd_ratio,
+            weights_ms=weights,
+        )
+
+    @property
+    def _core_bwd_ratio(self) -> float:
+        """Backward over forward time of the core attention: the calibrated FlashAttention
+        ratio (``attention.backward_ratio``) with fused kernels, 2 for unfused attention
+        (its backward is two GEMMs per forward GEMM, like every other layer)."""
+        if not self.plan.parallel.flash_attention:
+            return cc.BACKWARD_FACTOR
+        return self.plan.hardware.calibration.attention.backward_ratio
 
     @cached_property
     def _ring(self) -> RingAttention:
@@ -135,7 +163,7 @@ class MicrobatchCosts:
             par.tp,
             group,
             self.plan.hardware,
-            cc.BACKWARD_FACTOR,
+            self._core_bwd_ratio,
         )
 
     @cached_property

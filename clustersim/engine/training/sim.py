@@ -43,7 +43,11 @@ group's slowest lane is ready.
 Link sharing rule: collectives of one lane run one at a time on its communication stream
 (FIFO, each at the full link bandwidth), which gives the same completion time for the last of a
 set of transfers as fair sharing of the link; pipeline sends use separate send/receive queues
-(full duplex) and never contend with each other.
+(full duplex) and never contend with each other. ZeRO-2/3 run their per-layer gathers and
+reduce-scatters on one more stream per lane; an EP all-to-all that crosses nodes while that
+stream is busy across nodes shares the NICs with it fairly (both are delayed by the overlap,
+``costs.sharding.fair_share_delay_ms``; with ``hardware.topology`` too, where the
+per-layer sharding collectives are not flows).
 
 Replica symmetry: when every data-parallel replica provably does the same work (fixed
 sequence length and deterministic, even routing), only replica 0 is simulated and the metrics
@@ -69,7 +73,7 @@ from clustersim.costs.comm import (
 from clustersim.costs.compute import BACKWARD_FACTOR, DTYPE_BYTES
 from clustersim.costs.memory import stage_params_per_gpu
 from clustersim.costs.params import count_params
-from clustersim.costs.sharding import LayerUnit, layer_units, shard_sizes
+from clustersim.costs.sharding import LayerUnit, fair_share_delay_ms, layer_units, shard_sizes
 from clustersim.engine.errors import EngineError
 from clustersim.engine.network import Network
 from clustersim.engine.recorder import Kind, Op, Recorder
@@ -737,13 +741,16 @@ class TrainingSim:
             else:
                 hidden = np.where(co.membership, hidden[None, :], np.inf).min(axis=1)
         exposed = durations if hidden is None else np.maximum(durations - hidden, 0.0)
+        exposed = exposed + self._shared_with_sharding(co, starts, exposed)
         if co.block:
             ends = np.repeat(starts + exposed, co.block)
-            full = np.repeat(starts + durations, co.block)
+            full = np.repeat(starts + np.maximum(durations, exposed), co.block)
         else:
             member = co.membership
             ends = np.where(member, (starts + exposed)[:, None], -np.inf).max(axis=0)
-            full = np.where(member, (starts + durations)[:, None], -np.inf).max(axis=0)
+            full = np.where(
+                member, (starts + np.maximum(durations, exposed))[:, None], -np.inf
+            ).max(axis=0)
         if hidden is None:
             self.rec.add_block(co.lane_ids, Kind.COMM, op, ready, ends, layer, mb, lane_bytes)
             return routes, ends
@@ -755,6 +762,54 @@ class TrainingSim:
             co.lane_ids, Kind.COMM_ASYNC, op, ends, full, layer, mb, lane_bytes * (1 - share)
         )
         return routes, ends
+
+    def _shared_with_sharding(
+        self, co: Cohort, starts: np.ndarray, a2a_ms: np.ndarray
+    ) -> np.ndarray:
+        """ZeRO-2/3: the time each EP group's all-to-all (from
+        ``starts``, ``a2a_ms`` long; per group) loses to the lanes' sharding stream when both
+        cross nodes, and the stream's matching delay (its clock moves on in place).
+
+        Both transfers then use the same NICs. Two bandwidth-bound transfers sharing a link
+        fairly, needing ``d`` and ``r`` alone, finish at ``2 min(d, r)`` and ``d + r``: each
+        is delayed by ``min(d, r)``, with ``r`` the stream's work left when the all-to-all
+        starts (its clock minus the start). A group waits for its most delayed member.
+        Zero when either stays inside a node (NVLink and the NICs are separate links)."""
+        zero = np.zeros_like(a2a_ms)
+        if not self._layer_rs or not self._cross_node_sharing(co):
+            return zero
+        clock, _ = self._streams(co)
+        if co.block:
+            lane_start = np.repeat(starts, co.block)
+            lane_d = np.repeat(a2a_ms, co.block)
+        else:
+            member = co.membership
+            lane_start = np.where(member, starts[:, None], -np.inf).max(axis=0)
+            lane_d = np.where(member, a2a_ms[:, None], 0.0).max(axis=0)
+        delay = fair_share_delay_ms(lane_d, clock - lane_start)
+        clock += delay
+        if co.block:
+            return delay.reshape(len(co.groups), co.block).max(axis=1)
+        return np.where(co.membership, delay[None, :], 0.0).max(axis=1)
+
+    def _cross_node_sharing(self, co: Cohort) -> bool:
+        """Whether the cohort's EP all-to-alls and its sharded-DP collectives both cross
+        nodes (cached per stage)."""
+        key = ("cross_node_sharing", co.stage)
+        found = self._collective_ms.get(key)
+        if found is None:
+            gpn, hw = self.hw.gpus_per_node, self.hw
+            ep_cross = any(
+                link_for_group(self.ep.groups[gid], gpn, hw).crosses_nodes for gid in co.groups
+            )
+            shard_cross = any(
+                link_for_group(shard, gpn, hw).crosses_nodes
+                for kind in ("dp", "edp")
+                for shard, _ in self._shard_groups(co, kind)
+                if len(shard) > 1
+            )
+            found = self._collective_ms[key] = float(ep_cross and shard_cross)
+        return bool(found)
 
     def _routes(self, co: Cohort, layer: int) -> _LayerRoutes:
         """The cohort's routes of ``layer`` (routed the first time; under DualPipe a layer
