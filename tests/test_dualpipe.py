@@ -27,16 +27,16 @@ from hypothesis import strategies as st
 
 from clustersim.audit.checks import audit
 from clustersim.costs.memory import memory_per_gpu
-from clustersim.engine.errors import EngineError
-from clustersim.engine.recorder import Kind, Op
-from clustersim.engine.training.optimes import MicrobatchCosts
-from clustersim.engine.training.schedules import (
+from clustersim.costs.schedules import (
     Step,
     dualpipe_bubble,
     dualpipe_position,
     overlapped_pairs,
     stage_steps,
 )
+from clustersim.engine.errors import EngineError
+from clustersim.engine.recorder import Kind, Op
+from clustersim.engine.training.optimes import MicrobatchCosts
 from clustersim.layout import Layout
 from clustersim.run.simulate import simulate
 from clustersim.spec import plan_from_dict
@@ -98,7 +98,7 @@ def test_invalid_arguments():
         with pytest.raises(ValueError, match="dualpipe needs pp even"):
             stage_steps("dualpipe", p, m, 0)
     with pytest.raises(ValueError, match="dualpipe_bubble"):
-        from clustersim.engine.training.schedules import bubble_fraction
+        from clustersim.costs.schedules import bubble_fraction
 
         bubble_fraction("dualpipe", 4, 8)
 

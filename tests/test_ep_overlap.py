@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from clustersim.costs.schedules import stage_steps
 from clustersim.engine.recorder import Kind, Op
-from clustersim.engine.training.schedules import stage_steps
 from clustersim.run.simulate import simulate
 from clustersim.spec import plan_from_dict
 

@@ -1,4 +1,4 @@
-"""Pipeline schedules (``engine.schedules``) against their definitions and closed forms.
+"""Pipeline schedules (``costs.schedules``) against their definitions and closed forms.
 
 Pure functions, no simulation: every stage runs each (micro-batch, chunk) forward and backward
 exactly once, in an order that respects the data dependencies; 1F1B has ``min(p - s - 1, m)``
@@ -15,7 +15,7 @@ from fractions import Fraction
 
 import pytest
 
-from clustersim.engine.training.schedules import Step, bubble_fraction, stage_steps
+from clustersim.costs.schedules import Step, bubble_fraction, stage_steps
 
 CASES = (
     [("gpipe", p, m, 1) for p in (1, 2, 3, 4, 8) for m in (1, 2, p, 2 * p + 1)]

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from serving_plans import DENSE, MOE, make_plan, step_ms
 from typer.testing import CliRunner
 
 from clustersim.audit.checks import audit
 from clustersim.cli import app
 from clustersim.costs.comm import p2p_link, p2p_ms
+from clustersim.costs.serving import kv_bytes_per_token_layer
 from clustersim.engine.serving.disagg import kv_transfer_bytes
 from clustersim.explore.serving_search import ServingSpace, enumerate_serving, serving_search
 from clustersim.run.evaluate import evaluate
@@ -332,3 +335,50 @@ def test_capacity_of_a_disaggregated_plan_holds_there_and_counts_both_pools():
     verdict = evaluate(at)
     assert verdict.exit_code == 0 and verdict.metrics["goodput_pct"] >= 99
     assert verdict.metrics["kv_transfer_ms_p50"] > 0
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    prefill_tp=st.sampled_from([1, 2]),
+    decode_tp=st.sampled_from([1, 2]),
+    decode_dp=st.sampled_from([1, 2]),
+    gpus_per_node=st.sampled_from([2, 4, 8]),
+    dispatch=st.sampled_from(["round_robin", "least_loaded"]),
+    rate=st.floats(1.0, 40.0),
+)
+def test_every_request_crosses_once_at_its_shard_over_its_link(
+    prefill_tp, decode_tp, decode_dp, gpus_per_node, dispatch, rate
+):
+    """Hypothesis over small 1PyD plans: every request completes; one with more than one
+    output token crossed once, to a decode replica, in p2p_ms(prompt x one GPU's KV bytes per
+    token over all layers, the link between the two replicas' first GPUs), and its last token
+    comes after its first token plus that transfer."""
+    gpus = prefill_tp + decode_tp * decode_dp
+    plan = make_plan(
+        DENSE,
+        requests={"num": 20, "rate_per_s": rate, "dispatch": dispatch},
+        hardware={"num_nodes": -(-gpus // gpus_per_node), "gpus_per_node": gpus_per_node},
+        parallel=pools(
+            prefill={"tp": prefill_tp, "pp": 1, "dp": 1},
+            decode={"tp": decode_tp, "pp": 1, "dp": decode_dp},
+        ),
+    )
+    report = simulate_serving(plan)
+    res, cols = report.result, report.requests()
+    assert not cols["rejected"].any() and report.metrics["completed_requests"] == 20
+    hw, model = plan.hardware, plan.model
+    shard = max(
+        kv_bytes_per_token_layer(model, tp) * model.num_layers for tp in (prefill_tp, decode_tp)
+    )
+    for rid in range(20):
+        if cols["output_tokens"][rid] == 1:
+            assert np.isnan(res.kv_transfer_ms[rid])
+            continue
+        d = int(res.decode_replica[rid]) - 1  # replica 0 is the prefill replica
+        assert 0 <= d < decode_dp
+        dst = prefill_tp + d * decode_tp  # the decode replica's first GPU
+        link = p2p_link([0, dst], gpus_per_node, hw)
+        prompt = cols["prompt_tokens"][rid]
+        expected = p2p_ms(prompt * shard, link.bandwidth_gbps, link.latency_us)
+        assert res.kv_transfer_ms[rid] == pytest.approx(expected, rel=1e-12)
+        assert cols["finish_ms"][rid] >= cols["first_token_ms"][rid] + expected * (1 - 1e-12)

@@ -22,7 +22,10 @@ weights only (2 bytes in bf16/fp16, 4 in fp32).
 
 **Activations (training)**: :func:`layer_activation_bytes`, Korthikanti et al. 2022 Table 2
 generalised to GQA/MLA attention, SwiGLU and MoE (see there), times the layer-micro-batches in
-flight (:func:`inflight_microbatches`). The first stage also keeps the embedding output,
+flight (:func:`inflight_microbatches`). Under the interleaved schedule each chunk micro-batch in
+flight holds its own chunk's layers: the peak is the largest sum over the stage's step order
+(:func:`_interleaved_layer_bytes`), which for equal chunks is the whole-stage product. The
+first stage also keeps the embedding output,
 2*s*b*h bytes (/t with SP) per in-flight micro-batch (an upper bound of Korthikanti's 1-byte
 dropout mask); the last stage the output-layer activations of Korthikanti Sec. 4.3,
 4*s*b*h/t' (final-norm output and projection input, t' = t with SP, else 1) + 4*s*b*V/t (fp32
@@ -71,6 +74,7 @@ import numpy as np
 
 from clustersim.costs import precision
 from clustersim.costs.params import MLP_MATRICES, ParamCounts, count_params
+from clustersim.costs.schedules import stage_steps
 from clustersim.costs.sharding import largest_unit, layer_units, shard_sizes
 from clustersim.layout import Layout
 from clustersim.spec.lengths import read_lengths
@@ -401,11 +405,12 @@ def inflight_microbatches(plan: Plan, stage: int, num_stages: int | None = None)
 
     GPipe: all ``m``. 1F1B: ``min(p - i, m)``. Interleaved (v > 1): Megatron's schedule runs
     ``2(p-i-1) + (v-1)p`` warm-up chunk forwards before its first backward, so it holds that
-    plus one chunk micro-batches (at most ``m*v``), each 1/v of the stage's layers. On stage 0
+    plus one chunk micro-batches (at most ``m*v``), each 1/v of the stage's layers when the
+    chunks are equal (uneven chunks: :func:`_interleaved_layer_bytes`). On stage 0
     this is ``p * (1 + (p-1)/(p*v))`` micro-batches, the reference factor. DualPipe: ``p + 1``
     chunk micro-batches on every device (the DualPipe README's table), each one model stage's
     layers: ``p - i`` of its first chunk (model stage ``i``) and ``i + 1`` of its second (model
-    stage ``p - 1 - i``), i.e. 1F1B's ``p - position`` for each (engine/training/schedules.py).
+    stage ``p - 1 - i``), i.e. 1F1B's ``p - position`` for each (costs/schedules.py).
     """
     par = plan.parallel
     p = num_stages or par.pp
@@ -447,13 +452,45 @@ def _model_stage_activation_bytes(plan: Plan, layout: Layout, stage: int, inflig
     s, b, h = _train_seq_len(plan) / par.cp, par.micro_batch_size, model.hidden_size
     sp_div = par.tp if par.sequence_parallel else 1
     scale = DTYPE_BYTES[model.dtype] / 2
-    total = inflight * _layers_activation_bytes(plan, _layers_of(plan, layout, stage), s, b)
+    if par.schedule == "interleaved" and par.virtual_stages > 1:
+        total = _interleaved_layer_bytes(plan, layout, stage, s, b)
+    else:
+        total = inflight * _layers_activation_bytes(plan, _layers_of(plan, layout, stage), s, b)
     if stage == 0:
         total += inflight * scale * 2 * s * b * h / sp_div
     if stage == layout.num_stages - 1:
         held = par.num_microbatches if par.schedule == "gpipe" else 1
         total += held * (scale * 4 * s * b * h / sp_div + 4 * s * b * model.vocab_size / par.tp)
     return total
+
+
+def _interleaved_layer_bytes(plan: Plan, layout: Layout, stage: int, s: float, b: int) -> float:
+    """Peak layer activation bytes of one GPU of ``stage`` under the interleaved schedule: walk
+    the stage's step order (:func:`~clustersim.costs.schedules.stage_steps`), holding a chunk
+    micro-batch's activations, those of ITS chunk's layers (``Layout.chunk_layers``), from its
+    forward to its backward; the largest sum at any point. Chunks of equal bytes give the
+    whole-stage formula ``inflight_microbatches * stage bytes`` (used as is for them); uneven chunks
+    (``layers_per_stage`` with PP x v entries) what the chunks in flight hold. Plans the audit
+    refuses (micro-batches not divisible by PP, layers that do not split into the chunks) keep
+    the whole-stage formula."""
+    par = plan.parallel
+    p, m, v = layout.num_stages, par.num_microbatches, par.virtual_stages
+    layers = _layers_of(plan, layout, stage)
+    chunks = [np.asarray(layout.chunk_layers(stage, c), dtype=np.int64) for c in range(v)]
+    chunks = [c[c < plan.model.num_layers] for c in chunks]
+    whole = _layers_activation_bytes(plan, layers, s, b)
+    inflight = inflight_microbatches(plan, stage, p)
+    if p != par.pp or m % p or sum(len(c) for c in chunks) != len(layers):
+        return inflight * whole
+    chunk_bytes = np.array([_layers_activation_bytes(plan, c, s, b) for c in chunks])
+    if np.all(chunk_bytes == chunk_bytes[0]):  # the walk's peak, in closed form: no rounding
+        return inflight * whole
+    steps = stage_steps("interleaved", p, m, stage, v)
+    delta = np.zeros((len(steps), v))
+    for i, step in enumerate(steps):
+        delta[i, step.chunk] = 1.0 if step.kind == "F" else -1.0
+    held = np.cumsum(delta, axis=0) @ chunk_bytes  # bytes in flight after each step
+    return float(held.max())
 
 
 # ---- buffers ----------------------------------------------------------------------------

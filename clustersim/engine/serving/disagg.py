@@ -235,11 +235,13 @@ class DisaggregatedSim(ServingSim):
             )
 
     def _transferred(self, replica: int, rid: int, d: int) -> None:
-        """A KV transfer ended: free the prefill blocks, queue the request at the decode
-        replica, wake both engines."""
+        """A KV transfer ended: free the prefill blocks (waking the prefill engine when
+        requests wait there), queue the request at the decode replica and wake its engine."""
         now = self.loop.now
-        self.prefill.schedulers[replica].release(rid)
-        self.prefill.engines[self.prefill.engine_of[replica]].notify(now)
+        sched = self.prefill.schedulers[replica]
+        sched.release(rid)
+        if sched.waiting:  # the freed blocks may admit a waiting request
+            self.prefill.engines[self.prefill.engine_of[replica]].notify(now)
         self._incoming[d] -= 1
         self.decode.schedulers[d].add(rid)
         self.decode.engines[self.decode.engine_of[d]].notify(now)

@@ -73,6 +73,13 @@ from clustersim.costs.comm import (
 from clustersim.costs.compute import BACKWARD_FACTOR, DTYPE_BYTES
 from clustersim.costs.memory import stage_params_per_gpu
 from clustersim.costs.params import count_params
+from clustersim.costs.schedules import (
+    DUALPIPE_RULE,
+    dualpipe_position,
+    dualpipe_valid,
+    overlapped_pairs,
+    stage_steps,
+)
 from clustersim.costs.sharding import LayerUnit, fair_share_delay_ms, layer_units, shard_sizes
 from clustersim.engine.errors import EngineError
 from clustersim.engine.network import Network
@@ -84,13 +91,6 @@ from clustersim.engine.training.optimes import (
     ExpertTimer,
     MicrobatchCosts,
     optimizer_ms,
-)
-from clustersim.engine.training.schedules import (
-    DUALPIPE_RULE,
-    dualpipe_position,
-    dualpipe_valid,
-    overlapped_pairs,
-    stage_steps,
 )
 from clustersim.layout import Layout
 from clustersim.spec.schema import Plan
