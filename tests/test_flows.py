@@ -174,3 +174,52 @@ def test_solver_equals_a_plain_fluid_simulation(raw, capacity) -> None:
         flows.append((round(start, 3), sorted(merged.items())))
     fs = flow_set(flows, capacity)
     assert solve(fs) == pytest.approx(reference_solve(fs), rel=1e-9, abs=1e-9)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(0, 5), st.floats(0.01, 50)), min_size=1, max_size=4),
+        min_size=1,
+        max_size=8,
+    ),
+    st.lists(st.floats(1, 100), min_size=6, max_size=6),
+    st.lists(st.floats(0.1, 1e3), min_size=8, max_size=8),
+)
+def test_numba_group_kernel_equals_the_dense_reference(routes, capacity, cap_values) -> None:
+    """engine.flow_kernels.max_min_group (sparse, on the CSR arrays) gives the levels of
+    max_min_rates (dense weights) for any group of flows."""
+    from clustersim.engine.flow_kernels import max_min_group
+
+    merged = [sorted({ln: b for ln, b in r}.items()) for r in routes]
+    n = len(merged)
+    ptr = np.r_[0, np.cumsum([len(r) for r in merged])]
+    link = np.array([ln for r in merged for ln, _ in r], dtype=np.int64)
+    volume = np.array([b for r in merged for _, b in r])
+    heaviest = np.array([max(b for _, b in r) for r in merged])
+    unit = volume / np.repeat(heaviest, np.diff(ptr))
+    caps = np.array(cap_values[:n])
+    cap = np.array(capacity)
+    weights = np.zeros((n, len(cap)))
+    weights[np.repeat(np.arange(n), np.diff(ptr)), link] = unit
+    expected = max_min_rates(weights, caps, cap)
+    local_of = np.full(len(cap), -1, dtype=np.int64)
+    got = np.empty(n)
+    max_min_group(np.arange(n, dtype=np.int64), ptr, link, unit, caps, cap, local_of, got)
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert (local_of == -1).all()  # the scratch map is restored
+
+
+@settings(max_examples=60, deadline=None)
+@given(flows_strategy, st.lists(st.floats(1, 100), min_size=4, max_size=4))
+def test_compiled_event_loop_equals_the_python_one_exactly(raw, capacity) -> None:
+    """The numba event loop replays the Python reference event for event: same end times,
+    bit for bit (the shared-link results do not depend on which one ran)."""
+    flows = []
+    for start, route in raw:
+        merged: dict[int, float] = {}
+        for ln, b in route:
+            merged[ln] = merged.get(ln, 0.0) + b
+        flows.append((round(start, 3), sorted(merged.items())))
+    fs = flow_set(flows, capacity)
+    assert np.array_equal(solve(fs, compiled=True), solve(fs, compiled=False))

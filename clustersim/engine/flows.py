@@ -20,7 +20,9 @@ Speed: flows whose alone interval overlaps no other flow on any link cannot be s
 are settled in one vectorised pass. The event loop runs only over the others, and re-solves
 only the connected component (flows linked through shared links) of the flow that starts or
 ends; if settling them made a flow overlap a flow settled alone, that flow joins and the loop
-runs again (rarely more than twice).
+runs again (rarely more than twice). A component's max-min levels come from a numba kernel
+(``engine.flow_kernels.max_min_group``) working on the CSR arrays directly; ``max_min_rates``
+below is its dense reference (tests hold the two equal).
 """
 
 from __future__ import annotations
@@ -84,14 +86,15 @@ def max_min_rates(weights: np.ndarray, caps: np.ndarray, capacity: np.ndarray) -
     return x
 
 
-def solve(flows: FlowSet) -> np.ndarray:
-    """End time (ms) of every flow's transfer under max-min fair sharing of the links."""
+def solve(flows: FlowSet, compiled: bool = True) -> np.ndarray:
+    """End time (ms) of every flow's transfer under max-min fair sharing of the links.
+    ``compiled``: the event loop's numba version (False: the Python reference, same
+    results)."""
     start, transfer = flows.start_ms, flows.transfer_ms
     if flows.size == 0:
         return start + transfer
     # alone: at its own rate, or slower where a link of its route cannot carry that
-    need = np.zeros(flows.size)
-    np.maximum.at(need, flows.flow_of_entry(), flows.volume / flows.capacity[flows.link])
+    need = flow_max(flows.ptr, flows.volume / flows.capacity[flows.link])
     slower = need > transfer * (1 + 1e-9)  # not a rounding error of the caller's scaling
     end = start + np.where(transfer > 0, np.where(slower, need, transfer), 0.0)
     busy = (transfer > 0) & (np.diff(flows.ptr) > 0)
@@ -101,18 +104,69 @@ def solve(flows: FlowSet) -> np.ndarray:
         # flows settled alone that a delayed flow may still reach: by link, then start
         passive = (busy & ~contended)[index.flow]
         settled = (index.link[passive], index.start[passive], index.flow[passive])
-        _event_loop(flows, np.flatnonzero(contended), end, settled)
+        loop = _event_loop_compiled if compiled else _event_loop
+        loop(flows, np.flatnonzero(contended), end, settled)
     return end
+
+
+def _event_loop_compiled(flows: FlowSet, members: np.ndarray, end: np.ndarray, passive) -> None:
+    """``_event_loop`` run by its numba version (``engine.flow_kernels.event_loop``)."""
+    from clustersim.engine import flow_kernels as kernels  # numba: imported when needed
+
+    ptr, volume, transfer = flows.ptr, flows.volume, flows.transfer_ms
+    counts = np.diff(ptr)
+    heaviest = flow_max(ptr, volume)
+    unit = volume / np.repeat(np.where(heaviest > 0, heaviest, 1.0), counts)
+    caps = np.where(transfer > 0, heaviest / np.where(transfer > 0, transfer, 1.0), 0.0)
+    passive_link, passive_start, passive_flow = passive
+    horizon = float(passive_start.max(initial=0.0)) + 1.0
+    passive_key = passive_link + _fraction(passive_start, horizon)
+    kernels.event_loop(
+        np.sort(members).astype(np.int64), ptr.astype(np.int64), flows.link.astype(np.int64),
+        volume, unit, heaviest, caps, flows.capacity.astype(np.float64),
+        flows.start_ms.astype(np.float64), passive_key, passive_flow.astype(np.int64), horizon,
+        end,
+    )  # fmt: skip
+
+
+def by_link_then_start(
+    ptr: np.ndarray, link: np.ndarray, start_ms: np.ndarray, num_links: int
+) -> np.ndarray:
+    """Order of CSR entries (flow ``f``: ``ptr[f]:ptr[f+1]``) by link, then their flow's
+    start, ties in entry order: ``np.lexsort((start_ms[flow], link))`` in two cheap passes
+    (flows by start, then a stable sort by link: a radix sort when link ids fit 16 bits)."""
+    counts = np.diff(ptr)
+    by_start = np.argsort(start_ms, kind="stable")
+    # the entries of the flows in start order (each flow's entries stay in entry order)
+    first = ptr[:-1][by_start]
+    lengths = counts[by_start]
+    offsets = np.arange(len(link)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    entries = np.repeat(first, lengths) + offsets
+    keys = link[entries]
+    if num_links < 2**15:
+        keys = keys.astype(np.int16)
+    return entries[np.argsort(keys, kind="stable")]
+
+
+def flow_max(ptr: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per flow, the largest of its entries' non-negative ``values`` (0 for a flow without
+    entries): ``np.maximum.at`` over the CSR rows, by ``reduceat``."""
+    counts = np.diff(ptr)
+    out = np.zeros(len(counts))
+    has = counts > 0
+    if has.any():
+        out[has] = np.maximum.reduceat(values, ptr[:-1][has])
+    return np.maximum(out, 0.0)
 
 
 class _LinkIndex:
     """Every (flow, link) entry sorted by link, then start: who overlaps whom."""
 
     def __init__(self, flows: FlowSet, end: np.ndarray):
+        self.size = flows.size
+        order = by_link_then_start(flows.ptr, flows.link, flows.start_ms, len(flows.capacity))
         entry_flow = flows.flow_of_entry()
         start = flows.start_ms[entry_flow]
-        order = np.lexsort((start, flows.link))
-        self.size = flows.size
         self.link = flows.link[order]
         self.start = start[order]
         self.flow = entry_flow[order]
@@ -162,8 +216,20 @@ def _event_loop(flows: FlowSet, members: np.ndarray, end: np.ndarray, passive) -
     a flow that is running late: whenever a running flow's projected end moves on, the
     settled flows starting on its links before that end are queued, and at its start such a
     flow joins if one of its links is busy (else it keeps its alone end)."""
+    from clustersim.engine import flow_kernels as kernels  # numba: imported when needed
+
     ptr, links, volume, capacity = flows.ptr, flows.link, flows.volume, flows.capacity
     start_ms, transfer = flows.start_ms, flows.transfer_ms
+    # per flow: its largest link volume and its cap on that scale; per entry: link use per
+    # unit of that scale (the weights of max_min_rates)
+    counts = np.diff(ptr)
+    heaviest_all = np.zeros(flows.size)
+    has = counts > 0
+    heaviest_all[has] = np.maximum.reduceat(volume, ptr[:-1][has]) if has.any() else 0.0
+    safe = np.where(heaviest_all > 0, heaviest_all, 1.0)
+    unit = volume / np.repeat(safe, counts)
+    caps_all = np.where(transfer > 0, heaviest_all / np.where(transfer > 0, transfer, 1.0), 0.0)
+    local_of = np.full(len(capacity), -1, dtype=np.int64)
     passive_link, passive_start, passive_flow = passive
     # one sorted key for (link, start): link + start / horizon, the starts all below horizon
     horizon = float(passive_start.max(initial=0.0)) + 1.0
@@ -177,7 +243,8 @@ def _event_loop(flows: FlowSet, members: np.ndarray, end: np.ndarray, passive) -
     on_link: dict[int, set[int]] = {}
     member = set(members.tolist())
     queued = set(member)
-    starts = [(float(start_ms[f]), f) for f in member]
+    start_list = start_ms.tolist()
+    starts = [(start_list[f], f) for f in member]
     heapq.heapify(starts)
     heap: list[tuple[float, int, int]] = []  # (end time, version, flow)
 
@@ -188,20 +255,26 @@ def _event_loop(flows: FlowSet, members: np.ndarray, end: np.ndarray, passive) -
             found = routes[f] = (ls.tolist(), vs, float(vs.max()), ls)
         return found
 
+    top = horizon * (1 - 1e-12)
+
+    def fraction(t: float) -> float:  # _fraction of one time, without numpy's overhead
+        return (t if 0.0 <= t <= top else (0.0 if t < 0.0 else top)) / horizon
+
     def lookahead(f: int, until: float) -> None:
-        lo = checked.get(f, float(start_ms[f]))
+        lo = checked.get(f, start_list[f])
         if until <= lo:
             return
         checked[f] = until
         ls = routes[f][3]
-        first = np.searchsorted(passive_key, ls + _fraction(lo - EPS, horizon))
-        last = np.searchsorted(passive_key, ls + _fraction(until - EPS, horizon))
-        found = [g for a, b in zip(first.tolist(), last.tolist(), strict=True) if b > a
+        keys = np.concatenate((ls + fraction(lo - EPS), ls + fraction(until - EPS)))
+        bounds = np.searchsorted(passive_key, keys).tolist()
+        half = len(ls)
+        found = [g for a, b in zip(bounds[:half], bounds[half:], strict=True) if b > a
                  for g in passive_flow[a:b].tolist()]  # fmt: skip
         for g in found:
             if g not in queued:
                 queued.add(g)
-                heapq.heappush(starts, (float(start_ms[g]), g))
+                heapq.heappush(starts, (start_list[g], g))
 
     def component(seed: list[int]) -> list[int]:
         seen, stack = set(seed), list(seed)
@@ -221,20 +294,17 @@ def _event_loop(flows: FlowSet, members: np.ndarray, end: np.ndarray, passive) -
         for f in group:  # bring progress up to date at the old rates
             remaining[f] -= rate[f] * (now - updated[f])
             updated[f] = now
-        heaviest = np.array([routes[f][2] for f in group])
-        caps = heaviest / transfer[group]
+        members_of = np.array(group, dtype=np.int64)
+        heaviest = heaviest_all[members_of]
         if len(group) == 1 and all(len(on_link[ln]) == 1 for ln in routes[group[0]][0]):
             _, vs, _, ls = routes[group[0]]  # alone: its own speed, or its tightest link's
-            x = np.array([min(caps[0], float((capacity[ls] / (vs / heaviest[0])).min()))])
+            alone = float((capacity[ls] / (vs / heaviest[0])).min())
+            x = np.array([min(caps_all[group[0]], alone)])
         else:
-            parts = [routes[f] for f in group]
-            used, column = np.unique(np.concatenate([r[3] for r in parts]), return_inverse=True)
-            row = np.repeat(np.arange(len(group)), [len(r[3]) for r in parts])
-            weights = np.zeros((len(group), len(used)))
-            weights[row, column] = np.concatenate([r[1] / r[2] for r in parts])
-            x = max_min_rates(weights, caps, capacity[used])
-        for i, f in enumerate(group):
-            rate[f] = float(x[i] / heaviest[i])
+            x = np.empty(len(group))
+            kernels.max_min_group(members_of, ptr, links, unit, caps_all, capacity, local_of, x)
+        for f, level, scale in zip(group, x.tolist(), heaviest.tolist(), strict=True):
+            rate[f] = level / scale
             version[f] += 1
             finish = now + max(remaining[f], 0.0) / rate[f]
             heapq.heappush(heap, (finish, version[f], f))

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from clustersim.costs.comm import collective_cost, p2p_link
-from clustersim.engine.flows import FlowSet, solve
+from clustersim.engine.flows import FlowSet, by_link_then_start, flow_max, solve
 from clustersim.spec.schema import HardwareSpec
 
 GB = 1e6  # bytes per ms in one GB/s
@@ -298,8 +298,7 @@ class Network:
         # its alpha-beta transfer time; uplinks (which costs.comm does not know) may bind more
         need = raw / cap[link]
         port = np.array([k != "uplink" for k in self.links.kinds], dtype=bool)[link]
-        bottleneck = np.zeros(len(counts))
-        np.maximum.at(bottleneck, entry_flow[port], need[port])
+        bottleneck = flow_max(ptr, np.where(port, need, 0.0))
         ok = bottleneck > 0
         scale = np.where(ok, transfer / np.where(ok, bottleneck, 1.0), 0.0)
         volume = raw * scale[entry_flow]
@@ -314,7 +313,7 @@ class Network:
             pos += size
         self.report = NetworkReport.build(
             self.links, self._kind, self._batch, t0, end, delay, lanes, lanes_total,
-            link, raw, entry_flow, need, iteration_ms,
+            link, raw, ptr, need, iteration_ms,
         )  # fmt: skip
         return self.report
 
@@ -330,9 +329,11 @@ class NetworkReport:
     @classmethod
     def build(
         cls, links: Links, kinds, batches, t0, end, delay, lanes, lanes_total, link, raw,
-        entry_flow, need, iteration_ms,
+        ptr, need, iteration_ms,
     ) -> NetworkReport:  # fmt: skip
-        """Aggregate solved flows per kind and per link."""
+        """Aggregate solved flows per kind and per link (flow ``f``'s entries: ``ptr[f]:
+        ptr[f+1]`` of ``link``, ``raw``, ``need``)."""
+        entry_flow = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
         kind_code = np.array([KINDS.index(k) for k in kinds], dtype=np.int64)
         flow_kind = np.repeat(kind_code, batches) if kinds else np.zeros(0, dtype=np.int64)
         lane_delay = delay * lanes / max(lanes_total, 1)
@@ -341,21 +342,24 @@ class NetworkReport:
         num_links = len(links.names)
         bytes_per_link = np.bincount(link, weights=raw, minlength=num_links)
         # each flow's delay is charged to its bottleneck link (largest alone time)
-        tightest = np.zeros(len(delay))
-        np.maximum.at(tightest, entry_flow, need)
+        tightest = flow_max(ptr, need)
         at_max = np.flatnonzero(need >= tightest[entry_flow])  # entries in flow order
-        flows_at, first = np.unique(entry_flow[at_max], return_index=True)
+        at_flow = entry_flow[at_max]  # non-decreasing: each flow's first entry at its max
+        first = np.flatnonzero(np.r_[True, at_flow[1:] != at_flow[:-1]]) if len(at_flow) else at_max
         bottleneck = np.full(len(delay), -1)
-        bottleneck[flows_at] = link[at_max[first]]
+        bottleneck[at_flow[first]] = link[at_max[first]]
         has = bottleneck >= 0
         contention = np.bincount(bottleneck[has], weights=delay[has], minlength=num_links)
         out = []
-        by_link = np.argsort(link, kind="stable")
-        bounds = np.searchsorted(link[by_link], np.arange(num_links + 1))
+        # every link's flows by start (ties in entry order): each link's union in one pass
+        order = by_link_then_start(ptr, link, t0, num_links)
+        flows_by = entry_flow[order]
+        start_by, end_by = t0[flows_by], end[flows_by]
+        bounds = np.searchsorted(link[order], np.arange(num_links + 1))
         used = np.flatnonzero(bytes_per_link > 0)
         for ln in used.tolist():
-            flows_on = entry_flow[by_link[bounds[ln] : bounds[ln + 1]]]
-            intervals = _union(t0[flows_on], end[flows_on])
+            a, b = bounds[ln], bounds[ln + 1]
+            intervals = _union_sorted(start_by[a:b], end_by[a:b])
             busy = float((intervals[:, 1] - intervals[:, 0]).sum())
             out.append(
                 LinkReport(
@@ -393,10 +397,8 @@ def _vector(value, size: int) -> np.ndarray:
     return np.array(value, dtype=np.float64)
 
 
-def _union(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Union of intervals as a sorted (k, 2) array."""
-    order = np.argsort(starts, kind="stable")
-    s, e = starts[order], ends[order]
+def _union_sorted(s: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """Union of intervals given sorted by start, as a sorted (k, 2) array."""
     run_end = np.maximum.accumulate(e)
     new = np.r_[True, s[1:] > run_end[:-1]]
     idx = np.flatnonzero(new)

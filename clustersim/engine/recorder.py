@@ -173,3 +173,23 @@ class Recorder:
             merged = {name: np.concatenate([c[name] for c in self._chunks]) for name in _COLUMNS}
             self._chunks = [merged]
         return self._chunks[0]
+
+
+class Tally(Recorder):
+    """A recorder that keeps no rows, only their count and the per-rank idle adjustment: for
+    a pass whose rows nobody reads (the shared-link model's first pass, which needs only the
+    iteration's timing and its flows)."""
+
+    def add_block(
+        self,
+        lanes: np.ndarray,
+        kind: int,
+        op: int,
+        start_ms: np.ndarray,
+        end_ms: np.ndarray,
+        layer: int = -1,
+        microbatch: int = -1,
+        nbytes: float | np.ndarray = 0.0,
+    ) -> None:
+        """Count the block's rows; keep nothing."""
+        self._block_rows += len(lanes)

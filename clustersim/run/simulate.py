@@ -19,7 +19,7 @@ from clustersim.audit.findings import Finding
 from clustersim.audit.judge import TRAINING_FIX, judge, report_dict, still_unchecked
 from clustersim.engine.errors import EngineError
 from clustersim.engine.network import Network
-from clustersim.engine.recorder import Recorder
+from clustersim.engine.recorder import Recorder, Tally
 from clustersim.engine.training.moe import (
     EvenSplit,
     RememberedRouting,
@@ -124,7 +124,7 @@ def network_delays(
     if plan.hardware.topology is None:
         return None
     net = Network(plan.hardware, plan.parallel.world_size)
-    scratch = Recorder(plan.parallel.world_size)
+    scratch = Tally(plan.parallel.world_size)  # its rows are never read
     half = (lambda f: progress(f / 2)) if progress else None
     first = TrainingSim(plan, scratch, seq_lens, routing, symmetric, half, net).run()
     net.solve(len(first.lanes), first.iteration_time_ms)
