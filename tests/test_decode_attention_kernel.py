@@ -10,30 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from serving_plans import DENSE, make_plan
 
+from clustersim.calibration.sets_serving import SERVING_MODELS
 from clustersim.costs.kernels import KernelTimer
 from clustersim.costs.serving import core_attention_ms, decode_kv_rereads, step_costs
 from clustersim.layout import Layout
 from clustersim.spec.schema import ModelSpec
 
-LLAMA_70B = {  # meta-llama/Llama-2-70b-hf: 64 query heads, 8 K/V heads, head size 128
-    "name": "llama-2-70b",
-    "num_layers": 80,
-    "hidden_size": 8192,
-    "num_attention_heads": 64,
-    "num_kv_heads": 8,
-    "ffn_hidden_size": 28672,
-    "vocab_size": 32000,
-}
-FALCON_180B = {  # tiiuae/falcon-180B: 232 query heads, 8 K/V heads, head size 64
-    "name": "falcon-180b",
-    "num_layers": 80,
-    "hidden_size": 14848,
-    "num_attention_heads": 232,
-    "num_kv_heads": 8,
-    "ffn_hidden_size": 59392,
-    "vocab_size": 65024,
-    "activation": "gelu",
-}
+# Config.json values as the serving validation set writes them (meta-llama/Llama-2-70b-hf:
+# 64 query heads, 8 K/V heads, head size 128; tiiuae/falcon-180B: 232 query heads, 8 K/V
+# heads, head size 64).
+LLAMA_70B = SERVING_MODELS["Llama-2-70B"]
+FALCON_180B = SERVING_MODELS["Falcon 180B"]
 
 GQA_PLAN = {
     **DENSE,

@@ -42,14 +42,13 @@ p6-b200: 8 x 400 Gb/s EFA); where a row does not, its note states the assumption
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
 
-from clustersim.calibration.fit_comm import published_rows
+from clustersim.calibration.fit_comm import nnls_relative, published_rows
 from clustersim.engine.flows import FlowSet, solve
 from clustersim.engine.network import Links
 from clustersim.spec.calibration_data import calibration_data
@@ -473,31 +472,6 @@ def _inter_latency_ms(case: Case) -> float:
 # ---- fits ----------------------------------------------------------------------------------
 
 
-def _nnls_relative(x: np.ndarray, t: np.ndarray, offset: np.ndarray, fixed: dict[int, float]):
-    """argmin sum(((x @ p + offset) / t - 1)^2) over p >= 0, ``fixed`` entries given (every
-    subset of the free columns solved; the best feasible one wins)."""
-    k = x.shape[1]
-    p = np.zeros(k)
-    for i, v in fixed.items():
-        p[i] = v
-    a = x / t[:, None]
-    target = 1.0 - (offset + x @ p) / t
-    free = [i for i in range(k) if i not in fixed and np.any(x[:, i] != 0)]
-    best, best_p = math.inf, p
-    for mask in itertools.product((0, 1), repeat=len(free)):
-        idx = [f for f, m in zip(free, mask, strict=True) if m]
-        q = p.copy()
-        if idx:
-            sol = np.linalg.lstsq(a[:, idx], target, rcond=None)[0]
-            if np.any(sol < 0):
-                continue
-            q[idx] = sol
-        r = float(np.sum((a @ q + offset / t - 1.0) ** 2))
-        if r < best - 1e-15:
-            best, best_p = r, q
-    return best_p
-
-
 @dataclass(frozen=True)
 class FlowFit:
     """Fitted parameters of one family (efficiencies <= 1, latencies in µs)."""
@@ -564,11 +538,11 @@ def fit(family: str, cases: tuple[Case, ...]) -> FlowFit:
         x = np.array([r[0] for r in rows])
         offset = np.array([r[1] for r in rows])
         fixed: dict[int, float] = {}
-        p = _nnls_relative(x, t, offset, fixed)
+        p = nnls_relative(x, t, fixed, offset)
         for i in eff_cols:  # efficiency <= 1: its inverse >= 1
             if np.any(x[:, i] != 0) and p[i] < 1.0:
                 fixed[i] = 1.0
-                p = _nnls_relative(x, t, offset, fixed)
+                p = nnls_relative(x, t, fixed, offset)
         inv = {i: (p[i] if p[i] > 0 else inv[i]) for i in eff_cols}
     values = {
         nm: float(1.0 / inv[i]) if nm.endswith("efficiency") else float(p[i])

@@ -177,13 +177,19 @@ def _design(sample: Sample) -> np.ndarray:
     return np.array([steps, _BUSBW_FACTOR[sample.op](n) * s, 1.0, 0.0])
 
 
-def _nnls_relative(x: np.ndarray, t: np.ndarray, fixed: dict[int, float]) -> np.ndarray:
-    """argmin sum((x @ p / t - 1)^2) over p >= 0 with ``fixed`` entries given."""
+def nnls_relative(
+    x: np.ndarray,
+    t: np.ndarray,
+    fixed: dict[int, float],
+    offset: np.ndarray | float = 0.0,
+) -> np.ndarray:
+    """argmin sum(((x @ p + offset) / t - 1)^2) over p >= 0 with ``fixed`` entries given
+    (every subset of the free columns solved; the best feasible one wins)."""
     k = x.shape[1]
     p = np.zeros(k)
     for i, v in fixed.items():
         p[i] = v
-    target = 1.0 - x @ p / t
+    target = 1.0 - (offset + x @ p) / t
     free = [i for i in range(k) if i not in fixed and np.any(x[:, i] != 0)]
     a = x / t[:, None]
     best, best_p = math.inf, p
@@ -195,7 +201,7 @@ def _nnls_relative(x: np.ndarray, t: np.ndarray, fixed: dict[int, float]) -> np.
             if np.any(sol < 0):
                 continue
             q[idx] = sol
-        r = float(np.sum((a @ q - 1.0) ** 2))
+        r = float(np.sum((a @ q + offset / t - 1.0) ** 2))
         if r < best - 1e-15:
             best, best_p = r, q
     return best_p
@@ -227,12 +233,12 @@ def fit_link_class(
         fixed[ALPHA] = latency_us * 1e-3
     if p2p_efficiency is not None:
         fixed[INV_P2P] = 1.0 / (link_gbps * p2p_efficiency * 1e6)
-    p = _nnls_relative(x, t, fixed)
+    p = nnls_relative(x, t, fixed)
     for index in (INV_B, INV_P2P):  # efficiency <= 1: 1/B_eff >= 1/B
         floor = 1.0 / (link_gbps * 1e6)
         if np.any(x[:, index] != 0) and index not in fixed and p[index] < floor:
             fixed[index] = floor
-            p = _nnls_relative(x, t, fixed)
+            p = nnls_relative(x, t, fixed)
     eff = _efficiency(p[INV_B], link_gbps)
     p2p = _efficiency(p[INV_P2P], link_gbps) if np.any(x[:, INV_P2P] != 0) else eff
     if p2p_efficiency is not None:

@@ -249,21 +249,22 @@ def _batch_sizes(res: ServingResult) -> dict[str, float | None]:
     return out
 
 
+# The metrics of :func:`_utilisation` (null when the run has no time window).
+_UTILISATION_KEYS = (
+    "gpu_utilization_pct",
+    "comm_overhead_pct",
+    "comm_to_compute_pct",
+    "comm_step_share_pct",
+    "bubble_pct",
+    "mfu_pct",
+)
+
+
 def _utilisation(plan: Plan, res: ServingResult, window: float) -> dict[str, float | None]:
     """GPU utilisation, exposed communication, bubble and MFU (module docstring)."""
     stages = plan.parallel.pp
     if window <= 0:
-        return {
-            k: None
-            for k in (
-                "gpu_utilization_pct",
-                "comm_overhead_pct",
-                "comm_to_compute_pct",
-                "comm_step_share_pct",
-                "bubble_pct",
-                "mfu_pct",
-            )
-        }
+        return dict.fromkeys(_UTILISATION_KEYS)
     compute = comm = busy = work = flops = 0.0
     for members, stats in zip(res.engines, res.engine_stats, strict=True):
         compute += stats.work_ms - stats.comm_ms
@@ -305,14 +306,7 @@ def _kv_transfer(res: ServingResult, done: np.ndarray) -> dict[str, Any]:
 def _pool_utilisation(plan: Plan, res: ServingResult, window: float) -> dict[str, Any]:
     """:func:`_utilisation` of a disaggregated run: every GPU of both pools counted (a
     pool's stages x replicas), plus each pool's GPUs and GPU utilisation."""
-    keys = (
-        "gpu_utilization_pct",
-        "comm_overhead_pct",
-        "comm_to_compute_pct",
-        "comm_step_share_pct",
-        "bubble_pct",
-        "mfu_pct",
-    )
+    keys = _UTILISATION_KEYS
     out: dict[str, Any] = {}
     for p in res.pools:
         out[f"{p.role}_gpus"] = p.gpus

@@ -325,24 +325,40 @@ class ReplicaScheduler:
                 if book.generated[rid] == book.output[rid]:
                     finished.append(rid)
         else:
-            for rid, q in zip(step.ids, step.new_tokens, strict=True):
-                c = book.computed[rid] + q
-                book.computed[rid] = c
-                if c == book.prompt[rid] + book.generated[rid]:
-                    book.generated[rid] += 1
-                    if book.generated[rid] == 1:
-                        book.first_token_ms[rid] = end_ms
-                    if book.generated[rid] == book.output[rid]:
-                        finished.append(rid)
+            self._apply_tokens(step, end_ms, finished)
         self.peak_used = self.num_blocks - self.free_blocks
         if finished:
+            self._retire(finished, end_ms)
             done = set(finished)
-            for rid in finished:
-                self.free_blocks += book.blocks[rid]
-                book.blocks[rid] = 0
-                book.finish_ms[rid] = end_ms
             self.running = [r for r in self.running if r not in done]
         return finished
+
+    def _apply_tokens(
+        self, step: Step, end_ms: float, finished: list[int], produced: list[int] | None = None
+    ) -> None:
+        """Apply one step's new tokens: a request whose context is then complete yields a
+        token (its first stamps ``first_token_ms``); it goes to ``finished`` when that was
+        its last, else to ``produced`` (when given)."""
+        book = self.book
+        for rid, q in zip(step.ids, step.new_tokens, strict=True):
+            c = book.computed[rid] + q
+            book.computed[rid] = c
+            if c == book.prompt[rid] + book.generated[rid]:
+                book.generated[rid] += 1
+                if book.generated[rid] == 1:
+                    book.first_token_ms[rid] = end_ms
+                if book.generated[rid] == book.output[rid]:
+                    finished.append(rid)
+                elif produced is not None:
+                    produced.append(rid)
+
+    def _retire(self, finished: list[int], end_ms: float) -> None:
+        """Free the KV blocks of the finished requests and stamp their finish time."""
+        book = self.book
+        for rid in finished:
+            self.free_blocks += book.blocks[rid]
+            book.blocks[rid] = 0
+            book.finish_ms[rid] = end_ms
 
 
 class PrefillScheduler(ReplicaScheduler):
@@ -368,22 +384,9 @@ class PrefillScheduler(ReplicaScheduler):
         book = self.book
         finished: list[int] = []
         handed: list[int] = []
-        for rid, q in zip(step.ids, step.new_tokens, strict=True):
-            c = book.computed[rid] + q
-            book.computed[rid] = c
-            if c == book.prompt[rid] + book.generated[rid]:
-                book.generated[rid] += 1
-                if book.generated[rid] == 1:
-                    book.first_token_ms[rid] = end_ms
-                if book.generated[rid] == book.output[rid]:
-                    finished.append(rid)
-                else:
-                    handed.append(rid)
+        self._apply_tokens(step, end_ms, finished, handed)
         self.peak_used = self.num_blocks - self.free_blocks
-        for rid in finished:
-            self.free_blocks += book.blocks[rid]
-            book.blocks[rid] = 0
-            book.finish_ms[rid] = end_ms
+        self._retire(finished, end_ms)
         for rid in handed:
             self.held_blocks += book.blocks[rid]
         if finished or handed:
