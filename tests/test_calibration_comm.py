@@ -213,3 +213,27 @@ def test_more_bandwidth_is_never_slower(bw, factor, eff, size, group, op, algori
             assert comm.all_to_all_v_cost(matrix, group, 8, hw, dispatcher).time_ms <= a2a * (
                 1 + 1e-12
             )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(3, 7),
+    st.integers(8, 20),
+    st.integers(0, 2**31 - 1),
+)
+def test_lawson_hanson_reaches_the_exhaustive_optimum(k, rows, seed) -> None:
+    # the active-set method (used above EXHAUSTIVE_MAX_FREE columns) against every subset
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.0, 1.0, (rows, k)) * (rng.uniform(size=k) > 0.2)
+    x[:, 0] += 0.1
+    t = x @ rng.uniform(-0.5, 1.0, k) + rng.uniform(0.5, 2.0, rows)
+    exhaustive = fit_comm.nnls_relative(x, t, {})
+    active_set = np.zeros(k)
+    free = [i for i in range(k) if np.any(x[:, i] != 0)]
+    active_set[free] = fit_comm._lawson_hanson(x[:, free] / t[:, None], np.ones(rows))
+    assert np.all(active_set >= 0)
+
+    def residual(p):
+        return float(np.sum((x @ p / t - 1.0) ** 2))
+
+    assert residual(active_set) == pytest.approx(residual(exhaustive), rel=1e-7, abs=1e-12)

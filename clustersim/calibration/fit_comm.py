@@ -184,7 +184,8 @@ def nnls_relative(
     offset: np.ndarray | float = 0.0,
 ) -> np.ndarray:
     """argmin sum(((x @ p + offset) / t - 1)^2) over p >= 0 with ``fixed`` entries given
-    (every subset of the free columns solved; the best feasible one wins)."""
+    (up to ``EXHAUSTIVE_MAX_FREE`` free columns: every subset solved, the best feasible one
+    wins; more: Lawson and Hanson's active-set method, the same optimum)."""
     k = x.shape[1]
     p = np.zeros(k)
     for i, v in fixed.items():
@@ -192,6 +193,9 @@ def nnls_relative(
     target = 1.0 - (offset + x @ p) / t
     free = [i for i in range(k) if i not in fixed and np.any(x[:, i] != 0)]
     a = x / t[:, None]
+    if len(free) > EXHAUSTIVE_MAX_FREE:
+        p[free] = _lawson_hanson(a[:, free], target)
+        return p
     best, best_p = math.inf, p
     for mask in itertools.product((0, 1), repeat=len(free)):
         idx = [f for f, m in zip(free, mask, strict=True) if m]
@@ -205,6 +209,33 @@ def nnls_relative(
         if r < best - 1e-15:
             best, best_p = r, q
     return best_p
+
+
+EXHAUSTIVE_MAX_FREE = 8
+
+
+def _lawson_hanson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """argmin |a q - b|^2 over q >= 0 (Lawson & Hanson 1974, NNLS active-set algorithm)."""
+    n = a.shape[1]
+    tol = 1e-12 * max(1.0, float(np.abs(a).max()) * float(np.abs(b).max()))
+    active = np.zeros(n, dtype=bool)  # the passive set P: columns allowed above zero
+    q = np.zeros(n)
+    for _ in range(3 * n):
+        w = a.T @ (b - a @ q)
+        if active.all() or np.max(np.where(active, -np.inf, w)) <= tol:
+            break
+        active[int(np.argmax(np.where(active, -np.inf, w)))] = True
+        for _ in range(n):  # at most n columns leave the passive set
+            z = np.zeros(n)
+            z[active] = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
+            if np.all(z[active] > 0):
+                q = z
+                break
+            drop = active & (z <= 0)
+            step = float(np.min(q[drop] / np.maximum(q[drop] - z[drop], tol)))
+            q = q + step * (z - q)
+            active &= q > tol
+    return q
 
 
 @dataclass(frozen=True)

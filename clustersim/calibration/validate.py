@@ -465,6 +465,9 @@ def flows_set() -> SetResult:
         res.params.update({f"{family}.{k}": round(v, 4) for k, v in fitted.values.items()})
         for r in rows:
             c = r.case
+            groups.setdefault(comm_flows.group_of(c), []).append(r)
+            if c.component:  # fits the harness cost; its group shows it, the summary not
+                continue
             res.rows.append(
                 RowResult(
                     c.row_id,
@@ -478,7 +481,6 @@ def flows_set() -> SetResult:
                     note=c.note,
                 )
             )
-            groups.setdefault(comm_flows.group_of(c), []).append(r)
     for name, rows in groups.items():
         e_in = np.array([r.error_in for r in rows])
         e_oos = np.array([r.error_oos for r in rows])
