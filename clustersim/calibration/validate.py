@@ -447,6 +447,7 @@ def collectives_set() -> SetResult:
         for section, values in fit_comm.fit(gen).items():
             if isinstance(values, dict):
                 res.params.update({f"{gen}:{section}.{k}": v for k, v in values.items()})
+        res.skipped += [Skipped(*entry) for entry in fit_comm.not_expressible(gen)]
     res.notes.append(
         "derived rows: predicted from another generation's fit or a stated "
         "figure, never fitted (out of sample by construction)"
