@@ -257,7 +257,8 @@ class Engine:
         generation = self._generation
         self.sim.events += 1
         loop = self.loop
-        loop.call_later(max(0.0, at_ms - loop.now), lambda: self._fire(generation))
+        delay = at_ms - loop.now
+        loop.call_later(delay if delay > 0.0 else 0.0, lambda: self._fire(generation))
 
     def _fire(self, generation: int) -> None:
         """The end of the step or run in progress, unless it was cut (then a later timer
@@ -337,7 +338,7 @@ class Engine:
             self._ends = [now + timing.round_ms[0]]
         else:
             cum = timing.cum_ms
-            ends = np.cumsum(timing.round_ms) if cum is None else cum
+            ends = timing.round_ms.cumsum() if cum is None else cum
             ends += now  # now + the running sums (a fresh array)
             self._ends = ends
         self._run_steps = run
@@ -355,9 +356,10 @@ class Engine:
         stats.comm_ms += comm
         stats.flops += flops
         stats.steps += k
-        stats.moe_tokens += t.moe_tokens * k
-        stats.balance_weighted += t.balance_pct * t.moe_tokens * k
-        stats.dropped_weighted += t.dropped_pct * t.moe_tokens * k
+        if t.moe_tokens:  # (adding zeros changes nothing)
+            stats.moe_tokens += t.moe_tokens * k
+            stats.balance_weighted += t.balance_pct * t.moe_tokens * k
+            stats.dropped_weighted += t.dropped_pct * t.moe_tokens * k
         duration = end - self._start_ms
         pool = self.pool
         kv_area, kv_peak = pool.kv_area, pool.kv_peak
