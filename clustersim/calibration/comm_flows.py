@@ -64,6 +64,7 @@ import numpy as np
 
 from clustersim.calibration import read_measurements
 from clustersim.calibration.fit_comm import nnls_relative, published_rows
+from clustersim.costs import nccl
 from clustersim.engine.flows import FlowSet, solve
 from clustersim.engine.network import Links
 from clustersim.spec.calibration_data import calibration_data
@@ -138,7 +139,7 @@ class Case:
 
 
 def _busbw_factor(op: str, n: int) -> float:
-    return 2 * (n - 1) / n if op == "all_reduce" else (n - 1) / n
+    return nccl.bus_factor(op, n)
 
 
 # ---- the rows ------------------------------------------------------------------------------
@@ -563,12 +564,10 @@ def _steps(case: Case) -> tuple[float, float]:
     (n-1, N-1 for all-gather / reduce-scatter); a tree 2(g-1) chain steps and 2 log2 N
     tree levels; NVLSTree its 2 log2 N levels."""
     n, nodes, g = case.n, case.nodes, case.gpn
-    all_reduce = case.op == "all_reduce"
-    ring = 2 * (n - 1) if all_reduce else n - 1
     levels = 2.0 * math.ceil(math.log2(nodes)) if nodes > 1 else 0.0
     if case.algo == "ring":
-        inter = (2 * (nodes - 1) if all_reduce else nodes - 1) if nodes > 1 else 0
-        return float(ring - inter), float(inter)
+        intra, inter = nccl.ring_steps(case.op, n, nodes)
+        return float(intra), float(inter)
     if case.algo == "tree":
         return 2.0 * (g - 1), levels
     if case.algo == "nvls_tree":

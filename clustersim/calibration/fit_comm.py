@@ -59,7 +59,7 @@ from functools import cache
 import numpy as np
 
 from clustersim.calibration import ErrorSummary, GroupErrors, read_measurements
-from clustersim.costs import comm
+from clustersim.costs import comm, nccl
 from clustersim.spec.calibration_data import calibration_data
 from clustersim.spec.presets import GPU_GENERATION, GPU_PRESETS
 from clustersim.spec.schema import CalibrationSpec, HardwareSpec, LinkSpec
@@ -246,12 +246,14 @@ def _lawson_hanson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ClassFit:
-    """Fitted values of one link class; ``latency_us`` None = the link's own."""
+    """Fitted values of one link class; ``latency_us`` None = the link's own; ``protocols``:
+    ring collectives with NCCL's protocols (``collectives.intra_node_protocols``)."""
 
     efficiency: float
     p2p_efficiency: float
     latency_us: float | None
     base_latency_us: float
+    protocols: bool = False
 
 
 def fit_link_class(
@@ -260,28 +262,74 @@ def fit_link_class(
     *,
     latency_us: float | None = None,
     p2p_efficiency: float | None = None,
+    generation: str | None = None,
 ) -> ClassFit:
     """Fit one link class to samples inside it. ``latency_us`` / ``p2p_efficiency`` given:
-    held fixed. Send/receive efficiency defaults to the collective one without p2p samples."""
-    x = np.array([_design(s) for s in samples])
+    held fixed. Send/receive efficiency defaults to the collective one without p2p samples.
+
+    ``generation`` given: ring collectives with NCCL's protocols (``costs.nccl``): their
+    latencies are NCCL's, the unknowns the Simple protocol's bus bandwidth and the per-call
+    base; each sample's protocol is the one NCCL's tuner picks at the current bandwidth,
+    iterated until no sample changes protocol. The per-step latency is then fitted on the
+    send/receive samples only (None without them: the link's own)."""
     t = np.array([s.time_ms for s in samples])
     fixed: dict[int, float] = {}
     if latency_us is not None:
         fixed[ALPHA] = latency_us * 1e-3
     if p2p_efficiency is not None:
         fixed[INV_P2P] = 1.0 / (link_gbps * p2p_efficiency * 1e6)
-    p = nnls_relative(x, t, fixed)
-    for index in (INV_B, INV_P2P):  # efficiency <= 1: 1/B_eff >= 1/B
-        floor = 1.0 / (link_gbps * 1e6)
-        if np.any(x[:, index] != 0) and index not in fixed and p[index] < floor:
-            fixed[index] = floor
-            p = nnls_relative(x, t, fixed)
-    eff = _efficiency(p[INV_B], link_gbps)
+    floor = 1.0 / (link_gbps * 1e6)  # efficiency <= 1: 1/B_eff >= 1/B
+    inv_b = floor / PROTOCOL_START_EFFICIENCY
+    chosen: list[str] | None = None
+    for _ in range(PROTOCOL_ITERATIONS if generation else 1):
+        rows = [_protocol_design(s, inv_b, generation) for s in samples]
+        protocols = [r[2] for r in rows]
+        if protocols == chosen:
+            break
+        chosen = protocols
+        x = np.array([r[0] for r in rows])
+        offset = np.array([r[1] for r in rows])
+        fit_fixed = dict(fixed)
+        p = nnls_relative(x, t, fit_fixed, offset)
+        for index in (INV_B, INV_P2P):
+            if np.any(x[:, index] != 0) and index not in fit_fixed and p[index] < floor:
+                fit_fixed[index] = floor
+                p = nnls_relative(x, t, fit_fixed, offset)
+        inv_b = p[INV_B] if p[INV_B] > 0 else inv_b
+    eff = _efficiency(inv_b if generation else p[INV_B], link_gbps)
     p2p = _efficiency(p[INV_P2P], link_gbps) if np.any(x[:, INV_P2P] != 0) else eff
     if p2p_efficiency is not None:
         p2p = p2p_efficiency
-    alpha = latency_us if latency_us is not None else p[ALPHA] * 1e3
-    return ClassFit(eff, p2p, alpha, p[BASE] * 1e3)
+    alpha: float | None = latency_us if latency_us is not None else p[ALPHA] * 1e3
+    if latency_us is None and not np.any(x[:, ALPHA] != 0):
+        alpha = None
+    return ClassFit(eff, p2p, alpha, p[BASE] * 1e3, protocols=generation is not None)
+
+
+PROTOCOL_START_EFFICIENCY = 0.8
+PROTOCOL_ITERATIONS = 12
+
+
+def _protocol_design(
+    sample: Sample, inv_b: float, generation: str | None
+) -> tuple[np.ndarray, float, str]:
+    """(design row, known offset ms, protocol) of a sample: the alpha-beta row without
+    ``generation``; with it, a ring collective at the protocol NCCL's tuner picks for a Simple
+    bus bandwidth of 1 / ``inv_b``: NCCL's latency as the offset and the protocol's share of
+    the bandwidth in the 1/B column (LL at its cap: all offset)."""
+    if generation is None or sample.op == "p2p":
+        return _design(sample), 0.0, ""
+    bus_gbps = 1.0 / (inv_b * 1e6)
+    op, n, size = sample.op, sample.n, sample.size
+    protocol = nccl.ring_time_us(op, size, n, bus_gbps, generation).protocol
+    steps = nccl.ring_steps(op, n)[0]
+    latency_ms = (nccl.RING_BASE_US[protocol] + steps * nccl.RING_NVLINK_STEP_US[protocol]) * 1e-3
+    volume = nccl.bus_factor(op, n) * size
+    share = nccl.protocol_bus_gbps(protocol, bus_gbps, generation) / bus_gbps
+    if protocol == "LL" and share < nccl.LL_BANDWIDTH_SHARE - 1e-12:  # at llMaxBw
+        cap = nccl.protocol_bus_gbps(protocol, bus_gbps, generation)
+        return np.array([0.0, 0.0, 1.0, 0.0]), latency_ms + volume / (cap * 1e6), protocol
+    return np.array([0.0, volume / share, 1.0, 0.0]), latency_ms, protocol
 
 
 def _efficiency(inv_b: float, link_gbps: float) -> float:
@@ -338,6 +386,7 @@ def _section(intra: ClassFit, inter: ClassFit) -> dict[str, float | None]:
         "inter_node_base_latency_us": _round(inter.base_latency_us),
         "intra_node_p2p_efficiency": _round(intra.p2p_efficiency),
         "inter_node_p2p_efficiency": _round(inter.p2p_efficiency),
+        "intra_node_protocols": intra.protocols,
     }
 
 
@@ -358,7 +407,8 @@ def _vidur(gpu: str, *, intra: bool) -> list[Sample]:
 
 
 def _h100_intra(samples: list[Sample] | None = None) -> ClassFit:
-    return fit_link_class(samples or _vidur("h100", intra=True), _link("h100", False)[0])
+    samples = samples or _vidur("h100", intra=True)
+    return fit_link_class(samples, _link("h100", False)[0], generation="h100")
 
 
 def _h100_inter(samples: list[Sample] | None = None) -> ClassFit:
@@ -445,7 +495,7 @@ def _h800_intra() -> ClassFit:
     deepep = np.mean([float(rows[r]["value"]) for r in ("C0001", "C0002")])
     p2p = min(1.0, float(deepep) / _link("h800", False)[0])
     h100 = _h100_intra()
-    return ClassFit(eff, p2p, h100.latency_us, h100.base_latency_us)
+    return ClassFit(eff, p2p, h100.latency_us, h100.base_latency_us, h100.protocols)
 
 
 def _b200_intra(samples: list[Sample] | None = None) -> ClassFit:
@@ -453,7 +503,13 @@ def _b200_intra(samples: list[Sample] | None = None) -> ClassFit:
     samples = samples or [_nccl_sample(r, "b200") for r in B200_ONE_NODE]
     nvlink = _link("b200", False)[0]
     p2p = min(1.0, float(np.mean([float(rows[r]["value"]) for r in ("C0059", "C0060")])) / nvlink)
-    return fit_link_class(samples, nvlink, latency_us=_h100_intra().latency_us, p2p_efficiency=p2p)
+    return fit_link_class(
+        samples,
+        nvlink,
+        latency_us=_h100_intra().latency_us,
+        p2p_efficiency=p2p,
+        generation="b200",
+    )
 
 
 def _b200_inter(intra: ClassFit, samples: list[Sample] | None = None) -> ClassFit:
@@ -464,10 +520,7 @@ def _b200_inter(intra: ClassFit, samples: list[Sample] | None = None) -> ClassFi
     x, t = [], []
     for s in samples:
         g, k = s.g, s.nodes
-        intra_ms = 2 * (
-            (g - 1) / g * s.size / (bw_intra * intra.efficiency * 1e6)
-            + (g - 1) * intra.latency_us * 1e-3
-        )
+        intra_ms = 2 * _intra_stage_ms(s.size, g, bw_intra * intra.efficiency, intra)
         steps_ms = 2 * (k - 1) * lat_inter * 1e-3
         x.append([2 * (k - 1) / k * s.size / g, 1.0])
         t.append(s.time_ms - intra_ms - steps_ms)
@@ -491,18 +544,33 @@ def _b200_inter(intra: ClassFit, samples: list[Sample] | None = None) -> ClassFi
     return ClassFit(_efficiency(best_p[0], bw_inter), h100.p2p_efficiency, None, best_p[1] * 1e3)
 
 
+def _intra_stage_ms(size: float, g: int, bus_gbps: float, intra: ClassFit) -> float:
+    """One intra-node reduce-scatter stage of a hierarchical all-reduce (``comm``'s
+    ``intra_ring_ms``): NCCL's fastest protocol, or the alpha-beta ring."""
+    if intra.protocols:
+        return nccl.ring_time_us("reduce_scatter", size, g, bus_gbps, "b200").time_us * 1e-3
+    return (g - 1) / g * size / (bus_gbps * 1e6) + (g - 1) * (intra.latency_us or 0.0) * 1e-3
+
+
 @cache
 def _fit_classes(generation: str) -> tuple[ClassFit, ClassFit]:
     if generation not in GENERATIONS:
         raise ValueError(f"unknown generation {generation!r}; valid: {', '.join(GENERATIONS)}")
     if generation == "a100":
-        return fit_link_class(_vidur("a100", intra=True), _link("a100", False)[0]), _h100_inter()
+        a100 = fit_link_class(
+            _vidur("a100", intra=True), _link("a100", False)[0], generation="a100"
+        )
+        return a100, _h100_inter()
     if generation == "h100":
         return _h100_intra(), _h100_inter()
     if generation == "h200":
         h100 = _h100_intra()
         intra = fit_link_class(
-            _h200_fit_samples(), _link("h200", False)[0], p2p_efficiency=h100.p2p_efficiency
+            _h200_fit_samples(),
+            _link("h200", False)[0],
+            latency_us=h100.latency_us,
+            p2p_efficiency=h100.p2p_efficiency,
+            generation="h200",
         )
         return intra, _h100_inter()
     if generation == "h800":
@@ -590,7 +658,7 @@ def comm_rows(generation: str) -> list[CommRow]:
         rows += _class_rows(
             intra_samples,
             generation,
-            lambda rest: _with(generation, intra=fit_link_class(rest, link)),
+            lambda rest: _with(generation, intra=fit_link_class(rest, link, generation=generation)),
         )
     if generation == "h100":
         rows += _class_rows(
@@ -603,7 +671,14 @@ def comm_rows(generation: str) -> list[CommRow]:
             _h200_fit_samples(),
             "h200",
             lambda rest: _with(
-                "h200", intra=fit_link_class(rest, link, p2p_efficiency=h100.p2p_efficiency)
+                "h200",
+                intra=fit_link_class(
+                    rest,
+                    link,
+                    latency_us=h100.latency_us,
+                    p2p_efficiency=h100.p2p_efficiency,
+                    generation="h200",
+                ),
             ),
         )
         fitted = {s.name for s in _h200_fit_samples()}

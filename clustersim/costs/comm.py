@@ -34,6 +34,13 @@ tuner picks trees across many nodes, where a ring's ``2(nodes-1)`` network steps
 all-to-all charges every rank's intra- and inter-node traffic to the matching port (see
 :func:`all_to_all_v_cost`). A group of one GPU costs nothing.
 
+NCCL's protocols (``collectives.intra_node_protocols``): a ring all-reduce, reduce-scatter or
+all-gather inside one node (flat, or the intra-node stages of a hierarchical one) takes the
+time of the fastest of NCCL's LL, LL128 and Simple protocols with NCCL's own latency tables
+(:mod:`clustersim.costs.nccl`) at the calibrated bus bandwidth, plus the class's
+``base_latency_us`` once per call; small messages then run at LL's low latency instead of
+``2(n-1)`` Simple-protocol steps.
+
 MoE dispatcher ``deepep`` (``parallel.moe_dispatcher``): the EP all-to-all-v runs at DeepEP's
 measured per-GPU NVLink and RDMA bandwidths (``hw.calibration.moe.deepep_*``) with its fixed
 latency per dispatch or combine instead of NCCL's per-peer steps.
@@ -47,6 +54,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from clustersim.costs import nccl
 from clustersim.spec.schema import HardwareSpec
 
 OPS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "p2p")
@@ -231,6 +239,22 @@ def p2p_link(ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec) -> Grou
     return GroupLink(bandwidth_gbps, max(intra.latency_us, inter.latency_us) + inter.base_us, True)
 
 
+def intra_ring_ms(op: str, size_bytes: float, n: int, hw: HardwareSpec) -> float:
+    """A ring ``op`` (all_reduce, reduce_scatter, all_gather) over ``n`` GPUs of one node,
+    without the per-call base latency: NCCL's protocols (:mod:`clustersim.costs.nccl`, the
+    fastest of LL / LL128 / Simple at the calibrated bus bandwidth) when
+    ``collectives.intra_node_protocols``, else the alpha-beta ring of the intra-node class."""
+    if n <= 1:
+        return 0.0
+    intra = link_class(hw, False)
+    cal = hw.calibration
+    if cal.collectives.intra_node_protocols:
+        best = nccl.ring_time_us(op, size_bytes, n, intra.bandwidth_gbps, cal.generation)
+        return best.time_us * 1e-3
+    ring = ring_all_reduce_ms if op == "all_reduce" else reduce_scatter_ms
+    return ring(size_bytes, n, intra.bandwidth_gbps, intra.latency_us)
+
+
 def hierarchical_all_reduce_ms(
     size_bytes: float, ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec
 ) -> float:
@@ -271,9 +295,8 @@ def _hierarchical_ms(
     gpus_per_node = domain_gpus(gpus_per_node, hw)
     counts = _nodes(ranks, gpus_per_node).values()
     num_nodes, g_max, g_min = len(counts), max(counts), min(counts)
-    intra = link_class(hw, False)
     slow = link_for_group(ranks, gpus_per_node, hw)
-    intra_ms = reduce_scatter_ms(size_bytes, g_max, intra.bandwidth_gbps, intra.latency_us)
+    intra_ms = intra_ring_ms("reduce_scatter", size_bytes, g_max, hw)
     shard_bytes = size_bytes / g_min
     bw, lat = slow.bandwidth_gbps, slow.latency_us
     tree = False
@@ -455,6 +478,15 @@ def collective_cost(
     if algorithm == "hierarchical":
         return _hierarchical_cost(op, size_bytes, ranks, gpus_per_node, hw)
     link = link_for_group(ranks, gpus_per_node, hw)
+    if (
+        algorithm == "ring"
+        and op in nccl.RING_OPS
+        and not link.crosses_nodes
+        and hw.calibration.collectives.intra_node_protocols
+    ):
+        time_ms = intra_ring_ms(op, size_bytes, n, hw) + _base_ms(ranks, gpus_per_node, hw)
+        sent = nccl.bus_factor(op, n) * size_bytes
+        return CollectiveCost(time_ms, sent, 0.0)
     if op == "all_to_all":  # grouped sends: the slowest p2p bandwidth
         link = link._replace(bandwidth_gbps=p2p_link(ranks, gpus_per_node, hw).bandwidth_gbps)
     cost = _flat_cost(op, size_bytes, n, link, algorithm)

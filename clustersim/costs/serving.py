@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clustersim.costs import nccl
 from clustersim.costs.comm import collective_time_ms, link_for_group, p2p_ms
 from clustersim.costs.compute import kv_heads_per_gpu
 from clustersim.costs.kernels import STREAM, KernelTimer, uses_graphs
@@ -267,9 +268,9 @@ def graph_replay_hardware(hw: HardwareSpec) -> HardwareSpec:
 # NCCL's own latency model of its LL ("low latency") protocol over NVLink, ring algorithm
 # (src/graph/tuning.cc: baseLat Ring/LL 6.6 us, hwLat NVLink Ring/LL 0.6 us per step); LL sends
 # 4 bytes of data with a 4-byte flag in every 8-byte store, half the link's bandwidth.
-LL_BASE_US = 6.6
-LL_STEP_US = 0.6
-LL_BANDWIDTH_SHARE = 0.5
+LL_BASE_US = nccl.RING_BASE_US["LL"]
+LL_STEP_US = nccl.RING_NVLINK_STEP_US["LL"]
+LL_BANDWIDTH_SHARE = nccl.LL_BANDWIDTH_SHARE
 
 
 def low_latency_all_reduce_ms(
