@@ -127,3 +127,19 @@ def test_fit_recovers_synthetic_protocol_class() -> None:
     assert got.protocols
     assert got.efficiency == pytest.approx(0.8, rel=1e-6)
     assert got.base_latency_us == pytest.approx(12.0, rel=1e-6)
+
+
+def test_ring_across_nodes_runs_on_every_rail() -> None:
+    """16 GPUs on 2 nodes (8 each): 8 rings, one per rail, each crossing nodes on its own NIC:
+    bus bandwidth min(0.8 x 450, 8 x 50) = 360 GB/s; 30 steps, 2 crossing nodes (8 µs), 28
+    inside (the intra class's 2 µs); the inter-node class's base (0 here)."""
+    hw = _hw(protocols=True)
+    size = 2**30
+    got = comm.collective_time_ms("all_reduce", size, list(range(16)), 8, hw)
+    want = (28 * 2.0 + 2 * 8.0) * 1e-3 + 30 / 16 * size / 360e6
+    assert got == pytest.approx(want)
+    # two GPUs per node: 2 rails, 2 x 50 GB/s
+    ranks = [0, 1, 8, 9]
+    got = comm.collective_time_ms("reduce_scatter", size, ranks, 8, hw)
+    want = (2 * 2.0 + 1 * 8.0) * 1e-3 + 3 / 4 * size / 100e6
+    assert got == pytest.approx(want)

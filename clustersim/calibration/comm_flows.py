@@ -63,7 +63,7 @@ from functools import cache
 import numpy as np
 
 from clustersim.calibration import read_measurements
-from clustersim.calibration.fit_comm import nnls_relative, published_rows
+from clustersim.calibration.fit_comm import TORCH_FLOOR_FILE, nnls_relative, published_rows
 from clustersim.costs import nccl
 from clustersim.engine.flows import FlowSet, solve
 from clustersim.engine.network import Links
@@ -184,7 +184,6 @@ def _gpu_of(text: str) -> str:
 
 
 LARGE = 8 * GIB
-TORCH_FLOOR_FILE = "comm_torch_floor.csv"
 # NCCL's own NVLS efficiency per generation (src/graph/tuning.cc, nvlsEfficiency): Hopper
 # 0.85, Blackwell 0.74; the fitted NVLS efficiency is Hopper's, Blackwell's is it x 0.74/0.85.
 NVLS_GENERATION_RATIO = {"b200": 0.74 / 0.85}

@@ -500,7 +500,7 @@ def _h800_intra() -> ClassFit:
 
 def _b200_intra(samples: list[Sample] | None = None) -> ClassFit:
     rows = published_rows()
-    samples = samples or [_nccl_sample(r, "b200") for r in B200_ONE_NODE]
+    samples = samples or _b200_one_node_samples()
     nvlink = _link("b200", False)[0]
     p2p = min(1.0, float(np.mean([float(rows[r]["value"]) for r in ("C0059", "C0060")])) / nvlink)
     return fit_link_class(
@@ -513,22 +513,24 @@ def _b200_intra(samples: list[Sample] | None = None) -> ClassFit:
 
 
 def _b200_inter(intra: ClassFit, samples: list[Sample] | None = None) -> ClassFit:
-    """Inter-node efficiency and base latency through the hierarchical all-reduce (ring over
-    the nodes), the intra-node fit fixed."""
-    samples = samples or [_nccl_sample(r, "b200") for r in B200_FOUR_NODES]
+    """Inter-node efficiency and base latency through NCCL's ring over the nodes (one ring
+    per GPU of a node, each on its GPU's NIC: ``comm``'s rail ring, bus bandwidth ``g`` x the
+    NIC's at the fitted efficiency), the intra-node fit fixed; the four-node rows and the
+    four-node latency-bound sizes of the same torch table (``comm_torch_floor.csv``), which
+    set the harness's per-call cost."""
+    samples = samples or _b200_four_node_samples()
     (bw_intra, _), (bw_inter, lat_inter) = _link("b200", False), _link("b200", True)
-    x, t = [], []
+    x, rest = [], []
     for s in samples:
         g, k = s.g, s.nodes
-        intra_ms = 2 * _intra_stage_ms(s.size, g, bw_intra * intra.efficiency, intra)
-        steps_ms = 2 * (k - 1) * lat_inter * 1e-3
-        x.append([2 * (k - 1) / k * s.size / g, 1.0])
-        t.append(s.time_ms - intra_ms - steps_ms)
+        intra_steps, inter_steps = nccl.ring_steps(s.op, s.n, k)
+        steps_ms = (intra_steps * (intra.latency_us or 0.0) + inter_steps * lat_inter) * 1e-3
+        x.append([nccl.bus_factor(s.op, s.n) * s.size / g, 1.0])
+        rest.append(steps_ms)
     xa, ta = np.array(x), np.array([s.time_ms for s in samples])
-    rest = ta - np.array(t)  # the part fixed by the intra-node fit
     # relative residual (x @ p + rest) / t - 1, linear in p: solve as target = 1 - rest / t
     a = xa / ta[:, None]
-    target = 1.0 - rest / ta
+    target = 1.0 - np.array(rest) / ta
     best, best_p = math.inf, np.zeros(2)
     for idx in ([0], [0, 1]):
         sol = np.linalg.lstsq(a[:, idx], target, rcond=None)[0]
@@ -536,12 +538,39 @@ def _b200_inter(intra: ClassFit, samples: list[Sample] | None = None) -> ClassFi
             continue
         p = np.zeros(2)
         p[idx] = sol
-        p[0] = max(p[0], 1.0 / (bw_inter * 1e6))
+        p[0] = max(p[0], 1.0 / (bw_inter * 1e6), 1.0 / (bw_intra * intra.efficiency * 1e6))
         r = float(np.sum((a @ p - target) ** 2))
         if r < best:
             best, best_p = r, p
     h100 = _h100_inter()
     return ClassFit(_efficiency(best_p[0], bw_inter), h100.p2p_efficiency, None, best_p[1] * 1e3)
+
+
+TORCH_FLOOR_FILE = "comm_torch_floor.csv"
+
+
+@cache
+def torch_floor_samples(nodes: int) -> tuple[Sample, ...]:
+    """The latency-bound sizes of the B200 torch all_reduce_bench tables on ``nodes`` nodes
+    (``comm_torch_floor.csv``; the flows set fits its harness cost on the same rows): fitted
+    with the published rows of the same table, never scored."""
+    out = []
+    for r in read_measurements(TORCH_FLOOR_FILE):
+        if int(r["num_nodes"]) != nodes:
+            continue
+        n, g, size = int(r["num_gpus"]), int(r["gpus_per_node"]), float(r["message_size_bytes"])
+        time_ms = nccl.bus_factor("all_reduce", n) * size / (float(r["busbw_gbps"]) * 1e6)
+        name = f"{r['row_id']} B200 torch floor all_reduce n={n} S={size:.0f}"
+        out.append(Sample("torch_floor", name, "b200", "all_reduce", n, g, size, time_ms, name))
+    return tuple(out)
+
+
+def _b200_one_node_samples() -> list[Sample]:
+    return [_nccl_sample(r, "b200") for r in B200_ONE_NODE] + list(torch_floor_samples(1))
+
+
+def _b200_four_node_samples() -> list[Sample]:
+    return [_nccl_sample(r, "b200") for r in B200_FOUR_NODES] + list(torch_floor_samples(4))
 
 
 def _intra_stage_ms(size: float, g: int, bus_gbps: float, intra: ClassFit) -> float:
@@ -688,11 +717,14 @@ def comm_rows(generation: str) -> list[CommRow]:
     if generation == "b200":
         one = [_nccl_sample(r, "b200") for r in B200_ONE_NODE]
         four = [_nccl_sample(r, "b200") for r in B200_FOUR_NODES]
-        rows += _class_rows(one, "b200", lambda rest: _with("b200", intra=_b200_intra(rest)))
+        floor1, floor4 = list(torch_floor_samples(1)), list(torch_floor_samples(4))
+        rows += _class_rows(
+            one, "b200", lambda rest: _with("b200", intra=_b200_intra(rest + floor1))
+        )
         rows += _class_rows(
             four,
             "b200",
-            lambda rest: _with("b200", inter=_b200_inter(_fit_classes("b200")[0], rest)),
+            lambda rest: _with("b200", inter=_b200_inter(_fit_classes("b200")[0], rest + floor4)),
         )
     if generation == "h100":  # "~370 GB/s effective" ring bus bandwidth, at 1 GiB here
         rows += _derived_rows([_nccl_sample("C0072", "h100", size=2.0**30)], "h100")

@@ -26,8 +26,10 @@ the entry points (:func:`collective_cost`, :func:`all_to_all_v_cost`, :func:`lin
 :func:`p2p_link`) apply the calibration.
 
 Topology: a *flat* algorithm over a group that spans nodes runs at the group's slowest link
-(:func:`link_for_group`), the conservative single-ring view. The *hierarchical* variants model
-one NIC per GPU used in parallel: all-reduce = intra-node reduce-scatter + inter-node
+(:func:`link_for_group`), except a ring all-reduce, reduce-scatter or all-gather, which NCCL
+builds as one ring per GPU of a node, each crossing nodes on that GPU's NIC: its bus bandwidth
+is the node's NICs together, at most NVLink's (:func:`_rail_ring_link`). The *hierarchical*
+variants model one NIC per GPU used in parallel: all-reduce = intra-node reduce-scatter + inter-node
 all-reduce of ``S/g`` + intra-node all-gather (``g`` = GPUs of the group per node), the
 inter-node stage a ring or a double binary tree over the nodes, whichever is faster (NCCL's
 tuner picks trees across many nodes, where a ring's ``2(nodes-1)`` network steps dominate);
@@ -489,6 +491,8 @@ def collective_cost(
         return CollectiveCost(time_ms, sent, 0.0)
     if op == "all_to_all":  # grouped sends: the slowest p2p bandwidth
         link = link._replace(bandwidth_gbps=p2p_link(ranks, gpus_per_node, hw).bandwidth_gbps)
+    if algorithm == "ring" and op in nccl.RING_OPS and link.crosses_nodes:
+        link = _rail_ring_link(op, ranks, gpus_per_node, hw)
     cost = _flat_cost(op, size_bytes, n, link, algorithm)
     return cost._replace(time_ms=cost.time_ms + _base_ms(ranks, gpus_per_node, hw))
 
@@ -511,6 +515,23 @@ _FLAT_MS = {
     "all_gather": all_gather_ms,
     "all_to_all": all_to_all_ms,
 }
+
+
+def _rail_ring_link(
+    op: str, ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec
+) -> GroupLink:
+    """A ring over nodes as NCCL builds it: one ring (channel) per GPU of the group on a node,
+    each crossing to the next node on its own GPU's NIC (its rail), so the bus bandwidth is
+    the node's NICs together, ``g`` x the inter-node class's (NCCL's ``nChannels x
+    bwInter``), at most the intra-node class's; the steps' latency as NCCL counts them
+    (:func:`clustersim.costs.nccl.ring_steps`: 2(N-1) of 2(n-1) steps cross nodes),
+    returned as the mean latency per step."""
+    counts = _nodes(ranks, gpus_per_node).values()
+    intra, inter = link_class(hw, False), link_class(hw, True)
+    bandwidth_gbps = min(intra.bandwidth_gbps, min(counts) * inter.bandwidth_gbps)
+    intra_steps, inter_steps = nccl.ring_steps(op, len(ranks), len(counts))
+    total_us = intra_steps * intra.latency_us + inter_steps * inter.latency_us
+    return GroupLink(bandwidth_gbps, total_us / (intra_steps + inter_steps), True)
 
 
 def _flat_cost(
