@@ -143,3 +143,18 @@ def test_ring_across_nodes_runs_on_every_rail() -> None:
     got = comm.collective_time_ms("reduce_scatter", size, ranks, 8, hw)
     want = (2 * 2.0 + 1 * 8.0) * 1e-3 + 3 / 4 * size / 100e6
     assert got == pytest.approx(want)
+
+
+def test_serving_all_reduce_is_the_lowest_protocol_at_every_token_count() -> None:
+    """The serving step's TP all-reduce (affine per protocol, their minimum) equals NCCL's
+    model at one token (LL) and at 65,536 tokens (Simple): 4 GPUs, 16 KiB per token, bus
+    360 GB/s, base 5 µs; an affine fit through 1 and 2 tokens alone would extend LL's slope."""
+    from clustersim.costs.serving import tp_allreduce_envelope
+
+    hw = _hw(protocols=True)
+    envelope = tp_allreduce_envelope(16384, [0, 1, 2, 3], 8, hw)
+    one = 5.0 + 6.6 + 6 * 0.6 + 1.5 * 16384 / 141e3
+    assert envelope.scalar_ms(1) == pytest.approx(one * 1e-3)
+    size = 65536 * 16384
+    many = 5.0 + 8.4 + 6 * 3.4 + 1.5 * size / 360e3
+    assert envelope.scalar_ms(65536) == pytest.approx(many * 1e-3)

@@ -8,6 +8,15 @@ send/receive ``base + alpha + S / (B · p2p_efficiency)``. With ``alpha``, ``1/B
 squares on relative errors (every subset of active parameters is solved; the best feasible one
 wins), deterministic and numpy-only. Efficiencies above 1 are clipped to 1 and the rest refit.
 
+Inside a node every generation's ring collectives use NCCL's protocols
+(``collectives.intra_node_protocols``, ``clustersim.costs.nccl``): a ring takes ``base`` plus
+the time of the protocol NCCL's tuner picks (LL, LL128 or Simple, NCCL's own latencies, the
+Simple protocol at ``B · efficiency``). The unknowns are then ``1/B_eff`` and ``base`` (and
+the send/receive ones); each sample's protocol is fixed at the current ``B_eff``, the linear
+fit solved, and the two repeated until no sample changes protocol. ``alpha`` is fitted on
+send/receive rows alone (it no longer enters a ring inside a node). Across nodes a ring runs
+one ring per GPU of a node on that GPU's NIC (``comm``'s rail ring).
+
 Sources and derivations per generation (``B`` = the GPU preset's link bandwidth):
 
 * ``a100`` intra-node: Vidur DGX-A100 all-reduce (2, 4, 8 GPUs) and send/recv, in one fit.
@@ -30,10 +39,13 @@ Sources and derivations per generation (``B`` = the GPU preset's link bandwidth)
   all-reduce bus bandwidth (C0076) divided by H200's NVLS/ring ratio (C0105/C0106), capped at 1;
   send/recv efficiency from DeepEP's intranode NVLink bandwidth (C0001/C0002); latencies and
   inter-node values ``h100``'s.
-* ``b200`` intra-node: the 1-node torch all-reduce rows (C0116, C0118, C0120, C0122; step
-  latency ``h100``'s); send/recv efficiency from DeepEP V2's NVLink bandwidth on SM100
-  (C0059/C0060). Inter-node: efficiency and base latency from the 4-node rows (C0117, ...,
-  C0123) through the hierarchical all-reduce with the intra-node fit fixed; send/recv ``h100``'s.
+* ``b200`` intra-node: the 1-node torch all-reduce rows (C0116, C0118, C0120, C0122) and the
+  latency-bound sizes of the same table (``comm_torch_floor.csv``: they set the torch
+  harness's per-call cost, as in the flows set; fitted, never scored; step latency
+  ``h100``'s); send/recv efficiency from DeepEP V2's NVLink bandwidth on SM100 (C0059/C0060).
+  Inter-node: efficiency and base latency from the 4-node rows (C0117, ..., C0123) and the
+  table's 4-node latency-bound sizes through NCCL's ring over the nodes (one per rail) with
+  the intra-node fit fixed; send/recv ``h100``'s.
 * DeepEP (``moe.deepep_*``), measured on H800 (DeepEP V1 README): NVLink bandwidth = mean of
   the intranode normal-kernel rows, RDMA bandwidth = median of the internode normal-kernel rows,
   latency = relative least squares over the low-latency rows (``t = L + bytes / B``, bytes =

@@ -241,18 +241,22 @@ def p2p_link(ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec) -> Grou
     return GroupLink(bandwidth_gbps, max(intra.latency_us, inter.latency_us) + inter.base_us, True)
 
 
-def intra_ring_ms(op: str, size_bytes: float, n: int, hw: HardwareSpec) -> float:
+def intra_ring_ms(
+    op: str, size_bytes: float, n: int, hw: HardwareSpec, protocol: str | None = None
+) -> float:
     """A ring ``op`` (all_reduce, reduce_scatter, all_gather) over ``n`` GPUs of one node,
     without the per-call base latency: NCCL's protocols (:mod:`clustersim.costs.nccl`, the
-    fastest of LL / LL128 / Simple at the calibrated bus bandwidth) when
+    fastest of LL / LL128 / Simple at the calibrated bus bandwidth, or ``protocol``) when
     ``collectives.intra_node_protocols``, else the alpha-beta ring of the intra-node class."""
     if n <= 1:
         return 0.0
     intra = link_class(hw, False)
     cal = hw.calibration
     if cal.collectives.intra_node_protocols:
-        best = nccl.ring_time_us(op, size_bytes, n, intra.bandwidth_gbps, cal.generation)
-        return best.time_us * 1e-3
+        bus, gen = intra.bandwidth_gbps, cal.generation
+        if protocol is not None:
+            return nccl.ring_protocol_us(protocol, op, size_bytes, n, bus, gen) * 1e-3
+        return nccl.ring_time_us(op, size_bytes, n, bus, gen).time_us * 1e-3
     ring = ring_all_reduce_ms if op == "all_reduce" else reduce_scatter_ms
     return ring(size_bytes, n, intra.bandwidth_gbps, intra.latency_us)
 
@@ -445,6 +449,7 @@ def collective_cost(
     gpus_per_node: int,
     hw: HardwareSpec,
     algorithm: str = "ring",
+    protocol: str | None = None,
 ) -> CollectiveCost:
     """Cost of collective ``op`` (one of :data:`OPS`) of ``size_bytes`` over ``ranks``.
 
@@ -453,7 +458,9 @@ def collective_cost(
     ``auto`` (the fastest of those that apply, as NCCL's tuner would pick). ``size_bytes`` is
     the full buffer (all-reduce, reduce-scatter input, all-gather output), one rank's whole send
     buffer (all-to-all) or the message (p2p, ``ranks`` = [src, dst]). Times are calibrated
-    (``hw.calibration.collectives``, module docstring).
+    (``hw.calibration.collectives``, module docstring). ``protocol`` (one of NCCL's
+    :data:`~clustersim.costs.nccl.PROTOCOLS`) forces that protocol where NCCL's protocols
+    apply (a ring inside one node with ``intra_node_protocols``); None: the tuner's choice.
     """
     gpus_per_node = domain_gpus(gpus_per_node, hw)
     if op not in OPS:
@@ -486,7 +493,8 @@ def collective_cost(
         and not link.crosses_nodes
         and hw.calibration.collectives.intra_node_protocols
     ):
-        time_ms = intra_ring_ms(op, size_bytes, n, hw) + _base_ms(ranks, gpus_per_node, hw)
+        time_ms = intra_ring_ms(op, size_bytes, n, hw, protocol)
+        time_ms += _base_ms(ranks, gpus_per_node, hw)
         sent = nccl.bus_factor(op, n) * size_bytes
         return CollectiveCost(time_ms, sent, 0.0)
     if op == "all_to_all":  # grouped sends: the slowest p2p bandwidth
@@ -504,9 +512,10 @@ def collective_time_ms(
     gpus_per_node: int,
     hw: HardwareSpec,
     algorithm: str = "ring",
+    protocol: str | None = None,
 ) -> float:
     """Time in ms of :func:`collective_cost`."""
-    return collective_cost(op, size_bytes, ranks, gpus_per_node, hw, algorithm).time_ms
+    return collective_cost(op, size_bytes, ranks, gpus_per_node, hw, algorithm, protocol).time_ms
 
 
 _FLAT_MS = {
