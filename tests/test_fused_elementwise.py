@@ -83,7 +83,9 @@ def test_fusing_is_never_slower(tokens, dtype):
     assert fused.parts(tokens, seqs)[0] <= plain.parts(tokens, seqs)[0]
     k_plain, k_fused = plain.eager, fused.eager
     for kind in (STREAM, ELEMENTWISE, NORM):  # the classes themselves are unchanged
-        assert k_fused.memory_gpu_ms(tokens * 1e3, kind) == k_plain.memory_gpu_ms(tokens * 1e3, kind)
+        assert k_fused.memory_gpu_ms(tokens * 1e3, kind) == k_plain.memory_gpu_ms(
+            tokens * 1e3, kind
+        )
 
 
 def test_training_never_fuses():
