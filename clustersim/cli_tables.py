@@ -410,6 +410,8 @@ SERVING_ROWS = (
     ("decode_batch_size_p50", "decode batch p50 (requests per step)", "", None, None),
     ("decode_batch_size_p99", "decode batch p99", "", None, None),
     ("kv_cache_utilization_pct", "KV cache use (mean)", "%", None, None),
+    ("kv_cache_utilization_pct_p50", "KV cache use p50 (over time)", "%", None, None),
+    ("kv_cache_utilization_pct_p99", "KV cache use p99 (over time)", "%", None, None),
     ("kv_cache_utilization_peak_pct", "KV cache use (peak)", "%", None, None),
     ("preemptions", "preemptions", "", None, None),
     ("load_balance_pct", "expert load balance", "%", "load_balance_pct_min", "load_balance_pct"),

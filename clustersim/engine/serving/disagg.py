@@ -116,6 +116,7 @@ class Pool:
         self.engine_of: dict[int, int] = {}
         self.kv_area = [0.0] * dp
         self.kv_peak = [0] * dp
+        self.kv_series: list[tuple] | None = None  # engine/serving/kv_usage.py records into it
 
     def start_engines(self, sim: DisaggregatedSim, first_index: int) -> None:
         """One engine per group of coupled replicas."""
