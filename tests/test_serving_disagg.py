@@ -263,7 +263,9 @@ def test_the_disaggregated_example_config_runs_and_checks():
 # ---- search over the prefill:decode split --------------------------------------------------
 
 
-def test_search_covers_the_split_and_every_returned_plan_meets_the_slos_at_its_capacity():
+def test_search_covers_the_split_and_every_returned_plan_meets_the_slos_at_its_capacity(
+    tmp_path,
+):
     slo = {"ttft_ms_p99_max": 400.0, "tpot_ms_p99_max": 30.0}
     base = make_plan(
         DENSE,
@@ -284,9 +286,14 @@ def test_search_covers_the_split_and_every_returned_plan_meets_the_slos_at_its_c
         (1, 1, 1), (2, 1, 1), (2, 1, 2), (2, 2, 1), (2, 2, 2),
     }  # fmt: skip
     assert {c["split"] for c in cands} == {"1P3D", "2P2D", "2P1D", "1P2D", "1P1D"}
-    result = serving_search(base, 4, space=space, workers=1)
+    table = tmp_path / "split.parquet"
+    result = serving_search(base, 4, space=space, workers=1, out=table)
     ranked = result.ranked()
     assert ranked, result.rows
+    # the table resumes (split and pool knobs in the candidate id): nothing simulated again
+    again = serving_search(base, 4, space=space, workers=1, out=table, resume=True)
+    assert again.resumed == result.counts["simulated"]
+    assert again.to_dict()["ranking"] == result.to_dict()["ranking"]
     for row in ranked:
         plan = result.plan_for(row)
         assert plan.parallel.disaggregated and plan.parallel.world_size == 4
