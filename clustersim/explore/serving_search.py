@@ -32,9 +32,9 @@ import itertools
 import json
 import math
 import time
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from clustersim.audit.checks import audit
