@@ -179,7 +179,9 @@ class DisaggregatedSim(ServingSim):
         self.finished = 0
         self.events = 0
         self.dispatcher = Dispatcher(self)
-        max_batch = plan.workload.requests.max_batch_size
+        max_batch = max(  # each pool may have its own (workload.requests.<pool>)
+            pool.plan.workload.requests.max_batch_size for pool in (self.prefill, self.decode)
+        )
         self.prefill_batches = [0] * (max_batch + 1)
         self.decode_batches = [0] * (max_batch + 1)
         self.limits = limits
