@@ -237,3 +237,27 @@ def test_analyze_plot_of_a_serving_trace_draws_the_kv_panel(traced, tmp_path):
     _, path = traced["dp2"]
     out = plot_serving(analyze_serving(path), tmp_path / "kv.png")
     assert out.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("damage", ["short_values", "repeated_transfer"])
+def test_damaged_timeline_rows_are_refused(traced, tmp_path, monkeypatch, damage):
+    """Rows that cannot be the run's (values of the wrong width, a request transferred twice)
+    make the trace unusable with one message, not wrong metrics."""
+    from clustersim.trace import TraceError
+
+    report, _ = traced["1p1d"]
+    real = record.write_kv_rows
+
+    def write(writer, result):
+        real(writer, result)
+        minus_one = np.full(1, -1)
+        values = np.zeros((1, 2)) if damage == "short_values" else np.zeros((1, 3))
+        writer.add_rows("serving", "kv_transfer", layer=minus_one, microbatch=np.zeros(1, int),
+                        group=minus_one, replica=np.zeros(1, int), values=values,
+                        start_s=np.zeros(1), end_s=np.zeros(1), nbytes=np.zeros(1))  # fmt: skip
+
+    monkeypatch.setattr(record, "write_kv_rows", write)
+    path = tmp_path / f"{damage}.arrow"
+    record.write_serving_trace(path, report.audit.plan, report.result)
+    with pytest.raises(TraceError, match="damaged trace"):
+        analyze(path)
