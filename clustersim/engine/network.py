@@ -48,6 +48,32 @@ GB = 1e6  # bytes per ms in one GB/s
 KINDS = ("ep_a2a", "dp_grad", "pp_send", "param_gather")
 
 
+@dataclass(frozen=True)
+class Routes:
+    """The routes of a batch of flows in CSR form: flow ``i`` puts ``volume[o_i:o_i+count[i]]``
+    bytes on links ``link[o_i:o_i+count[i]]`` (``o_i`` = the counts before it)."""
+
+    link: np.ndarray  # (k,) int64
+    volume: np.ndarray  # (k,) bytes
+    count: np.ndarray  # (flows,) int64
+
+    @classmethod
+    def of(cls, routes: list[tuple[np.ndarray, np.ndarray]]) -> Routes:
+        """From one (links, bytes) pair per flow."""
+        if not routes:
+            return cls(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64))
+        return cls(
+            np.concatenate([np.asarray(r[0], np.int64) for r in routes]),
+            np.concatenate([np.asarray(r[1], np.float64) for r in routes]),
+            np.array([len(r[0]) for r in routes], dtype=np.int64),
+        )
+
+    @property
+    def size(self) -> int:
+        """Number of flows."""
+        return len(self.count)
+
+
 @dataclass
 class LinkReport:
     """One link over the iteration: bytes carried, busy time, contention of its flows."""
@@ -108,6 +134,7 @@ class Links:
                 self.pod_down0 = add("pod_down", pods, "uplink", pod_up)
         self.names, self.kinds = names, kinds
         self.capacity = np.array(caps)
+        self._parts: dict[bytes, list] = {}  # matrix_volumes' structure per group of ranks
 
     def nic_of(self, ranks: np.ndarray) -> np.ndarray:
         """The NIC (global index) each rank sends through (rail: local GPU -> NIC)."""
@@ -122,39 +149,55 @@ class Links:
         send = np.array(send, dtype=np.float64)
         n = len(ranks)
         send[:, np.arange(n), np.arange(n)] = 0.0
+        parts: list[np.ndarray] = []
+        links: list[np.ndarray] = []
+        for mask, keep_inside, (tx_links, tx_sum), (rx_links, rx_sum) in self._matrix_parts(ranks):
+            part = np.where(mask, send, 0.0) if keep_inside else np.where(mask, 0.0, send)
+            parts.append(part.sum(axis=2) @ tx_sum)
+            parts.append(part.sum(axis=1) @ rx_sum)
+            links.extend((tx_links, rx_links))
+        link = np.concatenate(links)
+        volumes = np.concatenate(parts, axis=1)
+        keep = volumes.max(axis=0) > 0
+        return link[keep], volumes[:, keep]
+
+    def _matrix_parts(self, ranks: np.ndarray) -> list:
+        """Per kind of link a send matrix loads (NVLink inside a domain, NICs across
+        domains, uplinks out of a leaf / pod group): the mask of its (sender, receiver) pairs,
+        whether the pairs inside it (True) or outside it count, and for the senders (tx) and
+        receivers (rx) the links and the 0/1 matrix summing per-rank bytes onto them. Cached
+        per group of ranks (every layer's all-to-all of a group has the same structure)."""
+        cache_key = ranks.tobytes()
+        found = self._parts.get(cache_key)
+        if found is not None:
+            return found
         node = ranks // self.gpn
         dom = ranks // self.domain
         same = dom[:, None] == dom[None, :]
-        parts: list[tuple[np.ndarray, np.ndarray]] = []
-        inside = np.where(same, send, 0.0)
-        parts.append(self._by(ranks, inside.sum(axis=2), self.nvl_tx0))
-        parts.append(self._by(ranks, inside.sum(axis=1), self.nvl_rx0))
-        cross = np.where(same, 0.0, send)
         nic = self.nic_of(ranks)
-        parts.append(self._by(nic, cross.sum(axis=2), self.nic_tx0))
-        parts.append(self._by(nic, cross.sum(axis=1), self.nic_rx0))
+        found = [
+            (same, True, self._by(ranks, self.nvl_tx0), self._by(ranks, self.nvl_rx0)),
+            (same, False, self._by(nic, self.nic_tx0), self._by(nic, self.nic_rx0)),
+        ]
         if self.leaf_nodes:
             leaf = node // self.leaf_nodes
-            out = np.where(leaf[:, None] != leaf[None, :], send, 0.0)
-            parts.append(self._by(leaf, out.sum(axis=2), self.up0))
-            parts.append(self._by(leaf, out.sum(axis=1), self.down0))
+            out = leaf[:, None] != leaf[None, :]
+            found.append((out, True, self._by(leaf, self.up0), self._by(leaf, self.down0)))
         if self.pod_nodes:
             pod = node // self.pod_nodes
-            out = np.where(pod[:, None] != pod[None, :], send, 0.0)
-            parts.append(self._by(pod, out.sum(axis=2), self.pod_up0))
-            parts.append(self._by(pod, out.sum(axis=1), self.pod_down0))
-        links = np.concatenate([p[0] for p in parts])
-        volumes = np.concatenate([p[1] for p in parts], axis=1)
-        keep = volumes.max(axis=0) > 0
-        return links[keep], volumes[:, keep]
+            out = pod[:, None] != pod[None, :]
+            found.append((out, True, self._by(pod, self.pod_up0), self._by(pod, self.pod_down0)))
+        self._parts[cache_key] = found
+        return found
 
     @staticmethod
-    def _by(key: np.ndarray, per_rank: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sum per-rank values (B, n) by ``key`` (n,): (link ids, (B, k))."""
+    def _by(key: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray]:
+        """The links ``base + unique(key)`` and the (n, k) 0/1 matrix that sums per-rank
+        values (B, n) onto them by ``key`` (n,)."""
         unique, inverse = np.unique(key, return_inverse=True)
         onehot = np.zeros((len(key), len(unique)))
         onehot[np.arange(len(key)), inverse] = 1.0
-        return base + unique, per_rank @ onehot
+        return base + unique, onehot
 
     def group_volumes(
         self, ranks, intra_per_gpu: float, inter_per_gpu: float
@@ -176,10 +219,24 @@ class Links:
         return links, volumes[0]
 
     def p2p_volumes(self, src: int, dst: int, nbytes: float) -> tuple[np.ndarray, np.ndarray]:
-        """Link volumes of one send of ``nbytes`` from rank ``src`` to rank ``dst``."""
-        send = np.array([[[0.0, nbytes], [0.0, 0.0]]])
-        links, volumes = self.matrix_volumes(np.array([src, dst]), send)
-        return links, volumes[0]
+        """Link volumes of one send of ``nbytes`` from rank ``src`` to rank ``dst`` (the
+        links ``matrix_volumes`` gives the 2 x 2 matrix of that send, in its order)."""
+        if nbytes <= 0:
+            return np.zeros(0, np.int64), np.zeros(0)
+        if src // self.domain == dst // self.domain:
+            links = [self.nvl_tx0 + src, self.nvl_rx0 + dst]
+        else:
+            nic_src, nic_dst = self.nic_of(np.array([src, dst])).tolist()
+            links = [self.nic_tx0 + nic_src, self.nic_rx0 + nic_dst]
+        node_src, node_dst = src // self.gpn, dst // self.gpn
+        tiers = [(self.leaf_nodes, "up0", "down0"), (self.pod_nodes, "pod_up0", "pod_down0")]
+        for size, up, down in tiers:  # leaving a leaf (pod) group: its uplinks
+            if size and node_src // size != node_dst // size:
+                links += [
+                    getattr(self, up) + node_src // size,
+                    getattr(self, down) + node_dst // size,
+                ]
+        return np.array(links, dtype=np.int64), np.full(len(links), float(nbytes))
 
 
 class Network:
@@ -199,7 +256,7 @@ class Network:
         self._latency: list[np.ndarray] = []
         self._transfer: list[np.ndarray] = []
         self._lanes: list[np.ndarray] = []
-        self._routes: list[tuple[np.ndarray, np.ndarray]] = []  # per flow: links, bytes
+        self._routes: list[Routes] = []  # per batch
         self.report: NetworkReport | None = None
 
     def next_key(self, *key: Any) -> tuple:
@@ -216,16 +273,19 @@ class Network:
         start_ms: np.ndarray,
         duration_ms: np.ndarray,
         latency_ms: np.ndarray,
-        routes: list[tuple[np.ndarray, np.ndarray]],
+        routes: list[tuple[np.ndarray, np.ndarray]] | Routes,
         lanes: np.ndarray,
     ) -> np.ndarray:
-        """A batch of collectives (one flow each): record them (first pass) or return their
-        durations lengthened by their delays (second pass)."""
+        """A batch of collectives (one flow each; ``routes``: one (links, bytes) pair per
+        flow, or :class:`Routes`): record them (first pass) or return their durations
+        lengthened by their delays (second pass)."""
         duration_ms = np.asarray(duration_ms, dtype=np.float64)
         if self.delays is not None:
             delay = self.delays.get(key)
             return duration_ms if delay is None else duration_ms + delay
-        size = len(routes)
+        if not isinstance(routes, Routes):
+            routes = Routes.of(routes)
+        size = routes.size
         self._key.append(key)
         self._batch.append(size)
         self._kind.append(kind)
@@ -234,7 +294,7 @@ class Network:
         self._latency.append(latency)
         self._transfer.append(np.maximum(duration_ms - latency, 0.0))
         self._lanes.append(_vector(lanes, size))
-        self._routes.extend(routes)
+        self._routes.append(routes)
         return duration_ms
 
     def collective(
@@ -270,16 +330,22 @@ class Network:
         if self.delays is not None:
             return self.flows(key, "pp_send", start_ms, duration_ms, 0.0, [], 1)
         nbytes = np.broadcast_to(np.asarray(nbytes, np.float64), (len(pairs),))
-        routes, latency = [], []
-        for (src, dst), b in zip(pairs, nbytes.tolist(), strict=True):
-            found = self._cache.get(("p2p", src, dst))
-            if found is None:
-                links, unit = self.links.p2p_volumes(src, dst, 1.0)
-                fixed = p2p_link([src, dst], self.hw.gpus_per_node, self.hw).latency_us * 1e-3
-                found = self._cache[("p2p", src, dst)] = (links, unit, fixed)
-            routes.append((found[0], found[1] * b))
-            latency.append(found[2])
-        return self.flows(key, "pp_send", start_ms, duration_ms, np.array(latency), routes, 1)
+        unit, latency = self._send_routes(pairs)
+        routes = Routes(unit.link, unit.volume * np.repeat(nbytes, unit.count), unit.count)
+        return self.flows(key, "pp_send", start_ms, duration_ms, latency, routes, 1)
+
+    def _send_routes(self, pairs: list[list[int]]) -> tuple[Routes, np.ndarray]:
+        """The routes of one byte sent between each pair, and each send's fixed time (ms);
+        cached by the pairs."""
+        cache_key = ("p2p", tuple(map(tuple, pairs)))
+        found = self._cache.get(cache_key)
+        if found is None:
+            routes, latency = [], []
+            for src, dst in pairs:
+                routes.append(self.links.p2p_volumes(src, dst, 1.0))
+                latency.append(p2p_link([src, dst], self.hw.gpus_per_node, self.hw).latency_us)
+            found = self._cache[cache_key] = (Routes.of(routes), np.array(latency) * 1e-3)
+        return found
 
     # ---- solving -----------------------------------------------------------------------------
     def solve(self, lanes_total: int, iteration_ms: float) -> NetworkReport:
@@ -289,10 +355,11 @@ class Network:
         transfer = np.concatenate(self._transfer) if self._transfer else np.zeros(0)
         lanes = np.concatenate(self._lanes) if self._lanes else np.zeros(0)
         cap = self.links.capacity
-        counts = np.array([len(r[0]) for r in self._routes], dtype=np.int64)
+        routes = self._routes
+        counts = np.concatenate([r.count for r in routes]) if routes else np.zeros(0, np.int64)
         ptr = np.r_[0, np.cumsum(counts)]
-        link = np.concatenate([r[0] for r in self._routes]) if self._routes else np.zeros(0, int)
-        raw = np.concatenate([r[1] for r in self._routes]) if self._routes else np.zeros(0)
+        link = np.concatenate([r.link for r in routes]) if routes else np.zeros(0, np.int64)
+        raw = np.concatenate([r.volume for r in routes]) if routes else np.zeros(0)
         entry_flow = np.repeat(np.arange(len(counts)), counts)
         # scale every flow so that alone it saturates its bottleneck NVLink port or NIC in
         # its alpha-beta transfer time; uplinks (which costs.comm does not know) may bind more

@@ -82,7 +82,7 @@ from clustersim.costs.schedules import (
 )
 from clustersim.costs.sharding import LayerUnit, fair_share_delay_ms, layer_units, shard_sizes
 from clustersim.engine.errors import EngineError
-from clustersim.engine.network import Network
+from clustersim.engine.network import Network, Routes
 from clustersim.engine.recorder import Kind, Op, Recorder
 from clustersim.engine.rendezvous import Rendezvous, trigger_at
 from clustersim.engine.training.moe import DispatchBatch, RoutingSource, dispatch_many
@@ -282,7 +282,12 @@ class TrainingSim:
         symmetric: bool,
         progress: Callable[[float], None] | None = None,
         network: Network | None = None,
+        reuse: TrainingSim | None = None,
     ):
+        """``reuse``: an earlier pass over the same plan and workload (the shared-link
+        model's first pass); this pass reads its per-plan tables (micro-batch costs, each
+        layer's routes and expert times, collective times) instead of computing them again.
+        Only timing differs between the passes, and none of these depends on it."""
         self.plan, self.rec, self.routing = plan, recorder, routing
         self.net = network  # shared links (hardware.topology): flows, then delays
         self.layout = Layout(plan)
@@ -318,6 +323,7 @@ class TrainingSim:
         self._layer_grads: dict[int, tuple[float, float]] = {}
         self._collective_ms: dict[tuple, float] = {}
         self._links: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._send_pairs: dict[tuple[int, int], tuple] = {}  # (stage, peer stage)
         self._a2a_routes: dict[tuple, tuple] = {}
         # sharded data parallelism: ZeRO-2/3 reduce-scatter layer by layer, ZeRO-3 gathers
         sharding = self.par.sharding
@@ -325,6 +331,23 @@ class TrainingSim:
         self._layer_ag = sharding == "full"
         self._units: dict[int, LayerUnit] = {}
         self._shard_streams: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # (stage, layer) -> (batch, routes, expert tokens, idle): what routing the layer gave
+        self._route_memo: dict[tuple[int, int], tuple] = {}
+        if reuse is not None:
+            self._share_tables(reuse)
+
+    def _share_tables(self, other: TrainingSim) -> None:
+        """Read ``other``'s tables (same plan and workload): its micro-batch costs, layer
+        routes (:meth:`_route_layer` replays their effects), collective times and routes."""
+        if other.plan is not self.plan or other.seq_lens is not self.seq_lens:
+            raise ValueError("a pass reuses the tables of a pass over the same plan and workload")
+        self._cohort_costs = other._cohort_costs
+        self._route_memo = other._route_memo
+        self._collective_ms = other._collective_ms
+        self._links = other._links
+        self._send_pairs = other._send_pairs
+        self._layer_grads = other._layer_grads
+        self._units = other._units
 
     # ---- construction ----------------------------------------------------------------------
     def _make_cohort(self, stage: int) -> Cohort:
@@ -824,9 +847,9 @@ class TrainingSim:
         key = ("a2a", co.stage, layer, mb, int(op))
         if self.net.delays is not None:
             return self.net.flows(key, "ep_a2a", starts, durations, 0.0, [], 1)
-        routes, latency = self._a2a_routes[(co.stage, layer)]
+        (links, volumes, counts), latency = self._a2a_routes[(co.stage, layer)]
         lanes = co.membership.sum(axis=1) if co.membership is not None else 1
-        flows = [(links, volumes[mb]) for links, volumes in routes]
+        flows = Routes(links, volumes[mb], counts)
         return self.net.flows(key, "ep_a2a", starts, durations, latency, flows, lanes)
 
     def _route_layer(self, co: Cohort, layer: int) -> _LayerRoutes:
@@ -846,6 +869,11 @@ class TrainingSim:
         batch = dispatch_many(self.routing, layer, keys, tokens)
         self.dispatches.append(batch)
         self.dispatch_layers.append(layer)
+        known = self._route_memo.get((co.stage, layer))
+        if known is not None and known[0] is batch:  # an earlier pass timed this routing
+            _, routes, expert_tokens, idle = known
+            self._expert_effects(co, expert_tokens, idle)
+            return routes
         copies = batch.a2a_tokens.reshape(num_groups, m, ep, ep)
         send = copies * self._act_bytes
         a2a_ms, lane_bytes = self._a2a_times(co, send)
@@ -855,8 +883,18 @@ class TrainingSim:
         if precision.is_fp8(self.model) and self.par.moe_dispatcher == "deepep":
             # DeepEP dispatches FP8 tokens (+ scales); the combine stays BF16
             fp8_dispatch = self._a2a_times(co, copies * self._fp8_token_bytes)
-        fwd, bwd, etp_ms, weights = self._expert_times(co, batch, m)
-        return _LayerRoutes(a2a_ms, lane_bytes, fwd, bwd, etp_ms, fp8_dispatch, weights)
+        fwd, bwd, etp_ms, weights, expert_tokens, idle = self._expert_times(co, batch, m)
+        self._expert_effects(co, expert_tokens, idle)
+        routes = _LayerRoutes(a2a_ms, lane_bytes, fwd, bwd, etp_ms, fp8_dispatch, weights)
+        self._route_memo[(co.stage, layer)] = (batch, routes, expert_tokens, idle)
+        return routes
+
+    def _expert_effects(self, co: Cohort, expert_tokens: np.ndarray, idle) -> None:
+        """Add one layer's expert token copies per rank to ``expert_tokens`` and its ranks'
+        waits for their lane's slowest rank (None: no TP) to ``rank_idle_ms``."""
+        self.expert_tokens[co.ranks] += expert_tokens
+        if idle is not None:
+            self.rec.rank_idle_ms[co.ranks] += idle  # every micro-batch, both directions
 
     def _a2a_times(self, co: Cohort, send: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """All-to-all time per (micro-batch, group) of ``send`` bytes (G, m, ep, ep), and the
@@ -882,25 +920,33 @@ class TrainingSim:
         return a2a_ms, per_rank.reshape(m, len(co.lanes), tp).mean(axis=2)
 
     def _record_a2a_routes(self, co: Cohort, layer: int, send: np.ndarray) -> None:
-        """Link volumes of every group's all-to-all of ``layer`` (per micro-batch) and the
-        fixed part of its time (the all-to-all of an empty matrix)."""
-        routes, latency = [], []
+        """Link volumes of every group's all-to-all of ``layer`` (links and counts per group,
+        volumes per micro-batch: the :class:`Routes` of each micro-batch's batch) and the fixed
+        part of its time (the all-to-all of an empty matrix)."""
+        links, volumes, latency = [], [], []
         for j, gid in enumerate(co.groups):
             ranks = self.ep.groups[gid]
-            routes.append(self.net.links.matrix_volumes(np.array(ranks), send[j]))
-            empty = np.zeros((1, len(ranks), len(ranks)))
-            latency.append(
-                all_to_all_v_times_ms(
+            found = self.net.links.matrix_volumes(np.array(ranks), send[j])
+            links.append(found[0])
+            volumes.append(found[1])
+            key = ("a2a_latency", gid)
+            fixed = self._collective_ms.get(key)
+            if fixed is None:
+                empty = np.zeros((1, len(ranks), len(ranks)))
+                fixed = self._collective_ms[key] = all_to_all_v_times_ms(
                     empty, ranks, self.hw.gpus_per_node, self.hw, self.par.moe_dispatcher
                 )[0]
-            )
-        self._a2a_routes[(co.stage, layer)] = (routes, np.array(latency))
+            latency.append(fixed)
+        counts = np.array([len(x) for x in links], dtype=np.int64)
+        csr = (np.concatenate(links), np.ascontiguousarray(np.hstack(volumes)), counts)
+        self._a2a_routes[(co.stage, layer)] = (csr, np.array(latency))
 
     def _expert_times(self, co: Cohort, batch: DispatchBatch, m: int):
         """Per micro-batch and lane: expert time forward and backward (the lane's slowest
-        rank), ETP all-gather time (None without expert TP), and the weight-gradient share of
-        the backward (the forward GEMMs' time, without synchronisation). Adds the ranks' waits for
-        their lane's slowest rank to ``rank_idle_ms``."""
+        rank), ETP all-gather time (None without expert TP), the weight-gradient share of
+        the backward (the forward GEMMs' time, without synchronisation), the token copies each
+        rank of the cohort computes, and the ranks' waits for their lane's slowest rank (None
+        without TP)."""
         etp, tp, lanes = self.par.expert_tp, self.par.tp, len(co.lanes)
 
         def per_rank(values: np.ndarray) -> np.ndarray:  # (G * m, n) -> (m, ranks)
@@ -912,7 +958,7 @@ class TrainingSim:
             # groups) all-gathers its members' copies: every member computes all of them on
             # its 1/etp of the experts' FFN width (the ExpertTimer's GEMM shapes)
             received = received.reshape(m, -1, etp).sum(axis=2).repeat(etp, axis=1)
-        self.expert_tokens[co.ranks] += received.sum(axis=0)
+        expert_tokens = received.sum(axis=0)
         timer = self.expert_timer
         rank_ms = timer.compute_ms(received, active)
         full = self.par.recompute == "full"
@@ -921,7 +967,7 @@ class TrainingSim:
         sync = np.where(received > 0, timer.sync_ms, 0.0)
         if tp == 1:
             fwd, bwd = rank_ms + sync, rank_ms * factor + (sync if full else 0.0)
-            weights = rank_ms
+            weights, idle = rank_ms, None
         else:
             fwd_compute = rank_ms.reshape(m, lanes, tp).max(axis=2)
             lane_sync = sync.reshape(m, lanes, tp).max(axis=2)
@@ -930,13 +976,12 @@ class TrainingSim:
             weights = fwd_compute
             idle = (np.repeat(fwd_compute, tp, axis=1) - rank_ms).sum(axis=0)
             idle += (np.repeat(fwd_compute * factor, tp, axis=1) - rank_ms * factor).sum(axis=0)
-            self.rec.rank_idle_ms[co.ranks] += idle  # every micro-batch, both directions
         etp_ms = None
         if etp > 1:
             sizes = received.reshape(m, lanes, tp).max(axis=2) * self._act_bytes
             bandwidth, latency = self._link_vectors([ln.ranks[:etp] for ln in co.lanes])
             etp_ms = all_gather_ms(sizes, etp, bandwidth, latency)
-        return fwd, bwd, etp_ms, weights
+        return fwd, bwd, etp_ms, weights, expert_tokens, idle
 
     # ---- pipeline transfers ----------------------------------------------------------------
     def _send(
@@ -945,8 +990,12 @@ class TrainingSim:
         """Send every lane's activations (or gradients) to the same replica's lane of the
         next (previous) stage; each lane's transfer starts when the lane is free."""
         peer = self.cohorts[self._stage_of(to_vstage)]
-        pairs = [[a.ranks[0], b.ranks[0]] for a, b in zip(co.lanes, peer.lanes, strict=True)]
-        duration = p2p_ms(nbytes, *self._link_vectors(pairs))
+        found = self._send_pairs.get((co.stage, peer.stage))
+        if found is None:  # the first ranks of each lane and its peer, and their link
+            pairs = [[a.ranks[0], b.ranks[0]] for a, b in zip(co.lanes, peer.lanes, strict=True)]
+            found = self._send_pairs[(co.stage, peer.stage)] = (pairs, self._link_vectors(pairs))
+        pairs, (bandwidth, latency) = found
+        duration = p2p_ms(nbytes, bandwidth, latency)
         if self.net is not None:
             key = ("p2p", what, to_vstage, mb)
             duration = self.net.sends(key, pairs, nbytes, free, duration)
