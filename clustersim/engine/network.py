@@ -370,7 +370,8 @@ class Network:
         scale = np.where(ok, transfer / np.where(ok, bottleneck, 1.0), 0.0)
         volume = raw * scale[entry_flow]
         t0 = starts + latency
-        end = solve(FlowSet(t0, transfer, ptr, link, volume, cap))
+        flow_set = FlowSet(t0, transfer, ptr, link, volume, cap)
+        end = solve(flow_set)
         delay = end - (t0 + transfer)
         delay[delay <= 1e-9 * (t0 + transfer)] = 0.0  # rounding, not sharing
         self.delays = {}
@@ -380,7 +381,7 @@ class Network:
             pos += size
         self.report = NetworkReport.build(
             self.links, self._kind, self._batch, t0, end, delay, lanes, lanes_total,
-            link, raw, ptr, need, iteration_ms,
+            link, raw, ptr, need, iteration_ms, flow_set.entry_order(),
         )  # fmt: skip
         return self.report
 
@@ -396,10 +397,11 @@ class NetworkReport:
     @classmethod
     def build(
         cls, links: Links, kinds, batches, t0, end, delay, lanes, lanes_total, link, raw,
-        ptr, need, iteration_ms,
+        ptr, need, iteration_ms, order=None,
     ) -> NetworkReport:  # fmt: skip
         """Aggregate solved flows per kind and per link (flow ``f``'s entries: ``ptr[f]:
-        ptr[f+1]`` of ``link``, ``raw``, ``need``)."""
+        ptr[f+1]`` of ``link``, ``raw``, ``need``; ``order``: the entries by link, then
+        start, when known)."""
         entry_flow = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
         kind_code = np.array([KINDS.index(k) for k in kinds], dtype=np.int64)
         flow_kind = np.repeat(kind_code, batches) if kinds else np.zeros(0, dtype=np.int64)
@@ -419,15 +421,13 @@ class NetworkReport:
         contention = np.bincount(bottleneck[has], weights=delay[has], minlength=num_links)
         out = []
         # every link's flows by start (ties in entry order): each link's union in one pass
-        order = by_link_then_start(ptr, link, t0, num_links)
-        flows_by = entry_flow[order]
-        start_by, end_by = t0[flows_by], end[flows_by]
-        bounds = np.searchsorted(link[order], np.arange(num_links + 1))
+        if order is None:
+            order = by_link_then_start(ptr, link, t0, num_links)
+        intervals, bounds = _unions_by_link(link[order], entry_flow[order], t0, end, num_links)
         used = np.flatnonzero(bytes_per_link > 0)
         for ln in used.tolist():
-            a, b = bounds[ln], bounds[ln + 1]
-            intervals = _union_sorted(start_by[a:b], end_by[a:b])
-            busy = float((intervals[:, 1] - intervals[:, 0]).sum())
+            busy_intervals = intervals[bounds[ln] : bounds[ln + 1]]
+            busy = float((busy_intervals[:, 1] - busy_intervals[:, 0]).sum())
             out.append(
                 LinkReport(
                     links.names[ln],
@@ -435,7 +435,7 @@ class NetworkReport:
                     float(bytes_per_link[ln]),
                     busy,
                     float(contention[ln]),
-                    intervals,
+                    busy_intervals,
                 )  # fmt: skip
             )
         del iteration_ms
@@ -464,10 +464,30 @@ def _vector(value, size: int) -> np.ndarray:
     return np.array(value, dtype=np.float64)
 
 
-def _union_sorted(s: np.ndarray, e: np.ndarray) -> np.ndarray:
-    """Union of intervals given sorted by start, as a sorted (k, 2) array."""
-    run_end = np.maximum.accumulate(e)
-    new = np.r_[True, s[1:] > run_end[:-1]]
-    idx = np.flatnonzero(new)
-    stops = np.r_[run_end[idx[1:] - 1], run_end[-1]] if len(s) else np.zeros(0)
-    return np.stack([s[idx], stops], axis=1) if len(s) else np.zeros((0, 2))
+def _unions_by_link(
+    link_s: np.ndarray, flow_s: np.ndarray, start: np.ndarray, end: np.ndarray, num_links: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every link's busy time as a union of intervals: entries given by link, then start
+    (``link_s``, and the flow of each, ``flow_s``; flow ``f`` busy from ``start[f]`` to
+    ``end[f]``). Returns the (k, 2) intervals, sorted by link then start, and where each
+    link's begin (``bounds[l]:bounds[l+1]``, (num_links + 1,)).
+
+    One pass over all entries: a new interval begins where a link begins or an entry starts
+    after every earlier entry of its link has ended (the running maximum of the ends within
+    the link, taken exactly on the ends' ranks)."""
+    n = len(link_s)
+    if n == 0:
+        return np.zeros((0, 2)), np.zeros(num_links + 1, dtype=np.int64)
+    by_end = np.argsort(end, kind="stable")
+    rank = np.empty(len(end), dtype=np.int64)
+    rank[by_end] = np.arange(len(end))
+    new_link = np.r_[True, link_s[1:] != link_s[:-1]]
+    offset = (np.cumsum(new_link) - 1) * len(end)  # each link above every earlier one
+    run_end = end[by_end][np.maximum.accumulate(rank[flow_s] + offset) - offset]
+    start_s = start[flow_s]
+    new = new_link
+    new[1:] |= start_s[1:] > run_end[:-1]
+    first = np.flatnonzero(new)
+    stops = run_end[np.r_[first[1:] - 1, n - 1]]
+    intervals = np.stack([start_s[first], stops], axis=1)
+    return intervals, np.searchsorted(link_s[first], np.arange(num_links + 1))
