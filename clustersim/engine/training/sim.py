@@ -324,6 +324,7 @@ class TrainingSim:
         self._collective_ms: dict[tuple, float] = {}
         self._links: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self._send_pairs: dict[tuple[int, int], tuple] = {}  # (stage, peer stage)
+        self._groups_of_lanes: dict[tuple[int, str], list] = {}  # (stage, what) -> groups
         self._a2a_routes: dict[tuple, tuple] = {}
         # sharded data parallelism: ZeRO-2/3 reduce-scatter layer by layer, ZeRO-3 gathers
         sharding = self.par.sharding
@@ -346,6 +347,7 @@ class TrainingSim:
         self._collective_ms = other._collective_ms
         self._links = other._links
         self._send_pairs = other._send_pairs
+        self._groups_of_lanes = other._groups_of_lanes
         self._layer_grads = other._layer_grads
         self._units = other._units
 
@@ -1082,13 +1084,17 @@ class TrainingSim:
         """The cohort's lanes by their ``kind`` group (of their first rank): (group, lane
         positions), for groups of more than one GPU. DP and EDP groups lie inside a stage, so
         every simulated member of a group is a lane of this cohort."""
+        found = self._groups_of_lanes.get((co.stage, kind))
+        if found is not None:
+            return found
         by_first: dict[int, tuple[list[int], list[int]]] = {}
         for pos, ln in enumerate(co.lanes):
             group = self._group_of(kind, ln.ranks[0])
             by_first.setdefault(group[0], (group, []))[1].append(pos)
-        return [
+        found = self._groups_of_lanes[(co.stage, kind)] = [
             (group, np.array(positions)) for group, positions in by_first.values() if len(group) > 1
         ]
+        return found
 
     def _grad_stream(self, co: Cohort, buckets: simpy.Store):
         """The cohort's communication streams (one per lane, FIFO): gradient buckets, one
@@ -1241,6 +1247,9 @@ class TrainingSim:
     def _shard_groups(self, co: Cohort, kind: str) -> list[tuple[list[int], list[int]]]:
         """Per lane: its shard group of ``kind`` (dp or edp) and the group of the replicas
         of its shard (HSDP; one member without replication)."""
+        found = self._groups_of_lanes.get((co.stage, "shard_" + kind))
+        if found is not None:
+            return found
         dense_n, expert_n = shard_sizes(self.plan, self.layout)
         size = dense_n // self.par.cp if kind == "dp" else expert_n
         out = []
@@ -1251,6 +1260,7 @@ class TrainingSim:
             size = min(size, len(group)) or 1
             block = pos // size
             out.append((group[block * size : (block + 1) * size], group[pos % size :: size]))
+        self._groups_of_lanes[(co.stage, "shard_" + kind)] = out
         return out
 
     def _sharded_ms(self, kind: str, params: float, nbytes: float, groups) -> np.ndarray:
