@@ -46,8 +46,10 @@ set of transfers as fair sharing of the link; pipeline sends use separate send/r
 (full duplex) and never contend with each other. ZeRO-2/3 run their per-layer gathers and
 reduce-scatters on one more stream per lane; an EP all-to-all that crosses nodes while that
 stream is busy across nodes shares the NICs with it fairly (both are delayed by the overlap,
-``costs.sharding.fair_share_delay_ms``; with ``hardware.topology`` too, where the
-per-layer sharding collectives are not flows).
+``costs.sharding.fair_share_delay_ms``). With ``hardware.topology`` none of this applies: the
+EP all-to-alls, gradient buckets, ZeRO-2/3 per-layer collectives, parameter all-gathers and
+pipeline sends are flows on shared links (``engine.network``), each delayed by what overlaps
+it there.
 
 Replica symmetry: when every data-parallel replica provably does the same work (fixed
 sequence length and deterministic, even routing), only replica 0 is simulated and the metrics
@@ -799,9 +801,10 @@ class TrainingSim:
         fairly, needing ``d`` and ``r`` alone, finish at ``2 min(d, r)`` and ``d + r``: each
         is delayed by ``min(d, r)``, with ``r`` the stream's work left when the all-to-all
         starts (its clock minus the start). A group waits for its most delayed member.
-        Zero when either stays inside a node (NVLink and the NICs are separate links)."""
+        Zero when either stays inside a node (NVLink and the NICs are separate links), and
+        with ``hardware.topology``, where both are flows on the shared links instead."""
         zero = np.zeros_like(a2a_ms)
-        if not self._layer_rs or not self._cross_node_sharing(co):
+        if not self._layer_rs or self.net is not None or not self._cross_node_sharing(co):
             return zero
         clock, _ = self._streams(co)
         if co.block:
@@ -1285,19 +1288,57 @@ class TrainingSim:
             out[i] = ms
         return out
 
-    def _unit_ms(self, co: Cohort, unit: LayerUnit, kind: str, per_param: float) -> np.ndarray:
-        """Per lane: one unit's collective, dense part over DP and expert part over EDP."""
-        total = self._sharded_ms(
-            kind, unit.dense_params, unit.dense_params * per_param, self._shard_groups(co, "dp")
-        )
+    def _unit_ms(
+        self, co: Cohort, unit: LayerUnit, kind: str, per_param: float, start: np.ndarray
+    ) -> np.ndarray:
+        """Per lane: one unit's collective, dense part over DP and expert part over EDP, from
+        the lanes' ``start``; with ``hardware.topology`` lengthened by its delay on the
+        shared links (:meth:`_unit_flows`)."""
+        dense = self._shard_groups(co, "dp")
+        total = self._sharded_ms(kind, unit.dense_params, unit.dense_params * per_param, dense)
+        parts = [(dense, unit.dense_params)]
         if unit.expert_params > 0:
-            total = total + self._sharded_ms(
-                kind,
-                unit.expert_params,
-                unit.expert_params * per_param,
-                self._shard_groups(co, "edp"),
-            )
-        return total
+            expert = self._shard_groups(co, "edp")
+            nbytes = unit.expert_params * per_param
+            total = total + self._sharded_ms(kind, unit.expert_params, nbytes, expert)
+            parts.append((expert, unit.expert_params))
+        if self.net is None:
+            return total
+        return total + self._unit_flows(co, kind, [(g, p * per_param) for g, p in parts], start)
+
+    def _unit_flows(self, co: Cohort, kind: str, parts, start: np.ndarray) -> np.ndarray:
+        """ZeRO-2/3 on the shared links: the steps of one unit's collective (per part, dense
+        then expert: the ``kind`` collective over each shard group, then for a reduce-scatter
+        the all-reduce of its shard over the replicas) as flows, one per group, each starting
+        when the group's last lane has finished the steps before it (alone); returns each
+        lane's delay, the sum of its steps' delays. ``parts``: (per-lane (shard, replicas)
+        groups, bytes) of each part."""
+        gpn, hw, lanes = self.hw.gpus_per_node, self.hw, len(co.lanes)
+        flow_kind = "param_gather" if kind == "all_gather" else "dp_grad"
+        delay, offset = np.zeros(lanes), np.zeros(lanes)
+        for part, (groups, nbytes) in enumerate(parts):
+            steps = [(kind, nbytes, [shard for shard, _ in groups])]
+            if kind == "reduce_scatter":
+                steps.append(
+                    ("all_reduce", [nbytes / len(shard) for shard, _ in groups],
+                     [replicas for _, replicas in groups])
+                )  # fmt: skip
+            for step, (op, size, members) in enumerate(steps):
+                sizes = np.broadcast_to(np.asarray(size, dtype=np.float64), (lanes,))
+                by_group: dict[tuple, list[int]] = {}
+                for pos, group in enumerate(members):
+                    if len(group) > 1:
+                        by_group.setdefault((tuple(group), float(sizes[pos])), []).append(pos)
+                for (group, nb), positions in by_group.items():
+                    alone = collective_time_ms(op, nb, list(group), gpn, hw, "hierarchical")
+                    begin = float(np.max(start[positions] + offset[positions]))
+                    key = self.net.next_key("shard", co.stage, kind, part, step, group[0])
+                    took = self.net.collective(
+                        key, flow_kind, op, nb, list(group), begin, alone, len(positions)
+                    )
+                    delay[positions] += took - alone
+                    offset[positions] += alone
+        return delay
 
     def _gather_ahead(self, co: Cohort, layers: list[int], mb: int, t: np.ndarray):
         """ZeRO-3: all-gather the chunk's layers in order on the lanes' sharding stream, one
@@ -1313,7 +1354,7 @@ class TrainingSim:
         def issue(layer: int, at: np.ndarray) -> None:
             unit = self._unit(co.stage, layer)
             start = np.maximum(at, ag_free)
-            end = start + self._unit_ms(co, unit, "all_gather", per_param)
+            end = start + self._unit_ms(co, unit, "all_gather", per_param, start)
             nbytes = unit.params * per_param
             self.rec.add_block(
                 co.lane_ids, Kind.COMM_ASYNC, Op.PARAM_GATHER, start, end, layer, mb, nbytes
@@ -1339,7 +1380,7 @@ class TrainingSim:
         _, rs_free = self._streams(co)
         unit = self._unit(co.stage, layer)
         start = np.maximum(t, rs_free)
-        end = start + self._unit_ms(co, unit, "reduce_scatter", GRAD_BYTES)
+        end = start + self._unit_ms(co, unit, "reduce_scatter", GRAD_BYTES, start)
         nbytes = unit.params * GRAD_BYTES
         self.rec.add_block(
             co.lane_ids, Kind.COMM_ASYNC, Op.GRAD_REDUCE, start, end, layer, mb, nbytes
