@@ -98,3 +98,36 @@ def test_sharded_collectives_contend_only_when_they_overlap(plan_dict) -> None:
     plan["parallel"].update(num_microbatches=1)
     shared = run(plan, "non-blocking")
     assert shared["comm_contention_by_kind_ms"]["dp_grad"] == 0.0
+
+
+def tp_plan(plan_dict, layers: int = 2, **parallel) -> dict:
+    """Mixtral-8x7B (``layers``, even routing) on 2 x 8 GPUs with the given parallelism."""
+    plan_dict["model"] = {
+        "preset": "mixtral-8x7b",
+        "num_layers": layers,
+        "moe": {"routing": "even"},
+    }
+    plan_dict["workload"] = {"mode": "training", "seq_len": {"dist": "fixed", "value": 1024}}
+    plan_dict["parallel"].update({"num_microbatches": 4, **parallel})
+    return plan_dict
+
+
+def test_tp_collectives_alone_keep_their_time(plan_dict) -> None:
+    # TP 8 inside each node, experts local (EP 1), the DP reduction after the backward:
+    # every TP collective has its lane's NVLink ports to itself
+    plan = tp_plan(plan_dict, tp=8, pp=1, dp=2, ep=1, etp=1, overlap_communication=False)
+    base = run(plan)
+    shared = run(plan, "non-blocking")
+    assert shared["iteration_time_ms"] == base["iteration_time_ms"]
+    assert shared["comm_contention_ms"] == 0.0
+
+
+def test_tp_collectives_share_nvlink_with_zero3_gathers(plan_dict) -> None:
+    # TP 2 x DP 4 in a node per stage: the ZeRO-3 gathers over the DP shard group (on
+    # NVLink, on the sharding stream) run beside the lanes' TP collectives
+    plan = tp_plan(plan_dict, 8, tp=2, pp=2, dp=4, ep=4, etp=2, dp_sharding="full",
+                   overlap_communication=True)  # fmt: skip
+    kinds = run(plan, "non-blocking")["comm_contention_by_kind_ms"]
+    assert kinds["tp_comm"] > 0
+    assert kinds["param_gather"] > 0
+    assert set(kinds) == {"ep_a2a", "dp_grad", "pp_send", "param_gather", "tp_comm", "etp_comm"}

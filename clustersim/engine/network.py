@@ -15,21 +15,23 @@ Links (capacities per direction, bytes/ms = GB/s x 1e6):
   ``non_blocking`` has no uplinks.
 
 Flows: every collective instance (an EP all-to-all of one group, a DP/EDP gradient bucket of
-one group, the distributed optimizer's parameter all-gather, a pipeline send) is one flow: its
-fixed time (latencies, launch; ``costs.comm`` with an empty buffer) runs first and unshared,
-then its transfer puts its bytes on the links of its route: same-domain bytes on the domain's
-NVLink ports, cross-domain bytes on the sender's NIC (tx) and the receiver's (rx), and the share
-leaving a leaf (pod) group on its uplinks. For collectives given as per-GPU bytes (ring, tree,
-hierarchical) every GPU's network bytes are spread evenly over the group's other nodes; the
-all-to-all-v uses its send matrix. Volumes are scaled so that a flow alone saturates its
-bottleneck link in exactly the transfer time of ``costs.comm``: alone, every collective takes
-exactly today's alpha-beta time; beside others it takes longer (``engine.flows``, max-min).
+one group, the distributed optimizer's parameter all-gather, a ZeRO-2/3 per-layer all-gather or
+reduce-scatter step of one shard group, a lane's TP or expert-TP collective, a pipeline send)
+is one flow: its fixed time (latencies, launch; ``costs.comm`` with an empty buffer) runs first
+and unshared, then its transfer puts its bytes on the links of its route: same-domain bytes on
+the domain's NVLink ports, cross-domain bytes on the sender's NIC (tx) and the receiver's (rx),
+and the share leaving a leaf (pod) group on its uplinks. For collectives given as per-GPU
+bytes (ring, tree, hierarchical) every GPU's network bytes are spread evenly over the group's
+other nodes; the all-to-all-v uses its send matrix. Volumes are scaled so that a flow alone
+saturates its bottleneck link in exactly the transfer time of ``costs.comm``: alone, every
+collective takes exactly today's alpha-beta time; beside others it takes longer
+(``engine.flows``, max-min).
 
 Which collectives overlap is the engine's schedule: a first pass records every flow at its
 scheduled start, the fluid solver gives each its delay, and a second pass runs the same
 iteration with every collective lengthened by its delay (one fixed-point step: the delays are
-those of the first pass's overlaps). TP and expert-TP collectives are not flows (they stay on
-their lane's NVLink, alone).
+those of the first pass's overlaps). Batches of flows are recorded in CSR form
+(:class:`Routes`), so recording costs a few array appends per batch.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from clustersim.engine.flows import FlowSet, by_link_then_start, flow_max, solve
 from clustersim.spec.schema import HardwareSpec
 
 GB = 1e6  # bytes per ms in one GB/s
-KINDS = ("ep_a2a", "dp_grad", "pp_send", "param_gather")
+KINDS = ("ep_a2a", "dp_grad", "pp_send", "param_gather", "tp_comm", "etp_comm")
 
 
 @dataclass(frozen=True)

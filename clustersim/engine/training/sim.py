@@ -68,6 +68,7 @@ from clustersim.costs import precision
 from clustersim.costs.comm import (
     all_gather_ms,
     all_to_all_v_times_ms,
+    collective_cost,
     collective_time_ms,
     link_for_group,
     p2p_ms,
@@ -328,6 +329,7 @@ class TrainingSim:
         self._send_pairs: dict[tuple[int, int], tuple] = {}  # (stage, peer stage)
         self._groups_of_lanes: dict[tuple[int, str], list] = {}  # (stage, what) -> groups
         self._a2a_routes: dict[tuple, tuple] = {}
+        self._lane_route_cache: dict[tuple[str, int], tuple] = {}  # (tp_comm | etp_comm, stage)
         # sharded data parallelism: ZeRO-2/3 reduce-scatter layer by layer, ZeRO-3 gathers
         sharding = self.par.sharding
         self._layer_rs = sharding in ("gradients", "full")
@@ -708,8 +710,51 @@ class TrainingSim:
         parts = 1 if moe else 2
         part = total_ms / parts
         for _ in range(parts):
-            t = self._op(co, Kind.COMM, Op.TP_COMM, t, part, layer, mb, costs.tp_bytes)
+            took = part if self.net is None else self._lane_flows(co, "tp_comm", t, part, layer, mb)
+            t = self._op(co, Kind.COMM, Op.TP_COMM, t, took, layer, mb, costs.tp_bytes)
         return t
+
+    def _lane_flows(
+        self, co: Cohort, kind: str, t: np.ndarray, duration_ms: np.ndarray, layer: int, mb: int
+    ) -> np.ndarray:
+        """A TP (``tp_comm``) or expert-TP (``etp_comm``) collective of every lane as a flow on
+        the shared links (one per lane, from ``t``, ``duration_ms`` alone): returns the
+        durations with their delays."""
+        key = self.net.next_key(kind, co.stage, layer, mb)
+        if self.net.delays is not None:
+            return self.net.flows(key, kind, t, duration_ms, 0.0, [], 1)
+        routes, fixed_ms = self._lane_routes(co, kind)
+        return self.net.flows(key, kind, t, duration_ms, fixed_ms, routes, 1)
+
+    def _lane_routes(self, co: Cohort, kind: str) -> tuple[Routes, np.ndarray]:
+        """Per lane of the cohort: the links its TP collective (all-gather + reduce-scatter
+        with sequence parallelism, else all-reduce; ``tp_comm``) or its expert-TP all-gather
+        (in every ETP group of its ranks; ``etp_comm``) loads, and the collective's fixed time
+        (ms; its time with an empty buffer). Cached per stage."""
+        found = self._lane_route_cache.get((kind, co.stage))
+        if found is not None:
+            return found
+        gpn, hw, links = self.hw.gpus_per_node, self.hw, self.net.links
+        if kind == "tp_comm":
+            ops = ["all_gather", "reduce_scatter"] if self.par.sequence_parallel else ["all_reduce"]
+            size = self.par.tp
+        else:
+            ops, size = ["all_gather"], self.par.expert_tp
+        routes, fixed = [], []
+        for ln in co.lanes:
+            groups = [ln.ranks[i : i + size] for i in range(0, len(ln.ranks), size)]
+            merged: dict[int, float] = {}
+            for group in groups:  # concurrently, on their own GPUs' links
+                for op in ops:
+                    cost = collective_cost(op, 1.0, group, gpn, hw)
+                    inter = cost.inter_node_bytes_per_gpu
+                    ids, volumes = links.group_volumes(group, cost.bytes_per_gpu - inter, inter)
+                    for link, volume in zip(ids.tolist(), volumes.tolist(), strict=True):
+                        merged[link] = merged.get(link, 0.0) + volume
+            routes.append((np.array(list(merged), dtype=np.int64), np.array(list(merged.values()))))
+            fixed.append(sum(collective_time_ms(op, 0.0, groups[0], gpn, hw) for op in ops))
+        found = self._lane_route_cache[(kind, co.stage)] = (Routes.of(routes), np.array(fixed))
+        return found
 
     # ---- MoE: dispatch, experts, combine ---------------------------------------------------
     def _moe_block(
@@ -730,7 +775,8 @@ class TrainingSim:
         routes, t = self._a2a(co, layer, mb, first_op, ready, fp8=not backward)
         etp_ms = None if routes.etp_ms is None else routes.etp_ms[mb]
         if etp_ms is not None:
-            t = self._op(co, Kind.COMM, Op.ETP_COMM, t, etp_ms, layer, mb)
+            t = self._op(co, Kind.COMM, Op.ETP_COMM, t, self._etp_ms(co, t, etp_ms, layer, mb),
+                         layer, mb)  # fmt: skip
         op, expert_ms = (
             (Op.EXPERT_BWD, routes.expert_bwd_ms)
             if backward
@@ -741,9 +787,17 @@ class TrainingSim:
             expert_ms = expert_ms - routes.expert_weights_ms[mb]
         t = self._op(co, Kind.COMPUTE, op, t, expert_ms, layer, mb)
         if etp_ms is not None:
-            t = self._op(co, Kind.COMM, Op.ETP_COMM, t, etp_ms, layer, mb)
+            t = self._op(co, Kind.COMM, Op.ETP_COMM, t, self._etp_ms(co, t, etp_ms, layer, mb),
+                         layer, mb)  # fmt: skip
         _, t = self._a2a(co, layer, mb, second_op, t)
         return t
+
+    def _etp_ms(self, co: Cohort, t: np.ndarray, etp_ms: np.ndarray, layer: int, mb: int):
+        """The lanes' expert-TP collective from ``t``: ``etp_ms`` alone, with
+        ``hardware.topology`` lengthened by its delay on the shared links."""
+        return (
+            etp_ms if self.net is None else self._lane_flows(co, "etp_comm", t, etp_ms, layer, mb)
+        )
 
     def _a2a(self, co: Cohort, layer: int, mb: int, op: Op, ready: np.ndarray, fp8=False):
         """All-to-all over the cohort's EP groups (concurrently): each group starts when its
