@@ -2,7 +2,8 @@
 (``tests/serving_reference``, a frozen copy): every request's times, every accumulator, every
 metric, bit for bit, on plans that exercise chunked and unchunked prefill, preemption,
 pipelines, lockstep EP replicas, dispatch policies and bursty arrivals; with runs of decode
-steps timed by numpy and by the compiled loop (``engine/serving/run_kernel.py``)."""
+steps read from the timer's tables of round times, and (tables disabled) evaluated by numpy
+and by the compiled loop (``engine/serving/run_kernel.py``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from serving_plans import DENSE, MOE, make_plan
 from serving_reference.sim import ServingSim as ReferenceSim
 
+from clustersim.engine.serving import step_timer
 from clustersim.engine.serving.requests import make_requests
 from clustersim.engine.serving.sim import ServingSim
 from clustersim.metrics.serving import serving_metrics
@@ -52,9 +54,13 @@ def _run(sim_class, plan, compiled=None):
     return sim.run()
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["numpy-runs", "compiled-runs"])
+@pytest.mark.parametrize(
+    "compiled", [None, False, True], ids=["table-runs", "numpy-runs", "compiled-runs"]
+)
 @pytest.mark.parametrize("name", list(CASES))
-def test_identical_to_the_reference_engine(name, compiled):
+def test_identical_to_the_reference_engine(name, compiled, monkeypatch):
+    if compiled is not None:  # no table: every run of decode steps evaluated
+        monkeypatch.setattr(step_timer, "RUN_TABLE_MAX", 0)
     base, requests, sections = CASES[name]
     plan = make_plan(base, requests=requests, **sections)
     new, ref = _run(ServingSim, plan, compiled), _run(ReferenceSim, plan)

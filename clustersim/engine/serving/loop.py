@@ -34,6 +34,15 @@ class EventLoop:
         """Call ``fn()`` at ``now``, after the entries already due now."""
         heapq.heappush(self._queue, (self.now, priority, next(self._order), fn))
 
+    def call_soon_or_now(self, fn: Callable[[], None]) -> None:
+        """:meth:`call_soon`, or ``fn()`` at once when no other entry is due now (the same
+        order: it would be the next entry run)."""
+        queue = self._queue
+        if queue and queue[0][0] <= self.now:
+            heapq.heappush(queue, (self.now, NORMAL, next(self._order), fn))
+        else:
+            fn()
+
     def run(self) -> None:
         """Run until no entry is left; an exception of a callback stops the loop."""
         queue, pop = self._queue, heapq.heappop

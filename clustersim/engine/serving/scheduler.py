@@ -58,7 +58,7 @@ class RequestBook:
         self.replica = [-1] * n
 
 
-@dataclass
+@dataclass(slots=True)
 class Step:
     """One step of one replica: the requests it serves, in order, with their new tokens, and
     the sums the step timer needs, accumulated while the step was built (no second pass)."""
@@ -183,29 +183,33 @@ class ReplicaScheduler:
         ids: list[int] = []
         new: list[int] = []
         ctx: list[int] = []
-        budget, preempted, i, decodes = self.budget, 0, 0, 0
+        budget, preempted, decodes = self.budget, 0, 0
         tokens = pairs = context = 0
         left = 1 << 62
-        while i < len(running) and budget > 0:
-            rid = running[i]
+        free = self.free_blocks
+        for rid in running:
+            if budget <= 0:
+                break
             c = computed[rid]
             g = generated[rid]
             remaining = prompt[rid] + g - c
             q = remaining if remaining < budget else budget
             need = -(-(c + q) // bs) - blocks[rid]
-            if need <= self.free_blocks:  # the common case: the blocks are there
-                self.free_blocks -= need
+            if need <= free:  # the common case: the blocks are there
+                free -= need
                 blocks[rid] += need
-            else:
+            else:  # preempt from the tail until they are (shortening ``running``)
+                self.free_blocks = free
+                rid_preempted = False
                 while not self._allocate(rid, q):
                     victim = running.pop()
                     self._preempt(victim)
                     preempted += 1
                     if victim == rid:
+                        rid_preempted = True
                         break
-                else:
-                    need = 0
-                if need:  # ``rid`` itself was preempted
+                free = self.free_blocks
+                if rid_preempted:
                     break
             ids.append(rid)
             new.append(q)
@@ -219,7 +223,7 @@ class ReplicaScheduler:
             # a true decode: one token on top of a first token (not a prompt's last token)
             if remaining == 1 and g > 0:
                 decodes += 1
-            i += 1
+        self.free_blocks = free
         all_served = len(ids) == len(running)
         step = Step(ids, new, ctx, False, preempted, 0, decodes, tokens, pairs, 0, left)
         if self.chunked and not preempted:
@@ -315,15 +319,23 @@ class ReplicaScheduler:
         finished: list[int] = []
         if steps > 1:
             bs = self.block_size
+            computed, generated, blocks, output = (
+                book.computed,
+                book.generated,
+                book.blocks,
+                book.output,
+            )
+            need = 0
             for rid in step.ids:
-                c = book.computed[rid] + steps
-                book.computed[rid] = c
-                book.generated[rid] += steps
-                need = -(-c // bs) - book.blocks[rid]
-                book.blocks[rid] += need
-                self.free_blocks -= need
-                if book.generated[rid] == book.output[rid]:
+                c = computed[rid] + steps
+                computed[rid] = c
+                g = generated[rid] = generated[rid] + steps
+                b = -(-c // bs)
+                need += b - blocks[rid]
+                blocks[rid] = b
+                if g == output[rid]:
                     finished.append(rid)
+            self.free_blocks -= need
         else:
             self._apply_tokens(step, end_ms, finished)
         self.peak_used = self.num_blocks - self.free_blocks
@@ -340,14 +352,21 @@ class ReplicaScheduler:
         token (its first stamps ``first_token_ms``); it goes to ``finished`` when that was
         its last, else to ``produced`` (when given)."""
         book = self.book
+        computed, generated, prompt, output = (
+            book.computed,
+            book.generated,
+            book.prompt,
+            book.output,
+        )
         for rid, q in zip(step.ids, step.new_tokens, strict=True):
-            c = book.computed[rid] + q
-            book.computed[rid] = c
-            if c == book.prompt[rid] + book.generated[rid]:
-                book.generated[rid] += 1
-                if book.generated[rid] == 1:
+            c = computed[rid] + q
+            computed[rid] = c
+            g = generated[rid]
+            if c == prompt[rid] + g:
+                g = generated[rid] = g + 1
+                if g == 1:
                     book.first_token_ms[rid] = end_ms
-                if book.generated[rid] == book.output[rid]:
+                if g == output[rid]:
                     finished.append(rid)
                 elif produced is not None:
                     produced.append(rid)

@@ -236,6 +236,9 @@ class Engine:
         self._start_ms = 0.0
         self._used_at_start: list[int] = []
         self._scheds = [pool.schedulers[m] for m in members]
+        # one replica of one micro-batch (dense models, EP inside the replica): the timer's
+        # one-micro-batch case directly (_plan_solo)
+        self._solo = len(members) == 1 and pool.num_microbatches == 1
 
     # ---- waking ----------------------------------------------------------------------------
     def notify(self, now: float) -> None:
@@ -254,13 +257,14 @@ class Engine:
         generation = self._generation
         self.sim.events += 1
         loop = self.loop
-        loop.call_later(max(0.0, at_ms - loop.now), lambda: self._fire(generation))
+        delay = at_ms - loop.now
+        loop.call_later(delay if delay > 0.0 else 0.0, lambda: self._fire(generation))
 
     def _fire(self, generation: int) -> None:
         """The end of the step or run in progress, unless it was cut (then a later timer
         ends it): wake the engine after whatever else is due now."""
         if generation == self._generation:
-            self.loop.call_soon(self._wake)
+            self.loop.call_soon_or_now(self._wake)
 
     # ---- the loop --------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -274,7 +278,7 @@ class Engine:
         sim = self.sim
         now = self.loop.now
         sim.dispatcher.advance_to(now)
-        if not self._plan(now):
+        if not (self._plan_solo(now) if self._solo else self._plan(now)):
             if sim.finished != sim.num_requests:
                 self._idle = True
             return
@@ -312,6 +316,36 @@ class Engine:
         self._used_at_start = [s.num_blocks - s.free_blocks for s in scheds]
         return True
 
+    def _plan_solo(self, now: float) -> bool:
+        """:meth:`_plan` for an engine of one replica with one micro-batch: the same step
+        and timing, without the engine-wide aggregates."""
+        sched = self._scheds[0]
+        st = sched.schedule()
+        if st is None:
+            if sched.waiting and not sched.held_blocks:
+                raise RuntimeError("a replica has waiting requests but cannot schedule any")
+            return False
+        if st.admitted:
+            first = self.sim.book.first_scheduled_ms
+            ids = st.ids
+            for rid in ids[len(ids) - st.admitted :]:
+                if first[rid] != first[rid]:  # NaN: never scheduled before
+                    first[rid] = now
+        run = sched.run_length(st, MAX_STEPS) if st.decode_only else 1
+        timing = self.pool.timer.time_one(st.tokens, len(st.ids), st.pairs, st.kv_read, run)
+        self._steps, self._timing = [st], timing
+        if run == 1:
+            self._ends = [now + timing.round_ms[0]]
+        else:
+            cum = timing.cum_ms
+            ends = timing.round_ms.cumsum() if cum is None else cum
+            ends += now  # now + the running sums (a fresh array)
+            self._ends = ends
+        self._run_steps = run
+        self._start_ms = now
+        self._used_at_start = [sched.num_blocks - sched.free_blocks]
+        return True
+
     def _commit(self) -> None:
         sim, k, t = self.sim, self._run_steps, self._timing
         end = float(self._ends[k - 1])
@@ -322,9 +356,10 @@ class Engine:
         stats.comm_ms += comm
         stats.flops += flops
         stats.steps += k
-        stats.moe_tokens += t.moe_tokens * k
-        stats.balance_weighted += t.balance_pct * t.moe_tokens * k
-        stats.dropped_weighted += t.dropped_pct * t.moe_tokens * k
+        if t.moe_tokens:  # (adding zeros changes nothing)
+            stats.moe_tokens += t.moe_tokens * k
+            stats.balance_weighted += t.balance_pct * t.moe_tokens * k
+            stats.dropped_weighted += t.dropped_pct * t.moe_tokens * k
         duration = end - self._start_ms
         pool = self.pool
         kv_area, kv_peak = pool.kv_area, pool.kv_peak

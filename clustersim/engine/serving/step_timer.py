@@ -46,6 +46,8 @@ from clustersim.spec.schema import Plan
 
 MAX_STEPS = 1 << 14  # decode steps timed at once, at most
 PARTS_CACHE_SIZE = 1 << 16  # memoised per-batch-size layer times
+RUN_TABLE_MIN = 1024  # entries of a new table of decode round times
+RUN_TABLE_MAX = 1 << 22  # entries of all tables of decode round times together (32 MiB)
 
 
 class StepTiming(NamedTuple):
@@ -72,11 +74,11 @@ class StepTiming(NamedTuple):
             rounds = float(self.round_ms[0])
             work = rounds + self.work_offset_ms if self.work_ms is None else self.work_ms[0]
             return rounds, float(work), self.comm_ms, self.flops
-        rounds = float(np.sum(self.round_ms[:steps]))
+        rounds = float(np.add.reduce(self.round_ms[:steps]))
         if self.work_ms is None:
             work = rounds + steps * self.work_offset_ms
         else:
-            work = float(np.sum(self.work_ms[:steps]))
+            work = float(np.add.reduce(self.work_ms[:steps]))
         flops = steps * self.flops + self.flops_growth * steps * (steps - 1) / 2
         return rounds, work, steps * self.comm_ms, flops
 
@@ -118,6 +120,9 @@ class StepTimer:
         self.total_moe = sum(self.moe_layers)
         self._j = np.arange(MAX_STEPS, dtype=np.float64)
         self._parts_cache: dict[tuple[float, float], tuple[float, float, float, float, float]] = {}
+        self._one_cache: dict[tuple, tuple] = {}
+        self._run_tables: dict[tuple, tuple[int, np.ndarray]] = {}  # (n, r) -> (lo, table)
+        self._run_entries = 0
         model = plan.model
         qk, v = head_dims(model)
         counts = count_params(model)
@@ -205,30 +210,87 @@ class StepTimer:
         tally.add_moe(moe_ms, moe_comm, balance, dropped, routed)
         return dmax, amax, lmax, pmax, moe_ms
 
-    def _time_one(self, n, seqs, pairs, kv, steps: int, members: int) -> StepTiming:
-        """The common case of one non-empty micro-batch in the engine: its trip through the
-        stages is the round (the stage loads are parts of it)."""
+    def time_one(self, n, seqs, pairs, kv, steps: int) -> StepTiming:
+        """:meth:`time` of an engine of one replica whose step has one non-empty
+        micro-batch, from its four sums (``n`` > 0 tokens)."""
+        return self._time_one(n, seqs, pairs, kv, steps, 1)
+
+    def _one(self, n, seqs, members: int) -> tuple:
+        """The constants of one non-empty micro-batch of ``n`` tokens over ``seqs`` requests
+        in an engine of ``members`` replicas, memoised (decode batches repeat their sizes):
+        (parts, round's fixed ms, layers, n x query ms, n x query bytes, communication, work
+        offset, FLOPs before the pairs' term, FLOPs growth per step, MoE token copies,
+        balance, dropped)."""
+        key = (n, seqs, members)
+        found = self._one_cache.get(key)
+        if found is not None:
+            return found
+        if len(self._one_cache) > PARTS_CACHE_SIZE:
+            self._one_cache.clear()
         c, hops = self.c, self.num_stages - 1
         parts = self._parts(n, seqs)
         dense, attn, logits, allreduce, p2p = parts[:5]
         moe_ms, moe_comm, balance, dropped, routed = self._moe_one(n)
         own = self.total_dense * dense + self.total_moe * attn + logits + hops * p2p
-        fixed = own + self.total_moe * moe_ms
-        layers = self.total_dense + self.total_moe
+        comm = (
+            (2 * self.total_dense + self.total_moe) * allreduce
+            + hops * p2p
+            + members * self.total_moe * moe_comm
+        )
+        found = self._one_cache[key] = (
+            parts,
+            own + self.total_moe * moe_ms,
+            self.total_dense + self.total_moe,
+            n * parts[6],
+            n * c.attn_bytes_per_query_token,
+            comm,
+            (members - 1) * self.total_moe * moe_ms,
+            self.flops_per_token * n + self.flops_per_seq * seqs,
+            self.flops_per_pair * n,
+            routed,
+            balance,
+            dropped,
+        )
+        return found
+
+    def _time_one(self, n, seqs, pairs, kv, steps: int, members: int) -> StepTiming:
+        """The common case of one non-empty micro-batch in the engine: its trip through the
+        stages is the round (the stage loads are parts of it).
+
+        The round time is ``fixed + layers x core`` with the core attention of
+        :func:`clustersim.costs.serving.core_attention_ms`, written out here with the same
+        operations in the same order (the same numbers). A run of decode steps reads its
+        round times from a table (:meth:`_run_table`) when it can, else evaluates them."""
+        one = self._one(n, seqs, members)
+        parts, fixed, layers, nq, nqb = one[:5]
+        cum = None
         if steps == 1:
-            rounds = [fixed + layers * core_attention_ms(parts, pairs, kv, n, c)]
+            c = self.c
+            kv_bytes = kv * c.attn_bytes_per_kv_token
+            kv_bytes = kv_bytes + nqb
+            a, b = pairs * parts[5] + nq, kv_bytes * parts[7]
+            gpu = (a if a >= b else b) + parts[8]
+            core = (gpu if gpu >= parts[9] else parts[9]) + parts[10]
+            rounds = [fixed + layers * core]
+        elif (
+            pairs == kv
+            and n == seqs
+            and (table := self._run_table(one, n, pairs, steps)) is not None
+        ):
+            rounds = table
         elif not self.compiled_runs:
+            c = self.c
             grown = n * self._j[:steps]
             core = core_attention_ms(parts, pairs + grown, kv + grown, n, c, np.maximum)
             rounds = fixed + layers * core
-            cum = None
         else:  # the same, compiled (run_kernel.py): the same numbers, fewer numpy calls
+            c = self.c
             per_pair, per_query, per_kv_byte, kfixed, launch, framework = parts[5:11]
             consts = (
                 c.attn_bytes_per_kv_token,
-                n * c.attn_bytes_per_query_token,
+                nqb,
                 per_pair,
-                n * per_query,
+                nq,
                 per_kv_byte,
                 kfixed,
                 launch,
@@ -237,24 +299,64 @@ class StepTimer:
                 layers,
             )
             rounds, cum = run_rounds(steps, float(n), float(pairs), float(kv), consts)
-        comm = (
-            (2 * self.total_dense + self.total_moe) * allreduce
-            + hops * p2p
-            + members * self.total_moe * moe_comm
-        )
-        offset = (members - 1) * self.total_moe * moe_ms
         return StepTiming(
             rounds,
             None,
-            offset,
-            comm,
-            self._flops(n, seqs, pairs),
-            self.flops_per_pair * n,
-            routed,
-            balance,
-            dropped,
-            None if steps == 1 else cum,
+            one[6],
+            one[5],
+            one[7] + self.flops_per_pair * pairs,
+            one[8],
+            one[9],
+            one[10],
+            one[11],
+            cum,
         )
+
+    def _run_table(self, one: tuple, n: int, x0: int, steps: int):
+        """Round times of a run of ``steps`` decode steps of ``n`` requests whose step ``j``
+        reads ``x0 + n j`` tokens of context (its pairs equal its KV reads in a decode step),
+        as a view of a memoised table, or None when the table would be too large.
+
+        The round time is a function of that one integer, so the table of batch size ``n``
+        and residue ``r = x0 mod n`` holds it for ``x = r + n i`` over a range of ``i``; the
+        run is the slice from ``i = x0 // n``. Values are computed with the operations of the
+        direct evaluation (identical numbers)."""
+        i0, r = divmod(x0, n)
+        end = i0 + steps
+        key = (n, r)
+        found = self._run_tables.get(key)
+        if found is not None:
+            lo, table = found
+            if lo <= i0 and end <= lo + table.size:
+                return table[i0 - lo : end - lo]
+            hi = max(end, lo + 2 * table.size)
+            lo = min(lo, i0)
+            self._run_entries -= table.size
+        else:
+            lo, hi = i0, i0 + max(2 * steps, RUN_TABLE_MIN)
+        if hi - lo > RUN_TABLE_MAX:
+            return None
+        if self._run_entries + hi - lo > RUN_TABLE_MAX:
+            self._run_tables.clear()
+            self._run_entries = 0
+        parts, fixed, layers, nq, nqb = one[:5]
+        x = np.arange(lo, hi, dtype=np.float64)
+        x *= n
+        x += r
+        b = x * self.c.attn_bytes_per_kv_token
+        b += nqb
+        b *= parts[7]
+        x *= parts[5]
+        x += nq
+        np.maximum(x, b, out=x)
+        x += parts[8]
+        np.maximum(x, parts[9], out=x)
+        x += parts[10]
+        x *= layers
+        x += fixed
+        self._run_tables[key] = (lo, x)
+        self._run_entries += x.size
+        return x[i0 - lo : end - lo]
 
     def _round(self, per_mb, vmax):
         """The round time from each micro-batch's per-layer maxima (module docstring)."""
