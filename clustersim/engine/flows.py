@@ -130,11 +130,17 @@ def _event_loop_compiled(flows: FlowSet, members: np.ndarray, end: np.ndarray, p
     horizon = float(passive_start.max(initial=0.0)) + 1.0
     passive_key = passive_link + _fraction(passive_start, horizon)
     kernels.event_loop(
-        np.sort(members).astype(np.int64), ptr.astype(np.int64), flows.link.astype(np.int64),
-        volume, unit, heaviest, caps, flows.capacity.astype(np.float64),
-        flows.start_ms.astype(np.float64), passive_key, passive_flow.astype(np.int64), horizon,
+        np.sort(members).astype(np.int64), _as(ptr, np.int64), _as(flows.link, np.int64),
+        volume, unit, heaviest, caps, _as(flows.capacity, np.float64),
+        _as(flows.start_ms, np.float64), passive_key, _as(passive_flow, np.int64), horizon,
         end,
     )  # fmt: skip
+
+
+def _as(values: np.ndarray, dtype) -> np.ndarray:
+    """``values`` as a C-contiguous array of ``dtype`` (no copy when it already is one: the
+    kernels only read it)."""
+    return np.ascontiguousarray(values, dtype=dtype)
 
 
 def by_link_then_start(
