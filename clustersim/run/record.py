@@ -230,10 +230,11 @@ def simulate_traced(
     progress: Callable[[float], None] | None,
     path: Path,
     network: Network | None = None,
+    reuse: TrainingSim | None = None,
 ) -> tuple[SimResult, Recorder, dict]:
-    """Run the engine with every row streamed into a trace at ``path`` (written atomically).
-    Returns the result, the recorder of its rows and ``{"path", "rows", "bytes"}`` of the
-    trace."""
+    """Run the engine with every row streamed into a trace at ``path`` (written atomically;
+    ``reuse``: an earlier pass whose tables the engine reads, ``TrainingSim``). Returns the
+    result, the recorder of its rows and ``{"path", "rows", "bytes"}`` of the trace."""
     layout = Layout(plan)
     num_groups = len(layout.groups("ep")) if plan.model.moe else 0
     lanes = make_lanes(layout, 1 if symmetric else plan.parallel.dp)
@@ -250,7 +251,8 @@ def simulate_traced(
         sink.workload(seq_lens)
         recording = RecordingRouting(routing, num_groups, sink) if routing is not None else None
         rec = Recorder(plan.parallel.world_size, sink=sink.events)
-        result = TrainingSim(plan, rec, seq_lens, recording, symmetric, progress, network).run()
+        sim = TrainingSim(plan, rec, seq_lens, recording, symmetric, progress, network, reuse)
+        result = sim.run()
         rec.flush()  # the last rows reach the trace; nothing is recorded after the run
         sink.summary(result, rec.rank_idle_ms)
         if report is not None:
