@@ -1384,7 +1384,11 @@ class TrainingSim:
                     if len(group) > 1:
                         by_group.setdefault((tuple(group), float(sizes[pos])), []).append(pos)
                 for (group, nb), positions in by_group.items():
-                    alone = collective_time_ms(op, nb, list(group), gpn, hw, "hierarchical")
+                    alone = self._collective_ms.get((op, nb, group))
+                    if alone is None:
+                        alone = self._collective_ms[(op, nb, group)] = collective_time_ms(
+                            op, nb, list(group), gpn, hw, "hierarchical"
+                        )
                     begin = float(np.max(start[positions] + offset[positions]))
                     key = self.net.next_key("shard", co.stage, kind, part, step, group[0])
                     took = self.net.collective(
