@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from serving_plans import DENSE, MOE, make_plan
 from serving_reference.sim import ServingSim as ReferenceSim
 
-from clustersim.engine.serving import step_timer
 from clustersim.costs.serving import core_attention_ms
+from clustersim.engine.serving import step_timer
 from clustersim.engine.serving.requests import make_requests
 from clustersim.engine.serving.sim import ServingSim
 from clustersim.metrics.serving import serving_metrics
