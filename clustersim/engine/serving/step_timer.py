@@ -29,7 +29,13 @@ the stages. All requests of a round get their tokens at its end.
 
 A run of ``K`` decode steps differs from step to step only in the context the attention
 reads (one token more per request per step), so all ``K`` round times come from one
-vectorised evaluation.
+vectorised evaluation. In a decode step a micro-batch's query-key pairs equal its KV reads
+(``sum(context + 1)``), so its core attention, and with one micro-batch in the engine its
+round time, is a function of that one integer, growing by the batch size ``n`` per step:
+the timer keeps tables of them per ``n`` and residue of the context mod ``n``, and a run
+reads its ``K`` values as a slice (the same operations as the direct evaluation, so the
+same numbers; the direct evaluation remains for tables that would exceed
+``RUN_TABLE_MAX`` entries).
 """
 
 from __future__ import annotations
