@@ -109,6 +109,25 @@ def test_comm_errors_report_every_data_set() -> None:
     ]
 
 
+def test_rows_the_alpha_beta_model_cannot_express_are_listed_not_scored() -> None:
+    a100 = fit_comm.not_expressible("a100")
+    assert [label.split(" (")[0] for _, label, _ in a100] == [
+        "a100 all_reduce n=2 g=1",
+        "a100 all_reduce n=4 g=2",
+        "a100 all_reduce n=8 g=4",
+        "a100 all_reduce n=16 g=8",
+        "a100 send_recv n=2 g=1",
+    ]
+    scored = {r.name.split(" S=")[0] for r in fit_comm.comm_rows("a100")}
+    assert not any(label.split(" (")[0] in scored for _, label, _ in a100)
+    # a node's network rate: a two-node ring all-reduce sends S per node, a send S
+    sample = fit_comm.Sample("x", "x", "a100", "all_reduce", 16, 8, 64e6, 8.0, "g")
+    assert fit_comm._node_network_gbps(sample) == pytest.approx(64e6 / 8e6)
+    h200 = {rid for rid, _, _ in fit_comm.not_expressible("h200")}
+    assert h200 == {f"C{i:04d}" for i in range(89, 97)} | {"C0115"}
+    assert not any(r.name.split()[0] in h200 for r in fit_comm.comm_rows("h200"))
+
+
 # ---- comm.py with a calibration -----------------------------------------------------------
 
 
@@ -213,3 +232,27 @@ def test_more_bandwidth_is_never_slower(bw, factor, eff, size, group, op, algori
             assert comm.all_to_all_v_cost(matrix, group, 8, hw, dispatcher).time_ms <= a2a * (
                 1 + 1e-12
             )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(3, 7),
+    st.integers(8, 20),
+    st.integers(0, 2**31 - 1),
+)
+def test_lawson_hanson_reaches_the_exhaustive_optimum(k, rows, seed) -> None:
+    # the active-set method (used above EXHAUSTIVE_MAX_FREE columns) against every subset
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.0, 1.0, (rows, k)) * (rng.uniform(size=k) > 0.2)
+    x[:, 0] += 0.1
+    t = x @ rng.uniform(-0.5, 1.0, k) + rng.uniform(0.5, 2.0, rows)
+    exhaustive = fit_comm.nnls_relative(x, t, {})
+    active_set = np.zeros(k)
+    free = [i for i in range(k) if np.any(x[:, i] != 0)]
+    active_set[free] = fit_comm._lawson_hanson(x[:, free] / t[:, None], np.ones(rows))
+    assert np.all(active_set >= 0)
+
+    def residual(p):
+        return float(np.sum((x @ p / t - 1.0) ** 2))
+
+    assert residual(active_set) == pytest.approx(residual(exhaustive), rel=1e-7, abs=1e-12)

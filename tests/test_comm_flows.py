@@ -73,15 +73,90 @@ def test_deepep_internode_rows_within_15_percent_out_of_sample(rows):
     assert max(abs(r.error_oos) for r in inter) <= 0.15
 
 
-def test_nccl_bus_bandwidth_rows_within_15_percent_on_average_out_of_sample(rows):
-    errors = np.array([abs(r.error_oos) for r in rows["nccl"]])
-    assert len(errors) == 50
-    assert errors.mean() <= 0.15
+def test_every_nccl_bus_bandwidth_row_within_15_percent_out_of_sample(rows):
+    # issue 16: comm.csv's NCCL bus bandwidths reproduced within 15 %, each row predicted by
+    # the family refitted without it
+    nccl = [r for r in rows["nccl"] if not r.case.component]
+    assert len(nccl) == 50
+    errors = np.array([abs(r.error_oos) for r in nccl])
+    assert errors.max() <= 0.15
     assert np.median(errors) <= 0.05
+
+
+def test_harness_rows_fit_but_are_not_validated_rows(rows):
+    floor = [r.case for r in rows["nccl"] if r.case.component]
+    assert [c.row_id for c in floor] == ["F0116a", "F0116b", "F0116c", "F0117a", "F0117b", "F0117c"]
+    assert all(c.harness == "torch" and c.size <= 2**20 for c in floor)
+
+
+def _nvls(size: float, gpu: str = "H200", gpn: int = 8) -> cf.Case:
+    return cf.Case(
+        "T", "nccl", "t", "busbw GB/s", 1.0, gpu, 1, gpn, "nvls", "all_reduce", size, 8,
+        50.0, 450.0 if gpu == "H200" else 900.0, False,
+    )  # fmt: skip
+
+
+def test_nvls_chunks_follow_nccl_thresholds():
+    # H200, 8 GPUs: 16 channels x 8 heads = 128 chunks in flight; 128 KiB chunks from
+    # 64 x 128 x 128 KiB = 1 GiB, 64 KiB from 8 x 128 x 64 KiB = 64 MiB, 32 KiB from
+    # 2 x 128 x 32 KiB = 8 MiB, 16 KiB below
+    mib = 2.0**20
+    for size, chunk in (
+        (1024 * mib, 131072), (1023 * mib, 65536), (64 * mib, 65536), (63 * mib, 32768),
+        (8 * mib, 32768), (7 * mib, 16384), (2 * mib, 16384),
+    ):  # fmt: skip
+        assert cf.nvls_chunk(_nvls(size)) == (chunk, 128.0)
+    # B200 in one NVLink domain: 24 channels
+    assert cf.nvls_chunk(_nvls(1024 * mib, "B200"))[1] == 24 * 8
+
+
+def test_nvls_rounds_and_fill_by_hand():
+    values = {name: 0.0 for name in cf.NCCL_PARAMS} | {
+        "nvls_efficiency": 0.5, "ring_efficiency": 1.0, "nic_efficiency": 1.0,
+        "tree_nic_efficiency": 1.0, "nvls_round_us": 2.0, "nvls_fill_rounds": 3.0,
+    }  # fmt: skip
+    model = cf.FlowFit("nccl", values)
+    size = 16 * 2.0**20  # 32 KiB chunks, 128 per round: 4 rounds
+    rounds = size / (32768 * 128)
+    round_line_ms = 32768 * 128 / (450 * GB)
+    transfer = size / (450 * 0.5 * GB)  # S on every GPU's port at the NVLS efficiency
+    expected = rounds * 2.0e-3 + 3.0 * round_line_ms + transfer
+    assert model.predict_ms(_nvls(size)) == pytest.approx(expected, rel=1e-9)
+    # Blackwell NVLS runs at NCCL's 0.74 / 0.85 of the fitted (Hopper) efficiency
+    b200 = _nvls(2.0**34, "B200")
+    assert model.efficiency(b200)["nvlink"] == pytest.approx(0.5 * 0.74 / 0.85)
+
+
+def test_steps_as_nccl_latency_model_counts_them():
+    ring = _ring(4, 8, 8, 2.0**30)
+    assert cf._steps(ring) == (56.0, 6.0)  # 2(n-1) = 62 steps, 2(N-1) = 6 across nodes
+    tree = cf.Case(
+        "T", "nccl", "t", "busbw GB/s", 1.0, "B200", 4, 8, "tree", "all_reduce", 2.0**24, 8,
+        50.0, 900.0, True,
+    )  # fmt: skip
+    assert cf._steps(tree) == (14.0, 4.0)  # chain 2(g-1), tree levels 2 log2 N
+
+
+def test_tree_transfer_is_the_chain_or_the_nics():
+    size = 2.0**30
+    tree = cf.Case(
+        "T", "nccl", "t", "busbw GB/s", 1.0, "B200", 4, 8, "tree", "all_reduce", size, 8,
+        50.0, 900.0, True,
+    )  # fmt: skip
+    # inside: a middle GPU of the chain sends S up and S down on its port, so the chain takes
+    # at least 2 S / B (more: the solver shares each port fairly among its flows)
+    assert cf.transfer_ms(tree, {"nvlink": 1.0}) >= 2 * size / (900 * GB) * (1 - 1e-9)
+    # across: every GPU's NIC carries 2 S / g each way (reduce and broadcast over the rails)
+    assert cf.transfer_ms(tree, {"nic": 1.0}) == pytest.approx(2 * size / 8 / (50 * GB))
 
 
 def test_fitted_efficiencies_are_physical():
     for fam in ("nccl", "deepep"):
         values = cf.fit(fam, cf.nccl_cases() if fam == "nccl" else cf.deepep_cases()).values
         for k, v in values.items():
-            assert (0.3 < v <= 1.0) if k.endswith("efficiency") else (0.0 <= v < 100.0)
+            if k.endswith("efficiency"):
+                assert 0.3 < v <= 1.0
+            elif k == "nvls_fill_rounds":  # pipeline depth in chunk rounds
+                assert 0.0 <= v < 8.0
+            else:  # latencies, µs (the torch benchmark's multi-node call: a few hundred)
+                assert 0.0 <= v < (1000.0 if k == "torch_internode_call_us" else 100.0)

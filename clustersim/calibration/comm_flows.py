@@ -14,9 +14,15 @@ Collectives as flows (``S`` = buffer bytes, ``n`` GPUs, ``N`` nodes, ``g`` per n
   channel ``c`` visits every node's GPUs from local ``c`` on and crosses to the next node on
   rail ``c``; every ring edge carries ``f(n) S / channels`` (``f`` = 2(n-1)/n for all-reduce,
   (n-1)/n otherwise). Inside one node the NICs play no part.
+* NCCL tree all-reduce: a chain through each node's GPUs (``S`` up and ``S`` down every
+  edge) and the inter-node double binary tree (``2 S / g`` per GPU each way on its NIC).
 * NCCL NVLS all-reduce (NVLink SHARP, in-switch reduction): every GPU puts ``S`` on its
   NVLink port each way (its share up to the switch, the reduced result back); NVLSTree adds
-  the inter-node double binary tree: ``2 S / g`` per GPU each way on its NIC.
+  the inter-node double binary tree. NVLS moves the buffer in rounds of one chunk per channel
+  and GPU (NCCL's chunking: 128 KiB, cut to 64 / 32 / 16 KiB below 64 / 8 / 2 rounds' worth;
+  16 channels on SM90, 24 on SM100 in one domain): each round costs a fixed time and the
+  pipeline fills for a few rounds, so small buffers (smaller chunks) run further below the
+  peak than a constant latency says.
 * DeepEP normal kernels (V1): a token goes once to every node holding one of its experts, over
   RDMA to the GPU of the same local index (the NIC of the rail), which forwards it over NVLink
   to the target GPUs of its node; tokens for the sender's own node go over NVLink directly.
@@ -32,12 +38,20 @@ Parameters (few, physical, fitted per family on its own rows by relative least s
 out of sample = refitted without the row, then the row predicted):
 
 * NCCL: ring NVLink efficiency, NVLS efficiency (the switch's reduction rate over the port
-  rate), NIC efficiency, latency per intra-node ring step and a base latency per call; a
-  multi-node ring step costs the preset's ``inter_node.latency_us`` (stated, not fitted).
+  rate; Blackwell's is Hopper's x 0.74 / 0.85, NCCL's own ``nvlsEfficiency`` ratio), NIC
+  efficiency of rings and of trees, latency per intra-node step and a base latency per call
+  (ring, NVLS), NVLS time per chunk round and pipeline fill (rounds at line rate); a step
+  that crosses nodes costs the preset's ``inter_node.latency_us`` (stated, not fitted); steps
+  counted as NCCL's latency model counts them (a ring's 2(N-1) of its 2(n-1) cross nodes).
+  The torch benchmark (C0116-C0123: a barrier, then CUDA events around one blocking call)
+  adds a per-call cost, one value on one node and one across nodes, fitted with the rest but
+  set by that benchmark's latency-bound sizes (``comm_torch_floor.csv``, same tables).
 * DeepEP: NVLink efficiency, NIC efficiency, one latency per kernel call.
 
 NIC counts and rates: as the rows state them (H800 / H100: one 400 Gb/s CX7 per GPU; AWS
-p6-b200: 8 x 400 Gb/s EFA); where a row does not, its note states the assumption.
+p6-b200: 8 x 400 Gb/s EFA); where a row does not, its note states the assumption. Algorithm
+per row: as stated, else as the tuner that ran picks it (NCCL's own on one node; AWS OFI
+NCCL's region tuner for the p6-b200 four-node rows).
 """
 
 from __future__ import annotations
@@ -48,6 +62,7 @@ from functools import cache
 
 import numpy as np
 
+from clustersim.calibration import read_measurements
 from clustersim.calibration.fit_comm import nnls_relative, published_rows
 from clustersim.engine.flows import FlowSet, solve
 from clustersim.engine.network import Links
@@ -69,7 +84,9 @@ ROUTING_SAMPLE_TOKENS = 8192
 ROUTING_SEED = 0
 
 NCCL_PARAMS = (
-    "alpha_us", "base_us", "nvls_base_us", "ring_efficiency", "nvls_efficiency", "nic_efficiency",
+    "alpha_us", "base_us", "nvls_base_us", "nvls_round_us", "nvls_fill_rounds", "torch_call_us",
+    "torch_internode_call_us", "ring_efficiency", "nvls_efficiency", "nic_efficiency",
+    "tree_nic_efficiency",
 )  # fmt: skip
 DEEPEP_PARAMS = ("latency_us", "nvlink_efficiency", "nic_efficiency")
 
@@ -86,7 +103,7 @@ class Case:
     gpu: str  # GPU preset
     nodes: int
     gpn: int
-    algo: str  # ring | nvls | nvls_tree | deepep_normal | deepep_ll
+    algo: str  # ring | tree | nvls | nvls_tree | deepep_normal | deepep_ll
     op: str  # all_reduce | all_gather | reduce_scatter | dispatch | combine
     size: float  # NCCL buffer bytes; DeepEP bytes per (token, destination)
     nics: int
@@ -94,6 +111,8 @@ class Case:
     nvlink_gbps: float
     internode: bool
     note: str = ""
+    harness: str = "nccl-tests"  # nccl-tests | torch (all_reduce_bench.py: barrier, events)
+    component: bool = False  # a latency-bound size fitting the harness cost, not validated
 
     @property
     def n(self) -> int:
@@ -128,6 +147,7 @@ def _busbw_factor(op: str, n: int) -> float:
 def _nccl(
     row_id: str, algo: str, op: str = "all_reduce", size: float | None = None,
     nics: int = 8, nic_gbps: float | None = None, note: str = "",
+    nvlink_gbps: float | None = None,
 ) -> Case:  # fmt: skip
     r = published_rows()[row_id]
     gpu = _gpu_of(r["gpu"])
@@ -140,10 +160,11 @@ def _nccl(
         value *= nics
     preset = GPU_PRESETS[gpu]
     label = f"{r['gpu'][:34]} {algo} {op} n={n} S={_size(size)}"
+    harness = "torch" if r["dispatcher_kernel"].startswith("torch.distributed") else "nccl-tests"
     return Case(
         row_id, "nccl", label, "busbw GB/s", value, gpu, nodes, gpn, algo, op, size, nics,
         float(nic_gbps or preset["inter_node"]["bandwidth_gbps"]),
-        float(preset["intra_node"]["bandwidth_gbps"]), nodes > 1, note,
+        float(nvlink_gbps or preset["intra_node"]["bandwidth_gbps"]), nodes > 1, note, harness,
     )  # fmt: skip
 
 
@@ -162,6 +183,26 @@ def _gpu_of(text: str) -> str:
 
 
 LARGE = 8 * GIB
+TORCH_FLOOR_FILE = "comm_torch_floor.csv"
+# NCCL's own NVLS efficiency per generation (src/graph/tuning.cc, nvlsEfficiency): Hopper
+# 0.85, Blackwell 0.74; the fitted NVLS efficiency is Hopper's, Blackwell's is it x 0.74/0.85.
+NVLS_GENERATION_RATIO = {"b200": 0.74 / 0.85}
+# H800: NVLink cut to 8 links x 25 GB/s = 200 GB/s per direction (400 GB/s bidirectional, the
+# preset's comment); DeepSeek's 160 GB/s (C0065) is what DeepEP achieves on it, not the line
+# rate the NCCL efficiencies (fitted on line rates: H100/H200 450, B200 900) apply to.
+H800_NVLINK_LINE_GBPS = 200.0
+# B200 one node (torch all_reduce_bench.py): AWS's OFI region tuner leaves comms of <= 2
+# nodes to NCCL's own, whose model gives NVLS the lowest latency on one node (25 µs against
+# a Simple ring's 8.4 + 14 x 3.4) and the higher bandwidth; the source's nccl-tests sweep on
+# the same node type confirms NVLS at 8 GPUs (8 GiB).
+B200_ONE_NODE_ALGO = {"C0116": "nvls", "C0118": "nvls", "C0120": "nvls", "C0122": "nvls"}
+B200_ONE_NODE_NOTE = "NVLS (NCCL's tuner on one node)"
+# B200 four nodes (32 ranks, 8 per node): AWS OFI NCCL's region tuner for p6-b200
+# (aws-ofi-nccl src/tuner/nccl_ofi_regions.cpp, region_init_internal_p6, all-reduce) at
+# 32 ranks: Tree/LL128 below 18,350,080 B, Ring/LL128 to 133,693,440 B, NVLSTree/Simple to
+# 435,159,040 B, Ring/Simple above.
+B200_FOUR_NODE_ALGO = {"C0117": "tree", "C0119": "nvls_tree", "C0121": "ring", "C0123": "ring"}
+B200_FOUR_NODE_NOTE = "AWS OFI region tuner (p6-b200, 32 ranks); 8 x 400 Gb/s EFA per node"
 H200_SWEEP = [f"C{i:04d}" for i in range(77, 97)]
 SWEEP_RING_MAX_BYTES = 2**20  # the sweep's author: Ring/LL up to 1 MiB, NVLS from 2 MiB
 
@@ -177,7 +218,10 @@ def nccl_cases() -> tuple[Case, ...]:
             "C0075", "ring", size=LARGE,
             note="2 nodes x 8 GPUs, 8 NICs of 400 Gb/s (DGX H100), 8 GiB assumed; midpoint 47",
         ),
-        _nccl("C0076", "nvls", size=LARGE, note="NVLS presumed; size not stated: 8 GiB"),
+        _nccl(
+            "C0076", "nvls", size=LARGE, nvlink_gbps=H800_NVLINK_LINE_GBPS,
+            note="NVLS presumed; size not stated: 8 GiB; NVLink line rate 200 GB/s (8 links)",
+        ),
     ]  # fmt: skip
     for rid in H200_SWEEP:
         size = float(published_rows()[rid]["message_size_bytes"])
@@ -193,10 +237,47 @@ def nccl_cases() -> tuple[Case, ...]:
     efa = "AWS p5en: 16 x 200 Gb/s EFA = 400 GB/s per node, as 8 NICs x 50 GB/s (rail per GPU)"
     out.append(_nccl("C0114", "ring", note=efa))
     out.append(_nccl("C0115", "nvls_tree", note=efa))
-    for rid in ("C0116", "C0118", "C0120", "C0122"):
-        out.append(_nccl(rid, "nvls", note="torch.distributed default: NVLS assumed (1 node)"))
-    for rid in ("C0117", "C0119", "C0121", "C0123"):
-        out.append(_nccl(rid, "ring", note="8 x 400 Gb/s EFA per node; ring assumed"))
+    for rid, algo in B200_ONE_NODE_ALGO.items():
+        out.append(_nccl(rid, algo, note=B200_ONE_NODE_NOTE))
+    for rid, algo in B200_FOUR_NODE_ALGO.items():
+        out.append(_nccl(rid, algo, note=f"{algo}: {B200_FOUR_NODE_NOTE}"))
+    return tuple(out) + torch_floor_cases()
+
+
+@cache
+def torch_floor_cases() -> tuple[Case, ...]:
+    """The latency-bound sizes of the B200 torch tables (``comm_torch_floor.csv``): they fit
+    the harness's per-call cost, one node and across nodes (NCCL's LL ring on one node, the
+    region tuner's tree across)."""
+    out = []
+    for r in read_measurements(TORCH_FLOOR_FILE):
+        nodes, n = int(r["num_nodes"]), int(r["num_gpus"])
+        size = float(r["message_size_bytes"])
+        algo = "ring" if nodes == 1 else "tree"
+        preset = GPU_PRESETS[r["gpu"]]
+        label = f"B200 torch all_reduce_bench {algo} n={n} S={_size(size)} (harness cost)"
+        out.append(
+            Case(
+                r["row_id"],
+                "nccl",
+                label,
+                "busbw GB/s",
+                float(r["busbw_gbps"]),
+                r["gpu"],
+                nodes,
+                n // nodes,
+                algo,
+                "all_reduce",
+                size,
+                8,
+                float(preset["inter_node"]["bandwidth_gbps"]),
+                float(preset["intra_node"]["bandwidth_gbps"]),
+                nodes > 1,
+                f"latency-bound size of {r['of_row']}'s table: fits the harness cost",
+                "torch",
+                True,
+            )  # fmt: skip
+        )
     return tuple(out)
 
 
@@ -340,6 +421,33 @@ def _ring_send(case: Case) -> np.ndarray:
     return send
 
 
+def _tree_net_send(case: Case) -> np.ndarray:
+    """Inter-node part of NCCL's (NVLS) tree all-reduce: the double binary tree over nodes,
+    reduce then broadcast, each ``S`` per node each way, spread over the node's rails."""
+    n, g, nodes = case.n, case.gpn, case.nodes
+    send = np.zeros((n, n))
+    per_gpu = 2 * case.size / g
+    for node in range(nodes):
+        for other in range(nodes):
+            if other != node:
+                for i in range(g):
+                    send[node * g + i, other * g + i] = per_gpu / (nodes - 1)
+    return send
+
+
+def _tree_chain_send(case: Case) -> np.ndarray:
+    """Intra-node part of NCCL's tree all-reduce: a chain through the node's GPUs, ``S`` up
+    (reduce) and ``S`` down (broadcast) every edge."""
+    n, g = case.n, case.gpn
+    send = np.zeros((n, n))
+    for node in range(case.nodes):
+        for i in range(g - 1):
+            a, b = node * g + i, node * g + i + 1
+            send[a, b] += case.size
+            send[b, a] += case.size
+    return send
+
+
 @cache
 def problem(case: Case) -> Problem:
     """The case's flows."""
@@ -347,20 +455,15 @@ def problem(case: Case) -> Problem:
     n = case.n
     if case.algo == "ring":
         return _problem(links, n, _matrix_entries(links, _ring_send(case)), "ring")
+    if case.algo == "tree":
+        send = _tree_chain_send(case) + _tree_net_send(case)
+        return _problem(links, n, _matrix_entries(links, send), "ring")
     if case.algo in ("nvls", "nvls_tree"):
         ranks = np.arange(n)
         s = np.full(n, case.size)
         entries = ([ranks, ranks], [links.nvl_tx0 + ranks, links.nvl_rx0 + ranks], [s, s])
         if case.algo == "nvls_tree":
-            g, nodes = case.gpn, case.nodes
-            send = np.zeros((n, n))
-            per_gpu = 2 * case.size / g  # reduce and broadcast, each S per node each way
-            for node in range(nodes):
-                for other in range(nodes):
-                    if other != node:
-                        for i in range(g):
-                            send[node * g + i, other * g + i] = per_gpu / (nodes - 1)
-            more = _matrix_entries(links, send)
+            more = _matrix_entries(links, _tree_net_send(case))
             entries = tuple(a + b for a, b in zip(entries, more, strict=True))
         return _problem(links, n, entries, "nvls")
     send = _deepep_send(case)
@@ -455,14 +558,55 @@ def unit_transfer_ms(case: Case) -> dict[str, float]:
 
 
 def _steps(case: Case) -> tuple[float, float]:
-    """(intra-node steps, inter-node steps) of the case's fixed part."""
-    n, nodes = case.n, case.nodes
-    ring = 2 * (n - 1) if case.op == "all_reduce" else n - 1
+    """(intra-node steps, inter-node steps) of the case's fixed part, as NCCL's latency model
+    counts them (src/graph/tuning.cc): a ring's 2(n-1) steps of which 2(N-1) cross nodes
+    (n-1, N-1 for all-gather / reduce-scatter); a tree 2(g-1) chain steps and 2 log2 N
+    tree levels; NVLSTree its 2 log2 N levels."""
+    n, nodes, g = case.n, case.nodes, case.gpn
+    all_reduce = case.op == "all_reduce"
+    ring = 2 * (n - 1) if all_reduce else n - 1
+    levels = 2.0 * math.ceil(math.log2(nodes)) if nodes > 1 else 0.0
     if case.algo == "ring":
-        return (0.0, float(ring)) if nodes > 1 else (float(ring), 0.0)
+        inter = (2 * (nodes - 1) if all_reduce else nodes - 1) if nodes > 1 else 0
+        return float(ring - inter), float(inter)
+    if case.algo == "tree":
+        return 2.0 * (g - 1), levels
     if case.algo == "nvls_tree":
-        return 0.0, 2.0 * math.ceil(math.log2(nodes))
+        return 0.0, levels
     return 0.0, 0.0
+
+
+# NCCL's NVLS chunking (src/enqueue.cc, calcCollChunking; src/transport/nvls.cc): channels per
+# generation and node count, 128 KiB chunks cut to 64 / 32 / 16 KiB for smaller buffers.
+NVLS_CHUNK_BYTES = 128 * 1024
+
+
+def nvls_channels(case: Case) -> int:
+    """NCCL's NVLS channel count: 16 on SM90, 24 on SM100 in one NVLink domain, 32 across."""
+    if GPU_GENERATION[case.gpu] == "b200":
+        return 24 if case.nodes == 1 else 32
+    return 16
+
+
+def nvls_chunk(case: Case) -> tuple[float, float]:
+    """(chunk bytes, concurrent operations) of an NVLS all-reduce: one chunk in flight per
+    channel and head (a head per GPU of the node)."""
+    ops = nvls_channels(case) * case.gpn
+    chunk = NVLS_CHUNK_BYTES
+    for factor, smaller in ((64, 65536), (8, 32768), (2, 16384)):
+        if case.size < factor * ops * chunk and chunk > smaller:
+            chunk = smaller
+    return float(chunk), float(ops)
+
+
+def _nvls_terms(case: Case) -> tuple[float, float]:
+    """(rounds, fill): the NVLS buffer's rounds of ``ops`` chunks, and one round's time at
+    the NVLink line rate (ms) -- the pipeline's fill unit."""
+    if case.algo != "nvls":
+        return 0.0, 0.0
+    chunk, ops = nvls_chunk(case)
+    rounds = case.size / (chunk * ops)
+    return rounds, unit_transfer_ms(case)["nvlink"] / rounds
 
 
 def _inter_latency_ms(case: Case) -> float:
@@ -484,21 +628,53 @@ class FlowFit:
         v = self.values
         if self.family == "deepep":
             return {"nvlink": v["nvlink_efficiency"], "nic": v["nic_efficiency"]}
-        nvl = v["nvls_efficiency"] if _nvls(case) else v["ring_efficiency"]
-        return {"nvlink": nvl, "nic": v["nic_efficiency"]}
+        eff = {kind: v[name] for kind, name in _efficiency_names(case).items()}
+        eff["nvlink"] *= _nvlink_scale(case)
+        return eff
 
     def fixed_ms(self, case: Case) -> float:
         """The case's fixed (latency) part."""
         v = self.values
         if self.family == "deepep":
             return v["latency_us"] * 1e-3
-        intra, inter = _steps(case)
-        base = v["nvls_base_us"] if _nvls(case) else v["base_us"]
-        return (base + intra * v["alpha_us"]) * 1e-3 + inter * _inter_latency_ms(case)
+        row, offset = _fixed_columns(case)
+        return float(sum(v[name] * x for name, x in row.items())) + offset
 
     def predict_ms(self, case: Case) -> float:
         """The flow model's time: fixed part + the solver's transfer."""
         return self.fixed_ms(case) + transfer_ms(case, self.efficiency(case))
+
+
+def _efficiency_names(case: Case) -> dict[str, str]:
+    """The NCCL parameter each link kind of the case runs at."""
+    trees = case.algo in ("tree", "nvls_tree")
+    return {
+        "nvlink": "nvls_efficiency" if _nvls(case) else "ring_efficiency",
+        "nic": "tree_nic_efficiency" if trees else "nic_efficiency",
+    }
+
+
+def _nvlink_scale(case: Case) -> float:
+    """NCCL's NVLS efficiency of the case's generation relative to Hopper's (1 otherwise)."""
+    return NVLS_GENERATION_RATIO.get(GPU_GENERATION[case.gpu], 1.0) if _nvls(case) else 1.0
+
+
+def _fixed_columns(case: Case) -> tuple[dict[str, float], float]:
+    """The NCCL fixed part as {parameter: multiplier} (ms per µs or per fill round) and a
+    known offset (ms): per-call base, intra-node steps x alpha, inter-node steps x the
+    preset's network latency, NVLS rounds and fill, the torch harness's per-call cost."""
+    intra, inter = _steps(case)
+    rounds, fill = _nvls_terms(case)
+    row = {
+        "alpha_us": intra * 1e-3,
+        "nvls_base_us" if _nvls(case) else "base_us": 1e-3,
+        "nvls_round_us": rounds * 1e-3,
+        "nvls_fill_rounds": fill,
+        "torch_internode_call_us" if case.nodes > 1 else "torch_call_us": (
+            1e-3 if case.harness == "torch" else 0.0
+        ),
+    }
+    return row, inter * _inter_latency_ms(case)
 
 
 def _columns(case: Case, kind: str) -> tuple[list[float], float]:
@@ -506,14 +682,12 @@ def _columns(case: Case, kind: str) -> tuple[list[float], float]:
     unit = unit_transfer_ms(case)[kind]
     if case.family == "deepep":
         return [1e-3, unit if kind == "nvlink" else 0.0, unit if kind == "nic" else 0.0], 0.0
-    intra, inter = _steps(case)
-    nvls = _nvls(case)
-    ring_col = unit if kind == "nvlink" and not nvls else 0.0
-    nvls_col = unit if kind == "nvlink" and nvls else 0.0
-    nic_col = unit if kind == "nic" else 0.0
-    base = [0.0, 1e-3] if nvls else [1e-3, 0.0]
-    row = [intra * 1e-3, *base, ring_col, nvls_col, nic_col]
-    return row, inter * _inter_latency_ms(case)
+    if kind == "nvlink":
+        unit /= _nvlink_scale(case)
+    fixed, offset = _fixed_columns(case)
+    limiting = _efficiency_names(case)[kind]
+    row = [unit if name == limiting else fixed.get(name, 0.0) for name in NCCL_PARAMS]
+    return row, offset
 
 
 def _nvls(case: Case) -> bool:
@@ -556,7 +730,10 @@ def _bottleneck(case: Case, names: tuple[str, ...], inv: dict[int, float]) -> st
     if case.family == "deepep":
         scale = {"nvlink": inv[1], "nic": inv[2]}
     else:
-        scale = {"nvlink": inv[4] if _nvls(case) else inv[3], "nic": inv[5]}
+        eff = _efficiency_names(case)
+        scale = {kind: inv[names.index(eff[kind])] for kind in unit}
+        if "nvlink" in scale:
+            scale["nvlink"] /= _nvlink_scale(case)
     return max(unit, key=lambda k: unit[k] * scale[k])
 
 
@@ -605,10 +782,16 @@ def family_rows(family: str) -> tuple[FlowFit, list[FlowRow]]:
 NOTES = (
     "NCCL: NIC counts and rates as the rows state them (H100: one 400 Gb/s NIC per GPU; "
     "AWS p6-b200: 8 x 400 Gb/s EFA; AWS p5en: 16 x 200 Gb/s EFA as 8 x 50 GB/s); NVLink "
-    "port rates of the GPU presets (H800: 160 GB/s, DeepSeek's figure, C0065)",
-    "NCCL algorithm per row as stated (sweep: Ring/LL up to 1 MiB, NVLS from 2 MiB); "
-    "sizes not stated: 8 GiB (large-message statements); a multi-node ring step costs the "
-    "preset's inter_node.latency_us (8 µs, not fitted)",
+    "line rates of the GPU presets (H800: 200 GB/s, 8 links; DeepEP keeps DeepSeek's "
+    "achieved 160 GB/s, C0065)",
+    "NCCL algorithm per row as stated (sweep: Ring/LL up to 1 MiB, NVLS from 2 MiB), else "
+    "as its tuner picks it: B200 one node NVLS (NCCL's own tuner); B200 four nodes by AWS "
+    "OFI NCCL's p6-b200 region table at 32 ranks: 16 MiB Tree/LL128, 256 MiB NVLSTree, "
+    "1 GiB and 16 GiB Ring; sizes not stated: 8 GiB (large-message statements); a step "
+    "that crosses nodes costs the preset's inter_node.latency_us (8 µs, not fitted)",
+    "torch all_reduce_bench rows (C0116-C0123): a per-call cost (one node, across nodes) "
+    "fitted with the rest, set by the same tables' latency-bound sizes (F0116a-F0117c: "
+    "256 KiB-1 MiB, rows of their own group, not counted as NCCL rows)",
     "DeepEP: H800 with one 400 Gb/s CX7 per GPU and 160 GB/s NVLink (C0065, C0066); routing "
     "as DeepEP's tests (group-limited top-8 of 256 experts / uniform top-8 of 288); V2 rows "
     "(C0053-C0062, 'logical bandwidth' without a stated byte count) are not expressed",
@@ -617,6 +800,8 @@ NOTES = (
 
 def group_of(case: Case) -> str:
     """Summary group of a case."""
+    if case.component:
+        return "torch benchmark per-call cost (latency-bound sizes, fit only)"
     if case.family == "nccl":
         return "NCCL bus bandwidth, " + ("multi-node" if case.internode else "one node")
     kernel = "normal" if case.algo == "deepep_normal" else "low-latency"

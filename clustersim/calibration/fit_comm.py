@@ -12,16 +12,19 @@ Sources and derivations per generation (``B`` = the GPU preset's link bandwidth)
 
 * ``a100`` intra-node: Vidur DGX-A100 all-reduce (2, 4, 8 GPUs) and send/recv, in one fit.
   Inter-node: *derived* from ``h100`` (same NCCL/InfiniBand transport; the preset's HDR NIC
-  rate). Vidur's A100 multi-node rows (2 nodes) reach 6-8 GB/s per GPU, 0.25-0.31 of one HDR
-  NIC, for send/recv and all-reduce alike: not the one-200 Gb/s-NIC-per-GPU DGX SuperPOD the
-  preset describes, so they are reported out of sample, not fitted.
+  rate). Vidur's A100 multi-node rows (2 nodes) are not expressible (``not_expressible``):
+  a node sends 4-12 GB/s for 1-8 GPUs per node, below one 100 Gb/s link and not rising with
+  the node's GPUs, while the cluster's network is not stated (a DGX A100 has eight 200 Gb/s
+  HDR NICs); sizes are bytes (Vidur records 2 x its fp16 element count) and times NCCL kernel
+  medians, so the derivation is not what is off.
 * ``h100`` intra-node: Vidur DGX-H100 all-reduce (2, 4, 8 GPUs) and send/recv. Inter-node:
   send/recv bandwidth and latency from Vidur's 2-node send/recv (one configuration: the step
   latency stays the link's, the rest is the base latency); collective efficiency from the NCCL
   maintainers' 46-48 GB/s bus bandwidth per NDR-400 NIC (comm.csv C0075, midpoint 47).
 * ``h200`` intra-node: ml-engineering's 8 x H200 nccl-tests (comm.csv): the all-reduce sweep
   up to 64 MiB and the ring (NVLS off) all-reduce, all-gather and reduce-scatter rows; larger
-  sweep rows run NVLS (in-switch reduction, not modelled) and are reported only. Send/recv
+  sweep rows and NVLSTree run NVLS (in-switch reduction, not in this model): not expressible
+  here, modelled by the flows set (``comm_flows``). Send/recv
   efficiency: ``h100``'s (same NVLink4/NVSwitch fabric). Inter-node: ``h100``'s.
 * ``h800``: *derived*. Intra-node efficiency from the one user report of 215 GB/s NVLS
   all-reduce bus bandwidth (C0076) divided by H200's NVLS/ring ratio (C0105/C0106), capped at 1;
@@ -158,6 +161,9 @@ H200_RING = ["C0098", "C0100", "C0102", "C0104", "C0106", "C0108"]
 H200_GATHER_SCATTER = {"C0109": "all_gather", "C0110": "reduce_scatter"}
 H200_NVLS_ONLY = ["C0097", "C0099", "C0101", "C0103", "C0105", "C0107"]
 H200_MULTI_NODE = ["C0114", "C0115"]
+# NVLS (in-switch reduction) rows the alpha-beta model cannot express: the sweep above its fit
+# range (C0089-C0096) and the forced NVLSTree row; the flows set (comm_flows) models them.
+H200_NVLS_NOT_EXPRESSIBLE = [f"C{i:04d}" for i in range(89, 97)] + ["C0115"]
 B200_ONE_NODE = ["C0116", "C0118", "C0120", "C0122"]
 B200_FOUR_NODES = ["C0117", "C0119", "C0121", "C0123"]
 
@@ -184,7 +190,8 @@ def nnls_relative(
     offset: np.ndarray | float = 0.0,
 ) -> np.ndarray:
     """argmin sum(((x @ p + offset) / t - 1)^2) over p >= 0 with ``fixed`` entries given
-    (every subset of the free columns solved; the best feasible one wins)."""
+    (up to ``EXHAUSTIVE_MAX_FREE`` free columns: every subset solved, the best feasible one
+    wins; more: Lawson and Hanson's active-set method, the same optimum)."""
     k = x.shape[1]
     p = np.zeros(k)
     for i, v in fixed.items():
@@ -192,6 +199,9 @@ def nnls_relative(
     target = 1.0 - (offset + x @ p) / t
     free = [i for i in range(k) if i not in fixed and np.any(x[:, i] != 0)]
     a = x / t[:, None]
+    if len(free) > EXHAUSTIVE_MAX_FREE:
+        p[free] = _lawson_hanson(a[:, free], target)
+        return p
     best, best_p = math.inf, p
     for mask in itertools.product((0, 1), repeat=len(free)):
         idx = [f for f, m in zip(free, mask, strict=True) if m]
@@ -205,6 +215,33 @@ def nnls_relative(
         if r < best - 1e-15:
             best, best_p = r, q
     return best_p
+
+
+EXHAUSTIVE_MAX_FREE = 8
+
+
+def _lawson_hanson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """argmin |a q - b|^2 over q >= 0 (Lawson & Hanson 1974, NNLS active-set algorithm)."""
+    n = a.shape[1]
+    tol = 1e-12 * max(1.0, float(np.abs(a).max()) * float(np.abs(b).max()))
+    active = np.zeros(n, dtype=bool)  # the passive set P: columns allowed above zero
+    q = np.zeros(n)
+    for _ in range(3 * n):
+        w = a.T @ (b - a @ q)
+        if active.all() or np.max(np.where(active, -np.inf, w)) <= tol:
+            break
+        active[int(np.argmax(np.where(active, -np.inf, w)))] = True
+        for _ in range(n):  # at most n columns leave the passive set
+            z = np.zeros(n)
+            z[active] = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
+            if np.all(z[active] > 0):
+                q = z
+                break
+            drop = active & (z <= 0)
+            step = float(np.min(q[drop] / np.maximum(q[drop] - z[drop], tol)))
+            q = q + step * (z - q)
+            active &= q > tol
+    return q
 
 
 @dataclass(frozen=True)
@@ -559,8 +596,6 @@ def comm_rows(generation: str) -> list[CommRow]:
         rows += _class_rows(
             _vidur("h100", intra=False), "h100", lambda rest: _with("h100", inter=_h100_inter(rest))
         )
-    if generation == "a100":
-        rows += _derived_rows(_vidur("a100", intra=False), "a100")
     if generation == "h200":
         h100 = _h100_intra()
         link = _link("h200", False)[0]
@@ -573,7 +608,8 @@ def comm_rows(generation: str) -> list[CommRow]:
         )
         fitted = {s.name for s in _h200_fit_samples()}
         others = [_nccl_sample(r, "h200") for r in H200_SWEEP + H200_MULTI_NODE]
-        rows += _derived_rows([s for s in others if s.name not in fitted], "h200")
+        expressible = [s for s in others if s.group not in H200_NVLS_NOT_EXPRESSIBLE]
+        rows += _derived_rows([s for s in expressible if s.name not in fitted], "h200")
     if generation == "b200":
         one = [_nccl_sample(r, "b200") for r in B200_ONE_NODE]
         four = [_nccl_sample(r, "b200") for r in B200_FOUR_NODES]
@@ -587,6 +623,49 @@ def comm_rows(generation: str) -> list[CommRow]:
         rows += _derived_rows([_nccl_sample("C0072", "h100", size=2.0**30)], "h100")
     rows += deepep_rows(generation)
     return rows
+
+
+def not_expressible(generation: str) -> list[tuple[str, str, str]]:
+    """(id, label, why) of the generation's measurements the alpha-beta model cannot express:
+    Vidur's A100 two-node configurations (the cluster's network is not stated and their rates
+    fit no NIC count and rate) and H200's NVLS rows (no in-switch reduction here)."""
+    out = []
+    if generation == "a100":
+        samples = _vidur("a100", intra=False)
+        rates = {}
+        for group in dict.fromkeys(s.group for s in samples):
+            large = [_node_network_gbps(s) for s in samples if s.group == group and s.size >= MIB32]
+            rates[group] = float(np.median(large))
+        low, high = min(rates.values()), max(rates.values())
+        for group, rate in rates.items():
+            n = sum(s.group == group for s in samples)
+            why = (
+                f"Vidur's 'a100_dgx' across two nodes: a node sends {rate:.1f} GB/s (median, "
+                f"32-64 MiB); its five two-node configurations {low:.1f}-{high:.1f} GB/s, "
+                "below one 100 Gb/s link and not rising with the node's GPUs, where a DGX "
+                "A100 has eight 200 Gb/s HDR NICs: the network is not stated and no NIC "
+                "count and rate expresses them"
+            )
+            out.append((f"vidur {group}", f"{group} ({n} sizes)", why))
+    if generation == "h200":
+        why = (
+            "NVLS / NVLSTree (NVLink SHARP, in-switch reduction): the alpha-beta collectives "
+            "have no such algorithm; the flows set (comm_flows) expresses the row"
+        )
+        for rid in H200_NVLS_NOT_EXPRESSIBLE:
+            out.append((rid, _nccl_sample(rid, "h200").name, why))
+    return out
+
+
+MIB32 = 32 * 2**20
+
+
+def _node_network_gbps(sample: Sample) -> float:
+    """Bytes a node sends to the other node(s) per second (GB/s) in a two-node sample: a ring
+    all-reduce's 2(N-1)/N x S, a send's S."""
+    nodes = sample.nodes
+    sent = sample.size if sample.op == "p2p" else 2 * (nodes - 1) / nodes * sample.size
+    return sent / (sample.time_ms * 1e6)
 
 
 def deepep_rows(generation: str) -> list[CommRow]:

@@ -447,6 +447,7 @@ def collectives_set() -> SetResult:
         for section, values in fit_comm.fit(gen).items():
             if isinstance(values, dict):
                 res.params.update({f"{gen}:{section}.{k}": v for k, v in values.items()})
+        res.skipped += [Skipped(*entry) for entry in fit_comm.not_expressible(gen)]
     res.notes.append(
         "derived rows: predicted from another generation's fit or a stated "
         "figure, never fitted (out of sample by construction)"
@@ -465,6 +466,9 @@ def flows_set() -> SetResult:
         res.params.update({f"{family}.{k}": round(v, 4) for k, v in fitted.values.items()})
         for r in rows:
             c = r.case
+            groups.setdefault(comm_flows.group_of(c), []).append(r)
+            if c.component:  # fits the harness cost; its group shows it, the summary not
+                continue
             res.rows.append(
                 RowResult(
                     c.row_id,
@@ -478,7 +482,6 @@ def flows_set() -> SetResult:
                     note=c.note,
                 )
             )
-            groups.setdefault(comm_flows.group_of(c), []).append(r)
     for name, rows in groups.items():
         e_in = np.array([r.error_in for r in rows])
         e_oos = np.array([r.error_oos for r in rows])

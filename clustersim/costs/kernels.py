@@ -7,8 +7,12 @@ fitted by ``clustersim calibrate``):
   ``shape = prod over x in (m, n, k) of x / (x + half_dim)``: small or skinny GEMMs (decode,
   small experts) fill fewer tiles and waves, large ones reach ``e`` of peak; ``bytes`` =
   ``(mk + kn + mn)`` elements (inputs, weights and output once);
-* a grouped GEMM over ``a`` experts and ``r`` token copies: one kernel whose compute runs at
-  the shape factor of ``r / a`` tokens per expert and whose memory reads ``a`` experts' weights;
+* a grouped GEMM over ``a`` experts and ``r`` token copies: compute at the shape factor of
+  ``r / a`` tokens per expert, memory reading ``a`` experts' weights; one kernel in serving
+  (vLLM / SGLang fused MoE), ``a`` GEMM kernels of ``r / a`` rows in training (Transformer
+  Engine's grouped linear, Megatron-Core's ``--moe-grouped-gemm``: multi-stream cuBLAS, one
+  GEMM per local expert, each expert's input quantised on its own under FP8), so each launch
+  pays its fixed time and host cost;
 * a memory-bound kernel: ``bytes / (HBM * mu_c) + fixed_c`` for its class ``c``: plain
   streams (residual adds, permutes, KV-cache writes: ``memory.efficiency``,
   ``kernel.stream_fixed_us``), norms (row reductions: ``memory.norm_efficiency``,
@@ -106,6 +110,10 @@ class KernelTimer:
         # FP8), so the experts' FC1 input arrives in FP8 (training: only the column-wise copy
         # for the weight gradient is written after the dispatch)
         self.fp8_dispatch = self.fp8 and training and fp8_dispatch
+        # Transformer Engine's grouped linear (Megatron-Core training, ``--moe-grouped-gemm``)
+        # runs one GEMM per local expert (multi-stream cuBLAS), each input quantised on its
+        # own under FP8; serving engines' fused MoE kernels are one launch for all experts
+        self.per_expert_launch = training
         self._fp8_copies = copies if self.fp8 else 1
         self._flop_s = hw.peak_tflops * 1e12 * cal.gemm.efficiency
         hbm = hw.hbm_bandwidth_gbps * 1e9
@@ -345,12 +353,22 @@ class KernelTimer:
             if extra:
                 per_copy = h * self._fp8_in * (1 + extra)
                 total = total + self.stream_ms(copies, per_copy, elementwise=True)
-            total = total + self.linear_ms(copies, up, h, groups, quantised=True)
+            total = total + self._grouped_linear_ms(copies, up, h, groups, quantised=True)
         else:
-            total = total + self.linear_ms(copies, up, h, groups)
+            total = total + self._grouped_linear_ms(copies, up, h, groups)
         total = total + self.stream_ms(copies, self._phi * width * self.bpe, elementwise=True)
-        total = total + self.linear_ms(copies, h, width, groups)
+        total = total + self._grouped_linear_ms(copies, h, width, groups)
         return total + permutes * self.stream_ms(copies, PERMUTE_PASSES * h * self.bpe)
+
+    def _grouped_linear_ms(self, copies, n: float, k: float, groups, quantised: bool = False):
+        """Stream time of a grouped linear layer over ``groups`` experts sharing ``copies``
+        token rows: one grouped kernel (serving's fused MoE), or with ``per_expert_launch``
+        one linear per expert of ``copies / groups`` rows (its own quantise kernel under
+        FP8, its own launch and fixed time): the same FLOPs and bytes, ``groups`` launches."""
+        if not self.per_expert_launch:
+            return self.linear_ms(copies, n, k, groups, quantised=quantised)
+        per = copies / groups
+        return groups * self.linear_ms(per, n, k, 1.0, quantised=quantised)
 
     def logits_ms(self, rows):
         """Output layer GEMM for ``rows`` tokens."""
