@@ -35,6 +35,7 @@ import numpy as np
 
 from clustersim.costs.serving import KVCapacity, kv_capacity, step_costs
 from clustersim.engine.errors import EngineError
+from clustersim.engine.serving.kv_usage import KVUsage
 from clustersim.engine.serving.loop import URGENT, EventLoop
 from clustersim.engine.serving.moe_table import MoEStepTable
 from clustersim.engine.serving.requests import Requests
@@ -86,6 +87,9 @@ class ServingResult:
     decode_replica: np.ndarray | None = None
     kv_transfer_ms: np.ndarray | None = None
     kv_transfer_bytes: np.ndarray | None = None
+    # KV-cache blocks in use over time, per replica (engine/serving/kv_usage.py); None when
+    # not recorded (``kv_series`` of the simulation or its pools left None)
+    kv_usage: KVUsage | None = None
 
 
 @dataclass
@@ -225,7 +229,8 @@ class Engine:
     def __init__(self, sim: ServingSim, index: int, members: list[int], pool=None):
         """``pool``: what holds the members' schedulers, timer, micro-batch count and KV
         accumulators (``schedulers``, ``timer``, ``num_microbatches``, ``kv_area``,
-        ``kv_peak``, ``hands_off``); the simulation itself for a colocated deployment."""
+        ``kv_peak``, ``kv_series``, ``hands_off``); the simulation itself for a colocated
+        deployment."""
         self.sim, self.index, self.members = sim, index, members
         self.pool = pool = sim if pool is None else pool
         self.loop = sim.loop
@@ -366,11 +371,14 @@ class Engine:
         duration = end - self._start_ms
         pool = self.pool
         kv_area, kv_peak = pool.kv_area, pool.kv_peak
+        series = pool.kv_series  # a list to append (replica, start, end, used, used) to, or None
         for m, sched, st, used0 in zip(
             self.members, self._scheds, self._steps, self._used_at_start, strict=True
         ):
             if st is None:
                 kv_area[m] += used0 * duration
+                if series is not None:
+                    series.append((m, self._start_ms, end, used0, used0))
                 continue
             sim.decode_batches[st.decodes] += k
             if len(st.ids) > st.decodes:
@@ -380,6 +388,8 @@ class Engine:
                 sim.hand_off(m, sched.handoffs, end)
             peak = sched.peak_used
             kv_area[m] += 0.5 * (used0 + peak) * duration
+            if series is not None:
+                series.append((m, self._start_ms, end, used0, peak))
             if peak > kv_peak[m]:
                 kv_peak[m] = peak
             if finished:
@@ -450,6 +460,7 @@ class ServingSim:
         self.decode_batches = [0] * (req.max_batch_size + 1)
         self.limits = limits
         self.hands_off = False  # colocated: no replica hands requests to another
+        self.kv_series: list[tuple] | None = None  # engine/serving/kv_usage.py records into it
         self.bad = 0
         self._progress = progress
         self._progress_every = max(1, self.num_requests // 100)
