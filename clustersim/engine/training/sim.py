@@ -47,9 +47,10 @@ set of transfers as fair sharing of the link; pipeline sends use separate send/r
 reduce-scatters on one more stream per lane; an EP all-to-all that crosses nodes while that
 stream is busy across nodes shares the NICs with it fairly (both are delayed by the overlap,
 ``costs.sharding.fair_share_delay_ms``). With ``hardware.topology`` none of this applies: the
-EP all-to-alls, gradient buckets, ZeRO-2/3 per-layer collectives, parameter all-gathers and
-pipeline sends are flows on shared links (``engine.network``), each delayed by what overlaps
-it there.
+EP all-to-alls, gradient buckets, ZeRO-2/3 per-layer collectives, parameter all-gathers, TP
+and expert-TP collectives and pipeline sends are flows on shared links (``engine.network``),
+each delayed by what overlaps it there; the second pass (``reuse``) reads the first pass's
+tables and only times the schedule again.
 
 Replica symmetry: when every data-parallel replica provably does the same work (fixed
 sequence length and deterministic, even routing), only replica 0 is simulated and the metrics
@@ -1384,7 +1385,11 @@ class TrainingSim:
                     if len(group) > 1:
                         by_group.setdefault((tuple(group), float(sizes[pos])), []).append(pos)
                 for (group, nb), positions in by_group.items():
-                    alone = collective_time_ms(op, nb, list(group), gpn, hw, "hierarchical")
+                    alone = self._collective_ms.get((op, nb, group))
+                    if alone is None:
+                        alone = self._collective_ms[(op, nb, group)] = collective_time_ms(
+                            op, nb, list(group), gpn, hw, "hierarchical"
+                        )
                     begin = float(np.max(start[positions] + offset[positions]))
                     key = self.net.next_key("shard", co.stage, kind, part, step, group[0])
                     took = self.net.collective(
