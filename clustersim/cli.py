@@ -959,15 +959,9 @@ def _search_serving(plan, plan_file, n, objective, tp, pp, ep, max_batch_size,
     from clustersim.cli_tables import ProgressBar, print_serving_search
     from clustersim.explore.backends import BackendError
     from clustersim.explore.search import SearchError
-    from clustersim.explore.serving_search import (
-        ServingSpace,
-        serving_search,
-        write_serving_table,
-    )
+    from clustersim.explore.serving_search import ServingSpace, serving_search
     from clustersim.spec.outputs import OutputError
 
-    if resume:
-        raise _fail("--resume: a serving search does not resume; run it again")
     flags = _str_list(chunked, "--chunked", ("true", "false"))
     space = ServingSpace(
         gpus=n,
@@ -993,15 +987,21 @@ def _search_serving(plan, plan_file, n, objective, tp, pp, ep, max_batch_size,
                 seed=seed,
                 backend=backend.value,
                 progress=lambda done, total: bar.update(done / max(total, 1)),
+                out=out,
+                resume=resume,
+                inputs=inputs,
             )
-        write_serving_table(out, result, inputs)
     except (SearchError, BackendError, OutputError) as exc:
         raise _fail(str(exc)) from None
     except BrokenProcessPool:
-        typer.echo("error: a search worker died (killed, or out of memory)", err=True)
+        typer.echo(
+            "error: a search worker died (killed, or out of memory); results so far are in "
+            f"{out}; continue with --resume (fewer --workers if memory is short)",
+            err=True,
+        )
         raise typer.Exit(code=3) from None
     except (KeyboardInterrupt, Terminated) as exc:
-        typer.echo("interrupted", err=True)
+        typer.echo(f"interrupted: results so far are in {out}; continue with --resume", err=True)
         raise typer.Exit(code=143 if isinstance(exc, Terminated) else 130) from None
     except OSError as exc:
         raise _fail(f"cannot write {out}: {exc.strerror or exc}") from None

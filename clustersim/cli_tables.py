@@ -410,7 +410,12 @@ SERVING_ROWS = (
     ("decode_batch_size_p50", "decode batch p50 (requests per step)", "", None, None),
     ("decode_batch_size_p99", "decode batch p99", "", None, None),
     ("kv_cache_utilization_pct", "KV cache use (mean)", "%", None, None),
+    ("kv_cache_utilization_pct_p50", "KV cache use p50 (over time)", "%", None, None),
+    ("kv_cache_utilization_pct_p99", "KV cache use p99 (over time)", "%", None, None),
     ("kv_cache_utilization_peak_pct", "KV cache use (peak)", "%", None, None),
+    ("prefill_kv_cache_utilization_pct", "prefill pool KV cache use (mean)", "%", None, None),
+    ("decode_kv_cache_utilization_pct", "decode pool KV cache use (mean)", "%", None, None),
+    ("decode_kv_cache_utilization_pct_p99", "decode pool KV cache use p99", "%", None, None),
     ("preemptions", "preemptions", "", None, None),
     ("load_balance_pct", "expert load balance", "%", "load_balance_pct_min", "load_balance_pct"),
 )
@@ -768,7 +773,9 @@ def print_serving_search(result, top: int = 10, path=None) -> None:
         f"[bold]{escape(result.base.name)}[/bold] on {result.base.hardware.num_gpus} GPUs, "
         f"objective {result.objective} per GPU (SLOs: at least {100 * result.attain:g}% of "
         f"requests good): {len(result.rows)} deployments; {c.get('invalid', 0)} discarded by "
-        f"the audit, {c.get('simulated', 0)} simulated, {c.get('pending', 0)} left, "
+        f"the audit, {c.get('simulated', 0)} simulated"
+        + (f" ({result.resumed} of them taken from the table)" if result.resumed else "")
+        + f", {c.get('pending', 0)} left (--resume), "
         f"{c.get('unsupported', 0) + c.get('failed', 0)} not simulable "
         f"({result.workers} workers) in {result.wall_s:.1f} s"
     )

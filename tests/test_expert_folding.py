@@ -153,12 +153,15 @@ def test_expert_tp_costs_what_expert_parallelism_costs(parallel, seed):
     kernel model may price the two shapes a little differently (the ETP slice is a GEMM of a
     half-width FFN, a lower fraction of peak under a shape-dependent GEMM efficiency, and it
     permutes twice the token copies): ~2 % with the calibrated kernel model, 0 under a plain
-    roofline. The double count ETP once had is a factor of ~2.
+    roofline. Training runs one GEMM per expert (slice) a GPU holds (Transformer Engine's
+    grouped linear), and the ETP folding holds twice as many slices (of half the width): twice
+    the launches and fixed kernel times, ~3 % more here. Tolerance 8 %. The double count ETP
+    once had is a factor of ~2.
 
     Megatron-Core re-sorts received copies into expert order only when a GPU holds several
     experts (``ExpertTimer.chunk_sort``): (EP 4, ETP 2) of 8 experts does (2 per GPU), (EP 8,
     ETP 1) does not (1 per GPU); those two extra permute passes add ~7 % here, so the
-    tolerance is 12 % when only one of the two foldings sorts."""
+    tolerance is 15 % when only one of the two foldings sorts."""
     parallel = {**parallel, "etp": 2}
     assume(_valid(parallel) and parallel["ep"] * 2 <= 8)
     folded = {**parallel, "ep": parallel["ep"] * 2, "etp": 1}
@@ -178,7 +181,7 @@ def test_expert_tp_costs_what_expert_parallelism_costs(parallel, seed):
             times.append((cols["end_ms"] - cols["start_ms"])[pick][order])
         a, b = times
         assert a.shape == b.shape and len(a) > 0
-        assert np.allclose(a, b, rtol=0.05 if same_sort else 0.12, atol=0.0), float(np.max(a / b))
+        assert np.allclose(a, b, rtol=0.08 if same_sort else 0.15, atol=0.0), float(np.max(a / b))
 
 
 @settings(max_examples=30, deadline=None)

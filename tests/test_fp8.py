@@ -379,8 +379,9 @@ def test_deepep_fp8_dispatch_quantises_before_the_dispatch_by_hand():
     """DeepSeek-V3 Sec. 3.3.3: the tokens are quantised to FP8 before the dispatch. With
     ``moe_dispatcher: deepep`` the attention lane pays one tensorwise quantise of its tokens (read
     2, write 1 byte per element, h wide) and the experts' FC1 no longer quantises its copies
-    (read 2, write 2 x 1) but writes the column-wise copy from the row-wise one (read 1,
-    write 1)."""
+    (read 2, write 2 x 1; one kernel per local expert, as Transformer Engine's grouped
+    linear quantises each expert's input on its own) but writes the column-wise copy from the
+    row-wise one (read 1, write 1; one kernel over every copy)."""
     model = with_dtype(MOE, "fp8", "tensorwise")
     plans = {d: make_plan(model, {"dp": 8, "ep": 8, "moe_dispatcher": d}) for d in
              ("alltoall", "deepep")}  # fmt: skip
@@ -400,5 +401,8 @@ def test_deepep_fp8_dispatch_quantises_before_the_dispatch_by_hand():
     lane = timers["deepep"].moe_block_ms(tokens) - timers["alltoall"].moe_block_ms(tokens)
     assert lane == pytest.approx(pass_ms(tokens, h * (2 + 1)), rel=1e-9)
     experts = {d: float(t.experts_ms(copies, 4.0)) for d, t in timers.items()}
-    saved = pass_ms(copies, h * (2 + 2)) - pass_ms(copies, h * (1 + 1))
+    experts_per_rank = 4
+    saved = experts_per_rank * pass_ms(copies / experts_per_rank, h * (2 + 2)) - pass_ms(
+        copies, h * (1 + 1)
+    )
     assert experts["alltoall"] - experts["deepep"] == pytest.approx(saved, rel=1e-9)

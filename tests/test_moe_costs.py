@@ -151,6 +151,75 @@ def test_grouped_gemm_efficiency_rises_with_tokens_per_expert(gen, per_expert, m
         assert gpu >= max(peak_ms, hbm_ms) * (1 - 1e-12)
 
 
+def _issued_ms(cal, gpu_ms: float) -> float:
+    """Stream time of one eager kernel of GPU time ``gpu_ms`` (kernels.py's issue rule)."""
+    busy = gpu_ms + cal.kernel.graph_launch_us * 1e-3
+    return max(busy, cal.kernel.launch_us * 1e-3) + cal.kernel.framework_us * 1e-3
+
+
+@pytest.mark.parametrize("generation", ["h100", "b200"])
+@pytest.mark.parametrize("experts", [1, 4, 32])
+def test_training_grouped_gemm_is_one_gemm_per_local_expert(generation, experts):
+    """Megatron-Core's grouped GEMM in training is Transformer Engine's grouped linear: one
+    cuBLAS GEMM per local expert (multi-stream), each launched by the host on its own. So
+    the experts' FC1 of ``a`` experts over ``c`` copies costs ``a`` issued GEMMs of ``c / a``
+    rows, by hand from the roofline-with-shape formula; a serving engine's fused MoE kernel is
+    one launch for all experts."""
+    plan = make_plan({"dp": 8, "ep": 8}, generation=generation)
+    hw, cal = plan.hardware, plan.hardware.calibration
+    h, ffn, copies = MOE["hidden_size"], MOE["ffn_hidden_size"], 8192.0
+    n, k = 2 * ffn, h  # swiglu: gate and up in one GEMM
+    half = cal.gemm.half_dim
+
+    def gemm_gpu_ms(rows: float, groups: float) -> float:
+        shape = (rows / groups) / (rows / groups + half) * n / (n + half) * k / (k + half)
+        compute = 2 * rows * n * k / (hw.peak_tflops * 1e12 * cal.gemm.efficiency * shape)
+        memory = (
+            (rows * k + groups * k * n + rows * n)
+            * 2
+            / (hw.hbm_bandwidth_gbps * 1e9 * cal.gemm.memory_efficiency)
+        )
+        return max(compute, memory) * 1e3 + cal.kernel.fixed_us * 1e-3
+
+    training = KernelTimer(plan.model, hw, training=True)
+    serving = KernelTimer(plan.model, hw, training=False)
+    per_expert = experts * _issued_ms(cal, gemm_gpu_ms(copies / experts, 1.0))
+    fused = _issued_ms(cal, gemm_gpu_ms(copies, float(experts)))
+    assert training._grouped_linear_ms(copies, n, k, float(experts)) == pytest.approx(
+        per_expert, rel=1e-12
+    )
+    assert serving._grouped_linear_ms(copies, n, k, float(experts)) == pytest.approx(
+        fused, rel=1e-12
+    )
+    if experts == 1:
+        assert per_expert == pytest.approx(fused, rel=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(GENERATIONS),
+    st.floats(1.0, 1e6),
+    st.floats(1.0, 64.0),
+    st.sampled_from(["bf16", "fp8"]),
+)
+def test_per_expert_launches_never_beat_one_grouped_kernel(gen, copies, experts, dtype):
+    """The same FLOPs and bytes launched as one GEMM per expert are never faster than one
+    grouped kernel (each launch adds its fixed time and host cost), in either precision, for
+    the experts' whole forward too; and more local experts never make it cheaper."""
+    plan = make_plan({"dp": 8, "ep": 8}, generation=gen)
+    model = plan.model
+    if dtype == "fp8":
+        model = model.model_copy(update={"dtype": "fp8", "fp8_recipe": "mxfp8"})
+    training = KernelTimer(model, plan.hardware, training=True)
+    fused = KernelTimer(model, plan.hardware, training=False)
+    n, k = 2 * MOE["ffn_hidden_size"], MOE["hidden_size"]
+    many = float(training._grouped_linear_ms(copies, n, k, experts))
+    one = float(fused._grouped_linear_ms(copies, n, k, experts))
+    assert many >= one * (1 - 1e-12)
+    more = float(training._grouped_linear_ms(copies, n, k, experts + 1.0))
+    assert more >= many * (1 - 1e-12)
+
+
 def test_fine_grained_experts_cost_more_than_coarse_ones_for_the_same_flops():
     """The same routed FLOPs over 64 experts of 1/8 the width (top-8) take longer than over 8
     experts (top-1): fewer tokens per expert and narrower GEMMs fill fewer tiles."""

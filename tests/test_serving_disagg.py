@@ -263,7 +263,9 @@ def test_the_disaggregated_example_config_runs_and_checks():
 # ---- search over the prefill:decode split --------------------------------------------------
 
 
-def test_search_covers_the_split_and_every_returned_plan_meets_the_slos_at_its_capacity():
+def test_search_covers_the_split_and_every_returned_plan_meets_the_slos_at_its_capacity(
+    tmp_path,
+):
     slo = {"ttft_ms_p99_max": 400.0, "tpot_ms_p99_max": 30.0}
     base = make_plan(
         DENSE,
@@ -284,9 +286,14 @@ def test_search_covers_the_split_and_every_returned_plan_meets_the_slos_at_its_c
         (1, 1, 1), (2, 1, 1), (2, 1, 2), (2, 2, 1), (2, 2, 2),
     }  # fmt: skip
     assert {c["split"] for c in cands} == {"1P3D", "2P2D", "2P1D", "1P2D", "1P1D"}
-    result = serving_search(base, 4, space=space, workers=1)
+    table = tmp_path / "split.parquet"
+    result = serving_search(base, 4, space=space, workers=1, out=table)
     ranked = result.ranked()
     assert ranked, result.rows
+    # the table resumes (split and pool knobs in the candidate id): nothing simulated again
+    again = serving_search(base, 4, space=space, workers=1, out=table, resume=True)
+    assert again.resumed == result.counts["simulated"]
+    assert again.to_dict()["ranking"] == result.to_dict()["ranking"]
     for row in ranked:
         plan = result.plan_for(row)
         assert plan.parallel.disaggregated and plan.parallel.world_size == 4
@@ -382,3 +389,67 @@ def test_every_request_crosses_once_at_its_shard_over_its_link(
         expected = p2p_ms(prompt * shard, link.bandwidth_gbps, link.latency_us)
         assert res.kv_transfer_ms[rid] == pytest.approx(expected, rel=1e-12)
         assert cols["finish_ms"][rid] >= cols["first_token_ms"][rid] + expected * (1 - 1e-12)
+
+
+# ---- per-pool batch limits (workload.requests.prefill / .decode) ---------------------------
+
+LOADED = {
+    "num": 120,
+    "rate_per_s": 8.0,
+    "prompt_len": {"dist": "uniform", "min": 600, "max": 1200},
+    "output_len": {"dist": "uniform", "min": 64, "max": 256},
+}
+
+
+def _limited(prefill=None, decode=None, **requests):
+    limits = {k: v for k, v in (("prefill", prefill), ("decode", decode)) if v is not None}
+    return make_plan(DENSE, requests={**LOADED, **requests, **limits}, parallel=pools(),
+                     hardware=TWO_GPUS)  # fmt: skip
+
+
+def test_pool_batch_limits_apply_to_their_pool_only():
+    from clustersim.engine.serving.disagg import DisaggregatedSim
+    from clustersim.engine.serving.requests import make_requests
+
+    plan = _limited(prefill={"max_num_batched_tokens": 512}, decode={"max_batch_size": 2})
+    shared = plan.workload.requests
+    prefill, decode = (plan.pool(p).workload.requests for p in ("prefill", "decode"))
+    assert (prefill.max_num_batched_tokens, prefill.max_batch_size) == (512, shared.max_batch_size)
+    assert (decode.max_num_batched_tokens, decode.max_batch_size) == (
+        shared.max_num_batched_tokens,
+        2,
+    )
+    assert prefill.decode is None and decode.prefill is None
+    sim = DisaggregatedSim(plan, make_requests(plan))
+    assert {(s.budget, s.max_seqs) for s in sim.prefill.schedulers} == {
+        (512, shared.max_batch_size)
+    }
+    assert {(s.budget, s.max_seqs) for s in sim.decode.schedulers} == {
+        (shared.max_num_batched_tokens, 2)
+    }
+    limited = simulate_serving(plan).metrics
+    free = simulate_serving(_limited()).metrics
+    assert free["decode_batch_size_p99"] > 2 >= limited["decode_batch_size_p99"]
+    assert limited["completed_requests"] == LOADED["num"]
+    assert limited["tpot_ms_p99"] > free["tpot_ms_p99"]  # decodes queue behind 2 slots
+
+
+def test_pool_batch_limits_need_a_disaggregated_plan():
+    with pytest.raises(PlanError, match="workload.requests.decode .* needs a disaggregated"):
+        make_plan(DENSE, requests={"decode": {"max_batch_size": 8}})
+    with pytest.raises(PlanError, match="max_batch_size"):
+        _limited(decode={"max_batch_size": 0})
+
+
+def test_check_names_the_pool_limit_it_questions():
+    """A decode pool whose own max_batch_size exceeds the longest requests its KV cache holds:
+    the finding is on workload.requests.decode.max_batch_size, and so is its fix."""
+    plan = _limited(decode={"max_batch_size": 512}, num_gpu_blocks=2000, max_batch_size=8)
+    findings = [f for f in audit(plan).findings if "max_batch_size" in f.node]
+    assert [f.node for f in findings] == ["workload.requests.decode.max_batch_size"]
+    assert "workload.requests.decode.max_batch_size" in findings[0].fix
+    assert findings[0].message.startswith("decode pool: ")
+    shared = make_plan(DENSE, requests={**LOADED, "num_gpu_blocks": 2000, "max_batch_size": 512},
+                       parallel=pools(), hardware=TWO_GPUS)  # fmt: skip
+    nodes = {f.node for f in audit(shared).findings if "max_batch_size" in f.node}
+    assert nodes == {"workload.requests.max_batch_size"}

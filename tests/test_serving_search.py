@@ -106,3 +106,50 @@ def test_cli_serving_search(tmp_path):
     assert out["objective"] == "capacity" and out["ranking"][0]["capacity_req_per_s"] > 0
     assert runner.invoke(app, [*args, "--objective", "throughput"]).exit_code == 2
     assert runner.invoke(app, ["search", "--objective", "capacity"]).exit_code == 2  # training
+
+
+def test_interrupted_search_resumed_gives_the_uninterrupted_table(tmp_path):
+    """--limit stops a search after some deployments (the rest stay pending in the table);
+    --resume takes those from the table and simulates the rest: the table is the same as
+    one uninterrupted search's, row for row, and nothing finished is simulated again."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    space = ServingSpace(gpus=2, tp=(1, 2), chunked_prefill=(True,), max_batch_size=(64, 256))
+    whole, part = tmp_path / "whole.parquet", tmp_path / "part.parquet"
+    serving_search(base_plan(), 2, space=space, workers=1, out=whole)
+    first = serving_search(base_plan(), 2, space=space, workers=1, out=part, limit=1)
+    assert first.counts["pending"] >= 2 and first.counts["simulated"] == 1
+    assert pq.read_table(part).column("status").to_pylist().count("pending") >= 2
+    second = serving_search(base_plan(), 2, space=space, workers=1, out=part, limit=1,
+                            resume=True)  # fmt: skip
+    assert second.resumed == 1 and second.counts["simulated"] == 2
+    done = serving_search(base_plan(), 2, space=space, workers=1, out=part, resume=True)
+    assert done.resumed == 2 and "pending" not in done.counts
+    assert pq.read_table(part).equals(pq.read_table(whole))
+    assert pq.read_table(part).to_pylist() == pq.read_table(whole).to_pylist()
+    with pytest.raises(SearchError, match="another objective"):
+        serving_search(base_plan(), 2, "goodput", space=space, workers=1, out=part, resume=True)
+    with pytest.raises(SearchError, match="base plan"):
+        serving_search(base_plan(ttft_ms_p99_max=500.0), 2, space=space, workers=1, out=part,
+                       resume=True)  # fmt: skip
+
+
+def test_cli_serving_search_resumes(tmp_path):
+    raw = json.loads(json.dumps(DENSE))
+    raw["workload"]["requests"].update(REQUESTS)
+    raw["hardware"]["gpus_per_node"] = 2
+    raw["targets"] = dict(SLO)
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps(raw))
+    runner = CliRunner()
+    table = str(tmp_path / "s.parquet")
+    args = ["search", str(path), "-o", table, "-w", "1", "--tp", "1", "--chunked", "true",
+            "--max-batch-size", "64,256", "--json"]  # fmt: skip
+    res = runner.invoke(app, [*args, "--limit", "1"])
+    assert res.exit_code == 0, res.output
+    first = json.loads(res.stdout)["summary"]
+    assert first["simulated"] == 1 and first["pending"] >= 1
+    res = runner.invoke(app, [*args, "--resume"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)["summary"]
+    assert summary["resumed"] == 1 and "pending" not in summary
+    assert summary["simulated"] == 1 + first["pending"]

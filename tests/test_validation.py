@@ -17,6 +17,7 @@ from clustersim.calibration import validate as v
 from clustersim.calibration.fit_e2e import Curve, fit_with_loo
 from clustersim.engine.serving.sim import check_serving_supported
 from clustersim.engine.training.sim import check_supported
+from clustersim.layout import Layout
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,6 +107,26 @@ def test_fp8_rows_reproduce_table2_speedups():
             table[f"T00{int(fp8_id[1:]) - 2}"]["value"]
         )
         assert st.predict_moe(fp8_id, {}) / bf16 == pytest.approx(published, rel=0.01)
+
+
+def test_liu_rows_take_the_modelzoo_vpp_of_their_time():
+    """Liu et al. print no VPP; the ModelZoo benchmark configurations of April 2025 (78fd4d6)
+    ran Qwen2-57B-A14B at TP 2 / PP 4 / EP 4 with VPP 7 (28 layers: one per model chunk) and
+    Mixtral-8x22B at TP 2 / PP 8 / EP 8 with VPP 1. Models it did not carry keep 1F1B; rows
+    that print a VPP keep theirs; rows without a pipeline have no chunks."""
+    table = {r["row_id"]: r for r in st.moe_table()}
+    for rid in ("T0009", "T0010", "T0043", "T0048"):  # Qwen2-57B MCore / Folding, PP 4
+        plan = st.moe_plan(table[rid])
+        par, layout = plan.parallel, Layout(plan)
+        assert (par.pp, par.virtual_stages, par.schedule) == (4, 7, "interleaved")
+        chunks = [layout.chunk_layers(s, c) for s in range(4) for c in range(7)]
+        assert sorted(x for chunk in chunks for x in chunk) == list(range(28))
+        assert all(len(chunk) == 1 for chunk in chunks)
+    for rid, pp in (("T0005", 8), ("T0017", 8), ("T0015", 8)):  # Mixtral, Llama3, G8T8
+        par = st.moe_plan(table[rid]).parallel
+        assert (par.pp, par.virtual_stages, par.schedule) == (pp, 1, "1f1b")
+    assert st.moe_plan(table["T0097"]).parallel.virtual_stages == 7  # printed by the ModelZoo
+    assert st.moe_plan(table["T0008"]).parallel.virtual_stages == 1  # Qwen2 TP + EP + DP, PP 1
 
 
 def test_rows_use_their_system_and_sharding():

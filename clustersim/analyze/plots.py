@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clustersim.analyze.serving import ServingTraceAnalysis, in_system_steps
+from clustersim.analyze.serving import ServingTraceAnalysis, in_system_steps, kv_usage_curves
 from clustersim.analyze.training import TraceAnalysis
 from clustersim.spec.outputs import atomic_output
 from clustersim.trace import schema as S
@@ -54,8 +54,8 @@ def plot_serving(
     analysis: ServingTraceAnalysis, out: str | Path, window_ms: tuple[float, float] | None = None
 ) -> Path:
     """A serving trace in one PNG: every request over time (prefill, waiting included, then
-    decode; one row per request, by arrival) and the continuous batch over time (requests in
-    prefill and in decode)."""
+    decode; one row per request, by arrival), the continuous batch over time (requests in
+    prefill and in decode) and, when the trace has it, each replica's KV-cache use."""
     plt = require_pyplot()
     cols = analysis.requests
     done = np.flatnonzero(~cols["rejected"])
@@ -63,7 +63,10 @@ def plot_serving(
         raise PlotError(f"{analysis.path}: no request completed, nothing to draw")
     done = done[np.argsort(cols["arrival_ms"][done], kind="stable")]
     arrival, first, finish = (cols[k][done] for k in ("arrival_ms", "first_token_ms", "finish_ms"))
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(14, 9), sharex=True)
+    usage = analysis.kv_usage
+    panels = 3 if usage is not None and usage.num_segments else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(14, 4.5 * panels), sharex=True)
+    top, bottom = axes[0], axes[1]
     y = np.arange(done.size)
     top.hlines(y, arrival, first, colors="tab:orange", linewidth=1, label="prefill (with waiting)")
     top.hlines(y, first, finish, colors="tab:blue", linewidth=1, label="decode")
@@ -74,12 +77,25 @@ def plot_serving(
     bottom.step(times, prefill, where="post", color="tab:orange", label="in prefill")
     bottom.step(times, decode, where="post", color="tab:blue", label="in decode (batch)")
     bottom.set_ylabel("requests")
-    bottom.set_xlabel("time (ms)")
     bottom.legend(loc="upper left")
+    if panels == 3:
+        _kv_usage(axes[2], usage)
+    axes[-1].set_xlabel("time (ms)")
     if window_ms is not None:
-        bottom.set_xlim(max(window_ms[0], 0.0), min(window_ms[1], float(finish.max())))
+        axes[-1].set_xlim(max(window_ms[0], 0.0), min(window_ms[1], float(finish.max())))
     fig.tight_layout()
     return _save(plt, fig, out)
+
+
+def _kv_usage(ax, usage) -> None:
+    """Each replica's KV-cache use over time (%, the first 16 replicas)."""
+    peak = 0.0
+    for replica, times, use in kv_usage_curves(usage):
+        ax.plot(times, use, linewidth=0.8, label=f"replica {replica}")
+        peak = max(peak, float(use.max()))
+    ax.set_ylabel("KV cache in use (%)")
+    ax.set_ylim(0, min(100.0, max(1.15 * peak, 1.0)))
+    ax.legend(loc="upper left", fontsize=7, ncol=4)
 
 
 def plot_capacity(

@@ -29,8 +29,9 @@ import numpy as np
 import pyarrow as pa
 
 from clustersim.costs.serving import KVCapacity
+from clustersim.engine.serving.kv_usage import KVUsage
 from clustersim.engine.serving.requests import Requests
-from clustersim.engine.serving.sim import EngineStats, ServingResult
+from clustersim.engine.serving.sim import EngineStats, PoolResult, ServingResult
 from clustersim.metrics.serving import breakdown, request_columns, serving_metrics, window_ms
 from clustersim.spec.schema import Plan
 from clustersim.trace import schema as S
@@ -74,8 +75,12 @@ def read_serving_result(reader: TraceReader) -> tuple[Plan, Requests, ServingRes
     seen = np.zeros((3, n), dtype=np.int64)
     has_scheduled = True
     ops = (S.OP_CODE["prefill"], S.OP_CODE["decode"], S.OP_CODE["request_done"])
+    timeline = _TimelineRows(n)
     for batch in reader.batches():
-        is_request = _op_codes(batch, "kind", S.KINDS) == S.KIND_CODE["request"]
+        kinds = _op_codes(batch, "kind", S.KINDS)
+        if (kinds == S.KIND_CODE["serving"]).any():
+            timeline.add(batch, kinds == S.KIND_CODE["serving"], path)
+        is_request = kinds == S.KIND_CODE["request"]
         if not is_request.any():
             continue
         op = _op_codes(batch, "op", S.OPS)
@@ -143,7 +148,102 @@ def read_serving_result(reader: TraceReader) -> tuple[Plan, Requests, ServingRes
     area, events, preemptions, routing_s = totals[0]["values"]
     result.in_system_area, result.events = area, int(events)
     result.preemptions, result.routing_s = int(preemptions), routing_s
+    if "pools" in run:
+        result.pools = _pools(run, path)
+        result.kv = result.pools[-1].kv  # the decode pool's, as the engine reports it
+    timeline.fill(result, prompt, path)
     return plan, Requests(arrival, prompt, output), result
+
+
+class _TimelineRows:
+    """The ``serving`` rows of a trace (``kv_usage``, ``kv_transfer``), gathered batch by
+    batch (older traces have none: the result keeps ``kv_usage`` and transfers unset)."""
+
+    def __init__(self, num_requests: int):
+        self.n = num_requests
+        self.usage: list[np.ndarray] = []  # per batch: (rows, 6) replica, blocks, values
+        self.transfers: list[np.ndarray] = []  # per batch: (rows, 5) rid, src, values, bytes
+
+    @staticmethod
+    def _values(batch: pa.RecordBatch, rows: np.ndarray, width: int, path: Path) -> np.ndarray:
+        lists = batch.column("values").take(pa.array(rows))
+        flat = lists.flatten().to_numpy(zero_copy_only=False)
+        if lists.null_count or flat.size != width * rows.size:
+            raise TraceError(f"{path}: damaged trace (serving rows without their values)")
+        return flat.reshape(-1, width)
+
+    def add(self, batch: pa.RecordBatch, is_serving: np.ndarray, path: Path) -> None:
+        op = _op_codes(batch, "op", S.OPS)
+        replica = batch.column("replica").to_numpy()
+        rows = np.flatnonzero(is_serving & (op == S.OP_CODE["kv_usage"]))
+        if rows.size:
+            value = batch.column("value").to_numpy(zero_copy_only=False)[rows]
+            self.usage.append(
+                np.column_stack((replica[rows], value, self._values(batch, rows, 4, path)))
+            )
+        rows = np.flatnonzero(is_serving & (op == S.OP_CODE["kv_transfer"]))
+        if rows.size:
+            rid = batch.column("microbatch").to_numpy()[rows]
+            nbytes = batch.column("bytes").to_numpy()[rows]
+            self.transfers.append(
+                np.column_stack((rid, replica[rows], self._values(batch, rows, 3, path), nbytes))
+            )
+
+    def fill(self, result: ServingResult, prompt: np.ndarray, path: Path) -> None:
+        """Set the result's ``kv_usage`` and KV transfers from the rows gathered."""
+        if self.usage:
+            rows = np.concatenate(self.usage)
+            replica = rows[:, 0].astype(np.int32)
+            if result.pools:
+                blocks = np.concatenate(
+                    [np.full(p.replicas, p.kv.num_blocks, dtype=np.int64) for p in result.pools]
+                )
+            else:
+                blocks = np.full(result.num_replicas, result.kv.num_blocks, dtype=np.int64)
+            if blocks.size != result.num_replicas:
+                raise TraceError(f"{path}: damaged trace metadata (pools)")
+            result.kv_usage = KVUsage(
+                replica,
+                rows[:, 2].copy(),
+                rows[:, 3].copy(),
+                rows[:, 4].astype(np.int64),
+                rows[:, 5].astype(np.int64),
+                blocks,
+            )
+        if self.transfers:
+            rows = np.concatenate(self.transfers)
+            rid = rows[:, 0].astype(np.int64)
+            if rid.min() < 0 or rid.max() >= self.n or np.unique(rid).size != rid.size:
+                raise TraceError(f"{path}: damaged trace (kv_transfer request index)")
+            result.kv_transfer_ms = np.full(self.n, np.nan)
+            result.kv_transfer_ms[rid] = rows[:, 3]
+            result.kv_transfer_bytes = np.full(self.n, np.nan)
+            result.kv_transfer_bytes[rid] = rows[:, 5]
+            result.decode_replica = np.full(self.n, -1, dtype=np.int32)
+            result.decode_replica[rid] = rows[:, 4].astype(np.int32)
+        elif result.pools:  # a disaggregated run in which no request was transferred
+            result.kv_transfer_ms = np.full(self.n, np.nan)
+            result.kv_transfer_bytes = np.full(self.n, np.nan)
+            result.decode_replica = np.full(self.n, -1, dtype=np.int32)
+
+
+def _pools(run: dict[str, Any], path: Path) -> list[PoolResult]:
+    """The pools of a disaggregated run from the trace metadata."""
+    try:
+        return [
+            PoolResult(
+                str(p["role"]),
+                int(p["gpus"]),
+                int(p["stages"]),
+                int(p["replicas"]),
+                int(p["first_replica"]),
+                [int(e) for e in p["engines"]],
+                _kv({"kv_cache": p["kv_cache"]}, path),
+            )
+            for p in run["pools"]
+        ]
+    except (KeyError, TypeError, ValueError):
+        raise TraceError(f"{path}: damaged trace metadata (pools)") from None
 
 
 def _kv(run: dict[str, Any], path: Path) -> KVCapacity:
@@ -183,6 +283,7 @@ class ServingTraceAnalysis:
     replicas: list[dict[str, Any]]
     mode: str = "inference"
     requests: dict[str, np.ndarray] | None = None  # request_columns, for --plot / --perfetto
+    kv_usage: KVUsage | None = None  # the KV-cache segments, for --plot (None: not recorded)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``clustersim analyze --json`` for a serving trace."""
@@ -226,6 +327,7 @@ def analyze_serving(
         serving,
         replica_rows(res),
         requests=request_columns(res),
+        kv_usage=res.kv_usage,
     )
     if progress is not None:
         progress(1.0)
@@ -256,6 +358,11 @@ def replica_rows(res: ServingResult) -> list[dict[str, Any]]:
     window = window_ms(res)
     engine_of = {m: e for e, members in enumerate(res.engines) for m in members}
     done = ~cols["rejected"]
+    replica_blocks = [res.kv.num_blocks] * res.num_replicas
+    for p in res.pools or []:  # disaggregated: each pool's own cache
+        replica_blocks[p.first_replica : p.first_replica + p.replicas] = [
+            p.kv.num_blocks
+        ] * p.replicas
     out = []
     for r in range(res.num_replicas):
         mine = cols["replica"] == r
@@ -266,7 +373,7 @@ def replica_rows(res: ServingResult) -> list[dict[str, Any]]:
         n_out = cols["output_tokens"][ok]
         multi = n_out > 1
         tpot = (finish - first)[multi] / (n_out[multi] - 1)
-        blocks = res.kv.num_blocks
+        blocks = replica_blocks[r]
         out.append(
             {
                 "replica": r,
@@ -286,4 +393,23 @@ def replica_rows(res: ServingResult) -> list[dict[str, Any]]:
                 "kv_cache_utilization_peak_pct": 100 * float(res.kv_peak[r]) / blocks,
             }
         )
+    return out
+
+
+def kv_usage_curves(
+    usage: KVUsage, max_replicas: int = 16
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Per replica (the first ``max_replicas``): the points (time ms, use %) of its KV-cache
+    use over time, linear within a segment, dropping to 0 where its engine idled."""
+    start_pct, end_pct = usage.utilization_pct()
+    out = []
+    for r in np.unique(usage.replica)[:max_replicas]:
+        mine = np.flatnonzero(usage.replica == r)
+        t0, t1 = usage.start_ms[mine], usage.end_ms[mine]
+        u0, u1 = start_pct[mine], end_pct[mine]
+        gap = np.append(t0[1:] > t1[:-1], False)  # idle after this segment
+        times = np.column_stack((t0, t1, np.where(gap, t1, np.nan), np.append(t0[1:], np.nan)))
+        use = np.column_stack((u0, u1, np.zeros(mine.size), np.zeros(mine.size)))
+        keep = np.column_stack((np.ones((mine.size, 2), bool), gap, gap)).ravel()
+        out.append((int(r), times.ravel()[keep], use.ravel()[keep]))
     return out

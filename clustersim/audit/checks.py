@@ -211,7 +211,8 @@ def audit_disaggregated(plan: Plan) -> AuditReport:
         raw = [f for check in checks for f in check(ctx)]
         if name == "decode":  # the plan's GPUs are both pools': claimed against the sum
             raw = [f for f in raw if f.node != "claims.total_gpus"]
-        own = [_pool_finding(f, name) for f in raw]
+        limits = getattr(plan.workload.requests, name)
+        own = [_pool_finding(f, name, limits.overrides() if limits else {}) for f in raw]
         for f, pooled_f in zip(raw, own, strict=True):
             key = (f.node, f.message)
             if key in seen and pooled_f.node == f.node:  # in both pools alike: once, as is
@@ -243,16 +244,22 @@ def audit_disaggregated(plan: Plan) -> AuditReport:
     return report
 
 
-def _pool_finding(f: Finding, pool: str) -> Finding:
+def _pool_finding(f: Finding, pool: str, own_limits: dict[str, int] | None = None) -> Finding:
     """A finding of one pool's audit, in the disaggregated plan's terms: ``parallel.*`` nodes
-    and fixes under ``parallel.<pool>``, out of memory on ``parallel.<pool>``, the message
-    prefixed with the pool."""
-    node = f.node
+    and fixes under ``parallel.<pool>``, out of memory on ``parallel.<pool>``, the batch
+    limits the pool sets itself (``own_limits``) under ``workload.requests.<pool>``, the
+    message prefixed with the pool."""
+    node, fix = f.node, f.fix
     if node == "parallel" or node.startswith("parallel."):
         node = f"parallel.{pool}" + node.removeprefix("parallel")
     elif node == "hardware.memory_gib":
         node = f"parallel.{pool}"
-    fix = _PARALLEL_KNOB.sub(f"parallel.{pool}.", f.fix)
+    for key in own_limits or {}:
+        field = f"workload.requests.{key}"
+        if node == field:
+            node = f"workload.requests.{pool}.{key}"
+        fix = re.sub(rf"\b{re.escape(field)}\b", f"workload.requests.{pool}.{key}", fix)
+    fix = _PARALLEL_KNOB.sub(f"parallel.{pool}.", fix)
     return replace(f, node=node, message=f"{pool} pool: {f.message}", fix=fix)
 
 

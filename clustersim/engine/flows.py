@@ -28,7 +28,7 @@ below is its dense reference (tests hold the two equal).
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,11 +46,19 @@ class FlowSet:
     link: np.ndarray
     volume: np.ndarray
     capacity: np.ndarray
+    _order: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
         """Number of flows."""
         return len(self.start_ms)
+
+    def entry_order(self) -> np.ndarray:
+        """The entries by link, then their flow's start, ties in entry order
+        (:func:`by_link_then_start`; computed once, for the solver and the link report)."""
+        if self._order is None:
+            self._order = by_link_then_start(self.ptr, self.link, self.start_ms, len(self.capacity))
+        return self._order
 
     def flow_of_entry(self) -> np.ndarray:
         """The flow of every (flow, link) entry."""
@@ -122,11 +130,17 @@ def _event_loop_compiled(flows: FlowSet, members: np.ndarray, end: np.ndarray, p
     horizon = float(passive_start.max(initial=0.0)) + 1.0
     passive_key = passive_link + _fraction(passive_start, horizon)
     kernels.event_loop(
-        np.sort(members).astype(np.int64), ptr.astype(np.int64), flows.link.astype(np.int64),
-        volume, unit, heaviest, caps, flows.capacity.astype(np.float64),
-        flows.start_ms.astype(np.float64), passive_key, passive_flow.astype(np.int64), horizon,
+        np.sort(members).astype(np.int64), _as(ptr, np.int64), _as(flows.link, np.int64),
+        volume, unit, heaviest, caps, _as(flows.capacity, np.float64),
+        _as(flows.start_ms, np.float64), passive_key, _as(passive_flow, np.int64), horizon,
         end,
     )  # fmt: skip
+
+
+def _as(values: np.ndarray, dtype) -> np.ndarray:
+    """``values`` as a C-contiguous array of ``dtype`` (no copy when it already is one: the
+    kernels only read it)."""
+    return np.ascontiguousarray(values, dtype=dtype)
 
 
 def by_link_then_start(
@@ -164,14 +178,11 @@ class _LinkIndex:
 
     def __init__(self, flows: FlowSet, end: np.ndarray):
         self.size = flows.size
-        order = by_link_then_start(flows.ptr, flows.link, flows.start_ms, len(flows.capacity))
-        entry_flow = flows.flow_of_entry()
-        start = flows.start_ms[entry_flow]
+        order = flows.entry_order()
         self.link = flows.link[order]
-        self.start = start[order]
-        self.flow = entry_flow[order]
+        self.flow = flows.flow_of_entry()[order]
+        self.start = flows.start_ms[self.flow]
         self.stop = end[self.flow]
-        self.starts = flows.start_ms
 
     def overlapping(self) -> np.ndarray:
         """Flows whose interval overlaps another flow's on a shared link."""

@@ -15,21 +15,23 @@ Links (capacities per direction, bytes/ms = GB/s x 1e6):
   ``non_blocking`` has no uplinks.
 
 Flows: every collective instance (an EP all-to-all of one group, a DP/EDP gradient bucket of
-one group, the distributed optimizer's parameter all-gather, a pipeline send) is one flow: its
-fixed time (latencies, launch; ``costs.comm`` with an empty buffer) runs first and unshared,
-then its transfer puts its bytes on the links of its route: same-domain bytes on the domain's
-NVLink ports, cross-domain bytes on the sender's NIC (tx) and the receiver's (rx), and the share
-leaving a leaf (pod) group on its uplinks. For collectives given as per-GPU bytes (ring, tree,
-hierarchical) every GPU's network bytes are spread evenly over the group's other nodes; the
-all-to-all-v uses its send matrix. Volumes are scaled so that a flow alone saturates its
-bottleneck link in exactly the transfer time of ``costs.comm``: alone, every collective takes
-exactly today's alpha-beta time; beside others it takes longer (``engine.flows``, max-min).
+one group, the distributed optimizer's parameter all-gather, a ZeRO-2/3 per-layer all-gather or
+reduce-scatter step of one shard group, a lane's TP or expert-TP collective, a pipeline send)
+is one flow: its fixed time (latencies, launch; ``costs.comm`` with an empty buffer) runs first
+and unshared, then its transfer puts its bytes on the links of its route: same-domain bytes on
+the domain's NVLink ports, cross-domain bytes on the sender's NIC (tx) and the receiver's (rx),
+and the share leaving a leaf (pod) group on its uplinks. For collectives given as per-GPU
+bytes (ring, tree, hierarchical) every GPU's network bytes are spread evenly over the group's
+other nodes; the all-to-all-v uses its send matrix. Volumes are scaled so that a flow alone
+saturates its bottleneck link in exactly the transfer time of ``costs.comm``: alone, every
+collective takes exactly today's alpha-beta time; beside others it takes longer
+(``engine.flows``, max-min).
 
 Which collectives overlap is the engine's schedule: a first pass records every flow at its
 scheduled start, the fluid solver gives each its delay, and a second pass runs the same
 iteration with every collective lengthened by its delay (one fixed-point step: the delays are
-those of the first pass's overlaps). TP and expert-TP collectives are not flows (they stay on
-their lane's NVLink, alone).
+those of the first pass's overlaps). Batches of flows are recorded in CSR form
+(:class:`Routes`), so recording costs a few array appends per batch.
 """
 
 from __future__ import annotations
@@ -45,7 +47,33 @@ from clustersim.engine.flows import FlowSet, by_link_then_start, flow_max, solve
 from clustersim.spec.schema import HardwareSpec
 
 GB = 1e6  # bytes per ms in one GB/s
-KINDS = ("ep_a2a", "dp_grad", "pp_send", "param_gather")
+KINDS = ("ep_a2a", "dp_grad", "pp_send", "param_gather", "tp_comm", "etp_comm")
+
+
+@dataclass(frozen=True)
+class Routes:
+    """The routes of a batch of flows in CSR form: flow ``i`` puts ``volume[o_i:o_i+count[i]]``
+    bytes on links ``link[o_i:o_i+count[i]]`` (``o_i`` = the counts before it)."""
+
+    link: np.ndarray  # (k,) int64
+    volume: np.ndarray  # (k,) bytes
+    count: np.ndarray  # (flows,) int64
+
+    @classmethod
+    def of(cls, routes: list[tuple[np.ndarray, np.ndarray]]) -> Routes:
+        """From one (links, bytes) pair per flow."""
+        if not routes:
+            return cls(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64))
+        return cls(
+            np.concatenate([np.asarray(r[0], np.int64) for r in routes]),
+            np.concatenate([np.asarray(r[1], np.float64) for r in routes]),
+            np.array([len(r[0]) for r in routes], dtype=np.int64),
+        )
+
+    @property
+    def size(self) -> int:
+        """Number of flows."""
+        return len(self.count)
 
 
 @dataclass
@@ -108,6 +136,7 @@ class Links:
                 self.pod_down0 = add("pod_down", pods, "uplink", pod_up)
         self.names, self.kinds = names, kinds
         self.capacity = np.array(caps)
+        self._parts: dict[bytes, list] = {}  # matrix_volumes' structure per group of ranks
 
     def nic_of(self, ranks: np.ndarray) -> np.ndarray:
         """The NIC (global index) each rank sends through (rail: local GPU -> NIC)."""
@@ -122,39 +151,55 @@ class Links:
         send = np.array(send, dtype=np.float64)
         n = len(ranks)
         send[:, np.arange(n), np.arange(n)] = 0.0
+        parts: list[np.ndarray] = []
+        links: list[np.ndarray] = []
+        for mask, keep_inside, (tx_links, tx_sum), (rx_links, rx_sum) in self._matrix_parts(ranks):
+            part = np.where(mask, send, 0.0) if keep_inside else np.where(mask, 0.0, send)
+            parts.append(part.sum(axis=2) @ tx_sum)
+            parts.append(part.sum(axis=1) @ rx_sum)
+            links.extend((tx_links, rx_links))
+        link = np.concatenate(links)
+        volumes = np.concatenate(parts, axis=1)
+        keep = volumes.max(axis=0) > 0
+        return link[keep], volumes[:, keep]
+
+    def _matrix_parts(self, ranks: np.ndarray) -> list:
+        """Per kind of link a send matrix loads (NVLink inside a domain, NICs across
+        domains, uplinks out of a leaf / pod group): the mask of its (sender, receiver) pairs,
+        whether the pairs inside it (True) or outside it count, and for the senders (tx) and
+        receivers (rx) the links and the 0/1 matrix summing per-rank bytes onto them. Cached
+        per group of ranks (every layer's all-to-all of a group has the same structure)."""
+        cache_key = ranks.tobytes()
+        found = self._parts.get(cache_key)
+        if found is not None:
+            return found
         node = ranks // self.gpn
         dom = ranks // self.domain
         same = dom[:, None] == dom[None, :]
-        parts: list[tuple[np.ndarray, np.ndarray]] = []
-        inside = np.where(same, send, 0.0)
-        parts.append(self._by(ranks, inside.sum(axis=2), self.nvl_tx0))
-        parts.append(self._by(ranks, inside.sum(axis=1), self.nvl_rx0))
-        cross = np.where(same, 0.0, send)
         nic = self.nic_of(ranks)
-        parts.append(self._by(nic, cross.sum(axis=2), self.nic_tx0))
-        parts.append(self._by(nic, cross.sum(axis=1), self.nic_rx0))
+        found = [
+            (same, True, self._by(ranks, self.nvl_tx0), self._by(ranks, self.nvl_rx0)),
+            (same, False, self._by(nic, self.nic_tx0), self._by(nic, self.nic_rx0)),
+        ]
         if self.leaf_nodes:
             leaf = node // self.leaf_nodes
-            out = np.where(leaf[:, None] != leaf[None, :], send, 0.0)
-            parts.append(self._by(leaf, out.sum(axis=2), self.up0))
-            parts.append(self._by(leaf, out.sum(axis=1), self.down0))
+            out = leaf[:, None] != leaf[None, :]
+            found.append((out, True, self._by(leaf, self.up0), self._by(leaf, self.down0)))
         if self.pod_nodes:
             pod = node // self.pod_nodes
-            out = np.where(pod[:, None] != pod[None, :], send, 0.0)
-            parts.append(self._by(pod, out.sum(axis=2), self.pod_up0))
-            parts.append(self._by(pod, out.sum(axis=1), self.pod_down0))
-        links = np.concatenate([p[0] for p in parts])
-        volumes = np.concatenate([p[1] for p in parts], axis=1)
-        keep = volumes.max(axis=0) > 0
-        return links[keep], volumes[:, keep]
+            out = pod[:, None] != pod[None, :]
+            found.append((out, True, self._by(pod, self.pod_up0), self._by(pod, self.pod_down0)))
+        self._parts[cache_key] = found
+        return found
 
     @staticmethod
-    def _by(key: np.ndarray, per_rank: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sum per-rank values (B, n) by ``key`` (n,): (link ids, (B, k))."""
+    def _by(key: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray]:
+        """The links ``base + unique(key)`` and the (n, k) 0/1 matrix that sums per-rank
+        values (B, n) onto them by ``key`` (n,)."""
         unique, inverse = np.unique(key, return_inverse=True)
         onehot = np.zeros((len(key), len(unique)))
         onehot[np.arange(len(key)), inverse] = 1.0
-        return base + unique, per_rank @ onehot
+        return base + unique, onehot
 
     def group_volumes(
         self, ranks, intra_per_gpu: float, inter_per_gpu: float
@@ -176,10 +221,24 @@ class Links:
         return links, volumes[0]
 
     def p2p_volumes(self, src: int, dst: int, nbytes: float) -> tuple[np.ndarray, np.ndarray]:
-        """Link volumes of one send of ``nbytes`` from rank ``src`` to rank ``dst``."""
-        send = np.array([[[0.0, nbytes], [0.0, 0.0]]])
-        links, volumes = self.matrix_volumes(np.array([src, dst]), send)
-        return links, volumes[0]
+        """Link volumes of one send of ``nbytes`` from rank ``src`` to rank ``dst`` (the
+        links ``matrix_volumes`` gives the 2 x 2 matrix of that send, in its order)."""
+        if nbytes <= 0:
+            return np.zeros(0, np.int64), np.zeros(0)
+        if src // self.domain == dst // self.domain:
+            links = [self.nvl_tx0 + src, self.nvl_rx0 + dst]
+        else:
+            nic_src, nic_dst = self.nic_of(np.array([src, dst])).tolist()
+            links = [self.nic_tx0 + nic_src, self.nic_rx0 + nic_dst]
+        node_src, node_dst = src // self.gpn, dst // self.gpn
+        tiers = [(self.leaf_nodes, "up0", "down0"), (self.pod_nodes, "pod_up0", "pod_down0")]
+        for size, up, down in tiers:  # leaving a leaf (pod) group: its uplinks
+            if size and node_src // size != node_dst // size:
+                links += [
+                    getattr(self, up) + node_src // size,
+                    getattr(self, down) + node_dst // size,
+                ]
+        return np.array(links, dtype=np.int64), np.full(len(links), float(nbytes))
 
 
 class Network:
@@ -199,7 +258,7 @@ class Network:
         self._latency: list[np.ndarray] = []
         self._transfer: list[np.ndarray] = []
         self._lanes: list[np.ndarray] = []
-        self._routes: list[tuple[np.ndarray, np.ndarray]] = []  # per flow: links, bytes
+        self._routes: list[Routes] = []  # per batch
         self.report: NetworkReport | None = None
 
     def next_key(self, *key: Any) -> tuple:
@@ -216,16 +275,19 @@ class Network:
         start_ms: np.ndarray,
         duration_ms: np.ndarray,
         latency_ms: np.ndarray,
-        routes: list[tuple[np.ndarray, np.ndarray]],
+        routes: list[tuple[np.ndarray, np.ndarray]] | Routes,
         lanes: np.ndarray,
     ) -> np.ndarray:
-        """A batch of collectives (one flow each): record them (first pass) or return their
-        durations lengthened by their delays (second pass)."""
+        """A batch of collectives (one flow each; ``routes``: one (links, bytes) pair per
+        flow, or :class:`Routes`): record them (first pass) or return their durations
+        lengthened by their delays (second pass)."""
         duration_ms = np.asarray(duration_ms, dtype=np.float64)
         if self.delays is not None:
             delay = self.delays.get(key)
             return duration_ms if delay is None else duration_ms + delay
-        size = len(routes)
+        if not isinstance(routes, Routes):
+            routes = Routes.of(routes)
+        size = routes.size
         self._key.append(key)
         self._batch.append(size)
         self._kind.append(kind)
@@ -234,7 +296,7 @@ class Network:
         self._latency.append(latency)
         self._transfer.append(np.maximum(duration_ms - latency, 0.0))
         self._lanes.append(_vector(lanes, size))
-        self._routes.extend(routes)
+        self._routes.append(routes)
         return duration_ms
 
     def collective(
@@ -270,16 +332,22 @@ class Network:
         if self.delays is not None:
             return self.flows(key, "pp_send", start_ms, duration_ms, 0.0, [], 1)
         nbytes = np.broadcast_to(np.asarray(nbytes, np.float64), (len(pairs),))
-        routes, latency = [], []
-        for (src, dst), b in zip(pairs, nbytes.tolist(), strict=True):
-            found = self._cache.get(("p2p", src, dst))
-            if found is None:
-                links, unit = self.links.p2p_volumes(src, dst, 1.0)
-                fixed = p2p_link([src, dst], self.hw.gpus_per_node, self.hw).latency_us * 1e-3
-                found = self._cache[("p2p", src, dst)] = (links, unit, fixed)
-            routes.append((found[0], found[1] * b))
-            latency.append(found[2])
-        return self.flows(key, "pp_send", start_ms, duration_ms, np.array(latency), routes, 1)
+        unit, latency = self._send_routes(pairs)
+        routes = Routes(unit.link, unit.volume * np.repeat(nbytes, unit.count), unit.count)
+        return self.flows(key, "pp_send", start_ms, duration_ms, latency, routes, 1)
+
+    def _send_routes(self, pairs: list[list[int]]) -> tuple[Routes, np.ndarray]:
+        """The routes of one byte sent between each pair, and each send's fixed time (ms);
+        cached by the pairs."""
+        cache_key = ("p2p", tuple(map(tuple, pairs)))
+        found = self._cache.get(cache_key)
+        if found is None:
+            routes, latency = [], []
+            for src, dst in pairs:
+                routes.append(self.links.p2p_volumes(src, dst, 1.0))
+                latency.append(p2p_link([src, dst], self.hw.gpus_per_node, self.hw).latency_us)
+            found = self._cache[cache_key] = (Routes.of(routes), np.array(latency) * 1e-3)
+        return found
 
     # ---- solving -----------------------------------------------------------------------------
     def solve(self, lanes_total: int, iteration_ms: float) -> NetworkReport:
@@ -289,10 +357,11 @@ class Network:
         transfer = np.concatenate(self._transfer) if self._transfer else np.zeros(0)
         lanes = np.concatenate(self._lanes) if self._lanes else np.zeros(0)
         cap = self.links.capacity
-        counts = np.array([len(r[0]) for r in self._routes], dtype=np.int64)
+        routes = self._routes
+        counts = np.concatenate([r.count for r in routes]) if routes else np.zeros(0, np.int64)
         ptr = np.r_[0, np.cumsum(counts)]
-        link = np.concatenate([r[0] for r in self._routes]) if self._routes else np.zeros(0, int)
-        raw = np.concatenate([r[1] for r in self._routes]) if self._routes else np.zeros(0)
+        link = np.concatenate([r.link for r in routes]) if routes else np.zeros(0, np.int64)
+        raw = np.concatenate([r.volume for r in routes]) if routes else np.zeros(0)
         entry_flow = np.repeat(np.arange(len(counts)), counts)
         # scale every flow so that alone it saturates its bottleneck NVLink port or NIC in
         # its alpha-beta transfer time; uplinks (which costs.comm does not know) may bind more
@@ -303,7 +372,8 @@ class Network:
         scale = np.where(ok, transfer / np.where(ok, bottleneck, 1.0), 0.0)
         volume = raw * scale[entry_flow]
         t0 = starts + latency
-        end = solve(FlowSet(t0, transfer, ptr, link, volume, cap))
+        flow_set = FlowSet(t0, transfer, ptr, link, volume, cap)
+        end = solve(flow_set)
         delay = end - (t0 + transfer)
         delay[delay <= 1e-9 * (t0 + transfer)] = 0.0  # rounding, not sharing
         self.delays = {}
@@ -313,7 +383,7 @@ class Network:
             pos += size
         self.report = NetworkReport.build(
             self.links, self._kind, self._batch, t0, end, delay, lanes, lanes_total,
-            link, raw, ptr, need, iteration_ms,
+            link, raw, ptr, need, iteration_ms, flow_set.entry_order(),
         )  # fmt: skip
         return self.report
 
@@ -329,10 +399,11 @@ class NetworkReport:
     @classmethod
     def build(
         cls, links: Links, kinds, batches, t0, end, delay, lanes, lanes_total, link, raw,
-        ptr, need, iteration_ms,
+        ptr, need, iteration_ms, order=None,
     ) -> NetworkReport:  # fmt: skip
         """Aggregate solved flows per kind and per link (flow ``f``'s entries: ``ptr[f]:
-        ptr[f+1]`` of ``link``, ``raw``, ``need``)."""
+        ptr[f+1]`` of ``link``, ``raw``, ``need``; ``order``: the entries by link, then
+        start, when known)."""
         entry_flow = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
         kind_code = np.array([KINDS.index(k) for k in kinds], dtype=np.int64)
         flow_kind = np.repeat(kind_code, batches) if kinds else np.zeros(0, dtype=np.int64)
@@ -352,15 +423,13 @@ class NetworkReport:
         contention = np.bincount(bottleneck[has], weights=delay[has], minlength=num_links)
         out = []
         # every link's flows by start (ties in entry order): each link's union in one pass
-        order = by_link_then_start(ptr, link, t0, num_links)
-        flows_by = entry_flow[order]
-        start_by, end_by = t0[flows_by], end[flows_by]
-        bounds = np.searchsorted(link[order], np.arange(num_links + 1))
+        if order is None:
+            order = by_link_then_start(ptr, link, t0, num_links)
+        intervals, bounds = _unions_by_link(link[order], entry_flow[order], t0, end, num_links)
         used = np.flatnonzero(bytes_per_link > 0)
         for ln in used.tolist():
-            a, b = bounds[ln], bounds[ln + 1]
-            intervals = _union_sorted(start_by[a:b], end_by[a:b])
-            busy = float((intervals[:, 1] - intervals[:, 0]).sum())
+            busy_intervals = intervals[bounds[ln] : bounds[ln + 1]]
+            busy = float((busy_intervals[:, 1] - busy_intervals[:, 0]).sum())
             out.append(
                 LinkReport(
                     links.names[ln],
@@ -368,7 +437,7 @@ class NetworkReport:
                     float(bytes_per_link[ln]),
                     busy,
                     float(contention[ln]),
-                    intervals,
+                    busy_intervals,
                 )  # fmt: skip
             )
         del iteration_ms
@@ -397,10 +466,30 @@ def _vector(value, size: int) -> np.ndarray:
     return np.array(value, dtype=np.float64)
 
 
-def _union_sorted(s: np.ndarray, e: np.ndarray) -> np.ndarray:
-    """Union of intervals given sorted by start, as a sorted (k, 2) array."""
-    run_end = np.maximum.accumulate(e)
-    new = np.r_[True, s[1:] > run_end[:-1]]
-    idx = np.flatnonzero(new)
-    stops = np.r_[run_end[idx[1:] - 1], run_end[-1]] if len(s) else np.zeros(0)
-    return np.stack([s[idx], stops], axis=1) if len(s) else np.zeros((0, 2))
+def _unions_by_link(
+    link_s: np.ndarray, flow_s: np.ndarray, start: np.ndarray, end: np.ndarray, num_links: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every link's busy time as a union of intervals: entries given by link, then start
+    (``link_s``, and the flow of each, ``flow_s``; flow ``f`` busy from ``start[f]`` to
+    ``end[f]``). Returns the (k, 2) intervals, sorted by link then start, and where each
+    link's begin (``bounds[l]:bounds[l+1]``, (num_links + 1,)).
+
+    One pass over all entries: a new interval begins where a link begins or an entry starts
+    after every earlier entry of its link has ended (the running maximum of the ends within
+    the link, taken exactly on the ends' ranks)."""
+    n = len(link_s)
+    if n == 0:
+        return np.zeros((0, 2)), np.zeros(num_links + 1, dtype=np.int64)
+    by_end = np.argsort(end, kind="stable")
+    rank = np.empty(len(end), dtype=np.int64)
+    rank[by_end] = np.arange(len(end))
+    new_link = np.r_[True, link_s[1:] != link_s[:-1]]
+    offset = (np.cumsum(new_link) - 1) * len(end)  # each link above every earlier one
+    run_end = end[by_end][np.maximum.accumulate(rank[flow_s] + offset) - offset]
+    start_s = start[flow_s]
+    new = new_link
+    new[1:] |= start_s[1:] > run_end[:-1]
+    first = np.flatnonzero(new)
+    stops = run_end[np.r_[first[1:] - 1, n - 1]]
+    intervals = np.stack([start_s[first], stops], axis=1)
+    return intervals, np.searchsorted(link_s[first], np.arange(num_links + 1))

@@ -27,18 +27,26 @@ and TPOT p99 at that rate.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from clustersim.audit.checks import audit
 from clustersim.audit.fixes import with_parallel
 from clustersim.explore.backends import default_workers, run_tasks
 from clustersim.explore.capacity import NoSlo, find_capacity
-from clustersim.explore.search import SearchError, cluster_plan
+from clustersim.explore.search import (
+    DONE,
+    SearchError,
+    base_fingerprint,
+    cluster_plan,
+)
 from clustersim.run.evaluate import evaluate
 from clustersim.spec.schema import ParallelSpec, Plan
 
@@ -60,6 +68,11 @@ RESULT_KEYS = (
     "limiting_slo",
     "probes",
 )
+# what a candidate's simulation adds to its row: a resumed search takes them from the table
+SIM_FIELDS = ("status", "reason", *RESULT_KEYS, "feasible", "errors")
+TABLE_KEYS = ("index", "candidate_id", "status", "reason", *PARAM_KEYS, *RESULT_KEYS,
+              "feasible", "errors", "rank", "pareto")  # fmt: skip
+TABLE_VERSION = "1"  # metadata ``clustersim_serving_search`` of the table
 
 
 @dataclass(frozen=True)
@@ -276,6 +289,8 @@ class ServingSearchResult:
     wall_s: float = 0.0
     workers: int = 1
     counts: dict[str, int] = field(default_factory=dict)
+    resumed: int = 0  # candidates taken from the table of an earlier search (resume)
+    table: str | None = None  # the Parquet table written (``out``)
 
     @property
     def metric(self) -> str:
@@ -315,6 +330,7 @@ class ServingSearchResult:
             "summary": {
                 "candidates": len(self.rows),
                 **self.counts,
+                "resumed": self.resumed,
                 "wall_s": self.wall_s,
                 "workers": self.workers,
             },  # fmt: skip
@@ -371,9 +387,22 @@ def serving_search(
     seed: int | None = None,
     backend: str = "local",
     progress: Callable[[int, int], None] | None = None,
+    out: Path | str | None = None,
+    resume: bool = False,
+    inputs=(),
+    flush_s: float = 2.0,
 ) -> ServingSearchResult:
     """Search the deployments of serving plan ``base`` on ``gpus`` GPUs (module docstring).
-    Raises :class:`SearchError` for a bad objective or a plan without per-request SLOs."""
+
+    With ``out``, every candidate's row goes to that Parquet table (:func:`write_serving_table`),
+    rewritten atomically as results arrive (at most every ``flush_s`` seconds, and at the end,
+    also when interrupted). ``limit`` bounds the candidates simulated by this call (the rest
+    stay ``pending``); ``resume=True`` takes the finished candidates of an existing ``out``
+    (matched by ``candidate_id``, a hash of the knobs) instead of simulating them again, as the
+    training search does: the table ends up the same as one uninterrupted search's. The table
+    must have been written for the same base plan (cluster, seed), objective and ``attain``.
+    Raises :class:`SearchError` for a bad objective, a plan without per-request SLOs or a
+    table of another search (``spec.outputs.OutputError`` for an unusable ``out``)."""
     if objective not in OBJECTIVES:
         raise SearchError(
             f"objective {objective!r}: a serving search ranks by {' or '.join(OBJECTIVES)}"
@@ -394,11 +423,23 @@ def serving_search(
         space = ServingSpace(**{**space.__dict__, "gpus": gpus})
     base = cluster_plan(base, gpus, seed)
     workers = workers or default_workers()
+    path = None
+    if out is not None:
+        from clustersim.spec.outputs import check_output
+
+        path = check_output(out, inputs)
+    meta = {
+        "clustersim_serving_search": TABLE_VERSION,
+        "base_fingerprint": base_fingerprint(base),
+        "objective": objective,
+        "attain": repr(float(attain)),
+    }
     rows = []
     for params in enumerate_serving(base, space):
         plan = serving_candidate_plan(base, params)
         report = audit(plan)
-        row = {**params, "rank": None, "pareto": False, "feasible": False}
+        row = {**params, "candidate_id": serving_candidate_id(params), "rank": None,
+               "pareto": False, "feasible": False}  # fmt: skip
         errors = [f for f in report.findings if f.severity == "error"]
         if errors:
             row["status"] = "invalid"
@@ -406,6 +447,9 @@ def serving_search(
         else:
             row["status"] = "pending"
         rows.append(row)
+    resumed = 0
+    if resume and path is not None and path.exists():
+        resumed = _resume_rows(path, rows, meta)
     todo = [r for r in rows if r["status"] == "pending"]
     if limit is not None:
         todo = todo[: max(0, limit)]
@@ -421,32 +465,117 @@ def serving_search(
         for r in todo
     ]
     by_index = {str(r["index"]): r for r in rows}
+    result = ServingSearchResult(base, objective, attain, rows, workers=workers)
+
+    def save() -> None:
+        if path is not None:
+            _rank(rows, result.metric)
+            write_serving_table(path, result, inputs, meta)
+
+    save()
+    last_flush = time.perf_counter()
     results = run_tasks(tasks, workers, backend, evaluate_serving_candidate)
     try:
-        for done, (key, result) in enumerate(results, 1):
-            by_index[key].update(result)
+        for done, (key, found) in enumerate(results, 1):
+            by_index[key].update(found)
             if progress is not None:
                 progress(done, len(tasks))
+            if time.perf_counter() - last_flush >= flush_s:
+                save()
+                last_flush = time.perf_counter()
     finally:
         results.close()
-    out = ServingSearchResult(base, objective, attain, rows, workers=workers)
-    _rank(rows, out.metric)
+        save()
+    _rank(rows, result.metric)
     for row in rows:
-        out.counts[row["status"]] = out.counts.get(row["status"], 0) + 1
-    out.wall_s = time.perf_counter() - started
-    return out
+        result.counts[row["status"]] = result.counts.get(row["status"], 0) + 1
+    result.resumed = resumed
+    result.table = None if path is None else str(path)
+    result.wall_s = time.perf_counter() - started
+    return result
 
 
-def write_serving_table(path, result: ServingSearchResult, inputs=()) -> None:
-    """Every candidate's row (knobs, status, capacity or goodput, latencies, rank) as a
-    Parquet table, written atomically."""
+def serving_candidate_id(params: dict[str, Any]) -> str:
+    """A stable id of a candidate's knobs (independent of enumeration order and base plan)."""
+    text = json.dumps({k: params.get(k) for k in PARAM_KEYS}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _resume_rows(path: Path, rows: list[dict[str, Any]], meta: dict[str, str]) -> int:
+    """Copy the finished candidates of the table at ``path`` into ``rows`` (still pending
+    there); returns how many. :class:`SearchError` for a table of another search."""
+    old_rows, old_meta = read_serving_table(path)
+    for key, what in (
+        ("base_fingerprint", "base plan, cluster or seed"),
+        ("objective", "objective"),
+        ("attain", "--attain"),
+    ):
+        if old_meta.get(key) != meta[key]:
+            raise SearchError(
+                f"{path} was written for another {what}; drop --resume to start over, or use "
+                "another --output"
+            )
+    by_id = {r["candidate_id"]: r for r in rows}
+    resumed = 0
+    for old in old_rows:
+        row = by_id.get(old["candidate_id"])
+        if row is not None and row["status"] == "pending" and old["status"] in DONE:
+            row.update({k: old.get(k) for k in SIM_FIELDS})
+            resumed += 1
+    return resumed
+
+
+def read_serving_table(path: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Rows and metadata of a serving search table."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same message
+        raise SearchError(f"{path}: not a readable search table ({exc})") from None
+    try:
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    except UnicodeDecodeError:
+        raise SearchError(f"{path}: unreadable metadata (not UTF-8)") from None
+    missing = [c for c in TABLE_KEYS if c not in table.column_names]
+    if meta.get("clustersim_serving_search") != TABLE_VERSION or missing:
+        raise SearchError(
+            f"{path}: not a serving search table of this version; drop --resume to start "
+            "over, or use another --output"
+        )
+    return table.to_pylist(), meta
+
+
+def _table_schema():
+    import pyarrow as pa
+
+    strings = {"candidate_id", "status", "reason", "split", "limiting_slo", "errors"}
+    bools = {"chunked_prefill", "feasible", "pareto"}
+    floats = {k for k in RESULT_KEYS if k not in ("limiting_slo", "probes")}
+
+    def typ(key: str):
+        if key in strings:
+            return pa.string()
+        if key in bools:
+            return pa.bool_()
+        return pa.float64() if key in floats else pa.int64()
+
+    return pa.schema([(k, typ(k)) for k in TABLE_KEYS])
+
+
+def write_serving_table(path, result: ServingSearchResult, inputs=(), meta=None) -> None:
+    """Every candidate's row (``candidate_id``, knobs, status, capacity or goodput,
+    latencies, rank; pending ones too) as a Parquet table with ``meta`` as its metadata,
+    written atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from clustersim.spec.outputs import atomic_output
 
-    keys = ("index", "status", "reason", *PARAM_KEYS, *RESULT_KEYS, "feasible", "errors",
-            "rank", "pareto")  # fmt: skip
-    table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in result.rows])
+    schema = _table_schema().with_metadata(
+        {k.encode(): v.encode() for k, v in (meta or {}).items()}
+    )
+    rows = [{k: r.get(k) for k in TABLE_KEYS} for r in result.rows]
+    table = pa.Table.from_pylist(rows, schema=schema)
     with atomic_output(path, inputs) as tmp:
         pq.write_table(table, tmp)

@@ -230,10 +230,11 @@ def simulate_traced(
     progress: Callable[[float], None] | None,
     path: Path,
     network: Network | None = None,
+    reuse: TrainingSim | None = None,
 ) -> tuple[SimResult, Recorder, dict]:
-    """Run the engine with every row streamed into a trace at ``path`` (written atomically).
-    Returns the result, the recorder of its rows and ``{"path", "rows", "bytes"}`` of the
-    trace."""
+    """Run the engine with every row streamed into a trace at ``path`` (written atomically;
+    ``reuse``: an earlier pass whose tables the engine reads, ``TrainingSim``). Returns the
+    result, the recorder of its rows and ``{"path", "rows", "bytes"}`` of the trace."""
     layout = Layout(plan)
     num_groups = len(layout.groups("ep")) if plan.model.moe else 0
     lanes = make_lanes(layout, 1 if symmetric else plan.parallel.dp)
@@ -250,7 +251,8 @@ def simulate_traced(
         sink.workload(seq_lens)
         recording = RecordingRouting(routing, num_groups, sink) if routing is not None else None
         rec = Recorder(plan.parallel.world_size, sink=sink.events)
-        result = TrainingSim(plan, rec, seq_lens, recording, symmetric, progress, network).run()
+        sim = TrainingSim(plan, rec, seq_lens, recording, symmetric, progress, network, reuse)
+        result = sim.run()
         rec.flush()  # the last rows reach the trace; nothing is recorded after the run
         sink.summary(result, rec.rank_idle_ms)
         if report is not None:
@@ -265,7 +267,7 @@ def simulate_traced(
 # ---- writing ---------------------------------------------------------------------------------
 def serving_run_metadata(plan: Plan, result: ServingResult) -> dict[str, Any]:
     """The ``clustersim.run`` metadata of a serving trace."""
-    return {
+    out = {
         "mode": "inference",
         "time_unit": "s",
         "num_requests": int(result.arrival_ms.size),
@@ -278,6 +280,20 @@ def serving_run_metadata(plan: Plan, result: ServingResult) -> dict[str, Any]:
         "clustersim_version": __version__,
         "created_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+    if result.pools:  # disaggregated: what the metrics need to count each pool's GPUs
+        out["pools"] = [
+            {
+                "role": p.role,
+                "gpus": p.gpus,
+                "stages": p.stages,
+                "replicas": p.replicas,
+                "first_replica": p.first_replica,
+                "engines": list(p.engines),
+                "kv_cache": dataclasses.asdict(p.kv),
+            }
+            for p in result.pools
+        ]
+    return out
 
 
 def _s(ms: float) -> float | None:
@@ -328,6 +344,7 @@ def write_serving_trace(path: Path, plan: Plan, result: ServingResult) -> dict[s
                 value=float(book.preemptions[i]),
                 values=np.array([t0, first, finish, book.first_scheduled_ms[i]]),
             )
+        write_kv_rows(writer, result)
         for e, stats in enumerate(result.engine_stats):
             add(
                 "summary",
@@ -365,3 +382,53 @@ def write_serving_trace(path: Path, plan: Plan, result: ServingResult) -> dict[s
             ),
         )
     return {"path": str(path), "rows": writer.rows_written, "bytes": writer.bytes_written}
+
+
+def write_kv_rows(writer: TraceWriter, result: ServingResult) -> None:
+    """The ``serving`` rows of a run: its KV-cache segments (``kv_usage``, when recorded) and
+    its KV transfers (``kv_transfer``, disaggregated runs), in batches of the writer's size."""
+    usage, step = result.kv_usage, 1 << 16
+    if usage is not None:
+        for i in range(0, usage.num_segments, step):
+            part = slice(i, i + step)
+            n = usage.replica[part].size
+            minus_one = np.full(n, -1)
+            writer.add_rows(
+                "serving",
+                "kv_usage",
+                layer=minus_one,
+                microbatch=minus_one,
+                group=minus_one,
+                replica=usage.replica[part],
+                value=usage.blocks[usage.replica[part]].astype(np.float64),
+                values=np.column_stack(
+                    (
+                        usage.start_ms[part],
+                        usage.end_ms[part],
+                        usage.used_start[part],
+                        usage.used_end[part],
+                    )
+                ),
+                start_s=usage.start_ms[part] / 1e3,
+                end_s=usage.end_ms[part] / 1e3,
+            )
+    if result.kv_transfer_ms is None:
+        return
+    rids = np.flatnonzero(~np.isnan(result.kv_transfer_ms))
+    for i in range(0, rids.size, step):
+        ids = rids[i : i + step]
+        start = np.asarray(result.book.first_token_ms, dtype=np.float64)[ids]
+        ms = result.kv_transfer_ms[ids]
+        minus_one = np.full(ids.size, -1)
+        writer.add_rows(
+            "serving",
+            "kv_transfer",
+            layer=minus_one,
+            microbatch=ids,
+            group=minus_one,
+            replica=np.asarray(result.book.replica, dtype=np.int64)[ids],
+            values=np.column_stack((start, ms, result.decode_replica[ids])),
+            start_s=start / 1e3,
+            end_s=(start + ms) / 1e3,
+            nbytes=result.kv_transfer_bytes[ids],
+        )

@@ -17,6 +17,7 @@ from clustersim.audit.checks import AuditReport, audit
 from clustersim.audit.findings import Finding
 from clustersim.audit.judge import SERVING_FIX, judge, report_dict, still_unchecked
 from clustersim.engine.serving.disagg import POOLS, DisaggregatedSim
+from clustersim.engine.serving.kv_usage import collect_kv_usage, record_kv_usage
 from clustersim.engine.serving.moe_table import MoEStepTable
 from clustersim.engine.serving.requests import Requests, make_requests
 from clustersim.engine.serving.sim import (
@@ -133,7 +134,9 @@ def simulate_serving(
     else:
         check_serving_supported(plan, report.layout)
         sim = ServingSim(plan, requests, progress, table=table, limits=limits)
+    record_kv_usage(sim)
     result = sim.run()
+    result.kv_usage = collect_kv_usage(sim)
     wall_s = time.perf_counter() - started
     metrics = serving_metrics(plan, result)
     findings = list(report.findings) + judge(plan, metrics, SERVING_FIX)

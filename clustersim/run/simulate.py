@@ -117,18 +117,20 @@ def network_delays(
     routing: RoutingSource | None,
     symmetric: bool,
     progress: Callable[[float], None] | None = None,
-) -> Network | None:
+) -> tuple[Network | None, TrainingSim | None]:
     """With ``hardware.topology``: a first pass of the iteration that records every
     collective as a flow, solved on the shared links; the returned network holds each
-    collective's delay for the pass that counts (``engine.network``). None without one."""
+    collective's delay for the pass that counts (``engine.network``), and the first pass's
+    engine its tables for that pass (``TrainingSim(reuse=...)``). (None, None) without one."""
     if plan.hardware.topology is None:
-        return None
+        return None, None
     net = Network(plan.hardware, plan.parallel.world_size)
     scratch = Tally(plan.parallel.world_size)  # its rows are never read
     half = (lambda f: progress(f / 2)) if progress else None
-    first = TrainingSim(plan, scratch, seq_lens, routing, symmetric, half, net).run()
+    sim = TrainingSim(plan, scratch, seq_lens, routing, symmetric, half, net)
+    first = sim.run()
     net.solve(len(first.lanes), first.iteration_time_ms)
-    return net
+    return net, sim
 
 
 def contention_metrics(net: Network | None) -> dict[str, Any]:
@@ -158,15 +160,16 @@ def simulate_workload(
     trace_info = None
     if plan.hardware.topology is not None and routing is not None:
         routing = RememberedRouting(routing)  # both passes route the same workload: once
-    net = network_delays(plan, seq_lens, routing, symmetric, progress)
+    net, first = network_delays(plan, seq_lens, routing, symmetric, progress)
     if trace is None:
         rec = Recorder(plan.parallel.world_size)
-        result = TrainingSim(plan, rec, seq_lens, routing, symmetric, progress, net).run()
+        sim = TrainingSim(plan, rec, seq_lens, routing, symmetric, progress, net, reuse=first)
+        result = sim.run()
     else:  # imported here: pyarrow is not needed (nor loaded) without a trace
         from clustersim.run.record import simulate_traced
 
         result, rec, trace_info = simulate_traced(
-            plan, seq_lens, routing, symmetric, progress, Path(trace), net
+            plan, seq_lens, routing, symmetric, progress, Path(trace), net, reuse=first
         )
     wall_s = time.perf_counter() - started
     metrics = training_metrics(plan, rec, result)

@@ -12,7 +12,16 @@ from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PrivateAttr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # Bounds of the plan's numbers (PlanError messages show them as "valid: ..."). Every float
 # is finite (``_Strict`` rejects inf and NaN); every count has an upper bound, so that
@@ -697,6 +706,29 @@ class LengthSpec(_Strict):
         return self.value if self.dist == "fixed" else self.max
 
 
+class PoolRequestsSpec(_Strict):
+    """Batch limits of one pool of a disaggregated deployment (``workload.requests.prefill``
+    or ``.decode``); a field left out (null) is the plan's own ``workload.requests`` value."""
+
+    max_batch_size: int | None = Field(
+        None,
+        gt=0,
+        le=MAX_DEGREE,
+        description="max_num_seqs of this pool's replicas (default: workload.requests').",
+    )
+    max_num_batched_tokens: int | None = Field(
+        None,
+        gt=0,
+        le=2**30,
+        description="Token budget of one step of this pool's replicas (default: "
+        "workload.requests').",
+    )
+
+    def overrides(self) -> dict[str, int]:
+        """The limits this block sets."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class RequestsSpec(_Strict):
     """Inference request stream, and how each replica schedules it (vLLM-like defaults).
 
@@ -762,6 +794,14 @@ class RequestsSpec(_Strict):
         "thread block per query head, which re-reads its shared K/V head: TensorRT-LLM's "
         "masked MHA kernel, vLLM's PagedAttention v1/v2).",
     )
+    fused_elementwise: bool = Field(
+        False,
+        description="The engine compiles its layers and fuses element-wise kernels into their "
+        "neighbours (TensorRT-LLM engines, torch.compile): the activation into the up "
+        "projection's epilogue, each FP8 quantise into the kernel producing its input, the "
+        "residual add into the next norm, the rotary embedding into the KV-cache write; "
+        "false: one kernel each (vLLM-style layers).",
+    )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Share of GPU memory for weights, activations and KV cache."
     )
@@ -770,6 +810,16 @@ class RequestsSpec(_Strict):
     )
     dispatch: Literal["round_robin", "least_loaded"] = Field(
         "round_robin", description="How arriving requests are sent to data-parallel replicas."
+    )
+    prefill: PoolRequestsSpec | None = Field(
+        None,
+        description="Disaggregated plans: the prefill pool's own batch limits "
+        "(max_batch_size, max_num_batched_tokens); default: the ones above.",
+    )
+    decode: PoolRequestsSpec | None = Field(
+        None,
+        description="Disaggregated plans: the decode pool's own batch limits "
+        "(max_batch_size, max_num_batched_tokens); default: the ones above.",
     )
 
     @model_validator(mode="after")
@@ -920,11 +970,21 @@ class Plan(_Strict):
 
     def pool(self, name: Literal["prefill", "decode"]) -> Plan:
         """One pool of a disaggregated deployment as a plan of its own: this plan with
-        ``parallel`` = the pool's block (its GPUs are ranks ``pool_first_rank(name)`` on)."""
+        ``parallel`` = the pool's block (its GPUs are ranks ``pool_first_rank(name)`` on)
+        and ``workload.requests`` with the pool's own batch limits
+        (``workload.requests.<name>``) in place."""
         block = getattr(self.parallel, name)
         if block is None:
             raise ValueError(f"parallel.{name} is not set: the plan is not disaggregated")
-        pooled = self.model_copy(update={"parallel": block, "name": f"{self.name} ({name})"})
+        req = self.workload.requests
+        limits = getattr(req, name)
+        own = req.model_copy(
+            update={**(limits.overrides() if limits else {}), "prefill": None, "decode": None}
+        )
+        workload = self.workload.model_copy(update={"requests": own})
+        pooled = self.model_copy(
+            update={"parallel": block, "workload": workload, "name": f"{self.name} ({name})"}
+        )
         pooled._derived = dict(self._derived)
         return pooled
 
@@ -947,6 +1007,23 @@ class Plan(_Strict):
                 "sets one parallel block"
             )
         return self
+
+    @field_validator("workload")
+    @classmethod
+    def _pool_limits_need_pools(cls, workload: WorkloadSpec, info: ValidationInfo):
+        """``workload.requests.prefill`` / ``.decode`` only with both pools (an error located
+        at ``workload``, the field the plan has to change or the pools it lacks)."""
+        parallel = info.data.get("parallel")
+        if parallel is None:  # parallel failed on its own: reported there
+            return workload
+        for name in ("prefill", "decode"):
+            if getattr(workload.requests, name) is not None and not parallel.disaggregated:
+                raise ValueError(
+                    f"workload.requests.{name} (the batch limits of a {name} pool) needs a "
+                    "disaggregated plan: set parallel.prefill and parallel.decode, or move "
+                    "its limits up to workload.requests"
+                )
+        return workload
 
     @model_validator(mode="after")
     def _fp8_supported(self) -> Plan:

@@ -12,7 +12,9 @@ something depends on the row's ``kind`` (see ``docs/trace-format.md``):
   ``hardware.topology`` also the shared links: ``NETWORK_OPS``);
 * ``request``: the lifecycle of one served request (serving traces, ``mode: inference``):
   ``prefill`` (arrival to first token), ``decode`` (first token to finish), ``request_done``
-  (arrival to finish, exact engine times in ms); ``request_arrival`` stays reserved.
+  (arrival to finish, exact engine times in ms); ``request_arrival`` stays reserved;
+* ``serving``: timed rows of a serving run that are no one request's lifecycle
+  (``SERVING_TIMELINE_OPS``: KV-cache use of a replica over an engine round, KV transfers).
 
 Time is float64 **seconds** from the start of the iteration. Within each record batch, event
 rows are sorted by :func:`event_sort_key` (start, asynchronous first, then recording order).
@@ -45,7 +47,7 @@ BATCH_CHECKSUM = b"clustersim.crc32"
 """Custom metadata of every record batch (v2): the CRC-32 of each column of the batch
 (:func:`column_checksum`), in ``COLUMNS`` order, as comma-separated hex."""
 
-KINDS = ("compute", "comm", "comm_async", "workload", "route", "summary", "request")
+KINDS = ("compute", "comm", "comm_async", "workload", "route", "summary", "request", "serving")
 EVENT_KINDS = ("compute", "comm", "comm_async")
 
 ENGINE_OPS = (
@@ -65,6 +67,10 @@ NETWORK_OPS = ("contention", "link", "link_busy")  # appended in v3 (summary row
 metadata's ``network.kinds``); ``link``: one per link that carried bytes, ``group`` = its index
 in ``network.links``, ``bytes``, ``value`` = contention ms, ``values`` = [busy ms];
 ``link_busy``: a busy interval (``start_s``, ``end_s``) of one of the most used links."""
+SERVING_TIMELINE_OPS = ("kv_usage", "kv_transfer")  # appended in v3 (kind ``serving``)
+"""``kv_usage``: the KV-cache blocks a replica holds over one engine round (a segment of
+:mod:`clustersim.engine.serving.kv_usage`); ``kv_transfer``: one request's KV cache crossing
+from a prefill to a decode replica (disaggregated runs). Older traces lack both."""
 OPS = (
     ENGINE_OPS
     + WORKLOAD_OPS
@@ -74,6 +80,7 @@ OPS = (
     + SERVING_SUMMARY_OPS
     + SERVING_BATCH_OPS
     + NETWORK_OPS
+    + SERVING_TIMELINE_OPS
 )
 
 KIND_CODE = {name: i for i, name in enumerate(KINDS)}

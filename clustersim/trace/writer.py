@@ -178,9 +178,13 @@ class TraceWriter:
         replica: np.ndarray | None = None,
         value: np.ndarray | None = None,
         values: np.ndarray | None = None,
+        start_s: np.ndarray | None = None,
+        end_s: np.ndarray | None = None,
+        nbytes: np.ndarray | None = None,
     ) -> None:
-        """Buffer ``n`` untimed rows of one kind and op at once (workload or route rows):
-        int columns as arrays of ``n``, and either ``value`` (n,) or ``values`` (n, width)."""
+        """Buffer ``n`` rows of one kind and op at once (workload, route or serving rows):
+        int columns as arrays of ``n``, ``value`` (n,) and / or ``values`` (n, width), and for
+        timed rows ``start_s`` and ``end_s`` (n,) (null when omitted) and ``nbytes`` (n,) (0)."""
         if kind == "summary":
             raise ValueError("summary rows are added one by one (add_row)")
         if self._rows:
@@ -189,7 +193,8 @@ class TraceWriter:
         self._bulk.append({"kind": S.KIND_CODE[kind], "op": S.OP_CODE[op], "n": n,
                            "layer": layer, "microbatch": microbatch, "group": group,
                            "replica": np.full(n, -1) if replica is None else replica,
-                           "value": value, "values": values})  # fmt: skip
+                           "value": value, "values": values, "start_s": start_s,
+                           "end_s": end_s, "nbytes": nbytes})  # fmt: skip
         self._bulk_rows += n
         if self._bulk_rows >= self._batch_rows:
             self._flush_bulk()
@@ -214,15 +219,26 @@ class TraceWriter:
         null_list = np.repeat([p["values"] is None for p in pieces], counts)
         no_value = np.repeat([p["value"] is None for p in pieces], counts)
         minus_one = pa.array(np.full(n, -1, dtype=_INT32))
+
+        def floats(name: str, missing: float) -> np.ndarray:
+            return np.concatenate([np.full(p["n"], missing) if p.get(name) is None else
+                                   np.asarray(p[name], np.float64) for p in pieces])  # fmt: skip
+
+        untimed = np.repeat([p.get("start_s") is None for p in pieces], counts)
+        start, end = floats("start_s", np.nan), floats("end_s", np.nan)
+        timed = not untimed.all()
         arrays = [
             *_code_arrays(np.repeat([p["kind"] for p in pieces], counts),
                           np.repeat([p["op"] for p in pieces], counts)),  # fmt: skip
             minus_one, minus_one, ints("group"), ints("replica"), ints("layer"),
-            ints("microbatch"), pa.nulls(n, pa.float64()), pa.nulls(n, pa.float64()),
-            pa.array(np.zeros(n)), pa.array(value, mask=no_value),
+            ints("microbatch"),
+            pa.array(start, mask=untimed) if timed else pa.nulls(n, pa.float64()),
+            pa.array(end, mask=untimed) if timed else pa.nulls(n, pa.float64()),
+            pa.array(floats("nbytes", 0.0)), pa.array(value, mask=no_value),
             _lists_from(widths, flat, null_list),
         ]  # fmt: skip
-        self._write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._schema), float("nan"))
+        first = float(np.nanmin(start)) if timed else float("nan")
+        self._write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._schema), first)
 
     def _flush_rows(self) -> None:
         if self._rows:

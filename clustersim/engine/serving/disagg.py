@@ -116,6 +116,7 @@ class Pool:
         self.engine_of: dict[int, int] = {}
         self.kv_area = [0.0] * dp
         self.kv_peak = [0] * dp
+        self.kv_series: list[tuple] | None = None  # engine/serving/kv_usage.py records into it
 
     def start_engines(self, sim: DisaggregatedSim, first_index: int) -> None:
         """One engine per group of coupled replicas."""
@@ -178,7 +179,9 @@ class DisaggregatedSim(ServingSim):
         self.finished = 0
         self.events = 0
         self.dispatcher = Dispatcher(self)
-        max_batch = plan.workload.requests.max_batch_size
+        max_batch = max(  # each pool may have its own (workload.requests.<pool>)
+            pool.plan.workload.requests.max_batch_size for pool in (self.prefill, self.decode)
+        )
         self.prefill_batches = [0] * (max_batch + 1)
         self.decode_batches = [0] * (max_batch + 1)
         self.limits = limits

@@ -35,6 +35,7 @@ import numpy as np
 
 from clustersim.costs.serving import KVCapacity, kv_capacity, step_costs
 from clustersim.engine.errors import EngineError
+from clustersim.engine.serving.kv_usage import KVUsage
 from clustersim.engine.serving.loop import URGENT, EventLoop
 from clustersim.engine.serving.moe_table import MoEStepTable
 from clustersim.engine.serving.requests import Requests
@@ -86,6 +87,9 @@ class ServingResult:
     decode_replica: np.ndarray | None = None
     kv_transfer_ms: np.ndarray | None = None
     kv_transfer_bytes: np.ndarray | None = None
+    # KV-cache blocks in use over time, per replica (engine/serving/kv_usage.py); None when
+    # not recorded (``kv_series`` of the simulation or its pools left None)
+    kv_usage: KVUsage | None = None
 
 
 @dataclass
@@ -177,11 +181,14 @@ class Dispatcher:
         self.area = 0.0
         self._last_ms = 0.0
         self._next_rr = 0
+        # arrival times as Python floats and a sentinel past the last (cheap comparisons)
+        self._arrival = [*sim.arrival_ms.tolist(), math.inf]
+        self._least_loaded = sim.plan.workload.requests.dispatch == "least_loaded"
 
     def advance_to(self, now: float) -> None:
         """Dispatch every request that has arrived by ``now``."""
-        arrival = self.sim.arrival_ms
-        while self.cursor < arrival.size and arrival[self.cursor] <= now:
+        arrival = self._arrival
+        while arrival[self.cursor] <= now:
             self._dispatch(self.cursor, now)
             self.cursor += 1
 
@@ -200,7 +207,7 @@ class Dispatcher:
     def _dispatch(self, rid: int, now: float) -> None:
         sim = self.sim
         scheds = sim.schedulers
-        if sim.plan.workload.requests.dispatch == "least_loaded":
+        if self._least_loaded:
             replica = min(range(len(scheds)), key=lambda r: (scheds[r].load, r))
         else:
             replica, self._next_rr = self._next_rr, (self._next_rr + 1) % len(scheds)
@@ -222,7 +229,8 @@ class Engine:
     def __init__(self, sim: ServingSim, index: int, members: list[int], pool=None):
         """``pool``: what holds the members' schedulers, timer, micro-batch count and KV
         accumulators (``schedulers``, ``timer``, ``num_microbatches``, ``kv_area``,
-        ``kv_peak``, ``hands_off``); the simulation itself for a colocated deployment."""
+        ``kv_peak``, ``kv_series``, ``hands_off``); the simulation itself for a colocated
+        deployment."""
         self.sim, self.index, self.members = sim, index, members
         self.pool = pool = sim if pool is None else pool
         self.loop = sim.loop
@@ -247,10 +255,10 @@ class Engine:
             self._idle = False
             self.loop.call_soon(self.start)
         elif self._run_steps > 1:
-            j = int(np.searchsorted(self._ends, now, side="left"))
+            j = int(self._ends.searchsorted(now, "left"))
             if j + 1 < self._run_steps:
                 self._run_steps = j + 1
-                self._arm(self._ends[j])
+                self._arm(float(self._ends[j]))
 
     def _arm(self, at_ms: float) -> None:
         self._generation += 1
@@ -282,7 +290,7 @@ class Engine:
             if sim.finished != sim.num_requests:
                 self._idle = True
             return
-        self._arm(self._ends[self._run_steps - 1])
+        self._arm(float(self._ends[self._run_steps - 1]))  # a Python float: cheap
 
     def _plan(self, now: float) -> bool:
         """Schedule the members' next step (or run); False when none has work."""
@@ -363,11 +371,14 @@ class Engine:
         duration = end - self._start_ms
         pool = self.pool
         kv_area, kv_peak = pool.kv_area, pool.kv_peak
+        series = pool.kv_series  # a list to append (replica, start, end, used, used) to, or None
         for m, sched, st, used0 in zip(
             self.members, self._scheds, self._steps, self._used_at_start, strict=True
         ):
             if st is None:
                 kv_area[m] += used0 * duration
+                if series is not None:
+                    series.append((m, self._start_ms, end, used0, used0))
                 continue
             sim.decode_batches[st.decodes] += k
             if len(st.ids) > st.decodes:
@@ -377,6 +388,8 @@ class Engine:
                 sim.hand_off(m, sched.handoffs, end)
             peak = sched.peak_used
             kv_area[m] += 0.5 * (used0 + peak) * duration
+            if series is not None:
+                series.append((m, self._start_ms, end, used0, peak))
             if peak > kv_peak[m]:
                 kv_peak[m] = peak
             if finished:
@@ -447,6 +460,7 @@ class ServingSim:
         self.decode_batches = [0] * (req.max_batch_size + 1)
         self.limits = limits
         self.hands_off = False  # colocated: no replica hands requests to another
+        self.kv_series: list[tuple] | None = None  # engine/serving/kv_usage.py records into it
         self.bad = 0
         self._progress = progress
         self._progress_every = max(1, self.num_requests // 100)

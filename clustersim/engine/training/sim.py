@@ -46,8 +46,11 @@ set of transfers as fair sharing of the link; pipeline sends use separate send/r
 (full duplex) and never contend with each other. ZeRO-2/3 run their per-layer gathers and
 reduce-scatters on one more stream per lane; an EP all-to-all that crosses nodes while that
 stream is busy across nodes shares the NICs with it fairly (both are delayed by the overlap,
-``costs.sharding.fair_share_delay_ms``; with ``hardware.topology`` too, where the
-per-layer sharding collectives are not flows).
+``costs.sharding.fair_share_delay_ms``). With ``hardware.topology`` none of this applies: the
+EP all-to-alls, gradient buckets, ZeRO-2/3 per-layer collectives, parameter all-gathers, TP
+and expert-TP collectives and pipeline sends are flows on shared links (``engine.network``),
+each delayed by what overlaps it there; the second pass (``reuse``) reads the first pass's
+tables and only times the schedule again.
 
 Replica symmetry: when every data-parallel replica provably does the same work (fixed
 sequence length and deterministic, even routing), only replica 0 is simulated and the metrics
@@ -66,6 +69,7 @@ from clustersim.costs import precision
 from clustersim.costs.comm import (
     all_gather_ms,
     all_to_all_v_times_ms,
+    collective_cost,
     collective_time_ms,
     link_for_group,
     p2p_ms,
@@ -82,7 +86,7 @@ from clustersim.costs.schedules import (
 )
 from clustersim.costs.sharding import LayerUnit, fair_share_delay_ms, layer_units, shard_sizes
 from clustersim.engine.errors import EngineError
-from clustersim.engine.network import Network
+from clustersim.engine.network import Network, Routes
 from clustersim.engine.recorder import Kind, Op, Recorder
 from clustersim.engine.rendezvous import Rendezvous, trigger_at
 from clustersim.engine.training.moe import DispatchBatch, RoutingSource, dispatch_many
@@ -282,7 +286,12 @@ class TrainingSim:
         symmetric: bool,
         progress: Callable[[float], None] | None = None,
         network: Network | None = None,
+        reuse: TrainingSim | None = None,
     ):
+        """``reuse``: an earlier pass over the same plan and workload (the shared-link
+        model's first pass); this pass reads its per-plan tables (micro-batch costs, each
+        layer's routes and expert times, collective times) instead of computing them again.
+        Only timing differs between the passes, and none of these depends on it."""
         self.plan, self.rec, self.routing = plan, recorder, routing
         self.net = network  # shared links (hardware.topology): flows, then delays
         self.layout = Layout(plan)
@@ -318,13 +327,34 @@ class TrainingSim:
         self._layer_grads: dict[int, tuple[float, float]] = {}
         self._collective_ms: dict[tuple, float] = {}
         self._links: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._send_pairs: dict[tuple[int, int], tuple] = {}  # (stage, peer stage)
+        self._groups_of_lanes: dict[tuple[int, str], list] = {}  # (stage, what) -> groups
         self._a2a_routes: dict[tuple, tuple] = {}
+        self._lane_route_cache: dict[tuple[str, int], tuple] = {}  # (tp_comm | etp_comm, stage)
         # sharded data parallelism: ZeRO-2/3 reduce-scatter layer by layer, ZeRO-3 gathers
         sharding = self.par.sharding
         self._layer_rs = sharding in ("gradients", "full")
         self._layer_ag = sharding == "full"
         self._units: dict[int, LayerUnit] = {}
         self._shard_streams: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # (stage, layer) -> (batch, routes, expert tokens, idle): what routing the layer gave
+        self._route_memo: dict[tuple[int, int], tuple] = {}
+        if reuse is not None:
+            self._share_tables(reuse)
+
+    def _share_tables(self, other: TrainingSim) -> None:
+        """Read ``other``'s tables (same plan and workload): its micro-batch costs, layer
+        routes (:meth:`_route_layer` replays their effects), collective times and routes."""
+        if other.plan is not self.plan or other.seq_lens is not self.seq_lens:
+            raise ValueError("a pass reuses the tables of a pass over the same plan and workload")
+        self._cohort_costs = other._cohort_costs
+        self._route_memo = other._route_memo
+        self._collective_ms = other._collective_ms
+        self._links = other._links
+        self._send_pairs = other._send_pairs
+        self._groups_of_lanes = other._groups_of_lanes
+        self._layer_grads = other._layer_grads
+        self._units = other._units
 
     # ---- construction ----------------------------------------------------------------------
     def _make_cohort(self, stage: int) -> Cohort:
@@ -681,8 +711,51 @@ class TrainingSim:
         parts = 1 if moe else 2
         part = total_ms / parts
         for _ in range(parts):
-            t = self._op(co, Kind.COMM, Op.TP_COMM, t, part, layer, mb, costs.tp_bytes)
+            took = part if self.net is None else self._lane_flows(co, "tp_comm", t, part, layer, mb)
+            t = self._op(co, Kind.COMM, Op.TP_COMM, t, took, layer, mb, costs.tp_bytes)
         return t
+
+    def _lane_flows(
+        self, co: Cohort, kind: str, t: np.ndarray, duration_ms: np.ndarray, layer: int, mb: int
+    ) -> np.ndarray:
+        """A TP (``tp_comm``) or expert-TP (``etp_comm``) collective of every lane as a flow on
+        the shared links (one per lane, from ``t``, ``duration_ms`` alone): returns the
+        durations with their delays."""
+        key = self.net.next_key(kind, co.stage, layer, mb)
+        if self.net.delays is not None:
+            return self.net.flows(key, kind, t, duration_ms, 0.0, [], 1)
+        routes, fixed_ms = self._lane_routes(co, kind)
+        return self.net.flows(key, kind, t, duration_ms, fixed_ms, routes, 1)
+
+    def _lane_routes(self, co: Cohort, kind: str) -> tuple[Routes, np.ndarray]:
+        """Per lane of the cohort: the links its TP collective (all-gather + reduce-scatter
+        with sequence parallelism, else all-reduce; ``tp_comm``) or its expert-TP all-gather
+        (in every ETP group of its ranks; ``etp_comm``) loads, and the collective's fixed time
+        (ms; its time with an empty buffer). Cached per stage."""
+        found = self._lane_route_cache.get((kind, co.stage))
+        if found is not None:
+            return found
+        gpn, hw, links = self.hw.gpus_per_node, self.hw, self.net.links
+        if kind == "tp_comm":
+            ops = ["all_gather", "reduce_scatter"] if self.par.sequence_parallel else ["all_reduce"]
+            size = self.par.tp
+        else:
+            ops, size = ["all_gather"], self.par.expert_tp
+        routes, fixed = [], []
+        for ln in co.lanes:
+            groups = [ln.ranks[i : i + size] for i in range(0, len(ln.ranks), size)]
+            merged: dict[int, float] = {}
+            for group in groups:  # concurrently, on their own GPUs' links
+                for op in ops:
+                    cost = collective_cost(op, 1.0, group, gpn, hw)
+                    inter = cost.inter_node_bytes_per_gpu
+                    ids, volumes = links.group_volumes(group, cost.bytes_per_gpu - inter, inter)
+                    for link, volume in zip(ids.tolist(), volumes.tolist(), strict=True):
+                        merged[link] = merged.get(link, 0.0) + volume
+            routes.append((np.array(list(merged), dtype=np.int64), np.array(list(merged.values()))))
+            fixed.append(sum(collective_time_ms(op, 0.0, groups[0], gpn, hw) for op in ops))
+        found = self._lane_route_cache[(kind, co.stage)] = (Routes.of(routes), np.array(fixed))
+        return found
 
     # ---- MoE: dispatch, experts, combine ---------------------------------------------------
     def _moe_block(
@@ -703,7 +776,8 @@ class TrainingSim:
         routes, t = self._a2a(co, layer, mb, first_op, ready, fp8=not backward)
         etp_ms = None if routes.etp_ms is None else routes.etp_ms[mb]
         if etp_ms is not None:
-            t = self._op(co, Kind.COMM, Op.ETP_COMM, t, etp_ms, layer, mb)
+            t = self._op(co, Kind.COMM, Op.ETP_COMM, t, self._etp_ms(co, t, etp_ms, layer, mb),
+                         layer, mb)  # fmt: skip
         op, expert_ms = (
             (Op.EXPERT_BWD, routes.expert_bwd_ms)
             if backward
@@ -714,9 +788,17 @@ class TrainingSim:
             expert_ms = expert_ms - routes.expert_weights_ms[mb]
         t = self._op(co, Kind.COMPUTE, op, t, expert_ms, layer, mb)
         if etp_ms is not None:
-            t = self._op(co, Kind.COMM, Op.ETP_COMM, t, etp_ms, layer, mb)
+            t = self._op(co, Kind.COMM, Op.ETP_COMM, t, self._etp_ms(co, t, etp_ms, layer, mb),
+                         layer, mb)  # fmt: skip
         _, t = self._a2a(co, layer, mb, second_op, t)
         return t
+
+    def _etp_ms(self, co: Cohort, t: np.ndarray, etp_ms: np.ndarray, layer: int, mb: int):
+        """The lanes' expert-TP collective from ``t``: ``etp_ms`` alone, with
+        ``hardware.topology`` lengthened by its delay on the shared links."""
+        return (
+            etp_ms if self.net is None else self._lane_flows(co, "etp_comm", t, etp_ms, layer, mb)
+        )
 
     def _a2a(self, co: Cohort, layer: int, mb: int, op: Op, ready: np.ndarray, fp8=False):
         """All-to-all over the cohort's EP groups (concurrently): each group starts when its
@@ -774,9 +856,10 @@ class TrainingSim:
         fairly, needing ``d`` and ``r`` alone, finish at ``2 min(d, r)`` and ``d + r``: each
         is delayed by ``min(d, r)``, with ``r`` the stream's work left when the all-to-all
         starts (its clock minus the start). A group waits for its most delayed member.
-        Zero when either stays inside a node (NVLink and the NICs are separate links)."""
+        Zero when either stays inside a node (NVLink and the NICs are separate links), and
+        with ``hardware.topology``, where both are flows on the shared links instead."""
         zero = np.zeros_like(a2a_ms)
-        if not self._layer_rs or not self._cross_node_sharing(co):
+        if not self._layer_rs or self.net is not None or not self._cross_node_sharing(co):
             return zero
         clock, _ = self._streams(co)
         if co.block:
@@ -824,9 +907,9 @@ class TrainingSim:
         key = ("a2a", co.stage, layer, mb, int(op))
         if self.net.delays is not None:
             return self.net.flows(key, "ep_a2a", starts, durations, 0.0, [], 1)
-        routes, latency = self._a2a_routes[(co.stage, layer)]
+        (links, volumes, counts), latency = self._a2a_routes[(co.stage, layer)]
         lanes = co.membership.sum(axis=1) if co.membership is not None else 1
-        flows = [(links, volumes[mb]) for links, volumes in routes]
+        flows = Routes(links, volumes[mb], counts)
         return self.net.flows(key, "ep_a2a", starts, durations, latency, flows, lanes)
 
     def _route_layer(self, co: Cohort, layer: int) -> _LayerRoutes:
@@ -846,6 +929,11 @@ class TrainingSim:
         batch = dispatch_many(self.routing, layer, keys, tokens)
         self.dispatches.append(batch)
         self.dispatch_layers.append(layer)
+        known = self._route_memo.get((co.stage, layer))
+        if known is not None and known[0] is batch:  # an earlier pass timed this routing
+            _, routes, expert_tokens, idle = known
+            self._expert_effects(co, expert_tokens, idle)
+            return routes
         copies = batch.a2a_tokens.reshape(num_groups, m, ep, ep)
         send = copies * self._act_bytes
         a2a_ms, lane_bytes = self._a2a_times(co, send)
@@ -855,8 +943,18 @@ class TrainingSim:
         if precision.is_fp8(self.model) and self.par.moe_dispatcher == "deepep":
             # DeepEP dispatches FP8 tokens (+ scales); the combine stays BF16
             fp8_dispatch = self._a2a_times(co, copies * self._fp8_token_bytes)
-        fwd, bwd, etp_ms, weights = self._expert_times(co, batch, m)
-        return _LayerRoutes(a2a_ms, lane_bytes, fwd, bwd, etp_ms, fp8_dispatch, weights)
+        fwd, bwd, etp_ms, weights, expert_tokens, idle = self._expert_times(co, batch, m)
+        self._expert_effects(co, expert_tokens, idle)
+        routes = _LayerRoutes(a2a_ms, lane_bytes, fwd, bwd, etp_ms, fp8_dispatch, weights)
+        self._route_memo[(co.stage, layer)] = (batch, routes, expert_tokens, idle)
+        return routes
+
+    def _expert_effects(self, co: Cohort, expert_tokens: np.ndarray, idle) -> None:
+        """Add one layer's expert token copies per rank to ``expert_tokens`` and its ranks'
+        waits for their lane's slowest rank (None: no TP) to ``rank_idle_ms``."""
+        self.expert_tokens[co.ranks] += expert_tokens
+        if idle is not None:
+            self.rec.rank_idle_ms[co.ranks] += idle  # every micro-batch, both directions
 
     def _a2a_times(self, co: Cohort, send: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """All-to-all time per (micro-batch, group) of ``send`` bytes (G, m, ep, ep), and the
@@ -882,25 +980,33 @@ class TrainingSim:
         return a2a_ms, per_rank.reshape(m, len(co.lanes), tp).mean(axis=2)
 
     def _record_a2a_routes(self, co: Cohort, layer: int, send: np.ndarray) -> None:
-        """Link volumes of every group's all-to-all of ``layer`` (per micro-batch) and the
-        fixed part of its time (the all-to-all of an empty matrix)."""
-        routes, latency = [], []
+        """Link volumes of every group's all-to-all of ``layer`` (links and counts per group,
+        volumes per micro-batch: the :class:`Routes` of each micro-batch's batch) and the fixed
+        part of its time (the all-to-all of an empty matrix)."""
+        links, volumes, latency = [], [], []
         for j, gid in enumerate(co.groups):
             ranks = self.ep.groups[gid]
-            routes.append(self.net.links.matrix_volumes(np.array(ranks), send[j]))
-            empty = np.zeros((1, len(ranks), len(ranks)))
-            latency.append(
-                all_to_all_v_times_ms(
+            found = self.net.links.matrix_volumes(np.array(ranks), send[j])
+            links.append(found[0])
+            volumes.append(found[1])
+            key = ("a2a_latency", gid)
+            fixed = self._collective_ms.get(key)
+            if fixed is None:
+                empty = np.zeros((1, len(ranks), len(ranks)))
+                fixed = self._collective_ms[key] = all_to_all_v_times_ms(
                     empty, ranks, self.hw.gpus_per_node, self.hw, self.par.moe_dispatcher
                 )[0]
-            )
-        self._a2a_routes[(co.stage, layer)] = (routes, np.array(latency))
+            latency.append(fixed)
+        counts = np.array([len(x) for x in links], dtype=np.int64)
+        csr = (np.concatenate(links), np.ascontiguousarray(np.hstack(volumes)), counts)
+        self._a2a_routes[(co.stage, layer)] = (csr, np.array(latency))
 
     def _expert_times(self, co: Cohort, batch: DispatchBatch, m: int):
         """Per micro-batch and lane: expert time forward and backward (the lane's slowest
-        rank), ETP all-gather time (None without expert TP), and the weight-gradient share of
-        the backward (the forward GEMMs' time, without synchronisation). Adds the ranks' waits for
-        their lane's slowest rank to ``rank_idle_ms``."""
+        rank), ETP all-gather time (None without expert TP), the weight-gradient share of
+        the backward (the forward GEMMs' time, without synchronisation), the token copies each
+        rank of the cohort computes, and the ranks' waits for their lane's slowest rank (None
+        without TP)."""
         etp, tp, lanes = self.par.expert_tp, self.par.tp, len(co.lanes)
 
         def per_rank(values: np.ndarray) -> np.ndarray:  # (G * m, n) -> (m, ranks)
@@ -912,7 +1018,7 @@ class TrainingSim:
             # groups) all-gathers its members' copies: every member computes all of them on
             # its 1/etp of the experts' FFN width (the ExpertTimer's GEMM shapes)
             received = received.reshape(m, -1, etp).sum(axis=2).repeat(etp, axis=1)
-        self.expert_tokens[co.ranks] += received.sum(axis=0)
+        expert_tokens = received.sum(axis=0)
         timer = self.expert_timer
         rank_ms = timer.compute_ms(received, active)
         full = self.par.recompute == "full"
@@ -921,7 +1027,7 @@ class TrainingSim:
         sync = np.where(received > 0, timer.sync_ms, 0.0)
         if tp == 1:
             fwd, bwd = rank_ms + sync, rank_ms * factor + (sync if full else 0.0)
-            weights = rank_ms
+            weights, idle = rank_ms, None
         else:
             fwd_compute = rank_ms.reshape(m, lanes, tp).max(axis=2)
             lane_sync = sync.reshape(m, lanes, tp).max(axis=2)
@@ -930,13 +1036,12 @@ class TrainingSim:
             weights = fwd_compute
             idle = (np.repeat(fwd_compute, tp, axis=1) - rank_ms).sum(axis=0)
             idle += (np.repeat(fwd_compute * factor, tp, axis=1) - rank_ms * factor).sum(axis=0)
-            self.rec.rank_idle_ms[co.ranks] += idle  # every micro-batch, both directions
         etp_ms = None
         if etp > 1:
             sizes = received.reshape(m, lanes, tp).max(axis=2) * self._act_bytes
             bandwidth, latency = self._link_vectors([ln.ranks[:etp] for ln in co.lanes])
             etp_ms = all_gather_ms(sizes, etp, bandwidth, latency)
-        return fwd, bwd, etp_ms, weights
+        return fwd, bwd, etp_ms, weights, expert_tokens, idle
 
     # ---- pipeline transfers ----------------------------------------------------------------
     def _send(
@@ -945,8 +1050,12 @@ class TrainingSim:
         """Send every lane's activations (or gradients) to the same replica's lane of the
         next (previous) stage; each lane's transfer starts when the lane is free."""
         peer = self.cohorts[self._stage_of(to_vstage)]
-        pairs = [[a.ranks[0], b.ranks[0]] for a, b in zip(co.lanes, peer.lanes, strict=True)]
-        duration = p2p_ms(nbytes, *self._link_vectors(pairs))
+        found = self._send_pairs.get((co.stage, peer.stage))
+        if found is None:  # the first ranks of each lane and its peer, and their link
+            pairs = [[a.ranks[0], b.ranks[0]] for a, b in zip(co.lanes, peer.lanes, strict=True)]
+            found = self._send_pairs[(co.stage, peer.stage)] = (pairs, self._link_vectors(pairs))
+        pairs, (bandwidth, latency) = found
+        duration = p2p_ms(nbytes, bandwidth, latency)
         if self.net is not None:
             key = ("p2p", what, to_vstage, mb)
             duration = self.net.sends(key, pairs, nbytes, free, duration)
@@ -1033,13 +1142,17 @@ class TrainingSim:
         """The cohort's lanes by their ``kind`` group (of their first rank): (group, lane
         positions), for groups of more than one GPU. DP and EDP groups lie inside a stage, so
         every simulated member of a group is a lane of this cohort."""
+        found = self._groups_of_lanes.get((co.stage, kind))
+        if found is not None:
+            return found
         by_first: dict[int, tuple[list[int], list[int]]] = {}
         for pos, ln in enumerate(co.lanes):
             group = self._group_of(kind, ln.ranks[0])
             by_first.setdefault(group[0], (group, []))[1].append(pos)
-        return [
+        found = self._groups_of_lanes[(co.stage, kind)] = [
             (group, np.array(positions)) for group, positions in by_first.values() if len(group) > 1
         ]
+        return found
 
     def _grad_stream(self, co: Cohort, buckets: simpy.Store):
         """The cohort's communication streams (one per lane, FIFO): gradient buckets, one
@@ -1192,6 +1305,9 @@ class TrainingSim:
     def _shard_groups(self, co: Cohort, kind: str) -> list[tuple[list[int], list[int]]]:
         """Per lane: its shard group of ``kind`` (dp or edp) and the group of the replicas
         of its shard (HSDP; one member without replication)."""
+        found = self._groups_of_lanes.get((co.stage, "shard_" + kind))
+        if found is not None:
+            return found
         dense_n, expert_n = shard_sizes(self.plan, self.layout)
         size = dense_n // self.par.cp if kind == "dp" else expert_n
         out = []
@@ -1202,6 +1318,7 @@ class TrainingSim:
             size = min(size, len(group)) or 1
             block = pos // size
             out.append((group[block * size : (block + 1) * size], group[pos % size :: size]))
+        self._groups_of_lanes[(co.stage, "shard_" + kind)] = out
         return out
 
     def _sharded_ms(self, kind: str, params: float, nbytes: float, groups) -> np.ndarray:
@@ -1226,19 +1343,61 @@ class TrainingSim:
             out[i] = ms
         return out
 
-    def _unit_ms(self, co: Cohort, unit: LayerUnit, kind: str, per_param: float) -> np.ndarray:
-        """Per lane: one unit's collective, dense part over DP and expert part over EDP."""
-        total = self._sharded_ms(
-            kind, unit.dense_params, unit.dense_params * per_param, self._shard_groups(co, "dp")
-        )
+    def _unit_ms(
+        self, co: Cohort, unit: LayerUnit, kind: str, per_param: float, start: np.ndarray
+    ) -> np.ndarray:
+        """Per lane: one unit's collective, dense part over DP and expert part over EDP, from
+        the lanes' ``start``; with ``hardware.topology`` lengthened by its delay on the
+        shared links (:meth:`_unit_flows`)."""
+        dense = self._shard_groups(co, "dp")
+        total = self._sharded_ms(kind, unit.dense_params, unit.dense_params * per_param, dense)
+        parts = [(dense, unit.dense_params)]
         if unit.expert_params > 0:
-            total = total + self._sharded_ms(
-                kind,
-                unit.expert_params,
-                unit.expert_params * per_param,
-                self._shard_groups(co, "edp"),
-            )
-        return total
+            expert = self._shard_groups(co, "edp")
+            nbytes = unit.expert_params * per_param
+            total = total + self._sharded_ms(kind, unit.expert_params, nbytes, expert)
+            parts.append((expert, unit.expert_params))
+        if self.net is None:
+            return total
+        return total + self._unit_flows(co, kind, [(g, p * per_param) for g, p in parts], start)
+
+    def _unit_flows(self, co: Cohort, kind: str, parts, start: np.ndarray) -> np.ndarray:
+        """ZeRO-2/3 on the shared links: the steps of one unit's collective (per part, dense
+        then expert: the ``kind`` collective over each shard group, then for a reduce-scatter
+        the all-reduce of its shard over the replicas) as flows, one per group, each starting
+        when the group's last lane has finished the steps before it (alone); returns each
+        lane's delay, the sum of its steps' delays. ``parts``: (per-lane (shard, replicas)
+        groups, bytes) of each part."""
+        gpn, hw, lanes = self.hw.gpus_per_node, self.hw, len(co.lanes)
+        flow_kind = "param_gather" if kind == "all_gather" else "dp_grad"
+        delay, offset = np.zeros(lanes), np.zeros(lanes)
+        for part, (groups, nbytes) in enumerate(parts):
+            steps = [(kind, nbytes, [shard for shard, _ in groups])]
+            if kind == "reduce_scatter":
+                steps.append(
+                    ("all_reduce", [nbytes / len(shard) for shard, _ in groups],
+                     [replicas for _, replicas in groups])
+                )  # fmt: skip
+            for step, (op, size, members) in enumerate(steps):
+                sizes = np.broadcast_to(np.asarray(size, dtype=np.float64), (lanes,))
+                by_group: dict[tuple, list[int]] = {}
+                for pos, group in enumerate(members):
+                    if len(group) > 1:
+                        by_group.setdefault((tuple(group), float(sizes[pos])), []).append(pos)
+                for (group, nb), positions in by_group.items():
+                    alone = self._collective_ms.get((op, nb, group))
+                    if alone is None:
+                        alone = self._collective_ms[(op, nb, group)] = collective_time_ms(
+                            op, nb, list(group), gpn, hw, "hierarchical"
+                        )
+                    begin = float(np.max(start[positions] + offset[positions]))
+                    key = self.net.next_key("shard", co.stage, kind, part, step, group[0])
+                    took = self.net.collective(
+                        key, flow_kind, op, nb, list(group), begin, alone, len(positions)
+                    )
+                    delay[positions] += took - alone
+                    offset[positions] += alone
+        return delay
 
     def _gather_ahead(self, co: Cohort, layers: list[int], mb: int, t: np.ndarray):
         """ZeRO-3: all-gather the chunk's layers in order on the lanes' sharding stream, one
@@ -1254,7 +1413,7 @@ class TrainingSim:
         def issue(layer: int, at: np.ndarray) -> None:
             unit = self._unit(co.stage, layer)
             start = np.maximum(at, ag_free)
-            end = start + self._unit_ms(co, unit, "all_gather", per_param)
+            end = start + self._unit_ms(co, unit, "all_gather", per_param, start)
             nbytes = unit.params * per_param
             self.rec.add_block(
                 co.lane_ids, Kind.COMM_ASYNC, Op.PARAM_GATHER, start, end, layer, mb, nbytes
@@ -1280,7 +1439,7 @@ class TrainingSim:
         _, rs_free = self._streams(co)
         unit = self._unit(co.stage, layer)
         start = np.maximum(t, rs_free)
-        end = start + self._unit_ms(co, unit, "reduce_scatter", GRAD_BYTES)
+        end = start + self._unit_ms(co, unit, "reduce_scatter", GRAD_BYTES, start)
         nbytes = unit.params * GRAD_BYTES
         self.rec.add_block(
             co.lane_ids, Kind.COMM_ASYNC, Op.GRAD_REDUCE, start, end, layer, mb, nbytes
