@@ -413,6 +413,9 @@ SERVING_ROWS = (
     ("kv_cache_utilization_pct_p50", "KV cache use p50 (over time)", "%", None, None),
     ("kv_cache_utilization_pct_p99", "KV cache use p99 (over time)", "%", None, None),
     ("kv_cache_utilization_peak_pct", "KV cache use (peak)", "%", None, None),
+    ("prefill_kv_cache_utilization_pct", "prefill pool KV cache use (mean)", "%", None, None),
+    ("decode_kv_cache_utilization_pct", "decode pool KV cache use (mean)", "%", None, None),
+    ("decode_kv_cache_utilization_pct_p99", "decode pool KV cache use p99", "%", None, None),
     ("preemptions", "preemptions", "", None, None),
     ("load_balance_pct", "expert load balance", "%", "load_balance_pct_min", "load_balance_pct"),
 )

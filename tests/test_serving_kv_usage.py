@@ -261,3 +261,26 @@ def test_damaged_timeline_rows_are_refused(traced, tmp_path, monkeypatch, damage
     record.write_serving_trace(path, report.audit.plan, report.result)
     with pytest.raises(TraceError, match="damaged trace"):
         analyze(path)
+
+
+def test_pool_figures_make_up_the_whole(traced):
+    """Disaggregated: each pool's mean, peak and p99 are those of its own replicas; the
+    replica-weighted means make up the run's mean, the larger peak is the run's."""
+    report, _ = traced["1p1d"]
+    m, res = report.metrics, report.result
+    pools = {p.role: p for p in res.pools}
+    weighted = sum(m[f"{r}_kv_cache_utilization_pct"] * p.replicas for r, p in pools.items())
+    assert weighted / res.num_replicas == pytest.approx(m["kv_cache_utilization_pct"], rel=1e-12)
+    peaks = [m[f"{r}_kv_cache_utilization_peak_pct"] for r in pools]
+    assert max(peaks) == m["kv_cache_utilization_peak_pct"]
+    usage, window = res.kv_usage, m["window_ms"]
+    for role, pool in pools.items():
+        mine = usage.replica == pool.first_replica  # one replica per pool here
+        start, end = (u[mine] for u in usage.utilization_pct())
+        duration = (usage.end_ms - usage.start_ms)[mine]
+        idle = window - duration.sum()
+        total = window
+        got = m[f"{role}_kv_cache_utilization_pct_p99"]
+        assert _weight_at_or_below(start, end, duration, idle, got) >= 0.99 * total * (1 - 1e-9)
+        assert _weight_at_or_below(start, end, duration, idle, got - 1e-7) <= 0.99 * total
+        assert got <= m[f"{role}_kv_cache_utilization_peak_pct"]

@@ -9,7 +9,9 @@ value, and the window time of a replica not covered by a segment (its engine idl
 
 * ``kv_cache_utilization_pct_p50`` (``_p90``, ``_p99``): the smallest utilisation ``u`` such
   that the replicas spent at least that share of the window at or below ``u`` (exact for the
-  piecewise-linear curves: no sampling, no binning).
+  piecewise-linear curves: no sampling, no binning);
+* disaggregated runs, per pool (``prefill_``, ``decode_``): the mean, p99 and peak over that
+  pool's replicas only (:func:`pool_kv_metrics`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,32 @@ def kv_usage_metrics(usage: KVUsage | None, window_ms: float) -> dict[str, float
         key: time_weighted_quantile(start, end, duration, idle, p / 100)
         for key, p in zip(KV_PERCENTILE_KEYS, KV_PERCENTILES, strict=True)
     }
+
+
+def pool_kv_metrics(pools, kv_area, kv_peak, usage: KVUsage | None, window_ms: float) -> dict:
+    """Per pool of a disaggregated run (``pools``: its ``PoolResult`` list, ``kv_area`` and
+    ``kv_peak`` per replica): ``<role>_kv_cache_utilization_pct`` (time-weighted mean over the
+    pool's replicas and the window), ``_pct_p99`` (the module's percentile, over the pool's
+    replicas) and ``_peak_pct``; null without a window (the p99 also without segments)."""
+    out: dict[str, float | None] = {}
+    for p in pools:
+        role, blocks = p.role, p.kv.num_blocks
+        mine = slice(p.first_replica, p.first_replica + p.replicas)
+        area = float(np.asarray(kv_area[mine], dtype=np.float64).sum())
+        ok = window_ms > 0
+        out[f"{role}_kv_cache_utilization_pct"] = (
+            100 * area / (blocks * p.replicas * window_ms) if ok else None
+        )
+        out[f"{role}_kv_cache_utilization_peak_pct"] = 100 * float(max(kv_peak[mine])) / blocks
+        p99 = None
+        if usage is not None and ok:
+            sel = (usage.replica >= mine.start) & (usage.replica < mine.stop)
+            start, end = usage.utilization_pct()
+            duration = (usage.end_ms - usage.start_ms)[sel]
+            idle = max(0.0, p.replicas * window_ms - float(duration.sum()))
+            p99 = time_weighted_quantile(start[sel], end[sel], duration, idle, 0.99)
+        out[f"{role}_kv_cache_utilization_pct_p99"] = p99
+    return out
 
 
 def time_weighted_mean(usage: KVUsage, window_ms: float) -> float:

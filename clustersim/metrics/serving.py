@@ -32,7 +32,8 @@ Metric definitions (times in ms; the window is from the first arrival to the las
   (within a run of decode steps the use grows linearly; the mean of its ends is taken);
   ``kv_cache_utilization_pct_p50`` (p90, p99): time-weighted percentiles of the same use
   over replicas and window (:mod:`clustersim.metrics.kv_usage`; null when the run did not
-  record its KV-cache segments);
+  record its KV-cache segments); disaggregated, ``prefill_`` / ``decode_`` +
+  ``kv_cache_utilization_pct``, ``_pct_p99``, ``_peak_pct``: the same over one pool;
 * ``gpu_utilization_pct``: compute time of a stage (its step work minus communication) /
   window, mean over stages and replicas (replicas of one engine share its timeline);
   ``comm_overhead_pct``: communication inside steps (TP all-reduces, all-to-alls, ETP
@@ -58,7 +59,7 @@ import numpy as np
 
 from clustersim.engine.serving.sim import ServingResult
 from clustersim.metrics.bounds import bound_metrics, serving_roofline
-from clustersim.metrics.kv_usage import kv_usage_metrics
+from clustersim.metrics.kv_usage import kv_usage_metrics, pool_kv_metrics
 from clustersim.spec.schema import Plan
 
 PERCENTILES = (50, 90, 99)
@@ -128,6 +129,9 @@ def serving_metrics(plan: Plan, res: ServingResult) -> dict[str, Any]:
         )
         metrics["kv_cache_utilization_peak_pct"] = 100 * float(res.kv_peak.max()) / blocks
     metrics.update(kv_usage_metrics(getattr(res, "kv_usage", None), window))
+    if _pools(res):
+        usage = getattr(res, "kv_usage", None)
+        metrics.update(pool_kv_metrics(res.pools, res.kv_area, res.kv_peak, usage, window))
     metrics.update(_kv_transfer(res, done))
     metrics["preemptions"] = res.preemptions
     metrics["rejected_requests"] = int(res.rejected.sum())
