@@ -11,9 +11,12 @@ import dataclasses
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from serving_plans import DENSE, MOE, make_plan
 from serving_reference.sim import ServingSim as ReferenceSim
 
+from clustersim.costs.serving import core_attention_ms
 from clustersim.engine.serving import step_timer
 from clustersim.engine.serving.requests import make_requests
 from clustersim.engine.serving.sim import ServingSim
@@ -55,12 +58,14 @@ def _run(sim_class, plan, compiled=None):
 
 
 @pytest.mark.parametrize(
-    "compiled", [None, False, True], ids=["table-runs", "numpy-runs", "compiled-runs"]
+    ("compiled", "table_max"),
+    [(None, None), (None, 2048), (False, 0), (True, 0)],
+    ids=["table-runs", "small-tables", "numpy-runs", "compiled-runs"],
 )
 @pytest.mark.parametrize("name", list(CASES))
-def test_identical_to_the_reference_engine(name, compiled, monkeypatch):
-    if compiled is not None:  # no table: every run of decode steps evaluated
-        monkeypatch.setattr(step_timer, "RUN_TABLE_MAX", 0)
+def test_identical_to_the_reference_engine(name, compiled, table_max, monkeypatch):
+    if table_max is not None:  # 0: no table, every run evaluated; 2048: tables often rebuilt
+        monkeypatch.setattr(step_timer, "RUN_TABLE_MAX", table_max)
     base, requests, sections = CASES[name]
     plan = make_plan(base, requests=requests, **sections)
     new, ref = _run(ServingSim, plan, compiled), _run(ReferenceSim, plan)
@@ -82,3 +87,31 @@ def test_identical_to_the_reference_engine(name, compiled, monkeypatch):
     assert serving_metrics(plan, new) == serving_metrics(plan, ref)
     if name == "dense-preempting":
         assert new.preemptions > 0
+
+
+_DENSE_PLAN = make_plan(DENSE)
+_MOE_PLAN = make_plan(MOE)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    moe=st.booleans(),
+    n=st.integers(1, 64),
+    context=st.lists(st.integers(0, 40_000), min_size=6, max_size=6),
+    steps=st.lists(st.integers(2, 3_000), min_size=6, max_size=6),
+)
+def test_run_tables_equal_the_direct_evaluation(moe, n, context, steps):
+    """Round times and core attention of decode runs read from the timer's tables (built,
+    extended up and down, reused) equal the direct numpy evaluation, bit for bit."""
+    plan = _MOE_PLAN if moe else _DENSE_PLAN
+    sim = ServingSim(plan, make_requests(make_plan(DENSE, requests={"num": 1})))
+    timer = sim.timer
+    for c, k in zip(context, steps, strict=True):
+        x0 = n * (c + 1)  # pairs = KV reads = sum of (context + 1) of a decode step
+        parts = timer._parts(n, n)
+        grown = n * np.arange(k, dtype=np.float64)
+        core = core_attention_ms(parts, x0 + grown, x0 + grown, n, timer.c, np.maximum)
+        np.testing.assert_array_equal(timer._core_table(parts, n, x0, k), core)
+        one = timer._one(n, n, 1)
+        rounds = one[1] + one[2] * core  # fixed + layers x core
+        np.testing.assert_array_equal(timer._run_table(one, n, x0, k), rounds)

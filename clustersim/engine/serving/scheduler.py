@@ -143,6 +143,8 @@ class ReplicaScheduler:
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> Step | None:
         """The next step, with its blocks allocated; None when there is nothing to do."""
+        if not self.running and not self.waiting:
+            return None
         if not self.chunked and self.waiting:
             step = self._prefill_step()
             if step is not None:

@@ -181,11 +181,14 @@ class Dispatcher:
         self.area = 0.0
         self._last_ms = 0.0
         self._next_rr = 0
+        # arrival times as Python floats and a sentinel past the last (cheap comparisons)
+        self._arrival = [*sim.arrival_ms.tolist(), math.inf]
+        self._least_loaded = sim.plan.workload.requests.dispatch == "least_loaded"
 
     def advance_to(self, now: float) -> None:
         """Dispatch every request that has arrived by ``now``."""
-        arrival = self.sim.arrival_ms
-        while self.cursor < arrival.size and arrival[self.cursor] <= now:
+        arrival = self._arrival
+        while arrival[self.cursor] <= now:
             self._dispatch(self.cursor, now)
             self.cursor += 1
 
@@ -204,7 +207,7 @@ class Dispatcher:
     def _dispatch(self, rid: int, now: float) -> None:
         sim = self.sim
         scheds = sim.schedulers
-        if sim.plan.workload.requests.dispatch == "least_loaded":
+        if self._least_loaded:
             replica = min(range(len(scheds)), key=lambda r: (scheds[r].load, r))
         else:
             replica, self._next_rr = self._next_rr, (self._next_rr + 1) % len(scheds)
@@ -252,10 +255,10 @@ class Engine:
             self._idle = False
             self.loop.call_soon(self.start)
         elif self._run_steps > 1:
-            j = int(np.searchsorted(self._ends, now, side="left"))
+            j = int(self._ends.searchsorted(now, "left"))
             if j + 1 < self._run_steps:
                 self._run_steps = j + 1
-                self._arm(self._ends[j])
+                self._arm(float(self._ends[j]))
 
     def _arm(self, at_ms: float) -> None:
         self._generation += 1
@@ -287,7 +290,7 @@ class Engine:
             if sim.finished != sim.num_requests:
                 self._idle = True
             return
-        self._arm(self._ends[self._run_steps - 1])
+        self._arm(float(self._ends[self._run_steps - 1]))  # a Python float: cheap
 
     def _plan(self, now: float) -> bool:
         """Schedule the members' next step (or run); False when none has work."""

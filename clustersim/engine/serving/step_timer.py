@@ -29,7 +29,13 @@ the stages. All requests of a round get their tokens at its end.
 
 A run of ``K`` decode steps differs from step to step only in the context the attention
 reads (one token more per request per step), so all ``K`` round times come from one
-vectorised evaluation.
+vectorised evaluation. In a decode step a micro-batch's query-key pairs equal its KV reads
+(``sum(context + 1)``), so its core attention, and with one micro-batch in the engine its
+round time, is a function of that one integer, growing by the batch size ``n`` per step:
+the timer keeps tables of them per ``n`` and residue of the context mod ``n``, and a run
+reads its ``K`` values as a slice (the same operations as the direct evaluation, so the
+same numbers; the direct evaluation remains for tables that would exceed
+``RUN_TABLE_MAX`` entries).
 """
 
 from __future__ import annotations
@@ -121,7 +127,8 @@ class StepTimer:
         self._j = np.arange(MAX_STEPS, dtype=np.float64)
         self._parts_cache: dict[tuple[float, float], tuple[float, float, float, float, float]] = {}
         self._one_cache: dict[tuple, tuple] = {}
-        self._run_tables: dict[tuple, tuple[int, np.ndarray]] = {}  # (n, r) -> (lo, table)
+        self._mb_cache: dict[tuple, tuple] = {}
+        self._run_tables: dict[tuple, tuple[int, np.ndarray]] = {}  # (kind, r) -> (lo, table)
         self._run_entries = 0
         model = plan.model
         qk, v = head_dims(model)
@@ -158,7 +165,9 @@ class StepTimer:
         vmax = np.maximum if steps > 1 else max
         grow = self._j[:steps] if steps > 1 else 0.0
         tally = _Tally()
-        per_mb = [self._micro_batch(aggs, v, grow, vmax, tally) for v in range(len(aggs[0][0]))]
+        per_mb = [
+            self._micro_batch(aggs, v, grow, vmax, tally, steps) for v in range(len(aggs[0][0]))
+        ]
         rounds = self._round(per_mb, vmax)
         work = tally.work + members * self.total_moe * tally.moe_ms
         comm = tally.comm + members * self.total_moe * tally.moe_comm_ms
@@ -177,11 +186,11 @@ class StepTimer:
             dropped,
         )
 
-    def _micro_batch(self, aggs, v: int, grow, vmax, tally: _Tally):
+    def _micro_batch(self, aggs, v: int, grow, vmax, tally: _Tally, steps: int):
         """Per-layer maxima over the replicas of micro-batch ``v`` (dense layer, MoE
         attention block, logits, pipeline send) and its MoE layer time; adds the replicas'
         own work, communication and FLOPs to ``tally``."""
-        c, hops = self.c, self.num_stages - 1
+        c = self.c
         layers = self.total_dense + self.total_moe
         dmax = amax = lmax = pmax = tokens = 0.0
         for agg in aggs:
@@ -189,22 +198,21 @@ class StepTimer:
             if n <= 0:
                 continue
             seqs, pairs, kv = agg[1][v], agg[2][v], agg[3][v]
-            parts = self._parts(n, seqs)
-            dense, attn, logits, allreduce, p2p = parts[:5]
-            core = core_attention_ms(parts, pairs + n * grow, kv + n * grow, n, c, vmax)
+            parts, own, comm, flops, growth = self._mb(n, seqs)
+            dense, attn, logits, _, p2p = parts[:5]
+            if steps > 1 and pairs == kv and n == seqs:  # a run of decode steps
+                core = self._core_table(parts, n, pairs, steps)
+                if core is None:
+                    core = core_attention_ms(parts, pairs + n * grow, kv + n * grow, n, c, vmax)
+            else:
+                core = core_attention_ms(parts, pairs + n * grow, kv + n * grow, n, c, vmax)
             dmax = vmax(dmax, dense + core)
             amax = vmax(amax, attn + core)
             lmax, pmax = max(lmax, logits), max(pmax, p2p)
-            tally.work = tally.work + (
-                self.total_dense * dense
-                + self.total_moe * attn
-                + logits
-                + hops * p2p
-                + layers * core
-            )
-            tally.comm += (2 * self.total_dense + self.total_moe) * allreduce + hops * p2p
-            tally.flops += self._flops(n, seqs, pairs)
-            tally.flops_growth += self.flops_per_pair * n
+            tally.work = tally.work + (own + layers * core)
+            tally.comm += comm
+            tally.flops += flops + self.flops_per_pair * pairs
+            tally.flops_growth += growth
             tokens += n
         moe_ms, moe_comm, balance, dropped, routed = self._moe_one(tokens)
         tally.add_moe(moe_ms, moe_comm, balance, dropped, routed)
@@ -250,6 +258,28 @@ class StepTimer:
             routed,
             balance,
             dropped,
+        )
+        return found
+
+    def _mb(self, n, seqs) -> tuple:
+        """The constants of one replica's micro-batch of ``n`` tokens over ``seqs`` requests
+        in :meth:`_micro_batch`, memoised: (parts, own work before the core attention,
+        communication, FLOPs before the pairs' term, FLOPs growth per step)."""
+        key = (n, seqs)
+        found = self._mb_cache.get(key)
+        if found is not None:
+            return found
+        if len(self._mb_cache) > PARTS_CACHE_SIZE:
+            self._mb_cache.clear()
+        hops = self.num_stages - 1
+        parts = self._parts(n, seqs)
+        dense, attn, logits, allreduce, p2p = parts[:5]
+        found = self._mb_cache[key] = (
+            parts,
+            self.total_dense * dense + self.total_moe * attn + logits + hops * p2p,
+            (2 * self.total_dense + self.total_moe) * allreduce + hops * p2p,
+            self.flops_per_token * n + self.flops_per_seq * seqs,
+            self.flops_per_pair * n,
         )
         return found
 
@@ -315,15 +345,28 @@ class StepTimer:
     def _run_table(self, one: tuple, n: int, x0: int, steps: int):
         """Round times of a run of ``steps`` decode steps of ``n`` requests whose step ``j``
         reads ``x0 + n j`` tokens of context (its pairs equal its KV reads in a decode step),
-        as a view of a memoised table, or None when the table would be too large.
+        as a view of a memoised table (:meth:`_table`), or None when too large."""
+        parts, fixed, layers, nq, nqb = one[:5]
+        return self._table((n, True), n, x0, steps, parts, nq, nqb, (layers, fixed))
 
-        The round time is a function of that one integer, so the table of batch size ``n``
-        and residue ``r = x0 mod n`` holds it for ``x = r + n i`` over a range of ``i``; the
-        run is the slice from ``i = x0 // n``. Values are computed with the operations of the
-        direct evaluation (identical numbers)."""
+    def _core_table(self, parts, n: int, x0: int, steps: int):
+        """Core attention per layer of the same run (:func:`core_attention_ms`), as a view of
+        a memoised table, or None when too large."""
+        nq, nqb = n * parts[6], n * self.c.attn_bytes_per_query_token
+        return self._table((n, False), n, x0, steps, parts, nq, nqb, None)
+
+    def _table(self, kind, n: int, x0: int, steps: int, parts, nq, nqb, scale):
+        """Values for ``x = x0 + n j``, ``j < steps``, of a function of the context ``x``
+        alone, as a view of a memoised table, or None when the table would be too large.
+
+        The table of ``kind`` and residue ``r = x0 mod n`` holds the values at
+        ``x = r + n i`` over a range of ``i``; the run is the slice from ``i = x0 // n``. They
+        are computed with the operations of the direct evaluation (identical numbers): core
+        attention, and with ``scale = (layers, fixed)`` the round ``fixed + layers x core``.
+        """
         i0, r = divmod(x0, n)
         end = i0 + steps
-        key = (n, r)
+        key = (kind, r)
         found = self._run_tables.get(key)
         if found is not None:
             lo, table = found
@@ -339,7 +382,6 @@ class StepTimer:
         if self._run_entries + hi - lo > RUN_TABLE_MAX:
             self._run_tables.clear()
             self._run_entries = 0
-        parts, fixed, layers, nq, nqb = one[:5]
         x = np.arange(lo, hi, dtype=np.float64)
         x *= n
         x += r
@@ -352,8 +394,10 @@ class StepTimer:
         x += parts[8]
         np.maximum(x, parts[9], out=x)
         x += parts[10]
-        x *= layers
-        x += fixed
+        if scale is not None:
+            x *= scale[0]
+            x += scale[1]
+        x.flags.writeable = False  # runs hold views of it
         self._run_tables[key] = (lo, x)
         self._run_entries += x.size
         return x[i0 - lo : end - lo]
@@ -364,10 +408,18 @@ class StepTimer:
         last = self.num_stages - 1
         stage_load = [0.0] * self.num_stages
         trip_max = 0.0
+        dense_layers, moe_layers = self.dense_layers, self.moe_layers
         for dmax, amax, lmax, pmax, moe_ms in per_mb:
             trip = (last) * pmax
+            moe_block = amax + moe_ms
             for s in stages:
-                tau = self.dense_layers[s] * dmax + self.moe_layers[s] * (amax + moe_ms)
+                # a stage without layers of a kind adds an exact 0 for them: left out
+                if not dense_layers[s]:
+                    tau = moe_layers[s] * moe_block
+                elif not moe_layers[s]:
+                    tau = dense_layers[s] * dmax
+                else:
+                    tau = dense_layers[s] * dmax + moe_layers[s] * moe_block
                 if s == last:
                     tau = tau + lmax
                 stage_load[s] = stage_load[s] + tau
