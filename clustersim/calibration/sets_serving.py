@@ -61,6 +61,7 @@ KV_BLOCK = 16  # tokens per KV-cache block (the plan default)
 LAUNCH = "kernel.launch_us"
 GRAPH_LAUNCH = "kernel.graph_launch_us"
 DECODE_L2 = "attention.decode_l2_gbps"
+GPT_FAST_FUSED = False
 
 SERVING_MODELS: dict[str, dict[str, Any]] = {
     # EleutherAI/gpt-j-6b config.json (parallel attention/MLP not modelled: same FLOPs/bytes).
@@ -188,6 +189,7 @@ def setup(r: dict[str, str]) -> dict[str, Any]:
             "osl": _int(r["osl"]),
             "graphs": False,
             "decode_attention": "per_head",
+            "fused": True,
         }
     if rid in _GPT_FAST:
         return {
@@ -197,6 +199,7 @@ def setup(r: dict[str, str]) -> dict[str, Any]:
             "isl": 5,
             "osl": 200,
             "graphs": True,
+            "fused": GPT_FAST_FUSED,
         }
     if rid in _GRAPH_STEP:
         return {
@@ -296,6 +299,7 @@ def serving_plan(r: dict[str, str], values: dict[str, float] | None = None) -> P
                 "chunked_prefill": False,
                 "cuda_graphs": s["graphs"],
                 "decode_attention": s.get("decode_attention", "grouped"),
+                "fused_elementwise": s.get("fused", False),
                 "gpu_memory_utilization": 0.95,
                 **({"kv_dtype": "fp8"} if _fp8_kv(r) else {}),
             },

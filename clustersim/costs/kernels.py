@@ -40,6 +40,16 @@ softmax/top-k, shared experts (up, activation, down), residual add; routed exper
 permute, grouped up, activation, grouped down, unpermute. With sequence parallelism the
 hidden-wide element-wise kernels run on ``1/tp`` of the tokens. The backward of a layer takes
 ``BACKWARD_FACTOR`` times its forward (two GEMMs per forward GEMM).
+
+A serving engine that compiles its layers (``fused``: ``workload.requests.fused_elementwise``;
+TensorRT-LLM's engines, torch.compile) fuses the element-wise kernels into their neighbours:
+the MLP activation into the up projection's epilogue, each FP8 quantise into the kernel that
+produces the GEMM's input, the residual add into the next norm (one kernel: the norm's pass
+plus the residual's bytes at the plain-stream rate), the rotary embedding into the KV-cache
+write (``clustersim.costs.serving``). A dense layer then runs 6 kernels (+ core attention and
+the cache write) instead of 10 (14 under FP8), which matters most where kernels are short:
+eager decode and prefill of few tokens (launch-bound), and the element-wise passes over large
+prefill batches (memory-bound).
 """
 
 from __future__ import annotations
@@ -87,8 +97,12 @@ class KernelTimer:
         graphs: bool = False,
         training: bool = True,
         fp8_dispatch: bool = False,
+        fused: bool = False,
     ):
         cal = hw.calibration
+        # a compiled engine (TensorRT-LLM, torch.compile) fuses element-wise kernels into
+        # their neighbours (``workload.requests.fused_elementwise``; module docstring)
+        self.fused = fused
         self.model, self.hw, self.tp = model, hw, tp
         self.etp = tp if etp is None else etp
         self.bpe = precision.activation_bytes(model)
@@ -229,7 +243,7 @@ class KernelTimer:
         ``quantised``: the input arrives in FP8 (the kernel before it wrote the copies)."""
         if not self.fp8:
             return self.gemm_ms(m, n, k, groups)
-        if quantised:
+        if quantised or self.fused:  # the kernel before it wrote the FP8 input
             return self.issue(self.gemm_gpu_ms(m, n, k, groups, fp8=True), m)
         quantise = self.stream_ms(m, k * self._quantise_bytes, elementwise=True)
         return quantise + self.issue(self.gemm_gpu_ms(m, n, k, groups, fp8=True), m)
@@ -248,6 +262,13 @@ class KernelTimer:
         """Stream time of a memory-bound kernel of class ``kind`` over ``tokens``."""
         return self.issue(self.memory_gpu_ms(tokens * bytes_per_token, kind), tokens)
 
+    def fused_memory_ms(self, tokens, bytes_per_token: float, kind: str, stream_bytes: float):
+        """Stream time of one kernel of class ``kind`` moving ``bytes_per_token`` that also
+        carries a fused neighbour's ``stream_bytes`` per token at the plain-stream rate (no
+        second fixed time or launch): never more than the two kernels it replaces."""
+        gpu = self.memory_gpu_ms(tokens * bytes_per_token, kind)
+        return self.issue(gpu + tokens * stream_bytes / self._byte_s * 1e3, tokens)
+
     # ---- blocks of a layer ---------------------------------------------------------------
     def _h_kernel(self, tokens, passes: float, kind: str):
         """A hidden-wide kernel (norm, residual add) under sequence parallelism."""
@@ -256,13 +277,24 @@ class KernelTimer:
 
     def _norm(self, tokens, quantised: bool = False):
         """The hidden-wide norm; ``quantised``: fused with the next GEMM's quantise (it writes
-        the FP8 copies instead of a BF16 output: ``fuse_quantise``)."""
+        the FP8 copies instead of a BF16 output: ``fuse_quantise``). A ``fused`` engine also
+        adds the residual in it: one kernel, the norm's pass (read the sum, write the
+        normalised output, in FP8 when an FP8 GEMM follows) at the norm class's rate and fixed
+        time, plus the residual's own bytes (read the residual, write the new one) at the
+        plain-stream rate, so never more than the two kernels it replaces."""
+        if self.fused:
+            h = self.model.hidden_size * self._h_tokens_share
+            out = self._fp8_in if self.fp8 else self.bpe
+            return self.fused_memory_ms(tokens, h * (self.bpe + out), NORM, 2 * h * self.bpe)
         if quantised and self.fuse_quantise:
             per_token = self.model.hidden_size * self._quantise_bytes * self._h_tokens_share
             return self.memory_ms(tokens, per_token, NORM)
         return self._h_kernel(tokens, NORM_PASSES, NORM)
 
     def _residual(self, tokens):
+        """The residual add (part of the next norm in a ``fused`` engine)."""
+        if self.fused:
+            return 0.0 * tokens
         return self._h_kernel(tokens, RESIDUAL_PASSES, STREAM)
 
     def attention_block_ms(self, tokens, absorbed: bool = False, mlp_input_fp8: bool = False):
@@ -293,7 +325,8 @@ class KernelTimer:
         for width in self._latent_norms:  # MLA: RMSNorm of each low-rank latent
             per_element = self._quantise_bytes if fused else NORM_PASSES * self.bpe
             total = total + self.memory_ms(tokens, per_element * width, NORM)
-        total = total + self.stream_ms(tokens, self.rope_bytes_per_token, elementwise=True)
+        if not self.fused:  # fused: applied by the KV-cache write (serving's cache kernel)
+            total = total + self.stream_ms(tokens, self.rope_bytes_per_token, elementwise=True)
         total = total + self.linear_ms(tokens, self._out[1], self._out[0])
         total = total + self._residual(tokens)
         return total + self._norm(tokens, quantised=mlp_input_fp8)
@@ -305,9 +338,16 @@ class KernelTimer:
         h = self.model.hidden_size
         quantised = input_fp8 and self.fuse_quantise
         total = self.linear_ms(tokens, (self._phi - 1) * width, h, quantised=quantised)
-        total = total + self.stream_ms(tokens, self._phi * width * self.bpe, elementwise=True)
+        total = total + self._activation(tokens, width)
         total = total + self.linear_ms(tokens, h, width)
         return total + self._residual(tokens)
+
+    def _activation(self, tokens, width: float):
+        """The MLP activation over ``width`` features (SwiGLU reads gate and up); none in a
+        ``fused`` engine, where the up projection's epilogue applies it."""
+        if self.fused:
+            return 0.0 * tokens
+        return self.stream_ms(tokens, self._phi * width * self.bpe, elementwise=True)
 
     def dense_mlp_ms(self, tokens, input_fp8: bool = False):
         """The MLP of a dense layer (``input_fp8``: see :meth:`mlp_ms`)."""
@@ -356,7 +396,7 @@ class KernelTimer:
             total = total + self._grouped_linear_ms(copies, up, h, groups, quantised=True)
         else:
             total = total + self._grouped_linear_ms(copies, up, h, groups)
-        total = total + self.stream_ms(copies, self._phi * width * self.bpe, elementwise=True)
+        total = total + self._activation(copies, width)
         total = total + self._grouped_linear_ms(copies, h, width, groups)
         return total + permutes * self.stream_ms(copies, PERMUTE_PASSES * h * self.bpe)
 

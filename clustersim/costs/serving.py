@@ -10,7 +10,11 @@ work:
   (:class:`clustersim.costs.kernels.KernelTimer`): decode, with few tokens, is bound by
   reading the weights (and, in eager mode, by kernel launches), prefill by FLOPs;
 * the KV-cache write (vLLM's ``reshape_and_cache``: the step's new keys and values, MLA: the
-  latent, copied into the paged cache), one plain stream kernel per layer;
+  latent, copied into the paged cache), one plain stream kernel per layer; an engine that
+  fuses element-wise kernels (``workload.requests.fused_elementwise``: TensorRT-LLM's
+  QKV preprocessing kernel) applies the rotary embedding in the same kernel (one
+  element-wise kernel: the rotary embedding's pass, plus the cache's bytes at the
+  plain-stream rate);
 * MLA decode steps run absorbed: the key/value up-projection as two batched GEMMs (one
   kernel more, the same weights) and core attention in the latent space
   (:func:`decode_flops_per_pair`);
@@ -52,7 +56,7 @@ import numpy as np
 
 from clustersim.costs.comm import collective_time_ms, link_for_group, p2p_ms
 from clustersim.costs.compute import kv_heads_per_gpu
-from clustersim.costs.kernels import STREAM, KernelTimer, uses_graphs
+from clustersim.costs.kernels import ELEMENTWISE, STREAM, KernelTimer, uses_graphs
 from clustersim.costs.memory import (
     DTYPE_BYTES,
     GIB,
@@ -144,7 +148,11 @@ class StepCosts:
         k = self.timer(tokens, seqs)
         decode = tokens == seqs  # one new token per request: MLA runs absorbed
         block = float(k.attention_block_ms(tokens, absorbed=decode))
-        block += float(k.memory_ms(tokens, self.cache_write_bytes_per_token, STREAM))
+        if k.fused:  # one kernel rotates the queries and keys and writes the cache
+            cache = self.cache_write_bytes_per_token
+            block += float(k.fused_memory_ms(tokens, k.rope_bytes_per_token, ELEMENTWISE, cache))
+        else:
+            block += float(k.memory_ms(tokens, self.cache_write_bytes_per_token, STREAM))
         graphs = k is self.graph
         allreduce = (self.tp_allreduce_graph if graphs else self.tp_allreduce).scalar_ms(tokens)
         dense = block + float(k.dense_mlp_ms(tokens)) + 2 * allreduce
@@ -191,7 +199,15 @@ def step_costs(plan: Plan, layout: Layout) -> StepCosts:
     par = plan.parallel
 
     def timer(graphs: bool) -> KernelTimer:
-        return KernelTimer(model, hw, tp, par.expert_tp, graphs=graphs, training=False)
+        return KernelTimer(
+            model,
+            hw,
+            tp,
+            par.expert_tp,
+            graphs=graphs,
+            training=False,
+            fused=plan.workload.requests.fused_elementwise,
+        )
 
     graph_hw = graph_replay_hardware(hw)
 

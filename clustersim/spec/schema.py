@@ -783,6 +783,14 @@ class RequestsSpec(_Strict):
         "thread block per query head, which re-reads its shared K/V head: TensorRT-LLM's "
         "masked MHA kernel, vLLM's PagedAttention v1/v2).",
     )
+    fused_elementwise: bool = Field(
+        False,
+        description="The engine compiles its layers and fuses element-wise kernels into their "
+        "neighbours (TensorRT-LLM engines, torch.compile): the activation into the up "
+        "projection's epilogue, each FP8 quantise into the kernel producing its input, the "
+        "residual add into the next norm, the rotary embedding into the KV-cache write; "
+        "false: one kernel each (vLLM-style layers).",
+    )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Share of GPU memory for weights, activations and KV cache."
     )

@@ -213,6 +213,7 @@ def kernel_timer(plan: Plan, graphs: bool = False) -> KernelTimer:
         graphs=graphs,
         training=plan.workload.mode == "training",
         fp8_dispatch=par.moe_dispatcher == "deepep",
+        fused=plan.workload.mode == "inference" and plan.workload.requests.fused_elementwise,
     )
 
 
