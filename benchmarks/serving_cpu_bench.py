@@ -4,10 +4,13 @@ Usage:
   python benchmarks/serving_cpu_bench.py [--repeat 5] [--only NAME ...]
   python benchmarks/serving_cpu_bench.py one NAME     # one run, JSON on stdout
   python benchmarks/serving_cpu_bench.py --engine reference ...   # the engine before
+  python benchmarks/serving_cpu_bench.py --engine current reference ...   # alternating
 
 ``--engine reference`` runs the frozen copy of the serving engine as it was before its
 bookkeeping was made faster (``tests/serving_reference``), on the same cost model: the
-"before" of BENCHMARKS.md.
+"before" of BENCHMARKS.md. With several engines, each round runs every engine in turn (in
+the same minutes, as a shared machine needs), and each row also gives the ratio of its
+median CPU time to the last engine's.
 
 Workloads (each run in a fresh process; medians of --repeat):
 
@@ -152,23 +155,31 @@ def main() -> None:
     parser.add_argument("name", nargs="?")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--only", nargs="*")
-    parser.add_argument("--engine", choices=("current", "reference"), default="current")
+    parser.add_argument(
+        "--engine", nargs="+", choices=("current", "reference"), default=["current"]
+    )
     args = parser.parse_args()
     if args.what == "one":
-        print(json.dumps(run_one(args.name, args.engine)))
+        print(json.dumps(run_one(args.name, args.engine[0])))
         return
     for name in args.only or NAMES:
-        runs = []
+        engines = ["current"] if name.startswith("capacity") else args.engine
+        runs: dict[str, list[dict]] = {engine: [] for engine in engines}
         for _ in range(args.repeat):
-            cmd = [sys.executable, __file__, "one", name, "--engine", args.engine]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            runs.append(json.loads(out.stdout))
-        row = dict(runs[0])
-        for key in ("cpu_s", "wall_s", "cpu_us_per_request"):
-            if key in row:
-                row[key] = statistics.median(r[key] for r in runs)
-        row["cpu_s_all"] = [round(r["cpu_s"], 3) for r in runs]
-        print(json.dumps(row), flush=True)
+            for engine in engines:  # alternating: one run of each engine per round
+                cmd = [sys.executable, __file__, "one", name, "--engine", engine]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                runs[engine].append(json.loads(out.stdout))
+        last = statistics.median(r["cpu_s"] for r in runs[engines[-1]])
+        for engine in engines:
+            row = dict(runs[engine][0])
+            for key in ("cpu_s", "wall_s", "cpu_us_per_request"):
+                if key in row:
+                    row[key] = statistics.median(r[key] for r in runs[engine])
+            row["cpu_s_all"] = [round(r["cpu_s"], 3) for r in runs[engine]]
+            if len(engines) > 1:
+                row[f"cpu_ratio_to_{engines[-1]}"] = round(row["cpu_s"] / last, 3)
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

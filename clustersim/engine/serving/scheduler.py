@@ -228,7 +228,7 @@ class ReplicaScheduler:
         self.free_blocks = free
         all_served = len(ids) == len(running)
         step = Step(ids, new, ctx, False, preempted, 0, decodes, tokens, pairs, 0, left)
-        if self.chunked and not preempted:
+        if self.chunked and not preempted and self.waiting:  # (nothing to admit otherwise)
             step.admitted, admitted_context = self._admit(step, budget)
             context += admitted_context
         step.kv_read = step.tokens + context
