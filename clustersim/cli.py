@@ -430,7 +430,8 @@ def replay(
 @app.command(
     help="Validation against published measurements, per data set: dense training (Narayanan "
     "2021), MoE training (Parallel Folding, ModelZoo), serving (TensorRT-LLM, gpt-fast, SGLang, "
-    "metaseq), kernels (Vidur, FlashAttention) and collectives (NCCL, DeepEP). Prints published "
+    "metaseq), kernels (Vidur, FlashAttention), collectives (NCCL, DeepEP; the alpha-beta model) "
+    "and the same collectives as flows over shared links. Prints published "
     "vs predicted in sample and out of sample (end-to-end parameters refitted without the row), "
     "mean and worst |error| per set, the fitted parameters and the rows not expressible."
 )
@@ -440,7 +441,7 @@ def validate(
         typer.Option(
             "--set-name",
             help="Set to run (repeatable): dense, moe, fsdp, serving, kernels, "
-            "collectives. Default: all.",
+            "collectives, flows. Default: all.",
         ),
     ] = None,
     quick: Annotated[
