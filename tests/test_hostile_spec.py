@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from clustersim.spec import PlanError, load_plan, plan_from_dict
@@ -94,6 +94,7 @@ def _check_edit(path: tuple[str, ...], value: Any) -> None:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(path=st.sampled_from(PATHS), value=HOSTILE)
+@example(path=("model", "preset"), value=None)  # no preset: the error names model.preset
 def test_random_field_edit_is_a_plan_error_naming_the_field(path, value):
     _check_edit(path, value)
 

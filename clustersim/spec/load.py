@@ -64,9 +64,24 @@ def plan_from_dict(raw: dict[str, Any], source: str, base_dir: Path | None = Non
     try:
         plan = Plan.model_validate(resolved)
     except ValidationError as exc:
-        raise PlanError(source, _issues_from_pydantic(exc.errors())) from None
+        issues = _issues_from_pydantic(exc.errors())
+        raise PlanError(source, _missing_model_preset(raw, issues) + issues) from None
     plan._derived = derived
     return plan
+
+
+def _missing_model_preset(raw: dict[str, Any], issues: list[PlanIssue]) -> list[PlanIssue]:
+    """Without ``model.preset`` every model field must be given: when some are missing, say
+    so on the preset field (the one a user left out or set to null) before listing them."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or model.get("preset") is not None:
+        return []
+    missing = [i for i in issues if i.path.startswith("model.") and "missing" in i.message]
+    if not missing:
+        return []
+    names = ", ".join(sorted(MODEL_PRESETS))
+    message = "not set, so the model's size fields must all be given"
+    return [PlanIssue("model.preset", message, None, f"a preset name: {names}")]
 
 
 def _derive_dp(raw: dict[str, Any], source: str) -> dict[str, str]:
