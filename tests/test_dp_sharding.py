@@ -141,6 +141,17 @@ def test_zero2_reduce_scatters_every_microbatch_and_gathers_once():
     assert ag_bytes.sum() == pytest.approx(2 * P, rel=1e-12)  # after the optimizer step
 
 
+def test_zero2_fp16_reduce_scatters_fp16_gradients():
+    """FP16 training reduces FP16 gradients (Megatron's accumulate_allreduce_grads_in_fp32 is
+    off unless bf16; the memory model's fp16 / fp16 row): m x 2 P bytes, half of BF16's."""
+    m = 2
+    plan = make_plan(
+        {"dp_sharding": "gradients", "num_microbatches": m}, {**SMALL, "dtype": "fp16"}
+    )
+    rs_bytes, _ = _rows(simulate(plan), Op.GRAD_REDUCE)
+    assert rs_bytes.sum() == pytest.approx(m * 2 * P, rel=1e-12)
+
+
 def test_zero3_gathers_and_reduce_scatters_share_one_stream():
     """PyTorch FSDP runs a layer's all-gathers and reduce-scatters on one NCCL process group,
     one at a time (Zhao et al. 2023, §3.3.2): on every lane the gather and reduce-scatter rows

@@ -311,6 +311,22 @@ def test_grad_all_reduce_is_a_ring_inside_one_node(n):
     assert sizes.sum() == pytest.approx(GRAD_BYTES * _dense_params(), rel=1e-12)
 
 
+@pytest.mark.parametrize(("dtype", "bytes_per_grad"), [("bf16", 4), ("fp16", 2), ("fp32", 4)])
+def test_grad_reduce_carries_the_memory_models_gradient_type(dtype, bytes_per_grad):
+    """Megatron all-reduces FP32 main gradients under BF16 (arguments.py forces
+    accumulate_allreduce_grads_in_fp32) but FP16 ones under FP16 (the flag's default), as the
+    memory model's bytes per parameter say (reference.md: bf16/fp32 18, fp16/fp16 20): the
+    buckets carry bytes_per_grad x parameters, each at the ring's closed form."""
+    n = 4
+    model = {**DENSE, "dtype": dtype}
+    plan = make_plan(model, {"dp": n, "num_microbatches": 2, "grad_bucket_mb": 16})
+    durations, sizes = _grad_rows(simulate(plan))
+    assert sizes.sum() == pytest.approx(bytes_per_grad * _dense_params(), rel=1e-12)
+    bandwidth, alpha_ms = H100["intra_bw"] * 1e9, H100["intra_lat"] * 1e-3
+    expected = 2 * (n - 1) / n * sizes / bandwidth * 1e3 + 2 * (n - 1) * alpha_ms
+    np.testing.assert_allclose(durations, expected, rtol=1e-12)
+
+
 def test_distributed_optimizer_reduce_scatter_and_param_gather():
     """ZeRO-1: gradients reduce-scatter, (n-1)/n S/B + (n-1) alpha; the bf16 parameters are
     all-gathered, (n-1)/n P/B + (n-1) alpha with P = 2 bytes x parameters."""

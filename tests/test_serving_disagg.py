@@ -357,9 +357,10 @@ def test_every_request_crosses_once_at_its_shard_over_its_link(
     prefill_tp, decode_tp, decode_dp, gpus_per_node, dispatch, rate
 ):
     """Hypothesis over small 1PyD plans: every request completes; one with more than one
-    output token crossed once, to a decode replica, in p2p_ms(prompt x one GPU's KV bytes per
-    token over all layers, the link between the two replicas' first GPUs), and its last token
-    comes after its first token plus that transfer."""
+    output token crossed once, to a decode replica, in at least p2p_ms(prompt x one GPU's KV
+    bytes per token over all layers, the link between the two replicas' first GPUs) -- exactly
+    that when no other transfer was in flight meanwhile (transfers share ports) -- and its
+    last token comes after its first token plus that transfer."""
     gpus = prefill_tp + decode_tp * decode_dp
     plan = make_plan(
         DENSE,
@@ -377,6 +378,8 @@ def test_every_request_crosses_once_at_its_shard_over_its_link(
     shard = max(
         kv_bytes_per_token_layer(model, tp) * model.num_layers for tp in (prefill_tp, decode_tp)
     )
+    start = np.asarray(cols["first_token_ms"], dtype=np.float64)
+    end = start + res.kv_transfer_ms
     for rid in range(20):
         if cols["output_tokens"][rid] == 1:
             assert np.isnan(res.kv_transfer_ms[rid])
@@ -387,7 +390,12 @@ def test_every_request_crosses_once_at_its_shard_over_its_link(
         link = p2p_link([0, dst], gpus_per_node, hw)
         prompt = cols["prompt_tokens"][rid]
         expected = p2p_ms(prompt * shard, link.bandwidth_gbps, link.latency_us)
-        assert res.kv_transfer_ms[rid] == pytest.approx(expected, rel=1e-12)
+        others = np.arange(20) != rid
+        overlapped = (others & (start < end[rid]) & (end > start[rid])).any()
+        if overlapped:
+            assert res.kv_transfer_ms[rid] >= expected * (1 - 1e-12)
+        else:
+            assert res.kv_transfer_ms[rid] == pytest.approx(expected, rel=1e-12)
         assert cols["finish_ms"][rid] >= cols["first_token_ms"][rid] + expected * (1 - 1e-12)
 
 

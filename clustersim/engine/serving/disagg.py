@@ -19,7 +19,13 @@ across all its GPUs steps as one engine), on the same event loop and request boo
    the cache's own figure: GQA heads split by TP, the MLA latent whole) on either side,
    and the link the calibrated point-to-point link between the two replicas' first GPUs
    (:func:`~clustersim.costs.comm.p2p_link`: NVLink inside one NVLink domain, else the
-   network). Transfers do not slow each other down (no link contention);
+   network). Transfers in flight at once share ports (:mod:`~clustersim.engine.serving.kv_links`):
+   each leaves through its prefill replica's port and enters through its decode replica's
+   (NVLink, or the network port when it crosses NVLink domains), the data time of
+   concurrent transfers on a port shares it max-min fairly, re-solved at every start and
+   data end, and the link's latency follows the last byte; a transfer alone on its ports
+   takes exactly ``p2p_ms`` (its ``kv_transfer_ms`` is then that figure, else its arrival
+   minus its first token);
 3. when it arrives, the prefill replica frees the blocks and the request waits in the decode
    replica's queue until that replica has blocks and a batch slot for it (the decode pool
    admits as chunked prefill does: the newcomer joins the running batch with one token on
@@ -36,10 +42,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from clustersim.costs.comm import p2p_link, p2p_ms
+from clustersim.costs.comm import p2p_link, p2p_ms, transfer_ms
 from clustersim.costs.memory import kv_cache_bytes_per_token_layer
 from clustersim.costs.serving import step_costs
 from clustersim.engine.errors import EngineError
+from clustersim.engine.serving.kv_links import PortSharing
 from clustersim.engine.serving.loop import EventLoop
 from clustersim.engine.serving.moe_table import MoEStepTable
 from clustersim.engine.serving.requests import Requests
@@ -195,10 +202,15 @@ class DisaggregatedSim(ServingSim):
         self.transfer_ms = [float("nan")] * n
         self._incoming = [0] * len(self.decode.schedulers)
         self._next_decode = 0
+        self._ports = PortSharing()
+        self._src = [-1] * n  # each transfer's prefill replica
+        self._latency_ms = [0.0] * n  # each transfer's link latency, after its last byte
+        self._arrival_gen = [0] * n  # a transfer's arrival callback counts when it matches
+        self._ports_gen = 0  # likewise the port-sharing timer
 
-    def _transfer_links(self) -> list[list[tuple[float, float]]]:
-        """(bandwidth GB/s, latency µs) of the link from each prefill replica to each decode
-        replica (their first GPUs; module docstring)."""
+    def _transfer_links(self) -> list[list[tuple[float, float, bool]]]:
+        """(bandwidth GB/s, latency µs, crosses NVLink domains) of the link from each prefill
+        replica to each decode replica (their first GPUs; module docstring)."""
         plan, hw = self.plan, self.plan.hardware
         base = plan.pool_first_rank("decode")
         out = []
@@ -207,7 +219,7 @@ class DisaggregatedSim(ServingSim):
             row = []
             for d in range(len(self.decode.schedulers)):
                 link = p2p_link([src, base + self.decode.first_gpu(d)], hw.gpus_per_node, hw)
-                row.append((link.bandwidth_gbps, link.latency_us))
+                row.append((link.bandwidth_gbps, link.latency_us, link.crosses_nodes))
             out.append(row)
         return out
 
@@ -222,25 +234,69 @@ class DisaggregatedSim(ServingSim):
 
     def hand_off(self, replica: int, rids: list[int], end_ms: float) -> None:
         """Requests of prefill ``replica`` that produced their first token at ``end_ms``:
-        start their KV transfers (one timed event each)."""
-        loop, prompt = self.loop, self.book.prompt
+        start their KV transfers over the ports they share (module docstring)."""
+        loop, prompt, ports = self.loop, self.book.prompt, self._ports
         for rid in rids:
             d = self._decode_replica()
-            bandwidth_gbps, latency_us = self._links[replica][d]
-            ms = p2p_ms(prompt[rid] * self._shard_bytes_per_token, bandwidth_gbps, latency_us)
+            bandwidth_gbps, latency_us, crosses = self._links[replica][d]
+            size = prompt[rid] * self._shard_bytes_per_token
+            ms = p2p_ms(size, bandwidth_gbps, latency_us)
             self.decode_replica[rid] = d
+            self._src[rid] = replica
             self.transfer_ms[rid] = ms
+            self._latency_ms[rid] = latency_us * 1e-3
             self._incoming[d] += 1
             self.events += 1
-            loop.call_later(
-                max(0.0, end_ms + ms - loop.now),
-                lambda rid=rid, d=d: self._transferred(replica, rid, d),
+            moved = ports.start(
+                loop.now,
+                rid,
+                transfer_ms(size, bandwidth_gbps),
+                (("out", replica, crosses), ("in", d, crosses)),
             )
+            for tid in moved:
+                if tid == rid and ports.full_speed(rid):  # alone: exactly the unshared link
+                    self._arrive_in(rid, max(0.0, end_ms + ms - loop.now), replica, d)
+                else:
+                    self._arrive_at(tid)
+            self._arm_ports()
 
-    def _transferred(self, replica: int, rid: int, d: int) -> None:
+    def _arrive_in(self, rid: int, delay_ms: float, replica: int, d: int) -> None:
+        self._arrival_gen[rid] += 1
+        gen = self._arrival_gen[rid]
+        self.loop.call_later(delay_ms, lambda: self._transferred(replica, rid, d, gen))
+
+    def _arrive_at(self, rid: int) -> None:
+        """(Re)schedule a slowed transfer's arrival: its data end plus its link's latency."""
+        loop = self.loop
+        at = self._ports.data_end_ms(rid) + self._latency_ms[rid]
+        self.transfer_ms[rid] = float("nan")  # measured at arrival
+        self._arrive_in(rid, max(0.0, at - loop.now), self._src[rid], self.decode_replica[rid])
+
+    def _arm_ports(self) -> None:
+        """Wake at the next data end that speeds other transfers up (if any)."""
+        at = self._ports.next_change_ms()
+        self._ports_gen += 1
+        if at is None:
+            return
+        gen = self._ports_gen
+        self.events += 1
+        self.loop.call_later(max(0.0, at - self.loop.now), lambda: self._ports_due(gen))
+
+    def _ports_due(self, gen: int) -> None:
+        if gen != self._ports_gen:
+            return
+        for tid in self._ports.expire(self.loop.now):
+            self._arrive_at(tid)
+        self._arm_ports()
+
+    def _transferred(self, replica: int, rid: int, d: int, gen: int) -> None:
         """A KV transfer ended: free the prefill blocks (waking the prefill engine when
         requests wait there), queue the request at the decode replica and wake its engine."""
+        if gen != self._arrival_gen[rid]:
+            return  # rescheduled (its rate changed)
         now = self.loop.now
+        if self.transfer_ms[rid] != self.transfer_ms[rid]:  # slowed: measured
+            self.transfer_ms[rid] = now - self.book.first_token_ms[rid]
         sched = self.prefill.schedulers[replica]
         sched.release(rid)
         if sched.waiting:  # the freed blocks may admit a waiting request

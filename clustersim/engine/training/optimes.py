@@ -27,7 +27,10 @@ from clustersim.costs.context_parallel import RingAttention, ring_attention
 from clustersim.costs.kernels import KernelTimer
 from clustersim.spec.schema import Plan
 
-GRAD_BYTES = 4  # Megatron reduces fp32 main gradients (bf16/fp16 training)
+# Megatron reduces FP32 main gradients under BF16 / FP8 (arguments.py forces
+# accumulate_allreduce_grads_in_fp32 for bf16) and FP16 ones under FP16 (the flag's default);
+# the engine takes the type from costs/precision.training_bytes_per_param.
+GRAD_BYTES = 4
 OPTIMIZER_BYTES_PER_PARAM = 36  # Adam step: reads p,g,m,v,master (2+4+4+4+4), writes p,m,v,master
 
 

@@ -91,7 +91,6 @@ from clustersim.engine.recorder import Kind, Op, Recorder
 from clustersim.engine.rendezvous import Rendezvous, trigger_at
 from clustersim.engine.training.moe import DispatchBatch, RoutingSource, dispatch_many
 from clustersim.engine.training.optimes import (
-    GRAD_BYTES,
     ExpertTimer,
     MicrobatchCosts,
     optimizer_ms,
@@ -303,6 +302,9 @@ class TrainingSim:
         self.seq_lens = seq_lens
         self._mb_tokens = np.array([[int(x.sum()) for x in mbs] for mbs in seq_lens])
         self._act_bytes = self.model.hidden_size * DTYPE_BYTES[self.model.dtype]
+        # bytes per gradient element reduced over DP: the memory model's gradient type (FP32
+        # main gradients for BF16 / FP8, FP16 for FP16 training, costs/precision.py)
+        self._grad_bytes = precision.training_bytes_per_param(self.model)[1]
         if precision.is_fp8(self.model):
             self._fp8_token_bytes = self.model.hidden_size * precision.fp8_activation_bytes(
                 self.model
@@ -1091,7 +1093,7 @@ class TrainingSim:
             + sums.router
         )
         expert = sums.routed_experts / (self.par.expert_tp * self.par.ep)
-        found = self._layer_grads[layer] = (dense * GRAD_BYTES, expert * GRAD_BYTES)
+        found = self._layer_grads[layer] = (dense * self._grad_bytes, expert * self._grad_bytes)
         return found
 
     def _add_layer_grads(self, co: Cohort, layer: int, buckets, state, ready: np.ndarray) -> None:
@@ -1123,7 +1125,7 @@ class TrainingSim:
             for s in self.layout.held_stages(stage)  # DualPipe: both chunks
             for i in self.layout.stage_layers[s]
         )
-        return max(0.0, dense_params * GRAD_BYTES - layer_dense)
+        return max(0.0, dense_params * self._grad_bytes - layer_dense)
 
     def _group_of(self, kind: str, rank: int) -> list[int]:
         """The ``kind`` group of ``rank``; with context parallelism the dense gradients and
@@ -1433,14 +1435,14 @@ class TrainingSim:
         return ready
 
     def _reduce_scatter_layer(self, co: Cohort, layer: int, mb: int, t: np.ndarray) -> None:
-        """ZeRO-2/3: reduce-scatter the layer's fp32 gradients once its backward is done, on
-        the lanes' sharding stream, after the gathers issued before it (overlapping the next
-        layers' backward)."""
+        """ZeRO-2/3: reduce-scatter the layer's gradients (FP32 main gradients, FP16 under FP16)
+        once its backward is done, on the lanes' sharding stream, after the gathers issued
+        before it (overlapping the next layers' backward)."""
         _, rs_free = self._streams(co)
         unit = self._unit(co.stage, layer)
         start = np.maximum(t, rs_free)
-        end = start + self._unit_ms(co, unit, "reduce_scatter", GRAD_BYTES, start)
-        nbytes = unit.params * GRAD_BYTES
+        end = start + self._unit_ms(co, unit, "reduce_scatter", self._grad_bytes, start)
+        nbytes = unit.params * self._grad_bytes
         self.rec.add_block(
             co.lane_ids, Kind.COMM_ASYNC, Op.GRAD_REDUCE, start, end, layer, mb, nbytes
         )
