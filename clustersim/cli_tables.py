@@ -177,7 +177,9 @@ def _metrics_table(title: str, metrics: dict, rows, plan=None, skip_missing=Fals
     for col in cols:
         table.add_column(col)
     for key, label, unit, target, claim in rows:
-        if skip_missing and key not in metrics:
+        # skip_missing: rows a plan cannot have (absent, or null with nothing to compare
+        # against, such as KV transfers of a colocated deployment) are left out
+        if skip_missing and metrics.get(key) is None and not _target_set(plan, target):
             continue
         value = metrics.get(key)
         cells = [label, "-" if value is None else f"{value:.4g}", unit]
@@ -190,6 +192,14 @@ def _metrics_table(title: str, metrics: dict, rows, plan=None, skip_missing=Fals
     return table
 
 
+def _target_set(plan, target) -> bool:
+    """Whether ``plan`` sets any of a row's target field(s)."""
+    if plan is None or not target:
+        return False
+    fields = (target,) if isinstance(target, str) else target
+    return any(getattr(plan.targets, f) is not None for f in fields)
+
+
 def _target_cell(plan, target) -> str:
     """The plan's target(s) on a row: one field name, or a tuple of them (the set ones)."""
     if not target:
@@ -198,7 +208,7 @@ def _target_cell(plan, target) -> str:
     values = [getattr(plan.targets, f) for f in fields]
     shown = [fmt_value(v) for v in values if v is not None]
     if not shown:
-        return fmt_value(None) if len(fields) == 1 else ""
+        return fmt_value(None)  # the row takes a target; the plan sets none
     return escape(", ".join(shown))
 
 

@@ -260,6 +260,21 @@ def test_the_disaggregated_example_config_runs_and_checks():
     assert set(data["serving"]["pools"]) == {"prefill", "decode"}
 
 
+def test_the_run_table_shows_kv_transfers_only_for_a_disaggregated_plan():
+    """A colocated deployment has no KV transfer, so its table has no such row (its metric
+    is null); the disaggregated example has one."""
+    disagg = REPO / "configs" / "serving_disaggregated.yaml"
+    colocated = REPO / "configs" / "seeds" / "004_current.yaml"
+    small = ["--set", "workload.requests.num=20"]
+    tables = {
+        path.stem: CliRunner().invoke(app, ["run", str(path), *small]).stdout
+        for path in (disagg, colocated)
+    }
+    assert "KV transfer p50" in tables["serving_disaggregated"]
+    assert "KV transfer" not in tables["004_current"]
+    assert "TTFT p99" in tables["004_current"]  # a row with a target field stays
+
+
 # ---- search over the prefill:decode split --------------------------------------------------
 
 
