@@ -37,6 +37,7 @@ ROOFLINE: dict[str, Any] = {
         "inter_node_base_latency_us": 0.0,
         "intra_node_p2p_efficiency": 1.0,
         "inter_node_p2p_efficiency": 1.0,
+        "intra_node_protocols": False,  # the alpha-beta ring, not NCCL's protocol tables
     },
 }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
-from test_comm import INTER_GBPS, INTRA_GBPS, INTRA_US, make_hw
+from test_comm import INTER_GBPS, INTER_US, INTRA_GBPS, INTRA_US, make_hw
 
 from clustersim.costs import comm
 
@@ -36,7 +36,16 @@ def test_group_across_trays_of_one_domain_uses_nvlink() -> None:
         + cal.intra_node_base_latency_us * 1e-3,
         rel=1e-12,
     )
-    assert alone > nvl72 * (intra_bw / inter_bw) / 2
+    # Without the domain: NCCL's ring over the 4 nodes, one ring per GPU of a node on its own
+    # NIC: bus bandwidth 4 x the NIC's; 30 steps, 6 crossing nodes (8 µs), 24 on NVLink.
+    rail_bw = min(intra_bw, 4 * inter_bw)
+    mean_step_us = (24 * (cal.intra_node_latency_us or INTRA_US) + 6 * INTER_US) / 30
+    assert alone == pytest.approx(
+        comm.ring_all_reduce_ms(size, 16, rail_bw, mean_step_us)
+        + cal.inter_node_base_latency_us * 1e-3,
+        rel=1e-12,
+    )
+    assert alone > nvl72
     link = comm.link_for_group(ranks, 4, domain_hw(72))
     assert not link.crosses_nodes
 

@@ -63,7 +63,8 @@ from functools import cache
 import numpy as np
 
 from clustersim.calibration import read_measurements
-from clustersim.calibration.fit_comm import nnls_relative, published_rows
+from clustersim.calibration.fit_comm import TORCH_FLOOR_FILE, nnls_relative, published_rows
+from clustersim.costs import nccl
 from clustersim.engine.flows import FlowSet, solve
 from clustersim.engine.network import Links
 from clustersim.spec.calibration_data import calibration_data
@@ -138,7 +139,7 @@ class Case:
 
 
 def _busbw_factor(op: str, n: int) -> float:
-    return 2 * (n - 1) / n if op == "all_reduce" else (n - 1) / n
+    return nccl.bus_factor(op, n)
 
 
 # ---- the rows ------------------------------------------------------------------------------
@@ -183,7 +184,6 @@ def _gpu_of(text: str) -> str:
 
 
 LARGE = 8 * GIB
-TORCH_FLOOR_FILE = "comm_torch_floor.csv"
 # NCCL's own NVLS efficiency per generation (src/graph/tuning.cc, nvlsEfficiency): Hopper
 # 0.85, Blackwell 0.74; the fitted NVLS efficiency is Hopper's, Blackwell's is it x 0.74/0.85.
 NVLS_GENERATION_RATIO = {"b200": 0.74 / 0.85}
@@ -563,12 +563,10 @@ def _steps(case: Case) -> tuple[float, float]:
     (n-1, N-1 for all-gather / reduce-scatter); a tree 2(g-1) chain steps and 2 log2 N
     tree levels; NVLSTree its 2 log2 N levels."""
     n, nodes, g = case.n, case.nodes, case.gpn
-    all_reduce = case.op == "all_reduce"
-    ring = 2 * (n - 1) if all_reduce else n - 1
     levels = 2.0 * math.ceil(math.log2(nodes)) if nodes > 1 else 0.0
     if case.algo == "ring":
-        inter = (2 * (nodes - 1) if all_reduce else nodes - 1) if nodes > 1 else 0
-        return float(ring - inter), float(inter)
+        intra, inter = nccl.ring_steps(case.op, n, nodes)
+        return float(intra), float(inter)
     if case.algo == "tree":
         return 2.0 * (g - 1), levels
     if case.algo == "nvls_tree":

@@ -8,6 +8,15 @@ send/receive ``base + alpha + S / (B · p2p_efficiency)``. With ``alpha``, ``1/B
 squares on relative errors (every subset of active parameters is solved; the best feasible one
 wins), deterministic and numpy-only. Efficiencies above 1 are clipped to 1 and the rest refit.
 
+Inside a node every generation's ring collectives use NCCL's protocols
+(``collectives.intra_node_protocols``, ``clustersim.costs.nccl``): a ring takes ``base`` plus
+the time of the protocol NCCL's tuner picks (LL, LL128 or Simple, NCCL's own latencies, the
+Simple protocol at ``B · efficiency``). The unknowns are then ``1/B_eff`` and ``base`` (and
+the send/receive ones); each sample's protocol is fixed at the current ``B_eff``, the linear
+fit solved, and the two repeated until no sample changes protocol. ``alpha`` is fitted on
+send/receive rows alone (it no longer enters a ring inside a node). Across nodes a ring runs
+one ring per GPU of a node on that GPU's NIC (``comm``'s rail ring).
+
 Sources and derivations per generation (``B`` = the GPU preset's link bandwidth):
 
 * ``a100`` intra-node: Vidur DGX-A100 all-reduce (2, 4, 8 GPUs) and send/recv, in one fit.
@@ -30,10 +39,13 @@ Sources and derivations per generation (``B`` = the GPU preset's link bandwidth)
   all-reduce bus bandwidth (C0076) divided by H200's NVLS/ring ratio (C0105/C0106), capped at 1;
   send/recv efficiency from DeepEP's intranode NVLink bandwidth (C0001/C0002); latencies and
   inter-node values ``h100``'s.
-* ``b200`` intra-node: the 1-node torch all-reduce rows (C0116, C0118, C0120, C0122; step
-  latency ``h100``'s); send/recv efficiency from DeepEP V2's NVLink bandwidth on SM100
-  (C0059/C0060). Inter-node: efficiency and base latency from the 4-node rows (C0117, ...,
-  C0123) through the hierarchical all-reduce with the intra-node fit fixed; send/recv ``h100``'s.
+* ``b200`` intra-node: the 1-node torch all-reduce rows (C0116, C0118, C0120, C0122) and the
+  latency-bound sizes of the same table (``comm_torch_floor.csv``: they set the torch
+  harness's per-call cost, as in the flows set; fitted, never scored; step latency
+  ``h100``'s); send/recv efficiency from DeepEP V2's NVLink bandwidth on SM100 (C0059/C0060).
+  Inter-node: efficiency and base latency from the 4-node rows (C0117, ..., C0123) and the
+  table's 4-node latency-bound sizes through NCCL's ring over the nodes (one per rail) with
+  the intra-node fit fixed; send/recv ``h100``'s.
 * DeepEP (``moe.deepep_*``), measured on H800 (DeepEP V1 README): NVLink bandwidth = mean of
   the intranode normal-kernel rows, RDMA bandwidth = median of the internode normal-kernel rows,
   latency = relative least squares over the low-latency rows (``t = L + bytes / B``, bytes =
@@ -59,7 +71,7 @@ from functools import cache
 import numpy as np
 
 from clustersim.calibration import ErrorSummary, GroupErrors, read_measurements
-from clustersim.costs import comm
+from clustersim.costs import comm, nccl
 from clustersim.spec.calibration_data import calibration_data
 from clustersim.spec.presets import GPU_GENERATION, GPU_PRESETS
 from clustersim.spec.schema import CalibrationSpec, HardwareSpec, LinkSpec
@@ -246,12 +258,14 @@ def _lawson_hanson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ClassFit:
-    """Fitted values of one link class; ``latency_us`` None = the link's own."""
+    """Fitted values of one link class; ``latency_us`` None = the link's own; ``protocols``:
+    ring collectives with NCCL's protocols (``collectives.intra_node_protocols``)."""
 
     efficiency: float
     p2p_efficiency: float
     latency_us: float | None
     base_latency_us: float
+    protocols: bool = False
 
 
 def fit_link_class(
@@ -260,28 +274,74 @@ def fit_link_class(
     *,
     latency_us: float | None = None,
     p2p_efficiency: float | None = None,
+    generation: str | None = None,
 ) -> ClassFit:
     """Fit one link class to samples inside it. ``latency_us`` / ``p2p_efficiency`` given:
-    held fixed. Send/receive efficiency defaults to the collective one without p2p samples."""
-    x = np.array([_design(s) for s in samples])
+    held fixed. Send/receive efficiency defaults to the collective one without p2p samples.
+
+    ``generation`` given: ring collectives with NCCL's protocols (``costs.nccl``): their
+    latencies are NCCL's, the unknowns the Simple protocol's bus bandwidth and the per-call
+    base; each sample's protocol is the one NCCL's tuner picks at the current bandwidth,
+    iterated until no sample changes protocol. The per-step latency is then fitted on the
+    send/receive samples only (None without them: the link's own)."""
     t = np.array([s.time_ms for s in samples])
     fixed: dict[int, float] = {}
     if latency_us is not None:
         fixed[ALPHA] = latency_us * 1e-3
     if p2p_efficiency is not None:
         fixed[INV_P2P] = 1.0 / (link_gbps * p2p_efficiency * 1e6)
-    p = nnls_relative(x, t, fixed)
-    for index in (INV_B, INV_P2P):  # efficiency <= 1: 1/B_eff >= 1/B
-        floor = 1.0 / (link_gbps * 1e6)
-        if np.any(x[:, index] != 0) and index not in fixed and p[index] < floor:
-            fixed[index] = floor
-            p = nnls_relative(x, t, fixed)
-    eff = _efficiency(p[INV_B], link_gbps)
+    floor = 1.0 / (link_gbps * 1e6)  # efficiency <= 1: 1/B_eff >= 1/B
+    inv_b = floor / PROTOCOL_START_EFFICIENCY
+    chosen: list[str] | None = None
+    for _ in range(PROTOCOL_ITERATIONS if generation else 1):
+        rows = [_protocol_design(s, inv_b, generation) for s in samples]
+        protocols = [r[2] for r in rows]
+        if protocols == chosen:
+            break
+        chosen = protocols
+        x = np.array([r[0] for r in rows])
+        offset = np.array([r[1] for r in rows])
+        fit_fixed = dict(fixed)
+        p = nnls_relative(x, t, fit_fixed, offset)
+        for index in (INV_B, INV_P2P):
+            if np.any(x[:, index] != 0) and index not in fit_fixed and p[index] < floor:
+                fit_fixed[index] = floor
+                p = nnls_relative(x, t, fit_fixed, offset)
+        inv_b = p[INV_B] if p[INV_B] > 0 else inv_b
+    eff = _efficiency(inv_b if generation else p[INV_B], link_gbps)
     p2p = _efficiency(p[INV_P2P], link_gbps) if np.any(x[:, INV_P2P] != 0) else eff
     if p2p_efficiency is not None:
         p2p = p2p_efficiency
-    alpha = latency_us if latency_us is not None else p[ALPHA] * 1e3
-    return ClassFit(eff, p2p, alpha, p[BASE] * 1e3)
+    alpha: float | None = latency_us if latency_us is not None else p[ALPHA] * 1e3
+    if latency_us is None and not np.any(x[:, ALPHA] != 0):
+        alpha = None
+    return ClassFit(eff, p2p, alpha, p[BASE] * 1e3, protocols=generation is not None)
+
+
+PROTOCOL_START_EFFICIENCY = 0.8
+PROTOCOL_ITERATIONS = 12
+
+
+def _protocol_design(
+    sample: Sample, inv_b: float, generation: str | None
+) -> tuple[np.ndarray, float, str]:
+    """(design row, known offset ms, protocol) of a sample: the alpha-beta row without
+    ``generation``; with it, a ring collective at the protocol NCCL's tuner picks for a Simple
+    bus bandwidth of 1 / ``inv_b``: NCCL's latency as the offset and the protocol's share of
+    the bandwidth in the 1/B column (LL at its cap: all offset)."""
+    if generation is None or sample.op == "p2p":
+        return _design(sample), 0.0, ""
+    bus_gbps = 1.0 / (inv_b * 1e6)
+    op, n, size = sample.op, sample.n, sample.size
+    protocol = nccl.ring_time_us(op, size, n, bus_gbps, generation).protocol
+    steps = nccl.ring_steps(op, n)[0]
+    latency_ms = (nccl.RING_BASE_US[protocol] + steps * nccl.RING_NVLINK_STEP_US[protocol]) * 1e-3
+    volume = nccl.bus_factor(op, n) * size
+    share = nccl.protocol_bus_gbps(protocol, bus_gbps, generation) / bus_gbps
+    if protocol == "LL" and share < nccl.LL_BANDWIDTH_SHARE - 1e-12:  # at llMaxBw
+        cap = nccl.protocol_bus_gbps(protocol, bus_gbps, generation)
+        return np.array([0.0, 0.0, 1.0, 0.0]), latency_ms + volume / (cap * 1e6), protocol
+    return np.array([0.0, volume / share, 1.0, 0.0]), latency_ms, protocol
 
 
 def _efficiency(inv_b: float, link_gbps: float) -> float:
@@ -338,6 +398,7 @@ def _section(intra: ClassFit, inter: ClassFit) -> dict[str, float | None]:
         "inter_node_base_latency_us": _round(inter.base_latency_us),
         "intra_node_p2p_efficiency": _round(intra.p2p_efficiency),
         "inter_node_p2p_efficiency": _round(inter.p2p_efficiency),
+        "intra_node_protocols": intra.protocols,
     }
 
 
@@ -358,7 +419,8 @@ def _vidur(gpu: str, *, intra: bool) -> list[Sample]:
 
 
 def _h100_intra(samples: list[Sample] | None = None) -> ClassFit:
-    return fit_link_class(samples or _vidur("h100", intra=True), _link("h100", False)[0])
+    samples = samples or _vidur("h100", intra=True)
+    return fit_link_class(samples, _link("h100", False)[0], generation="h100")
 
 
 def _h100_inter(samples: list[Sample] | None = None) -> ClassFit:
@@ -445,37 +507,42 @@ def _h800_intra() -> ClassFit:
     deepep = np.mean([float(rows[r]["value"]) for r in ("C0001", "C0002")])
     p2p = min(1.0, float(deepep) / _link("h800", False)[0])
     h100 = _h100_intra()
-    return ClassFit(eff, p2p, h100.latency_us, h100.base_latency_us)
+    return ClassFit(eff, p2p, h100.latency_us, h100.base_latency_us, h100.protocols)
 
 
 def _b200_intra(samples: list[Sample] | None = None) -> ClassFit:
     rows = published_rows()
-    samples = samples or [_nccl_sample(r, "b200") for r in B200_ONE_NODE]
+    samples = samples or _b200_one_node_samples()
     nvlink = _link("b200", False)[0]
     p2p = min(1.0, float(np.mean([float(rows[r]["value"]) for r in ("C0059", "C0060")])) / nvlink)
-    return fit_link_class(samples, nvlink, latency_us=_h100_intra().latency_us, p2p_efficiency=p2p)
+    return fit_link_class(
+        samples,
+        nvlink,
+        latency_us=_h100_intra().latency_us,
+        p2p_efficiency=p2p,
+        generation="b200",
+    )
 
 
 def _b200_inter(intra: ClassFit, samples: list[Sample] | None = None) -> ClassFit:
-    """Inter-node efficiency and base latency through the hierarchical all-reduce (ring over
-    the nodes), the intra-node fit fixed."""
-    samples = samples or [_nccl_sample(r, "b200") for r in B200_FOUR_NODES]
+    """Inter-node efficiency and base latency through NCCL's ring over the nodes (one ring
+    per GPU of a node, each on its GPU's NIC: ``comm``'s rail ring, bus bandwidth ``g`` x the
+    NIC's at the fitted efficiency), the intra-node fit fixed; the four-node rows and the
+    four-node latency-bound sizes of the same torch table (``comm_torch_floor.csv``), which
+    set the harness's per-call cost."""
+    samples = samples or _b200_four_node_samples()
     (bw_intra, _), (bw_inter, lat_inter) = _link("b200", False), _link("b200", True)
-    x, t = [], []
+    x, rest = [], []
     for s in samples:
         g, k = s.g, s.nodes
-        intra_ms = 2 * (
-            (g - 1) / g * s.size / (bw_intra * intra.efficiency * 1e6)
-            + (g - 1) * intra.latency_us * 1e-3
-        )
-        steps_ms = 2 * (k - 1) * lat_inter * 1e-3
-        x.append([2 * (k - 1) / k * s.size / g, 1.0])
-        t.append(s.time_ms - intra_ms - steps_ms)
+        intra_steps, inter_steps = nccl.ring_steps(s.op, s.n, k)
+        steps_ms = (intra_steps * (intra.latency_us or 0.0) + inter_steps * lat_inter) * 1e-3
+        x.append([nccl.bus_factor(s.op, s.n) * s.size / g, 1.0])
+        rest.append(steps_ms)
     xa, ta = np.array(x), np.array([s.time_ms for s in samples])
-    rest = ta - np.array(t)  # the part fixed by the intra-node fit
     # relative residual (x @ p + rest) / t - 1, linear in p: solve as target = 1 - rest / t
     a = xa / ta[:, None]
-    target = 1.0 - rest / ta
+    target = 1.0 - np.array(rest) / ta
     best, best_p = math.inf, np.zeros(2)
     for idx in ([0], [0, 1]):
         sol = np.linalg.lstsq(a[:, idx], target, rcond=None)[0]
@@ -483,7 +550,7 @@ def _b200_inter(intra: ClassFit, samples: list[Sample] | None = None) -> ClassFi
             continue
         p = np.zeros(2)
         p[idx] = sol
-        p[0] = max(p[0], 1.0 / (bw_inter * 1e6))
+        p[0] = max(p[0], 1.0 / (bw_inter * 1e6), 1.0 / (bw_intra * intra.efficiency * 1e6))
         r = float(np.sum((a @ p - target) ** 2))
         if r < best:
             best, best_p = r, p
@@ -491,18 +558,60 @@ def _b200_inter(intra: ClassFit, samples: list[Sample] | None = None) -> ClassFi
     return ClassFit(_efficiency(best_p[0], bw_inter), h100.p2p_efficiency, None, best_p[1] * 1e3)
 
 
+TORCH_FLOOR_FILE = "comm_torch_floor.csv"
+
+
+@cache
+def torch_floor_samples(nodes: int) -> tuple[Sample, ...]:
+    """The latency-bound sizes of the B200 torch all_reduce_bench tables on ``nodes`` nodes
+    (``comm_torch_floor.csv``; the flows set fits its harness cost on the same rows): fitted
+    with the published rows of the same table, never scored."""
+    out = []
+    for r in read_measurements(TORCH_FLOOR_FILE):
+        if int(r["num_nodes"]) != nodes:
+            continue
+        n, g, size = int(r["num_gpus"]), int(r["gpus_per_node"]), float(r["message_size_bytes"])
+        time_ms = nccl.bus_factor("all_reduce", n) * size / (float(r["busbw_gbps"]) * 1e6)
+        name = f"{r['row_id']} B200 torch floor all_reduce n={n} S={size:.0f}"
+        out.append(Sample("torch_floor", name, "b200", "all_reduce", n, g, size, time_ms, name))
+    return tuple(out)
+
+
+def _b200_one_node_samples() -> list[Sample]:
+    return [_nccl_sample(r, "b200") for r in B200_ONE_NODE] + list(torch_floor_samples(1))
+
+
+def _b200_four_node_samples() -> list[Sample]:
+    return [_nccl_sample(r, "b200") for r in B200_FOUR_NODES] + list(torch_floor_samples(4))
+
+
+def _intra_stage_ms(size: float, g: int, bus_gbps: float, intra: ClassFit) -> float:
+    """One intra-node reduce-scatter stage of a hierarchical all-reduce (``comm``'s
+    ``intra_ring_ms``): NCCL's fastest protocol, or the alpha-beta ring."""
+    if intra.protocols:
+        return nccl.ring_time_us("reduce_scatter", size, g, bus_gbps, "b200").time_us * 1e-3
+    return (g - 1) / g * size / (bus_gbps * 1e6) + (g - 1) * (intra.latency_us or 0.0) * 1e-3
+
+
 @cache
 def _fit_classes(generation: str) -> tuple[ClassFit, ClassFit]:
     if generation not in GENERATIONS:
         raise ValueError(f"unknown generation {generation!r}; valid: {', '.join(GENERATIONS)}")
     if generation == "a100":
-        return fit_link_class(_vidur("a100", intra=True), _link("a100", False)[0]), _h100_inter()
+        a100 = fit_link_class(
+            _vidur("a100", intra=True), _link("a100", False)[0], generation="a100"
+        )
+        return a100, _h100_inter()
     if generation == "h100":
         return _h100_intra(), _h100_inter()
     if generation == "h200":
         h100 = _h100_intra()
         intra = fit_link_class(
-            _h200_fit_samples(), _link("h200", False)[0], p2p_efficiency=h100.p2p_efficiency
+            _h200_fit_samples(),
+            _link("h200", False)[0],
+            latency_us=h100.latency_us,
+            p2p_efficiency=h100.p2p_efficiency,
+            generation="h200",
         )
         return intra, _h100_inter()
     if generation == "h800":
@@ -590,7 +699,7 @@ def comm_rows(generation: str) -> list[CommRow]:
         rows += _class_rows(
             intra_samples,
             generation,
-            lambda rest: _with(generation, intra=fit_link_class(rest, link)),
+            lambda rest: _with(generation, intra=fit_link_class(rest, link, generation=generation)),
         )
     if generation == "h100":
         rows += _class_rows(
@@ -603,7 +712,14 @@ def comm_rows(generation: str) -> list[CommRow]:
             _h200_fit_samples(),
             "h200",
             lambda rest: _with(
-                "h200", intra=fit_link_class(rest, link, p2p_efficiency=h100.p2p_efficiency)
+                "h200",
+                intra=fit_link_class(
+                    rest,
+                    link,
+                    latency_us=h100.latency_us,
+                    p2p_efficiency=h100.p2p_efficiency,
+                    generation="h200",
+                ),
             ),
         )
         fitted = {s.name for s in _h200_fit_samples()}
@@ -613,11 +729,14 @@ def comm_rows(generation: str) -> list[CommRow]:
     if generation == "b200":
         one = [_nccl_sample(r, "b200") for r in B200_ONE_NODE]
         four = [_nccl_sample(r, "b200") for r in B200_FOUR_NODES]
-        rows += _class_rows(one, "b200", lambda rest: _with("b200", intra=_b200_intra(rest)))
+        floor1, floor4 = list(torch_floor_samples(1)), list(torch_floor_samples(4))
+        rows += _class_rows(
+            one, "b200", lambda rest: _with("b200", intra=_b200_intra(rest + floor1))
+        )
         rows += _class_rows(
             four,
             "b200",
-            lambda rest: _with("b200", inter=_b200_inter(_fit_classes("b200")[0], rest)),
+            lambda rest: _with("b200", inter=_b200_inter(_fit_classes("b200")[0], rest + floor4)),
         )
     if generation == "h100":  # "~370 GB/s effective" ring bus bandwidth, at 1 GiB here
         rows += _derived_rows([_nccl_sample("C0072", "h100", size=2.0**30)], "h100")

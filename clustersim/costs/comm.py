@@ -26,13 +26,22 @@ the entry points (:func:`collective_cost`, :func:`all_to_all_v_cost`, :func:`lin
 :func:`p2p_link`) apply the calibration.
 
 Topology: a *flat* algorithm over a group that spans nodes runs at the group's slowest link
-(:func:`link_for_group`), the conservative single-ring view. The *hierarchical* variants model
-one NIC per GPU used in parallel: all-reduce = intra-node reduce-scatter + inter-node
+(:func:`link_for_group`), except a ring all-reduce, reduce-scatter or all-gather, which NCCL
+builds as one ring per GPU of a node, each crossing nodes on that GPU's NIC: its bus bandwidth
+is the node's NICs together, at most NVLink's (:func:`_rail_ring_link`). The *hierarchical*
+variants model one NIC per GPU used in parallel: all-reduce = intra-node reduce-scatter + inter-node
 all-reduce of ``S/g`` + intra-node all-gather (``g`` = GPUs of the group per node), the
 inter-node stage a ring or a double binary tree over the nodes, whichever is faster (NCCL's
 tuner picks trees across many nodes, where a ring's ``2(nodes-1)`` network steps dominate);
 all-to-all charges every rank's intra- and inter-node traffic to the matching port (see
 :func:`all_to_all_v_cost`). A group of one GPU costs nothing.
+
+NCCL's protocols (``collectives.intra_node_protocols``): a ring all-reduce, reduce-scatter or
+all-gather inside one node (flat, or the intra-node stages of a hierarchical one) takes the
+time of the fastest of NCCL's LL, LL128 and Simple protocols with NCCL's own latency tables
+(:mod:`clustersim.costs.nccl`) at the calibrated bus bandwidth, plus the class's
+``base_latency_us`` once per call; small messages then run at LL's low latency instead of
+``2(n-1)`` Simple-protocol steps.
 
 MoE dispatcher ``deepep`` (``parallel.moe_dispatcher``): the EP all-to-all-v runs at DeepEP's
 measured per-GPU NVLink and RDMA bandwidths (``hw.calibration.moe.deepep_*``) with its fixed
@@ -47,6 +56,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from clustersim.costs import nccl
 from clustersim.spec.schema import HardwareSpec
 
 OPS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "p2p")
@@ -231,6 +241,26 @@ def p2p_link(ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec) -> Grou
     return GroupLink(bandwidth_gbps, max(intra.latency_us, inter.latency_us) + inter.base_us, True)
 
 
+def intra_ring_ms(
+    op: str, size_bytes: float, n: int, hw: HardwareSpec, protocol: str | None = None
+) -> float:
+    """A ring ``op`` (all_reduce, reduce_scatter, all_gather) over ``n`` GPUs of one node,
+    without the per-call base latency: NCCL's protocols (:mod:`clustersim.costs.nccl`, the
+    fastest of LL / LL128 / Simple at the calibrated bus bandwidth, or ``protocol``) when
+    ``collectives.intra_node_protocols``, else the alpha-beta ring of the intra-node class."""
+    if n <= 1:
+        return 0.0
+    intra = link_class(hw, False)
+    cal = hw.calibration
+    if cal.collectives.intra_node_protocols:
+        bus, gen = intra.bandwidth_gbps, cal.generation
+        if protocol is not None:
+            return nccl.ring_protocol_us(protocol, op, size_bytes, n, bus, gen) * 1e-3
+        return nccl.ring_time_us(op, size_bytes, n, bus, gen).time_us * 1e-3
+    ring = ring_all_reduce_ms if op == "all_reduce" else reduce_scatter_ms
+    return ring(size_bytes, n, intra.bandwidth_gbps, intra.latency_us)
+
+
 def hierarchical_all_reduce_ms(
     size_bytes: float, ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec
 ) -> float:
@@ -271,9 +301,8 @@ def _hierarchical_ms(
     gpus_per_node = domain_gpus(gpus_per_node, hw)
     counts = _nodes(ranks, gpus_per_node).values()
     num_nodes, g_max, g_min = len(counts), max(counts), min(counts)
-    intra = link_class(hw, False)
     slow = link_for_group(ranks, gpus_per_node, hw)
-    intra_ms = reduce_scatter_ms(size_bytes, g_max, intra.bandwidth_gbps, intra.latency_us)
+    intra_ms = intra_ring_ms("reduce_scatter", size_bytes, g_max, hw)
     shard_bytes = size_bytes / g_min
     bw, lat = slow.bandwidth_gbps, slow.latency_us
     tree = False
@@ -420,6 +449,7 @@ def collective_cost(
     gpus_per_node: int,
     hw: HardwareSpec,
     algorithm: str = "ring",
+    protocol: str | None = None,
 ) -> CollectiveCost:
     """Cost of collective ``op`` (one of :data:`OPS`) of ``size_bytes`` over ``ranks``.
 
@@ -428,7 +458,9 @@ def collective_cost(
     ``auto`` (the fastest of those that apply, as NCCL's tuner would pick). ``size_bytes`` is
     the full buffer (all-reduce, reduce-scatter input, all-gather output), one rank's whole send
     buffer (all-to-all) or the message (p2p, ``ranks`` = [src, dst]). Times are calibrated
-    (``hw.calibration.collectives``, module docstring).
+    (``hw.calibration.collectives``, module docstring). ``protocol`` (one of NCCL's
+    :data:`~clustersim.costs.nccl.PROTOCOLS`) forces that protocol where NCCL's protocols
+    apply (a ring inside one node with ``intra_node_protocols``); None: the tuner's choice.
     """
     gpus_per_node = domain_gpus(gpus_per_node, hw)
     if op not in OPS:
@@ -455,8 +487,20 @@ def collective_cost(
     if algorithm == "hierarchical":
         return _hierarchical_cost(op, size_bytes, ranks, gpus_per_node, hw)
     link = link_for_group(ranks, gpus_per_node, hw)
+    if (
+        algorithm == "ring"
+        and op in nccl.RING_OPS
+        and not link.crosses_nodes
+        and hw.calibration.collectives.intra_node_protocols
+    ):
+        time_ms = intra_ring_ms(op, size_bytes, n, hw, protocol)
+        time_ms += _base_ms(ranks, gpus_per_node, hw)
+        sent = nccl.bus_factor(op, n) * size_bytes
+        return CollectiveCost(time_ms, sent, 0.0)
     if op == "all_to_all":  # grouped sends: the slowest p2p bandwidth
         link = link._replace(bandwidth_gbps=p2p_link(ranks, gpus_per_node, hw).bandwidth_gbps)
+    if algorithm == "ring" and op in nccl.RING_OPS and link.crosses_nodes:
+        link = _rail_ring_link(op, ranks, gpus_per_node, hw)
     cost = _flat_cost(op, size_bytes, n, link, algorithm)
     return cost._replace(time_ms=cost.time_ms + _base_ms(ranks, gpus_per_node, hw))
 
@@ -468,9 +512,10 @@ def collective_time_ms(
     gpus_per_node: int,
     hw: HardwareSpec,
     algorithm: str = "ring",
+    protocol: str | None = None,
 ) -> float:
     """Time in ms of :func:`collective_cost`."""
-    return collective_cost(op, size_bytes, ranks, gpus_per_node, hw, algorithm).time_ms
+    return collective_cost(op, size_bytes, ranks, gpus_per_node, hw, algorithm, protocol).time_ms
 
 
 _FLAT_MS = {
@@ -479,6 +524,23 @@ _FLAT_MS = {
     "all_gather": all_gather_ms,
     "all_to_all": all_to_all_ms,
 }
+
+
+def _rail_ring_link(
+    op: str, ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec
+) -> GroupLink:
+    """A ring over nodes as NCCL builds it: one ring (channel) per GPU of the group on a node,
+    each crossing to the next node on its own GPU's NIC (its rail), so the bus bandwidth is
+    the node's NICs together, ``g`` x the inter-node class's (NCCL's ``nChannels x
+    bwInter``), at most the intra-node class's; the steps' latency as NCCL counts them
+    (:func:`clustersim.costs.nccl.ring_steps`: 2(N-1) of 2(n-1) steps cross nodes),
+    returned as the mean latency per step."""
+    counts = _nodes(ranks, gpus_per_node).values()
+    intra, inter = link_class(hw, False), link_class(hw, True)
+    bandwidth_gbps = min(intra.bandwidth_gbps, min(counts) * inter.bandwidth_gbps)
+    intra_steps, inter_steps = nccl.ring_steps(op, len(ranks), len(counts))
+    total_us = intra_steps * intra.latency_us + inter_steps * inter.latency_us
+    return GroupLink(bandwidth_gbps, total_us / (intra_steps + inter_steps), True)
 
 
 def _flat_cost(

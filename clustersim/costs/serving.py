@@ -54,6 +54,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clustersim.costs import nccl
 from clustersim.costs.comm import collective_time_ms, link_for_group, p2p_ms
 from clustersim.costs.compute import kv_heads_per_gpu
 from clustersim.costs.kernels import ELEMENTWISE, STREAM, KernelTimer, uses_graphs
@@ -91,10 +92,11 @@ class Affine:
 
 @dataclass(frozen=True, slots=True)
 class LowerOf:
-    """The smaller of two affine times (two protocols of one collective), in ms."""
+    """The smaller of two affine times (two protocols of one collective), in ms; either may
+    itself be a :class:`LowerOf` (the lowest of several)."""
 
-    first: Affine
-    second: Affine
+    first: Affine | LowerOf
+    second: Affine | LowerOf
 
     def time_ms(self, tokens):
         """The time for ``tokens`` (a float or a numpy array)."""
@@ -129,9 +131,10 @@ class StepCosts:
     attn_bytes_per_kv_token: float  # KV cache read per token of context
     attn_bytes_per_query_token: float  # queries read and outputs written
     cache_write_bytes_per_token: float  # new K/V (MLA: latent) read and written to the cache
-    tp_allreduce: Affine  # one all-reduce of the activations (eager launch)
+    tp_allreduce: Affine | LowerOf  # one all-reduce of the activations (eager launch); the
+    # lowest of NCCL's protocols' affine times (tp_allreduce_envelope)
     tp_allreduce_graph: Affine | LowerOf  # replayed from a CUDA graph: no per-call host time;
-    # the faster of the calibrated (Simple) protocol and NCCL's LL for small messages
+    # the same envelope, and NCCL's LL for small messages
     p2p: Affine  # activations to the next pipeline stage
     dense_layers: tuple[int, ...]  # per stage
     moe_layers: tuple[int, ...]  # per stage
@@ -211,18 +214,12 @@ def step_costs(plan: Plan, layout: Layout) -> StepCosts:
 
     graph_hw = graph_replay_hardware(hw)
 
-    def graph_allreduce_ms(n: float) -> float:
-        return collective_time_ms("all_reduce", n * model.hidden_size * bpe, ranks, gpn, graph_hw)
-
     def low_latency_ms(n: float) -> float:
         return low_latency_all_reduce_ms(n * model.hidden_size * bpe, ranks, gpn, hw)
 
-    graph_allreduce: Affine | LowerOf = Affine.of(graph_allreduce_ms)
+    graph_allreduce = tp_allreduce_envelope(model.hidden_size * bpe, ranks, gpn, graph_hw)
     if tp > 1 and low_latency_ms(1) < float("inf"):
         graph_allreduce = LowerOf(graph_allreduce, Affine.of(low_latency_ms))
-
-    def allreduce_ms(n: float) -> float:
-        return collective_time_ms("all_reduce", n * model.hidden_size * bpe, ranks, gpn, hw)
 
     return StepCosts(
         eager=timer(False),
@@ -236,7 +233,7 @@ def step_costs(plan: Plan, layout: Layout) -> StepCosts:
         attn_bytes_per_query_token=heads * (qk_dim + v_dim) * bpe,
         cache_write_bytes_per_token=2.0
         * kv_bytes_per_token_layer(model, tp, plan.workload.requests.kv_dtype),
-        tp_allreduce=Affine.of(allreduce_ms),
+        tp_allreduce=tp_allreduce_envelope(model.hidden_size * bpe, ranks, gpn, hw),
         tp_allreduce_graph=graph_allreduce,
         p2p=Affine.of(lambda n: _p2p_ms(plan, layout, n * model.hidden_size * bpe / tp)),
         dense_layers=tuple(
@@ -246,6 +243,29 @@ def step_costs(plan: Plan, layout: Layout) -> StepCosts:
         moe_layers=tuple(layout.moe_layers_per_stage),
         kv_rereads=decode_kv_rereads(model, tp, plan.workload.requests.decode_attention),
     )
+
+
+def tp_allreduce_envelope(
+    bytes_per_token: float, ranks: list[int], gpus_per_node: int, hw: HardwareSpec
+) -> Affine | LowerOf:
+    """The TP all-reduce of ``bytes_per_token`` x tokens as a function of tokens: one affine
+    time per NCCL protocol and the lowest of them (NCCL's tuner) when the group runs NCCL's
+    protocols (``collectives.intra_node_protocols``, a group inside one node): each protocol's
+    time is affine in the message, their minimum is not; else the one affine time."""
+
+    def at(protocol: str | None) -> Affine:
+        return Affine.of(
+            lambda n: collective_time_ms(
+                "all_reduce", n * bytes_per_token, ranks, gpus_per_node, hw, protocol=protocol
+            )
+        )
+
+    if len(ranks) <= 1 or not hw.calibration.collectives.intra_node_protocols:
+        return at(None)
+    envelope: Affine | LowerOf = at(nccl.PROTOCOLS[0])
+    for protocol in nccl.PROTOCOLS[1:]:
+        envelope = LowerOf(envelope, at(protocol))
+    return envelope
 
 
 def decode_kv_rereads(model: ModelSpec, tp: int, kernel: str) -> float:
@@ -283,9 +303,9 @@ def graph_replay_hardware(hw: HardwareSpec) -> HardwareSpec:
 # NCCL's own latency model of its LL ("low latency") protocol over NVLink, ring algorithm
 # (src/graph/tuning.cc: baseLat Ring/LL 6.6 us, hwLat NVLink Ring/LL 0.6 us per step); LL sends
 # 4 bytes of data with a 4-byte flag in every 8-byte store, half the link's bandwidth.
-LL_BASE_US = 6.6
-LL_STEP_US = 0.6
-LL_BANDWIDTH_SHARE = 0.5
+LL_BASE_US = nccl.RING_BASE_US["LL"]
+LL_STEP_US = nccl.RING_NVLINK_STEP_US["LL"]
+LL_BANDWIDTH_SHARE = nccl.LL_BANDWIDTH_SHARE
 
 
 def low_latency_all_reduce_ms(

@@ -350,7 +350,8 @@ class CollectiveCalibration(_Strict):
     B_eff / f``. Point-to-point transfers (pipeline sends, all-to-all) use ``p2p_efficiency``
     and pay ``base_latency_us + latency_us`` once. A group within one node uses the intra-node
     values; one that spans nodes the inter-node ones. ``latency_us`` null: the link's own
-    ``latency_us`` (LinkSpec)."""
+    ``latency_us`` (LinkSpec). ``intra_node_protocols``: ring collectives inside a node with
+    NCCL's protocols instead (field description)."""
 
     intra_node_efficiency: float = Field(
         gt=0, le=1, description="Large-message bus bandwidth / NVLink bandwidth."
@@ -382,6 +383,16 @@ class CollectiveCalibration(_Strict):
     )
     intra_node_p2p_efficiency: float = Field(
         1.0, gt=0, le=1, description="Send/receive and all-to-all bandwidth / NVLink bandwidth."
+    )
+    intra_node_protocols: bool = Field(
+        False,
+        description=(
+            "Ring all-reduce / reduce-scatter / all-gather inside a node as NCCL's tuner runs "
+            "them: the fastest of its LL, LL128 and Simple protocols, each with NCCL's own "
+            "base and per-step latencies (clustersim.costs.nccl), the Simple protocol at "
+            "intra_node_efficiency, plus intra_node_base_latency_us per call; "
+            "intra_node_latency_us then applies to send/receive and all-to-all only."
+        ),
     )
     inter_node_p2p_efficiency: float = Field(
         1.0, gt=0, le=1, description="Send/receive and all-to-all bandwidth / network bandwidth."
