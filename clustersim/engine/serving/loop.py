@@ -43,6 +43,17 @@ class EventLoop:
         else:
             fn()
 
+    def advance_if_next(self, delay: float) -> bool:
+        """Whether an entry due at ``now + delay`` would be the next one run (no entry is
+        due at or before that time); if so, ``now`` moves there and the caller runs what
+        the entry would have (the same order, without the entry)."""
+        at = self.now + delay
+        queue = self._queue
+        if queue and queue[0][0] <= at:
+            return False
+        self.now = at
+        return True
+
     def run(self) -> None:
         """Run until no entry is left; an exception of a callback stops the loop."""
         queue, pop = self._queue, heapq.heappop

@@ -282,15 +282,26 @@ class Engine:
 
     def start(self) -> None:
         """Dispatch what has arrived, then plan the next step or run and set its timer; or
-        idle until a request arrives (``notify``)."""
-        sim = self.sim
-        now = self.loop.now
-        sim.dispatcher.advance_to(now)
-        if not (self._plan_solo(now) if self._solo else self._plan(now)):
-            if sim.finished != sim.num_requests:
-                self._idle = True
-            return
-        self._arm(float(self._ends[self._run_steps - 1]))  # a Python float: cheap
+        idle until a request arrives (``notify``). When the timer's entry would be the
+        loop's next one (nothing else due until the step ends), the loop's time moves to
+        its end and the step is committed here, and the next planned: what the entry would
+        have done, in the same order, without the heap."""
+        sim, loop = self.sim, self.loop
+        while True:
+            now = loop.now
+            sim.dispatcher.advance_to(now)
+            if not (self._plan_solo(now) if self._solo else self._plan(now)):
+                if sim.finished != sim.num_requests:
+                    self._idle = True
+                return
+            at_ms = float(self._ends[self._run_steps - 1])  # a Python float: cheap
+            delay = at_ms - now
+            if not loop.advance_if_next(delay if delay > 0.0 else 0.0):
+                self._arm(at_ms)
+                return
+            self._generation += 1  # (as _arm: a timer set before is stale)
+            sim.events += 1
+            self._commit()
 
     def _plan(self, now: float) -> bool:
         """Schedule the members' next step (or run); False when none has work."""
