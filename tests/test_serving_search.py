@@ -91,13 +91,19 @@ def test_goodput_objective_and_refusals():
         serving_search(no_slo, 2, workers=1)
 
 
-def test_cli_serving_search(tmp_path):
+def _serving_plan_file(tmp_path):
+    """The dense serving plan on 2 GPUs with the SLOs, as a JSON plan file."""
     raw = json.loads(json.dumps(DENSE))
     raw["workload"]["requests"].update(REQUESTS)
     raw["hardware"]["gpus_per_node"] = 2
     raw["targets"] = dict(SLO)
     path = tmp_path / "serve.json"
     path.write_text(json.dumps(raw))
+    return path
+
+
+def test_cli_serving_search(tmp_path):
+    path = _serving_plan_file(tmp_path)
     runner = CliRunner()
     args = ["search", str(path), "-o", str(tmp_path / "s.parquet"), "-w", "1", "--tp", "1"]
     res = runner.invoke(app, [*args, "--json", "--chunked", "true"])
@@ -134,12 +140,7 @@ def test_interrupted_search_resumed_gives_the_uninterrupted_table(tmp_path):
 
 
 def test_cli_serving_search_resumes(tmp_path):
-    raw = json.loads(json.dumps(DENSE))
-    raw["workload"]["requests"].update(REQUESTS)
-    raw["hardware"]["gpus_per_node"] = 2
-    raw["targets"] = dict(SLO)
-    path = tmp_path / "serve.json"
-    path.write_text(json.dumps(raw))
+    path = _serving_plan_file(tmp_path)
     runner = CliRunner()
     table = str(tmp_path / "s.parquet")
     args = ["search", str(path), "-o", table, "-w", "1", "--tp", "1", "--chunked", "true",
