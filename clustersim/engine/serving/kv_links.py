@@ -21,39 +21,26 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
+import numpy as np
+
+from clustersim.engine.flows import max_min_rates
+
 EPS_MS = 1e-9  # data ending within this of now has ended (float sums of rate x time)
 
 
 def max_min_fractions(ports_of: dict[int, tuple[Hashable, ...]]) -> dict[int, float]:
     """Max-min fair fractions of full speed for transfers ``{id: ports}``, every port of
-    capacity 1, every transfer at most 1 (progressive filling, module docstring)."""
-    rate: dict[int, float] = {}
-    free = set(ports_of)
-    residual: dict[Hashable, float] = {}
+    capacity 1, every transfer at most 1: the flow solver's progressive filling
+    (:func:`clustersim.engine.flows.max_min_rates`) with unit weights and capacities."""
+    index: dict[Hashable, int] = {}
     for ports in ports_of.values():
         for port in ports:
-            residual[port] = 1.0
-    level = 0.0
-    while free:
-        count: dict[Hashable, int] = {}
-        for t in free:
-            for port in ports_of[t]:
-                count[port] = count.get(port, 0) + 1
-        # the level at which the first port fills (or every free transfer reaches 1)
-        step = min([1.0 - level] + [residual[p] / n for p, n in count.items()])
-        level += step
-        full = set()
-        for p, n in count.items():
-            residual[p] -= step * n
-            if residual[p] <= 1e-12:
-                full.add(p)
-        done = {t for t in free if level >= 1.0 or any(p in full for p in ports_of[t])}
-        if not done:  # numerical safety: cannot happen with step from a port or the cap
-            done = set(free)
-        for t in done:
-            rate[t] = 1.0 if level >= 1.0 else level
-        free -= done
-    return rate
+            index.setdefault(port, len(index))
+    weights = np.zeros((len(ports_of), len(index)))
+    for row, ports in enumerate(ports_of.values()):
+        weights[row, [index[p] for p in ports]] = 1.0
+    rates = max_min_rates(weights, np.ones(len(ports_of)), np.ones(len(index)))
+    return {tid: float(rate) for tid, rate in zip(ports_of, rates, strict=True)}
 
 
 class _Transfer:
