@@ -145,13 +145,6 @@ def published_rows() -> dict[str, dict[str, str]]:
     return {r["row_id"]: r for r in read_measurements(PUBLISHED_FILE)}
 
 
-_BUSBW_FACTOR = {
-    "all_reduce": lambda n: 2 * (n - 1) / n,
-    "all_gather": lambda n: (n - 1) / n,
-    "reduce_scatter": lambda n: (n - 1) / n,
-}
-
-
 def _nccl_sample(
     row_id: str, gen: str, op: str = "all_reduce", size: float | None = None
 ) -> Sample:
@@ -162,7 +155,7 @@ def _nccl_sample(
     g = min(g, n)
     size = float(r["message_size_bytes"]) if size is None else size
     busbw = float(r["value"])
-    time_ms = _BUSBW_FACTOR[op](n) * size / (busbw * 1e6)
+    time_ms = nccl.bus_factor(op, n) * size / (busbw * 1e6)
     name = f"{row_id} {r['gpu'][:24]} {op} n={n} S={size:.0f}"
     return Sample("nccl_tests", name, gen, op, n, g, size, time_ms, row_id)
 
@@ -192,7 +185,7 @@ def _design(sample: Sample) -> np.ndarray:
     if sample.op == "p2p":
         return np.array([1.0, 0.0, 1.0, s])
     steps = {"all_reduce": 2 * (n - 1)}.get(sample.op, n - 1)
-    return np.array([steps, _BUSBW_FACTOR[sample.op](n) * s, 1.0, 0.0])
+    return np.array([steps, nccl.bus_factor(sample.op, n) * s, 1.0, 0.0])
 
 
 def nnls_relative(

@@ -551,7 +551,7 @@ def _flat_cost(
         time_ms, sent = tree_all_reduce_ms(size_bytes, n, bw, lat), 2.0 * size_bytes
     else:
         time_ms = _FLAT_MS[op](size_bytes, n, bw, lat)
-        sent = (2 if op == "all_reduce" else 1) * (n - 1) / n * size_bytes
+        sent = nccl.bus_factor(op, n) * size_bytes
     return CollectiveCost(time_ms, sent, sent if link.crosses_nodes else 0.0)
 
 
