@@ -321,35 +321,51 @@ def write_table(
 ) -> None:
     """Write rows as Parquet atomically (``spec.outputs.atomic_output``: a unique temporary
     file renamed over ``path``; never over one of ``inputs``)."""
+    write_rows(path, rows, _schema(), meta, inputs)
+
+
+def write_rows(path: Path, rows: Iterable[dict[str, Any]], schema, meta: dict[str, str],
+               inputs: Iterable[Path | str | None] = ()) -> None:  # fmt: skip
+    """Rows (the columns of ``schema``, ``meta`` as its metadata) as Parquet, written
+    atomically: the training and the serving search tables."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = list(rows)
-    schema = _schema().with_metadata({k.encode(): v.encode() for k, v in meta.items()})
-    table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=schema)
+    schema = schema.with_metadata({k.encode(): v.encode() for k, v in meta.items()})
+    columns = schema.names
+    table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows], schema=schema)
     with atomic_output(path, inputs) as tmp:
         pq.write_table(table, tmp)
 
 
 def read_table(path: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Rows and metadata of a search table."""
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same message
-        raise SearchError(f"{path}: not a readable search table ({exc})") from None
+    table = read_parquet(path)
     missing = [c for c in ("candidate_id", *_SIM_FIELDS) if c not in table.column_names]
     if missing:
         raise SearchError(
             f"{path}: not a search table of this version (missing column(s) "
             f"{', '.join(missing)}); drop --resume to start over, or use another --output"
         )
+    return table.to_pylist(), table_metadata(path, table)
+
+
+def read_parquet(path: Path):
+    """The Parquet table at ``path`` (:class:`SearchError` when it cannot be read)."""
+    import pyarrow.parquet as pq
+
     try:
-        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        return pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same message
+        raise SearchError(f"{path}: not a readable search table ({exc})") from None
+
+
+def table_metadata(path: Path, table) -> dict[str, str]:
+    """A search table's metadata as text (:class:`SearchError` when it is not UTF-8)."""
+    try:
+        return {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     except UnicodeDecodeError:
         raise SearchError(f"{path}: unreadable metadata (not UTF-8)") from None
-    return table.to_pylist(), meta
 
 
 def base_fingerprint(base: Plan) -> str:

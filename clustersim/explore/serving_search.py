@@ -46,6 +46,9 @@ from clustersim.explore.search import (
     SearchError,
     base_fingerprint,
     cluster_plan,
+    read_parquet,
+    table_metadata,
+    write_rows,
 )
 from clustersim.run.evaluate import evaluate
 from clustersim.spec.schema import ParallelSpec, Plan
@@ -527,16 +530,8 @@ def _resume_rows(path: Path, rows: list[dict[str, Any]], meta: dict[str, str]) -
 
 def read_serving_table(path: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Rows and metadata of a serving search table."""
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same message
-        raise SearchError(f"{path}: not a readable search table ({exc})") from None
-    try:
-        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    except UnicodeDecodeError:
-        raise SearchError(f"{path}: unreadable metadata (not UTF-8)") from None
+    table = read_parquet(path)
+    meta = table_metadata(path, table)
     missing = [c for c in TABLE_KEYS if c not in table.column_names]
     if meta.get("clustersim_serving_search") != TABLE_VERSION or missing:
         raise SearchError(
@@ -566,16 +561,5 @@ def _table_schema():
 def write_serving_table(path, result: ServingSearchResult, inputs=(), meta=None) -> None:
     """Every candidate's row (``candidate_id``, knobs, status, capacity or goodput,
     latencies, rank; pending ones too) as a Parquet table with ``meta`` as its metadata,
-    written atomically."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from clustersim.spec.outputs import atomic_output
-
-    schema = _table_schema().with_metadata(
-        {k.encode(): v.encode() for k, v in (meta or {}).items()}
-    )
-    rows = [{k: r.get(k) for k in TABLE_KEYS} for r in result.rows]
-    table = pa.Table.from_pylist(rows, schema=schema)
-    with atomic_output(path, inputs) as tmp:
-        pq.write_table(table, tmp)
+    written atomically (:func:`clustersim.explore.search.write_rows`)."""
+    write_rows(path, result.rows, _table_schema(), meta or {}, inputs)
