@@ -63,13 +63,16 @@ def test_synthetic_link_class_is_recovered() -> None:
 
 def test_fitted_model_equals_comm_py() -> None:
     """The fit's linear model (NCCL protocol as the tuner picks it, NCCL's latency as the
-    offset) and comm.py's calibrated time agree on every in-node sample."""
+    offset, the GPU-count exponent of the efficiency, the per-step latency's factor) and
+    comm.py's calibrated time agree on every in-node sample."""
     fitted = fit_comm._fit_classes("h100")[0]
     assert fitted.protocols
     hw = fit_comm.hardware("h100")
     inv_b = 1 / (450e6 * fitted.efficiency)
     for s in fit_comm._vidur("h100", intra=True)[::50]:
-        x, offset, _ = fit_comm._protocol_design(s, inv_b, "h100")
+        x, offset, _ = fit_comm._protocol_design(
+            s, inv_b, "h100", fitted.gpu_exponent, fitted.step_scale
+        )
         params = [
             fitted.latency_us * 1e-3,
             inv_b,
@@ -110,7 +113,7 @@ def test_comm_errors_report_every_data_set() -> None:
     assert names == [
         "vidur_all_reduce (fitted)",
         "vidur_send_recv (fitted)",
-        "nccl_tests (derived)",
+        "nccl_tests (fitted)",
     ]
 
 

@@ -259,6 +259,30 @@ class ClassFit:
     latency_us: float | None
     base_latency_us: float
     protocols: bool = False
+    gpu_exponent: float = 0.0  # collectives.intra_node_efficiency_gpu_exponent
+    step_scale: float = 1.0  # collectives.intra_node_step_latency_scale
+
+
+GPU_EXPONENT_GRID = np.round(np.arange(-0.5, 1.0 + 1e-9, 0.01), 2)
+STEP_SCALE_GRID = np.round(np.arange(0.0, 2.0 + 1e-9, 0.01), 2)
+GRID_COARSE = 5  # coarse pass: every 5th grid point, then the fine points around the best
+SEARCH_ROUNDS = 4  # exponent, then step scale, alternately, until neither moves
+
+
+def _grid_min(cost: Callable[[float], float], grid: np.ndarray) -> float:
+    """The point of ``grid`` of least ``cost``: every ``GRID_COARSE``-th point, then the fine
+    points around the best of them (ties: the first)."""
+    best, best_x = math.inf, float(grid[0])
+    for x in grid[::GRID_COARSE]:
+        c = cost(float(x))
+        if c < best - 1e-15:
+            best, best_x = c, float(x)
+    near = np.abs(grid - best_x)
+    for x in grid[(near > 0) & (near < GRID_COARSE * (grid[1] - grid[0]) - 1e-9)]:
+        c = cost(float(x))
+        if c < best - 1e-15:
+            best, best_x = c, float(x)
+    return best_x
 
 
 def fit_link_class(
@@ -268,6 +292,81 @@ def fit_link_class(
     latency_us: float | None = None,
     p2p_efficiency: float | None = None,
     generation: str | None = None,
+    efficiency: float | None = None,
+    gpu_exponent: float | None = None,
+    step_scale: float | None = None,
+) -> ClassFit:
+    """:func:`fit_link_class_at`, and with a full-node ``efficiency`` given (NCCL's protocols,
+    ``generation``) and ring samples over at least two GPU counts the GPU-count exponent of
+    the efficiency (``collectives.intra_node_efficiency_gpu_exponent``) and the factor on
+    NCCL's per-step latency (``collectives.intra_node_step_latency_scale``): ``gpu_exponent``
+    / ``step_scale`` if given, else the points of ``GPU_EXPONENT_GRID`` / ``STEP_SCALE_GRID``
+    of least squared relative error (searched in turn, from NCCL's own latency, until neither
+    moves). Without a full-node efficiency they are the given values or 0 / 1: fitted
+    together with it, the efficiency and the exponent trade against each other on small
+    messages (H100: the 8-GPU efficiency runs to its bound 1)."""
+    kwargs = {
+        "latency_us": latency_us,
+        "p2p_efficiency": p2p_efficiency,
+        "generation": generation,
+        "efficiency": efficiency,
+    }
+    counts = {s.n for s in samples if s.op != "p2p"}
+    searched = efficiency is not None and generation is not None and len(counts) >= 2
+    gamma = gpu_exponent if gpu_exponent is not None else 0.0
+    scale = step_scale if step_scale is not None else 1.0
+    if not searched or (gpu_exponent is not None and step_scale is not None):
+        return fit_link_class_at(samples, link_gbps, gpu_exponent=gamma, step_scale=scale, **kwargs)
+    assert generation is not None
+    fits: dict[tuple[float, float], tuple[float, ClassFit]] = {}
+
+    def cost(g: float, m: float) -> float:
+        if (g, m) not in fits:
+            got = fit_link_class_at(samples, link_gbps, gpu_exponent=g, step_scale=m, **kwargs)
+            fits[g, m] = (_squared_relative_error(samples, got, link_gbps, generation), got)
+        return fits[g, m][0]
+
+    for _ in range(SEARCH_ROUNDS):
+        before = (gamma, scale)
+        if gpu_exponent is None:
+            gamma = _grid_min(lambda g, m=scale: cost(g, m), GPU_EXPONENT_GRID)
+        if step_scale is None:
+            scale = _grid_min(lambda m, g=gamma: cost(g, m), STEP_SCALE_GRID)
+        if (gamma, scale) == before:
+            break
+    cost(gamma, scale)
+    return fits[gamma, scale][1]
+
+
+def _squared_relative_error(
+    samples: list[Sample], got: ClassFit, link_gbps: float, generation: str
+) -> float:
+    """Sum of squared relative errors of ``got`` on ``samples`` inside one node."""
+    total = 0.0
+    for s in samples:
+        if s.op == "p2p":
+            alpha_ms = (got.latency_us or 0.0) * 1e-3
+            p2p_ms = s.size / (link_gbps * got.p2p_efficiency * 1e6)
+            t = got.base_latency_us * 1e-3 + alpha_ms + p2p_ms
+        else:
+            eff = min(1.0, got.efficiency * comm.efficiency_gpu_scale(s.n, got.gpu_exponent))
+            bus = link_gbps * eff
+            ring = nccl.ring_time_us(s.op, s.size, s.n, bus, generation, got.step_scale)
+            t = got.base_latency_us * 1e-3 + ring.time_us * 1e-3
+        total += (t / s.time_ms - 1.0) ** 2
+    return total
+
+
+def fit_link_class_at(
+    samples: list[Sample],
+    link_gbps: float,
+    *,
+    latency_us: float | None = None,
+    p2p_efficiency: float | None = None,
+    generation: str | None = None,
+    efficiency: float | None = None,
+    gpu_exponent: float = 0.0,
+    step_scale: float = 1.0,
 ) -> ClassFit:
     """Fit one link class to samples inside it. ``latency_us`` / ``p2p_efficiency`` given:
     held fixed. Send/receive efficiency defaults to the collective one without p2p samples.
@@ -276,7 +375,10 @@ def fit_link_class(
     latencies are NCCL's, the unknowns the Simple protocol's bus bandwidth and the per-call
     base; each sample's protocol is the one NCCL's tuner picks at the current bandwidth,
     iterated until no sample changes protocol. The per-step latency is then fitted on the
-    send/receive samples only (None without them: the link's own)."""
+    send/receive samples only (None without them: the link's own). ``efficiency`` given: the
+    full-node (8-GPU) collective efficiency held fixed; ``gpu_exponent``: a ring over ``n``
+    GPUs runs at that efficiency x ``comm.efficiency_gpu_scale(n, gpu_exponent)``;
+    ``step_scale``: NCCL's per-step latency times that factor."""
     t = np.array([s.time_ms for s in samples])
     fixed: dict[int, float] = {}
     if latency_us is not None:
@@ -285,9 +387,12 @@ def fit_link_class(
         fixed[INV_P2P] = 1.0 / (link_gbps * p2p_efficiency * 1e6)
     floor = 1.0 / (link_gbps * 1e6)  # efficiency <= 1: 1/B_eff >= 1/B
     inv_b = floor / PROTOCOL_START_EFFICIENCY
+    if efficiency is not None:
+        inv_b = floor / efficiency
+        fixed[INV_B] = inv_b
     chosen: list[str] | None = None
     for _ in range(PROTOCOL_ITERATIONS if generation else 1):
-        rows = [_protocol_design(s, inv_b, generation) for s in samples]
+        rows = [_protocol_design(s, inv_b, generation, gpu_exponent, step_scale) for s in samples]
         protocols = [r[2] for r in rows]
         if protocols == chosen:
             break
@@ -308,7 +413,16 @@ def fit_link_class(
     alpha: float | None = latency_us if latency_us is not None else p[ALPHA] * 1e3
     if latency_us is None and not np.any(x[:, ALPHA] != 0):
         alpha = None
-    return ClassFit(eff, p2p, alpha, p[BASE] * 1e3, protocols=generation is not None)
+    protocols = generation is not None
+    return ClassFit(
+        eff,
+        p2p,
+        alpha,
+        p[BASE] * 1e3,
+        protocols,
+        gpu_exponent if protocols else 0.0,
+        step_scale if protocols else 1.0,
+    )
 
 
 PROTOCOL_START_EFFICIENCY = 0.8
@@ -316,25 +430,32 @@ PROTOCOL_ITERATIONS = 12
 
 
 def _protocol_design(
-    sample: Sample, inv_b: float, generation: str | None
+    sample: Sample,
+    inv_b: float,
+    generation: str | None,
+    gpu_exponent: float = 0.0,
+    step_scale: float = 1.0,
 ) -> tuple[np.ndarray, float, str]:
     """(design row, known offset ms, protocol) of a sample: the alpha-beta row without
     ``generation``; with it, a ring collective at the protocol NCCL's tuner picks for a Simple
     bus bandwidth of 1 / ``inv_b``: NCCL's latency as the offset and the protocol's share of
-    the bandwidth in the 1/B column (LL at its cap: all offset)."""
+    the bandwidth in the 1/B column (LL at its cap: all offset); ``gpu_exponent``: the ring's
+    GPU count scales the bandwidth (``comm.efficiency_gpu_scale``), ``step_scale`` NCCL's
+    per-step latency."""
     if generation is None or sample.op == "p2p":
         return _design(sample), 0.0, ""
-    bus_gbps = 1.0 / (inv_b * 1e6)
     op, n, size = sample.op, sample.n, sample.size
-    protocol = nccl.ring_time_us(op, size, n, bus_gbps, generation).protocol
-    steps = nccl.ring_steps(op, n)[0]
+    scale = comm.efficiency_gpu_scale(n, gpu_exponent)  # this GPU count's share of 1 / inv_b
+    bus_gbps = scale / (inv_b * 1e6)
+    protocol = nccl.ring_time_us(op, size, n, bus_gbps, generation, step_scale).protocol
+    steps = nccl.ring_steps(op, n)[0] * step_scale
     latency_ms = (nccl.RING_BASE_US[protocol] + steps * nccl.RING_NVLINK_STEP_US[protocol]) * 1e-3
     volume = nccl.bus_factor(op, n) * size
     share = nccl.protocol_bus_gbps(protocol, bus_gbps, generation) / bus_gbps
     if protocol == "LL" and share < nccl.LL_BANDWIDTH_SHARE - 1e-12:  # at llMaxBw
         cap = nccl.protocol_bus_gbps(protocol, bus_gbps, generation)
         return np.array([0.0, 0.0, 1.0, 0.0]), latency_ms + volume / (cap * 1e6), protocol
-    return np.array([0.0, volume / share, 1.0, 0.0]), latency_ms, protocol
+    return np.array([0.0, volume / (share * scale), 1.0, 0.0]), latency_ms, protocol
 
 
 def _efficiency(inv_b: float, link_gbps: float) -> float:
@@ -392,6 +513,8 @@ def _section(intra: ClassFit, inter: ClassFit) -> dict[str, float | None]:
         "intra_node_p2p_efficiency": _round(intra.p2p_efficiency),
         "inter_node_p2p_efficiency": _round(inter.p2p_efficiency),
         "intra_node_protocols": intra.protocols,
+        "intra_node_efficiency_gpu_exponent": _round(intra.gpu_exponent),
+        "intra_node_step_latency_scale": _round(intra.step_scale),
     }
 
 
@@ -411,9 +534,42 @@ def _vidur(gpu: str, *, intra: bool) -> list[Sample]:
     return [s for s in vidur_samples() if s.gpu == gpu and (s.g == s.n) == intra]
 
 
-def _h100_intra(samples: list[Sample] | None = None) -> ClassFit:
-    samples = samples or _vidur("h100", intra=True)
-    return fit_link_class(samples, _link("h100", False)[0], generation="h100")
+# Hopper (NVLink4 via NVSwitch) 8-GPU ring rows at large messages (1-16 GiB): the H100
+# maintainer statement (C0072, ~370 GB/s) and ml-engineering's H200 ring rows (NVLS off).
+HOPPER_FULL_NODE_RING = ("C0072", *H200_RING, *H200_GATHER_SCATTER)
+FULL_NODE_GPU = {"C0072": "h100"}
+
+
+def full_node_efficiency(row_ids: tuple[str, ...] = HOPPER_FULL_NODE_RING) -> float:
+    """The 8-GPU ring's Simple-protocol bus efficiency at large messages: the mean of the
+    rows' bus bandwidth / the GPU preset's NVLink bandwidth (at 1-16 GiB NCCL's latencies are
+    under 0.5 % of the time, so the bus bandwidth is the protocol's)."""
+    rows = published_rows()
+    ratios = [
+        float(rows[r]["value"]) / _link(FULL_NODE_GPU.get(r, "h200"), False)[0] for r in row_ids
+    ]
+    return float(min(1.0, np.mean(ratios)))
+
+
+def _h100_intra(
+    samples: list[Sample] | None = None, full_node_rows: tuple[str, ...] = HOPPER_FULL_NODE_RING
+) -> ClassFit:
+    """Vidur's DGX-H100 rows with the 8-GPU efficiency fixed at the Hopper nccl-tests
+    large-message ring rows' (``full_node_rows``, :func:`full_node_efficiency`): the per-call
+    base, send/receive values and the GPU-count exponent fitted."""
+    if samples is None:
+        return _h100_intra_rows(full_node_rows)
+    return fit_link_class(
+        samples,
+        _link("h100", False)[0],
+        generation="h100",
+        efficiency=full_node_efficiency(full_node_rows),
+    )
+
+
+@cache
+def _h100_intra_rows(full_node_rows: tuple[str, ...]) -> ClassFit:
+    return _h100_intra(_vidur("h100", intra=True), full_node_rows)
 
 
 def _h100_inter(samples: list[Sample] | None = None) -> ClassFit:
@@ -500,7 +656,15 @@ def _h800_intra() -> ClassFit:
     deepep = np.mean([float(rows[r]["value"]) for r in ("C0001", "C0002")])
     p2p = min(1.0, float(deepep) / _link("h800", False)[0])
     h100 = _h100_intra()
-    return ClassFit(eff, p2p, h100.latency_us, h100.base_latency_us, h100.protocols)
+    return ClassFit(
+        eff,
+        p2p,
+        h100.latency_us,
+        h100.base_latency_us,
+        h100.protocols,
+        h100.gpu_exponent,
+        h100.step_scale,
+    )
 
 
 def _b200_intra(samples: list[Sample] | None = None) -> ClassFit:
@@ -605,6 +769,8 @@ def _fit_classes(generation: str) -> tuple[ClassFit, ClassFit]:
             latency_us=h100.latency_us,
             p2p_efficiency=h100.p2p_efficiency,
             generation="h200",
+            gpu_exponent=h100.gpu_exponent,
+            step_scale=h100.step_scale,
         )
         return intra, _h100_inter()
     if generation == "h800":
@@ -692,7 +858,12 @@ def comm_rows(generation: str) -> list[CommRow]:
         rows += _class_rows(
             intra_samples,
             generation,
-            lambda rest: _with(generation, intra=fit_link_class(rest, link, generation=generation)),
+            lambda rest: _with(
+                generation,
+                intra=_h100_intra(rest)
+                if generation == "h100"
+                else fit_link_class(rest, link, generation=generation),
+            ),
         )
     if generation == "h100":
         rows += _class_rows(
@@ -712,6 +883,8 @@ def comm_rows(generation: str) -> list[CommRow]:
                     latency_us=h100.latency_us,
                     p2p_efficiency=h100.p2p_efficiency,
                     generation="h200",
+                    gpu_exponent=h100.gpu_exponent,
+                    step_scale=h100.step_scale,
                 ),
             ),
         )
@@ -732,9 +905,21 @@ def comm_rows(generation: str) -> list[CommRow]:
             lambda rest: _with("b200", inter=_b200_inter(_fit_classes("b200")[0], rest + floor4)),
         )
     if generation == "h100":  # "~370 GB/s effective" ring bus bandwidth, at 1 GiB here
-        rows += _derived_rows([_nccl_sample("C0072", "h100", size=2.0**30)], "h100")
+        rows += _full_node_rows()
     rows += deepep_rows(generation)
     return rows
+
+
+def _full_node_rows() -> list[CommRow]:
+    """C0072 (H100, 8 GPUs, ~370 GB/s ring bus bandwidth, at 1 GiB here): it sets the 8-GPU
+    efficiency with the H200 ring rows (``full_node_efficiency``); out of sample from the H200
+    rows alone (H100 refitted without it)."""
+    sample = _nccl_sample("C0072", "h100", size=2.0**30)
+    rest = tuple(r for r in HOPPER_FULL_NODE_RING if r != "C0072")
+    oos_hw = hardware("h100", _with("h100", intra=_h100_intra(full_node_rows=rest)))
+    in_sample = predict_ms(sample, hardware("h100", fit("h100")))
+    oos = predict_ms(sample, oos_hw)
+    return [CommRow(sample.dataset, sample.name, sample.time_ms, in_sample, oos, True)]
 
 
 def not_expressible(generation: str) -> list[tuple[str, str, str]]:

@@ -241,22 +241,47 @@ def p2p_link(ranks: Sequence[int], gpus_per_node: int, hw: HardwareSpec) -> Grou
     return GroupLink(bandwidth_gbps, max(intra.latency_us, inter.latency_us) + inter.base_us, True)
 
 
+EFFICIENCY_REFERENCE_GPUS = 8
+
+
+def efficiency_gpu_scale(n: int, exponent: float) -> float:
+    """Factor on the intra-node efficiency of a ring over ``n`` GPUs:
+    ``(min(n, 8) / 8) ** exponent`` (1 at 8 GPUs and for exponent 0; groups above 8 GPUs, in
+    NVLink domains wider than a server, keep the 8-GPU efficiency: no measurement there)."""
+    if exponent == 0.0 or n <= 1:
+        return 1.0
+    return (min(n, EFFICIENCY_REFERENCE_GPUS) / EFFICIENCY_REFERENCE_GPUS) ** exponent
+
+
+def ring_bus_gbps(n: int, hw: HardwareSpec) -> float:
+    """The Simple protocol's bus bandwidth (GB/s) of a ring over ``n`` GPUs of one node:
+    NVLink bandwidth x ``intra_node_efficiency`` x :func:`efficiency_gpu_scale`, at most the
+    link's bandwidth."""
+    cal = hw.calibration.collectives
+    eff = cal.intra_node_efficiency * efficiency_gpu_scale(
+        n, cal.intra_node_efficiency_gpu_exponent
+    )
+    return hw.intra_node.bandwidth_gbps * min(1.0, eff)
+
+
 def intra_ring_ms(
     op: str, size_bytes: float, n: int, hw: HardwareSpec, protocol: str | None = None
 ) -> float:
     """A ring ``op`` (all_reduce, reduce_scatter, all_gather) over ``n`` GPUs of one node,
     without the per-call base latency: NCCL's protocols (:mod:`clustersim.costs.nccl`, the
-    fastest of LL / LL128 / Simple at the calibrated bus bandwidth, or ``protocol``) when
+    fastest of LL / LL128 / Simple at the calibrated bus bandwidth, or ``protocol``; NCCL's
+    per-step latency times ``collectives.intra_node_step_latency_scale``) when
     ``collectives.intra_node_protocols``, else the alpha-beta ring of the intra-node class."""
     if n <= 1:
         return 0.0
     intra = link_class(hw, False)
     cal = hw.calibration
     if cal.collectives.intra_node_protocols:
-        bus, gen = intra.bandwidth_gbps, cal.generation
+        bus, gen = ring_bus_gbps(n, hw), cal.generation
+        scale = cal.collectives.intra_node_step_latency_scale
         if protocol is not None:
-            return nccl.ring_protocol_us(protocol, op, size_bytes, n, bus, gen) * 1e-3
-        return nccl.ring_time_us(op, size_bytes, n, bus, gen).time_us * 1e-3
+            return nccl.ring_protocol_us(protocol, op, size_bytes, n, bus, gen, scale) * 1e-3
+        return nccl.ring_time_us(op, size_bytes, n, bus, gen, scale).time_us * 1e-3
     ring = ring_all_reduce_ms if op == "all_reduce" else reduce_scatter_ms
     return ring(size_bytes, n, intra.bandwidth_gbps, intra.latency_us)
 

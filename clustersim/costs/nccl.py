@@ -73,24 +73,38 @@ class ProtocolTime(NamedTuple):
 
 
 def ring_protocol_us(
-    protocol: str, op: str, size_bytes: float, n: int, simple_bus_gbps: float, generation: str
+    protocol: str,
+    op: str,
+    size_bytes: float,
+    n: int,
+    simple_bus_gbps: float,
+    generation: str,
+    step_scale: float = 1.0,
 ) -> float:
     """NCCL's modelled time (µs) of a ring ``op`` over ``n`` GPUs of one node with ``protocol``
-    (module docstring); 0 for n <= 1."""
+    (module docstring), the per-step NVLink latency times ``step_scale``; 0 for n <= 1."""
     if n <= 1:
         return 0.0
     steps = ring_steps(op, n)[0]
     bus = protocol_bus_gbps(protocol, simple_bus_gbps, generation)
-    latency_us = RING_BASE_US[protocol] + steps * RING_NVLINK_STEP_US[protocol]
+    latency_us = RING_BASE_US[protocol] + steps * RING_NVLINK_STEP_US[protocol] * step_scale
     return latency_us + bus_factor(op, n) * size_bytes / (bus * 1e3)
 
 
 def ring_time_us(
-    op: str, size_bytes: float, n: int, simple_bus_gbps: float, generation: str
+    op: str,
+    size_bytes: float,
+    n: int,
+    simple_bus_gbps: float,
+    generation: str,
+    step_scale: float = 1.0,
 ) -> ProtocolTime:
-    """The fastest protocol's time (µs) of a ring ``op`` inside one node (NCCL's tuner)."""
+    """The fastest protocol's time (µs) of a ring ``op`` inside one node (NCCL's tuner; the
+    per-step latency times ``step_scale``)."""
     times = [
-        ProtocolTime(ring_protocol_us(p, op, size_bytes, n, simple_bus_gbps, generation), p)
+        ProtocolTime(
+            ring_protocol_us(p, op, size_bytes, n, simple_bus_gbps, generation, step_scale), p
+        )
         for p in PROTOCOLS
     ]
     return min(times, key=lambda t: t.time_us)

@@ -397,6 +397,26 @@ class CollectiveCalibration(_Strict):
     inter_node_p2p_efficiency: float = Field(
         1.0, gt=0, le=1, description="Send/receive and all-to-all bandwidth / network bandwidth."
     )
+    intra_node_efficiency_gpu_exponent: float = Field(
+        0.0,
+        ge=-1,
+        le=1,
+        description=(
+            "With intra_node_protocols: the Simple protocol's bus bandwidth of a ring over n "
+            "GPUs of one node is intra_node_efficiency x (n / 8)^exponent (capped at the "
+            "link's bandwidth); 0 = the same efficiency for every GPU count."
+        ),
+    )
+    intra_node_step_latency_scale: float = Field(
+        1.0,
+        ge=0,
+        le=4,
+        description=(
+            "With intra_node_protocols: factor on NCCL's per-step NVLink latency (tuning.cc "
+            "hwLat, Ring: LL 0.6 / LL128 1.9 / Simple 3.4 µs per step) of a ring inside a "
+            "node; 1 = NCCL's table."
+        ),
+    )
 
 
 class CalibrationSpec(_Strict):
