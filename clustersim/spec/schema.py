@@ -802,6 +802,16 @@ class RequestsSpec(_Strict):
         "residual add into the next norm, the rotary embedding into the KV-cache write; "
         "false: one kernel each (vLLM-style layers).",
     )
+    step_host_us: float = Field(
+        0.0,
+        ge=0,
+        le=MAX_TIME_US,
+        description="Host time per engine step that the GPU waits for: work the engine runs "
+        "eagerly between two forward passes (input preparation, sampling, scheduling), "
+        "outside any CUDA graph and not overlapped with the GPU (e.g. SGLang's bench_latency "
+        "of v0.3; VALIDATION.md gives the fitted value); 0: none or hidden (an overlap "
+        "scheduler, a compiled step).",
+    )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Share of GPU memory for weights, activations and KV cache."
     )
