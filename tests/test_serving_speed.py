@@ -22,6 +22,7 @@ from clustersim.engine.serving import step_timer
 from clustersim.engine.serving.kv_usage import record_kv_usage
 from clustersim.engine.serving.requests import make_requests
 from clustersim.engine.serving.sim import LatencyLimits, Overloaded, ServingSim
+from clustersim.explore.capacity import CapacitySearch
 from clustersim.metrics.serving import serving_metrics
 
 CASES = {
@@ -50,11 +51,16 @@ CASES = {
     ),
     "moe-lockstep-pp2": (MOE, {"num": 150, "rate_per_s": 8.0}, {}),
 }
-# one engine of one replica with one micro-batch: what the compiled engine covers (an MoE
+# engines of one replica with one micro-batch each: what the compiled engine covers (an MoE
 # model with EP inside the replica included)
-SOLO = [name for name in CASES if name.startswith("dense-") and "dp2" not in name]
+SOLO = [name for name in CASES if name.startswith("dense-")]
 SOLO_CASES = {
     **{name: CASES[name] for name in SOLO},
+    "dense-dp3-round-robin-v0": (
+        DENSE,
+        {"num": 300, "rate_per_s": 12.0, "chunked_prefill": False, "num_gpu_blocks": 400},
+        {"parallel": {"dp": 3}, "hardware": {"gpus_per_node": 3}},
+    ),
     "moe-solo-ep2": (
         MOE,
         {"num": 150, "rate_per_s": 8.0},
@@ -145,7 +151,8 @@ def _recorded(plan, engine, limits=None):
     return (result, sim.kv_series), seen
 
 
-def test_compiled_engine_records_and_stops_as_the_python_engine():
+@pytest.mark.parametrize("dp", [1, 2])
+def test_compiled_engine_records_and_stops_as_the_python_engine(dp):
     """The compiled engine records the same KV-cache segments, ends its progress at 1, and
     stops an overloaded run at the same request with the same message; rejected requests
     (too long for the cache) are counted the same way."""
@@ -153,11 +160,14 @@ def test_compiled_engine_records_and_stops_as_the_python_engine():
         DENSE,
         requests={
             "num": 300,
-            "rate_per_s": 20.0,
+            "rate_per_s": 20.0 * dp,
             "num_gpu_blocks": 300,
             "max_batch_size": 32,
             "prompt_len": {"dist": "uniform", "min": 32, "max": 6000},
+            "dispatch": "least_loaded" if dp > 1 else "round_robin",
         },
+        parallel={"dp": dp},
+        hardware={"gpus_per_node": dp},
     )
     (new, new_series), new_seen = _recorded(plan, True)
     (old, old_series), old_seen = _recorded(plan, False)
@@ -201,3 +211,20 @@ def test_run_tables_equal_the_direct_evaluation(moe, n, context, steps):
         one = timer._one(n, n, 1)
         rounds = one[1] + one[2] * core  # fixed + layers x core
         np.testing.assert_array_equal(timer._run_table(one, n, x0, k), rounds)
+
+
+def test_capacity_search_takes_the_compiled_engine_with_the_same_result():
+    """A capacity search whose probes together reach COMPILED_RUNS_MIN_REQUESTS requests runs
+    them in the compiled loop; forced either way, it finds the same capacity from the same
+    probes with the same curve."""
+    targets = {"ttft_ms_p99_max": 2000.0, "tpot_ms_p99_max": 50.0}
+    plan = make_plan(DENSE, requests={"num": 300, "rate_per_s": 2.0}, targets=targets)
+    assert CapacitySearch(plan).compiled_engine is None  # 300 x 10 probes: below
+    big = make_plan(DENSE, requests={"num": 2000}, targets=targets)
+    assert CapacitySearch(big).compiled_engine is True
+    found = []
+    for engine in (True, False):
+        search = CapacitySearch(plan)
+        search.compiled_engine = engine
+        found.append(search.run().to_dict())
+    assert found[0] == found[1] and found[0]["capacity_req_per_s"] is not None
