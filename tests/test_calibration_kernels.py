@@ -344,3 +344,40 @@ def test_attention_never_beats_peak(generation):
             ms = timer.core_attention_gpu_ms(1e12, 0.0, keys)
             peak = _timer(generation, model).hw.peak_tflops * 1e12
             assert ms >= 1e12 / peak * 1e3
+
+
+def test_elementwise_row_floor_hand_computed():
+    """One thread block per token row: H100, element-wise at 0.5 of HBM with 2 µs fixed and
+    10 GB/s per block. SiLU-and-mul of one token over a 28,672-wide row reads 2 and writes 1
+    rows of 2 bytes: 172,032 bytes, 17.2032 µs at one block's 10 GB/s (51.4 ns at 0.5 x
+    3,350 GB/s) + 2 = 19.2032 µs. 4,096 such rows stream 704.6 MB: 420.63 µs + 2, above the
+    floor. Plain streams and norms have no row floor."""
+    updates = {
+        "memory.elementwise_efficiency": 0.5,
+        "kernel.fixed_us": 2.0,
+        "memory.row_gbps": 10.0,
+    }
+    timer = _timer("h100", SMALL_MODEL, **updates)
+    row = 3 * 28672 * 2.0
+    assert timer.memory_gpu_ms(row, "elementwise", row) == pytest.approx(19.2032e-3, rel=1e-12)
+    many = 4096 * row
+    want = many / (0.5 * 3350e9) * 1e3 + 2e-3
+    assert timer.memory_gpu_ms(many, "elementwise", row) == pytest.approx(want, rel=1e-12)
+    # arrays price as scalars; stream_ms with per_row takes each token as one row (the
+    # activation and the rotary embedding), without it there is no floor (cross-entropy)
+    tokens = np.array([1.0, 4096.0])
+    gpu = timer.memory_gpu_ms(tokens * row, "elementwise", row)
+    assert gpu == pytest.approx([19.2032e-3, want], rel=1e-12)
+    assert float(timer.stream_ms(1.0, row, elementwise=True, per_row=True)) == pytest.approx(
+        float(timer.issue(19.2032e-3, 1.0)), rel=1e-12
+    )
+    plain = row / (0.5 * 3350e9) * 1e3 + 2e-3
+    assert float(timer.stream_ms(1.0, row, elementwise=True)) == pytest.approx(
+        float(timer.issue(plain, 1.0)), rel=1e-12
+    )
+    stream_rate = 3350e9 * timer.hw.calibration.memory.efficiency
+    assert timer.memory_gpu_ms(row, "stream", row) == pytest.approx(
+        timer.memory_gpu_ms(row, "stream"), rel=1e-15
+    )
+    assert timer.memory_gpu_ms(1e9, "stream", 1e9) < 1e9 / 10e9 * 1e3  # no floor: HBM rate
+    assert stream_rate > 10e9

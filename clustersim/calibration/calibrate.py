@@ -74,6 +74,7 @@ KERNEL_FIELDS = (
     "memory.elementwise_efficiency",
     "memory.norm_efficiency",
     "memory.l2_speedup",
+    "memory.row_gbps",
     "kernel.fixed_us",
     "kernel.norm_fixed_us",
     "kernel.stream_fixed_us",

@@ -16,8 +16,9 @@ run:
 
 One step per kernel class, each a least-squares fit on log time of its own operators, two
 parameters (an HBM fraction and a fixed GPU time: ``time = bytes / (HBM * mu) + fixed``) per
-memory-bound class: ``memory.elementwise_efficiency`` and ``kernel.fixed_us`` on rotary
-embedding and activation; ``memory.norm_efficiency``, ``kernel.norm_fixed_us`` and the L2
+memory-bound class: ``memory.elementwise_efficiency``, ``kernel.fixed_us`` and one thread
+block's rate ``memory.row_gbps`` (a floor of one token row's bytes: vLLM runs these kernels
+one block per token) on rotary embedding and activation; ``memory.norm_efficiency``, ``kernel.norm_fixed_us`` and the L2
 rate factor ``memory.l2_speedup`` on the two norms (row reductions; a norm whose bytes fit in
 the L2 cache, ``memory.l2_mb`` = :data:`L2_CACHE_MB`, moves them ``l2_speedup`` times faster);
 ``memory.efficiency`` and ``kernel.stream_fixed_us`` on the residual adds (plain streams, the
@@ -257,7 +258,8 @@ class Design:
         for kind, ops in MEMORY_CLASSES.items():
             rows = np.isin(self.op, ops)
             if rows.any():
-                out[rows] = timer.memory_gpu_ms(self.nbytes[rows], kind)
+                nbytes = self.nbytes[rows]
+                out[rows] = timer.memory_gpu_ms(nbytes, kind, nbytes / self.m[rows])
         return out
 
 
@@ -309,6 +311,7 @@ MEMORY_PARAMS = {
     ELEMENTWISE: (
         Param("memory.elementwise_efficiency", "fraction", 0.5),
         Param("kernel.fixed_us", "positive", 3.0),
+        Param("memory.row_gbps", "positive", 10.0),
     ),
     NORM: (
         Param("memory.norm_efficiency", "fraction", 0.5),
@@ -393,6 +396,7 @@ ROUNDING = {
     "memory.norm_efficiency": 4,
     "memory.l2_speedup": 4,
     "memory.l2_mb": 1,
+    "memory.row_gbps": 2,
     "kernel.fixed_us": 3,
     "kernel.norm_fixed_us": 3,
     "kernel.stream_fixed_us": 3,

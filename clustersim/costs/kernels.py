@@ -23,7 +23,11 @@ fitted by ``clustersim calibrate``):
   ``memory.l2_speedup`` times faster: ``bytes / (HBM * mu_c * l2_speedup) + fixed_c``
   (Vidur: both classes peak at working sets of 10-40 MB, above the HBM rate they reach on
   larger tensors; the rotary embedding and activation show no such step, so their class
-  keeps one rate);
+  keeps one rate). The activation and the rotary embedding run one thread block per token
+  row (vLLM's kernels): a block alone moves ``memory.row_gbps``, so such a kernel takes at
+  least one row's bytes at that rate, ``max(bytes / (HBM * mu), row_bytes /
+  row_rate) + fixed`` (Vidur: SiLU-and-mul over 1-64 tokens of a 28,672-wide row takes 15 µs
+  on H100 whatever the token count, ~11 GB/s per row);
 * core attention (FlashAttention): ``(flops / (peak * e_attn) + exps / exp_rate) * (s +
   half_seq) / s`` for ``s`` keys per query (every query row costs ``half_seq`` pairs more:
   ``(pairs + half_seq * queries)`` pairs of work; each pair and head costs its matmul FLOPs,
@@ -158,6 +162,8 @@ class KernelTimer:
         l2_mb, l2_speedup = cal.memory.l2_mb, cal.memory.l2_speedup
         self._l2_bytes = 0.0 if l2_mb is None or l2_speedup is None else l2_mb * 1e6
         self._l2_speedup = 1.0 if l2_speedup is None else l2_speedup
+        row_gbps = cal.memory.row_gbps  # one thread block's rate (element-wise row kernels)
+        self._row_byte_s = float("inf") if row_gbps is None else row_gbps * 1e9
         # GPU-side latency between dependent kernels (both modes); the host's launch only in
         # eager mode (a graph replay issues every kernel of the step at once)
         self._gap_ms = cal.kernel.graph_launch_us * 1e-3
@@ -249,12 +255,19 @@ class KernelTimer:
         """Stream time of a (grouped) GEMM kernel in the activations' type."""
         return self.issue(self.gemm_gpu_ms(m, n, k, groups), m)
 
-    def memory_gpu_ms(self, nbytes, kind: str = STREAM):
+    def memory_gpu_ms(self, nbytes, kind: str = STREAM, row_bytes=0.0):
         """GPU time of a memory-bound kernel of class ``kind`` moving ``nbytes``:
         ``nbytes / (HBM * mu_kind) + fixed_kind`` (:data:`MEMORY_KINDS`); norms and plain
         streams (:data:`L2_KINDS`) whose ``nbytes`` fit in the L2 cache move them
-        ``memory.l2_speedup`` times faster."""
+        ``memory.l2_speedup`` times faster; an element-wise kernel takes at least one row of
+        ``row_bytes`` (the bytes of one token) at one thread block's ``memory.row_gbps``."""
         rate, fixed_ms = self._memory_class[kind]
+        if kind == ELEMENTWISE:
+            row_ms = row_bytes / self._row_byte_s * 1e3
+            if type(nbytes) in _NUMBERS and type(row_bytes) in _NUMBERS:
+                stream_ms = nbytes / rate * 1e3
+                return (stream_ms if stream_ms > row_ms else row_ms) + fixed_ms
+            return np.maximum(nbytes / rate * 1e3, row_ms) + fixed_ms
         if kind not in L2_KINDS or not self._l2_bytes:
             return nbytes / rate * 1e3 + fixed_ms
         if type(nbytes) in _NUMBERS:
@@ -275,15 +288,24 @@ class KernelTimer:
         quantise = self.stream_ms(m, k * self._quantise_bytes, elementwise=True)
         return quantise + self.issue(self.gemm_gpu_ms(m, n, k, groups, fp8=True), m)
 
-    def stream_gpu_ms(self, nbytes, elementwise: bool = False):
+    def stream_gpu_ms(self, nbytes, elementwise: bool = False, row_bytes=0.0):
         """GPU time of a memory-bound kernel moving ``nbytes`` (``elementwise``: rotary
-        embedding, activation or softmax, at the element-wise efficiency; else a plain
-        stream)."""
-        return self.memory_gpu_ms(nbytes, ELEMENTWISE if elementwise else STREAM)
+        embedding, activation or softmax, at the element-wise efficiency, rows of
+        ``row_bytes``; else a plain stream)."""
+        if elementwise:
+            return self.memory_gpu_ms(nbytes, ELEMENTWISE, row_bytes)
+        return self.memory_gpu_ms(nbytes, STREAM)
 
-    def stream_ms(self, tokens, bytes_per_token: float, elementwise: bool = False):
-        """Stream time of a memory-bound kernel over ``tokens``."""
-        return self.issue(self.stream_gpu_ms(tokens * bytes_per_token, elementwise), tokens)
+    def stream_ms(
+        self, tokens, bytes_per_token: float, elementwise: bool = False, per_row: bool = False
+    ):
+        """Stream time of a memory-bound kernel over ``tokens``; ``per_row``: an element-wise
+        kernel run as one thread block per token (vLLM's activation and rotary embedding),
+        at least one token's bytes at one block's rate. Reductions over the whole tensor
+        (cross-entropy), tiled casts (FP8 quantise) and softmax/top-k have no such floor."""
+        row_bytes = bytes_per_token if per_row else 0.0
+        gpu = self.stream_gpu_ms(tokens * bytes_per_token, elementwise, row_bytes)
+        return self.issue(gpu, tokens)
 
     def memory_ms(self, tokens, bytes_per_token: float, kind: str = STREAM):
         """Stream time of a memory-bound kernel of class ``kind`` over ``tokens``."""
@@ -292,8 +314,10 @@ class KernelTimer:
     def fused_memory_ms(self, tokens, bytes_per_token: float, kind: str, stream_bytes: float):
         """Stream time of one kernel of class ``kind`` moving ``bytes_per_token`` that also
         carries a fused neighbour's ``stream_bytes`` per token at the plain-stream rate (no
-        second fixed time or launch): never more than the two kernels it replaces."""
-        gpu = self.memory_gpu_ms(tokens * bytes_per_token, kind)
+        second fixed time or launch): never more than the two kernels it replaces. An
+        element-wise one (the rotary embedding fused into the KV-cache write) runs one thread
+        block per token (:meth:`stream_ms`, ``per_row``)."""
+        gpu = self.memory_gpu_ms(tokens * bytes_per_token, kind, bytes_per_token)
         # the neighbour's bytes at the rate its own kernel would move them (L2 or HBM)
         neighbour = (
             self.memory_gpu_ms(tokens * stream_bytes, STREAM) - self._memory_class[STREAM][1]
@@ -357,7 +381,8 @@ class KernelTimer:
             per_element = self._quantise_bytes if fused else NORM_PASSES * self.bpe
             total = total + self.memory_ms(tokens, per_element * width, NORM)
         if not self.fused:  # fused: applied by the KV-cache write (serving's cache kernel)
-            total = total + self.stream_ms(tokens, self.rope_bytes_per_token, elementwise=True)
+            rope = self.rope_bytes_per_token
+            total = total + self.stream_ms(tokens, rope, elementwise=True, per_row=True)
         total = total + self.linear_ms(tokens, self._out[1], self._out[0])
         total = total + self._residual(tokens)
         return total + self._norm(tokens, quantised=mlp_input_fp8)
@@ -378,7 +403,7 @@ class KernelTimer:
         ``fused`` engine, where the up projection's epilogue applies it."""
         if self.fused:
             return 0.0 * tokens
-        return self.stream_ms(tokens, self._phi * width * self.bpe, elementwise=True)
+        return self.stream_ms(tokens, self._phi * width * self.bpe, elementwise=True, per_row=True)
 
     def dense_mlp_ms(self, tokens, input_fp8: bool = False):
         """The MLP of a dense layer (``input_fp8``: see :meth:`mlp_ms`)."""

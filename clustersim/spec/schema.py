@@ -256,6 +256,13 @@ class MemoryCalibration(_Strict):
         description="Rate factor of norms and plain streams whose bytes fit in the L2 cache "
         "(l2_mb) over their HBM rate; null: no L2 term.",
     )
+    row_gbps: float | None = Field(
+        None,
+        gt=0,
+        description="GB/s one thread block moves on its own: an element-wise kernel run as one "
+        "block per token row (activation, rotary embedding) takes at least one row's bytes at "
+        "this rate; null: no such floor.",
+    )
 
 
 class KernelCalibration(_Strict):
