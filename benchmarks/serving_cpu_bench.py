@@ -5,10 +5,15 @@ Usage:
   python benchmarks/serving_cpu_bench.py one NAME     # one run, JSON on stdout
   python benchmarks/serving_cpu_bench.py --engine reference ...   # the engine before
   python benchmarks/serving_cpu_bench.py --engine current reference ...   # alternating
+  python benchmarks/serving_cpu_bench.py --engine compiled current ...   # compiled engine
 
 ``--engine reference`` runs the frozen copy of the serving engine as it was before its
 bookkeeping was made faster (``tests/serving_reference``), on the same cost model: the
-"before" of BENCHMARKS.md. With several engines, each round runs every engine in turn (in
+"before" of BENCHMARKS.md. ``--engine compiled`` runs the current engine with its compiled
+loop forced on where it applies (one replica of one micro-batch:
+``engine/serving/solo_kernel.py``), numba and the compiled loop loaded before the timed run
+(a one-time cost per process, reported as ``load_cpu_s`` and not included in ``cpu_s``);
+elsewhere it is the current engine. With several engines, each round runs every engine in turn (in
 the same minutes, as a shared machine needs), and each row also gives the ratio of its
 median CPU time to the last engine's.
 
@@ -109,6 +114,7 @@ def run_one(name: str, engine: str = "current") -> dict:
         from clustersim.engine.serving.sim import ServingSim
 
     requests = make_requests(plan)
+    load_cpu = None
     if plan.parallel.disaggregated:
         from clustersim.engine.serving.disagg import DisaggregatedSim
 
@@ -117,6 +123,15 @@ def run_one(name: str, engine: str = "current") -> dict:
     else:
         sim = ServingSim(plan, requests)
         tables = [sim.table]
+        if engine == "compiled" and sim.compiled_engine_eligible():
+            # load numba and the compiled loop (one run of two requests), timed apart
+            cpu0 = time.process_time()
+            tiny = requests._replace(**{k: v[:2] for k, v in requests._asdict().items()})
+            warm = ServingSim(plan, tiny, table=sim.table)
+            warm.compiled_engine = True
+            warm.run()
+            load_cpu = time.process_time() - cpu0
+            sim.compiled_engine = True
     for table in tables:  # build the routing tables before timing the engine
         if table is not None:
             table.lookup(1)
@@ -132,6 +147,8 @@ def run_one(name: str, engine: str = "current") -> dict:
         "wall_s": wall,
         "cpu_us_per_request": cpu / requests.num * 1e6,
         "events": result.events,
+        "compiled_engine": engine != "reference" and sim.use_compiled_engine(),
+        "load_cpu_s": load_cpu,
         "ttft_ms_p50": m["ttft_ms_p50"],
         "tpot_ms_p50": m["tpot_ms_p50"],
         "latency_ms_p99": m["latency_ms_p99"],
@@ -156,7 +173,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--only", nargs="*")
     parser.add_argument(
-        "--engine", nargs="+", choices=("current", "reference"), default=["current"]
+        "--engine", nargs="+", choices=("current", "compiled", "reference"), default=["current"]
     )
     args = parser.parse_args()
     if args.what == "one":

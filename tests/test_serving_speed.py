@@ -3,7 +3,8 @@
 metric, bit for bit, on plans that exercise chunked and unchunked prefill, preemption,
 pipelines, lockstep EP replicas, dispatch policies and bursty arrivals; with runs of decode
 steps read from the timer's tables of round times, and (tables disabled) evaluated by numpy
-and by the compiled loop (``engine/serving/run_kernel.py``)."""
+and by the compiled loop (``engine/serving/run_kernel.py``); and with the whole simulation of
+one replica of one micro-batch in the compiled engine (``engine/serving/solo_kernel.py``)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from serving_reference.sim import ServingSim as ReferenceSim
 
 from clustersim.costs.serving import core_attention_ms
 from clustersim.engine.serving import step_timer
+from clustersim.engine.serving.kv_usage import record_kv_usage
 from clustersim.engine.serving.requests import make_requests
-from clustersim.engine.serving.sim import ServingSim
+from clustersim.engine.serving.sim import LatencyLimits, Overloaded, ServingSim
 from clustersim.metrics.serving import serving_metrics
 
 CASES = {
@@ -48,27 +50,39 @@ CASES = {
     ),
     "moe-lockstep-pp2": (MOE, {"num": 150, "rate_per_s": 8.0}, {}),
 }
+# one engine of one replica with one micro-batch: what the compiled engine covers (an MoE
+# model with EP inside the replica included)
+SOLO = [name for name in CASES if name.startswith("dense-") and "dp2" not in name]
+SOLO_CASES = {
+    **{name: CASES[name] for name in SOLO},
+    "moe-solo-ep2": (
+        MOE,
+        {"num": 150, "rate_per_s": 8.0},
+        {
+            "parallel": {"tp": 2, "pp": 1, "dp": 1, "ep": 2},
+            "hardware": {"num_nodes": 1, "gpus_per_node": 2},
+        },
+    ),
+    "dense-long-runs": (
+        DENSE,
+        {"num": 120, "rate_per_s": 0.3, "output_len": {"dist": "uniform", "min": 1, "max": 3000}},
+        {},
+    ),
+}
 
 
-def _run(sim_class, plan, compiled=None):
+def _run(sim_class, plan, compiled=None, engine=None):
     sim = sim_class(plan, make_requests(plan))
     if compiled is not None:
         sim.timer.compiled_runs = compiled
+    if engine is not None:  # the compiled engine forced on (True) or off (False)
+        sim.compiled_engine = engine
+        assert sim.use_compiled_engine() is engine
     return sim.run()
 
 
-@pytest.mark.parametrize(
-    ("compiled", "table_max"),
-    [(None, None), (None, 2048), (False, 0), (True, 0)],
-    ids=["table-runs", "small-tables", "numpy-runs", "compiled-runs"],
-)
-@pytest.mark.parametrize("name", list(CASES))
-def test_identical_to_the_reference_engine(name, compiled, table_max, monkeypatch):
-    if table_max is not None:  # 0: no table, every run evaluated; 2048: tables often rebuilt
-        monkeypatch.setattr(step_timer, "RUN_TABLE_MAX", table_max)
-    base, requests, sections = CASES[name]
-    plan = make_plan(base, requests=requests, **sections)
-    new, ref = _run(ServingSim, plan, compiled), _run(ReferenceSim, plan)
+def _assert_identical(plan, new, ref):
+    """Every request's times, accumulators and metrics of two runs are the same numbers."""
     for field in ("first_scheduled_ms", "first_token_ms", "finish_ms", "preemptions", "replica"):
         np.testing.assert_array_equal(getattr(new.book, field), getattr(ref.book, field), field)
     np.testing.assert_array_equal(new.rejected, ref.rejected)
@@ -85,8 +99,80 @@ def test_identical_to_the_reference_engine(name, compiled, table_max, monkeypatc
         ref.in_system_area,
     )
     assert serving_metrics(plan, new) == serving_metrics(plan, ref)
+
+
+@pytest.mark.parametrize(
+    ("compiled", "table_max"),
+    [(None, None), (None, 2048), (False, 0), (True, 0)],
+    ids=["table-runs", "small-tables", "numpy-runs", "compiled-runs"],
+)
+@pytest.mark.parametrize("name", list(CASES))
+def test_identical_to_the_reference_engine(name, compiled, table_max, monkeypatch):
+    if table_max is not None:  # 0: no table, every run evaluated; 2048: tables often rebuilt
+        monkeypatch.setattr(step_timer, "RUN_TABLE_MAX", table_max)
+    base, requests, sections = CASES[name]
+    plan = make_plan(base, requests=requests, **sections)
+    new, ref = _run(ServingSim, plan, compiled, engine=False), _run(ReferenceSim, plan)
+    _assert_identical(plan, new, ref)
     if name == "dense-preempting":
         assert new.preemptions > 0
+
+
+@pytest.mark.parametrize("name", list(SOLO_CASES))
+def test_compiled_engine_identical_to_the_reference_engine(name):
+    """The whole simulation in the compiled engine (``solo_kernel.py``) gives the reference
+    engine's numbers, bit for bit (chunked and unchunked prefill, preemption, bursts, small
+    budgets, an MoE replica, decode runs of thousands of steps)."""
+    base, requests, sections = SOLO_CASES[name]
+    plan = make_plan(base, requests=requests, **sections)
+    new, ref = _run(ServingSim, plan, engine=True), _run(ReferenceSim, plan)
+    _assert_identical(plan, new, ref)
+    if name == "dense-preempting":
+        assert new.preemptions > 0
+
+
+def _recorded(plan, engine, limits=None):
+    """A run recording its KV series and progress (``engine``: compiled or not); the
+    :class:`Overloaded` message instead of the result when the limits stop it."""
+    seen = []
+    sim = ServingSim(plan, make_requests(plan), seen.append, limits=limits)
+    sim.compiled_engine = engine
+    record_kv_usage(sim)
+    try:
+        result = sim.run()
+    except Overloaded as stop:
+        return str(stop), seen
+    return (result, sim.kv_series), seen
+
+
+def test_compiled_engine_records_and_stops_as_the_python_engine():
+    """The compiled engine records the same KV-cache segments, ends its progress at 1, and
+    stops an overloaded run at the same request with the same message; rejected requests
+    (too long for the cache) are counted the same way."""
+    plan = make_plan(
+        DENSE,
+        requests={
+            "num": 300,
+            "rate_per_s": 20.0,
+            "num_gpu_blocks": 300,
+            "max_batch_size": 32,
+            "prompt_len": {"dist": "uniform", "min": 32, "max": 6000},
+        },
+    )
+    (new, new_series), new_seen = _recorded(plan, True)
+    (old, old_series), old_seen = _recorded(plan, False)
+    assert new.rejected.any() and new.preemptions > 0
+    _assert_identical(plan, new, old)
+    assert new_series == old_series and len(new_series) > 100
+    assert new_seen[-1] == old_seen[-1] == 1.0
+    assert new_seen == sorted(new_seen) and len(new_seen) > 10
+    for limits in (
+        LatencyLimits(ttft_ms=2000.0, allowed_bad=5),  # stopped by late first tokens
+        LatencyLimits(tpot_ms=1e9, allowed_bad=0),  # stopped by the first rejected request
+    ):
+        new_stop, _ = _recorded(plan, True, limits)
+        old_stop, _ = _recorded(plan, False, limits)
+        assert isinstance(new_stop, str) and new_stop == old_stop
 
 
 _DENSE_PLAN = make_plan(DENSE)

@@ -414,6 +414,10 @@ class Engine:
 class ServingSim:
     """Simulates serving ``requests`` under ``plan`` (module docstring)."""
 
+    # run in the compiled loop (engine/serving/solo_kernel.py): None lets
+    # use_compiled_engine decide, True forces it where eligible, False never
+    compiled_engine: bool | None = None
+
     def __init__(
         self,
         plan: Plan,
@@ -526,12 +530,40 @@ class ServingSim:
 
         advance()
 
+    def compiled_engine_eligible(self) -> bool:
+        """Whether the compiled loop covers this simulation: one engine of one replica with
+        one micro-batch (``dp = pp = 1``; engine/serving/solo_kernel.py)."""
+        return (
+            len(self.engines) == 1
+            and self.engines[0]._solo
+            and not self.hands_off
+            and self.plan.workload.requests.max_batch_size < 1 << 24
+        )
+
+    def use_compiled_engine(self) -> bool:
+        """Whether :meth:`run` runs in the compiled loop: eligible, and either forced
+        (``compiled_engine``) or, by default, when loading numba (~0.9 s of CPU once per
+        process) pays off (``COMPILED_RUNS_MIN_REQUESTS`` requests) or costs nothing
+        (numba loaded already)."""
+        if self.compiled_engine is False or not self.compiled_engine_eligible():
+            return False
+        return (
+            self.compiled_engine is True
+            or self.num_requests >= COMPILED_RUNS_MIN_REQUESTS
+            or "numba" in sys.modules
+        )
+
     def run(self) -> ServingResult:
         """Simulate until every request has finished (or was rejected)."""
-        self.loop.call_soon(self._arrivals, URGENT)
-        for engine in self.engines:
-            self.loop.call_soon(engine.start, URGENT)
-        self.loop.run()
+        if self.use_compiled_engine():
+            from clustersim.engine.serving import solo_kernel  # numba: imported when needed
+
+            solo_kernel.run_solo(self)
+        else:
+            self.loop.call_soon(self._arrivals, URGENT)
+            for engine in self.engines:
+                self.loop.call_soon(engine.start, URGENT)
+            self.loop.run()
         if self.finished != self.num_requests:
             raise RuntimeError(
                 f"simulation stopped with {self.num_requests - self.finished} requests unserved"
