@@ -16,14 +16,15 @@ run:
 
 One step per kernel class, each a least-squares fit on log time of its own operators, two
 parameters (an HBM fraction and a fixed GPU time: ``time = bytes / (HBM * mu) + fixed``) per
-memory-bound class: ``memory.elementwise_efficiency``, ``kernel.fixed_us`` and one thread
-block's rate ``memory.row_gbps`` (a floor of one token row's bytes: vLLM runs these kernels
-one block per token) on rotary embedding and activation; ``memory.norm_efficiency``,
-``kernel.norm_fixed_us`` and the L2 rate factor ``memory.l2_speedup`` on the two norms (row reductions; a norm whose bytes fit in
-the L2 cache, ``memory.l2_mb`` = :data:`L2_CACHE_MB`, moves them ``l2_speedup`` times faster);
-``memory.efficiency`` and ``kernel.stream_fixed_us`` on the residual adds (plain streams, the
-same L2 factor; Vidur's times have 1 µs resolution, which bounds the relative error of the
-smallest adds);
+memory-bound class and one more each for the element-wise kernels and the norms:
+``memory.elementwise_efficiency``, ``kernel.fixed_us`` and one thread block's rate
+``memory.row_gbps`` (a floor of one token row's bytes: vLLM runs these kernels one block per
+token) on rotary embedding and activation; ``memory.norm_efficiency``,
+``kernel.norm_fixed_us`` and the L2 rate factor ``memory.l2_speedup`` on the two norms (row
+reductions; a norm whose bytes fit in the L2 cache, ``memory.l2_mb`` = :data:`L2_CACHE_MB`,
+moves them ``l2_speedup`` times faster); ``memory.efficiency`` and ``kernel.stream_fixed_us``
+on the residual adds (plain streams, the same L2 factor; Vidur's times have 1 µs resolution,
+which bounds the relative error of the smallest adds);
 ``gemm.memory_efficiency`` measured directly as the HBM fraction one-token GEMMs reach reading
 their weights (it would otherwise trade off against the shape parameter); ``gemm.efficiency``
 and ``gemm.half_dim`` by least squares on the GEMMs. Out-of-sample errors:
