@@ -50,11 +50,16 @@ CASES = {
     ),
     "moe-lockstep-pp2": (MOE, {"num": 150, "rate_per_s": 8.0}, {}),
 }
-# one engine of one replica with one micro-batch: what the compiled engine covers (an MoE
+# engines of one replica with one micro-batch each: what the compiled engine covers (an MoE
 # model with EP inside the replica included)
-SOLO = [name for name in CASES if name.startswith("dense-") and "dp2" not in name]
+SOLO = [name for name in CASES if name.startswith("dense-")]
 SOLO_CASES = {
     **{name: CASES[name] for name in SOLO},
+    "dense-dp3-round-robin-v0": (
+        DENSE,
+        {"num": 300, "rate_per_s": 12.0, "chunked_prefill": False, "num_gpu_blocks": 400},
+        {"parallel": {"dp": 3}, "hardware": {"gpus_per_node": 3}},
+    ),
     "moe-solo-ep2": (
         MOE,
         {"num": 150, "rate_per_s": 8.0},
@@ -145,7 +150,8 @@ def _recorded(plan, engine, limits=None):
     return (result, sim.kv_series), seen
 
 
-def test_compiled_engine_records_and_stops_as_the_python_engine():
+@pytest.mark.parametrize("dp", [1, 2])
+def test_compiled_engine_records_and_stops_as_the_python_engine(dp):
     """The compiled engine records the same KV-cache segments, ends its progress at 1, and
     stops an overloaded run at the same request with the same message; rejected requests
     (too long for the cache) are counted the same way."""
@@ -153,11 +159,14 @@ def test_compiled_engine_records_and_stops_as_the_python_engine():
         DENSE,
         requests={
             "num": 300,
-            "rate_per_s": 20.0,
+            "rate_per_s": 20.0 * dp,
             "num_gpu_blocks": 300,
             "max_batch_size": 32,
             "prompt_len": {"dist": "uniform", "min": 32, "max": 6000},
+            "dispatch": "least_loaded" if dp > 1 else "round_robin",
         },
+        parallel={"dp": dp},
+        hardware={"gpus_per_node": dp},
     )
     (new, new_series), new_seen = _recorded(plan, True)
     (old, old_series), old_seen = _recorded(plan, False)

@@ -19,6 +19,19 @@ EP-sharded as the memory model holds them) plus an equal share of the stage's ot
 Link sharing: the sharded-DP collectives run on one stream per GPU (PyTorch FSDP's single
 NCCL process group); when an EP all-to-all on the compute path crosses nodes while that
 stream is busy across nodes, the two share the NICs fairly (:func:`fair_share_delay_ms`).
+
+One hardware queue (:func:`one_hardware_queue`): Megatron-LM runs tensor or context
+parallelism with ``CUDA_DEVICE_MAX_CONNECTIONS=1`` on GPUs before Blackwell (``validate_args``
+asserted it in the 2024-2025 releases, FSDP or not: sequence parallelism's communication
+must be dispatched before the GEMMs it overlaps). All streams then feed one in-order work
+queue: a collective issued on the sharding stream while that stream is still busy waits at
+the head of the queue for its predecessor, and every kernel issued after it, on any stream,
+waits with it (Megatron-LM ``partition_buckets``: "having multiple back-to-back
+communications will prevent the overlap of communication kernels with computation
+kernels"; the Megatron-FSDP user guide unsets the variable "to ensure full parallelization
+of FSDP communication and computation"). In the backward of ZeRO-3 the prefetched
+all-gather of layer i-1 is issued after the reduce-scatter of layer i, so layer i-1's
+backward cannot start before that reduce-scatter has finished.
 """
 
 from __future__ import annotations
@@ -89,6 +102,31 @@ def layer_units(
 def largest_unit(units: list[LayerUnit]) -> float:
     """Parameters of the largest unit (0 for a stage without layers)."""
     return max((u.params for u in units), default=0.0)
+
+
+# GPU generations (calibration data files) from Blackwell on, where Megatron-LM no longer
+# needs CUDA_DEVICE_MAX_CONNECTIONS=1 for tensor / context parallelism (validate_args:
+# "requirement no longer exists since the Blackwell architecture").
+BLACKWELL_GENERATIONS = ("b200", "b300", "gb200", "gb300")
+CUDA_DEFAULT_CONNECTIONS = 8
+
+
+def device_max_connections(plan: Plan) -> int:
+    """The plan's ``parallel.device_max_connections``; default Megatron-LM's setting: 1 with
+    TP or CP > 1 on a generation before Blackwell, else CUDA's default (8)."""
+    par = plan.parallel
+    if par.device_max_connections is not None:
+        return par.device_max_connections
+    generation = plan.hardware.calibration.generation.lower()
+    model_parallel = par.tp > 1 or par.cp > 1
+    if model_parallel and generation not in BLACKWELL_GENERATIONS:
+        return 1
+    return CUDA_DEFAULT_CONNECTIONS
+
+
+def one_hardware_queue(plan: Plan) -> bool:
+    """Whether all of a GPU's streams share one in-order hardware queue (module docstring)."""
+    return device_max_connections(plan) == 1
 
 
 def fair_share_delay_ms(alone_ms, backlog_ms):

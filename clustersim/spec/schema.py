@@ -583,6 +583,15 @@ class ParallelSpec(_Strict):
     moe_dispatcher: Literal["alltoall", "deepep"] = Field(
         "alltoall", description="MoE token dispatcher: NCCL all-to-all, or DeepEP kernels."
     )
+    device_max_connections: int | None = Field(
+        None,
+        ge=1,
+        le=32,
+        description="CUDA_DEVICE_MAX_CONNECTIONS: hardware work queues the GPU's streams "
+        "share. With 1, kernels start in issue order, so a ZeRO-2/3 collective issued while "
+        "the previous one still runs holds back the compute issued after it. Default: "
+        "Megatron-LM's setting, 1 with tp or cp > 1 on GPUs before Blackwell, else CUDA's 8.",
+    )
     prefill: ParallelSpec | None = Field(
         None,
         description="Disaggregated serving: the prefill pool's parallel block (with "

@@ -531,11 +531,11 @@ class ServingSim:
         advance()
 
     def compiled_engine_eligible(self) -> bool:
-        """Whether the compiled loop covers this simulation: one engine of one replica with
-        one micro-batch (``dp = pp = 1``; engine/serving/solo_kernel.py)."""
+        """Whether the compiled loop covers this simulation: every engine one replica with
+        one micro-batch (``pp = 1``, no EP group across replicas; engine/serving/
+        solo_kernel.py)."""
         return (
-            len(self.engines) == 1
-            and self.engines[0]._solo
+            all(e._solo and e.members == [i] for i, e in enumerate(self.engines))
             and not self.hands_off
             and self.plan.workload.requests.max_batch_size < 1 << 24
         )

@@ -1,16 +1,17 @@
-"""The serving simulation of one replica of one micro-batch, as one compiled loop.
+"""The serving simulation of replicas of one micro-batch each, as one compiled loop.
 
-:class:`~clustersim.engine.serving.sim.ServingSim` runs a colocated deployment whose only
-engine is one replica with one micro-batch (``dp = pp = 1``: dense models, or EP inside the
-replica) here instead of in Python, when :func:`use_compiled_engine` allows. The kernel is
-a line-by-line port of the Python engine for that case, with every floating-point operation
-in the same order, so every request's times, every accumulator and every metric are the
-same numbers (``tests/test_serving_speed.py`` compares both with the frozen first engine):
+:class:`~clustersim.engine.serving.sim.ServingSim` runs a colocated deployment whose engines
+are each one replica with one micro-batch (``pp = 1`` and no EP group across replicas:
+dense models, or EP inside the replica; any ``dp``) here instead of in Python, when
+``ServingSim.use_compiled_engine`` allows. The kernel is a line-by-line port of the Python
+engine for that case, with every floating-point operation in the same order, so every
+request's times, every accumulator and every metric are the same numbers
+(``tests/test_serving_speed.py`` compares both with the frozen first engine):
 
 * the event loop (:mod:`.loop`): a heap of (time, priority, order) entries, stale timers
   included, ``now + delay`` sums, "call soon or now" and "advance if next";
-* the arrival chain and the dispatcher (one replica: every request goes to it; a request
-  that can never fit is rejected), the in-system integral;
+* the arrival chain and the dispatcher (round robin or least loaded; a request that can
+  never fit is rejected), the in-system integral;
 * the engine (``Engine.start``, ``notify``, ``_plan_solo``, ``_commit``): runs of decode
   steps, cut by arrivals at the end of the step in progress;
 * the scheduler (:mod:`.scheduler`): chunked and unchunked prefill, preemption by
@@ -49,26 +50,40 @@ K_ARRIVALS, K_RESUME, K_START, K_FIRE, K_WAKE = range(5)
 URGENT, NORMAL = 0, 1
 
 # ---- per-request integer rows ----------------------------------------------------------------
-R_PROMPT, R_OUTPUT, R_COMPUTED, R_GENERATED, R_BLOCKS, R_PREEMPTIONS, R_REJECTED = range(7)
+(
+    R_PROMPT, R_OUTPUT, R_COMPUTED, R_GENERATED, R_BLOCKS, R_PREEMPTIONS, R_REJECTED, R_REPLICA,
+    R_WAIT_NEXT,
+) = range(9)  # fmt: skip
 # ---- per-request float rows (arrival has a sentinel +inf past the last request) --------------
 T_ARRIVAL, T_FIRST_SCHEDULED, T_FIRST_TOKEN, T_FINISH = range(4)
 
 # ---- integer scalars -------------------------------------------------------------------------
 (
     S_PHASE, S_NUM, S_FINISHED, S_EVENTS, S_BAD, S_ALLOWED_BAD, S_HAS_LIMITS, S_CURSOR,
-    S_IN_SYSTEM, S_PENDING, S_NUM_LAST, S_HEAP_N, S_ORDER, S_IDLE, S_GENERATION, S_RUN_STEPS,
-    S_ENDS_LEN, S_FREE, S_NUM_BLOCKS, S_BLOCK_SIZE, S_MAX_SEQS, S_BUDGET, S_CHUNKED, S_NUM_RUNNING,
-    S_WAIT_HEAD, S_WAIT_COUNT, S_PREEMPTIONS, S_PEAK, S_USED0, S_STEP_N, S_STEP_PREEMPTED,
-    S_STEP_ADMITTED, S_STEP_DECODES, S_STEP_TOKENS, S_STEP_PAIRS, S_STEP_KV, S_STEP_LEFT,
-    S_STEP_DECODE_ONLY, S_SLOT, S_KEY_TOKENS, S_KEY_SEQS, S_STEPS, S_SERIES_N, S_RECORD,
-    S_PROGRESS_EVERY, S_PROGRESS_DUE, S_HAS_PROGRESS, S_KV_PEAK, S_MAX_STEPS, S_SIZE,
-)  = range(50)  # fmt: skip
+    S_IN_SYSTEM, S_PENDING, S_NUM_LAST, S_HEAP_N, S_ORDER, S_NUM_BLOCKS, S_BLOCK_SIZE,
+    S_MAX_SEQS, S_BUDGET, S_CHUNKED, S_KEY_TOKENS, S_KEY_SEQS, S_SERIES_N, S_RECORD,
+    S_PROGRESS_EVERY, S_PROGRESS_DUE, S_HAS_PROGRESS, S_MAX_STEPS, S_ENGINE, S_NUM_ENGINES,
+    S_LEAST_LOADED, S_NEXT_RR, S_SIZE,
+) = range(31)  # fmt: skip
 
 # ---- float scalars ---------------------------------------------------------------------------
 (
-    F_NOW, F_AREA, F_LAST, F_START, F_BUSY, F_WORK, F_COMM, F_FLOPS, F_MOE_TOKENS, F_BALANCE,
-    F_DROPPED, F_KV_AREA, F_TTFT, F_TPOT, F_LATENCY, F_KV_BYTE, F_FLOPS_PER_PAIR, F_SIZE,
-) = range(18)  # fmt: skip
+    F_NOW, F_AREA, F_LAST, F_TTFT, F_TPOT, F_LATENCY, F_KV_BYTE, F_FLOPS_PER_PAIR, F_SIZE,
+) = range(9)  # fmt: skip
+
+# ---- integer state of each engine (= its one replica and scheduler) --------------------------
+(
+    E_IDLE, E_GENERATION, E_RUN_STEPS, E_ENDS_LEN, E_FREE, E_NUM_RUNNING, E_WAIT_HEAD,
+    E_WAIT_TAIL, E_WAIT_COUNT, E_PREEMPTIONS, E_PEAK, E_USED0, E_STEP_N, E_STEP_PREEMPTED,
+    E_STEP_ADMITTED, E_STEP_DECODES, E_STEP_TOKENS, E_STEP_PAIRS, E_STEP_KV, E_STEP_LEFT,
+    E_STEP_DECODE_ONLY, E_SLOT, E_STEPS, E_KV_PEAK, E_SIZE,
+) = range(25)  # fmt: skip
+
+# ---- float state of each engine: EngineStats, the step's start, the replica's KV area --------
+(
+    G_START, G_BUSY, G_WORK, G_COMM, G_FLOPS, G_MOE_TOKENS, G_BALANCE, G_DROPPED, G_KV_AREA,
+    G_SIZE,
+) = range(10)  # fmt: skip
 
 # ---- columns of a micro-batch's constants (StepTimer._one, members = 1) ----------------------
 (
@@ -95,19 +110,21 @@ def _before(ht, hi, a, b):
 @njit(cache=True)
 def _swap(ht, hi, a, b):
     ht[a], ht[b] = ht[b], ht[a]
-    for r in range(4):
+    for r in range(5):
         hi[r, a], hi[r, b] = hi[r, b], hi[r, a]
 
 
 @njit(cache=True)
-def _push(si, ht, hi, at, priority, kind, arg):
-    """A heap entry at ``at`` (heapq.heappush)."""
+def _push(si, ht, hi, at, priority, kind, arg, engine):
+    """A heap entry at ``at`` (heapq.heappush): rows priority, order, kind, argument,
+    engine."""
     n = si[S_HEAP_N]
     ht[n] = at
     hi[0, n] = priority
     hi[1, n] = si[S_ORDER]
     hi[2, n] = kind
     hi[3, n] = arg
+    hi[4, n] = engine
     si[S_ORDER] += 1
     si[S_HEAP_N] = n + 1
     while n > 0:
@@ -127,7 +144,7 @@ def _pop(si, ht, hi):
     if n == 0:
         return
     ht[0] = ht[n]
-    for r in range(4):
+    for r in range(5):
         hi[r, 0] = hi[r, n]
     i = 0
     while True:
@@ -215,7 +232,7 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
-# ---- the dispatcher and the engine's wake-ups ------------------------------------------------
+# ---- the dispatcher and the engines' wake-ups ------------------------------------------------
 @njit(cache=True)
 def _count(si, sf, delta, now):
     """Dispatcher.count: a request enters (+1) or leaves (-1) the system at ``now``."""
@@ -236,37 +253,53 @@ def _on_finished(si, count):
 
 
 @njit(cache=True)
-def _arm(si, sf, ht, hi, at_ms):
-    """Engine._arm: a timer at ``at_ms`` (earlier ones become stale)."""
-    si[S_GENERATION] += 1
+def _arm(si, sf, es, ht, hi, e, at_ms):
+    """Engine._arm of engine ``e``: a timer at ``at_ms`` (earlier ones become stale)."""
+    es[E_GENERATION] += 1
     si[S_EVENTS] += 1
     now = sf[F_NOW]
     delay = at_ms - now
-    _push(si, ht, hi, now + (delay if delay > 0.0 else 0.0), NORMAL, K_FIRE, si[S_GENERATION])
+    at = now + (delay if delay > 0.0 else 0.0)
+    _push(si, ht, hi, at, NORMAL, K_FIRE, es[E_GENERATION], e)
 
 
 @njit(cache=True)
-def _notify(si, sf, ht, hi, ends, now):
-    """Engine.notify: wake the idle engine, or cut its run at the step in progress."""
-    if si[S_IDLE]:
-        si[S_IDLE] = 0
-        _push(si, ht, hi, sf[F_NOW], NORMAL, K_START, 0)
-    elif si[S_RUN_STEPS] > 1:
-        lo, hi_ = 0, si[S_ENDS_LEN]  # searchsorted(ends, now, "left")
+def _notify(si, sf, ei, ht, hi, ends, e, now):
+    """Engine.notify of engine ``e``: wake it when idle, or cut its run at the step in
+    progress."""
+    es = ei[e]
+    if es[E_IDLE]:
+        es[E_IDLE] = 0
+        _push(si, ht, hi, sf[F_NOW], NORMAL, K_START, 0, e)
+    elif es[E_RUN_STEPS] > 1:
+        end_ms = ends[e]
+        lo, hi_ = 0, es[E_ENDS_LEN]  # searchsorted(ends, now, "left")
         while lo < hi_:
             mid = (lo + hi_) >> 1
-            if ends[mid] < now:
+            if end_ms[mid] < now:
                 lo = mid + 1
             else:
                 hi_ = mid
-        if lo + 1 < si[S_RUN_STEPS]:
-            si[S_RUN_STEPS] = lo + 1
-            _arm(si, sf, ht, hi, ends[lo])
+        if lo + 1 < es[E_RUN_STEPS]:
+            es[E_RUN_STEPS] = lo + 1
+            _arm(si, sf, es, ht, hi, e, end_ms[lo])
 
 
 @njit(cache=True)
-def _dispatch(si, sf, req, reqf, waiting, ht, hi, ends, rid, now):
-    """Dispatcher._dispatch to the one replica; False when the run is overloaded."""
+def _dispatch(si, sf, ei, req, ht, hi, ends, rid, now):
+    """Dispatcher._dispatch (round robin, or the least loaded replica, lowest index on
+    ties); False when the run is overloaded."""
+    engines = si[S_NUM_ENGINES]
+    if si[S_LEAST_LOADED]:
+        replica, best = 0, -1
+        for r in range(engines):
+            load = ei[r, E_WAIT_COUNT] + ei[r, E_NUM_RUNNING]
+            if best < 0 or load < best:
+                replica, best = r, load
+    else:
+        replica = si[S_NEXT_RR]
+        si[S_NEXT_RR] = (replica + 1) % engines
+    req[R_REPLICA, rid] = replica
     tokens = req[R_PROMPT, rid] + req[R_OUTPUT, rid] - 1
     if _ceil_div(tokens, si[S_BLOCK_SIZE]) > si[S_NUM_BLOCKS]:
         req[R_REJECTED, rid] = 1
@@ -277,15 +310,30 @@ def _dispatch(si, sf, req, reqf, waiting, ht, hi, ends, rid, now):
         _on_finished(si, 1)
         return True
     _count(si, sf, 1, now)
-    cap = waiting.shape[0]
-    waiting[(si[S_WAIT_HEAD] + si[S_WAIT_COUNT]) % cap] = rid
-    si[S_WAIT_COUNT] += 1
-    _notify(si, sf, ht, hi, ends, now)
+    es = ei[replica]  # add: to the back of the replica's waiting queue
+    req[R_WAIT_NEXT, rid] = -1
+    if es[E_WAIT_COUNT]:
+        req[R_WAIT_NEXT, es[E_WAIT_TAIL]] = rid
+    else:
+        es[E_WAIT_HEAD] = rid
+    es[E_WAIT_TAIL] = rid
+    es[E_WAIT_COUNT] += 1
+    _notify(si, sf, ei, ht, hi, ends, replica, now)
     return True
 
 
 @njit(cache=True)
-def _advance_arrivals(si, sf, req, reqf, waiting, ht, hi, ends, last):
+def _advance_through(si, sf, ei, req, ht, hi, ends, index, now):
+    """Dispatcher.advance_through: every request up to ``index``."""
+    while si[S_CURSOR] <= index:
+        if not _dispatch(si, sf, ei, req, ht, hi, ends, si[S_CURSOR], now):
+            return False
+        si[S_CURSOR] += 1
+    return True
+
+
+@njit(cache=True)
+def _advance_arrivals(si, sf, ei, req, reqf, ht, hi, ends, last):
     """The arrival chain (ServingSim._arrivals.advance): dispatch the distinct arrival
     times already reached, then wait for the next one; False when overloaded."""
     arrival = reqf[T_ARRIVAL]
@@ -296,83 +344,77 @@ def _advance_arrivals(si, sf, req, reqf, waiting, ht, hi, ends, last):
         now = sf[F_NOW]
         if at > now:
             si[S_EVENTS] += 1
-            _push(si, ht, hi, now + (at - now), NORMAL, K_RESUME, index)
+            _push(si, ht, hi, now + (at - now), NORMAL, K_RESUME, index, 0)
             return True
-        if not _advance_through(si, sf, req, reqf, waiting, ht, hi, ends, index, now):
+        if not _advance_through(si, sf, ei, req, ht, hi, ends, index, now):
             return False
     return True
 
 
+# ---- the scheduler of one replica (``es``: its engine's state) -------------------------------
 @njit(cache=True)
-def _advance_through(si, sf, req, reqf, waiting, ht, hi, ends, index, now):
-    """Dispatcher.advance_through: every request up to ``index``."""
-    while si[S_CURSOR] <= index:
-        if not _dispatch(si, sf, req, reqf, waiting, ht, hi, ends, si[S_CURSOR], now):
-            return False
-        si[S_CURSOR] += 1
-    return True
-
-
-# ---- the scheduler ---------------------------------------------------------------------------
-@njit(cache=True)
-def _allocate(si, req, rid, tokens):
+def _allocate(si, es, req, rid, tokens):
     """ReplicaScheduler._allocate."""
     need = _ceil_div(req[R_COMPUTED, rid] + tokens, si[S_BLOCK_SIZE]) - req[R_BLOCKS, rid]
-    if need > si[S_FREE]:
+    if need > es[E_FREE]:
         return False
-    si[S_FREE] -= need
+    es[E_FREE] -= need
     req[R_BLOCKS, rid] += need
     return True
 
 
 @njit(cache=True)
-def _preempt(si, req, waiting, rid):
+def _preempt(es, req, rid):
     """ReplicaScheduler._preempt: back to the front of the waiting queue."""
-    si[S_FREE] += req[R_BLOCKS, rid]
+    es[E_FREE] += req[R_BLOCKS, rid]
     req[R_BLOCKS, rid] = 0
     req[R_COMPUTED, rid] = 0
     req[R_PREEMPTIONS, rid] += 1
-    si[S_PREEMPTIONS] += 1
-    cap = waiting.shape[0]
-    si[S_WAIT_HEAD] = (si[S_WAIT_HEAD] - 1) % cap
-    waiting[si[S_WAIT_HEAD]] = rid
-    si[S_WAIT_COUNT] += 1
+    es[E_PREEMPTIONS] += 1
+    if es[E_WAIT_COUNT]:
+        req[R_WAIT_NEXT, rid] = es[E_WAIT_HEAD]
+    else:
+        req[R_WAIT_NEXT, rid] = -1
+        es[E_WAIT_TAIL] = rid
+    es[E_WAIT_HEAD] = rid
+    es[E_WAIT_COUNT] += 1
 
 
 @njit(cache=True)
-def _pop_waiting(si, waiting):
-    si[S_WAIT_HEAD] = (si[S_WAIT_HEAD] + 1) % waiting.shape[0]
-    si[S_WAIT_COUNT] -= 1
+def _pop_waiting(es, req):
+    """Remove the front of the waiting queue."""
+    es[E_WAIT_HEAD] = req[R_WAIT_NEXT, es[E_WAIT_HEAD]]
+    es[E_WAIT_COUNT] -= 1
 
 
 @njit(cache=True)
-def _step_add(si, step, rid, q, c):
-    n = si[S_STEP_N]
+def _step_add(es, step, rid, q, c):
+    n = es[E_STEP_N]
     step[0, n] = rid
     step[1, n] = q
     step[2, n] = c
-    si[S_STEP_N] = n + 1
+    es[E_STEP_N] = n + 1
 
 
 @njit(cache=True)
-def _prefill_step(si, req, running, waiting, step):
+def _prefill_step(si, es, req, running, step):
     """ReplicaScheduler._prefill_step (vLLM V0); False when no prompt can be admitted."""
-    si[S_STEP_N] = 0
+    es[E_STEP_N] = 0
     budget = si[S_BUDGET]
     tokens = pairs = 0
-    while si[S_WAIT_COUNT] and si[S_NUM_RUNNING] < si[S_MAX_SEQS]:
-        rid = waiting[si[S_WAIT_HEAD]]
+    while es[E_WAIT_COUNT] and es[E_NUM_RUNNING] < si[S_MAX_SEQS]:
+        rid = es[E_WAIT_HEAD]
         q = req[R_PROMPT, rid] + req[R_GENERATED, rid] - req[R_COMPUTED, rid]
-        if (q > budget and si[S_STEP_N]) or not _allocate(si, req, rid, q):
+        if (q > budget and es[E_STEP_N]) or not _allocate(si, es, req, rid, q):
             break
-        _pop_waiting(si, waiting)
-        running[si[S_NUM_RUNNING]] = rid
-        si[S_NUM_RUNNING] += 1
-        _step_add(si, step, rid, q, 0)
+        _pop_waiting(es, req)
+        running[es[E_NUM_RUNNING]] = rid
+        es[E_NUM_RUNNING] += 1
+        _step_add(es, step, rid, q, 0)
         budget -= q
         tokens += q
         pairs += q * (q + 1) // 2
-    n = si[S_STEP_N]
+    n = es[E_STEP_N]
     if not n:
         return False
     left = 1 << 62
@@ -381,28 +423,28 @@ def _prefill_step(si, req, running, waiting, step):
         x = req[R_OUTPUT, rid] - req[R_GENERATED, rid]
         if x < left:
             left = x
-    si[S_STEP_DECODE_ONLY] = 0
-    si[S_STEP_PREEMPTED] = 0
-    si[S_STEP_ADMITTED] = n
-    si[S_STEP_DECODES] = 0
-    si[S_STEP_TOKENS] = tokens
-    si[S_STEP_PAIRS] = pairs
-    si[S_STEP_KV] = tokens
-    si[S_STEP_LEFT] = left
+    es[E_STEP_DECODE_ONLY] = 0
+    es[E_STEP_PREEMPTED] = 0
+    es[E_STEP_ADMITTED] = n
+    es[E_STEP_DECODES] = 0
+    es[E_STEP_TOKENS] = tokens
+    es[E_STEP_PAIRS] = pairs
+    es[E_STEP_KV] = tokens
+    es[E_STEP_LEFT] = left
     return True
 
 
 @njit(cache=True)
-def _running_step(si, req, running, waiting, step):
+def _running_step(si, es, req, running, step):
     """ReplicaScheduler._running_step (and _admit with chunked prefill)."""
     bs = si[S_BLOCK_SIZE]
-    si[S_STEP_N] = 0
+    es[E_STEP_N] = 0
     budget, preempted, decodes = si[S_BUDGET], 0, 0
     tokens = pairs = context = 0
     left = 1 << 62
-    free = si[S_FREE]
+    free = es[E_FREE]
     i = 0
-    while i < si[S_NUM_RUNNING]:
+    while i < es[E_NUM_RUNNING]:
         if budget <= 0:
             break
         rid = running[i]
@@ -416,20 +458,20 @@ def _running_step(si, req, running, waiting, step):
             free -= need
             req[R_BLOCKS, rid] += need
         else:
-            si[S_FREE] = free
+            es[E_FREE] = free
             rid_preempted = False
-            while not _allocate(si, req, rid, q):
-                si[S_NUM_RUNNING] -= 1
-                victim = running[si[S_NUM_RUNNING]]
-                _preempt(si, req, waiting, victim)
+            while not _allocate(si, es, req, rid, q):
+                es[E_NUM_RUNNING] -= 1
+                victim = running[es[E_NUM_RUNNING]]
+                _preempt(es, req, victim)
                 preempted += 1
                 if victim == rid:
                     rid_preempted = True
                     break
-            free = si[S_FREE]
+            free = es[E_FREE]
             if rid_preempted:
                 break
-        _step_add(si, step, rid, q, c)
+        _step_add(es, step, rid, q, c)
         budget -= q
         tokens += q
         pairs += q * c + q * (q + 1) // 2
@@ -438,21 +480,21 @@ def _running_step(si, req, running, waiting, step):
             left = req[R_OUTPUT, rid] - g
         if remaining == 1 and g > 0:
             decodes += 1
-    si[S_FREE] = free
-    all_served = si[S_STEP_N] == si[S_NUM_RUNNING]
+    es[E_FREE] = free
+    all_served = es[E_STEP_N] == es[E_NUM_RUNNING]
     admitted = 0
-    if si[S_CHUNKED] and not preempted and si[S_WAIT_COUNT]:  # _admit
-        while si[S_WAIT_COUNT] and budget > 0 and si[S_NUM_RUNNING] < si[S_MAX_SEQS]:
-            rid = waiting[si[S_WAIT_HEAD]]
+    if si[S_CHUNKED] and not preempted and es[E_WAIT_COUNT]:  # _admit
+        while es[E_WAIT_COUNT] and budget > 0 and es[E_NUM_RUNNING] < si[S_MAX_SEQS]:
+            rid = es[E_WAIT_HEAD]
             c = req[R_COMPUTED, rid]
             remaining = req[R_PROMPT, rid] + req[R_GENERATED, rid] - c
             q = remaining if remaining < budget else budget
-            if not _allocate(si, req, rid, q):
+            if not _allocate(si, es, req, rid, q):
                 break
-            _pop_waiting(si, waiting)
-            running[si[S_NUM_RUNNING]] = rid
-            si[S_NUM_RUNNING] += 1
-            _step_add(si, step, rid, q, c)
+            _pop_waiting(es, req)
+            running[es[E_NUM_RUNNING]] = rid
+            es[E_NUM_RUNNING] += 1
+            _step_add(es, step, rid, q, c)
             budget -= q
             tokens += q
             pairs += q * c + q * (q + 1) // 2
@@ -461,49 +503,45 @@ def _running_step(si, req, running, waiting, step):
             if x < left:
                 left = x
             admitted += 1
-    n = si[S_STEP_N]
-    si[S_STEP_PREEMPTED] = preempted
-    si[S_STEP_ADMITTED] = admitted
-    si[S_STEP_DECODES] = decodes
-    si[S_STEP_TOKENS] = tokens
-    si[S_STEP_PAIRS] = pairs
-    si[S_STEP_KV] = tokens + context
-    si[S_STEP_LEFT] = left
-    si[S_STEP_DECODE_ONLY] = (
+    n = es[E_STEP_N]
+    es[E_STEP_PREEMPTED] = preempted
+    es[E_STEP_ADMITTED] = admitted
+    es[E_STEP_DECODES] = decodes
+    es[E_STEP_TOKENS] = tokens
+    es[E_STEP_PAIRS] = pairs
+    es[E_STEP_KV] = tokens + context
+    es[E_STEP_LEFT] = left
+    es[E_STEP_DECODE_ONLY] = (
         1 if decodes == n and all_served and not preempted and not admitted and n else 0
     )
 
 
 @njit(cache=True)
-def _schedule(si, req, running, waiting, step):
+def _schedule(si, es, req, running, step):
     """ReplicaScheduler.schedule: True when a step was scheduled."""
     while True:
-        if not si[S_NUM_RUNNING] and not si[S_WAIT_COUNT]:
+        if not es[E_NUM_RUNNING] and not es[E_WAIT_COUNT]:
             return False
-        if (
-            not si[S_CHUNKED]
-            and si[S_WAIT_COUNT]
-            and _prefill_step(si, req, running, waiting, step)
-        ):
+        if not si[S_CHUNKED] and es[E_WAIT_COUNT] and _prefill_step(si, es, req, running, step):
             return True
-        _running_step(si, req, running, waiting, step)
-        if si[S_STEP_N]:
+        _running_step(si, es, req, running, step)
+        if es[E_STEP_N]:
             return True
-        if not si[S_STEP_PREEMPTED]:
+        if not es[E_STEP_PREEMPTED]:
             return False
 
 
 @njit(cache=True)
-def _run_length(si, step, limit):
+def _run_length(si, es, step, limit):
     """ReplicaScheduler.run_length."""
-    if not si[S_STEP_DECODE_ONLY] or limit <= 1:
+    if not es[E_STEP_DECODE_ONLY] or limit <= 1:
         return 1
-    k = min(limit, si[S_STEP_LEFT])
+    k = min(limit, es[E_STEP_LEFT])
     if k <= 1:
         return 1
     bs = si[S_BLOCK_SIZE]
-    n = si[S_STEP_N]
-    free = si[S_FREE]
+    n = es[E_STEP_N]
+    free = es[E_FREE]
     if n * _ceil_div(k - 1, bs) <= free:
         return k
     lo, hi = 1, k
@@ -536,39 +574,41 @@ def _lookup(keys, slots, key):
 
 # ---- commit ----------------------------------------------------------------------------------
 @njit(cache=True)
-def _commit(si, sf, req, reqf, running, step, rounds, ends, consts, batches, series_f,
-            series_i, stack_i, stack_f):  # fmt: skip
-    """Engine._commit of the solo engine with ReplicaScheduler.commit; False when the
+def _commit(si, sf, ei, ef, req, reqf, running, step, rounds, ends, consts, batches, series_f,
+            series_i, stack_i, stack_f, e):  # fmt: skip
+    """Engine._commit of solo engine ``e`` with ReplicaScheduler.commit; False when the
     finished requests made the run overloaded."""
-    k = si[S_RUN_STEPS]
+    es, fs = ei[e], ef[e]
+    running, step, rounds, ends = running[e], step[e], rounds[e], ends[e]
+    k = es[E_RUN_STEPS]
     end = ends[k - 1]
-    row = si[S_SLOT]
+    row = es[E_SLOT]
     if k == 1:
         busy = rounds[0]
         work = busy + consts[row, C_WORK_OFFSET]
         comm = consts[row, C_COMM]
-        flops = sf[F_FLOPS_PER_PAIR] * si[S_STEP_PAIRS]
+        flops = sf[F_FLOPS_PER_PAIR] * es[E_STEP_PAIRS]
         flops = consts[row, C_FLOPS] + flops
     else:
         busy = _pairwise_sum(rounds, k, stack_i, stack_f)
         work = busy + k * consts[row, C_WORK_OFFSET]
-        flops0 = consts[row, C_FLOPS] + sf[F_FLOPS_PER_PAIR] * si[S_STEP_PAIRS]
+        flops0 = consts[row, C_FLOPS] + sf[F_FLOPS_PER_PAIR] * es[E_STEP_PAIRS]
         flops = k * flops0 + consts[row, C_FLOPS_GROWTH] * k * (k - 1) / 2
         comm = k * consts[row, C_COMM]
-    sf[F_BUSY] += busy
-    sf[F_WORK] += work
-    sf[F_COMM] += comm
-    sf[F_FLOPS] += flops
-    si[S_STEPS] += k
+    fs[G_BUSY] += busy
+    fs[G_WORK] += work
+    fs[G_COMM] += comm
+    fs[G_FLOPS] += flops
+    es[E_STEPS] += k
     moe = consts[row, C_MOE_TOKENS]
     if moe:
-        sf[F_MOE_TOKENS] += moe * k
-        sf[F_BALANCE] += consts[row, C_BALANCE] * moe * k
-        sf[F_DROPPED] += consts[row, C_DROPPED] * moe * k
-    start = sf[F_START]
+        fs[G_MOE_TOKENS] += moe * k
+        fs[G_BALANCE] += consts[row, C_BALANCE] * moe * k
+        fs[G_DROPPED] += consts[row, C_DROPPED] * moe * k
+    start = fs[G_START]
     duration = end - start
-    n = si[S_STEP_N]
-    decodes = si[S_STEP_DECODES]
+    n = es[E_STEP_N]
+    decodes = es[E_STEP_DECODES]
     batches[1, decodes] += k
     if n > decodes:
         batches[0, n - decodes] += 1
@@ -590,7 +630,7 @@ def _commit(si, sf, req, reqf, running, step, rounds, ends, consts, batches, ser
             if g == req[R_OUTPUT, rid]:
                 finished[num_finished] = rid
                 num_finished += 1
-        si[S_FREE] -= need
+        es[E_FREE] -= need
     else:
         for i in range(n):
             rid = step[0, i]
@@ -605,16 +645,16 @@ def _commit(si, sf, req, reqf, running, step, rounds, ends, consts, batches, ser
                 if g == req[R_OUTPUT, rid]:
                     finished[num_finished] = rid
                     num_finished += 1
-    peak = si[S_NUM_BLOCKS] - si[S_FREE]
-    si[S_PEAK] = peak
+    peak = si[S_NUM_BLOCKS] - es[E_FREE]
+    es[E_PEAK] = peak
     if num_finished:
         for i in range(num_finished):  # _retire
             rid = finished[i]
-            si[S_FREE] += req[R_BLOCKS, rid]
+            es[E_FREE] += req[R_BLOCKS, rid]
             req[R_BLOCKS, rid] = 0
             reqf[T_FINISH, rid] = end
         kept = 0
-        for i in range(si[S_NUM_RUNNING]):  # running without the finished, in order
+        for i in range(es[E_NUM_RUNNING]):  # running without the finished, in order
             rid = running[i]
             done = False
             for j in range(num_finished):
@@ -624,18 +664,19 @@ def _commit(si, sf, req, reqf, running, step, rounds, ends, consts, batches, ser
             if not done:
                 running[kept] = rid
                 kept += 1
-        si[S_NUM_RUNNING] = kept
-    used0 = si[S_USED0]
-    sf[F_KV_AREA] += 0.5 * (used0 + peak) * duration
+        es[E_NUM_RUNNING] = kept
+    used0 = es[E_USED0]
+    fs[G_KV_AREA] += 0.5 * (used0 + peak) * duration
     if si[S_RECORD]:
         m = si[S_SERIES_N]
         series_f[0, m] = start
         series_f[1, m] = end
-        series_i[0, m] = used0
-        series_i[1, m] = peak
+        series_i[0, m] = e
+        series_i[1, m] = used0
+        series_i[2, m] = peak
         si[S_SERIES_N] = m + 1
-    if peak > si[S_KV_PEAK]:
-        si[S_KV_PEAK] = peak
+    if peak > es[E_KV_PEAK]:
+        es[E_KV_PEAK] = peak
     if num_finished:
         _count(si, sf, -num_finished, end)
         if si[S_HAS_LIMITS]:
@@ -653,16 +694,16 @@ def _commit(si, sf, req, reqf, running, step, rounds, ends, consts, batches, ser
                 if si[S_BAD] > si[S_ALLOWED_BAD]:
                     return False
         _on_finished(si, num_finished)
-    si[S_RUN_STEPS] = 0
+    es[E_RUN_STEPS] = 0
     return True
 
 
 # ---- the whole loop --------------------------------------------------------------------------
 @njit(cache=True)
-def simulate(si, sf, req, reqf, running, waiting, step, ht, hi, last, rounds, ends, keys,
-             slots, consts, batches, series_f, series_i, stack_i, stack_f):  # fmt: skip  # noqa: PLR0912, PLR0915
-    """Run the simulation from where it stopped (``si[S_PHASE]``) until it ends or needs
-    Python (the returned status)."""
+def simulate(si, sf, ei, ef, req, reqf, running, step, ht, hi, last, rounds, ends, keys, slots,
+             consts, batches, series_f, series_i, stack_i, stack_f):  # fmt: skip  # noqa: PLR0912, PLR0915
+    """Run the simulation from where it stopped (``si[S_PHASE]``, and ``si[S_ENGINE]`` the
+    engine in ``Engine.start``) until it ends or needs Python (the returned status)."""
     while True:
         phase = si[S_PHASE]
         if phase == PH_LOOP:
@@ -671,33 +712,40 @@ def simulate(si, sf, req, reqf, running, waiting, step, ht, hi, last, rounds, en
             if si[S_HEAP_N] == 0:
                 return DONE
             sf[F_NOW] = now = ht[0]
-            kind, arg = hi[2, 0], hi[3, 0]
+            kind, arg, e = hi[2, 0], hi[3, 0], hi[4, 0]
             _pop(si, ht, hi)
             if kind == K_ARRIVALS:
-                if not _advance_arrivals(si, sf, req, reqf, waiting, ht, hi, ends, last):
+                if not _advance_arrivals(si, sf, ei, req, reqf, ht, hi, ends, last):
                     return OVERLOADED
             elif kind == K_RESUME:
-                if not _advance_through(si, sf, req, reqf, waiting, ht, hi, ends, arg, now):
+                if not _advance_through(si, sf, ei, req, ht, hi, ends, arg, now):
                     return OVERLOADED
-                if not _advance_arrivals(si, sf, req, reqf, waiting, ht, hi, ends, last):
+                if not _advance_arrivals(si, sf, ei, req, reqf, ht, hi, ends, last):
                     return OVERLOADED
             elif kind == K_START:
+                si[S_ENGINE] = e
                 si[S_PHASE] = PH_START
             elif kind == K_FIRE:
-                if arg == si[S_GENERATION]:
+                if arg == ei[e, E_GENERATION]:
                     if si[S_HEAP_N] and ht[0] <= now:  # call_soon_or_now
-                        _push(si, ht, hi, now, NORMAL, K_WAKE, 0)
+                        _push(si, ht, hi, now, NORMAL, K_WAKE, 0, e)
                     else:
-                        if not _commit(si, sf, req, reqf, running, step, rounds, ends, consts,
-                                       batches, series_f, series_i, stack_i, stack_f):  # fmt: skip
+                        if not _commit(si, sf, ei, ef, req, reqf, running, step, rounds, ends,
+                                       consts, batches, series_f, series_i, stack_i, stack_f,
+                                       e):  # fmt: skip
                             return OVERLOADED
+                        si[S_ENGINE] = e
                         si[S_PHASE] = PH_START
             else:  # K_WAKE
-                if not _commit(si, sf, req, reqf, running, step, rounds, ends, consts, batches,
-                               series_f, series_i, stack_i, stack_f):  # fmt: skip
+                if not _commit(si, sf, ei, ef, req, reqf, running, step, rounds, ends, consts,
+                               batches, series_f, series_i, stack_i, stack_f, e):  # fmt: skip
                     return OVERLOADED
+                si[S_ENGINE] = e
                 si[S_PHASE] = PH_START
             continue
+        e = si[S_ENGINE]
+        es = ei[e]
+        est = step[e]
         if phase == PH_START:  # the top of Engine.start's loop
             if si[S_HAS_PROGRESS] and si[S_PROGRESS_DUE]:
                 return PROGRESS
@@ -706,50 +754,51 @@ def simulate(si, sf, req, reqf, running, waiting, step, ht, hi, last, rounds, en
             now = sf[F_NOW]
             arrival = reqf[T_ARRIVAL]
             while arrival[si[S_CURSOR]] <= now:  # Dispatcher.advance_to
-                if not _dispatch(si, sf, req, reqf, waiting, ht, hi, ends, si[S_CURSOR], now):
+                if not _dispatch(si, sf, ei, req, ht, hi, ends, si[S_CURSOR], now):
                     return OVERLOADED
                 si[S_CURSOR] += 1
-            if not _schedule(si, req, running, waiting, step):  # Engine._plan_solo
-                if si[S_WAIT_COUNT]:
+            if not _schedule(si, es, req, running[e], est):  # Engine._plan_solo
+                if es[E_WAIT_COUNT]:
                     return STUCK
                 if si[S_FINISHED] != si[S_NUM]:
-                    si[S_IDLE] = 1
+                    es[E_IDLE] = 1
                 si[S_PHASE] = PH_LOOP
                 continue
-            n = si[S_STEP_N]
-            admitted = si[S_STEP_ADMITTED]
+            n = es[E_STEP_N]
+            admitted = es[E_STEP_ADMITTED]
             for i in range(n - admitted, n):
-                rid = step[0, i]
+                rid = est[0, i]
                 if reqf[T_FIRST_SCHEDULED, rid] != reqf[T_FIRST_SCHEDULED, rid]:
                     reqf[T_FIRST_SCHEDULED, rid] = now
-            si[S_RUN_STEPS] = _run_length(si, step, si[S_MAX_STEPS])
-            si[S_USED0] = si[S_NUM_BLOCKS] - si[S_FREE]
+            es[E_RUN_STEPS] = _run_length(si, es, est, si[S_MAX_STEPS])
+            es[E_USED0] = si[S_NUM_BLOCKS] - es[E_FREE]
             si[S_PHASE] = PH_TIMING
-            key = (si[S_STEP_TOKENS] << KEY_SHIFT) | n
+            key = (es[E_STEP_TOKENS] << KEY_SHIFT) | n
             row = _lookup(keys, slots, key)
             if row < 0:
-                si[S_KEY_TOKENS] = si[S_STEP_TOKENS]
+                si[S_KEY_TOKENS] = es[E_STEP_TOKENS]
                 si[S_KEY_SEQS] = n
                 return NEED_CONSTANTS
-            si[S_SLOT] = row
+            es[E_SLOT] = row
         else:  # PH_TIMING, resumed once Python added the constants
-            key = (si[S_STEP_TOKENS] << KEY_SHIFT) | si[S_STEP_N]
-            si[S_SLOT] = _lookup(keys, slots, key)
+            key = (es[E_STEP_TOKENS] << KEY_SHIFT) | es[E_STEP_N]
+            es[E_SLOT] = _lookup(keys, slots, key)
         # StepTimer._time_one and the end of each step of the run
         now = sf[F_NOW]
-        row = si[S_SLOT]
-        run = si[S_RUN_STEPS]
+        row = es[E_SLOT]
+        run = es[E_RUN_STEPS]
         fixed, layers = consts[row, C_FIXED], consts[row, C_LAYERS]
         per_pair, per_kv_byte = consts[row, C_PER_PAIR], consts[row, C_PER_KV_BYTE]
         kfixed, launch = consts[row, C_KERNEL_FIXED], consts[row, C_LAUNCH]
         framework = consts[row, C_FRAMEWORK]
         query_ms, query_bytes = consts[row, C_QUERY_MS], consts[row, C_QUERY_BYTES]
         kv_byte = sf[F_KV_BYTE]
-        pairs, kv = float(si[S_STEP_PAIRS]), float(si[S_STEP_KV])
-        n = float(si[S_STEP_TOKENS])
+        pairs, kv = float(es[E_STEP_PAIRS]), float(es[E_STEP_KV])
+        tokens = float(es[E_STEP_TOKENS])
+        round_ms, end_ms = rounds[e], ends[e]
         acc = 0.0
         for j in range(run):
-            grown = n * float(j)
+            grown = tokens * float(j)
             kv_bytes = (kv + grown) * kv_byte
             kv_bytes = kv_bytes + query_bytes
             flops_ms = (pairs + grown) * per_pair + query_ms
@@ -757,23 +806,23 @@ def simulate(si, sf, req, reqf, running, waiting, step, ht, hi, last, rounds, en
             gpu = (flops_ms if flops_ms >= bytes_ms else bytes_ms) + kfixed
             core = (gpu if gpu >= launch else launch) + framework
             r = fixed + layers * core
-            rounds[j] = r
+            round_ms[j] = r
             acc = acc + r if j else r
-            ends[j] = acc + now
-        si[S_ENDS_LEN] = run
-        sf[F_START] = now
-        at_ms = ends[run - 1]
+            end_ms[j] = acc + now
+        es[E_ENDS_LEN] = run
+        ef[e, G_START] = now
+        at_ms = end_ms[run - 1]
         delay = at_ms - now
         delay = delay if delay > 0.0 else 0.0
         if si[S_HEAP_N] and ht[0] <= now + delay:  # not EventLoop.advance_if_next
-            _arm(si, sf, ht, hi, at_ms)
+            _arm(si, sf, es, ht, hi, e, at_ms)
             si[S_PHASE] = PH_LOOP
             continue
         sf[F_NOW] = now + delay
-        si[S_GENERATION] += 1
+        es[E_GENERATION] += 1
         si[S_EVENTS] += 1
-        if not _commit(si, sf, req, reqf, running, step, rounds, ends, consts, batches,
-                       series_f, series_i, stack_i, stack_f):  # fmt: skip
+        if not _commit(si, sf, ei, ef, req, reqf, running, step, rounds, ends, consts, batches,
+                       series_f, series_i, stack_i, stack_f, e):  # fmt: skip
             return OVERLOADED
         si[S_PHASE] = PH_START
 
@@ -828,27 +877,30 @@ class _Constants:
 
 
 def run_solo(sim) -> None:
-    """Run ``sim`` (one engine of one replica with one micro-batch) in the kernel, leaving
-    in ``sim`` what the Python engine leaves there (book, accumulators, events, engine
+    """Run ``sim`` (every engine one replica with one micro-batch) in the kernel, leaving in
+    ``sim`` what the Python engine leaves there (book, accumulators, events, engine
     statistics, KV series); raises as the Python engine raises."""
     from clustersim.engine.serving import sim as serving_sim  # (MAX_STEPS as the engine's)
 
-    book, sched, engine = sim.book, sim.schedulers[0], sim.engines[0]
+    book, scheds = sim.book, sim.schedulers
+    engines = len(scheds)
     num = sim.num_requests
-    req = np.zeros((7, num), dtype=np.int64)
+    req = np.zeros((9, num), dtype=np.int64)
     req[R_PROMPT], req[R_OUTPUT] = book.prompt, book.output
+    req[R_REPLICA] = -1
     reqf = np.full((4, num + 1), math.nan)
     reqf[T_ARRIVAL, :num] = sim.arrival_ms
     reqf[T_ARRIVAL, num] = math.inf
     times = sim.arrival_ms
     last = np.flatnonzero(np.append(times[1:] != times[:-1], True)).astype(np.int64)
-    max_seqs = sched.max_seqs
+    first = scheds[0]
+    max_seqs = first.max_seqs
     si = np.zeros(S_SIZE, dtype=np.int64)
     sf = np.zeros(F_SIZE, dtype=np.float64)
-    si[S_NUM], si[S_NUM_LAST] = num, last.size
-    si[S_FREE] = si[S_NUM_BLOCKS] = sched.num_blocks
-    si[S_BLOCK_SIZE], si[S_MAX_SEQS], si[S_BUDGET] = sched.block_size, max_seqs, sched.budget
-    si[S_CHUNKED] = sched.chunked
+    si[S_NUM], si[S_NUM_LAST], si[S_NUM_ENGINES] = num, last.size, engines
+    si[S_LEAST_LOADED] = sim.dispatcher._least_loaded
+    si[S_NUM_BLOCKS], si[S_BLOCK_SIZE] = first.num_blocks, first.block_size
+    si[S_MAX_SEQS], si[S_BUDGET], si[S_CHUNKED] = max_seqs, first.budget, first.chunked
     si[S_MAX_STEPS] = max_steps = serving_sim.MAX_STEPS
     si[S_PROGRESS_EVERY] = sim._progress_every
     si[S_HAS_PROGRESS] = sim._progress is not None
@@ -859,27 +911,30 @@ def run_solo(sim) -> None:
         sf[F_TTFT], sf[F_TPOT], sf[F_LATENCY] = limits.ttft_ms, limits.tpot_ms, limits.latency_ms
     sf[F_KV_BYTE] = sim.timer.c.attn_bytes_per_kv_token
     sf[F_FLOPS_PER_PAIR] = sim.timer.flops_per_pair
-    running = np.zeros(max_seqs + 1, dtype=np.int64)
-    waiting = np.zeros(num + 1, dtype=np.int64)
-    step = np.zeros((4, max_seqs + 1), dtype=np.int64)
-    heap_size = num + 64  # entries alive: the arrival chain's, the engine's, stale timers
+    ei = np.zeros((engines, E_SIZE), dtype=np.int64)
+    ei[:, E_FREE] = first.num_blocks
+    ef = np.zeros((engines, G_SIZE), dtype=np.float64)
+    running = np.zeros((engines, max_seqs + 1), dtype=np.int64)
+    step = np.zeros((engines, 4, max_seqs + 1), dtype=np.int64)
+    heap_size = num + 4 * engines + 64  # alive: the arrival chain's, engines', stale timers
     ht = np.zeros(heap_size, dtype=np.float64)
-    hi = np.zeros((4, heap_size), dtype=np.int64)
-    rounds = np.zeros(max_steps, dtype=np.float64)
-    ends = np.zeros(max_steps, dtype=np.float64)
+    hi = np.zeros((5, heap_size), dtype=np.int64)
+    rounds = np.zeros((engines, max_steps), dtype=np.float64)
+    ends = np.zeros((engines, max_steps), dtype=np.float64)
     batches = np.zeros((2, max_seqs + 1), dtype=np.int64)
     series_f = np.zeros((2, 1024 if si[S_RECORD] else 0), dtype=np.float64)
-    series_i = np.zeros((2, series_f.shape[1]), dtype=np.int64)
+    series_i = np.zeros((3, series_f.shape[1]), dtype=np.int64)
     consts = _Constants(sim.timer)
     stack_i = np.zeros((3, 64), dtype=np.int64)  # the pairwise sum's stack (depth < 64)
     stack_f = np.zeros(64, dtype=np.float64)
-    _push(si, ht, hi, 0.0, URGENT, K_ARRIVALS, 0)  # ServingSim.run
-    _push(si, ht, hi, 0.0, URGENT, K_START, 0)
+    _push(si, ht, hi, 0.0, URGENT, K_ARRIVALS, 0, 0)  # ServingSim.run
+    for e in range(engines):
+        _push(si, ht, hi, 0.0, URGENT, K_START, 0, e)
     si[S_PHASE] = PH_LOOP
     while True:
-        status = simulate(si, sf, req, reqf, running, waiting, step, ht, hi, last, rounds,
-                          ends, consts.keys, consts.slots, consts.rows, batches, series_f,
-                          series_i, stack_i, stack_f)  # fmt: skip
+        status = simulate(si, sf, ei, ef, req, reqf, running, step, ht, hi, last, rounds, ends,
+                          consts.keys, consts.slots, consts.rows, batches, series_f, series_i,
+                          stack_i, stack_f)  # fmt: skip
         if si[S_PROGRESS_DUE]:
             si[S_PROGRESS_DUE] = 0
             if sim._progress is not None:
@@ -897,44 +952,51 @@ def run_solo(sim) -> None:
             raise RuntimeError("a replica has waiting requests but cannot schedule any")
         elif status == DONE:
             break
-    # what the Python engine leaves behind
-    dispatched = int(si[S_CURSOR])
+    _write_back(sim, si, sf, ei, ef, req, reqf, running, batches, series_f, series_i)
+
+
+def _write_back(sim, si, sf, ei, ef, req, reqf, running, batches, series_f, series_i) -> None:
+    """Leave in ``sim`` what the Python engine leaves there after its run."""
+    book, num = sim.book, sim.num_requests
     book.computed = req[R_COMPUTED].tolist()
     book.generated = req[R_GENERATED].tolist()
     book.blocks = req[R_BLOCKS].tolist()
     book.preemptions = req[R_PREEMPTIONS].tolist()
+    book.replica = req[R_REPLICA].tolist()
     book.first_scheduled_ms = reqf[T_FIRST_SCHEDULED, :num].tolist()
     book.first_token_ms = reqf[T_FIRST_TOKEN, :num].tolist()
     book.finish_ms = reqf[T_FINISH, :num].tolist()
-    book.replica[:dispatched] = [0] * dispatched
     sim.rejected[:] = req[R_REJECTED].astype(bool)
     sim.finished, sim.events, sim.bad = int(si[S_FINISHED]), int(si[S_EVENTS]), int(si[S_BAD])
     sim.loop.now = float(sf[F_NOW])
     dispatcher = sim.dispatcher
-    dispatcher.cursor, dispatcher.in_system = dispatched, int(si[S_IN_SYSTEM])
+    dispatcher.cursor, dispatcher.in_system = int(si[S_CURSOR]), int(si[S_IN_SYSTEM])
     dispatcher.area, dispatcher._last_ms = float(sf[F_AREA]), float(sf[F_LAST])
-    sched.free_blocks, sched.preemptions = int(si[S_FREE]), int(si[S_PREEMPTIONS])
-    sched.peak_used = int(si[S_PEAK])
-    sched.running = running[: si[S_NUM_RUNNING]].tolist()
-    stats = engine.stats
-    stats.busy_ms, stats.work_ms = float(sf[F_BUSY]), float(sf[F_WORK])
-    stats.comm_ms, stats.flops = float(sf[F_COMM]), float(sf[F_FLOPS])
-    stats.steps = int(si[S_STEPS])
-    stats.moe_tokens, stats.balance_weighted = float(sf[F_MOE_TOKENS]), float(sf[F_BALANCE])
-    stats.dropped_weighted = float(sf[F_DROPPED])
-    sim.kv_area[0] = float(sf[F_KV_AREA])
-    sim.kv_peak[0] = int(si[S_KV_PEAK])
+    dispatcher._next_rr = int(si[S_NEXT_RR])
+    for e, (engine, sched) in enumerate(zip(sim.engines, sim.schedulers, strict=True)):
+        es, fs = ei[e], ef[e]
+        sched.free_blocks, sched.preemptions = int(es[E_FREE]), int(es[E_PREEMPTIONS])
+        sched.peak_used = int(es[E_PEAK])
+        sched.running = running[e, : es[E_NUM_RUNNING]].tolist()
+        stats = engine.stats
+        stats.busy_ms, stats.work_ms = float(fs[G_BUSY]), float(fs[G_WORK])
+        stats.comm_ms, stats.flops = float(fs[G_COMM]), float(fs[G_FLOPS])
+        stats.steps = int(es[E_STEPS])
+        stats.moe_tokens, stats.balance_weighted = float(fs[G_MOE_TOKENS]), float(fs[G_BALANCE])
+        stats.dropped_weighted = float(fs[G_DROPPED])
+        sim.kv_area[e] = float(fs[G_KV_AREA])
+        sim.kv_peak[e] = int(es[E_KV_PEAK])
     sim.prefill_batches = batches[0].tolist()
     sim.decode_batches = batches[1].tolist()
     if sim.kv_series is not None:
         m = int(si[S_SERIES_N])
         sim.kv_series.extend(
             zip(
-                [0] * m,
+                series_i[0, :m].tolist(),
                 series_f[0, :m].tolist(),
                 series_f[1, :m].tolist(),
-                series_i[0, :m].tolist(),
                 series_i[1, :m].tolist(),
+                series_i[2, :m].tolist(),
                 strict=True,
             )  # fmt: skip
         )

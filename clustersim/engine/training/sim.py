@@ -46,7 +46,12 @@ set of transfers as fair sharing of the link; pipeline sends use separate send/r
 (full duplex) and never contend with each other. ZeRO-2/3 run their per-layer gathers and
 reduce-scatters on one more stream per lane; an EP all-to-all that crosses nodes while that
 stream is busy across nodes shares the NICs with it fairly (both are delayed by the overlap,
-``costs.sharding.fair_share_delay_ms``). With ``hardware.topology`` none of this applies: the
+``costs.sharding.fair_share_delay_ms``). With one hardware queue
+(``parallel.device_max_connections`` 1, Megatron-LM's setting with TP or CP > 1 before
+Blackwell) a sharding collective issued while that stream is busy holds back the compute
+issued after it until it starts (``costs.sharding.one_hardware_queue``): in ZeRO-3's
+backward, layer i-1 waits for the reduce-scatter of layer i. With ``hardware.topology`` none
+of the NIC sharing applies: the
 EP all-to-alls, gradient buckets, ZeRO-2/3 per-layer collectives, parameter all-gathers, TP
 and expert-TP collectives and pipeline sends are flows on shared links (``engine.network``),
 each delayed by what overlaps it there; the second pass (``reuse``) reads the first pass's
@@ -84,7 +89,13 @@ from clustersim.costs.schedules import (
     overlapped_pairs,
     stage_steps,
 )
-from clustersim.costs.sharding import LayerUnit, fair_share_delay_ms, layer_units, shard_sizes
+from clustersim.costs.sharding import (
+    LayerUnit,
+    fair_share_delay_ms,
+    layer_units,
+    one_hardware_queue,
+    shard_sizes,
+)
 from clustersim.engine.errors import EngineError
 from clustersim.engine.network import Network, Routes
 from clustersim.engine.recorder import Kind, Op, Recorder
@@ -337,6 +348,9 @@ class TrainingSim:
         sharding = self.par.sharding
         self._layer_rs = sharding in ("gradients", "full")
         self._layer_ag = sharding == "full"
+        # one in-order hardware queue: a sharding collective issued behind a busy stream
+        # holds back the compute issued after it (costs.sharding.one_hardware_queue)
+        self._one_queue = one_hardware_queue(plan)
         self._units: dict[int, LayerUnit] = {}
         self._shard_streams: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # (stage, layer) -> (batch, routes, expert tokens, idle): what routing the layer gave
@@ -635,7 +649,7 @@ class TrainingSim:
             t = self._op(co, Kind.COMPUTE, Op.ATTN_BWD, t, lt.attn_bwd - w, layer, mb)
             t = self._ring_row(co, t, lt.cp_bwd, lt.cp_bwd_bytes, layer, mb)
             if self._layer_rs:  # ZeRO-2/3: every micro-batch reduce-scatters the layer
-                self._reduce_scatter_layer(co, layer, mb, t)
+                t = self._reduce_scatter_layer(co, layer, mb, t)
             elif buckets is not None:
                 self._add_layer_grads(co, layer, buckets, grad_state, t)
         return t
@@ -1405,14 +1419,15 @@ class TrainingSim:
         """ZeRO-3: all-gather the chunk's layers in order on the lanes' sharding stream, one
         layer ahead of the compute (the first from ``t``; each next one when the layer before
         it starts computing). Returns ``ready(layer, t)``: when the layer can start (None
-        without ZeRO-3)."""
+        without ZeRO-3); with one hardware queue not before the prefetch issued ahead of its
+        compute has started."""
         if not self._layer_ag or not layers:
             return None
         ag_free, _ = self._streams(co)
         per_param = precision.param_gather_bytes(self.model)
         ends: dict[int, np.ndarray] = {}
 
-        def issue(layer: int, at: np.ndarray) -> None:
+        def issue(layer: int, at: np.ndarray) -> np.ndarray:
             unit = self._unit(co.stage, layer)
             start = np.maximum(at, ag_free)
             end = start + self._unit_ms(co, unit, "all_gather", per_param, start)
@@ -1422,6 +1437,7 @@ class TrainingSim:
             )
             ag_free[:] = end
             ends[layer] = end
+            return start
 
         issue(layers[0], t)
         following = dict(zip(layers[:-1], layers[1:], strict=True))
@@ -1429,15 +1445,18 @@ class TrainingSim:
         def ready(layer: int, now: np.ndarray) -> np.ndarray:
             start = np.maximum(now, ends.pop(layer))
             if layer in following:
-                issue(following[layer], start)  # prefetch the next layer
+                began = issue(following[layer], start)  # prefetch the next layer
+                if self._one_queue:  # the layer's kernels wait behind it in the queue
+                    start = np.maximum(start, began)
             return start
 
         return ready
 
-    def _reduce_scatter_layer(self, co: Cohort, layer: int, mb: int, t: np.ndarray) -> None:
+    def _reduce_scatter_layer(self, co: Cohort, layer: int, mb: int, t: np.ndarray) -> np.ndarray:
         """ZeRO-2/3: reduce-scatter the layer's gradients (FP32 main gradients, FP16 under FP16)
         once its backward is done, on the lanes' sharding stream, after the gathers issued
-        before it (overlapping the next layers' backward)."""
+        before it (overlapping the next layers' backward). Returns when the compute issued
+        after it can start: ``t``, or with one hardware queue not before it has started."""
         _, rs_free = self._streams(co)
         unit = self._unit(co.stage, layer)
         start = np.maximum(t, rs_free)
@@ -1447,6 +1466,7 @@ class TrainingSim:
             co.lane_ids, Kind.COMM_ASYNC, Op.GRAD_REDUCE, start, end, layer, mb, nbytes
         )
         rs_free[:] = end
+        return np.maximum(t, start) if self._one_queue else t
 
 
 def _fixed(_payloads, duration_ms: float) -> tuple[float, None]:
