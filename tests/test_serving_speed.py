@@ -22,6 +22,7 @@ from clustersim.engine.serving import step_timer
 from clustersim.engine.serving.kv_usage import record_kv_usage
 from clustersim.engine.serving.requests import make_requests
 from clustersim.engine.serving.sim import LatencyLimits, Overloaded, ServingSim
+from clustersim.explore.capacity import CapacitySearch
 from clustersim.metrics.serving import serving_metrics
 
 CASES = {
@@ -210,3 +211,20 @@ def test_run_tables_equal_the_direct_evaluation(moe, n, context, steps):
         one = timer._one(n, n, 1)
         rounds = one[1] + one[2] * core  # fixed + layers x core
         np.testing.assert_array_equal(timer._run_table(one, n, x0, k), rounds)
+
+
+def test_capacity_search_takes_the_compiled_engine_with_the_same_result():
+    """A capacity search whose probes together reach COMPILED_RUNS_MIN_REQUESTS requests runs
+    them in the compiled loop; forced either way, it finds the same capacity from the same
+    probes with the same curve."""
+    targets = {"ttft_ms_p99_max": 2000.0, "tpot_ms_p99_max": 50.0}
+    plan = make_plan(DENSE, requests={"num": 300, "rate_per_s": 2.0}, targets=targets)
+    assert CapacitySearch(plan).compiled_engine is None  # 300 x 10 probes: below
+    big = make_plan(DENSE, requests={"num": 2000}, targets=targets)
+    assert CapacitySearch(big).compiled_engine is True
+    found = []
+    for engine in (True, False):
+        search = CapacitySearch(plan)
+        search.compiled_engine = engine
+        found.append(search.run().to_dict())
+    assert found[0] == found[1] and found[0]["capacity_req_per_s"] is not None

@@ -37,6 +37,12 @@ than ``attain`` allows (:class:`clustersim.engine.serving.sim.LatencyLimits`): t
 then already decided, and an overloaded run, whose queue only grows, costs a fraction of a
 full one. Its latencies are not known (null in the curve).
 
+**Compiled engine**: the probes run in one process, so when together they reach
+``COMPILED_RUNS_MIN_REQUESTS`` requests (about ``PROBES_EXPECTED`` probes of
+``workload.requests.num``), the search has the engine use its compiled loop where it applies
+(:mod:`clustersim.engine.serving.solo_kernel`; numba's one-time load then pays off); the
+results are the same numbers either way.
+
 **Limiting SLO**: at the capacity, the SLO closest to its limit: the largest ratio of the
 ``attain``-quantile of the per-request metric (TTFT, TPOT, end-to-end) to its limit, or of
 the median to a p50 limit.
@@ -53,7 +59,7 @@ import numpy as np
 
 from clustersim.audit.checks import audit
 from clustersim.engine.serving.requests import Requests, make_requests
-from clustersim.engine.serving.sim import LatencyLimits, Overloaded
+from clustersim.engine.serving.sim import COMPILED_RUNS_MIN_REQUESTS, LatencyLimits, Overloaded
 from clustersim.run.serving import moe_tables, simulate_serving
 from clustersim.spec.schema import MAX_RATE, Plan
 
@@ -63,6 +69,7 @@ MAX_HALVINGS = 12  # the lowest rate probed: start / 4096
 MAX_DOUBLINGS = 40
 MAX_ROUNDS = 4  # upward restarts when 1.1 x the capacity still holds
 STEADY_SPAN = 2.0  # a sustained load: arrivals span at least this x the p99 latency
+PROBES_EXPECTED = 10  # a search's probes, typically (9-10 in BENCHMARKS.md)
 # per-request limits: target field -> per-request metric
 PER_REQUEST = {
     "ttft_ms_p99_max": "ttft",
@@ -216,6 +223,9 @@ class CapacitySearch:
             self.start_rate = spec.rate_per_s
         self.table = moe_tables(plan)
         self.limits = latency_limits(plan, attain, self.base.num)
+        # (module docstring) True: the compiled loop where it applies; None: the engine decides
+        many = self.base.num * PROBES_EXPECTED >= COMPILED_RUNS_MIN_REQUESTS
+        self.compiled_engine = True if many else None
         self.probes: dict[float, Probe] = {}
 
     def plan_at(self, rate: float) -> Plan:
@@ -238,7 +248,11 @@ class CapacitySearch:
         plan = self.plan_at(rate)
         try:
             report = simulate_serving(
-                plan, requests=self.requests_at(rate), table=self.table, limits=self.limits
+                plan,
+                requests=self.requests_at(rate),
+                table=self.table,
+                limits=self.limits,
+                compiled_engine=self.compiled_engine,
             )
         except Overloaded:
             found = Probe(rate, False, True)

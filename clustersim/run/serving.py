@@ -109,6 +109,7 @@ def simulate_serving(
     requests: Requests | None = None,
     table: MoEStepTable | dict[str, MoEStepTable | None] | None = None,
     limits: LatencyLimits | None = None,
+    compiled_engine: bool | None = None,
 ) -> ServingReport:
     """Audit and simulate serving ``plan``'s request stream.
 
@@ -117,7 +118,8 @@ def simulate_serving(
     :mod:`clustersim.analyze.serving`). ``requests`` replaces the plan's request stream
     (``clustersim replay`` of a serving trace). ``table`` and ``limits``: see
     :class:`~clustersim.engine.serving.sim.ServingSim` (``limits`` may raise
-    :class:`~clustersim.engine.serving.sim.Overloaded`).
+    :class:`~clustersim.engine.serving.sim.Overloaded`). ``compiled_engine``: see
+    ``ServingSim.compiled_engine`` (colocated deployments; None lets the engine decide).
 
     Raises :class:`EngineError` when the plan cannot be simulated (not an inference plan,
     context parallelism, an expert layout that does not fold, no memory left for the KV
@@ -134,6 +136,7 @@ def simulate_serving(
     else:
         check_serving_supported(plan, report.layout)
         sim = ServingSim(plan, requests, progress, table=table, limits=limits)
+        sim.compiled_engine = compiled_engine
     record_kv_usage(sim)
     result = sim.run()
     result.kv_usage = collect_kv_usage(sim)
