@@ -301,6 +301,42 @@ def test_megatron_bridge_rows_take_their_recipe_dispatcher():
         assert (par.moe_dispatcher, par.overlap_ep_comm) == ("alltoall", False), row_id
 
 
+def test_bridge_recipe_layout_of_16_virtual_stages():
+    """deepseek_v3.py's layout_map for (PP, VPP) = (16, 1) / (8, 2) / (4, 4): embedding + 4
+    decoder layers, 14 x 4, then 1 decoder layer with the MTP module and the loss."""
+    assert st.bridge_layout_16(61, mtp=True) == [4] * 15 + [2]
+    assert st.bridge_layout_16(61, mtp=False) == [4] * 15 + [1]
+    assert sum(st.bridge_layout_16(61, mtp=True)) == 62
+
+
+@pytest.mark.parametrize(
+    ("row_id", "capacity", "pad"),
+    [("T0128", 1.0, True), ("T0138", None, False), ("T0146", None, False)],
+)
+def test_b200_rows_run_their_recipe(row_id, capacity, pad):
+    """DGX-B200 DeepSeek-V3 rows: recompute_modules [mla_up_proj] (every release's B200
+    recipe), the recipe's 16-stage layout with the MTP module and its head, token-drop padded
+    to capacity in 25.09 (apply_moe_token_drop), dropless in 25.11 / 26.02 (the footnote)."""
+    row = next(r for r in st.moe_table() if r["row_id"] == row_id)
+    plan = st.moe_plan(row)
+    assert plan.parallel.recompute == "selective"
+    assert plan.parallel.selective_modules == ("mla_up_proj",)
+    assert plan.parallel.layers_per_stage == [4] * 15 + [2]
+    assert plan.model.mtp_layers == 1 and plan.model.num_layers == 62
+    assert plan.model.moe.capacity_factor == capacity
+    assert plan.model.moe.pad_to_capacity is pad
+
+
+def test_stated_recompute_modules_of_the_case_study_rows():
+    """T0098 / T0099's notes state Yan et al.'s case-study recompute: mlp, mla_up_proj,
+    moe_act, layernorm; Megatron-Bridge rows use the provider's fused (TE) cross-entropy."""
+    table = {r["row_id"]: r for r in st.moe_table()}
+    plan = st.moe_plan(table["T0098"])
+    assert set(plan.parallel.selective_modules) == {"mlp", "mla_up_proj", "moe_act", "layernorm"}
+    assert not plan.parallel.fused_cross_entropy
+    assert st.moe_plan(table["T0146"]).parallel.fused_cross_entropy
+
+
 def test_deepseek_tokens_per_gpu_is_tokens_over_time():
     """tokens/s/GPU = GBS x seq / iteration time / GPUs (the Megatron-Bridge definition)."""
     table = {r["row_id"]: r for r in st.moe_table()}

@@ -23,9 +23,16 @@
   clustersim would be given. :func:`setup` keeps the former assumption (batch 1, 128/64) for
   anyone who wants to rerun it.
 
-Free parameters: ``kernel.launch_us`` (eager decode rows: SGLang without graphs) and
-``kernel.graph_launch_us`` (graph rows: gpt-fast and SGLang with graphs); the
-TensorRT-LLM rows depend on ``launch_us`` (eager) but do not fit it (out of sample).
+Free parameters: ``kernel.launch_us`` (eager decode rows: SGLang without graphs),
+``kernel.graph_launch_us`` (graph rows: gpt-fast) and SGLang's per-step host time
+(``workload.requests.step_host_us``, :data:`STEP_HOST`): its bench_latency times each decode
+step from the host, and between two replays of the CUDA graph the engine prepares the next
+batch's inputs and samples eagerly (``prepare_for_decode``, the graph runner's input copies,
+the sampler), which the GPU waits for; gpt-fast compiles sampling into its step. The two
+Llama-3-8B graph rows (S0135, S0139) fit it leave-one-out; the eager SGLang rows carry the
+fitted value (they fit ``launch_us``), and DeepSeek-Coder-V2-Lite (S0143) is predicted with it
+out of sample. The TensorRT-LLM rows depend on ``launch_us`` (eager) but do not fit it (out of
+sample); their C++ runtime has no such per-step Python work (``step_host_us`` 0).
 TensorRT-LLM v0.6.1 decodes with its masked multi-head attention kernel
 (``decoderMaskedMultiheadAttention``: one thread block per query head and sequence, each
 reading its K/V head; the measured extra decode time grows with query heads x context, as
@@ -61,6 +68,9 @@ KV_BLOCK = 16  # tokens per KV-cache block (the plan default)
 LAUNCH = "kernel.launch_us"
 GRAPH_LAUNCH = "kernel.graph_launch_us"
 DECODE_L2 = "attention.decode_l2_gbps"
+# SGLang v0.3's host time per decode step outside the forward pass (a plan value,
+# ``workload.requests.step_host_us``, not a GPU calibration): fitted on the Llama-3-8B graph rows
+STEP_HOST = "sglang.step_host_us"
 GPT_FAST_FUSED = False
 
 SERVING_MODELS: dict[str, dict[str, Any]] = {
@@ -156,6 +166,9 @@ _TRT_H100_TTFT = {f"S00{n}" for n in range(82, 90)}
 _TRT_BENCH = {f"S00{n:02d}" for n in range(1, 53)}
 _GPT_FAST = {f"S01{n}" for n in range(27, 34)}
 _GRAPH_STEP = {"S0135": True, "S0137": False, "S0139": True, "S0141": False, "S0143": True}
+# the SGLang rows of a dense model with CUDA graphs: their step is the graph replay plus the
+# per-step host work, so they fit STEP_HOST; S0143 (MoE + MLA) predicts with it out of sample
+_STEP_HOST_FIT = ("S0135", "S0139")
 _METASEQ = {"S0145": False, "S0146": True}
 DUPLICATES = {
     "S0136": "S0135",
@@ -209,6 +222,7 @@ def setup(r: dict[str, str]) -> dict[str, Any]:
             "isl": 128,
             "osl": 8,
             "graphs": _GRAPH_STEP[rid],
+            "step_host": True,
         }
     if rid in _METASEQ:
         return {
@@ -274,6 +288,9 @@ def serving_plan(r: dict[str, str], values: dict[str, float] | None = None) -> P
     """The serving plan of one expressible row (a static batch arriving at t = 0)."""
     s = setup(r)
     tp = _int(r["tp"])
+    values = dict(values or {})
+    step_host_us = values.pop(STEP_HOST, 0.0) if s.get("step_host") else 0.0
+    values.pop(STEP_HOST, None)
     model = {**SERVING_MODELS[r["model"]], **_precision(r)}
     batch, isl, osl = s["batch"], s["isl"], s["osl"]
     raw: dict[str, Any] = {
@@ -283,7 +300,7 @@ def serving_plan(r: dict[str, str], values: dict[str, float] | None = None) -> P
             "gpu": s["gpu"],
             "num_nodes": 1,
             "gpus_per_node": 8,
-            "calibration": nested(_launch_pair(values or {}, s["gpu"])),
+            "calibration": nested(_launch_pair(values, s["gpu"])),
         },
         "parallel": {"tp": tp, "pp": 1, "dp": 1},
         "workload": {
@@ -301,6 +318,7 @@ def serving_plan(r: dict[str, str], values: dict[str, float] | None = None) -> P
                 "decode_attention": s.get("decode_attention", "grouped"),
                 "fused_elementwise": s.get("fused", False),
                 "gpu_memory_utilization": 0.95,
+                "step_host_us": step_host_us,
                 **({"kv_dtype": "fp8"} if _fp8_kv(r) else {}),
             },
         },
@@ -379,6 +397,8 @@ def serving_rows() -> tuple[list[E2ERow], list[Skipped]]:
         fits = s["kind"] in ("decode_ms", "decode_tok_s")
         if _rereads_kv(r, s):  # GQA decode throughput of a per-head kernel: fits its L2 rate
             param, fits = DECODE_L2, True
+        if s.get("step_host") and s["graphs"]:  # SGLang graph rows: the per-step host time
+            param, fits = STEP_HOST, r["row_id"] in _STEP_HOST_FIT
         label += f", b{s['batch']} {s['isl']}/{s['osl']}" + (" graphs" if s["graphs"] else "")
         note = "GPU assumed H100-SXM" if r["row_id"] in _GRAPH_STEP else ""
         if "FP8" in r["precision"].upper():

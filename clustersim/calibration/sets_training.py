@@ -24,6 +24,7 @@ once the schedule is in steady state (m >= 2 PP, deterministic routing, fixed le
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from typing import Any
 
@@ -32,7 +33,7 @@ from clustersim.calibration.fit_e2e import E2ERow, Skipped, nested
 from clustersim.costs.compute import model_flops_per_iteration
 from clustersim.run.simulate import simulate
 from clustersim.spec import plan_from_dict
-from clustersim.spec.schema import Plan
+from clustersim.spec.schema import RECOMPUTE_MODULES, Plan
 
 DENSE_CSV = "narayanan2021_table1.csv"
 MOE_CSV = "training_moe.csv"
@@ -385,10 +386,14 @@ DEEPSEEK_ASSUMPTION = (
     "the published 'Et|(tt|)*30mL' for PP8 x VPP4 with MTP); MTP only where the row says so "
     "(T0098/T0099 'MTP 1 layer', 'w/ MTP') or where the source's own TFLOP/s over tokens/s "
     "of the run is ~260 GFLOP/token (Megatron's count with MTP; ~250 without), else off; "
-    "approximated as one more MoE layer on the "
-    "last virtual stage, its extra output head not simulated but counted in the FLOPs "
-    "(Megatron's count: MTP layers as MoE layers, logits x (1 + MTP)); no recomputation, no "
-    "CUDA graphs; DeepEP where the row names it or, for Megatron-Bridge rows that print "
+    "one more MoE layer on the last virtual stage with its own output layer and loss "
+    "(model.mtp_layers: 1; Megatron's count: MTP layers as MoE layers, logits x (1 + MTP)); "
+    "Megatron-Bridge rows whose PP / VPP / EP are those of their release's performance "
+    "recipe (BRIDGE_PERF_RECIPES) take its selective recompute_modules and, for 16 virtual "
+    "stages, its own layout (embedding + 4, 14 x 4, 1 + MTP + loss), else no recomputation "
+    "and layout_61; the 25.11 / 26.02 rows token-dropless (their tables' footnote), 25.09 "
+    "tokendrop rows padded to capacity (apply_moe_token_drop); no CUDA graphs; DeepEP where "
+    "the row names it or, for Megatron-Bridge rows that print "
     "no dispatcher, where its performance recipe enables it (DGX-H100: DeepEP with EP "
     "all-to-all overlap; Blackwell: the all-to-all dispatcher), else the all-to-all "
     "dispatcher; EP all-to-all overlap (overlap_ep_comm) where the row or that recipe states "
@@ -585,12 +590,29 @@ def _model_key(r: dict[str, str]) -> str:
 
 
 def _deepseek_parallel(r: dict[str, str], raw: dict[str, Any]) -> None:
-    """Layout, MTP layer and dispatcher of a DeepSeek-V3 row (see DEEPSEEK_ASSUMPTION)."""
+    """Layout, MTP layer, recomputation, dropping and dispatcher of a DeepSeek-V3 row (see
+    DEEPSEEK_ASSUMPTION and :data:`BRIDGE_PERF_RECIPES`)."""
     par, mtp = raw["parallel"], has_mtp(r)
     layers = _layers(raw["model"])
-    raw["model"]["num_layers"] = layers + int(mtp)
-    split = layout_61(layers, par["pp"] * par["virtual_stages"], mtp)
+    raw["model"].update(num_layers=layers + int(mtp), mtp_layers=int(mtp))
+    recipe = bridge_perf_recipe(r)
+    stages = par["pp"] * par["virtual_stages"]
+    if recipe is not None and stages == BRIDGE_LAYOUT_STAGES:
+        split = bridge_layout_16(layers, mtp)
+    else:
+        split = layout_61(layers, stages, mtp)
     par["layers_per_stage"] = split
+    stated = stated_recompute_modules(r)
+    if recipe is not None or stated:
+        par.update(recompute="selective", recompute_modules=list(stated or recipe))
+    container = _bridge_container(r)
+    if container:  # Megatron-Bridge's DeepSeek provider: cross_entropy_fusion_impl "te"
+        par["fused_cross_entropy"] = True
+    if container in BRIDGE_DROPLESS_CONTAINERS:  # the page's footnote: token-dropless
+        raw["model"]["moe"].update(capacity_factor=None, pad_to_capacity=False)
+    elif container and r["method_or_variant"].strip() == "tokendrop":
+        # apply_moe_token_drop's defaults: capacity factor 1.0, padded to capacity
+        raw["model"]["moe"].update(capacity_factor=1.0, pad_to_capacity=True)
     recipe = _bridge_recipe(r)
     if "DeepEP" in r["dispatcher_kernel"] or recipe == "deepep+overlap":
         par["moe_dispatcher"] = "deepep"
@@ -614,6 +636,77 @@ def _bridge_recipe(r: dict[str, str]) -> str:
     return BRIDGE_RECIPE_BY_SYSTEM.get(r["gpu"].strip(), "")
 
 
+# Megatron-Bridge's DeepSeek-V3 performance recipes behind the performance-summary tables, per
+# system and NeMo container (the Megatron-Bridge release of the container): 25.09 =
+# v0.1.0rc4 (scripts/performance/run_script.py: recompute_modules per GPU), 25.11 = v0.2.0
+# and 26.02 = v0.3.0 (scripts/performance/configs/deepseek/workload_base_configs.py /
+# deepseek_workload_base_configs.py). Each entry: (PP, VPP, EP) of a recipe and its
+# recompute_modules (recompute_granularity "selective" in every recipe). A row takes them
+# only where its printed PP, VPP and EP are the recipe's (the 25.11 GB300 rows at PP 2 / EP
+# 32 and the GB200 MXFP8 row at PP 8 / EP 32 match no recipe of that release: left as before).
+BRIDGE_PERF_RECIPES: dict[tuple[str, str], dict[tuple[int, int, int], tuple[str, ...]]] = {
+    ("DGX-H100", "25.09"): {(8, 4, 64): ("mla_up_proj", "mlp")},
+    ("DGX-B200", "25.09"): {(16, 1, 8): ("mla_up_proj",)},
+    ("DGX-GB200", "25.09"): {(4, 4, 64): ("mla_up_proj",)},  # the token-drop recipe
+    ("DGX-B200", "25.11"): {(16, 1, 8): ("mla_up_proj",)},
+    ("DGX-GB200", "25.11"): {(4, 4, 64): ("mla_up_proj",)},
+    ("DGX-GB300", "25.11"): {(4, 4, 64): ("moe_act",)},
+    ("DGX-B200", "26.02"): {(16, 1, 8): ("mla_up_proj",)},
+    ("DGX-GB200", "26.02"): {(4, 4, 64): ("mla_up_proj",)},
+    ("DGX-GB300", "26.02"): {(2, 8, 32): ("mla_up_proj",), (4, 4, 64): ("moe_act",)},
+}
+# The 25.11 / 26.02 tables' footnote: "MoE benchmarks force-balance token distribution among
+# experts and are token-dropless" (25.09 labels each row dropless or tokendrop).
+BRIDGE_DROPLESS_CONTAINERS = ("25.11", "26.02")
+# The recipes' own layout for 16 virtual stages (deepseek_v3.py's layout_map for (PP, VPP) =
+# (16, 1), (8, 2), (4, 4), the same in all three releases; v0.3.0's GB300 pp_layout
+# "Et*4|(t*4|)*14tmL" is it too): embedding + 4 decoder layers, 14 x 4, 1 + MTP + loss.
+BRIDGE_LAYOUT_STAGES = 16
+
+
+def _bridge_container(r: dict[str, str]) -> str:
+    """The NeMo container of a Megatron-Bridge row ("25.09", ...; "" for other sources)."""
+    framework = r["framework"]
+    if not framework.startswith("Megatron-Bridge") or "container" not in framework:
+        return ""
+    return framework.split("container")[1].strip(" )")
+
+
+def bridge_perf_recipe(r: dict[str, str]) -> tuple[str, ...] | None:
+    """The recompute_modules of the Megatron-Bridge performance recipe row ``r`` ran (None:
+    not a Megatron-Bridge row, or no recipe of its release has its PP / VPP / EP)."""
+    recipes = BRIDGE_PERF_RECIPES.get((r["gpu"].strip(), _bridge_container(r)), {})
+    key = (_int(r["pp"], 1), _int(r["vpp"]) or 1, _int(r["ep"], 1))
+    return recipes.get(key)
+
+
+_STATED_RECOMPUTE = re.compile(r"recompute ((?:[a-z_]+/)*[a-z_]+)")
+
+
+def stated_recompute_modules(r: dict[str, str]) -> tuple[str, ...]:
+    """The selective recompute modules row ``r``'s notes state ('recompute mlp/mla_up_proj/
+    moe_act/layernorm', the case study of Yan et al. 2026 behind T0098 / T0099); () if none."""
+    found = _STATED_RECOMPUTE.search(r["notes"])
+    if found is None:
+        return ()
+    modules = tuple(found.group(1).split("/"))
+    unknown = set(modules) - set(RECOMPUTE_MODULES)
+    if unknown:
+        raise ValueError(f"row {r['row_id']}: recompute modules {sorted(unknown)} not modelled")
+    return modules
+
+
+def bridge_layout_16(num_layers: int, mtp: bool) -> list[int]:
+    """Decoder layers per virtual stage of the Megatron-Bridge recipes' 16-stage layout:
+    4 on the first (with the embedding), 4 on each of the 14 middle ones, the rest (1 of 61)
+    on the last, with the MTP layer (and the loss)."""
+    middle = 4 * (BRIDGE_LAYOUT_STAGES - 2)
+    last = num_layers - 4 - middle
+    if last < 1:
+        raise ValueError(f"{num_layers} layers do not fill the 16-stage recipe layout")
+    return [4] + [4] * (BRIDGE_LAYOUT_STAGES - 2) + [last + int(mtp)]
+
+
 def _layers(model: dict[str, Any]) -> int:
     if "num_layers" in model:
         return int(model["num_layers"])
@@ -631,11 +724,8 @@ def moe_metric(r: dict[str, str], values: dict[str, float]) -> float:
     if r["metric"] == "GPU_hours_per_trillion_tokens":
         tokens_per_gpu_s = gbs(r) * int(r["seq_len"]) / t_s / int(r["num_gpus"])
         return 1e12 / tokens_per_gpu_s / 3600
+    # Megatron's count: the MTP module (model.mtp_layers) as a layer, its logits too
     flops = model_flops_per_iteration(plan.model, gbs(r), int(r["seq_len"]))
-    if _is_deepseek(r) and has_mtp(r):  # Megatron counts the MTP head's logits too
-        flops += (
-            gbs(r) * int(r["seq_len"]) * 3 * 2.0 * plan.model.hidden_size * plan.model.vocab_size
-        )
     tflops = flops / t_s / int(r["num_gpus"]) / 1e12
     return 100 * tflops / MFU_PEAK_TFLOPS if r["metric"] == "MFU" else tflops
 

@@ -9,7 +9,9 @@ Sets (``SETS``):
 * ``fsdp``: the FSDP baselines of ``training_moe.csv`` (Liu et al. 2025), as ZeRO-3 over all
   of DP; they fit nothing;
 * ``serving``: ``serving.csv`` rows clustersim can express; eager decode rows fit
-  ``kernel.launch_us``, CUDA-graph decode rows ``kernel.graph_launch_us``; TensorRT-LLM
+  ``kernel.launch_us``, CUDA-graph decode rows ``kernel.graph_launch_us`` (gpt-fast) or
+  SGLang's per-step host time (``sglang.step_host_us``, a plan value: fitted first, the other
+  SGLang rows carry it); TensorRT-LLM
   decode-throughput rows of GQA models ``attention.decode_l2_gbps`` (the L2 re-read rate of
   its per-query-head decode kernel); the other TensorRT-LLM rows fit nothing;
 * ``kernels``: the component fits of ``fit_kernels`` (Vidur operator profiles) and
@@ -54,6 +56,8 @@ TITLES = {
 # dense plans (every kernel on the critical path, no overlap), so its two ends suffice.
 GRIDS: dict[str, tuple[float, ...]] = {
     "kernel.framework_us": (0.0, 60.0),
+    # µs; the serving step is affine in it (host time once per step), so two points are exact
+    "sglang.step_host_us": (0.0, 4000.0),
     "kernel.launch_us": (0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0, 40.0, 60.0),
     "kernel.graph_launch_us": (
         0.0,
@@ -575,7 +579,14 @@ def run_validation(
             out.append(res)
         if "serving" in wanted:
             rows, skipped = sv.serving_rows()
-            res, _ = evaluate_e2e("serving", rows, skipped, runner, fixed)
+            # SGLang's per-step host time first (its graph rows): the eager SGLang rows, which
+            # fit kernel.launch_us, and S0143 carry the fitted value
+            own = [r for r in rows if r.param == sv.STEP_HOST and r.fits]
+            serving_fixed = dict(fixed)
+            if own:
+                _, step_fits = evaluate_e2e("serving", own, [], runner, fixed)
+                serving_fixed[sv.STEP_HOST] = step_fits[sv.STEP_HOST].value
+            res, _ = evaluate_e2e("serving", rows, skipped, runner, serving_fixed)
             res.notes.append(
                 "TensorRT-LLM rows fit no parameter (out of sample by construction) except the "
                 "GQA decode-throughput rows, which fit attention.decode_l2_gbps (leave-one-out)"

@@ -306,10 +306,12 @@ def model_flops_per_iteration(
     """Model FLOPs of one training iteration (forward + backward of B sequences of length s).
 
     Megatron's per-token form: B·s·[3·sum over layers of (attention projections + phi·2·h·ffn
-    active) + 3·L·core attention + 3·2·h·V]. For a dense GPT (gelu, ffn = 4h, MHA) this is
-    Korthikanti et al. 2022 Eq. 7, 72·B·L·s·h²·(1 + s/(6h) + V/(12hL)). ``recompute="full"``
-    adds one forward of every layer (not the logits): Narayanan et al. 2021 Eq. 3,
-    96·B·s·L·h²·(1 + s/(6h) + V/(16Lh)), i.e. hardware FLOPs; ``"selective"`` adds one forward
+    active) + 3·L·core attention + 3·2·h·V·(1 + MTP)] (MTP modules are layers of
+    ``num_layers`` and each runs the output layer too, as Megatron counts them). For a dense
+    GPT (gelu, ffn = 4h, MHA) this is Korthikanti et al. 2022 Eq. 7,
+    72·B·L·s·h²·(1 + s/(6h) + V/(12hL)). ``recompute="full"`` adds one forward of every
+    layer (not the logits): Narayanan et al. 2021 Eq. 3, 96·B·s·L·h²·(1 + s/(6h) +
+    V/(16Lh)), i.e. hardware FLOPs; ``"selective"`` adds one forward
     of core attention. ``causal`` halves core attention; default (None): False for dense
     models, as the two papers count, True for MoE models, as Megatron counts. The router
     (2·h·E per token) is left out, as in Megatron.
@@ -330,5 +332,5 @@ def model_flops_per_iteration(
     core = 2.0 * seq_len * model.num_attention_heads * (qk_dim + v_dim) * (0.5 if causal else 1.0)
     per_token = (3 + extra_layers) * (model.num_layers * projections + mlp_flops)
     per_token += (3 + extra_core) * model.num_layers * core
-    per_token += 3 * 2.0 * model.hidden_size * model.vocab_size
+    per_token += 3 * 2.0 * model.hidden_size * model.vocab_size * (1 + model.mtp_layers)
     return global_batch_size * seq_len * per_token

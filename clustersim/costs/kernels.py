@@ -71,6 +71,13 @@ PERMUTE_PASSES = 2.0  # a token copy of h elements read and written once (permut
 # bf16 (read 4, write 2) = 14. Reductions and exp: the element-wise efficiency.
 CROSS_ENTROPY_FWD_BYTES = 38.0
 CROSS_ENTROPY_BWD_BYTES = 14.0
+# Transformer Engine's fused cross-entropy (Megatron-Core ``--cross-entropy-loss-fusion
+# --cross-entropy-fusion-impl te``; TE's Triton kernels, ``common/triton/cross_entropy.py``),
+# bytes per bf16 logit: the forward's online-softmax kernel reads the logits (2) and its
+# second kernel reads them again and writes the gradient in place (2 + 2); the backward
+# scales the stored gradient by the loss gradient (read 2, write 2).
+FUSED_CROSS_ENTROPY_FWD_BYTES = (2.0, 4.0)
+FUSED_CROSS_ENTROPY_BWD_BYTES = 4.0
 DEFAULT_GRAPH_BATCH_MAX = 512  # vLLM's largest captured decode batch
 # Memory-bound kernel classes, each with its fitted HBM fraction and fixed GPU time
 STREAM = "stream"  # residual adds, permutes, KV-cache writes: memory.efficiency, stream_fixed_us
@@ -98,8 +105,10 @@ class KernelTimer:
         training: bool = True,
         fp8_dispatch: bool = False,
         fused: bool = False,
+        fused_cross_entropy: bool = False,
     ):
         cal = hw.calibration
+        self.fused_cross_entropy = fused_cross_entropy
         # a compiled engine (TensorRT-LLM, torch.compile) fuses element-wise kernels into
         # their neighbours (``workload.requests.fused_elementwise``; module docstring)
         self.fused = fused
@@ -331,6 +340,31 @@ class KernelTimer:
         total = total + self._residual(tokens)
         return total + self._norm(tokens, quantised=mlp_input_fp8)
 
+    def mla_up_proj_ms(self, tokens):
+        """MLA's query and key/value up-projections with the norms of their latents and the
+        rotary embedding, as :meth:`attention_block_ms` times them: what Megatron-Core's
+        ``mla_up_proj`` selective recompute (``qkv_up_proj_and_rope_apply``) runs again in
+        the backward; 0 for a model without MLA."""
+        if self.model.mla is None:
+            return 0.0 * tokens
+        fused = self.fuse_quantise
+        total = 0.0 * tokens
+        for k, n in self._qkv:
+            if k in self._latent_norms:  # an up-projection (its input is a latent)
+                total = total + self.linear_ms(tokens, n, k, quantised=fused)
+        for width in self._latent_norms:
+            per_element = self._quantise_bytes if fused else NORM_PASSES * self.bpe
+            total = total + self.memory_ms(tokens, per_element * width, NORM)
+        return total + self.stream_ms(tokens, self.rope_bytes_per_token, elementwise=True)
+
+    def standalone_norms_ms(self, tokens, moe_layer: bool):
+        """The layer's norms that are modules of their own in Megatron-Core's Transformer
+        Engine layer specs (not fused into the next linear layer): the input norm of an MLA
+        layer and the pre-MLP norm of an MoE layer (it feeds the router and the dispatch),
+        each one norm pass; what the ``layernorm`` selective recompute runs again."""
+        count = int(self.model.mla is not None) + int(moe_layer)
+        return count * self._norm(tokens)
+
     def mlp_ms(self, tokens, ffn: float, tp: int, input_fp8: bool = False):
         """An MLP of width ``ffn`` split over ``tp``: up, activation, down, residual add;
         ``input_fp8``: its input comes quantised from the norm before it (``fuse_quantise``)."""
@@ -400,6 +434,12 @@ class KernelTimer:
         total = total + self._grouped_linear_ms(copies, h, width, groups)
         return total + permutes * self.stream_ms(copies, PERMUTE_PASSES * h * self.bpe)
 
+    def experts_activation_ms(self, copies):
+        """The routed experts' activation kernel over ``copies`` token copies (part of
+        :meth:`experts_ms`): what Megatron-Core's ``moe_act`` selective recompute runs again
+        in the backward."""
+        return self._activation(copies, self.model.ffn_hidden_size / self.etp)
+
     def _grouped_linear_ms(self, copies, n: float, k: float, groups, quantised: bool = False):
         """Stream time of a grouped linear layer over ``groups`` experts sharing ``copies``
         token rows: one grouped kernel (serving's fused MoE), or with ``per_expert_launch``
@@ -418,9 +458,18 @@ class KernelTimer:
         """Vocabulary-parallel cross-entropy over ``rows`` tokens' logits on this GPU (its
         ``vocab / tp`` columns; the two scalar all-reduces per token are not charged): the
         forward's, or with ``backward`` the backward's memory passes
-        (``CROSS_ENTROPY_FWD_BYTES`` / ``CROSS_ENTROPY_BWD_BYTES`` per logit)."""
+        (``CROSS_ENTROPY_FWD_BYTES`` / ``CROSS_ENTROPY_BWD_BYTES`` per logit; with
+        ``fused_cross_entropy`` Transformer Engine's kernels,
+        ``FUSED_CROSS_ENTROPY_FWD_BYTES`` / ``FUSED_CROSS_ENTROPY_BWD_BYTES``)."""
+        logits = self.model.vocab_size / self.tp
+        if self.fused_cross_entropy:  # Transformer Engine's kernels: two forward, one backward
+            passes = (FUSED_CROSS_ENTROPY_BWD_BYTES,) if backward else FUSED_CROSS_ENTROPY_FWD_BYTES
+            total = 0.0 * rows
+            for per_logit in passes:
+                total = total + self.stream_ms(rows, per_logit * logits, elementwise=True)
+            return total
         per_logit = CROSS_ENTROPY_BWD_BYTES if backward else CROSS_ENTROPY_FWD_BYTES
-        return self.stream_ms(rows, per_logit * self.model.vocab_size / self.tp, elementwise=True)
+        return self.stream_ms(rows, per_logit * logits, elementwise=True)
 
     # ---- core attention ------------------------------------------------------------------
     def core_attention_gpu_ms(self, flops, hbm_bytes, keys_per_query, flash: bool = True):

@@ -318,9 +318,19 @@ def layer_activation_bytes(
     expert width divides by ``etp``, so it divides by ``t`` like everything else.
 
     The scores are absent with flash attention or selective recompute; full recompute keeps
-    only the layer input, 2*sbh (/t with SP). ``seq_len_tokens`` is per GPU (already /cp).
+    only the layer input, 2*sbh (/t with SP). Selective recompute of named modules
+    (``parallel.recompute_modules``; Megatron-Core discards a recomputed module's outputs and
+    keeps its input) drops what they produce: ``mla_up_proj`` MLA's Q, K and V (the latents
+    they are recomputed from are the inputs of the up-projections), ``mlp`` a dense layer's
+    MLP intermediate (its input is counted with the layer), ``moe_act`` the experts'
+    activation output (fc2's input); ``layernorm`` is not credited (the norms' outputs are
+    the next linear layers' saved inputs). ``seq_len_tokens`` is per GPU (already /cp).
     """
     recompute = recompute or par.recompute
+    if recompute == par.recompute:
+        modules = par.selective_modules
+    else:
+        modules = ("core_attn",) if recompute == "selective" else ()
     s, b, h, t = seq_len_tokens, batch, model.hidden_size, par.tp
     sp_div = t if par.sequence_parallel else 1
     scale = DTYPE_BYTES[model.dtype] / 2
@@ -333,7 +343,7 @@ def layer_activation_bytes(
     # Replicated across TP ranks without SP: layernorm inputs 4, attention input and dropout
     # mask 1; the MLP input and dropout mask 1 are added with the MLP below.
     replicated = (5 + lin) * s * b * h
-    per_gpu = _attention_bytes_per_gpu(model, t, s * b, lin)
+    per_gpu = _attention_bytes_per_gpu(model, t, s * b, lin, "mla_up_proj" in modules)
     # bytes per token and unit of MLP width: GeLU keeps its input (2) and fc2's input (lin);
     # SwiGLU its gate and up outputs (4) and fc2's input (lin)
     per_width = (MLP_ACTIVATION_BYTES[model.activation] - 2 + lin) * s * b
@@ -341,12 +351,14 @@ def layer_activation_bytes(
     if moe is not None and model.is_moe_layer(layer):
         expert_div = t if par.sequence_parallel else par.expert_tp
         replicated += moe.top_k * (1 + lin) * s * b * h
-        per_gpu += moe.top_k * per_width * model.ffn_hidden_size / expert_div
+        expert_width = per_width - (lin * s * b if "moe_act" in modules else 0.0)
+        per_gpu += moe.top_k * expert_width * model.ffn_hidden_size / expert_div
         shared_ffn = moe.shared_expert_ffn_hidden_size or model.ffn_hidden_size
         per_gpu += per_width * moe.num_shared_experts * shared_ffn / t
     else:
         replicated += (1 + lin) * s * b * h
-        per_gpu += per_width * model.dense_ffn / t
+        if "mlp" not in modules:
+            per_gpu += per_width * model.dense_ffn / t
     per_gpu += replicated / sp_div
     if recompute == "none" and not par.flash_attention:
         per_gpu += 5 * model.num_attention_heads * s * s * b / t
@@ -383,19 +395,23 @@ def inference_layer_bytes(model: ModelSpec, par: ParallelSpec, layer: int, token
     return DTYPE_BYTES[model.dtype] * tokens * (2 * h + max(attention, mlp))
 
 
-def _attention_bytes_per_gpu(model: ModelSpec, t: int, tokens: float, lin: float = 2.0) -> float:
+def _attention_bytes_per_gpu(
+    model: ModelSpec, t: int, tokens: float, lin: float = 2.0, up_recomputed: bool = False
+) -> float:
     """Bytes of Q, K, V and the output-projection input one GPU stores for ``tokens`` (the
     projection input at ``lin`` bytes per element, the rest at 2).
 
     Q and the projection input hold a/t heads; K and V max(1, n_kv/t) heads (a GPU keeps at
-    least one K/V head); MLA expands K and V to all ``a`` heads of its own head dims. For MHA
+    least one K/V head); MLA expands K and V to all ``a`` heads of its own head dims, unless
+    ``up_recomputed`` (the ``mla_up_proj`` recompute: Q, K and V are not kept). For MHA
     this is Korthikanti's 8*sbh/t.
     """
     q_heads = model.num_attention_heads / t
     if model.mla is not None:
         qk = model.mla.qk_nope_head_dim + model.mla.qk_rope_head_dim
         v = model.mla.v_head_dim
-        return tokens * q_heads * (2 * (2 * qk + v) + lin * v)
+        kept = 0.0 if up_recomputed else 2 * (2 * qk + v)
+        return tokens * q_heads * (kept + lin * v)
     kv_heads = max(1.0, model.kv_heads / t)
     return tokens * model.head_size * (2 * (q_heads + 2 * kv_heads) + lin * q_heads)
 
@@ -460,7 +476,10 @@ def _model_stage_activation_bytes(plan: Plan, layout: Layout, stage: int, inflig
         total += inflight * scale * 2 * s * b * h / sp_div
     if stage == layout.num_stages - 1:
         held = par.num_microbatches if par.schedule == "gpipe" else 1
-        total += held * (scale * 4 * s * b * h / sp_div + 4 * s * b * model.vocab_size / par.tp)
+        heads = 1 + model.mtp_layers  # fp32 logits of the output layer and each MTP module
+        total += held * (
+            scale * 4 * s * b * h / sp_div + heads * 4 * s * b * model.vocab_size / par.tp
+        )
     return total
 
 

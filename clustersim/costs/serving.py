@@ -25,7 +25,10 @@ work:
   outputs, at the decode-attention fraction of HBM bandwidth, whichever is longer; a
   ``per_head`` decode kernel (``workload.requests.decode_attention``) reads each GQA K/V head
   once per query head, the re-reads from L2 (:meth:`KernelTimer.decode_kv_ms_per_byte`);
-* output layer: a GEMM for ``seqs`` rows (one sampled token per scheduled request);
+* output layer: a GEMM for ``seqs`` rows (one sampled token per scheduled request), plus
+  the engine's host time per step that the GPU waits for (``workload.requests.step_host_us``:
+  input preparation and sampling run eagerly between two forward passes), charged with the
+  output layer, on the last stage, once per micro-batch (once per step without pipelining);
 * TP all-reduce of the activations (``tokens * h`` elements), two per dense layer, one per
   MoE layer; replayed from a CUDA graph, the lower of the calibrated collective (its per-call
   base latency replaced by one graph launch) and NCCL's low-latency (LL) ring inside a node
@@ -139,6 +142,7 @@ class StepCosts:
     dense_layers: tuple[int, ...]  # per stage
     moe_layers: tuple[int, ...]  # per stage
     kv_rereads: float = 1.0  # reads of each cached K/V byte per decode step (per_head kernel)
+    step_host_ms: float = 0.0  # host work between steps the GPU waits for (with the logits)
 
     def timer(self, tokens: float, seqs: float) -> KernelTimer:
         """The kernel timer of a step: CUDA graphs for decode-only steps when enabled."""
@@ -160,7 +164,7 @@ class StepCosts:
         allreduce = (self.tp_allreduce_graph if graphs else self.tp_allreduce).scalar_ms(tokens)
         dense = block + float(k.dense_mlp_ms(tokens)) + 2 * allreduce
         attn = block + float(k.moe_block_ms(tokens)) + allreduce
-        logits = float(k.logits_ms(seqs))
+        logits = float(k.logits_ms(seqs)) + self.step_host_ms
         flops_per_pair = self.attn_flops_per_pair_decode if decode else self.attn_flops_per_pair
         per_pair, per_query = k.attention_ms_per_pair(flops_per_pair)
         per_kv_byte = k.decode_kv_ms_per_byte(self.kv_rereads) if decode else k.kv_ms_per_byte
@@ -242,6 +246,7 @@ def step_costs(plan: Plan, layout: Layout) -> StepCosts:
         ),
         moe_layers=tuple(layout.moe_layers_per_stage),
         kv_rereads=decode_kv_rereads(model, tp, plan.workload.requests.decode_attention),
+        step_host_ms=plan.workload.requests.step_host_us * 1e-3,
     )
 
 

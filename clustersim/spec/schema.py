@@ -161,6 +161,24 @@ class ModelSpec(_Strict):
     tie_embeddings: bool = False
     mla: MLASpec | None = Field(None, description="Latent attention instead of GQA/MHA.")
     moe: MoESpec | None = None
+    mtp_layers: int = Field(
+        0,
+        ge=0,
+        le=MAX_LAYERS,
+        description="Multi-token prediction modules (DeepSeek-V3, Megatron-Core's "
+        "mtp_num_layers), counted in num_layers as its last layers: each also runs the "
+        "output layer and loss on its own hidden states, on the last pipeline stage "
+        "(training; serving runs them as ordinary layers).",
+    )
+
+    @model_validator(mode="after")
+    def _mtp_inside(self) -> ModelSpec:
+        if self.mtp_layers >= self.num_layers:
+            raise ValueError(
+                f"mtp_layers ({self.mtp_layers}) counts the last layers of num_layers "
+                f"({self.num_layers}): it must be smaller (valid: 0 to {self.num_layers - 1})"
+            )
+        return self
 
     @property
     def kv_heads(self) -> int:
@@ -504,6 +522,10 @@ class HardwareSpec(_Strict):
         return self.num_nodes * self.gpus_per_node
 
 
+RecomputeModule = Literal["core_attn", "mla_up_proj", "mlp", "moe_act", "layernorm"]
+RECOMPUTE_MODULES: tuple[str, ...] = ("core_attn", "mla_up_proj", "mlp", "moe_act", "layernorm")
+
+
 class ParallelSpec(_Strict):
     """Parallel degrees and training-system options."""
 
@@ -530,6 +552,24 @@ class ParallelSpec(_Strict):
     sequence_parallel: bool = False
     flash_attention: bool = True
     recompute: Literal["none", "selective", "full"] = "none"
+    recompute_modules: list[RecomputeModule] | None = Field(
+        None,
+        max_length=len(RECOMPUTE_MODULES),
+        description="Megatron-Core's selective recompute (--recompute-modules), used with "
+        "recompute: selective only (as Megatron ignores it under other granularities): the "
+        "modules whose forward the backward runs again. core_attn: core attention; "
+        "mla_up_proj: MLA's query and key/value up-projections with their latent norms and "
+        "the rotary embedding; mlp: a dense layer's MLP; moe_act: the routed experts' "
+        "activation; layernorm: the norms that are modules of their own (MLA's input norm, "
+        "an MoE layer's pre-MLP norm). Default: [core_attn], Megatron's default.",
+    )
+    fused_cross_entropy: bool = Field(
+        False,
+        description="Transformer Engine's fused cross-entropy (Megatron-Core "
+        "--cross-entropy-loss-fusion --cross-entropy-fusion-impl te): the loss reads the "
+        "logits twice and writes their gradient in its forward, the backward scales it "
+        "(10 bytes per logit); default: Megatron's unfused vocab-parallel loss (52).",
+    )
     distributed_optimizer: bool = Field(
         False, description="Megatron's distributed optimizer: an alias of dp_sharding: optimizer."
     )
@@ -641,6 +681,17 @@ class ParallelSpec(_Strict):
                     f"dp_shard_group ({self.dp_shard_group}) must divide dp ({self.dp})"
                 )
         return self
+
+    @property
+    def selective_modules(self) -> tuple[str, ...]:
+        """Modules a selective recompute runs again in the backward (``recompute_modules``,
+        default core attention); none under ``recompute`` none or full (full recomputes the
+        whole layer)."""
+        if self.recompute != "selective":
+            return ()
+        if self.recompute_modules is None:
+            return ("core_attn",)
+        return tuple(dict.fromkeys(self.recompute_modules))
 
     @property
     def sharding(self) -> Literal["none", "optimizer", "gradients", "full"]:
@@ -810,6 +861,16 @@ class RequestsSpec(_Strict):
         "projection's epilogue, each FP8 quantise into the kernel producing its input, the "
         "residual add into the next norm, the rotary embedding into the KV-cache write; "
         "false: one kernel each (vLLM-style layers).",
+    )
+    step_host_us: float = Field(
+        0.0,
+        ge=0,
+        le=MAX_TIME_US,
+        description="Host time per engine step that the GPU waits for: work the engine runs "
+        "eagerly between two forward passes (input preparation, sampling, scheduling), "
+        "outside any CUDA graph and not overlapped with the GPU (e.g. SGLang's bench_latency "
+        "of v0.3; VALIDATION.md gives the fitted value); 0: none or hidden (an overlap "
+        "scheduler, a compiled step).",
     )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Share of GPU memory for weights, activations and KV cache."
@@ -1033,6 +1094,16 @@ class Plan(_Strict):
                     "its limits up to workload.requests"
                 )
         return workload
+
+    @model_validator(mode="after")
+    def _recompute_modules_exist(self) -> Plan:
+        if "mla_up_proj" in self.parallel.selective_modules and self.model.mla is None:
+            raise ValueError(
+                "parallel.recompute_modules: mla_up_proj recomputes MLA's up-projections; "
+                f"model {self.model.name} has no model.mla (valid: core_attn, mlp, moe_act, "
+                "layernorm)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fp8_supported(self) -> Plan:

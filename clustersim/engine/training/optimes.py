@@ -8,8 +8,9 @@ Per layer and direction the lane (a TP group in lockstep) runs:
 attention block (QKV, core attention, output projection; plus router and shared experts in an
 MoE layer), the dense MLP or the routed experts, and two TP collectives (all-reduce, or
 all-gather + reduce-scatter with sequence parallelism), all timed analytically.
-Backward = 2 x forward compute; recompute adds the forward again (full) or the core attention
-forward (selective) to the backward. Communication volumes of the backward equal the forward's.
+Backward = 2 x forward compute; recompute adds the forward again (full) or, selective, the
+forward of ``parallel.recompute_modules`` (default: core attention) to the backward.
+Communication volumes of the backward equal the forward's.
 A backward split into input and weight gradients (DualPipe's B and W) gives W the forward time
 of the weighted ops (a weight-gradient GEMM has the forward's shape) and B the rest.
 """
@@ -125,10 +126,8 @@ class MicrobatchCosts:
         extra_comm = 0.0
         if recompute == "full":  # the forward again, TP collectives included
             extra, extra_comm = attn + mlp, tp_comm  # experts: added per rank by the engine
-        elif recompute == "selective":
-            extra = self._core_attention_ms
-        else:
-            extra = 0.0
+        else:  # selective: the forward of the named modules (none: nothing)
+            extra = self._selective_ms(moe_layer, mlp)
         ring = self._ring if self._cp > 1 else None
         weights = attn - self._core_attention_ms + mlp
         return LayerTimes(
@@ -143,6 +142,23 @@ class MicrobatchCosts:
             core_bwd_ratio=self._core_bwd_ratio,
             weights_ms=weights,
         )
+
+    def _selective_ms(self, moe_layer: bool, mlp_ms: float) -> float:
+        """Forward time the backward of one layer runs again under selective recompute
+        (``parallel.recompute_modules``, default core attention) on the attention lane: core
+        attention, MLA's up-projections (``mla_up_proj``), a dense layer's MLP (``mlp``; an
+        MoE layer's experts are not an MLP module), the norms that are modules of their own
+        (``layernorm``). The experts' activation (``moe_act``) is
+        added per rank with the experts' own times (:meth:`ExpertTimer.recompute_ms`)."""
+        modules = self.plan.parallel.selective_modules
+        extra = self._core_attention_ms if "core_attn" in modules else 0.0
+        if "mla_up_proj" in modules:
+            extra += float(self._kernels.mla_up_proj_ms(self.tokens))
+        if "mlp" in modules and not moe_layer:
+            extra += mlp_ms
+        if "layernorm" in modules:
+            extra += float(self._kernels.standalone_norms_ms(self.tokens, moe_layer))
+        return extra
 
     @property
     def _core_bwd_ratio(self) -> float:
@@ -179,23 +195,30 @@ class MicrobatchCosts:
         """Times of an MoE layer (experts excluded)."""
         return self._layer(moe_layer=True)
 
+    @property
+    def _heads(self) -> int:
+        """Output layers run on the last stage: the model's, and one per MTP module
+        (``model.mtp_layers``: each computes the logits and loss of its own hidden states)."""
+        return 1 + self.plan.model.mtp_layers
+
     @cached_property
     def logits_fwd_ms(self) -> float:
         """Output layer (logits GEMM and cross-entropy loss) forward on the last stage."""
         k = self._kernels
-        return float(k.logits_ms(self.tokens)) + float(k.cross_entropy_ms(self.tokens))
+        one = float(k.logits_ms(self.tokens)) + float(k.cross_entropy_ms(self.tokens))
+        return self._heads * one
 
     @cached_property
     def logits_bwd_ms(self) -> float:
         """Output layer backward: the loss's backward, then two GEMMs per forward GEMM."""
         k = self._kernels
         gemms = cc.BACKWARD_FACTOR * float(k.logits_ms(self.tokens))
-        return gemms + float(k.cross_entropy_ms(self.tokens, backward=True))
+        return self._heads * (gemms + float(k.cross_entropy_ms(self.tokens, backward=True)))
 
     @cached_property
     def logits_weights_ms(self) -> float:
         """The output layer's weight-gradient GEMM (DualPipe's W share of its backward)."""
-        return float(self._kernels.logits_ms(self.tokens))
+        return self._heads * float(self._kernels.logits_ms(self.tokens))
 
     @cached_property
     def p2p_bytes(self) -> float:
@@ -217,6 +240,7 @@ def kernel_timer(plan: Plan, graphs: bool = False) -> KernelTimer:
         training=plan.workload.mode == "training",
         fp8_dispatch=par.moe_dispatcher == "deepep",
         fused=plan.workload.mode == "inference" and plan.workload.requests.fused_elementwise,
+        fused_cross_entropy=par.fused_cross_entropy,
     )
 
 
@@ -235,6 +259,8 @@ class ExpertTimer:
 
     def __init__(self, plan: Plan, graphs: bool = False, sync: bool = True):
         self.kernels = kernel_timer(plan, graphs)
+        # Megatron-Core's ``moe_act`` selective recompute: the activation runs again
+        self.recompute_act = "moe_act" in plan.parallel.selective_modules
         moe = plan.model.moe
         # sync also marks Megatron-Core's training dispatcher (serving engines fuse the sort):
         # copies from several sources (EP x ETP ranks) re-sorted for several local experts
@@ -256,6 +282,14 @@ class ExpertTimer:
     def compute_ms(self, tokens: np.ndarray, active_experts: np.ndarray) -> np.ndarray:
         """Forward kernel time of each rank's experts (no synchronisation)."""
         ms = self.kernels.experts_ms(tokens, active_experts, self.chunk_sort)
+        return np.where(tokens > 0, ms, 0.0)
+
+    def recompute_ms(self, tokens: np.ndarray) -> np.ndarray:
+        """Forward time each rank's backward runs again under selective recompute: the
+        experts' activation with ``moe_act``, else nothing."""
+        if not self.recompute_act:
+            return np.zeros_like(np.asarray(tokens, dtype=float))
+        ms = self.kernels.experts_activation_ms(tokens)
         return np.where(tokens > 0, ms, 0.0)
 
     def forward_ms(self, tokens: np.ndarray, active_experts: np.ndarray) -> np.ndarray:

@@ -1039,19 +1039,22 @@ class TrainingSim:
         rank_ms = timer.compute_ms(received, active)
         full = self.par.recompute == "full"
         factor = BACKWARD_FACTOR + (1.0 if full else 0.0)
+        # selective recompute of the experts' activation (moe_act): its forward again
+        rank_bwd = rank_ms * factor + timer.recompute_ms(received)
         # the dropless synchronisation: once per forward pass (a full recompute is one more)
         sync = np.where(received > 0, timer.sync_ms, 0.0)
         if tp == 1:
-            fwd, bwd = rank_ms + sync, rank_ms * factor + (sync if full else 0.0)
+            fwd, bwd = rank_ms + sync, rank_bwd + (sync if full else 0.0)
             weights, idle = rank_ms, None
         else:
             fwd_compute = rank_ms.reshape(m, lanes, tp).max(axis=2)
+            bwd_compute = rank_bwd.reshape(m, lanes, tp).max(axis=2)
             lane_sync = sync.reshape(m, lanes, tp).max(axis=2)
             fwd = fwd_compute + lane_sync
-            bwd = fwd_compute * factor + (lane_sync if full else 0.0)
+            bwd = bwd_compute + (lane_sync if full else 0.0)
             weights = fwd_compute
             idle = (np.repeat(fwd_compute, tp, axis=1) - rank_ms).sum(axis=0)
-            idle += (np.repeat(fwd_compute * factor, tp, axis=1) - rank_ms * factor).sum(axis=0)
+            idle += (np.repeat(bwd_compute, tp, axis=1) - rank_bwd).sum(axis=0)
         etp_ms = None
         if etp > 1:
             sizes = received.reshape(m, lanes, tp).max(axis=2) * self._act_bytes
