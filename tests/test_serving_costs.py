@@ -29,9 +29,12 @@ def test_step_parts_are_the_layer_kernels_and_collectives(tokens):
         want_allreduce += (
             hw.calibration.kernel.graph_launch_us - coll.intra_node_base_latency_us
         ) * 1e-3
-        # or NCCL's LL ring: 6.6 us + 0.6 us per step, 2(n-1)/n S at half the bus bandwidth
-        bus = hw.intra_node.bandwidth_gbps * hw.calibration.collectives.intra_node_efficiency
-        ll = (6.6 + 2 * 0.6) * 1e-3 + 1 * tokens * 4096 * 2 / (0.5 * bus * 1e6)
+        # or NCCL's LL ring: 6.6 us + 0.6 us per step (times the calibrated step-latency
+        # scale), 2(n-1)/n S at half the bus bandwidth
+        bus = hw.intra_node.bandwidth_gbps * coll.intra_node_efficiency
+        ll = (6.6 + 2 * 0.6 * coll.intra_node_step_latency_scale) * 1e-3 + 1 * tokens * 4096 * 2 / (
+            0.5 * bus * 1e6
+        )
         want_allreduce = min(want_allreduce, ll)
     assert allreduce == pytest.approx(want_allreduce, rel=1e-9)
     # the KV-cache write: the new keys and values read and written once, a plain stream
@@ -156,13 +159,15 @@ def test_expert_tp_folding_conserves_serving_expert_work(tokens):
 @pytest.mark.parametrize("tp", [2, 4, 8])
 def test_graph_allreduce_uses_the_low_latency_protocol_for_small_messages(tp):
     """A decode step's TP all-reduce replayed from a CUDA graph: NCCL's LL ring latency
-    (6.6 us + 2(n-1) x 0.6 us, hand-computed) when it beats the calibrated Simple-protocol
-    model, never slower than the eager collective, and non-decreasing in the message."""
+    (6.6 us + 2(n-1) x 0.6 us x the calibrated step-latency scale, hand-computed) when it
+    beats the calibrated Simple-protocol model, never slower than the eager collective, and
+    non-decreasing in the message."""
     plan = make_plan(DENSE, hardware={"gpus_per_node": 8}, parallel={"tp": tp})
     costs = step_costs(plan, Layout(plan))
     hw, h = plan.hardware, plan.model.hidden_size
     ranks = list(range(tp))
-    latency_us = 6.6 + 2 * (tp - 1) * 0.6
+    scale = hw.calibration.collectives.intra_node_step_latency_scale
+    latency_us = 6.6 + 2 * (tp - 1) * 0.6 * scale
     bus_gbps = 0.5 * hw.intra_node.bandwidth_gbps * hw.calibration.collectives.intra_node_efficiency
     previous = 0.0
     for tokens in (1, 8, 64, 512):

@@ -321,7 +321,7 @@ def low_latency_all_reduce_ms(
 ) -> float:
     """All-reduce of a small message inside one node replayed from a CUDA graph, with the
     low-latency protocol serving engines use for TP activations (NCCL's LL ring, or a custom
-    all-reduce at least as fast): ``6.6 + 2(n-1) * 0.6`` µs of GPU-side latency plus
+    all-reduce at least as fast): ``6.6 + 2(n-1) * 0.6 * collectives.intra_node_step_latency_scale`` µs of GPU-side latency plus
     ``2(n-1)/n * S`` at half the calibrated NVLink bus bandwidth. Infinite (not applicable)
     for a group that spans nodes; 0 for one GPU."""
     n = len(ranks)
@@ -331,7 +331,9 @@ def low_latency_all_reduce_ms(
         return float("inf")
     bus_gbps = link_for_group(ranks, gpus_per_node, hw).bandwidth_gbps * LL_BANDWIDTH_SHARE
     steps = 2 * (n - 1)
-    return (LL_BASE_US + steps * LL_STEP_US) * 1e-3 + steps / n * size_bytes / (bus_gbps * 1e6)
+    # the same calibrated per-step latency as the ring model (costs.comm.intra_ring_ms)
+    step_us = LL_STEP_US * hw.calibration.collectives.intra_node_step_latency_scale
+    return (LL_BASE_US + steps * step_us) * 1e-3 + steps / n * size_bytes / (bus_gbps * 1e6)
 
 
 def decode_flops_per_pair(model: ModelSpec, tp: int) -> float:
