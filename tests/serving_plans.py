@@ -73,9 +73,12 @@ def _gemm_gpu_ms(plan: Plan, m: float, n: float, k: float) -> float:
     return max(compute, memory) * 1e3 + cal.kernel.fixed_us * 1e-3
 
 
-def _stream_gpu_ms(plan: Plan, nbytes: float, kind: str = "stream") -> float:
+def _stream_gpu_ms(plan: Plan, nbytes: float, kind: str = "stream", row_bytes=0.0) -> float:
     """A memory-bound kernel of class ``kind``: plain stream (add, cache write), norm, or
-    element-wise (rotary, activation): bytes / (HBM x its efficiency) + its fixed time."""
+    element-wise (rotary, activation): bytes / (HBM x its efficiency) + its fixed time; a
+    stream or norm whose bytes fit in L2 (``l2_mb``) at ``l2_speedup`` x that rate; an
+    element-wise kernel of one thread block per token row at least ``row_bytes`` at one
+    block's ``row_gbps``."""
     hw, cal = plan.hardware, plan.hardware.calibration
     mem, kern = cal.memory, cal.kernel
     mu, fixed_us = {
@@ -83,7 +86,12 @@ def _stream_gpu_ms(plan: Plan, nbytes: float, kind: str = "stream") -> float:
         "norm": (mem.norm_efficiency, kern.norm_fixed_us),
         "elementwise": (mem.elementwise_efficiency, kern.fixed_us),
     }[kind]
-    return nbytes / (hw.hbm_bandwidth_gbps * 1e9 * mu) * 1e3 + fixed_us * 1e-3
+    if kind != "elementwise" and mem.l2_mb is not None and nbytes <= mem.l2_mb * 1e6:
+        mu *= mem.l2_speedup
+    move_ms = nbytes / (hw.hbm_bandwidth_gbps * 1e9 * mu) * 1e3
+    if kind == "elementwise" and mem.row_gbps is not None:
+        move_ms = max(move_ms, row_bytes / (mem.row_gbps * 1e9) * 1e3)
+    return move_ms + fixed_us * 1e-3
 
 
 def layer_ms(plan: Plan, new_tokens: int, context: int, graphs: bool = False) -> float:
@@ -101,20 +109,24 @@ def layer_ms(plan: Plan, new_tokens: int, context: int, graphs: bool = False) ->
 
     norm = kern(_stream_gpu_ms(plan, n * 2 * h * 2, "norm"))
     residual = kern(_stream_gpu_ms(plan, n * 3 * h * 2))
-    rope = kern(_stream_gpu_ms(plan, n * 2 * (heads + kv_heads) * d * 2, "elementwise"))
+    rope_row = 2 * (heads + kv_heads) * d * 2  # one thread block per token
+    rope = kern(_stream_gpu_ms(plan, n * rope_row, "elementwise", rope_row))
     cache_write = kern(_stream_gpu_ms(plan, n * 2 * kv_bytes_per_token_layer(model, 1)))
     qkv = kern(_gemm_gpu_ms(plan, n, (heads + 2 * kv_heads) * d, h))
     out = kern(_gemm_gpu_ms(plan, n, h, heads * d))
     up = kern(_gemm_gpu_ms(plan, n, 2 * ffn, h))
-    act = kern(_stream_gpu_ms(plan, n * 3 * ffn * 2, "elementwise"))
+    act = kern(_stream_gpu_ms(plan, n * 3 * ffn * 2, "elementwise", 3 * ffn * 2))
     down = kern(_gemm_gpu_ms(plan, n, h, ffn))
     pairs = n * context + n * (n + 1) / 2  # causal: each new token sees the context and itself
-    # FlashAttention: each query row costs half_seq pairs more (efficiency s / (s + half))
-    attn_flops = 2 * (pairs + cal.attention.half_seq * n) * heads * 2 * d
+    # FlashAttention: each query row costs half_seq pairs more (efficiency s / (s + half));
+    # each pair and head its 4d FLOPs and one exp at the special-function rate
+    attn_pairs = (pairs + cal.attention.half_seq * n) * heads
     attn_rate = hw.peak_tflops * 1e12 * cal.attention.efficiency
+    exp_s = attn_pairs / (cal.attention.exp_tflops * 1e12)
     kv_bytes = (context + n) * kv_bytes_per_token_layer(model, 1) + n * heads * 2 * d * 2
     kv_rate = hw.hbm_bandwidth_gbps * 1e9 * cal.attention.decode_memory_efficiency
-    core = kern(max(attn_flops / attn_rate, kv_bytes / kv_rate) * 1e3 + cal.kernel.fixed_us * 1e-3)
+    attn_s = attn_pairs * 4 * d / attn_rate + exp_s
+    core = kern(max(attn_s, kv_bytes / kv_rate) * 1e3 + cal.kernel.fixed_us * 1e-3)
     return 2 * norm + 2 * residual + rope + cache_write + qkv + out + up + act + down + core
 
 

@@ -65,14 +65,17 @@ def make_plan(parallel: dict, moe: dict | None = None, generation: str = "h100",
 @given(st.sampled_from(GENERATIONS), st.integers(1, 1 << 20))
 def test_permute_time_is_bytes_over_stream_bandwidth(generation, copies):
     """A permute (and each chunk sort) reads and writes every token copy once:
-    ``2 h bytes / (memory.efficiency x HBM)`` of GPU time plus the stream kernels' fixed time,
-    issued as one kernel (the GPU's kernel-to-kernel gap inside the host launch's shadow). The
-    chunk sort adds exactly two such kernels to the experts."""
+    ``2 h bytes / (memory.efficiency x HBM)`` of GPU time (``memory.l2_speedup`` x faster
+    when the bytes fit in the L2 cache) plus the stream kernels' fixed time, issued as one
+    kernel (the GPU's kernel-to-kernel gap inside the host launch's shadow). The chunk sort
+    adds exactly two such kernels to the experts."""
     plan = make_plan({"dp": 4, "ep": 4})
     hw = plan.hardware
     k = KernelTimer(plan.model, hw)
     nbytes = copies * PERMUTE_PASSES * MOE["hidden_size"] * 2  # bf16
-    gpu_ms = nbytes / (hw.hbm_bandwidth_gbps * 1e9 * hw.calibration.memory.efficiency) * 1e3
+    mem = hw.calibration.memory
+    speedup = mem.l2_speedup if nbytes <= mem.l2_mb * 1e6 else 1.0
+    gpu_ms = nbytes / (hw.hbm_bandwidth_gbps * 1e9 * mem.efficiency * speedup) * 1e3
     cal = hw.calibration.kernel
     gpu_ms += cal.stream_fixed_us * 1e-3
     one = max(gpu_ms + cal.graph_launch_us * 1e-3, cal.launch_us * 1e-3) + cal.framework_us * 1e-3

@@ -20,13 +20,16 @@ from clustersim.spec.errors import PlanError
 TOKENS = 4096
 PEAK_TFLOPS, HBM_GBPS = 1000.0, 4000.0
 GEMM_EFF, STREAM_EFF, ELEM_EFF, NORM_EFF = 0.8, 0.9, 0.6, 0.5
-# no shape loss (half_dim 0), no fixed GPU time, no host or kernel-to-kernel time
+# no shape loss (half_dim 0), no fixed GPU time, no host or kernel-to-kernel time, no L2
+# factor and no per-row floor of memory-bound kernels
 CALIBRATION = {
     "gemm": {"efficiency": GEMM_EFF, "half_dim": 0.0, "memory_efficiency": 1.0},
     "memory": {
         "efficiency": STREAM_EFF,
         "elementwise_efficiency": ELEM_EFF,
         "norm_efficiency": NORM_EFF,
+        "l2_mb": None,
+        "row_gbps": None,
     },
     "kernel": {
         "fixed_us": 0.0,

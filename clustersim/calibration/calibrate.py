@@ -8,6 +8,8 @@ For each GPU generation with a packaged data file (``clustersim/spec/calibration
   decode-attention kernel streams the KV cache in long contiguous blocks, like the residual
   adds, not a GEMM's weight tiles; no decode-attention measurement of its own);
 * ``h200``, ``h800``, ``b200``: derived from ``h100`` (``DERIVED``), no measurements of their own;
+  ``memory.l2_mb`` and ``attention.exp_tflops`` are each generation's own (L2 size,
+  special-function rate: ``fit_kernels.L2_CACHE_MB``, ``fit_attention.EXP_TFLOPS``, stated);
 * every generation: ``fit_comm.fit(generation)`` returns a dict of sections
   (``{"collectives": {...}, "moe": {...}}``; empty: nothing fitted) and may add ``"source"``:
   a string for the file's notes. Fields no fitter returns keep the data file's current values;
@@ -71,6 +73,8 @@ KERNEL_FIELDS = (
     "gemm.memory_efficiency",
     "memory.elementwise_efficiency",
     "memory.norm_efficiency",
+    "memory.l2_speedup",
+    "memory.row_gbps",
     "kernel.fixed_us",
     "kernel.norm_fixed_us",
     "kernel.stream_fixed_us",
@@ -306,6 +310,9 @@ def calibrate(
             kernel, attention = fitted(source)
             _set(data, kernel.values)
             _set(data, attention.values)
+            # the L2 size and the exp rate are the generation's own (stated), not its source's
+            data["memory"]["l2_mb"] = fit_kernels.L2_CACHE_MB[g]
+            data["attention"]["exp_tflops"] = fit_attention.EXP_TFLOPS[g]
             data["attention"]["decode_memory_efficiency"] = kernel.values["memory.efficiency"]
             if g == source:
                 result.kernel_fit, result.attention_fit = kernel, attention
@@ -403,6 +410,10 @@ def print_results(results: list[GenerationResult]) -> None:
                         err = r.attention_fit.backward.errors
                     else:
                         err = att.get("all")
+                elif dotted == "memory.l2_mb":
+                    origin = "stated (L2 cache size)"
+                elif dotted == "attention.exp_tflops":
+                    origin = "stated (exp rate)"
                 elif dotted in r.comm_fields:
                     origin = "fit_comm"
                 else:

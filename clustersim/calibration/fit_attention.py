@@ -13,8 +13,11 @@ So the achieved rate is ``peak * efficiency * s / (s + half_seq)`` for ``s`` key
 whatever the batch: the benchmarks keep
 ``batch * seq = 16k``, so short sequences come with large batches and ``half_seq`` measures
 the loss of short queries at a full GPU, not a single short request's latency. Causal and
-non-causal rows are fitted together; the simulator has no head-dimension term, so the three
-head dimensions (64, 128, 256) share one curve (their spread is the main error).
+non-causal rows are fitted together. The head dimension enters through the softmax: each
+query-key pair of a head costs one exp at the GPU's special-function rate
+``attention.exp_tflops`` (:data:`EXP_TFLOPS`, stated, not fitted) on top of its ``4 d`` matmul
+FLOPs, so small heads reach a lower share of peak (FA3 H100, 16k non-causal: 497 / 648
+TFLOP/s for head dims 64 / 128); each row is priced on a model of its head dimension.
 
 Least squares on log time over ``efficiency`` and ``half_seq``; out-of-sample errors leave
 one (head dimension, causal) panel out and refit. A100 has three FlashAttention-2 rows at
@@ -80,6 +83,11 @@ PARAMS = (
     Param("attention.half_seq", "positive", 256.0),
 )
 ROUNDING = {"attention.efficiency": 4, "attention.half_seq": 1}
+# Special-function (exp) rate, 10^12 per second: SMs x 16 SFU results per clock x boost clock.
+# A100: 108 x 16 x 1.41 GHz; H100 SXM5: 3.9 (FlashAttention-3 paper, arXiv:2407.08608 §3.1:
+# "989 TFLOPS of FP16 matmul but only 3.9 TFLOPS of special functions"); H200 / H800: the same
+# die; B200: H100's rate per SM and clock over 148 SMs (no Blackwell measurement).
+EXP_TFLOPS = {"a100": 2.44, "h100": 3.9, "h200": 3.9, "h800": 3.9, "b200": 4.37}
 BYTES_PER_ELEMENT = 2  # FP16/BF16
 
 
@@ -92,6 +100,7 @@ class AttentionRows:
     kernel: str
     row_id: np.ndarray
     panel: np.ndarray  # "hd128 causal", ...
+    head_dim: np.ndarray
     flops: np.ndarray
     hbm_bytes: np.ndarray
     query_len: np.ndarray
@@ -101,22 +110,31 @@ class AttentionRows:
         """The rows where ``mask`` holds."""
         arrays = {
             f: getattr(self, f)[mask]
-            for f in ("row_id", "panel", "flops", "hbm_bytes", "query_len", "measured_ms")
+            for f in ("row_id", "panel", "head_dim", "flops", "hbm_bytes", "query_len")
+            + ("measured_ms",)
         }
         return AttentionRows(self.generation, self.source, self.kernel, **arrays)
 
     def predict_ms(self, cal: CalibrationSpec) -> np.ndarray:
-        """KernelTimer's GPU time of every row under ``cal``."""
-        model = ModelSpec(
-            num_layers=1,
-            hidden_size=2048,
-            num_attention_heads=16,
-            ffn_hidden_size=8192,
-            vocab_size=32000,
-            dtype="bf16",
-        )
-        timer = KernelTimer(model, hardware(self.generation, cal))
-        return timer.core_attention_gpu_ms(self.flops, self.hbm_bytes, self.query_len)
+        """KernelTimer's GPU time of every row under ``cal`` (a model of the row's head
+        dimension: 16 heads)."""
+        out = np.empty(self.flops.size)
+        hw = hardware(self.generation, cal)
+        for hd in dict.fromkeys(self.head_dim.tolist()):
+            model = ModelSpec(
+                num_layers=1,
+                hidden_size=16 * int(hd),
+                num_attention_heads=16,
+                ffn_hidden_size=64 * int(hd),
+                vocab_size=32000,
+                dtype="bf16",
+            )
+            rows = self.head_dim == hd
+            timer = KernelTimer(model, hw)
+            out[rows] = timer.core_attention_gpu_ms(
+                self.flops[rows], self.hbm_bytes[rows], self.query_len[rows]
+            )
+        return out
 
 
 def load_rows(
@@ -133,7 +151,7 @@ def load_rows(
     rows = read_measurements(CSV_NAME, folder)
     require_columns(rows, COLUMNS, source)
     kernel, gpu = selection or SELECTION[generation]
-    out: dict[str, list] = {k: [] for k in ("id", "panel", "flops", "bytes", "q", "ms")}
+    out: dict[str, list] = {k: [] for k in ("id", "panel", "hd", "flops", "bytes", "q", "ms")}
     for line, row in enumerate(rows, start=2):
         per_shape = all(row[c].strip() for c in ("head_dim", "seq_len", "batch_size", "num_heads"))
         if not (
@@ -152,6 +170,7 @@ def load_rows(
         flops = 4.0 * b * s * s * hd * heads * (0.5 if causal else 1.0)
         out["id"].append(row["row_id"])
         out["panel"].append(f"hd{int(hd)} {'causal' if causal else 'non-causal'}")
+        out["hd"].append(hd)
         out["flops"].append(flops)
         out["bytes"].append(4.0 * b * s * heads * hd * BYTES_PER_ELEMENT)
         out["q"].append((s + 1) / 2 if causal else s)  # keys per query, as the engine passes
@@ -160,7 +179,16 @@ def load_rows(
         raise PlanError(source, f"no forward FP16/BF16 {kernel} rows for {gpu}")
     a = {k: np.array(v) for k, v in out.items()}
     return AttentionRows(
-        generation, source, kernel, a["id"], a["panel"], a["flops"], a["bytes"], a["q"], a["ms"]
+        generation,
+        source,
+        kernel,
+        a["id"],
+        a["panel"],
+        a["hd"],
+        a["flops"],
+        a["bytes"],
+        a["q"],
+        a["ms"],
     )
 
 
@@ -168,16 +196,19 @@ def fit_values(
     rows: AttentionRows, cal: CalibrationSpec, half_seq: float | None = None
 ) -> dict[str, float]:
     """Fitted ``attention.efficiency`` and ``attention.half_seq`` (rounded); with
-    ``half_seq`` given, only the efficiency is fitted."""
+    ``half_seq`` given, only the efficiency is fitted. The stated ``attention.exp_tflops``
+    of ``rows``' generation is among the values."""
     log_measured = np.log(rows.measured_ms)
-    fixed = {} if half_seq is None else {"attention.half_seq": half_seq}
+    fixed = {"attention.exp_tflops": EXP_TFLOPS[rows.generation]}
+    if half_seq is not None:
+        fixed["attention.half_seq"] = half_seq
     params = PARAMS if half_seq is None else PARAMS[:1]
 
     def residuals(values: dict[str, float]) -> np.ndarray:
         return np.log(rows.predict_ms(with_values(cal, {**values, **fixed}))) - log_measured
 
     values = {**least_squares(residuals, params), **fixed}
-    return {k: round(v, ROUNDING[k]) for k, v in values.items()}
+    return {k: round(v, ROUNDING.get(k, 4)) for k, v in values.items()}
 
 
 @dataclass

@@ -16,11 +16,15 @@ run:
 
 One step per kernel class, each a least-squares fit on log time of its own operators, two
 parameters (an HBM fraction and a fixed GPU time: ``time = bytes / (HBM * mu) + fixed``) per
-memory-bound class: ``memory.elementwise_efficiency`` and ``kernel.fixed_us`` on rotary
-embedding and activation; ``memory.norm_efficiency`` and ``kernel.norm_fixed_us`` on the two
-norms (row reductions); ``memory.efficiency`` and ``kernel.stream_fixed_us`` on the residual
-adds (plain streams; Vidur's times have 1 µs resolution, which bounds the relative error of
-the smallest adds);
+memory-bound class and one more each for the element-wise kernels and the norms:
+``memory.elementwise_efficiency``, ``kernel.fixed_us`` and one thread block's rate
+``memory.row_gbps`` (a floor of one token row's bytes: vLLM runs these kernels one block per
+token) on rotary embedding and activation; ``memory.norm_efficiency``,
+``kernel.norm_fixed_us`` and the L2 rate factor ``memory.l2_speedup`` on the two norms (row
+reductions; a norm whose bytes fit in the L2 cache, ``memory.l2_mb`` = :data:`L2_CACHE_MB`,
+moves them ``l2_speedup`` times faster); ``memory.efficiency`` and ``kernel.stream_fixed_us``
+on the residual adds (plain streams, the same L2 factor; Vidur's times have 1 µs resolution,
+which bounds the relative error of the smallest adds);
 ``gemm.memory_efficiency`` measured directly as the HBM fraction one-token GEMMs reach reading
 their weights (it would otherwise trade off against the shape parameter); ``gemm.efficiency``
 and ``gemm.half_dim`` by least squares on the GEMMs. Out-of-sample errors:
@@ -84,6 +88,11 @@ CONFIG_COLUMNS = (
 # GPUs profiled by Vidur, and the preset giving their peak FLOP/s and HBM bandwidth.
 FIT_PRESETS = {"a100": "A100-80GB", "h100": "H100-SXM"}
 VIDUR_DTYPE = "fp16"  # Vidur profiles the models in torch.float16
+# L2 cache size of each generation, MB (stated, not fitted): NVIDIA A100 Tensor Core GPU
+# Architecture whitepaper (40 MB), NVIDIA H100 Tensor Core GPU Architecture whitepaper (50 MB
+# on H100 SXM5; H200 and H800 are the same GH100 die), B200: 126 MB (two dies, measured by
+# Chips and Cheese, "Nvidia's B200: Keeping the CUDA Juggernaut Rolling").
+L2_CACHE_MB = {"a100": 40.0, "h100": 50.0, "h200": 50.0, "h800": 50.0, "b200": 126.0}
 
 
 @dataclass
@@ -187,7 +196,8 @@ def with_values(cal: CalibrationSpec, values: dict[str, float]) -> CalibrationSp
 ELEMENTWISE_OPS = ("attn_rope", "mlp_act")
 NORM_OPS = ("input_layernorm", "post_attention_layernorm")
 STREAM_OPS = ("add",)
-# KernelTimer's memory-bound kernel classes and the Vidur operators that measure each
+# KernelTimer's memory-bound kernel classes and the Vidur operators that measure each, in
+# fitting order (the norms fit the L2 factor the plain streams then take)
 MEMORY_CLASSES = {ELEMENTWISE: ELEMENTWISE_OPS, NORM: NORM_OPS, STREAM: STREAM_OPS}
 
 
@@ -249,7 +259,8 @@ class Design:
         for kind, ops in MEMORY_CLASSES.items():
             rows = np.isin(self.op, ops)
             if rows.any():
-                out[rows] = timer.memory_gpu_ms(self.nbytes[rows], kind)
+                nbytes = self.nbytes[rows]
+                out[rows] = timer.memory_gpu_ms(nbytes, kind, nbytes / self.m[rows])
         return out
 
 
@@ -301,10 +312,12 @@ MEMORY_PARAMS = {
     ELEMENTWISE: (
         Param("memory.elementwise_efficiency", "fraction", 0.5),
         Param("kernel.fixed_us", "positive", 3.0),
+        Param("memory.row_gbps", "positive", 10.0),
     ),
     NORM: (
         Param("memory.norm_efficiency", "fraction", 0.5),
         Param("kernel.norm_fixed_us", "positive", 3.0),
+        Param("memory.l2_speedup", "positive", 1.3),
     ),
     STREAM: (
         Param("memory.efficiency", "fraction", 0.8),
@@ -343,12 +356,15 @@ def _stage(rows: Design, cal: CalibrationSpec, params) -> dict[str, float]:
 
 
 def fit_values(rows: Design, cal: CalibrationSpec) -> dict[str, float]:
-    """The fitted ``section.field`` values, one kernel class at a time (module docstring)."""
-    memory: dict[str, float] = {}
+    """The fitted ``section.field`` values, one kernel class at a time (module docstring);
+    the norms' L2 factor is fitted before the plain streams, which take it. The stated L2
+    size ``memory.l2_mb`` is among the values."""
+    memory: dict[str, float] = {"memory.l2_mb": L2_CACHE_MB[rows.generation]}
     for kind, ops in MEMORY_CLASSES.items():
         members = np.isin(rows.op, ops)
         if members.any():
-            memory.update(_stage(rows.subset(members), cal, MEMORY_PARAMS[kind]))
+            trial = with_values(cal, memory)
+            memory.update(_stage(rows.subset(members), trial, MEMORY_PARAMS[kind]))
     cal = with_values(cal, memory)
     weights = {"gemm.memory_efficiency": weight_read_efficiency(rows, cal)}
     gemm = _stage(rows.subset(rows.is_gemm), with_values(cal, weights), GEMM_PARAMS)
@@ -379,6 +395,9 @@ ROUNDING = {
     "gemm.memory_efficiency": 4,
     "memory.elementwise_efficiency": 4,
     "memory.norm_efficiency": 4,
+    "memory.l2_speedup": 4,
+    "memory.l2_mb": 1,
+    "memory.row_gbps": 2,
     "kernel.fixed_us": 3,
     "kernel.norm_fixed_us": 3,
     "kernel.stream_fixed_us": 3,

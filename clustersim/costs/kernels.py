@@ -18,11 +18,23 @@ fitted by ``clustersim calibrate``):
   ``kernel.stream_fixed_us``), norms (row reductions: ``memory.norm_efficiency``,
   ``kernel.norm_fixed_us``) and other element-wise kernels (rotary embedding, activation,
   softmax/top-k: ``memory.elementwise_efficiency``, ``kernel.fixed_us``), each class fitted
-  on its own Vidur operators;
-* core attention (FlashAttention): ``flops / (peak * e_attn * s / (s + half_seq))`` for ``s``
-  keys per query (every query row costs ``half_seq`` pairs more: ``(pairs + half_seq *
-  queries)`` pairs of work), or the KV-cache read at ``mu_attn`` of HBM bandwidth (decode),
-  whichever is longer;
+  on its own Vidur operators. Norms and plain streams whose bytes fit in the L2 cache
+  (``memory.l2_mb``: their input was just written, or re-read, and stays resident) run
+  ``memory.l2_speedup`` times faster: ``bytes / (HBM * mu_c * l2_speedup) + fixed_c``
+  (Vidur: both classes peak at working sets of 10-40 MB, above the HBM rate they reach on
+  larger tensors; the rotary embedding and activation show no such step, so their class
+  keeps one rate). The activation and the rotary embedding run one thread block per token
+  row (vLLM's kernels): a block alone moves ``memory.row_gbps``, so such a kernel takes at
+  least one row's bytes at that rate, ``max(bytes / (HBM * mu), row_bytes /
+  row_rate) + fixed`` (Vidur: SiLU-and-mul over 1-64 tokens of a 28,672-wide row takes 15 µs
+  on H100 whatever the token count, ~11 GB/s per row);
+* core attention (FlashAttention): ``(flops / (peak * e_attn) + exps / exp_rate) * (s +
+  half_seq) / s`` for ``s`` keys per query (every query row costs ``half_seq`` pairs more:
+  ``(pairs + half_seq * queries)`` pairs of work; each pair and head costs its matmul FLOPs,
+  ``2 (d_qk + d_v)``, and one exp of the softmax at the GPU's special-function rate
+  ``attention.exp_tflops``, which is why small heads reach a lower share of peak: FA3 H100 at
+  16k non-causal 497 / 648 / ~750 TFLOP/s for head dims 64 / 128 / 256), or the KV-cache
+  read at ``mu_attn`` of HBM bandwidth (decode), whichever is longer;
 
 each plus its class's fixed GPU time (``fixed_us``; the measured duration of a tiny kernel).
 Between two dependent kernels the GPU also waits ``graph_launch_us`` (the kernel-to-kernel
@@ -84,6 +96,7 @@ STREAM = "stream"  # residual adds, permutes, KV-cache writes: memory.efficiency
 ELEMENTWISE = "elementwise"  # rotary, activation, softmax: elementwise_efficiency, fixed_us
 NORM = "norm"  # layer/RMS norms (row reductions): norm_efficiency, norm_fixed_us
 MEMORY_KINDS = (STREAM, ELEMENTWISE, NORM)
+L2_KINDS = (STREAM, NORM)  # classes that run faster from L2 (memory.l2_speedup)
 
 
 class KernelTimer:
@@ -154,12 +167,20 @@ class KernelTimer:
             ELEMENTWISE: (self._elementwise_byte_s, self._fixed_ms),
             NORM: (hbm * norm_eff, self._fixed_ms if norm_fixed is None else norm_fixed * 1e-3),
         }
+        # norms and plain streams whose bytes fit in L2 (none without both fields)
+        l2_mb, l2_speedup = cal.memory.l2_mb, cal.memory.l2_speedup
+        self._l2_bytes = 0.0 if l2_mb is None or l2_speedup is None else l2_mb * 1e6
+        self._l2_speedup = 1.0 if l2_speedup is None else l2_speedup
+        row_gbps = cal.memory.row_gbps  # one thread block's rate (element-wise row kernels)
+        self._row_byte_s = float("inf") if row_gbps is None else row_gbps * 1e9
         # GPU-side latency between dependent kernels (both modes); the host's launch only in
         # eager mode (a graph replay issues every kernel of the step at once)
         self._gap_ms = cal.kernel.graph_launch_us * 1e-3
         self._launch_ms = 0.0 if graphs else cal.kernel.launch_us * 1e-3
         self._framework_ms = 0.0 if graphs else cal.kernel.framework_us * 1e-3
         self._attn_flop_s = hw.peak_tflops * 1e12 * cal.attention.efficiency
+        exp_tflops = cal.attention.exp_tflops
+        self._exp_s = 0.0 if exp_tflops is None else 1.0 / (exp_tflops * 1e12)  # s per exp
         self._attn_half = cal.attention.half_seq
         self._kv_byte_s = hw.hbm_bandwidth_gbps * 1e9 * cal.attention.decode_memory_efficiency
         l2_gbps = cal.attention.decode_l2_gbps
@@ -174,6 +195,9 @@ class KernelTimer:
         h = model.hidden_size
         qk_dim, v_dim = cc.head_dims(model)
         self._out = (model.num_attention_heads / tp * v_dim, h)
+        # flash attention: matmul FLOPs per exp (one per query-key pair and head)
+        self._flops_per_exp = 2.0 * (qk_dim + v_dim)
+        self._attn_s_per_flop = 1.0 / self._attn_flop_s + self._exp_s / self._flops_per_exp
         # rotary embedding rewrites the queries and keys of this GPU's heads
         self._rope_elements = (
             model.num_attention_heads / tp + cc.kv_heads_per_gpu(model, tp)
@@ -240,11 +264,27 @@ class KernelTimer:
         """Stream time of a (grouped) GEMM kernel in the activations' type."""
         return self.issue(self.gemm_gpu_ms(m, n, k, groups), m)
 
-    def memory_gpu_ms(self, nbytes, kind: str = STREAM):
+    def memory_gpu_ms(self, nbytes, kind: str = STREAM, row_bytes=0.0):
         """GPU time of a memory-bound kernel of class ``kind`` moving ``nbytes``:
-        ``nbytes / (HBM * mu_kind) + fixed_kind`` (:data:`MEMORY_KINDS`)."""
+        ``nbytes / (HBM * mu_kind) + fixed_kind`` (:data:`MEMORY_KINDS`); norms and plain
+        streams (:data:`L2_KINDS`) whose ``nbytes`` fit in the L2 cache move them
+        ``memory.l2_speedup`` times faster; an element-wise kernel takes at least one row of
+        ``row_bytes`` (the bytes of one token) at one thread block's ``memory.row_gbps``."""
         rate, fixed_ms = self._memory_class[kind]
-        return nbytes / rate * 1e3 + fixed_ms
+        if kind == ELEMENTWISE:
+            row_ms = row_bytes / self._row_byte_s * 1e3
+            if type(nbytes) in _NUMBERS and type(row_bytes) in _NUMBERS:
+                stream_ms = nbytes / rate * 1e3
+                return (stream_ms if stream_ms > row_ms else row_ms) + fixed_ms
+            return np.maximum(nbytes / rate * 1e3, row_ms) + fixed_ms
+        if kind not in L2_KINDS or not self._l2_bytes:
+            return nbytes / rate * 1e3 + fixed_ms
+        if type(nbytes) in _NUMBERS:
+            if nbytes <= self._l2_bytes:
+                rate = rate * self._l2_speedup
+            return nbytes / rate * 1e3 + fixed_ms
+        rates = np.where(nbytes <= self._l2_bytes, rate * self._l2_speedup, rate)
+        return nbytes / rates * 1e3 + fixed_ms
 
     def linear_ms(self, m, n: float, k: float, groups=1.0, quantised: bool = False):
         """Stream time of a linear layer's GEMM: under FP8, the quantise kernel of its input
@@ -257,15 +297,24 @@ class KernelTimer:
         quantise = self.stream_ms(m, k * self._quantise_bytes, elementwise=True)
         return quantise + self.issue(self.gemm_gpu_ms(m, n, k, groups, fp8=True), m)
 
-    def stream_gpu_ms(self, nbytes, elementwise: bool = False):
+    def stream_gpu_ms(self, nbytes, elementwise: bool = False, row_bytes=0.0):
         """GPU time of a memory-bound kernel moving ``nbytes`` (``elementwise``: rotary
-        embedding, activation or softmax, at the element-wise efficiency; else a plain
-        stream)."""
-        return self.memory_gpu_ms(nbytes, ELEMENTWISE if elementwise else STREAM)
+        embedding, activation or softmax, at the element-wise efficiency, rows of
+        ``row_bytes``; else a plain stream)."""
+        if elementwise:
+            return self.memory_gpu_ms(nbytes, ELEMENTWISE, row_bytes)
+        return self.memory_gpu_ms(nbytes, STREAM)
 
-    def stream_ms(self, tokens, bytes_per_token: float, elementwise: bool = False):
-        """Stream time of a memory-bound kernel over ``tokens``."""
-        return self.issue(self.stream_gpu_ms(tokens * bytes_per_token, elementwise), tokens)
+    def stream_ms(
+        self, tokens, bytes_per_token: float, elementwise: bool = False, per_row: bool = False
+    ):
+        """Stream time of a memory-bound kernel over ``tokens``; ``per_row``: an element-wise
+        kernel run as one thread block per token (vLLM's activation and rotary embedding),
+        at least one token's bytes at one block's rate. Reductions over the whole tensor
+        (cross-entropy), tiled casts (FP8 quantise) and softmax/top-k have no such floor."""
+        row_bytes = bytes_per_token if per_row else 0.0
+        gpu = self.stream_gpu_ms(tokens * bytes_per_token, elementwise, row_bytes)
+        return self.issue(gpu, tokens)
 
     def memory_ms(self, tokens, bytes_per_token: float, kind: str = STREAM):
         """Stream time of a memory-bound kernel of class ``kind`` over ``tokens``."""
@@ -274,9 +323,15 @@ class KernelTimer:
     def fused_memory_ms(self, tokens, bytes_per_token: float, kind: str, stream_bytes: float):
         """Stream time of one kernel of class ``kind`` moving ``bytes_per_token`` that also
         carries a fused neighbour's ``stream_bytes`` per token at the plain-stream rate (no
-        second fixed time or launch): never more than the two kernels it replaces."""
-        gpu = self.memory_gpu_ms(tokens * bytes_per_token, kind)
-        return self.issue(gpu + tokens * stream_bytes / self._byte_s * 1e3, tokens)
+        second fixed time or launch): never more than the two kernels it replaces. An
+        element-wise one (the rotary embedding fused into the KV-cache write) runs one thread
+        block per token (:meth:`stream_ms`, ``per_row``)."""
+        gpu = self.memory_gpu_ms(tokens * bytes_per_token, kind, bytes_per_token)
+        # the neighbour's bytes at the rate its own kernel would move them (L2 or HBM)
+        neighbour = (
+            self.memory_gpu_ms(tokens * stream_bytes, STREAM) - self._memory_class[STREAM][1]
+        )
+        return self.issue(gpu + neighbour, tokens)
 
     # ---- blocks of a layer ---------------------------------------------------------------
     def _h_kernel(self, tokens, passes: float, kind: str):
@@ -335,7 +390,8 @@ class KernelTimer:
             per_element = self._quantise_bytes if fused else NORM_PASSES * self.bpe
             total = total + self.memory_ms(tokens, per_element * width, NORM)
         if not self.fused:  # fused: applied by the KV-cache write (serving's cache kernel)
-            total = total + self.stream_ms(tokens, self.rope_bytes_per_token, elementwise=True)
+            rope = self.rope_bytes_per_token
+            total = total + self.stream_ms(tokens, rope, elementwise=True, per_row=True)
         total = total + self.linear_ms(tokens, self._out[1], self._out[0])
         total = total + self._residual(tokens)
         return total + self._norm(tokens, quantised=mlp_input_fp8)
@@ -381,7 +437,7 @@ class KernelTimer:
         ``fused`` engine, where the up projection's epilogue applies it."""
         if self.fused:
             return 0.0 * tokens
-        return self.stream_ms(tokens, self._phi * width * self.bpe, elementwise=True)
+        return self.stream_ms(tokens, self._phi * width * self.bpe, elementwise=True, per_row=True)
 
     def dense_mlp_ms(self, tokens, input_fp8: bool = False):
         """The MLP of a dense layer (``input_fp8``: see :meth:`mlp_ms`)."""
@@ -475,12 +531,14 @@ class KernelTimer:
     def core_attention_gpu_ms(self, flops, hbm_bytes, keys_per_query, flash: bool = True):
         """GPU time of core attention: ``flops`` at the FlashAttention efficiency
         ``e_attn * s / (s + half_seq)`` for ``s`` keys per query (the sequence length,
-        non-causal; half of it, causal), or ``hbm_bytes`` (the KV cache, queries, outputs)
-        read, whichever is longer. Equivalently, every query row costs ``half_seq`` key pairs
-        more (:meth:`attention_ms_per_pair`). Without flash attention the score GEMMs run at
-        the GEMM efficiency and the s x s passes at the memory-bound rate."""
+        non-causal; half of it, causal), plus one exp per ``2 (d_qk + d_v)`` FLOPs (a
+        query-key pair of one head) at ``attention.exp_tflops`` over the same ``(s +
+        half_seq) / s`` pairs, or ``hbm_bytes`` (the KV cache, queries, outputs) read,
+        whichever is longer. Equivalently, every query row costs ``half_seq`` key pairs more
+        (:meth:`attention_ms_per_pair`). Without flash attention the score GEMMs run at the
+        GEMM efficiency and the s x s passes at the memory-bound rate."""
         if flash:
-            compute = flops * (1.0 + self._attn_half / keys_per_query) / self._attn_flop_s
+            compute = flops * (1.0 + self._attn_half / keys_per_query) * self._attn_s_per_flop
             memory = hbm_bytes / self._kv_byte_s
         else:
             compute = flops / (self._flop_s * self._shape(keys_per_query) ** 2)
@@ -497,10 +555,16 @@ class KernelTimer:
             return self.issue(gpu, flops + hbm_bytes)
         return 4 * self.issue(gpu / 4, flops + hbm_bytes)
 
-    def attention_ms_per_pair(self, flops_per_pair: float) -> tuple[float, float]:
+    def attention_ms_per_pair(
+        self, flops_per_pair: float, exps_per_pair: float | None = None
+    ) -> tuple[float, float]:
         """FlashAttention compute time per query-key pair and per query row (the
-        ``half_seq`` pairs each row costs extra), for ``flops_per_pair`` FLOPs per pair."""
-        per_pair = 1e3 * flops_per_pair / self._attn_flop_s
+        ``half_seq`` pairs each row costs extra), for ``flops_per_pair`` FLOPs and
+        ``exps_per_pair`` exps (one per head; default: the FLOPs over ``2 (d_qk + d_v)``)
+        per pair."""
+        if exps_per_pair is None:
+            exps_per_pair = flops_per_pair / self._flops_per_exp
+        per_pair = 1e3 * (flops_per_pair / self._attn_flop_s + exps_per_pair * self._exp_s)
         return per_pair, per_pair * self._attn_half
 
     @property

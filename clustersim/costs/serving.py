@@ -131,6 +131,7 @@ class StepCosts:
     cuda_graphs: bool
     attn_flops_per_pair: float  # core attention FLOPs per query-key pair
     attn_flops_per_pair_decode: float  # the same in decode steps (MLA: in the latent space)
+    attn_heads: float  # query heads of one GPU: exps per query-key pair (softmax)
     attn_bytes_per_kv_token: float  # KV cache read per token of context
     attn_bytes_per_query_token: float  # queries read and outputs written
     cache_write_bytes_per_token: float  # new K/V (MLA: latent) read and written to the cache
@@ -166,7 +167,8 @@ class StepCosts:
         attn = block + float(k.moe_block_ms(tokens)) + allreduce
         logits = float(k.logits_ms(seqs)) + self.step_host_ms
         flops_per_pair = self.attn_flops_per_pair_decode if decode else self.attn_flops_per_pair
-        per_pair, per_query = k.attention_ms_per_pair(flops_per_pair)
+        # one exp per pair and query head of this GPU, in decode (MLA absorbed) too
+        per_pair, per_query = k.attention_ms_per_pair(flops_per_pair, self.attn_heads)
         per_kv_byte = k.decode_kv_ms_per_byte(self.kv_rereads) if decode else k.kv_ms_per_byte
         return (
             dense,
@@ -231,6 +233,7 @@ def step_costs(plan: Plan, layout: Layout) -> StepCosts:
         cuda_graphs=plan.workload.requests.cuda_graphs,
         attn_flops_per_pair=2.0 * heads * (qk_dim + v_dim),
         attn_flops_per_pair_decode=decode_flops_per_pair(model, tp),
+        attn_heads=heads,
         attn_bytes_per_kv_token=kv_bytes_per_token_layer(
             model, tp, plan.workload.requests.kv_dtype
         ),

@@ -261,6 +261,26 @@ class MemoryCalibration(_Strict):
         description="Fraction of HBM bandwidth of layer/RMS norms (row reductions); "
         "null: elementwise_efficiency.",
     )
+    l2_mb: float | None = Field(
+        None,
+        gt=0,
+        description="L2 cache size, MB (10^6 bytes; stated, not fitted): a norm or plain "
+        "stream whose bytes fit in it runs from L2; null: no L2 term.",
+    )
+    l2_speedup: float | None = Field(
+        None,
+        ge=1,
+        le=10,
+        description="Rate factor of norms and plain streams whose bytes fit in the L2 cache "
+        "(l2_mb) over their HBM rate; null: no L2 term.",
+    )
+    row_gbps: float | None = Field(
+        None,
+        gt=0,
+        description="GB/s one thread block moves on its own: an element-wise kernel run as one "
+        "block per token row (activation, rotary embedding) takes at least one row's bytes at "
+        "this rate; null: no such floor.",
+    )
 
 
 class KernelCalibration(_Strict):
@@ -333,6 +353,14 @@ class AttentionCalibration(_Strict):
         ge=1,
         le=10,
         description="Backward time over forward time of fused (flash) attention in training.",
+    )
+    exp_tflops: float | None = Field(
+        None,
+        gt=0,
+        le=1e4,
+        description="Special-function (exp) rate of the GPU, 10^12 per second (stated: SMs x 16 "
+        "per clock x clock): each query-key pair of flash attention costs one exp per head on "
+        "top of its matmul FLOPs; null: no such term.",
     )
 
 
