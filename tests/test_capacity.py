@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving_plans import DENSE, make_plan
+from serving_plans import DENSE, MOE, make_plan
 from typer.testing import CliRunner
 
 from clustersim.cli import app
@@ -204,3 +204,54 @@ def test_probes_stopped_early_report_null_latencies_not_numbers():
             assert point[key] is None, (key, point)
     measured = [p for p in cap.curve() if not p["stopped_early"]]
     assert all(p["ttft_ms_p99"] is not None and p["goodput_pct"] is not None for p in measured)
+
+
+def _same_lifecycles(a, b) -> None:
+    cols_a, cols_b = a.requests(), b.requests()
+    assert cols_a.keys() == cols_b.keys()
+    for key in cols_a:
+        np.testing.assert_array_equal(cols_a[key], cols_b[key], err_msg=key)  # NaN == NaN
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("moe", [False, True])
+def test_probes_sharing_one_step_timer_equal_fresh_runs(compiled, moe):
+    """The search builds the step timer once for all its probes (its memoised step constants
+    and, for the compiled loop, their rows do not depend on the rate): every probe equals a
+    run of that rate with nothing shared, request by request."""
+    from clustersim.explore.capacity import CapacitySearch
+    from clustersim.run.serving import moe_tables, step_timer
+
+    sections = (  # EP inside the replica: the compiled loop applies
+        {
+            "parallel": {"tp": 2, "pp": 1, "dp": 1, "ep": 2, "etp": 1},
+            "hardware": {"num_nodes": 1, "gpus_per_node": 2},
+        }
+        if moe
+        else {}
+    )
+    base = MOE if moe else DENSE
+    plan = make_plan(
+        base,
+        requests={
+            "num": 120,
+            "rate_per_s": 4.0,
+            "prompt_len": {"dist": "uniform", "min": 64, "max": 1024},
+            "output_len": {"dist": "uniform", "min": 8, "max": 128},
+        },
+        targets=SLO,
+        **sections,
+    )
+    search = CapacitySearch(plan)
+    shared = step_timer(plan, search.table)
+    for rate in (2.0, 8.0, 4.0, 8.0 * 2 ** (1 / 36)):
+        at = search.plan_at(rate)
+        kwargs = {"requests": search.requests_at(rate), "compiled_engine": compiled}
+        reused = simulate_serving(at, table=search.table, timer=shared, **kwargs)
+        fresh = simulate_serving(at, table=moe_tables(at), **kwargs)
+        _same_lifecycles(reused, fresh)
+        assert json.dumps(reused.metrics, sort_keys=True, default=str) == json.dumps(
+            fresh.metrics, sort_keys=True, default=str
+        )
+    if compiled:
+        assert shared.solo_constants is not None and shared.solo_constants.count > 0

@@ -60,7 +60,7 @@ import numpy as np
 from clustersim.audit.checks import audit
 from clustersim.engine.serving.requests import Requests, make_requests
 from clustersim.engine.serving.sim import COMPILED_RUNS_MIN_REQUESTS, LatencyLimits, Overloaded
-from clustersim.run.serving import moe_tables, simulate_serving
+from clustersim.run.serving import moe_tables, simulate_serving, step_timer
 from clustersim.spec.schema import MAX_RATE, Plan
 
 GRID_PER_DOUBLING = 36  # grid points per doubling of the rate: 2^(1/36) = 1.0194
@@ -222,6 +222,8 @@ class CapacitySearch:
         else:
             self.start_rate = spec.rate_per_s
         self.table = moe_tables(plan)
+        # the step constants the probes meet, memoised once for all of them (colocated)
+        self.timer = step_timer(plan, self.table)
         self.limits = latency_limits(plan, attain, self.base.num)
         # (module docstring) True: the compiled loop where it applies; None: the engine decides
         many = self.base.num * PROBES_EXPECTED >= COMPILED_RUNS_MIN_REQUESTS
@@ -253,6 +255,7 @@ class CapacitySearch:
                 table=self.table,
                 limits=self.limits,
                 compiled_engine=self.compiled_engine,
+                timer=self.timer,
             )
         except Overloaded:
             found = Probe(rate, False, True)

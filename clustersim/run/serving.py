@@ -16,6 +16,7 @@ import numpy as np
 from clustersim.audit.checks import AuditReport, audit
 from clustersim.audit.findings import Finding
 from clustersim.audit.judge import SERVING_FIX, judge, report_dict, still_unchecked
+from clustersim.costs.serving import step_costs
 from clustersim.engine.serving.disagg import POOLS, DisaggregatedSim
 from clustersim.engine.serving.kv_usage import collect_kv_usage, record_kv_usage
 from clustersim.engine.serving.moe_table import MoEStepTable
@@ -26,6 +27,7 @@ from clustersim.engine.serving.sim import (
     ServingSim,
     check_serving_supported,
 )
+from clustersim.engine.serving.step_timer import StepTimer
 from clustersim.layout import Layout
 from clustersim.metrics.serving import breakdown, request_columns, serving_metrics
 from clustersim.spec.schema import Plan
@@ -101,6 +103,15 @@ def moe_tables(plan: Plan) -> MoEStepTable | dict[str, MoEStepTable | None] | No
     return MoEStepTable(plan, Layout(plan))
 
 
+def step_timer(plan: Plan, table: MoEStepTable | None) -> StepTimer | None:
+    """The step timer of a colocated deployment with MoE step table ``table``
+    (:func:`moe_tables`), which runs of it at several request rates may share with the
+    step constants it memoises (``simulate_serving(timer=...)``); None when disaggregated."""
+    if plan.parallel.disaggregated:
+        return None
+    return StepTimer(plan, step_costs(plan, Layout(plan)), table)
+
+
 def simulate_serving(
     plan: Plan,
     progress: Callable[[float], None] | None = None,
@@ -110,6 +121,7 @@ def simulate_serving(
     table: MoEStepTable | dict[str, MoEStepTable | None] | None = None,
     limits: LatencyLimits | None = None,
     compiled_engine: bool | None = None,
+    timer: StepTimer | None = None,
 ) -> ServingReport:
     """Audit and simulate serving ``plan``'s request stream.
 
@@ -120,6 +132,7 @@ def simulate_serving(
     :class:`~clustersim.engine.serving.sim.ServingSim` (``limits`` may raise
     :class:`~clustersim.engine.serving.sim.Overloaded`). ``compiled_engine``: see
     ``ServingSim.compiled_engine`` (colocated deployments; None lets the engine decide).
+    ``timer``: a step timer of the deployment to reuse (:func:`step_timer`; colocated).
 
     Raises :class:`EngineError` when the plan cannot be simulated (not an inference plan,
     context parallelism, an expert layout that does not fold, no memory left for the KV
@@ -135,7 +148,7 @@ def simulate_serving(
         sim: ServingSim = DisaggregatedSim(plan, requests, progress, tables=tables, limits=limits)
     else:
         check_serving_supported(plan, report.layout)
-        sim = ServingSim(plan, requests, progress, table=table, limits=limits)
+        sim = ServingSim(plan, requests, progress, table=table, limits=limits, timer=timer)
         sim.compiled_engine = compiled_engine
     record_kv_usage(sim)
     result = sim.run()

@@ -426,20 +426,27 @@ class ServingSim:
         *,
         table: MoEStepTable | None = None,
         limits: LatencyLimits | None = None,
+        timer: StepTimer | None = None,
     ):
         """``table``: the MoE step table of this plan's model, layout and routing (built when
         None; it does not depend on the request stream, so runs of one deployment at several
         request rates may share it). ``limits``: stop early (:class:`Overloaded`) once more
-        requests than allowed missed them."""
+        requests than allowed missed them. ``timer``: the step timer (``self.timer``) of an
+        earlier simulation of the same deployment, with its table, reused with the step
+        constants it memoised (they do not depend on the request stream either)."""
         self.plan = plan
         self.layout = layout = Layout(plan)
         check_serving_supported(plan, layout)
         req = plan.workload.requests
         self.kv = usable_kv(plan, layout)
-        if table is None and plan.model.moe is not None:
+        if timer is not None:
+            table = timer.table
+        elif table is None and plan.model.moe is not None:
             table = MoEStepTable(plan, layout)
         self.table = table
-        self.timer = StepTimer(plan, step_costs(plan, layout), table)
+        if timer is None:
+            timer = StepTimer(plan, step_costs(plan, layout), table)
+        self.timer = timer
         # the compiled run timer gives the same numbers; loading numba (~0.5 s) pays off on
         # long simulations, or costs nothing when routing has loaded it already (MoE)
         self.timer.compiled_runs = (

@@ -924,7 +924,9 @@ def run_solo(sim) -> None:
     batches = np.zeros((2, max_seqs + 1), dtype=np.int64)
     series_f = np.zeros((2, 1024 if si[S_RECORD] else 0), dtype=np.float64)
     series_i = np.zeros((3, series_f.shape[1]), dtype=np.int64)
-    consts = _Constants(sim.timer)
+    consts = sim.timer.solo_constants  # rows filled by earlier runs sharing the timer
+    if consts is None:
+        consts = sim.timer.solo_constants = _Constants(sim.timer)
     stack_i = np.zeros((3, 64), dtype=np.int64)  # the pairwise sum's stack (depth < 64)
     stack_f = np.zeros(64, dtype=np.float64)
     _push(si, ht, hi, 0.0, URGENT, K_ARRIVALS, 0, 0)  # ServingSim.run

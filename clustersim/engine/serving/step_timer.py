@@ -130,6 +130,9 @@ class StepTimer:
         self._mb_cache: dict[tuple, tuple] = {}
         self._run_tables: dict[tuple, tuple[int, np.ndarray]] = {}  # (kind, r) -> (lo, table)
         self._run_entries = 0
+        # the compiled loop's rows of _one's constants (engine/serving/solo_kernel.py), kept
+        # with the memos above for later runs that share this timer
+        self.solo_constants = None
         model = plan.model
         qk, v = head_dims(model)
         counts = count_params(model)
