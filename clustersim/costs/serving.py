@@ -321,9 +321,10 @@ def low_latency_all_reduce_ms(
 ) -> float:
     """All-reduce of a small message inside one node replayed from a CUDA graph, with the
     low-latency protocol serving engines use for TP activations (NCCL's LL ring, or a custom
-    all-reduce at least as fast): ``6.6 + 2(n-1) * 0.6 * collectives.intra_node_step_latency_scale`` µs of GPU-side latency plus
-    ``2(n-1)/n * S`` at half the calibrated NVLink bus bandwidth. Infinite (not applicable)
-    for a group that spans nodes; 0 for one GPU."""
+    all-reduce at least as fast): ``6.6 + 2(n-1) * 0.6 * scale`` µs of GPU-side latency
+    (``scale`` = ``collectives.intra_node_step_latency_scale``) plus ``2(n-1)/n * S`` at half
+    the calibrated NVLink bus bandwidth. Infinite (not applicable) for a group that spans
+    nodes; 0 for one GPU."""
     n = len(ranks)
     if n <= 1:
         return 0.0
