@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from clustersim.spec.calibration_data import calibration_data
-from clustersim.spec.schema import CalibrationSpec
+from clustersim.spec.schema import CalibrationSpec, HardwareSpec, LinkSpec
 
 # A calibration under which the per-kernel model reduces to the plain roofline: every GEMM
 # at ``efficiency`` of peak whatever its shape, HBM at full bandwidth, kernels free.
@@ -51,3 +51,17 @@ def calibration(
     for name, values in sections.items():
         merged[name] = {**merged[name], **values}
     return CalibrationSpec.model_validate(merged)
+
+
+def h100_nodes(cal: CalibrationSpec) -> HardwareSpec:
+    """Two nodes of eight H100-like GPUs (450 GB/s NVLink, 50 GB/s NICs) under ``cal``."""
+    return HardwareSpec(
+        num_nodes=2,
+        gpus_per_node=8,
+        memory_gib=80,
+        peak_tflops=989,
+        hbm_bandwidth_gbps=3350,
+        intra_node=LinkSpec(bandwidth_gbps=450.0, latency_us=1.0),
+        inter_node=LinkSpec(bandwidth_gbps=50.0, latency_us=8.0),
+        calibration=cal,
+    )

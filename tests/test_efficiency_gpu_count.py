@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import pytest
-from calibrations import calibration
+from calibrations import calibration, h100_nodes
 
 from clustersim.calibration import fit_comm
 from clustersim.costs import comm, nccl
-from clustersim.spec.schema import HardwareSpec, LinkSpec
+from clustersim.spec.schema import HardwareSpec
 
 
 def _hw(
@@ -28,16 +28,7 @@ def _hw(
     if step_scale is not None:
         collectives["intra_node_step_latency_scale"] = step_scale
     cal = calibration(collectives=collectives).model_copy(update={"generation": "h100"})
-    return HardwareSpec(
-        num_nodes=2,
-        gpus_per_node=8,
-        memory_gib=80,
-        peak_tflops=989,
-        hbm_bandwidth_gbps=3350,
-        intra_node=LinkSpec(bandwidth_gbps=450.0, latency_us=1.0),
-        inter_node=LinkSpec(bandwidth_gbps=50.0, latency_us=8.0),
-        calibration=cal,
-    )
+    return h100_nodes(cal)
 
 
 @pytest.mark.parametrize(

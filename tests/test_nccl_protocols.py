@@ -4,13 +4,13 @@ against NCCL's tuning.cc formulas worked out by hand here."""
 from __future__ import annotations
 
 import pytest
-from calibrations import calibration
+from calibrations import calibration, h100_nodes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clustersim.calibration import fit_comm
 from clustersim.costs import comm, nccl
-from clustersim.spec.schema import HardwareSpec, LinkSpec
+from clustersim.spec.schema import HardwareSpec
 
 
 def _hw(protocols: bool, generation: str = "h100", base_us: float = 5.0) -> HardwareSpec:
@@ -22,16 +22,7 @@ def _hw(protocols: bool, generation: str = "h100", base_us: float = 5.0) -> Hard
             "intra_node_protocols": protocols,
         }
     ).model_copy(update={"generation": generation})
-    return HardwareSpec(
-        num_nodes=2,
-        gpus_per_node=8,
-        memory_gib=80,
-        peak_tflops=989,
-        hbm_bandwidth_gbps=3350,
-        intra_node=LinkSpec(bandwidth_gbps=450.0, latency_us=1.0),
-        inter_node=LinkSpec(bandwidth_gbps=50.0, latency_us=8.0),
-        calibration=cal,
-    )
+    return h100_nodes(cal)
 
 
 def test_small_all_reduce_runs_ll_at_nccls_latency() -> None:
