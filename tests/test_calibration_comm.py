@@ -264,3 +264,46 @@ def test_lawson_hanson_reaches_the_exhaustive_optimum(k, rows, seed) -> None:
         return float(np.sum((x @ p / t - 1.0) ** 2))
 
     assert residual(active_set) == pytest.approx(residual(exhaustive), rel=1e-7, abs=1e-12)
+
+
+def _vidur_sample(n: int, time_us: float, dataset: str = "vidur_all_reduce") -> fit_comm.Sample:
+    op = "p2p" if dataset == "vidur_send_recv" else "all_reduce"
+    return fit_comm.Sample(dataset, "x", "h100", op, n, n, 2048.0, time_us * 1e-3, str(n))
+
+
+def test_harness_floor_applies_to_vidur_all_reduce_rows_on_three_or_more_gpus() -> None:
+    # rank 0's kernel lasts until the last rank's launch: max(kernel, floor) on 4 GPUs
+    four = _vidur_sample(4, 40.0)
+    assert fit_comm.harness_ms(four, 0.010, 35.0) == pytest.approx(0.035)
+    assert fit_comm.harness_ms(four, 0.050, 35.0) == pytest.approx(0.050)
+    # 2 GPUs, send/receive and published rows: the kernel alone
+    for sample in (_vidur_sample(2, 40.0), _vidur_sample(2, 40.0, "vidur_send_recv")):
+        assert fit_comm.harness_ms(sample, 0.010, 35.0) == pytest.approx(0.010)
+    published = fit_comm.Sample("nccl_tests", "x", "h200", "all_reduce", 8, 8, 2048.0, 0.04, "C")
+    assert fit_comm.harness_ms(published, 0.010, 35.0) == pytest.approx(0.010)
+
+
+def test_harness_floor_fit_by_hand() -> None:
+    # two 8-GPU rows at a 40 µs floor whose kernels take 10 µs, one GPU-bound row (kernel
+    # 60 µs = measured) and a 2-GPU row the floor never touches: squared relative error
+    # (max(10, h) / 40 - 1)^2 x 2 is 0 at h = 40, the GPU-bound row is 0 for any h <= 60
+    samples = [_vidur_sample(8, 40.0), _vidur_sample(8, 40.0), _vidur_sample(8, 60.0)]
+    samples.append(_vidur_sample(2, 7.0))
+    kernel_ms = np.array([0.010, 0.010, 0.060, 0.030])
+    assert fit_comm.fit_harness_floor_us(samples, kernel_ms) == pytest.approx(40.0)
+    # floors 30 and 50 µs measured, kernels 10 µs: min (h/30-1)^2 + (h/50-1)^2 at
+    # h = (1/30 + 1/50) / (1/900 + 1/2500) = 35.29 µs, the grid's nearest point 35.5
+    samples = [_vidur_sample(4, 30.0), _vidur_sample(4, 50.0)]
+    assert fit_comm.fit_harness_floor_us(samples, np.array([0.01, 0.01])) == pytest.approx(35.5)
+    assert fit_comm.fit_harness_floor_us(samples[:0], np.array([])) == 0.0
+
+
+def test_harness_floor_is_refitted_out_of_sample() -> None:
+    # leave-one-configuration-out: the held-out 4-GPU rows get the floor fitted on the 8-GPU
+    # rows alone, so some sub-MiB 4-GPU row differs in and out of sample by the floors' gap
+    rows = [r for r in fit_comm.comm_rows("h100") if r.dataset == "vidur_all_reduce"]
+    floor = fit_comm.harness_floor_us("h100")
+    assert 20.0 <= floor <= 50.0
+    at_floor = [r for r in rows if r.predicted_in_sample == pytest.approx(floor * 1e-3)]
+    assert at_floor and all(" n=2 " not in r.name for r in at_floor)
+    assert any(r.predicted_oos != pytest.approx(r.predicted_in_sample) for r in at_floor)

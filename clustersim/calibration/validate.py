@@ -451,10 +451,17 @@ def collectives_set() -> SetResult:
         for section, values in fit_comm.fit(gen).items():
             if isinstance(values, dict):
                 res.params.update({f"{gen}:{section}.{k}": v for k, v in values.items()})
+        if gen in ("a100", "h100"):  # a property of Vidur's harness, not of the GPU's data file
+            res.params[f"{gen}:vidur_harness.floor_us"] = fit_comm.harness_floor_us(gen)
         res.skipped += [Skipped(*entry) for entry in fit_comm.not_expressible(gen)]
     res.notes.append(
         "derived rows: predicted from another generation's fit or a stated "
         "figure, never fitted (out of sample by construction)"
+    )
+    res.notes.append(
+        "Vidur all-reduce rows on 3+ GPUs: the time Vidur's harness records, at least its "
+        "per-call floor (vidur_harness.floor_us, refitted with each fold): rank 0's NCCL "
+        "kernel waits for the last rank's launch while the collective is shorter"
     )
     return res
 
