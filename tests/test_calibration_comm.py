@@ -307,3 +307,33 @@ def test_harness_floor_is_refitted_out_of_sample() -> None:
     at_floor = [r for r in rows if r.predicted_in_sample == pytest.approx(floor * 1e-3)]
     assert at_floor and all(" n=2 " not in r.name for r in at_floor)
     assert any(r.predicted_oos != pytest.approx(r.predicted_in_sample) for r in at_floor)
+
+
+def test_synthetic_link_class_is_recovered_under_the_harness_floor() -> None:
+    # the alpha-beta rows of the test above as Vidur's harness records them: 4- and 8-GPU
+    # all-reduces shorter than a 40 µs floor read 40 µs; the fit leaves those rows out
+    # (their kernel is below the fitted floor) and recovers the kernel's parameters exactly
+    link_gbps, eff, p2p_eff, alpha_us, base_us, floor_us = 450.0, 0.7, 0.85, 2.0, 10.0, 40.0
+    samples = []
+    for n in (2, 4, 8):
+        for size in np.geomspace(1e4, 1e9, 12):
+            t = (base_us + 2 * (n - 1) * alpha_us) * 1e-3 + 2 * (n - 1) / n * size / (
+                link_gbps * eff * 1e6
+            )
+            t = max(t, floor_us * 1e-3) if n >= 3 else t
+            samples.append(
+                fit_comm.Sample(
+                    "vidur_all_reduce", "x", "h100", "all_reduce", n, n, size, t, str(n)
+                )
+            )
+    for size in np.geomspace(1e4, 1e9, 12):
+        t = (base_us + alpha_us) * 1e-3 + size / (link_gbps * p2p_eff * 1e6)
+        samples.append(fit_comm.Sample("vidur_send_recv", "x", "h100", "p2p", 2, 2, size, t, "p"))
+    got = fit_comm.fit_link_class(samples, link_gbps)
+    assert got.efficiency == pytest.approx(eff, rel=1e-9)
+    assert got.latency_us == pytest.approx(alpha_us, rel=1e-9)
+    assert got.base_latency_us == pytest.approx(base_us, rel=1e-9)
+    kernel = fit_comm._class_kernel_ms(samples, got, link_gbps, None)
+    assert fit_comm.fit_harness_floor_us(samples, kernel) == pytest.approx(floor_us)
+    recorded = [fit_comm.harness_ms(s, k, floor_us) for s, k in zip(samples, kernel, strict=True)]
+    assert recorded == pytest.approx([s.time_ms for s in samples], rel=1e-9)
