@@ -629,9 +629,16 @@ def _h100_intra(
     return fit_link_class(
         samples,
         _link("h100", False)[0],
+        latency_us=SEND_STEP_LATENCY_US,
         generation="h100",
         efficiency=full_node_efficiency(full_node_rows),
     )
+
+
+# The send/receive per-step latency inside a node, held at 0: a send's fixed cost is the
+# per-call base. Fitted free on Vidur's sends it takes ~2 µs of that cost, which the model
+# charges (n - 1) times per all-to-all, a pattern none of these rows measures.
+SEND_STEP_LATENCY_US = 0.0
 
 
 @cache
