@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from calibrations import ROOFLINE
 
-from clustersim.costs.sharding import device_max_connections, one_hardware_queue
+from clustersim.costs.sharding import device_max_connections, forward_prefetch, one_hardware_queue
 from clustersim.engine.recorder import Op
 from clustersim.run.simulate import simulate
 from clustersim.spec import plan_from_dict
@@ -168,3 +168,17 @@ def test_several_queues_prefetch_the_forward_implicitly():
     end_prev, start_prev, g_start, g_end, start = implicit.T
     np.testing.assert_allclose(g_start, start_prev, rtol=1e-12)
     np.testing.assert_allclose(start, np.maximum(end_prev, g_end), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("parallel", "gpu", "expected"),
+    [
+        ({"tp": 2}, "H100-SXM", False),  # one queue, FSDP's default: no explicit prefetch
+        ({"tp": 2, "forward_prefetch": True}, "H100-SXM", True),  # explicit prefetch
+        ({"tp": 1, "dp": 16}, "H100-SXM", True),  # several queues: implicit prefetch
+        ({"tp": 2}, "B200", True),  # Blackwell: several queues by default
+        ({"tp": 2, "device_max_connections": 8}, "H100-SXM", True),  # variable unset
+    ],
+)
+def test_forward_prefetch_needs_explicit_prefetch_or_several_queues(parallel, gpu, expected):
+    assert forward_prefetch(make_plan(parallel, gpu)) is expected
