@@ -654,12 +654,12 @@ class ParallelSpec(_Strict):
     )
     forward_prefetch: bool = Field(
         False,
-        description="ZeRO-3 (dp_sharding: full): issue each layer's forward all-gather "
-        "before the layer ahead of it computes (PyTorch FSDP forward_prefetch, FSDP2 "
+        description="ZeRO-3 (dp_sharding: full): issue layer i's forward all-gather before "
+        "layer i-1 computes (PyTorch FSDP forward_prefetch, FSDP2 "
         "set_modules_to_forward_prefetch). Default: PyTorch FSDP's default, the gather is "
-        "issued in the layer's pre-forward hook: it still overlaps the layer before it "
-        "with several hardware queues, not with one (device_max_connections 1), where "
-        "every forward gather is then exposed.",
+        "issued in layer i's pre-forward hook: it still overlaps layer i-1 with several "
+        "hardware queues, not with one (device_max_connections 1), where every forward "
+        "gather is then exposed.",
     )
     prefill: ParallelSpec | None = Field(
         None,
