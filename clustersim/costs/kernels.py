@@ -280,17 +280,21 @@ class KernelTimer:
         ``memory.l2_speedup`` times faster; an element-wise kernel takes at least one row of
         ``row_bytes`` (the bytes of one token) at one thread block's ``memory.row_gbps``."""
         rate, fixed_ms = self._memory_class[kind]
-        row_ms = row_bytes / self._row_byte_s * 1e3 if kind in ROW_KINDS else 0.0
-        scalar = type(nbytes) in _NUMBERS and type(row_bytes) in _NUMBERS
+        if type(nbytes) in _NUMBERS and type(row_bytes) in _NUMBERS:  # the engine's path
+            if kind in L2_KINDS and self._l2_bytes and nbytes <= self._l2_bytes:
+                rate = rate * self._l2_speedup
+            ms = nbytes / rate * 1e3
+            if row_bytes and kind in ROW_KINDS:
+                row_ms = row_bytes / self._row_byte_s * 1e3
+                if row_ms > ms:
+                    ms = row_ms
+            return ms + fixed_ms
         if kind in L2_KINDS and self._l2_bytes:
-            if scalar:
-                rate = rate * self._l2_speedup if nbytes <= self._l2_bytes else rate
-            else:
-                rate = np.where(nbytes <= self._l2_bytes, rate * self._l2_speedup, rate)
+            rate = np.where(nbytes <= self._l2_bytes, rate * self._l2_speedup, rate)
         stream_ms = nbytes / rate * 1e3
-        if scalar:
-            return (stream_ms if stream_ms > row_ms else row_ms) + fixed_ms
-        return np.maximum(stream_ms, row_ms) + fixed_ms
+        if kind in ROW_KINDS:
+            stream_ms = np.maximum(stream_ms, row_bytes / self._row_byte_s * 1e3)
+        return stream_ms + fixed_ms
 
     def linear_ms(self, m, n: float, k: float, groups=1.0, quantised: bool = False):
         """Stream time of a linear layer's GEMM: under FP8, the quantise kernel of its input
