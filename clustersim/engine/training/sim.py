@@ -106,6 +106,7 @@ from clustersim.engine.training.optimes import (
     MicrobatchCosts,
     optimizer_ms,
 )
+from clustersim.engine.training.param_gather import forward_buckets
 from clustersim.layout import Layout
 from clustersim.spec.schema import Plan
 
@@ -355,6 +356,12 @@ class TrainingSim:
         self._shard_streams: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # (stage, layer) -> (batch, routes, expert tokens, idle): what routing the layer gave
         self._route_memo: dict[tuple[int, int], tuple] = {}
+        # ZeRO-1/2 with overlap: the parameter gathers of the next forward, bucket by bucket
+        # (param_gather.py); per stage the chain's clock and dispatched chunks, and each
+        # layer's gather end
+        self._overlapped_gather = self._gathers_after_step and self.par.overlap_communication
+        self._gather_chain: dict[int, tuple[np.ndarray, set[int]]] = {}
+        self._gather_ready: dict[int, dict[int, np.ndarray]] = {}
         if reuse is not None:
             self._share_tables(reuse)
 
@@ -481,8 +488,10 @@ class TrainingSim:
         comm = self.env.process(self._grad_stream(co, buckets))
         grad_state = {"bytes": 0.0, "expert_bytes": 0.0}
         free = np.zeros(len(co.lanes))  # each lane's clock: the end of its last step
-        if self._gathers_after_step and self.par.overlap_communication:
-            self._param_gather(co, free, blocking=False)
+        if self._overlapped_gather:
+            self._gather_chain[co.stage] = (np.zeros(len(co.lanes)), set())
+            for chunk in (0, 1):  # chunk 1: interleaved (align_param_gather) or DualPipe
+                self._dispatch_gather(co, chunk, free)
         partners = self._overlap_partners(steps, co.stage)
         for i, step in enumerate(steps):
             vstage, first, last = self._place(co.stage, step.chunk)
@@ -504,6 +513,9 @@ class TrainingSim:
                     received[i + 1] = yield from self._receive("grad", p_vstage, partner.microbatch)
                     start = np.maximum(start, received[i + 1])
             grads = buckets if last_b.get(step.chunk) == i else None
+            if forward and self._overlapped_gather and not self._dualpipe:
+                # interleaved: chunk k + 1's gathers go out with chunk k's first forward
+                self._dispatch_gather(co, step.chunk + 1, start)
             if forward:
                 free = self._forward(co, mb, layers, costs, last, start)
             elif step.kind == "W":
@@ -593,9 +605,12 @@ class TrainingSim:
     ) -> np.ndarray:
         """Forward of a chunk from the lanes' start times ``t``; returns their end times."""
         gathered = self._gather_ahead(co, layers, mb, t)
+        chain_ready = self._gather_ready.get(co.stage)
         for layer in layers:
             if gathered is not None:  # ZeRO-3: the layer's weights must be there
                 t = gathered(layer, t)
+            elif chain_ready is not None and layer in chain_ready:  # ZeRO-1/2, overlapped
+                t = np.maximum(t, chain_ready[layer])
             moe = self.model.is_moe_layer(layer)
             lt = costs.moe if moe else costs.dense
             t = self._op(co, Kind.COMPUTE, Op.ATTN_FWD, t, lt.attn_fwd, layer, mb)
@@ -1250,6 +1265,69 @@ class TrainingSim:
                 nbytes,
             )
         return total
+
+    def _dispatch_gather(self, co: Cohort, chunk: int, at: np.ndarray) -> None:
+        """Dispatch the overlapped parameter all-gathers of ``chunk`` of the cohort's stage
+        at ``at`` (per lane), once: its buckets (param_gather.forward_buckets; Megatron-Core
+        buckets only chunk 0 of stage 0) run back to back on the stage's gather stream, each
+        a gather of its dense weights over DP then of its expert weights over EDP; every
+        layer's first forward waits for its bucket (:meth:`_forward`). The stage's embedding
+        and output-layer weights join its first bucket."""
+        clock, sent = self._gather_chain[co.stage]
+        chunks = 2 if self._dualpipe else self.par.virtual_stages
+        if chunk in sent or chunk >= chunks:
+            return
+        sent.add(chunk)
+        layers = self._chunk_layers(co.stage, chunk)
+        per_layer = [(i, *self._layer_grad_bytes(i)) for i in layers]
+        bucketed = co.stage == 0 and chunk == 0
+        buckets = forward_buckets(per_layer, self.par.grad_bucket_mb * MIB, bucketed)
+        grads = {i: (d, e) for i, d, e in per_layer}
+        if chunk == 0:  # the stage's embedding / output layer: the first bucket
+            dense, _ = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
+            extra = self._non_layer_grads(co.stage, dense)
+        else:
+            extra = 0.0
+        per_param = precision.param_gather_bytes(self.model) / self._grad_bytes
+        ready = self._gather_ready.setdefault(co.stage, {})
+        start = np.maximum(clock, at)
+        for bucket in buckets:
+            dense = (sum(grads[i][0] for i in bucket) + extra) * per_param
+            expert = sum(grads[i][1] for i in bucket) * per_param
+            extra = 0.0
+            t = start
+            for kind, nbytes in (("dp", dense), ("edp", expert)):
+                if nbytes > 0 and (kind == "dp" or self.model.moe):
+                    t = self._gather_over(co, kind, nbytes, t)
+            self.rec.add_block(
+                co.lane_ids, Kind.COMM_ASYNC, Op.PARAM_GATHER, start, t, -1, -1, dense + expert
+            )
+            for i in bucket:
+                ready[i] = t
+            start = t
+        clock[:] = start
+
+    def _gather_over(self, co: Cohort, kind: str, nbytes: float, start: np.ndarray) -> np.ndarray:
+        """One bucket's parameter all-gather (``nbytes`` per GPU after it) over each of the
+        cohort's ``kind`` (dp / edp) groups, from its last member's ``start``; returns the
+        lanes' end times (unchanged for lanes in no group of more than one GPU)."""
+        ends = np.array(start, dtype=float)
+        for group, positions in self._lane_groups(co, kind):
+            key = ("all_gather", kind, nbytes, group[0])
+            duration = self._collective_ms.get(key)
+            if duration is None:
+                duration = self._collective_ms[key] = collective_time_ms(
+                    "all_gather", nbytes, group, self.hw.gpus_per_node, self.hw, "hierarchical"
+                )
+            begin = float(start[positions].max())
+            if self.net is not None:
+                net_key = self.net.next_key("param_gather", co.stage, kind, group[0])
+                duration = self.net.collective(
+                    net_key, "param_gather", "all_gather", nbytes, group, begin, duration,
+                    len(positions),
+                )  # fmt: skip
+            ends[positions] = begin + duration
+        return ends
 
     def _param_gather_flow(self, co: Cohort, start: np.ndarray, total: float) -> float:
         """The parameter all-gather as one flow per DP group of the cohort (its DP and EDP

@@ -1,0 +1,102 @@
+"""The distributed optimizer's overlapped parameter all-gather (Megatron-Core's
+``overlap_param_gather``, engine/training/param_gather.py): buckets in backward order, gathers
+back to back from the iteration's start, each layer's first forward waiting for its bucket.
+
+Expected values are closed forms: the ring all-gather (n - 1) / n x bytes / B + (n - 1) alpha
+on one node (the ROOFLINE collectives of the engine tests) and the bucket rule by hand.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_engine import DENSE, H100, _dense_params, dense_layer_params, make_plan, rows
+
+from clustersim.engine.recorder import Op
+from clustersim.engine.training.param_gather import chain_ends_ms, forward_buckets
+from clustersim.run.simulate import simulate
+
+
+def test_buckets_close_walking_backward_and_the_rest_is_first():
+    layers = [(0, 10.0, 0.0), (1, 6.0, 4.0), (2, 10.0, 0.0), (3, 5.0, 5.0)]
+    # backward: 3 (10 >= 10: closes), 2 (10: closes), 1 (10: closes), 0 left over
+    assert forward_buckets(layers, 10.0, True) == [[0], [1], [2], [3]]
+    # threshold 15: 3 + 2 = 20 closes, 1 + 0 = 20 closes
+    assert forward_buckets(layers, 15.0, True) == [[0, 1], [2, 3]]
+    # threshold 25: 3 + 2 + 1 = 30 closes; 0 is the first (smaller) bucket
+    assert forward_buckets(layers, 25.0, True) == [[0], [1, 2, 3]]
+    assert forward_buckets(layers, 1.0, False) == [[0, 1, 2, 3]]
+    assert forward_buckets([], 1.0, True) == []
+
+
+def test_chain_runs_gathers_back_to_back():
+    ends = chain_ends_ms(np.array([1.0, 2.0]), [np.array([3.0, 3.0]), np.array([0.5, 1.5])])
+    np.testing.assert_allclose(ends[0], [4.0, 5.0])
+    np.testing.assert_allclose(ends[1], [4.5, 6.5])
+
+
+def _zero1(n: int, bucket_mb: float, overlap: bool = True):
+    plan = make_plan(
+        DENSE,
+        {
+            "dp": n,
+            "num_microbatches": 2,
+            "distributed_optimizer": True,
+            "overlap_communication": overlap,
+            "grad_bucket_mb": bucket_mb,
+        },
+    )
+    return rows(simulate(plan))
+
+
+def _ring_gather_ms(nbytes: float, n: int) -> float:
+    bandwidth, alpha_ms = H100["intra_bw"] * 1e9, H100["intra_lat"] * 1e-3
+    return (n - 1) / n * nbytes / bandwidth * 1e3 + (n - 1) * alpha_ms
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_one_bucket_gather_is_exposed_before_the_first_forward(n):
+    """One bucket (threshold above the model's gradients): the whole BF16 model, 2 bytes x
+    parameters, is gathered from t = 0, and the first layer's forward starts when it ends."""
+    cols = _zero1(n, bucket_mb=1e6)
+    gather = cols["op"] == Op.PARAM_GATHER
+    assert gather.sum() == 1
+    expected = _ring_gather_ms(2 * _dense_params(), n)
+    assert cols["start_ms"][gather] == pytest.approx([0.0], abs=1e-12)
+    assert cols["end_ms"][gather] == pytest.approx([expected], rel=1e-12)
+    attn = cols["op"] == Op.ATTN_FWD
+    assert cols["start_ms"][attn].min() == pytest.approx(expected, rel=1e-12)
+
+
+def test_per_layer_buckets_wait_only_for_the_first_and_keep_the_bytes():
+    """Per-layer buckets (threshold below one layer's FP32 gradients): the first bucket holds
+    layer 0 with the embedding and output layer (the stage's non-layer weights); the gathers
+    run back to back; layer i's first forward starts no earlier than its bucket's end, the
+    first layer exactly at the first bucket's end; the bytes are the whole model's."""
+    n, h, ffn, vocab = 4, DENSE["hidden_size"], DENSE["ffn_hidden_size"], DENSE["vocab_size"]
+    layer = dense_layer_params(h, ffn)
+    cols = _zero1(n, bucket_mb=1.0)
+    gather = cols["op"] == Op.PARAM_GATHER
+    starts, ends, nbytes = cols["start_ms"][gather], cols["end_ms"][gather], cols["bytes"][gather]
+    assert len(nbytes) == DENSE["num_layers"]
+    assert nbytes.sum() == pytest.approx(2 * _dense_params(), rel=1e-12)
+    non_layer = 2 * vocab * h + h
+    np.testing.assert_allclose(nbytes, 2 * np.array([layer + non_layer] + [layer] * 3), rtol=1e-12)
+    np.testing.assert_allclose(ends, starts + [_ring_gather_ms(b, n) for b in nbytes], rtol=1e-12)
+    np.testing.assert_allclose(starts[1:], ends[:-1], rtol=1e-12)  # back to back
+    attn = cols["op"] == Op.ATTN_FWD
+    first = {}
+    for lay, start in zip(cols["layer"][attn], cols["start_ms"][attn], strict=True):
+        first[int(lay)] = min(first.get(int(lay), np.inf), float(start))
+    assert first[0] == pytest.approx(ends[0], rel=1e-12)
+    for i in range(DENSE["num_layers"]):
+        assert first[i] >= ends[i] - 1e-12
+
+
+def test_without_overlap_the_gather_follows_the_optimizer_and_nothing_waits_for_it():
+    cols = _zero1(4, bucket_mb=1.0, overlap=False)
+    attn = cols["op"] == Op.ATTN_FWD
+    assert cols["start_ms"][attn].min() == 0.0
+    gather = cols["op"] == Op.PARAM_GATHER
+    opt = cols["op"] == Op.OPTIMIZER
+    assert cols["start_ms"][gather].min() == pytest.approx(cols["end_ms"][opt].max(), rel=1e-12)
