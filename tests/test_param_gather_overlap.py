@@ -100,3 +100,57 @@ def test_without_overlap_the_gather_follows_the_optimizer_and_nothing_waits_for_
     gather = cols["op"] == Op.PARAM_GATHER
     opt = cols["op"] == Op.OPTIMIZER
     assert cols["start_ms"][gather].min() == pytest.approx(cols["end_ms"][opt].max(), rel=1e-12)
+
+
+# ---- the NICs shared with the EP all-to-all ---------------------------------------------------
+
+
+def _moe_zero1_sim(ep: int, dp: int):
+    from test_engine import MOE
+
+    from clustersim.engine.recorder import Recorder
+    from clustersim.engine.training.sim import TrainingSim
+    from clustersim.engine.training.workload import microbatch_lengths
+    from clustersim.run.simulate import routing_for
+
+    model = {**MOE, "moe": {**MOE["moe"], "routing": "even"}}
+    plan = make_plan(
+        model, {"dp": dp, "ep": ep, "num_microbatches": 2, "distributed_optimizer": True}
+    )
+    lengths = microbatch_lengths(plan, np.random.default_rng(0))
+    routing, _ = routing_for(plan)
+    return TrainingSim(plan, Recorder(plan.parallel.world_size), lengths, routing, False)
+
+
+def test_all_to_all_shares_the_nic_with_bucket_and_gathers_by_hand():
+    """Work left when an all-to-all of d = 5 ms starts at t = 2: the gradient bucket in
+    flight until 10 (8 ms), the gathers until 4 (2 ms); backlog 10, so the all-to-all loses
+    min(5, 10) = 5 ms and the backlog moves 5 ms: 4 to the bucket (14), 1 to the gathers
+    (their clock 5; a bucket ending after t = 2 ends 1 ms later, one ended before stays)."""
+    sim = _moe_zero1_sim(ep=2, dp=2)
+    co = sim.cohorts[0]
+    lanes = len(co.lanes)
+    sim._bucket_busy[0] = np.full(lanes, 10.0)
+    sim._gather_chain[0] = (np.full(lanes, 4.0), set())
+    sim._gather_ready[0] = {0: np.full(lanes, 3.0), 1: np.full(lanes, 4.0), 2: np.full(lanes, 1.0)}
+    delay = sim._overlapped_streams(co, np.full(lanes, 2.0), np.full(lanes, 5.0))
+    np.testing.assert_allclose(delay, 5.0)
+    np.testing.assert_allclose(sim._bucket_busy[0], 14.0)
+    np.testing.assert_allclose(sim._gather_chain[0][0], 5.0)
+    ready = sim._gather_ready[0]
+    np.testing.assert_allclose([ready[0], ready[1], ready[2]], [[4.0] * lanes, [5.0] * lanes,
+                                                                [1.0] * lanes])  # fmt: skip
+    # nothing in flight: no delay
+    sim._bucket_busy[0] = np.full(lanes, 1.0)
+    sim._gather_chain[0] = (np.full(lanes, 1.5), set())
+    np.testing.assert_allclose(
+        sim._overlapped_streams(co, np.full(lanes, 2.0), np.full(lanes, 5.0)), 0.0
+    )
+
+
+def test_no_nic_sharing_when_the_all_to_all_stays_inside_a_node():
+    """EP 8 of DP 16 on two nodes: the all-to-all stays on NVLink, the sharing rule is off;
+    EP 16 crosses nodes, as the DP gathers do: on."""
+    assert not _moe_zero1_sim(ep=8, dp=16)._cross_node_sharing(_moe_zero1_sim(8, 16).cohorts[0])
+    sim = _moe_zero1_sim(ep=16, dp=16)
+    assert sim._cross_node_sharing(sim.cohorts[0])

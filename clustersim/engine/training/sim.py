@@ -362,6 +362,7 @@ class TrainingSim:
         self._overlapped_gather = self._gathers_after_step and self.par.overlap_communication
         self._gather_chain: dict[int, tuple[np.ndarray, set[int]]] = {}
         self._gather_ready: dict[int, dict[int, np.ndarray]] = {}
+        self._bucket_busy: dict[int, np.ndarray] = {}  # the gradient collective in flight
         if reuse is not None:
             self._share_tables(reuse)
 
@@ -879,9 +880,11 @@ class TrainingSim:
     def _shared_with_sharding(
         self, co: Cohort, starts: np.ndarray, a2a_ms: np.ndarray
     ) -> np.ndarray:
-        """ZeRO-2/3: the time each EP group's all-to-all (from
-        ``starts``, ``a2a_ms`` long; per group) loses to the lanes' sharding stream when both
-        cross nodes, and the stream's matching delay (its clock moves on in place).
+        """ZeRO-1/2/3: the time each EP group's all-to-all (from
+        ``starts``, ``a2a_ms`` long; per group) loses to the lanes' sharding streams when both
+        cross nodes, and the streams' matching delay (their clocks move on in place): ZeRO-2/3's
+        per-layer stream, and with overlap the distributed optimizer's gradient buckets and
+        parameter gathers (:meth:`_overlapped_streams`).
 
         Both transfers then use the same NICs. Two bandwidth-bound transfers sharing a link
         fairly, needing ``d`` and ``r`` alone, finish at ``2 min(d, r)`` and ``d + r``: each
@@ -890,9 +893,9 @@ class TrainingSim:
         Zero when either stays inside a node (NVLink and the NICs are separate links), and
         with ``hardware.topology``, where both are flows on the shared links instead."""
         zero = np.zeros_like(a2a_ms)
-        if not self._layer_rs or self.net is not None or not self._cross_node_sharing(co):
+        sharded = self._layer_rs or self._overlapped_gather
+        if not sharded or self.net is not None or not self._cross_node_sharing(co):
             return zero
-        clock, _ = self._streams(co)
         if co.block:
             lane_start = np.repeat(starts, co.block)
             lane_d = np.repeat(a2a_ms, co.block)
@@ -900,11 +903,44 @@ class TrainingSim:
             member = co.membership
             lane_start = np.where(member, starts[:, None], -np.inf).max(axis=0)
             lane_d = np.where(member, a2a_ms[:, None], 0.0).max(axis=0)
-        delay = fair_share_delay_ms(lane_d, clock - lane_start)
-        clock += delay
+        if self._layer_rs:
+            clock, _ = self._streams(co)
+            delay = fair_share_delay_ms(lane_d, clock - lane_start)
+            clock += delay
+        else:
+            delay = self._overlapped_streams(co, lane_start, lane_d)
         if co.block:
             return delay.reshape(len(co.groups), co.block).max(axis=1)
         return np.where(co.membership, delay[None, :], 0.0).max(axis=1)
+
+    def _overlapped_streams(
+        self, co: Cohort, lane_start: np.ndarray, lane_d: np.ndarray
+    ) -> np.ndarray:
+        """ZeRO-1/2 with overlap: an all-to-all of ``lane_d`` from ``lane_start`` (per lane)
+        beside the work left on the lane's gradient-bucket collective in flight and its
+        parameter gathers (dispatched, not yet done). Each is delayed by the fair share of
+        the NIC (``fair_share_delay_ms`` against their sum), and the backlog by as much,
+        split over the two in proportion to their work left: the bucket's end moves, and so
+        does every gather still to end (each layer waits for its bucket's new end)."""
+        busy = self._bucket_busy.get(co.stage)
+        bucket_left = np.zeros_like(lane_d) if busy is None else np.maximum(busy - lane_start, 0)
+        chain = self._gather_chain.get(co.stage)
+        gather_left = np.zeros_like(lane_d)
+        if chain is not None:
+            gather_left = np.maximum(chain[0] - lane_start, 0.0)
+        backlog = bucket_left + gather_left
+        delay = fair_share_delay_ms(lane_d, backlog)
+        share = np.divide(gather_left, backlog, out=np.zeros_like(backlog), where=backlog > 0)
+        if busy is not None:
+            busy += delay * (1.0 - share)
+        if chain is not None and gather_left.any():
+            push = delay * share
+            chain[0][:] += push
+            for layer, ready in self._gather_ready.get(co.stage, {}).items():
+                self._gather_ready[co.stage][layer] = np.where(
+                    ready > lane_start, ready + push, ready
+                )
+        return delay
 
     def _cross_node_sharing(self, co: Cohort) -> bool:
         """Whether the cohort's EP all-to-alls and its sharded-DP collectives both cross
@@ -1207,7 +1243,10 @@ class TrainingSim:
                 if groups and size > 0:
                     start = np.maximum(ready, free)  # the bucket is ready, the stream is free
                     ends = self._dp_collective(co, groups, size, op, start)
-                    yield self._reach(float(ends.max()))
+                    # all-to-alls sharing the NICs meanwhile push the end (in place)
+                    self._bucket_busy[co.stage] = ends
+                    while float(ends.max()) > self.env.now:
+                        yield self._reach(float(ends.max()))
                     self.rec.add_block(co.lane_ids, kind_row, op, start, ends, -1, -1, size)
                     free = ready = ends
 
