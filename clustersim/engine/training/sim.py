@@ -362,7 +362,7 @@ class TrainingSim:
         self._overlapped_gather = self._gathers_after_step and self.par.overlap_communication
         self._gather_chain: dict[int, tuple[np.ndarray, set[int]]] = {}
         self._gather_ready: dict[int, dict[int, np.ndarray]] = {}
-        self._bucket_busy: dict[int, np.ndarray] = {}  # the gradient collective in flight
+        self._bucket_busy: dict[int, np.ndarray] = {}  # the gradient-bucket stream's clock
         if reuse is not None:
             self._share_tables(reuse)
 
@@ -917,11 +917,12 @@ class TrainingSim:
         self, co: Cohort, lane_start: np.ndarray, lane_d: np.ndarray
     ) -> np.ndarray:
         """ZeRO-1/2 with overlap: an all-to-all of ``lane_d`` from ``lane_start`` (per lane)
-        beside the work left on the lane's gradient-bucket collective in flight and its
-        parameter gathers (dispatched, not yet done). Each is delayed by the fair share of
-        the NIC (``fair_share_delay_ms`` against their sum), and the backlog by as much,
-        split over the two in proportion to their work left: the bucket's end moves, and so
-        does every gather still to end (each layer waits for its bucket's new end)."""
+        beside the work left on the lane's gradient-bucket stream (buckets issued, not yet
+        reduced) and its parameter gathers (dispatched, not yet done). Each is delayed by the
+        fair share of the NIC (``fair_share_delay_ms`` against their sum), and the backlog by
+        as much, split over the two in proportion to their work left: the bucket stream's
+        clock moves (the rows already recorded keep their ends, as ZeRO-2/3's), and so does
+        every gather still to end (each layer waits for its bucket's new end)."""
         busy = self._bucket_busy.get(co.stage)
         bucket_left = np.zeros_like(lane_d) if busy is None else np.maximum(busy - lane_start, 0)
         chain = self._gather_chain.get(co.stage)
@@ -1182,10 +1183,29 @@ class TrainingSim:
             dense, _ = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
             state["bytes"] = max(state["bytes"], 0.0) + self._non_layer_grads(co.stage, dense)
         if state["bytes"] or state["expert_bytes"]:
-            buckets.put((state["bytes"], state["expert_bytes"], ready))
+            self._reduce_bucket(co, state["bytes"], state["expert_bytes"], ready)
         state["bytes"] = state["expert_bytes"] = 0.0
         if final:
             buckets.put(None)
+
+    def _reduce_bucket(self, co: Cohort, dense_bytes: float, expert_bytes: float, ready) -> None:
+        """One gradient bucket on the cohort's bucket stream (one per lane, FIFO, one
+        collective at a time): its dense part over DP, then its expert part over EDP, each
+        from when the bucket is ready and the stream is free. Timed when the bucket is
+        issued, so that the all-to-alls after it see the stream's backlog (its clock, which
+        they push when they share the NICs with it: :meth:`_overlapped_streams`)."""
+        clock = self._bucket_busy.setdefault(co.stage, np.zeros(len(co.lanes)))
+        kind_row = Kind.COMM_ASYNC if self.par.overlap_communication else Kind.COMM
+        for kind, size, op in (
+            ("dp", dense_bytes, Op.GRAD_REDUCE),
+            ("edp", expert_bytes, Op.EXPERT_GRAD_REDUCE),
+        ):
+            groups = self._lane_groups(co, kind) if kind == "dp" or self.model.moe else []
+            if groups and size > 0:
+                start = np.maximum(ready, clock)  # the bucket is ready, the stream is free
+                ends = self._dp_collective(co, groups, size, op, start)
+                self.rec.add_block(co.lane_ids, kind_row, op, start, ends, -1, -1, size)
+                clock[:] = ready = ends
 
     def _non_layer_grads(self, stage: int, dense_params: float) -> float:
         layer_dense = sum(
@@ -1225,30 +1245,13 @@ class TrainingSim:
         return found
 
     def _grad_stream(self, co: Cohort, buckets: simpy.Store):
-        """The cohort's communication streams (one per lane, FIFO): gradient buckets, one
-        collective at a time. Returns the lanes' stream clocks at the end."""
-        dp_groups = self._lane_groups(co, "dp")
-        edp_groups = self._lane_groups(co, "edp") if self.model.moe else []
-        kind_row = Kind.COMM_ASYNC if self.par.overlap_communication else Kind.COMM
-        free = np.zeros(len(co.lanes))
-        while True:
-            item = yield buckets.get()
-            if item is None:
-                return free
-            dense_bytes, expert_bytes, ready = item
-            for groups, size, op in (
-                (dp_groups, dense_bytes, Op.GRAD_REDUCE),
-                (edp_groups, expert_bytes, Op.EXPERT_GRAD_REDUCE),
-            ):
-                if groups and size > 0:
-                    start = np.maximum(ready, free)  # the bucket is ready, the stream is free
-                    ends = self._dp_collective(co, groups, size, op, start)
-                    # all-to-alls sharing the NICs meanwhile push the end (in place)
-                    self._bucket_busy[co.stage] = ends
-                    while float(ends.max()) > self.env.now:
-                        yield self._reach(float(ends.max()))
-                    self.rec.add_block(co.lane_ids, kind_row, op, start, ends, -1, -1, size)
-                    free = ready = ends
+        """Waits for the cohort's last gradient bucket (:meth:`_reduce_bucket` times them)
+        and until its stream is done. Returns the lanes' stream clocks at the end."""
+        while (yield buckets.get()) is not None:
+            pass
+        clock = self._bucket_busy.get(co.stage, np.zeros(len(co.lanes)))
+        yield self._reach(float(clock.max()))
+        return clock
 
     def _dp_collective(
         self, co: Cohort, groups, size: float, op: Op, start: np.ndarray
