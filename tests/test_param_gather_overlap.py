@@ -12,8 +12,13 @@ import numpy as np
 import pytest
 from test_engine import DENSE, H100, _dense_params, dense_layer_params, make_plan, rows
 
-from clustersim.engine.recorder import Op
-from clustersim.engine.training.param_gather import chain_ends_ms, forward_buckets
+from clustersim.engine.recorder import Kind, Op
+from clustersim.engine.training.param_gather import (
+    GatherBucket,
+    chain_ends_ms,
+    forward_buckets,
+    split_at,
+)
 from clustersim.run.simulate import simulate
 
 
@@ -49,6 +54,25 @@ def _zero1(n: int, bucket_mb: float, overlap: bool = True):
     return rows(simulate(plan))
 
 
+def _buckets(cols):
+    """Per bucket (in order of its first layer, whose forward records it): start, end,
+    bytes, and the bytes of its exposed part; a bucket is a hidden (asynchronous) row and
+    the row of the wait for it, each left out where it would be 0 long."""
+    gather = cols["op"] == Op.PARAM_GATHER
+    layers = np.unique(cols["layer"][gather])
+    out = []
+    for lay in layers:
+        sel = gather & (cols["layer"] == lay)
+        exposed = sel & (cols["kind"] == Kind.COMM)
+        hidden = sel & (cols["kind"] == Kind.COMM_ASYNC)
+        assert exposed.sum() <= 1 and hidden.sum() <= 1
+        if exposed.any() and hidden.any():  # the wait starts where the hidden part ends
+            assert cols["start_ms"][exposed][0] == pytest.approx(cols["end_ms"][hidden][0])
+        out.append((cols["start_ms"][sel].min(), cols["end_ms"][sel].max(),
+                    cols["bytes"][sel].sum(), cols["bytes"][exposed].sum()))  # fmt: skip
+    return tuple(np.array(col) for col in zip(*out, strict=True))
+
+
 def _ring_gather_ms(nbytes: float, n: int) -> float:
     bandwidth, alpha_ms = H100["intra_bw"] * 1e9, H100["intra_lat"] * 1e-3
     return (n - 1) / n * nbytes / bandwidth * 1e3 + (n - 1) * alpha_ms
@@ -59,11 +83,13 @@ def test_one_bucket_gather_is_exposed_before_the_first_forward(n):
     """One bucket (threshold above the model's gradients): the whole BF16 model, 2 bytes x
     parameters, is gathered from t = 0, and the first layer's forward starts when it ends."""
     cols = _zero1(n, bucket_mb=1e6)
-    gather = cols["op"] == Op.PARAM_GATHER
-    assert gather.sum() == 1
+    starts, ends, nbytes, blocking = _buckets(cols)
     expected = _ring_gather_ms(2 * _dense_params(), n)
-    assert cols["start_ms"][gather] == pytest.approx([0.0], abs=1e-12)
-    assert cols["end_ms"][gather] == pytest.approx([expected], rel=1e-12)
+    assert starts == pytest.approx([0.0], abs=1e-12)
+    assert ends == pytest.approx([expected], rel=1e-12)
+    # nothing ran before it: all of it is exposed, as a blocking row with all the bytes
+    assert blocking == pytest.approx([2 * _dense_params()], rel=1e-12)
+    assert nbytes == pytest.approx([2 * _dense_params()], rel=1e-12)
     attn = cols["op"] == Op.ATTN_FWD
     assert cols["start_ms"][attn].min() == pytest.approx(expected, rel=1e-12)
 
@@ -76,8 +102,7 @@ def test_per_layer_buckets_wait_only_for_the_first_and_keep_the_bytes():
     n, h, ffn, vocab = 4, DENSE["hidden_size"], DENSE["ffn_hidden_size"], DENSE["vocab_size"]
     layer = dense_layer_params(h, ffn)
     cols = _zero1(n, bucket_mb=1.0)
-    gather = cols["op"] == Op.PARAM_GATHER
-    starts, ends, nbytes = cols["start_ms"][gather], cols["end_ms"][gather], cols["bytes"][gather]
+    starts, ends, nbytes, _ = _buckets(cols)
     assert len(nbytes) == DENSE["num_layers"]
     assert nbytes.sum() == pytest.approx(2 * _dense_params(), rel=1e-12)
     non_layer = 2 * vocab * h + h
@@ -126,20 +151,25 @@ def test_all_to_all_shares_the_nic_with_bucket_and_gathers_by_hand():
     """Work left when an all-to-all of d = 5 ms starts at t = 2: the gradient bucket in
     flight until 10 (8 ms), the gathers until 4 (2 ms); backlog 10, so the all-to-all loses
     min(5, 10) = 5 ms and the backlog moves 5 ms: 4 to the bucket (14), 1 to the gathers
-    (their clock 5; a bucket ending after t = 2 ends 1 ms later, one ended before stays)."""
+    (their clock 5; a gather running at t = 2 ends 1 ms later, a queued one starts and ends
+    1 ms later, one done before stays)."""
     sim = _moe_zero1_sim(ep=2, dp=2)
     co = sim.cohorts[0]
     lanes = len(co.lanes)
     sim._bucket_busy[0] = np.full(lanes, 10.0)
     sim._gather_chain[0] = (np.full(lanes, 4.0), set())
-    sim._gather_ready[0] = {0: np.full(lanes, 3.0), 1: np.full(lanes, 4.0), 2: np.full(lanes, 1.0)}
+
+    def bucket(start, end):
+        return GatherBucket(np.full(lanes, start), np.full(lanes, end), 1.0)
+
+    # buckets: one done (0-1), one running (1-3), one queued (3-4)
+    sim._gather_ready[0] = {2: bucket(0.0, 1.0), 0: bucket(1.0, 3.0), 1: bucket(3.0, 4.0)}
     delay = sim._overlapped_streams(co, np.full(lanes, 2.0), np.full(lanes, 5.0))
     np.testing.assert_allclose(delay, 5.0)
     np.testing.assert_allclose(sim._bucket_busy[0], 14.0)
     np.testing.assert_allclose(sim._gather_chain[0][0], 5.0)
-    ready = sim._gather_ready[0]
-    np.testing.assert_allclose([ready[0], ready[1], ready[2]], [[4.0] * lanes, [5.0] * lanes,
-                                                                [1.0] * lanes])  # fmt: skip
+    spans = {i: (b.start_ms[0], b.end_ms[0]) for i, b in sim._gather_ready[0].items()}
+    assert spans == {2: (0.0, 1.0), 0: (1.0, 4.0), 1: (4.0, 5.0)}
     # nothing in flight: no delay
     sim._bucket_busy[0] = np.full(lanes, 1.0)
     sim._gather_chain[0] = (np.full(lanes, 1.5), set())
@@ -154,3 +184,8 @@ def test_no_nic_sharing_when_the_all_to_all_stays_inside_a_node():
     assert not _moe_zero1_sim(ep=8, dp=16)._cross_node_sharing(_moe_zero1_sim(8, 16).cohorts[0])
     sim = _moe_zero1_sim(ep=16, dp=16)
     assert sim._cross_node_sharing(sim.cohorts[0])
+
+
+def test_split_at_clips_the_wait_to_the_gather():
+    b = GatherBucket(np.array([1.0, 1.0, 1.0]), np.array([3.0, 3.0, 3.0]), 1.0)
+    np.testing.assert_allclose(split_at(b, np.array([0.5, 2.0, 4.0])), [1.0, 2.0, 3.0])

@@ -23,6 +23,7 @@ micro-batch; without interleaving the pre-hook dispatches them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -61,3 +62,28 @@ def chain_ends_ms(dispatch_ms: np.ndarray, durations_ms: Sequence[np.ndarray]) -
         t = t + d
         ends.append(t)
     return ends
+
+
+@dataclass
+class GatherBucket:
+    """One dispatched bucket gather of a cohort: per lane its start and end (moved on in
+    place while all-to-alls share its NICs), the bytes one GPU gathers, and whether its
+    rows are recorded (when its first layer's forward reaches it: :func:`split_at`)."""
+
+    start_ms: np.ndarray
+    end_ms: np.ndarray
+    nbytes: float
+    recorded: bool = False
+
+    def push(self, after_ms: np.ndarray, delay_ms: np.ndarray) -> None:
+        """Delay the gather by ``delay_ms`` where it was still running at ``after_ms``
+        (per lane): its end moves, and its start too if it had not started."""
+        self.start_ms = np.where(self.start_ms > after_ms, self.start_ms + delay_ms, self.start_ms)
+        self.end_ms = np.where(self.end_ms > after_ms, self.end_ms + delay_ms, self.end_ms)
+
+
+def split_at(bucket: GatherBucket, wait_from_ms: np.ndarray) -> np.ndarray:
+    """Where a bucket's gather stops being hidden: the lanes reach the layer at
+    ``wait_from_ms``; before it the gather ran under earlier work (asynchronous), from it to
+    the gather's end the layer waits (exposed). Clipped to the gather's span."""
+    return np.clip(wait_from_ms, bucket.start_ms, bucket.end_ms)

@@ -106,7 +106,7 @@ from clustersim.engine.training.optimes import (
     MicrobatchCosts,
     optimizer_ms,
 )
-from clustersim.engine.training.param_gather import forward_buckets
+from clustersim.engine.training.param_gather import GatherBucket, forward_buckets, split_at
 from clustersim.layout import Layout
 from clustersim.spec.schema import Plan
 
@@ -361,8 +361,12 @@ class TrainingSim:
         # layer's gather end
         self._overlapped_gather = self._gathers_after_step and self.par.overlap_communication
         self._gather_chain: dict[int, tuple[np.ndarray, set[int]]] = {}
-        self._gather_ready: dict[int, dict[int, np.ndarray]] = {}
-        self._bucket_busy: dict[int, np.ndarray] = {}  # the gradient-bucket stream's clock
+        self._gather_ready: dict[int, dict[int, GatherBucket]] = {}  # stage -> layer -> bucket
+        # the gradient-bucket stream: per stage its clock, which is the end of the collective
+        # issued last, whose row is recorded when the next is issued (all-to-alls sharing the
+        # NICs push it meanwhile), as (op, start, end = clock, bytes)
+        self._bucket_busy: dict[int, np.ndarray] = {}
+        self._bucket_pending: dict[int, tuple] = {}
         if reuse is not None:
             self._share_tables(reuse)
 
@@ -611,7 +615,7 @@ class TrainingSim:
             if gathered is not None:  # ZeRO-3: the layer's weights must be there
                 t = gathered(layer, t)
             elif chain_ready is not None and layer in chain_ready:  # ZeRO-1/2, overlapped
-                t = np.maximum(t, chain_ready[layer])
+                t = self._wait_gather(co, chain_ready[layer], t, layer, mb)
             moe = self.model.is_moe_layer(layer)
             lt = costs.moe if moe else costs.dense
             t = self._op(co, Kind.COMPUTE, Op.ATTN_FWD, t, lt.attn_fwd, layer, mb)
@@ -937,10 +941,9 @@ class TrainingSim:
         if chain is not None and gather_left.any():
             push = delay * share
             chain[0][:] += push
-            for layer, ready in self._gather_ready.get(co.stage, {}).items():
-                self._gather_ready[co.stage][layer] = np.where(
-                    ready > lane_start, ready + push, ready
-                )
+            for bucket in {id(b): b for b in self._gather_ready[co.stage].values()}.values():
+                if not bucket.recorded:
+                    bucket.push(lane_start, push)
         return delay
 
     def _cross_node_sharing(self, co: Cohort) -> bool:
@@ -1194,8 +1197,7 @@ class TrainingSim:
         from when the bucket is ready and the stream is free. Timed when the bucket is
         issued, so that the all-to-alls after it see the stream's backlog (its clock, which
         they push when they share the NICs with it: :meth:`_overlapped_streams`)."""
-        clock = self._bucket_busy.setdefault(co.stage, np.zeros(len(co.lanes)))
-        kind_row = Kind.COMM_ASYNC if self.par.overlap_communication else Kind.COMM
+        clock = self._bucket_busy.get(co.stage, np.zeros(len(co.lanes)))
         for kind, size, op in (
             ("dp", dense_bytes, Op.GRAD_REDUCE),
             ("edp", expert_bytes, Op.EXPERT_GRAD_REDUCE),
@@ -1204,8 +1206,17 @@ class TrainingSim:
             if groups and size > 0:
                 start = np.maximum(ready, clock)  # the bucket is ready, the stream is free
                 ends = self._dp_collective(co, groups, size, op, start)
-                self.rec.add_block(co.lane_ids, kind_row, op, start, ends, -1, -1, size)
-                clock[:] = ready = ends
+                self._record_bucket(co)
+                self._bucket_pending[co.stage] = (op, start, ends, size)
+                self._bucket_busy[co.stage] = clock = ready = ends
+
+    def _record_bucket(self, co: Cohort) -> None:
+        """Record the bucket stream's last collective (its end as pushed so far)."""
+        pending = self._bucket_pending.pop(co.stage, None)
+        if pending is not None:
+            op, start, ends, size = pending
+            kind_row = Kind.COMM_ASYNC if self.par.overlap_communication else Kind.COMM
+            self.rec.add_block(co.lane_ids, kind_row, op, start, ends, -1, -1, size)
 
     def _non_layer_grads(self, stage: int, dense_params: float) -> float:
         layer_dense = sum(
@@ -1249,6 +1260,7 @@ class TrainingSim:
         and until its stream is done. Returns the lanes' stream clocks at the end."""
         while (yield buckets.get()) is not None:
             pass
+        self._record_bucket(co)
         clock = self._bucket_busy.get(co.stage, np.zeros(len(co.lanes)))
         yield self._reach(float(clock.max()))
         return clock
@@ -1341,13 +1353,37 @@ class TrainingSim:
             for kind, nbytes in (("dp", dense), ("edp", expert)):
                 if nbytes > 0 and (kind == "dp" or self.model.moe):
                     t = self._gather_over(co, kind, nbytes, t)
-            self.rec.add_block(
-                co.lane_ids, Kind.COMM_ASYNC, Op.PARAM_GATHER, start, t, -1, -1, dense + expert
-            )
+            gather = GatherBucket(start, t, dense + expert)
             for i in bucket:
-                ready[i] = t
+                ready[i] = gather
             start = t
         clock[:] = start
+
+    def _wait_gather(
+        self, co: Cohort, bucket: GatherBucket, t: np.ndarray, layer: int, mb: int
+    ) -> np.ndarray:
+        """``layer``'s forward of ``mb`` reaching its bucket's gather at ``t``: the first
+        time, record the gather (hidden part asynchronous, the part the lanes wait for
+        blocking, bytes split by time; rows of that layer and micro-batch); returns when the
+        lanes may go on."""
+        if not bucket.recorded:
+            bucket.recorded = True
+            split = split_at(bucket, t)
+            span = bucket.end_ms - bucket.start_ms
+            hidden = np.divide(split - bucket.start_ms, span, out=np.ones_like(span),
+                               where=span > 0)  # fmt: skip
+            wait_from = np.maximum(t, bucket.start_ms)
+            wait_to = np.maximum(wait_from, bucket.end_ms)
+            rows = ((Kind.COMM_ASYNC, bucket.start_ms, split, hidden),
+                    (Kind.COMM, wait_from, wait_to, 1.0 - hidden))  # fmt: skip
+            for kind, begin, end, share in rows:
+                lanes = end > begin  # no 0-long rows (ties with the layer's first op)
+                if lanes.any():
+                    self.rec.add_block(
+                        co.lane_ids[lanes], kind, Op.PARAM_GATHER, begin[lanes], end[lanes],
+                        layer, mb, (bucket.nbytes * share)[lanes],
+                    )  # fmt: skip
+        return np.maximum(t, bucket.end_ms)
 
     def _gather_over(self, co: Cohort, kind: str, nbytes: float, start: np.ndarray) -> np.ndarray:
         """One bucket's parameter all-gather (``nbytes`` per GPU after it) over each of the
