@@ -206,10 +206,10 @@ def test_moe_interleaved_bubble_closed_form_one_layer_per_chunk(p, m, v):
 
 
 def test_per_iteration_work_does_not_scale_with_model_chunks():
-    """Interleaving splits each stage into v chunks but runs the same layers: the data-parallel
-    gradient reduce-scatters (dense and expert), the optimizer and the all-to-alls move the
-    same bytes in the same number of rows for v = 1, 2, 4, the parameter all-gathers the same
-    bytes (in one row per bucket: Megatron-Core buckets only the first chunk of the first
+    """Interleaving splits each stage into v chunks but runs the same layers: the
+    optimizer and the all-to-alls move the same bytes in the same number of rows for v = 1,
+    2, 4, the gradient reduce-scatters (dense and expert) and the parameter all-gathers the
+    same bytes (in one row per bucket: Megatron-Core buckets only the first chunk of the first
     stage, so their count follows the chunking); only the pipeline sends grow, to
     ``2 (v p - 1) m`` (one activation and one gradient per micro-batch across each of the
     ``v p - 1`` virtual-stage boundaries), each of the same bytes."""
@@ -241,7 +241,7 @@ def test_per_iteration_work_does_not_scale_with_model_chunks():
     for v in (2, 4):
         for op in per_v[1]:
             got, want = per_v[v][op], per_v[1][op]
-            if op == Op.PARAM_GATHER:  # rows: one per bucket
+            if op in (Op.PARAM_GATHER, Op.GRAD_REDUCE, Op.EXPERT_GRAD_REDUCE):  # per bucket
                 got, want = got[1], want[1]
             assert got == pytest.approx(want, rel=1e-9), op.name
 

@@ -189,3 +189,35 @@ def test_no_nic_sharing_when_the_all_to_all_stays_inside_a_node():
 def test_split_at_clips_the_wait_to_the_gather():
     b = GatherBucket(np.array([1.0, 1.0, 1.0]), np.array([3.0, 3.0, 3.0]), 1.0)
     np.testing.assert_allclose(split_at(b, np.array([0.5, 2.0, 4.0])), [1.0, 2.0, 3.0])
+
+
+def test_only_the_first_stage_is_bucketed():
+    """PP 2, ZeRO-1 with overlap, buckets smaller than a layer: stage 0 reduces its gradients
+    layer by layer during its last backward; stage 1 (Megatron-Core: ``pp_rank > 0``, one
+    bucket) reduces all of its FP32 gradients (its layers, the final norm and output layer)
+    in one collective from the end of its last backward, and gathers its BF16 weights in one
+    bucket too."""
+    h, ffn, vocab = DENSE["hidden_size"], DENSE["ffn_hidden_size"], DENSE["vocab_size"]
+    plan = make_plan(
+        DENSE,
+        {"pp": 2, "dp": 4, "num_microbatches": 4, "distributed_optimizer": True,
+         "grad_bucket_mb": 1.0},
+    )  # fmt: skip
+    cols = rows(simulate(plan))
+    stage_of = {int(ln): int(ln) // (len(np.unique(cols["lane"])) // 2) for ln in cols["lane"]}
+    stage = np.array([stage_of[int(ln)] for ln in cols["lane"]])
+    reduce = cols["op"] == Op.GRAD_REDUCE
+    lane1 = int(cols["lane"][stage == 1][0])
+    mine = reduce & (cols["lane"] == lane1)
+    assert mine.sum() == 1
+    layers = DENSE["num_layers"] // 2
+    stage1_params = layers * dense_layer_params(h, ffn) + vocab * h + h
+    assert cols["bytes"][mine] == pytest.approx([4 * stage1_params], rel=1e-12)
+    bwd = (cols["op"] == Op.ATTN_BWD) & (cols["lane"] == lane1)
+    assert cols["start_ms"][mine][0] == pytest.approx(cols["end_ms"][bwd].max(), rel=1e-12)
+    lane0 = int(cols["lane"][stage == 0][0])
+    # one bucket per layer, then the embedding's gradients (the stage's last bucket)
+    assert (reduce & (cols["lane"] == lane0)).sum() == layers + 1
+    gathers = (cols["op"] == Op.PARAM_GATHER) & (cols["lane"] == lane1)
+    assert cols["bytes"][gathers].sum() == pytest.approx(2 * stage1_params, rel=1e-12)
+    assert len(np.unique(cols["layer"][gathers])) == 1

@@ -491,7 +491,8 @@ class TrainingSim:
         received: dict[int, np.ndarray] = {}  # a pair's backward input, taken with its forward
         buckets = simpy.Store(self.env)
         comm = self.env.process(self._grad_stream(co, buckets))
-        grad_state = {"bytes": 0.0, "expert_bytes": 0.0}
+        grad_state = {"bytes": 0.0, "expert_bytes": 0.0, "bucketed": True}
+        last_chunk = max(last_b, key=last_b.get) if last_b else 0  # its grads complete last
         free = np.zeros(len(co.lanes))  # each lane's clock: the end of its last step
         if self._overlapped_gather:
             self._gather_chain[co.stage] = (np.zeros(len(co.lanes)), set())
@@ -518,6 +519,7 @@ class TrainingSim:
                     received[i + 1] = yield from self._receive("grad", p_vstage, partner.microbatch)
                     start = np.maximum(start, received[i + 1])
             grads = buckets if last_b.get(step.chunk) == i else None
+            grad_state["bucketed"] = self._bucketed(co.stage, step.chunk)
             if forward and self._overlapped_gather and not self._dualpipe:
                 # interleaved: chunk k + 1's gathers go out with chunk k's first forward
                 self._dispatch_gather(co, step.chunk + 1, start)
@@ -529,6 +531,8 @@ class TrainingSim:
                 free = self._backward(
                     co, mb, layers, costs, last, grads, grad_state, start, step.kind == "I"
                 )
+            if grads is not None and not grad_state["bucketed"] and step.chunk != last_chunk:
+                self._flush_bucket(co, buckets, grad_state, final=False, ready=free)
             end = float(free.max())
             yield self._reach(end)
             if forward and not last:
@@ -1168,11 +1172,19 @@ class TrainingSim:
         found = self._layer_grads[layer] = (dense * self._grad_bytes, expert * self._grad_bytes)
         return found
 
+    def _bucketed(self, stage: int, chunk: int) -> bool:
+        """Whether a model chunk's gradients (and gathers) are bucketed: Megatron-Core buckets
+        only the first chunk of the first pipeline stage (``pp_rank > 0``: ``bucket_size =
+        None``; later chunks: ``disable_bucketing``), the others are one bucket each, reduced
+        after the chunk's last backward ("not on the critical path"). DualPipe (not
+        Megatron-Core's schedule) buckets every chunk."""
+        return self._dualpipe or (stage == 0 and chunk == 0)
+
     def _add_layer_grads(self, co: Cohort, layer: int, buckets, state, ready: np.ndarray) -> None:
         dense, expert = self._layer_grad_bytes(layer)
         state["bytes"] += dense
         state["expert_bytes"] += expert
-        if not self.par.overlap_communication:
+        if not self.par.overlap_communication or not state["bucketed"]:
             return
         if state["bytes"] + state["expert_bytes"] >= self.par.grad_bucket_mb * MIB:
             self._flush_bucket(co, buckets, state, final=False, ready=ready)
@@ -1334,7 +1346,7 @@ class TrainingSim:
         sent.add(chunk)
         layers = self._chunk_layers(co.stage, chunk)
         per_layer = [(i, *self._layer_grad_bytes(i)) for i in layers]
-        bucketed = co.stage == 0 and chunk == 0
+        bucketed = self._bucketed(co.stage, chunk)
         buckets = forward_buckets(per_layer, self.par.grad_bucket_mb * MIB, bucketed)
         grads = {i: (d, e) for i, d, e in per_layer}
         if chunk == 0:  # the stage's embedding / output layer: the first bucket
