@@ -531,7 +531,8 @@ class TrainingSim:
                 free = self._backward(
                     co, mb, layers, costs, last, grads, grad_state, start, step.kind == "I"
                 )
-            if grads is not None and not grad_state["bucketed"] and step.chunk != last_chunk:
+            if (grads is not None and self.par.overlap_communication
+                    and not grad_state["bucketed"] and step.chunk != last_chunk):  # fmt: skip
                 self._flush_bucket(co, buckets, grad_state, final=False, ready=free)
             end = float(free.max())
             yield self._reach(end)
