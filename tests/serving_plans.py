@@ -74,9 +74,10 @@ def _gemm_gpu_ms(plan: Plan, m: float, n: float, k: float) -> float:
 
 
 def _stream_gpu_ms(plan: Plan, nbytes: float, kind: str = "stream", row_bytes=0.0) -> float:
-    """A memory-bound kernel of class ``kind``: plain stream (add, cache write), norm, or
-    element-wise (rotary, activation): bytes / (HBM x its efficiency) + its fixed time; a
-    stream or norm whose bytes fit in L2 (``l2_mb``) at ``l2_speedup`` x that rate; an
+    """A memory-bound kernel of class ``kind``: plain stream (add, cache write), norm, rotary
+    embedding or element-wise (activation): bytes / (HBM x its efficiency) + its fixed time
+    (the rotary embedding at ``rotary_efficiency``, the element-wise fixed time); a stream or
+    norm whose bytes fit in L2 (``l2_mb``) at ``l2_speedup`` x that rate; a norm, rotary or
     element-wise kernel of one thread block per token row at least ``row_bytes`` at one
     block's ``row_gbps``."""
     hw, cal = plan.hardware, plan.hardware.calibration
@@ -85,11 +86,12 @@ def _stream_gpu_ms(plan: Plan, nbytes: float, kind: str = "stream", row_bytes=0.
         "stream": (mem.efficiency, kern.stream_fixed_us),
         "norm": (mem.norm_efficiency, kern.norm_fixed_us),
         "elementwise": (mem.elementwise_efficiency, kern.fixed_us),
+        "rotary": (mem.rotary_efficiency or mem.elementwise_efficiency, kern.fixed_us),
     }[kind]
-    if kind != "elementwise" and mem.l2_mb is not None and nbytes <= mem.l2_mb * 1e6:
+    if kind in ("stream", "norm") and mem.l2_mb is not None and nbytes <= mem.l2_mb * 1e6:
         mu *= mem.l2_speedup
     move_ms = nbytes / (hw.hbm_bandwidth_gbps * 1e9 * mu) * 1e3
-    if kind == "elementwise" and mem.row_gbps is not None:
+    if kind != "stream" and mem.row_gbps is not None:
         move_ms = max(move_ms, row_bytes / (mem.row_gbps * 1e9) * 1e3)
     return move_ms + fixed_us * 1e-3
 
@@ -107,10 +109,10 @@ def layer_ms(plan: Plan, new_tokens: int, context: int, graphs: bool = False) ->
     def kern(gpu_ms: float) -> float:
         return _kernel_ms(plan, gpu_ms, graphs)
 
-    norm = kern(_stream_gpu_ms(plan, n * 2 * h * 2, "norm"))
+    norm = kern(_stream_gpu_ms(plan, n * 2 * h * 2, "norm", 2 * h * 2))
     residual = kern(_stream_gpu_ms(plan, n * 3 * h * 2))
     rope_row = 2 * (heads + kv_heads) * d * 2  # one thread block per token
-    rope = kern(_stream_gpu_ms(plan, n * rope_row, "elementwise", rope_row))
+    rope = kern(_stream_gpu_ms(plan, n * rope_row, "rotary", rope_row))
     cache_write = kern(_stream_gpu_ms(plan, n * 2 * kv_bytes_per_token_layer(model, 1)))
     qkv = kern(_gemm_gpu_ms(plan, n, (heads + 2 * kv_heads) * d, h))
     out = kern(_gemm_gpu_ms(plan, n, h, heads * d))

@@ -19,7 +19,7 @@ from clustersim.spec.errors import PlanError
 
 TOKENS = 4096
 PEAK_TFLOPS, HBM_GBPS = 1000.0, 4000.0
-GEMM_EFF, STREAM_EFF, ELEM_EFF, NORM_EFF = 0.8, 0.9, 0.6, 0.5
+GEMM_EFF, STREAM_EFF, ELEM_EFF, NORM_EFF, ROPE_EFF = 0.8, 0.9, 0.6, 0.5, 0.4
 # no shape loss (half_dim 0), no fixed GPU time, no host or kernel-to-kernel time, no L2
 # factor and no per-row floor of memory-bound kernels
 CALIBRATION = {
@@ -27,6 +27,7 @@ CALIBRATION = {
     "memory": {
         "efficiency": STREAM_EFF,
         "elementwise_efficiency": ELEM_EFF,
+        "rotary_efficiency": ROPE_EFF,
         "norm_efficiency": NORM_EFF,
         "l2_mb": None,
         "row_gbps": None,
@@ -93,11 +94,11 @@ def mla_up_proj_ms_by_hand() -> float:
     """The two up-projection GEMMs (the latents 384 -> 16 heads x 96 query dims, 128 -> 16 x
     (64 + 64) key/value dims; the second is memory-bound), the two latent RMSNorms (read +
     write the latent) at the norm rate, the rotary embedding (read + write this GPU's queries
-    and keys, 16 + 16 heads of 96) at the element-wise rate; BF16, 2 bytes."""
+    and keys, 16 + 16 heads of 96) at the rotary rate; BF16, 2 bytes."""
     h = 16
     gemms = gemm_s(TOKENS, h * (64 + 32), 384) + gemm_s(TOKENS, h * (64 + 64), 128)
     norm_s = TOKENS * 2 * 2 * (384 + 128) / (HBM_GBPS * 1e9 * NORM_EFF)
-    rope_s = TOKENS * 2 * 2 * (h + h) * (64 + 32) / (HBM_GBPS * 1e9 * ELEM_EFF)
+    rope_s = TOKENS * 2 * 2 * (h + h) * (64 + 32) / (HBM_GBPS * 1e9 * ROPE_EFF)
     return (gemms + norm_s + rope_s) * 1e3
 
 

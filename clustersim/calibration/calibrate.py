@@ -72,6 +72,7 @@ KERNEL_FIELDS = (
     "memory.efficiency",
     "gemm.memory_efficiency",
     "memory.elementwise_efficiency",
+    "memory.rotary_efficiency",
     "memory.norm_efficiency",
     "memory.l2_speedup",
     "memory.row_gbps",

@@ -16,15 +16,16 @@ run:
 
 One step per kernel class, each a least-squares fit on log time of its own operators, two
 parameters (an HBM fraction and a fixed GPU time: ``time = bytes / (HBM * mu) + fixed``) per
-memory-bound class and one more each for the element-wise kernels and the norms:
-``memory.elementwise_efficiency``, ``kernel.fixed_us`` and one thread block's rate
-``memory.row_gbps`` (a floor of one token row's bytes: vLLM runs these kernels one block per
-token) on rotary embedding and activation; ``memory.norm_efficiency``,
-``kernel.norm_fixed_us`` and the L2 rate factor ``memory.l2_speedup`` on the two norms (row
-reductions; a norm whose bytes fit in the L2 cache, ``memory.l2_mb`` = :data:`L2_CACHE_MB`,
-moves them ``l2_speedup`` times faster); ``memory.efficiency`` and ``kernel.stream_fixed_us``
-on the residual adds (plain streams, the same L2 factor; Vidur's times have 1 µs resolution,
-which bounds the relative error of the smallest adds);
+memory-bound class and one more each for the element-wise kernels and the norms: the
+activation and the rotary embedding together, ``memory.elementwise_efficiency`` (activation),
+``memory.rotary_efficiency`` (rotary embedding), their shared ``kernel.fixed_us`` and one
+thread block's rate ``memory.row_gbps`` (a floor of one token row's bytes: vLLM runs these
+kernels one block per token); ``memory.norm_efficiency``, ``kernel.norm_fixed_us`` and the L2
+rate factor ``memory.l2_speedup`` on the two norms (row reductions, one block per token too:
+they take the row rate; a norm whose bytes fit in the L2 cache, ``memory.l2_mb`` =
+:data:`L2_CACHE_MB`, moves them ``l2_speedup`` times faster); ``memory.efficiency`` and
+``kernel.stream_fixed_us`` on the residual adds (plain streams, the same L2 factor; Vidur's
+times have 1 µs resolution, which bounds the relative error of the smallest adds);
 ``gemm.memory_efficiency`` measured directly as the HBM fraction one-token GEMMs reach reading
 their weights (it would otherwise trade off against the shape parameter); ``gemm.efficiency``
 and ``gemm.half_dim`` by least squares on the GEMMs. Out-of-sample errors:
@@ -53,6 +54,7 @@ from clustersim.costs.kernels import (
     NORM,
     NORM_PASSES,
     RESIDUAL_PASSES,
+    ROTARY,
     STREAM,
     KernelTimer,
 )
@@ -196,9 +198,13 @@ def with_values(cal: CalibrationSpec, values: dict[str, float]) -> CalibrationSp
 ELEMENTWISE_OPS = ("attn_rope", "mlp_act")
 NORM_OPS = ("input_layernorm", "post_attention_layernorm")
 STREAM_OPS = ("add",)
-# KernelTimer's memory-bound kernel classes and the Vidur operators that measure each, in
-# fitting order (the norms fit the L2 factor the plain streams then take)
-MEMORY_CLASSES = {ELEMENTWISE: ELEMENTWISE_OPS, NORM: NORM_OPS, STREAM: STREAM_OPS}
+# KernelTimer's memory-bound kernel classes and the Vidur operators that measure each
+MEMORY_CLASSES = {
+    ELEMENTWISE: ("mlp_act",),
+    ROTARY: ("attn_rope",),
+    NORM: NORM_OPS,
+    STREAM: STREAM_OPS,
+}
 
 
 def op_shape(timer: KernelTimer, op: str) -> tuple[float, float] | float:
@@ -307,23 +313,36 @@ def design(data: KernelData, ops: tuple[str, ...]) -> Design:
 
 # ---- the fit --------------------------------------------------------------------------------
 
-# (efficiency, fixed time) of each memory-bound class, fitted on that class's operators
-MEMORY_PARAMS = {
-    ELEMENTWISE: (
-        Param("memory.elementwise_efficiency", "fraction", 0.5),
-        Param("kernel.fixed_us", "positive", 3.0),
-        Param("memory.row_gbps", "positive", 10.0),
+# The fitting stages of the memory-bound classes, in order: the Vidur operators of each and
+# the parameters fitted on them (the activation and the rotary embedding share the fixed
+# time and the row rate, each with its own HBM fraction; the norms fit the L2 factor and
+# take the row rate, the plain streams take both)
+MEMORY_STAGES = (
+    (
+        ELEMENTWISE_OPS,
+        (
+            Param("memory.elementwise_efficiency", "fraction", 0.5),
+            Param("memory.rotary_efficiency", "fraction", 0.5),
+            Param("kernel.fixed_us", "positive", 3.0),
+            Param("memory.row_gbps", "positive", 10.0),
+        ),
     ),
-    NORM: (
-        Param("memory.norm_efficiency", "fraction", 0.5),
-        Param("kernel.norm_fixed_us", "positive", 3.0),
-        Param("memory.l2_speedup", "positive", 1.3),
+    (
+        NORM_OPS,
+        (
+            Param("memory.norm_efficiency", "fraction", 0.5),
+            Param("kernel.norm_fixed_us", "positive", 3.0),
+            Param("memory.l2_speedup", "positive", 1.3),
+        ),
     ),
-    STREAM: (
-        Param("memory.efficiency", "fraction", 0.8),
-        Param("kernel.stream_fixed_us", "positive", 1.5),
+    (
+        STREAM_OPS,
+        (
+            Param("memory.efficiency", "fraction", 0.8),
+            Param("kernel.stream_fixed_us", "positive", 1.5),
+        ),
     ),
-}
+)
 GEMM_PARAMS = (
     Param("gemm.efficiency", "fraction", 0.7),
     Param("gemm.half_dim", "positive", 64.0),
@@ -360,11 +379,11 @@ def fit_values(rows: Design, cal: CalibrationSpec) -> dict[str, float]:
     the norms' L2 factor is fitted before the plain streams, which take it. The stated L2
     size ``memory.l2_mb`` is among the values."""
     memory: dict[str, float] = {"memory.l2_mb": L2_CACHE_MB[rows.generation]}
-    for kind, ops in MEMORY_CLASSES.items():
+    for ops, params in MEMORY_STAGES:
         members = np.isin(rows.op, ops)
         if members.any():
             trial = with_values(cal, memory)
-            memory.update(_stage(rows.subset(members), trial, MEMORY_PARAMS[kind]))
+            memory.update(_stage(rows.subset(members), trial, params))
     cal = with_values(cal, memory)
     weights = {"gemm.memory_efficiency": weight_read_efficiency(rows, cal)}
     gemm = _stage(rows.subset(rows.is_gemm), with_values(cal, weights), GEMM_PARAMS)
@@ -394,6 +413,7 @@ ROUNDING = {
     "memory.efficiency": 4,
     "gemm.memory_efficiency": 4,
     "memory.elementwise_efficiency": 4,
+    "memory.rotary_efficiency": 4,
     "memory.norm_efficiency": 4,
     "memory.l2_speedup": 4,
     "memory.l2_mb": 1,

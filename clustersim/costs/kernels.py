@@ -16,18 +16,22 @@ fitted by ``clustersim calibrate``):
 * a memory-bound kernel: ``bytes / (HBM * mu_c) + fixed_c`` for its class ``c``: plain
   streams (residual adds, permutes, KV-cache writes: ``memory.efficiency``,
   ``kernel.stream_fixed_us``), norms (row reductions: ``memory.norm_efficiency``,
-  ``kernel.norm_fixed_us``) and other element-wise kernels (rotary embedding, activation,
-  softmax/top-k: ``memory.elementwise_efficiency``, ``kernel.fixed_us``), each class fitted
-  on its own Vidur operators. Norms and plain streams whose bytes fit in the L2 cache
-  (``memory.l2_mb``: their input was just written, or re-read, and stays resident) run
-  ``memory.l2_speedup`` times faster: ``bytes / (HBM * mu_c * l2_speedup) + fixed_c``
-  (Vidur: both classes peak at working sets of 10-40 MB, above the HBM rate they reach on
-  larger tensors; the rotary embedding and activation show no such step, so their class
-  keeps one rate). The activation and the rotary embedding run one thread block per token
-  row (vLLM's kernels): a block alone moves ``memory.row_gbps``, so such a kernel takes at
-  least one row's bytes at that rate, ``max(bytes / (HBM * mu), row_bytes /
+  ``kernel.norm_fixed_us``), the rotary embedding (``memory.rotary_efficiency``: it gathers
+  each position's cos/sin row and rotates half-rows, and reaches less of HBM than the
+  activation; null: the element-wise fraction) and other element-wise kernels (activation,
+  softmax/top-k: ``memory.elementwise_efficiency``), the last two with ``kernel.fixed_us``,
+  each class fitted on its own Vidur operators. Norms and plain streams whose bytes fit in
+  the L2 cache (``memory.l2_mb``: their input was just written, or re-read, and stays
+  resident) run ``memory.l2_speedup`` times faster: ``bytes / (HBM * mu_c * l2_speedup) +
+  fixed_c`` (Vidur: both classes peak at working sets of 10-40 MB, above the HBM rate they
+  reach on larger tensors; the rotary embedding and activation show no such step, so their
+  classes keep one rate). The activation, the rotary embedding and the norms run one thread
+  block per token row (vLLM's ``act_and_mul``, ``rotary_embedding`` and ``rms_norm``
+  kernels: ``grid(num_tokens)``): a block alone moves ``memory.row_gbps``, so such a kernel
+  takes at least one row's bytes at that rate, ``max(bytes / (HBM * mu), row_bytes /
   row_rate) + fixed`` (Vidur: SiLU-and-mul over 1-64 tokens of a 28,672-wide row takes 15 µs
-  on H100 whatever the token count, ~11 GB/s per row);
+  on H100 whatever the token count, ~11 GB/s per row; an RMS norm of one 8,192-wide token
+  6 µs, of a 4,096-wide one 4 µs);
 * core attention (FlashAttention): ``(flops / (peak * e_attn) + exps / exp_rate) * (s +
   half_seq) / s`` for ``s`` keys per query (every query row costs ``half_seq`` pairs more:
   ``(pairs + half_seq * queries)`` pairs of work; each pair and head costs its matmul FLOPs,
@@ -93,10 +97,13 @@ FUSED_CROSS_ENTROPY_BWD_BYTES = 4.0
 DEFAULT_GRAPH_BATCH_MAX = 512  # vLLM's largest captured decode batch
 # Memory-bound kernel classes, each with its fitted HBM fraction and fixed GPU time
 STREAM = "stream"  # residual adds, permutes, KV-cache writes: memory.efficiency, stream_fixed_us
-ELEMENTWISE = "elementwise"  # rotary, activation, softmax: elementwise_efficiency, fixed_us
+ELEMENTWISE = "elementwise"  # activation, softmax: elementwise_efficiency, fixed_us
+ROTARY = "rotary"  # rotary embedding: rotary_efficiency, fixed_us
 NORM = "norm"  # layer/RMS norms (row reductions): norm_efficiency, norm_fixed_us
-MEMORY_KINDS = (STREAM, ELEMENTWISE, NORM)
+MEMORY_KINDS = (STREAM, ELEMENTWISE, ROTARY, NORM)
 L2_KINDS = (STREAM, NORM)  # classes that run faster from L2 (memory.l2_speedup)
+# classes run as one thread block per token row (vLLM: activation, rotary embedding, RMS norm)
+ROW_KINDS = (ELEMENTWISE, ROTARY, NORM)
 
 
 class KernelTimer:
@@ -154,7 +161,8 @@ class KernelTimer:
         self._flop_s = hw.peak_tflops * 1e12 * cal.gemm.efficiency
         hbm = hw.hbm_bandwidth_gbps * 1e9
         self._byte_s = hbm * cal.memory.efficiency
-        self._elementwise_byte_s = hbm * cal.memory.elementwise_efficiency
+        elem_eff = cal.memory.elementwise_efficiency
+        self._elementwise_byte_s = hbm * elem_eff
         norm_eff = cal.memory.norm_efficiency or cal.memory.elementwise_efficiency
         self._gemm_byte_s = hbm * cal.gemm.memory_efficiency
         self._half = cal.gemm.half_dim
@@ -165,6 +173,7 @@ class KernelTimer:
         self._memory_class = {
             STREAM: (self._byte_s, self._fixed_ms if stream_fixed is None else stream_fixed * 1e-3),
             ELEMENTWISE: (self._elementwise_byte_s, self._fixed_ms),
+            ROTARY: (hbm * (cal.memory.rotary_efficiency or elem_eff), self._fixed_ms),
             NORM: (hbm * norm_eff, self._fixed_ms if norm_fixed is None else norm_fixed * 1e-3),
         }
         # norms and plain streams whose bytes fit in L2 (none without both fields)
@@ -271,20 +280,21 @@ class KernelTimer:
         ``memory.l2_speedup`` times faster; an element-wise kernel takes at least one row of
         ``row_bytes`` (the bytes of one token) at one thread block's ``memory.row_gbps``."""
         rate, fixed_ms = self._memory_class[kind]
-        if kind == ELEMENTWISE:
-            row_ms = row_bytes / self._row_byte_s * 1e3
-            if type(nbytes) in _NUMBERS and type(row_bytes) in _NUMBERS:
-                stream_ms = nbytes / rate * 1e3
-                return (stream_ms if stream_ms > row_ms else row_ms) + fixed_ms
-            return np.maximum(nbytes / rate * 1e3, row_ms) + fixed_ms
-        if kind not in L2_KINDS or not self._l2_bytes:
-            return nbytes / rate * 1e3 + fixed_ms
-        if type(nbytes) in _NUMBERS:
-            if nbytes <= self._l2_bytes:
+        if type(nbytes) in _NUMBERS and type(row_bytes) in _NUMBERS:  # the engine's path
+            if kind in L2_KINDS and self._l2_bytes and nbytes <= self._l2_bytes:
                 rate = rate * self._l2_speedup
-            return nbytes / rate * 1e3 + fixed_ms
-        rates = np.where(nbytes <= self._l2_bytes, rate * self._l2_speedup, rate)
-        return nbytes / rates * 1e3 + fixed_ms
+            ms = nbytes / rate * 1e3
+            if row_bytes and kind in ROW_KINDS:
+                row_ms = row_bytes / self._row_byte_s * 1e3
+                if row_ms > ms:
+                    ms = row_ms
+            return ms + fixed_ms
+        if kind in L2_KINDS and self._l2_bytes:
+            rate = np.where(nbytes <= self._l2_bytes, rate * self._l2_speedup, rate)
+        stream_ms = nbytes / rate * 1e3
+        if kind in ROW_KINDS:
+            stream_ms = np.maximum(stream_ms, row_bytes / self._row_byte_s * 1e3)
+        return stream_ms + fixed_ms
 
     def linear_ms(self, m, n: float, k: float, groups=1.0, quantised: bool = False):
         """Stream time of a linear layer's GEMM: under FP8, the quantise kernel of its input
@@ -316,9 +326,19 @@ class KernelTimer:
         gpu = self.stream_gpu_ms(tokens * bytes_per_token, elementwise, row_bytes)
         return self.issue(gpu, tokens)
 
-    def memory_ms(self, tokens, bytes_per_token: float, kind: str = STREAM):
-        """Stream time of a memory-bound kernel of class ``kind`` over ``tokens``."""
-        return self.issue(self.memory_gpu_ms(tokens * bytes_per_token, kind), tokens)
+    def rope_ms(self, tokens, per_row: bool = True):
+        """Stream time of the rotary embedding over ``tokens`` (class :data:`ROTARY`);
+        ``per_row``: one thread block per token (vLLM's kernel), at least one token's bytes
+        at one block's rate."""
+        rope = self.rope_bytes_per_token
+        gpu = self.memory_gpu_ms(tokens * rope, ROTARY, rope if per_row else 0.0)
+        return self.issue(gpu, tokens)
+
+    def memory_ms(self, tokens, bytes_per_token: float, kind: str = STREAM, row_bytes=None):
+        """Stream time of a memory-bound kernel of class ``kind`` over ``tokens``; a norm runs
+        one thread block per token row of ``row_bytes`` (default ``bytes_per_token``)."""
+        row = (bytes_per_token if row_bytes is None else row_bytes) if kind == NORM else 0.0
+        return self.issue(self.memory_gpu_ms(tokens * bytes_per_token, kind, row), tokens)
 
     def fused_memory_ms(self, tokens, bytes_per_token: float, kind: str, stream_bytes: float):
         """Stream time of one kernel of class ``kind`` moving ``bytes_per_token`` that also
@@ -336,8 +356,8 @@ class KernelTimer:
     # ---- blocks of a layer ---------------------------------------------------------------
     def _h_kernel(self, tokens, passes: float, kind: str):
         """A hidden-wide kernel (norm, residual add) under sequence parallelism."""
-        per_token = passes * self.model.hidden_size * self.bpe * self._h_tokens_share
-        return self.memory_ms(tokens, per_token, kind)
+        row = passes * self.model.hidden_size * self.bpe  # one token's row, whole
+        return self.memory_ms(tokens, row * self._h_tokens_share, kind, row)
 
     def _norm(self, tokens, quantised: bool = False):
         """The hidden-wide norm; ``quantised``: fused with the next GEMM's quantise (it writes
@@ -351,8 +371,8 @@ class KernelTimer:
             out = self._fp8_in if self.fp8 else self.bpe
             return self.fused_memory_ms(tokens, h * (self.bpe + out), NORM, 2 * h * self.bpe)
         if quantised and self.fuse_quantise:
-            per_token = self.model.hidden_size * self._quantise_bytes * self._h_tokens_share
-            return self.memory_ms(tokens, per_token, NORM)
+            row = self.model.hidden_size * self._quantise_bytes
+            return self.memory_ms(tokens, row * self._h_tokens_share, NORM, row)
         return self._h_kernel(tokens, NORM_PASSES, NORM)
 
     def _residual(self, tokens):
@@ -390,8 +410,7 @@ class KernelTimer:
             per_element = self._quantise_bytes if fused else NORM_PASSES * self.bpe
             total = total + self.memory_ms(tokens, per_element * width, NORM)
         if not self.fused:  # fused: applied by the KV-cache write (serving's cache kernel)
-            rope = self.rope_bytes_per_token
-            total = total + self.stream_ms(tokens, rope, elementwise=True, per_row=True)
+            total = total + self.rope_ms(tokens)
         total = total + self.linear_ms(tokens, self._out[1], self._out[0])
         total = total + self._residual(tokens)
         return total + self._norm(tokens, quantised=mlp_input_fp8)
@@ -411,7 +430,7 @@ class KernelTimer:
         for width in self._latent_norms:
             per_element = self._quantise_bytes if fused else NORM_PASSES * self.bpe
             total = total + self.memory_ms(tokens, per_element * width, NORM)
-        return total + self.stream_ms(tokens, self.rope_bytes_per_token, elementwise=True)
+        return total + self.rope_ms(tokens, per_row=False)
 
     def standalone_norms_ms(self, tokens, moe_layer: bool):
         """The layer's norms that are modules of their own in Megatron-Core's Transformer

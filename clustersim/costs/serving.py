@@ -60,7 +60,7 @@ import numpy as np
 from clustersim.costs import nccl
 from clustersim.costs.comm import collective_time_ms, link_for_group, p2p_ms
 from clustersim.costs.compute import kv_heads_per_gpu
-from clustersim.costs.kernels import ELEMENTWISE, STREAM, KernelTimer, uses_graphs
+from clustersim.costs.kernels import ROTARY, STREAM, KernelTimer, uses_graphs
 from clustersim.costs.memory import (
     DTYPE_BYTES,
     GIB,
@@ -158,7 +158,7 @@ class StepCosts:
         block = float(k.attention_block_ms(tokens, absorbed=decode))
         if k.fused:  # one kernel rotates the queries and keys and writes the cache
             cache = self.cache_write_bytes_per_token
-            block += float(k.fused_memory_ms(tokens, k.rope_bytes_per_token, ELEMENTWISE, cache))
+            block += float(k.fused_memory_ms(tokens, k.rope_bytes_per_token, ROTARY, cache))
         else:
             block += float(k.memory_ms(tokens, self.cache_write_bytes_per_token, STREAM))
         graphs = k is self.graph

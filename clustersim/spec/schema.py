@@ -254,6 +254,13 @@ class MemoryCalibration(_Strict):
     elementwise_efficiency: float = Field(
         gt=0, le=1, description="Fraction of HBM bandwidth of rotary, activations, softmax."
     )
+    rotary_efficiency: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Fraction of HBM bandwidth of the rotary embedding (gathers each "
+        "position's cos/sin row, half-row rotations); null: elementwise_efficiency.",
+    )
     norm_efficiency: float | None = Field(
         None,
         gt=0,
@@ -277,8 +284,8 @@ class MemoryCalibration(_Strict):
     row_gbps: float | None = Field(
         None,
         gt=0,
-        description="GB/s one thread block moves on its own: an element-wise kernel run as one "
-        "block per token row (activation, rotary embedding) takes at least one row's bytes at "
+        description="GB/s one thread block moves on its own: a kernel run as one block per "
+        "token row (activation, rotary embedding, norms) takes at least one row's bytes at "
         "this rate; null: no such floor.",
     )
 
