@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from calibrations import ROOFLINE
 
-from clustersim.costs.sharding import device_max_connections, one_hardware_queue
+from clustersim.costs.sharding import device_max_connections, forward_prefetch, one_hardware_queue
 from clustersim.engine.recorder import Op
 from clustersim.run.simulate import simulate
 from clustersim.spec import plan_from_dict
@@ -110,3 +110,75 @@ def test_one_queue_holds_the_next_backward_behind_the_reduce_scatter():
     np.testing.assert_allclose(start8, np.maximum(end_bwd8, gather8), rtol=1e-12)
     assert np.any(rs8 > start8 + 1e-9)  # with queues to spare the reduce-scatter overlaps
     assert one_ms > eight_ms
+
+
+def _forward_chain(parallel: dict):
+    """Per lane-0 forward step i >= 1 -> (end of forward(i-1), start of forward(i-1), start
+    and end of the forward's gather of layer i, start of forward(i)), one micro-batch."""
+    report = simulate(make_plan(parallel))
+    cols = dict(report.recorder.columns())
+    lane0 = cols["lane"] == cols["lane"].min()
+
+    def rows(op, layer):
+        sel = lane0 & (cols["op"] == op) & (cols["layer"] == layer)
+        return cols["start_ms"][sel], cols["end_ms"][sel]
+
+    out = []
+    for i in range(1, SMALL["num_layers"]):
+        starts, ends = rows(Op.PARAM_GATHER, i)
+        first = int(np.argmin(starts))  # the forward's gather (the backward gathers again)
+        out.append(
+            (
+                rows(Op.MLP_FWD, i - 1)[1].max(),
+                rows(Op.ATTN_FWD, i - 1)[0].min(),
+                starts[first],
+                ends[first],
+                rows(Op.ATTN_FWD, i)[0].min(),
+            )
+        )
+    return np.array(out), report.metrics["iteration_time_ms"]
+
+
+def test_one_queue_exposes_the_forward_gathers():
+    """Without explicit forward prefetch, the gather of layer i is issued in layer i's
+    pre-forward hook, after layer i-1's kernels: with one queue it starts when forward(i-1)
+    ends and forward(i) starts when it ends (no overlap); with explicit prefetch it is issued
+    when forward(i-1) starts and overlaps it, so the iteration is shorter."""
+    chain, lazy_ms = _forward_chain({"device_max_connections": 1})
+    end_prev, _, g_start, g_end, start = chain.T
+    np.testing.assert_allclose(g_start, end_prev, rtol=1e-12)
+    np.testing.assert_allclose(start, g_end, rtol=1e-12)
+    assert np.all(g_end > g_start)
+    ahead, prefetch_ms = _forward_chain({"device_max_connections": 1, "forward_prefetch": True})
+    end_prev, start_prev, g_start, g_end, start = ahead.T
+    np.testing.assert_allclose(g_start, start_prev, rtol=1e-12)
+    np.testing.assert_allclose(start, np.maximum(end_prev, g_end), rtol=1e-12)
+    assert np.all(g_start < end_prev)  # overlaps the layer before it
+    assert prefetch_ms < lazy_ms
+
+
+def test_several_queues_prefetch_the_forward_implicitly():
+    """With several hardware queues the gather issued in the pre-forward hook runs on its own
+    stream while the GPU still computes the layer before it (implicit forward prefetch): the
+    same timeline as explicit prefetch."""
+    implicit, implicit_ms = _forward_chain({"device_max_connections": 8})
+    explicit, explicit_ms = _forward_chain({"device_max_connections": 8, "forward_prefetch": True})
+    np.testing.assert_allclose(implicit, explicit, rtol=1e-12)
+    assert implicit_ms == explicit_ms
+    end_prev, start_prev, g_start, g_end, start = implicit.T
+    np.testing.assert_allclose(g_start, start_prev, rtol=1e-12)
+    np.testing.assert_allclose(start, np.maximum(end_prev, g_end), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("parallel", "gpu", "expected"),
+    [
+        ({"tp": 2}, "H100-SXM", False),  # one queue, FSDP's default: no explicit prefetch
+        ({"tp": 2, "forward_prefetch": True}, "H100-SXM", True),  # explicit prefetch
+        ({"tp": 1, "dp": 16}, "H100-SXM", True),  # several queues: implicit prefetch
+        ({"tp": 2}, "B200", True),  # Blackwell: several queues by default
+        ({"tp": 2, "device_max_connections": 8}, "H100-SXM", True),  # variable unset
+    ],
+)
+def test_forward_prefetch_needs_explicit_prefetch_or_several_queues(parallel, gpu, expected):
+    assert forward_prefetch(make_plan(parallel, gpu)) is expected

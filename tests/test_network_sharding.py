@@ -132,9 +132,10 @@ PINNED_NVLINK = {
 
 def test_tp_collectives_share_nvlink_with_zero3_gathers(plan_dict) -> None:
     # TP 2 x DP 4 in a node per stage: the ZeRO-3 gathers over the DP shard group (on
-    # NVLink, on the sharding stream) run beside the lanes' TP collectives
+    # NVLink, on the sharding stream) run beside the lanes' TP collectives; explicit forward
+    # prefetch, so that the forward gathers overlap too despite the one hardware queue
     plan = tp_plan(plan_dict, 8, tp=2, pp=2, dp=4, ep=4, etp=2, dp_sharding="full",
-                   overlap_communication=True)  # fmt: skip
+                   overlap_communication=True, forward_prefetch=True)  # fmt: skip
     # whether a TP collective meets a gather depends on the collectives' times: pinned here
     # (alpha-beta NVLink ring at 0.6 of the link) so that a refit of the packaged calibration
     # does not move the scenario (at the fitted H100 figures the two barely overlap)

@@ -741,8 +741,9 @@ FSDP_ASSUMPTION = (
     "FSDP / FSDP + EP baselines as dp_sharding: full over all DP ranks (the sharding degree is "
     "not printed), the parallel sizes as printed in Table 3, token-drop with CF 1.0 as even "
     "routing, CUDA_DEVICE_MAX_CONNECTIONS=1 with TP > 1 (Megatron-LM's validate_args asserted "
-    "it then, FSDP or not: parallel.device_max_connections default), the other assumptions "
-    "as in the moe set"
+    "it then, FSDP or not: parallel.device_max_connections default), PyTorch FSDP's default "
+    "forward (no explicit forward prefetch: parallel.forward_prefetch false; the paper's "
+    "FSDP is PyTorch FSDP, Zhao et al. 2023), the other assumptions as in the moe set"
 )
 
 

@@ -32,6 +32,16 @@ kernels"; the Megatron-FSDP user guide unsets the variable "to ensure full paral
 of FSDP communication and computation"). In the backward of ZeRO-3 the prefetched
 all-gather of layer i-1 is issued after the reduce-scatter of layer i, so layer i-1's
 backward cannot start before that reduce-scatter has finished.
+
+Forward prefetch (:func:`forward_prefetch`): PyTorch FSDP issues a layer's all-gather in
+that layer's pre-forward hook unless explicit forward prefetching is asked for (FSDP1
+``forward_prefetch=False`` by default, FSDP2 ``set_modules_to_forward_prefetch`` unset;
+Zhao et al. 2023, "PyTorch FSDP", VLDB, §3.3.2: the default relies on *implicit* forward
+prefetching, the CPU thread issuing the next all-gather on its own stream while the GPU
+still runs the current layer). With several hardware queues that gather overlaps the layer
+before it; with one it is queued behind that layer's kernels and starts only when they are
+done, so every forward gather is exposed. The backward prefetches explicitly (its gather
+of layer i-1 is issued before layer i's backward) and overlaps in both cases.
 """
 
 from __future__ import annotations
@@ -127,6 +137,13 @@ def device_max_connections(plan: Plan) -> int:
 def one_hardware_queue(plan: Plan) -> bool:
     """Whether all of a GPU's streams share one in-order hardware queue (module docstring)."""
     return device_max_connections(plan) == 1
+
+
+def forward_prefetch(plan: Plan) -> bool:
+    """Whether ZeRO-3's forward gathers the next layer while the current one computes
+    (module docstring): with ``parallel.forward_prefetch`` (explicit prefetch), or without
+    it through several hardware queues (implicit prefetch); not with one hardware queue."""
+    return plan.parallel.forward_prefetch or not one_hardware_queue(plan)
 
 
 def fair_share_delay_ms(alone_ms, backlog_ms):

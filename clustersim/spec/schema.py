@@ -667,6 +667,15 @@ class ParallelSpec(_Strict):
         "the previous one still runs holds back the compute issued after it. Default: "
         "Megatron-LM's setting, 1 with tp or cp > 1 on GPUs before Blackwell, else CUDA's 8.",
     )
+    forward_prefetch: bool = Field(
+        False,
+        description="ZeRO-3 (dp_sharding: full): issue layer i's forward all-gather before "
+        "layer i-1 computes (PyTorch FSDP forward_prefetch, FSDP2 "
+        "set_modules_to_forward_prefetch). Default: PyTorch FSDP's default, the gather is "
+        "issued in layer i's pre-forward hook: it still overlaps layer i-1 with several "
+        "hardware queues, not with one (device_max_connections 1), where every forward "
+        "gather is then exposed.",
+    )
     prefill: ParallelSpec | None = Field(
         None,
         description="Disaggregated serving: the prefill pool's parallel block (with "

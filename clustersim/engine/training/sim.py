@@ -50,7 +50,9 @@ stream is busy across nodes shares the NICs with it fairly (both are delayed by 
 (``parallel.device_max_connections`` 1, Megatron-LM's setting with TP or CP > 1 before
 Blackwell) a sharding collective issued while that stream is busy holds back the compute
 issued after it until it starts (``costs.sharding.one_hardware_queue``): in ZeRO-3's
-backward, layer i-1 waits for the reduce-scatter of layer i. With ``hardware.topology`` none
+backward, layer i-1 waits for the reduce-scatter of layer i; in its forward, without
+explicit forward prefetch, the gather of layer i starts when layer i-1 is done
+(``costs.sharding.forward_prefetch``). With ``hardware.topology`` none
 of the NIC sharing applies: the
 EP all-to-alls, gradient buckets, ZeRO-2/3 per-layer collectives, parameter all-gathers, TP
 and expert-TP collectives and pipeline sends are flows on shared links (``engine.network``),
@@ -92,6 +94,7 @@ from clustersim.costs.schedules import (
 from clustersim.costs.sharding import (
     LayerUnit,
     fair_share_delay_ms,
+    forward_prefetch,
     layer_units,
     one_hardware_queue,
     shard_sizes,
@@ -352,6 +355,9 @@ class TrainingSim:
         # one in-order hardware queue: a sharding collective issued behind a busy stream
         # holds back the compute issued after it (costs.sharding.one_hardware_queue)
         self._one_queue = one_hardware_queue(plan)
+        # ZeRO-3 forward: the next layer's gather overlaps the layer before it unless it is
+        # issued after that layer's kernels in one queue (costs.sharding.forward_prefetch)
+        self._forward_prefetch = forward_prefetch(plan)
         self._units: dict[int, LayerUnit] = {}
         self._shard_streams: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # (stage, layer) -> (batch, routes, expert tokens, idle): what routing the layer gave
@@ -614,7 +620,7 @@ class TrainingSim:
         self, co: Cohort, mb: int, layers: list[int], costs: _CohortCosts, last: bool, t: np.ndarray
     ) -> np.ndarray:
         """Forward of a chunk from the lanes' start times ``t``; returns their end times."""
-        gathered = self._gather_ahead(co, layers, mb, t)
+        gathered = self._gather_ahead(co, layers, mb, t, self._forward_prefetch)
         chain_ready = self._gather_ready.get(co.stage)
         for layer in layers:
             if gathered is not None:  # ZeRO-3: the layer's weights must be there
@@ -653,7 +659,7 @@ class TrainingSim:
         if last:
             w = costs.logits_weights if defer_weights else 0.0
             t = self._op(co, Kind.COMPUTE, Op.LOGITS_BWD, t, costs.logits_bwd - w, -1, mb)
-        gathered = self._gather_ahead(co, list(reversed(layers)), mb, t)
+        gathered = self._gather_ahead(co, list(reversed(layers)), mb, t, prefetch=True)
         for layer in reversed(layers):
             if gathered is not None:
                 t = gathered(layer, t)
@@ -1587,12 +1593,13 @@ class TrainingSim:
                     offset[positions] += alone
         return delay
 
-    def _gather_ahead(self, co: Cohort, layers: list[int], mb: int, t: np.ndarray):
-        """ZeRO-3: all-gather the chunk's layers in order on the lanes' sharding stream, one
-        layer ahead of the compute (the first from ``t``; each next one when the layer before
-        it starts computing). Returns ``ready(layer, t)``: when the layer can start (None
-        without ZeRO-3); with one hardware queue not before the prefetch issued ahead of its
-        compute has started."""
+    def _gather_ahead(self, co: Cohort, layers: list[int], mb: int, t: np.ndarray, prefetch: bool):
+        """ZeRO-3: all-gather the chunk's layers in order on the lanes' sharding stream (the
+        first from ``t``). With ``prefetch`` one layer ahead of the compute: each next one
+        when the layer before it starts computing; without, each when the layer before it has
+        finished (issued after its kernels in one hardware queue). Returns ``ready(layer,
+        t)``: when the layer can start (None without ZeRO-3); with one hardware queue not
+        before the prefetch issued ahead of its compute has started."""
         if not self._layer_ag or not layers:
             return None
         ag_free, _ = self._streams(co)
@@ -1615,8 +1622,10 @@ class TrainingSim:
         following = dict(zip(layers[:-1], layers[1:], strict=True))
 
         def ready(layer: int, now: np.ndarray) -> np.ndarray:
+            if layer not in ends:  # not prefetched: issued when the layer before it is done
+                issue(layer, now)
             start = np.maximum(now, ends.pop(layer))
-            if layer in following:
+            if prefetch and layer in following:
                 began = issue(following[layer], start)  # prefetch the next layer
                 if self._one_queue:  # the layer's kernels wait behind it in the queue
                     start = np.maximum(start, began)
