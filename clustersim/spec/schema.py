@@ -640,7 +640,15 @@ class ParallelSpec(_Strict):
         "across them; default: all of DP.",
     )
     overlap_communication: bool = True
-    grad_bucket_mb: float = Field(40.0, gt=0, le=MAX_RATE)
+    grad_bucket_mb: float = Field(
+        40.0,
+        gt=0,
+        le=MAX_RATE,
+        description="Gradient bucket (MiB of gradients, dense and expert together) of the "
+        "first model chunk of the first pipeline stage; with the distributed optimizer and "
+        "overlap also the buckets of its parameter gather. Every other chunk is one bucket "
+        "(Megatron-Core).",
+    )
     overlap_ep_comm: bool = Field(
         False,
         description="Megatron-Core EP all-to-all overlap: in the 1F1B steady state the "

@@ -109,6 +109,7 @@ from clustersim.engine.training.optimes import (
     MicrobatchCosts,
     optimizer_ms,
 )
+from clustersim.engine.training.param_gather import GatherBucket, forward_buckets, split_at
 from clustersim.layout import Layout
 from clustersim.spec.schema import Plan
 
@@ -361,6 +362,17 @@ class TrainingSim:
         self._shard_streams: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # (stage, layer) -> (batch, routes, expert tokens, idle): what routing the layer gave
         self._route_memo: dict[tuple[int, int], tuple] = {}
+        # ZeRO-1/2 with overlap: the parameter gathers of the next forward, bucket by bucket
+        # (param_gather.py); per stage the chain's clock and dispatched chunks, and each
+        # layer's gather end
+        self._overlapped_gather = self._gathers_after_step and self.par.overlap_communication
+        self._gather_chain: dict[int, tuple[np.ndarray, set[int]]] = {}
+        self._gather_ready: dict[int, dict[int, GatherBucket]] = {}  # stage -> layer -> bucket
+        # the gradient-bucket stream: per stage its clock, which is the end of the collective
+        # issued last, whose row is recorded when the next is issued (all-to-alls sharing the
+        # NICs push it meanwhile), as (op, start, end = clock, bytes)
+        self._bucket_busy: dict[int, np.ndarray] = {}
+        self._bucket_pending: dict[int, tuple] = {}
         if reuse is not None:
             self._share_tables(reuse)
 
@@ -485,10 +497,13 @@ class TrainingSim:
         received: dict[int, np.ndarray] = {}  # a pair's backward input, taken with its forward
         buckets = simpy.Store(self.env)
         comm = self.env.process(self._grad_stream(co, buckets))
-        grad_state = {"bytes": 0.0, "expert_bytes": 0.0}
+        grad_state = {"bytes": 0.0, "expert_bytes": 0.0, "bucketed": True}
+        last_chunk = max(last_b, key=last_b.get) if last_b else 0  # its grads complete last
         free = np.zeros(len(co.lanes))  # each lane's clock: the end of its last step
-        if self._gathers_after_step and self.par.overlap_communication:
-            self._param_gather(co, free, blocking=False)
+        if self._overlapped_gather:
+            self._gather_chain[co.stage] = (np.zeros(len(co.lanes)), set())
+            for chunk in (0, 1):  # chunk 1: interleaved (align_param_gather) or DualPipe
+                self._dispatch_gather(co, chunk, free)
         partners = self._overlap_partners(steps, co.stage)
         for i, step in enumerate(steps):
             vstage, first, last = self._place(co.stage, step.chunk)
@@ -510,6 +525,10 @@ class TrainingSim:
                     received[i + 1] = yield from self._receive("grad", p_vstage, partner.microbatch)
                     start = np.maximum(start, received[i + 1])
             grads = buckets if last_b.get(step.chunk) == i else None
+            grad_state["bucketed"] = self._bucketed(co.stage, step.chunk)
+            if forward and self._overlapped_gather and not self._dualpipe:
+                # interleaved: chunk k + 1's gathers go out with chunk k's first forward
+                self._dispatch_gather(co, step.chunk + 1, start)
             if forward:
                 free = self._forward(co, mb, layers, costs, last, start)
             elif step.kind == "W":
@@ -518,6 +537,9 @@ class TrainingSim:
                 free = self._backward(
                     co, mb, layers, costs, last, grads, grad_state, start, step.kind == "I"
                 )
+            if (grads is not None and self.par.overlap_communication
+                    and not grad_state["bucketed"] and step.chunk != last_chunk):  # fmt: skip
+                self._flush_bucket(co, buckets, grad_state, final=False, ready=free)
             end = float(free.max())
             yield self._reach(end)
             if forward and not last:
@@ -599,9 +621,12 @@ class TrainingSim:
     ) -> np.ndarray:
         """Forward of a chunk from the lanes' start times ``t``; returns their end times."""
         gathered = self._gather_ahead(co, layers, mb, t, self._forward_prefetch)
+        chain_ready = self._gather_ready.get(co.stage)
         for layer in layers:
             if gathered is not None:  # ZeRO-3: the layer's weights must be there
                 t = gathered(layer, t)
+            elif chain_ready is not None and layer in chain_ready:  # ZeRO-1/2, overlapped
+                t = self._wait_gather(co, chain_ready[layer], t, layer, mb)
             moe = self.model.is_moe_layer(layer)
             lt = costs.moe if moe else costs.dense
             t = self._op(co, Kind.COMPUTE, Op.ATTN_FWD, t, lt.attn_fwd, layer, mb)
@@ -870,9 +895,11 @@ class TrainingSim:
     def _shared_with_sharding(
         self, co: Cohort, starts: np.ndarray, a2a_ms: np.ndarray
     ) -> np.ndarray:
-        """ZeRO-2/3: the time each EP group's all-to-all (from
-        ``starts``, ``a2a_ms`` long; per group) loses to the lanes' sharding stream when both
-        cross nodes, and the stream's matching delay (its clock moves on in place).
+        """ZeRO-1/2/3: the time each EP group's all-to-all (from
+        ``starts``, ``a2a_ms`` long; per group) loses to the lanes' sharding streams when both
+        cross nodes, and the streams' matching delay (their clocks move on in place): ZeRO-2/3's
+        per-layer stream, and with overlap the distributed optimizer's gradient buckets and
+        parameter gathers (:meth:`_overlapped_streams`).
 
         Both transfers then use the same NICs. Two bandwidth-bound transfers sharing a link
         fairly, needing ``d`` and ``r`` alone, finish at ``2 min(d, r)`` and ``d + r``: each
@@ -881,9 +908,9 @@ class TrainingSim:
         Zero when either stays inside a node (NVLink and the NICs are separate links), and
         with ``hardware.topology``, where both are flows on the shared links instead."""
         zero = np.zeros_like(a2a_ms)
-        if not self._layer_rs or self.net is not None or not self._cross_node_sharing(co):
+        sharded = self._layer_rs or self._overlapped_gather
+        if not sharded or self.net is not None or not self._cross_node_sharing(co):
             return zero
-        clock, _ = self._streams(co)
         if co.block:
             lane_start = np.repeat(starts, co.block)
             lane_d = np.repeat(a2a_ms, co.block)
@@ -891,11 +918,44 @@ class TrainingSim:
             member = co.membership
             lane_start = np.where(member, starts[:, None], -np.inf).max(axis=0)
             lane_d = np.where(member, a2a_ms[:, None], 0.0).max(axis=0)
-        delay = fair_share_delay_ms(lane_d, clock - lane_start)
-        clock += delay
+        if self._layer_rs:
+            clock, _ = self._streams(co)
+            delay = fair_share_delay_ms(lane_d, clock - lane_start)
+            clock += delay
+        else:
+            delay = self._overlapped_streams(co, lane_start, lane_d)
         if co.block:
             return delay.reshape(len(co.groups), co.block).max(axis=1)
         return np.where(co.membership, delay[None, :], 0.0).max(axis=1)
+
+    def _overlapped_streams(
+        self, co: Cohort, lane_start: np.ndarray, lane_d: np.ndarray
+    ) -> np.ndarray:
+        """ZeRO-1/2 with overlap: an all-to-all of ``lane_d`` from ``lane_start`` (per lane)
+        beside the work left on the lane's gradient-bucket stream (buckets issued, not yet
+        reduced) and its parameter gathers (dispatched, not yet done). Each is delayed by the
+        fair share of the NIC (``fair_share_delay_ms`` against their sum), and the backlog by
+        as much, split over the two in proportion to their work left: the bucket stream's
+        clock moves (the rows already recorded keep their ends, as ZeRO-2/3's), and so does
+        every gather still to end (each layer waits for its bucket's new end)."""
+        busy = self._bucket_busy.get(co.stage)
+        bucket_left = np.zeros_like(lane_d) if busy is None else np.maximum(busy - lane_start, 0)
+        chain = self._gather_chain.get(co.stage)
+        gather_left = np.zeros_like(lane_d)
+        if chain is not None:
+            gather_left = np.maximum(chain[0] - lane_start, 0.0)
+        backlog = bucket_left + gather_left
+        delay = fair_share_delay_ms(lane_d, backlog)
+        share = np.divide(gather_left, backlog, out=np.zeros_like(backlog), where=backlog > 0)
+        if busy is not None:
+            busy += delay * (1.0 - share)
+        if chain is not None and gather_left.any():
+            push = delay * share
+            chain[0][:] += push
+            for bucket in {id(b): b for b in self._gather_ready[co.stage].values()}.values():
+                if not bucket.recorded:
+                    bucket.push(lane_start, push)
+        return delay
 
     def _cross_node_sharing(self, co: Cohort) -> bool:
         """Whether the cohort's EP all-to-alls and its sharded-DP collectives both cross
@@ -1119,11 +1179,19 @@ class TrainingSim:
         found = self._layer_grads[layer] = (dense * self._grad_bytes, expert * self._grad_bytes)
         return found
 
+    def _bucketed(self, stage: int, chunk: int) -> bool:
+        """Whether a model chunk's gradients (and gathers) are bucketed: Megatron-Core buckets
+        only the first chunk of the first pipeline stage (``pp_rank > 0``: ``bucket_size =
+        None``; later chunks: ``disable_bucketing``), the others are one bucket each, reduced
+        after the chunk's last backward ("not on the critical path"). DualPipe (not
+        Megatron-Core's schedule) buckets every chunk."""
+        return self._dualpipe or (stage == 0 and chunk == 0)
+
     def _add_layer_grads(self, co: Cohort, layer: int, buckets, state, ready: np.ndarray) -> None:
         dense, expert = self._layer_grad_bytes(layer)
         state["bytes"] += dense
         state["expert_bytes"] += expert
-        if not self.par.overlap_communication:
+        if not self.par.overlap_communication or not state["bucketed"]:
             return
         if state["bytes"] + state["expert_bytes"] >= self.par.grad_bucket_mb * MIB:
             self._flush_bucket(co, buckets, state, final=False, ready=ready)
@@ -1137,10 +1205,37 @@ class TrainingSim:
             dense, _ = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
             state["bytes"] = max(state["bytes"], 0.0) + self._non_layer_grads(co.stage, dense)
         if state["bytes"] or state["expert_bytes"]:
-            buckets.put((state["bytes"], state["expert_bytes"], ready))
+            self._reduce_bucket(co, state["bytes"], state["expert_bytes"], ready)
         state["bytes"] = state["expert_bytes"] = 0.0
         if final:
             buckets.put(None)
+
+    def _reduce_bucket(self, co: Cohort, dense_bytes: float, expert_bytes: float, ready) -> None:
+        """One gradient bucket on the cohort's bucket stream (one per lane, FIFO, one
+        collective at a time): its dense part over DP, then its expert part over EDP, each
+        from when the bucket is ready and the stream is free. Timed when the bucket is
+        issued, so that the all-to-alls after it see the stream's backlog (its clock, which
+        they push when they share the NICs with it: :meth:`_overlapped_streams`)."""
+        clock = self._bucket_busy.get(co.stage, np.zeros(len(co.lanes)))
+        for kind, size, op in (
+            ("dp", dense_bytes, Op.GRAD_REDUCE),
+            ("edp", expert_bytes, Op.EXPERT_GRAD_REDUCE),
+        ):
+            groups = self._lane_groups(co, kind) if kind == "dp" or self.model.moe else []
+            if groups and size > 0:
+                start = np.maximum(ready, clock)  # the bucket is ready, the stream is free
+                ends = self._dp_collective(co, groups, size, op, start)
+                self._record_bucket(co)
+                self._bucket_pending[co.stage] = (op, start, ends, size)
+                self._bucket_busy[co.stage] = clock = ready = ends
+
+    def _record_bucket(self, co: Cohort) -> None:
+        """Record the bucket stream's last collective (its end as pushed so far)."""
+        pending = self._bucket_pending.pop(co.stage, None)
+        if pending is not None:
+            op, start, ends, size = pending
+            kind_row = Kind.COMM_ASYNC if self.par.overlap_communication else Kind.COMM
+            self.rec.add_block(co.lane_ids, kind_row, op, start, ends, -1, -1, size)
 
     def _non_layer_grads(self, stage: int, dense_params: float) -> float:
         layer_dense = sum(
@@ -1180,27 +1275,14 @@ class TrainingSim:
         return found
 
     def _grad_stream(self, co: Cohort, buckets: simpy.Store):
-        """The cohort's communication streams (one per lane, FIFO): gradient buckets, one
-        collective at a time. Returns the lanes' stream clocks at the end."""
-        dp_groups = self._lane_groups(co, "dp")
-        edp_groups = self._lane_groups(co, "edp") if self.model.moe else []
-        kind_row = Kind.COMM_ASYNC if self.par.overlap_communication else Kind.COMM
-        free = np.zeros(len(co.lanes))
-        while True:
-            item = yield buckets.get()
-            if item is None:
-                return free
-            dense_bytes, expert_bytes, ready = item
-            for groups, size, op in (
-                (dp_groups, dense_bytes, Op.GRAD_REDUCE),
-                (edp_groups, expert_bytes, Op.EXPERT_GRAD_REDUCE),
-            ):
-                if groups and size > 0:
-                    start = np.maximum(ready, free)  # the bucket is ready, the stream is free
-                    ends = self._dp_collective(co, groups, size, op, start)
-                    yield self._reach(float(ends.max()))
-                    self.rec.add_block(co.lane_ids, kind_row, op, start, ends, -1, -1, size)
-                    free = ready = ends
+        """Waits for the cohort's last gradient bucket (:meth:`_reduce_bucket` times them)
+        and until its stream is done. Returns the lanes' stream clocks at the end."""
+        while (yield buckets.get()) is not None:
+            pass
+        self._record_bucket(co)
+        clock = self._bucket_busy.get(co.stage, np.zeros(len(co.lanes)))
+        yield self._reach(float(clock.max()))
+        return clock
 
     def _dp_collective(
         self, co: Cohort, groups, size: float, op: Op, start: np.ndarray
@@ -1256,6 +1338,93 @@ class TrainingSim:
                 nbytes,
             )
         return total
+
+    def _dispatch_gather(self, co: Cohort, chunk: int, at: np.ndarray) -> None:
+        """Dispatch the overlapped parameter all-gathers of ``chunk`` of the cohort's stage
+        at ``at`` (per lane), once: its buckets (param_gather.forward_buckets; Megatron-Core
+        buckets only chunk 0 of stage 0) run back to back on the stage's gather stream, each
+        a gather of its dense weights over DP then of its expert weights over EDP; every
+        layer's first forward waits for its bucket (:meth:`_forward`). The stage's embedding
+        and output-layer weights join its first bucket."""
+        clock, sent = self._gather_chain[co.stage]
+        chunks = 2 if self._dualpipe else self.par.virtual_stages
+        if chunk in sent or chunk >= chunks:
+            return
+        sent.add(chunk)
+        layers = self._chunk_layers(co.stage, chunk)
+        per_layer = [(i, *self._layer_grad_bytes(i)) for i in layers]
+        bucketed = self._bucketed(co.stage, chunk)
+        buckets = forward_buckets(per_layer, self.par.grad_bucket_mb * MIB, bucketed)
+        grads = {i: (d, e) for i, d, e in per_layer}
+        if chunk == 0:  # the stage's embedding / output layer: the first bucket
+            dense, _ = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
+            extra = self._non_layer_grads(co.stage, dense)
+        else:
+            extra = 0.0
+        per_param = precision.param_gather_bytes(self.model) / self._grad_bytes
+        ready = self._gather_ready.setdefault(co.stage, {})
+        start = np.maximum(clock, at)
+        for bucket in buckets:
+            dense = (sum(grads[i][0] for i in bucket) + extra) * per_param
+            expert = sum(grads[i][1] for i in bucket) * per_param
+            extra = 0.0
+            t = start
+            for kind, nbytes in (("dp", dense), ("edp", expert)):
+                if nbytes > 0 and (kind == "dp" or self.model.moe):
+                    t = self._gather_over(co, kind, nbytes, t)
+            gather = GatherBucket(start, t, dense + expert)
+            for i in bucket:
+                ready[i] = gather
+            start = t
+        clock[:] = start
+
+    def _wait_gather(
+        self, co: Cohort, bucket: GatherBucket, t: np.ndarray, layer: int, mb: int
+    ) -> np.ndarray:
+        """``layer``'s forward of ``mb`` reaching its bucket's gather at ``t``: the first
+        time, record the gather (hidden part asynchronous, the part the lanes wait for
+        blocking, bytes split by time; rows of that layer and micro-batch); returns when the
+        lanes may go on."""
+        if not bucket.recorded:
+            bucket.recorded = True
+            split = split_at(bucket, t)
+            span = bucket.end_ms - bucket.start_ms
+            hidden = np.divide(split - bucket.start_ms, span, out=np.ones_like(span),
+                               where=span > 0)  # fmt: skip
+            wait_from = np.maximum(t, bucket.start_ms)
+            wait_to = np.maximum(wait_from, bucket.end_ms)
+            rows = ((Kind.COMM_ASYNC, bucket.start_ms, split, hidden),
+                    (Kind.COMM, wait_from, wait_to, 1.0 - hidden))  # fmt: skip
+            for kind, begin, end, share in rows:
+                lanes = end > begin  # no 0-long rows (ties with the layer's first op)
+                if lanes.any():
+                    self.rec.add_block(
+                        co.lane_ids[lanes], kind, Op.PARAM_GATHER, begin[lanes], end[lanes],
+                        layer, mb, (bucket.nbytes * share)[lanes],
+                    )  # fmt: skip
+        return np.maximum(t, bucket.end_ms)
+
+    def _gather_over(self, co: Cohort, kind: str, nbytes: float, start: np.ndarray) -> np.ndarray:
+        """One bucket's parameter all-gather (``nbytes`` per GPU after it) over each of the
+        cohort's ``kind`` (dp / edp) groups, from its last member's ``start``; returns the
+        lanes' end times (unchanged for lanes in no group of more than one GPU)."""
+        ends = np.array(start, dtype=float)
+        for group, positions in self._lane_groups(co, kind):
+            key = ("all_gather", kind, nbytes, group[0])
+            duration = self._collective_ms.get(key)
+            if duration is None:
+                duration = self._collective_ms[key] = collective_time_ms(
+                    "all_gather", nbytes, group, self.hw.gpus_per_node, self.hw, "hierarchical"
+                )
+            begin = float(start[positions].max())
+            if self.net is not None:
+                net_key = self.net.next_key("param_gather", co.stage, kind, group[0])
+                duration = self.net.collective(
+                    net_key, "param_gather", "all_gather", nbytes, group, begin, duration,
+                    len(positions),
+                )  # fmt: skip
+            ends[positions] = begin + duration
+        return ends
 
     def _param_gather_flow(self, co: Cohort, start: np.ndarray, total: float) -> float:
         """The parameter all-gather as one flow per DP group of the cohort (its DP and EDP
