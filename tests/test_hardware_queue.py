@@ -77,16 +77,23 @@ def test_out_of_range_is_refused():
         make_plan({"device_max_connections": 0})
 
 
-def _backward_chain(connections: int):
-    """Per lane-0 backward step i -> (start of backward(i-1), end of backward(i), end of
-    gather(i-1), end of reduce-scatter(i)), one micro-batch."""
-    report = simulate(make_plan({"device_max_connections": connections}))
+def _lane0_rows(report):
+    """(op, layer) -> (start_ms, end_ms) arrays of the first lane's trace rows."""
     cols = dict(report.recorder.columns())
     lane0 = cols["lane"] == cols["lane"].min()
 
     def rows(op, layer):
         sel = lane0 & (cols["op"] == op) & (cols["layer"] == layer)
         return cols["start_ms"][sel], cols["end_ms"][sel]
+
+    return rows
+
+
+def _backward_chain(connections: int):
+    """Per lane-0 backward step i -> (start of backward(i-1), end of backward(i), end of
+    gather(i-1), end of reduce-scatter(i)), one micro-batch."""
+    report = simulate(make_plan({"device_max_connections": connections}))
+    rows = _lane0_rows(report)
 
     out = []
     for i in range(SMALL["num_layers"] - 1, 0, -1):
@@ -116,12 +123,7 @@ def _forward_chain(parallel: dict):
     """Per lane-0 forward step i >= 1 -> (end of forward(i-1), start of forward(i-1), start
     and end of the forward's gather of layer i, start of forward(i)), one micro-batch."""
     report = simulate(make_plan(parallel))
-    cols = dict(report.recorder.columns())
-    lane0 = cols["lane"] == cols["lane"].min()
-
-    def rows(op, layer):
-        sel = lane0 & (cols["op"] == op) & (cols["layer"] == layer)
-        return cols["start_ms"][sel], cols["end_ms"][sel]
+    rows = _lane0_rows(report)
 
     out = []
     for i in range(1, SMALL["num_layers"]):
