@@ -15,7 +15,6 @@ from test_engine import DENSE, H100, _dense_params, dense_layer_params, make_pla
 from clustersim.engine.recorder import Kind, Op
 from clustersim.engine.training.param_gather import (
     GatherBucket,
-    chain_ends_ms,
     forward_buckets,
     split_at,
 )
@@ -32,12 +31,6 @@ def test_buckets_close_walking_backward_and_the_rest_is_first():
     assert forward_buckets(layers, 25.0, True) == [[0], [1, 2, 3]]
     assert forward_buckets(layers, 1.0, False) == [[0, 1, 2, 3]]
     assert forward_buckets([], 1.0, True) == []
-
-
-def test_chain_runs_gathers_back_to_back():
-    ends = chain_ends_ms(np.array([1.0, 2.0]), [np.array([3.0, 3.0]), np.array([0.5, 1.5])])
-    np.testing.assert_allclose(ends[0], [4.0, 5.0])
-    np.testing.assert_allclose(ends[1], [4.5, 6.5])
 
 
 def _zero1(n: int, bucket_mb: float, overlap: bool = True):

@@ -406,9 +406,7 @@ class KernelTimer:
         for k, n in shapes:
             after_norm = fused and (mla is None or k in self._latent_norms)
             total = total + self.linear_ms(tokens, n, k, quantised=after_norm)
-        for width in self._latent_norms:  # MLA: RMSNorm of each low-rank latent
-            per_element = self._quantise_bytes if fused else NORM_PASSES * self.bpe
-            total = total + self.memory_ms(tokens, per_element * width, NORM)
+        total = self._with_latent_norms(total, tokens)
         if not self.fused:  # fused: applied by the KV-cache write (serving's cache kernel)
             total = total + self.rope_ms(tokens)
         total = total + self.linear_ms(tokens, self._out[1], self._out[0])
@@ -427,10 +425,16 @@ class KernelTimer:
         for k, n in self._qkv:
             if k in self._latent_norms:  # an up-projection (its input is a latent)
                 total = total + self.linear_ms(tokens, n, k, quantised=fused)
-        for width in self._latent_norms:
-            per_element = self._quantise_bytes if fused else NORM_PASSES * self.bpe
-            total = total + self.memory_ms(tokens, per_element * width, NORM)
+        total = self._with_latent_norms(total, tokens)
         return total + self.rope_ms(tokens, per_row=False)
+
+    def _with_latent_norms(self, total, tokens):
+        """``total`` plus MLA's RMSNorm of each low-rank latent (none without MLA); with
+        ``fuse_quantise`` it writes the up-projection's FP8 input."""
+        per_element = self._quantise_bytes if self.fuse_quantise else NORM_PASSES * self.bpe
+        for width in self._latent_norms:
+            total = total + self.memory_ms(tokens, per_element * width, NORM)
+        return total
 
     def standalone_norms_ms(self, tokens, moe_layer: bool):
         """The layer's norms that are modules of their own in Megatron-Core's Transformer

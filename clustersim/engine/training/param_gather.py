@@ -54,16 +54,6 @@ def forward_buckets(
     return buckets[::-1]
 
 
-def chain_ends_ms(dispatch_ms: np.ndarray, durations_ms: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """End times of gathers run back to back on one stream from ``dispatch_ms`` (per lane):
-    the k-th ends at dispatch + the first k + 1 durations."""
-    ends, t = [], np.asarray(dispatch_ms, dtype=float)
-    for d in durations_ms:
-        t = t + d
-        ends.append(t)
-    return ends
-
-
 @dataclass
 class GatherBucket:
     """One dispatched bucket gather of a cohort: per lane its start and end (moved on in

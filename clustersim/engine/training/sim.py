@@ -1290,9 +1290,19 @@ class TrainingSim:
         """One bucket's reduction over each of the cohort's DP (or EDP) groups: each starts
         when its last member's stream is ready. Returns the lanes' end times."""
         kind = "reduce_scatter" if self.par.sharding != "none" else "all_reduce"
-        ends = np.empty(len(co.lanes))
+        return self._groups_collective(co, groups, kind, size, start, ("grad", int(op)), "dp_grad")
+
+    def _groups_collective(
+        self, co: Cohort, groups, kind: str, size: float, start: np.ndarray, tag: tuple,
+        flow: str,
+    ) -> np.ndarray:  # fmt: skip
+        """A collective ``kind`` of ``size`` bytes per GPU over each of ``groups`` (group,
+        lane positions), from its last member's ``start``: timed once per (kind, tag, size,
+        group), a flow ``flow`` on the shared links with ``hardware.topology``. Returns the
+        lanes' end times (``start`` for lanes in none of the groups)."""
+        ends = np.array(start, dtype=float)
         for group, positions in groups:
-            key = (kind, int(op), size, group[0])
+            key = (kind, *tag[1:], size, group[0])
             duration = self._collective_ms.get(key)
             if duration is None:
                 duration = self._collective_ms[key] = collective_time_ms(
@@ -1300,17 +1310,18 @@ class TrainingSim:
                 )
             begin = float(start[positions].max())
             if self.net is not None:
-                net_key = self.net.next_key("grad", co.stage, int(op), group[0])
+                net_key = self.net.next_key(tag[0], co.stage, *tag[1:], group[0])
                 duration = self.net.collective(
-                    net_key, "dp_grad", kind, size, group, begin, duration, len(positions)
+                    net_key, flow, kind, size, group, begin, duration, len(positions)
                 )
             ends[positions] = begin + duration
         return ends
 
-    def _param_gather(self, co: Cohort, start: np.ndarray, blocking: bool) -> float:
-        """Distributed optimizer: all-gather the updated parameters over DP (and EDP; FP8
-        primary weights in FP8, costs/precision.py); records a row per lane from ``start``
-        with the bytes one GPU gathers, returns the duration."""
+    def _param_gather(self, co: Cohort, start: np.ndarray) -> float:
+        """Distributed optimizer without overlap: all-gather the updated parameters over DP
+        (and EDP; FP8 primary weights in FP8, costs/precision.py) after the step; records a
+        blocking row per lane from ``start`` with the bytes one GPU gathers, returns the
+        duration."""
         dense, expert = stage_params_per_gpu(self.plan, self.layout, self._counts, co.stage)
         bpe = precision.param_gather_bytes(self.model)
         hw, gpn, total, nbytes = self.hw, self.hw.gpus_per_node, 0.0, 0.0
@@ -1329,7 +1340,7 @@ class TrainingSim:
         if total:
             self.rec.add_block(
                 co.lane_ids,
-                Kind.COMM if blocking else Kind.COMM_ASYNC,
+                Kind.COMM,
                 Op.PARAM_GATHER,
                 start,
                 start + total,
@@ -1408,23 +1419,9 @@ class TrainingSim:
         """One bucket's parameter all-gather (``nbytes`` per GPU after it) over each of the
         cohort's ``kind`` (dp / edp) groups, from its last member's ``start``; returns the
         lanes' end times (unchanged for lanes in no group of more than one GPU)."""
-        ends = np.array(start, dtype=float)
-        for group, positions in self._lane_groups(co, kind):
-            key = ("all_gather", kind, nbytes, group[0])
-            duration = self._collective_ms.get(key)
-            if duration is None:
-                duration = self._collective_ms[key] = collective_time_ms(
-                    "all_gather", nbytes, group, self.hw.gpus_per_node, self.hw, "hierarchical"
-                )
-            begin = float(start[positions].max())
-            if self.net is not None:
-                net_key = self.net.next_key("param_gather", co.stage, kind, group[0])
-                duration = self.net.collective(
-                    net_key, "param_gather", "all_gather", nbytes, group, begin, duration,
-                    len(positions),
-                )  # fmt: skip
-            ends[positions] = begin + duration
-        return ends
+        groups = self._lane_groups(co, kind)
+        tag = ("param_gather", kind)
+        return self._groups_collective(co, groups, "all_gather", nbytes, start, tag, "param_gather")
 
     def _param_gather_flow(self, co: Cohort, start: np.ndarray, total: float) -> float:
         """The parameter all-gather as one flow per DP group of the cohort (its DP and EDP
@@ -1437,7 +1434,6 @@ class TrainingSim:
         bpe = precision.param_gather_bytes(self.model)
         routes, latency = [], 0.0
         first = co.lanes[0].ranks[0]
-        links = self.net.links
         for kind, params in (("dp", dense), ("edp", expert)):
             group = self.layout.group_of(kind, first) if kind == "dp" or self.model.moe else []
             if len(group) > 1 and params > 0:
@@ -1449,7 +1445,6 @@ class TrainingSim:
             for a, b in zip(ln.tolist(), vol.tolist(), strict=True):
                 merged[a] = merged.get(a, 0.0) + b
         route = (np.array(list(merged), dtype=np.int64), np.array(list(merged.values())))
-        del links
         lanes = len(co.lanes)
         return float(
             self.net.flows(key, "param_gather", begin, [total], latency, [route], lanes)[0]
@@ -1463,7 +1458,7 @@ class TrainingSim:
         self.rec.add_block(co.lane_ids, Kind.COMPUTE, Op.OPTIMIZER, start, end)
         yield self._reach(float(end[0]))
         if self._gathers_after_step and not self.par.overlap_communication:
-            yield self._reach(float(end[0]) + self._param_gather(co, end, blocking=True))
+            yield self._reach(float(end[0]) + self._param_gather(co, end))
 
     @property
     def _gathers_after_step(self) -> bool:
